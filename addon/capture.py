@@ -1,0 +1,348 @@
+"""The rollouttap mitmproxy addon: attribute every flow to its agent and record it in the store.
+
+Hooks stay thin: they queue rows for the store's writer thread, and run /proc and SQLite lookups in a
+small thread pool, so mitmproxy's event loop never waits on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.connection import Client
+
+from rollouttap.addon import flowcols, tokenids
+from rollouttap.addon.attribution import (
+    AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token,
+    parse_basic_credentials, split_agent_path,
+)
+from rollouttap.addon.routes import Route, RouteError, find_route, parse_routes
+from rollouttap.addon.streamtap import StreamTap
+from rollouttap.store import StoreWriter
+from rollouttap.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+PROXY_AUTH = "Proxy-Authorization"
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass
+class _Live:
+    """What the addon tracks of a flow between its request headers and its end."""
+    conn_id: str
+    tap: StreamTap | None = None
+    injection: tokenids.Injection | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class RolloutTap:
+    def __init__(self) -> None:
+        self.writer: StoreWriter | None = None
+        self.directory: AgentDirectory | None = None
+        self.pids: PidAttributor | None = None
+        self.proxy_id = ""
+        self.routes: tuple[Route, ...] = ()
+        self.model_hosts: frozenset[str] = frozenset()
+        self.counts = {"flows": 0, "unattributed": 0, "rejected": 0, "errors": 0}
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rollouttap-lookup")
+        self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
+        self._conn_creds: dict[str, Attribution] = {}
+        self._live: dict[str, _Live] = {}
+
+    # -- options -----------------------------------------------------------------------------------
+    def load(self, loader: Any) -> None:
+        loader.add_option("rollouttap_store", str, "", "SQLite store file every flow is recorded into.")
+        loader.add_option("rollouttap_proxy_id", str, "",
+                          "Id this proxy records itself under in the store (default: random).")
+        loader.add_option("rollouttap_routes", Sequence[str], [],
+                          "Send requests for a host elsewhere: HOST[:PORT]=BASE_URL, e.g. "
+                          "api.openai.com=http://127.0.0.1:8000. Route targets count as model hosts.")
+        loader.add_option("rollouttap_model_hosts", Sequence[str], [],
+                          "Model servers (HOST or HOST:PORT) whose chat/completion requests get "
+                          "token ids and logprobs added (and stripped from what the agent sees).")
+        loader.add_option("rollouttap_token_ids", bool, True,
+                          "Ask model hosts for exact token ids and logprobs.")
+        loader.add_option("rollouttap_pid_attribution", bool, True,
+                          "Attribute connections by the process that owns the client socket.")
+        loader.add_option("rollouttap_allow_remote", bool, False,
+                          "Allow listening on non-loopback addresses (agents on other hosts).")
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "rollouttap_store" in updated or self.writer is None:
+            self._open_store(opts.rollouttap_store)
+        if "rollouttap_routes" in updated or "rollouttap_model_hosts" in updated:
+            try:
+                self.routes = parse_routes(opts.rollouttap_routes)
+            except RouteError as exc:
+                raise exceptions.OptionsError(str(exc)) from exc
+            self.model_hosts = model_host_set(opts.rollouttap_model_hosts, self.routes)
+        if {"listen_host", "rollouttap_allow_remote", "mode"} & updated:
+            self._check_listen(opts)
+        if "rollouttap_proxy_id" in updated or not self.proxy_id:
+            self.proxy_id = opts.rollouttap_proxy_id or uuid.uuid4().hex
+        if self.routes and opts.connection_strategy != "lazy":
+            # A routed host may not exist (no network): never connect upstream before the request.
+            opts.update(connection_strategy="lazy")
+
+    def _open_store(self, path: str) -> None:
+        if not path:
+            raise exceptions.OptionsError(
+                "rollouttap_store is not set: pass --set rollouttap_store=PATH/runs.db")
+        if self.writer is not None:
+            self.writer.close()
+            assert self.directory is not None
+            self.directory.close()
+        try:
+            self.writer = StoreWriter(path)
+            self.directory = AgentDirectory(path)
+        except StoreError as exc:
+            raise exceptions.OptionsError(str(exc)) from exc
+        self.pids = PidAttributor(self.directory)
+
+    def _check_listen(self, opts: Any) -> None:
+        if opts.rollouttap_allow_remote:
+            return
+        if opts.listen_host == "":
+            # mitmproxy's default is every interface; ours is loopback unless told otherwise.
+            opts.update(listen_host="127.0.0.1")
+        elif opts.listen_host not in _LOOPBACK:
+            raise exceptions.OptionsError(
+                f"refusing to listen on {opts.listen_host}: agents' traffic (and API keys) would be "
+                "reachable from other hosts. Set rollouttap_allow_remote=true to allow it.")
+        for spec in opts.mode:
+            host = spec.rpartition("@")[2].rpartition(":")[0] if "@" in spec else ""
+            if host and host not in _LOOPBACK:
+                raise exceptions.OptionsError(
+                    f"refusing mode {spec!r} on a non-loopback address; set rollouttap_allow_remote=true")
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def running(self) -> None:
+        assert self.writer is not None
+        self.writer.upsert_proxy({
+            "proxy_id": self.proxy_id,
+            "pid": os.getpid(),
+            "create_time": psutil.Process().create_time(),
+            "listen": listeners(),
+            "ca_cert": os.path.join(os.path.expanduser(ctx.options.confdir), "mitmproxy-ca-cert.pem"),
+            "started_at": time.time(),
+            "stopped_at": None,
+        })
+        log.info("rollouttap: recording into %s as proxy %s", ctx.options.rollouttap_store,
+                 self.proxy_id)
+
+    def done(self) -> None:
+        if self.writer is None:
+            return
+        for flow_id, live in list(self._live.items()):
+            self._end(flow_id, "error", {"error": "proxy shut down before the flow ended"})
+        self.writer.upsert_proxy({"proxy_id": self.proxy_id, "pid": os.getpid(),
+                                  "started_at": time.time(), "stopped_at": time.time()})
+        self.writer.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info("rollouttap: %s", self.counts)
+
+    # -- connections -------------------------------------------------------------------------------
+    def client_connected(self, client: Client) -> None:
+        if self.pids is None or not ctx.options.rollouttap_pid_attribution:
+            return
+        if client.peername and client.sockname:
+            loop = asyncio.get_running_loop()
+            peer, sock = tuple(client.peername[:2]), tuple(client.sockname[:2])
+            # Start now, while the client surely still runs; the request usually arrives after it.
+            self._conn_pid[client.id] = loop.run_in_executor(self._pool, self.pids.resolve, peer, sock)
+
+    def client_disconnected(self, client: Client) -> None:
+        self._conn_pid.pop(client.id, None)
+        self._conn_creds.pop(client.id, None)
+        for flow_id, live in list(self._live.items()):
+            if live.conn_id == client.id:
+                self._end(flow_id, "error",
+                          {"error": "client disconnected before the response completed"})
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        who = await self._attribute(flow)
+        self._record_new(flow, who)
+        if who.method == "rejected":
+            self._reject(flow, who)
+            return
+        self._conn_creds[flow.client_conn.id] = who
+        self._end(flow.id, "done", {"status_code": 200})
+
+    # -- flows -------------------------------------------------------------------------------------
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        who = await self._attribute(flow)
+        self._record_new(flow, who)
+        if who.method == "rejected":
+            self._reject(flow, who)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        live = self._live.get(flow.id)
+        if live is None or flow.response is not None:
+            return
+        route = find_route(self.routes, flow.request.pretty_host, flow.request.port)
+        if route is not None:
+            live.meta["routed_from"] = flow.request.pretty_url
+            flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = \
+                route.target(flow.request.path)
+        cols = flowcols.request_sent(flow)
+        if ctx.options.rollouttap_token_ids and tokenids.is_model_request(
+                flow.request.host, flow.request.port, flow.request.path, self.model_hosts) \
+                and flow.request.method == "POST":
+            injection = tokenids.plan_injection(flow.request.path, flow.request.raw_content or b"",
+                                                flow.request.headers.get("content-type"))
+            if injection is not None and not flow.request.headers.get("content-encoding"):
+                live.injection = injection
+                live.meta["injected"] = injection.added
+                flow.request.content = injection.new_body
+        cols["meta"] = self._meta(live)
+        self._update(flow.id, cols)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        live = self._live.get(flow.id)
+        if live is None or flow.response is None:
+            return
+        ctype = flow.response.headers.get("content-type", "")
+        streamed = ctype.startswith("text/event-stream")
+        if streamed:
+            rewrite = None
+            if live.injection is not None and not flow.response.headers.get("content-encoding"):
+                rewrite = tokenids.StreamStripper(live.injection).feed
+            live.tap = StreamTap(rewrite)
+            flow.response.stream = live.tap
+        self._update(flow.id, flowcols.response_started(flow, streamed))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        live = self._live.get(flow.id)
+        if live is None or flow.response is None:
+            return
+        resp = flow.response
+        if live.tap is not None:
+            body, first = bytes(live.tap.raw), live.tap.first_byte_at
+        else:
+            body, first = resp.raw_content or b"", resp.timestamp_start
+            if live.injection is not None and not resp.headers.get("content-encoding"):
+                resp.content = tokenids.strip_response_json(body, live.injection)
+        self._end(flow.id, "done", {"response_body": body, "t_first_byte": first,
+                                    "t_end": resp.timestamp_end or time.time(),
+                                    "status_code": resp.status_code})
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        live = self._live.get(flow.id)
+        if live is None:
+            return
+        cols: dict[str, Any] = {"error": flow.error.msg if flow.error else "unknown error"}
+        if live.tap is not None:
+            cols["response_body"] = bytes(live.tap.raw)
+            cols["t_first_byte"] = live.tap.first_byte_at
+        self._end(flow.id, "error", cols)
+
+    # -- attribution -------------------------------------------------------------------------------
+    async def _attribute(self, flow: http.HTTPFlow) -> Attribution:
+        headers = flow.request.headers
+        claimed = headers.pop(AGENT_HEADER, None)
+        creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
+        pid_result = await self._pid_result(flow.client_conn.id, wait=creds is None)
+        pid = pid_result.pid if pid_result else None
+        if creds is not None:
+            return await self._verified(creds[0], creds[1], "credentials", pid)
+        if flow.client_conn.id in self._conn_creds:  # credentials given on the CONNECT
+            tunnel = self._conn_creds[flow.client_conn.id]
+            return Attribution(tunnel.agent_id, tunnel.method, pid, tunnel.detail)
+        in_path = split_agent_path(flow.request.path)
+        if in_path is not None:
+            agent_id, token, rest = in_path
+            flow.request.path = rest
+            return await self._verified(agent_id, token, "path", pid)
+        if pid_result is not None and pid_result.agent_id is not None:
+            return Attribution(pid_result.agent_id, "pid", pid, pid_result.detail)
+        if claimed:
+            return Attribution(claimed, "header", pid, f"{AGENT_HEADER} header")
+        detail = pid_result.detail if pid_result else "pid attribution off"
+        return Attribution(None, "none", pid, detail)
+
+    async def _pid_result(self, conn_id: str, wait: bool) -> PidResult | None:
+        future = self._conn_pid.get(conn_id)
+        if future is None or (not wait and not future.done()):
+            return None
+        try:
+            return await future
+        except Exception as exc:  # a failed lookup must not lose the flow
+            log.warning("rollouttap: pid attribution failed: %r", exc)
+            return PidResult(None, None, f"lookup failed: {exc!r}")
+
+    async def _verified(self, agent_id: str, token: str, method: str, pid: int | None) -> Attribution:
+        assert self.directory is not None
+        loop = asyncio.get_running_loop()
+        agent = await loop.run_in_executor(self._pool, self.directory.get, agent_id)
+        problem = check_token(agent, token)
+        if problem is not None:
+            return Attribution(None, "rejected", pid, f"{problem} for agent {agent_id!r}")
+        return Attribution(agent_id, method, pid, None)  # type: ignore[arg-type]
+
+    def _reject(self, flow: http.HTTPFlow, who: Attribution) -> None:
+        self.counts["rejected"] += 1
+        flow.response = http.Response.make(
+            407, f"rollouttap: proxy credentials refused ({who.detail})\n",
+            {"Proxy-Authenticate": 'Basic realm="rollouttap"', "Content-Type": "text/plain"})
+        self._end(flow.id, "error",
+                  {"status_code": 407, "error": f"proxy credentials refused: {who.detail}"})
+
+    # -- store -------------------------------------------------------------------------------------
+    def _record_new(self, flow: http.HTTPFlow, who: Attribution) -> None:
+        assert self.writer is not None
+        self.counts["flows"] += 1
+        if who.agent_id is None:
+            self.counts["unattributed"] += 1
+        self._live[flow.id] = _Live(flow.client_conn.id)
+        self.writer.insert_flow(flowcols.opened(flow, self.proxy_id, who))
+
+    def _update(self, flow_id: str, cols: dict[str, Any]) -> None:
+        assert self.writer is not None
+        self.writer.update_flow(flow_id, cols)
+
+    def _end(self, flow_id: str, state: str, cols: dict[str, Any]) -> None:
+        """Close a flow exactly once; later hooks for it find nothing to do."""
+        live = self._live.pop(flow_id, None)
+        if live is None:
+            return
+        if state == "error":
+            self.counts["errors"] += 1
+        cols = {**cols, "state": state}
+        cols.setdefault("t_end", time.time())
+        if live.meta:
+            cols["meta"] = self._meta(live)
+        self._update(flow_id, cols)
+
+    @staticmethod
+    def _meta(live: _Live) -> dict[str, Any]:
+        return dict(live.meta)
+
+
+def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:
+    """Model hosts as ``host`` and ``host:port`` strings; every route target is one."""
+    found = {h.strip().lower() for h in hosts if h.strip()}
+    found |= {f"{r.host}:{r.port}" for r in routes}
+    return frozenset(found)
+
+
+def listeners() -> list[dict[str, Any]]:
+    """Each listener of this mitmproxy: mode, address and (for reverse mode) its target."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    out = []
+    for server in proxyserver.servers:
+        mode = server.mode
+        for addr in server.listen_addrs:
+            out.append({"mode": mode.type_name, "host": addr[0], "port": addr[1],
+                        "target": getattr(mode, "data", None) or None, "spec": mode.full_spec})
+    return out

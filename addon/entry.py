@@ -1,0 +1,5 @@
+"""Entry point for ``mitmdump -s addon/entry.py --set rollouttap_store=runs.db``."""
+
+from rollouttap.addon.capture import RolloutTap
+
+addons = [RolloutTap()]

@@ -1,0 +1,57 @@
+"""Routes: send requests for a hard-wired host (``api.openai.com``) to another base URL (the policy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+from urllib.parse import urlsplit
+
+
+class RouteError(ValueError):
+    """A route option value that cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class Route:
+    match_host: str
+    match_port: int | None
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str
+
+    def target(self, path: str) -> tuple[str, str, int, str]:
+        """(scheme, host, port, path) for a request path under this route."""
+        return self.scheme, self.host, self.port, self.path_prefix + path
+
+
+def parse_route(spec: str) -> Route:
+    """``api.openai.com=http://127.0.0.1:8000`` (or ``host:443=...``) -> Route."""
+    source, sep, base = spec.partition("=")
+    if not sep or not source.strip() or not base.strip():
+        raise RouteError(f"route {spec!r} is not HOST[:PORT]=BASE_URL")
+    source, base = source.strip().lower(), base.strip()
+    match_port: int | None = None
+    if source.count(":") == 1:
+        source, port_text = source.split(":")
+        if not port_text.isdigit():
+            raise RouteError(f"route {spec!r}: port {port_text!r} is not a number")
+        match_port = int(port_text)
+    url = urlsplit(base)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise RouteError(f"route {spec!r}: {base!r} is not an http(s) URL")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return Route(source, match_port, url.scheme, url.hostname, port, url.path.rstrip("/"))
+
+
+def parse_routes(specs: Iterable[str]) -> tuple[Route, ...]:
+    return tuple(parse_route(s) for s in specs)
+
+
+def find_route(routes: tuple[Route, ...], host: str, port: int) -> Route | None:
+    """The first route for this host (and port, when the route names one)."""
+    host = host.lower()
+    for route in routes:
+        if route.match_host == host and route.match_port in (None, port):
+            return route
+    return None

@@ -1,0 +1,104 @@
+"""Which socket inode belongs to a TCP connection: one netlink sock_diag query, /proc/net/tcp as fallback.
+
+Measured (shared/RESEARCH.md): netlink exact 4-tuple lookup 0.009 ms vs 2.2 ms for a /proc/net/tcp scan
+and 15.7 ms for psutil.net_connections() with ~680 sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+_NOCOOKIE = 0xFFFFFFFF
+_NLMSGHDR = struct.Struct("=IHHII")
+_REQ_V2 = struct.Struct("=BBBBI")  # family, protocol, ext, pad, states; followed by the sockid
+_DIAG_MSG_INODE_OFFSET = 4 + 48 + 12  # family/state/timer/retrans, sockid, expires/rqueue/wqueue
+_UID_INODE = struct.Struct("=II")
+
+Address = tuple[str, int]
+
+
+def normalize_ip(ip: str) -> tuple[int, bytes]:
+    """(address family, packed address); IPv4-mapped IPv6 (``::ffff:1.2.3.4``) becomes plain IPv4."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv4Address):
+        return socket.AF_INET, addr.packed
+    return socket.AF_INET6, addr.packed
+
+
+def _sockid(family: int, src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
+    pad = 16 - len(src)
+    return (struct.pack("!HH", sport, dport) + src + b"\0" * pad + dst + b"\0" * pad
+            + struct.pack("=III", 0, _NOCOOKIE, _NOCOOKIE))
+
+
+def build_request(src: Address, dst: Address, seq: int = 1) -> bytes:
+    """The netlink message that asks for the TCP socket bound to ``src`` and connected to ``dst``."""
+    fam_s, src_b = normalize_ip(src[0])
+    fam_d, dst_b = normalize_ip(dst[0])
+    if fam_s != fam_d:
+        raise ValueError(f"address families differ: {src} {dst}")
+    body = _REQ_V2.pack(fam_s, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + _sockid(
+        fam_s, src_b, src[1], dst_b, dst[1])
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
+
+
+def parse_response(data: bytes) -> tuple[int, int] | None:
+    """(uid, inode) from a sock_diag answer, or None when the kernel knows no such socket."""
+    if len(data) < _NLMSGHDR.size:
+        return None
+    _, msg_type, _, _, _ = _NLMSGHDR.unpack_from(data)
+    if msg_type == NLMSG_ERROR:
+        return None
+    offset = _NLMSGHDR.size + _DIAG_MSG_INODE_OFFSET
+    if len(data) < offset + _UID_INODE.size:
+        return None
+    return _UID_INODE.unpack_from(data, offset)
+
+
+def inode_netlink(src: Address, dst: Address) -> int | None:
+    """Inode of the socket ``src -> dst`` in this network namespace, via NETLINK_SOCK_DIAG."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)
+        nl.send(build_request(src, dst))
+        answer = parse_response(nl.recv(8192))
+    if answer is None or answer[1] == 0:  # inode 0: the owning process is already gone
+        return None
+    return answer[1]
+
+
+def _proc_net_hex(family: int, packed: bytes, port: int) -> str:
+    # /proc/net/tcp prints each 32-bit word of the address in host (little-endian) order.
+    words = [packed[i:i + 4][::-1].hex().upper() for i in range(0, len(packed), 4)]
+    return "".join(words) + f":{port:04X}"
+
+
+def inode_procfs(src: Address, dst: Address) -> int | None:
+    """Same as inode_netlink by scanning /proc/net/tcp{,6}: slower, for kernels without sock_diag."""
+    fam, src_b = normalize_ip(src[0])
+    _, dst_b = normalize_ip(dst[0])
+    local, remote = _proc_net_hex(fam, src_b, src[1]), _proc_net_hex(fam, dst_b, dst[1])
+    table = "/proc/net/tcp" if fam == socket.AF_INET else "/proc/net/tcp6"
+    with open(table) as fh:
+        next(fh)
+        for line in fh:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                inode = int(fields[9])
+                return inode or None
+    return None
+
+
+def socket_inode(src: Address, dst: Address) -> int | None:
+    """Inode of the client socket ``src -> dst``; None when it is not in this namespace (or gone)."""
+    try:
+        return inode_netlink(src, dst)
+    except OSError:
+        return inode_procfs(src, dst)

@@ -1,0 +1,202 @@
+"""Running the capture proxy: a real ``mitmdump -s addon/entry.py`` subprocess, found through the store."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from rollouttap.errors import ProxyError
+from rollouttap.store import Store
+
+log = logging.getLogger(__name__)
+
+CA_FILE = "mitmproxy-ca-cert.pem"
+CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE")
+
+
+def addon_script() -> Path:
+    """Path of the file ``mitmdump -s`` loads (found without importing mitmproxy here)."""
+    spec = importlib.util.find_spec("rollouttap.addon.entry")
+    if spec is None or spec.origin is None:
+        raise ProxyError("rollouttap.addon.entry is not installed")
+    return Path(spec.origin)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (mitmproxy refuses two port-0 listeners on one host)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def proxy_env(proxy_url: str, ca_cert: str | None, *, agent_id: str | None = None,
+              token: str | None = None) -> dict[str, str]:
+    """Environment that sends a process's HTTP(S) through the proxy (with credentials if given)."""
+    url = proxy_url
+    if agent_id is not None and token is not None:
+        scheme, _, rest = proxy_url.partition("://")
+        url = f"{scheme}://{quote(agent_id, safe='')}:{quote(token, safe='')}@{rest}"
+    env = {name: url for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    # An inherited NO_PROXY=localhost would make every Python client bypass the proxy for local models.
+    env.update({"NO_PROXY": "", "no_proxy": ""})
+    if ca_cert:
+        env.update({name: ca_cert for name in CA_ENV})
+    if agent_id is not None:
+        env["ROLLOUTTAP_AGENT_ID"] = agent_id
+    return env
+
+
+@dataclass
+class ProxyConfig:
+    """How to start the proxy; every field maps to a mitmdump option."""
+    store: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    routes: tuple[str, ...] = ()
+    model_hosts: tuple[str, ...] = ()
+    token_ids: bool = True
+    reverse_target: str | None = None  # base-URL mode: a reverse listener in front of the model
+    reverse_port: int = 0
+    confdir: Path | None = None
+    allow_remote: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, proxy_id: str) -> list[str]:
+        args = [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()",
+                "-q", "-s", str(addon_script()),
+                "--set", f"rollouttap_store={self.store}",
+                "--set", f"rollouttap_proxy_id={proxy_id}",
+                "--set", f"rollouttap_token_ids={'true' if self.token_ids else 'false'}",
+                "--set", f"rollouttap_allow_remote={'true' if self.allow_remote else 'false'}",
+                "--set", "connection_strategy=lazy",
+                "--listen-host", self.host]
+        modes = [f"regular@{self.port}"]
+        if self.reverse_target:
+            modes.append(f"reverse:{self.reverse_target}@{self.reverse_port}")
+        for mode in modes:
+            args += ["--mode", mode]
+        for route in self.routes:
+            args += ["--set", f"rollouttap_routes={route}"]
+        for host in self.model_hosts:
+            args += ["--set", f"rollouttap_model_hosts={host}"]
+        if self.confdir is not None:
+            args += ["--set", f"confdir={self.confdir}"]
+        for key, value in self.extra.items():
+            args += ["--set", f"{key}={value}"]
+        return args
+
+
+class ProxyProcess:
+    """One mitmdump with the rollouttap addon; ``start()`` returns once it listens."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.proxy_id = uuid.uuid4().hex
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.listen: list[dict[str, Any]] = []
+        self.ca_cert: str | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="rollouttap-proxy-", suffix=".log", delete=False)
+        self.log_path = Path(self._log.name)
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return next(int(x["port"]) for x in self.listen if x["mode"] == "regular")
+
+    @property
+    def url(self) -> str:
+        return f"http://{_url_host(self.config.host)}:{self.port}"
+
+    @property
+    def reverse_url(self) -> str | None:
+        ports = [int(x["port"]) for x in self.listen if x["mode"] == "reverse"]
+        return f"http://{_url_host(self.config.host)}:{ports[0]}" if ports else None
+
+    def env(self, agent_id: str | None = None, token: str | None = None) -> dict[str, str]:
+        """The variables an agent needs to go through this proxy."""
+        return proxy_env(self.url, self.ca_cert, agent_id=agent_id, token=token)
+
+    def start(self, timeout: float = 30.0) -> ProxyProcess:
+        if self.config.reverse_target and self.config.reverse_port == 0 and self.config.port == 0:
+            self.config.reverse_port = free_port(self.config.host)
+        self.proc = subprocess.Popen(self.config.argv(self.proxy_id), stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        with Store(self.config.store) as store:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                row = store.proxy(self.proxy_id)
+                if row is not None and row["listen"] and row["stopped_at"] is None:
+                    self.listen, self.ca_cert = row["listen"], row["ca_cert"]
+                    break
+                if self.proc.poll() is not None:
+                    raise ProxyError(f"mitmdump exited with {self.proc.returncode}:\n{self.log_tail()}")
+                time.sleep(0.02)
+            else:
+                self.stop()
+                raise ProxyError(f"mitmdump did not start within {timeout:.0f}s:\n{self.log_tail()}")
+        # Pin the ports, so that a restart comes back where the agents expect it.
+        self.config.port = self.port
+        if self.reverse_url:
+            self.config.reverse_port = int(self.reverse_url.rsplit(":", 1)[1])
+        log.info("proxy %s listening at %s (log %s)", self.proxy_id, self.url, self.log_path)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self, timeout: float = 30.0) -> ProxyProcess:
+        """Start again on the same ports after the process died; committed flows stay in the store."""
+        self.stop()
+        with Store(self.config.store) as store:
+            store.close_flows_of_dead_proxies()
+        self.proxy_id = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+        while True:  # the old socket may linger for a moment
+            try:
+                return self.start(timeout=max(1.0, deadline - time.monotonic()))
+            except ProxyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop gracefully (every queued flow committed), killing only if it hangs."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                log.warning("mitmdump did not stop on %s", sig.name)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,76 @@
+"""Opening a store file: pragmas, schema creation and the version check."""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rollouttap.errors import StoreError, StoreVersionError
+from rollouttap.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open (and create or migrate) the store at ``path``; raise StoreVersionError on a foreign version."""
+    path = Path(path)
+    try:
+        if readonly:
+            if not path.exists():
+                raise StoreError(f"no store at {path}")
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL survives a crash of the writing process; only power loss can drop the last commits.
+            conn.execute("PRAGMA synchronous = NORMAL")
+        _check_version(conn, path, migrate=not readonly)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open store {path}: {exc}") from exc
+    return conn
+
+
+def _check_version(conn: sqlite3.Connection, path: Path, *, migrate: bool) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreVersionError(
+            f"{path} has store schema version {version}, this rollouttap reads version {SCHEMA_VERSION}: "
+            "upgrade rollouttap or use another store file")
+    if version == SCHEMA_VERSION:
+        return
+    if version == 0 and _has_foreign_tables(conn):
+        raise StoreVersionError(f"{path} is an SQLite file but not a rollouttap store")
+    if not migrate:
+        raise StoreVersionError(f"{path} has schema version {version}; open it writable once to migrate")
+    with transaction(conn):
+        # Re-read inside the write lock: another process may have migrated meanwhile.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+
+
+def _has_foreign_tables(conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+    return row[0] > 0
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

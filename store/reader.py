@@ -1,0 +1,186 @@
+"""The manager's side of the store: agent registration and reading flows back."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import psutil
+
+from rollouttap.errors import StoreError
+from rollouttap.store.db import connect, transaction
+from rollouttap.store.records import AgentRecord, FlowRecord
+from rollouttap.store.redact import hash_token
+
+AGENT_STATUSES = ("registered", "running", "ok", "failed", "timeout", "error")
+
+
+class Store:
+    """A store file opened for agents and queries. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self._conn = connect(self.path, readonly=readonly)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            with self._lock:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"query on {self.path} failed: {exc}") from exc
+
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> int:
+        try:
+            with self._lock, transaction(self._conn):
+                return self._conn.execute(sql, tuple(params)).rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"write to {self.path} failed: {exc}") from exc
+
+    # -- agents ----------------------------------------------------------------------------------
+    def register_agent(self, agent_id: str, *, token: str | None = None, run_id: str | None = None,
+                       meta: dict[str, Any] | None = None) -> None:
+        """Create an agent row before its process starts (the proxy checks credentials against it)."""
+        self._write(
+            "INSERT INTO agents (agent_id, run_id, token_hash, status, created_at, meta) "
+            "VALUES (?, ?, ?, 'registered', ?, ?)",
+            (agent_id, run_id, hash_token(token) if token else None, time.time(),
+             json.dumps(meta or {})))
+
+    def agent_started(self, agent_id: str, pid: int) -> None:
+        """Record the agent's root process (pid and its start time, so a reused pid never matches)."""
+        try:
+            create_time: float | None = psutil.Process(pid).create_time()
+        except psutil.Error:
+            create_time = None
+        self._write("UPDATE agents SET root_pid = ?, root_create_time = ?, status = 'running', "
+                    "started_at = ? WHERE agent_id = ?", (pid, create_time, time.time(), agent_id))
+
+    def agent_ended(self, agent_id: str, status: str, meta: dict[str, Any] | None = None) -> None:
+        """Record how the agent ended; meta is merged into the agent's meta."""
+        if status not in AGENT_STATUSES:
+            raise ValueError(f"unknown agent status {status!r}")
+        self._write("UPDATE agents SET status = ?, ended_at = ?, meta = json_patch(meta, ?) "
+                    "WHERE agent_id = ?", (status, time.time(), json.dumps(meta or {}), agent_id))
+
+    def agent(self, agent_id: str) -> AgentRecord | None:
+        rows = self._query("SELECT * FROM agents WHERE agent_id = ?", (agent_id,))
+        return AgentRecord.from_row(rows[0]) if rows else None
+
+    def agents(self, run_id: str | None = None) -> list[AgentRecord]:
+        if run_id is None:
+            rows = self._query("SELECT * FROM agents ORDER BY created_at, agent_id")
+        else:
+            rows = self._query("SELECT * FROM agents WHERE run_id = ? ORDER BY created_at, agent_id",
+                               (run_id,))
+        return [AgentRecord.from_row(r) for r in rows]
+
+    # -- flows -----------------------------------------------------------------------------------
+    def flows(self, *, agent_id: str | None = None, state: str | None = None, host: str | None = None,
+              since: float | None = None, until: float | None = None, unattributed: bool = False,
+              run_id: str | None = None, limit: int | None = None) -> list[FlowRecord]:
+        """Flows in the order the proxy saw their requests, filtered."""
+        where, params = [], []
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if unattributed:
+            where.append("agent_id IS NULL")
+        if run_id is not None:
+            where.append("agent_id IN (SELECT agent_id FROM agents WHERE run_id = ?)")
+            params.append(run_id)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if host is not None:
+            where.append("host = ?")
+            params.append(host)
+        if since is not None:
+            where.append("t_request >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("t_request < ?")
+            params.append(until)
+        sql = "SELECT * FROM flows"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [FlowRecord.from_row(r) for r in self._query(sql, params)]
+
+    def flow(self, flow_id: str) -> FlowRecord | None:
+        rows = self._query("SELECT * FROM flows WHERE flow_id = ?", (flow_id,))
+        return FlowRecord.from_row(rows[0]) if rows else None
+
+    def open_flow_count(self, agent_id: str) -> int:
+        """How many of the agent's flows are still in flight."""
+        return self._query("SELECT count(*) FROM flows WHERE agent_id = ? AND state = 'open'",
+                           (agent_id,))[0][0]
+
+    def flow_counts(self, agent_id: str | None = None) -> dict[str, int]:
+        """Flows by state (plus ``unattributed`` and ``total``), for one agent or the whole store."""
+        if agent_id is None:
+            rows = self._query("SELECT state, count(*) FROM flows GROUP BY state")
+            unattributed = self._query("SELECT count(*) FROM flows WHERE agent_id IS NULL")[0][0]
+        else:
+            rows = self._query("SELECT state, count(*) FROM flows WHERE agent_id = ? GROUP BY state",
+                               (agent_id,))
+            unattributed = 0
+        counts = {"open": 0, "done": 0, "error": 0}
+        counts.update({r[0]: r[1] for r in rows})
+        counts["total"] = sum(counts[s] for s in ("open", "done", "error"))
+        counts["unattributed"] = unattributed
+        return counts
+
+    def mark_open_flows(self, *, agent_id: str, error: str) -> int:
+        """End the agent's still-open flows as ``error`` (used when their proxy is gone)."""
+        return self._write("UPDATE flows SET state = 'error', error = ?, t_end = ? "
+                           "WHERE agent_id = ? AND state = 'open'", (error, time.time(), agent_id))
+
+    # -- proxies ---------------------------------------------------------------------------------
+    def proxies(self, *, alive_only: bool = False) -> list[dict[str, Any]]:
+        rows = [dict(r) for r in self._query("SELECT * FROM proxies ORDER BY started_at")]
+        for row in rows:
+            row["listen"] = json.loads(row["listen"] or "[]")
+        if alive_only:
+            rows = [r for r in rows if r["stopped_at"] is None and _alive(r["pid"], r["create_time"])]
+        return rows
+
+    def proxy(self, proxy_id: str) -> dict[str, Any] | None:
+        return next((p for p in self.proxies() if p["proxy_id"] == proxy_id), None)
+
+    def close_flows_of_dead_proxies(self) -> int:
+        """Flows left ``open`` by a proxy process that no longer runs can never finish: end them."""
+        dead = [p["proxy_id"] for p in self.proxies()
+                if not (_alive(p["pid"], p["create_time"]) and p["stopped_at"] is None)]
+        changed = 0
+        for proxy_id in dead:
+            changed += self._write(
+                "UPDATE flows SET state = 'error', error = 'proxy process ended before the flow did', "
+                "t_end = coalesce(t_end, ?) WHERE proxy_id = ? AND state = 'open'",
+                (time.time(), proxy_id))
+        return changed
+
+
+def _alive(pid: int, create_time: float | None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return create_time is None or abs(proc.create_time() - create_time) < 0.01
+    except psutil.Error:
+        return False

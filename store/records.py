@@ -1,0 +1,140 @@
+"""Typed records read back from the store, and decoding of stored bodies."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sqlite3
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    agent_id: str
+    run_id: str | None
+    root_pid: int | None
+    root_create_time: float | None
+    token_hash: str | None
+    status: str
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> AgentRecord:
+        data = dict(row)
+        data["meta"] = json.loads(data["meta"] or "{}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FlowRecord:
+    id: int
+    flow_id: str
+    proxy_id: str | None
+    agent_id: str | None
+    pid: int | None
+    client_conn_id: str | None
+    client_addr: str | None
+    attribution: str
+    method: str | None
+    url: str | None
+    scheme: str | None
+    host: str | None
+    port: int | None
+    path: str | None
+    request_headers: list[tuple[str, str]]
+    request_body: bytes | None
+    status_code: int | None
+    response_headers: list[tuple[str, str]]
+    response_body: bytes | None
+    streamed: bool
+    state: str
+    error: str | None
+    t_request: float | None
+    t_response_headers: float | None
+    t_first_byte: float | None
+    t_end: float | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> FlowRecord:
+        data = dict(row)
+        data["request_headers"] = [tuple(h) for h in json.loads(data["request_headers"] or "[]")]
+        data["response_headers"] = [tuple(h) for h in json.loads(data["response_headers"] or "[]")]
+        data["meta"] = json.loads(data["meta"] or "{}")
+        data["streamed"] = bool(data["streamed"])
+        return cls(**data)
+
+    def request_header(self, name: str) -> str | None:
+        return header_value(self.request_headers, name)
+
+    def response_header(self, name: str) -> str | None:
+        return header_value(self.response_headers, name)
+
+    def request_text(self) -> str:
+        """The request body, content-decoded, as text."""
+        body = decode_body(self.request_body, self.request_header("content-encoding"))
+        return body.decode("utf-8", "replace")
+
+    def response_text(self) -> str:
+        """The response body (the raw SSE text when streamed), content-decoded, as text."""
+        body = decode_body(self.response_body, self.response_header("content-encoding"))
+        return body.decode("utf-8", "replace")
+
+    def request_json(self) -> Any:
+        """The request body parsed as JSON, or None when it is not JSON."""
+        return _loads_or_none(self.request_text())
+
+    def response_json(self) -> Any:
+        """The (non-streamed) response body parsed as JSON, or None when it is not JSON."""
+        return _loads_or_none(self.response_text())
+
+
+def header_value(headers: list[tuple[str, str]], name: str) -> str | None:
+    name = name.lower()
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def decode_body(body: bytes | None, encoding: str | None) -> bytes:
+    """Undo Content-Encoding; bodies are stored exactly as they crossed the wire."""
+    if not body:
+        return b""
+    for enc in reversed([e.strip().lower() for e in (encoding or "").split(",") if e.strip()]):
+        try:
+            body = _decode_one(body, enc)
+        except Exception:  # a truncated stream still yields what decodes
+            return body
+    return body
+
+
+def _decode_one(body: bytes, enc: str) -> bytes:
+    if enc in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body)
+    if enc == "deflate":
+        try:
+            return zlib.decompress(body)
+        except zlib.error:
+            return zlib.decompress(body, -zlib.MAX_WBITS)
+    if enc == "br":
+        import brotli  # installed with mitmproxy
+        return brotli.decompress(body)
+    if enc == "zstd":
+        import zstandard  # installed with mitmproxy
+        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    if enc == "identity":
+        return body
+    return gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+
+
+def _loads_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
