@@ -1,0 +1,193 @@
+"""The store on a real SQLite file: schema, version check, writer thread, reader, redaction."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rollouttap.errors import StoreError, StoreVersionError
+from rollouttap.store import (
+    SCHEMA_VERSION, Store, StoreWriter, connect, hash_token, new_token, redact_headers, token_matches,
+)
+from rollouttap.store.records import decode_body
+from rollouttap.store.redact import redact_value
+
+
+def test_new_store_has_schema_wal_and_busy_timeout(tmp_path):
+    conn = connect(tmp_path / "s.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"agents", "flows", "proxies"} <= tables
+
+
+def test_newer_schema_version_is_refused_clearly(tmp_path):
+    path = tmp_path / "s.db"
+    connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreVersionError, match="schema version"):
+        connect(path)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).execute("CREATE TABLE x (a)")
+    with pytest.raises(StoreVersionError, match="not a rollouttap store"):
+        Store(path)
+
+
+def test_readonly_open_of_missing_file_fails(tmp_path):
+    with pytest.raises(StoreError):
+        Store(tmp_path / "missing.db", readonly=True)
+
+
+def _flow(flow_id: str, agent: str | None = "a1", **extra):
+    cols = {"flow_id": flow_id, "agent_id": agent, "attribution": "pid" if agent else "none",
+            "method": "POST", "host": "127.0.0.1", "path": "/v1/chat/completions",
+            "request_headers": [["Content-Type", "application/json"]], "t_request": time.time()}
+    cols.update(extra)
+    return cols
+
+
+def test_reader_sees_open_then_done(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path)
+    store = Store(path)
+    writer.insert_flow(_flow("f1"))
+    assert writer.flush()
+    assert store.open_flow_count("a1") == 1
+    assert store.flows(agent_id="a1")[0].state == "open"
+    writer.update_flow("f1", {"state": "done", "status_code": 200, "response_body": b'{"ok":1}',
+                              "response_headers": [["content-type", "application/json"]]})
+    writer.close()
+    flow = store.flows(agent_id="a1")[0]
+    assert (flow.state, flow.status_code, flow.response_json()) == ("done", 200, {"ok": 1})
+    assert store.open_flow_count("a1") == 0
+
+
+def test_writer_keeps_order_and_batches(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path)
+    for i in range(2000):
+        writer.insert_flow(_flow(f"f{i}", agent=f"a{i % 3}"))
+    writer.close()
+    assert writer.stats.committed == 2000 and writer.stats.failed == 0
+    assert writer.stats.batches < 2000  # batched, not one commit per row
+    ids = [f.flow_id for f in Store(path).flows(agent_id="a1")]
+    assert ids == [f"f{i}" for i in range(2000) if i % 3 == 1]
+
+
+def test_writer_rejects_unknown_columns(tmp_path):
+    writer = StoreWriter(tmp_path / "s.db")
+    with pytest.raises(ValueError, match="unknown flow columns"):
+        writer.insert_flow({"flow_id": "x", "attribution": "none", "bogus": 1})
+    writer.close()
+
+
+def test_writer_waits_out_a_lock_held_by_another_process(tmp_path):
+    path = tmp_path / "s.db"
+    Store(path).close()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3,sys,time\n"
+        f"c=sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); sys.stdin.readline()\n"
+        "c.execute('COMMIT')\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    writer = StoreWriter(path)
+    writer.insert_flow(_flow("held"))
+    assert not writer.flush(timeout=0.3)  # cannot commit while the other process holds the lock
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    holder.wait(10)
+    assert writer.flush(timeout=15)
+    writer.close()
+    assert Store(path).flow("held") is not None
+
+
+def test_agents_registration_and_end(tmp_path):
+    store = Store(tmp_path / "s.db")
+    token = new_token()
+    store.register_agent("a1", token=token, run_id="r1", meta={"prompt": "hi"})
+    store.agent_started("a1", os.getpid())
+    store.agent_ended("a1", "ok", meta={"exit_code": 0})
+    agent = store.agent("a1")
+    assert agent.status == "ok" and agent.root_pid == os.getpid() and agent.run_id == "r1"
+    assert agent.root_create_time is not None
+    assert agent.meta == {"prompt": "hi", "exit_code": 0}
+    assert token not in agent.token_hash and token_matches(token, agent.token_hash)
+    assert not token_matches(token + "x", agent.token_hash)
+    assert [a.agent_id for a in store.agents(run_id="r1")] == ["a1"]
+    with pytest.raises(ValueError):
+        store.agent_ended("a1", "bogus")
+
+
+def test_flow_counts_and_unattributed(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path)
+    writer.insert_flow(_flow("f1"))
+    writer.insert_flow(_flow("f2", agent=None))
+    writer.update_flow("f2", {"state": "error", "error": "boom"})
+    writer.close()
+    counts = Store(path).flow_counts()
+    assert counts == {"open": 1, "done": 0, "error": 1, "total": 2, "unattributed": 1}
+    assert [f.flow_id for f in Store(path).flows(unattributed=True)] == ["f2"]
+
+
+def test_flows_of_dead_proxy_are_closed(tmp_path):
+    path = tmp_path / "s.db"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    writer = StoreWriter(path)
+    writer.upsert_proxy({"proxy_id": "p1", "pid": dead.pid, "create_time": 1.0, "started_at": 1.0})
+    writer.insert_flow(_flow("f1", proxy_id="p1"))
+    writer.close()
+    store = Store(path)
+    assert store.close_flows_of_dead_proxies() == 1
+    flow = store.flow("f1")
+    assert flow.state == "error" and "proxy process ended" in flow.error
+
+
+@pytest.mark.parametrize("value, expected_prefix", [
+    ("Bearer sk-secret-123", "Bearer <redacted sha256:"),
+    ("Basic dXNlcjpwYXNz", "Basic <redacted sha256:"),
+    ("sk-raw-key", "<redacted sha256:"),
+])
+def test_redact_value_keeps_scheme_hides_secret(value, expected_prefix):
+    out = redact_value(value)
+    assert out.startswith(expected_prefix)
+    assert value.split()[-1] not in out
+    assert redact_value(value) == out  # stable fingerprint
+
+
+def test_redact_headers_only_secret_ones():
+    headers = [("Authorization", "Bearer k1"), ("X-Api-Key", "k2"), ("api-key", "k3"),
+               ("Cookie", "s=1"), ("Set-Cookie", "s=2"), ("Proxy-Authorization", "Basic eA=="),
+               ("Content-Type", "application/json")]
+    out = dict(redact_headers(headers))
+    assert out["Content-Type"] == "application/json"
+    for key in ("Authorization", "X-Api-Key", "api-key", "Cookie", "Set-Cookie", "Proxy-Authorization"):
+        assert "redacted" in out[key]
+    assert out["Authorization"] != dict(redact_headers([("Authorization", "Bearer k9")]))["Authorization"]
+
+
+def test_token_hash_is_not_the_token():
+    token = new_token()
+    assert hash_token(token) != token and token not in hash_token(token)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", None])
+def test_decode_body(encoding):
+    import gzip
+    import zlib
+
+    import brotli
+    import zstandard
+    raw = b'{"hello": "world"}' * 10
+    encoded = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress,
+               "zstd": zstandard.ZstdCompressor().compress, None: lambda b: b}[encoding](raw)
+    assert decode_body(encoded, encoding) == raw
