@@ -199,13 +199,17 @@ class RolloutTap:
         if ctx.options.rollouttap_token_ids and tokenids.is_model_request(
                 flow.request.host, flow.request.port, flow.request.path, self.model_hosts) \
                 and flow.request.method == "POST":
-            injection = tokenids.plan_injection(flow.request.path, flow.request.raw_content or b"",
-                                                flow.request.headers.get("content-type"))
-            if injection is not None and not flow.request.headers.get("content-encoding"):
+            injection = tokenids.plan_injection(
+                flow.request.path, flow.request.raw_content or b"",
+                flow.request.headers.get("content-type"),
+                content_encoding=flow.request.headers.get("content-encoding"))
+            if injection is not None:
                 live.injection = injection
                 live.meta["injected"] = injection.added
                 flow.request.content = injection.new_body
-        cols["meta"] = self._meta(live)
+                # Stripping works on plain bytes: ask the model server not to compress its answer.
+                flow.request.headers.pop("accept-encoding", None)
+        cols["meta"] = dict(live.meta)
         self._update(flow.id, cols)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -304,8 +308,11 @@ class RolloutTap:
         self.counts["flows"] += 1
         if who.agent_id is None:
             self.counts["unattributed"] += 1
-        self._live[flow.id] = _Live(flow.client_conn.id)
-        self.writer.insert_flow(flowcols.opened(flow, self.proxy_id, who))
+        live = _Live(flow.client_conn.id)
+        if who.detail:
+            live.meta["attribution_detail"] = who.detail
+        self._live[flow.id] = live
+        self.writer.insert_flow({**flowcols.opened(flow, self.proxy_id, who), "meta": dict(live.meta)})
 
     def _update(self, flow_id: str, cols: dict[str, Any]) -> None:
         assert self.writer is not None
@@ -321,12 +328,8 @@ class RolloutTap:
         cols = {**cols, "state": state}
         cols.setdefault("t_end", time.time())
         if live.meta:
-            cols["meta"] = self._meta(live)
+            cols["meta"] = dict(live.meta)
         self._update(flow_id, cols)
-
-    @staticmethod
-    def _meta(live: _Live) -> dict[str, Any]:
-        return dict(live.meta)
 
 
 def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:

@@ -42,7 +42,6 @@ def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, An
         "request_headers": _headers(req.headers),
         "t_request": req.timestamp_start or time.time(),
         "state": "open",
-        "meta": {"attribution_detail": who.detail} if who.detail else {},
     }
 
 

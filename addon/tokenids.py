@@ -1,0 +1,441 @@
+"""Ask a vLLM server for token ids and logprobs, and hide them again from the agent.
+
+Pure functions over bytes and dicts; the addon wires them into its hooks.
+
+What the agent sees. vLLM serialises non-streamed responses with every field present
+(``JSONResponse(content=response.model_dump())``), so a field that was not requested reads
+``null``; streamed chunks use ``model_dump_json(exclude_unset=True)``, but vLLM passes
+``prompt_token_ids``, ``token_ids`` and ``logprobs`` explicitly (``None`` when not requested),
+so they read ``null`` too. Stripping therefore replaces an injected value with ``null`` in
+place, by editing the bytes: every other byte (float spellings, escapes, whitespace) is the
+server's own, and the result equals what vLLM sends without the injected fields, byte for
+byte. If a field name also occurs deeper than where vLLM puts it, the edit falls back to
+re-serialising the parsed JSON (same meaning, compact separators, not byte-identical).
+
+Chunks that exist only because of the injection are dropped: when a tool or reasoning
+parser swallows text, vLLM (>= ~0.11) still sends an empty-delta chunk if token ids or
+logprobs were requested, and sends nothing otherwise.
+
+Decisions (see ``plan_injection``): a value the agent set itself is kept as sent (an explicit
+``null`` counts as unset); ``logprobs: false`` from the agent means the row has no logprobs;
+``return_tokens_as_token_ids`` is only added together with our own ``logprobs``;
+``/v1/completions`` with ``echo`` is left alone because vLLM blanks the echoed prompt text
+when ``return_token_ids`` is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Endpoint = Literal["chat", "completions"]
+
+__all__ = [
+    "Endpoint",
+    "Injection",
+    "StreamStripper",
+    "bench_strip",
+    "endpoint_for_path",
+    "is_model_request",
+    "plan_injection",
+    "strip_response_json",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """What ``plan_injection`` added to one request, and the rewritten request body."""
+
+    added: dict[str, Any]  # only the fields we set: what must be hidden from the agent later
+    new_body: bytes
+    stream: bool  # the request asked for SSE; the response content-type is authoritative
+    endpoint: Endpoint
+    upstream_logprobs: bool = False  # the upstream response carries per-token logprobs
+
+    @property
+    def strips_token_ids(self) -> bool:
+        """True when ``prompt_token_ids``/``token_ids`` must be hidden from the agent."""
+        return "return_token_ids" in self.added
+
+    @property
+    def strips_logprobs(self) -> bool:
+        """True when ``choices[i].logprobs`` must be hidden from the agent."""
+        return "logprobs" in self.added
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+def endpoint_for_path(path: str) -> Endpoint | None:
+    """Which completion endpoint a request path (any prefix, query allowed) addresses."""
+    bare = path.split("?", 1)[0].rstrip("/")
+    if bare.endswith("/chat/completions"):
+        return "chat"
+    if bare.endswith("/completions"):
+        return "completions"
+    return None
+
+
+def is_model_request(
+    host: str, port: int, path: str, model_hosts: frozenset[str], *, method: str = "POST"
+) -> bool:
+    """True for a POST to a completion endpoint on a configured model host.
+
+    ``model_hosts`` holds lower-case ``host`` or ``host:port`` entries (IPv6 as ``[::1]:8000``).
+    """
+    if method.upper() != "POST" or endpoint_for_path(path) is None:
+        return False
+    name = host.lower()
+    if name in model_hosts:
+        return True
+    if ":" in name and not name.startswith("["):
+        name = f"[{name}]"
+    return name in model_hosts or f"{name}:{port}" in model_hosts
+
+
+def plan_injection(
+    path: str, body: bytes, content_type: str | None, *, content_encoding: str | None = None
+) -> Injection | None:
+    """Decide which token-id fields to add to a completion request; None leaves it untouched."""
+    endpoint = endpoint_for_path(path)
+    if endpoint is None or not _is_json(content_type) or not _is_identity(content_encoding):
+        return None
+    obj = _load_object(body)
+    if obj is None:
+        return None
+    added = _fields_to_add(obj, endpoint)
+    if not added:
+        return None
+    agent_logprobs = obj.get("logprobs")
+    upstream_logprobs = "logprobs" in added or (
+        bool(agent_logprobs) if endpoint == "chat" else agent_logprobs is not None
+    )
+    return Injection(
+        added=added,
+        new_body=_with_fields(body, obj, added),
+        stream=obj.get("stream") is True,
+        endpoint=endpoint,
+        upstream_logprobs=upstream_logprobs,
+    )
+
+
+def _is_json(content_type: str | None) -> bool:
+    return content_type is None or "json" in content_type.lower()
+
+
+def _is_identity(content_encoding: str | None) -> bool:
+    return content_encoding is None or content_encoding.strip().lower() in ("", "identity")
+
+
+def _load_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
+    if endpoint == "completions" and obj.get("echo"):
+        return {}  # vLLM replaces the echoed prompt text by "" when return_token_ids is set
+    added: dict[str, Any] = {}
+    if obj.get("return_token_ids") is None:
+        added["return_token_ids"] = True
+    # top_logprobs / logprob_token_ids without logprobs is an error in vLLM: keep it one.
+    agent_wants_top = bool(obj.get("top_logprobs")) or obj.get("logprob_token_ids") is not None
+    if obj.get("logprobs") is None and not agent_wants_top:
+        # Completions: logprobs=0 returns the sampled token's logprob only.
+        added["logprobs"] = True if endpoint == "chat" else 0
+        if obj.get("return_tokens_as_token_ids") is None:
+            added["return_tokens_as_token_ids"] = True
+    return added
+
+
+def _with_fields(body: bytes, obj: dict[str, Any], added: dict[str, Any]) -> bytes:
+    if any(key in obj for key in added):
+        # An explicit null is replaced where it stands; appending would duplicate the key.
+        return _dumps({**obj, **added}).encode("utf-8")
+    # Append before the closing brace so every byte the agent sent stays as sent.
+    end = len(body.rstrip()) - 1
+    extra = ",".join(f"{json.dumps(key)}:{json.dumps(value)}" for key, value in added.items())
+    return body[:end] + (("," if obj else "") + extra).encode("ascii") + body[end:]
+
+
+def _dumps(doc: Any) -> str:
+    try:
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+        text.encode("utf-8")  # a lone surrogate from a \ud800 escape cannot be encoded
+        return text
+    except UnicodeEncodeError:
+        return json.dumps(doc, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True, slots=True)
+class _StripPlan:
+    top_keys: tuple[str, ...]
+    choice_keys: tuple[str, ...]
+    key_pattern: re.Pattern[str]
+    markers: tuple[bytes, ...]  # cheap substring test: no marker, nothing to strip
+    drop_swallowed: bool
+
+    def may_touch(self, raw: bytes) -> bool:
+        return any(marker in raw for marker in self.markers)
+
+
+@functools.lru_cache(maxsize=8)
+def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | None:
+    if not ids and not logprobs:
+        return None
+    choice_keys = (("token_ids", "prompt_token_ids") if ids else ()) + (
+        ("logprobs",) if logprobs else ()
+    )
+    names = "|".join(sorted(set(choice_keys), key=len, reverse=True))
+    markers = ((b'token_ids"',) if ids else ()) + ((b'"logprobs"',) if logprobs else ())
+    return _StripPlan(
+        top_keys=("prompt_token_ids",) if ids else (),
+        choice_keys=choice_keys,
+        # A key always follows "{" or "," (plus whitespace); inside a JSON string that
+        # sequence cannot occur, since the quote would have to be escaped.
+        key_pattern=re.compile(r'[{,]\s*"(?:' + names + r')"\s*:\s*'),
+        markers=markers,
+        drop_swallowed=endpoint == "chat",
+    )
+
+
+def _plan_for(injection: Injection) -> _StripPlan | None:
+    return _strip_plan(injection.strips_token_ids, injection.strips_logprobs, injection.endpoint)
+
+
+_INT_LIST = re.compile(r"\[[0-9\s,]*\]")
+_DECODER = json.JSONDecoder()
+
+
+class _Drop:
+    """_strip_json's answer for an event the agent must not see at all."""
+
+
+_DROP = _Drop()
+
+
+def strip_response_json(body: bytes, injection: Injection) -> bytes:
+    """Hide injected fields from a non-streamed response; other bodies come back unchanged."""
+    plan = _plan_for(injection)
+    if plan is None or not plan.may_touch(body):
+        return body
+    try:
+        text = body.decode("utf-8")
+        doc = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return body
+    new = _strip_json(text, doc, plan, allow_drop=False)
+    return new.encode("utf-8") if isinstance(new, str) else body
+
+
+def _strip_json(
+    text: str, doc: Any, plan: _StripPlan, *, allow_drop: bool
+) -> str | _Drop | None:
+    """``text`` with the planned fields nulled; None if nothing changes, _DROP to drop it."""
+    if not isinstance(doc, dict):
+        return None
+    expected = _count_fields(doc, plan)
+    if expected == 0:
+        return None
+    if allow_drop and plan.drop_swallowed and _only_for_us(doc, plan):
+        return _DROP
+    spans = _value_spans(text, plan.key_pattern)
+    if len(spans) != expected:
+        # A field name also occurs deeper than vLLM puts it: edit the parsed document.
+        log.debug("token-id fields found %d times, expected %d", len(spans), expected)
+        _null_fields(doc, plan)
+        return _dumps(doc)
+    parts: list[str] = []
+    pos = 0
+    for start, end in spans:
+        parts += (text[pos:start], "null")
+        pos = end
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _choices(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    choices = doc.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [choice for choice in choices if isinstance(choice, dict)]
+
+
+def _count_fields(doc: dict[str, Any], plan: _StripPlan) -> int:
+    count = sum(doc.get(key) is not None for key in plan.top_keys)
+    for choice in _choices(doc):
+        count += sum(choice.get(key) is not None for key in plan.choice_keys)
+    return count
+
+
+def _null_fields(doc: dict[str, Any], plan: _StripPlan) -> None:
+    for key in plan.top_keys:
+        if doc.get(key) is not None:
+            doc[key] = None
+    for choice in _choices(doc):
+        for key in plan.choice_keys:
+            if choice.get(key) is not None:
+                choice[key] = None
+
+
+def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
+    """True for a chunk vLLM sends only because token ids or logprobs were requested."""
+    choices = doc.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
+            return False
+        if any(value is not None and value != [] for value in delta.values()):
+            return False
+        if not any(choice.get(key) is not None for key in plan.choice_keys):
+            return False  # vLLM itself sent this empty chunk
+        for key in ("token_ids", "logprobs"):  # what the agent would still see
+            if key not in plan.choice_keys and choice.get(key) is not None:
+                return False
+    return True
+
+
+def _value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int]]:
+    """Start and end of every non-null value of a planned key, skipping over each value."""
+    spans = []
+    pos = 0
+    while (match := key_pattern.search(text, pos)) is not None:
+        start = match.end()
+        if text.startswith("null", start):
+            pos = start + 4
+            continue
+        ints = _INT_LIST.match(text, start)
+        end = ints.end() if ints is not None else _DECODER.raw_decode(text, start)[1]
+        spans.append((start, end))
+        pos = end
+    return spans
+
+
+# ---------------------------------------------------------------------------- SSE streams
+
+_EVENT_END = re.compile(rb"\n\r?\n")
+
+
+class StreamStripper:
+    """Rewrites an SSE response for the agent, one TCP read at a time.
+
+    Events end at a blank line (``\\n\\n`` or ``\\r\\n\\r\\n``; lone-CR line endings are not
+    split). Events needing no change are forwarded byte-identical; an incomplete trailing
+    event is held until it completes or ``feed(b"")`` ends the stream.
+    """
+
+    def __init__(self, injection: Injection) -> None:
+        self._plan = _plan_for(injection)
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to forward now; ``b""`` marks the end of the stream and flushes what is held."""
+        plan = self._plan
+        if plan is None:
+            return chunk
+        if not chunk:
+            rest, self._held = self._held, b""
+            return _rewrite_event(rest, plan) if rest else b""
+        held = self._held
+        buf = held + chunk if held else chunk
+        out: list[bytes] = []
+        pos = 0
+        # A terminator is at most 3 bytes and none is complete inside the held bytes.
+        for match in _EVENT_END.finditer(buf, max(0, len(held) - 2)):
+            out.append(_rewrite_event(buf[pos : match.end()], plan))
+            pos = match.end()
+        self._held = buf[pos:]
+        return b"".join(out)
+
+
+def _rewrite_event(raw: bytes, plan: _StripPlan) -> bytes:
+    """One SSE event (terminator included) as the agent must see it."""
+    if not plan.may_touch(raw):
+        return raw
+    span = _data_span(raw)
+    if span is None:
+        return raw
+    start, end = span
+    try:
+        text = raw[start:end].decode("utf-8")
+        doc = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return raw
+    new = _strip_json(text, doc, plan, allow_drop=True)
+    if new is None:
+        return raw
+    if isinstance(new, _Drop):
+        return b""
+    return raw[:start] + new.encode("utf-8") + raw[end:]
+
+
+def _data_span(raw: bytes) -> tuple[int, int] | None:
+    """Where the value of the event's only ``data:`` line lies; None unless exactly one."""
+    if raw.startswith(b"data:"):
+        start = 0
+    else:
+        start = raw.find(b"\ndata:") + 1
+        if start == 0:
+            return None
+    end = raw.find(b"\n", start)
+    if end == -1:
+        end = len(raw)
+    elif raw.find(b"\ndata:", end) != -1:
+        return None  # vLLM sends one data line per event; leave anything else alone
+    start += 6 if raw.startswith(b" ", start + 5) else 5
+    if end > start and raw[end - 1] == 0x0D:
+        end -= 1
+    return start, end
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def _bench_event(i: int) -> bytes:
+    token = f"token_id:{1000 + i}"
+    logprobs = {"content": [{"token": token, "logprob": -0.25, "bytes": list(token.encode()),
+                             "top_logprobs": []}]}  # fmt: skip
+    choice = {"index": 0, "delta": {"content": f" word{i}"}, "logprobs": logprobs,
+              "finish_reason": None, "token_ids": [1000 + i]}  # fmt: skip
+    chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+             "model": "bench", "choices": [choice]}  # fmt: skip
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def bench_strip(n_events: int = 20000) -> float:
+    """Time StreamStripper on a chat stream in 1400-byte reads; prints and returns µs/event."""
+    stream = b"".join(_bench_event(i) for i in range(n_events)) + b"data: [DONE]\n\n"
+    reads = [stream[i : i + 1400] for i in range(0, len(stream), 1400)]
+    injection = Injection(
+        added={"return_token_ids": True, "logprobs": True, "return_tokens_as_token_ids": True},
+        new_body=b"{}",
+        stream=True,
+        endpoint="chat",
+    )
+    stripper = StreamStripper(injection)
+    began = time.perf_counter()
+    for read in reads:
+        stripper.feed(read)
+    stripper.feed(b"")
+    per_event = (time.perf_counter() - began) / (n_events + 1) * 1e6
+    print(f"{per_event:.2f} µs/event over {n_events + 1} events, {len(stream)} bytes")
+    return per_event
+
+
+if __name__ == "__main__":
+    bench_strip()

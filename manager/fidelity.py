@@ -1,0 +1,64 @@
+"""How faithfully one agent's model calls became training rows, and the batch report summed over agents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Counts for one agent (or, merged, for a batch); every count is a plain sum, so merging adds them.
+
+    calls: model calls given; calls_used: calls whose tokens entered the chaining.
+    sampled_tokens: completion tokens of the used calls; trainable_tokens: env_mask 1 tokens in the rows;
+    dropped_tokens: sampled tokens trained in no row (sampled - trainable).
+    clean_joins: calls that extended a chain exactly; realigned_joins / forked_joins: calls that did not and were
+    realigned into the one row / started a new row.
+    calls_without_ids: answered calls the server sent no token ids for; inexact_calls: those of them rebuilt with the
+    caller's tokenizer (the rest were skipped). retries_skipped: attempts superseded by a client retry;
+    failed_calls: calls without a usable answer. truncated: rows whose last completion did not end in eos.
+    missing_logprobs: trainable tokens without a server logprob (their row's logprobs is None).
+    rows: rows built; empty_rows: safe empty rows substituted because no call was usable; agents: agents counted.
+    """
+
+    calls: int = 0
+    calls_used: int = 0
+    sampled_tokens: int = 0
+    trainable_tokens: int = 0
+    dropped_tokens: int = 0
+    clean_joins: int = 0
+    realigned_joins: int = 0
+    forked_joins: int = 0
+    calls_without_ids: int = 0
+    inexact_calls: int = 0
+    retries_skipped: int = 0
+    failed_calls: int = 0
+    truncated: int = 0
+    missing_logprobs: int = 0
+    rows: int = 0
+    empty_rows: int = 0
+    agents: int = 1
+
+    @property
+    def coverage(self) -> float:
+        """Share of sampled tokens that are trained; 1.0 when nothing was sampled."""
+        return self.trainable_tokens / self.sampled_tokens if self.sampled_tokens else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """All counts plus coverage, for logs and JSON reports."""
+        return {**asdict(self), "coverage": self.coverage}
+
+    def merge(self, others: Iterable[Fidelity]) -> Fidelity:
+        """This report plus others, field by field."""
+        totals = {f.name: getattr(self, f.name) for f in fields(self)}
+        for other in others:
+            for name in totals:
+                totals[name] += getattr(other, name)
+        return replace(self, **totals)
+
+
+def batch_fidelity(reports: Iterable[Fidelity]) -> Fidelity:
+    """The sum of many agents' reports; an empty batch gives zero agents."""
+    return Fidelity(agents=0).merge(reports)

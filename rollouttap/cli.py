@@ -1,0 +1,127 @@
+"""The ``rollouttap`` command: thin commands over the library. Results on stdout, logs on stderr."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rollouttap.errors import (
+    AgentSpecError, ConfigError, ProxyError, RolloutTapError, StoreError, StoreVersionError,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Capture whole agent conversations as exact token ids, for agentic RL.")
+
+# One line per failure, naming the next step; the traceback only with --debug.
+HINTS: dict[type[Exception], str] = {
+    StoreVersionError: "use a store file written by this version, or a new --store path",
+    StoreError: "check the --store path (a writable SQLite file)",
+    ProxyError: "see the proxy log named above; is the port free?",
+    AgentSpecError: "check the --agent command template or module:function",
+    ConfigError: "check the option named in the message",
+}
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+          ) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def proxy(
+    store: Annotated[Path, typer.Option(help="SQLite store every flow is recorded into.")] = Path("runs.db"),
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on; port 0 picks a free one.")]
+        = "127.0.0.1:0",
+    route: Annotated[Optional[list[str]], typer.Option(
+        help="HOST[:PORT]=BASE_URL: send a hard-wired host to another server (repeatable).")] = None,
+    model_host: Annotated[Optional[list[str]], typer.Option(
+        help="HOST[:PORT] of a model server: ask it for token ids and logprobs (repeatable).")] = None,
+    token_ids: Annotated[bool, typer.Option(help="Inject token-id requests for model hosts.")] = True,
+    reverse: Annotated[Optional[str], typer.Option(
+        help="Also listen as a reverse proxy in front of this model URL (base-URL mode).")] = None,
+    confdir: Annotated[Optional[Path], typer.Option(help="mitmproxy config dir (its CA).")] = None,
+    allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback listen address.")] = False,
+) -> None:
+    """Run the capture proxy until Ctrl-C; print the environment agents need.
+
+    Example: rollouttap proxy --store runs.db --model-host 127.0.0.1:8000
+    """
+    from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen {listen!r} is not HOST:PORT")
+    config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
+                         routes=tuple(route or ()), model_hosts=tuple(model_host or ()),
+                         token_ids=token_ids, reverse_target=reverse, confdir=confdir,
+                         allow_remote=allow_remote)
+    proc = ProxyProcess(config).start()
+    typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
+    if proc.reverse_url:
+        typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1", err=True)
+    for key, value in proc.env().items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"]:
+            if not proc.alive():
+                raise ProxyError(f"mitmdump exited unexpectedly:\n{proc.log_tail()}")
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proc.stop()
+        typer.echo("# proxy stopped; every flow is committed", err=True)
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules may pull heavier imports register themselves lazily."""
+    import importlib
+    for name in ("rollouttap.cli_run", "rollouttap.cli_inspect", "rollouttap.cli_demo"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rollouttap`` console script."""
+    _register_optional_commands()
+    try:
+        app(args=argv, standalone_mode=False)
+    except RolloutTapError as exc:
+        if _state["debug"]:
+            raise
+        hint = next((h for cls, h in HINTS.items() if isinstance(exc, cls)), "")
+        typer.echo(f"rollouttap: {exc}" + (f"\n  next: {hint}" if hint else ""), err=True)
+        return 1
+    except typer.Abort:
+        return 130
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except Exception as exc:  # click usage errors and the like
+        import click
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The addon inside a real mitmdump: attribution, capture, streaming, redaction, routes, errors.
+
+Real processes throughout: mitmdump with the addon, agent processes using real HTTP clients, and
+ScriptedUpstream (a scripted server speaking vLLM's JSON) as the model server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from conftest import CLIENTS, agent_env, run_client, settled_flows, start_proxy, wait_for
+from rollouttap.store import Store, new_token
+
+
+def _new_agent(proxy, **meta) -> tuple[str, str]:
+    agent_id, token = "ag-" + uuid.uuid4().hex[:12], new_token()
+    with Store(proxy.config.store) as store:
+        store.register_agent(agent_id, token=token, meta=meta)
+    return agent_id, token
+
+
+def _chat_flows(store_path, agent_id):
+    flows = settled_flows(store_path, agent_id=agent_id)
+    return [f for f in flows if f.path.endswith("/chat/completions")]
+
+
+@pytest.mark.parametrize("client", ["requests", "openai", "urllib", "curl", "aiohttp"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_client_is_captured_and_attributed_by_pid(proxy, upstream, client, stream):
+    agent_id = "tag-" + uuid.uuid4().hex[:10]
+    env = agent_env(proxy, tag=agent_id)
+    replies = run_client(client, upstream.base_url, env, "--marker", agent_id,
+                         *(["--stream"] if stream else []))
+    assert agent_id in replies[0]
+    [flow] = _chat_flows(proxy.config.store, agent_id)
+    assert flow.attribution == "pid" and flow.state == "done" and flow.status_code == 200
+    assert flow.pid is not None and flow.streamed is stream
+    if stream:
+        assert "data: [DONE]" in flow.response_text() and flow.t_first_byte is not None
+    else:
+        assert agent_id in flow.response_json()["choices"][0]["message"]["content"]
+    assert flow.request_json()["messages"][0]["content"] == f"say {agent_id}"
+    assert flow.t_request <= flow.t_response_headers <= flow.t_end
+
+
+def test_grandchild_of_tagged_agent_is_attributed(proxy, upstream):
+    agent_id = "tag-" + uuid.uuid4().hex[:10]
+    env = agent_env(proxy, tag=agent_id)
+    # agent (shell) -> child (shell) -> grandchild (python client)
+    inner = f"{sys.executable} {CLIENTS} urllib {upstream.base_url} --marker gc"
+    out = subprocess.run(["sh", "-c", f"sh -c '{inner}'"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    [flow] = _chat_flows(proxy.config.store, agent_id)
+    assert flow.attribution == "pid"
+    with Store(proxy.config.store) as store:
+        assert flow.pid not in (os.getpid(), None)
+
+
+def test_credentials_attribute_and_never_reach_upstream(proxy, upstream):
+    agent_id, token = _new_agent(proxy)
+    env = agent_env(proxy, agent_id, token)
+    env.pop("ROLLOUTTAP_AGENT_ID")  # credentials alone
+    out = subprocess.run([sys.executable, "-c", (
+        "import requests,sys,json\n"
+        f"r=requests.post({upstream.url + '/echo'!r}, json={{'x': 1}}, headers={{'Authorization': 'Bearer sk-live-secret'}})\n"
+        "print(r.text)\n")], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    echoed = json.loads(out.stdout)
+    sent = {k.lower(): v for k, v in echoed["headers"].items()}
+    assert "proxy-authorization" not in sent
+    assert sent["authorization"] == "Bearer sk-live-secret"  # the agent's own key goes through
+    [flow] = settled_flows(proxy.config.store, agent_id=agent_id)
+    assert flow.attribution == "credentials" and flow.state == "done"
+    stored = dict((k.lower(), v) for k, v in flow.request_headers)
+    assert "sk-live-secret" not in json.dumps(flow.request_headers)
+    assert stored["authorization"].startswith("Bearer <redacted sha256:")
+    with Store(proxy.config.store) as store:  # nothing in the file holds the key in clear
+        raw = store._query("SELECT request_headers, request_body FROM flows WHERE agent_id = ?",
+                           (agent_id,))
+    assert all("sk-live-secret" not in str(tuple(r)) for r in raw)
+
+
+def test_wrong_token_is_refused_and_recorded(proxy, upstream):
+    agent_id, _ = _new_agent(proxy)
+    env = agent_env(proxy, agent_id, "not-the-token")
+    env.pop("ROLLOUTTAP_AGENT_ID")
+    proxies = {"http": env["HTTP_PROXY"]}
+    resp = requests.post(upstream.url + "/echo", json={}, proxies=proxies, timeout=10)
+    assert resp.status_code == 407
+    with Store(proxy.config.store) as store:
+        flows = wait_for(lambda: [f for f in store.flows(state="error")
+                                  if agent_id in (f.meta.get("attribution_detail") or "")], what="refusal")
+    assert flows[0].attribution == "rejected" and flows[0].agent_id is None
+    assert "wrong token" in flows[0].error
+
+
+def test_header_attribution_and_header_removed(proxy, upstream):
+    resp = requests.post(upstream.url + "/echo", json={}, headers={"X-Agent-ID": "hdr-agent"},
+                         proxies={"http": proxy.url}, timeout=10)
+    assert resp.status_code == 200
+    assert "x-agent-id" not in {k.lower() for k in resp.json()["headers"]}
+    [flow] = settled_flows(proxy.config.store, agent_id="hdr-agent")
+    assert flow.attribution == "header"
+
+
+def test_unattributed_flow_is_kept(proxy, upstream):
+    marker = uuid.uuid4().hex
+    resp = requests.post(upstream.url + "/echo", json={"m": marker}, proxies={"http": proxy.url},
+                         timeout=10)
+    assert resp.status_code == 200
+    with Store(proxy.config.store) as store:
+        flows = wait_for(lambda: [f for f in store.flows(unattributed=True)
+                                  if f.state == "done" and marker in f.request_text()], what="flow")
+    assert flows[0].attribution == "none" and flows[0].agent_id is None
+    assert flows[0].meta.get("attribution_detail")
+
+
+def test_two_agents_interleaving_on_keep_alive_are_never_mixed(proxy, upstream):
+    agents = ["ka-" + uuid.uuid4().hex[:8] for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(CLIENTS), "requests", upstream.base_url,
+                               "--marker", a, "--calls", "15"], env=agent_env(proxy, tag=a),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for a in agents]
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    for agent in agents:
+        flows = _chat_flows(proxy.config.store, agent)
+        assert len(flows) == 15
+        assert all(f.request_json()["messages"][0]["content"] == f"say {agent}" for f in flows)
+        assert len({f.client_conn_id for f in flows}) == 1  # really one keep-alive connection
+
+
+class _GateHandler(BaseHTTPRequestHandler):
+    """Sends the first SSE event, then waits for the test to open the gate before finishing."""
+    gate = threading.Event()
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._chunk(b'data: {"n": 1}\n\n')
+        self.gate.wait(20)
+        self._chunk(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def gate_server():
+    _GateHandler.gate = threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GateHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, _GateHandler.gate
+    _GateHandler.gate.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_stream_reaches_client_before_upstream_finishes_and_reader_sees_open_then_done(
+        proxy, gate_server):
+    server, gate = gate_server
+    agent = "gate-" + uuid.uuid4().hex[:8]
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    resp = requests.post(url, json={}, headers={"X-Agent-ID": agent}, proxies={"http": proxy.url},
+                         stream=True, timeout=20)
+    lines = resp.iter_lines()
+    assert next(lines) == b'data: {"n": 1}'  # arrived while the upstream is still held at the gate
+    with Store(proxy.config.store) as store:
+        [flow] = wait_for(lambda: store.flows(agent_id=agent), what="open flow")
+        assert flow.state == "open"
+        gate.set()
+        rest = [line for line in lines if line]
+        assert rest == [b'data: {"n": 2}', b"data: [DONE]"]
+        [flow] = settled_flows(proxy.config.store, agent_id=agent)
+    assert flow.state == "done" and flow.streamed
+    assert flow.response_text() == 'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
+    assert flow.t_first_byte < flow.t_end
+
+
+def test_killed_client_flow_ends_in_error(proxy, gate_server):
+    server, gate = gate_server
+    agent = "kill-" + uuid.uuid4().hex[:8]
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import requests,sys\n"
+        f"r=requests.post({url!r}, json={{}}, proxies={{'http': {proxy.url!r}}}, stream=True)\n"
+        "next(r.iter_lines()); print('got first', flush=True); sys.stdin.readline()\n")],
+        env=agent_env(proxy, tag=agent), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "got first"
+    child.send_signal(signal.SIGKILL)
+    child.wait(5)
+    [flow] = settled_flows(proxy.config.store, agent_id=agent)
+    assert flow.state == "error" and flow.error
+    assert b'"n": 1' in flow.response_body  # what arrived before the kill is kept
+
+
+def test_https_through_route_with_ca_bundle(tmp_path, confdir, upstream):
+    store = tmp_path / "runs.db"
+    host = upstream.url.split("://", 1)[1]
+    with start_proxy(store, confdir, routes=(f"api.openai.com={upstream.url}",)) as proc:
+        agent = "route-" + uuid.uuid4().hex[:8]
+        env = agent_env(proc, tag=agent)
+        replies = run_client("openai", "https://api.openai.com/v1", env, "--marker", agent)
+        assert agent in replies[0]
+        [flow] = _chat_flows(store, agent)
+        assert flow.host == "127.0.0.1" and flow.port == int(host.rsplit(":", 1)[1])
+        assert flow.meta["routed_from"].startswith("https://api.openai.com/")
+        assert flow.attribution == "pid"
+
+
+def test_proxy_refuses_non_loopback_listen_by_default(tmp_path, confdir):
+    from rollouttap.errors import ProxyError
+    with pytest.raises(ProxyError, match="rollouttap_allow_remote"):
+        start_proxy(tmp_path / "runs.db", confdir, host="0.0.0.0")
+
+
+def test_proxy_without_store_option_fails_clearly(tmp_path, confdir):
+    from rollouttap.manager.proxy import addon_script
+    out = subprocess.run([sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()",
+                          "-s", str(addon_script()), "--set", f"confdir={confdir}",
+                          "--listen-port", "0"], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "rollouttap_store" in out.stdout + out.stderr
+
+
+def test_stopping_the_proxy_commits_everything(tmp_path, confdir, upstream):
+    store = tmp_path / "runs.db"
+    proc = start_proxy(store, confdir)
+    agent = "stop-" + uuid.uuid4().hex[:8]
+    run_client("requests", upstream.base_url, agent_env(proc, tag=agent), "--calls", "20")
+    proc.stop()
+    with Store(store) as s:
+        flows = s.flows(agent_id=agent)
+        assert len(flows) == 20 and all(f.state == "done" for f in flows)
+        [row] = s.proxies()
+        assert row["stopped_at"] is not None
