@@ -1,0 +1,54 @@
+"""``rollouttap proxy`` as a user runs it: prints the environment, records, stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_client
+from rollouttap.store import Store
+
+ROLLOUTTAP = [sys.executable, "-m", "rollouttap.cli"]
+
+
+def _read_exports(proc: subprocess.Popen) -> dict[str, str]:
+    env: dict[str, str] = {}
+    while "CURL_CA_BUNDLE" not in env:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        key, _, value = line.removeprefix("export ").strip().partition("=")
+        env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def test_proxy_command_prints_env_records_and_stops_on_ctrl_c(tmp_path, confdir, upstream):
+    store = tmp_path / "runs.db"
+    proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(store), "--confdir", str(confdir),
+                             "--model-host", upstream.url.split("://")[1]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        exports = _read_exports(proc)
+        assert exports["HTTP_PROXY"].startswith("http://127.0.0.1:")
+        assert exports["NO_PROXY"] == "" and exports["no_proxy"] == ""
+        assert Path(exports["SSL_CERT_FILE"]).is_file()
+        env = {**os.environ, **exports, "ROLLOUTTAP_AGENT_ID": "cli-agent"}
+        run_client("openai", upstream.base_url, env, "--calls", "3", "--stream")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    with Store(store) as s:
+        flows = s.flows(agent_id="cli-agent")
+        assert len(flows) == 3 and all(f.state == "done" for f in flows)
+        assert s.proxies()[0]["stopped_at"] is not None
+
+
+def test_proxy_command_rejects_bad_listen(tmp_path):
+    out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--listen", "nope"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "--listen 'nope' is not HOST:PORT" in out.stderr and "next:" in out.stderr

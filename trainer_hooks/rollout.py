@@ -1,0 +1,156 @@
+"""TRL's ``rollout_func`` from an AgentManager: one agent per prompt, one token-exact row per agent.
+
+TRL 1.16 calls ``rollout_func(prompts, trainer)`` on every rank with that rank's prompts (each already
+repeated ``num_generations`` times by its sampler) and needs one row per prompt: ``prompt_ids``,
+``completion_ids``, ``logprobs`` and optionally ``env_mask``; every other key reaches the reward functions
+as a keyword argument, one value per prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, TypedDict
+
+from rollouttap.manager.fidelity import Fidelity, batch_fidelity
+from rollouttap.manager.rows import TrainingRow, empty_row
+
+log = logging.getLogger(__name__)
+
+RolloutFunc = Callable[[list[Any], Any], dict[str, list[Any]]]
+
+
+class RolloutOutput(TypedDict, total=False):
+    """The dict TRL's GRPOTrainer takes from ``rollout_func`` (extra keys go to reward functions)."""
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]] | None
+    env_mask: list[list[int]]
+    agent_id: list[str]
+    agent_status: list[str]
+    agent_exit_code: list[int | None]
+    agent_return_value: list[Any]
+    agent_calls: list[int]
+    agent_check: list[Any]
+    agent_answer: list[str]
+    agent_coverage: list[float]
+    agent_trainable_tokens: list[int]
+
+
+def safe_row(row: TrainingRow | None, ok: bool, eos_token_id: int,
+             prompt_ids: Sequence[int] | None = None) -> TrainingRow:
+    """The row TRL gets: the agent's own when it succeeded, else one that teaches nothing (all mask 0)."""
+    if row is None:
+        return empty_row(eos_token_id, prompt_ids)
+    if ok:
+        return row
+    return replace(row, env_mask=[0] * len(row.completion_ids),
+                   logprobs=None if row.logprobs is None else [0.0] * len(row.completion_ids))
+
+
+def to_rollout_output(results: Sequence[Any], *, eos_token_id: int,
+                      prompt_ids: Sequence[Sequence[int]] | None = None,
+                      train_on_failed: bool = False) -> RolloutOutput:
+    """One TRL row per agent result, in order, plus the per-agent fields reward functions get."""
+    rows: list[TrainingRow] = []
+    for i, result in enumerate(results):
+        ok = result.status == "ok" or train_on_failed
+        fallback = prompt_ids[i] if prompt_ids is not None else None
+        rows.append(safe_row(getattr(result, "row", None), ok, eos_token_id, fallback))
+    logprobs: list[list[float]] | None = [r.logprobs for r in rows]  # type: ignore[misc]
+    if any(lp is None for lp in logprobs):  # TRL takes sampling logprobs for all rows or none
+        logprobs = None
+    fidelities = [getattr(r, "fidelity", None) for r in results]
+    return RolloutOutput(
+        prompt_ids=[list(r.prompt_ids) for r in rows],
+        completion_ids=[list(r.completion_ids) for r in rows],
+        logprobs=logprobs,
+        env_mask=[list(r.env_mask) for r in rows],
+        agent_id=[r.agent_id for r in results],
+        agent_status=[r.status for r in results],
+        agent_exit_code=[r.exit_code for r in results],
+        agent_return_value=[r.return_value for r in results],
+        agent_calls=[r.calls for r in results],
+        agent_check=[r.check_result for r in results],
+        agent_answer=[_last_line(r.stdout_tail) for r in results],
+        agent_coverage=[f.coverage if f is not None else 0.0 for f in fidelities],
+        agent_trainable_tokens=[sum(row.env_mask) for row in rows],
+    )
+
+
+def _last_line(text: str | None) -> str:
+    """An agent's answer is, by convention, the last line it printed."""
+    lines = (text or "").strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def rollout_metrics(results: Sequence[Any]) -> dict[str, float]:
+    """Batch figures for the trainer's log: success, calls, fidelity, lost or unattributed flows."""
+    n = max(len(results), 1)
+    fid: Fidelity = batch_fidelity([r.fidelity for r in results if getattr(r, "fidelity", None)])
+    return {
+        "agents/success_rate": sum(r.status == "ok" for r in results) / n,
+        "agents/timeout_rate": sum(r.status == "timeout" for r in results) / n,
+        "agents/calls_mean": sum(r.calls for r in results) / n,
+        "agents/incomplete_flows": float(sum(r.incomplete_flows for r in results)),
+        "agents/bypass_connections": float(sum(len(r.bypass_connections or ()) for r in results)),
+        "fidelity/coverage": fid.coverage,
+        "fidelity/dropped_tokens": float(fid.dropped_tokens),
+        "fidelity/realigned_joins": float(fid.realigned_joins),
+        "fidelity/calls_without_ids": float(fid.calls_without_ids),
+    }
+
+
+def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_failed: bool = False,
+                  on_results: Callable[[list[Any]], None] | None = None) -> RolloutFunc:
+    """Turn an AgentManager into TRL's ``rollout_func``: ``GRPOTrainer(..., rollout_func=agent_rollout(m))``."""
+
+    def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
+        eos = eos_token_id if eos_token_id is not None else _eos_of(trainer)
+        results = manager.deploy(prompts)
+        fallback = [_prompt_ids(trainer, p) for p in prompts]
+        output = to_rollout_output(results, eos_token_id=eos, prompt_ids=fallback,
+                                   train_on_failed=train_on_failed)
+        metrics = rollout_metrics(results)
+        metrics["flows/unattributed"] = float(manager.unattributed_flows()) \
+            if hasattr(manager, "unattributed_flows") else 0.0
+        _log_metrics(trainer, metrics)
+        if on_results is not None:
+            on_results(results)
+        return dict(output)
+
+    return rollout
+
+
+def _eos_of(trainer: Any) -> int:
+    tokenizer = getattr(trainer, "processing_class", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("pass eos_token_id= to agent_rollout: the trainer's tokenizer has none")
+    return int(eos)
+
+
+def _prompt_ids(trainer: Any, prompt: Any) -> list[int] | None:
+    """The prompt rendered by the policy's tokenizer: the prompt of a row for an agent that made no call."""
+    tokenizer = getattr(trainer, "processing_class", None)
+    if tokenizer is None:
+        return None
+    try:
+        if isinstance(prompt, list):
+            return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False))
+        return list(tokenizer.encode(str(prompt), add_special_tokens=False)) or None
+    except Exception as exc:  # a template problem must not stop training; the row stays all mask 0
+        log.warning("cannot render prompt for an empty row: %s", exc)
+        return None
+
+
+def _log_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+    # GRPOTrainer averages whatever lands in its per-mode metrics dict and logs it with its own metrics.
+    store = getattr(trainer, "_metrics", None)
+    if store is None:
+        return
+    mode = "train" if getattr(getattr(trainer, "model", None), "training", True) else "eval"
+    for key, value in metrics.items():
+        store[mode][key].append(value)
