@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import hashlib
 import json
 import logging
 import signal
@@ -70,6 +72,17 @@ class UpstreamConfig:
     reasoning_field: str = "reasoning_content"
     max_model_len: int = 32768
     record: bool = True
+    deterministic: bool = False  # ids and timestamps from the request, so equal requests get equal bytes
+
+
+def _stable(meta: ResponseMeta, gen: Any, payload: dict[str, Any]) -> tuple[ResponseMeta, Any]:
+    """Response and tool-call ids derived from what the agent asked (not from fields a proxy added)."""
+    asked = json.dumps([payload.get("messages"), payload.get("prompt"), payload.get("tools")],
+                       sort_keys=True).encode()
+    digest = hashlib.sha256(asked).hexdigest()[:24]
+    calls = tuple(dataclasses.replace(c, id=f"chatcmpl-tool-{digest}{i}") for i, c in enumerate(gen.tool_calls))
+    return (ResponseMeta(f"{meta.id.split('-')[0]}-{digest}", meta.model, created=1_700_000_000),
+            dataclasses.replace(gen, tool_calls=calls))
 
 
 def _loads(body: bytes) -> Any:
@@ -103,40 +116,46 @@ class _Handlers:
         return payload
 
     def _reply(self, payload: dict[str, Any]) -> Reply:
-        return self.config.script(payload)
+        try:
+            return self.config.script(payload)
+        except Exception as exc:  # a broken script must show up in the test, not hang the client
+            log.exception("scripted upstream: the script failed")
+            return Reply(status=500, error_message=f"script failed: {exc!r}")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         payload = await self._read(request)
         if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
             return _error(400, "request body must be a JSON object with a 'messages' list")
-        reply = self._reply(payload)
-        if reply.status != 200:
-            return _error(reply.status, reply.error_message or "scripted error")
-        tok = self.config.tokenizer
-        gen = generate_chat(payload, reply, tok)
-        meta = ResponseMeta.new(payload.get("model") or self.config.model)
-        opts = Options.from_request(payload, ignore_token_ids=self.config.ignore_token_ids,
-                                    reasoning_field=self.config.reasoning_field)
-        if not payload.get("stream"):
-            return _json(chat_body(gen, meta, opts, tok))
-        parsers = bool(payload.get("tools")) or bool(reply.reasoning)
-        chunks = chat_chunks(gen, meta, opts, tok, tokens_per_chunk=self.config.tokens_per_chunk, parsers=parsers)
-        return await self._stream(request, chunks, reply.abort_after_chunks)
+        return await self._answer(request, payload, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         payload = await self._read(request)
         if not isinstance(payload, dict) or not _valid_prompt(payload.get("prompt")):
             return _error(400, "request body must be a JSON object with a string or token-id 'prompt'")
+        return await self._answer(request, payload, chat=False)
+
+    async def _answer(self, request: web.Request, payload: dict[str, Any], *, chat: bool) -> web.StreamResponse:
         reply = self._reply(payload)
         if reply.status != 200:
             return _error(reply.status, reply.error_message or "scripted error")
-        tok = self.config.tokenizer
-        gen = generate_completion(payload, reply, tok)
-        meta = ResponseMeta.new(payload.get("model") or self.config.model, chat=False)
-        opts = Options.from_request(payload, ignore_token_ids=self.config.ignore_token_ids, chat=False)
+        cfg, tok = self.config, self.config.tokenizer
+        try:
+            gen = (generate_chat if chat else generate_completion)(payload, reply, tok)
+        except Exception as exc:  # e.g. a chat template rejecting the messages, as vLLM answers 400
+            log.warning("scripted upstream: cannot render the request: %r", exc)
+            return _error(400, f"cannot render the request: {exc}")
+        meta = ResponseMeta.new(payload.get("model") or cfg.model, chat=chat)
+        if cfg.deterministic:
+            meta, gen = _stable(meta, gen, payload)
+        opts = Options.from_request(payload, ignore_token_ids=cfg.ignore_token_ids,
+                                    reasoning_field=cfg.reasoning_field, chat=chat)
         if not payload.get("stream"):
-            return _json(completion_body(gen, meta, opts, tok))
-        chunks = completion_chunks(gen, meta, opts, tok, tokens_per_chunk=self.config.tokens_per_chunk)
+            return _json((chat_body if chat else completion_body)(gen, meta, opts, tok))
+        if chat:
+            parsers = bool(payload.get("tools")) or bool(reply.reasoning)
+            chunks = chat_chunks(gen, meta, opts, tok, tokens_per_chunk=cfg.tokens_per_chunk, parsers=parsers)
+        else:
+            chunks = completion_chunks(gen, meta, opts, tok, tokens_per_chunk=cfg.tokens_per_chunk)
         return await self._stream(request, chunks, reply.abort_after_chunks)
 
     async def _stream(self, request: web.Request, chunks: Iterable[dict[str, Any]],
@@ -194,17 +213,17 @@ class _Handlers:
         return _json({"slept": seconds})
 
     async def echo(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if self.sink is not None:
-            self.sink.append(ReceivedRequest(request.method, request.path, request.query_string,
-                                             tuple(request.headers.items()), body, _loads(body), time.time()))
+        payload = await self._read(request)
+        body = await request.read()  # aiohttp keeps the body read by _read
         headers: dict[str, str] = {}
         for key, value in request.headers.items():
             key = key.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         return _json({"method": request.method, "path": request.path, "query": request.query_string,
+                      "peer": list(peer[:2]) if peer else None,
                       "headers": headers, "raw_headers": [[k, v] for k, v in request.headers.items()],
-                      "body": body.decode("utf-8", "replace"), "json": _loads(body)})
+                      "body": body.decode("utf-8", "replace"), "json": payload})
 
 
 async def _paced(chunks: Iterable[dict[str, Any]], delay: float) -> AsyncIterator[tuple[int, bytes]]:
@@ -257,13 +276,13 @@ class ScriptedUpstream:
     def __init__(self, script: Script | str | None = None, *, tokenizer: Any = None, chunk_delay: float = 0.0,
                  tokens_per_chunk: int = 4, model: str = DEFAULT_MODEL, ignore_token_ids: bool = False,
                  reasoning_field: str = "reasoning_content", host: str = "127.0.0.1", port: int = 0,
-                 record: bool = True) -> None:
+                 record: bool = True, deterministic: bool = False) -> None:
         if isinstance(script, str):
             script = named_script(script)
         self.config = UpstreamConfig(script=script or default_script, tokenizer=tokenizer or FakeTokenizer(),
                                      chunk_delay=chunk_delay, tokens_per_chunk=tokens_per_chunk, model=model,
                                      ignore_token_ids=ignore_token_ids, reasoning_field=reasoning_field,
-                                     record=record)
+                                     record=record, deterministic=deterministic)
         self.host = host
         self.port = port
         self.requests: list[ReceivedRequest] = []

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import uuid
+import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable
 
 from rollouttap.testing.fake_tokenizer import arguments_text, tool_call_text
 from rollouttap.testing.replies import Reply
@@ -142,6 +143,28 @@ def char_offset(tokenizer: Any, text: str, ids: list[int]) -> int:
     return n if text.startswith(decoded[:n]) else len(_common_prefix(text, decoded))
 
 
+def char_offsets(tokenizer: Any, text: str, ids: list[int], ends: Iterable[int]) -> list[int]:
+    """:func:`char_offset` of ``ids[:end]`` for ascending ``ends``, decoding only the new tokens plus a few
+    before them as context (as vLLM's incremental detokenizer does), since decoding a suffix alone can
+    differ (SentencePiece drops a leading space)."""
+    out: list[int] = []
+    base_token = base_char = 0  # ids[:base_token] decode to exactly text[:base_char]
+    for end in ends:
+        context = max(0, base_token - 5)
+        head = tokenizer.decode(ids[context:base_token])
+        whole = tokenizer.decode(ids[context:end])
+        piece = whole[len(head):]
+        complete = piece.rstrip("\ufffd")
+        if whole.startswith(head) and text.startswith(complete, base_char):
+            offset = base_char + len(complete)
+            if len(complete) == len(piece):
+                base_token, base_char = end, offset
+        else:
+            offset = char_offset(tokenizer, text, ids[:end])
+        out.append(min(offset, len(text)))
+    return out
+
+
 def _common_prefix(a: str, b: str) -> str:
     i = 0
     while i < min(len(a), len(b)) and a[i] == b[i]:
@@ -206,8 +229,20 @@ def usage(gen: Generation, *, with_details: bool = True) -> dict[str, Any]:
     return body
 
 
+_TOKEN_STRINGS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
 def _token_str(tokenizer: Any, token_id: int, as_ids: bool) -> str:
-    return f"token_id:{token_id}" if as_ids else tokenizer.decode([token_id])
+    if as_ids:
+        return f"token_id:{token_id}"
+    try:
+        cache = _TOKEN_STRINGS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable
+        return tokenizer.decode([token_id])
+    token = cache.get(token_id)
+    if token is None:
+        token = cache[token_id] = tokenizer.decode([token_id])
+    return token
 
 
 def chat_logprobs(tokenizer: Any, ids: list[int], start: int, opts: Options) -> dict[str, Any]:

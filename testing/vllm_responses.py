@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from rollouttap.testing.vllm_format import (
-    Generation, Options, char_offset, chat_logprobs, completion_logprobs, new_id, usage,
+    Generation, Options, char_offsets, chat_logprobs, completion_logprobs, new_id, usage,
 )
 
 
@@ -57,10 +57,13 @@ def chat_body(gen: Generation, meta: ResponseMeta, opts: Options, tokenizer: Any
 
 def _chunk_ranges(gen: Generation, tokenizer: Any, tokens_per_chunk: int) -> Iterator[tuple[int, int, int, int]]:
     """(token start, token end, char start, char end) per chunk; chars never run backwards."""
-    offset, n = 0, len(gen.ids)
-    for start in range(0, n, max(1, tokens_per_chunk)):
-        end = min(start + max(1, tokens_per_chunk), n)
-        upto = gen.visible if end == n else min(max(offset, char_offset(tokenizer, gen.text, gen.ids[:end])), gen.visible)
+    step, n = max(1, tokens_per_chunk), len(gen.ids)
+    starts = list(range(0, n, step))
+    ends = [min(start + step, n) for start in starts]
+    inner = char_offsets(tokenizer, gen.text, gen.ids, ends[:-1])
+    offset = 0
+    for start, end, upto in zip(starts, ends, [*inner, gen.visible]):
+        upto = min(max(offset, upto), gen.visible)
         yield start, end, offset, upto
         offset = upto
 

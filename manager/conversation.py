@@ -1,0 +1,400 @@
+"""Rebuild an agent's conversation from its captured flows, and report where it does not hold together.
+
+``build_conversation(store.flows(agent_id=...))`` turns each ``POST …/chat/completions`` flow into a
+:class:`ChatCall` (``…/completions`` into a :class:`CompletionCall`), marks client retries, groups the
+calls into threads (a sub-agent or a parallel call starts its own) and lists every
+:class:`Discontinuity`: a call whose messages do not extend its thread's previous messages plus reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
+
+from rollouttap.manager.chat_stream import ChatResult, ids_from_logprob_tokens, parse_chat_body, reassemble_chat_stream
+from rollouttap.store.records import FlowRecord
+
+log = logging.getLogger(__name__)
+
+RETRY_HEADER = "x-stainless-retry-count"
+_NOT_PARAMS = frozenset({"messages", "tools", "prompt", "stream", "stream_options"})
+
+__all__ = [
+    "ChatCall", "CompletionCall", "Conversation", "Discontinuity", "ResponseMessage",
+    "assign_threads", "build_conversation", "chat_call_from_flow", "classify_break",
+    "completion_call_from_flow", "find_retries", "flow_kind", "normalize_message",
+]
+
+
+@dataclass(frozen=True)
+class Discontinuity:
+    """Where call ``call_index`` stops extending its thread's history: ``truncated`` (messages dropped),
+    ``rewritten`` (a message changed) or ``new_thread`` (an unrelated sub-agent or parallel call).
+    ``message_index``: the first message that differs."""
+    call_index: int
+    kind: str
+    detail: str
+    message_index: int | None = None
+    thread: int | None = None
+
+
+@dataclass(frozen=True)
+class ResponseMessage:
+    """The assistant message a call returned."""
+    role: str
+    content: str | None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_message(self, *, include_reasoning: bool = False) -> dict[str, Any]:
+        """The message as a client appends it to its history (OpenAI format)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if include_reasoning and self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
+        return message
+
+
+@dataclass(frozen=True)
+class _CallBase:
+    index: int
+    flow_id: str
+    url: str | None
+    path: str | None
+    model: str | None
+    params: dict[str, Any]
+    stream: bool
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    status_code: int | None
+    state: str
+    error: str | None
+    failed: bool
+    latency: float | None
+    ttfb: float | None
+    t_request: float | None
+    response_id: str | None
+    prompt_token_ids: list[int] | None
+    completion_token_ids: list[int] | None
+    completion_logprobs: list[float] | None
+    retry_count: int
+
+
+@dataclass(frozen=True)
+class ChatCall(_CallBase):
+    """One chat-completions call. ``turn`` counts distinct requests (a retry shares its original's),
+    ``thread`` numbers the independent message histories seen in this agent's calls."""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    response: ResponseMessage | None = None
+    is_retry: bool = False
+    turn: int = 0
+    thread: int = 0
+
+
+@dataclass(frozen=True)
+class CompletionCall(_CallBase):
+    """One legacy /completions call (prompt text or token ids)."""
+    prompt: str | list[int] | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    calls: list[ChatCall]
+    completion_calls: list[CompletionCall]
+    discontinuities: list[Discontinuity]
+    other_flows: int
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The last call's request messages plus its reply."""
+        return self.history_of_call(self.calls[-1]) if self.calls else []
+
+    @staticmethod
+    def history_of_call(call: ChatCall) -> list[dict[str, Any]]:
+        """A call's request messages plus its reply (when it got one)."""
+        return list(call.messages) + ([call.response.to_message()] if call.response else [])
+
+    @property
+    def turns(self) -> list[ChatCall]:
+        """One call per turn: the last attempt of each request."""
+        last: dict[int, ChatCall] = {}
+        for call in self.calls:
+            last[call.turn] = call
+        return [last[t] for t in sorted(last)]
+
+    @property
+    def failed_calls(self) -> list[ChatCall]:
+        return [c for c in self.calls if c.failed]
+
+    @property
+    def thread_count(self) -> int:
+        return len({c.thread for c in self.calls})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (calls, discontinuities, history and summary counts)."""
+        return {
+            "calls": [asdict(c) for c in self.calls],
+            "completion_calls": [asdict(c) for c in self.completion_calls],
+            "discontinuities": [asdict(d) for d in self.discontinuities],
+            "history": self.history,
+            "other_flows": self.other_flows,
+            "summary": {"calls": len(self.calls), "turns": len(self.turns), "threads": self.thread_count,
+                        "retries": sum(c.is_retry for c in self.calls), "failed": len(self.failed_calls),
+                        "discontinuities": len(self.discontinuities)},
+        }
+
+
+def flow_kind(flow: FlowRecord) -> str:
+    """``chat``, ``completion`` or ``other``, from the method and path."""
+    path = (flow.path or "").split("?", 1)[0].rstrip("/")
+    if (flow.method or "").upper() != "POST":
+        return "other"
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/completions"):
+        return "completion"
+    return "other"
+
+
+def _retry_count(flow: FlowRecord) -> int:
+    try:
+        return int(flow.request_header(RETRY_HEADER) or 0)
+    except ValueError:
+        return 0
+
+
+def _result_of(flow: FlowRecord, stream: bool) -> ChatResult | None:
+    text = flow.response_text()
+    if not text.strip():
+        return None
+    content_type = (flow.response_header("content-type") or "").lower()
+    if "text/event-stream" in content_type or (stream and text.lstrip().startswith(("data:", ":", "event:"))):
+        return reassemble_chat_stream(text)
+    try:
+        return parse_chat_body(json.loads(text))
+    except ValueError:
+        return ChatResult(error={"message": f"response body is not JSON: {text[:80]!r}"})
+
+
+def _failure(flow: FlowRecord, result: ChatResult | None) -> str | None:
+    """Why the call did not yield a usable answer, or None."""
+    if flow.state == "error":
+        return flow.error or "flow ended in error"
+    if flow.status_code is not None and flow.status_code >= 400:
+        message = (result.error or {}).get("message") if result else None
+        return f"HTTP {flow.status_code}" + (f": {message}" if message else "")
+    if result is not None and result.error is not None:
+        return str(result.error.get("message") or result.error)
+    if flow.state == "done" and (result is None or (result.streamed and result.finish_reason is None)):
+        return "response ended without an answer"
+    return None
+
+
+def _elapsed(start: float | None, end: float | None) -> float | None:
+    return end - start if start is not None and end is not None else None
+
+
+def _common_fields(flow: FlowRecord, index: int, request: dict[str, Any]) -> tuple[dict[str, Any], ChatResult | None]:
+    stream = bool(request.get("stream"))
+    result = _result_of(flow, stream)
+    error = _failure(flow, result)
+    r = result or ChatResult()
+    ids = r.completion_token_ids if r.completion_token_ids is not None else ids_from_logprob_tokens(r.logprob_tokens)
+    return dict(
+        index=index, flow_id=flow.flow_id, url=flow.url, path=flow.path, model=request.get("model"),
+        params={k: v for k, v in request.items() if k not in _NOT_PARAMS}, stream=stream,
+        finish_reason=r.finish_reason, usage=r.usage, status_code=flow.status_code, state=flow.state,
+        error=error, failed=error is not None and flow.state != "open",
+        latency=_elapsed(flow.t_request, flow.t_end), ttfb=_elapsed(flow.t_request, flow.t_first_byte),
+        t_request=flow.t_request, response_id=r.id, prompt_token_ids=r.prompt_token_ids,
+        completion_token_ids=ids, completion_logprobs=r.completion_logprobs, retry_count=_retry_count(flow),
+    ), result
+
+
+def chat_call_from_flow(flow: FlowRecord, index: int = 0) -> ChatCall | None:
+    """The chat call a flow holds, or None when its request is not a chat request."""
+    request = flow.request_json()
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        return None
+    common, result = _common_fields(flow, index, request)
+    response = None
+    if result is not None and (result.content is not None or result.tool_calls or result.reasoning is not None):
+        response = ResponseMessage(result.role or "assistant", result.content, result.reasoning,
+                                   [dict(tc) for tc in result.tool_calls])
+    return ChatCall(**common, messages=request["messages"], tools=request.get("tools"), response=response)
+
+
+def completion_call_from_flow(flow: FlowRecord, index: int = 0) -> CompletionCall | None:
+    """The /completions call a flow holds, or None when its request has no prompt."""
+    request = flow.request_json()
+    if not isinstance(request, dict) or "prompt" not in request:
+        return None
+    common, result = _common_fields(flow, index, request)
+    return CompletionCall(**common, prompt=request.get("prompt"), text=result.content if result else None)
+
+
+def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
+    """Rebuild the conversation of one agent from its flows (in capture order)."""
+    chats: list[ChatCall] = []
+    completions: list[CompletionCall] = []
+    other = 0
+    for flow in flows:
+        kind = flow_kind(flow)
+        call: ChatCall | CompletionCall | None = None
+        if kind == "chat":
+            call = chat_call_from_flow(flow, len(chats))
+            if call is not None:
+                chats.append(call)
+        elif kind == "completion":
+            call = completion_call_from_flow(flow, len(completions))
+            if call is not None:
+                completions.append(call)
+        if call is None:
+            if kind != "other":
+                log.debug("flow %s on %s has no %s request body; counted as other", flow.flow_id, flow.path, kind)
+            other += 1
+    retries, turns = find_retries(chats)
+    threads, discontinuities = assign_threads(chats, turns)
+    calls = [replace(c, is_retry=retries[i], turn=turns[i], thread=threads[i]) for i, c in enumerate(chats)]
+    return Conversation(calls, completions, discontinuities, other)
+
+
+# -- continuity ------------------------------------------------------------------------------------
+
+Message = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+def _content_key(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) and p.get("type", "text") == "text"
+                       else json.dumps(p, sort_keys=True) for p in content)
+    return json.dumps(content, sort_keys=True)
+
+
+def _canonical_arguments(arguments: Any) -> str:
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return arguments.strip()
+    return json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def normalize_message(message: dict[str, Any]) -> Message:
+    """What continuity compares: role, content (None == "", text parts joined) and tool calls (name and
+    canonical JSON arguments). Ids, names, reasoning and other extra fields are ignored."""
+    calls = tuple(((tc.get("function") or {}).get("name") or "",
+                   _canonical_arguments((tc.get("function") or {}).get("arguments")))
+                  for tc in message.get("tool_calls") or [] if isinstance(tc, dict))
+    return (str(message.get("role")), _content_key(message.get("content")), calls)
+
+
+def _request_key(call: ChatCall) -> str:
+    return json.dumps([call.messages, call.tools, call.params, call.stream], sort_keys=True, default=str)
+
+
+def find_retries(calls: Sequence[ChatCall]) -> tuple[list[bool], list[int]]:
+    """Per call: whether it is a client retry, and its turn. A retry repeats the previous call's request,
+    or an earlier failed one, or carries x-stainless-retry-count > 0; it shares its original's turn."""
+    retries: list[bool] = []
+    turns: list[int] = []
+    last_seen: dict[str, int] = {}
+    for i, call in enumerate(calls):
+        key = _request_key(call)
+        prev = last_seen.get(key)
+        repeat = prev is not None and (prev == i - 1 or calls[prev].failed or call.retry_count > 0)
+        retries.append(repeat or call.retry_count > 0)
+        turns.append(turns[prev] if repeat and prev is not None else (max(turns) + 1 if turns else 0))
+        last_seen[key] = i
+    return retries, turns
+
+
+def _common_prefix(a: Sequence[Message], b: Sequence[Message]) -> int:
+    k = 0
+    while k < len(a) and k < len(b) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def _expected(call: ChatCall) -> list[Message]:
+    return [normalize_message(m) for m in Conversation.history_of_call(call)]
+
+
+def _resumes_at(expected: Sequence[Message], current: Sequence[Message], k: int) -> int | None:
+    """Where in ``expected`` the message after the shared prefix reappears (history cut in the middle)."""
+    if k >= len(current):
+        return None
+    return next((j for j in range(k + 1, len(expected)) if expected[j] == current[k]), None)
+
+
+def classify_break(expected: Sequence[Message], current: Sequence[Message], k: int,
+                   has_reply: bool) -> tuple[str, str]:
+    """(kind, detail) of a call whose messages share only ``k`` leading messages with ``expected``."""
+    if k == len(current):
+        return "truncated", f"resends only {k} of the previous context's {len(expected)} messages"
+    later = _resumes_at(expected, current, k)
+    if later is not None:
+        return "truncated", f"messages {k}..{later - 1} of the previous context were dropped"
+    if has_reply and k == len(expected) - 1:
+        return "rewritten", f"the assistant reply at message {k} differs from what the model returned"
+    return "rewritten", f"message {k} ({current[k][0]}) differs from the previous context"
+
+
+def _leading_system(messages: Sequence[Message]) -> int:
+    n = 0
+    while n < len(messages) and messages[n][0] in ("system", "developer"):
+        n += 1
+    return n
+
+
+def _pick_thread(current: list[Message], heads: list[tuple[int, list[Message]]]) -> tuple[int | None, int]:
+    """The thread ``current`` continues and the shared prefix length; None for a new thread.
+    An exact extension wins (the longest); else the longest shared prefix that goes beyond the system
+    prompt or resumes further down the thread's history (a cut in the middle)."""
+    exact = [(len(exp), t) for t, exp in heads if _common_prefix(exp, current) == len(exp)]
+    if exact:
+        length, thread = max(exact)
+        return thread, length
+    partial = []
+    for t, exp in heads:
+        k = _common_prefix(exp, current)
+        if k > _leading_system(current) or (k and _resumes_at(exp, current, k) is not None):
+            partial.append((k, t))
+    if partial:
+        k, thread = max(partial)
+        return thread, k
+    return None, 0
+
+
+def assign_threads(calls: Sequence[ChatCall], turns: Sequence[int]) -> tuple[list[int], list[Discontinuity]]:
+    """Per call its thread, and every break in continuity, checking each turn's last attempt."""
+    last_attempt: dict[int, int] = {}
+    for i, turn in enumerate(turns):
+        last_attempt[turn] = i
+    thread_of_turn: dict[int, int] = {}
+    heads: dict[int, int] = {}  # thread -> call index of its latest turn
+    breaks: list[Discontinuity] = []
+    for turn in sorted(last_attempt):
+        i = last_attempt[turn]
+        current = [normalize_message(m) for m in calls[i].messages]
+        thread, k = _pick_thread(current, [(t, _expected(calls[c])) for t, c in heads.items()])
+        if thread is None:
+            thread = len(heads)
+            if heads:
+                breaks.append(Discontinuity(i, "new_thread", "shares no conversation with earlier calls",
+                                            0, thread))
+        else:
+            expected = _expected(calls[heads[thread]])
+            if k < len(expected):
+                kind, detail = classify_break(expected, current, k, calls[heads[thread]].response is not None)
+                breaks.append(Discontinuity(i, kind, detail, k, thread))
+        heads[thread] = i
+        thread_of_turn[turn] = thread
+    return [thread_of_turn[t] for t in turns], breaks
