@@ -80,9 +80,11 @@ def _stable(meta: ResponseMeta, gen: Any, payload: dict[str, Any]) -> tuple[Resp
     asked = json.dumps([payload.get("messages"), payload.get("prompt"), payload.get("tools")],
                        sort_keys=True).encode()
     digest = hashlib.sha256(asked).hexdigest()[:24]
-    calls = tuple(dataclasses.replace(c, id=f"chatcmpl-tool-{digest}{i}") for i, c in enumerate(gen.tool_calls))
+    def stable_ids(calls: Any) -> tuple[Any, ...]:
+        return tuple(dataclasses.replace(c, id=f"chatcmpl-tool-{digest}{i}") for i, c in enumerate(calls))
     return (ResponseMeta(f"{meta.id.split('-')[0]}-{digest}", meta.model, created=1_700_000_000),
-            dataclasses.replace(gen, tool_calls=calls))
+            dataclasses.replace(gen, tool_calls=stable_ids(gen.tool_calls),
+                                calls_in_text=stable_ids(gen.calls_in_text)))
 
 
 def _loads(body: bytes) -> Any:

@@ -9,6 +9,7 @@ as a keyword argument, one value per prompt.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypedDict
@@ -93,7 +94,7 @@ def rollout_metrics(results: Sequence[Any]) -> dict[str, float]:
         "agents/success_rate": sum(r.status == "ok" for r in results) / n,
         "agents/timeout_rate": sum(r.status == "timeout" for r in results) / n,
         "agents/calls_mean": sum(r.calls for r in results) / n,
-        "agents/incomplete_flows": float(sum(r.incomplete_flows for r in results)),
+        "agents/incomplete_flows": float(sum(len(r.incomplete_flows) for r in results)),
         "agents/bypass_connections": float(sum(len(r.bypass_connections or ()) for r in results)),
         "fidelity/coverage": fid.coverage,
         "fidelity/dropped_tokens": float(fid.dropped_tokens),
@@ -103,18 +104,26 @@ def rollout_metrics(results: Sequence[Any]) -> dict[str, float]:
 
 
 def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_failed: bool = False,
+                  prompt_to_agent: Callable[[Any], Any] | None = None,
                   on_results: Callable[[list[Any]], None] | None = None) -> RolloutFunc:
-    """Turn an AgentManager into TRL's ``rollout_func``: ``GRPOTrainer(..., rollout_func=agent_rollout(m))``."""
+    """Turn an AgentManager into TRL's ``rollout_func``: ``GRPOTrainer(..., rollout_func=agent_rollout(m))``.
+
+    ``prompt_to_agent`` maps a dataset prompt (a string or chat messages) to what the agent spec takes;
+    failed agents get all-mask-0 rows unless ``train_on_failed``.
+    """
 
     def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
         eos = eos_token_id if eos_token_id is not None else _eos_of(trainer)
-        results = manager.deploy(prompts)
+        agent_prompts = [prompt_to_agent(p) for p in prompts] if prompt_to_agent else list(prompts)
+        started = time.time()
+        results = manager.deploy(agent_prompts)
         fallback = [_prompt_ids(trainer, p) for p in prompts]
         output = to_rollout_output(results, eos_token_id=eos, prompt_ids=fallback,
                                    train_on_failed=train_on_failed)
         metrics = rollout_metrics(results)
-        metrics["flows/unattributed"] = float(manager.unattributed_flows()) \
-            if hasattr(manager, "unattributed_flows") else 0.0
+        if hasattr(manager, "summary"):
+            summary = manager.summary(results, since=started)
+            metrics["flows/unattributed"] = float(summary.get("unattributed_flows", 0))
         _log_metrics(trainer, metrics)
         if on_results is not None:
             on_results(results)

@@ -1,0 +1,146 @@
+"""Token-exact rows end to end: a real tool-calling agent through the real proxy, the scripted vLLM-shaped
+upstream rendering prompts with the project's real tiny tokenizer and chat template."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+import requests
+
+from conftest import TESTS, agent_env, settled_flows, start_proxy
+from rollouttap.manager.conversation import build_conversation
+from rollouttap.manager.rows import build_row, build_rows
+from rollouttap.testing.replies import Reply, ToolCall, with_reasoning
+from rollouttap.testing.upstream import ScriptedUpstream
+from rollouttap.trainer_hooks.tiny_model import build_tokenizer
+
+AGENT = TESTS / "agent_tool_loop.py"
+
+
+def two_tool_calls(request):
+    """Calculator twice (two turns), then the answer: three model calls per agent."""
+    messages = request["messages"]
+    tool_results = [m for m in messages if m["role"] == "tool"]
+    if len(tool_results) < 2:
+        expr = "3 + 4" if not tool_results else f"{tool_results[-1]['content']} * 2"
+        return Reply(tool_calls=(ToolCall("calculator", {"expression": expr}),))
+    return Reply(content=f"The answer is {tool_results[-1]['content']}.")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("prefix")
+
+
+@pytest.fixture(scope="module")
+def token_upstream(tokenizer):
+    with ScriptedUpstream(two_tool_calls, tokenizer=tokenizer, deterministic=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def token_proxy(tmp_path_factory, confdir, token_upstream):
+    store = tmp_path_factory.mktemp("tok") / "runs.db"
+    with start_proxy(store, confdir, model_hosts=(token_upstream.url.split("://")[1],)) as proc:
+        yield proc
+
+
+def _run_agent(proxy, upstream, stream: bool) -> str:
+    agent = "tok-" + uuid.uuid4().hex[:10]
+    out = subprocess.run([sys.executable, str(AGENT), upstream.base_url, "What is 3 + 4, doubled?",
+                          *(["--stream"] if stream else [])], env=agent_env(proxy, tag=agent),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "The answer is 14."
+    return agent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_multi_turn_tool_agent_row_is_token_exact(token_proxy, token_upstream, tokenizer, stream):
+    agent = _run_agent(token_proxy, token_upstream, stream)
+    flows = settled_flows(token_proxy.config.store, agent_id=agent)
+    conversation = build_conversation(flows)
+    calls = conversation.calls
+    assert len(calls) == 3 and not conversation.discontinuities
+    assert all(c.prompt_token_ids and c.completion_token_ids and c.completion_logprobs for c in calls)
+    row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id)
+    last = calls[-1]
+    # The row is exactly the last call's prompt and completion as the server tokenised them ...
+    assert row.prompt_ids + row.completion_ids == last.prompt_token_ids + last.completion_token_ids
+    # ... which decodes to the conversation rendered by the chat template, plus the final answer.
+    rendered = tokenizer.apply_chat_template(last.messages, tools=last.tools, add_generation_prompt=True,
+                                             tokenize=False)
+    assert tokenizer.decode(row.prompt_ids + row.completion_ids) == \
+        rendered + "The answer is 14." + tokenizer.eos_token
+    # Every mask-1 token and its logprob is what the server sent, in order; nothing else is mask 1.
+    sampled = [(t, lp) for c in calls for t, lp in zip(c.completion_token_ids, c.completion_logprobs)]
+    trained = [(t, lp) for t, m, lp in zip(row.completion_ids, row.env_mask, row.logprobs) if m == 1]
+    assert trained == sampled
+    assert fidelity.clean_joins == 2 and fidelity.coverage == 1.0 and not row.truncated
+    # The tool results are in the env-masked part.
+    env_text = tokenizer.decode([t for t, m in zip(row.completion_ids, row.env_mask) if m == 0])
+    assert "<tool_response>\n7\n</tool_response>" in env_text and "14" in env_text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstream, stream):
+    body = {"model": "policy", "stream": stream, "tools": [json.loads(json.dumps(_tool()))],
+            "messages": [{"role": "user", "content": f"What is 2 + 2? {uuid.uuid4().hex}"}]}
+    direct = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10)
+    proxied = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10,
+                            proxies={"http": token_proxy.url}, headers={"X-Agent-ID": "bytes"})
+    assert proxied.content == direct.content
+    for key in ("prompt_token_ids", "token_ids"):
+        assert f'"{key}":null' in direct.text or key not in direct.text
+    # ... while the store keeps what the agent did not ask for.
+    [flow] = [f for f in settled_flows(token_proxy.config.store, agent_id="bytes")
+              if body["messages"][0]["content"] in f.request_text()]
+    assert flow.meta["injected"]["return_token_ids"] is True
+    assert '"prompt_token_ids":[' in flow.response_text() and '"token_ids":[' in flow.response_text()
+    assert "return_token_ids" not in flow.request_text()  # stored as the agent sent it
+
+
+def _tool():
+    from agent_tool_loop import TOOL
+    return TOOL
+
+
+def test_reasoning_dropped_by_template_is_realigned_or_forked(tmp_path, confdir):
+    tokenizer = build_tokenizer("reasoning_dropping")
+    script = with_reasoning(two_tool_calls, reasoning="Let me think.")
+    with ScriptedUpstream(script, tokenizer=tokenizer) as upstream, \
+            start_proxy(tmp_path / "r.db", confdir, model_hosts=(upstream.url.split("://")[1],)) as proxy:
+        agent = _run_agent(proxy, upstream, stream=True)
+        calls = build_conversation(settled_flows(proxy.config.store, agent_id=agent)).calls
+    row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id)
+    assert fidelity.realigned_joins == 2 and fidelity.clean_joins == 0
+    assert fidelity.dropped_tokens > 0 and fidelity.coverage < 1.0
+    # mask-1 tokens are still exact copies of sampled tokens, with their logprobs
+    sampled = {(t, lp) for c in calls for t, lp in zip(c.completion_token_ids, c.completion_logprobs)}
+    assert all((t, lp) in sampled for t, m, lp in zip(row.completion_ids, row.env_mask, row.logprobs) if m)
+    assert tokenizer.decode(row.prompt_ids + row.completion_ids).endswith("The answer is 14.<|im_end|>")
+    forked = build_rows(calls, eos_token_id=tokenizer.eos_token_id, policy="fork")
+    assert len(forked.rows) == 3 and forked.fidelity.dropped_tokens == 0
+
+
+def test_server_ignoring_token_ids_is_flagged_not_silent(tmp_path, confdir, tokenizer):
+    with ScriptedUpstream(two_tool_calls, tokenizer=tokenizer, ignore_token_ids=True) as upstream, \
+            start_proxy(tmp_path / "r.db", confdir, model_hosts=(upstream.url.split("://")[1],)) as proxy:
+        agent = _run_agent(proxy, upstream, stream=False)
+        calls = build_conversation(settled_flows(proxy.config.store, agent_id=agent)).calls
+    row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id)
+    assert fidelity.calls_without_ids == 3 and fidelity.trainable_tokens == 0
+
+    def retokenize(call):  # the caller's fallback: the policy's tokenizer, flagged inexact
+        prompt = tokenizer.apply_chat_template(call.messages, tools=call.tools, add_generation_prompt=True,
+                                               tokenize=False)
+        reply = tokenizer.apply_chat_template(call.messages + [call.response.to_message()],
+                                              tools=call.tools, tokenize=False)[len(prompt):]
+        return tokenizer.encode(prompt, add_special_tokens=False), tokenizer.encode(reply.rstrip("\n"),
+                                                                                    add_special_tokens=False)
+    row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id, tokenize=retokenize)
+    assert fidelity.inexact_calls == 3 and fidelity.trainable_tokens > 0 and row.logprobs is None

@@ -1,0 +1,160 @@
+"""The main job on a CPU: real GRPO training of a tiny model whose rollouts are real agent processes.
+
+The tiny (warm-started, offline) model is served live by the embedded PolicyServer; each prompt runs the
+example openai-SDK agent (examples/openai_agent.py, unmodified, multi-turn with a calculator tool)
+behind the capture proxy; the reward is computed from the agent's outcome. ``generation="trl"`` runs the
+same prompts and reward with TRL's own generation instead, for comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_AGENT = Path(__file__).resolve().parent.parent / "examples" / "openai_agent.py"
+Generation = Literal["agents", "trl"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    store: Path
+    prompts: int = 12
+    steps: int = 3
+    num_generations: int = 4
+    prompts_per_step: int = 2
+    parallel: int = 4
+    max_tokens: int = 64
+    timeout: float = 120.0
+    generation: Generation = "agents"
+    seed: int = 0
+    model_dir: Path | None = None
+
+
+@dataclass
+class DemoSummary:
+    steps: int = 0
+    rewards: list[float] = field(default_factory=list)
+    agents: dict[str, int] = field(default_factory=dict)
+    calls: int = 0
+    trainable_tokens: int = 0
+    flows: dict[str, int] = field(default_factory=dict)
+    weights_changed: bool = False
+    store: str = ""
+
+
+def arithmetic_prompts(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """A small data set: chat prompts asking for a sum, difference or product, with the answer."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, op = rng.randint(2, 40), rng.randint(2, 40), rng.choice("+-*")
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} {op} {b}?"}],
+                     "answer": str(answer)})
+    return rows
+
+
+def _text(completion: Any) -> str:
+    if isinstance(completion, list):  # conversational: a list of messages
+        return " ".join(str(m.get("content") or "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def answer_reward(completions: list[Any], answer: list[str], agent_answer: list[str] | None = None,
+                  agent_status: list[str] | None = None, **_: Any) -> list[float]:
+    """1.0 when the final answer holds the right number; agents must also have ended ``ok``."""
+    rewards = []
+    for i, expected in enumerate(answer):
+        if agent_answer is not None:
+            text = agent_answer[i] if (agent_status is None or agent_status[i] == "ok") else ""
+        else:
+            text = _text(completions[i])
+        found = re.findall(r"-?\d+", text)
+        rewards.append(1.0 if expected in found else 0.0)
+    return rewards
+
+
+def last_user_text(prompt: Any) -> str:
+    """What the example agent takes: the task text of a chat prompt."""
+    if isinstance(prompt, list):
+        return str(prompt[-1]["content"])
+    return str(prompt)
+
+
+def run_demo(config: DemoConfig) -> DemoSummary:
+    """Train for ``config.steps`` optimizer steps and summarise what happened."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rollouttap.trainer_hooks.tiny_model import build_tiny_model
+
+    torch.manual_seed(config.seed)
+    model_dir = config.model_dir or build_tiny_model(variant="calculator")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    before = [p.detach().clone() for p in model.parameters()]
+    dataset = Dataset.from_list(arithmetic_prompts(config.prompts, config.seed))
+    out_dir = tempfile.mkdtemp(prefix="rollouttap-demo-trainer-")
+    args = GRPOConfig(
+        output_dir=out_dir, max_steps=config.steps, learning_rate=5e-5, seed=config.seed,
+        per_device_train_batch_size=config.num_generations * config.prompts_per_step,
+        num_generations=config.num_generations, max_completion_length=config.max_tokens * 4,
+        use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+        save_strategy="no", logging_steps=1, temperature=1.0, disable_tqdm=False,
+    )
+    summary = DemoSummary(store=str(config.store))
+    if config.generation == "trl":
+        trainer = GRPOTrainer(model=model, reward_funcs=[answer_reward], args=args,
+                              train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+    else:
+        _train_with_agents(config, model, tokenizer, dataset, args, summary)
+        trainer = None
+    summary.weights_changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    history = (trainer.state.log_history if trainer is not None else summary.__dict__.pop("_history", []))
+    summary.rewards = [h["reward"] for h in history if "reward" in h]
+    summary.steps = max((h.get("step", 0) for h in history), default=0)
+    return summary
+
+
+def _train_with_agents(config: DemoConfig, model: Any, tokenizer: Any, dataset: Any, args: Any,
+                       summary: DemoSummary) -> None:
+    from trl import GRPOTrainer
+
+    from rollouttap.manager import AgentManager, CommandAgent
+    from rollouttap.store import Store
+    from rollouttap.trainer_hooks.policy_server import PolicyServer
+    from rollouttap.trainer_hooks.rollout import agent_rollout
+
+    def tally(results: list[Any]) -> None:
+        for r in results:
+            summary.agents[r.status] = summary.agents.get(r.status, 0) + 1
+            summary.calls += r.calls
+            if r.row is not None and r.status == "ok":
+                summary.trainable_tokens += sum(r.row.env_mask)
+
+    agent = CommandAgent([sys.executable, str(EXAMPLE_AGENT), "--max-tokens", str(config.max_tokens),
+                          "{prompt}"])
+    with PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs") as server, \
+            AgentManager(agent, store=config.store, parallel=config.parallel, timeout=config.timeout,
+                         model_url=server.base_url, eos_token_id=tokenizer.eos_token_id) as manager:
+        rollout = agent_rollout(manager, prompt_to_agent=last_user_text, on_results=tally)
+        trainer = GRPOTrainer(model=model, reward_funcs=[answer_reward], args=args, train_dataset=dataset,
+                              processing_class=tokenizer, rollout_func=rollout)
+        trainer.train()
+        summary.__dict__["_history"] = trainer.state.log_history
+    with Store(config.store) as store:
+        summary.flows = store.flow_counts()
