@@ -144,3 +144,24 @@ def test_server_ignoring_token_ids_is_flagged_not_silent(tmp_path, confdir, toke
                                                                                     add_special_tokens=False)
     row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id, tokenize=retokenize)
     assert fidelity.inexact_calls == 3 and fidelity.trainable_tokens > 0 and row.logprobs is None
+
+
+def test_client_retry_is_recognised_and_not_a_separate_turn(tmp_path, confdir, tokenizer):
+    from rollouttap.testing.replies import failing
+    with ScriptedUpstream(failing(1, then=two_tool_calls), tokenizer=tokenizer) as upstream, \
+            start_proxy(tmp_path / "r.db", confdir, model_hosts=(upstream.url.split("://")[1],)) as proxy:
+        agent = "retry-" + uuid.uuid4().hex[:8]
+        out = subprocess.run([sys.executable, "-c", (
+            "import openai,sys\n"
+            f"c=openai.OpenAI(base_url={upstream.base_url!r}, api_key='k', max_retries=2)\n"
+            "m=c.chat.completions.create(model='p', messages=[{'role':'user','content':'hi'}])\n"
+            "print(m.choices[0].message.tool_calls[0].function.name)\n")],
+            env=agent_env(proxy, tag=agent), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        flows = settled_flows(proxy.config.store, agent_id=agent)
+    calls = build_conversation(flows).calls
+    assert [c.status_code for c in calls] == [500, 200]
+    assert calls[1].is_retry and calls[1].retry_count == 1
+    row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id)
+    assert fidelity.retries_skipped == 1 and fidelity.calls_used == 1
+    assert row.completion_ids == calls[1].completion_token_ids
