@@ -1,0 +1,115 @@
+"""A real TRL GRPOTrainer step whose rollouts are real agent processes behind the real proxy, talking to
+the embedded policy server that serves the trainer's live tiny model (CPU, no vLLM)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import pytest
+
+pytest.importorskip("trl")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from rollouttap.manager import AgentManager, CommandAgent  # noqa: E402
+from rollouttap.trainer_hooks.policy_server import PolicyServer  # noqa: E402
+from rollouttap.trainer_hooks.rollout import agent_rollout  # noqa: E402
+from rollouttap.trainer_hooks.tiny_model import build_tiny_model  # noqa: E402
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+# Two model calls: the second prompt adds a user turn (environment tokens) after the first reply.
+# A task containing "crash" fails after its first call.
+AGENT = """
+import os, sys, openai
+c = openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="k", max_retries=0)
+msgs = [{"role": "user", "content": sys.argv[1]}]
+r = c.chat.completions.create(model="policy", messages=msgs, max_tokens=8, stream=True)
+text = "".join(ch.choices[0].delta.content or "" for ch in r if ch.choices)
+if "crash" in sys.argv[1]:
+    sys.exit("agent crashed on purpose")
+msgs += [{"role": "assistant", "content": text}, {"role": "user", "content": "Go on."}]
+r = c.chat.completions.create(model="policy", messages=msgs, max_tokens=8)
+print(r.choices[0].message.content)
+"""
+
+
+def test_grpo_step_trains_on_agent_rows(tmp_path, confdir):
+    path = build_tiny_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    before = [p.detach().clone() for p in model.parameters()]
+    prompts = [[{"role": "user", "content": "say hi"}], [{"role": "user", "content": "please crash"}]]
+    dataset = Dataset.from_list([{"prompt": p} for p in prompts])
+    seen_kwargs: list[dict] = []
+
+    def reward(completions, agent_status, agent_calls, agent_answer, **kwargs):
+        seen_kwargs.append({"agent_status": agent_status, "agent_calls": agent_calls, **kwargs})
+        # any reward that differs within a group gives GRPO an advantage to learn from
+        return [zlib.crc32(a.encode()) % 97 / 97 if s == "ok" else 0.0
+                for s, a in zip(agent_status, agent_answer)]
+
+    results_seen, outputs = [], []
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
+                      num_generations=2, max_completion_length=128, learning_rate=1e-2, use_cpu=True,
+                      bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+                      logging_steps=1, disable_tqdm=True, seed=0, shuffle_dataset=False)
+    agent_file = tmp_path / "agent.py"
+    agent_file.write_text(AGENT)
+    spec = CommandAgent([sys.executable, str(agent_file), "{prompt}"])
+    with PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs") as server, \
+            AgentManager(spec, store=tmp_path / "runs.db", parallel=4, timeout=60, confdir=confdir,
+                         model_url=server.base_url, eos_token_id=tokenizer.eos_token_id) as manager:
+        inner = agent_rollout(manager, prompt_to_agent=lambda p: p[-1]["content"],
+                              on_results=results_seen.extend)
+
+        def rollout(batch, trainer):
+            out = inner(batch, trainer)
+            outputs.append(out)
+            return out
+
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                              processing_class=tokenizer, rollout_func=rollout)
+        built = []
+        generate = trainer._generate_and_score_completions
+        trainer._generate_and_score_completions = lambda inputs: built.append(generate(inputs)) or built[-1]
+        trainer.train()
+
+    # the step ran and changed the weights
+    assert trainer.state.global_step == 1
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    # TRL received one row per prompt, equal to the manager's rows (failed agents: all mask 0)
+    [out] = outputs
+    assert len(out["completion_ids"]) == len(results_seen) == 4
+    for i, result in enumerate(results_seen):
+        if result.status == "ok":
+            assert result.calls == 2 and result.row is not None
+            assert out["prompt_ids"][i] == result.row.prompt_ids
+            assert out["completion_ids"][i] == result.row.completion_ids
+            assert out["env_mask"][i] == result.row.env_mask
+            assert 0 in result.row.env_mask and 1 in result.row.env_mask  # the user turn is env
+            assert out["logprobs"][i] == result.row.logprobs
+        else:
+            assert result.status == "failed" and "crashed on purpose" in result.stderr_tail
+            assert set(out["env_mask"][i]) == {0}
+    assert sorted(r.status for r in results_seen) == ["failed", "failed", "ok", "ok"]
+    # the rewards saw the agents' fields
+    assert sorted(seen_kwargs[0]["agent_status"]) == ["failed", "failed", "ok", "ok"]
+    assert "agent_id" in seen_kwargs[0] and "agent_coverage" in seen_kwargs[0]
+    # the loss mask TRL built is our env mask: mask-0 tokens carry no loss
+    [inputs] = built
+    for i in range(4):
+        n = len(out["completion_ids"][i])
+        assert inputs["tool_mask"][i][:n].tolist() == out["env_mask"][i]
+    # the agent metrics reached TRL's log
+    logged = {k for h in trainer.state.log_history for k in h}
+    assert "agents/success_rate" in logged and "flows/unattributed" in logged
