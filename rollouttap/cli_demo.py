@@ -1,47 +1,62 @@
-"""``rollouttap demo``: the README's main job."""
+"""``rollouttap demo``: the README's main job — real GRPO training on a CPU with agents behind the proxy."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-AGENT = """
-import json, os, urllib.request
-base = os.environ["OPENAI_BASE_URL"]
-for turn in range(2):
-    body = {"model": "policy", "messages": [{"role": "user", "content": f"hello #{turn}"}]}
-    req = urllib.request.Request(base + "/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    print(json.load(urllib.request.urlopen(req))["choices"][0]["message"]["content"])
-"""
 
+def demo(
+    store: Annotated[Optional[Path], typer.Option(help="Store file (default: a new temp dir).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3,
+    prompts: Annotated[int, typer.Option(help="Arithmetic prompts in the data set.")] = 12,
+    generation: Annotated[str, typer.Option(
+        help="'agents' (rollouts by agent processes through the proxy) or 'trl' (TRL's own generation), "
+             "to compare both on the same prompts and reward.")] = "agents",
+    vllm_url: Annotated[Optional[str], typer.Option(
+        help="A `trl vllm-serve` URL (GPU): TRL syncs weights into it and the agents call it.")] = None,
+    parallel: Annotated[int, typer.Option(help="Agents at once.")] = 4,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Train the tiny offline model with GRPO: a dozen prompts, an unmodified multi-turn tool-using agent
+    per rollout, a reward from the agent's answer; then a summary.
 
-def demo(store: Annotated[Optional[Path], typer.Option(help="Store file (default: a temp dir).")] = None,
-         ) -> None:
-    """Start the proxy and a scripted model server, run a sample agent through it, show what was captured."""
-    from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
-    from rollouttap.store import Store
-    from rollouttap.testing.upstream import ScriptedUpstream
+    Example: rollouttap demo --steps 3
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from rollouttap.errors import ConfigError
+    from rollouttap.trainer_hooks.demo import DemoConfig, run_demo
+
+    if generation not in ("agents", "trl"):
+        raise ConfigError(f"--generation must be 'agents' or 'trl', not {generation!r}")
     store = store or Path(tempfile.mkdtemp(prefix="rollouttap-demo-")) / "runs.db"
-    with ScriptedUpstream() as upstream:
-        host = upstream.url.split("://", 1)[1]
-        with ProxyProcess(ProxyConfig(store=store, model_hosts=(host,))) as proxy:
-            env = {**__import__("os").environ, **proxy.env(),
-                   "ROLLOUTTAP_AGENT_ID": "demo-agent", "OPENAI_BASE_URL": upstream.base_url}
-            subprocess.run([sys.executable, "-c", AGENT], env=env, check=True)
-    with Store(store) as s:
-        for flow in s.flows(agent_id="demo-agent"):
-            body = flow.response_json() or {}
-            typer.echo(json.dumps({"agent": flow.agent_id, "by": flow.attribution, "path": flow.path,
-                                   "state": flow.state,
-                                   "prompt_token_ids": len(body.get("prompt_token_ids") or [])}))
-    typer.echo(f"store: {store}", err=True)
+    config = DemoConfig(store=store.resolve(), steps=steps, prompts=prompts, parallel=parallel,
+                        generation=generation, vllm_url=vllm_url)  # type: ignore[arg-type]
+    summary = run_demo(config)
+    if json_out:
+        typer.echo(json.dumps(summary.__dict__, default=str))
+        return
+    table = Table(title=f"rollouttap demo ({generation} generation)", show_header=False)
+    table.add_row("optimizer steps", str(summary.steps))
+    table.add_row("reward per step", ", ".join(f"{r:.2f}" for r in summary.rewards))
+    table.add_row("weights changed", "yes" if summary.weights_changed else "no")
+    if generation == "agents":
+        table.add_row("agents", ", ".join(f"{k} {v}" for k, v in sorted(summary.agents.items())))
+        table.add_row("model calls", str(summary.calls))
+        table.add_row("trainable tokens", str(summary.trainable_tokens))
+        flows = summary.flows
+        table.add_row("flows captured", f"{flows.get('total', 0)} (done {flows.get('done', 0)}, "
+                                        f"error {flows.get('error', 0)}, open {flows.get('open', 0)})")
+        table.add_row("flows unattributed", str(flows.get("unattributed", 0)))
+        table.add_row("store", str(store))
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ same prompts and reward with TRL's own generation instead, for comparison.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -37,6 +38,7 @@ class DemoConfig:
     generation: Generation = "agents"
     seed: int = 0
     model_dir: Path | None = None
+    vllm_url: str | None = None  # a `trl vllm-serve` server: TRL syncs weights into it, agents call it
 
 
 @dataclass
@@ -83,6 +85,13 @@ def answer_reward(completions: list[Any], answer: list[str], agent_answer: list[
     return rewards
 
 
+def vllm_args(vllm_url: str | None) -> dict[str, Any]:
+    """GRPOConfig settings for TRL's server mode, where `trl vllm-serve` runs vLLM's own OpenAI server."""
+    if vllm_url is None:
+        return {"use_vllm": False}
+    return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": vllm_url.rstrip("/")}
+
+
 def last_user_text(prompt: Any) -> str:
     """What the example agent takes: the task text of a chat prompt."""
     if isinstance(prompt, list):
@@ -114,6 +123,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         num_generations=config.num_generations, max_completion_length=config.max_tokens * 4,
         use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
         save_strategy="no", logging_steps=1, temperature=1.0, disable_tqdm=False,
+        **vllm_args(config.vllm_url),
     )
     summary = DemoSummary(store=str(config.store))
     if config.generation == "trl":
@@ -121,17 +131,16 @@ def run_demo(config: DemoConfig) -> DemoSummary:
                               train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
     else:
-        _train_with_agents(config, model, tokenizer, dataset, args, summary)
-        trainer = None
+        trainer = _train_with_agents(config, model, tokenizer, dataset, args, summary)
     summary.weights_changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
-    history = (trainer.state.log_history if trainer is not None else summary.__dict__.pop("_history", []))
+    history = trainer.state.log_history
     summary.rewards = [h["reward"] for h in history if "reward" in h]
     summary.steps = max((h.get("step", 0) for h in history), default=0)
     return summary
 
 
 def _train_with_agents(config: DemoConfig, model: Any, tokenizer: Any, dataset: Any, args: Any,
-                       summary: DemoSummary) -> None:
+                       summary: DemoSummary) -> Any:
     from trl import GRPOTrainer
 
     from rollouttap.manager import AgentManager, CommandAgent
@@ -148,13 +157,19 @@ def _train_with_agents(config: DemoConfig, model: Any, tokenizer: Any, dataset: 
 
     agent = CommandAgent([sys.executable, str(EXAMPLE_AGENT), "--max-tokens", str(config.max_tokens),
                           "{prompt}"])
-    with PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs") as server, \
-            AgentManager(agent, store=config.store, parallel=config.parallel, timeout=config.timeout,
-                         model_url=server.base_url, eos_token_id=tokenizer.eos_token_id) as manager:
+    with contextlib.ExitStack() as stack:
+        if config.vllm_url is None:  # the embedded server serves the trainer's live model object
+            server = stack.enter_context(PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs"))
+            model_url = server.base_url
+        else:
+            model_url = config.vllm_url.rstrip("/") + "/v1"
+        manager = stack.enter_context(AgentManager(
+            agent, store=config.store, parallel=config.parallel, timeout=config.timeout,
+            model_url=model_url, eos_token_id=tokenizer.eos_token_id))
         rollout = agent_rollout(manager, prompt_to_agent=last_user_text, on_results=tally)
         trainer = GRPOTrainer(model=model, reward_funcs=[answer_reward], args=args, train_dataset=dataset,
                               processing_class=tokenizer, rollout_func=rollout)
         trainer.train()
-        summary.__dict__["_history"] = trainer.state.log_history
     with Store(config.store) as store:
         summary.flows = store.flow_counts()
+    return trainer
