@@ -231,7 +231,7 @@ class RolloutTap:
         if live is None or flow.response is None:
             return
         resp = flow.response
-        if live.tap is not None:
+        if live.tap is not None and (live.tap.raw or not resp.raw_content):
             body, first = bytes(live.tap.raw), live.tap.first_byte_at
         else:
             body, first = resp.raw_content or b"", resp.timestamp_start

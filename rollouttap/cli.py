@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rollouttap`` console script."""
     _register_optional_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except RolloutTapError as exc:
         if _state["debug"]:
             raise
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""Stored flows as mitmproxy flows: a flow file ``mitmweb -r FILE`` opens, and HAR via mitmproxy's own code.
+
+Bodies go in exactly as stored (raw wire bytes, a streamed response's whole SSE text); headers stay redacted.
+Each flow carries the store's view of it in ``flow.metadata["rollouttap"]`` (agent id, attribution, pid, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mitmproxy import connection, flow, http
+
+with warnings.catch_warnings():
+    # mitmproxy 12.2's flowfilter (imported by its io and HAR code) calls pyparsing names pyparsing 3.3 deprecates.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from mitmproxy import io
+    from mitmproxy.addons.savehar import SaveHar
+
+from rollouttap.store import FlowRecord
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "rollouttap"
+
+__all__ = [
+    "METADATA_KEY", "flow_metadata", "har_document", "read_flow_file", "to_http_flow", "write_flow_file", "write_har",
+]
+
+
+def flow_metadata(record: FlowRecord) -> dict[str, Any]:
+    """What the store knows of a flow beyond HTTP, for ``flow.metadata["rollouttap"]``."""
+    return {
+        "id": record.id,
+        "agent_id": record.agent_id,
+        "attribution": record.attribution,
+        "pid": record.pid,
+        "proxy_id": record.proxy_id,
+        "client_conn_id": record.client_conn_id,
+        "state": record.state,
+        "error": record.error,
+        "streamed": record.streamed,
+        "t_first_byte": record.t_first_byte,
+        # Store meta is free-form JSON; a round trip keeps it to types tnetstring can hold.
+        "meta": json.loads(json.dumps(record.meta)),
+    }
+
+
+def _address(text: str | None) -> tuple[str, int]:
+    if not text:
+        return ("", 0)
+    host, _, port = text.rpartition(":")
+    return (host.strip("[]"), int(port)) if port.isdigit() else (text, 0)
+
+
+def _headers(pairs: list[tuple[str, str]]) -> http.Headers:
+    return http.Headers([(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                         for k, v in pairs])
+
+
+def _request(record: FlowRecord) -> http.Request:
+    method = (record.method or "GET").upper()
+    start = record.t_request or 0.0
+    host, port = record.host or "", record.port or 0
+    if method == "CONNECT":
+        scheme, authority, path = "", f"{host}:{port}", ""
+    else:
+        scheme, authority, path = record.scheme or "http", "", record.path or "/"
+    return http.Request(
+        host=host, port=port, method=method.encode(), scheme=scheme.encode(), authority=authority.encode(),
+        path=path.encode("utf-8", "surrogateescape"), http_version=b"HTTP/1.1",
+        headers=_headers(record.request_headers), content=record.request_body or b"", trailers=None,
+        # The store does not time the request body's end: count the whole wait as the server's.
+        timestamp_start=start, timestamp_end=start)
+
+
+def _response(record: FlowRecord) -> http.Response | None:
+    if record.status_code is None:
+        return None
+    start = record.t_response_headers or record.t_end or record.t_request or 0.0
+    return http.Response(
+        http_version=b"HTTP/1.1", status_code=record.status_code, reason=b"",
+        headers=_headers(record.response_headers), content=record.response_body or b"", trailers=None,
+        timestamp_start=start, timestamp_end=record.t_end or start)
+
+
+def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
+    """One stored flow as a mitmproxy HTTPFlow (not live), with the store's metadata attached."""
+    start = record.t_request or 0.0
+    client = connection.Client(id=record.client_conn_id or record.flow_id, peername=_address(record.client_addr),
+                               sockname=("", 0), timestamp_start=start)
+    server = connection.Server(address=(record.host or "", record.port or 0))
+    result = http.HTTPFlow(client, server)
+    result.id = record.flow_id
+    result.timestamp_created = start
+    result.request = _request(record)
+    result.response = _response(record)
+    if record.state == "error":
+        result.error = flow.Error(record.error or "flow ended in error", record.t_end or start)
+    result.live = False
+    result.metadata[METADATA_KEY] = flow_metadata(record)
+    return result
+
+
+def write_flow_file(records: Iterable[FlowRecord], out: BinaryIO | str | Path) -> int:
+    """Write flows in mitmproxy's flow-file format (``mitmproxy.io.FlowReader`` reads it); returns the count."""
+    if isinstance(out, (str, Path)):
+        with open(out, "wb") as fo:
+            return write_flow_file(records, fo)
+    writer = io.FlowWriter(out)
+    count = 0
+    for record in records:
+        writer.add(to_http_flow(record))
+        count += 1
+    return count
+
+
+def read_flow_file(path: str | Path) -> list[flow.Flow]:
+    """Every flow of a mitmproxy flow file (or HAR file), read by mitmproxy's own reader."""
+    with open(path, "rb") as fo:
+        return list(io.FlowReader(fo).stream())
+
+
+def har_document(records: Iterable[FlowRecord]) -> dict[str, Any]:
+    """A HAR 1.2 document made by mitmproxy's HAR exporter, each entry with a ``_rollouttap`` field."""
+    records = list(records)
+    har = SaveHar().make_har([to_http_flow(r) for r in records])
+    for entry, record in zip(har["log"]["entries"], records, strict=True):
+        entry["_rollouttap"] = flow_metadata(record)
+    har["log"]["creator"]["comment"] = "exported by rollouttap"
+    return har
+
+
+def write_har(records: Iterable[FlowRecord], out: str | Path) -> int:
+    """Write a HAR file; returns the number of entries."""
+    har = har_document(records)
+    Path(out).write_text(json.dumps(har, indent=2), encoding="utf-8")
+    return len(har["log"]["entries"])

@@ -1,0 +1,368 @@
+"""Replay mode: answer an agent's requests from one agent's recorded flows, in order, never going upstream.
+
+Loaded after the capture addon (``mitmdump -s entry.py -s replay.py``), so the replayed run is recorded like any
+run: capture sees each request first (attribution, routes, token-id injection), then this addon answers it from
+the recording. Request ``k`` must match recorded request ``k`` by method, path and body (JSON compared as data,
+ignoring the fields rollouttap injected); requests the recording made concurrently may arrive in either order.
+The first request that does not match is the divergence: it and every later request are answered
+``599`` (a status no server sends, so it cannot pass for a recorded answer) with ``x-should-retry: false``.
+
+What the agent sees is what it saw when recorded: a recorded body still holds the token ids the proxy asked
+for, so it is stripped here unless capture injected the same fields again (then capture strips it, as live).
+A streamed answer is handed over whole, as SSE; mitmproxy does not stream responses an addon sets, so its
+body is fed once through the stream callable capture installed (which records it as it would record a stream).
+
+Options: ``rollouttap_replay_store`` (the recorded store), ``rollouttap_replay_agent`` (whose flows),
+``rollouttap_replay_report`` (a JSON file rewritten when ready, at the divergence and at shutdown).
+"""
+# No ``from __future__ import annotations``: mitmdump loads this file as a script module outside sys.modules,
+# where dataclasses cannot resolve string annotations.
+
+import difflib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from mitmproxy import ctx, exceptions, http
+
+from rollouttap.addon import tokenids
+from rollouttap.errors import StoreError
+from rollouttap.store import FlowRecord, Store, decode_body, header_value
+
+log = logging.getLogger(__name__)
+
+DIVERGED_STATUS = 599
+NO_RESPONSE_STATUS = 502
+_HOP_HEADERS = frozenset({"transfer-encoding", "content-length", "connection", "keep-alive", "proxy-connection"})
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One recorded request of the agent and the answer it got."""
+    index: int  # position among the agent's replayable flows
+    flow_id: str
+    method: str
+    paths: tuple[str, ...]  # as sent upstream, and as the agent wrote it when a route rewrote it
+    request_body: bytes  # raw, as the agent sent it (before token-id injection)
+    request_headers: list[tuple[str, str]]
+    injected: dict[str, Any]
+    status_code: int | None
+    response_headers: list[tuple[str, str]]
+    response_body: bytes
+    error: str | None
+    t_request: float | None
+    t_end: float | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.paths[0]}"
+
+    def body(self) -> bytes:
+        return decode_body(self.request_body, header_value(self.request_headers, "content-encoding"))
+
+
+def _path_of(url: str | None) -> str | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def recorded_requests(flows: Iterable[FlowRecord]) -> list[Recorded]:
+    """The flows a replay answers: every request of the agent except CONNECT tunnels, in capture order."""
+    out: list[Recorded] = []
+    for f in flows:
+        method = (f.method or "").upper()
+        if not method or method == "CONNECT":
+            continue
+        paths = tuple(dict.fromkeys(p for p in (f.path or "/", _path_of(f.meta.get("routed_from"))) if p))
+        out.append(Recorded(len(out), f.flow_id, method, paths, f.request_body or b"", list(f.request_headers),
+                            dict(f.meta.get("injected") or {}), f.status_code, list(f.response_headers),
+                            f.response_body or b"", f.error, f.t_request, f.t_end))
+    return out
+
+
+# -- comparing a request with the recording --------------------------------------------------------------------
+
+def _loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def without_injected(live: Any, recorded: Any, injected: dict[str, Any]) -> Any:
+    """The live JSON body less the fields the proxy injected (those the agent's recorded body lacks)."""
+    if not isinstance(live, dict) or not injected:
+        return live
+    own = recorded if isinstance(recorded, dict) else {}
+    return {k: v for k, v in live.items() if not (k in injected and k not in own and v == injected[k])}
+
+
+def capture_injected(entry: Recorded, live_body: bytes) -> bool:
+    """Whether capture injected the recorded fields into this request again (then it strips the answer too)."""
+    if not entry.injected:
+        return False
+    live = _loads(live_body)
+    return isinstance(live, dict) and all(k in live and live[k] == v for k, v in entry.injected.items())
+
+
+def canonical(body: bytes, parsed: Any = None) -> list[str]:
+    """Lines to compare and diff: JSON pretty-printed with sorted keys, other bodies as text."""
+    if parsed is not None:
+        return json.dumps(parsed, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+    return body.decode("utf-8", "replace").splitlines()
+
+
+def mismatch(entry: Recorded, method: str, path: str, body: bytes) -> str | None:
+    """Why a request does not match a recorded one, or None when it does."""
+    if method.upper() != entry.method or path not in entry.paths:
+        return f"expected {entry.label}, got {method.upper()} {path}"
+    recorded = _loads(entry.body())
+    live = _loads(body)
+    if recorded is not None and live is not None:
+        same = without_injected(live, recorded, entry.injected) == recorded
+    else:
+        same = body == entry.body()
+    return None if same else "request body differs"
+
+
+def request_diff(entry: Recorded | None, method: str, path: str, body: bytes) -> str:
+    """A unified diff of the recorded request against the replayed one (request line, then body)."""
+    live = _loads(body)
+    old: list[str] = []
+    old_name = "recorded (nothing left)"
+    if entry is not None:
+        recorded = _loads(entry.body())
+        if recorded is not None:
+            live = without_injected(live, recorded, entry.injected)
+        old = [entry.label] + canonical(entry.body(), recorded)
+        old_name = f"recorded #{entry.index}"
+    new = [f"{method.upper()} {path}"] + canonical(body, live)
+    return "\n".join(difflib.unified_diff(old, new, old_name, "replayed", lineterm=""))
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first replayed request that the recording does not hold (or the first recorded one never made)."""
+    index: int  # 0-based position among the replayed agent's requests
+    recorded_index: int | None  # the recorded request expected there, None when the recording ran out
+    method: str | None
+    path: str | None
+    expected: str | None
+    reason: str
+    diff: str
+
+
+class ReplayBook:
+    """Which recorded request answers each replayed request; the first mismatch stops the replay."""
+
+    def __init__(self, entries: Sequence[Recorded]) -> None:
+        self.entries = list(entries)
+        self.used = [False] * len(self.entries)
+        self.requests = 0
+        self.after_divergence = 0
+        self.divergence: Divergence | None = None
+
+    def _candidates(self) -> list[Recorded]:
+        """The next unused request, and later ones the recording made while it was in flight."""
+        unused = [e for e in self.entries if not self.used[e.index]]
+        if not unused:
+            return []
+        first = unused[0]
+        if first.t_end is None:
+            return [first]
+        return [first] + [e for e in unused[1:] if e.t_request is not None and e.t_request < first.t_end]
+
+    def take(self, method: str, path: str, body: bytes) -> Recorded | None:
+        """The recorded request answering this one; None once the replay has diverged."""
+        index = self.requests
+        self.requests += 1
+        if self.divergence is not None:
+            self.after_divergence += 1
+            return None
+        candidates = self._candidates()
+        for entry in candidates:
+            if mismatch(entry, method, path, body) is None:
+                self.used[entry.index] = True
+                return entry
+        expected = candidates[0] if candidates else None
+        reason = (mismatch(expected, method, path, body) if expected is not None
+                  else f"the recording holds only {len(self.entries)} requests")
+        self.divergence = Divergence(index, expected.index if expected else None, method.upper(), path,
+                                     expected.label if expected else None, reason or "",
+                                     request_diff(expected, method, path, body))
+        return None
+
+    @property
+    def answered(self) -> int:
+        return sum(self.used)
+
+    def final_divergence(self) -> Divergence | None:
+        """The divergence, or (when every request matched) the first recorded request the agent never made."""
+        if self.divergence is not None:
+            return self.divergence
+        missing = next((e for e in self.entries if not self.used[e.index]), None)
+        if missing is None:
+            return None
+        return Divergence(self.requests, missing.index, None, None, missing.label,
+                          f"the agent stopped after {self.requests} requests; the recording holds "
+                          f"{len(self.entries)}", "")
+
+    def report(self, agent_id: str, state: str) -> dict[str, Any]:
+        """The JSON the manager reads back."""
+        final = self.final_divergence() if state == "done" else self.divergence
+        return {"agent_id": agent_id, "state": state, "recorded": len(self.entries), "requests": self.requests,
+                "answered": self.answered, "after_divergence": self.after_divergence,
+                "divergence": asdict(final) if final is not None else None}
+
+
+# -- answers ---------------------------------------------------------------------------------------------------
+
+def agent_view(entry: Recorded) -> bytes:
+    """The recorded answer as the agent received it: the fields asked for by the proxy stripped again."""
+    body = entry.response_body
+    if not entry.injected or header_value(entry.response_headers, "content-encoding"):
+        return body
+    injection = tokenids.plan_injection(entry.paths[0], entry.request_body,
+                                        header_value(entry.request_headers, "content-type"),
+                                        content_encoding=header_value(entry.request_headers, "content-encoding"))
+    if injection is None or injection.added != entry.injected:
+        log.warning("replay: cannot redo the injection of recorded flow %s; answering it unstripped", entry.flow_id)
+        return body
+    if (header_value(entry.response_headers, "content-type") or "").startswith("text/event-stream"):
+        stripper = tokenids.StreamStripper(injection)
+        return stripper.feed(body) + stripper.feed(b"")
+    return tokenids.strip_response_json(body, injection)
+
+
+def _headers(pairs: Iterable[tuple[str, str]]) -> http.Headers:
+    return http.Headers([(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                         for k, v in pairs])
+
+
+def recorded_response(entry: Recorded, body: bytes) -> http.Response:
+    """The recorded status and headers with ``body`` (raw bytes, content-encoding kept)."""
+    if entry.status_code is None:
+        return error_response(NO_RESPONSE_STATUS, f"the recorded request #{entry.index} got no response: "
+                                                  f"{entry.error or 'unknown error'}", "rollouttap_replay_no_response")
+    resp = http.Response.make(entry.status_code, b"",
+                              _headers((k, v) for k, v in entry.response_headers if k.lower() not in _HOP_HEADERS))
+    resp.raw_content = body
+    resp.headers["content-length"] = str(len(body))
+    return resp
+
+
+def error_response(status: int, message: str, kind: str) -> http.Response:
+    """An OpenAI-shaped error that SDKs show and do not retry."""
+    body = json.dumps({"error": {"message": f"rollouttap replay: {message}", "type": kind, "code": status}})
+    return http.Response.make(status, body.encode(), {"content-type": "application/json", "x-should-retry": "false"})
+
+
+def feed_stream(resp: http.Response) -> None:
+    """Pass an addon-set body through the response's stream callable, as mitmproxy does for upstream bytes."""
+    stream = resp.stream
+    if not callable(stream):
+        return
+    out = bytearray()
+    for data in (resp.raw_content or b"", b""):
+        chunks = stream(data)
+        out += chunks if isinstance(chunks, bytes) else b"".join(chunks)
+    resp.stream = False
+    resp.raw_content = bytes(out)
+    resp.headers["content-length"] = str(len(out))
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """Replace the report file atomically (the manager may read it at any moment)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
+        json.dump(report, tmp)
+    os.replace(tmp.name, path)
+
+
+# -- the addon -------------------------------------------------------------------------------------------------
+
+class ReplayAddon:
+    def __init__(self) -> None:
+        self.book: ReplayBook | None = None
+        self.agent_id = ""
+        self.answered_flows: set[str] = set()  # flows this addon answered whose response is not over yet
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("rollouttap_replay_store", str, "", "Store holding the recorded run to replay.")
+        loader.add_option("rollouttap_replay_agent", str, "", "Agent whose recorded flows answer the requests.")
+        loader.add_option("rollouttap_replay_report", str, "",
+                          "JSON file reporting the replay (ready, first divergence, final counts).")
+
+    def configure(self, updated: set[str]) -> None:
+        if not {"rollouttap_replay_store", "rollouttap_replay_agent"} & updated:
+            return
+        store, agent = ctx.options.rollouttap_replay_store, ctx.options.rollouttap_replay_agent
+        if not store or not agent:
+            raise exceptions.OptionsError("replay needs rollouttap_replay_store and rollouttap_replay_agent")
+        try:
+            with Store(store, readonly=True) as recorded:
+                entries = recorded_requests(recorded.flows(agent_id=agent))
+        except StoreError as exc:
+            raise exceptions.OptionsError(f"cannot read the recording: {exc}") from exc
+        if not entries:
+            raise exceptions.OptionsError(f"agent {agent!r} has no recorded requests in {store}")
+        self.book, self.agent_id = ReplayBook(entries), agent
+        log.info("replay: %d recorded requests of %s", len(entries), agent)
+
+    def running(self) -> None:
+        self._report("ready")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.request.method == "CONNECT":
+            return  # already answered (e.g. credentials refused)
+        if self.book is None:  # never let a replay reach a real server
+            flow.response = error_response(NO_RESPONSE_STATUS, "no recording loaded", "rollouttap_replay_error")
+            return
+        req = flow.request
+        body = req.get_content(strict=False) or b""
+        diverged = self.book.divergence is not None
+        entry = self.book.take(req.method, req.path, body)
+        if entry is None:
+            div = self.book.divergence
+            assert div is not None
+            flow.response = error_response(DIVERGED_STATUS, f"request #{div.index} diverged from the recording "
+                                                            f"({div.reason})", "rollouttap_replay_divergence")
+            if not diverged:
+                log.warning("replay: request #%d diverged: %s\n%s", div.index, div.reason, div.diff)
+                self._report("diverged")
+            return
+        answer = entry.response_body if capture_injected(entry, body) else agent_view(entry)
+        flow.response = recorded_response(entry, answer)
+        self.answered_flows.add(flow.id)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self.answered_flows and flow.response is not None:
+            feed_stream(flow.response)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.answered_flows.discard(flow.id)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.answered_flows.discard(flow.id)
+
+    def done(self) -> None:
+        self._report("done")
+
+    def _report(self, state: str) -> None:
+        path = ctx.options.rollouttap_replay_report
+        if path and self.book is not None:
+            report = self.book.report(self.agent_id, state)
+            report["t"] = time.time()
+            write_report(path, report)
+
+
+# ``mitmdump -s .../addon/replay.py`` loads the addons this list names.
+addons = [ReplayAddon()]

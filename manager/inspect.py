@@ -1,0 +1,222 @@
+"""Plain-data helpers behind ``rollouttap flows|show|stats``: flow rows, conversation steps, figures.
+
+Everything here returns dicts, lists and strings; the CLI turns them into tables and colours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from rollouttap.errors import ConfigError
+from rollouttap.manager.conversation import build_conversation, normalize_message
+from rollouttap.manager.fidelity import Fidelity, batch_fidelity
+from rollouttap.manager.rows import build_row
+from rollouttap.store import FlowRecord, Store
+
+UNKNOWN_EOS = -1  # rows need an eos id only to flag truncation; without one every row reads as truncated
+
+__all__ = [
+    "Step", "UNKNOWN_EOS", "agent_stats", "answer_text", "conversation_steps", "flow_row", "iso_time",
+    "latency_summary", "mask_runs", "message_text", "parse_when", "percentile", "store_stats", "tool_call_text",
+    "usage_totals",
+]
+
+
+def parse_when(text: str) -> float:
+    """Unix seconds from ``1732900000[.5]`` or ISO 8601 (``2026-11-29T16:00:00``, local time unless it says)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+    except ValueError as exc:
+        raise ConfigError(f"{text!r} is neither unix seconds nor an ISO 8601 time") from exc
+
+
+def iso_time(ts: float | None) -> str | None:
+    """UTC ISO time with milliseconds, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def flow_row(flow: FlowRecord) -> dict[str, Any]:
+    """One line of ``rollouttap flows``."""
+    duration = flow.t_end - flow.t_request if flow.t_end is not None and flow.t_request is not None else None
+    return {
+        "id": flow.id, "time": iso_time(flow.t_request), "agent": flow.agent_id, "attribution": flow.attribution,
+        "method": flow.method, "host": flow.host, "path": flow.path, "status": flow.status_code,
+        "state": flow.state, "duration": duration, "request_bytes": len(flow.request_body or b""),
+        "response_bytes": len(flow.response_body or b""), "streamed": flow.streamed, "error": flow.error,
+        "flow_id": flow.flow_id,
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by linear interpolation between ranks; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def latency_summary(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """count, p50, p90, p99 and max of the known values (seconds)."""
+    known = [v for v in values if v is not None]
+    return {"count": len(known), "p50": percentile(known, 50), "p90": percentile(known, 90),
+            "p99": percentile(known, 99), "max": max(known) if known else None}
+
+
+# -- conversation text -------------------------------------------------------------------------------------------
+
+def message_text(content: Any) -> str:
+    """A message's content as text (lists of parts joined; images and the like named)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, dict):
+                parts.append(f"[{part.get('type', 'part')}]")
+            else:
+                parts.append(str(part))
+        return "".join(parts)
+    return json.dumps(content, ensure_ascii=False)
+
+
+def tool_call_text(tool_call: dict[str, Any]) -> str:
+    """``name(arguments)`` of an OpenAI tool call."""
+    function = tool_call.get("function") or {}
+    args = function.get("arguments")
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return f"{function.get('name', '?')}({args})"
+
+
+def answer_text(call: Any) -> str:
+    """A call's answer in one string: content, then tool calls; the error when it failed."""
+    if getattr(call, "error", None) and getattr(call, "failed", False):
+        return f"error: {call.error}"
+    response = getattr(call, "response", None)
+    if response is None:
+        return getattr(call, "text", None) or ""
+    lines = [response.content] if response.content else []
+    lines += [f"→ {tool_call_text(tc)}" for tc in response.tool_calls]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one chat call adds to the conversation: the request messages new since its thread's previous call
+    (all of them when it starts a thread or does not extend it), and the call itself."""
+    call: Any
+    new_messages: list[dict[str, Any]]
+    first_new: int  # index in call.messages of the first new message
+    extends: bool  # the call's messages start with its thread's previous history (as continuity compares them)
+
+
+def conversation_steps(calls: Sequence[Any]) -> list[Step]:
+    """One Step per chat call, in order (calls need ``messages``, ``thread`` and ``response``)."""
+    history: dict[int, list[Any]] = {}
+    steps = []
+    for call in calls:
+        before = history.get(call.thread)
+        current = [normalize_message(m) for m in call.messages]
+        extends = before is not None and current[:len(before)] == before
+        first = len(before) if extends and before is not None else 0
+        steps.append(Step(call, list(call.messages[first:]), first, extends))
+        reply = [normalize_message(call.response.to_message())] if call.response is not None else []
+        history[call.thread] = current + reply
+    return steps
+
+
+def mask_runs(mask: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal env-mask values as (start, end, value)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, value in enumerate(mask):
+        if runs and runs[-1][2] == value and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1, value)
+        else:
+            runs.append((i, i + 1, value))
+    return runs
+
+
+# -- stats ---------------------------------------------------------------------------------------------------------
+
+def usage_totals(calls: Iterable[Any]) -> dict[str, int]:
+    """prompt/completion/total tokens summed over the calls' ``usage`` (server-reported)."""
+    totals = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for call in calls:
+        usage = getattr(call, "usage", None) or {}
+        for key in totals:
+            value = usage.get(key)
+            if isinstance(value, int):
+                totals[key] += value
+    return totals
+
+
+def agent_stats(flows: Sequence[FlowRecord], *, eos_token_id: int = UNKNOWN_EOS) -> dict[str, Any]:
+    """Calls, tokens, latencies, errors and row fidelity of one agent's flows."""
+    conv = build_conversation(flows)
+    calls = list(conv.calls) + list(conv.completion_calls)
+    fidelity = None
+    if conv.calls:
+        _, report = build_row(conv.calls, eos_token_id=eos_token_id)
+        fidelity = report.as_dict()
+    return {"flows": len(flows), "calls": len(calls), "failed_calls": sum(bool(c.failed) for c in calls),
+            "errors": sum(f.state == "error" for f in flows), "usage": usage_totals(calls),
+            "latencies": [c.latency for c in calls if c.latency is not None],
+            "ttfb": [c.ttfb for c in calls if c.ttfb is not None],
+            "discontinuities": len(conv.discontinuities), "fidelity": fidelity}
+
+
+def store_stats(store: Store, *, run_id: str | None = None, eos_token_id: int = UNKNOWN_EOS) -> dict[str, Any]:
+    """The figures of ``rollouttap stats``: per store or per run."""
+    agents = store.agents(run_id)
+    per_agent = {a.agent_id: agent_stats(store.flows(agent_id=a.agent_id), eos_token_id=eos_token_id)
+                 for a in agents}
+    latencies = [v for s in per_agent.values() for v in s["latencies"]]
+    ttfb = [v for s in per_agent.values() for v in s["ttfb"]]
+    usage = Counter[str]()
+    for stats in per_agent.values():
+        usage.update(stats["usage"])
+    reports = [Fidelity(**{k: v for k, v in s["fidelity"].items() if k != "coverage"})
+               for s in per_agent.values() if s["fidelity"]]
+    if run_id is None:
+        unattributed: int | None = store.flow_counts()["unattributed"]
+    elif agents:  # a run's unattributed flows: those seen while its agents existed
+        start = min(a.created_at for a in agents)
+        ends = [a.ended_at for a in agents]
+        end = max(e for e in ends if e is not None) if all(e is not None for e in ends) else None
+        unattributed = len(store.flows(unattributed=True, since=start, until=None if end is None else end + 1e-6))
+    else:
+        unattributed = None
+    return {
+        "run_id": run_id,
+        "agents": len(agents),
+        "agents_by_status": dict(Counter(a.status for a in agents)),
+        "flows": sum(s["flows"] for s in per_agent.values()),
+        "calls": sum(s["calls"] for s in per_agent.values()),
+        "failed_calls": sum(s["failed_calls"] for s in per_agent.values()),
+        "flow_errors": sum(s["errors"] for s in per_agent.values()),
+        "unattributed_flows": unattributed,
+        "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "latency": latency_summary(latencies),
+        "ttfb": latency_summary(ttfb),
+        "discontinuities": sum(s["discontinuities"] for s in per_agent.values()),
+        "fidelity": batch_fidelity(reports).as_dict() if reports else None,
+        "eos_token_id": None if eos_token_id == UNKNOWN_EOS else eos_token_id,
+    }

@@ -1,0 +1,131 @@
+"""Export of stored flows to mitmproxy's flow file and to HAR, read back with mitmproxy's own readers.
+
+The store is made by a real run (mitmdump + capture addon, ScriptedUpstream, agent processes), plus a refused
+upstream connection and an unattributed request.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rollouttap.addon.export_flows import read_flow_file
+from rollouttap.manager.export import export_flows, format_for
+from rollouttap.store import Store
+from test_replay import extra_traffic, record
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory, confdir):
+    return record(tmp_path_factory.mktemp("export"), confdir, {"plain": False, "streamer": True},
+                  extra=extra_traffic)
+
+
+def _read(path) -> list:
+    """mitmproxy.io.FlowReader's flows (through the helper that keeps mitmproxy's pyparsing warning quiet)."""
+    return read_flow_file(path)
+
+
+def test_flow_file_reads_back_equal_to_the_store(recording, tmp_path):
+    out = tmp_path / "all.flows"
+    result = export_flows(recording.store, out)
+    with Store(recording.store) as s:
+        stored = s.flows()
+    flows = _read(out)
+    assert result.flows == len(stored) == len(flows) and result.format == "mitm"
+    for record, flow in zip(stored, flows, strict=True):
+        meta = flow.metadata["rollouttap"]
+        assert flow.id == record.flow_id and meta["agent_id"] == record.agent_id and meta["id"] == record.id
+        assert meta["attribution"] == record.attribution and meta["pid"] == record.pid
+        assert flow.request.method == record.method and flow.request.pretty_url == record.url
+        assert flow.request.raw_content == (record.request_body or b"")
+        assert flow.request.timestamp_start == record.t_request
+        assert list(flow.request.headers.items(multi=True)) == record.request_headers
+        if record.status_code is None:
+            assert flow.response is None
+        else:
+            assert flow.response.status_code == record.status_code
+            assert flow.response.raw_content == (record.response_body or b"")
+        assert (flow.error is not None) == (record.state == "error")
+
+
+def test_streamed_response_is_exported_with_its_sse_body(recording, tmp_path):
+    out = tmp_path / "streamer.flows"
+    export_flows(recording.store, out, agent_id="streamer")
+    flows = _read(out)
+    assert len(flows) == 3 and {f.metadata["rollouttap"]["agent_id"] for f in flows} == {"streamer"}
+    for flow in flows:
+        assert flow.metadata["rollouttap"]["streamed"] is True
+        assert flow.response.headers["content-type"].startswith("text/event-stream")
+        text = flow.response.get_text()
+        assert text.startswith("data: ") and text.rstrip().endswith("data: [DONE]")
+        assert '"token_ids"' in text  # the ids the proxy asked for are part of the recorded body
+        assert flow.metadata["rollouttap"]["meta"]["injected"]["return_token_ids"] is True
+
+
+def test_error_and_unattributed_flows_are_exported(recording, tmp_path):
+    out = tmp_path / "all.flows"
+    export_flows(recording.store, out)
+    flows = _read(out)
+    broken = [f for f in flows if f.metadata["rollouttap"]["agent_id"] == "broken"]
+    assert broken and broken[0].error is not None and broken[0].metadata["rollouttap"]["state"] == "error"
+    assert any(f.metadata["rollouttap"]["attribution"] == "none" and f.request.path == "/health" for f in flows)
+
+
+def test_redacted_headers_stay_redacted(recording, tmp_path):
+    out = tmp_path / "plain.flows"
+    export_flows(recording.store, out, agent_id="plain")
+    flows = _read(out)
+    assert all(f.request.headers["authorization"].startswith("Bearer <redacted sha256:") for f in flows)
+    assert b"sk-agent" not in out.read_bytes()
+
+
+def test_run_selection(recording, tmp_path):
+    result = export_flows(recording.store, tmp_path / "run.flows", run_id=recording.run_id)
+    flows = _read(tmp_path / "run.flows")
+    assert result.flows == 6 and {f.metadata["rollouttap"]["agent_id"] for f in flows} == {"plain", "streamer"}
+
+
+def test_har_is_valid_and_mitmproxy_reads_it_back(recording, tmp_path):
+    out = tmp_path / "streamer.har"
+    result = export_flows(recording.store, out, agent_id="streamer")
+    har = json.loads(out.read_text())
+    entries = har["log"]["entries"]
+    assert result.format == "har" and har["log"]["version"] == "1.2" and len(entries) == 3
+    with Store(recording.store) as s:
+        stored = s.flows(agent_id="streamer")
+    for entry, record in zip(entries, stored, strict=True):
+        assert entry["_rollouttap"]["agent_id"] == "streamer"
+        assert entry["request"]["url"] == record.url and entry["request"]["postData"]["text"] == record.request_text()
+        assert entry["response"]["status"] == 200
+        assert entry["response"]["content"]["text"] == record.response_text()
+    back = _read(out)  # mitmproxy's FlowReader also reads HAR
+    assert [f.request.pretty_url for f in back] == [r.url for r in stored]
+
+
+def test_mitmdump_opens_the_flow_file(recording, tmp_path):
+    out = tmp_path / "plain.flows"
+    export_flows(recording.store, out, agent_id="plain")
+    proc = subprocess.run([sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()",
+                           "-n", "-r", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("POST http://") == 3 and "<< 200" in proc.stdout
+
+
+@pytest.mark.parametrize("path, fmt, expected", [
+    ("x.flows", None, "mitm"), ("x.har", None, "har"), ("x.HAR", None, "har"), ("x.json", None, "har"),
+    ("x.bin", "har", "har"), ("x.har", "mitm", "mitm"),
+])
+def test_format_for(path, fmt, expected):
+    assert format_for(path, fmt) == expected
+
+
+def test_unknown_format_and_double_selection_are_refused(recording, tmp_path):
+    from rollouttap.errors import ConfigError
+    with pytest.raises(ConfigError, match="unknown export format"):
+        format_for("x", "pcap")
+    with pytest.raises(ConfigError, match="not both"):
+        export_flows(recording.store, tmp_path / "x.flows", agent_id="plain", run_id=recording.run_id)

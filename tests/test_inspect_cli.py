@@ -1,0 +1,308 @@
+"""The inspection commands on a real store: flows, show, export, stats, resend, replay.
+
+The store is made by a real run (mitmdump + capture addon, ScriptedUpstream, agent processes). Most commands run
+in-process through typer's CliRunner on an app holding just these commands; ``python -m rollouttap.cli`` runs
+where the exit status and the error messages of the real entry point matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from rollouttap.addon.export_flows import read_flow_file
+from rollouttap.cli_inspect import _row_text, register
+from rollouttap.manager.inspect import (
+    conversation_steps, flow_row, latency_summary, mask_runs, message_text, parse_when, percentile, tool_call_text,
+)
+from rollouttap.store import Store
+from test_replay import extra_traffic, record
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory, confdir):
+    return record(tmp_path_factory.mktemp("cli"), confdir, {"plain": False, "streamer": True}, extra=extra_traffic)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner(env={"COLUMNS": "200"})
+
+    def invoke(*args: str, code: int = 0, **kwargs):
+        result = runner.invoke(app, [str(a) for a in args], **kwargs)
+        assert result.exit_code == code, (result.output, result.exception)
+        return result
+    return invoke
+
+
+def _lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def _rollouttap(*args, env=None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rollouttap.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+# -- flows ---------------------------------------------------------------------------------------------------------
+
+def test_flows_json_lists_every_flow_in_order(recording, cli):
+    rows = _lines(cli("flows", "--store", recording.store, "--json").output)
+    with Store(recording.store) as s:
+        stored = s.flows()
+    assert [r["flow_id"] for r in rows] == [f.flow_id for f in stored]
+    assert {r["agent"] for r in rows} == {"plain", "streamer", "broken", "completer", None}
+    first = rows[0]
+    assert first["method"] == "POST" and first["path"] == "/v1/chat/completions" and first["status"] == 200
+    assert first["duration"] > 0 and first["response_bytes"] > 0 and first["time"].endswith("Z")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--agent", "plain"], {"plain"}),
+    (["--state", "error"], {"broken"}),
+    (["--unattributed"], {None}),
+    (["--host", "nowhere.example"], set()),
+    (["--since", "2099-01-01T00:00:00"], set()),
+    (["--until", "1000000000"], set()),
+])
+def test_flows_filters(recording, cli, args, expected):
+    rows = _lines(cli("flows", "--store", recording.store, "--json", *args).output)
+    assert {r["agent"] for r in rows} == expected
+
+
+def test_flows_run_and_limit(recording, cli):
+    rows = _lines(cli("flows", "--store", recording.store, "--json", "--run", recording.run_id, "--limit", "4").output)
+    assert len(rows) == 4 and {r["agent"] for r in rows} == {"plain", "streamer"}
+
+
+def test_flows_table(recording, cli):
+    out = cli("flows", "--store", recording.store, "--agent", "streamer").output
+    assert "3 flows in" in out and out.count("/v1/chat/completions") == 3 and "credentials" in out
+
+
+def test_flows_refuses_a_bad_state(recording, cli):
+    from rollouttap.errors import ConfigError
+    result = cli("flows", "--store", recording.store, "--state", "weird", code=1)
+    assert isinstance(result.exception, ConfigError)
+
+
+# -- show ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("agent", ["plain", "streamer"])
+def test_show_reads_like_a_conversation(recording, cli, agent):
+    out = cli("show", agent, "--store", recording.store).output
+    assert f"agent {agent} · ok · run {recording.run_id} · 3 calls" in out
+    for expected in ("── call 0", "── call 2", "system: You are terse.", "user: what is 2+3?",
+                     'assistant → calc({"expression": "2+3"})', "tool [", "assistant: The answer is 5.",
+                     "(reasoning) Thinking about: what is 2+3?", "user: say bye", "first byte", "finish tool_calls"):
+        assert expected in out, expected
+    assert out.count("user: what is 2+3?") == 1  # later calls show only what they add
+
+
+def test_show_json_and_tokens(recording, cli):
+    data = json.loads(cli("show", "plain", "--store", recording.store, "--json", "--tokens",
+                          "--tokenizer", "fake").output)
+    assert data["agent"]["agent_id"] == "plain" and data["conversation"]["summary"]["calls"] == 3
+    row, fidelity = data["row"], data["fidelity"]
+    assert set(row["env_mask"]) == {0, 1} and len(row["env_mask"]) == len(row["completion_ids"])
+    assert fidelity["calls_used"] == 3 and fidelity["trainable_tokens"] == sum(row["env_mask"])
+    assert row["completion_ids"][-1] == 2 and row["truncated"] is False  # the fake tokenizer's eos
+
+
+def test_show_tokens_decodes_and_marks_the_sampled_tokens(recording, cli):
+    out = cli("show", "plain", "--store", recording.store, "--tokens", "--tokenizer", "fake").output
+    assert "── training row" in out and "⟦" in out and "echo: say bye<|im_end|>⟧" in out
+    assert "trainable_tokens" in out and "coverage" in out
+    ids_only = cli("show", "plain", "--store", recording.store, "--tokens").output
+    assert "⟦" in ids_only and "<|im_end|>" not in ids_only.split("── training row")[1]
+
+
+def test_row_text_styles_sampled_and_env_tokens():
+    text = _row_text([1, 2], [3, 4, 5, 6], [1, 1, 0, 1], lambda i: f"<{i}>")
+    assert text.plain == "<1><2><3><4><5><6>"
+    styles = [(text.plain[s.start:s.end], str(s.style)) for s in text.spans]
+    assert styles == [("<3><4>", "bold green"), ("<5>", "dim yellow"), ("<6>", "bold green")]
+
+
+def test_show_completion_calls_and_failed_calls(recording, cli):
+    out = cli("show", "completer", "--store", recording.store).output
+    assert "── completion call 0" in out and "prompt: once upon a time" in out
+    assert "text:  echo: once upon a time" in out
+    out = cli("show", "broken", "--store", recording.store).output
+    assert "user: hello?" in out and "✗ " in out and "not registered" in out
+
+
+def test_show_unknown_agent(recording, cli):
+    result = cli("show", "nobody", "--store", recording.store, code=1)
+    assert "no agent 'nobody'" in str(result.exception)
+
+
+# -- export / stats ------------------------------------------------------------------------------------------------
+
+def test_export_command_writes_a_readable_flow_file_and_har(recording, cli, tmp_path):
+    out = cli("export", "--store", recording.store, "--agent", "streamer", "--format", "mitm",
+              "-o", tmp_path / "s.flows").output
+    assert "wrote 3 flows" in out
+    assert [f.metadata["rollouttap"]["agent_id"] for f in read_flow_file(tmp_path / "s.flows")] == ["streamer"] * 3
+    cli("export", "--store", recording.store, "--run", recording.run_id, "-o", tmp_path / "r.har")
+    assert len(json.loads((tmp_path / "r.har").read_text())["log"]["entries"]) == 6
+
+
+def test_stats_json(recording, cli):
+    data = json.loads(cli("stats", "--store", recording.store, "--json", "--eos-token-id", "2").output)
+    assert data["agents"] == 2 and data["agents_by_status"] == {"ok": 2}
+    assert data["calls"] == 6 and data["flows"] == 6 and data["unattributed_flows"] >= 1
+    assert data["usage"]["completion_tokens"] > 0
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
+    lat = data["latency"]
+    assert lat["count"] == 6 and 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert data["fidelity"]["agents"] == 2 and data["fidelity"]["rows"] == 2 and data["fidelity"]["truncated"] == 0
+
+
+def test_stats_of_a_run_and_the_table(recording, cli):
+    data = json.loads(cli("stats", "--store", recording.store, "--run", recording.run_id, "--json").output)
+    assert data["run_id"] == recording.run_id and data["agents"] == 2 and data["unattributed_flows"] is not None
+    out = cli("stats", "--store", recording.store).output
+    assert "agents by status" in out and "ok 2" in out and "latency p50 / p90 / p99" in out and "coverage" in out
+    cli("stats", "--store", recording.store, "--run", "no-such-run", code=1)
+
+
+# -- resend / replay -----------------------------------------------------------------------------------------------
+
+def test_resend_shows_old_and_new_answers(recording, cli):
+    from rollouttap.testing.upstream import ScriptedUpstream
+    with ScriptedUpstream(script="echo") as other:
+        rows = _lines(cli("resend", "plain", "--store", recording.store, "--to", other.base_url, "--json",
+                          "--header", "Authorization: Bearer sk-new").output)
+        table = cli("resend", "streamer", "--store", recording.store, "--to", other.url).output
+        sent = other.requests
+    assert [r["new_status"] for r in rows] == [200, 200, 200] and all(r["error"] is None for r in rows)
+    assert rows[0]["old_answer"] == '→ calc({"expression": "2+3"})' and rows[0]["new_answer"] == "echo: what is 2+3?"
+    assert rows[1]["old_answer"] == "The answer is 5." and rows[2]["new_answer"] == "echo: say bye"
+    with Store(recording.store) as s:
+        recorded_bodies = [f.request_body for f in s.flows(agent_id="plain")]
+    assert [r.body for r in sent[:3]] == recorded_bodies  # as the agent sent them: no token-id fields added
+    assert sent[0].header("authorization") == "Bearer sk-new"
+    assert "recorded answer" in table and "new answer" in table and "echo: say bye" in table
+
+
+def test_resend_to_a_dead_server_reports_errors(recording, cli):
+    from rollouttap.manager.proxy import free_port
+    rows = _lines(cli("resend", "plain", "--store", recording.store, "--to", f"http://127.0.0.1:{free_port()}",
+                      "--json", "--timeout", "5").output)
+    assert len(rows) == 3 and all(r["new_status"] is None and "ConnectionError" in r["error"] for r in rows)
+
+
+def test_replay_command_matches(recording, cli, confdir, tmp_path):
+    out = cli("replay", "plain", "--store", recording.store, "--out", tmp_path / "r.db", "--confdir", confdir,
+              "--json", "--", *recording.commands["plain"]).stdout
+    data = json.loads(out.splitlines()[-1])
+    assert data["divergence"] is None and data["exit_code"] == 0 and data["answered"] == 3
+
+
+def test_replay_command_reports_divergence_and_exits_non_zero(recording, confdir, tmp_path):
+    env = {**os.environ, "CHANGE_AT": "2"}
+    proc = _rollouttap("replay", "plain", "--store", recording.store, "--out", tmp_path / "r.db",
+                       "--confdir", confdir, "--", *recording.commands["plain"], env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "replay diverged at request #2 (recorded #2: POST /v1/chat/completions): request body differs" in proc.stderr
+    assert '+      "content": "say goodbye",' in proc.stderr
+    assert proc.stdout.splitlines()[-1] == "2 ERR 599"  # the agent's own output passes through
+
+
+def test_entry_point_maps_errors_to_one_line(tmp_path):
+    proc = _rollouttap("flows", "--store", tmp_path / "missing.db")
+    assert proc.returncode == 1 and "rollouttap: no store at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- pure helpers --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("1732900000", 1732900000.0),
+    ("1732900000.5", 1732900000.5),
+    ("2024-11-29T17:06:40Z", 1732900000.0),
+    ("2024-11-29T18:06:40+01:00", 1732900000.0),
+])
+def test_parse_when(text, expected):
+    assert parse_when(text) == expected
+
+
+def test_parse_when_refuses_nonsense():
+    from rollouttap.errors import ConfigError
+    with pytest.raises(ConfigError, match="ISO 8601"):
+        parse_when("yesterday")
+
+
+@pytest.mark.parametrize("values, q, expected", [
+    ([], 50, None), ([3.0], 99, 3.0), ([1.0, 2.0, 3.0, 4.0], 50, 2.5), ([1.0, 2.0, 3.0, 4.0], 100, 4.0),
+    ([4.0, 1.0, 3.0, 2.0], 0, 1.0), (list(map(float, range(101))), 90, 90.0),
+])
+def test_percentile(values, q, expected):
+    assert percentile(values, q) == expected
+
+
+def test_latency_summary_skips_unknown():
+    assert latency_summary([None, 1.0, 3.0]) == {"count": 2, "p50": 2.0, "p90": 2.8, "p99": 2.98, "max": 3.0}
+
+
+@pytest.mark.parametrize("mask, runs", [
+    ([], []), ([1], [(0, 1, 1)]), ([0, 0, 1, 1, 0], [(0, 2, 0), (2, 4, 1), (4, 5, 0)]),
+])
+def test_mask_runs(mask, runs):
+    assert mask_runs(mask) == runs
+
+
+@pytest.mark.parametrize("content, text", [
+    (None, ""), ("hi", "hi"), ([{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}],
+                               "a[image_url]b"),
+])
+def test_message_text(content, text):
+    assert message_text(content) == text
+
+
+@pytest.mark.parametrize("arguments, text", [('{"x": 1}', 'f({"x": 1})'), ({"x": 1}, 'f({"x": 1})')])
+def test_tool_call_text(arguments, text):
+    assert tool_call_text({"function": {"name": "f", "arguments": arguments}}) == text
+
+
+def test_conversation_steps_show_each_call_what_it_adds(recording):
+    from rollouttap.manager.conversation import build_conversation
+    with Store(recording.store) as s:
+        conv = build_conversation(s.flows(agent_id="plain"))
+    steps = conversation_steps(conv.calls)
+    assert [s.first_new for s in steps] == [0, 3, 5] and [s.extends for s in steps] == [False, True, True]
+    assert [m["role"] for m in steps[1].new_messages] == ["tool"]
+    assert steps[2].new_messages == [{"role": "user", "content": "say bye"}]
+
+
+def test_flow_row_of_an_error_flow(recording):
+    with Store(recording.store) as s:
+        [broken] = s.flows(agent_id="broken")
+    row = flow_row(broken)
+    assert row["state"] == "error" and row["error"] and row["agent"] == "broken"
+
+
+def test_tokenizer_option_loads_a_tokenizer_json_and_its_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from rollouttap.cli_inspect import _tokenizer
+    from rollouttap.errors import ConfigError
+    tok = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "<eos>": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<eos>"}}))
+    for spec in (tmp_path, tmp_path / "tokenizer.json"):
+        decode, eos = _tokenizer(str(spec))
+        assert eos == 2 and decode(1) == "world"
+    assert _tokenizer(None) == (None, None)
+    assert _tokenizer("fake")[1] == 2
+    with pytest.raises(ConfigError, match="cannot load a tokenizer"):
+        _tokenizer(str(tmp_path / "missing.json"))

@@ -1,0 +1,412 @@
+"""Offline replay: a recorded multi-turn agent re-run against its recorded answers, with the model server gone.
+
+Real processes: ScriptedUpstream as the model, mitmdump with the capture addon to record, then mitmdump with the
+capture and replay addons (and no upstream at all) to replay. The matching logic is tested as pure tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import requests
+
+from conftest import settled_flows, start_proxy, wait_for
+from rollouttap.addon.replay import (
+    DIVERGED_STATUS, Recorded, ReplayBook, capture_injected, feed_stream, mismatch, recorded_requests,
+    request_diff, without_injected,
+)
+from rollouttap.manager.proxy import ProxyProcess, free_port
+from rollouttap.manager.replay import model_hosts_of, replay_agent, target_url
+from rollouttap.store import Store, new_token
+
+# A three-turn tool-using agent: call 0 asks (the model calls the calculator), call 1 sends the tool result,
+# call 2 asks for a goodbye. CHANGE_AT=k alters the new user text of call k; CALLS=n stops after n calls.
+# Prints one line per call: index, status, a hash of the raw body it received, and the reply it read.
+AGENT = r'''
+import hashlib, json, os, sys, urllib.error, urllib.request
+base, stream = sys.argv[1], "--stream" in sys.argv
+change_at, calls = int(os.environ.get("CHANGE_AT", "-1")), int(os.environ.get("CALLS", "3"))
+tools = [{"type": "function", "function": {"name": "calc", "description": "evaluate arithmetic",
+          "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                         "required": ["expression"]}}}]
+messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "what is 2+3?"}]
+
+def post(body):
+    req = urllib.request.Request(base + "/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": "Bearer sk-agent"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+def reply_of(raw):
+    if not stream:
+        return json.loads(raw)["choices"][0]["message"]
+    content, calls_by_index = "", {}
+    for line in raw.decode().splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        for choice in json.loads(line[6:]).get("choices", []):
+            delta = choice.get("delta") or {}
+            content += delta.get("content") or ""
+            for tc in delta.get("tool_calls") or []:
+                slot = calls_by_index.setdefault(tc["index"], {"id": None, "type": "function",
+                                                               "function": {"name": "", "arguments": ""}})
+                slot["id"] = tc.get("id") or slot["id"]
+                fn = tc.get("function") or {}
+                slot["function"]["name"] += fn.get("name") or ""
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+    message = {"role": "assistant", "content": content or None}
+    if calls_by_index:
+        message["tool_calls"] = [calls_by_index[i] for i in sorted(calls_by_index)]
+    return message
+
+failed = False
+for i in range(calls):
+    if i == 2:
+        messages.append({"role": "user", "content": "say goodbye" if change_at == 2 else "say bye"})
+    if i == change_at and i != 2:
+        messages[-1] = {**messages[-1], "content": str(messages[-1]["content"]) + " (changed)"}
+    body = {"model": "policy", "messages": messages, "stream": stream, "tools": tools}
+    if i == 2:
+        body["tool_choice"] = "none"
+    status, raw = post(body)
+    if status != 200:
+        print(i, "ERR", status, flush=True)
+        failed = True
+        continue
+    message = reply_of(raw)
+    print(i, status, hashlib.sha256(raw).hexdigest()[:16], json.dumps(message, sort_keys=True), flush=True)
+    messages.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls")})
+    for tc in message.get("tool_calls") or []:
+        result = str(eval(json.loads(tc["function"]["arguments"])["expression"]))
+        messages.append({"role": "tool", "tool_call_id": tc["id"], "content": result})
+sys.exit(3 if failed else 0)
+'''
+
+
+@dataclass
+class Recording:
+    """A store made by a real run: agents with their commands and what each printed."""
+    store: Path
+    base_url: str
+    upstream_host: str
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    run_id: str = ""
+
+
+def agent_command(script: Path, base_url: str, *, stream: bool = False) -> list[str]:
+    return [sys.executable, str(script), base_url] + (["--stream"] if stream else [])
+
+
+def run_agent(proxy, store: Path, agent_id: str, command: list[str], run_id: str, **env: str) -> str:
+    """Register the agent, run it through the proxy with credentials, record how it ended; its stdout."""
+    import subprocess
+    token = new_token()
+    with Store(store) as s:
+        s.register_agent(agent_id, token=token, run_id=run_id, meta={"prompt": "what is 2+3?"})
+    full_env = {k: v for k, v in os.environ.items() if k != "ROLLOUTTAP_AGENT_ID"}
+    full_env.update(proxy.env(agent_id, token), **env)
+    proc = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=60)
+    with Store(store) as s:
+        s.agent_ended(agent_id, "ok" if proc.returncode == 0 else "failed", {"exit_code": proc.returncode})
+    assert proc.returncode == 0, proc.stderr
+    settled_flows(store, agent_id=agent_id)
+    return proc.stdout
+
+
+def record(tmp: Path, confdir: Path, agents: dict[str, bool],
+           extra: Callable[[ProxyProcess, Recording], None] | None = None) -> Recording:
+    """Record each agent (name -> streamed?) through a real proxy and ScriptedUpstream, then stop both;
+    ``extra`` runs while both are up."""
+    from rollouttap.testing.upstream import ScriptedUpstream
+    script = tmp / "agent.py"
+    script.write_text(AGENT)
+    with ScriptedUpstream(script="reasoning") as upstream:
+        host = upstream.url.split("://", 1)[1]
+        rec = Recording(tmp / "runs.db", upstream.base_url, host, run_id="run-" + uuid.uuid4().hex[:6])
+        with start_proxy(rec.store, confdir, model_hosts=(host,)) as proxy:
+            for name, stream in agents.items():
+                rec.commands[name] = agent_command(script, upstream.base_url, stream=stream)
+                rec.outputs[name] = run_agent(proxy, rec.store, name, rec.commands[name], rec.run_id)
+            if extra is not None:
+                extra(proxy, rec)
+    return rec
+
+
+def extra_traffic(proxy, rec: Recording) -> None:
+    """A chat call to a refused upstream (agent 'broken'), a /completions call (agent 'completer'), and an
+    unattributed request."""
+    dead = f"http://127.0.0.1:{free_port()}/v1/chat/completions"
+    resp = requests.post(dead, json={"model": "m", "messages": [{"role": "user", "content": "hello?"}]},
+                         headers={"X-Agent-ID": "broken"}, proxies={"http": proxy.url}, timeout=10)
+    assert resp.status_code == 502
+    resp = requests.post(rec.base_url + "/completions", json={"model": "m", "prompt": "once upon a time"},
+                         headers={"X-Agent-ID": "completer"}, proxies={"http": proxy.url}, timeout=10)
+    assert resp.status_code == 200
+    settled_flows(rec.store, agent_id="completer")
+    requests.get(rec.base_url.removesuffix("/v1") + "/health", proxies={"http": proxy.url}, timeout=10)
+    settled_flows(rec.store, agent_id="broken")
+    with Store(rec.store) as s:
+        wait_for(lambda: [f for f in s.flows(unattributed=True) if f.state == "done"], what="unattributed flow")
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory, confdir) -> Recording:
+    return record(tmp_path_factory.mktemp("recorded"), confdir, {"plain": False, "streamer": True})
+
+
+# -- real replays --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("agent", ["plain", "streamer"])
+def test_replay_reproduces_outputs_offline_and_is_itself_captured(recording, confdir, tmp_path, agent):
+    out = tmp_path / "replay.db"
+    result = replay_agent(recording.store, agent, recording.commands[agent], out=out, confdir=confdir,
+                          capture_output=True, timeout=60)
+    assert result.divergence is None and result.exit_code == 0, (result.stderr, result.divergence)
+    assert result.ok and result.answered == result.recorded == result.requests == 3
+    # Byte-identical bodies: the hashes the agent printed match the recorded run's.
+    assert result.stdout == recording.outputs[agent]
+    assert "The answer is 5." in result.stdout
+    replayed = settled_flows(out, agent_id=result.replay_agent_id)
+    with Store(recording.store) as s:
+        original = s.flows(agent_id=agent)
+    assert [f.request_json()["messages"] for f in replayed] == [f.request_json()["messages"] for f in original]
+    # The replay proxy asked for token ids again, so the replay store holds the recorded ids and streams.
+    assert all(f.attribution == "credentials" and f.meta.get("injected") for f in replayed)
+    assert [f.response_body for f in replayed] == [f.response_body for f in original]
+    with Store(out) as s:
+        entry = s.agent(result.replay_agent_id)
+    assert entry.status == "ok" and entry.meta["replay_of"] == agent
+
+
+@pytest.mark.parametrize("agent", ["plain", "streamer"])
+def test_replay_without_token_id_injection_strips_the_recorded_ids_itself(recording, confdir, tmp_path, agent):
+    out = tmp_path / "replay.db"
+    result = replay_agent(recording.store, agent, recording.commands[agent], out=out, confdir=confdir,
+                          model_hosts=(), capture_output=True, timeout=60)
+    assert result.ok, (result.stderr, result.divergence)
+    assert result.stdout == recording.outputs[agent]  # the agent never sees the ids the proxy asked for
+    replayed = settled_flows(out, agent_id=result.replay_agent_id)
+    assert not any(f.meta.get("injected") for f in replayed)
+    assert all(b"prompt_token_ids" in f.response_body and b'"prompt_token_ids":[' not in f.response_body
+               for f in replayed)
+
+
+def test_https_agent_recorded_through_a_route_replays_without_network(tmp_path, confdir):
+    """The openai SDK streaming to https://api.openai.com (routed to the scripted model when recorded); the
+    replay has neither the route nor the model: the proxy's CA and the recording answer everything."""
+    from rollouttap.testing.upstream import ScriptedUpstream
+    store = tmp_path / "runs.db"
+    command = [sys.executable, str(Path(__file__).with_name("agent_clients.py")), "openai",
+               "https://api.openai.com/v1", "--marker", "zebra", "--calls", "2", "--stream"]
+    with ScriptedUpstream() as upstream:
+        with start_proxy(store, confdir, routes=(f"api.openai.com={upstream.url}",)) as proxy:
+            recorded = run_agent(proxy, store, "oa", command, "run-https")
+    result = replay_agent(store, "oa", command, out=tmp_path / "r.db", confdir=confdir, capture_output=True,
+                          timeout=60)
+    assert result.ok and result.answered == 2, (result.stderr, result.divergence)
+    assert result.stdout == recorded == "echo: say zebra\necho: say zebra\n"
+    posts = [f for f in settled_flows(tmp_path / "r.db", agent_id=result.replay_agent_id) if f.method == "POST"]
+    assert [f.url for f in posts] == ["https://api.openai.com/v1/chat/completions"] * 2
+
+
+def test_changed_agent_diverges_at_the_changed_call_with_a_diff(recording, confdir, tmp_path):
+    env = {**os.environ, "CHANGE_AT": "2"}
+    result = replay_agent(recording.store, "plain", recording.commands["plain"], out=tmp_path / "r.db",
+                          confdir=confdir, env=env, capture_output=True, timeout=60)
+    div = result.divergence
+    assert div is not None and not result.ok
+    assert div["index"] == 2 and div["recorded_index"] == 2 and div["reason"] == "request body differs"
+    assert '-      "content": "say bye",' in div["diff"] and '+      "content": "say goodbye",' in div["diff"]
+    assert "return_token_ids" not in div["diff"]  # the proxy's own fields are not a difference
+    lines = result.stdout.splitlines()
+    assert lines[:2] == recording.outputs["plain"].splitlines()[:2]
+    assert lines[2] == f"2 ERR {DIVERGED_STATUS}" and result.exit_code == 3
+    with Store(tmp_path / "r.db") as s:
+        assert s.agent(result.replay_agent_id).status == "failed"
+
+
+def test_requests_after_a_divergence_are_refused(recording, confdir, tmp_path):
+    env = {**os.environ, "CHANGE_AT": "0"}
+    result = replay_agent(recording.store, "plain", recording.commands["plain"], out=tmp_path / "r.db",
+                          confdir=confdir, env=env, capture_output=True, timeout=60)
+    assert result.divergence["index"] == 0 and result.answered == 0
+    assert result.stdout.splitlines() == [f"{i} ERR {DIVERGED_STATUS}" for i in range(3)]
+    flows = settled_flows(tmp_path / "r.db", agent_id=result.replay_agent_id)
+    assert [f.status_code for f in flows] == [DIVERGED_STATUS] * 3
+
+
+def test_agent_stopping_early_is_a_divergence(recording, confdir, tmp_path):
+    env = {**os.environ, "CALLS": "2"}
+    result = replay_agent(recording.store, "plain", recording.commands["plain"], out=tmp_path / "r.db",
+                          confdir=confdir, env=env, capture_output=True, timeout=60)
+    assert result.exit_code == 0 and result.answered == 2
+    assert result.divergence["index"] == 2 and result.divergence["recorded_index"] == 2
+    assert "stopped after 2 requests" in result.divergence["reason"]
+
+
+def test_replay_refuses_its_own_store_and_unknown_agents(recording, tmp_path):
+    from rollouttap.errors import ConfigError
+    with pytest.raises(ConfigError, match="another store"):
+        replay_agent(recording.store, "plain", ["true"], out=recording.store)
+    with pytest.raises(ConfigError, match="no flows"):
+        replay_agent(recording.store, "nobody", ["true"], out=tmp_path / "r.db")
+
+
+def test_model_hosts_come_from_the_recording(recording):
+    with Store(recording.store) as s:
+        assert model_hosts_of(s.flows(agent_id="plain")) == (recording.upstream_host,)
+
+
+# -- pure tables ---------------------------------------------------------------------------------------------------
+
+def _rec(index: int, body: dict | bytes, *, path: str = "/v1/chat/completions", method: str = "POST",
+         injected: dict | None = None, t: tuple[float, float] | None = None) -> Recorded:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    start, end = t or (float(index), float(index) + 0.5)
+    return Recorded(index, f"f{index}", method, (path,), raw, [("content-type", "application/json")],
+                    injected or {}, 200, [("content-type", "application/json")], b"{}", None, start, end)
+
+
+INJ = {"return_token_ids": True, "logprobs": True}
+
+
+@pytest.mark.parametrize("live, recorded, expected", [
+    ({"a": 1, "return_token_ids": True, "logprobs": True}, {"a": 1}, {"a": 1}),
+    ({"a": 1, "logprobs": True}, {"a": 1, "logprobs": True}, {"a": 1, "logprobs": True}),  # the agent's own
+    ({"a": 1, "logprobs": False}, {"a": 1}, {"a": 1, "logprobs": False}),  # not the injected value
+    (["not", "a", "dict"], {"a": 1}, ["not", "a", "dict"]),
+])
+def test_without_injected(live, recorded, expected):
+    assert without_injected(live, recorded, INJ) == expected
+
+
+@pytest.mark.parametrize("method, path, body, expected", [
+    ("POST", "/v1/chat/completions", {"m": [1], "return_token_ids": True, "logprobs": True}, None),
+    ("post", "/v1/chat/completions", {"m": [1]}, None),
+    ("POST", "/v1/completions", {"m": [1]}, "expected POST /v1/chat/completions, got POST /v1/completions"),
+    ("GET", "/v1/chat/completions", {"m": [1]}, "expected POST /v1/chat/completions, got GET /v1/chat/completions"),
+    ("POST", "/v1/chat/completions", {"m": [2]}, "request body differs"),
+])
+def test_mismatch(method, path, body, expected):
+    entry = _rec(0, {"m": [1]}, injected=INJ)
+    assert mismatch(entry, method, path, json.dumps(body, indent=1).encode()) == expected
+
+
+def test_mismatch_compares_non_json_bodies_as_bytes():
+    entry = _rec(0, b"plain text", path="/upload")
+    assert mismatch(entry, "POST", "/upload", b"plain text") is None
+    assert mismatch(entry, "POST", "/upload", b"other text") == "request body differs"
+
+
+@pytest.mark.parametrize("sequence, divergence_at, answered", [
+    ([0, 1, 2], None, 3),
+    ([0, 2], 1, 1),  # skipping a request is a divergence, not a match further on
+    ([0, 1, 2, 2], 3, 3),  # one more than recorded
+    ([9], 0, 0),
+])
+def test_book_in_order(sequence, divergence_at, answered):
+    book = ReplayBook([_rec(i, {"n": i}) for i in range(3)])
+    for n in sequence:
+        book.take("POST", "/v1/chat/completions", json.dumps({"n": n}).encode())
+    assert book.answered == answered
+    assert (book.divergence.index if book.divergence else None) == divergence_at
+
+
+def test_book_accepts_requests_the_recording_made_concurrently_in_any_order():
+    # 1 and 2 were in flight together with 0 in the recording; 3 started after 0 ended.
+    entries = [_rec(0, {"n": 0}, t=(0.0, 1.0)), _rec(1, {"n": 1}, t=(0.1, 0.9)), _rec(2, {"n": 2}, t=(0.2, 1.2)),
+               _rec(3, {"n": 3}, t=(2.0, 3.0))]
+    book = ReplayBook(entries)
+    for n in (2, 0, 1, 3):
+        assert book.take("POST", "/v1/chat/completions", json.dumps({"n": n}).encode()) is entries[n]
+    assert book.final_divergence() is None
+    early = ReplayBook(entries)
+    assert early.take("POST", "/v1/chat/completions", b'{"n": 3}') is None  # not concurrent with #0
+    assert early.divergence.recorded_index == 0
+
+
+def test_book_reports_the_first_divergence_and_counts_the_rest():
+    book = ReplayBook([_rec(i, {"n": i}) for i in range(3)])
+    book.take("POST", "/v1/chat/completions", b'{"n": 0}')
+    book.take("POST", "/v1/chat/completions", b'{"n": 7}')
+    book.take("POST", "/v1/chat/completions", b'{"n": 2}')  # would match, but the replay already diverged
+    report = book.report("ag", "done")
+    assert report["divergence"]["index"] == 1 and report["after_divergence"] == 1 and report["answered"] == 1
+    assert '-  "n": 1' in report["divergence"]["diff"] and '+  "n": 7' in report["divergence"]["diff"]
+
+
+def test_final_divergence_names_the_first_request_never_made():
+    book = ReplayBook([_rec(i, {"n": i}) for i in range(3)])
+    book.take("POST", "/v1/chat/completions", b'{"n": 0}')
+    div = book.final_divergence()
+    assert div.index == 1 and div.recorded_index == 1 and "stopped after 1 requests" in div.reason
+    assert book.report("ag", "diverged")["divergence"] is None  # only the final report counts missing calls
+
+
+def test_request_diff_when_the_recording_ran_out():
+    diff = request_diff(None, "POST", "/x", b'{"a": 1}')
+    assert "+POST /x" in diff and '+  "a": 1' in diff
+
+
+@pytest.mark.parametrize("live, expected", [
+    (b'{"m": 1, "return_token_ids": true, "logprobs": true}', True),
+    (b'{"m": 1, "return_token_ids": true}', False),
+    (b'not json', False),
+])
+def test_capture_injected(live, expected):
+    assert capture_injected(_rec(0, {"m": 1}, injected=INJ), live) is expected
+
+
+def test_recorded_requests_skip_tunnels_and_keep_the_routed_path(recording):
+    from dataclasses import replace
+    with Store(recording.store) as s:
+        flows = s.flows(agent_id="plain")
+    tunnel = replace(flows[0], method="CONNECT", flow_id="t")
+    routed = replace(flows[0], flow_id="r", meta={"routed_from": "https://api.openai.com/v1/chat/completions?x=1"})
+    entries = recorded_requests([tunnel, routed])
+    assert [e.flow_id for e in entries] == ["r"]
+    assert entries[0].paths == ("/v1/chat/completions", "/v1/chat/completions?x=1")
+
+
+def test_feed_stream_passes_the_body_through_the_stream_callable():
+    from mitmproxy import http
+    seen = []
+
+    def stream(data: bytes) -> list[bytes]:
+        seen.append(data)
+        return [data.upper()] if data else [b"!"]
+    resp = http.Response.make(200, b"data: x\n\n", {"content-type": "text/event-stream"})
+    resp.stream = stream
+    feed_stream(resp)
+    assert seen == [b"data: x\n\n", b""] and resp.raw_content == b"DATA: X\n\n!"
+    assert resp.headers["content-length"] == str(len(b"DATA: X\n\n!")) and not resp.stream
+
+
+@pytest.mark.parametrize("base, path, expected", [
+    ("http://h:1", "/v1/chat/completions", "http://h:1/v1/chat/completions"),
+    ("http://h:1/v1", "/v1/chat/completions", "http://h:1/v1/chat/completions"),
+    ("http://h:1/v1/", "/v1/chat/completions", "http://h:1/v1/chat/completions"),
+    ("https://h/api", "/v1/chat/completions", "https://h/api/v1/chat/completions"),
+])
+def test_target_url(base, path, expected):
+    assert target_url(base, path) == expected
+
+
+@pytest.mark.parametrize("divergence, exit_code, status", [
+    (None, 0, 0), (None, 3, 3), ({"index": 1}, 0, 1), ({"index": 1}, 3, 1), (None, -9, 137), (None, None, 0),
+])
+def test_exit_status(divergence, exit_code, status):
+    from rollouttap.manager.replay import ReplayResult
+    result = ReplayResult("a", "a.r", "r", Path("x.db"), exit_code, 3, 3, 3, divergence)
+    assert result.exit_status == status
