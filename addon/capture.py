@@ -58,6 +58,7 @@ class RolloutTap:
         self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
         self._conn_creds: dict[str, Attribution] = {}
         self._live: dict[str, _Live] = {}
+        self._parent_watch: asyncio.Task[None] | None = None
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -76,6 +77,8 @@ class RolloutTap:
                           "Attribute connections by the process that owns the client socket.")
         loader.add_option("rollouttap_allow_remote", bool, False,
                           "Allow listening on non-loopback addresses (agents on other hosts).")
+        loader.add_option("rollouttap_parent_pid", int, 0,
+                          "Shut down cleanly when this process ends (the manager that started us).")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -129,6 +132,7 @@ class RolloutTap:
     # -- lifecycle ---------------------------------------------------------------------------------
     def running(self) -> None:
         assert self.writer is not None
+        self.writer.proxy_id = self.proxy_id
         self.writer.upsert_proxy({
             "proxy_id": self.proxy_id,
             "pid": os.getpid(),
@@ -140,6 +144,8 @@ class RolloutTap:
         })
         log.info("rollouttap: recording into %s as proxy %s", ctx.options.rollouttap_store,
                  self.proxy_id)
+        if ctx.options.rollouttap_parent_pid:
+            self._parent_watch = asyncio.create_task(_shutdown_when_gone(ctx.options.rollouttap_parent_pid))
 
     def done(self) -> None:
         if self.writer is None:
@@ -330,6 +336,18 @@ class RolloutTap:
         if live.meta:
             cols["meta"] = dict(live.meta)
         self._update(flow_id, cols)
+
+
+async def _shutdown_when_gone(pid: int, interval: float = 1.0) -> None:
+    """A proxy whose manager died (killed test run, crashed trainer) must not live on as an orphan."""
+    try:
+        parent = psutil.Process(pid)
+        while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
+            await asyncio.sleep(interval)
+    except psutil.Error:
+        pass
+    log.warning("rollouttap: parent process %s is gone; shutting down", pid)
+    ctx.master.shutdown()
 
 
 def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:

@@ -71,6 +71,7 @@ class ProxyConfig:
     reverse_port: int = 0
     confdir: Path | None = None
     allow_remote: bool = False
+    parent_pid: int | None = field(default_factory=os.getpid)  # the proxy ends when this process does
     extra: dict[str, str] = field(default_factory=dict)
 
     def argv(self, proxy_id: str) -> list[str]:
@@ -93,6 +94,8 @@ class ProxyConfig:
             args += ["--set", f"rollouttap_model_hosts={host}"]
         if self.confdir is not None:
             args += ["--set", f"confdir={self.confdir}"]
+        if self.parent_pid:
+            args += ["--set", f"rollouttap_parent_pid={self.parent_pid}"]
         for key, value in self.extra.items():
             args += ["--set", f"{key}={value}"]
         return args

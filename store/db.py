@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,13 +29,26 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
             # WAL + NORMAL survives a crash of the writing process; only power loss can drop the last commits.
             conn.execute("PRAGMA synchronous = NORMAL")
         _check_version(conn, path, migrate=not readonly)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     return conn
+
+
+def _enable_wal(conn: sqlite3.Connection, attempts: int = 50) -> None:
+    # Two processes creating the same new file can both race for the lock switching it to WAL;
+    # busy_timeout does not cover that switch, so retry it for a bounded while.
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
 
 
 def _check_version(conn: sqlite3.Connection, path: Path, *, migrate: bool) -> None:

@@ -165,6 +165,21 @@ class Store:
     def proxy(self, proxy_id: str) -> dict[str, Any] | None:
         return next((p for p in self.proxies() if p["proxy_id"] == proxy_id), None)
 
+    def wait_committed(self, since: float, timeout: float, poll: float = 0.02) -> bool:
+        """Wait until every live proxy of this store has committed what it queued before ``since``.
+
+        After an agent ends, its last flow updates may still sit in a proxy's write queue; reading the
+        store before they land would miss them. False when a proxy did not catch up within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            marks = [p["committed_through"] for p in self.proxies(alive_only=True)]
+            if all(m is not None and m >= since for m in marks):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll)
+
     def close_flows_of_dead_proxies(self) -> int:
         """Flows left ``open`` by a proxy process that no longer runs can never finish: end them."""
         dead = [p["proxy_id"] for p in self.proxies()

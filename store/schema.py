@@ -3,7 +3,7 @@
 This is a public contract (see store/SCHEMA.md): columns are only ever added, through a new migration.
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -63,6 +63,10 @@ CREATE TABLE proxies (
     started_at   REAL NOT NULL,
     stopped_at   REAL
 );
+""",
+    # The writer's commit watermark: every event this proxy queued before this time is committed.
+    2: """
+ALTER TABLE proxies ADD COLUMN committed_through REAL;
 """,
 }
 

@@ -34,8 +34,10 @@ class WriterStats:
 class StoreWriter:
     """Queue flow inserts and updates; one thread commits them in batches, in order."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, heartbeat: float = 0.1) -> None:
         self.path = Path(path)
+        self.proxy_id: str | None = None  # set once the proxy row exists; enables the watermark
+        self.heartbeat = heartbeat
         self.stats = WriterStats()
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._conn = connect(self.path)
@@ -88,7 +90,11 @@ class StoreWriter:
         stop = False
         while not stop:
             batch: list[tuple[Any, ...]] = []
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self.heartbeat)
+            except queue.Empty:
+                self._mark_idle()
+                continue
             if first is None:
                 break
             batch.append(first)
@@ -107,11 +113,16 @@ class StoreWriter:
         barriers = [e[1] for e in batch if e[0] == "barrier"]
         writes = [e for e in batch if e[0] != "barrier"]
         delay = 0.05
+        # FIFO: once this batch is committed, so is everything queued before its last event.
+        now = time.time()
+        mark = now if self._queue.empty() else None
         while writes:
             try:
                 with transaction(self._conn):
                     for event in writes:
                         _apply(self._conn, event)
+                    if mark is not None:
+                        self._write_mark(mark)
                 break
             except sqlite3.OperationalError as exc:
                 # Locked or busy beyond busy_timeout: keep the batch and try again; never drop traffic.
@@ -126,6 +137,24 @@ class StoreWriter:
         self.stats.max_batch = max(self.stats.max_batch, len(writes))
         for barrier in barriers:
             barrier.set()
+
+    def _mark_idle(self) -> None:
+        """Nothing queued: everything queued before now is committed; tell readers so."""
+        if self.proxy_id is None:
+            return
+        mark = time.time()
+        if not self._queue.empty():
+            return
+        try:
+            with transaction(self._conn):
+                self._write_mark(mark)
+        except sqlite3.Error as exc:  # the watermark only speeds readers up; the next beat retries it
+            log.debug("store watermark not written: %s", exc)
+
+    def _write_mark(self, mark: float) -> None:
+        if self.proxy_id is not None:
+            self._conn.execute("UPDATE proxies SET committed_through = max(coalesce(committed_through, 0), ?) "
+                               "WHERE proxy_id = ?", (mark, self.proxy_id))
 
     def _commit_one_by_one(self, writes: list[tuple[Any, ...]]) -> None:
         for event in writes:

@@ -191,3 +191,30 @@ def test_decode_body(encoding):
     encoded = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress,
                "zstd": zstandard.ZstdCompressor().compress, None: lambda b: b}[encoding](raw)
     assert decode_body(encoded, encoding) == raw
+
+
+def test_writer_watermark_tells_readers_what_is_committed(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, heartbeat=0.05)
+    writer.upsert_proxy({"proxy_id": "p1", "pid": os.getpid(), "create_time": None, "started_at": 1.0})
+    writer.proxy_id = "p1"
+    store = Store(path)
+    before = time.time()
+    writer.insert_flow(_flow("w1"))
+    assert store.wait_committed(before, timeout=10)
+    assert store.flow("w1") is not None  # committed by the time the watermark passed
+    writer.close()
+    # a live proxy that never writes again holds readers back only up to the timeout
+    assert not store.wait_committed(time.time() + 60, timeout=0.1)
+
+
+def test_migration_from_version_1_adds_the_watermark(tmp_path):
+    from rollouttap.store.schema import MIGRATIONS
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[1] + "; PRAGMA user_version = 1;")
+    conn.close()
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert "committed_through" in {r[1] for r in conn.execute("PRAGMA table_info(proxies)")}

@@ -1,0 +1,123 @@
+"""A small multi-turn, tool-using agent written with the openai SDK, streaming on.
+
+    python examples/openai_agent.py "What is 17 * 23?"      # or the task on stdin
+
+It offers one tool, ``calculator``, runs the model's tool calls locally, and loops until the model answers
+without calling a tool (or MAX_TURNS is reached); then it prints the final answer. Nothing in it knows about
+rollouttap: run it behind the proxy with
+``rollouttap run --agent 'python examples/openai_agent.py {prompt}' --prompts p.jsonl --model-url URL``.
+
+Environment: OPENAI_BASE_URL and OPENAI_API_KEY (the SDK's own), MODEL (default "policy"), MAX_TURNS (8).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import os
+import sys
+from typing import Any
+
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression (+ - * / % ** and parentheses).",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                       "required": ["expression"]},
+    },
+}]
+SYSTEM = "You are a careful assistant. Use the calculator tool for arithmetic, then answer briefly."
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Mod: operator.mod, ast.Pow: operator.pow, ast.FloorDiv: operator.floordiv}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+def calculate(expression: str) -> str:
+    """The value of an arithmetic expression as text, or an error message the model can read."""
+    try:
+        value = _evaluate(ast.parse(expression.replace("^", "**"), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        return f"error: {exc}"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _evaluate(node: ast.AST) -> float:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError("exponent too large")
+        return _BINARY[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_evaluate(node.operand))
+    raise ValueError(f"unsupported {type(node).__name__} in the expression")
+
+
+def run_tool(name: str, arguments: str) -> str:
+    """Execute one tool call locally."""
+    try:
+        args = json.loads(arguments or "{}")
+    except ValueError:
+        return f"error: arguments are not JSON: {arguments!r}"
+    if name != "calculator":
+        return f"error: unknown tool {name!r}"
+    return calculate(str(args.get("expression", "")))
+
+
+def stream_turn(client: Any, model: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One streamed model call; the assistant message rebuilt from its deltas."""
+    content: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    stream = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, stream=True)
+    for chunk in stream:
+        for choice in chunk.choices:
+            delta = choice.delta
+            if delta.content:
+                content.append(delta.content)
+            for part in delta.tool_calls or ():
+                call = calls.setdefault(part.index, {"id": None, "type": "function",
+                                                     "function": {"name": "", "arguments": ""}})
+                call["id"] = part.id or call["id"]
+                if part.function is not None:
+                    call["function"]["name"] += part.function.name or ""
+                    call["function"]["arguments"] += part.function.arguments or ""
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return message
+
+
+def run(task: str, client: Any, model: str = "policy", max_turns: int = 8) -> str:
+    """The agent loop: call the model, run its tool calls, repeat until it answers."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task}]
+    for _ in range(max_turns):
+        reply = stream_turn(client, model, messages)
+        messages.append(reply)
+        if not reply.get("tool_calls"):
+            return reply["content"] or ""
+        for call in reply["tool_calls"]:
+            result = run_tool(call["function"]["name"], call["function"]["arguments"])
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+    raise RuntimeError(f"no final answer within {max_turns} turns")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    task = " ".join(args) if args else sys.stdin.read()
+    if not task.strip():
+        print("usage: openai_agent.py TASK (or the task on stdin)", file=sys.stderr)
+        return 2
+    import openai
+    client = openai.OpenAI(max_retries=2)
+    print(run(task.strip(), client, os.environ.get("MODEL", "policy"), int(os.environ.get("MAX_TURNS", "8"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Agent specifications: what process to start for one prompt (a command template or a Python entry point).
+
+A prompt is a string or a list of chat messages. Commands see a message list as JSON text: in ``{prompt}``,
+in the ``{prompt_file}`` file and on stdin. Entry points receive the prompt as the Python value it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shlex
+import signal
+import string
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Union
+
+from rollouttap.errors import AgentSpecError
+
+Prompt = Union[str, list[dict[str, Any]]]
+# A check computes the result of an agent's work from its workdir (used by rewards): a callable taking the
+# workdir, or a shell command run there (its exit code and output tails become the result).
+Check = Union[Callable[[Path], Any], str, None]
+
+PLACEHOLDERS = frozenset({"prompt", "prompt_file", "workdir", "agent_id"})
+RUNNER_MODULE = "rollouttap.manager.runner_entry"
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """Everything a spec may put on an agent's command line, for one agent."""
+    agent_id: str
+    prompt: Prompt
+    workdir: Path
+    prompt_file: Path  # the prompt as text (JSON for a message list)
+    prompt_json_file: Path  # the prompt as JSON, whatever its type (what entry points read)
+    result_file: Path  # where an entry point's runner writes its outcome
+
+    @property
+    def values(self) -> dict[str, str]:
+        return {"prompt": prompt_text(self.prompt), "prompt_file": str(self.prompt_file),
+                "workdir": str(self.workdir), "agent_id": self.agent_id}
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as text: a string as it is, a message list as JSON."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(prompt, ensure_ascii=False)
+
+
+def check_prompt(prompt: object) -> Prompt:
+    """The prompt itself when it is a string or a list of message dicts; else AgentSpecError."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return prompt
+    raise AgentSpecError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
+
+
+def template_fields(template: str) -> set[str]:
+    """Placeholder names used in one template argument; AgentSpecError for unknown or positional ones."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise AgentSpecError(f"bad template {template!r}: {exc} (write {{{{ and }}}} for braces)") from exc
+    names = {name for _, name, _, _ in parsed if name is not None}
+    for name in names:
+        if name not in PLACEHOLDERS:
+            known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+            raise AgentSpecError(f"unknown placeholder {{{name}}} in {template!r}; known: {known}")
+    return names
+
+
+def render_argv(template: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """Fill placeholders argument by argument: a prompt never splits into several arguments."""
+    return [part.format_map(values) for part in template]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentSpec:
+    """What every spec has: extra environment, and an optional check of the workdir after the agent ends."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    check: Check = None
+    check_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
+        if self.check is not None and not (callable(self.check) or isinstance(self.check, str)):
+            raise AgentSpecError("check is a callable taking the workdir, or a shell command")
+
+    def argv(self, ctx: LaunchContext) -> list[str]:
+        raise NotImplementedError
+
+    def stdin_bytes(self, ctx: LaunchContext) -> bytes | None:
+        """What to feed the agent on stdin; None gives it an empty stdin (EOF)."""
+        return None
+
+    def extra_env(self) -> dict[str, str]:
+        """Variables this kind of spec needs on top of ``env``."""
+        return {}
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def run_check(self, workdir: Path) -> tuple[Any, str | None]:
+        """(result, error) of the check on a finished agent's workdir; (None, None) without a check."""
+        if self.check is None:
+            return None, None
+        if isinstance(self.check, str):
+            return run_shell_check(self.check, workdir, self.check_timeout)
+        try:
+            return self.check(workdir), None
+        except Exception as exc:  # a broken check is reported with the agent, never fails the batch
+            return None, f"{type(exc).__name__}: {exc}"
+
+
+def run_shell_check(command: str, workdir: Path, timeout: float) -> tuple[Any, str | None]:
+    """Run ``command`` with sh in the workdir: {"passed", "exit_code", "stdout_tail", "stderr_tail"}."""
+    proc = subprocess.Popen(["sh", "-c", command], cwd=workdir, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, f"check timed out after {timeout:g}s: {command}"
+    return {"passed": proc.returncode == 0, "exit_code": proc.returncode,
+            "stdout_tail": out.decode("utf-8", "replace")[-2000:],
+            "stderr_tail": err.decode("utf-8", "replace")[-2000:]}, None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandAgent(AgentSpec):
+    """Any program: an argv template (a string is split like a shell would, without running one)."""
+    argv_template: str | Sequence[str] = field(kw_only=False)
+    stdin: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        template = self.argv_template
+        if isinstance(template, str):
+            try:
+                template = shlex.split(template)
+            except ValueError as exc:
+                raise AgentSpecError(f"cannot split command {self.argv_template!r}: {exc}") from exc
+        parts = tuple(template)
+        if not parts or not all(isinstance(p, str) for p in parts):
+            raise AgentSpecError("a command template is a non-empty list of strings")
+        for part in parts:
+            template_fields(part)
+        object.__setattr__(self, "argv_template", parts)
+
+    def argv(self, ctx: LaunchContext) -> list[str]:
+        return render_argv(self.argv_template, ctx.values)
+
+    def stdin_bytes(self, ctx: LaunchContext) -> bytes | None:
+        return prompt_text(ctx.prompt).encode("utf-8") if self.stdin else None
+
+    def describe(self) -> str:
+        return shlex.join(self.argv_template)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EntryPointAgent(AgentSpec):
+    """A Python function ``package.module:function(prompt)``, run in a fresh interpreter per agent.
+
+    Its JSON-serialisable return value comes back in the result; an exception fails the agent. A function
+    object is accepted too if it is importable by name (not a lambda, a local, or defined in ``__main__``).
+    """
+    target: str | Callable[..., Any] = field(kw_only=False)
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = self.target if isinstance(self.target, str) else _name_of(self.target)
+        resolve_entry_point(name)
+        object.__setattr__(self, "target", name)
+
+    @property
+    def module(self) -> str:
+        return str(self.target).partition(":")[0]
+
+    def argv(self, ctx: LaunchContext) -> list[str]:
+        return [self.python, "-m", RUNNER_MODULE, str(self.target),
+                "--prompt-file", str(ctx.prompt_json_file), "--result-file", str(ctx.result_file)]
+
+    def extra_env(self) -> dict[str, str]:
+        # The child must import the module from where this process found it (e.g. a tests/ directory).
+        root = module_root(self.module)
+        return {"ROLLOUTTAP_ENTRY_PATH": str(root)} if root is not None else {}
+
+    def describe(self) -> str:
+        return str(self.target)
+
+
+def resolve_entry_point(target: str) -> Callable[..., Any]:
+    """The callable named ``module:attr[.attr]``; AgentSpecError when it cannot be imported or called."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise AgentSpecError(f"entry point {target!r} is not module:function")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise AgentSpecError(f"cannot import {module_name!r} for entry point {target!r}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise AgentSpecError(f"{module_name!r} has no attribute {attr!r}") from exc
+    if not callable(obj):
+        raise AgentSpecError(f"entry point {target!r} is not callable")
+    return obj
+
+
+def module_root(module_name: str) -> Path | None:
+    """The sys.path directory a module was imported from (None for built-in or namespace modules)."""
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    origin = getattr(module, "__file__", None)
+    if not origin:
+        return None
+    path = Path(origin).resolve().parent
+    depth = module_name.count(".") + (1 if Path(origin).name == "__init__.py" else 0)
+    for _ in range(depth):
+        path = path.parent
+    return path
+
+
+def _name_of(func: Callable[..., Any]) -> str:
+    module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        raise AgentSpecError(f"{func!r} cannot be imported by name in a fresh process; "
+                             "define it at the top level of an importable module")
+    return f"{module}:{qualname}"

@@ -1,0 +1,337 @@
+"""Starting one agent process and ending its whole tree.
+
+An agent runs in a fresh session (so its process group is its own), in its own directory, with the proxy's
+environment. Its tree is every process descending from it, in its process group or session, or carrying
+its ``ROLLOUTTAP_AGENT_ID`` tag: a grandchild that called setsid and was orphaned still carries the tag.
+Processes are named by (pid, start time), so a reused pid is never mistaken for a member.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from rollouttap.errors import ConfigError
+
+AGENT_ENV = "ROLLOUTTAP_AGENT_ID"
+_DEAD_STATES = frozenset("ZX")  # zombies wait for a reaper (pid 1 may never reap them) but run nothing
+
+
+@dataclass(frozen=True)
+class ProcRow:
+    """One line of the process table: fields of /proc/<pid>/stat."""
+    pid: int
+    ppid: int
+    pgrp: int
+    session: int
+    start: int  # start time in clock ticks since boot
+    state: str
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in _DEAD_STATES
+
+
+def parse_stat(pid: int, stat: bytes) -> ProcRow:
+    """A ProcRow from /proc/<pid>/stat; the command name may hold spaces and parentheses."""
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return ProcRow(pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]),
+                   fields[0].decode())
+
+
+def process_table(proc: str = "/proc") -> dict[int, ProcRow]:
+    """Every process of this pid namespace now."""
+    table: dict[int, ProcRow] = {}
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{name}/stat", "rb") as fh:
+                table[int(name)] = parse_stat(int(name), fh.read())
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return table
+
+
+def descendants(roots: Iterable[int], table: Mapping[int, ProcRow]) -> set[int]:
+    """The roots present in the table and every process below them."""
+    children: dict[int, list[int]] = {}
+    for row in table.values():
+        children.setdefault(row.ppid, []).append(row.pid)
+    found: set[int] = set()
+    stack = [r for r in roots if r in table]
+    while stack:
+        pid = stack.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        stack.extend(children.get(pid, ()))
+    return found
+
+
+def env_tag(pid: int, proc: str = "/proc") -> str | None:
+    """The ROLLOUTTAP_AGENT_ID a process was started with (its exec-time environment)."""
+    prefix = (AGENT_ENV + "=").encode()
+    try:
+        with open(f"{proc}/{pid}/environ", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    for entry in data.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode("utf-8", "replace")
+    return None
+
+
+@dataclass
+class AgentProcess:
+    """A started agent: its root process and every member of its tree seen so far."""
+    agent_id: str
+    popen: subprocess.Popen[bytes]
+    started: float  # time.monotonic() at spawn
+    members: dict[int, int] = field(default_factory=dict)  # pid -> start ticks
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def observe(self, table: Mapping[int, ProcRow]) -> set[int]:
+        """Add the tree's current members from a process table; returns the live ones."""
+        with self.lock:
+            known = {p for p, start in self.members.items() if p in table and table[p].start == start}
+            # Group and session ids keep the root's pid after it exits; they still name its tree.
+            found = descendants(known, table) | {
+                row.pid for row in table.values() if self.pid in (row.pgrp, row.session)}
+            for pid in found:
+                self.members[pid] = table[pid].start
+            return {p for p in found if table[p].alive}
+
+    def collect(self, table: Mapping[int, ProcRow], *, by_tag: bool = True) -> set[int]:
+        """Live members, plus live processes carrying this agent's tag (orphans that left the tree)."""
+        live = self.observe(table)
+        if by_tag:
+            me = _self_and_ancestors(table)
+            born = self.members.get(self.pid, 0)  # a process older than the agent cannot be its descendant
+            for row in table.values():
+                if row.alive and row.start >= born and row.pid not in live and row.pid not in me \
+                        and env_tag(row.pid) == self.agent_id:
+                    with self.lock:
+                        self.members.setdefault(row.pid, row.start)
+                    live.add(row.pid)
+        return live
+
+
+def make_workdir(parent: Path, template: Path | None) -> Path:
+    """A fresh working directory under ``parent``; a copy of ``template`` when given."""
+    workdir = parent / "work"
+    if template is None:
+        workdir.mkdir()
+    else:
+        shutil.copytree(template, workdir, symlinks=True)
+    return workdir
+
+
+def new_run_dir(prefix: str = "rollouttap-agent-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def spawn(agent_id: str, argv: list[str], *, env: Mapping[str, str], cwd: Path, stdin: Path | None,
+          stdout: Path, stderr: Path) -> AgentProcess:
+    """Start the agent in a new session; stdout/stderr go to files, stdin from a file or /dev/null."""
+    with open(stdout, "wb") as out, open(stderr, "wb") as err, \
+            (open(stdin, "rb") if stdin is not None else open(os.devnull, "rb")) as inp:
+        popen = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err, cwd=cwd, env=dict(env),
+                                 start_new_session=True, close_fds=True)
+    agent = AgentProcess(agent_id, popen, time.monotonic())
+    start = _start_of(popen.pid)
+    if start is not None:  # the forked child exists now; its start time does not change at exec
+        agent.members[popen.pid] = start
+    return agent
+
+
+def wait(agent: AgentProcess, deadline: float, stop: threading.Event, poll: float = 0.05) -> str:
+    """Wait for the root process: ``exited``, ``timeout`` at the deadline, or ``cancelled``."""
+    while True:
+        try:
+            agent.popen.wait(timeout=max(0.0, min(poll, deadline - time.monotonic())))
+            return "exited"
+        except subprocess.TimeoutExpired:
+            pass
+        if stop.is_set():
+            return "cancelled"
+        if time.monotonic() >= deadline:
+            return "timeout"
+
+
+def kill_tree(agent: AgentProcess, *, rounds: int = 10, settle: float = 3.0) -> tuple[int, list[int]]:
+    """SIGKILL every process of the agent's tree until none is left.
+
+    Returns (how many processes were killed, survivors). Repeated because a member may fork between a scan
+    and its kill; each new child is still a descendant, a group or session member, or tagged.
+    """
+    killed: set[int] = set()
+    survivors: list[int] = []
+    for _ in range(rounds):
+        table = process_table()
+        victims = agent.collect(table)
+        if not victims:
+            survivors = []
+            break
+        for pid in victims:
+            if _signal(pid, table[pid].start, signal.SIGKILL):
+                killed.add(pid)
+        survivors = _wait_gone(victims, {p: table[p].start for p in victims}, settle)
+    _reap(agent)
+    return len(killed - {agent.pid}), survivors
+
+
+def _signal(pid: int, start: int, sig: int) -> bool:
+    """Signal exactly the process (pid, start): through a pidfd opened and checked first when possible."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    try:
+        if _start_of(pid) != start:
+            return False
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError, OSError):
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _start_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return parse_stat(pid, fh.read()).start
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            row = parse_stat(pid, fh.read())
+    except (OSError, ValueError, IndexError):
+        return False
+    return row.start == start and row.alive
+
+
+def _wait_gone(pids: Iterable[int], starts: Mapping[int, int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = sorted(pids)
+    while left:
+        left = [p for p in left if _alive(p, starts[p])]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    return left
+
+
+def _reap(agent: AgentProcess) -> None:
+    try:
+        agent.popen.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _self_and_ancestors(table: Mapping[int, ProcRow]) -> set[int]:
+    """This process and its ancestors: never victims, even if they carry the tag (a nested manager)."""
+    found, pid = set(), os.getpid()
+    while pid in table and pid not in found:
+        found.add(pid)
+        pid = table[pid].ppid
+    return found
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    """The last ``chars`` characters of a text file (decoded leniently); empty if missing."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - chars * 4))
+            data = fh.read()
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace")[-chars:]
+
+
+def signal_name(returncode: int | None) -> str | None:
+    """``SIGKILL`` for a returncode of -9, None for a normal exit."""
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when it is missing or not a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- the agent's environment ----------------------------------------------------------------------------
+def split_model_url(url: str) -> tuple[str, str, str]:
+    """(root URL, ``host:port``, path) of a model server base URL; ConfigError when it is not one."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"model URL {url!r} is not an http(s) URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}", f"{host}:{port}", parts.path.rstrip("/")
+
+
+def model_env(model_url: str | None, base_env: Mapping[str, str], *, reverse_url: str | None = None,
+              agent_id: str = "", token: str = "") -> dict[str, str]:
+    """OPENAI_BASE_URL/OPENAI_API_BASE for the agent (through the reverse listener in base-URL mode).
+
+    A placeholder OPENAI_API_KEY is added when none is set: SDKs refuse to start without one, and a local
+    model server does not check it.
+    """
+    if model_url is None:
+        return {}
+    base = model_url.rstrip("/")
+    if reverse_url is not None:
+        path = split_model_url(model_url)[2]
+        base = f"{reverse_url}/agents/{quote(agent_id, safe='')}/{quote(token, safe='')}{path}"
+    env = {"OPENAI_BASE_URL": base, "OPENAI_API_BASE": base}
+    if not base_env.get("OPENAI_API_KEY"):
+        env["OPENAI_API_KEY"] = "sk-rollouttap-local"
+    return env
+
+
+def agent_environment(base: Mapping[str, str], *, proxy: Mapping[str, str], model: Mapping[str, str],
+                      user: Mapping[str, str], spec: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment: the caller's, model defaults, the user's and the spec's, then the proxy's.
+
+    The proxy's variables come last: an agent must reach the model through its own proxy with its own
+    credentials, and an inherited NO_PROXY must not exempt the model server.
+    """
+    env = {k: v for k, v in base.items() if k != AGENT_ENV}
+    for layer in (model, user, spec, proxy):
+        env.update(layer)
+    return env

@@ -1,0 +1,332 @@
+"""AgentManager: one fresh agent process per prompt, behind the capture proxy, conversations out.
+
+    with AgentManager(agent=CommandAgent("my-agent {prompt}"), store="runs.db", model_url=URL) as manager:
+        results = manager.deploy(prompts)   # one AgentResult per prompt, in prompt order
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from rollouttap.errors import AgentSpecError, ConfigError
+from rollouttap.manager import launch
+from rollouttap.manager.agents import (
+    AgentSpec, EntryPointAgent, LaunchContext, Prompt, check_prompt, prompt_text,
+)
+from rollouttap.manager.bypass import BypassConnection, BypassDetector, merge, model_targets
+from rollouttap.manager.launch import agent_environment, model_env, split_model_url
+from rollouttap.manager.proxy import ProxyConfig
+from rollouttap.manager.proxy_link import ProxyLink
+from rollouttap.manager.results import (
+    AgentResult, collect_flows, decide_status, settle_flows, summarise,
+)
+from rollouttap.store import Store, new_token
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[AgentResult], None]
+
+
+def new_agent_id() -> str:
+    """An agent id unique across processes and machines (several trainer ranks may share a proxy)."""
+    return "ag-" + uuid.uuid4().hex
+
+
+class AgentManager:
+    """Runs agents behind a capture proxy it starts (or attaches to) and returns their conversations.
+
+    proxy: None starts a proxy; ``"http://127.0.0.1:PORT"`` attaches to a running ``rollouttap proxy``
+    recording into the same store (it cannot be restarted from here); a ProxyConfig starts one so.
+    model_url: the model server's OpenAI base URL (``http://127.0.0.1:8000/v1``): the proxy asks it for
+    token ids, agents get ``OPENAI_BASE_URL``/``OPENAI_API_BASE`` (unless env or the spec set them), and
+    direct connections to it are reported as bypasses. base_url_mode: agents' base URL goes through a
+    reverse listener whose path names the agent, for clients that ignore proxy settings (NO_PROXY then
+    names that listener's host:port, which curl does not honour).
+    """
+
+    def __init__(self, agent: AgentSpec | Callable[..., Any], *, store: str | Path = "runs.db",
+                 parallel: int = 16, timeout: float = 600.0, proxy: str | ProxyConfig | None = None,
+                 model_url: str | None = None, env: Mapping[str, str] | None = None,
+                 base_url_mode: bool = False, workdir_template: str | Path | None = None,
+                 grace: float = 10.0, eos_token_id: int | None = None, run_id: str | None = None,
+                 keep_workdirs: bool = False, confdir: str | Path | None = None,
+                 poll_interval: float = 0.2) -> None:
+        self.spec = agent if isinstance(agent, AgentSpec) else _as_spec(agent)
+        if parallel < 1 or timeout <= 0 or grace < 0 or poll_interval <= 0:
+            raise ConfigError("parallel >= 1, timeout > 0, grace >= 0 and poll_interval > 0 are required")
+        if base_url_mode and model_url is None:
+            raise ConfigError("base_url_mode needs model_url (the reverse listener's target)")
+        if model_url is not None:
+            split_model_url(model_url)  # validates
+        self.workdir_template = Path(workdir_template) if workdir_template is not None else None
+        if self.workdir_template is not None and not self.workdir_template.is_dir():
+            raise ConfigError(f"workdir_template {self.workdir_template} is not a directory")
+        self.store_path = Path(store).resolve()
+        self.parallel, self.timeout, self.grace = parallel, float(timeout), float(grace)
+        self.model_url, self.base_url_mode = model_url, base_url_mode
+        self.env = dict(env or {})
+        self.eos_token_id, self.keep_workdirs = eos_token_id, keep_workdirs
+        self.run_id = run_id or uuid.uuid4().hex
+        self.poll_interval = poll_interval
+        self._proxy_arg, self._confdir = proxy, Path(confdir) if confdir is not None else None
+        self.store: Store | None = None
+        self.link: ProxyLink | None = None
+        self._running: dict[str, launch.AgentProcess] = {}
+        self._bypass: dict[str, list[BypassConnection]] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._detector = BypassDetector(model_targets(model_url) if model_url else frozenset())
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> AgentManager:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> AgentManager:
+        """Open the store, start (or attach to) the proxy and the background watchers."""
+        if self.store is not None:
+            return self
+        self.store = Store(self.store_path)
+        try:
+            self.link = ProxyLink.open(self._proxy_arg, store=self.store, store_path=self.store_path,
+                                       model_url=self.model_url, base_url_mode=self.base_url_mode,
+                                       confdir=self._confdir)
+        except BaseException:
+            self.store.close()
+            self.store = None
+            raise
+        self._closing.clear()
+        for name, target in (("watchdog", self._watch_proxy), ("monitor", self._watch_agents)):
+            thread = threading.Thread(target=target, name=f"rollouttap-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def close(self) -> None:
+        """Stop what this manager started (its proxy commits every flow first); close the store."""
+        self._closing.set()
+        for thread in self._threads:
+            thread.join(10)
+        self._threads = []
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    @property
+    def proxy_url(self) -> str:
+        return self._link().url
+
+    @property
+    def proxy_restarts(self) -> int:
+        return self.link.restarts if self.link is not None else 0
+
+    def _link(self) -> ProxyLink:
+        if self.link is None or self.store is None:
+            raise RuntimeError("AgentManager is not started: use it as a context manager or call start()")
+        return self.link
+
+    def _watch_proxy(self) -> None:
+        while not self._closing.wait(0.25):
+            link = self.link
+            if link is not None:
+                link.revive_if_dead(self._closing)
+
+    def _watch_agents(self) -> None:
+        """Record every agent's processes (so the tree kill finds them) and direct model connections."""
+        while not self._closing.wait(self.poll_interval):
+            with self._lock:
+                running = dict(self._running)
+            if not running:
+                continue
+            table = launch.process_table()
+            live = {agent_id: agent.observe(table) for agent_id, agent in running.items()}
+            for agent_id, found in self._detector.scan(live).items():
+                with self._lock:
+                    merge(self._bypass.setdefault(agent_id, []), found)
+
+    # -- deploying ---------------------------------------------------------------------------------
+    def deploy(self, prompts: Iterable[Prompt], *, timeout: float | None = None,
+               progress: Progress | None = None) -> list[AgentResult]:
+        """Run one agent per prompt (``parallel`` at a time); results in prompt order.
+
+        A failing, hanging or crashing agent never fails the batch: its result says what happened.
+        ``timeout`` overrides the manager's for this batch; ``progress`` is called with each result.
+        """
+        self._link()
+        limit = self.timeout if timeout is None else float(timeout)
+        items = [check_prompt(p) for p in prompts]
+        results: list[AgentResult | None] = [None] * len(items)
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(items))),
+                                  thread_name_prefix="rollouttap-agent")
+        futures: list[Future[AgentResult]] = [pool.submit(self._run_guarded, i, p, stop, limit)
+                                              for i, p in enumerate(items)]
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                results[result.index] = result
+                _report(progress, result)
+        except BaseException:
+            stop.set()  # running agents are killed, queued ones never start
+            for future in futures:
+                future.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [r for r in results if r is not None]
+
+    def summary(self, results: Sequence[AgentResult], since: float | None = None) -> dict[str, Any]:
+        """Batch counts (statuses, calls, tokens, bypasses), proxy restarts and unattributed flows."""
+        out = summarise(results).to_dict()
+        out["proxy_restarts"] = self.proxy_restarts
+        if self.store is not None and since is not None:
+            out["unattributed_flows"] = len(self.store.flows(unattributed=True, since=since))
+        return out
+
+    def _run_guarded(self, index: int, prompt: Prompt, stop: threading.Event, timeout: float) -> AgentResult:
+        agent_id = new_agent_id()
+        if stop.is_set():
+            return AgentResult(agent_id, index, prompt, "error", error="cancelled before it started")
+        try:
+            return self._run_one(agent_id, index, prompt, stop, timeout)
+        except Exception as exc:  # a manager-side failure fails this agent, never the batch
+            log.exception("agent %s (prompt %d) could not be run", agent_id, index)
+            error = f"{type(exc).__name__}: {exc}"
+            try:
+                assert self.store is not None
+                self.store.agent_ended(agent_id, "error", {"error": error})
+            except Exception:
+                log.exception("agent %s: recording its end failed too", agent_id)
+            return AgentResult(agent_id, index, prompt, "error", error=error)
+
+    def _run_one(self, agent_id: str, index: int, prompt: Prompt, stop: threading.Event,
+                 timeout: float) -> AgentResult:
+        store, token = self.store, new_token()
+        assert store is not None
+        run_dir = launch.new_run_dir()
+        try:
+            store.register_agent(agent_id, token=token, run_id=self.run_id,
+                                 meta={"index": index, "agent": self.spec.describe()})
+            try:
+                ctx, agent = self._start(agent_id, token, prompt, run_dir)
+            except (OSError, AgentSpecError, ValueError) as exc:
+                error = f"cannot start agent: {exc}"
+                store.agent_ended(agent_id, "error", {"error": error})
+                return AgentResult(agent_id, index, prompt, "error", error=error)
+            outcome, killed, survivors, bypass = self._supervise(agent, timeout, stop)
+            return self._finish(ctx, agent, index, outcome, killed, survivors, bypass, timeout)
+        finally:
+            if not self.keep_workdirs:
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _start(self, agent_id: str, token: str, prompt: Prompt,
+               run_dir: Path) -> tuple[LaunchContext, launch.AgentProcess]:
+        ctx, argv, stdin = _prepare(self.spec, agent_id, prompt, run_dir, self.workdir_template)
+        env = self._environment(agent_id, token, self._link())
+        agent = launch.spawn(agent_id, argv, env=env, cwd=ctx.workdir, stdin=stdin,
+                             stdout=run_dir / "stdout.log", stderr=run_dir / "stderr.log")
+        return ctx, agent
+
+    def _supervise(self, agent: launch.AgentProcess, timeout: float,
+                   stop: threading.Event) -> tuple[str, int, list[int], tuple[dict[str, Any], ...]]:
+        """Wait for the agent (watched by the monitor meanwhile), then kill whatever is left of its tree."""
+        with self._lock:
+            self._running[agent.agent_id] = agent
+        try:
+            assert self.store is not None
+            self.store.agent_started(agent.agent_id, agent.pid)
+            outcome = launch.wait(agent, agent.started + timeout, stop)
+        finally:  # whatever happened here, nothing of the agent outlives this call
+            killed, survivors = launch.kill_tree(agent)
+            with self._lock:
+                self._running.pop(agent.agent_id, None)
+                bypass = tuple(c.to_dict() for c in self._bypass.pop(agent.agent_id, []))
+        if survivors:
+            log.error("agent %s: processes %s survived SIGKILL", agent.agent_id, survivors)
+        return outcome, killed, survivors, bypass
+
+    def _finish(self, ctx: LaunchContext, agent: launch.AgentProcess, index: int, outcome: str, killed: int,
+                survivors: list[int], bypass: tuple[dict[str, Any], ...], timeout: float) -> AgentResult:
+        """Collect the finished agent's flows, conversation, row and check into its result."""
+        ended_at = time.time()  # the agent's tree is gone: all it sent reached the proxy before now
+        store, link = self.store, self._link()
+        assert store is not None
+        duration = time.monotonic() - agent.started
+        is_entry = isinstance(self.spec, EntryPointAgent)
+        entry = launch.read_json(ctx.result_file) if is_entry else None
+        status, error = decide_status(outcome, agent.popen.returncode, entry, is_entry_point=is_entry,
+                                      timeout=timeout)
+        incomplete = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
+        flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
+        check_result, check_error = self.spec.run_check(ctx.workdir)
+        run_dir = ctx.workdir.parent
+        result = AgentResult(
+            agent.agent_id, index, ctx.prompt, status, exit_code=agent.popen.returncode, duration_s=duration,
+            stdout_tail=launch.tail(run_dir / "stdout.log"), stderr_tail=launch.tail(run_dir / "stderr.log"),
+            error=error, return_value=(entry or {}).get("value"), calls=flows.calls, flows=flows.counts,
+            incomplete_flows=incomplete, bypass_connections=bypass,
+            workdir=str(ctx.workdir) if self.keep_workdirs else None, check_result=check_result,
+            check_error=check_error, conversation=flows.conversation, row=flows.row, fidelity=flows.fidelity,
+            tokens=flows.tokens, killed_processes=killed, proxy_restarts=link.restarts)
+        store.agent_ended(agent.agent_id, status, _ended_meta(result, survivors))
+        return result
+
+    def _environment(self, agent_id: str, token: str, link: ProxyLink) -> dict[str, str]:
+        models = model_env(self.model_url, os.environ, reverse_url=link.reverse_url if self.base_url_mode
+                           else None, agent_id=agent_id, token=token)
+        return agent_environment(os.environ, proxy=link.env(agent_id, token), model=models,
+                                 user=self.env, spec={**self.spec.env, **self.spec.extra_env()})
+
+
+def _prepare(spec: AgentSpec, agent_id: str, prompt: Prompt, run_dir: Path,
+             template: Path | None) -> tuple[LaunchContext, list[str], Path | None]:
+    """Workdir, prompt files and the command line for one agent."""
+    workdir = launch.make_workdir(run_dir, template)
+    ctx = LaunchContext(agent_id, prompt, workdir, run_dir / "prompt.txt", run_dir / "prompt.json",
+                        run_dir / "result.json")
+    ctx.prompt_file.write_text(prompt_text(prompt), encoding="utf-8")
+    ctx.prompt_json_file.write_text(json.dumps(prompt), encoding="utf-8")
+    data = spec.stdin_bytes(ctx)
+    stdin = None
+    if data is not None:
+        stdin = run_dir / "stdin"
+        stdin.write_bytes(data)
+    return ctx, spec.argv(ctx), stdin
+
+
+def _ended_meta(result: AgentResult, survivors: list[int]) -> dict[str, Any]:
+    return {"exit_code": result.exit_code, "duration_s": round(result.duration_s, 3), "error": result.error,
+            "calls": result.calls, "incomplete_flows": len(result.incomplete_flows),
+            "bypass_connections": len(result.bypass_connections), "killed_processes": result.killed_processes,
+            "survivors": survivors}
+
+
+def _report(progress: Progress | None, result: AgentResult) -> None:
+    if progress is None:
+        return
+    try:
+        progress(result)
+    except Exception:  # a broken progress display must not stop the batch
+        log.exception("progress callback failed")
+
+
+def _as_spec(agent: object) -> AgentSpec:
+    if callable(agent):
+        return EntryPointAgent(agent)
+    raise AgentSpecError(f"agent must be an AgentSpec (CommandAgent, EntryPointAgent), not {agent!r}")

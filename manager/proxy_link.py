@@ -1,0 +1,119 @@
+"""The proxy a manager's agents go through: one it started (restarted when it dies) or one it attached to."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from rollouttap.errors import ConfigError, ProxyError
+from rollouttap.manager.launch import split_model_url
+from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, proxy_env
+from rollouttap.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class ProxyLink:
+    """The proxy agents go through: one this manager started (restarted when it dies) or one it attached to."""
+
+    def __init__(self, url: str, ca_cert: str | None, reverse_url: str | None,
+                 process: ProxyProcess | None) -> None:
+        self.url, self.ca_cert, self.process = url, ca_cert, process
+        # Agents get the reverse listener as "localhost": requests (like curl) ignores the port of an IP
+        # address in NO_PROXY, but honours host:port for a name.
+        self.reverse_url = loopback_as_localhost(reverse_url) if reverse_url else None
+        self.restarts = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, arg: str | ProxyConfig | None, *, store: Store, store_path: Path, model_url: str | None,
+             base_url_mode: bool, confdir: Path | None) -> ProxyLink:
+        """Start a proxy from a config (the default one when None), or attach to a running one by URL."""
+        if isinstance(arg, str):
+            return cls._attach(arg, store, base_url_mode)
+        config = own_proxy_config(arg, store_path=store_path, model_url=model_url,
+                                  base_url_mode=base_url_mode, confdir=confdir)
+        process = ProxyProcess(config).start()
+        return cls(process.url, process.ca_cert, process.reverse_url if base_url_mode else None, process)
+
+    @classmethod
+    def _attach(cls, url: str, store: Store, base_url_mode: bool) -> ProxyLink:
+        parts = urlsplit(url)
+        if not parts.hostname or not parts.port:
+            raise ConfigError(f"proxy URL {url!r} is not http://HOST:PORT")
+        row = next((p for p in store.proxies(alive_only=True)
+                    if any(x["mode"] == "regular" and int(x["port"]) == parts.port for x in p["listen"])), None)
+        if row is None:
+            raise ProxyError(f"no running rollouttap proxy at {url} records into {store.path}; start one with "
+                             f"`rollouttap proxy --store {store.path}` or let the manager start its own")
+        reverse = next((f"http://{parts.hostname}:{x['port']}" for x in row["listen"] if x["mode"] == "reverse"),
+                       None)
+        if base_url_mode and reverse is None:
+            raise ConfigError(f"base_url_mode needs a reverse listener; the proxy at {url} has none "
+                              "(start it with --reverse MODEL_URL)")
+        try:
+            socket.create_connection((parts.hostname, parts.port), timeout=5).close()
+        except OSError as exc:
+            raise ProxyError(f"the proxy at {url} does not answer: {exc}") from exc
+        return cls(f"http://{parts.hostname}:{parts.port}", row["ca_cert"], reverse if base_url_mode else None, None)
+
+    def env(self, agent_id: str, token: str) -> dict[str, str]:
+        """HTTP(S)_PROXY with the agent's credentials, CA bundle, agent tag, NO_PROXY cleared."""
+        env = proxy_env(self.url, self.ca_cert, agent_id=agent_id, token=token)
+        if self.reverse_url:
+            # mitmproxy refuses to forward to its own listeners, so a proxy-honouring client must reach the
+            # reverse listener directly. Exempting host:port (not the host) keeps other loopback traffic
+            # captured; curl ignores ports in no_proxy, so curl cannot use base-URL mode.
+            hostport = self.reverse_url.split("://", 1)[1]
+            env.update({"NO_PROXY": hostport, "no_proxy": hostport})
+        return env
+
+    def revive_if_dead(self, closing: threading.Event) -> None:
+        """Restart a proxy this manager started if it died; committed flows stay in the store."""
+        process = self.process
+        if process is None or process.alive() or closing.is_set():
+            return
+        with self._lock:
+            if process.alive() or closing.is_set():
+                return
+            log.warning("proxy %s died (log %s); restarting it on %s", process.proxy_id, process.log_path,
+                        self.url)
+            try:
+                process.restart()
+                self.restarts += 1
+            except ProxyError:
+                log.exception("restarting the proxy failed; agents cannot reach the model meanwhile")
+
+    def close(self) -> None:
+        if self.process is not None:
+            with self._lock:
+                self.process.stop()
+
+
+def loopback_as_localhost(url: str) -> str:
+    """``http://127.0.0.1:9`` -> ``http://localhost:9``; other hosts unchanged."""
+    parts = urlsplit(url)
+    if parts.hostname in ("127.0.0.1", "::1", "localhost") and parts.port:
+        return f"{parts.scheme}://localhost:{parts.port}{parts.path}"
+    return url
+
+
+def own_proxy_config(config: ProxyConfig | None, *, store_path: Path, model_url: str | None,
+                     base_url_mode: bool, confdir: Path | None) -> ProxyConfig:
+    """The config of the proxy a manager starts: the caller's (copied) plus the model server's settings."""
+    if config is None:
+        config = ProxyConfig(store=store_path, confdir=confdir)
+    elif Path(config.store).resolve() != store_path:
+        raise ConfigError(f"the proxy config records into {config.store}, the manager reads {store_path}")
+    config = replace(config, store=store_path, routes=tuple(config.routes), extra=dict(config.extra))
+    if model_url is not None:
+        root, hostport, _ = split_model_url(model_url)
+        if hostport not in config.model_hosts:
+            config = replace(config, model_hosts=(*config.model_hosts, hostport))
+        if base_url_mode and not config.reverse_target:
+            config = replace(config, reverse_target=root)
+    return config

@@ -1,0 +1,223 @@
+"""What one agent run produced, and the batch summary over many."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rollouttap.manager.conversation import build_conversation
+from rollouttap.manager.rows import build_row
+from rollouttap.store import Store
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "failed", "timeout", "error"]
+STATUSES: tuple[Status, ...] = ("ok", "failed", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """One agent's outcome: how it ended, what it returned, and its conversation with the model.
+
+    status: ``ok`` (exit 0), ``failed`` (non-zero exit, signal, or the entry point raised), ``timeout``
+    (killed at the deadline) or ``error`` (the manager could not run it). ``calls`` counts model calls;
+    ``flows`` counts every captured flow by state; ``incomplete_flows`` are flow ids still open when the
+    grace period ran out; ``bypass_connections`` are direct connections to the model server (not captured).
+    ``row``/``fidelity`` are set when the calls carry token ids and the manager knows the eos token id.
+    """
+    agent_id: str
+    index: int
+    prompt: Any
+    status: Status
+    exit_code: int | None = None
+    duration_s: float = 0.0
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    error: str | None = None
+    return_value: Any = None
+    calls: int = 0
+    flows: Mapping[str, int] = field(default_factory=dict)
+    incomplete_flows: tuple[str, ...] = ()
+    bypass_connections: tuple[Mapping[str, Any], ...] = ()
+    workdir: str | None = None
+    check_result: Any = None
+    check_error: str | None = None
+    conversation: Any = None
+    row: Any = None
+    fidelity: Any = None
+    tokens: Mapping[str, int] = field(default_factory=dict)
+    killed_processes: int = 0
+    proxy_restarts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (the conversation, row and fidelity as their own dicts)."""
+        return {
+            "agent_id": self.agent_id, "index": self.index, "prompt": json_safe(self.prompt),
+            "status": self.status, "exit_code": self.exit_code, "duration_s": round(self.duration_s, 3),
+            "stdout_tail": self.stdout_tail, "stderr_tail": self.stderr_tail, "error": self.error,
+            "return_value": json_safe(self.return_value), "calls": self.calls, "flows": dict(self.flows),
+            "incomplete_flows": list(self.incomplete_flows),
+            "bypass_connections": [dict(c) for c in self.bypass_connections],
+            "workdir": self.workdir, "check_result": json_safe(self.check_result),
+            "check_error": self.check_error, "conversation": json_safe(self.conversation),
+            "row": json_safe(self.row), "fidelity": json_safe(self.fidelity), "tokens": dict(self.tokens),
+            "killed_processes": self.killed_processes, "proxy_restarts": self.proxy_restarts,
+        }
+
+
+def decide_status(outcome: str, exit_code: int | None, entry: Mapping[str, Any] | None,
+                  *, is_entry_point: bool, timeout: float) -> tuple[Status, str | None]:
+    """(status, error text) from how waiting ended, the exit code and an entry point's result file."""
+    if outcome == "timeout":
+        return "timeout", f"timed out after {timeout:g}s; its process tree was killed"
+    if outcome == "cancelled":
+        return "error", "cancelled before it finished"
+    if entry is not None and not entry.get("ok"):
+        return "failed", str(entry.get("error") or "entry point failed")
+    if exit_code is not None and exit_code < 0:
+        return "failed", f"killed by signal {-exit_code}"
+    if exit_code != 0:
+        return "failed", f"exited with code {exit_code}"
+    if is_entry_point and entry is None:
+        return "failed", "the entry point runner wrote no result"
+    return "ok", None
+
+
+def json_safe(value: Any) -> Any:
+    """The value if JSON can hold it, recursively; anything else as its repr."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    as_dict = _as_dict(value)
+    if as_dict is not value:
+        return json_safe(as_dict)
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _as_dict(value: Any) -> Any:
+    for name in ("to_dict", "as_dict"):
+        method = getattr(value, name, None)
+        if callable(method):
+            return method()
+    return value
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts over a batch of results, for the CLI's table and logs."""
+    agents: int = 0
+    by_status: Mapping[str, int] = field(default_factory=dict)
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    agent_seconds: float = 0.0
+    incomplete_flows: int = 0
+    bypass_agents: int = 0
+    bypass_connections: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"agents": self.agents, "by_status": dict(self.by_status), "calls": self.calls,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "agent_seconds": round(self.agent_seconds, 3), "incomplete_flows": self.incomplete_flows,
+                "bypass_agents": self.bypass_agents, "bypass_connections": self.bypass_connections}
+
+
+def summarise(results: Iterable[AgentResult]) -> Summary:
+    """Sum a batch of results."""
+    items = list(results)
+    by_status = {s: sum(r.status == s for r in items) for s in STATUSES}
+    return Summary(
+        agents=len(items), by_status=by_status, calls=sum(r.calls for r in items),
+        prompt_tokens=sum(int(r.tokens.get("prompt", 0)) for r in items),
+        completion_tokens=sum(int(r.tokens.get("completion", 0)) for r in items),
+        agent_seconds=sum(r.duration_s for r in items),
+        incomplete_flows=sum(len(r.incomplete_flows) for r in items),
+        bypass_agents=sum(bool(r.bypass_connections) for r in items),
+        bypass_connections=sum(len(r.bypass_connections) for r in items),
+    )
+
+
+# -- collecting an agent's flows from the store ------------------------------------------------------------
+@dataclass(frozen=True)
+class Collected:
+    """What the store holds of one finished agent, rebuilt."""
+    counts: Mapping[str, int]
+    calls: int
+    conversation: Any
+    row: Any = None
+    fidelity: Any = None
+    tokens: Mapping[str, int] = field(default_factory=dict)
+
+
+def settle_flows(store: Store, agent_id: str, grace: float, ended_at: float | None = None,
+                 poll: float = 0.02) -> tuple[str, ...]:
+    """Wait (at most ``grace`` seconds) until none of the agent's flows is open; end and return the rest.
+
+    First the proxies must have committed everything they queued before the agent ended (``ended_at``),
+    so no flow of the agent is still in a write queue. The proxy closes a flow when its response ends or
+    its client goes away, so once the agent's processes are gone its flows close within moments; one still
+    open after the grace period never will.
+    """
+    deadline = time.monotonic() + grace
+    if ended_at is not None and not store.wait_committed(ended_at, timeout=grace, poll=poll):
+        log.warning("agent %s: the proxy has not committed its writes %.1fs after the agent ended",
+                    agent_id, grace)
+    while store.open_flow_count(agent_id) and time.monotonic() < deadline:
+        time.sleep(poll)
+    left = tuple(f.flow_id for f in store.flows(agent_id=agent_id, state="open"))
+    if left:
+        store.mark_open_flows(agent_id=agent_id, error=f"still open {grace:g}s after the agent ended")
+        log.warning("agent %s: %d flows still open after %.1fs, marked incomplete", agent_id, len(left), grace)
+    return left
+
+
+def collect_flows(store: Store, agent_id: str, *, eos_token_id: int | None) -> Collected:
+    """Counts, conversation, tokens and (with token ids and an eos id) the training row of one agent."""
+    flows = store.flows(agent_id=agent_id)
+    counts = {"open": 0, "done": 0, "error": 0}
+    for flow in flows:
+        counts[flow.state] = counts.get(flow.state, 0) + 1
+    counts["total"] = len(flows)
+    try:
+        conversation = build_conversation(flows)
+    except Exception:  # the flows stay in the store; the agent's result still stands
+        log.exception("agent %s: rebuilding its conversation failed", agent_id)
+        return Collected(counts, 0, None)
+    calls = list(conversation.calls) or list(conversation.completion_calls)
+    row = fidelity = None
+    if eos_token_id is not None and any(getattr(c, "prompt_token_ids", None) for c in calls):
+        try:
+            row, fidelity = build_row(calls, eos_token_id=eos_token_id)
+        except Exception:  # a row that cannot be built is reported, the agent's result still stands
+            log.exception("agent %s: building its training row failed", agent_id)
+    return Collected(counts, len(conversation.calls) + len(conversation.completion_calls), conversation,
+                     row, fidelity, token_counts(calls))
+
+
+def token_counts(calls: Iterable[Any]) -> dict[str, int]:
+    """Prompt and completion tokens over calls: the server's usage, else the token ids' lengths."""
+    prompt = completion = 0
+    for call in calls:
+        usage = getattr(call, "usage", None) or {}
+        ids_p, ids_c = getattr(call, "prompt_token_ids", None), getattr(call, "completion_token_ids", None)
+        prompt += int(usage.get("prompt_tokens") or len(ids_p or ()))
+        completion += int(usage.get("completion_tokens") or len(ids_c or ()))
+    return {"prompt": prompt, "completion": completion}

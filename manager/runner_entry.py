@@ -1,0 +1,79 @@
+"""Child-process runner for entry-point agents: one fresh interpreter per agent, never a reused worker.
+
+Usage: ``python -m rollouttap.manager.runner_entry module:function --prompt-file F --result-file R``.
+Reads the prompt (JSON) from F, calls the function (awaiting it if it is a coroutine function), and writes
+``{"ok": true, "value": ...}`` or ``{"ok": false, "error": ..., "traceback": ...}`` to R. Exit code 0 on
+success, 1 when the function raised or returned something JSON cannot hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+ENTRY_PATH_ENV = "ROLLOUTTAP_ENTRY_PATH"
+
+
+def load(target: str) -> Any:
+    """The object named ``module:attr[.attr]``."""
+    module_name, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def call(func: Any, prompt: Any) -> Any:
+    """Call the entry point; a coroutine it returns is run to completion."""
+    value = func(prompt)
+    if inspect.iscoroutine(value):
+        value = asyncio.run(value)
+    return value
+
+
+def outcome(target: str, prompt: Any) -> dict[str, Any]:
+    """Run the entry point and describe what happened as a JSON-ready dict."""
+    try:
+        value = call(load(target), prompt)
+    except BaseException as exc:  # the agent's own failure, SystemExit included, is the result
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        return {"ok": False, "error": f"return value is not JSON-serialisable: {exc}", "traceback": None}
+    return {"ok": True, "value": value}
+
+
+def write_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None)
+    parser.add_argument("target", help="module:function")
+    parser.add_argument("--prompt-file", type=Path, required=True)
+    parser.add_argument("--result-file", type=Path, required=True)
+    args = parser.parse_args(argv)
+    extra = os.environ.get(ENTRY_PATH_ENV)
+    if extra and extra not in sys.path:
+        sys.path.insert(0, extra)
+    prompt = json.loads(args.prompt_file.read_text(encoding="utf-8"))
+    result = outcome(args.target, prompt)
+    if not result["ok"] and result.get("traceback"):
+        sys.stderr.write(result["traceback"])
+    write_atomically(args.result_file, result)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""``rollouttap run``: prompts.jsonl in, results.jsonl and a summary table out (real proxy and agents)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import pytest
+
+from manager_support import HERE as SUPPORT
+from rollouttap.cli import main
+from rollouttap.cli_run import parse_env, read_prompts
+from rollouttap.errors import ConfigError
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (['"hello"', "", '{"prompt": "x", "id": 3}'], ["hello", "x"]),
+    (['[{"role": "user", "content": "hi"}]'], [[{"role": "user", "content": "hi"}]]),
+    (['{"messages": [{"role": "user", "content": "hi"}]}'], [[{"role": "user", "content": "hi"}]]),
+])
+def test_read_prompts(lines, expected):
+    assert read_prompts(lines) == expected
+
+
+@pytest.mark.parametrize("line", ["not json", "3", '{"other": 1}', "[1, 2]"])
+def test_read_prompts_refuses_with_line_number(line):
+    with pytest.raises(ConfigError, match="line 2"):
+        read_prompts(['"ok"', line])
+
+
+def test_parse_env():
+    assert parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    with pytest.raises(ConfigError):
+        parse_env(["nope"])
+
+
+def test_run_writes_results_and_prints_a_summary(tmp_path, confdir, upstream, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"chat 1 @id"\n{"prompt": "crash"}\n"chat 2 @id"\n')
+    out, store = tmp_path / "results.jsonl", tmp_path / "runs.db"
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
+    code = main(["run", "--agent", command, "--prompts", str(prompts), "--parallel", "3", "--timeout", "60",
+                 "--store", str(store), "--model-url", upstream.base_url, "--out", str(out),
+                 "--confdir", str(confdir), "--env", "EXTRA=1"])
+    assert code == 0  # a failed agent is reported, not fatal
+    results = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"])
+    assert [r["status"] for r in results] == ["ok", "failed", "ok"]
+    assert [r["calls"] for r in results] == [1, 0, 2]
+    assert results[0]["conversation"]["calls"][0]["messages"][0]["content"] == f"say {results[0]['agent_id']}"
+    assert "RuntimeError" in results[1]["stderr_tail"]
+    err = capsys.readouterr().err
+    for label in ("ok", "failed", "timeout", "model calls", "tokens", "unattributed flows", "bypassing agents"):
+        assert label in err
+    assert "3/3" in err
+
+
+@pytest.mark.parametrize("args", [
+    [],  # neither --agent nor --entry
+    ["--agent", "x {prompt}", "--entry", "m:f"],
+])
+def test_run_usage_errors_exit_non_zero(tmp_path, args, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"x"\n')
+    assert main(["run", "--prompts", str(prompts), "--store", str(tmp_path / "r.db"), *args]) != 0
+    assert "exactly one of --agent and --entry" in capsys.readouterr().err
+
+
+def test_run_bad_template_is_a_one_line_error(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"x"\n')
+    assert main(["run", "--agent", "agent {task}", "--prompts", str(prompts),
+                 "--store", str(tmp_path / "r.db")]) == 1
+    err = capsys.readouterr().err
+    assert "unknown placeholder {task}" in err and "next:" in err
+
+
+def test_run_entry_point_results_on_stdout(tmp_path, confdir, upstream, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"hi @id"\n')
+    code = main(["run", "--entry", "manager_support:entry_chat", "--prompts", str(prompts), "--store",
+                 str(tmp_path / "runs.db"), "--model-url", upstream.base_url, "--confdir", str(confdir)])
+    assert code == 0
+    [line] = capsys.readouterr().out.splitlines()
+    result = json.loads(line)
+    assert result["status"] == "ok" and result["return_value"]["reply"] == f"echo: say hi {result['agent_id']}"

@@ -1,0 +1,416 @@
+"""AgentManager: real agent processes behind the real proxy, against the scripted vLLM-shaped upstream.
+
+Most agents are `sh -c PROMPT` commands, so one manager runs many kinds of agent; the programs they start
+live in manager_support.py. Pure pieces (templates, statuses, environments, /proc parsing) are tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import start_proxy, wait_for
+from manager_support import HERE as SUPPORT
+from rollouttap.errors import AgentSpecError, ConfigError, ProxyError
+from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent, ProxyConfig
+from rollouttap.manager.agents import LaunchContext, render_argv, template_fields
+from rollouttap.manager.bypass import model_targets, parse_hex_address, parse_tcp_table
+from rollouttap.manager.launch import (
+    ProcRow, agent_environment, descendants, model_env, parse_stat, split_model_url,
+)
+from rollouttap.manager.proxy_link import ProxyLink
+from rollouttap.manager.results import decide_status, json_safe
+from rollouttap.manager.runner_entry import outcome
+from rollouttap.store import Store
+from rollouttap.testing.fake_tokenizer import FakeTokenizer
+
+PY = shlex.quote(sys.executable)
+
+
+def agent(action: str) -> str:
+    """A shell prompt that execs one manager_support action."""
+    return f"exec {PY} {shlex.quote(SUPPORT)} {shlex.quote(action)}"
+
+
+CURL = ("curl -sS --fail -H 'Content-Type: application/json' -d "
+        "\"{\\\"model\\\": \\\"p\\\", \\\"messages\\\": [{\\\"role\\\": \\\"user\\\", "
+        "\\\"content\\\": \\\"say $ROLLOUTTAP_AGENT_ID\\\"}]}\" \"$OPENAI_BASE_URL/chat/completions\"")
+
+SHELL_AGENT = CommandAgent(["sh", "-c", "{prompt}", "sh", "{prompt_file}", "{workdir}", "{agent_id}"], stdin=True)
+
+
+# -- pure pieces --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("template, fields", [
+    ("{prompt}", {"prompt"}), ("--in={prompt_file} --cwd {workdir}", {"prompt_file", "workdir"}),
+    ("id-{agent_id}", {"agent_id"}), ("plain {{braces}}", set()),
+])
+def test_template_fields(template, fields):
+    assert template_fields(template) == fields
+
+
+@pytest.mark.parametrize("template", ["{model}", "{}", "{0}", "{prompt.upper}", "{prompt[0]}", "{prompt"])
+def test_bad_templates_are_refused_at_construction(template):
+    with pytest.raises(AgentSpecError):
+        CommandAgent(["agent", template])
+
+
+def test_prompt_fills_one_argument_and_message_lists_become_json(tmp_path):
+    spec = CommandAgent("agent --task {prompt} --file={prompt_file}")
+    messages = [{"role": "user", "content": "a {b} c"}]
+    ctx = LaunchContext("ag-1", messages, tmp_path, tmp_path / "p.txt", tmp_path / "p.json", tmp_path / "r")
+    argv = spec.argv(ctx)
+    assert argv == ["agent", "--task", json.dumps(messages), f"--file={tmp_path / 'p.txt'}"]
+    assert render_argv(("x{prompt}y",), {"prompt": "two words"}) == ["xtwo wordsy"]
+    assert spec.stdin_bytes(ctx) is None
+    assert CommandAgent(["a"], stdin=True).stdin_bytes(ctx) == json.dumps(messages).encode()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("no_such_module_xyz:f", "cannot import"), ("manager_support:missing", "no attribute"),
+    ("manager_support:HERE", "not callable"), ("manager_support", "module:function"),
+    (lambda p: p, "cannot be imported by name"),
+])
+def test_entry_points_are_checked_at_construction(target, message):
+    with pytest.raises(AgentSpecError, match=message):
+        EntryPointAgent(target)
+
+
+def test_entry_point_from_function_object():
+    import manager_support
+    spec = EntryPointAgent(manager_support.entry_chat)
+    assert spec.target == "manager_support:entry_chat"
+    assert spec.extra_env()["ROLLOUTTAP_ENTRY_PATH"] == str(Path(SUPPORT).parent)
+
+
+@pytest.mark.parametrize("how, code, entry, is_entry, expected", [
+    ("exited", 0, None, False, "ok"),
+    ("exited", 3, None, False, "failed"),
+    ("exited", -9, None, False, "failed"),
+    ("timeout", -9, None, False, "timeout"),
+    ("cancelled", -9, None, False, "error"),
+    ("exited", 0, {"ok": True, "value": 1}, True, "ok"),
+    ("exited", 1, {"ok": False, "error": "ValueError: x"}, True, "failed"),
+    ("exited", 0, None, True, "failed"),  # the runner wrote nothing
+])
+def test_decide_status(how, code, entry, is_entry, expected):
+    status, error = decide_status(how, code, entry, is_entry_point=is_entry, timeout=5)
+    assert status == expected
+    assert (error is None) == (expected == "ok")
+
+
+def test_environment_layers_proxy_last():
+    base = {"PATH": "/bin", "NO_PROXY": "localhost,127.0.0.1", "ROLLOUTTAP_AGENT_ID": "outer",
+            "OPENAI_API_KEY": "sk-user"}
+    proxy = {"HTTP_PROXY": "http://a:t@127.0.0.1:1", "NO_PROXY": "", "no_proxy": "", "ROLLOUTTAP_AGENT_ID": "a"}
+    model = model_env("http://127.0.0.1:8000/v1", base)
+    env = agent_environment(base, proxy=proxy, model=model, user={"OPENAI_BASE_URL": "http://other/v1",
+                                                                  "HTTP_PROXY": "x"}, spec={"K": "v"})
+    assert env["NO_PROXY"] == "" and env["HTTP_PROXY"] == proxy["HTTP_PROXY"]
+    assert env["ROLLOUTTAP_AGENT_ID"] == "a" and env["PATH"] == "/bin" and env["K"] == "v"
+    assert env["OPENAI_BASE_URL"] == "http://other/v1"  # the user's choice beats the default
+    assert env["OPENAI_API_BASE"] == "http://127.0.0.1:8000/v1" and env["OPENAI_API_KEY"] == "sk-user"
+
+
+@pytest.mark.parametrize("url, reverse, expected", [
+    ("http://127.0.0.1:8000/v1", None, "http://127.0.0.1:8000/v1"),
+    ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:9", "http://127.0.0.1:9/agents/ag-1/tok/v1"),
+    ("http://localhost:8000", "http://127.0.0.1:9", "http://127.0.0.1:9/agents/ag-1/tok"),
+])
+def test_model_env_base_url(url, reverse, expected):
+    env = model_env(url, {}, reverse_url=reverse, agent_id="ag-1", token="tok")
+    assert env["OPENAI_BASE_URL"] == env["OPENAI_API_BASE"] == expected
+    assert env["OPENAI_API_KEY"]
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://127.0.0.1:8000/v1", ("http://127.0.0.1:8000", "127.0.0.1:8000", "/v1")),
+    ("https://models.local/v1/", ("https://models.local:443", "models.local:443", "/v1")),
+    ("http://[::1]:81", ("http://[::1]:81", "[::1]:81", "")),
+])
+def test_split_model_url(url, expected):
+    assert split_model_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "ftp://x/v1", "http:///v1"])
+def test_split_model_url_refuses(url):
+    with pytest.raises(ConfigError):
+        split_model_url(url)
+
+
+TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 111 1
+   1: 0100007F:C350 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000        0 222 1
+   2: 0100007F:C351 0100007F:1F90 06 00000000:00000000 00:00000000 00000000  1000        0 0 1
+"""
+TCP6 = """  sl  local_address                         remote_address                        st tx_queue ...
+   0: 0000000000000000FFFF00000100007F:C352 0000000000000000FFFF00000100007F:1F90 02 0 0 0 1000 0 333 1
+   1: 00000000000000000000000001000000:C353 00000000000000000000000001000000:1F90 01 0 0 0 1000 0 444 1
+"""
+
+
+def test_parse_tcp_tables():
+    v4 = parse_tcp_table(TCP)
+    assert [(s.local, s.remote, s.state, s.inode) for s in v4] == [
+        (("127.0.0.1", 50000), ("127.0.0.1", 8080), "ESTABLISHED", 222)]  # listen and TIME_WAIT skipped
+    v6 = parse_tcp_table(TCP6)
+    assert [(s.remote, s.state) for s in v6] == [(("127.0.0.1", 8080), "SYN_SENT"), (("::1", 8080), "ESTABLISHED")]
+    assert parse_hex_address("0100007F:0050") == ("127.0.0.1", 80)
+    assert ("127.0.0.1", 8080) in model_targets("http://127.0.0.1:8080/v1")
+
+
+def test_descendants_and_stat_parsing():
+    rows = {p: ProcRow(p, pp, p, p, 1, "S") for p, pp in [(10, 1), (11, 10), (12, 11), (13, 1), (14, 13)]}
+    assert descendants([10], rows) == {10, 11, 12}
+    assert descendants([99], rows) == set()
+    row = parse_stat(7, b"7 (a (b) c) S 3 7 7 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 0 0")
+    assert (row.ppid, row.pgrp, row.session, row.start, row.alive) == (3, 7, 7, 12345, True)
+
+
+def test_proxy_link_env_exempts_only_the_reverse_listener():
+    link = ProxyLink("http://127.0.0.1:1", "/ca.pem", "http://127.0.0.1:2", None)
+    env = link.env("ag-1", "tok")
+    assert link.reverse_url == "http://localhost:2"
+    assert env["NO_PROXY"] == env["no_proxy"] == "localhost:2"
+    assert env["HTTP_PROXY"] == env["https_proxy"] == "http://ag-1:tok@127.0.0.1:1"
+    assert env["SSL_CERT_FILE"] == "/ca.pem" and env["ROLLOUTTAP_AGENT_ID"] == "ag-1"
+    assert ProxyLink("http://127.0.0.1:1", None, None, None).env("a", "t")["NO_PROXY"] == ""
+
+
+def test_json_safe():
+    assert json_safe({"a": (1, 2.5), 3: {float("nan")}}) == {"a": [1, 2.5], "3": "{nan}"}
+
+
+def test_runner_outcomes():
+    assert outcome("manager_support:entry_async", [{"role": "user"}]) == {"ok": True, "value": {"messages": 1}}
+    failed = outcome("manager_support:entry_raise", "x")
+    assert not failed["ok"] and failed["error"].startswith("ValueError") and "Traceback" in failed["traceback"]
+    assert not outcome("os:getcwd", None)["ok"]  # a TypeError from the call itself is the agent's failure
+
+
+def test_manager_refuses_bad_settings(tmp_path):
+    with pytest.raises(ConfigError):
+        AgentManager(SHELL_AGENT, store=tmp_path / "r.db", parallel=0)
+    with pytest.raises(ConfigError, match="model_url"):
+        AgentManager(SHELL_AGENT, store=tmp_path / "r.db", base_url_mode=True)
+    with pytest.raises(AgentSpecError):
+        AgentManager("not a spec", store=tmp_path / "r.db")  # type: ignore[arg-type]
+    other = ProxyConfig(store=tmp_path / "other.db")
+    with pytest.raises(ConfigError, match="records into"):
+        AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=other).start()
+
+
+# -- real agents through the real proxy ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory, confdir, upstream):
+    store = tmp_path_factory.mktemp("manager") / "runs.db"
+    with AgentManager(SHELL_AGENT, store=store, parallel=16, timeout=60, model_url=upstream.base_url,
+                      confdir=confdir, eos_token_id=FakeTokenizer.eos_token_id, poll_interval=0.1) as m:
+        yield m
+
+
+def _flows(manager, agent_id):
+    with Store(manager.store_path) as store:
+        return store.flows(agent_id=agent_id)
+
+
+def _said(flow) -> str:
+    return flow.request_json()["messages"][0]["content"]
+
+
+def test_requests_curl_and_zero_call_agents(manager):
+    results = manager.deploy([agent("requests @id"), CURL, agent("nothing")])
+    assert [r.status for r in results] == ["ok", "ok", "ok"], [r.stderr_tail for r in results]
+    assert [r.calls for r in results] == [1, 1, 0]
+    for result in results[:2]:
+        [flow] = _flows(manager, result.agent_id)
+        assert flow.attribution == "credentials" and flow.state == "done"
+        assert _said(flow) == f"say {result.agent_id}"
+        assert result.agent_id in result.stdout_tail
+        assert result.conversation.calls[0].response.content == f"echo: say {result.agent_id}"
+        assert result.row is not None and result.fidelity.trainable_tokens > 0
+    assert results[2].flows["total"] == 0 and results[2].row is None and results[2].stdout_tail == "no calls\n"
+
+
+def test_empty_batch(manager):
+    assert manager.deploy([]) == []
+
+
+def test_placeholders_stdin_and_fresh_workdir(manager):
+    script = 'cat "$1"; echo; cat; echo; echo "cwd=$(pwd) dir=$2 id=$3"; ls -A | wc -l'
+    [result] = manager.deploy([script])
+    lines = result.stdout_tail.splitlines()
+    assert lines[0] == script and lines[1] == script  # {prompt_file}, then stdin
+    cwd, workdir, agent_id = re.match(r"cwd=(\S+) dir=(\S+) id=(\S+)", lines[2]).groups()
+    assert cwd == workdir and agent_id == result.agent_id and lines[3].strip() == "0"
+    assert not os.path.exists(workdir)  # removed afterwards (keep_workdirs=False)
+
+
+def test_children_of_a_forking_agent_are_attributed_to_it(manager):
+    [result] = manager.deploy([agent("fork 3 @id")])
+    assert result.status == "ok" and result.calls == 4
+    said = sorted(_said(f) for f in _flows(manager, result.agent_id))
+    assert said == sorted([f"say {result.agent_id}"] + [f"say {result.agent_id}-child{i}" for i in range(3)])
+
+
+def test_crashing_agent_fails_with_its_traceback(manager):
+    [result] = manager.deploy([agent("crash")])
+    assert result.status == "failed" and result.exit_code == 1 and result.calls == 0
+    assert "RuntimeError: agent exploded on purpose" in result.stderr_tail
+    assert "Traceback" in result.stderr_tail and result.error == "exited with code 1"
+
+
+def test_hanging_agent_times_out_and_its_whole_tree_dies(manager):
+    started = time.monotonic()
+    [result] = manager.deploy([agent("hang")], timeout=2)
+    assert result.status == "timeout" and "timed out after 2s" in result.error
+    assert time.monotonic() - started < 15
+    pids = [int(p) for p in re.findall(r"PID (\d+)", result.stdout_tail)]
+    assert len(pids) == 3, result.stdout_tail  # child, orphaned setsid grandchild, root
+    assert result.killed_processes >= 2
+    for pid in pids:
+        try:
+            assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, waiting for pid 1 to reap it
+        except psutil.NoSuchProcess:
+            pass
+    with Store(manager.store_path) as store:
+        assert store.agent(result.agent_id).status == "timeout"
+
+
+def test_32_agents_in_parallel_every_flow_attributed_to_its_agent(manager):
+    since = time.time()
+    results = manager.deploy([agent("chat 2 @id")] * 32)
+    assert [r.index for r in results] == list(range(32))
+    assert all(r.status == "ok" for r in results), [r.stderr_tail for r in results if r.status != "ok"]
+    assert len({r.agent_id for r in results}) == 32
+    for result in results:
+        flows = _flows(manager, result.agent_id)
+        assert len(flows) == 2 and result.calls == 2
+        assert all(f.state == "done" and _said(f) == f"say {result.agent_id}" for f in flows)
+    summary = manager.summary(results, since=since)
+    assert summary["unattributed_flows"] == 0 and summary["calls"] == 64 and summary["by_status"]["ok"] == 32
+
+
+def test_direct_connection_to_the_model_is_reported_as_bypass(manager, upstream):
+    direct, proxied = manager.deploy([agent("direct"), agent("chat 1 @id")])
+    assert direct.status == "ok" and direct.calls == 0  # the proxy never saw it
+    assert direct.bypass_connections and proxied.bypass_connections == ()
+    assert direct.bypass_connections[0]["remote"] == upstream.url.split("://")[1]
+    assert manager.summary([direct, proxied])["bypass_agents"] == 1
+
+
+def test_missing_command_is_an_error_not_a_crash(tmp_path, confdir, upstream):
+    with AgentManager(CommandAgent(["/nonexistent/agent", "{prompt}"]), store=tmp_path / "r.db",
+                      confdir=confdir) as m:
+        [result] = m.deploy(["x"])
+    assert result.status == "error" and "nonexistent" in result.error
+
+
+def test_entry_points_run_in_fresh_processes(tmp_path, confdir, upstream):
+    spec = EntryPointAgent("manager_support:entry_chat")
+    with AgentManager(spec, store=tmp_path / "r.db", model_url=upstream.base_url, confdir=confdir) as m:
+        results = m.deploy(["first @id", "second @id"])
+        with AgentManager(EntryPointAgent("manager_support:entry_raise"), store=m.store_path,
+                          proxy=m.proxy_url) as attached:
+            [raised] = attached.deploy(["nope"])
+    assert [r.status for r in results] == ["ok", "ok"]
+    for result in results:
+        assert result.return_value["reply"] == f"echo: say {result.return_value['prompt'].replace('@id', result.agent_id)}"
+        assert result.calls == 1
+    pids = {r.return_value["pid"] for r in results}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert raised.status == "failed" and raised.error == "ValueError: entry point refused 'nope'"
+    assert "Traceback" in raised.stderr_tail and raised.return_value is None
+
+
+def test_proxy_killed_mid_batch_is_restarted_and_capture_goes_on(tmp_path, confdir, upstream):
+    store_path = tmp_path / "runs.db"
+    with AgentManager(SHELL_AGENT, store=store_path, parallel=2, timeout=60, model_url=upstream.base_url,
+                      confdir=confdir) as m:
+        first_proxy = m.link.process.proxy_id
+        first_pid = m.link.process.proc.pid
+
+        def kill_after_two():
+            with Store(store_path) as store:
+                wait_for(lambda: sum(a.status == "ok" for a in store.agents(m.run_id)) >= 2, 30, "two agents")
+            os.kill(first_pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_after_two)
+        killer.start()
+        results = m.deploy([agent("retry @id 30")] * 8)
+        killer.join()
+        assert m.proxy_restarts == 1 and m.link.process.proxy_id != first_proxy
+    assert all(r.status == "ok" for r in results), [r.stderr_tail for r in results]
+    with Store(store_path) as store:
+        for result in results:
+            done = [f for f in store.flows(agent_id=result.agent_id, state="done")]
+            assert len(done) == 1 and _said(done[0]) == f"say {result.agent_id}"
+        by_proxy = {f.proxy_id for f in store.flows(run_id=m.run_id, state="done")}
+        assert first_proxy in by_proxy and len(by_proxy) == 2  # earlier flows kept, later ones captured
+        assert store.flows(state="open") == []
+
+
+def test_two_managers_share_one_store(tmp_path, confdir, upstream):
+    store_path = tmp_path / "shared.db"
+    Store(store_path).close()  # created up front: two first opens racing on a new file is the store's concern
+    out: dict[str, list] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            with AgentManager(SHELL_AGENT, store=store_path, parallel=2, model_url=upstream.base_url,
+                              confdir=confdir, run_id=name) as m:
+                out[name] = m.deploy([agent("chat 2 @id")] * 4)
+        except BaseException as exc:  # re-raised below, with its traceback
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("left", "right")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+    with Store(store_path) as store:
+        for name in ("left", "right"):
+            assert [r.status for r in out[name]] == ["ok"] * 4
+            assert {a.agent_id for a in store.agents(name)} == {r.agent_id for r in out[name]}
+            for result in out[name]:
+                assert [_said(f) for f in store.flows(agent_id=result.agent_id)] == [f"say {result.agent_id}"] * 2
+        assert store.flow_counts()["unattributed"] == 0 and len(store.proxies()) == 2
+
+
+def test_base_url_mode_captures_clients_that_ignore_proxies(tmp_path, confdir, upstream):
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", model_url=upstream.base_url, confdir=confdir,
+                      base_url_mode=True) as m:
+        results = m.deploy([agent("aiohttp @id"), agent("chat 1 @id"), agent("requests @id")])
+        reverse, forward = m.link.reverse_url, m.proxy_url
+    for result in results:
+        assert result.status == "ok" and result.calls == 1, result.stderr_tail
+        assert result.bypass_connections == ()
+        assert [(f.attribution, f.path, _said(f)) for f in _flows(m, result.agent_id)] == [
+            ("path", "/v1/chat/completions", f"say {result.agent_id}")]
+    assert reverse.startswith("http://localhost:") and reverse.rsplit(":", 1)[1] != forward.rsplit(":", 1)[1]
+
+
+def test_attach_to_a_running_proxy(tmp_path, confdir, upstream):
+    store_path = tmp_path / "r.db"
+    with pytest.raises(ProxyError, match="no running rollouttap proxy"):
+        AgentManager(SHELL_AGENT, store=store_path, proxy="http://127.0.0.1:9").start()
+    proc = start_proxy(store_path, confdir)
+    try:
+        with AgentManager(SHELL_AGENT, store=store_path, proxy=proc.url, model_url=upstream.base_url) as m:
+            [result] = m.deploy([agent("chat 1 @id")])
+        assert result.status == "ok" and result.calls == 1
+        assert proc.alive()  # not ours to stop
+    finally:
+        proc.stop()
