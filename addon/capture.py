@@ -173,8 +173,7 @@ class RolloutTap:
         self._conn_creds.pop(client.id, None)
         for flow_id, live in list(self._live.items()):
             if live.conn_id == client.id:
-                self._end(flow_id, "error",
-                          {"error": "client disconnected before the response completed"})
+                self._abort(flow_id, live, "client disconnected before the response completed")
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         who = await self._attribute(flow)
@@ -249,13 +248,24 @@ class RolloutTap:
 
     def error(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
-        if live is None:
+        if live is not None:
+            self._abort(flow.id, live, flow.error.msg if flow.error else "unknown error")
+
+    def _abort(self, flow_id: str, live: _Live, reason: str) -> None:
+        """End a flow that broke off, keeping what arrived; a stream that already sent its final
+        ``[DONE]`` is complete (clients close as soon as they read it, often before the upstream's
+        end of message reaches the proxy)."""
+        cols: dict[str, Any] = {"error": reason}
+        if live.tap is None:
+            self._end(flow_id, "error", cols)
             return
-        cols: dict[str, Any] = {"error": flow.error.msg if flow.error else "unknown error"}
-        if live.tap is not None:
-            cols["response_body"] = bytes(live.tap.raw)
-            cols["t_first_byte"] = live.tap.first_byte_at
-        self._end(flow.id, "error", cols)
+        cols.update(response_body=bytes(live.tap.raw), t_first_byte=live.tap.first_byte_at)
+        if sse_finished(live.tap.raw):
+            live.meta["closed_after_done"] = reason
+            del cols["error"]
+            self._end(flow_id, "done", cols)
+        else:
+            self._end(flow_id, "error", cols)
 
     # -- attribution -------------------------------------------------------------------------------
     async def _attribute(self, flow: http.HTTPFlow) -> Attribution:
@@ -348,6 +358,11 @@ async def _shutdown_when_gone(pid: int, interval: float = 1.0) -> None:
         pass
     log.warning("rollouttap: parent process %s is gone; shutting down", pid)
     ctx.master.shutdown()
+
+
+def sse_finished(raw: bytes | bytearray) -> bool:
+    """Whether an OpenAI-style event stream has sent its terminal ``data: [DONE]`` event."""
+    return bytes(raw[-64:]).rstrip().endswith(b"data: [DONE]")
 
 
 def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:

@@ -154,9 +154,13 @@ class _GateHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self._chunk(b'data: {"n": 1}\n\n')
-        self.gate.wait(20)
-        self._chunk(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
+        if self.path.endswith("/done-first"):  # [DONE] sent, end of message held back
+            self._chunk(b'data: {"n": 1}\n\ndata: [DONE]\n\n')
+            self.gate.wait(20)
+        else:
+            self._chunk(b'data: {"n": 1}\n\n')
+            self.gate.wait(20)
+            self._chunk(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
         self.wfile.write(b"0\r\n\r\n")
 
     def _chunk(self, data: bytes) -> None:
@@ -215,6 +219,22 @@ def test_killed_client_flow_ends_in_error(proxy, gate_server):
     [flow] = settled_flows(proxy.config.store, agent_id=agent)
     assert flow.state == "error" and flow.error
     assert b'"n": 1' in flow.response_body  # what arrived before the kill is kept
+
+
+def test_stream_closed_by_client_after_done_is_complete(proxy, gate_server):
+    server, gate = gate_server
+    agent = "done-" + uuid.uuid4().hex[:8]
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/done-first"
+    with requests.post(url, json={}, headers={"X-Agent-ID": agent}, proxies={"http": proxy.url},
+                       stream=True, timeout=20) as resp:
+        lines = resp.iter_lines()
+        assert next(lines) == b'data: {"n": 1}'
+        assert next(line for line in lines if line) == b"data: [DONE]"
+    # like the openai SDK, the client closed after [DONE]; the upstream still holds its end of message
+    [flow] = settled_flows(proxy.config.store, agent_id=agent)
+    gate.set()
+    assert flow.state == "done" and "closed_after_done" in flow.meta
+    assert flow.response_text() == 'data: {"n": 1}\n\ndata: [DONE]\n\n'
 
 
 def test_https_through_route_with_ca_bundle(tmp_path, confdir, upstream):

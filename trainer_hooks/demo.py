@@ -155,11 +155,11 @@ def _train_with_agents(config: DemoConfig, model: Any, tokenizer: Any, dataset: 
             if r.row is not None and r.status == "ok":
                 summary.trainable_tokens += sum(r.row.env_mask)
 
-    agent = CommandAgent([sys.executable, str(EXAMPLE_AGENT), "--max-tokens", str(config.max_tokens),
-                          "{prompt}"])
+    agent = CommandAgent([sys.executable, str(EXAMPLE_AGENT), "{prompt}"], env={"MAX_TURNS": "4"})
     with contextlib.ExitStack() as stack:
         if config.vllm_url is None:  # the embedded server serves the trainer's live model object
-            server = stack.enter_context(PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs"))
+            server = stack.enter_context(PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs",
+                                                      max_new_tokens=config.max_tokens))
             model_url = server.base_url
         else:
             model_url = config.vllm_url.rstrip("/") + "/v1"
