@@ -94,27 +94,13 @@ class Store:
               since: float | None = None, until: float | None = None, unattributed: bool = False,
               run_id: str | None = None, limit: int | None = None) -> list[FlowRecord]:
         """Flows in the order the proxy saw their requests, filtered."""
-        where, params = [], []
-        if agent_id is not None:
-            where.append("agent_id = ?")
-            params.append(agent_id)
+        filters = [("agent_id = ?", agent_id), ("state = ?", state), ("host = ?", host),
+                   ("t_request >= ?", since), ("t_request < ?", until),
+                   ("agent_id IN (SELECT agent_id FROM agents WHERE run_id = ?)", run_id)]
+        where = [clause for clause, value in filters if value is not None]
+        params: list[Any] = [value for _, value in filters if value is not None]
         if unattributed:
             where.append("agent_id IS NULL")
-        if run_id is not None:
-            where.append("agent_id IN (SELECT agent_id FROM agents WHERE run_id = ?)")
-            params.append(run_id)
-        if state is not None:
-            where.append("state = ?")
-            params.append(state)
-        if host is not None:
-            where.append("host = ?")
-            params.append(host)
-        if since is not None:
-            where.append("t_request >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("t_request < ?")
-            params.append(until)
         sql = "SELECT * FROM flows"
         if where:
             sql += " WHERE " + " AND ".join(where)

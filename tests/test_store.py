@@ -198,10 +198,11 @@ def test_writer_watermark_tells_readers_what_is_committed(tmp_path):
     writer = StoreWriter(path, heartbeat=0.05)
     writer.upsert_proxy({"proxy_id": "p1", "pid": os.getpid(), "create_time": None, "started_at": 1.0})
     writer.proxy_id = "p1"
+    assert writer.flush()  # the proxy row exists before anything is waited for
     store = Store(path)
-    before = time.time()
     writer.insert_flow(_flow("w1"))
-    assert store.wait_committed(before, timeout=10)
+    queued_before = time.time()
+    assert store.wait_committed(queued_before, timeout=10)
     assert store.flow("w1") is not None  # committed by the time the watermark passed
     writer.close()
     # a live proxy that never writes again holds readers back only up to the timeout
