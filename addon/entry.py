@@ -1,5 +1,6 @@
 """Entry point for ``mitmdump -s addon/entry.py --set rollouttap_store=runs.db``."""
 
 from rollouttap.addon.capture import RolloutTap
+from rollouttap.addon.tcp_tuning import TcpTuning
 
-addons = [RolloutTap()]
+addons = [RolloutTap(), TcpTuning()]

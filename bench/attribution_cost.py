@@ -1,0 +1,190 @@
+"""Benchmark 3: what attributing one new connection costs with 10 / 100 / 1,000 extra live processes.
+
+The extra processes are ``sleep 600`` (killed at the end, and gone by themselves after ten minutes).
+An "agent" process opens connections to a listener in this process; each accepted connection is then
+attributed as the proxy does (``PidAttributor.resolve``), and the naive way (``psutil.net_connections``)
+is timed beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+from collections.abc import Iterator
+
+import psutil
+
+from context import Context, progress
+from procs import PY
+from report import Section, table
+from rollouttap.addon.attribution import AgentDirectory, PidAttributor
+from rollouttap.addon.procfs import SocketOwnerFinder, ancestry
+from rollouttap.addon.sockdiag import socket_inode
+from stats import percentile, spread
+
+TITLE = "3. Attribution cost per new connection"
+GOAL_MS = 0.1
+AGENT_ID = "bench-agent"
+_AGENT_CODE = """
+import socket, sys
+conns = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(int(sys.argv[2]))]
+print("OK", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def sleepers(count: int) -> Iterator[list[subprocess.Popen]]:
+    """``count`` idle processes; each one is killed (by its own pid) on the way out."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+@contextmanager
+def agent(listener: socket.socket, conns: int) -> Iterator[tuple[subprocess.Popen, list[socket.socket]]]:
+    """A tagged process holding ``conns`` connections to ``listener``; yields it and our accepted ends."""
+    env = {**os.environ, "ROLLOUTTAP_AGENT_ID": AGENT_ID}
+    proc = subprocess.Popen([PY, "-c", _AGENT_CODE, str(listener.getsockname()[1]), str(conns)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    accepted: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "OK":
+            raise RuntimeError("attribution agent did not connect")
+        listener.settimeout(10)
+        accepted = [listener.accept()[0] for _ in range(conns)]
+        yield proc, accepted
+    finally:
+        for conn in accepted:
+            conn.close()
+        proc.kill()
+        proc.wait()
+
+
+def once(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """(milliseconds, result) of one call."""
+    t0 = time.perf_counter_ns()
+    result = fn(*args)
+    return (time.perf_counter_ns() - t0) / 1e6, result
+
+
+def naive_pid(peer: tuple[str, int]) -> int | None:
+    """The psutil way: list every TCP connection of every process and find the client's address."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and (conn.laddr.ip, conn.laddr.port) == peer:
+            return conn.pid
+    return None
+
+
+def measure_agent(attributor: PidAttributor, accepted: list[socket.socket], expect_pid: int,
+                  naive_reps: int) -> dict[str, Any]:
+    """Per-connection costs for one agent's connections; checks every lookup found the agent."""
+    rows: dict[str, list[float]] = {"inode": [], "find": [], "ancestry": [], "resolve cold": [], "resolve warm": [],
+                                    "psutil": []}
+    wrong: dict[str, int] = {}
+    psutil_missed = 0
+    for i, conn in enumerate(accepted):
+        peer, sock = conn.getpeername()[:2], conn.getsockname()[:2]
+        t, inode = once(socket_inode, peer, sock)
+        rows["inode"].append(t)
+        t, pid = once(SocketOwnerFinder().find, inode)
+        rows["find"].append(t)
+        rows["ancestry"].append(once(ancestry, expect_pid)[0])
+        attributor.finder = SocketOwnerFinder()  # a process it has never seen
+        t, cold = once(attributor.resolve, peer, sock)
+        rows["resolve cold"].append(t)
+        t, warm = once(attributor.resolve, peer, sock)
+        rows["resolve warm"].append(t)
+        if i < naive_reps:
+            t, naive = once(naive_pid, peer)
+            rows["psutil"].append(t)
+            psutil_missed += naive != expect_pid  # psutil's own race with the process table, not ours
+        _count(wrong, "find", pid != expect_pid)
+        _count(wrong, f"resolve cold: {cold.detail}", cold.agent_id != AGENT_ID)
+        _count(wrong, f"resolve warm: {warm.detail}", warm.agent_id != AGENT_ID)
+    return {"ms": rows, "wrong": sum(wrong.values()), "wrong_by": wrong, "psutil_missed": psutil_missed}
+
+
+def _count(counts: dict[str, int], name: str, missed: bool) -> None:
+    if missed:
+        counts[name] = counts.get(name, 0) + 1
+
+
+def one_size(ctx: Context, extra: int, directory: AgentDirectory) -> dict[str, Any]:
+    """Old agent (started before the extra processes: lowest pid) and new agent (started after)."""
+    conns = ctx.plan.attribution_conns
+    naive_reps = max(1, min(conns, 10))
+    with socket.create_server(("127.0.0.1", 0), backlog=conns * 2 + 8) as listener:
+        with agent(listener, conns) as (old, old_accepted), sleepers(extra):
+            with agent(listener, conns) as (new, new_accepted):
+                attributor = PidAttributor(directory)
+                processes = len(psutil.pids())
+                return {"processes": processes,
+                        "new agent": measure_agent(attributor, new_accepted, new.pid, naive_reps),
+                        "old agent": measure_agent(attributor, old_accepted, old.pid, naive_reps)}
+
+
+def run(ctx: Context) -> Section:
+    store = ctx.workdir / "attribution.db"
+    directory = AgentDirectory(str(store))
+    runs: dict[int, list[dict[str, Any]]] = {}
+    try:
+        for extra in ctx.plan.attribution_procs:
+            runs[extra] = []
+            for rep in range(ctx.plan.repeats):
+                progress(f"attribution: {extra} extra processes, run {rep + 1}/{ctx.plan.repeats}")
+                runs[extra].append(one_size(ctx, extra, directory))
+    finally:
+        directory.close()
+    return Section("attribution", TITLE, render(ctx, runs), {"runs": _jsonable(runs)},
+                   "error" if any(r[a]["wrong"] for rs in runs.values() for r in rs
+                                  for a in ("new agent", "old agent")) else "ok")
+
+
+def render(ctx: Context, runs: dict[int, list[dict[str, Any]]]) -> str:
+    rows, misses = [], []
+    for extra, reps in runs.items():
+        for who in ("new agent", "old agent"):
+            cells = []
+            for name in ("inode", "find", "ancestry", "resolve cold", "resolve warm", "psutil"):
+                cells.append(spread([percentile(r[who]["ms"][name], 50) for r in reps]).fmt(3))
+            cold = spread([percentile(r[who]["ms"]["resolve cold"], 50) for r in reps]).median
+            rows.append((extra, reps[0]["processes"], who, *cells,
+                         "yes" if cold <= GOAL_MS else "**no**", sum(r[who]["wrong"] for r in reps),
+                         sum(r[who]["psutil_missed"] for r in reps)))
+            misses += [f"- {extra} extra, {who}: {k} ×{n}" for r in reps for k, n in r[who]["wrong_by"].items()]
+    return (f"Per new connection, p50 ms over {ctx.plan.attribution_conns} connections, {ctx.plan.repeats} runs. "
+            "`inode`: netlink sock_diag 4-tuple → inode; `find`: `SocketOwnerFinder.find` (fresh, no memory) → "
+            "pid; `ancestry`: reading the owner's and its ancestors' stat and environ (`procfs.ancestry`); "
+            "`resolve cold`: `PidAttributor.resolve` (inode, owner, ancestry, tag) with a fresh finder, "
+            "i.e. the first connection of a process never seen; `resolve warm`: the same process again "
+            "(finder remembers recent owners); `psutil`: `psutil.net_connections()` scanned for the client "
+            "address. New agent = started after the extra processes (highest pid); old agent = before "
+            "(the owner search meets every newer process first). `wrong` counts rollouttap lookups that missed "
+            "the agent (must be 0).\n\n"
+            + table(["extra procs", "procs on host", "agent", "inode", "find", "ancestry", "resolve cold",
+                     "resolve warm", "psutil", f"cold ≤ {GOAL_MS} ms", "wrong", "psutil missed"], rows)
+            + ("\n\nMissed lookups:\n\n" + "\n".join(misses) if misses else ""))
+
+
+def _jsonable(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    return {str(k): [{"processes": r["processes"],
+                      **{who: {"wrong": r[who]["wrong"], "wrong_by": r[who]["wrong_by"],
+                               "psutil_missed": r[who]["psutil_missed"],
+                               "p50": {n: percentile(v, 50) for n, v in r[who]["ms"].items()}}
+                         for who in ("new agent", "old agent")}} for r in v] for k, v in runs.items()}
+

@@ -1,0 +1,76 @@
+"""Concurrency row: N concurrent async openai-SDK clients, calls/s through each proxy vs direct (goal ≥ 0.8×)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import defaultdict
+from typing import Any
+
+from context import WORKER, Context, progress
+from procs import BARE, CAPTURE, CAPTURE_TUNED, DIRECT, PY, TOKENS_TUNED
+from report import Section, table
+from stats import fmt, ratio, spread
+
+TITLE = "1b. Concurrency: async openai SDK clients"
+VARIANTS = (DIRECT, BARE, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
+GOAL = 0.8
+
+
+def burst(ctx: Context, proxy: str | None) -> dict[str, Any]:
+    """Run the clients, spread over worker processes, from one common start; calls/s over the union window."""
+    plan, (fast, _) = ctx.plan, ctx.shared.upstreams()
+    per_proc = max(1, plan.concurrency_clients // plan.concurrency_procs)
+    job = {"kind": "concurrent", "url": fast.url, "proxy": proxy, "clients": per_proc,
+           "seconds": plan.concurrency_seconds, "max_calls": int(plan.concurrency_seconds * 5000)}
+    procs = [subprocess.Popen([PY, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(plan.concurrency_procs)]
+    try:
+        for proc in procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+        for proc in procs:  # every client connected and warm
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if line.strip() != "READY":
+                raise RuntimeError(f"concurrency worker did not get ready: {line!r}")
+        for proc in procs:
+            proc.stdin.write("GO\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        answers = [json.loads(proc.communicate(timeout=plan.concurrency_seconds + 60)[0].strip().splitlines()[-1])
+                   for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    calls = sum(a["calls"] for a in answers)
+    window = max(a["t_end"] for a in answers) - min(a["t_start"] for a in answers)
+    return {"calls": calls, "errors": sum(a["errors"] for a in answers), "seconds": window,
+            "per_s": calls / window if window > 0 else float("nan")}
+
+
+def run(ctx: Context) -> Section:
+    proxies = ctx.shared.proxies()
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    variants = ctx.shared.pick(VARIANTS)
+    for rep in range(ctx.plan.repeats):
+        for variant in variants:
+            progress(f"concurrency: repeat {rep + 1}/{ctx.plan.repeats}, {variant.name}")
+            runs[variant.name].append(burst(ctx, proxies.url(variant)))
+    direct = spread([r["per_s"] for r in runs[DIRECT.name]]).median
+    rows = []
+    for variant in variants:
+        per_s = spread([r["per_s"] for r in runs[variant.name]])
+        share = ratio(per_s.median, direct)
+        errors = sum(r["errors"] for r in runs[variant.name])
+        rows.append((variant.name, per_s.fmt(0), fmt(share), "" if variant is DIRECT else
+                     ("yes" if share >= GOAL else "**no**"), errors))
+    plan = ctx.plan
+    body = (f"{plan.concurrency_clients} `AsyncOpenAI` clients (each its own connection pool) in "
+            f"{plan.concurrency_procs} worker process(es), calling non-streamed chat completions as fast as they "
+            f"can for {plan.concurrency_seconds:g} s from a common start; {plan.repeats} runs.\n\n"
+            + table(["variant", "calls/s", "× direct", f"≥ {GOAL}× direct", "errors"], rows))
+    failed = any(r["errors"] for rs in runs.values() for r in rs)
+    return Section("concurrency", TITLE, body, {"runs": dict(runs)}, "error" if failed else "ok")
+

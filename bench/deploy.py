@@ -1,0 +1,115 @@
+"""Benchmark 5: ``AgentManager.deploy()`` end to end for N agents vs the same agents run directly.
+
+The agent is a small program (requests.Session, like the seed's agents) making a few chat calls to
+``$OPENAI_BASE_URL``. Direct: the same programs started together, no proxy, no manager.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from context import Context, progress
+from procs import PY, Variant, capture_config, proxy_environ
+from report import Section, table
+from stats import fmt, ratio, spread
+
+TITLE = "5. deploy() end to end vs running the agents directly"
+GOAL = 1.05
+DEPLOYED = Variant("deploy()", "capture", tuning=True, token_ids=True)
+DEPLOYED_UNTUNED = Variant("deploy(), no tuning", "capture", tuning=False, token_ids=True)
+AGENT = """
+import os, sys, requests
+base, calls = os.environ["OPENAI_BASE_URL"].rstrip("/"), int(os.environ["BENCH_CALLS"])
+messages = [{"role": "user", "content": sys.argv[1]}]
+with requests.Session() as session:
+    for _ in range(calls):
+        reply = session.post(base + "/chat/completions", json={"model": "policy", "messages": messages},
+                             headers={"Authorization": "Bearer " + os.environ.get("OPENAI_API_KEY", "x")},
+                             timeout=60)
+        reply.raise_for_status()
+        messages.append(reply.json()["choices"][0]["message"])
+        messages.append({"role": "user", "content": "go on"})
+print(len(messages))
+"""
+
+
+def prompts(n: int) -> list[str]:
+    return [f"agent {i}: summarise the quick brown fox" for i in range(n)]
+
+
+def run_direct(script: Path, n: int, calls: int, base_url: str, timeout: float) -> dict[str, Any]:
+    """All agents at once, no proxy; wall time until the last exits."""
+    env = {**proxy_environ(None), "OPENAI_BASE_URL": base_url, "BENCH_CALLS": str(calls)}
+    started = time.monotonic()
+    procs = [subprocess.Popen([PY, str(script), p], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for p in prompts(n)]
+    failed = 0
+    for proc in procs:
+        try:
+            proc.communicate(timeout=max(0.1, started + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        failed += proc.returncode != 0
+    return {"seconds": time.monotonic() - started, "failed": failed, "calls": (n - failed) * calls}
+
+
+def run_deploy(manager: Any, n: int, calls: int, timeout: float) -> dict[str, Any]:
+    started = time.monotonic()
+    results = manager.deploy(prompts(n), timeout=timeout)
+    seconds = time.monotonic() - started
+    failed = sum(r.status != "ok" for r in results)
+    return {"seconds": seconds, "failed": failed, "calls": sum(r.calls for r in results),
+            "errors": [f"{r.status}: {r.error or r.stderr_tail[-300:]}" for r in results if r.status != "ok"][:3]}
+
+
+def start_manager(ctx: Context, variant: Variant, script: Path, base_url: str) -> Any:
+    from rollouttap.manager.agents import CommandAgent
+    from rollouttap.manager.manager import AgentManager
+    store = ctx.workdir / f"deploy-{'tuned' if variant.tuning else 'untuned'}.db"
+    config = capture_config(variant, store, ctx.workdir / "mitmproxy-conf-deploy", ())
+    agent = CommandAgent([PY, str(script), "{prompt}"], env={"BENCH_CALLS": str(ctx.plan.deploy_calls)})
+    return AgentManager(agent, store=store, parallel=ctx.plan.deploy_agents, proxy=config, model_url=base_url,
+                        confdir=ctx.workdir / "mitmproxy-conf-deploy").start()
+
+
+def run(ctx: Context) -> Section:
+    plan = ctx.plan
+    fast, _ = ctx.shared.upstreams()
+    base_url = fast.url + "/v1"
+    script = ctx.workdir / "deploy_agent.py"
+    script.write_text(AGENT)
+    timeout = 120.0
+    variants = (DEPLOYED,) if plan.smoke else (DEPLOYED, DEPLOYED_UNTUNED)
+    managers = {v.name: start_manager(ctx, v, script, base_url) for v in variants}
+    runs: dict[str, list[dict[str, Any]]] = {"direct": [], **{name: [] for name in managers}}
+    try:
+        for rep in range(plan.repeats):
+            progress(f"deploy: run {rep + 1}/{plan.repeats}")
+            runs["direct"].append(run_direct(script, plan.deploy_agents, plan.deploy_calls, base_url, timeout))
+            for name, manager in managers.items():
+                runs[name].append(run_deploy(manager, plan.deploy_agents, plan.deploy_calls, timeout))
+    finally:
+        for manager in managers.values():
+            manager.close()
+    direct = spread([r["seconds"] for r in runs["direct"]]).median
+    rows, bad = [], False
+    for name, reps in runs.items():
+        seconds = spread([r["seconds"] for r in reps])
+        share = ratio(seconds.median, direct)
+        failed = sum(r["failed"] for r in reps)
+        bad |= failed > 0
+        rows.append((name, seconds.fmt(3), fmt(share), "" if name == "direct" else
+                     ("yes" if share <= GOAL else "**no**"), failed))
+    errors = [e for reps in runs.values() for r in reps for e in r.get("errors", [])]
+    body = (f"{plan.deploy_agents} agents (each a fresh `python` process, {plan.deploy_calls} chat calls with a "
+            f"`requests.Session`), all at once; {plan.repeats} runs. `deploy()` includes registering, launching, "
+            "supervising, settling flows and building conversations; its proxy (token ids on) is started "
+            "beforehand and not timed. Tuning: see section 1.\n\n"
+            + table(["how", "wall s", "× direct", f"≤ {GOAL}× direct", "agents failed"], rows)
+            + ("\n\nErrors:\n\n" + "\n".join(f"- {e}" for e in errors) if errors else ""))
+    return Section("deploy", TITLE, body, {"runs": runs}, "error" if bad else "ok")
+

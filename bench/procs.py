@@ -1,0 +1,275 @@
+"""The processes a benchmark measures: the scripted upstream, bare mitmdump and mitmdump + rollouttap.
+
+Each runs as its own process, so the client, the proxy and the upstream never share a GIL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, addon_script, free_port
+
+PY = sys.executable
+MITMDUMP = [PY, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
+QUICKACK_OPTION = "rollouttap_tcp_quickack"
+
+
+def tuning_script() -> Path:
+    """Path of addon/tcp_tuning.py as installed."""
+    spec = importlib.util.find_spec("rollouttap.addon.tcp_tuning")
+    assert spec is not None and spec.origin is not None
+    return Path(spec.origin)
+
+
+def entry_has_tuning() -> bool:
+    """Whether addon/entry.py already loads TcpTuning (then it is switched off by option, not added)."""
+    return "TcpTuning" in addon_script().read_text()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of reaching the upstream."""
+    name: str
+    proxy: str | None  # None: direct; "bare": mitmdump alone; "capture": mitmdump + rollouttap
+    tuning: bool = False
+    token_ids: bool = False
+    stream_bodies: bool = False  # bare only: stream_large_bodies=1 (else mitmdump buffers SSE)
+
+
+DIRECT = Variant("direct", None)
+BARE = Variant("bare mitmdump", "bare")
+BARE_STREAM = Variant("bare mitmdump, streaming on", "bare", stream_bodies=True)
+BARE_TUNED = Variant("bare + tuning", "bare", tuning=True)
+CAPTURE = Variant("capture", "capture")
+CAPTURE_TUNED = Variant("capture + tuning", "capture", tuning=True)
+TOKENS_TUNED = Variant("capture + token ids + tuning", "capture", tuning=True, token_ids=True)
+LATENCY_VARIANTS = (DIRECT, BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Return once 127.0.0.1:port accepts connections; raise if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGINT (mitmdump flushes), then SIGKILL if it hangs; only this process."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            proc.send_signal(sig)
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+class Upstream:
+    """``python -m rollouttap.testing.upstream`` in its own process."""
+
+    def __init__(self, chunk_delay: float = 0.0) -> None:
+        self.chunk_delay = chunk_delay
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> Upstream:
+        self.proc = subprocess.Popen(
+            [PY, "-m", "rollouttap.testing.upstream", "--port", "0", "--chunk-delay", str(self.chunk_delay)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("LISTENING "):
+            self.__exit__()
+            raise RuntimeError(f"upstream did not start: {line!r}")
+        self.url = line.split()[1]
+        return self
+
+    @property
+    def hostport(self) -> str:
+        return self.url.split("://", 1)[1]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class BareProxy:
+    """mitmdump without rollouttap (optionally with only the TCP tuning script)."""
+
+    def __init__(self, variant: Variant, confdir: Path) -> None:
+        self.variant = variant
+        self.port = free_port()
+        args = [*MITMDUMP, "-q", "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+                "--set", f"confdir={confdir}"]
+        if variant.tuning:
+            args += ["-s", str(tuning_script())]
+        if variant.stream_bodies:
+            args += ["--set", "stream_large_bodies=1"]
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BareProxy:
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@dataclass
+class BenchProxyConfig(ProxyConfig):
+    """ProxyConfig plus extra ``-s`` scripts (the TCP tuning, until entry.py loads it itself)."""
+
+    scripts: tuple[str, ...] = field(default=())
+
+    def argv(self, proxy_id: str) -> list[str]:
+        args = super().argv(proxy_id)
+        for script in self.scripts:
+            args[4:4] = ["-s", script]  # after "-c CODE -q"
+        return args
+
+
+def capture_config(variant: Variant, store: Path, confdir: Path, model_hosts: tuple[str, ...]
+                   ) -> BenchProxyConfig:
+    """The mitmdump + rollouttap configuration of a capture variant."""
+    config = BenchProxyConfig(store=store, confdir=confdir, model_hosts=model_hosts,
+                              token_ids=variant.token_ids)
+    if entry_has_tuning():
+        if not variant.tuning:
+            config.extra[QUICKACK_OPTION] = "false"
+    elif variant.tuning:
+        config.scripts = (str(tuning_script()),)
+    return config
+
+
+class CaptureProxy:
+    """mitmdump + rollouttap recording into its own store."""
+
+    def __init__(self, variant: Variant, workdir: Path, confdir: Path, model_hosts: tuple[str, ...]) -> None:
+        self.variant = variant
+        self.store = workdir / f"{variant.name.replace(' ', '_').replace('+', '')}.db"
+        self.process = ProxyProcess(capture_config(variant, self.store, confdir, model_hosts))
+
+    def start(self) -> CaptureProxy:
+        self.process.start(timeout=60)
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @property
+    def pid(self) -> int:
+        assert self.process.proc is not None
+        return self.process.proc.pid
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+Proxy = BareProxy | CaptureProxy
+
+
+def make_proxy(variant: Variant, workdir: Path, confdir: Path, model_hosts: tuple[str, ...]) -> Proxy:
+    if variant.proxy == "bare":
+        return BareProxy(variant, confdir)
+    return CaptureProxy(variant, workdir, confdir, model_hosts)
+
+
+class ProxyStack:
+    """Every variant's proxy, started once (the first alone: it creates the CA), stopped together."""
+
+    def __init__(self, variants: tuple[Variant, ...], workdir: Path, model_hosts: tuple[str, ...]) -> None:
+        self.variants = variants
+        self.workdir = workdir
+        self.confdir = workdir / "mitmproxy-conf"
+        self.model_hosts = model_hosts
+        self.proxies: dict[str, Proxy] = {}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> ProxyStack:
+        wanted = [v for v in self.variants if v.proxy is not None]
+        built = [make_proxy(v, self.workdir, self.confdir, self.model_hosts) for v in wanted]
+        try:
+            if built:
+                self._started(built[0].start())
+            errors: list[BaseException] = []
+            threads = [threading.Thread(target=self._start_one, args=(p, errors)) for p in built[1:]]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if errors:
+                raise errors[0]
+        except BaseException:
+            self.__exit__()
+            for proxy in built:
+                proxy.stop()
+            raise
+        return self
+
+    def _start_one(self, proxy: Proxy, errors: list[BaseException]) -> None:
+        try:
+            self._started(proxy.start())
+        except BaseException as exc:  # re-raised in __enter__
+            errors.append(exc)
+
+    def _started(self, proxy: Proxy) -> None:
+        self.proxies[proxy.variant.name] = proxy
+        self._stack.callback(proxy.stop)
+
+    def url(self, variant: Variant) -> str | None:
+        """The proxy URL of a variant; None for direct."""
+        return None if variant.proxy is None else self.proxies[variant.name].url
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+def proxy_environ(proxy_url: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with proxy variables set, or removed for direct."""
+    env = dict(os.environ if base is None else base)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(name, None)
+    env.update({"NO_PROXY": "", "no_proxy": ""})
+    if proxy_url:
+        env.update({name: proxy_url for name in ("HTTP_PROXY", "http_proxy")})
+    return env

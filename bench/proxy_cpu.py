@@ -1,0 +1,69 @@
+"""Proxy CPU time per request: what each proxy variant itself spends, read from its own CPU counters.
+
+Latency on a busy machine is noisy; the CPU a proxy process burns per request is much less so, and it is
+what limits a proxy's throughput (one event loop: about 1 / CPU-per-request requests per second).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import psutil
+
+from context import Context, progress, run_job
+from procs import BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED
+from report import Section, table
+from stats import fmt, ratio, spread
+
+TITLE = "1c. Proxy CPU per request"
+VARIANTS = (BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
+GOAL_RATIO = 1.2
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def one(ctx: Context, url: str, pid: int, keepalive: bool) -> float:
+    """Proxy CPU milliseconds per request over one curl run (curl: no Python client in the way)."""
+    fast, _ = ctx.shared.upstreams()
+    n = ctx.plan.requests * (2 if keepalive else 1)
+    cell = {"proxy": url, "keepalive": keepalive, "stream": False, "n": n, "warmup": 0,
+            "budget_s": ctx.plan.cell_budget_s * 2}
+    before = cpu_seconds(pid)
+    answer = run_job({"kind": "cells", "client": "curl", "url": fast.url, "cells": [cell]},
+                     ctx.plan.cell_budget_s * 2 + 60)
+    used = cpu_seconds(pid) - before
+    done = len(answer["cells"][0].get("lat_ms", []))
+    if done == 0:
+        raise RuntimeError(f"no request went through: {answer['cells'][0]}")
+    return used / done * 1000
+
+
+def run(ctx: Context) -> Section:
+    proxies = ctx.shared.proxies()
+    variants = ctx.shared.pick(VARIANTS)
+    runs: dict[str, list[float]] = defaultdict(list)
+    for rep in range(ctx.plan.repeats):
+        progress(f"proxy cpu: run {rep + 1}/{ctx.plan.repeats}")
+        for keepalive in (True, False):
+            for v in variants:
+                proxy = proxies.proxies[v.name]
+                runs[f"{v.name}|{keepalive}"].append(one(ctx, proxy.url, proxy.pid, keepalive))
+    rows = []
+    bases = {CAPTURE.name: BARE, CAPTURE_TUNED.name: BARE_TUNED, TOKENS_TUNED.name: BARE_TUNED}
+    for keepalive in (True, False):
+        for v in variants:
+            cpu = spread(runs[f"{v.name}|{keepalive}"])
+            base = bases.get(v.name)
+            base = base if base in variants else (BARE if v is not BARE else None)
+            share = ratio(cpu.median, spread(runs[f"{base.name}|{keepalive}"]).median) if base else float("nan")
+            rows.append(("keep-alive" if keepalive else "new conn", v.name, cpu.fmt(3),
+                         f"{fmt(share)} × {base.name}" if base else "", fmt(1000 / cpu.median, 0)))
+    body = (f"CPU (user + system) of the proxy process per non-streamed request, from its own counters, while one "
+            f"curl sends {ctx.plan.requests * 2} keep-alive requests (or {ctx.plan.requests} on new connections); "
+            f"{ctx.plan.repeats} runs. The last column is the ceiling this puts on one proxy's throughput.\n\n"
+            + table(["connection", "variant", "CPU ms / request", f"ratio (goal ≤ {GOAL_RATIO})",
+                     "≈ max req/s"], rows))
+    return Section("cpu", TITLE, body, {"runs": dict(runs)})

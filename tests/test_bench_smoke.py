@@ -1,0 +1,45 @@
+"""The benchmark runner's smoke mode: every benchmark runs end to end and reports. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).parent.parent / "bench" / "run.py"
+
+
+def _benchmarks() -> dict[str, str]:
+    out = subprocess.run([sys.executable, str(RUNNER), "--list"], capture_output=True, text=True, timeout=60,
+                         check=True)
+    return dict(line.split("\t", 1) for line in out.stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_section(tmp_path):
+    expected = _benchmarks()
+    assert {"latency", "concurrency", "cpu", "streaming", "attribution", "scale", "deploy", "store",
+            "findings"} <= set(expected)
+    out = tmp_path / "RESULTS.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(RUNNER), "--smoke", "--out", str(out)], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:] + (out.read_text()[-4000:] if out.exists() else "")
+    text = out.read_text()
+    assert "bench/run.py --smoke" in text and "| mitmproxy |" in text
+    for title in expected.values():
+        assert f"## {title}\n" in text, title  # a failed or skipped one would carry "(error)"
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert set(results["sections"]) == set(expected)
+    assert all(s["status"] == "ok" for s in results["sections"].values())
+    # Correctness figures the smoke run does check: no flow lost or unattributed, every lookup right.
+    for runs in results["sections"]["scale"]["data"]["runs"].values():
+        for one in runs:
+            assert one["lost"] == 0 and one["unattributed"] == 0 and one["agents_failed"] == 0
+    for runs in results["sections"]["attribution"]["data"]["runs"].values():
+        for one in runs:
+            assert one["new agent"]["wrong"] == 0 and one["old agent"]["wrong"] == 0
