@@ -6,8 +6,11 @@ cd "$(dirname "$0")"
 pick_python() {
     local c
     # aider-chat supports Python 3.10-3.12.
-    for c in "${PYTHON:-}" python3.12 python3.11 python3.10 python3; do
-        [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && { echo "$c"; return 0; }
+    # Run each candidate: a pyenv shim exists even where its version is not active.
+    for c in "${PYTHON:-}" python3.12 python3.11 python3.10 python3 \
+             $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[0-2]*/bin/python3 2>/dev/null | sort -rV); do
+        [ -n "$c" ] && "$c" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' \
+            2>/dev/null && { echo "$c"; return 0; }
     done
     return 1
 }
