@@ -7,7 +7,8 @@ without calling a tool (or MAX_TURNS is reached); then it prints the final answe
 rollouttap: run it behind the proxy with
 ``rollouttap run --agent 'python examples/openai_agent.py {prompt}' --prompts p.jsonl --model-url URL``.
 
-Environment: OPENAI_BASE_URL and OPENAI_API_KEY (the SDK's own), MODEL (default "policy"), MAX_TURNS (8).
+Environment: OPENAI_BASE_URL and OPENAI_API_KEY (the SDK's own), MODEL (default "policy"), MAX_TURNS (8),
+TEMPERATURE (the server's default when unset).
 """
 
 from __future__ import annotations
@@ -19,16 +20,21 @@ import os
 import sys
 from typing import Any
 
+# The demo's tiny model was warm-started with exactly this tool schema and system prompt
+# (rollouttap.trainer_hooks.warm_start); the agent itself knows nothing of rollouttap.
 TOOLS = [{
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluate an arithmetic expression (+ - * / % ** and parentheses).",
-        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                       "required": ["expression"]},
+        "description": "Evaluate an arithmetic expression and return the result.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "The arithmetic expression."}},
+            "required": ["expression"],
+        },
     },
 }]
-SYSTEM = "You are a careful assistant. Use the calculator tool for arithmetic, then answer briefly."
+SYSTEM = "You are a careful assistant. Use the calculator for arithmetic."
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.Mod: operator.mod, ast.Pow: operator.pow, ast.FloorDiv: operator.floordiv}
@@ -74,7 +80,8 @@ def stream_turn(client: Any, model: str, messages: list[dict[str, Any]]) -> dict
     """One streamed model call; the assistant message rebuilt from its deltas."""
     content: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
-    stream = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, stream=True)
+    sampling = {"temperature": float(os.environ["TEMPERATURE"])} if os.environ.get("TEMPERATURE") else {}
+    stream = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, stream=True, **sampling)
     for chunk in stream:
         for choice in chunk.choices:
             delta = choice.delta

@@ -37,6 +37,12 @@ def test_calculator(expression, value):
     assert openai_agent.calculate(expression) == value
 
 
+def test_openai_agent_offers_what_the_demo_model_was_trained_on():
+    from rollouttap.trainer_hooks.warm_start import CALCULATOR_TOOL, SYSTEM_PROMPTS
+    assert openai_agent.TOOLS == [CALCULATOR_TOOL]
+    assert openai_agent.SYSTEM in SYSTEM_PROMPTS
+
+
 def test_openai_agent_multi_turn_streamed_with_a_tool(tmp_path, confdir, upstream):
     spec = CommandAgent([sys.executable, str(EXAMPLES / "openai_agent.py"), "{prompt}"])
     with AgentManager(spec, store=tmp_path / "runs.db", model_url=upstream.base_url, confdir=confdir,

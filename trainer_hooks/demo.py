@@ -38,6 +38,7 @@ class DemoConfig:
     generation: Generation = "agents"
     seed: int = 0
     model_dir: Path | None = None
+    temperature: float = 1.3
     vllm_url: str | None = None  # a `trl vllm-serve` server: TRL syncs weights into it, agents call it
 
 
@@ -122,7 +123,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         per_device_train_batch_size=config.num_generations * config.prompts_per_step,
         num_generations=config.num_generations, max_completion_length=config.max_tokens * 4,
         use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", logging_steps=1, temperature=1.0, disable_tqdm=False,
+        save_strategy="no", logging_steps=1, temperature=config.temperature, disable_tqdm=False,
         **vllm_args(config.vllm_url),
     )
     summary = DemoSummary(store=str(config.store))
@@ -155,7 +156,9 @@ def _train_with_agents(config: DemoConfig, model: Any, tokenizer: Any, dataset: 
             if r.row is not None and r.status == "ok":
                 summary.trainable_tokens += sum(r.row.env_mask)
 
-    agent = CommandAgent([sys.executable, str(EXAMPLE_AGENT), "{prompt}"], env={"MAX_TURNS": "4"})
+    # Sampling a little hotter than 1.0 makes some rollouts fail, so GRPO groups have reward spread.
+    agent = CommandAgent([sys.executable, str(EXAMPLE_AGENT), "{prompt}"],
+                         env={"MAX_TURNS": "4", "TEMPERATURE": str(config.temperature)})
     with contextlib.ExitStack() as stack:
         if config.vllm_url is None:  # the embedded server serves the trainer's live model object
             server = stack.enter_context(PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs",

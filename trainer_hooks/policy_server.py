@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,16 @@ from .policy_api import ApiConfig, PolicyAPI
 
 logger = logging.getLogger(__name__)
 _MAX_BODY = 64 * 1024 * 1024
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client (or the proxy) dropping an idle keep-alive connection is normal, not an error.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class PolicyServer:
@@ -66,7 +77,7 @@ class PolicyServer:
         """Bind and serve in a background thread; returns once the socket is listening."""
         if self._httpd is not None:
             return self
-        httpd = ThreadingHTTPServer(self._address, _handler_for(self.api))
+        httpd = _QuietServer(self._address, _handler_for(self.api))
         httpd.daemon_threads = True
         self._httpd = httpd
         self._thread = threading.Thread(
