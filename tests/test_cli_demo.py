@@ -1,0 +1,27 @@
+"""The README's main job, as a user runs it: ``rollouttap demo`` trains and reports what it captured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(1200)  # the first run builds the warm-started tiny model (about a minute)
+def test_demo_trains_on_agent_rollouts_and_loses_no_flow(tmp_path):
+    store = tmp_path / "runs.db"
+    out = subprocess.run([sys.executable, "-m", "rollouttap.cli", "demo", "--steps", "1", "--prompts", "4",
+                          "--store", str(store), "--json"], capture_output=True, text=True, timeout=1100,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 1 and len(summary["rewards"]) == 1
+    assert sum(summary["agents"].values()) == 8  # 2 prompts x 4 generations
+    assert summary["calls"] >= 8 and summary["trainable_tokens"] > 0
+    flows = summary["flows"]
+    assert flows["total"] == summary["calls"] and flows["open"] == 0 and flows["unattributed"] == 0
+    assert store.exists()
