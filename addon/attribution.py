@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import logging
 import os
@@ -19,7 +20,7 @@ from urllib.parse import unquote
 
 import psutil
 
-from rollouttap.addon.procfs import ProcInfo, SocketOwnerFinder, ancestry
+from rollouttap.addon.procfs import AncestryCache, ProcInfo, SocketOwnerFinder
 from rollouttap.addon.sockdiag import socket_inode
 from rollouttap.store import AgentRecord, Store, token_matches
 
@@ -112,6 +113,7 @@ def _same_start(recorded: float | None, actual: float) -> bool:
     return recorded is not None and abs(recorded - actual) < 0.01
 
 
+@functools.lru_cache(maxsize=1024)
 def is_local_peer(ip: str, local_ips: frozenset[str]) -> bool:
     """Only a peer on this host (and in this namespace) can be looked up in /proc."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
@@ -171,6 +173,7 @@ class PidAttributor:
                  ) -> None:
         self.directory = directory
         self.finder = SocketOwnerFinder()
+        self.ancestry = AncestryCache()
         self._inode_of = inode_of
         self._boot_time = psutil.boot_time()
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
@@ -188,12 +191,16 @@ class PidAttributor:
             return PidResult(None, None, f"socket lookup failed: {exc}")
         if inode is None:
             return PidResult(None, None, "no such socket in this namespace (container, or exited)")
-        pid = self.finder.find(inode)
+        roots, known = self.directory.roots()
+        pid = self.finder.find(inode, roots)
         if pid is None:
             return PidResult(None, None, "socket owner not found (exited, or another namespace)")
-        roots, known = self.directory.roots()
-        agent_id, detail = decide_from_ancestry(ancestry(pid), roots, known, self._create_time)
+        agent_id, detail = decide_from_ancestry(self.ancestry.chain(pid), roots, known, self._create_time)
         return PidResult(pid, agent_id, detail)
+
+    def connection_closed(self, pid: int) -> None:
+        """A client connection of ``pid`` ended (its next one is likely close behind)."""
+        self.finder.closed(pid)
 
     def _create_time(self, info: ProcInfo) -> float:
         # psutil's own formula, so it equals the create_time the manager recorded with psutil.

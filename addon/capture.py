@@ -43,6 +43,9 @@ class _Live:
     tap: StreamTap | None = None
     injection: tokenids.Injection | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Response columns held back until the flow ends (non-streamed: the end follows at once).
+    pending: dict[str, Any] = field(default_factory=dict)
+    opened_key: tuple[Any, ...] | None = None  # flowcols.request_key when the row was opened
 
 
 class RolloutTap:
@@ -169,7 +172,11 @@ class RolloutTap:
             self._conn_pid[client.id] = loop.run_in_executor(self._pool, self.pids.resolve, peer, sock)
 
     def client_disconnected(self, client: Client) -> None:
-        self._conn_pid.pop(client.id, None)
+        future = self._conn_pid.pop(client.id, None)
+        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+            pid = future.result().pid
+            if pid is not None and self.pids is not None:
+                self.pids.connection_closed(pid)
         self._conn_creds.pop(client.id, None)
         for flow_id, live in list(self._live.items()):
             if live.conn_id == client.id:
@@ -195,12 +202,12 @@ class RolloutTap:
         live = self._live.get(flow.id)
         if live is None or flow.response is not None:
             return
-        route = find_route(self.routes, flow.request.pretty_host, flow.request.port)
+        route = find_route(self.routes, flow.request.pretty_host, flow.request.port) if self.routes else None
         if route is not None:
             live.meta["routed_from"] = flow.request.pretty_url
             flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = \
                 route.target(flow.request.path)
-        cols = flowcols.request_sent(flow)
+        cols = flowcols.request_sent(flow, live.opened_key)
         if ctx.options.rollouttap_token_ids and tokenids.is_model_request(
                 flow.request.host, flow.request.port, flow.request.path, self.model_hosts) \
                 and flow.request.method == "POST":
@@ -229,7 +236,10 @@ class RolloutTap:
                 rewrite = tokenids.StreamStripper(live.injection).feed
             live.tap = StreamTap(rewrite)
             flow.response.stream = live.tap
-        self._update(flow.id, flowcols.response_started(flow, streamed))
+            # A stream may run for minutes: readers see its status and headers while it does.
+            self._update(flow.id, flowcols.response_started(flow, streamed))
+        else:
+            live.pending = flowcols.response_started(flow, streamed)
 
     def response(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
@@ -324,11 +334,13 @@ class RolloutTap:
         self.counts["flows"] += 1
         if who.agent_id is None:
             self.counts["unattributed"] += 1
-        live = _Live(flow.client_conn.id)
+        live = _Live(flow.client_conn.id, opened_key=flowcols.request_key(flow.request))
         if who.detail:
             live.meta["attribution_detail"] = who.detail
         self._live[flow.id] = live
-        self.writer.insert_flow({**flowcols.opened(flow, self.proxy_id, who), "meta": dict(live.meta)})
+        cols = flowcols.opened(flow, self.proxy_id, who)
+        cols["meta"] = dict(live.meta)
+        self.writer.insert_flow(cols)
 
     def _update(self, flow_id: str, cols: dict[str, Any]) -> None:
         assert self.writer is not None
@@ -341,7 +353,7 @@ class RolloutTap:
             return
         if state == "error":
             self.counts["errors"] += 1
-        cols = {**cols, "state": state}
+        cols = {**live.pending, **cols, "state": state}
         cols.setdefault("t_end", time.time())
         if live.meta:
             cols["meta"] = dict(live.meta)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 
 from rollouttap.addon.attribution import Attribution
 from rollouttap.store import redact_headers
@@ -22,9 +24,29 @@ def _addr(address: tuple[Any, ...] | None) -> str | None:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
+@functools.lru_cache(maxsize=256)
+def _authority(host_header: str) -> tuple[str, int | None]:
+    # mitmproxy parses the Host header on every pretty_host/pretty_url (an IDNA decode each time);
+    # agents talk to a handful of hosts.
+    return url.parse_authority(host_header, check=False)
+
+
+def pretty_where(req: http.Request) -> tuple[str, str]:
+    """``(req.pretty_url, req.pretty_host)`` as mitmproxy computes them, parsing the Host header once."""
+    host_header = req.host_header
+    if not host_header:
+        return (req.authority if req.first_line_format == "authority" else req.url), req.host
+    host, port = _authority(host_header)
+    if req.first_line_format == "authority":
+        return req.authority, host
+    port = port or url.default_port(req.scheme) or 443
+    return url.unparse(req.scheme, host, port, req.path if req.path != "*" else ""), host
+
+
 def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, Any]:
     """Columns of the row written when a request's headers arrive (state ``open``)."""
     req = flow.request
+    pretty_url, pretty_host = pretty_where(req)
     return {
         "flow_id": flow.id,
         "proxy_id": proxy_id,
@@ -34,9 +56,9 @@ def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, An
         "client_addr": _addr(flow.client_conn.peername),
         "attribution": who.method,
         "method": req.method,
-        "url": req.pretty_url if req.method != "CONNECT" else f"{req.host}:{req.port}",
+        "url": pretty_url if req.method != "CONNECT" else f"{req.host}:{req.port}",
         "scheme": req.scheme,
-        "host": req.pretty_host,
+        "host": pretty_host,
         "port": req.port,
         "path": req.path,
         "request_headers": _headers(req.headers),
@@ -45,14 +67,28 @@ def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, An
     }
 
 
-def request_sent(flow: http.HTTPFlow) -> dict[str, Any]:
-    """Columns once the whole request is in: its body, and where it goes (routes may change it)."""
+def request_key(req: http.Request) -> tuple[Any, ...]:
+    """Everything the URL and header columns are computed from: equal keys, equal columns."""
+    data = req.data
+    # Headers keep their fields in a tuple that every change replaces.
+    return (data.headers.fields, data.method, data.scheme, data.host, data.port, data.path,
+            data.authority, data.http_version)
+
+
+def request_sent(flow: http.HTTPFlow, key_at_open: tuple[Any, ...] | None = None) -> dict[str, Any]:
+    """Columns once the whole request is in: its body, and where it goes (routes may change it).
+
+    With the ``request_key`` taken when the row was opened, columns that cannot have changed are left out.
+    """
     req = flow.request
+    if key_at_open is not None and request_key(req) == key_at_open:
+        return {"request_body": req.raw_content}
+    pretty_url, pretty_host = pretty_where(req)
     return {
         "request_body": req.raw_content,
-        "url": req.pretty_url,
+        "url": pretty_url,
         "scheme": req.scheme,
-        "host": req.pretty_host,
+        "host": pretty_host,
         "port": req.port,
         "path": req.path,
         "request_headers": _headers(req.headers),
@@ -60,6 +96,7 @@ def request_sent(flow: http.HTTPFlow) -> dict[str, Any]:
 
 
 def response_started(flow: http.HTTPFlow, streamed: bool) -> dict[str, Any]:
+    """Status, headers and their arrival time of a response whose headers are in."""
     resp = flow.response
     assert resp is not None
     return {

@@ -216,8 +216,27 @@ def _plan_for(injection: Injection) -> _StripPlan | None:
     return _strip_plan(injection.strips_token_ids, injection.strips_logprobs, injection.endpoint)
 
 
-_INT_LIST = re.compile(r"\[[0-9\s,]*\]")
+# Values vLLM puts under the planned keys, matched at C speed instead of parsed: token-id lists
+# and compact per-token logprobs (chat and completions shapes). Every pattern is a subset of JSON,
+# so a match ends exactly where the value does (about half the cost of decoding it); any other
+# value is decoded.
+_STR = r'"[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*"'
+_NUM = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_INTS = r"\[(?:(?!0[0-9])[0-9]+(?:,(?!0[0-9])[0-9]+)*)?\]"
+_BYTES = rf'"bytes":(?:null|{_INTS})'
+_TOP = rf'\{{"token":{_STR},"logprob":{_NUM},{_BYTES}\}}'
+_ENTRY = rf'\{{"token":{_STR},"logprob":{_NUM},{_BYTES},"top_logprobs":(?:null|\[(?:{_TOP}(?:,{_TOP})*)?\])\}}'
+_CHAT_LOGPROBS = rf'\{{"content":(?:null|\[(?:{_ENTRY}(?:,{_ENTRY})*)?\])\}}'
+_TOP_MAP = rf"(?:null|\{{(?:{_STR}:{_NUM}(?:,{_STR}:{_NUM})*)?\}})"
+_CMPL_LOGPROBS = (
+    rf'\{{"text_offset":{_INTS},"token_logprobs":\[(?:(?:{_NUM}|null)(?:,(?:{_NUM}|null))*)?\],'
+    rf'"tokens":\[(?:{_STR}(?:,{_STR})*)?\],"top_logprobs":\[(?:{_TOP_MAP}(?:,{_TOP_MAP})*)?\]\}}'
+)
+_FAST_VALUE = re.compile(f"{_INTS}|{_CHAT_LOGPROBS}|{_CMPL_LOGPROBS}")
 _DECODER = json.JSONDecoder()
+# Spans are replaced by distinct numbers with this prefix to check where they sit in the document.
+_MARK_BASE = 7391820465_000000
+_MARK_PREFIX = "7391820465"
 
 
 class _Drop:
@@ -234,17 +253,41 @@ def strip_response_json(body: bytes, injection: Injection) -> bytes:
         return body
     try:
         text = body.decode("utf-8")
-        doc = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except UnicodeDecodeError:
         return body
-    new = _strip_json(text, doc, plan, allow_drop=False)
+    new = _strip_json(text, plan, allow_drop=False)
     return new.encode("utf-8") if isinstance(new, str) else body
 
 
-def _strip_json(
-    text: str, doc: Any, plan: _StripPlan, *, allow_drop: bool
-) -> str | _Drop | None:
-    """``text`` with the planned fields nulled; None if nothing changes, _DROP to drop it."""
+def _strip_json(text: str, plan: _StripPlan, *, allow_drop: bool) -> str | _Drop | None:
+    """``text`` with the planned fields nulled; None if nothing changes (or not JSON), _DROP to drop it.
+
+    One pass: find the planned keys' values in the text, then parse the document with each value
+    replaced by a marker (small: the token ids and logprobs are most of a response) and check that
+    the markers are exactly the planned fields.
+    """
+    try:
+        spans = _value_spans(text, plan.key_pattern)
+        reduced = _with_markers(text, spans)
+    except (ValueError, RecursionError):
+        return None
+    if reduced is not None:
+        doc, marks = reduced
+        if not isinstance(doc, dict):
+            return None
+        if _marks_are_the_fields(doc, plan, marks):
+            if not marks:
+                return None
+            if allow_drop and plan.drop_swallowed and _only_for_us(doc, plan):
+                return _DROP
+            return _splice_nulls(text, spans)
+    try:  # unusual documents (a planned key deeper than vLLM puts it): decide on the whole parse
+        return _strip_parsed(text, json.loads(text), plan, allow_drop=allow_drop)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _strip_parsed(text: str, doc: Any, plan: _StripPlan, *, allow_drop: bool) -> str | _Drop | None:
     if not isinstance(doc, dict):
         return None
     expected = _count_fields(doc, plan)
@@ -258,6 +301,10 @@ def _strip_json(
         log.debug("token-id fields found %d times, expected %d", len(spans), expected)
         _null_fields(doc, plan)
         return _dumps(doc)
+    return _splice_nulls(text, spans)
+
+
+def _splice_nulls(text: str, spans: list[tuple[int, int]]) -> str:
     parts: list[str] = []
     pos = 0
     for start, end in spans:
@@ -265,6 +312,37 @@ def _strip_json(
         pos = end
     parts.append(text[pos:])
     return "".join(parts)
+
+
+def _with_markers(text: str, spans: list[tuple[int, int]]) -> tuple[Any, frozenset[int]] | None:
+    """The document parsed with span k replaced by the number -(_MARK_BASE + k); None if the text
+    already holds such numbers. Raises ValueError when it is not JSON."""
+    if not spans:
+        return json.loads(text), frozenset()
+    if _MARK_PREFIX in text:
+        return None
+    parts: list[str] = []
+    pos = 0
+    for k, (start, end) in enumerate(spans):
+        parts += (text[pos:start], f"-{_MARK_BASE + k}")
+        pos = end
+    parts.append(text[pos:])
+    return json.loads("".join(parts)), frozenset(-(_MARK_BASE + k) for k in range(len(spans)))
+
+
+def _marks_are_the_fields(doc: dict[str, Any], plan: _StripPlan, marks: frozenset[int]) -> bool:
+    """Every non-null planned field holds a marker, and every marker sits in one."""
+    holders = [(doc, plan.top_keys)] + [(choice, plan.choice_keys) for choice in _choices(doc)]
+    seen = set()
+    for holder, keys in holders:
+        for key in keys:
+            value = holder.get(key)
+            if value is None:
+                continue
+            if type(value) is not int or value not in marks:
+                return False
+            seen.add(value)
+    return len(seen) == len(marks)
 
 
 def _choices(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -311,7 +389,9 @@ def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
 
 
 def _value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int]]:
-    """Start and end of every non-null value of a planned key, skipping over each value."""
+    """Start and end of every non-null value of a planned key, skipping over each value.
+
+    Raises ValueError where a value is not JSON."""
     spans = []
     pos = 0
     while (match := key_pattern.search(text, pos)) is not None:
@@ -319,8 +399,8 @@ def _value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int
         if text.startswith("null", start):
             pos = start + 4
             continue
-        ints = _INT_LIST.match(text, start)
-        end = ints.end() if ints is not None else _DECODER.raw_decode(text, start)[1]
+        fast = _FAST_VALUE.match(text, start)
+        end = fast.end() if fast is not None else _DECODER.raw_decode(text, start)[1]
         spans.append((start, end))
         pos = end
     return spans
@@ -373,10 +453,9 @@ def _rewrite_event(raw: bytes, plan: _StripPlan) -> bytes:
     start, end = span
     try:
         text = raw[start:end].decode("utf-8")
-        doc = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except UnicodeDecodeError:
         return raw
-    new = _strip_json(text, doc, plan, allow_drop=True)
+    new = _strip_json(text, plan, allow_drop=True)
     if new is None:
         return raw
     if isinstance(new, _Drop):

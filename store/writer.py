@@ -1,7 +1,15 @@
-"""The store's writer: a queue and one thread, batched commits, so mitmproxy's event loop never waits on SQLite."""
+"""The store's writer: a queue and one thread, group commits, so mitmproxy's event loop never waits on SQLite.
+
+Group commit: transactions are at least ``linger`` seconds (10 ms) apart. After a quiet spell the first
+event is committed at once; under load, whatever arrives meanwhile is written in one transaction, each
+flow's insert and later updates folded into one statement. At proxy speed that is one transaction for
+several flows instead of one per event: a transaction costs far more than the rows in it, and the
+thread shares the GIL (and, on a small machine, the core) with mitmproxy's event loop.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -17,29 +25,39 @@ from rollouttap.store.schema import FLOW_COLUMNS
 
 log = logging.getLogger(__name__)
 
-_JSON_COLUMNS = ("request_headers", "response_headers", "meta", "listen")
+_JSON_COLUMNS = frozenset(("request_headers", "response_headers", "meta", "listen"))
 _FLOW_WRITABLE = frozenset(FLOW_COLUMNS) - {"id"}
 BATCH_MAX = 512
+LINGER_S = 0.010
+
+Event = tuple[Any, ...]
+# What one bad event can raise (a constraint, a value JSON cannot encode): it is dropped, alone, and the
+# thread goes on; a dead writer thread would silently lose everything after it.
+_BAD_EVENT = (sqlite3.Error, TypeError, ValueError)
 
 
 @dataclass
 class WriterStats:
     queued: int = 0
-    committed: int = 0
+    committed: int = 0  # events committed (before folding)
+    statements: int = 0  # SQL statements they became
     failed: int = 0
-    batches: int = 0
+    batches: int = 0  # transactions holding flow or proxy rows
     max_batch: int = 0
 
 
 class StoreWriter:
     """Queue flow inserts and updates; one thread commits them in batches, in order."""
 
-    def __init__(self, path: str | Path, *, heartbeat: float = 0.1) -> None:
+    def __init__(self, path: str | Path, *, heartbeat: float = 0.1, linger: float = LINGER_S) -> None:
         self.path = Path(path)
         self.proxy_id: str | None = None  # set once the proxy row exists; enables the watermark
         self.heartbeat = heartbeat
+        self.linger = linger
         self.stats = WriterStats()
-        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        self._wake = threading.Event()  # cuts a linger short: someone waits for the commit
+        self._last_commit = -float("inf")  # time.monotonic() after the last transaction of rows
         self._conn = connect(self.path)
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
@@ -64,6 +82,7 @@ class StoreWriter:
             return True
         done = threading.Event()
         self._queue.put(("barrier", done))
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -72,6 +91,7 @@ class StoreWriter:
             return
         self._closed = True
         self._queue.put(None)
+        self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("store writer did not finish within %.0fs; %s events may be uncommitted",
@@ -79,7 +99,7 @@ class StoreWriter:
         else:
             self._conn.close()
 
-    def _put(self, event: tuple[Any, ...]) -> None:
+    def _put(self, event: Event) -> None:
         if self._closed:
             raise RuntimeError("store writer is closed")
         self.stats.queued += 1
@@ -89,7 +109,6 @@ class StoreWriter:
     def _run(self) -> None:
         stop = False
         while not stop:
-            batch: list[tuple[Any, ...]] = []
             try:
                 first = self._queue.get(timeout=self.heartbeat)
             except queue.Empty:
@@ -97,21 +116,35 @@ class StoreWriter:
                 continue
             if first is None:
                 break
-            batch.append(first)
-            while len(batch) < BATCH_MAX:
-                try:
-                    event = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if event is None:
-                    stop = True
-                    break
-                batch.append(event)
+            self._linger(first)
+            batch = [first]
+            stop = self._drain(batch)
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[Any, ...]]) -> None:
+    def _linger(self, first: Event) -> None:
+        """Space commits ``linger`` apart: after a quiet spell the first event goes at once (readers
+        see a new flow at once); under load, what arrives meanwhile joins one transaction."""
+        wait = self._last_commit + self.linger - time.monotonic()
+        if first[0] != "barrier" and wait > 0 and self._queue.qsize() < BATCH_MAX:
+            self._wake.wait(wait)  # flush() and close() end it early
+        self._wake.clear()
+
+    def _drain(self, batch: list[Event]) -> bool:
+        """Move queued events into ``batch`` (up to BATCH_MAX); True when close() was among them."""
+        while len(batch) < BATCH_MAX:
+            try:
+                event = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if event is None:
+                return True
+            batch.append(event)
+        return False
+
+    def _commit(self, batch: list[Event]) -> None:
         barriers = [e[1] for e in batch if e[0] == "barrier"]
         writes = [e for e in batch if e[0] != "barrier"]
+        statements = fold(writes)
         delay = 0.05
         # FIFO: once this batch is committed, so is everything queued before its last event.
         now = time.time()
@@ -119,7 +152,7 @@ class StoreWriter:
         while writes:
             try:
                 with transaction(self._conn):
-                    for event in writes:
+                    for event in statements:
                         _apply(self._conn, event)
                     if mark is not None:
                         self._write_mark(mark)
@@ -129,12 +162,15 @@ class StoreWriter:
                 log.error("store write failed (%s); retrying %d events in %.2fs", exc, len(writes), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-            except sqlite3.Error:
-                self._commit_one_by_one(writes)
+            except _BAD_EVENT:
+                self._commit_one_by_one(writes)  # the events as queued: only the bad one is lost
                 break
-        self.stats.committed += len(writes)
-        self.stats.batches += 1
-        self.stats.max_batch = max(self.stats.max_batch, len(writes))
+        if writes:
+            self._last_commit = time.monotonic()
+            self.stats.committed += len(writes)
+            self.stats.statements += len(statements)
+            self.stats.batches += 1
+            self.stats.max_batch = max(self.stats.max_batch, len(writes))
         for barrier in barriers:
             barrier.set()
 
@@ -156,20 +192,45 @@ class StoreWriter:
             self._conn.execute("UPDATE proxies SET committed_through = max(coalesce(committed_through, 0), ?) "
                                "WHERE proxy_id = ?", (mark, self.proxy_id))
 
-    def _commit_one_by_one(self, writes: list[tuple[Any, ...]]) -> None:
+    def _commit_one_by_one(self, writes: list[Event]) -> None:
         for event in writes:
             try:
                 with transaction(self._conn):
                     _apply(self._conn, event)
-            except sqlite3.Error as exc:
+            except _BAD_EVENT as exc:
                 self.stats.failed += 1
-                log.error("store write dropped after error %s: %s", exc, _describe(event))
+                log.error("store write dropped after error %r: %s", exc, _describe(event))
+
+
+def fold(writes: list[Event]) -> list[Event]:
+    """One statement per flow where the events allow it: a flow's later updates join its insert (or
+    its first update) in this batch. Applied in one transaction, the result equals the events."""
+    out: list[Event] = []
+    target: dict[str, int] = {}  # flow_id -> index in ``out`` its next update joins
+    for event in writes:
+        kind = event[0]
+        if kind == "update_flow" and "flow_id" not in event[2]:
+            index = target.get(event[1])
+            if index is not None:
+                out[index][-1].update(event[2])
+                continue
+            target[event[1]] = len(out)
+            out.append(("update_flow", event[1], dict(event[2])))
+        elif kind == "insert_flow":
+            if event[1].get("flow_id") is not None:
+                target[event[1]["flow_id"]] = len(out)
+            out.append(("insert_flow", dict(event[1])))
+        else:
+            if kind == "update_flow":  # renames the row: later updates by either id stand alone
+                target.pop(event[1], None)
+                target.pop(event[2]["flow_id"], None)
+            out.append(event)
+    return out
 
 
 def _check_flow_columns(columns: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(columns) - _FLOW_WRITABLE
-    if unknown:
-        raise ValueError(f"unknown flow columns: {sorted(unknown)}")
+    if not _FLOW_WRITABLE.issuperset(columns):
+        raise ValueError(f"unknown flow columns: {sorted(set(columns) - _FLOW_WRITABLE)}")
     return dict(columns)
 
 
@@ -179,31 +240,29 @@ def _encode(column: str, value: Any) -> Any:
     return value
 
 
-def _apply(conn: sqlite3.Connection, event: tuple[Any, ...]) -> None:
-    kind = event[0]
+@functools.lru_cache(maxsize=256)
+def _sql(kind: str, columns: tuple[str, ...]) -> str:
+    names = ", ".join(columns)
+    marks = ", ".join("?" for _ in columns)
     if kind == "insert_flow":
-        cols = event[1]
-        names = ", ".join(cols)
-        marks = ", ".join("?" for _ in cols)
-        conn.execute(f"INSERT INTO flows ({names}) VALUES ({marks})",
-                     [_encode(k, v) for k, v in cols.items()])
-    elif kind == "update_flow":
-        flow_id, cols = event[1], event[2]
-        if cols:
-            sets = ", ".join(f"{k} = ?" for k in cols)
-            conn.execute(f"UPDATE flows SET {sets} WHERE flow_id = ?",
-                         [_encode(k, v) for k, v in cols.items()] + [flow_id])
-    elif kind == "upsert_proxy":
-        cols = event[1]
-        names = ", ".join(cols)
-        marks = ", ".join("?" for _ in cols)
-        updates = ", ".join(f"{k} = excluded.{k}" for k in cols if k != "proxy_id")
-        conn.execute(f"INSERT INTO proxies ({names}) VALUES ({marks}) "
-                     f"ON CONFLICT(proxy_id) DO UPDATE SET {updates}",
-                     [_encode(k, v) for k, v in cols.items()])
-    else:
+        return f"INSERT INTO flows ({names}) VALUES ({marks})"
+    if kind == "update_flow":
+        return "UPDATE flows SET " + ", ".join(f"{k} = ?" for k in columns) + " WHERE flow_id = ?"
+    updates = ", ".join(f"{k} = excluded.{k}" for k in columns if k != "proxy_id")
+    return f"INSERT INTO proxies ({names}) VALUES ({marks}) ON CONFLICT(proxy_id) DO UPDATE SET {updates}"
+
+
+def _apply(conn: sqlite3.Connection, event: Event) -> None:
+    kind, cols = event[0], event[-1]
+    if kind not in ("insert_flow", "update_flow", "upsert_proxy"):
         raise ValueError(f"unknown store event {kind!r}")
+    if kind == "update_flow" and not cols:
+        return
+    params = [_encode(k, v) for k, v in cols.items()]
+    if kind == "update_flow":
+        params.append(event[1])
+    conn.execute(_sql(kind, tuple(cols)), params)
 
 
-def _describe(event: tuple[Any, ...]) -> str:
+def _describe(event: Event) -> str:
     return f"{event[0]} {event[1] if isinstance(event[1], str) else event[1].get('flow_id', '')}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import struct
 import subprocess
 import sys
 
@@ -13,9 +14,11 @@ import pytest
 from rollouttap.addon.attribution import (
     check_token, decide_from_ancestry, is_local_peer, parse_basic_credentials, split_agent_path,
 )
-from rollouttap.addon.procfs import ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat
+from rollouttap.addon.procfs import (
+    AncestryCache, ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat,
+)
 from rollouttap.addon.routes import RouteError, find_route, parse_route, parse_routes
-from rollouttap.addon.sockdiag import build_request, inode_netlink, inode_procfs, normalize_ip
+from rollouttap.addon.sockdiag import build_request, inode_netlink, inode_procfs, normalize_ip, parse_response
 from rollouttap.store import AgentRecord, hash_token
 
 
@@ -118,6 +121,9 @@ def test_parse_stat(stat, expected):
     (b"PATH=/bin\0XROLLOUTTAP_AGENT_ID=abc\0", None),
     (b"ROLLOUTTAP_AGENT_ID=\0", None),
     (b"", None),
+    (b"ROLLOUTTAP_AGENT_ID=first\0ROLLOUTTAP_AGENT_ID=second\0", "first"),
+    (b"A=1\0ROLLOUTTAP_AGENT_ID=last", "last"),
+    (b"A=ROLLOUTTAP_AGENT_ID=x\0", None),
 ])
 def test_parse_agent_tag(environ, tag):
     assert parse_agent_tag(environ) == tag
@@ -209,3 +215,186 @@ def test_bad_routes_are_refused(spec):
 def test_route_with_port_only_matches_that_port():
     route = parse_route("h:8443=http://127.0.0.1:1")
     assert find_route((route,), "h", 443) is None and find_route((route,), "H", 8443) is route
+
+
+# -- the owner search and the ancestry cache on a fake /proc (deterministic order and counts) ----------
+class FakeProc:
+    """A /proc tree with just what procfs reads: stat, environ, status, fd links, children, ns_last_pid."""
+
+    def __init__(self, root):
+        self.root = root
+        (root / "sys" / "kernel").mkdir(parents=True)
+        self.last_pid(1)
+
+    def last_pid(self, pid):
+        (self.root / "sys" / "kernel" / "ns_last_pid").write_text(f"{pid}\n")
+
+    def process(self, pid, ppid=1, start=None, tag=None, sockets=(), tgid=None, children=()):
+        d = self.root / str(pid)
+        (d / "fd").mkdir(parents=True, exist_ok=True)
+        (d / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
+        self.stat(pid, ppid, start if start is not None else pid * 10)
+        env = b"PATH=/bin\0" + (f"ROLLOUTTAP_AGENT_ID={tag}\0".encode() if tag else b"")
+        (d / "environ").write_bytes(env)
+        (d / "status").write_text(f"Name:\tx\nTgid:\t{tgid or pid}\nPid:\t{pid}\n")
+        for fd, target in [(0, "/dev/null")] + [(n, f"socket:[{i}]") for n, i in enumerate(sockets, start=3)]:
+            link = d / "fd" / str(fd)
+            link.unlink(missing_ok=True)
+            os.symlink(target, link)
+        (d / "task" / str(pid) / "children").write_text(" ".join(map(str, children)))
+
+    def stat(self, pid, ppid, start):
+        fields = ["S", str(ppid)] + ["0"] * 17 + [str(start), "0", "0"]
+        (self.root / str(pid) / "stat").write_text(f"{pid} (fake proc) " + " ".join(fields) + "\n")
+
+    def gone(self, pid):
+        import shutil
+        shutil.rmtree(self.root / str(pid))
+
+
+@pytest.fixture
+def fake_proc(tmp_path):
+    return FakeProc(tmp_path / "proc")
+
+
+def test_finder_full_scan_finds_an_old_unknown_process(fake_proc):
+    for pid in range(2, 40):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.last_pid(39)
+    finder = SocketOwnerFinder(str(fake_proc.root), young=4)
+    assert finder.find(1005) == 5
+    assert finder.find(999) is None
+
+
+def test_finder_probes_new_pids_without_listing_proc(fake_proc):
+    for pid in range(2, 40):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.last_pid(39)
+    finder = SocketOwnerFinder(str(fake_proc.root))
+    assert finder.find(1030) == 30  # first lookup: probes down from ns_last_pid
+    fake_proc.process(41, sockets=[2041])
+    fake_proc.process(42, sockets=[2042])
+    fake_proc.last_pid(43)  # 43 already exited
+    assert finder.find(2041) == 41 and finder.scanned_last == 3  # recent owner 30, then 42, 41
+    assert finder.find(2042) == 42 and finder.scanned_last == 1  # seen while looking for 2041
+
+
+def test_finder_tries_closed_connections_owner_first(fake_proc):
+    for pid in range(2, 12):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.last_pid(11)
+    finder = SocketOwnerFinder(str(fake_proc.root))
+    for pid in (9, 5, 7):
+        assert finder.find(1000 + pid) == pid
+    finder.closed(5)
+    fake_proc.process(5, sockets=[3005])  # it reconnects: the new socket takes the freed fd
+    assert finder.find(3005) == 5 and finder.scanned_last == 1
+    os.symlink("socket:[4005]", fake_proc.root / "5" / "fd" / "9")  # a socket at a new fd number
+    assert finder.find(4005) == 5  # the known socket fds do not have it: its whole fd table does
+
+
+def test_finder_searches_descendants_of_roots_before_everything(fake_proc):
+    for pid in range(2, 60):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.process(20, children=[25])
+    fake_proc.process(25, ppid=20, children=[31])
+    fake_proc.process(31, ppid=25, sockets=[4031])
+    fake_proc.last_pid(59)
+    finder = SocketOwnerFinder(str(fake_proc.root), young=2)
+    assert finder.find(4031, roots=[20]) == 31
+    assert finder.scanned_last == 2 + 1  # the two newest pids, then the deepest descendant first
+    assert finder.find(1058) == 58 and finder.scanned_last == 1  # its socket was seen on the way
+
+
+def test_finder_maps_a_thread_to_its_process_and_forgets_the_gone(fake_proc):
+    fake_proc.process(7, sockets=[1007])
+    fake_proc.process(8, sockets=[1007], tgid=7)  # /proc serves a thread's id but does not list it
+    fake_proc.last_pid(8)
+    finder = SocketOwnerFinder(str(fake_proc.root))
+    assert finder.find(1007) == 7
+    fake_proc.gone(7)
+    fake_proc.gone(8)
+    assert finder.find(1007) is None
+
+
+def test_ancestry_cache_matches_ancestry_and_follows_pid_reuse(fake_proc):
+    fake_proc.process(10, tag="A")
+    fake_proc.process(20, ppid=10)
+    fake_proc.process(30, ppid=20, tag="B")
+    proc = str(fake_proc.root)
+    cache = AncestryCache(proc, max_age=3600)
+    assert cache.chain(30) == ancestry(30, proc) == [
+        ProcInfo(30, 20, 300, "B"), ProcInfo(20, 10, 200, None), ProcInfo(10, 1, 100, "A")]
+    fake_proc.process(30, ppid=20, start=999, tag="C")  # pid 30 reused by another process
+    assert [p.agent_tag for p in cache.chain(30)] == ["C", None, "A"]
+    fake_proc.stat(30, 10, 999)  # its parent exited: re-parented
+    assert [p.pid for p in cache.chain(30)] == [30, 10]
+    assert cache.chain(99) == ancestry(99, proc) == []
+
+
+def test_ancestry_cache_rereads_ancestors_after_max_age(fake_proc):
+    fake_proc.process(10, tag="A")
+    fake_proc.process(20, ppid=10)
+    fake_proc.process(30, ppid=20)
+    proc = str(fake_proc.root)
+    stale, fresh = AncestryCache(proc, max_age=3600), AncestryCache(proc, max_age=0)
+    assert stale.chain(30) == fresh.chain(30)
+    fake_proc.stat(20, 1, 200)  # an ancestor further up was re-parented
+    assert [p.pid for p in stale.chain(30)] == [30, 20, 10]  # within max_age: as it was
+    assert [p.pid for p in fresh.chain(30)] == [30, 20] == [p.pid for p in ancestry(30, proc)]
+
+
+def test_netlink_answers_match_their_requests_on_a_reused_socket():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        clients = [socket.create_connection(server.getsockname()) for _ in range(8)]
+        try:
+            for client in clients * 2:
+                src, dst = client.getsockname()[:2], client.getpeername()[:2]
+                assert inode_netlink(src, dst) == os.fstat(client.fileno()).st_ino
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_netlink_answer_to_another_request_is_refused():
+    answer = struct.pack("=IHHII", 16, 2, 0, 41, 0)
+    with pytest.raises(LookupError):
+        parse_response(answer, seq=42)
+    assert parse_response(answer, seq=41) is None and parse_response(answer) is None
+
+
+def test_socket_owner_found_among_descendants_of_a_root_process():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    code = (f"import socket,sys; s=socket.create_connection(('127.0.0.1', {server.getsockname()[1]})); "
+            "print(s.getsockname()[1], flush=True); sys.stdin.readline()")
+    root = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "{code}"; true'],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(root.stdout.readline())
+        accepted, _ = server.accept()
+        inode = inode_netlink(("127.0.0.1", port), server.getsockname())
+        finder = SocketOwnerFinder(young=0)  # no probing of new pids: the roots must lead to it
+        owner = finder.find(inode, roots=[root.pid])
+        assert owner is not None and owner != root.pid
+        assert ancestry(owner)[1].pid == root.pid
+        assert finder.scanned_last == 1  # the root's newest descendant, before any other process
+        accepted.close()
+    finally:
+        root.stdin.close()
+        root.wait(5)
+        server.close()
+
+
+def test_finder_checks_a_socket_seen_before_where_it_is_now(fake_proc):
+    for pid in range(2, 8):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.last_pid(7)
+    finder = SocketOwnerFinder(str(fake_proc.root))
+    assert finder.find(1007) == 7  # reads 7 only: 1006 and below are not seen yet
+    assert finder.find(1002) == 2  # reads the rest: 1006 ... 1003 seen on the way
+    fake_proc.process(5, sockets=[2005])  # 1005 went away from process 5 ...
+    fake_proc.process(6, sockets=[1006, 1005])  # ... and process 6 holds it now
+    assert finder.find(1005) == 6
+    assert finder.find(1004) == 4

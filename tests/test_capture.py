@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,8 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+from mitmproxy import http
+from mitmproxy.test import tflow
 
 from conftest import CLIENTS, agent_env, run_client, settled_flows, start_proxy, wait_for
+from rollouttap.addon import flowcols
 from rollouttap.store import Store, new_token
 
 
@@ -195,6 +199,11 @@ def test_stream_reaches_client_before_upstream_finishes_and_reader_sees_open_the
     with Store(proxy.config.store) as store:
         [flow] = wait_for(lambda: store.flows(agent_id=agent), what="open flow")
         assert flow.state == "open"
+        # a streamed response's status and headers are readable while it still streams
+        [flow] = wait_for(lambda: [f for f in store.flows(agent_id=agent) if f.status_code == 200],
+                          what="response headers of the open stream")
+        assert flow.state == "open" and flow.streamed
+        assert flow.response_header("content-type") == "text/event-stream"
         gate.set()
         rest = [line for line in lines if line]
         assert rest == [b'data: {"n": 2}', b"data: [DONE]"]
@@ -277,3 +286,89 @@ def test_stopping_the_proxy_commits_everything(tmp_path, confdir, upstream):
         assert len(flows) == 20 and all(f.state == "done" for f in flows)
         [row] = s.proxies()
         assert row["stopped_at"] is not None
+
+
+def _truncating_server() -> tuple[socket.socket, threading.Thread]:
+    """Answers one request with headers promising 100 bytes, sends 10 and closes."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Seen: yes\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"partial\"")
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_response_broken_after_its_headers_keeps_status_and_headers(proxy):
+    server, thread = _truncating_server()
+    agent = "trunc-" + uuid.uuid4().hex[:8]
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/v1/models"
+    with server:
+        # mitmproxy buffers the body, so the client gets its 502 instead of half an answer
+        resp = requests.get(url, headers={"X-Agent-ID": agent}, proxies={"http": proxy.url}, timeout=20)
+        assert resp.status_code == 502
+        thread.join(10)
+    [flow] = settled_flows(proxy.config.store, agent_id=agent)
+    assert flow.state == "error" and flow.error
+    assert flow.status_code == 200 and flow.response_header("x-seen") == "yes"
+    assert flow.t_response_headers is not None and not flow.streamed
+
+
+def _request(**kw) -> http.Request:
+    req = http.Request.make(kw.pop("method", "GET"), kw.pop("url", "http://example.com/"), b"",
+                            kw.pop("headers", {}))
+    for key, value in kw.items():
+        setattr(req, key, value)
+    return req
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _request(url="http://127.0.0.1:8000/v1/chat/completions"),
+    lambda: _request(url="http://127.0.0.1:8000/x", headers={"Host": "api.openai.com"}),
+    lambda: _request(url="https://10.0.0.1/x", headers={"Host": "api.openai.com:8443"}),
+    lambda: _request(url="https://10.0.0.1/x", headers={"Host": "API.OpenAI.com:443"}),
+    lambda: _request(url="http://[::1]:9000/x?q=1", headers={"Host": "[::1]:9000"}),
+    lambda: _request(url="http://127.0.0.1/x", headers={"Host": "xn--bcher-kva.example"}),
+    lambda: _request(url="http://127.0.0.1/x", headers={"Host": "bad host:99999"}),
+    lambda: _request(method="OPTIONS", url="http://example.com:8080/", headers={"Host": "example.com:8080"},
+                     path="*"),
+    lambda: _request(method="CONNECT", url="http://example.com:443/", headers={"Host": "example.com:443"},
+                     authority="example.com:443", path=""),
+    lambda: _request(url="http://127.0.0.1:8000/x", http_version="HTTP/2.0", authority="h2.example:8000"),
+    lambda: _request(url="http://127.0.0.1:8000/x", headers={"Host": "a.example"}, scheme="ftp"),
+])
+def test_pretty_where_matches_mitmproxy(make):
+    req = make()
+    assert flowcols.pretty_where(req) == (req.pretty_url, req.pretty_host)
+    assert flowcols.pretty_where(req) == (req.pretty_url, req.pretty_host)  # cached parse, same answer
+
+
+@pytest.mark.parametrize("change", [
+    lambda req: None,
+    lambda req: req.headers.__setitem__("X-New", "1"),
+    lambda req: req.headers.pop("Host"),
+    lambda req: setattr(req, "host", "10.1.1.1"),
+    lambda req: setattr(req, "port", 9999),
+    lambda req: setattr(req, "path", "/v2/x"),
+    lambda req: setattr(req, "scheme", "https"),
+    lambda req: setattr(req, "http_version", "HTTP/2.0"),
+])
+def test_request_sent_leaves_out_only_columns_that_cannot_have_changed(change):
+    flow = tflow.tflow()
+    flow.request.headers["Host"] = "api.example:8000"
+    key, before = flowcols.request_key(flow.request), flowcols.request_sent(flow)
+    change(flow.request)
+    full = flowcols.request_sent(flow)
+    short = flowcols.request_sent(flow, key)
+    if flowcols.request_key(flow.request) == key:
+        assert full == before  # the key really covers every input of the columns left out
+        assert short == {"request_body": flow.request.raw_content} and set(full) > set(short)
+    else:
+        assert short == full
+    assert {k: v for k, v in full.items() if k in short} == short

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import pytest
 from rollouttap.errors import StoreError, StoreVersionError
 from rollouttap.store import (
     SCHEMA_VERSION, Store, StoreWriter, connect, hash_token, new_token, redact_headers, token_matches,
+    transaction,
 )
 from rollouttap.store.records import decode_body
 from rollouttap.store.redact import redact_value
+from rollouttap.store.writer import _apply, fold
 
 
 def test_new_store_has_schema_wal_and_busy_timeout(tmp_path):
@@ -219,3 +222,160 @@ def test_migration_from_version_1_adds_the_watermark(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert "committed_through" in {r[1] for r in conn.execute("PRAGMA table_info(proxies)")}
+
+
+# -- group commit: folding a batch's events into fewer statements ------------------------------------
+def _ins(flow_id, /, **cols):
+    return ("insert_flow", {"flow_id": flow_id, "attribution": "pid", **cols})
+
+
+def _upd(flow_id, /, **cols):
+    return ("update_flow", flow_id, cols)
+
+
+_PROXY = ("upsert_proxy", {"proxy_id": "p1", "pid": 1, "started_at": 1.0})
+
+
+@pytest.mark.parametrize("events, folded", [
+    # a whole flow in one batch becomes one INSERT, later values win
+    ([_ins("a", state="open"), _upd("a", request_body=b"q"), _upd("a", status_code=200),
+      _upd("a", state="done", status_code=201)],
+     [_ins("a", state="done", request_body=b"q", status_code=201)]),
+    # interleaved flows keep their insert order
+    ([_ins("a"), _ins("b"), _upd("b", status_code=1), _upd("a", status_code=2)],
+     [_ins("a", status_code=2), _ins("b", status_code=1)]),
+    # updates of a flow inserted in an earlier batch become one UPDATE
+    ([_upd("a", status_code=200), _PROXY, _upd("a", state="done")],
+     [_upd("a", status_code=200, state="done"), _PROXY]),
+    # an update that renames a row stands alone, and nothing later joins what came before it
+    ([_ins("a"), _upd("a", flow_id="b"), _upd("a", state="done"), _upd("b", state="error")],
+     [_ins("a"), _upd("a", flow_id="b"), _upd("a", state="done"), _upd("b", state="error")]),
+    # a second insert of one flow id (it will fail) takes the later updates, as applying in order would
+    ([_ins("a", status_code=1), _ins("a", status_code=2), _upd("a", state="done")],
+     [_ins("a", status_code=1), _ins("a", status_code=2, state="done")]),
+    ([], []),
+])
+def test_fold_table(events, folded):
+    before = repr(events)
+    assert fold(events) == folded
+    assert repr(events) == before  # the queued events stay as queued (the fallback replays them)
+
+
+def _rows(conn):
+    return [tuple(r) for r in conn.execute(
+        "SELECT flow_id, state, status_code, request_body, meta FROM flows ORDER BY id")]
+
+
+def test_fold_equals_applying_each_event_in_order(tmp_path):
+    rng = random.Random(7)
+    for case in range(60):
+        events, inserted = [], set()
+        for _ in range(rng.randint(1, 14)):
+            flow_id = rng.choice("abc")
+            if flow_id not in inserted and rng.random() < 0.5:
+                inserted.add(flow_id)
+                events.append(_ins(flow_id, state=rng.choice(["open", "done"])))
+            else:  # an update before its insert changes nothing, folded or not
+                cols = rng.choice([{"status_code": rng.randint(1, 9)}, {"state": "error"},
+                                   {"meta": {"n": rng.randint(1, 9)}}, {"request_body": b"x"}])
+                events.append(_upd(flow_id, **cols))
+        one, folded = connect(tmp_path / f"one-{case}.db"), connect(tmp_path / f"folded-{case}.db")
+        for event in events:
+            with transaction(one):
+                _apply(one, event)
+        with transaction(folded):
+            for event in fold(events):
+                _apply(folded, event)
+        assert _rows(folded) == _rows(one), events
+        one.close()
+        folded.close()
+
+
+def test_events_queued_together_are_one_transaction_with_one_statement_per_flow(tmp_path):
+    path = tmp_path / "s.db"
+    Store(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the writer blocks on its first batch ...
+    writer = StoreWriter(path, linger=30.0)
+    writer.insert_flow(_flow("g0"))
+    deadline = time.monotonic() + 10
+    while writer._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for flow_id in ("g1", "g2"):  # ... while both flows queue up
+        writer.insert_flow(_flow(flow_id))
+        writer.update_flow(flow_id, {"request_body": b"{}"})
+        writer.update_flow(flow_id, {"status_code": 200, "response_headers": [["a", "b"]]})
+        writer.update_flow(flow_id, {"state": "done", "response_body": b"ok"})
+    holder.execute("COMMIT")
+    assert writer.flush(timeout=10)
+    assert writer.stats.committed == 9 and writer.stats.statements == 3 and writer.stats.batches <= 2
+    writer.close()
+    flow = Store(path).flow("g2")
+    assert (flow.state, flow.status_code, flow.request_body, flow.response_body) == ("done", 200, b"{}", b"ok")
+    assert flow.response_headers == [("a", "b")]
+
+
+def test_commits_are_spaced_by_the_linger_and_a_flush_ends_the_wait(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, linger=30.0)
+    store = Store(path)
+    writer.insert_flow(_flow("l1"))
+    assert wait_until(lambda: store.flow("l1"), 10)  # after a quiet spell: at once
+    writer.update_flow("l1", {"status_code": 200})
+    writer.insert_flow(_flow("l2"))
+    # within the linger of the last commit: both wait (a reader polling a while sees neither)
+    assert not wait_until(lambda: store.flow("l2") or store.flow("l1").status_code, 0.3)
+    started = time.monotonic()
+    assert writer.flush(timeout=10)
+    assert time.monotonic() - started < 10
+    assert store.flow("l1").status_code == 200 and store.flow("l2") is not None
+    assert writer.stats.batches == 2
+    writer.close()
+
+
+def wait_until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+    return value
+
+
+def test_one_bad_event_in_a_folded_batch_loses_only_itself(tmp_path):
+    writer = StoreWriter(tmp_path / "s.db", linger=5.0)
+    writer.insert_flow(_flow("ok1"))
+    writer.update_flow("ok1", {"state": "bogus"})  # violates the state CHECK constraint
+    writer.update_flow("ok1", {"status_code": 200})
+    writer.insert_flow(_flow("ok2", state="done"))
+    assert writer.flush(timeout=10)
+    writer.close()
+    assert writer.stats.failed == 1
+    store = Store(tmp_path / "s.db")
+    first = store.flow("ok1")
+    assert (first.state, first.status_code) == ("open", 200)
+    assert store.flow("ok2").state == "done"
+
+
+def test_close_during_a_linger_commits_everything_at_once(tmp_path):
+    writer = StoreWriter(tmp_path / "s.db", linger=30.0)
+    writer.insert_flow(_flow("c1"))
+    assert writer.flush(timeout=10)
+    writer.update_flow("c1", {"state": "done"})  # lingers
+    started = time.monotonic()
+    writer.close(timeout=10)
+    assert time.monotonic() - started < 5.0
+    assert Store(tmp_path / "s.db").flow("c1").state == "done"
+
+
+def test_an_event_json_cannot_encode_is_dropped_alone_and_the_writer_goes_on(tmp_path):
+    writer = StoreWriter(tmp_path / "s.db")
+    writer.insert_flow(_flow("j1"))
+    writer.update_flow("j1", {"meta": {"bad": object()}})
+    writer.update_flow("j1", {"state": "done"})
+    assert writer.flush(timeout=10)
+    writer.insert_flow(_flow("j2"))
+    writer.close()
+    assert writer.stats.failed == 1
+    store = Store(tmp_path / "s.db")
+    assert store.flow("j1").state == "done" and store.flow("j2") is not None
