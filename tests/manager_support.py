@@ -61,19 +61,24 @@ def crash() -> None:
     raise RuntimeError("agent exploded on purpose")
 
 
+def _say_line(text: str) -> None:
+    # One write() per line: three processes share this stdout, and print() may split a line.
+    os.write(1, (text + "\n").encode())
+
+
 def hang() -> None:
     """A child, and an orphaned grandchild in its own session (double fork + setsid); then wait forever."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    print("PID", child.pid, flush=True)
+    _say_line(f"PID {child.pid}")
     middle = os.fork()
     if middle == 0:
         os.setsid()
         if os.fork() == 0:
-            print("PID", os.getpid(), "setsid", flush=True)
+            _say_line(f"PID {os.getpid()} setsid")
             time.sleep(600)
         os._exit(0)
     os.waitpid(middle, 0)
-    print("PID", os.getpid(), "root", flush=True)
+    _say_line(f"PID {os.getpid()} root")
     time.sleep(600)
 
 
