@@ -80,35 +80,36 @@ def ancestry(pid: int, proc: str = "/proc", limit: int = 64) -> list[ProcInfo]:
 
 
 class AncestryCache:
-    """``ancestry`` for attribution, cached: a process's environment is read once (pid + start time:
-    the exec-time environment does not change), and a socket owner's whole chain is reused for
-    ``max_age`` seconds as long as the owner still has the same start time and parent. Agents open
-    many connections from the same processes, under the same manager and shells every time.
+    """``ancestry`` for attribution, cached for ``max_age`` seconds: each process's agent tag (by pid
+    and start time), and a socket owner's whole chain as long as the owner keeps its start time and
+    parent. Agents open many connections from the same processes, under the same manager and shells
+    every time; a lookup then reads one stat file instead of two files per ancestor.
 
-    Within ``max_age`` a re-parented ancestor goes unnoticed, as a new registration does in
-    ``AgentDirectory`` (the same one second).
+    Within ``max_age`` an exec with another environment or a re-parented ancestor goes unnoticed, as a
+    new registration does in ``AgentDirectory`` (the same one second).
     """
 
     def __init__(self, proc: str = "/proc", size: int = 4096, max_age: float = 1.0) -> None:
         self.proc = proc
         self.max_age = max_age
-        self._tags: dict[tuple[int, int], str | None] = {}
+        self._tags: dict[tuple[int, int], tuple[float, str | None]] = {}
         self._chains: dict[tuple[int, int], tuple[float, list[ProcInfo]]] = {}
         self._size = size
 
     def chain(self, pid: int, limit: int = 64) -> list[ProcInfo]:
         """What ``ancestry(pid)`` answers (or answered less than ``max_age`` ago)."""
-        owner = self._read(pid)
+        now = time.monotonic()
+        owner = self._read(pid, now)
         if owner is None:
             return []
-        key, now = (pid, owner.start_ticks), time.monotonic()
+        key = (pid, owner.start_ticks)
         cached = self._chains.get(key)
         if cached is not None and now - cached[0] < self.max_age and cached[1][0] == owner:
             return list(cached[1])
         chain = [owner]
         parent = owner.ppid
         while parent > 0 and len(chain) < limit:
-            info = self._read(parent)
+            info = self._read(parent, now)
             if info is None:
                 break
             chain.append(info)
@@ -116,19 +117,20 @@ class AncestryCache:
         self._remember(self._chains, key, (now, chain))
         return list(chain)
 
-    def _read(self, pid: int) -> ProcInfo | None:
+    def _read(self, pid: int, now: float) -> ProcInfo | None:
         stat = read_file(f"{self.proc}/{pid}/stat")
         if not stat:
             return None
         ppid, start = parse_stat(stat)
         key = (pid, start)
-        if key in self._tags:
-            return ProcInfo(pid, ppid, start, self._tags[key])
+        cached = self._tags.get(key)  # one lookup: another thread may clear the cache meanwhile
+        if cached is not None and now - cached[0] < self.max_age:
+            return ProcInfo(pid, ppid, start, cached[1])
         environ = read_file(f"{self.proc}/{pid}/environ")
         if environ is None:
             return None
         tag = parse_agent_tag(environ)
-        self._remember(self._tags, key, tag)
+        self._remember(self._tags, key, (now, tag))
         return ProcInfo(pid, ppid, start, tag)
 
     def _remember(self, cache: dict, key: tuple[int, int], value: object) -> None:

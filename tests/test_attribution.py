@@ -340,8 +340,10 @@ def test_ancestry_cache_rereads_ancestors_after_max_age(fake_proc):
     stale, fresh = AncestryCache(proc, max_age=3600), AncestryCache(proc, max_age=0)
     assert stale.chain(30) == fresh.chain(30)
     fake_proc.stat(20, 1, 200)  # an ancestor further up was re-parented
-    assert [p.pid for p in stale.chain(30)] == [30, 20, 10]  # within max_age: as it was
-    assert [p.pid for p in fresh.chain(30)] == [30, 20] == [p.pid for p in ancestry(30, proc)]
+    (fake_proc.root / "30" / "environ").write_bytes(b"ROLLOUTTAP_AGENT_ID=C\0")  # and the owner exec'd
+    assert [(p.pid, p.agent_tag) for p in stale.chain(30)] == [(30, None), (20, None), (10, "A")]
+    assert [(p.pid, p.agent_tag) for p in fresh.chain(30)] == [(30, "C"), (20, None)]
+    assert fresh.chain(30) == ancestry(30, proc)
 
 
 def test_netlink_answers_match_their_requests_on_a_reused_socket():

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from rollouttap.addon.tokenids import (
+    _FAST_VALUE,
     Injection,
     StreamStripper,
     endpoint_for_path,
@@ -479,4 +480,81 @@ def test_response_whitespace_is_kept() -> None:
     ],
 )
 def test_other_response_bodies_are_unchanged(body: bytes) -> None:
+    assert strip_response_json(body, injection(ALL, stream=False)) is body
+
+
+# ------------------------------------------------------- skipping values without decoding them
+
+TRICKY_LPS = lps(
+    '{"token":"\\"]},","logprob":-1.1920928955078125e-7,"bytes":[34,93,125,44],"top_logprobs":['
+    '{"token":"\\\\u00e9","logprob":-2.5E+3,"bytes":null}]}',
+    '{"token":"é[","logprob":0,"bytes":[195,169,91],"top_logprobs":null}',
+)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "[]", "[0]", "[1,20,300]", '{"content":null}', '{"content":[]}', FULL_LPS, TRICKY_LPS, CMPL_LP,
+        '{"text_offset":[],"token_logprobs":[null,-0.5],"tokens":["a","\\n"],"top_logprobs":[null,{}]}',
+    ],
+)  # fmt: skip
+def test_fast_value_match_ends_where_json_decoding_does(value: str) -> None:
+    text = '{"k":' + value + ',"x":1}'
+    match = _FAST_VALUE.match(text, 5)
+    assert match is not None  # the shapes vLLM sends are skipped without decoding
+    assert match.end() == json.JSONDecoder().raw_decode(text, 5)[1]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "[01]", "[1,,2]", "[1,]", "[,1]", "[1 ,2]", "[-1]",
+        '{"content":[{"token":"a\x01","logprob":0,"bytes":null,"top_logprobs":[]}]}',
+        '{"content":[{"token":"a\\x","logprob":0,"bytes":null,"top_logprobs":[]}]}',
+        '{"content":[{"token":"a","logprob":01,"bytes":null,"top_logprobs":[]}]}',
+        '{"content":[{"token":"a","logprob":1.,"bytes":null,"top_logprobs":[]}]}',
+        '{"content":[{"token":"a","logprob":NaN,"bytes":null,"top_logprobs":[]}]}',
+        '{"content":[{"token":"a","logprob":-Infinity,"bytes":null,"top_logprobs":[]}]}',
+        '{"content":[{"logprob":0,"token":"a","bytes":null,"top_logprobs":[]}]}',
+        '{"content":[{"token":"a","logprob":0,"bytes":null,"top_logprobs":[]}],"refusal":null}',
+    ],
+)  # fmt: skip
+def test_fast_value_match_leaves_anything_else_to_the_decoder(value: str) -> None:
+    assert _FAST_VALUE.match(value) is None
+
+
+@pytest.mark.parametrize(
+    ("upstream", "agent"),
+    [
+        (chat_response(TRICKY_LPS, "[1]", "[2]"), chat_response("null", "null", "null")),
+        # decoded the slow way (Python's json accepts NaN), same bytes
+        (chat_response(lps(lp(5, "NaN")), "[1]", "[2]"), chat_response("null", "null", "null")),
+        (chat_response(FULL_LPS, "[1]", "[2]").replace(b'"Paris', b'"7391820465 Paris'),
+         chat_response("null", "null", "null").replace(b'"Paris', b'"7391820465 Paris')),
+    ],
+)  # fmt: skip
+def test_unusual_values_are_still_stripped_byte_exact(upstream: bytes, agent: bytes) -> None:
+    assert strip_response_json(upstream, injection(ALL, stream=False)) == agent
+
+
+def test_an_escaped_key_name_falls_back_to_reserialising() -> None:
+    upstream = chat_response(FULL_LPS, "[1]", "[2]").replace(b'"token_ids":[1]', b'"token\\u005fids":[1]')
+    expected = json.loads(upstream)
+    expected["choices"][0]["logprobs"] = None
+    expected["choices"][0]["token_ids"] = None
+    expected["prompt_token_ids"] = None
+    out = strip_response_json(upstream, injection(ALL, stream=False))
+    assert json.loads(out) == expected and b"token_ids" in out and b"\\u005f" not in out
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        chat_response(FULL_LPS, "[1,,2]", "[2]"),  # not JSON inside a value
+        chat_response(FULL_LPS, "[1]", "[2]")[:-1],  # not JSON around them
+        chat_response(FULL_LPS.replace('"logprob":-0.5', '"logprob":--0.5'), "[1]", "[2]"),
+    ],
+)
+def test_bodies_that_are_not_json_are_forwarded_untouched(body: bytes) -> None:
     assert strip_response_json(body, injection(ALL, stream=False)) is body
