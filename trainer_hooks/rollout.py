@@ -117,7 +117,9 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
         agent_prompts = [prompt_to_agent(p) for p in prompts] if prompt_to_agent else list(prompts)
         started = time.time()
         results = manager.deploy(agent_prompts)
-        fallback = [_prompt_ids(trainer, p) for p in prompts]
+        # Only an agent without a row needs its prompt rendered (the prompt of its all-mask-0 row).
+        fallback = [_prompt_ids(trainer, p) if getattr(r, "row", None) is None else None
+                    for r, p in zip(results, prompts)]
         output = to_rollout_output(results, eos_token_id=eos, prompt_ids=fallback,
                                    train_on_failed=train_on_failed)
         metrics = rollout_metrics(results)
