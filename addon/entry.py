@@ -1,6 +1,7 @@
 """Entry point for ``mitmdump -s addon/entry.py --set rollouttap_store=runs.db``."""
 
 from rollouttap.addon.capture import RolloutTap
+from rollouttap.addon.listen_backlog import ListenBacklog
 from rollouttap.addon.tcp_tuning import TcpTuning
 
-addons = [RolloutTap(), TcpTuning()]
+addons = [RolloutTap(), TcpTuning(), ListenBacklog()]
