@@ -4,7 +4,8 @@ Reads a JSON job on stdin, prints one JSON line of results. Jobs:
   {"kind": "cells", "client": "requests", "url": UPSTREAM, "cells": [{"proxy": URL|null, "keepalive": bool,
    "stream": bool, "n": int, "warmup": int, "budget_s": float}, ...]}
   {"kind": "concurrent", "url": UPSTREAM, "proxy": URL|null, "clients": 32, "seconds": 5, "max_calls": N}
-    prints READY, waits for a line GO on stdin, then runs.
+    prints READY, waits for a line GO on stdin, then runs; answers calls, errors, t_start, t_end and
+    cpu_s (the worker's own CPU seconds over the burst).
 Proxies are given the way agents get them: HTTP_PROXY / http_proxy in the environment.
 """
 
@@ -228,6 +229,7 @@ async def _concurrent(job: dict[str, Any]) -> dict[str, Any]:
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     calls, errors, budget = 0, 0, job.get("max_calls", 10**9)
+    cpu_start = time.process_time()
     t_start = time.time()
     deadline = time.monotonic() + job["seconds"]
 
@@ -241,9 +243,10 @@ async def _concurrent(job: dict[str, Any]) -> dict[str, Any]:
                 errors += 1
     await asyncio.gather(*(loop(c) for c in clients))
     t_end = time.time()
+    cpu = time.process_time() - cpu_start
     for client in clients:
         await client.close()
-    return {"calls": calls, "errors": errors, "t_start": t_start, "t_end": t_end}
+    return {"calls": calls, "errors": errors, "t_start": t_start, "t_end": t_end, "cpu_s": cpu}
 
 
 def main() -> int:

@@ -1,4 +1,9 @@
-"""Concurrency row: N concurrent async openai-SDK clients, calls/s through each proxy vs direct (goal ≥ 0.8×)."""
+"""Concurrency row: N concurrent async openai-SDK clients, calls/s through each proxy vs direct (goal ≥ 0.8×).
+
+Beside the rate, the CPU each party burns per call (client workers, upstream, proxy), read from their own
+counters over the burst: when client + upstream + proxy CPU per call times the rate reaches the machine's
+cores, no proxy can go faster here, and the table says so.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import json
 import subprocess
 from collections import defaultdict
 from typing import Any
+
+import psutil
 
 from context import WORKER, Context, progress
 from procs import BARE, CAPTURE, CAPTURE_TUNED, DIRECT, PY, TOKENS_TUNED
@@ -15,10 +22,22 @@ from stats import fmt, ratio, spread
 TITLE = "1b. Concurrency: async openai SDK clients"
 VARIANTS = (DIRECT, BARE, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
 GOAL = 0.8
+PARTIES = ("clients", "upstream", "proxy")
+CORES = psutil.cpu_count() or 1
 
 
-def burst(ctx: Context, proxy: str | None) -> dict[str, Any]:
-    """Run the clients, spread over worker processes, from one common start; calls/s over the union window."""
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0.0 once it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system
+
+
+def burst(ctx: Context, proxy: str | None, proxy_pid: int | None = None) -> dict[str, Any]:
+    """Run the clients, spread over worker processes, from one common start; calls/s over the union window,
+    and the CPU seconds clients, upstream and proxy spent from GO to the end."""
     plan, (fast, _) = ctx.plan, ctx.shared.upstreams()
     per_proc = max(1, plan.concurrency_clients // plan.concurrency_procs)
     job = {"kind": "concurrent", "url": fast.url, "proxy": proxy, "clients": per_proc,
@@ -34,11 +53,15 @@ def burst(ctx: Context, proxy: str | None) -> dict[str, Any]:
             line = proc.stdout.readline()  # type: ignore[union-attr]
             if line.strip() != "READY":
                 raise RuntimeError(f"concurrency worker did not get ready: {line!r}")
+        servers = {"upstream": [fast.pid], "proxy": [proxy_pid] if proxy_pid else []}
+        before = {k: sum(cpu_s(pid) for pid in pids) for k, pids in servers.items()}
         for proc in procs:
             proc.stdin.write("GO\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
         answers = [json.loads(proc.communicate(timeout=plan.concurrency_seconds + 60)[0].strip().splitlines()[-1])
                    for proc in procs]
+        cpu = {k: sum(cpu_s(pid) for pid in pids) - before[k] for k, pids in servers.items()}
+        cpu["clients"] = sum(a["cpu_s"] for a in answers)  # each worker's own process time, GO to end
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -47,7 +70,8 @@ def burst(ctx: Context, proxy: str | None) -> dict[str, Any]:
     calls = sum(a["calls"] for a in answers)
     window = max(a["t_end"] for a in answers) - min(a["t_start"] for a in answers)
     return {"calls": calls, "errors": sum(a["errors"] for a in answers), "seconds": window,
-            "per_s": calls / window if window > 0 else float("nan")}
+            "per_s": calls / window if window > 0 else float("nan"),
+            "cpu_ms_per_call": {k: v / calls * 1000 if calls else float("nan") for k, v in cpu.items()}}
 
 
 def run(ctx: Context) -> Section:
@@ -57,20 +81,29 @@ def run(ctx: Context) -> Section:
     for rep in range(ctx.plan.repeats):
         for variant in variants:
             progress(f"concurrency: repeat {rep + 1}/{ctx.plan.repeats}, {variant.name}")
-            runs[variant.name].append(burst(ctx, proxies.url(variant)))
+            pid = proxies.proxies[variant.name].pid if variant.proxy is not None else None
+            runs[variant.name].append(burst(ctx, proxies.url(variant), pid))
     direct = spread([r["per_s"] for r in runs[DIRECT.name]]).median
     rows = []
     for variant in variants:
         per_s = spread([r["per_s"] for r in runs[variant.name]])
         share = ratio(per_s.median, direct)
         errors = sum(r["errors"] for r in runs[variant.name])
+        cpu = {k: spread([r["cpu_ms_per_call"][k] for r in runs[variant.name]]).median for k in PARTIES}
+        busy = sum(cpu.values()) * per_s.median / 1000
         rows.append((variant.name, per_s.fmt(0), fmt(share), "" if variant is DIRECT else
-                     ("yes" if share >= GOAL else "**no**"), errors))
+                     ("yes" if share >= GOAL else "**no**"), errors,
+                     *(fmt(cpu[k], 2) if k != "proxy" or variant.proxy else "" for k in PARTIES),
+                     fmt(sum(cpu.values()), 2), f"{busy:.2f} of {CORES}"))
     plan = ctx.plan
     body = (f"{plan.concurrency_clients} `AsyncOpenAI` clients (each its own connection pool) in "
             f"{plan.concurrency_procs} worker process(es), calling non-streamed chat completions as fast as they "
-            f"can for {plan.concurrency_seconds:g} s from a common start; {plan.repeats} runs.\n\n"
-            + table(["variant", "calls/s", "× direct", f"≥ {GOAL}× direct", "errors"], rows))
+            f"can for {plan.concurrency_seconds:g} s from a common start; {plan.repeats} runs. CPU columns: "
+            f"milliseconds of CPU per call spent by the client workers, the upstream and the proxy over the burst "
+            f"(medians); `cores busy` = their sum × calls/s: at the machine's {CORES} cores, every party is "
+            f"waiting for a core and the rate can only grow by spending less CPU per call.\n\n"
+            + table(["variant", "calls/s", "× direct", f"≥ {GOAL}× direct", "errors", "clients CPU ms/call",
+                     "upstream CPU ms/call", "proxy CPU ms/call", "total CPU ms/call", "cores busy"], rows))
     failed = any(r["errors"] for rs in runs.values() for r in rs)
     return Section("concurrency", TITLE, body, {"runs": dict(runs)}, "error" if failed else "ok")
 

@@ -106,6 +106,11 @@ class Upstream:
         return self
 
     @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
     def hostport(self) -> str:
         return self.url.split("://", 1)[1]
 
