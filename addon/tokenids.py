@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rollouttap.addon.jsonspans import key_pattern, splice_nulls, value_spans, with_markers
+
 log = logging.getLogger(__name__)
 
 Endpoint = Literal["chat", "completions"]
@@ -41,7 +43,6 @@ __all__ = [
     "Endpoint",
     "Injection",
     "StreamStripper",
-    "bench_strip",
     "endpoint_for_path",
     "is_model_request",
     "plan_injection",
@@ -199,14 +200,11 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
     choice_keys = (("token_ids", "prompt_token_ids") if ids else ()) + (
         ("logprobs",) if logprobs else ()
     )
-    names = "|".join(sorted(set(choice_keys), key=len, reverse=True))
     markers = ((b'token_ids"',) if ids else ()) + ((b'"logprobs"',) if logprobs else ())
     return _StripPlan(
         top_keys=("prompt_token_ids",) if ids else (),
         choice_keys=choice_keys,
-        # A key always follows "{" or "," (plus whitespace); inside a JSON string that
-        # sequence cannot occur, since the quote would have to be escaped.
-        key_pattern=re.compile(r'[{,]\s*"(?:' + names + r')"\s*:\s*'),
+        key_pattern=key_pattern(choice_keys),
         markers=markers,
         drop_swallowed=endpoint == "chat",
     )
@@ -214,29 +212,6 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
 
 def _plan_for(injection: Injection) -> _StripPlan | None:
     return _strip_plan(injection.strips_token_ids, injection.strips_logprobs, injection.endpoint)
-
-
-# Values vLLM puts under the planned keys, matched at C speed instead of parsed: token-id lists
-# and compact per-token logprobs (chat and completions shapes). Every pattern is a subset of JSON,
-# so a match ends exactly where the value does (a third of the cost of decoding it; possessive
-# quantifiers: the grammar never needs to backtrack); any other value is decoded.
-_STR = r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+"'
-_NUM = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?"
-_INTS = r"\[(?:(?!0[0-9])[0-9]++(?:,(?!0[0-9])[0-9]++)*+)?\]"
-_BYTES = rf'"bytes":(?:null|{_INTS})'
-_TOP = rf'\{{"token":{_STR},"logprob":{_NUM},{_BYTES}\}}'
-_ENTRY = rf'\{{"token":{_STR},"logprob":{_NUM},{_BYTES},"top_logprobs":(?:null|\[(?:{_TOP}(?:,{_TOP})*+)?\])\}}'
-_CHAT_LOGPROBS = rf'\{{"content":(?:null|\[(?:{_ENTRY}(?:,{_ENTRY})*+)?\])\}}'
-_TOP_MAP = rf"(?:null|\{{(?:{_STR}:{_NUM}(?:,{_STR}:{_NUM})*+)?\}})"
-_CMPL_LOGPROBS = (
-    rf'\{{"text_offset":{_INTS},"token_logprobs":\[(?:(?:{_NUM}|null)(?:,(?:{_NUM}|null))*+)?\],'
-    rf'"tokens":\[(?:{_STR}(?:,{_STR})*+)?\],"top_logprobs":\[(?:{_TOP_MAP}(?:,{_TOP_MAP})*+)?\]\}}'
-)
-_FAST_VALUE = re.compile(f"{_INTS}|{_CHAT_LOGPROBS}|{_CMPL_LOGPROBS}")
-_DECODER = json.JSONDecoder()
-# Spans are replaced by distinct numbers with this prefix to check where they sit in the document.
-_MARK_BASE = 7391820465_000000
-_MARK_PREFIX = "7391820465"
 
 
 class _Drop:
@@ -267,8 +242,8 @@ def _strip_json(text: str, plan: _StripPlan, *, allow_drop: bool) -> str | _Drop
     the markers are exactly the planned fields.
     """
     try:
-        spans = _value_spans(text, plan.key_pattern)
-        reduced = _with_markers(text, spans)
+        spans = value_spans(text, plan.key_pattern)
+        reduced = with_markers(text, spans)
     except (ValueError, RecursionError):
         return None
     if reduced is not None:
@@ -280,7 +255,7 @@ def _strip_json(text: str, plan: _StripPlan, *, allow_drop: bool) -> str | _Drop
                 return None
             if allow_drop and plan.drop_swallowed and _only_for_us(doc, plan):
                 return _DROP
-            return _splice_nulls(text, spans)
+            return splice_nulls(text, spans)
     try:  # unusual documents (a planned key deeper than vLLM puts it): decide on the whole parse
         return _strip_parsed(text, json.loads(text), plan, allow_drop=allow_drop)
     except (ValueError, RecursionError):
@@ -295,39 +270,13 @@ def _strip_parsed(text: str, doc: Any, plan: _StripPlan, *, allow_drop: bool) ->
         return None
     if allow_drop and plan.drop_swallowed and _only_for_us(doc, plan):
         return _DROP
-    spans = _value_spans(text, plan.key_pattern)
+    spans = value_spans(text, plan.key_pattern)
     if len(spans) != expected:
         # A field name also occurs deeper than vLLM puts it: edit the parsed document.
         log.debug("token-id fields found %d times, expected %d", len(spans), expected)
         _null_fields(doc, plan)
         return _dumps(doc)
-    return _splice_nulls(text, spans)
-
-
-def _splice_nulls(text: str, spans: list[tuple[int, int]]) -> str:
-    parts: list[str] = []
-    pos = 0
-    for start, end in spans:
-        parts += (text[pos:start], "null")
-        pos = end
-    parts.append(text[pos:])
-    return "".join(parts)
-
-
-def _with_markers(text: str, spans: list[tuple[int, int]]) -> tuple[Any, frozenset[int]] | None:
-    """The document parsed with span k replaced by the number -(_MARK_BASE + k); None if the text
-    already holds such numbers. Raises ValueError when it is not JSON."""
-    if not spans:
-        return json.loads(text), frozenset()
-    if _MARK_PREFIX in text:
-        return None
-    parts: list[str] = []
-    pos = 0
-    for k, (start, end) in enumerate(spans):
-        parts += (text[pos:start], f"-{_MARK_BASE + k}")
-        pos = end
-    parts.append(text[pos:])
-    return json.loads("".join(parts)), frozenset(-(_MARK_BASE + k) for k in range(len(spans)))
+    return splice_nulls(text, spans)
 
 
 def _marks_are_the_fields(doc: dict[str, Any], plan: _StripPlan, marks: frozenset[int]) -> bool:
@@ -386,24 +335,6 @@ def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
             if key not in plan.choice_keys and choice.get(key) is not None:
                 return False
     return True
-
-
-def _value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int]]:
-    """Start and end of every non-null value of a planned key, skipping over each value.
-
-    Raises ValueError where a value is not JSON."""
-    spans = []
-    pos = 0
-    while (match := key_pattern.search(text, pos)) is not None:
-        start = match.end()
-        if text.startswith("null", start):
-            pos = start + 4
-            continue
-        fast = _FAST_VALUE.match(text, start)
-        end = fast.end() if fast is not None else _DECODER.raw_decode(text, start)[1]
-        spans.append((start, end))
-        pos = end
-    return spans
 
 
 # ---------------------------------------------------------------------------- SSE streams
@@ -483,38 +414,3 @@ def _data_span(raw: bytes) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------- benchmark
-
-
-def _bench_event(i: int) -> bytes:
-    token = f"token_id:{1000 + i}"
-    logprobs = {"content": [{"token": token, "logprob": -0.25, "bytes": list(token.encode()),
-                             "top_logprobs": []}]}  # fmt: skip
-    choice = {"index": 0, "delta": {"content": f" word{i}"}, "logprobs": logprobs,
-              "finish_reason": None, "token_ids": [1000 + i]}  # fmt: skip
-    chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
-             "model": "bench", "choices": [choice]}  # fmt: skip
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-
-
-def bench_strip(n_events: int = 20000) -> float:
-    """Time StreamStripper on a chat stream in 1400-byte reads; prints and returns µs/event."""
-    stream = b"".join(_bench_event(i) for i in range(n_events)) + b"data: [DONE]\n\n"
-    reads = [stream[i : i + 1400] for i in range(0, len(stream), 1400)]
-    injection = Injection(
-        added={"return_token_ids": True, "logprobs": True, "return_tokens_as_token_ids": True},
-        new_body=b"{}",
-        stream=True,
-        endpoint="chat",
-    )
-    stripper = StreamStripper(injection)
-    began = time.perf_counter()
-    for read in reads:
-        stripper.feed(read)
-    stripper.feed(b"")
-    per_event = (time.perf_counter() - began) / (n_events + 1) * 1e6
-    print(f"{per_event:.2f} µs/event over {n_events + 1} events, {len(stream)} bytes")
-    return per_event
-
-
-if __name__ == "__main__":
-    bench_strip()

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from rollouttap.addon.jsonspans import FAST_VALUE
 from rollouttap.addon.tokenids import (
-    _FAST_VALUE,
     Injection,
     StreamStripper,
     endpoint_for_path,
@@ -501,7 +501,7 @@ TRICKY_LPS = lps(
 )  # fmt: skip
 def test_fast_value_match_ends_where_json_decoding_does(value: str) -> None:
     text = '{"k":' + value + ',"x":1}'
-    match = _FAST_VALUE.match(text, 5)
+    match = FAST_VALUE.match(text, 5)
     assert match is not None  # the shapes vLLM sends are skipped without decoding
     assert match.end() == json.JSONDecoder().raw_decode(text, 5)[1]
 
@@ -521,7 +521,7 @@ def test_fast_value_match_ends_where_json_decoding_does(value: str) -> None:
     ],
 )  # fmt: skip
 def test_fast_value_match_leaves_anything_else_to_the_decoder(value: str) -> None:
-    assert _FAST_VALUE.match(value) is None
+    assert FAST_VALUE.match(value) is None
 
 
 @pytest.mark.parametrize(

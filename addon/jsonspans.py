@@ -1,0 +1,90 @@
+"""Find and replace values in JSON text by their character spans.
+
+Byte-exact editing of JSON text: rather than parsing a document and serialising it again, the
+values to change are located as ``(start, end)`` spans and replaced in place, so every other
+byte (float spellings, escapes, whitespace, key order) stays the server's own. Nothing here
+knows what is being hidden or why; ``tokenids`` decides that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["FAST_VALUE", "key_pattern", "splice_nulls", "value_spans", "with_markers"]
+
+# Values vLLM puts under the planned keys, matched at C speed instead of parsed: token-id lists
+# and compact per-token logprobs (chat and completions shapes). Every pattern is a subset of JSON,
+# so a match ends exactly where the value does (a third of the cost of decoding it; possessive
+# quantifiers: the grammar never needs to backtrack); any other value is decoded.
+_STR = r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+"'
+_NUM = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?"
+_INTS = r"\[(?:(?!0[0-9])[0-9]++(?:,(?!0[0-9])[0-9]++)*+)?\]"
+_BYTES = rf'"bytes":(?:null|{_INTS})'
+_TOP = rf'\{{"token":{_STR},"logprob":{_NUM},{_BYTES}\}}'
+_ENTRY = rf'\{{"token":{_STR},"logprob":{_NUM},{_BYTES},"top_logprobs":(?:null|\[(?:{_TOP}(?:,{_TOP})*+)?\])\}}'
+_CHAT_LOGPROBS = rf'\{{"content":(?:null|\[(?:{_ENTRY}(?:,{_ENTRY})*+)?\])\}}'
+_TOP_MAP = rf"(?:null|\{{(?:{_STR}:{_NUM}(?:,{_STR}:{_NUM})*+)?\}})"
+_CMPL_LOGPROBS = (
+    rf'\{{"text_offset":{_INTS},"token_logprobs":\[(?:(?:{_NUM}|null)(?:,(?:{_NUM}|null))*+)?\],'
+    rf'"tokens":\[(?:{_STR}(?:,{_STR})*+)?\],"top_logprobs":\[(?:{_TOP_MAP}(?:,{_TOP_MAP})*+)?\]\}}'
+)
+FAST_VALUE = re.compile(f"{_INTS}|{_CHAT_LOGPROBS}|{_CMPL_LOGPROBS}")
+_DECODER = json.JSONDecoder()
+# Spans are replaced by distinct numbers with this prefix to check where they sit in the document.
+_MARK_BASE = 7391820465_000000
+_MARK_PREFIX = "7391820465"
+
+
+def key_pattern(names: Iterable[str]) -> re.Pattern[str]:
+    """A pattern matching an object key among ``names`` up to the start of its value."""
+    alternatives = "|".join(re.escape(name) for name in sorted(set(names), key=len, reverse=True))
+    # A key always follows "{" or "," (plus whitespace); inside a JSON string that
+    # sequence cannot occur, since the quote would have to be escaped.
+    return re.compile(r'[{,]\s*"(?:' + alternatives + r')"\s*:\s*')
+
+
+def value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int]]:
+    """(start, end) of every non-null value after a ``key_pattern`` match; ValueError if not JSON."""
+    spans = []
+    pos = 0
+    while (match := key_pattern.search(text, pos)) is not None:
+        start = match.end()
+        if text.startswith("null", start):
+            pos = start + 4
+            continue
+        fast = FAST_VALUE.match(text, start)
+        end = fast.end() if fast is not None else _DECODER.raw_decode(text, start)[1]
+        spans.append((start, end))
+        pos = end  # skip over the value: a key-like sequence inside it is not a key
+    return spans
+
+
+def splice_nulls(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with each span (in order, not overlapping) replaced by ``null``."""
+    parts: list[str] = []
+    pos = 0
+    for start, end in spans:
+        parts += (text[pos:start], "null")
+        pos = end
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def with_markers(text: str, spans: list[tuple[int, int]]) -> tuple[Any, frozenset[int]] | None:
+    """The document parsed with span k as the number -(_MARK_BASE + k), and those numbers.
+
+    None if the text already holds such numbers. Raises ValueError when it is not JSON."""
+    if not spans:
+        return json.loads(text), frozenset()
+    if _MARK_PREFIX in text:
+        return None
+    parts: list[str] = []
+    pos = 0
+    for k, (start, end) in enumerate(spans):
+        parts += (text[pos:start], f"-{_MARK_BASE + k}")
+        pos = end
+    parts.append(text[pos:])
+    return json.loads("".join(parts)), frozenset(-(_MARK_BASE + k) for k in range(len(spans)))
