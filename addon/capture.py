@@ -76,6 +76,9 @@ class RolloutTap:
                           "token ids and logprobs added (and stripped from what the agent sees).")
         loader.add_option("rollouttap_token_ids", bool, True,
                           "Ask model hosts for exact token ids and logprobs.")
+        loader.add_option("rollouttap_logprobs", bool, True,
+                          "With token ids, also ask for each sampled token's logprob (TRL's "
+                          "importance-sampling correction uses them); off keeps answers ~30x smaller.")
         loader.add_option("rollouttap_pid_attribution", bool, True,
                           "Attribute connections by the process that owns the client socket.")
         loader.add_option("rollouttap_allow_remote", bool, False,
@@ -214,7 +217,8 @@ class RolloutTap:
             injection = tokenids.plan_injection(
                 flow.request.path, flow.request.raw_content or b"",
                 flow.request.headers.get("content-type"),
-                content_encoding=flow.request.headers.get("content-encoding"))
+                content_encoding=flow.request.headers.get("content-encoding"),
+                logprobs=ctx.options.rollouttap_logprobs)
             if injection is not None:
                 live.injection = injection
                 live.meta["injected"] = injection.added

@@ -232,7 +232,8 @@ def agent_view(entry: Recorded) -> bytes:
         return body
     injection = tokenids.plan_injection(entry.paths[0], entry.request_body,
                                         header_value(entry.request_headers, "content-type"),
-                                        content_encoding=header_value(entry.request_headers, "content-encoding"))
+                                        content_encoding=header_value(entry.request_headers, "content-encoding"),
+                                        logprobs="logprobs" in entry.injected)  # as the recording proxy did
     if injection is None or injection.added != entry.injected:
         log.warning("replay: cannot redo the injection of recorded flow %s; answering it unstripped", entry.flow_id)
         return body

@@ -102,16 +102,21 @@ def is_model_request(
 
 
 def plan_injection(
-    path: str, body: bytes, content_type: str | None, *, content_encoding: str | None = None
+    path: str, body: bytes, content_type: str | None, *, content_encoding: str | None = None,
+    logprobs: bool = True,
 ) -> Injection | None:
-    """Decide which token-id fields to add to a completion request; None leaves it untouched."""
+    """Decide which token-id fields to add to a completion request; None leaves it untouched.
+
+    ``logprobs=False`` asks for token ids only: answers stay small (per-token logprob objects make a
+    chat answer ~30× larger) and rows carry no sampling logprobs.
+    """
     endpoint = endpoint_for_path(path)
     if endpoint is None or not _is_json(content_type) or not _is_identity(content_encoding):
         return None
     obj = _load_object(body)
     if obj is None:
         return None
-    added = _fields_to_add(obj, endpoint)
+    added = _fields_to_add(obj, endpoint, logprobs)
     if not added:
         return None
     agent_logprobs = obj.get("logprobs")
@@ -143,7 +148,7 @@ def _load_object(body: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
+def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint, logprobs: bool = True) -> dict[str, Any]:
     if endpoint == "completions" and obj.get("echo"):
         return {}  # vLLM replaces the echoed prompt text by "" when return_token_ids is set
     added: dict[str, Any] = {}
@@ -151,7 +156,7 @@ def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
         added["return_token_ids"] = True
     # top_logprobs / logprob_token_ids without logprobs is an error in vLLM: keep it one.
     agent_wants_top = bool(obj.get("top_logprobs")) or obj.get("logprob_token_ids") is not None
-    if obj.get("logprobs") is None and not agent_wants_top:
+    if logprobs and obj.get("logprobs") is None and not agent_wants_top:
         # Completions: logprobs=0 returns the sampled token's logprob only.
         added["logprobs"] = True if endpoint == "chat" else 0
         if obj.get("return_tokens_as_token_ids") is None:

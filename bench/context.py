@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from procs import BARE, BARE_STREAM, DIRECT, LATENCY_VARIANTS, PY, TOKENS_TUNED, ProxyStack, Upstream, Variant
+from procs import BARE, BARE_STREAM, DIRECT, IDS_ONLY_TUNED, LATENCY_VARIANTS, PY, TOKENS_TUNED, ProxyStack, Upstream, Variant
 
 BENCH = Path(__file__).parent
 WORKER = BENCH / "clients.py"
@@ -87,7 +87,7 @@ class Shared:
         """The variants compared in this run (a smoke run starts only three proxies)."""
         if self.plan.smoke:
             return (DIRECT, BARE, TOKENS_TUNED)
-        return (*LATENCY_VARIANTS, BARE_STREAM)
+        return (*LATENCY_VARIANTS, BARE_STREAM, IDS_ONLY_TUNED)
 
     def pick(self, wanted: tuple[Variant, ...]) -> tuple[Variant, ...]:
         """Those of ``wanted`` that this run compares."""

@@ -44,6 +44,7 @@ class Variant:
     tuning: bool = False
     token_ids: bool = False
     stream_bodies: bool = False  # bare only: stream_large_bodies=1 (else mitmdump buffers SSE)
+    logprobs: bool = True  # with token_ids: also ask for sampling logprobs
 
 
 DIRECT = Variant("direct", None)
@@ -53,6 +54,8 @@ BARE_TUNED = Variant("bare + tuning", "bare", tuning=True)
 CAPTURE = Variant("capture", "capture")
 CAPTURE_TUNED = Variant("capture + tuning", "capture", tuning=True)
 TOKENS_TUNED = Variant("capture + token ids + tuning", "capture", tuning=True, token_ids=True)
+IDS_ONLY_TUNED = Variant("capture + token ids, no logprobs + tuning", "capture", tuning=True, token_ids=True,
+                         logprobs=False)
 LATENCY_VARIANTS = (DIRECT, BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
 
 
@@ -176,7 +179,7 @@ def capture_config(variant: Variant, store: Path, confdir: Path, model_hosts: tu
                    ) -> BenchProxyConfig:
     """The mitmdump + rollouttap configuration of a capture variant."""
     config = BenchProxyConfig(store=store, confdir=confdir, model_hosts=model_hosts,
-                              token_ids=variant.token_ids)
+                              token_ids=variant.token_ids, logprobs=variant.logprobs)
     if entry_has_tuning():
         if not variant.tuning:
             config.extra[QUICKACK_OPTION] = "false"

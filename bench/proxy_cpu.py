@@ -11,12 +11,12 @@ from collections import defaultdict
 import psutil
 
 from context import Context, progress, run_job
-from procs import BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED
+from procs import BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, IDS_ONLY_TUNED, TOKENS_TUNED
 from report import Section, table
 from stats import fmt, ratio, spread
 
 TITLE = "1c. Proxy CPU per request"
-VARIANTS = (BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
+VARIANTS = (BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED, IDS_ONLY_TUNED)
 GOAL_RATIO = 1.2
 
 
@@ -52,7 +52,8 @@ def run(ctx: Context) -> Section:
                 proxy = proxies.proxies[v.name]
                 runs[f"{v.name}|{keepalive}"].append(one(ctx, proxy.url, proxy.pid, keepalive))
     rows = []
-    bases = {CAPTURE.name: BARE, CAPTURE_TUNED.name: BARE_TUNED, TOKENS_TUNED.name: BARE_TUNED}
+    bases = {CAPTURE.name: BARE, CAPTURE_TUNED.name: BARE_TUNED, TOKENS_TUNED.name: BARE_TUNED,
+             IDS_ONLY_TUNED.name: BARE_TUNED}
     for keepalive in (True, False):
         for v in variants:
             cpu = spread(runs[f"{v.name}|{keepalive}"])

@@ -49,6 +49,8 @@ def proxy(
     model_host: Annotated[Optional[list[str]], typer.Option(
         help="HOST[:PORT] of a model server: ask it for token ids and logprobs (repeatable).")] = None,
     token_ids: Annotated[bool, typer.Option(help="Inject token-id requests for model hosts.")] = True,
+    logprobs: Annotated[bool, typer.Option(
+        help="With token ids, also ask for sampling logprobs (--no-logprobs: ~30x smaller answers).")] = True,
     reverse: Annotated[Optional[str], typer.Option(
         help="Also listen as a reverse proxy in front of this model URL (base-URL mode).")] = None,
     confdir: Annotated[Optional[Path], typer.Option(help="mitmproxy config dir (its CA).")] = None,
@@ -64,7 +66,7 @@ def proxy(
         raise ConfigError(f"--listen {listen!r} is not HOST:PORT")
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),
-                         token_ids=token_ids, reverse_target=reverse, confdir=confdir,
+                         token_ids=token_ids, logprobs=logprobs, reverse_target=reverse, confdir=confdir,
                          allow_remote=allow_remote)
     proc = ProxyProcess(config).start()
     typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ import requests
 
 from conftest import settled_flows, start_proxy, wait_for
 from rollouttap.addon.replay import (
-    DIVERGED_STATUS, Recorded, ReplayBook, capture_injected, feed_stream, mismatch, recorded_requests,
+    DIVERGED_STATUS, Recorded, agent_view, ReplayBook, capture_injected, feed_stream, mismatch, recorded_requests,
     request_diff, without_injected,
 )
 from rollouttap.manager.proxy import ProxyProcess, free_port
@@ -301,6 +301,21 @@ def test_without_injected(live, recorded, expected):
 def test_mismatch(method, path, body, expected):
     entry = _rec(0, {"m": [1]}, injected=INJ)
     assert mismatch(entry, method, path, json.dumps(body, indent=1).encode()) == expected
+
+
+@pytest.mark.parametrize("injected, answer, expected", [
+    # recorded by a proxy with logprobs off: only the token ids were asked for, and are hidden again
+    ({"return_token_ids": True},
+     {"id": "c", "prompt_token_ids": [1, 2], "choices": [{"index": 0, "token_ids": [3], "logprobs": None}]},
+     {"id": "c", "prompt_token_ids": None, "choices": [{"index": 0, "token_ids": None, "logprobs": None}]}),
+    ({"return_token_ids": True, "logprobs": True, "return_tokens_as_token_ids": True},
+     {"id": "c", "prompt_token_ids": [1], "choices": [{"index": 0, "token_ids": [3], "logprobs": {"content": []}}]},
+     {"id": "c", "prompt_token_ids": None, "choices": [{"index": 0, "token_ids": None, "logprobs": None}]}),
+])
+def test_agent_view_strips_what_the_recording_proxy_injected(injected, answer, expected):
+    entry = replace(_rec(0, {"messages": []}, injected=injected),
+                    response_body=json.dumps(answer, separators=(",", ":")).encode())
+    assert json.loads(agent_view(entry)) == expected
 
 
 def test_mismatch_compares_non_json_bodies_as_bytes():

@@ -104,6 +104,28 @@ def test_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstre
     assert "return_token_ids" not in flow.request_text()  # stored as the agent sent it
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_off_gives_token_exact_rows_without_logprobs(tmp_path, confdir, token_upstream, tokenizer,
+                                                              stream):
+    host = token_upstream.url.split("://")[1]
+    with start_proxy(tmp_path / "runs.db", confdir, model_hosts=(host,), logprobs=False) as proxy:
+        agent = _run_agent(proxy, token_upstream, stream)
+        body = {"model": "policy", "stream": stream,
+                "messages": [{"role": "user", "content": f"What is 2 + 2? {uuid.uuid4().hex}"}]}
+        direct = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10)
+        proxied = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10,
+                                proxies={"http": proxy.url}, headers={"X-Agent-ID": "bytes"})
+        assert proxied.content == direct.content
+        flows = settled_flows(proxy.config.store, agent_id=agent)
+    assert {json.dumps(f.meta["injected"]) for f in flows} == {'{"return_token_ids": true}'}
+    assert all('"top_logprobs"' not in f.response_text() for f in flows)  # the upstream sent none
+    calls = build_conversation(flows).calls
+    assert len(calls) == 3 and all(c.completion_token_ids and c.completion_logprobs is None for c in calls)
+    row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id)
+    assert row.logprobs is None and fidelity.coverage == 1.0
+    assert row.prompt_ids + row.completion_ids == calls[-1].prompt_token_ids + calls[-1].completion_token_ids
+
+
 def _tool():
     from agent_tool_loop import TOOL
     return TOOL

@@ -87,6 +87,28 @@ def test_upstream_logprobs_records_whether_the_row_gets_logprobs(
     assert plan is not None and plan.upstream_logprobs is upstream_logprobs
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "added", "upstream_logprobs"),
+    [
+        (CHAT, '{"messages":[]}', {"return_token_ids": True}, False),
+        (CHAT, '{"messages":[],"logprobs":true}', {"return_token_ids": True}, True),
+        ("/v1/completions", '{"prompt":"Hi"}', {"return_token_ids": True}, False),
+        ("/v1/completions", '{"prompt":"Hi","logprobs":1}', {"return_token_ids": True}, True),
+        (CHAT, '{"messages":[],"return_token_ids":true}', None, False),
+    ],
+)
+def test_logprobs_off_asks_for_token_ids_only(
+    path: str, body: str, added: dict[str, Any] | None, upstream_logprobs: bool
+) -> None:
+    plan = plan_injection(path, body.encode(), None, logprobs=False)
+    if added is None:
+        assert plan is None
+        return
+    assert plan is not None and plan.added == added
+    assert plan.upstream_logprobs is upstream_logprobs
+    assert json.loads(plan.new_body) == {**json.loads(body), **added}
+
+
 def test_explicit_nulls_are_replaced_in_place() -> None:
     raw = '{"model":"m","logprobs":null,"messages":[{"role":"user","content":"é"}]}'.encode()
     plan = plan_injection(CHAT, raw, "application/json; charset=utf-8")
