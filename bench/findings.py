@@ -126,42 +126,51 @@ def render(d: dict[str, Any]) -> str:
 
 
 NOTES = """\
-How these were found: `python -m cProfile` around mitmdump (`-s addon/entry.py -s addon/tcp_tuning.py`)
-under 2,000 keep-alive curl requests, bare vs capture vs capture + token ids, plus the proxy's own CPU
-counters (section 1c). What they mean, and what would change them:
+How these were found: py-spy (`py-spy record -f raw -p PID`) and `python -m cProfile` around mitmdump
+under thousands of keep-alive curl requests, bare vs capture vs capture + token ids; per-thread CPU from
+`/proc/PID/task/*/stat`; the proxy's own CPU counters (section 1c); the CPU of every party during the
+concurrency burst (section 1b). What they mean, and what would change them:
 
-- **mitmproxy's floor.** Bare mitmdump spends the CPU shown in section 1c per request (about 1 ms on a
-  quiet core; more on a shared one) in its sans-io HTTP layers and in dispatching every event to its ~35
-  built-in addons (`addonmanager.trigger_event` / `invoke_addon`: ~290 addon calls per request).
-  One event loop, one core: that is the ceiling on requests/s, the "≥ 0.8× direct" concurrency goal and
-  the "≤ 2 ms over direct" goal on this machine, whatever the addon does. Running several proxies (one
-  per group of agents) is the way past it.
+- **mitmproxy's floor.** Bare mitmdump spends the CPU of section 1c per request (~1.45 ms keep-alive,
+  ~4.3 ms when every request opens a new connection, on this machine) in its sans-io HTTP layers and in
+  dispatching every event to its ~35 built-in addons (`addonmanager.trigger_event` / `invoke_addon`,
+  eager task creation per hook: about two thirds of its samples). One event loop: about 1 / that many
+  requests per second, whatever an addon does. The "≤ 2 ms over direct for every client" goal sits
+  below this floor for new connections and for the SDKs, with or without rollouttap.
+- **Concurrency on 2 cores.** Section 1b's CPU columns: a direct burst of 32 async openai-SDK clients
+  already keeps most of both cores busy (the SDK itself spends ~1.4 ms CPU per call, the upstream
+  ~0.3 ms). A proxy adds its own CPU per call on the same cores, so calls/s through any proxy is bounded
+  by cores / (direct CPU + proxy CPU per call): "≥ 0.8× direct" would need a proxy spending a quarter of
+  the client's own CPU per call (~0.45 ms), three times less than bare mitmdump. On a node with spare
+  cores the ceiling is one proxy's event loop (the last column of 1c); several proxies, each with a share
+  of the agents, would pass it — not built yet.
 - **Nagle/delayed ACK (cured).** `requests`/urllib3 enable Nagle on proxy connections and write a POST's
   headers and body apart; the proxy's kernel delays the ACK of the headers (a keep-alive connection that
-  has exchanged data is in "pingpong" mode), so every keep-alive POST waits ~40 ms. `addon/tcp_tuning.py`
+  has exchanged data is in "pingpong" mode), so every keep-alive POST waited ~40 ms. `addon/tcp_tuning.py`
   re-arms TCP_QUICKACK after every read on client and server sockets (the kernel clears it), which sends
   the pending ACK at once. Section 1 shows `requests` keep-alive POSTs with and without it.
-- **Store writer (`store/writer.py`, `StoreWriter._run`).** It commits as soon as one event is queued, so
-  at agent pace each flow costs about as many SQLite transactions as it queues events (see the table),
-  on a thread that shares the GIL and the core with mitmproxy's loop. Group commit would cut it: after
-  the first event keep collecting for a few ms (`queue.get(timeout=...)` until ~5 ms or BATCH_MAX), and
-  merge consecutive `update_flow` events of one flow into one UPDATE.
-- **Writer events per flow (`addon/capture.py`).** Four per flow (insert at `requestheaders`, update at
-  `request`, at `responseheaders`, at the end). For a non-streamed response the `responseheaders` columns
-  can ride with the final update (the `response` hook follows at once).
-- **Token ids (`addon/tokenids.py`).** With `return_token_ids` + `logprobs` the model's answer grows about
-  30× (per-token logprob objects); the upstream builds and the proxy carries it, and
-  `strip_response_json` parses it twice (`json.loads`, then `_DECODER.raw_decode` over the `logprobs`
-  value in `_value_spans`). Skipping the logprobs value without building objects (or reusing the parsed
-  document's knowledge of where it ends), and letting users switch logprobs off when they train without
-  importance sampling (`use_vllm=False`), would take most of section 1's token-id overhead away.
-- **Attribution (`addon/procfs.py`, `addon/sockdiag.py`).** Off the event loop (a thread started at
-  `client_connected`), but it holds the GIL for its Python parts. Per new connection: the netlink query
-  opens a fresh netlink socket each time (`inode_netlink`; keep one per worker thread); the owner search
-  lists all of /proc (`SocketOwnerFinder._all_pids_newest_first`, grows with the process count) and,
-  for a process older than the others, reads the fd table of every newer process first (section 3, "old
-  agent"); `ancestry` opens two files per ancestor up to pid 1 on every new connection (cache ancestors'
-  `ProcInfo` by pid + start time: a new agent's parents are the same manager/shell every time). Probing
-  `/proc/<pid>` for pids just above the highest seen (pids are handed out in order) would find a new
-  agent without listing /proc.
+- **Listen backlog (fixed).** mitmproxy listens with asyncio's default backlog of 100: with 256 agents
+  connecting at once, the rest of the SYNs were dropped and those clients retried after 1–3 s.
+  `addon/listen_backlog.py` re-listens mitmproxy's sockets with 4096 (capped by `net.core.somaxconn`).
+- **Store writer (`store/writer.py`).** Group commits (at least 10 ms apart under load) and folding each
+  flow's insert and updates into one statement: ~0.17 ms of writer-thread CPU per flow inside the proxy
+  (0.09 ms alone at the same pace). Stretching the linger from 10 to 50 ms changed nothing measurable:
+  what is left is per row (SQLite's inserts into the table and its four indexes, JSON of the headers),
+  not per transaction.
+- **Our hooks (`addon/capture.py`).** Per keep-alive request the event-loop thread spends ~0.3 ms more
+  than bare mitmdump's (per-thread CPU), of which our hook functions are ~0.1 ms in py-spy's samples
+  (under 5 %); the rest we put down to GIL hand-offs with the writer thread (an inference, not measured
+  directly). Moving the writer into its own process would trade them for serialising every event.
+- **Token ids (`addon/tokenids.py`, `addon/jsonspans.py`).** With `return_token_ids` + `logprobs` the
+  model's answer grows about 30× (per-token logprob objects): the upstream spends ~3× the CPU building it
+  (section 1b's upstream column) and the proxy carries it. Stripping edits the bytes in place (the
+  `jsonspans.FAST_VALUE` pattern skips a whole compact logprobs value without building objects; only
+  unusual spellings fall back to `json` parsing). `rollouttap_logprobs=false` asks for token ids only,
+  for training without importance-sampling correction (the "no logprobs" rows).
+- **Attribution (`addon/procfs.py`, `addon/sockdiag.py`).** Off the event loop (a pool thread started at
+  `client_connected`, before the request arrives), holding the GIL for its Python parts. One netlink
+  socket per thread; new processes are found by probing pids just below `ns_last_pid`; sockets seen while
+  searching are remembered; ancestors' tags are cached by pid + start time. What is left: a process
+  older than the others, seen for the first time and not under a registered agent, costs a scan of every
+  fd table (section 3, "old agent"); managed agents attribute by credentials and never pay it.
 """
