@@ -137,6 +137,10 @@ class AgentDirectory:
     def close(self) -> None:
         self._store.close()
 
+    def cached(self, agent_id: str) -> AgentRecord | None:
+        """The agent if it is in the cache: no I/O, safe on the event loop (``get`` may read the store)."""
+        return self._agents.get(agent_id)
+
     def get(self, agent_id: str) -> AgentRecord | None:
         agent = self._agents.get(agent_id)
         if agent is None:

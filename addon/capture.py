@@ -317,8 +317,9 @@ class RolloutTap:
 
     async def _verified(self, agent_id: str, token: str, method: str, pid: int | None) -> Attribution:
         assert self.directory is not None
-        loop = asyncio.get_running_loop()
-        agent = await loop.run_in_executor(self._pool, self.directory.get, agent_id)
+        agent = self.directory.cached(agent_id)  # every request of a known agent: no thread hop
+        if agent is None:
+            agent = await asyncio.get_running_loop().run_in_executor(self._pool, self.directory.get, agent_id)
         problem = check_token(agent, token)
         if problem is not None:
             return Attribution(None, "rejected", pid, f"{problem} for agent {agent_id!r}")
