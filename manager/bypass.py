@@ -1,14 +1,15 @@
 """Detecting agents that talk to the model server directly, around the proxy (their calls are not captured).
 
-Each scan reads the kernel's TCP tables once (/proc/net/tcp and tcp6), keeps the sockets connected to the
-model server's address, and looks for them among the agents' own processes' file descriptors. The proxy's
-own upstream connections go to the same address but belong to no agent. Scans sample: a direct connection
-opened and closed between two scans is not seen.
+Each scan reads the kernel's TCP tables once (sock_diag, else /proc/net/tcp and tcp6), keeps the sockets
+connected to the model server's address, and looks for them among the agents' own processes' file
+descriptors. The proxy's own upstream connections go to the same address but belong to no agent. Scans
+sample: a direct connection opened and closed between two scans is not seen.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import time
@@ -17,10 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from rollouttap.addon import sockdiag  # pure netlink code, no mitmproxy
+
+log = logging.getLogger(__name__)
+
 Address = tuple[str, int]
 
 # Kernel TCP states that hold a live connection a process owns (TIME_WAIT sockets have no owner).
 TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "08": "CLOSE_WAIT"}
+_STATE_NAMES = {int(code, 16): name for code, name in TCP_STATES.items()}
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,14 @@ def parse_tcp_table(text: str) -> list[TcpSocket]:
     return sockets
 
 
-def read_tcp_sockets(proc: str = "/proc") -> list[TcpSocket]:
+def read_tcp_sockets(proc: str = "/proc", *, sock_diag: bool = True) -> list[TcpSocket]:
+    """This namespace's TCP sockets in live states: from sock_diag where it answers, else /proc/net/tcp*."""
+    if sock_diag and proc == "/proc":  # netlink answers for this namespace, what /proc/net describes
+        try:
+            return [TcpSocket((normalise_ip(s.local[0]), s.local[1]), (normalise_ip(s.remote[0]), s.remote[1]),
+                              _STATE_NAMES[s.state], s.inode) for s in sockdiag.tcp_sockets(_STATE_NAMES)]
+        except OSError as exc:  # no netlink here (a sandbox may forbid it): the text tables say the same
+            log.debug("sock_diag unavailable (%s); reading /proc/net/tcp", exc)
     sockets: list[TcpSocket] = []
     for name in ("tcp", "tcp6"):
         try:

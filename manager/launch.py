@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -57,11 +58,20 @@ def process_table(proc: str = "/proc") -> dict[int, ProcRow]:
         if not name.isdigit():
             continue
         try:
-            with open(f"{proc}/{name}/stat", "rb") as fh:
-                table[int(name)] = parse_stat(int(name), fh.read())
+            table[int(name)] = parse_stat(int(name), _read_small(f"{proc}/{name}/stat"))
         except (OSError, ValueError, IndexError):
             continue  # exited meanwhile
     return table
+
+
+def _read_small(path: str) -> bytes:
+    # Raw os calls: a scan reads every process's stat file, and open()'s buffered file objects cost a
+    # third of the scan.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
 def descendants(roots: Iterable[int], table: Mapping[int, ProcRow]) -> set[int]:
@@ -161,18 +171,52 @@ def spawn(agent_id: str, argv: list[str], *, env: Mapping[str, str], cwd: Path, 
     return agent
 
 
-def wait(agent: AgentProcess, deadline: float, stop: threading.Event, poll: float = 0.05) -> str:
-    """Wait for the root process: ``exited``, ``timeout`` at the deadline, or ``cancelled``."""
-    while True:
+def wait(agent: AgentProcess, deadline: float, stop: threading.Event, poll: float = 0.25) -> str:
+    """Wait for the root process: ``exited``, ``timeout`` at the deadline, or ``cancelled``.
+
+    The process's exit wakes the wait at once (through a pidfd); ``stop`` is checked every ``poll`` seconds
+    (cancelling is rare, and each wake-up of every waiting thread costs the busy manager CPU).
+    """
+    if agent.popen.returncode is not None:
+        return "exited"  # already reaped: its pid may name another process by now
+    fd = _pidfd(agent.pid)
+    try:
+        exit_poll = None
+        if fd is not None:
+            exit_poll = select.poll()  # not select(): a busy manager's fds may pass FD_SETSIZE
+            exit_poll.register(fd, select.POLLIN)
+        while True:
+            if _exited(agent.popen, exit_poll, max(0.0, min(poll, deadline - time.monotonic()))):
+                return "exited"
+            if stop.is_set():
+                return "cancelled"
+            if time.monotonic() >= deadline:
+                return "timeout"
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfds here, or the process is already reaped
+        return None
+
+
+def _exited(popen: subprocess.Popen[bytes], exit_poll: select.poll | None, timeout: float) -> bool:
+    """Whether the process exited (and is reaped) within ``timeout`` seconds."""
+    if exit_poll is None:
+        # Popen.wait with a timeout polls (up to 50 ms apart); only where pidfds are missing.
         try:
-            agent.popen.wait(timeout=max(0.0, min(poll, deadline - time.monotonic())))
-            return "exited"
+            popen.wait(timeout=timeout)
+            return True
         except subprocess.TimeoutExpired:
-            pass
-        if stop.is_set():
-            return "cancelled"
-        if time.monotonic() >= deadline:
-            return "timeout"
+            return False
+    if not exit_poll.poll(timeout * 1000):
+        return False
+    popen.wait()  # the pidfd is readable once the process has exited: this only reaps it
+    return True
 
 
 def kill_tree(agent: AgentProcess, *, rounds: int = 10, settle: float = 3.0) -> tuple[int, list[int]]:
@@ -220,16 +264,14 @@ def _signal(pid: int, start: int, sig: int) -> bool:
 
 def _start_of(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return parse_stat(pid, fh.read()).start
+        return parse_stat(pid, _read_small(f"/proc/{pid}/stat")).start
     except (OSError, ValueError, IndexError):
         return None
 
 
 def _alive(pid: int, start: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            row = parse_stat(pid, fh.read())
+        row = parse_stat(pid, _read_small(f"/proc/{pid}/stat"))
     except (OSError, ValueError, IndexError):
         return False
     return row.start == start and row.alive

@@ -168,7 +168,7 @@ class Collected:
 
 
 def settle_flows(store: Store, agent_id: str, grace: float, ended_at: float | None = None,
-                 poll: float = 0.02) -> tuple[str, ...]:
+                 poll: float = 0.01) -> tuple[str, ...]:
     """Wait (at most ``grace`` seconds) until none of the agent's flows is open; end and return the rest.
 
     First the proxies must have committed everything they queued before the agent ended (``ended_at``),

@@ -159,12 +159,18 @@ class Store:
         """
         deadline = time.monotonic() + timeout
         while True:
-            marks = [p["committed_through"] for p in self.proxies(alive_only=True)]
-            if all(m is not None and m >= since for m in marks):
+            if self._committed_since(since):
                 return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(poll)
+
+    def _committed_since(self, since: float) -> bool:
+        # One small query per poll; only a proxy that is behind is checked for life (a stopped or dead
+        # proxy commits nothing more, so it cannot hold readers back).
+        behind = self._query("SELECT pid, create_time FROM proxies WHERE stopped_at IS NULL "
+                             "AND coalesce(committed_through, -1) < ?", (since,))
+        return not any(_alive(r["pid"], r["create_time"]) for r in behind)
 
     def close_flows_of_dead_proxies(self) -> int:
         """Flows left ``open`` by a proxy process that no longer runs can never finish: end them."""

@@ -11,6 +11,9 @@ import os
 import re
 import shlex
 import signal
+import socket
+import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -24,7 +27,9 @@ from manager_support import HERE as SUPPORT
 from rollouttap.errors import AgentSpecError, ConfigError, ProxyError
 from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent, ProxyConfig
 from rollouttap.manager.agents import LaunchContext, render_argv, template_fields
-from rollouttap.manager.bypass import model_targets, parse_hex_address, parse_tcp_table
+from rollouttap.addon import sockdiag
+from rollouttap.manager import launch
+from rollouttap.manager.bypass import model_targets, parse_hex_address, parse_tcp_table, read_tcp_sockets
 from rollouttap.manager.launch import (
     ProcRow, agent_environment, descendants, model_env, parse_stat, split_model_url,
 )
@@ -168,12 +173,119 @@ def test_parse_tcp_tables():
     assert ("127.0.0.1", 8080) in model_targets("http://127.0.0.1:8080/v1")
 
 
+def test_text_tables_are_read_when_sock_diag_is_not_the_source(tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "tcp").write_text(TCP)
+    (tmp_path / "net" / "tcp6").write_text(TCP6)
+    assert read_tcp_sockets(str(tmp_path)) == parse_tcp_table(TCP) + parse_tcp_table(TCP6)
+
+
+def _diag(family: int, state: int, local: tuple[str, int], remote: tuple[str, int], inode: int,
+          kind: int = sockdiag.SOCK_DIAG_BY_FAMILY, extra: bytes = b"") -> bytes:
+    """One netlink message as the kernel sends it (attributes after the fixed part, padded to 4 bytes)."""
+    addr = [socket.inet_pton(family, ip).ljust(16, b"\0") for ip in (local[0], remote[0])]
+    body = (struct.pack("=BBBB", family, state, 0, 0) + struct.pack("!HH", local[1], remote[1]) + addr[0]
+            + addr[1] + bytes(16) + struct.pack("=IIII", 0, 0, 1000, inode) + extra)
+    message = struct.pack("=IHHII", 16 + len(body), kind, 2, 1, 0) + body
+    return message + bytes(-len(message) % 4)
+
+
+DONE = struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, 0)
+V4 = _diag(socket.AF_INET, 1, ("127.0.0.1", 50000), ("127.0.0.1", 8080), 222, extra=b"\x05\x00\x08\x00\x01")
+V6 = _diag(socket.AF_INET6, 2, ("::ffff:127.0.0.1", 50001), ("::1", 8080), 333)
+NOOP = struct.pack("=IHHII", 16, 1, 0, 1, 0)
+
+
+@pytest.mark.parametrize("data, sockets, done", [
+    (V4 + V6 + DONE, [(("127.0.0.1", 50000), ("127.0.0.1", 8080), 1, 222),
+                      (("::ffff:127.0.0.1", 50001), ("::1", 8080), 2, 333)], True),
+    (V4, [(("127.0.0.1", 50000), ("127.0.0.1", 8080), 1, 222)], False),  # the dump goes on in the next datagram
+    (NOOP + DONE, [], True),
+    (DONE + V4, [], True),
+])
+def test_sock_diag_replies(data, sockets, done):
+    assert sockdiag.parse_dump(data) == (sockets, done)
+
+
+def test_sock_diag_errors_and_requests():
+    with pytest.raises(OSError, match="errno 13"):
+        sockdiag.parse_dump(struct.pack("=IHHIIi", 36, sockdiag.NLMSG_ERROR, 0, 1, 0, -13) + bytes(16))
+    request = sockdiag.dump_request(socket.AF_INET6, [1, 8], sequence=7)
+    length, kind, flags, sequence, _ = struct.unpack_from("=IHHII", request)
+    assert (length, kind, sequence) == (len(request), sockdiag.SOCK_DIAG_BY_FAMILY, 7) == (72, 20, 7)
+    assert flags == sockdiag.NLM_F_REQUEST | sockdiag.NLM_F_DUMP
+    assert struct.unpack_from("=BBBBI", request, 16) == (socket.AF_INET6, socket.IPPROTO_TCP, 0, 0, 0b100000010)
+
+
+def test_sock_diag_sees_a_live_connection_as_proc_net_tcp_does():
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as client:
+        accepted, _ = server.accept()
+        with accepted:
+            try:
+                found = sockdiag.tcp_sockets([1])
+            except OSError as exc:
+                pytest.skip(f"no sock_diag here: {exc}")
+            inode = os.fstat(client.fileno()).st_ino
+            [mine] = [s for s in found if s.inode == inode]
+            assert (mine.local, mine.remote, mine.state) == (client.getsockname(), server.getsockname(), 1)
+            from_text = {s.inode: s for s in read_tcp_sockets(sock_diag=False)}
+            assert {s.inode: s for s in read_tcp_sockets()}[inode] == from_text[inode]
+
+
 def test_descendants_and_stat_parsing():
     rows = {p: ProcRow(p, pp, p, p, 1, "S") for p, pp in [(10, 1), (11, 10), (12, 11), (13, 1), (14, 13)]}
     assert descendants([10], rows) == {10, 11, 12}
     assert descendants([99], rows) == set()
     row = parse_stat(7, b"7 (a (b) c) S 3 7 7 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 0 0")
     assert (row.ppid, row.pgrp, row.session, row.start, row.alive) == (3, 7, 7, 12345, True)
+
+
+def test_wait_ends_at_exit_deadline_or_stop(tmp_path):
+    def start(code: str) -> launch.AgentProcess:
+        return launch.spawn("ag-wait", [sys.executable, "-c", code], env=os.environ, cwd=tmp_path, stdin=None,
+                            stdout=tmp_path / "out", stderr=tmp_path / "err")
+    quick, hang = start("raise SystemExit(3)"), start("import time; time.sleep(60)")
+    started = time.monotonic()
+    # A long poll does not delay noticing the exit, nor reaching the deadline.
+    assert launch.wait(quick, started + 60, threading.Event(), poll=30) == "exited"
+    assert quick.popen.returncode == 3
+    assert launch.wait(hang, time.monotonic() + 0.2, threading.Event(), poll=30) == "timeout"
+    assert time.monotonic() - started < 15
+    stop = threading.Event()
+    stop.set()
+    assert launch.wait(hang, time.monotonic() + 60, stop, poll=0.01) == "cancelled"
+    launch.kill_tree(hang)
+    assert hang.popen.returncode == -signal.SIGKILL
+    assert launch.wait(hang, time.monotonic() + 60, threading.Event()) == "exited"  # already reaped
+    assert launch.process_table()[os.getpid()].ppid == os.getppid()
+
+
+LIVE, REUSED = "live", "reused"  # this process's pid; the same pid with another start time (not that proxy)
+
+
+@pytest.mark.parametrize("proxies, committed", [
+    ([], True),
+    ([(LIVE, 150.0, None)], True),
+    ([(LIVE, 100.0, None)], True),
+    ([(LIVE, 99.0, None)], False),
+    ([(LIVE, None, None)], False),  # running, no watermark yet
+    ([(LIVE, 50.0, 60.0)], True),  # stopped: it commits nothing more
+    ([(REUSED, 50.0, None)], True),  # its process is gone
+    ([(LIVE, 150.0, None), (LIVE, 99.0, None)], False),
+    ([(LIVE, 150.0, None), (REUSED, None, None)], True),
+])
+def test_wait_committed_waits_only_for_live_proxies(tmp_path, proxies, committed):
+    path = tmp_path / "s.db"
+    Store(path).close()  # creates the schema
+    mine = psutil.Process().create_time()
+    with sqlite3.connect(path) as conn:
+        for n, (who, mark, stopped) in enumerate(proxies):
+            conn.execute("INSERT INTO proxies (proxy_id, pid, create_time, started_at, stopped_at, "
+                         "committed_through) VALUES (?, ?, ?, 1, ?, ?)",
+                         (f"p{n}", os.getpid(), mine if who == LIVE else mine - 100, stopped, mark))
+    with Store(path) as store:
+        assert store.wait_committed(100.0, timeout=0.05, poll=0.01) is committed
 
 
 def test_proxy_link_env_exempts_only_the_reverse_listener():
@@ -342,6 +454,9 @@ def test_proxy_killed_mid_batch_is_restarted_and_capture_goes_on(tmp_path, confd
         def kill_after_two():
             with Store(store_path) as store:
                 wait_for(lambda: sum(a.status == "ok" for a in store.agents(m.run_id)) >= 2, 30, "two agents")
+                # Not between a reply and its commit: a proxy SIGKILLed then loses that flow (its agent got
+                # the answer, so it never retries), a loss no restart can undo and not what this test is about.
+                wait_for(lambda: not store.flows(state="open"), 30, "no reply on its way")
             os.kill(first_pid, signal.SIGKILL)
 
         killer = threading.Thread(target=kill_after_two)
