@@ -212,6 +212,22 @@ def test_writer_watermark_tells_readers_what_is_committed(tmp_path):
     assert not store.wait_committed(time.time() + 60, timeout=0.1)
 
 
+def test_watermark_follows_a_write_without_waiting_for_the_heartbeat(tmp_path):
+    # The manager waits for "committed through the moment the agent ended", a moment after the agent's
+    # last row: the writer marks that soon after its last rows, not one heartbeat (here 60 s) later.
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, heartbeat=60)
+    writer.upsert_proxy({"proxy_id": "p1", "pid": os.getpid(), "create_time": None, "started_at": 1.0})
+    writer.proxy_id = "p1"
+    with Store(path) as store:
+        for name in ("a", "b"):
+            writer.insert_flow(_flow(name))
+            assert writer.flush()
+            agent_ended = time.time()
+            assert store.wait_committed(agent_ended, timeout=10)
+    writer.close()
+
+
 def test_migration_from_version_1_adds_the_watermark(tmp_path):
     from rollouttap.store.schema import MIGRATIONS
     path = tmp_path / "v1.db"
