@@ -6,10 +6,13 @@ The agent is a small program (requests.Session, like the seed's agents) making a
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from context import Context, progress
 from procs import PY, Variant, capture_config, proxy_environ
@@ -43,6 +46,7 @@ def prompts(n: int) -> list[str]:
 def run_direct(script: Path, n: int, calls: int, base_url: str, timeout: float) -> dict[str, Any]:
     """All agents at once, no proxy; wall time until the last exits."""
     env = {**proxy_environ(None), "OPENAI_BASE_URL": base_url, "BENCH_CALLS": str(calls)}
+    cpu = os.times()
     started = time.monotonic()
     procs = [subprocess.Popen([PY, str(script), p], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE) for p in prompts(n)]
@@ -54,16 +58,44 @@ def run_direct(script: Path, n: int, calls: int, base_url: str, timeout: float) 
             proc.kill()
             proc.communicate()
         failed += proc.returncode != 0
-    return {"seconds": time.monotonic() - started, "failed": failed, "calls": (n - failed) * calls}
+    seconds = time.monotonic() - started
+    return {"seconds": seconds, "failed": failed, "calls": (n - failed) * calls,
+            "cpu_agents": _cpu(os.times(), cpu, children=True)}
 
 
 def run_deploy(manager: Any, n: int, calls: int, timeout: float) -> dict[str, Any]:
+    proxy = psutil.Process(manager.link.process.proc.pid)
+    cpu, proxy_cpu = os.times(), sum(proxy.cpu_times()[:2])
+    wall = time.time()
     started = time.monotonic()
     results = manager.deploy(prompts(n), timeout=timeout)
     seconds = time.monotonic() - started
     failed = sum(r.status != "ok" for r in results)
+    now = os.times()
     return {"seconds": seconds, "failed": failed, "calls": sum(r.calls for r in results),
+            "cpu_agents": _cpu(now, cpu, children=True), "cpu_manager": _cpu(now, cpu, children=False),
+            "cpu_proxy": sum(proxy.cpu_times()[:2]) - proxy_cpu, **phases(manager, results, wall, seconds),
             "errors": [f"{r.status}: {r.error or r.stderr_tail[-300:]}" for r in results if r.status != "ok"][:3]}
+
+
+def _cpu(now: Any, before: Any, *, children: bool) -> float:
+    """CPU seconds (user + system) of this process, or of its reaped children (the agents)."""
+    if children:
+        return now.children_user + now.children_system - before.children_user - before.children_system
+    return now.user + now.system - before.user - before.system
+
+
+def phases(manager: Any, results: list[Any], wall: float, seconds: float) -> dict[str, float]:
+    """When the last agent was launched and when the last one's tree was gone (from the store's agent rows:
+    start time + duration), and what deploy() took after that (settling flows, building results)."""
+    rows = {a.agent_id: a for a in manager.store.agents(run_id=manager.run_id)}
+    spans = [(rows[r.agent_id].started_at, r.duration_s) for r in results
+             if r.agent_id in rows and rows[r.agent_id].started_at is not None]
+    if not spans:
+        return {}
+    last_exit = max(start + duration for start, duration in spans) - wall
+    return {"launched": max(start for start, _ in spans) - wall, "last_exit": last_exit,
+            "after_exit": seconds - last_exit}
 
 
 def start_manager(ctx: Context, variant: Variant, script: Path, base_url: str) -> Any:
@@ -110,6 +142,23 @@ def run(ctx: Context) -> Section:
             "supervising, settling flows and building conversations; its proxy (token ids on) is started "
             "beforehand and not timed. Tuning: see section 1.\n\n"
             + table(["how", "wall s", "× direct", f"≤ {GOAL}× direct", "agents failed"], rows)
+            + "\n\n" + breakdown(runs)
             + ("\n\nErrors:\n\n" + "\n".join(f"- {e}" for e in errors) if errors else ""))
     return Section("deploy", TITLE, body, {"runs": runs}, "error" if bad else "ok")
 
+
+
+def breakdown(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Where the time goes (medians): phases of deploy() and the CPU of agents, proxy and manager."""
+    def med(reps: list[dict[str, Any]], key: str) -> str:
+        values = [r[key] for r in reps if key in r]
+        return fmt(spread(values).median, 3) if values else ""
+    rows = [(name, med(reps, "launched"), med(reps, "last_exit"), med(reps, "after_exit"), med(reps, "cpu_agents"),
+             med(reps, "cpu_proxy"), med(reps, "cpu_manager")) for name, reps in runs.items()]
+    cores = os.cpu_count() or 1
+    return ("Where the time goes (medians, seconds). Phases from the store's agent rows: last agent launched, "
+            "last agent's tree gone, then deploy()'s own tail (settling flows — waiting for the proxy's commit "
+            f"watermark — and building results). CPU: agents (reaped children), proxy, manager; on {cores} "
+            "cores the agents saturate, so extra CPU becomes wall time at about 1/cores.\n\n"
+            + table(["how", "last launched", "last exit", "after last exit", "CPU agents", "CPU proxy",
+                     "CPU manager"], rows))
