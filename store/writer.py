@@ -58,7 +58,7 @@ class StoreWriter:
         self._queue: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
         self._wake = threading.Event()  # cuts a linger short: someone waits for the commit
         self._last_commit = -float("inf")  # time.monotonic() after the last transaction of rows
-        self._fresh_rows = False  # rows committed since the last idle watermark
+        self._idle_wait = heartbeat  # how long the queue may stay empty before the next idle watermark
         self._conn = connect(self.path)
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
@@ -111,9 +111,10 @@ class StoreWriter:
         stop = False
         while not stop:
             try:
-                # Right after rows, the idle watermark comes one linger later, not a heartbeat: a reader
-                # waiting for "committed through the moment my agent ended" is released ~90 ms sooner.
-                first = self._queue.get(timeout=self.linger if self._fresh_rows else self.heartbeat)
+                # After rows, idle watermarks come one linger later, then at doubling intervals up to the
+                # heartbeat: a reader waiting for "committed through the moment my agent ended" (an exit
+                # tens of ms after its last call) is released within about that delay, not a heartbeat.
+                first = self._queue.get(timeout=self._idle_wait)
             except queue.Empty:
                 self._mark_idle()
                 continue
@@ -170,7 +171,7 @@ class StoreWriter:
                 break
         if writes:
             self._last_commit = time.monotonic()
-            self._fresh_rows = True
+            self._idle_wait = self.linger
             self.stats.committed += len(writes)
             self.stats.statements += len(statements)
             self.stats.batches += 1
@@ -180,7 +181,7 @@ class StoreWriter:
 
     def _mark_idle(self) -> None:
         """Nothing queued: everything queued before now is committed; tell readers so."""
-        self._fresh_rows = False
+        self._idle_wait = min(self._idle_wait * 2, self.heartbeat)
         if self.proxy_id is None:
             return
         mark = time.time()

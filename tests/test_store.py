@@ -220,9 +220,10 @@ def test_watermark_follows_a_write_without_waiting_for_the_heartbeat(tmp_path):
     writer.upsert_proxy({"proxy_id": "p1", "pid": os.getpid(), "create_time": None, "started_at": 1.0})
     writer.proxy_id = "p1"
     with Store(path) as store:
-        for name in ("a", "b"):
+        for name, exit_after in (("a", 0.0), ("b", 0.0), ("c", 0.05)):
             writer.insert_flow(_flow(name))
             assert writer.flush()
+            time.sleep(exit_after)  # the scenario, not a synchronisation: the agent exits a little later
             agent_ended = time.time()
             assert store.wait_committed(agent_ended, timeout=10)
     writer.close()
