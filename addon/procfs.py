@@ -81,12 +81,14 @@ def ancestry(pid: int, proc: str = "/proc", limit: int = 64) -> list[ProcInfo]:
 
 class AncestryCache:
     """``ancestry`` for attribution, cached for ``max_age`` seconds: each process's agent tag (by pid
-    and start time), and a socket owner's whole chain as long as the owner keeps its start time and
-    parent. Agents open many connections from the same processes, under the same manager and shells
-    every time; a lookup then reads one stat file instead of two files per ancestor.
+    and start time), a socket owner's whole chain as long as the owner keeps its start time and parent,
+    and the chain above every process read (by pid). Agents open many connections from the same
+    processes, and new ones start under the same manager and shells every time: a new process costs its
+    own stat and environ, the rest of its chain comes from its parent's entry.
 
-    Within ``max_age`` an exec with another environment or a re-parented ancestor goes unnoticed, as a
-    new registration does in ``AgentDirectory`` (the same one second).
+    Within ``max_age`` an exec with another environment, a re-parented ancestor or a reused parent pid
+    goes unnoticed, as a new registration does in ``AgentDirectory`` (the same one second). A cached
+    chain is as old as its oldest part: reusing one never makes it fresher.
     """
 
     def __init__(self, proc: str = "/proc", size: int = 4096, max_age: float = 1.0) -> None:
@@ -94,6 +96,7 @@ class AncestryCache:
         self.max_age = max_age
         self._tags: dict[tuple[int, int], tuple[float, str | None]] = {}
         self._chains: dict[tuple[int, int], tuple[float, list[ProcInfo]]] = {}
+        self._above: dict[int, tuple[float, list[ProcInfo]]] = {}  # pid -> (read at, its chain)
         self._size = size
 
     def chain(self, pid: int, limit: int = 64) -> list[ProcInfo]:
@@ -106,15 +109,24 @@ class AncestryCache:
         cached = self._chains.get(key)
         if cached is not None and now - cached[0] < self.max_age and cached[1][0] == owner:
             return list(cached[1])
-        chain = [owner]
+        chain, read_at = [owner], now
+        read = 0  # how many of the chain's processes this call read itself (0: all of them)
         parent = owner.ppid
         while parent > 0 and len(chain) < limit:
+            above = self._above.get(parent)  # one lookup: another thread may clear the cache meanwhile
+            if above is not None and now - above[0] < self.max_age:
+                read = len(chain)
+                chain.extend(above[1][:limit - len(chain)])
+                read_at = above[0]
+                break
             info = self._read(parent, now)
             if info is None:
                 break
             chain.append(info)
             parent = info.ppid
-        self._remember(self._chains, key, (now, chain))
+        self._remember(self._chains, key, (read_at, chain))
+        for i in range(read or len(chain)):  # the entries above those keep their own age
+            self._remember(self._above, chain[i].pid, (read_at, chain[i:]))
         return list(chain)
 
     def _read(self, pid: int, now: float) -> ProcInfo | None:

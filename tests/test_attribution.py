@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -344,6 +345,39 @@ def test_ancestry_cache_rereads_ancestors_after_max_age(fake_proc):
     assert [(p.pid, p.agent_tag) for p in stale.chain(30)] == [(30, None), (20, None), (10, "A")]
     assert [(p.pid, p.agent_tag) for p in fresh.chain(30)] == [(30, "C"), (20, None)]
     assert fresh.chain(30) == ancestry(30, proc)
+
+
+def test_ancestry_cache_a_new_child_reads_only_itself(fake_proc):
+    fake_proc.process(10, tag="A")
+    fake_proc.process(20, ppid=10)
+    fake_proc.process(30, ppid=20)
+    proc = str(fake_proc.root)
+    cache = AncestryCache(proc, max_age=3600)
+    assert [p.pid for p in cache.chain(30)] == [30, 20, 10]
+    fake_proc.gone(10)  # were the ancestors read again, the chain would end at 20
+    fake_proc.process(31, ppid=20, tag="B")  # a new process under the same parent
+    assert cache.chain(31) == [ProcInfo(31, 20, 310, "B"), ProcInfo(20, 10, 200, None),
+                               ProcInfo(10, 1, 100, "A")]
+    fake_proc.process(32, ppid=31)  # and one under that: its parent's entry came from the one before
+    assert [p.pid for p in cache.chain(32)] == [32, 31, 20, 10]
+
+
+def test_ancestry_cache_reused_parts_keep_their_age(fake_proc):
+    fake_proc.process(10, tag="A")
+    fake_proc.process(20, ppid=10)
+    fake_proc.process(30, ppid=20)
+    cache = AncestryCache(str(fake_proc.root), max_age=0.2)
+    cache.chain(30)
+    (fake_proc.root / "10" / "environ").write_bytes(b"ROLLOUTTAP_AGENT_ID=Z\0")  # an exec, later
+    child, deadline = 40, time.monotonic() + 10
+    while True:  # new children keep reusing their parent's entry ...
+        fake_proc.process(child, ppid=20)
+        top = cache.chain(child)[-1]
+        if top.agent_tag == "Z" or time.monotonic() > deadline:
+            break
+        child += 1
+        time.sleep(0.02)
+    assert top.agent_tag == "Z"  # ... yet it expires max_age after it was read, not after its last use
 
 
 def test_netlink_answers_match_their_requests_on_a_reused_socket():
