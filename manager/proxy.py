@@ -68,6 +68,7 @@ class ProxyConfig:
     model_hosts: tuple[str, ...] = ()
     token_ids: bool = True
     logprobs: bool = True  # with token ids: also each sampled token's logprob (off: ~30x smaller answers)
+    pid_lookup: str = "eager"  # "fallback": find a connection's process only for requests without credentials
     reverse_target: str | None = None  # base-URL mode: a reverse listener in front of the model
     reverse_port: int = 0
     confdir: Path | None = None
@@ -76,29 +77,31 @@ class ProxyConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
     def argv(self, proxy_id: str) -> list[str]:
+        def flag(value: bool) -> str:
+            return "true" if value else "false"
+        # One --set per scalar option, ``extra`` overriding the fields: mitmdump 12.2 hangs at start-up
+        # when a script's option is set twice with different values.
+        scalars = {"rollouttap_store": str(self.store), "rollouttap_proxy_id": proxy_id,
+                   "rollouttap_token_ids": flag(self.token_ids), "rollouttap_logprobs": flag(self.logprobs),
+                   "rollouttap_pid_lookup": self.pid_lookup, "rollouttap_allow_remote": flag(self.allow_remote),
+                   "connection_strategy": "lazy"}
+        if self.confdir is not None:
+            scalars["confdir"] = str(self.confdir)
+        if self.parent_pid:
+            scalars["rollouttap_parent_pid"] = str(self.parent_pid)
+        scalars.update(self.extra)
         args = [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()",
-                "-q", "-s", str(addon_script()),
-                "--set", f"rollouttap_store={self.store}",
-                "--set", f"rollouttap_proxy_id={proxy_id}",
-                "--set", f"rollouttap_token_ids={'true' if self.token_ids else 'false'}",
-                "--set", f"rollouttap_logprobs={'true' if self.logprobs else 'false'}",
-                "--set", f"rollouttap_allow_remote={'true' if self.allow_remote else 'false'}",
-                "--set", "connection_strategy=lazy",
-                "--listen-host", self.host]
+                "-q", "-s", str(addon_script()), "--listen-host", self.host]
         modes = [f"regular@{self.port}"]
         if self.reverse_target:
             modes.append(f"reverse:{self.reverse_target}@{self.reverse_port}")
         for mode in modes:
             args += ["--mode", mode]
-        for route in self.routes:
+        for route in self.routes:  # list options: each --set adds one
             args += ["--set", f"rollouttap_routes={route}"]
         for host in self.model_hosts:
             args += ["--set", f"rollouttap_model_hosts={host}"]
-        if self.confdir is not None:
-            args += ["--set", f"confdir={self.confdir}"]
-        if self.parent_pid:
-            args += ["--set", f"rollouttap_parent_pid={self.parent_pid}"]
-        for key, value in self.extra.items():
+        for key, value in scalars.items():
             args += ["--set", f"{key}={value}"]
         return args
 

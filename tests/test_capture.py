@@ -96,6 +96,21 @@ def test_credentials_attribute_and_never_reach_upstream(proxy, upstream):
     assert all("sk-live-secret" not in str(tuple(r)) for r in raw)
 
 
+def test_fallback_pid_lookup_only_for_requests_without_credentials(tmp_path, confdir, upstream):
+    host = upstream.url.split("://", 1)[1]
+    with start_proxy(tmp_path / "runs.db", confdir, model_hosts=(host,), pid_lookup="fallback") as proxy:
+        agent_id, token = _new_agent(proxy)
+        creds_env = agent_env(proxy, agent_id, token)
+        creds_env.pop("ROLLOUTTAP_AGENT_ID")
+        tagged = "tag-" + uuid.uuid4().hex[:10]
+        for env in (creds_env, agent_env(proxy, tag=tagged)):
+            run_client("requests", upstream.base_url, env, "--marker", "x")
+        [by_creds] = _chat_flows(proxy.config.store, agent_id)
+        [by_pid] = _chat_flows(proxy.config.store, tagged)
+    assert by_creds.attribution == "credentials" and by_creds.pid is None  # no lookup was made
+    assert by_pid.attribution == "pid" and by_pid.pid not in (None, os.getpid())
+
+
 def test_wrong_token_is_refused_and_recorded(proxy, upstream):
     agent_id, _ = _new_agent(proxy)
     env = agent_env(proxy, agent_id, "not-the-token")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import run_client
+from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
 from rollouttap.store import Store
 
 ROLLOUTTAP = [sys.executable, "-m", "rollouttap.cli"]
@@ -52,3 +53,26 @@ def test_proxy_command_rejects_bad_listen(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "--listen 'nope' is not HOST:PORT" in out.stderr and "next:" in out.stderr
+
+
+def _sets(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+
+
+def test_proxy_config_sets_each_scalar_option_once_extra_winning(tmp_path):
+    # mitmdump hangs at start-up when a script option is --set twice with different values.
+    config = ProxyConfig(store=tmp_path / "s.db", model_hosts=("a:1", "b:2"), pid_lookup="eager",
+                         extra={"rollouttap_pid_lookup": "fallback", "rollouttap_token_ids": "false"})
+    sets = _sets(config.argv("p1"))
+    names = [s.split("=", 1)[0] for s in sets]
+    scalars = [n for n in names if n != "rollouttap_model_hosts"]
+    assert len(scalars) == len(set(scalars))
+    assert "rollouttap_pid_lookup=fallback" in sets and "rollouttap_token_ids=false" in sets
+    assert names.count("rollouttap_model_hosts") == 2  # list options: one --set per item
+
+
+def test_proxy_starts_with_an_extra_option_overriding_a_field(tmp_path):
+    config = ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "conf",
+                         extra={"rollouttap_logprobs": "false"})
+    with ProxyProcess(config).start(timeout=60) as proxy:
+        assert proxy.alive()
