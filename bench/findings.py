@@ -138,10 +138,10 @@ concurrency burst (section 1b). What they mean, and what would change them:
   requests per second, whatever an addon does. The "≤ 2 ms over direct for every client" goal sits
   below this floor for new connections and for the SDKs, with or without rollouttap.
 - **Concurrency on 2 cores.** Section 1b's CPU columns: a direct burst of 32 async openai-SDK clients
-  already keeps most of both cores busy (the SDK itself spends ~1.4 ms CPU per call, the upstream
-  ~0.3 ms). A proxy adds its own CPU per call on the same cores, so calls/s through any proxy is bounded
-  by cores / (direct CPU + proxy CPU per call): "≥ 0.8× direct" would need a proxy spending a quarter of
-  the client's own CPU per call (~0.45 ms), three times less than bare mitmdump. On a node with spare
+  already keeps both cores busy (the SDK itself spends ~1.3 ms CPU per call, the upstream
+  ~0.2 ms). A proxy adds its own CPU per call on the same cores, so calls/s through any proxy is bounded
+  by cores / (direct CPU + proxy CPU per call): "≥ 0.8× direct" would need a proxy spending at most a
+  quarter of direct's CPU per call (~0.4 ms), under a third of bare mitmdump's. On a node with spare
   cores the ceiling is one proxy's event loop (the last column of 1c); several proxies, each with a share
   of the agents, would pass it — not built yet.
 - **Nagle/delayed ACK (cured).** `requests`/urllib3 enable Nagle on proxy connections and write a POST's
