@@ -51,7 +51,9 @@ class AgentManager:
     token ids, agents get ``OPENAI_BASE_URL``/``OPENAI_API_BASE`` (unless env or the spec set them), and
     direct connections to it are reported as bypasses. base_url_mode: agents' base URL goes through a
     reverse listener whose path names the agent, for clients that ignore proxy settings (NO_PROXY then
-    names that listener's host:port, which curl does not honour).
+    names that listener's host:port, which curl does not honour). proxies: how many proxies to start, each
+    its own process and event loop, agents spread over them in turn: one proxy's event loop tops out at a
+    few hundred requests/s, a node with many cores and many agents can use one per core or two.
     """
 
     def __init__(self, agent: AgentSpec | Callable[..., Any], *, store: str | Path = "runs.db",
@@ -60,10 +62,11 @@ class AgentManager:
                  base_url_mode: bool = False, workdir_template: str | Path | None = None,
                  grace: float = 10.0, eos_token_id: int | None = None, run_id: str | None = None,
                  keep_workdirs: bool = False, confdir: str | Path | None = None,
-                 poll_interval: float = 0.2) -> None:
+                 poll_interval: float = 0.2, proxies: int = 1) -> None:
         self.spec = agent if isinstance(agent, AgentSpec) else _as_spec(agent)
-        if parallel < 1 or timeout <= 0 or grace < 0 or poll_interval <= 0:
-            raise ConfigError("parallel >= 1, timeout > 0, grace >= 0 and poll_interval > 0 are required")
+        if parallel < 1 or timeout <= 0 or grace < 0 or poll_interval <= 0 or proxies < 1:
+            raise ConfigError("parallel >= 1, timeout > 0, grace >= 0, poll_interval > 0 and proxies >= 1 "
+                              "are required")
         if base_url_mode and model_url is None:
             raise ConfigError("base_url_mode needs model_url (the reverse listener's target)")
         if model_url is not None:
@@ -80,7 +83,9 @@ class AgentManager:
         self.poll_interval = poll_interval
         self._proxy_arg, self._confdir = proxy, Path(confdir) if confdir is not None else None
         self.store: Store | None = None
-        self.link: ProxyLink | None = None
+        self.proxies = proxies
+        self.links: list[ProxyLink] = []
+        self.link: ProxyLink | None = None  # the first of ``links``
         self._running: dict[str, launch.AgentProcess] = {}
         self._bypass: dict[str, list[BypassConnection]] = {}
         self._lock = threading.Lock()
@@ -101,9 +106,10 @@ class AgentManager:
             return self
         self.store = Store(self.store_path)
         try:
-            self.link = ProxyLink.open(self._proxy_arg, store=self.store, store_path=self.store_path,
-                                       model_url=self.model_url, base_url_mode=self.base_url_mode,
-                                       confdir=self._confdir)
+            self.links = ProxyLink.open_many(self._proxy_arg, self.proxies, store=self.store,
+                                             store_path=self.store_path, model_url=self.model_url,
+                                             base_url_mode=self.base_url_mode, confdir=self._confdir)
+            self.link = self.links[0]
         except BaseException:
             self.store.close()
             self.store = None
@@ -121,9 +127,9 @@ class AgentManager:
         for thread in self._threads:
             thread.join(10)
         self._threads = []
-        if self.link is not None:
-            self.link.close()
-            self.link = None
+        for link in self.links:
+            link.close()
+        self.links, self.link = [], None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -134,17 +140,18 @@ class AgentManager:
 
     @property
     def proxy_restarts(self) -> int:
-        return self.link.restarts if self.link is not None else 0
+        return sum(link.restarts for link in self.links)
 
-    def _link(self) -> ProxyLink:
-        if self.link is None or self.store is None:
+    def _link(self, index: int = 0) -> ProxyLink:
+        """The proxy of the agent with prompt ``index`` (agents take the proxies in turn)."""
+        links = self.links
+        if not links or self.store is None:
             raise RuntimeError("AgentManager is not started: use it as a context manager or call start()")
-        return self.link
+        return links[index % len(links)]
 
     def _watch_proxy(self) -> None:
         while not self._closing.wait(0.25):
-            link = self.link
-            if link is not None:
+            for link in list(self.links):
                 link.revive_if_dead(self._closing)
 
     def _watch_agents(self) -> None:
@@ -224,7 +231,7 @@ class AgentManager:
             store.register_agent(agent_id, token=token, run_id=self.run_id,
                                  meta={"index": index, "agent": self.spec.describe()})
             try:
-                ctx, agent = self._start(agent_id, token, prompt, run_dir)
+                ctx, agent = self._start(agent_id, token, prompt, run_dir, self._link(index))
             except (OSError, AgentSpecError, ValueError) as exc:
                 error = f"cannot start agent: {exc}"
                 store.agent_ended(agent_id, "error", {"error": error})
@@ -235,10 +242,10 @@ class AgentManager:
             if not self.keep_workdirs:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
-    def _start(self, agent_id: str, token: str, prompt: Prompt,
-               run_dir: Path) -> tuple[LaunchContext, launch.AgentProcess]:
+    def _start(self, agent_id: str, token: str, prompt: Prompt, run_dir: Path,
+               link: ProxyLink) -> tuple[LaunchContext, launch.AgentProcess]:
         ctx, argv, stdin = _prepare(self.spec, agent_id, prompt, run_dir, self.workdir_template)
-        env = self._environment(agent_id, token, self._link())
+        env = self._environment(agent_id, token, link)
         agent = launch.spawn(agent_id, argv, env=env, cwd=ctx.workdir, stdin=stdin,
                              stdout=run_dir / "stdout.log", stderr=run_dir / "stderr.log")
         return ctx, agent
@@ -265,7 +272,7 @@ class AgentManager:
                 survivors: list[int], bypass: tuple[dict[str, Any], ...], timeout: float) -> AgentResult:
         """Collect the finished agent's flows, conversation, row and check into its result."""
         ended_at = time.time()  # the agent's tree is gone: all it sent reached the proxy before now
-        store, link = self.store, self._link()
+        store, link = self.store, self._link(index)
         assert store is not None
         duration = time.monotonic() - agent.started
         is_entry = isinstance(self.spec, EntryPointAgent)

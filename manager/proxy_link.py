@@ -41,6 +41,41 @@ class ProxyLink:
         return cls(process.url, process.ca_cert, process.reverse_url if base_url_mode else None, process)
 
     @classmethod
+    def open_many(cls, arg: str | ProxyConfig | None, count: int, *, store: Store, store_path: Path,
+                  model_url: str | None, base_url_mode: bool, confdir: Path | None) -> list[ProxyLink]:
+        """``count`` proxies from one config, each on its own port and event loop, sharing the store."""
+        if count == 1:
+            return [cls.open(arg, store=store, store_path=store_path, model_url=model_url,
+                             base_url_mode=base_url_mode, confdir=confdir)]
+        if isinstance(arg, str):
+            raise ConfigError("proxies > 1 starts its own proxies: it cannot attach to one by URL")
+        config = own_proxy_config(arg, store_path=store_path, model_url=model_url,
+                                  base_url_mode=base_url_mode, confdir=confdir)
+        if config.port or config.reverse_port:
+            raise ConfigError("proxies > 1 needs port 0 (and reverse_port 0): each proxy picks a free port")
+        links: list[ProxyLink] = []
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                process = ProxyProcess(replace(config)).start()  # its own copy: start() pins its ports in it
+                links.append(cls(process.url, process.ca_cert, process.reverse_url if base_url_mode else None,
+                                 process))
+            except BaseException as exc:  # re-raised below, after the others are stopped
+                errors.append(exc)
+        start()  # alone first: it creates the CA the others then share
+        threads = [threading.Thread(target=start) for _ in range(count - 1)] if not errors else []
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            for link in links:
+                link.close()
+            raise errors[0]
+        return links
+
+    @classmethod
     def _attach(cls, url: str, store: Store, base_url_mode: bool) -> ProxyLink:
         parts = urlsplit(url)
         if not parts.hostname or not parts.port:

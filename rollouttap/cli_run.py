@@ -64,6 +64,8 @@ def run(
         help="The model server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1.")] = None,
     proxy: Annotated[Optional[str], typer.Option(
         help="Attach to a running `rollouttap proxy` at this URL instead of starting one.")] = None,
+    proxies: Annotated[int, typer.Option(
+        min=1, help="Proxies to start, agents spread over them (one event loop each; for many agents).")] = 1,
     out: Annotated[Optional[Path], typer.Option(help="Write results here (JSON lines); default stdout.")] = None,
     base_url_mode: Annotated[bool, typer.Option(
         help="Give agents a per-agent base URL through a reverse listener (clients ignoring HTTP_PROXY).")]
@@ -94,7 +96,7 @@ def run(
     started_at, started = time.time(), time.monotonic()
     with AgentManager(spec, store=store, parallel=parallel, timeout=timeout, proxy=proxy, model_url=model_url,
                       env=parse_env(env or []), base_url_mode=base_url_mode, workdir_template=workdir_template,
-                      grace=grace, confdir=confdir, keep_workdirs=keep_workdirs) as manager:
+                      grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies) as manager:
         sink: IO[str] = open(out, "w", encoding="utf-8") if out is not None else _stdout()
         try:
             results = _deploy_with_progress(manager, items, sink)

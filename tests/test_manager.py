@@ -412,6 +412,34 @@ def test_32_agents_in_parallel_every_flow_attributed_to_its_agent(manager):
     assert summary["unattributed_flows"] == 0 and summary["calls"] == 64 and summary["by_status"]["ok"] == 32
 
 
+def test_several_proxies_share_the_agents_and_the_store(tmp_path, upstream):
+    # A fresh confdir: the first proxy creates the CA, the others start at once and share it.
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", parallel=8, timeout=60, proxies=3,
+                      model_url=upstream.base_url, confdir=tmp_path / "conf",
+                      eos_token_id=FakeTokenizer.eos_token_id, poll_interval=0.1) as m:
+        assert len({link.url for link in m.links}) == 3 and m.proxy_url == m.links[0].url
+        results = m.deploy([agent("chat 2 @id")] * 9)
+        assert all(r.status == "ok" and r.calls == 2 for r in results), [r.stderr_tail for r in results]
+        by_proxy: dict[str, set[str]] = {}
+        for result in results:
+            flows = _flows(m, result.agent_id)
+            assert len(flows) == 2 and all(f.state == "done" and _said(f) == f"say {result.agent_id}"
+                                           for f in flows)
+            assert len({f.proxy_id for f in flows}) == 1  # an agent keeps its proxy
+            by_proxy.setdefault(flows[0].proxy_id, set()).add(result.agent_id)
+        assert sorted(len(a) for a in by_proxy.values()) == [3, 3, 3]
+        assert m.summary(results)["proxy_restarts"] == 0
+
+
+def test_several_proxies_need_free_ports(tmp_path, upstream):
+    for proxy in ("http://127.0.0.1:9", ProxyConfig(store=tmp_path / "r.db", port=18080)):
+        with pytest.raises(ConfigError):
+            AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxies=2, proxy=proxy,
+                         model_url=upstream.base_url).start()
+    with pytest.raises(ConfigError):
+        AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxies=0)
+
+
 def test_direct_connection_to_the_model_is_reported_as_bypass(manager, upstream):
     direct, proxied = manager.deploy([agent("direct"), agent("chat 1 @id")])
     assert direct.status == "ok" and direct.calls == 0  # the proxy never saw it
