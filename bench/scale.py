@@ -1,4 +1,4 @@
-"""Benchmark 4: many concurrent agent processes through one proxy: lost or unattributed flows, RSS, store, calls/s.
+"""Benchmark 4: many concurrent agent processes through one proxy (or two): lost or unattributed flows, RSS, store, calls/s.
 
 Each agent is a tagged Python process (``ROLLOUTTAP_AGENT_ID``) making ``scale_calls`` chat calls with
 urllib (a new connection per call, so every call also pays attribution). All agents start together.
@@ -65,10 +65,11 @@ class PeakRss(threading.Thread):
         self.join(5)
 
 
-def start_agents(count: int, calls: int, url: str, proxy_url: str) -> list[subprocess.Popen]:
+def start_agents(count: int, calls: int, url: str, proxy_urls: list[str]) -> list[subprocess.Popen]:
+    """Agent i goes through proxy i mod len(proxy_urls), as AgentManager(proxies=N) hands them out."""
     agents = []
     for i in range(count):
-        env = {**proxy_environ(proxy_url), "ROLLOUTTAP_AGENT_ID": f"scale-{i}"}
+        env = {**proxy_environ(proxy_urls[i % len(proxy_urls)]), "ROLLOUTTAP_AGENT_ID": f"scale-{i}"}
         agents.append(subprocess.Popen([PY, "-c", _AGENT_CODE, url, str(calls), f"scale-{i}"], env=env,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True))
@@ -111,21 +112,28 @@ def settle(path: Path, expected: int, timeout: float) -> dict[str, int]:
             time.sleep(0.1)
 
 
-def one_run(ctx: Context, agents_n: int, rep: int) -> dict[str, Any]:
+def one_run(ctx: Context, agents_n: int, rep: int, proxies_n: int = 1) -> dict[str, Any]:
     fast, _ = ctx.shared.upstreams()
-    workdir = ctx.workdir / f"scale-{agents_n}-{rep}"
+    workdir = ctx.workdir / f"scale-{agents_n}-{proxies_n}-{rep}"
     workdir.mkdir(parents=True)
-    proxy = CaptureProxy(TOKENS_TUNED, workdir, ctx.workdir / "mitmproxy-conf-scale", (fast.hostport,)).start()
+    confdir = ctx.workdir / "mitmproxy-conf-scale"
+    # Same variant, same workdir: every proxy records into the same store, as AgentManager(proxies=N) does.
+    proxies = [CaptureProxy(TOKENS_TUNED, workdir, confdir, (fast.hostport,)) for _ in range(proxies_n)]
+    started_proxies = []
     calls = ctx.plan.scale_calls
     try:
-        rss = PeakRss(proxy.pid)
-        agents = start_agents(agents_n, calls, fast.url + "/v1/chat/completions", proxy.url)
+        for proxy in proxies:
+            started_proxies.append(proxy.start())
+        proxy = proxies[0]
+        rsss = [PeakRss(p.pid) for p in proxies]
+        agents = start_agents(agents_n, calls, fast.url + "/v1/chat/completions", [p.url for p in proxies])
         try:
             for agent in agents:  # every interpreter is up before the clock starts
                 assert agent.stdout is not None
                 if agent.stdout.readline().strip() != "READY":
                     raise RuntimeError("a scale agent did not start")
-            rss.start()
+            for rss in rsss:
+                rss.start()
             started = time.monotonic()
             for agent in agents:
                 agent.stdin.write("go\n")  # type: ignore[union-attr]
@@ -138,17 +146,20 @@ def one_run(ctx: Context, agents_n: int, rep: int) -> dict[str, Any]:
                     agent.kill()
                     agent.wait()
         counts = settle(proxy.store, agents_n * calls, 30)
-        rss.stop()
+        for rss in rsss:
+            rss.stop()
         per_agent, flow_errors = _per_agent_done(proxy.store)
     finally:
-        proxy.stop()
+        for started_proxy in started_proxies:
+            started_proxy.stop()
     expected = agents_n * calls
     short = sum(max(0, calls - per_agent.get(f"scale-{i}", 0)) for i in range(agents_n))
     return {"agents": agents_n, "calls_ok": ok, "agents_failed": failed, "seconds": wall,
             "per_s": ok / wall if wall > 0 else float("nan"), "flows": counts,
             "lost": expected - counts["done"], "short_agents_calls": short,
-            "unattributed": counts["unattributed"], "rss_start_mb": rss.start_rss / 2**20,
-            "rss_peak_mb": rss.peak / 2**20, "store_mb": store_bytes(proxy.store) / 2**20,
+            "unattributed": counts["unattributed"], "proxies": proxies_n,
+            "rss_start_mb": max(r.start_rss for r in rsss) / 2**20,
+            "rss_peak_mb": max(r.peak for r in rsss) / 2**20, "store_mb": store_bytes(proxy.store) / 2**20,
             "client_errors": client_errors, "flow_errors": flow_errors}
 
 
@@ -168,31 +179,35 @@ def _per_agent_done(path: Path) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def run(ctx: Context) -> Section:
-    runs: dict[int, list[dict[str, Any]]] = {}
-    for agents_n in ctx.plan.scale_agents:
-        runs[agents_n] = []
+    runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    sizes = [(n, 1) for n in ctx.plan.scale_agents] + [(max(ctx.plan.scale_agents), 2)]
+    for agents_n, proxies_n in sizes:
+        runs[agents_n, proxies_n] = []
         for rep in range(ctx.plan.repeats):
-            progress(f"scale: {agents_n} agents, run {rep + 1}/{ctx.plan.repeats}")
-            runs[agents_n].append(one_run(ctx, agents_n, rep))
+            progress(f"scale: {agents_n} agents, {proxies_n} proxies, run {rep + 1}/{ctx.plan.repeats}")
+            runs[agents_n, proxies_n].append(one_run(ctx, agents_n, rep, proxies_n))
     rows = []
     bad = False
-    for agents_n, reps in runs.items():
+    for (agents_n, proxies_n), reps in runs.items():
         lost = sum(r["lost"] + r["short_agents_calls"] for r in reps)
         unattributed = sum(r["unattributed"] for r in reps)
         peak = spread([r["rss_peak_mb"] for r in reps])
         bad |= lost > 0 or unattributed > 0 or any(r["agents_failed"] for r in reps)
-        rows.append((agents_n, agents_n * ctx.plan.scale_calls, spread([r["per_s"] for r in reps]).fmt(0),
+        rows.append((agents_n, proxies_n, agents_n * ctx.plan.scale_calls, spread([r["per_s"] for r in reps]).fmt(0),
                      lost, unattributed, sum(r["agents_failed"] for r in reps),
                      fmt(spread([r["rss_start_mb"] for r in reps]).median, 0), peak.fmt(0),
                      "yes" if peak.median <= GOAL_RSS_MB else "**no**",
                      spread([r["store_mb"] for r in reps]).fmt(1)))
-    problems = [f"- {agents_n} agents: {where} error ×{n}: `{text}`" for agents_n, reps in runs.items()
+    problems = [f"- {agents_n} agents, {proxies_n} proxies: {where} error ×{n}: `{text}`"
+                for (agents_n, proxies_n), reps in runs.items()
                 for r in reps for where in ("client", "flow") for text, n in r[f"{where}_errors"].items()]
-    body = (f"Agents are tagged processes calling the upstream through one mitmdump + rollouttap (token ids and "
+    body = (f"Agents are tagged processes calling the upstream through mitmdump + rollouttap (token ids and "
             f"tuning on) with urllib: {ctx.plan.scale_calls} calls each, a new connection per call, all released "
-            f"at once; {ctx.plan.repeats} runs. lost = calls without a `done` flow of their agent "
-            "(must be 0); unattributed must be 0.\n\n"
-            + table(["agents", "calls", "calls/s", "lost", "unattributed", "agents failed", "proxy RSS idle MB",
+            f"at once; {ctx.plan.repeats} runs. With 2 proxies, agent i goes through proxy i mod 2, both "
+            "recording into one store (as `AgentManager(proxies=2)`); RSS columns are the larger proxy's. "
+            "lost = calls without a `done` flow of their agent (must be 0); unattributed must be 0.\n\n"
+            + table(["agents", "proxies", "calls", "calls/s", "lost", "unattributed", "agents failed", "proxy RSS idle MB",
                      "proxy RSS peak MB", f"peak ≤ {GOAL_RSS_MB} MB", "store MB"], rows)
             + ("\n\nErrors:\n\n" + "\n".join(problems[:20]) if problems else ""))
-    return Section("scale", TITLE, body, {"runs": {str(k): v for k, v in runs.items()}}, "error" if bad else "ok")
+    return Section("scale", TITLE, body, {"runs": {f"{a}x{p}": v for (a, p), v in runs.items()}},
+                   "error" if bad else "ok")
