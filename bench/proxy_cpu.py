@@ -61,7 +61,7 @@ def run(ctx: Context) -> Section:
             base = base if base in variants else (BARE if v is not BARE else None)
             share = ratio(cpu.median, spread(runs[f"{base.name}|{keepalive}"]).median) if base else float("nan")
             rows.append(("keep-alive" if keepalive else "new conn", v.name, cpu.fmt(3),
-                         f"{fmt(share)} × {base.name}" if base else "", fmt(1000 / cpu.median, 0)))
+                         f"{fmt(share)} × {base.name}" if base else "", fmt(ratio(1000, cpu.median), 0)))
     body = (f"CPU (user + system) of the proxy process per non-streamed request, from its own counters, while one "
             f"curl sends {ctx.plan.requests * 2} keep-alive requests (or {ctx.plan.requests} on new connections); "
             f"{ctx.plan.repeats} runs. The last column is the ceiling this puts on one proxy's throughput.\n\n"
