@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 
 from context import WORKER, Context, progress
-from procs import BARE, CAPTURE, CAPTURE_TUNED, DIRECT, IDS_ONLY_TUNED, PY, TOKENS_TUNED
+from procs import BARE, CAPTURE, CAPTURE_TUNED, DIRECT, IDS_ONLY_TUNED, PY, TOKENS_TUNED, cpu_seconds
 from report import Section, table
 from stats import fmt, ratio, spread
 
@@ -24,15 +24,6 @@ VARIANTS = (DIRECT, BARE, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED, IDS_ONLY_TUNED)
 GOAL = 0.8
 PARTIES = ("clients", "upstream", "proxy")
 CORES = psutil.cpu_count() or 1
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (0.0 once it is gone)."""
-    try:
-        times = psutil.Process(pid).cpu_times()
-    except psutil.NoSuchProcess:
-        return 0.0
-    return times.user + times.system
 
 
 def burst(ctx: Context, proxy: str | None, proxy_pid: int | None = None) -> dict[str, Any]:
@@ -54,13 +45,13 @@ def burst(ctx: Context, proxy: str | None, proxy_pid: int | None = None) -> dict
             if line.strip() != "READY":
                 raise RuntimeError(f"concurrency worker did not get ready: {line!r}")
         servers = {"upstream": [fast.pid], "proxy": [proxy_pid] if proxy_pid else []}
-        before = {k: sum(cpu_s(pid) for pid in pids) for k, pids in servers.items()}
+        before = {k: sum(cpu_seconds(pid) for pid in pids) for k, pids in servers.items()}
         for proc in procs:
             proc.stdin.write("GO\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
         answers = [json.loads(proc.communicate(timeout=plan.concurrency_seconds + 60)[0].strip().splitlines()[-1])
                    for proc in procs]
-        cpu = {k: sum(cpu_s(pid) for pid in pids) - before[k] for k, pids in servers.items()}
+        cpu = {k: sum(cpu_seconds(pid) for pid in pids) - before[k] for k, pids in servers.items()}
         cpu["clients"] = sum(a["cpu_s"] for a in answers)  # each worker's own process time, GO to end
     finally:
         for proc in procs:

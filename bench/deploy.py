@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from context import Context, progress
-from procs import PY, Variant, capture_config, proxy_environ
+from procs import PY, Variant, capture_config, cpu_seconds, proxy_environ
 from report import Section, table
 from stats import fmt, ratio, spread
 
@@ -64,8 +62,8 @@ def run_direct(script: Path, n: int, calls: int, base_url: str, timeout: float) 
 
 
 def run_deploy(manager: Any, n: int, calls: int, timeout: float) -> dict[str, Any]:
-    proxy = psutil.Process(manager.link.process.proc.pid)
-    cpu, proxy_cpu = os.times(), sum(proxy.cpu_times()[:2])
+    proxy_pid = manager.link.process.proc.pid
+    cpu, proxy_cpu = os.times(), cpu_seconds(proxy_pid)
     wall = time.time()
     started = time.monotonic()
     results = manager.deploy(prompts(n), timeout=timeout)
@@ -74,7 +72,7 @@ def run_deploy(manager: Any, n: int, calls: int, timeout: float) -> dict[str, An
     now = os.times()
     return {"seconds": seconds, "failed": failed, "calls": sum(r.calls for r in results),
             "cpu_agents": _cpu(now, cpu, children=True), "cpu_manager": _cpu(now, cpu, children=False),
-            "cpu_proxy": sum(proxy.cpu_times()[:2]) - proxy_cpu, **phases(manager, results, wall, seconds),
+            "cpu_proxy": cpu_seconds(proxy_pid) - proxy_cpu, **phases(manager, results, wall, seconds),
             "errors": [f"{r.status}: {r.error or r.stderr_tail[-300:]}" for r in results if r.status != "ok"][:3]}
 
 

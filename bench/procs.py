@@ -17,6 +17,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, addon_script, free_port
 
 PY = sys.executable
@@ -57,6 +59,12 @@ TOKENS_TUNED = Variant("capture + token ids + tuning", "capture", tuning=True, t
 IDS_ONLY_TUNED = Variant("capture + token ids, no logprobs + tuning", "capture", tuning=True, token_ids=True,
                          logprobs=False)
 LATENCY_VARIANTS = (DIRECT, BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, from its own counters."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -8,21 +8,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import psutil
-
 from context import Context, progress, run_job
-from procs import BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, IDS_ONLY_TUNED, TOKENS_TUNED
+from procs import BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, IDS_ONLY_TUNED, TOKENS_TUNED, cpu_seconds
 from report import Section, table
 from stats import fmt, ratio, spread
 
 TITLE = "1c. Proxy CPU per request"
 VARIANTS = (BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED, IDS_ONLY_TUNED)
 GOAL_RATIO = 1.2
-
-
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 def one(ctx: Context, url: str, pid: int, keepalive: bool) -> float:
