@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from rollouttap.addon.procfs import read_file  # pure /proc reading, no mitmproxy
 from rollouttap.errors import ConfigError
 
 AGENT_ENV = "ROLLOUTTAP_AGENT_ID"
@@ -58,20 +59,10 @@ def process_table(proc: str = "/proc") -> dict[int, ProcRow]:
         if not name.isdigit():
             continue
         try:
-            table[int(name)] = parse_stat(int(name), _read_small(f"{proc}/{name}/stat"))
-        except (OSError, ValueError, IndexError):
+            table[int(name)] = parse_stat(int(name), read_file(f"{proc}/{name}/stat") or b"")
+        except (ValueError, IndexError):
             continue  # exited meanwhile
     return table
-
-
-def _read_small(path: str) -> bytes:
-    # Raw os calls: a scan reads every process's stat file, and open()'s buffered file objects cost a
-    # third of the scan.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 4096)
-    finally:
-        os.close(fd)
 
 
 def descendants(roots: Iterable[int], table: Mapping[int, ProcRow]) -> set[int]:
@@ -264,15 +255,15 @@ def _signal(pid: int, start: int, sig: int) -> bool:
 
 def _start_of(pid: int) -> int | None:
     try:
-        return parse_stat(pid, _read_small(f"/proc/{pid}/stat")).start
-    except (OSError, ValueError, IndexError):
+        return parse_stat(pid, read_file(f"/proc/{pid}/stat") or b"").start
+    except (ValueError, IndexError):
         return None
 
 
 def _alive(pid: int, start: int) -> bool:
     try:
-        row = parse_stat(pid, _read_small(f"/proc/{pid}/stat"))
-    except (OSError, ValueError, IndexError):
+        row = parse_stat(pid, read_file(f"/proc/{pid}/stat") or b"")
+    except (ValueError, IndexError):
         return False
     return row.start == start and row.alive
 
