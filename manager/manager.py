@@ -106,9 +106,9 @@ class AgentManager:
             return self
         self.store = Store(self.store_path)
         try:
-            self.links = ProxyLink.open_many(self._proxy_arg, self.proxies, store=self.store,
-                                             store_path=self.store_path, model_url=self.model_url,
-                                             base_url_mode=self.base_url_mode, confdir=self._confdir)
+            self.links = ProxyLink.open(self._proxy_arg, self.proxies, store=self.store,
+                                        store_path=self.store_path, model_url=self.model_url,
+                                        base_url_mode=self.base_url_mode, confdir=self._confdir)
             self.link = self.links[0]
         except BaseException:
             self.store.close()

@@ -30,28 +30,17 @@ class ProxyLink:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, arg: str | ProxyConfig | None, *, store: Store, store_path: Path, model_url: str | None,
-             base_url_mode: bool, confdir: Path | None) -> ProxyLink:
-        """Start a proxy from a config (the default one when None), or attach to a running one by URL."""
+    def open(cls, arg: str | ProxyConfig | None, count: int = 1, *, store: Store, store_path: Path,
+             model_url: str | None, base_url_mode: bool, confdir: Path | None) -> list[ProxyLink]:
+        """``count`` proxies from a config (the default one when None), each its own process and port, all
+        recording into the store; or the running proxy at a URL."""
         if isinstance(arg, str):
-            return cls._attach(arg, store, base_url_mode)
+            if count > 1:
+                raise ConfigError("proxies > 1 starts its own proxies: it cannot attach to one by URL")
+            return [cls._attach(arg, store, base_url_mode)]
         config = own_proxy_config(arg, store_path=store_path, model_url=model_url,
                                   base_url_mode=base_url_mode, confdir=confdir)
-        process = ProxyProcess(config).start()
-        return cls(process.url, process.ca_cert, process.reverse_url if base_url_mode else None, process)
-
-    @classmethod
-    def open_many(cls, arg: str | ProxyConfig | None, count: int, *, store: Store, store_path: Path,
-                  model_url: str | None, base_url_mode: bool, confdir: Path | None) -> list[ProxyLink]:
-        """``count`` proxies from one config, each on its own port and event loop, sharing the store."""
-        if count == 1:
-            return [cls.open(arg, store=store, store_path=store_path, model_url=model_url,
-                             base_url_mode=base_url_mode, confdir=confdir)]
-        if isinstance(arg, str):
-            raise ConfigError("proxies > 1 starts its own proxies: it cannot attach to one by URL")
-        config = own_proxy_config(arg, store_path=store_path, model_url=model_url,
-                                  base_url_mode=base_url_mode, confdir=confdir)
-        if config.port or config.reverse_port:
+        if count > 1 and (config.port or config.reverse_port):
             raise ConfigError("proxies > 1 needs port 0 (and reverse_port 0): each proxy picks a free port")
         links: list[ProxyLink] = []
         errors: list[BaseException] = []
