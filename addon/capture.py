@@ -295,18 +295,18 @@ class RolloutTap:
         headers = flow.request.headers
         claimed = headers.pop(AGENT_HEADER, None)
         creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
-        needs_pid = creds is None and flow.client_conn.id not in self._conn_creds and (
-            ctx.options.rollouttap_pid_lookup == "eager" or split_agent_path(flow.request.path) is None)
+        tunnel = self._conn_creds.get(flow.client_conn.id)  # credentials given on the CONNECT
+        in_path = split_agent_path(flow.request.path) if creds is None and tunnel is None else None
+        needs_pid = creds is None and tunnel is None and (
+            ctx.options.rollouttap_pid_lookup == "eager" or in_path is None)
         if needs_pid:
             self._start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
         pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid)
         pid = pid_result.pid if pid_result else None
         if creds is not None:
             return await self._verified(creds[0], creds[1], "credentials", pid)
-        if flow.client_conn.id in self._conn_creds:  # credentials given on the CONNECT
-            tunnel = self._conn_creds[flow.client_conn.id]
+        if tunnel is not None:
             return Attribution(tunnel.agent_id, tunnel.method, pid, tunnel.detail)
-        in_path = split_agent_path(flow.request.path)
         if in_path is not None:
             agent_id, token, rest = in_path
             flow.request.path = rest

@@ -49,10 +49,6 @@ def set_backlog(sock: Any, backlog: int) -> None:
 class ListenBacklog:
     """mitmproxy addon: raise the listening sockets' backlog (``rollouttap_listen_backlog``)."""
 
-    def __init__(self) -> None:
-        self.tuned = 0  # listening sockets re-listened, over the addon's life
-        self._connected = False
-
     def load(self, loader: Any) -> None:
         loader.add_option("rollouttap_listen_backlog", int, DEFAULT_BACKLOG,
                           "Accept queue length of the proxy's listening sockets (mitmproxy's default is "
@@ -60,9 +56,7 @@ class ListenBacklog:
 
     def running(self) -> None:
         servers = ctx.master.addons.get("proxyserver").servers
-        if not self._connected:
-            servers.changed.connect(self._servers_changed)
-            self._connected = True
+        servers.changed.connect(self._servers_changed)  # running() fires once per addon
         self._apply(servers)  # servers may already be up when running() fires
 
     def _servers_changed(self) -> None:
@@ -80,7 +74,6 @@ class ListenBacklog:
             except OSError as exc:  # an optimisation: the listener works with the old queue
                 log.warning("rollouttap: could not raise the listen backlog of %s (%r)", sock, exc)
         if done:
-            self.tuned += done
             log.info("rollouttap: listen backlog %d on %d socket(s)", backlog, done)
 
 
