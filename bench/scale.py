@@ -119,12 +119,11 @@ def one_run(ctx: Context, agents_n: int, rep: int, proxies_n: int = 1) -> dict[s
     confdir = ctx.workdir / "mitmproxy-conf-scale"
     # Same variant, same workdir: every proxy records into the same store, as AgentManager(proxies=N) does.
     proxies = [CaptureProxy(TOKENS_TUNED, workdir, confdir, (fast.hostport,)) for _ in range(proxies_n)]
-    started_proxies = []
+    store = proxies[0].store
     calls = ctx.plan.scale_calls
     try:
         for proxy in proxies:
-            started_proxies.append(proxy.start())
-        proxy = proxies[0]
+            proxy.start()
         rsss = [PeakRss(p.pid) for p in proxies]
         agents = start_agents(agents_n, calls, fast.url + "/v1/chat/completions", [p.url for p in proxies])
         try:
@@ -145,13 +144,13 @@ def one_run(ctx: Context, agents_n: int, rep: int, proxies_n: int = 1) -> dict[s
                 if agent.poll() is None:
                     agent.kill()
                     agent.wait()
-        counts = settle(proxy.store, agents_n * calls, 30)
+        counts = settle(store, agents_n * calls, 30)
         for rss in rsss:
             rss.stop()
-        per_agent, flow_errors = _per_agent_done(proxy.store)
+        per_agent, flow_errors = _per_agent_done(store)
     finally:
-        for started_proxy in started_proxies:
-            started_proxy.stop()
+        for proxy in proxies:  # a proxy that never started stops as a no-op
+            proxy.stop()
     expected = agents_n * calls
     short = sum(max(0, calls - per_agent.get(f"scale-{i}", 0)) for i in range(agents_n))
     return {"agents": agents_n, "calls_ok": ok, "agents_failed": failed, "seconds": wall,
@@ -159,7 +158,7 @@ def one_run(ctx: Context, agents_n: int, rep: int, proxies_n: int = 1) -> dict[s
             "lost": expected - counts["done"], "short_agents_calls": short,
             "unattributed": counts["unattributed"], "proxies": proxies_n,
             "rss_start_mb": max(r.start_rss for r in rsss) / 2**20,
-            "rss_peak_mb": max(r.peak for r in rsss) / 2**20, "store_mb": store_bytes(proxy.store) / 2**20,
+            "rss_peak_mb": max(r.peak for r in rsss) / 2**20, "store_mb": store_bytes(store) / 2**20,
             "client_errors": client_errors, "flow_errors": flow_errors}
 
 
