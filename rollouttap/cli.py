@@ -55,6 +55,9 @@ def proxy(
         help="Also listen as a reverse proxy in front of this model URL (base-URL mode).")] = None,
     confdir: Annotated[Optional[Path], typer.Option(help="mitmproxy config dir (its CA).")] = None,
     allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback listen address.")] = False,
+    launcher: Annotated[str, typer.Option(
+        help="fastdump: mitmdump with rollouttap's faster hook dispatch, under python -O; "
+             "mitmdump: mitmproxy's own entry point.")] = "fastdump",
 ) -> None:
     """Run the capture proxy until Ctrl-C; print the environment agents need.
 
@@ -67,7 +70,7 @@ def proxy(
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),
                          token_ids=token_ids, logprobs=logprobs, reverse_target=reverse, confdir=confdir,
-                         allow_remote=allow_remote)
+                         allow_remote=allow_remote, launcher=launcher)
     proc = ProxyProcess(config).start()
     typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
     if proc.reverse_url:

@@ -96,6 +96,21 @@ def test_credentials_attribute_and_never_reach_upstream(proxy, upstream):
     assert all("sk-live-secret" not in str(tuple(r)) for r in raw)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_mitmproxys_own_launcher_captures_the_same(tmp_path, confdir, upstream, stream):
+    # Every other test here runs the default launcher (addon/fastdump.py); this one runs plain mitmdump.
+    host = upstream.url.split("://", 1)[1]
+    with start_proxy(tmp_path / "runs.db", confdir, model_hosts=(host,), launcher="mitmdump") as proxy:
+        assert "rollouttap.addon.fastdump" not in proxy.proc.args
+        agent_id = "tag-" + uuid.uuid4().hex[:10]
+        run_client("openai", upstream.base_url, agent_env(proxy, tag=agent_id), "--marker", agent_id,
+                   *(["--stream"] if stream else []))
+        [flow] = _chat_flows(proxy.config.store, agent_id)
+    assert flow.attribution == "pid" and flow.state == "done" and flow.streamed is stream
+    assert flow.meta["injected"]["return_token_ids"] is True  # token ids asked for, recorded
+    assert "prompt_token_ids" in flow.response_text()
+
+
 def test_fallback_pid_lookup_only_for_requests_without_credentials(tmp_path, confdir, upstream):
     host = upstream.url.split("://", 1)[1]
     with start_proxy(tmp_path / "runs.db", confdir, model_hosts=(host,), pid_lookup="fallback") as proxy:

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import run_client
+from rollouttap.errors import ConfigError
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
 from rollouttap.store import Store
 
@@ -26,10 +29,11 @@ def _read_exports(proc: subprocess.Popen) -> dict[str, str]:
     return env
 
 
-def test_proxy_command_prints_env_records_and_stops_on_ctrl_c(tmp_path, confdir, upstream):
+@pytest.mark.parametrize("launcher", ["fastdump", "mitmdump"])
+def test_proxy_command_prints_env_records_and_stops_on_ctrl_c(tmp_path, confdir, upstream, launcher):
     store = tmp_path / "runs.db"
     proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(store), "--confdir", str(confdir),
-                             "--model-host", upstream.url.split("://")[1]],
+                             "--model-host", upstream.url.split("://")[1], "--launcher", launcher],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         exports = _read_exports(proc)
@@ -55,6 +59,13 @@ def test_proxy_command_rejects_bad_listen(tmp_path):
     assert "--listen 'nope' is not HOST:PORT" in out.stderr and "next:" in out.stderr
 
 
+def test_proxy_command_rejects_an_unknown_launcher(tmp_path):
+    out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--launcher", "nope"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "unknown launcher 'nope'" in out.stderr
+
+
 def _sets(argv: list[str]) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
 
@@ -69,6 +80,18 @@ def test_proxy_config_sets_each_scalar_option_once_extra_winning(tmp_path):
     assert len(scalars) == len(set(scalars))
     assert "rollouttap_pid_lookup=fallback" in sets and "rollouttap_token_ids=false" in sets
     assert names.count("rollouttap_model_hosts") == 2  # list options: one --set per item
+
+
+@pytest.mark.parametrize("launcher, expected", [("fastdump", ["-O", "-m", "rollouttap.addon.fastdump"]),
+                                                 ("mitmdump", ["-c"])])
+def test_proxy_config_launcher_picks_how_mitmdump_starts(tmp_path, launcher, expected):
+    argv = ProxyConfig(store=tmp_path / "s.db", launcher=launcher).argv("p1")
+    assert argv[1:1 + len(expected)] == expected
+
+
+def test_proxy_config_refuses_an_unknown_launcher(tmp_path):
+    with pytest.raises(ConfigError, match="unknown launcher 'mitmweb'"):
+        ProxyConfig(store=tmp_path / "s.db", launcher="mitmweb")
 
 
 def test_proxy_starts_with_an_extra_option_overriding_a_field(tmp_path):

@@ -1,0 +1,225 @@
+"""The indexed hook dispatch: the same calls, in the same order, as mitmproxy's own walk.
+
+The parity test runs both dispatches over mitmdump's real addon set (DumpMaster's ~35 addons) plus
+addons that raise, halt, await and nest; the process test runs ``python -m rollouttap.addon.fastdump``
+and changes a script under it, which mitmproxy reloads through the paths that must forget the plans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import pytest
+import requests
+from mitmproxy import exceptions, hooks
+from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+
+with warnings.catch_warnings():
+    # mitmproxy 12.2's flowfilter (imported by its addons) calls names pyparsing 3.3 deprecates.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from mitmproxy.test import tflow
+    from mitmproxy.tools.dump import DumpMaster
+
+    from rollouttap.addon.fastdump import IndexedAddonManager, IndexedDumpMaster, hook_plan
+
+
+class Hooked:
+    def __init__(self, name: str, calls: list[str], *, raises: type[Exception] | None = None,
+                 children: list[object] | None = None) -> None:
+        self.name, self.calls, self.raises = name, calls, raises
+        if children is not None:
+            self.addons = children
+
+    def request(self, flow: object) -> None:
+        self.calls.append(f"{self.name}.request")
+        if self.raises is not None:
+            raise self.raises("boom from " + self.name)
+
+    def response(self, flow: object) -> None:
+        self.calls.append(f"{self.name}.response")
+
+
+class AsyncHooked:
+    def __init__(self, name: str, calls: list[str]) -> None:
+        self.name, self.calls = name, calls
+
+    async def request(self, flow: object) -> None:
+        await asyncio.sleep(0)
+        self.calls.append(f"{self.name}.request")
+
+
+class Halts:
+    name = "halts"
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def response(self, flow: object) -> None:
+        self.calls.append("halts.response")
+        raise exceptions.AddonHalt()
+
+
+class ModuleNamedLikeAHook:
+    name = "modattr"
+    request = json  # mitmproxy skips a module under a hook's name
+
+
+class NoHooks:
+    name = "nohooks"
+
+
+def _addons(calls: list[str]) -> list[object]:
+    return [
+        NoHooks(), ModuleNamedLikeAHook(),
+        Hooked("first", calls),
+        Hooked("raises", calls, raises=ValueError),
+        Hooked("parent", calls, children=[Hooked("child", calls), AsyncHooked("async-child", calls)]),
+        Halts(calls),
+        Hooked("after-halt", calls),
+    ]
+
+
+def test_hook_plan_keeps_order_children_and_skips_addons_without_the_hook():
+    calls: list[str] = []
+    chain = _addons(calls)
+    request = hook_plan(chain, "request")
+    assert [top.name for top, _ in request] == ["first", "raises", "parent", "after-halt"]
+    assert [len(funcs) for _, funcs in request] == [1, 1, 3, 1]
+    assert [top.name for top, _ in hook_plan(chain, "response")] == ["first", "raises", "parent", "halts",
+                                                                       "after-halt"]
+    assert hook_plan(chain, "websocket_message") == []
+
+
+def test_hook_plan_marks_a_non_callable_hook_for_mitmproxys_own_path():
+    class Broken:
+        request = 42
+    broken = Broken()
+    assert hook_plan([broken], "request") == [(broken, None)]
+
+
+async def _dispatch(master_cls: type[DumpMaster], caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
+    calls: list[str] = []
+    master = master_cls(None, with_termlog=False, with_dumper=False)
+    master.addons.add(*_addons(calls))
+    flow = tflow.tflow(resp=True)
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.ERROR, logger="mitmproxy.addonmanager"):
+            for hook in (HttpRequestHook(flow), HttpResponseHook(flow), hooks.UpdateHook([flow])):
+                await master.addons.trigger_event(hook)
+    finally:
+        await master.done()  # takes the master's log handler off the root logger
+    return calls, [r.getMessage() for r in caplog.records]
+
+
+def test_indexed_dispatch_calls_what_mitmproxys_walk_calls(caplog):
+    plain = asyncio.run(_dispatch(DumpMaster, caplog))
+    indexed = asyncio.run(_dispatch(IndexedDumpMaster, caplog))
+    assert indexed == plain
+    calls, errors = indexed
+    # The raising addon is logged and the rest go on; the halt stops the response hook where it is.
+    assert calls == ["first.request", "raises.request", "parent.request", "child.request",
+                     "async-child.request", "after-halt.request", "first.response", "raises.response", "parent.response",
+                     "child.response", "halts.response"]
+    assert errors == ["Addon error: boom from raises"]
+
+
+def test_indexed_master_uses_the_indexed_manager():
+    async def build() -> object:
+        master = IndexedDumpMaster(None, with_termlog=False, with_dumper=False)
+        await master.done()
+        return master.addons
+    assert isinstance(asyncio.run(build()), IndexedAddonManager)
+
+
+def test_adding_and_removing_an_addon_changes_who_is_called():
+    async def run() -> list[str]:
+        calls: list[str] = []
+        master = IndexedDumpMaster(None, with_termlog=False, with_dumper=False)
+        flow = tflow.tflow()
+        late = Hooked("late", calls)
+        await master.addons.trigger_event(HttpRequestHook(flow))  # plans built without "late"
+        master.addons.add(late)
+        await master.addons.trigger_event(HttpRequestHook(flow))
+        master.addons.remove(late)
+        await master.addons.trigger_event(HttpRequestHook(flow))
+        await master.done()
+        return calls
+    assert asyncio.run(run()) == ["late.request"]
+
+
+# -- a real proxy process ------------------------------------------------------------------------------
+SCRIPT = """
+from mitmproxy import http
+
+class Answer:
+    def request(self, flow):
+        flow.response = http.Response.make(200, b"{word}")
+
+addons = [Answer()]
+"""
+
+
+def _lines(proc: subprocess.Popen) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _port(lines: queue.Queue, timeout: float) -> int:
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if match := re.search(r"proxy listening at 127\.0\.0\.1:(\d+)", line):
+            return int(match.group(1))
+    raise AssertionError("fastdump did not listen:\n" + "".join(seen)[-3000:])
+
+
+def test_fastdump_runs_a_script_and_follows_its_reload(tmp_path):
+    script = tmp_path / "answer.py"
+    script.write_text(SCRIPT.format(word="one"))
+    proc = subprocess.Popen(
+        [sys.executable, "-O", "-m", "rollouttap.addon.fastdump", "--listen-host", "127.0.0.1",
+         "--listen-port", "0", "-s", str(script), "--set", f"confdir={tmp_path}",
+         "--set", "termlog_verbosity=info", "--set", "flow_detail=0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proxies = {"http": f"http://127.0.0.1:{_port(_lines(proc), 60)}"}
+
+        def answer() -> str:
+            return requests.get("http://example.invalid/", proxies=proxies, timeout=10).text
+        deadline = time.monotonic() + 30
+        while (text := answer()) != "one" and time.monotonic() < deadline:
+            time.sleep(0.05)  # the script loads on the event loop just after start-up
+        assert text == "one"
+        first_mtime = script.stat().st_mtime
+        script.write_text(SCRIPT.format(word="two"))
+        os.utime(script, (first_mtime + 2, first_mtime + 2))  # newer even on a coarse-clock file system
+        deadline = time.monotonic() + 30
+        while (text := answer()) == "one" and time.monotonic() < deadline:
+            time.sleep(0.05)  # mitmproxy polls the script's mtime once a second
+        assert text == "two"
+    finally:
+        proc.kill()
+        proc.wait()
