@@ -15,12 +15,12 @@ from typing import Any
 import psutil
 
 from context import WORKER, Context, progress
-from procs import BARE, CAPTURE, CAPTURE_TUNED, DIRECT, IDS_ONLY_TUNED, PY, TOKENS_TUNED, cpu_seconds
+from procs import BARE, BARE_FAST_TUNED, CAPTURE_TUNED, DIRECT, IDS_ONLY_TUNED, PY, TOKENS_TUNED, cpu_seconds
 from report import Section, table
 from stats import fmt, ratio, spread
 
 TITLE = "1b. Concurrency: async openai SDK clients"
-VARIANTS = (DIRECT, BARE, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED, IDS_ONLY_TUNED)
+VARIANTS = (DIRECT, BARE, BARE_FAST_TUNED, CAPTURE_TUNED, TOKENS_TUNED, IDS_ONLY_TUNED)
 GOAL = 0.8
 PARTIES = ("clients", "upstream", "proxy")
 CORES = psutil.cpu_count() or 1

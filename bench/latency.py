@@ -6,9 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from context import Context, progress, run_job
-from procs import (
-    BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, DIRECT, LATENCY_VARIANTS, TOKENS_TUNED, Variant,
-)
+from procs import BARE, CAPTURE_TUNED, DIRECT, LATENCY_VARIANTS, TOKENS_TUNED, Variant, base_of
 from report import Section, table
 from stats import fmt, ratio, spread, summarize
 
@@ -76,17 +74,17 @@ def headline(runs: dict[str, list[dict[str, Any]]], variants: tuple[Variant, ...
     client, keepalive, stream = HEADLINE_CLIENT
     key = lambda v: cell_key(client, keepalive, stream, v)  # noqa: E731
     direct = figure(runs, key(DIRECT)).median
-    bases = {CAPTURE.name: BARE, CAPTURE_TUNED.name: BARE_TUNED, TOKENS_TUNED.name: BARE_TUNED}
+    stock = figure(runs, key(BARE)).median if BARE in variants else float("nan")
     rows = []
     for v in variants:
         p50 = figure(runs, key(v))
-        base = bases.get(v.name)
-        if base is not None and base not in variants:
-            base = BARE if BARE in variants and v is not BARE else None
-        vs_bare = ratio(p50.median, figure(runs, key(base)).median) if base else float("nan")
+        base = base_of(v, variants)
+        vs_base = ratio(p50.median, figure(runs, key(base)).median) if base else float("nan")
         rows.append((v.name, p50.fmt(), figure(runs, key(v), "p99").fmt(), figure(runs, key(v), "per_s").fmt(0),
-                     fmt(p50.median - direct, 2), f"{fmt(vs_bare)} × {base.name}" if base else ""))
-    return table(["variant", "p50 ms", "p99 ms", "req/s", "p50 over direct", "p50 ratio (goal ≤ 1.2)"], rows)
+                     fmt(p50.median - direct, 2), f"{fmt(vs_base)} × {base.name}" if base else "",
+                     fmt(ratio(p50.median, stock)) if v.proxy else ""))
+    return table(["variant", "p50 ms", "p99 ms", "req/s", "p50 over direct",
+                  "p50 ratio to the same launcher's bare (goal ≤ 1.2)", "p50 ratio to bare mitmdump"], rows)
 
 
 def cure_table(runs: dict[str, list[dict[str, Any]]], variants: tuple[Variant, ...]) -> str:
@@ -129,8 +127,11 @@ def run(ctx: Context) -> Section:
     body = [
         f"{ctx.plan.requests} timed requests per cell after {ctx.plan.warmup} untimed, {ctx.plan.repeats} runs; "
         "POST /v1/chat/completions with a ~200-character user message, upstream answers at once. "
-        "`bare mitmdump` = mitmdump with no addon; `capture` = mitmdump + rollouttap with "
-        "`rollouttap_token_ids=false`; `token ids` = capture + token-id injection and stripping; "
+        "`bare mitmdump` = mitmproxy's own mitmdump with no addon; `fastdump` = the same mitmdump started "
+        "the way rollouttap starts it (`python -O -m rollouttap.addon.fastdump`: hooks go only to the addons "
+        "that have them, no per-message type checks); `capture` = rollouttap's proxy (fastdump + the addon) "
+        "with `rollouttap_token_ids=false`; `stock mitmdump` = the addon under mitmproxy's own mitmdump "
+        "(`mitmdump -s addon/entry.py`); `token ids` = capture + token-id injection and stripping; "
         "`tuning` = addon/tcp_tuning.py (TCP_QUICKACK re-armed after every read). "
         "curl rows are timed by curl itself (`%{time_total}`), the rest in the client process.",
         "",

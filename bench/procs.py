@@ -14,15 +14,14 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, addon_script, free_port
+from rollouttap.manager.proxy import LAUNCHERS, ProxyConfig, ProxyProcess, free_port
 
 PY = sys.executable
-MITMDUMP = [PY, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
 QUICKACK_OPTION = "rollouttap_tcp_quickack"
 
 
@@ -31,11 +30,6 @@ def tuning_script() -> Path:
     spec = importlib.util.find_spec("rollouttap.addon.tcp_tuning")
     assert spec is not None and spec.origin is not None
     return Path(spec.origin)
-
-
-def entry_has_tuning() -> bool:
-    """Whether addon/entry.py already loads TcpTuning (then it is switched off by option, not added)."""
-    return "TcpTuning" in addon_script().read_text()
 
 
 @dataclass(frozen=True)
@@ -47,18 +41,30 @@ class Variant:
     token_ids: bool = False
     stream_bodies: bool = False  # bare only: stream_large_bodies=1 (else mitmdump buffers SSE)
     logprobs: bool = True  # with token_ids: also ask for sampling logprobs
+    launcher: str = "fastdump"  # a key of manager.proxy.LAUNCHERS: how mitmdump starts
 
 
 DIRECT = Variant("direct", None)
-BARE = Variant("bare mitmdump", "bare")
-BARE_STREAM = Variant("bare mitmdump, streaming on", "bare", stream_bodies=True)
-BARE_TUNED = Variant("bare + tuning", "bare", tuning=True)
-CAPTURE = Variant("capture", "capture")
+BARE = Variant("bare mitmdump", "bare", launcher="mitmdump")
+BARE_STREAM = Variant("bare mitmdump, streaming on", "bare", stream_bodies=True, launcher="mitmdump")
+BARE_TUNED = Variant("bare + tuning", "bare", tuning=True, launcher="mitmdump")
+BARE_FAST_TUNED = Variant("bare fastdump + tuning", "bare", tuning=True)
+CAPTURE_STOCK_TUNED = Variant("capture + tuning, stock mitmdump", "capture", tuning=True, launcher="mitmdump")
 CAPTURE_TUNED = Variant("capture + tuning", "capture", tuning=True)
 TOKENS_TUNED = Variant("capture + token ids + tuning", "capture", tuning=True, token_ids=True)
 IDS_ONLY_TUNED = Variant("capture + token ids, no logprobs + tuning", "capture", tuning=True, token_ids=True,
                          logprobs=False)
-LATENCY_VARIANTS = (DIRECT, BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
+LATENCY_VARIANTS = (DIRECT, BARE, BARE_TUNED, BARE_FAST_TUNED, CAPTURE_STOCK_TUNED, CAPTURE_TUNED, TOKENS_TUNED)
+# Each proxy variant against the bare proxy started the same way: what the addon itself costs.
+BASES = {BARE_FAST_TUNED.name: BARE_TUNED, CAPTURE_STOCK_TUNED.name: BARE_TUNED,
+         CAPTURE_TUNED.name: BARE_FAST_TUNED, TOKENS_TUNED.name: BARE_FAST_TUNED,
+         IDS_ONLY_TUNED.name: BARE_FAST_TUNED}
+
+
+def base_of(variant: Variant, measured: tuple[Variant, ...]) -> Variant | None:
+    """The bare variant ``variant`` is compared with, if it was measured too."""
+    base = BASES.get(variant.name)
+    return base if base in measured else None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -141,7 +147,7 @@ class BareProxy:
     def __init__(self, variant: Variant, confdir: Path) -> None:
         self.variant = variant
         self.port = free_port()
-        args = [*MITMDUMP, "-q", "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+        args = [PY, *LAUNCHERS[variant.launcher], "-q", "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
                 "--set", f"confdir={confdir}"]
         if variant.tuning:
             args += ["-s", str(tuning_script())]
@@ -170,29 +176,12 @@ class BareProxy:
             stop_process(self.proc)
 
 
-@dataclass
-class BenchProxyConfig(ProxyConfig):
-    """ProxyConfig plus extra ``-s`` scripts (the TCP tuning, until entry.py loads it itself)."""
-
-    scripts: tuple[str, ...] = field(default=())
-
-    def argv(self, proxy_id: str) -> list[str]:
-        args = super().argv(proxy_id)
-        for script in self.scripts:
-            args[4:4] = ["-s", script]  # after "-c CODE -q"
-        return args
-
-
-def capture_config(variant: Variant, store: Path, confdir: Path, model_hosts: tuple[str, ...]
-                   ) -> BenchProxyConfig:
+def capture_config(variant: Variant, store: Path, confdir: Path, model_hosts: tuple[str, ...]) -> ProxyConfig:
     """The mitmdump + rollouttap configuration of a capture variant."""
-    config = BenchProxyConfig(store=store, confdir=confdir, model_hosts=model_hosts,
-                              token_ids=variant.token_ids, logprobs=variant.logprobs)
-    if entry_has_tuning():
-        if not variant.tuning:
-            config.extra[QUICKACK_OPTION] = "false"
-    elif variant.tuning:
-        config.scripts = (str(tuning_script()),)
+    config = ProxyConfig(store=store, confdir=confdir, model_hosts=model_hosts, token_ids=variant.token_ids,
+                         logprobs=variant.logprobs, launcher=variant.launcher)
+    if not variant.tuning:
+        config.extra[QUICKACK_OPTION] = "false"
     return config
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections import defaultdict
 
 from context import Context, progress, run_job
-from procs import BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, IDS_ONLY_TUNED, TOKENS_TUNED, cpu_seconds
+from procs import (
+    BARE, BARE_FAST_TUNED, BARE_TUNED, CAPTURE_STOCK_TUNED, CAPTURE_TUNED, IDS_ONLY_TUNED, TOKENS_TUNED, base_of,
+    cpu_seconds,
+)
 from report import Section, table
 from stats import fmt, ratio, spread
 
 TITLE = "1c. Proxy CPU per request"
-VARIANTS = (BARE, BARE_TUNED, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED, IDS_ONLY_TUNED)
+VARIANTS = (BARE, BARE_TUNED, BARE_FAST_TUNED, CAPTURE_STOCK_TUNED, CAPTURE_TUNED, TOKENS_TUNED, IDS_ONLY_TUNED)
 GOAL_RATIO = 1.2
 
 
@@ -45,19 +48,21 @@ def run(ctx: Context) -> Section:
                 proxy = proxies.proxies[v.name]
                 runs[f"{v.name}|{keepalive}"].append(one(ctx, proxy.url, proxy.pid, keepalive))
     rows = []
-    bases = {CAPTURE.name: BARE, CAPTURE_TUNED.name: BARE_TUNED, TOKENS_TUNED.name: BARE_TUNED,
-             IDS_ONLY_TUNED.name: BARE_TUNED}
     for keepalive in (True, False):
+        def median(v) -> float:
+            return spread(runs[f"{v.name}|{keepalive}"]).median if v in variants else float("nan")
         for v in variants:
             cpu = spread(runs[f"{v.name}|{keepalive}"])
-            base = bases.get(v.name)
-            base = base if base in variants else (BARE if v is not BARE else None)
-            share = ratio(cpu.median, spread(runs[f"{base.name}|{keepalive}"]).median) if base else float("nan")
+            base = base_of(v, variants)
+            share = ratio(cpu.median, median(base)) if base else float("nan")
             rows.append(("keep-alive" if keepalive else "new conn", v.name, cpu.fmt(3),
-                         f"{fmt(share)} × {base.name}" if base else "", fmt(ratio(1000, cpu.median), 0)))
+                         f"{fmt(share)} × {base.name}" if base else "",
+                         fmt(ratio(cpu.median, median(BARE))) if v is not BARE else "",
+                         fmt(ratio(1000, cpu.median), 0)))
     body = (f"CPU (user + system) of the proxy process per non-streamed request, from its own counters, while one "
             f"curl sends {ctx.plan.requests * 2} keep-alive requests (or {ctx.plan.requests} on new connections); "
             f"{ctx.plan.repeats} runs. The last column is the ceiling this puts on one proxy's throughput.\n\n"
-            + table(["connection", "variant", "CPU ms / request", f"ratio (goal ≤ {GOAL_RATIO})",
+            + table(["connection", "variant", "CPU ms / request",
+                     f"ratio to the same launcher's bare (goal ≤ {GOAL_RATIO})", "ratio to bare mitmdump",
                      "≈ max req/s"], rows))
     return Section("cpu", TITLE, body, {"runs": dict(runs)})

@@ -7,12 +7,12 @@ from typing import Any
 
 from clients import STREAM_MESSAGE
 from context import Context, progress, run_job
-from procs import BARE, BARE_STREAM, CAPTURE, CAPTURE_TUNED, DIRECT, TOKENS_TUNED
+from procs import BARE, BARE_STREAM, CAPTURE_TUNED, DIRECT, TOKENS_TUNED
 from report import Section, table
 from stats import fmt, percentile, spread
 
 TITLE = "2. Streaming: first byte and total time"
-VARIANTS = (DIRECT, BARE, BARE_STREAM, CAPTURE, CAPTURE_TUNED, TOKENS_TUNED)
+VARIANTS = (DIRECT, BARE, BARE_STREAM, CAPTURE_TUNED, TOKENS_TUNED)
 CLIENTS = ("openai", "requests", "curl")
 GOAL_MS = 5.0
 
