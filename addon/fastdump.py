@@ -124,7 +124,16 @@ class IndexedDumpMaster(DumpMaster):
         # Master builds its AddonManager itself; the subclass only adds a cache, so swap the class.
         self.addons.__class__ = IndexedAddonManager
         self.addons._forget()
-        self.options.changed.connect(self.addons._forget)  # after the manager's own configure receiver
+        # Both after the manager's own receiver, which runs the addons' configure first.
+        self.options.changed.connect(self.addons._forget)
+        self.options.changed.connect(self._follow_verbosity)
+
+    def _follow_verbosity(self, updated: object = None) -> None:
+        # mitmproxy sets the root logger to DEBUG and lets its terminal handler drop what is below
+        # termlog_verbosity; each record still costs a format and an add_log event on the loop (six
+        # per connection: connect, disconnect, ...). Records nobody prints are not made at all.
+        if self._termlog_addon is not None:
+            logging.getLogger().setLevel(self._termlog_addon.logger.level)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -223,3 +223,22 @@ def test_fastdump_runs_a_script_and_follows_its_reload(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("verbosity, level", [("error", logging.ERROR), ("info", logging.INFO),
+                                              ("debug", logging.DEBUG)])
+def test_records_below_termlog_verbosity_are_not_made(verbosity, level):
+    root = logging.getLogger()
+    before = root.level
+
+    async def run() -> int:
+        master = IndexedDumpMaster(None, with_termlog=True, with_dumper=False)
+        try:
+            master.options.update(termlog_verbosity=verbosity)
+            return root.level
+        finally:
+            await master.done()
+    try:
+        assert asyncio.run(run()) == level
+    finally:
+        root.setLevel(before)
