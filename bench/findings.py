@@ -131,19 +131,29 @@ under thousands of keep-alive curl requests, bare vs capture vs capture + token 
 `/proc/PID/task/*/stat`; the proxy's own CPU counters (section 1c); the CPU of every party during the
 concurrency burst (section 1b). What they mean, and what would change them:
 
-- **mitmproxy's floor.** Bare mitmdump spends the CPU of section 1c per request (~1.45 ms keep-alive,
-  ~4.3 ms when every request opens a new connection, on this machine) in its sans-io HTTP layers and in
-  dispatching every event to its ~35 built-in addons (`addonmanager.trigger_event` / `invoke_addon`,
-  eager task creation per hook: about two thirds of its samples). One event loop: about 1 / that many
-  requests per second, whatever an addon does. The "≤ 2 ms over direct for every client" goal sits
-  below this floor for new connections and for the SDKs, with or without rollouttap.
+- **mitmproxy's floor, and how rollouttap lowers it (`addon/fastdump.py`).** Stock mitmdump spends the
+  CPU of section 1c per request (~1.4 ms keep-alive, ~4.5 ms when every request opens a new connection,
+  on this machine). About half of that was not HTTP work: (1) `AddonManager.trigger_event` walks all ~35
+  built-in addons for every hook (a context manager and a generator each, then the same again for the
+  `update` hook after each flow hook); (2) under a plain `python`, mitmproxy type-checks every message
+  object it builds (`MessageData.__post_init__`, `if __debug__`) and wraps each layer handler in an
+  event-type check; (3) the root logger is at DEBUG, so six records per connection ("client connect",
+  "server disconnect", ...) are formatted and sent as `add_log` events through every addon, then dropped
+  by the terminal's verbosity. rollouttap starts mitmdump as `python -O -m rollouttap.addon.fastdump`:
+  the same master, addons and options, with each hook's callables looked up once per addon set (same
+  order, same error handling: a test compares both dispatches over mitmdump's own addon set), `-O`, and
+  the root logger at the terminal's level. Bare mitmdump started that way needs about half the CPU per
+  keep-alive request and ~40 % less per new connection (the "bare fastdump" rows); what is left is
+  mitmproxy's sans-io HTTP layers and a task per hook. `ProxyConfig(launcher="mitmdump")` keeps the stock
+  entry point. The "≤ 2 ms over direct for every client" goal still sits at or below this floor for new
+  connections.
 - **Concurrency on 2 cores.** Section 1b's CPU columns: a direct burst of 32 async openai-SDK clients
-  already keeps both cores busy (the SDK itself spends ~1.3 ms CPU per call, the upstream
-  ~0.2 ms). A proxy adds its own CPU per call on the same cores, so calls/s through any proxy is bounded
-  by cores / (direct CPU + proxy CPU per call): "≥ 0.8× direct" would need a proxy spending at most a
-  quarter of direct's CPU per call (~0.4 ms), under a third of bare mitmdump's. On a node with spare
-  cores the ceiling is one proxy's event loop (the last column of 1c); several proxies, each with a share
-  of the agents, would pass it — not built yet.
+  already keeps both cores busy (the SDK itself spends ~1.3 ms CPU per call, the upstream ~0.2 ms). A
+  proxy adds its own CPU per call on the same cores, so calls/s through any proxy is bounded by cores /
+  (direct CPU + proxy CPU per call): "≥ 0.8× direct" would need a proxy spending at most a quarter of
+  direct's CPU per call (~0.4 ms). On a node with spare cores the ceiling is one proxy's event loop (the
+  last column of 1c); `AgentManager(proxies=N)` gives each of N proxies a share of the agents
+  (section 4).
 - **Nagle/delayed ACK (cured).** `requests`/urllib3 enable Nagle on proxy connections and write a POST's
   headers and body apart; the proxy's kernel delays the ACK of the headers (a keep-alive connection that
   has exchanged data is in "pingpong" mode), so every keep-alive POST waited ~40 ms. `addon/tcp_tuning.py`
@@ -157,10 +167,11 @@ concurrency burst (section 1b). What they mean, and what would change them:
   (0.09 ms alone at the same pace). Stretching the linger from 10 to 50 ms changed nothing measurable:
   what is left is per row (SQLite's inserts into the table and its four indexes, JSON of the headers),
   not per transaction.
-- **Our hooks (`addon/capture.py`).** Per keep-alive request the event-loop thread spends ~0.3 ms more
-  than bare mitmdump's (per-thread CPU), of which our hook functions are ~0.1 ms in py-spy's samples
-  (under 5 %); the rest we put down to GIL hand-offs with the writer thread (an inference, not measured
-  directly). Moving the writer into its own process would trade them for serialising every event.
+- **Our hooks (`addon/capture.py`).** Per keep-alive request rollouttap's proxy spends ~0.25 ms more
+  than bare fastdump (section 1c): ~0.1 ms in our hook functions (py-spy), ~0.1 ms in the writer thread,
+  the rest GIL hand-offs between the two threads (an inference, not measured directly). As a ratio this
+  is now larger than before (1.3× a base that halved), in absolute terms smaller. Moving the writer into
+  its own process would trade the hand-offs for serialising every event.
 - **Token ids (`addon/tokenids.py`, `addon/jsonspans.py`).** With `return_token_ids` + `logprobs` the
   model's answer grows about 30× (per-token logprob objects): the upstream spends ~3× the CPU building it
   (section 1b's upstream column) and the proxy carries it. Stripping edits the bytes in place (the
