@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 AGENT_ENV = "ROLLOUTTAP_AGENT_ID"
 _AGENT_ENV_PREFIX = (AGENT_ENV + "=").encode()
+_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,13 @@ def read_file(path: str) -> bytes | None:
     except OSError:
         return None
     try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
+        first = os.read(fd, _CHUNK)
+        if len(first) < _CHUNK:
+            # /proc answers a file that fits in one read (stat, status, environ): no second read to
+            # see the end. A read of a regular file is only short at its end.
+            return first
+        chunks = [first]
+        while chunk := os.read(fd, _CHUNK):
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError:

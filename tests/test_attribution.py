@@ -16,11 +16,27 @@ from rollouttap.addon.attribution import (
     check_token, decide_from_ancestry, is_local_peer, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
-    AncestryCache, ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat,
+    AncestryCache, ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat, read_file,
 )
 from rollouttap.addon.routes import RouteError, find_route, parse_route, parse_routes
 from rollouttap.addon.sockdiag import build_request, inode_netlink, inode_procfs, normalize_ip, parse_response
 from rollouttap.store import AgentRecord, hash_token
+
+
+@pytest.mark.parametrize("size", [0, 10, 65535, 65536, 65537, 200_000])
+def test_read_file_reads_files_of_any_size_whole(tmp_path, size):
+    path = tmp_path / "f"
+    data = bytes(i % 251 for i in range(size))
+    path.write_bytes(data)
+    assert read_file(str(path)) == data
+
+
+def test_read_file_reads_proc_files_whole_and_none_when_gone(tmp_path):
+    status = read_file(f"/proc/{os.getpid()}/status")
+    assert status.startswith(b"Name:") and b"\nTgid:\t" in status and status.endswith(b"\n")
+    with open(f"/proc/{os.getpid()}/environ", "rb") as f:
+        assert read_file(f"/proc/{os.getpid()}/environ") == f.read()
+    assert read_file(str(tmp_path / "missing")) is None
 
 
 def _basic(text: str) -> str:
