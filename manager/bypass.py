@@ -8,6 +8,7 @@ sample: a direct connection opened and closed between two scans is not seen.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -52,6 +53,7 @@ class BypassConnection:
                 "seen_at": self.seen_at}
 
 
+@functools.lru_cache(maxsize=4096)  # every tick meets the same few addresses on every socket of the host
 def normalise_ip(ip: str) -> str:
     """Canonical text of an address; IPv4-mapped IPv6 becomes plain IPv4."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])

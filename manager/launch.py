@@ -8,6 +8,7 @@ Processes are named by (pid, start time), so a reused pid is never mistaken for 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from rollouttap.addon.procfs import read_file  # pure /proc reading, no mitmproxy
+from rollouttap.addon.procfs import parse_agent_tag, read_file  # pure /proc reading, no mitmproxy
 from rollouttap.errors import ConfigError
 
 AGENT_ENV = "ROLLOUTTAP_AGENT_ID"
@@ -52,9 +53,44 @@ def parse_stat(pid: int, stat: bytes) -> ProcRow:
                    fields[0].decode())
 
 
-def process_table(proc: str = "/proc") -> dict[int, ProcRow]:
+class ProcTable(dict[int, ProcRow]):
+    """A process table (pid -> row) that builds its parent and group indexes once, however many agents
+    read it: the monitor hands one table to every running agent each tick."""
+
+    proc = "/proc"  # where its tags are read
+
+    @functools.cached_property
+    def children(self) -> dict[int, list[int]]:
+        children: dict[int, list[int]] = {}
+        for row in self.values():
+            children.setdefault(row.ppid, []).append(row.pid)
+        return children
+
+    @functools.cached_property
+    def _tags(self) -> dict[int, str | None]:
+        return {}
+
+    def tag(self, pid: int) -> str | None:
+        """``env_tag(pid)``, read once per table: every agent's clean-up asks about the same processes."""
+        tags = self._tags
+        if pid not in tags:
+            tags[pid] = env_tag(pid, self.proc)
+        return tags[pid]
+
+    @functools.cached_property
+    def grouped(self) -> dict[int, set[int]]:
+        """pid -> the processes whose process group or session it names."""
+        grouped: dict[int, set[int]] = {}
+        for row in self.values():
+            grouped.setdefault(row.pgrp, set()).add(row.pid)
+            grouped.setdefault(row.session, set()).add(row.pid)
+        return grouped
+
+
+def process_table(proc: str = "/proc") -> ProcTable:
     """Every process of this pid namespace now."""
-    table: dict[int, ProcRow] = {}
+    table = ProcTable()
+    table.proc = proc
     for name in os.listdir(proc):
         if not name.isdigit():
             continue
@@ -67,9 +103,7 @@ def process_table(proc: str = "/proc") -> dict[int, ProcRow]:
 
 def descendants(roots: Iterable[int], table: Mapping[int, ProcRow]) -> set[int]:
     """The roots present in the table and every process below them."""
-    children: dict[int, list[int]] = {}
-    for row in table.values():
-        children.setdefault(row.ppid, []).append(row.pid)
+    children = table.children if isinstance(table, ProcTable) else ProcTable(table).children
     found: set[int] = set()
     stack = [r for r in roots if r in table]
     while stack:
@@ -81,18 +115,38 @@ def descendants(roots: Iterable[int], table: Mapping[int, ProcRow]) -> set[int]:
     return found
 
 
+def group_members(pid: int, table: Mapping[int, ProcRow]) -> set[int]:
+    """Processes whose process group or session is ``pid`` (they keep naming it after it exits)."""
+    grouped = table.grouped if isinstance(table, ProcTable) else ProcTable(table).grouped
+    return set(grouped.get(pid, ()))
+
+
 def env_tag(pid: int, proc: str = "/proc") -> str | None:
     """The ROLLOUTTAP_AGENT_ID a process was started with (its exec-time environment)."""
-    prefix = (AGENT_ENV + "=").encode()
-    try:
-        with open(f"{proc}/{pid}/environ", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    for entry in data.split(b"\0"):
-        if entry.startswith(prefix):
-            return entry[len(prefix):].decode("utf-8", "replace")
-    return None
+    environ = read_file(f"{proc}/{pid}/environ")
+    return parse_agent_tag(environ) if environ else None
+
+
+class SharedProcessTable:
+    """``process_table()`` scans shared by the threads that need one at about the same time.
+
+    ``after(moment)`` answers the latest scan if it began at ``moment`` (time.monotonic()) or later, else
+    scans anew; a thread that waited for another's scan takes it when that scan began after its moment.
+    When a batch of agents ends together, their clean-ups share scans (and each scan's tag reads).
+    """
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+        self._lock = threading.Lock()
+        self._table = ProcTable()
+        self._began = -float("inf")
+
+    def after(self, moment: float) -> ProcTable:
+        with self._lock:
+            if self._began < moment:
+                began = time.monotonic()
+                self._table, self._began = process_table(self.proc), began
+            return self._table
 
 
 @dataclass
@@ -113,8 +167,7 @@ class AgentProcess:
         with self.lock:
             known = {p for p, start in self.members.items() if p in table and table[p].start == start}
             # Group and session ids keep the root's pid after it exits; they still name its tree.
-            found = descendants(known, table) | {
-                row.pid for row in table.values() if self.pid in (row.pgrp, row.session)}
+            found = descendants(known, table) | group_members(self.pid, table)
             for pid in found:
                 self.members[pid] = table[pid].start
             return {p for p in found if table[p].alive}
@@ -127,7 +180,7 @@ class AgentProcess:
             born = self.members.get(self.pid, 0)  # a process older than the agent cannot be its descendant
             for row in table.values():
                 if row.alive and row.start >= born and row.pid not in live and row.pid not in me \
-                        and env_tag(row.pid) == self.agent_id:
+                        and _tag_of(table, row.pid) == self.agent_id:
                     with self.lock:
                         self.members.setdefault(row.pid, row.start)
                     live.add(row.pid)
@@ -210,7 +263,12 @@ def _exited(popen: subprocess.Popen[bytes], exit_poll: select.poll | None, timeo
     return True
 
 
-def kill_tree(agent: AgentProcess, *, rounds: int = 10, settle: float = 3.0) -> tuple[int, list[int]]:
+def _tag_of(table: Mapping[int, ProcRow], pid: int) -> str | None:
+    return table.tag(pid) if isinstance(table, ProcTable) else env_tag(pid)
+
+
+def kill_tree(agent: AgentProcess, *, rounds: int = 10, settle: float = 3.0,
+              tables: SharedProcessTable | None = None) -> tuple[int, list[int]]:
     """SIGKILL every process of the agent's tree until none is left.
 
     Returns (how many processes were killed, survivors). Repeated because a member may fork between a scan
@@ -218,8 +276,10 @@ def kill_tree(agent: AgentProcess, *, rounds: int = 10, settle: float = 3.0) -> 
     """
     killed: set[int] = set()
     survivors: list[int] = []
+    tables = tables or SharedProcessTable()
+    moment = time.monotonic()  # a scan begun from now on sees what is left of the tree
     for _ in range(rounds):
-        table = process_table()
+        table = tables.after(moment)
         victims = agent.collect(table)
         if not victims:
             survivors = []
@@ -228,6 +288,7 @@ def kill_tree(agent: AgentProcess, *, rounds: int = 10, settle: float = 3.0) -> 
             if _signal(pid, table[pid].start, signal.SIGKILL):
                 killed.add(pid)
         survivors = _wait_gone(victims, {p: table[p].start for p in victims}, settle)
+        moment = time.monotonic()
     _reap(agent)
     return len(killed - {agent.pid}), survivors
 

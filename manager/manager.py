@@ -92,6 +92,7 @@ class AgentManager:
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._detector = BypassDetector(model_targets(model_url) if model_url else frozenset())
+        self._tables = launch.SharedProcessTable()  # the monitor and every agent's clean-up share scans
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> AgentManager:
@@ -161,7 +162,7 @@ class AgentManager:
                 running = dict(self._running)
             if not running:
                 continue
-            table = launch.process_table()
+            table = self._tables.after(time.monotonic())
             live = {agent_id: agent.observe(table) for agent_id, agent in running.items()}
             for agent_id, found in self._detector.scan(live).items():
                 with self._lock:
@@ -260,7 +261,7 @@ class AgentManager:
             self.store.agent_started(agent.agent_id, agent.pid)
             outcome = launch.wait(agent, agent.started + timeout, stop)
         finally:  # whatever happened here, nothing of the agent outlives this call
-            killed, survivors = launch.kill_tree(agent)
+            killed, survivors = launch.kill_tree(agent, tables=self._tables)
             with self._lock:
                 self._running.pop(agent.agent_id, None)
                 bypass = tuple(c.to_dict() for c in self._bypass.pop(agent.agent_id, []))

@@ -233,12 +233,47 @@ def test_sock_diag_sees_a_live_connection_as_proc_net_tcp_does():
             assert {s.inode: s for s in read_tcp_sockets()}[inode] == from_text[inode]
 
 
-def test_descendants_and_stat_parsing():
-    rows = {p: ProcRow(p, pp, p, p, 1, "S") for p, pp in [(10, 1), (11, 10), (12, 11), (13, 1), (14, 13)]}
-    assert descendants([10], rows) == {10, 11, 12}
-    assert descendants([99], rows) == set()
+@pytest.mark.parametrize("indexed", [False, True])
+def test_descendants_group_members_and_stat_parsing(indexed):
+    rows = {p: ProcRow(p, pp, g, sid, 1, "S") for p, pp, g, sid in
+            [(10, 1, 10, 10), (11, 10, 10, 10), (12, 11, 12, 10), (13, 1, 13, 13), (14, 13, 10, 13),
+             (15, 1, 15, 10)]}  # 15: re-parented to init, still in session 10
+    table = launch.ProcTable(rows) if indexed else rows
+    assert descendants([10], table) == {10, 11, 12}
+    assert descendants([99], table) == set()
+    assert launch.group_members(10, table) == {10, 11, 12, 14, 15}
+    assert launch.group_members(99, table) == set()
     row = parse_stat(7, b"7 (a (b) c) S 3 7 7 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 0 0")
     assert (row.ppid, row.pgrp, row.session, row.start, row.alive) == (3, 7, 7, 12345, True)
+
+
+def _fake_process(proc, pid: int, tag: str | None = None) -> None:
+    (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+    (proc / str(pid) / "stat").write_bytes(f"{pid} (x) S 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {pid}00 0 0".encode())
+    (proc / str(pid) / "environ").write_bytes(b"A=1\0" + (f"ROLLOUTTAP_AGENT_ID={tag}\0".encode() if tag else b""))
+
+
+def test_shared_process_table_rescans_only_for_a_later_moment(tmp_path):
+    proc = tmp_path / "proc"
+    _fake_process(proc, 10)
+    tables = launch.SharedProcessTable(str(proc))
+    before = time.monotonic()
+    first = tables.after(before)
+    assert set(first) == {10}
+    _fake_process(proc, 11)
+    assert tables.after(before) is first  # that scan began after ``before``: shared
+    later = tables.after(time.monotonic())
+    assert later is not first and set(later) == {10, 11}
+
+
+def test_process_table_reads_each_tag_once(tmp_path):
+    proc = tmp_path / "proc"
+    _fake_process(proc, 10, tag="ag-1")
+    table = launch.process_table(str(proc))
+    assert table.tag(10) == "ag-1" and table.tag(99) is None
+    _fake_process(proc, 10, tag="ag-2")
+    assert table.tag(10) == "ag-1"  # this table's answer stands
+    assert launch.process_table(str(proc)).tag(10) == "ag-2"
 
 
 def test_wait_ends_at_exit_deadline_or_stop(tmp_path):
