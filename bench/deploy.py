@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from attribution_cost import sleepers
 from context import Context, progress
 from procs import PY, Variant, capture_config, cpu_seconds, proxy_environ
 from report import Section, table
@@ -117,29 +118,41 @@ def run(ctx: Context) -> Section:
     variants = (DEPLOYED,) if plan.smoke else (DEPLOYED, DEPLOYED_UNTUNED)
     managers = {v.name: start_manager(ctx, v, script, base_url) for v in variants}
     runs: dict[str, list[dict[str, Any]]] = {"direct": [], **{name: [] for name in managers}}
+    busy = f", {plan.deploy_busy:,} idle processes on the host"
     try:
         for rep in range(plan.repeats):
             progress(f"deploy: run {rep + 1}/{plan.repeats}")
             runs["direct"].append(run_direct(script, plan.deploy_agents, plan.deploy_calls, base_url, timeout))
             for name, manager in managers.items():
                 runs[name].append(run_deploy(manager, plan.deploy_agents, plan.deploy_calls, timeout))
+        if plan.deploy_busy:
+            # Process-table scans (the manager's monitor and clean-up) grow with the host's processes.
+            with sleepers(plan.deploy_busy):
+                for rep in range(plan.repeats):
+                    progress(f"deploy: busy host, run {rep + 1}/{plan.repeats}")
+                    runs.setdefault("direct" + busy, []).append(
+                        run_direct(script, plan.deploy_agents, plan.deploy_calls, base_url, timeout))
+                    runs.setdefault(DEPLOYED.name + busy, []).append(
+                        run_deploy(managers[DEPLOYED.name], plan.deploy_agents, plan.deploy_calls, timeout))
     finally:
         for manager in managers.values():
             manager.close()
-    direct = spread([r["seconds"] for r in runs["direct"]]).median
     rows, bad = [], False
     for name, reps in runs.items():
         seconds = spread([r["seconds"] for r in reps])
-        share = ratio(seconds.median, direct)
+        base = "direct" + busy if name.endswith(busy) else "direct"  # the same host, without deploy()
+        share = ratio(seconds.median, spread([r["seconds"] for r in runs[base]]).median)
         failed = sum(r["failed"] for r in reps)
         bad |= failed > 0
-        rows.append((name, seconds.fmt(3), fmt(share), "" if name == "direct" else
+        rows.append((name, seconds.fmt(3), fmt(share), "" if name.startswith("direct") else
                      ("yes" if share <= GOAL else "**no**"), failed))
     errors = [e for reps in runs.values() for r in reps for e in r.get("errors", [])]
     body = (f"{plan.deploy_agents} agents (each a fresh `python` process, {plan.deploy_calls} chat calls with a "
             f"`requests.Session`), all at once; {plan.repeats} runs. `deploy()` includes registering, launching, "
             "supervising, settling flows and building conversations; its proxy (token ids on) is started "
-            "beforehand and not timed. Tuning: see section 1.\n\n"
+            "beforehand and not timed. Tuning: see section 1. The busy-host rows run the same with "
+            f"{plan.deploy_busy:,} idle processes added (each row against direct on the same host): the "
+            "manager's process-table scans read every process on the host.\n\n"
             + table(["how", "wall s", "× direct", f"≤ {GOAL}× direct", "agents failed"], rows)
             + "\n\n" + breakdown(runs)
             + ("\n\nErrors:\n\n" + "\n".join(f"- {e}" for e in errors) if errors else ""))
