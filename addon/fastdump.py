@@ -26,7 +26,8 @@ from mitmproxy.tools.main import run
 logger = logging.getLogger("mitmproxy.addonmanager")
 
 # One entry per top-level addon that has the hook: the addon and its (and its children's) callables,
-# or None where an attribute of the hook's name is not callable (mitmproxy's own path reports that).
+# or None where looking them up went wrong (an attribute of the hook's name that is not callable, a
+# property that raises): mitmproxy's own path then runs and reports it, as it would have.
 Plan = list[tuple[Any, list[Callable[..., Any]] | None]]
 
 
@@ -34,24 +35,34 @@ def hook_plan(chain: Sequence[Any], name: str) -> Plan:
     """For each addon in ``chain`` (children included), the callables a hook called ``name`` runs."""
     plan: Plan = []
     for top in chain:
-        funcs: list[Callable[..., Any]] | None = []
-        for addon in traverse([top]):
-            func = getattr(addon, name, None)
-            if func is None or isinstance(func, types.ModuleType):
-                continue  # mitmproxy skips a module imported under a hook's name too
-            if not callable(func):
-                funcs = None
-                break
-            funcs.append(func)
+        try:
+            funcs = _callables(top, name)
+        except Exception:  # reported by invoke_addon when the hook runs
+            funcs = None
         if funcs is None or funcs:
             plan.append((top, funcs))
     return plan
+
+
+def _callables(top: Any, name: str) -> list[Callable[..., Any]] | None:
+    funcs: list[Callable[..., Any]] = []
+    for addon in traverse([top]):
+        func = getattr(addon, name, None)
+        if func is None or isinstance(func, types.ModuleType):
+            continue  # mitmproxy skips a module imported under a hook's name too
+        if not callable(func):
+            return None
+        funcs.append(func)
+    return funcs
 
 
 class IndexedAddonManager(AddonManager):
     """AddonManager whose trigger_event visits only the addons that implement the hook.
 
     trigger_event is the per-flow path; the rarer sync ``trigger`` (configure) keeps mitmproxy's walk.
+    Plans are rebuilt when the chain changes through register/add/remove/clear or an option changes (the
+    ways mitmproxy and its script loader change it). An addon that grows its ``addons`` list or rebinds a
+    hook attribute by itself, outside those, is not seen until the next such change.
     """
 
     _plans: dict[str, Plan]
@@ -112,7 +123,7 @@ class IndexedAddonManager(AddonManager):
 
 def _report(exc: Exception) -> None:
     """Log an addon's exception the way mitmproxy's safecall does."""
-    tb = cut_traceback(exc.__traceback__, "trigger_event")
+    tb = cut_traceback(cut_traceback(exc.__traceback__, "trigger_event"), "invoke_addon")
     logger.error(f"Addon error: {exc}", exc_info=(type(exc), exc, tb))
 
 
@@ -128,12 +139,20 @@ class IndexedDumpMaster(DumpMaster):
         self.options.changed.connect(self.addons._forget)
         self.options.changed.connect(self._follow_verbosity)
 
+    async def running(self) -> None:
+        await super().running()
+        self._follow_verbosity()  # scripts may have added log handlers meanwhile
+
     def _follow_verbosity(self, updated: object = None) -> None:
-        # mitmproxy sets the root logger to DEBUG and lets its terminal handler drop what is below
-        # termlog_verbosity; each record still costs a format and an add_log event on the loop (six
-        # per connection: connect, disconnect, ...). Records nobody prints are not made at all.
-        if self._termlog_addon is not None:
-            logging.getLogger().setLevel(self._termlog_addon.logger.level)
+        # mitmproxy sets the root logger to DEBUG and lets each handler drop what is below its own level;
+        # each record still costs a format and an add_log event on the loop (six per connection: connect,
+        # disconnect, ...). The root logger is kept at the lowest level any handler takes, so records no
+        # handler would keep are not made at all. The add_log relay counts only if an addon has that hook.
+        root = logging.getLogger()
+        relay = self._legacy_log_events
+        wants_relay = bool(hook_plan(self.addons.chain, "add_log"))
+        levels = [h.level for h in root.handlers if h is not relay or wants_relay]
+        root.setLevel(max(logging.DEBUG, min(levels, default=logging.DEBUG)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

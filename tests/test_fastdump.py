@@ -225,15 +225,33 @@ def test_fastdump_runs_a_script_and_follows_its_reload(tmp_path):
         proc.wait()
 
 
-@pytest.mark.parametrize("verbosity, level", [("error", logging.ERROR), ("info", logging.INFO),
-                                              ("debug", logging.DEBUG)])
-def test_records_below_termlog_verbosity_are_not_made(verbosity, level):
+class AddLogUser:
+    name = "addloguser"
+
+    def add_log(self, entry: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("verbosity, extra, level", [
+    ("error", None, logging.ERROR),
+    ("info", None, logging.INFO),
+    ("debug", None, logging.DEBUG),
+    ("error", "debug handler", logging.DEBUG),  # a handler someone added still gets what it asks for
+    ("error", "add_log addon", logging.DEBUG),  # so does an addon with the (deprecated) add_log hook
+])
+def test_records_no_handler_keeps_are_not_made(verbosity, extra, level):
     root = logging.getLogger()
-    before = root.level
+    before, handlers = root.level, root.handlers[:]
+    root.handlers = []  # pytest's own capture handlers take everything
+    mine = logging.NullHandler(logging.DEBUG)
 
     async def run() -> int:
         master = IndexedDumpMaster(None, with_termlog=True, with_dumper=False)
         try:
+            if extra == "debug handler":
+                root.addHandler(mine)
+            elif extra == "add_log addon":
+                master.addons.add(AddLogUser())
             master.options.update(termlog_verbosity=verbosity)
             return root.level
         finally:
@@ -241,4 +259,27 @@ def test_records_below_termlog_verbosity_are_not_made(verbosity, level):
     try:
         assert asyncio.run(run()) == level
     finally:
+        root.handlers = handlers
         root.setLevel(before)
+
+
+def test_an_addon_whose_hook_lookup_raises_is_reported_and_the_rest_run(caplog):
+    class Raising:
+        name = "raising"
+
+    def broken(self: object) -> None:
+        raise RuntimeError("lookup broke")
+
+    async def run() -> list[str]:
+        calls: list[str] = []
+        master = IndexedDumpMaster(None, with_termlog=False, with_dumper=False)
+        master.addons.add(Raising(), Hooked("after", calls))
+        Raising.request = property(broken)  # after registering: mitmproxy reads every attribute then
+        try:
+            with caplog.at_level(logging.ERROR, logger="mitmproxy.addonmanager"):
+                await master.addons.trigger_event(HttpRequestHook(tflow.tflow()))
+        finally:
+            await master.done()
+        return calls
+    assert asyncio.run(run()) == ["after.request"]
+    assert "Addon error: lookup broke" in caplog.text
