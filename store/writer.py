@@ -1,10 +1,11 @@
 """The store's writer: a queue and one thread, group commits, so mitmproxy's event loop never waits on SQLite.
 
-Group commit: transactions are at least ``linger`` seconds (10 ms) apart. After a quiet spell the first
-event is committed at once; under load, whatever arrives meanwhile is written in one transaction, each
-flow's insert and later updates folded into one statement. At proxy speed that is one transaction for
-several flows instead of one per event: a transaction costs far more than the rows in it, and the
-thread shares the GIL (and, on a small machine, the core) with mitmproxy's event loop.
+Group commit: an event waits ``linger`` seconds (10 ms) before it is committed, and transactions are at
+least that far apart; whatever arrives meanwhile is written in one transaction, each flow's insert and
+later updates folded into one statement (a flow that ends within the linger is one INSERT). At proxy
+speed that is one transaction for several flows instead of one per event, and at an agent's pace one
+for each short flow instead of two: a transaction costs far more than the rows in it, and the thread
+shares the GIL (and, on a small machine, the core) with mitmproxy's event loop.
 """
 
 from __future__ import annotations
@@ -126,9 +127,9 @@ class StoreWriter:
             self._commit(batch)
 
     def _linger(self, first: Event) -> None:
-        """Space commits ``linger`` apart: after a quiet spell the first event goes at once (readers
-        see a new flow at once); under load, what arrives meanwhile joins one transaction."""
-        wait = self._last_commit + self.linger - time.monotonic()
+        """Wait ``linger`` after the first event, and keep commits ``linger`` apart: what arrives meanwhile
+        joins one transaction. A short flow's insert and its end become one statement."""
+        wait = max(self._last_commit + self.linger - time.monotonic(), self.linger)
         if first[0] != "barrier" and wait > 0 and self._queue.qsize() < BATCH_MAX:
             self._wake.wait(wait)  # flush() and close() end it early
         self._wake.clear()

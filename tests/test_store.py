@@ -332,21 +332,31 @@ def test_events_queued_together_are_one_transaction_with_one_statement_per_flow(
     assert flow.response_headers == [("a", "b")]
 
 
-def test_commits_are_spaced_by_the_linger_and_a_flush_ends_the_wait(tmp_path):
+def test_events_wait_a_linger_together_and_a_flush_ends_the_wait(tmp_path):
     path = tmp_path / "s.db"
     writer = StoreWriter(path, linger=30.0)
     store = Store(path)
     writer.insert_flow(_flow("l1"))
-    assert wait_until(lambda: store.flow("l1"), 10)  # after a quiet spell: at once
     writer.update_flow("l1", {"status_code": 200})
     writer.insert_flow(_flow("l2"))
-    # within the linger of the last commit: both wait (a reader polling a while sees neither)
-    assert not wait_until(lambda: store.flow("l2") or store.flow("l1").status_code, 0.3)
+    # the first event waits a linger too, and the rest join it (a reader polling a while sees none)
+    assert not wait_until(lambda: store.flow("l1") or store.flow("l2"), 0.3)
     started = time.monotonic()
     assert writer.flush(timeout=10)
     assert time.monotonic() - started < 10
     assert store.flow("l1").status_code == 200 and store.flow("l2") is not None
-    assert writer.stats.batches == 2
+    # one transaction; l1's insert and update folded into one statement
+    assert (writer.stats.batches, writer.stats.committed, writer.stats.statements) == (1, 3, 2)
+    writer.close()
+
+
+def test_an_event_is_committed_one_linger_after_it_arrives(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, linger=0.5)
+    store = Store(path)
+    writer.insert_flow(_flow("q1"))
+    assert not wait_until(lambda: store.flow("q1"), 0.1)  # not before the linger
+    assert wait_until(lambda: store.flow("q1"), 10)  # then without anyone flushing
     writer.close()
 
 

@@ -90,15 +90,15 @@ def test_multi_turn_tool_agent_row_is_token_exact(token_proxy, token_upstream, t
 def test_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstream, stream):
     body = {"model": "policy", "stream": stream, "tools": [json.loads(json.dumps(_tool()))],
             "messages": [{"role": "user", "content": f"What is 2 + 2? {uuid.uuid4().hex}"}]}
+    agent = f"bytes-{uuid.uuid4().hex[:8]}"  # its own: the module's proxy and store serve both params
     direct = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10)
     proxied = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10,
-                            proxies={"http": token_proxy.url}, headers={"X-Agent-ID": "bytes"})
+                            proxies={"http": token_proxy.url}, headers={"X-Agent-ID": agent})
     assert proxied.content == direct.content
     for key in ("prompt_token_ids", "token_ids"):
         assert f'"{key}":null' in direct.text or key not in direct.text
     # ... while the store keeps what the agent did not ask for.
-    [flow] = [f for f in settled_flows(token_proxy.config.store, agent_id="bytes")
-              if body["messages"][0]["content"] in f.request_text()]
+    [flow] = settled_flows(token_proxy.config.store, agent_id=agent)
     assert flow.meta["injected"]["return_token_ids"] is True
     assert '"prompt_token_ids":[' in flow.response_text() and '"token_ids":[' in flow.response_text()
     assert "return_token_ids" not in flow.request_text()  # stored as the agent sent it
