@@ -162,11 +162,14 @@ concurrency burst (section 1b). What they mean, and what would change them:
 - **Listen backlog (fixed).** mitmproxy listens with asyncio's default backlog of 100: with 256 agents
   connecting at once, the rest of the SYNs were dropped and those clients retried after 1–3 s.
   `addon/listen_backlog.py` re-listens mitmproxy's sockets with 4096 (capped by `net.core.somaxconn`).
-- **Store writer (`store/writer.py`).** Group commits (at least 10 ms apart under load) and folding each
-  flow's insert and updates into one statement: ~0.17 ms of writer-thread CPU per flow inside the proxy
-  (0.09 ms alone at the same pace). Stretching the linger from 10 to 50 ms changed nothing measurable:
-  what is left is per row (SQLite's inserts into the table and its four indexes, JSON of the headers),
-  not per transaction.
+- **Store writer (`store/writer.py`).** Group commits: every event waits 10 ms (the linger) and commits
+  are at least that far apart, each flow's insert and updates folded into one statement. Under load that
+  is one transaction for many flows; at an agent's pace (a request every few ms on new connections) a
+  short flow is one INSERT in one transaction. Until this session the first event after a quiet spell
+  was committed at once, so such a flow took two transactions: writer-thread CPU per flow at curl's
+  new-connection pace fell from ~0.43 to ~0.2 ms when it began to wait too (per-thread CPU), and the event
+  loop's own CPU fell with it (fewer wake-ups and GIL hand-offs). The price: a new flow reaches readers
+  up to 10 ms later.
 - **Our hooks (`addon/capture.py`).** Per keep-alive request rollouttap's proxy spends ~0.25 ms more
   than bare fastdump (section 1c): ~0.1 ms in our hook functions (py-spy), ~0.1 ms in the writer thread,
   the rest GIL hand-offs between the two threads (an inference, not measured directly). As a ratio this
