@@ -1,11 +1,15 @@
-"""mitmdump with a hook dispatch that calls only the addons that have the hook.
+"""mitmdump as rollouttap starts it: the same master, addons and options, with less work per event.
 
-mitmproxy's AddonManager walks its whole chain (~35 addons in mitmdump) for every hook, entering a
-context manager and a generator for each, and runs the UpdateHook after every flow hook the same way.
-For a small proxied request that walk is about a fifth of the proxy's CPU (bench/RESULTS.md). This
-keeps the same addons, options and order, and looks each hook's callables up once per addon set.
+- Hook dispatch: mitmproxy's AddonManager walks its whole chain (~35 addons in mitmdump) for every hook,
+  entering a context manager and a generator for each, and runs the ``update`` hook after every flow
+  hook the same way. IndexedAddonManager looks each hook's callables up once per addon set.
+- Logging: mitmproxy keeps the root logger at DEBUG, so every record (six per connection) is formatted
+  and relayed as an ``add_log`` event before the terminal drops it; here the root logger sits at the
+  lowest level a handler takes.
+- Run under ``python -O`` (manager/proxy.py does), mitmproxy also skips its per-message type checks.
 
-Run it as ``python -m rollouttap.addon.fastdump`` with mitmdump's own arguments.
+Together about half of bare mitmdump's CPU per keep-alive request (bench/RESULTS.md, section 1c).
+Run it as ``python -O -m rollouttap.addon.fastdump`` with mitmdump's own arguments.
 """
 
 from __future__ import annotations
