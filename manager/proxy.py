@@ -12,12 +12,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from rollouttap.errors import ConfigError, ProxyError
+from rollouttap.paths import cache_root
 from rollouttap.store import Store
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,20 @@ def proxy_env(proxy_url: str, ca_cert: str | None, *, agent_id: str | None = Non
         env.update({name: ca_cert for name in CA_ENV})
     if agent_id is not None:
         env["ROLLOUTTAP_AGENT_ID"] = agent_id
+    return env
+
+
+def launch_env(launcher: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The proxy's environment: the caller's, plus a bytecode cache for ``python -O`` where it has none.
+
+    Under -O Python reads .opt-1.pyc files, which pip never writes. With PYTHONDONTWRITEBYTECODE set (as
+    in many container images) every proxy start would compile mitmproxy again (~1 s here): the proxy
+    keeps its bytecode in rollouttap's cache directory instead, never in site-packages.
+    """
+    env = dict(environ)
+    if "-O" in LAUNCHERS[launcher] and env.get("PYTHONDONTWRITEBYTECODE"):
+        del env["PYTHONDONTWRITEBYTECODE"]
+        env.setdefault("PYTHONPYCACHEPREFIX", str(cache_root() / "pycache"))
     return env
 
 
@@ -158,7 +174,7 @@ class ProxyProcess:
             self.config.reverse_port = free_port(self.config.host)
         self.proc = subprocess.Popen(self.config.argv(self.proxy_id), stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=launch_env(self.config.launcher, os.environ))
         with Store(self.config.store) as store:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:

@@ -35,8 +35,5 @@ echo "bootstrap: using $py ($("$py" -V 2>&1))" >&2
 [ -x "$venv/bin/python" ] && ok_python "$venv/bin/python" || "$py" -m venv --clear "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e ".[$extras]"
-# The proxy runs under python -O (LAUNCHERS in manager/proxy.py) and pip writes only plain bytecode: import
-# what the proxy imports once under -O with caching on, or every proxy start compiles it again (~1 s).
-env -u PYTHONDONTWRITEBYTECODE "$venv/bin/python" -O -c "import rollouttap.addon.fastdump, rollouttap.addon.entry"
 rm -f "$venv"/.installed-*
 touch "$stamp"

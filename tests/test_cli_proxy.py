@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_client
 from rollouttap.errors import ConfigError
-from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
+from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, launch_env
 from rollouttap.store import Store
 
 ROLLOUTTAP = [sys.executable, "-m", "rollouttap.cli"]
@@ -87,6 +87,28 @@ def test_proxy_config_sets_each_scalar_option_once_extra_winning(tmp_path):
 def test_proxy_config_launcher_picks_how_mitmdump_starts(tmp_path, launcher, expected):
     argv = ProxyConfig(store=tmp_path / "s.db", launcher=launcher).argv("p1")
     assert argv[1:1 + len(expected)] == expected
+
+
+@pytest.mark.parametrize("launcher, environ, expected", [
+    ("fastdump", {"PYTHONDONTWRITEBYTECODE": "1", "X": "y"}, {"X": "y", "PYTHONPYCACHEPREFIX": "CACHE/pycache"}),
+    ("fastdump", {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/mine"}, {"PYTHONPYCACHEPREFIX": "/mine"}),
+    ("fastdump", {"X": "y"}, {"X": "y"}),  # Python writes the -O bytecode where it always does
+    ("mitmdump", {"PYTHONDONTWRITEBYTECODE": "1"}, {"PYTHONDONTWRITEBYTECODE": "1"}),  # pip's bytecode serves
+])
+def test_launch_env_gives_python_O_a_bytecode_cache(monkeypatch, tmp_path, launcher, environ, expected):
+    monkeypatch.setenv("ROLLOUTTAP_CACHE", str(tmp_path))
+    env = launch_env(launcher, environ)
+    assert env == {k: v.replace("CACHE", str(tmp_path)) for k, v in expected.items()}
+
+
+def test_a_proxy_without_bytecode_writing_caches_its_own(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("ROLLOUTTAP_CACHE", str(tmp_path / "cache"))
+    config = ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "conf")
+    with ProxyProcess(config).start(timeout=60) as proxy:
+        assert proxy.alive()
+    cached = [p.name for p in (tmp_path / "cache" / "pycache").rglob("*.opt-1.pyc")]
+    assert any(name.startswith("addonmanager.") for name in cached)  # mitmproxy's, compiled once, kept
 
 
 def test_proxy_config_refuses_an_unknown_launcher(tmp_path):

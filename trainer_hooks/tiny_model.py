@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rollouttap.paths import cache_root
+
 from .chat_template import chat_template, reasoning_dropping_template
 from .tiny_corpus import corpus_documents
 from .warm_start import RECIPE_VERSION, greedy_exact_rates, train_calculator
@@ -65,8 +67,7 @@ CALCULATOR_SHAPE = ModelShape(128, 256, 2, 8, 4, initializer_range=0.02)
 
 def default_cache_dir(variant: Variant = "prefix") -> Path:
     """Where build_tiny_model caches by default: $ROLLOUTTAP_CACHE or ~/.cache/rollouttap."""
-    root = os.environ.get("ROLLOUTTAP_CACHE") or Path.home() / ".cache" / "rollouttap"
-    return Path(root) / f"{BUILD_VERSION}{_DIR_SUFFIX[variant]}"
+    return cache_root() / f"{BUILD_VERSION}{_DIR_SUFFIX[variant]}"
 
 
 def build_tiny_model(out_dir: str | Path | None = None, *, variant: Variant = "prefix") -> Path:
