@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from rollouttap.manager.proxy import LAUNCHERS, ProxyConfig, ProxyProcess, free_port
+from rollouttap.manager.proxy import LAUNCHERS, ProxyConfig, ProxyProcess, free_port, launch_env
 
 PY = sys.executable
 QUICKACK_OPTION = "rollouttap_tcp_quickack"
@@ -158,7 +158,7 @@ class BareProxy:
 
     def start(self) -> BareProxy:
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, env=launch_env(self.variant.launcher, os.environ))
         wait_port(self.port, self.proc)
         return self
 
