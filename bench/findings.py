@@ -154,6 +154,11 @@ concurrency burst (section 1b). What they mean, and what would change them:
   direct's CPU per call (~0.4 ms). On a node with spare cores the ceiling is one proxy's event loop (the
   last column of 1c); `AgentManager(proxies=N)` gives each of N proxies a share of the agents
   (section 4).
+- **The openai SDK's streamed rows.** The synchronous `OpenAI` client stops reading a stream at
+  `data: [DONE]` and closes the response before the chunked body's terminator, so httpx cannot reuse
+  the connection: every streamed call opens a new one, direct or through any proxy (checked on
+  httpx's pool: no connection survives 20 streamed calls either way). Its "keep-alive, SSE" row is in
+  fact a new connection per call. `AsyncOpenAI` drains the body and keeps its connection.
 - **Nagle/delayed ACK (cured).** `requests`/urllib3 enable Nagle on proxy connections and write a POST's
   headers and body apart; the proxy's kernel delays the ACK of the headers (a keep-alive connection that
   has exchanged data is in "pingpong" mode), so every keep-alive POST waited ~40 ms. `addon/tcp_tuning.py`
