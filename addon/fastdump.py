@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mitmproxy import exceptions, hooks
+from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addonmanager import AddonManager, cut_traceback, traverse
 from mitmproxy.tools import cmdline
 from mitmproxy.tools.dump import DumpMaster
@@ -103,6 +103,14 @@ class IndexedAddonManager(AddonManager):
             super().remove(addon)
         finally:
             self._forget()
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        # mitmproxy follows every flow hook with an ``update`` hook; most runs have no addon for it.
+        await self.trigger_event(event)
+        if self._plan("update"):
+            message = event.args()[0]
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         args: list[Any] | None = None

@@ -134,6 +134,37 @@ def test_indexed_dispatch_calls_what_mitmproxys_walk_calls(caplog):
     assert errors == ["Addon error: boom from raises"]
 
 
+class Updates:
+    name = "updates"
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def update(self, flows: list[object]) -> None:
+        self.calls.append(f"update {len(flows)}")
+
+
+async def _lifecycle(master_cls: type[DumpMaster], with_update: bool) -> list[str]:
+    calls: list[str] = []
+    master = master_cls(None, with_termlog=False, with_dumper=False)
+    master.addons.add(Hooked("first", calls), *([Updates(calls)] if with_update else []))
+    flow = tflow.tflow(resp=True)
+    try:
+        for hook in (HttpRequestHook(flow), HttpResponseHook(flow)):
+            await master.addons.handle_lifecycle(hook)
+    finally:
+        await master.done()
+    return calls
+
+
+@pytest.mark.parametrize("with_update", [True, False])
+def test_flow_hooks_are_followed_by_update_as_in_mitmproxy(with_update):
+    plain = asyncio.run(_lifecycle(DumpMaster, with_update))
+    assert asyncio.run(_lifecycle(IndexedDumpMaster, with_update)) == plain
+    assert plain == (["first.request", "update 1", "first.response", "update 1"] if with_update
+                     else ["first.request", "first.response"])
+
+
 def test_indexed_master_uses_the_indexed_manager():
     async def build() -> object:
         master = IndexedDumpMaster(None, with_termlog=False, with_dumper=False)
