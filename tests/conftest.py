@@ -7,8 +7,11 @@ speaks vLLM's OpenAI-compatible JSON (return_token_ids, logprobs, SSE), not a re
 from __future__ import annotations
 
 import os
+import queue
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -87,3 +90,35 @@ def settled_flows(store_path: Path, timeout: float = 10.0, **filters):
             flows = store.flows(**filters)
             return flows if flows and all(f.state != "open" for f in flows) else None
         return wait_for(ready, timeout, f"settled flows {filters}")
+
+
+LISTENING_RE = re.compile(r"proxy listening at 127\.0\.0\.1:(\d+)")
+
+
+def output_lines(proc: subprocess.Popen) -> queue.Queue:
+    """A process's text output, line by line, read by a thread (None once it ends)."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def wait_line(lines: queue.Queue, pattern: re.Pattern, timeout: float) -> re.Match:
+    """The first line of ``output_lines`` matching ``pattern``; fails with the output seen so far."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if match := pattern.search(line):
+            return match
+    raise AssertionError(f"no line matching {pattern.pattern!r} in mitmdump's output:\n{''.join(seen)[-3000:]}")

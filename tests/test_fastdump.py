@@ -11,11 +11,8 @@ import asyncio
 import json
 import logging
 import os
-import queue
-import re
 import subprocess
 import sys
-import threading
 import time
 import warnings
 
@@ -23,6 +20,8 @@ import pytest
 import requests
 from mitmproxy import exceptions, hooks
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+
+from conftest import LISTENING_RE, output_lines, wait_line
 
 with warnings.catch_warnings():
     # mitmproxy 12.2's flowfilter (imported by its addons) calls names pyparsing 3.3 deprecates.
@@ -201,32 +200,6 @@ addons = [Answer()]
 """
 
 
-def _lines(proc: subprocess.Popen) -> queue.Queue:
-    lines: queue.Queue = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
-def _port(lines: queue.Queue, timeout: float) -> int:
-    deadline, seen = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        if match := re.search(r"proxy listening at 127\.0\.0\.1:(\d+)", line):
-            return int(match.group(1))
-    raise AssertionError("fastdump did not listen:\n" + "".join(seen)[-3000:])
-
-
 def test_fastdump_runs_a_script_and_follows_its_reload(tmp_path):
     script = tmp_path / "answer.py"
     script.write_text(SCRIPT.format(word="one"))
@@ -236,7 +209,7 @@ def test_fastdump_runs_a_script_and_follows_its_reload(tmp_path):
          "--set", "termlog_verbosity=info", "--set", "flow_detail=0"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        proxies = {"http": f"http://127.0.0.1:{_port(_lines(proc), 60)}"}
+        proxies = {"http": f"http://127.0.0.1:{wait_line(output_lines(proc), LISTENING_RE, 60).group(1)}"}
 
         def answer() -> str:
             return requests.get("http://example.invalid/", proxies=proxies, timeout=10).text

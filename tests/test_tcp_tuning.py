@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 import warnings
 
 import pytest
 import requests
 
+from conftest import LISTENING_RE, output_lines, wait_line
 from rollouttap.addon import tcp_tuning
 from rollouttap.addon.tcp_tuning import (
     QuickAckReads, TcpTuning, TuningStats, ensure_nodelay, tcp_socket, tune_transport,
@@ -167,33 +165,6 @@ def test_option_off_tunes_nothing():
 
 
 # -- a real mitmdump ---------------------------------------------------------------------------------
-def _lines(proc: subprocess.Popen) -> queue.Queue:
-    lines: queue.Queue = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
-def _wait_line(lines: queue.Queue, pattern: re.Pattern, timeout: float) -> re.Match:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        if match := pattern.search(line):
-            return match
-    raise AssertionError(f"no line matching {pattern.pattern!r} in mitmdump's output:\n{''.join(seen)[-3000:]}")
-
-
 def _summary(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in (part.split("=") for part in text.split())}
 
@@ -206,8 +177,8 @@ def test_mitmdump_with_the_addon_tunes_keepalive_connections(upstream, tmp_path,
          "--set", f"rollouttap_tcp_quickack={'true' if enabled else 'false'}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = _lines(proc)
-        port = int(_wait_line(lines, re.compile(r"proxy listening at 127\.0\.0\.1:(\d+)"), 60).group(1))
+        lines = output_lines(proc)
+        port = int(wait_line(lines, LISTENING_RE, 60).group(1))
         body = {"model": "policy", "messages": [{"role": "user", "content": "hello"}]}
         with requests.Session() as session:  # urllib3: Nagle on, headers and body written apart
             session.trust_env = False
@@ -217,7 +188,7 @@ def test_mitmdump_with_the_addon_tunes_keepalive_connections(upstream, tmp_path,
                                      timeout=30)
                 assert reply.status_code == 200
         proc.send_signal(signal.SIGINT)
-        stats = _summary(_wait_line(lines, SUMMARY_RE, 30).group(1))
+        stats = _summary(wait_line(lines, SUMMARY_RE, 30).group(1))
     finally:
         proc.kill()
         proc.wait()
