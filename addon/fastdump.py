@@ -149,13 +149,13 @@ class IndexedDumpMaster(DumpMaster):
         self.addons._forget()
         # Both after the manager's own receiver, which runs the addons' configure first.
         self.options.changed.connect(self.addons._forget)
-        self.options.changed.connect(self._follow_verbosity)
+        self.options.changed.connect(self._follow_handler_levels)
 
     async def running(self) -> None:
         await super().running()
-        self._follow_verbosity()  # scripts may have added log handlers meanwhile
+        self._follow_handler_levels()  # scripts may have added log handlers meanwhile
 
-    def _follow_verbosity(self, updated: object = None) -> None:
+    def _follow_handler_levels(self, updated: object = None) -> None:
         # mitmproxy sets the root logger to DEBUG and lets each handler drop what is below its own level;
         # each record still costs a format and an add_log event on the loop (six per connection: connect,
         # disconnect, ...). The root logger is kept at the lowest level any handler takes, so records no
@@ -169,7 +169,7 @@ class IndexedDumpMaster(DumpMaster):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """mitmdump, with the indexed dispatch."""
-    def extra(args: Any) -> dict[str, str]:
+    def extra(args: Any) -> dict[str, str]:  # mitmproxy.tools.main.mitmdump's, which names DumpMaster itself
         if args.filter_args:
             v = " ".join(args.filter_args)
             return {"save_stream_filter": v, "readfile_filter": v, "dumper_filter": v}

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 CA_FILE = "mitmproxy-ca-cert.pem"
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE")
-# How mitmdump is started. "fastdump": mitmdump with the indexed hook dispatch (addon/fastdump.py), under
-# python -O, which drops mitmproxy's per-message type checks; together ~40 % less proxy CPU per request
-# (bench/RESULTS.md). "mitmdump": mitmproxy's own entry point, exactly as ``mitmdump -s`` runs it.
+# How mitmdump is started. "fastdump": addon/fastdump.py (indexed hook dispatch, no log records nobody
+# keeps) under python -O, which drops mitmproxy's per-message type checks: bare, about half the proxy CPU
+# per keep-alive request (bench/RESULTS.md). "mitmdump": mitmproxy's own entry point, as ``mitmdump -s``.
 LAUNCHERS = {
     "fastdump": ["-O", "-m", "rollouttap.addon.fastdump"],
     "mitmdump": ["-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"],
