@@ -28,6 +28,7 @@ from rollouttap.addon.attribution import (
 from rollouttap.addon.routes import Route, RouteError, find_route, parse_routes
 from rollouttap.addon.streamtap import StreamTap
 from rollouttap.store import StoreWriter
+from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class RolloutTap:
     # -- lifecycle ---------------------------------------------------------------------------------
     def running(self) -> None:
         assert self.writer is not None
+        _listen_for_nudges(self._nudge)  # before the proxy row: readers nudge only proxies they see
         self.writer.proxy_id = self.proxy_id
         self.writer.upsert_proxy({
             "proxy_id": self.proxy_id,
@@ -161,6 +163,7 @@ class RolloutTap:
     def done(self) -> None:
         if self.writer is None:
             return
+        _listen_for_nudges(None)
         for flow_id, live in list(self._live.items()):
             self._end(flow_id, "error", {"error": "proxy shut down before the flow ended"})
         self.writer.upsert_proxy({"proxy_id": self.proxy_id, "pid": os.getpid(),
@@ -168,6 +171,10 @@ class RolloutTap:
         self.writer.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("rollouttap: %s", self.counts)
+
+    def _nudge(self) -> None:
+        if self.writer is not None:  # the writer in use now: a new store path replaces it
+            self.writer.nudge()
 
     # -- connections -------------------------------------------------------------------------------
     def client_connected(self, client: Client) -> None:
@@ -376,6 +383,20 @@ class RolloutTap:
         if live.meta:
             cols["meta"] = dict(live.meta)
         self._update(flow_id, cols)
+
+
+def _listen_for_nudges(callback: Any) -> None:
+    """Answer a reader's NUDGE_SIGNAL on the event loop (``store/nudge.py``); None stops answering."""
+    try:
+        loop = asyncio.get_running_loop()
+        if callback is None:
+            loop.remove_signal_handler(NUDGE_SIGNAL)
+        else:
+            loop.add_signal_handler(NUDGE_SIGNAL, callback)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        # No loop in the main thread (embedded mitmproxy) or no signals here: readers then wait for the
+        # writer's idle watermarks, which only takes longer.
+        log.debug("rollouttap: store nudges not handled: %s", exc)
 
 
 async def _shutdown_when_gone(pid: int, interval: float = 1.0) -> None:

@@ -170,6 +170,9 @@ class ProxyProcess:
         return proxy_env(self.url, self.ca_cert, agent_id=agent_id, token=token)
 
     def start(self, timeout: float = 30.0) -> ProxyProcess:
+        """Start mitmdump and wait until it listens; a proxy already running is left as it is."""
+        if self.alive():
+            return self  # `with ProxyProcess(...).start() as p` must not start a second one
         if self.config.reverse_target and self.config.reverse_port == 0 and self.config.port == 0:
             self.config.reverse_port = free_port(self.config.host)
         self.proc = subprocess.Popen(self.config.argv(self.proxy_id), stdin=subprocess.DEVNULL,

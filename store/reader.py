@@ -13,6 +13,7 @@ import psutil
 
 from rollouttap.errors import StoreError
 from rollouttap.store.db import connect, transaction
+from rollouttap.store.nudge import nudge
 from rollouttap.store.records import AgentRecord, FlowRecord
 from rollouttap.store.redact import hash_token
 
@@ -155,22 +156,32 @@ class Store:
         """Wait until every live proxy of this store has committed what it queued before ``since``.
 
         After an agent ends, its last flow updates may still sit in a proxy's write queue; reading the
-        store before they land would miss them. False when a proxy did not catch up within ``timeout``.
+        store before they land would miss them. A proxy that is behind is nudged once (``nudge.py``) to
+        write its watermark as soon as that is committed; polls start at 1 ms and double up to ``poll``.
+        False when a proxy did not catch up within ``timeout``.
         """
         deadline = time.monotonic() + timeout
+        wait, nudged = min(0.001, poll), False
         while True:
-            if self._committed_since(since):
+            behind = self._behind(since)
+            if not behind:
                 return True
+            if not nudged:
+                for pid in behind:
+                    nudge(pid)
+                nudged = True
             if time.monotonic() > deadline:
                 return False
-            time.sleep(poll)
+            time.sleep(wait)
+            wait = min(wait * 2, poll)
 
-    def _committed_since(self, since: float) -> bool:
+    def _behind(self, since: float) -> list[int]:
+        """Pids of the live proxies that have not marked ``since`` committed yet."""
         # One small query per poll; only a proxy that is behind is checked for life (a stopped or dead
         # proxy commits nothing more, so it cannot hold readers back).
-        behind = self._query("SELECT pid, create_time FROM proxies WHERE stopped_at IS NULL "
-                             "AND coalesce(committed_through, -1) < ?", (since,))
-        return not any(_alive(r["pid"], r["create_time"]) for r in behind)
+        rows = self._query("SELECT pid, create_time FROM proxies WHERE stopped_at IS NULL "
+                           "AND coalesce(committed_through, -1) < ?", (since,))
+        return [r["pid"] for r in rows if _alive(r["pid"], r["create_time"])]
 
     def close_flows_of_dead_proxies(self) -> int:
         """Flows left ``open`` by a proxy process that no longer runs can never finish: end them."""

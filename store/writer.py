@@ -32,6 +32,7 @@ BATCH_MAX = 512
 LINGER_S = 0.010
 
 Event = tuple[Any, ...]
+_CONTROL = frozenset(("barrier", "mark"))  # events that want a commit now, not after a linger
 # What one bad event can raise (a constraint, a value JSON cannot encode): it is dropped, alone, and the
 # thread goes on; a dead writer thread would silently lose everything after it.
 _BAD_EVENT = (sqlite3.Error, TypeError, ValueError)
@@ -77,6 +78,12 @@ class StoreWriter:
     def upsert_proxy(self, columns: dict[str, Any]) -> None:
         """Queue the row describing this proxy process."""
         self._put(("upsert_proxy", dict(columns)))
+
+    def nudge(self) -> None:
+        """A reader waits for the watermark: mark everything queued before now as soon as it is committed.
+
+        Reentrant (one SimpleQueue.put), so it may run from a signal handler."""
+        self._queue.put(("mark", time.time()))
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until everything queued so far is committed; False on timeout."""
@@ -130,7 +137,7 @@ class StoreWriter:
         """Wait ``linger`` after the first event, and keep commits ``linger`` apart: what arrives meanwhile
         joins one transaction. A short flow's insert and its end become one statement."""
         wait = max(self._last_commit + self.linger - time.monotonic(), self.linger)
-        if first[0] != "barrier" and wait > 0 and self._queue.qsize() < BATCH_MAX:
+        if first[0] not in _CONTROL and wait > 0 and self._queue.qsize() < BATCH_MAX:
             self._wake.wait(wait)  # flush() and close() end it early
         self._wake.clear()
 
@@ -148,13 +155,23 @@ class StoreWriter:
 
     def _commit(self, batch: list[Event]) -> None:
         barriers = [e[1] for e in batch if e[0] == "barrier"]
-        writes = [e for e in batch if e[0] != "barrier"]
+        nudges = [e[1] for e in batch if e[0] == "mark"]
+        writes = [e for e in batch if e[0] not in _CONTROL]
+        # FIFO: once this batch is committed, so is everything queued before its last event: the moment
+        # of a nudge in it, or now when nothing is queued behind it.
+        now = time.time()
+        mark = now if self._queue.empty() else max(nudges, default=None)
+        if writes:
+            self._commit_rows(writes, mark)
+        elif mark is not None and nudges:
+            self._mark_alone(mark)
+        for barrier in barriers:
+            barrier.set()
+
+    def _commit_rows(self, writes: list[Event], mark: float | None) -> None:
         statements = fold(writes)
         delay = 0.05
-        # FIFO: once this batch is committed, so is everything queued before its last event.
-        now = time.time()
-        mark = now if self._queue.empty() else None
-        while writes:
+        while True:
             try:
                 with transaction(self._conn):
                     for event in statements:
@@ -170,23 +187,22 @@ class StoreWriter:
             except _BAD_EVENT:
                 self._commit_one_by_one(writes)  # the events as queued: only the bad one is lost
                 break
-        if writes:
-            self._last_commit = time.monotonic()
-            self._idle_wait = self.linger
-            self.stats.committed += len(writes)
-            self.stats.statements += len(statements)
-            self.stats.batches += 1
-            self.stats.max_batch = max(self.stats.max_batch, len(writes))
-        for barrier in barriers:
-            barrier.set()
+        self._last_commit = time.monotonic()
+        self._idle_wait = self.linger
+        self.stats.committed += len(writes)
+        self.stats.statements += len(statements)
+        self.stats.batches += 1
+        self.stats.max_batch = max(self.stats.max_batch, len(writes))
 
     def _mark_idle(self) -> None:
         """Nothing queued: everything queued before now is committed; tell readers so."""
         self._idle_wait = min(self._idle_wait * 2, self.heartbeat)
-        if self.proxy_id is None:
-            return
         mark = time.time()
-        if not self._queue.empty():
+        if self._queue.empty():
+            self._mark_alone(mark)
+
+    def _mark_alone(self, mark: float) -> None:
+        if self.proxy_id is None:
             return
         try:
             with transaction(self._conn):

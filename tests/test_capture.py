@@ -318,6 +318,23 @@ def test_stopping_the_proxy_commits_everything(tmp_path, confdir, upstream):
         assert row["stopped_at"] is not None
 
 
+def _catches(pid: int, signum: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signum - 1)))
+
+
+def test_running_proxy_answers_store_nudges(proxy):
+    # Readers nudge a proxy to write its watermark now (store/nudge.py); the addon handles the signal.
+    from rollouttap.store.nudge import NUDGE_SIGNAL
+    assert _catches(proxy.proc.pid, NUDGE_SIGNAL)
+    before = time.time()
+    os.kill(proxy.proc.pid, NUDGE_SIGNAL)
+    with Store(proxy.config.store) as store:
+        wait_for(lambda: (store.proxies()[0]["committed_through"] or 0) >= before, what="a watermark")
+    assert proxy.proc.poll() is None
+
+
 def _truncating_server() -> tuple[socket.socket, threading.Thread]:
     """Answers one request with headers promising 100 bytes, sends 10 and closes."""
     server = socket.create_server(("127.0.0.1", 0))

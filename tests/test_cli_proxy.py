@@ -121,3 +121,11 @@ def test_proxy_starts_with_an_extra_option_overriding_a_field(tmp_path):
                          extra={"rollouttap_logprobs": "false"})
     with ProxyProcess(config).start(timeout=60) as proxy:
         assert proxy.alive()
+
+
+def test_entering_a_started_proxy_starts_no_second_one(tmp_path, confdir):
+    proxy = ProxyProcess(ProxyConfig(store=tmp_path / "s.db", confdir=confdir)).start(timeout=60)
+    first = proxy.proc
+    with proxy as entered:
+        assert entered.proc is first
+    assert first.poll() is not None  # stopped with the block: nothing of it left running

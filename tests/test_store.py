@@ -229,6 +229,73 @@ def test_watermark_follows_a_write_without_waiting_for_the_heartbeat(tmp_path):
     writer.close()
 
 
+def _proxy_row(path, proxy_id: str, pid: int, create_time: float | None) -> None:
+    Store(path).close()  # creates the schema
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO proxies (proxy_id, pid, create_time, started_at) VALUES (?, ?, ?, 1)",
+                     (proxy_id, pid, create_time))
+
+
+def test_a_nudge_marks_what_was_queued_before_it(tmp_path):
+    # No rows through this writer and a 60 s heartbeat: without the nudge no watermark for a minute.
+    path = tmp_path / "s.db"
+    _proxy_row(path, "p1", os.getpid(), None)
+    writer = StoreWriter(path, heartbeat=60)
+    writer.proxy_id = "p1"
+    writer.insert_flow(_flow("n1"))
+    before = time.time()
+    writer.nudge()
+    assert writer.flush()
+    with Store(path) as store:
+        assert store.proxy("p1")["committed_through"] >= before
+        assert store.flow("n1") is not None
+    writer.close()
+
+
+NUDGED_WRITER = """
+import signal, sys, time
+from rollouttap.store import StoreWriter
+from rollouttap.store.nudge import NUDGE_SIGNAL
+writer = StoreWriter(sys.argv[1], heartbeat=60)
+writer.proxy_id = "p1"
+signal.signal(NUDGE_SIGNAL, lambda *_: writer.nudge())  # a plain handler: nudge() must be reentrant
+print("ready", flush=True)
+sys.stdin.read()
+writer.close()
+"""
+
+
+def test_a_waiting_reader_nudges_the_proxy_process(tmp_path):
+    # The writer lives in another process with a 60 s heartbeat: only the reader's nudge gets its
+    # watermark written before the wait's timeout.
+    import psutil
+    path = tmp_path / "s.db"
+    Store(path).close()
+    child = subprocess.Popen([sys.executable, "-c", NUDGED_WRITER, str(path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with sqlite3.connect(path) as conn:
+            conn.execute("INSERT INTO proxies (proxy_id, pid, create_time, started_at) VALUES ('p1', ?, ?, 1)",
+                         (child.pid, psutil.Process(child.pid).create_time()))
+        ended = time.time()
+        with Store(path) as store:
+            assert store.wait_committed(ended, timeout=30)
+            assert store.proxy("p1")["committed_through"] >= ended
+    finally:
+        child.communicate("", timeout=30)
+    assert child.returncode == 0
+
+
+def test_nudging_a_process_without_a_handler_does_no_harm():
+    from rollouttap.store.nudge import nudge
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    assert nudge(child.pid)
+    child.communicate(b"", timeout=30)
+    assert child.returncode == 0  # SIGURG is ignored by default: a proxy not listening yet lives on
+    assert not nudge(child.pid)  # reaped: nothing to signal
+
+
 def test_migration_from_version_1_adds_the_watermark(tmp_path):
     from rollouttap.store.schema import MIGRATIONS
     path = tmp_path / "v1.db"
