@@ -175,6 +175,12 @@ concurrency burst (section 1b). What they mean, and what would change them:
   new-connection pace fell from ~0.43 to ~0.2 ms when it began to wait too (per-thread CPU), and the event
   loop's own CPU fell with it (fewer wake-ups and GIL hand-offs). The price: a new flow reaches readers
   up to 10 ms later.
+- **deploy()'s tail (`store/nudge.py`).** Once an agent has exited, the manager waits for the proxy's
+  commit watermark ("everything queued before this moment is committed") before reading its flows. When
+  idle the writer writes that mark at doubling intervals (10 ms up to 100 ms), and an agent exits tens of
+  ms after its last call, so the last agent's results waited 60–90 ms for the next mark. A waiting reader
+  now sends the proxy SIGURG and the writer marks at once: section 5's "after last exit" fell from
+  ~0.08 s to a few ms.
 - **Our hooks (`addon/capture.py`).** Per keep-alive request rollouttap's proxy spends ~0.25 ms more
   than bare fastdump (section 1c): ~0.1 ms in our hook functions (py-spy), ~0.1 ms in the writer thread,
   the rest GIL hand-offs between the two threads (an inference, not measured directly). As a ratio this
@@ -192,4 +198,8 @@ concurrency burst (section 1b). What they mean, and what would change them:
   searching are remembered; ancestors' tags are cached by pid + start time. What is left: a process
   older than the others, seen for the first time and not under a registered agent, costs a scan of every
   fd table (section 3, "old agent"); managed agents attribute by credentials and never pay it.
+  Tried and dropped: sending a request upstream before its pid lookup ends (filling the agent in before
+  the response goes back). On this 2-core machine urllib's new-connection p50 over direct got worse,
+  ~1.9 → ~2.5 ms: the lookup thread and the event loop then compete for the GIL, while a request that
+  waits leaves the loop idle and the lookup runs alone.
 """
