@@ -49,6 +49,7 @@ BARE = Variant("bare mitmdump", "bare", launcher="mitmdump")
 BARE_STREAM = Variant("bare mitmdump, streaming on", "bare", stream_bodies=True, launcher="mitmdump")
 BARE_TUNED = Variant("bare + tuning", "bare", tuning=True, launcher="mitmdump")
 BARE_FAST_TUNED = Variant("bare fastdump + tuning", "bare", tuning=True)
+BARE_FAST_STREAM = Variant("bare fastdump + tuning, streaming on", "bare", tuning=True, stream_bodies=True)
 CAPTURE_STOCK_TUNED = Variant("capture + tuning, stock mitmdump", "capture", tuning=True, launcher="mitmdump")
 CAPTURE_TUNED = Variant("capture + tuning", "capture", tuning=True)
 TOKENS_TUNED = Variant("capture + token ids + tuning", "capture", tuning=True, token_ids=True)
@@ -105,14 +106,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 class Upstream:
     """``python -m rollouttap.testing.upstream`` in its own process."""
 
-    def __init__(self, chunk_delay: float = 0.0) -> None:
+    def __init__(self, chunk_delay: float = 0.0, tokens_per_chunk: int = 4) -> None:
         self.chunk_delay = chunk_delay
+        self.tokens_per_chunk = tokens_per_chunk
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
     def __enter__(self) -> Upstream:
         self.proc = subprocess.Popen(
-            [PY, "-m", "rollouttap.testing.upstream", "--port", "0", "--chunk-delay", str(self.chunk_delay)],
+            [PY, "-m", "rollouttap.testing.upstream", "--port", "0", "--chunk-delay", str(self.chunk_delay),
+             "--tokens-per-chunk", str(self.tokens_per_chunk)],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

@@ -29,6 +29,7 @@ import latency  # noqa: E402
 import proxy_cpu  # noqa: E402
 import scale  # noqa: E402
 import store_speed  # noqa: E402
+import stream_cpu  # noqa: E402
 import streaming  # noqa: E402
 from context import FULL, SMOKE, Context, Shared, progress  # noqa: E402
 from report import Section, document, header, machine_facts  # noqa: E402
@@ -38,6 +39,7 @@ BENCHMARKS = {
     "concurrency": concurrency,
     "cpu": proxy_cpu,
     "streaming": streaming,
+    "stream_cpu": stream_cpu,
     "attribution": attribution_cost,
     "scale": scale,
     "deploy": deploy,

@@ -1,0 +1,83 @@
+"""Benchmark 2b: proxy CPU per streamed chunk, one token per chunk as vLLM streams.
+
+A long streamed answer through each proxy, the proxy's CPU divided by the chunks it carried. Two paces:
+back to back (the upstream writes every chunk at once, so the proxy reads many per wake-up: its
+processing per chunk) and paced (each chunk on its own read and wake-up, as while a model generates).
+The upstream's own CPU per chunk sits beside it: what a wake-up costs any process on this machine.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import ExitStack
+
+import requests
+
+from clients import MESSAGE, chat_body
+from context import Context, progress, run_job
+from procs import BARE_FAST_STREAM, CAPTURE_TUNED, TOKENS_TUNED, ProxyStack, Upstream, cpu_seconds
+from report import Section, table
+from stats import fmt, ratio, spread
+
+TITLE = "2b. Streaming: proxy CPU per chunk"
+VARIANTS = (BARE_FAST_STREAM, CAPTURE_TUNED, TOKENS_TUNED)
+PACED_S = 0.002
+PACES = (("back to back", 0.0), (f"paced {PACED_S * 1000:g} ms", PACED_S))
+
+
+def chunks_per_answer(upstream: Upstream) -> int:
+    """SSE events in one answer, as the agent asks for it (``data:`` lines, ``[DONE]`` included)."""
+    reply = requests.post(upstream.url + "/v1/chat/completions", json=chat_body(True, MESSAGE), timeout=30)
+    reply.raise_for_status()
+    return reply.content.count(b"data:")
+
+
+def one(ctx: Context, upstream: Upstream, url: str, pid: int, answers: int) -> tuple[float, float]:
+    """(proxy, upstream) CPU µs per chunk while one curl streams ``answers`` answers on one connection."""
+    cell = {"proxy": url, "keepalive": True, "stream": True, "message": MESSAGE, "n": answers,
+            "warmup": 0, "budget_s": ctx.plan.cell_budget_s * 2}
+    proxy_before, upstream_before = cpu_seconds(pid), cpu_seconds(upstream.pid)
+    answer = run_job({"kind": "cells", "client": "curl", "url": upstream.url, "cells": [cell]},
+                     ctx.plan.cell_budget_s * 2 + 60)
+    proxy_used, upstream_used = cpu_seconds(pid) - proxy_before, cpu_seconds(upstream.pid) - upstream_before
+    done = len(answer["cells"][0].get("lat_ms", []))
+    if done == 0:
+        raise RuntimeError(f"no answer went through: {answer['cells'][0]}")
+    chunks = done * chunks_per_answer(upstream)
+    return proxy_used / chunks * 1e6, upstream_used / chunks * 1e6
+
+
+def run(ctx: Context) -> Section:
+    plan = ctx.plan
+    variants = (TOKENS_TUNED,) if plan.smoke else VARIANTS
+    answers = 2 if plan.smoke else 10
+    runs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    with ExitStack() as stack:
+        upstreams = {name: stack.enter_context(Upstream(delay, tokens_per_chunk=1)) for name, delay in PACES}
+        progress("stream cpu: starting proxies")
+        proxies = stack.enter_context(ProxyStack(variants, ctx.workdir / "stream-cpu",
+                                                 tuple(u.hostport for u in upstreams.values())))
+        per_answer = {name: chunks_per_answer(u) for name, u in upstreams.items()}
+        for rep in range(plan.repeats):
+            progress(f"stream cpu: run {rep + 1}/{plan.repeats}")
+            for name, upstream in upstreams.items():
+                for v in variants:
+                    proxy = proxies.proxies[v.name]
+                    runs[f"{name}|{v.name}"].append(one(ctx, upstream, proxy.url, proxy.pid, answers))
+    rows = []
+    for name, _ in PACES:
+        for v in variants:
+            reps = runs[f"{name}|{v.name}"]
+            proxy_us, upstream_us = spread([r[0] for r in reps]), spread([r[1] for r in reps])
+            rows.append((name, v.name, proxy_us.fmt(1), upstream_us.fmt(1), fmt(ratio(1e6, proxy_us.median), 0)))
+    chunks = ", ".join(f"{n} {name}" for name, n in per_answer.items())
+    body = (f"One token per SSE chunk ({chunks} chunks per answer); curl streams {answers} answers on one keep-alive "
+            f"connection per run, {plan.repeats} runs; CPU (user + system) of the proxy and of the upstream from "
+            "their own counters, divided by the chunks. Back to back: the upstream writes every chunk at once "
+            "and the proxy reads several per wake-up. Paced: one chunk every "
+            f"{PACED_S * 1000:g} ms, each its own read and wake-up, as while a model generates; the upstream "
+            "column shows what such a wake-up costs any process on this machine. The last column is the "
+            "ceiling one proxy core puts on streamed chunks per second.\n\n"
+            + table(["pace", "variant", "proxy CPU µs / chunk", "upstream CPU µs / chunk",
+                     "≈ max chunks/s per proxy core"], rows))
+    return Section("stream_cpu", TITLE, body, {"runs": dict(runs), "chunks_per_answer": per_answer})
