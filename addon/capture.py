@@ -63,6 +63,7 @@ class RolloutTap:
         self._conn_creds: dict[str, Attribution] = {}
         self._live: dict[str, _Live] = {}
         self._parent_watch: asyncio.Task[None] | None = None
+        self._running = False
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -115,7 +116,7 @@ class RolloutTap:
             raise exceptions.OptionsError(
                 "rollouttap_store is not set: pass --set rollouttap_store=PATH/runs.db")
         if self.writer is not None:
-            self.writer.close()
+            self._retire("the proxy switched to another store before the flow ended")
             assert self.directory is not None
             self.directory.close()
         try:
@@ -124,6 +125,8 @@ class RolloutTap:
         except StoreError as exc:
             raise exceptions.OptionsError(str(exc)) from exc
         self.pids = PidAttributor(self.directory)
+        if self._running:  # changed at run time: the new store learns of this proxy as a started one does
+            self._announce()
 
     def _check_listen(self, opts: Any) -> None:
         if opts.rollouttap_allow_remote:
@@ -143,8 +146,17 @@ class RolloutTap:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def running(self) -> None:
-        assert self.writer is not None
         _listen_for_nudges(self._nudge)  # before the proxy row: readers nudge only proxies they see
+        self._running = True
+        self._announce()
+        log.info("rollouttap: recording into %s as proxy %s", ctx.options.rollouttap_store,
+                 self.proxy_id)
+        if ctx.options.rollouttap_parent_pid:
+            self._parent_watch = asyncio.create_task(_shutdown_when_gone(ctx.options.rollouttap_parent_pid))
+
+    def _announce(self) -> None:
+        """This proxy's row in the store (readers find its pid and listeners there); enables the watermark."""
+        assert self.writer is not None
         self.writer.proxy_id = self.proxy_id
         self.writer.upsert_proxy({
             "proxy_id": self.proxy_id,
@@ -155,22 +167,24 @@ class RolloutTap:
             "started_at": time.time(),
             "stopped_at": None,
         })
-        log.info("rollouttap: recording into %s as proxy %s", ctx.options.rollouttap_store,
-                 self.proxy_id)
-        if ctx.options.rollouttap_parent_pid:
-            self._parent_watch = asyncio.create_task(_shutdown_when_gone(ctx.options.rollouttap_parent_pid))
 
     def done(self) -> None:
         if self.writer is None:
             return
         _listen_for_nudges(None)
-        for flow_id, live in list(self._live.items()):
-            self._end(flow_id, "error", {"error": "proxy shut down before the flow ended"})
-        self.writer.upsert_proxy({"proxy_id": self.proxy_id, "pid": os.getpid(),
-                                  "started_at": time.time(), "stopped_at": time.time()})
-        self.writer.close()
+        self._retire("proxy shut down before the flow ended")
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("rollouttap: %s", self.counts)
+
+    def _retire(self, reason: str) -> None:
+        """End the flows in flight, mark this proxy stopped in the store, and commit everything."""
+        assert self.writer is not None
+        for flow_id in list(self._live):
+            self._end(flow_id, "error", {"error": reason})
+        if self.writer.proxy_id is not None:  # a row exists only once the proxy has run
+            self.writer.upsert_proxy({"proxy_id": self.writer.proxy_id, "pid": os.getpid(),
+                                      "started_at": time.time(), "stopped_at": time.time()})
+        self.writer.close()
 
     def _nudge(self) -> None:
         if self.writer is not None:  # the writer in use now: a new store path replaces it

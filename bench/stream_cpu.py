@@ -1,9 +1,10 @@
 """Benchmark 2b: proxy CPU per streamed chunk, one token per chunk as vLLM streams.
 
-A long streamed answer through each proxy, the proxy's CPU divided by the chunks it carried. Two paces:
-back to back (the upstream writes every chunk at once, so the proxy reads many per wake-up: its
-processing per chunk) and paced (each chunk on its own read and wake-up, as while a model generates).
-The upstream's own CPU per chunk sits beside it: what a wake-up costs any process on this machine.
+A streamed answer of ~200 one-token chunks through each proxy, the proxy's CPU divided by the chunks it
+carried (each answer's own costs, such as its rows and token-id injection, are spread over them). Two
+paces: back to back (the upstream writes every chunk at once, so the proxy reads several per wake-up) and
+paced (each chunk on its own read and wake-up, as while a model generates). The upstream's own CPU per
+chunk sits beside it; how much it grows from back to back to paced is what a wake-up costs here.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def chunks_per_answer(upstream: Upstream) -> int:
     return reply.content.count(b"data:")
 
 
-def one(ctx: Context, upstream: Upstream, url: str, pid: int, answers: int) -> tuple[float, float]:
+def one(ctx: Context, upstream: Upstream, url: str, pid: int, answers: int, per_answer: int) -> tuple[float, float]:
     """(proxy, upstream) CPU µs per chunk while one curl streams ``answers`` answers on one connection."""
     cell = {"proxy": url, "keepalive": True, "stream": True, "message": MESSAGE, "n": answers,
             "warmup": 0, "budget_s": ctx.plan.cell_budget_s * 2}
@@ -43,7 +44,7 @@ def one(ctx: Context, upstream: Upstream, url: str, pid: int, answers: int) -> t
     done = len(answer["cells"][0].get("lat_ms", []))
     if done == 0:
         raise RuntimeError(f"no answer went through: {answer['cells'][0]}")
-    chunks = done * chunks_per_answer(upstream)
+    chunks = done * per_answer
     return proxy_used / chunks * 1e6, upstream_used / chunks * 1e6
 
 
@@ -63,7 +64,8 @@ def run(ctx: Context) -> Section:
             for name, upstream in upstreams.items():
                 for v in variants:
                     proxy = proxies.proxies[v.name]
-                    runs[f"{name}|{v.name}"].append(one(ctx, upstream, proxy.url, proxy.pid, answers))
+                    runs[f"{name}|{v.name}"].append(one(ctx, upstream, proxy.url, proxy.pid, answers,
+                                                        per_answer[name]))
     rows = []
     for name, _ in PACES:
         for v in variants:
@@ -73,11 +75,12 @@ def run(ctx: Context) -> Section:
     chunks = ", ".join(f"{n} {name}" for name, n in per_answer.items())
     body = (f"One token per SSE chunk ({chunks} chunks per answer); curl streams {answers} answers on one keep-alive "
             f"connection per run, {plan.repeats} runs; CPU (user + system) of the proxy and of the upstream from "
-            "their own counters, divided by the chunks. Back to back: the upstream writes every chunk at once "
-            "and the proxy reads several per wake-up. Paced: one chunk every "
+            "their own counters, divided by the chunks (each answer's own costs, such as its rows and "
+            "token-id injection, are spread over its chunks). Back to back: the upstream writes every chunk "
+            "at once and the proxy reads several per wake-up. Paced: one chunk every "
             f"{PACED_S * 1000:g} ms, each its own read and wake-up, as while a model generates; the upstream "
-            "column shows what such a wake-up costs any process on this machine. The last column is the "
-            "ceiling one proxy core puts on streamed chunks per second.\n\n"
+            "column's growth from back to back to paced is what a wake-up costs a process on this machine. "
+            "The last column is the ceiling one proxy core puts on streamed chunks per second.\n\n"
             + table(["pace", "variant", "proxy CPU µs / chunk", "upstream CPU µs / chunk",
                      "≈ max chunks/s per proxy core"], rows))
     return Section("stream_cpu", TITLE, body, {"runs": dict(runs), "chunks_per_answer": per_answer})

@@ -157,10 +157,8 @@ class StoreWriter:
         barriers = [e[1] for e in batch if e[0] == "barrier"]
         nudges = [e[1] for e in batch if e[0] == "mark"]
         writes = [e for e in batch if e[0] not in _CONTROL]
-        # FIFO: once this batch is committed, so is everything queued before its last event: the moment
-        # of a nudge in it, or now when nothing is queued behind it.
-        now = time.time()
-        mark = now if self._queue.empty() else max(nudges, default=None)
+        now = time.time()  # read before the queue is found empty: see batch_mark
+        mark = batch_mark(nudges, self._queue.empty(), now)
         if writes:
             self._commit_rows(writes, mark)
         elif mark is not None and nudges:
@@ -186,6 +184,8 @@ class StoreWriter:
                 delay = min(delay * 2, 2.0)
             except _BAD_EVENT:
                 self._commit_one_by_one(writes)  # the events as queued: only the bad one is lost
+                if mark is not None:  # every event before it is committed or dropped for good
+                    self._mark_alone(mark)
                 break
         self._last_commit = time.monotonic()
         self._idle_wait = self.linger
@@ -249,6 +249,13 @@ def fold(writes: list[Event]) -> list[Event]:
                 target.pop(event[2]["flow_id"], None)
             out.append(event)
     return out
+
+
+def batch_mark(nudges: list[float], queue_empty: bool, now: float) -> float | None:
+    """The watermark a committed batch proves, FIFO: everything queued before ``now`` (read before the
+    queue was found empty) when nothing is queued behind it, else everything queued before its latest
+    nudge; None when neither holds."""
+    return now if queue_empty else max(nudges, default=None)
 
 
 def _check_flow_columns(columns: dict[str, Any]) -> dict[str, Any]:

@@ -326,6 +326,8 @@ def _catches(pid: int, signum: int) -> bool:
 
 def test_running_proxy_answers_store_nudges(proxy):
     # Readers nudge a proxy to write its watermark now (store/nudge.py); the addon handles the signal.
+    # The handler is what this checks (SigCgt); the mark after it would also come with the 0.1 s heartbeat,
+    # so that half only shows the signal does the proxy no harm. test_store covers the writer's answer.
     from rollouttap.store.nudge import NUDGE_SIGNAL
     assert _catches(proxy.proc.pid, NUDGE_SIGNAL)
     before = time.time()
@@ -333,6 +335,38 @@ def test_running_proxy_answers_store_nudges(proxy):
     with Store(proxy.config.store) as store:
         wait_for(lambda: (store.proxies()[0]["committed_through"] or 0) >= before, what="a watermark")
     assert proxy.proc.poll() is None
+
+
+def test_a_store_changed_at_run_time_gets_the_proxy_row_and_the_old_one_stops(tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        # mitmproxy 12.2's flowfilter (imported by its addons) calls names pyparsing 3.3 deprecates.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from mitmproxy.addons.proxyserver import Proxyserver
+        from mitmproxy.test import taddons
+
+    from mitmproxy import hooks
+
+    from rollouttap.addon.capture import RolloutTap
+    addon = RolloutTap()
+    first, second = tmp_path / "a.db", tmp_path / "b.db"
+    with taddons.context(Proxyserver()) as tctx:
+        tctx.master.addons.register(addon)  # loaded, not configured with every option (no store yet)
+
+        def set_store(path) -> None:
+            tctx.options.update(rollouttap_store=str(path))
+            tctx.master.addons.invoke_addon_sync(addon, hooks.ConfigureHook({"rollouttap_store"}))
+        set_store(first)
+        addon.running()
+        set_store(second)
+        with Store(first) as old_store:  # the old writer was closed: all it had is committed
+            [old] = old_store.proxies()
+        assert old["stopped_at"] is not None  # readers of the old store stop waiting for this proxy
+        assert addon.writer.flush()
+        with Store(second) as new_store:
+            [new] = new_store.proxies()
+        assert new["proxy_id"] == old["proxy_id"] and new["stopped_at"] is None
+        addon.done()
 
 
 def _truncating_server() -> tuple[socket.socket, threading.Thread]:

@@ -18,7 +18,7 @@ from rollouttap.store import (
 )
 from rollouttap.store.records import decode_body
 from rollouttap.store.redact import redact_value
-from rollouttap.store.writer import _apply, fold
+from rollouttap.store.writer import _apply, batch_mark, fold
 
 
 def test_new_store_has_schema_wal_and_busy_timeout(tmp_path):
@@ -237,18 +237,44 @@ def _proxy_row(path, proxy_id: str, pid: int, create_time: float | None) -> None
 
 
 def test_a_nudge_marks_what_was_queued_before_it(tmp_path):
-    # No rows through this writer and a 60 s heartbeat: without the nudge no watermark for a minute.
+    # No rows through this writer (a commit of rows would mark by itself) and a 60 s heartbeat: without
+    # the nudge no watermark for a minute; a flush alone writes none.
     path = tmp_path / "s.db"
     _proxy_row(path, "p1", os.getpid(), None)
     writer = StoreWriter(path, heartbeat=60)
     writer.proxy_id = "p1"
-    writer.insert_flow(_flow("n1"))
     before = time.time()
     writer.nudge()
     assert writer.flush()
     with Store(path) as store:
         assert store.proxy("p1")["committed_through"] >= before
-        assert store.flow("n1") is not None
+    writer.close()
+
+
+@pytest.mark.parametrize("nudges, queue_empty, expected", [
+    ([], True, 5.0),  # nothing behind the batch: all queued before now is in it or earlier
+    ([1.0], True, 5.0),
+    ([1.0, 3.0], False, 3.0),  # events wait behind it: only what came before its latest nudge
+    ([], False, None),  # events wait behind it and no nudge: it proves no moment
+])
+def test_batch_mark(nudges, queue_empty, expected):
+    assert batch_mark(nudges, queue_empty, 5.0) == expected
+
+
+def test_a_bad_event_does_not_lose_the_nudges_mark(tmp_path):
+    path = tmp_path / "s.db"
+    _proxy_row(path, "p1", os.getpid(), None)
+    writer = StoreWriter(path, heartbeat=60)
+    writer.proxy_id = "p1"
+    writer.insert_flow(_flow("ok1"))
+    writer.update_flow("ok1", {"meta": {"x": object()}})  # cannot be encoded: dropped alone
+    before = time.time()
+    writer.nudge()
+    assert writer.flush()
+    with Store(path) as store:
+        assert store.flow("ok1") is not None
+        assert store.proxy("p1")["committed_through"] >= before
+    assert writer.stats.failed == 1
     writer.close()
 
 
