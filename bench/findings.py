@@ -143,7 +143,8 @@ concurrency burst (section 1b). What they mean, and what would change them:
   the same master, addons and options, with each hook's callables looked up once per addon set (same
   order, same error handling: a test compares both dispatches over mitmdump's own addon set), `-O`, and
   the root logger at the terminal's level. Bare mitmdump started that way needs about half the CPU per
-  keep-alive request and ~40 % less per new connection (the "bare fastdump" rows); what is left is
+  keep-alive request and ~40 % less per new connection (the "bare fastdump" rows; 0.5–0.6× across this
+  machine's full runs, whose speed varies); what is left is
   mitmproxy's sans-io HTTP layers and a task per hook. `ProxyConfig(launcher="mitmdump")` keeps the stock
   entry point. The "≤ 2 ms over direct for every client" goal still sits at or below this floor for new
   connections.
@@ -181,10 +182,11 @@ concurrency burst (section 1b). What they mean, and what would change them:
   ms after its last call, so the last agent's results waited 60–90 ms for the next mark. A waiting reader
   now sends the proxy SIGURG and the writer marks at once: section 5's "after last exit" fell from
   ~0.08 s to a few ms.
-- **Our hooks (`addon/capture.py`).** Per keep-alive request rollouttap's proxy spends ~0.25 ms more
-  than bare fastdump (section 1c): ~0.1 ms in our hook functions (py-spy), ~0.1 ms in the writer thread,
-  the rest GIL hand-offs between the two threads (an inference, not measured directly). As a ratio this
-  is now larger than before (1.3× a base that halved), in absolute terms smaller. Moving the writer into
+- **Our hooks (`addon/capture.py`).** Per keep-alive request rollouttap's proxy spends ~0.25–0.4 ms
+  more than bare fastdump (section 1c; it varies between full runs): ~0.1 ms in our hook functions
+  (py-spy), ~0.1 ms in the writer thread, the rest GIL hand-offs between the two threads (an inference,
+  not measured directly). As a ratio this is larger than before fastdump (1.2–1.45× a base that
+  halved), in absolute terms smaller. Moving the writer into
   its own process would trade the hand-offs for serialising every event.
 - **Token ids (`addon/tokenids.py`, `addon/jsonspans.py`).** With `return_token_ids` + `logprobs` the
   model's answer grows about 30× (per-token logprob objects): the upstream spends ~3× the CPU building it
