@@ -7,6 +7,7 @@ what limits a proxy's throughput (one event loop: about 1 / CPU-per-request requ
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from context import Context, progress, run_job
 from procs import (
@@ -21,19 +22,26 @@ VARIANTS = (BARE, BARE_TUNED, BARE_FAST_TUNED, CAPTURE_STOCK_TUNED, CAPTURE_TUNE
 GOAL_RATIO = 1.2
 
 
+def curl_cpu(ctx: Context, upstream_url: str, cell: dict[str, Any], pids: tuple[int, ...]) -> tuple[int, list[float]]:
+    """Run one curl cell (curl: no Python client in the way); (requests done, CPU seconds each of
+    ``pids`` used meanwhile, from its own counters)."""
+    before = [cpu_seconds(pid) for pid in pids]
+    answer = run_job({"kind": "cells", "client": "curl", "url": upstream_url, "cells": [cell]},
+                     ctx.plan.cell_budget_s * 2 + 60)
+    used = [cpu_seconds(pid) - b for pid, b in zip(pids, before)]
+    done = len(answer["cells"][0].get("lat_ms", []))
+    if done == 0:
+        raise RuntimeError(f"no request went through: {answer['cells'][0]}")
+    return done, used
+
+
 def one(ctx: Context, url: str, pid: int, keepalive: bool) -> float:
-    """Proxy CPU milliseconds per request over one curl run (curl: no Python client in the way)."""
+    """Proxy CPU milliseconds per request over one curl run."""
     fast, _ = ctx.shared.upstreams()
     n = ctx.plan.requests * (2 if keepalive else 1)
     cell = {"proxy": url, "keepalive": keepalive, "stream": False, "n": n, "warmup": 0,
             "budget_s": ctx.plan.cell_budget_s * 2}
-    before = cpu_seconds(pid)
-    answer = run_job({"kind": "cells", "client": "curl", "url": fast.url, "cells": [cell]},
-                     ctx.plan.cell_budget_s * 2 + 60)
-    used = cpu_seconds(pid) - before
-    done = len(answer["cells"][0].get("lat_ms", []))
-    if done == 0:
-        raise RuntimeError(f"no request went through: {answer['cells'][0]}")
+    done, (used,) = curl_cpu(ctx, fast.url, cell, (pid,))
     return used / done * 1000
 
 

@@ -15,8 +15,9 @@ from contextlib import ExitStack
 import requests
 
 from clients import MESSAGE, chat_body
-from context import Context, progress, run_job
-from procs import BARE_FAST_STREAM, CAPTURE_TUNED, TOKENS_TUNED, ProxyStack, Upstream, cpu_seconds
+from context import Context, progress
+from procs import BARE_FAST_STREAM, CAPTURE_TUNED, TOKENS_TUNED, ProxyStack, Upstream
+from proxy_cpu import curl_cpu
 from report import Section, table
 from stats import fmt, ratio, spread
 
@@ -37,13 +38,7 @@ def one(ctx: Context, upstream: Upstream, url: str, pid: int, answers: int, per_
     """(proxy, upstream) CPU µs per chunk while one curl streams ``answers`` answers on one connection."""
     cell = {"proxy": url, "keepalive": True, "stream": True, "message": MESSAGE, "n": answers,
             "warmup": 0, "budget_s": ctx.plan.cell_budget_s * 2}
-    proxy_before, upstream_before = cpu_seconds(pid), cpu_seconds(upstream.pid)
-    answer = run_job({"kind": "cells", "client": "curl", "url": upstream.url, "cells": [cell]},
-                     ctx.plan.cell_budget_s * 2 + 60)
-    proxy_used, upstream_used = cpu_seconds(pid) - proxy_before, cpu_seconds(upstream.pid) - upstream_before
-    done = len(answer["cells"][0].get("lat_ms", []))
-    if done == 0:
-        raise RuntimeError(f"no answer went through: {answer['cells'][0]}")
+    done, (proxy_used, upstream_used) = curl_cpu(ctx, upstream.url, cell, (pid, upstream.pid))
     chunks = done * per_answer
     return proxy_used / chunks * 1e6, upstream_used / chunks * 1e6
 
