@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from rollouttap.addon.procfs import parse_agent_tag, read_file  # pure /proc reading, no mitmproxy
+from rollouttap.addon.procfs import AGENT_ENV, parse_agent_tag, read_file  # pure /proc reading, no mitmproxy
 from rollouttap.errors import ConfigError
 
-AGENT_ENV = "ROLLOUTTAP_AGENT_ID"
 _DEAD_STATES = frozenset("ZX")  # zombies wait for a reaper (pid 1 may never reap them) but run nothing
 
 
