@@ -301,9 +301,7 @@ def test_a_waiting_reader_nudges_the_proxy_process(tmp_path):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        with sqlite3.connect(path) as conn:
-            conn.execute("INSERT INTO proxies (proxy_id, pid, create_time, started_at) VALUES ('p1', ?, ?, 1)",
-                         (child.pid, psutil.Process(child.pid).create_time()))
+        _proxy_row(path, "p1", child.pid, psutil.Process(child.pid).create_time())
         ended = time.time()
         with Store(path) as store:
             assert store.wait_committed(ended, timeout=30)
