@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from procs import BARE, BARE_STREAM, DIRECT, IDS_ONLY_TUNED, LATENCY_VARIANTS, PY, TOKENS_TUNED, ProxyStack, Upstream, Variant
+from procs import (
+    BARE, BARE_STREAM, DIRECT, FLOOR, IDS_ONLY_TUNED, LATENCY_VARIANTS, PY, TOKENS_TUNED, ProxyStack, Upstream, Variant,
+)
 
 BENCH = Path(__file__).parent
 WORKER = BENCH / "clients.py"
@@ -87,8 +89,8 @@ class Shared:
     def variants(self) -> tuple[Variant, ...]:
         """The variants compared in this run (a smoke run starts only three proxies)."""
         if self.plan.smoke:
-            return (DIRECT, BARE, TOKENS_TUNED)
-        return (*LATENCY_VARIANTS, BARE_STREAM, IDS_ONLY_TUNED)
+            return (DIRECT, BARE, TOKENS_TUNED, FLOOR)
+        return (*LATENCY_VARIANTS, BARE_STREAM, IDS_ONLY_TUNED, FLOOR)
 
     def pick(self, wanted: tuple[Variant, ...]) -> tuple[Variant, ...]:
         """Those of ``wanted`` that this run compares."""
@@ -96,7 +98,7 @@ class Shared:
         return tuple(v for v in wanted if v in have)
 
     def proxies(self) -> ProxyStack:
-        """Every latency variant's proxy (plus bare mitmdump with streaming on), model hosts = both upstreams."""
+        """Every variant's proxy (latency variants, bare mitmdump streaming, the floor); model hosts = both upstreams."""
         if self._proxies is None:
             fast, paced = self.upstreams()
             progress("starting proxies")

@@ -23,6 +23,7 @@ from rollouttap.manager.proxy import LAUNCHERS, ProxyConfig, ProxyProcess, free_
 
 PY = sys.executable
 QUICKACK_OPTION = "rollouttap_tcp_quickack"
+ANSWER_CACHE = Path(__file__).with_name("answer_cache.py")
 
 
 def tuning_script() -> Path:
@@ -40,6 +41,7 @@ class Variant:
     tuning: bool = False
     token_ids: bool = False
     stream_bodies: bool = False  # bare only: stream_large_bodies=1 (else mitmdump buffers SSE)
+    answer_cache: bool = False  # bare only: answer from memory after the first request (bench/answer_cache.py)
     logprobs: bool = True  # with token_ids: also ask for sampling logprobs
     launcher: str = "fastdump"  # a key of manager.proxy.LAUNCHERS: how mitmdump starts
 
@@ -50,6 +52,7 @@ BARE_STREAM = Variant("bare mitmdump, streaming on", "bare", stream_bodies=True,
 BARE_TUNED = Variant("bare + tuning", "bare", tuning=True, launcher="mitmdump")
 BARE_FAST_TUNED = Variant("bare fastdump + tuning", "bare", tuning=True)
 BARE_FAST_STREAM = Variant("bare fastdump + tuning, streaming on", "bare", tuning=True, stream_bodies=True)
+FLOOR = Variant("bare fastdump + tuning, answering from memory", "bare", tuning=True, answer_cache=True)
 CAPTURE_STOCK_TUNED = Variant("capture + tuning, stock mitmdump", "capture", tuning=True, launcher="mitmdump")
 CAPTURE_TUNED = Variant("capture + tuning", "capture", tuning=True)
 TOKENS_TUNED = Variant("capture + token ids + tuning", "capture", tuning=True, token_ids=True)
@@ -156,6 +159,8 @@ class BareProxy:
             args += ["-s", str(tuning_script())]
         if variant.stream_bodies:
             args += ["--set", "stream_large_bodies=1"]
+        if variant.answer_cache:
+            args += ["-s", str(ANSWER_CACHE)]
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -43,3 +43,26 @@ def test_smoke_run_writes_every_section(tmp_path):
     for runs in results["sections"]["attribution"]["data"]["runs"].values():
         for one in runs:
             assert one["new agent"]["wrong"] == 0 and one["old agent"]["wrong"] == 0
+
+
+def test_floor_proxy_answers_from_memory_after_the_first_request(tmp_path, monkeypatch):
+    """Section 1c's floor row is only a floor if no upstream answers: bench/answer_cache.py must answer."""
+    import requests
+
+    monkeypatch.syspath_prepend(str(RUNNER.parent))
+    from answer_cache import HEADER
+    from procs import FLOOR, BareProxy, Upstream
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with Upstream() as upstream:
+        proxy = BareProxy(FLOOR, tmp_path / "conf").start()
+        try:
+            with requests.Session() as session:
+                session.trust_env = False
+                answers = [session.post(upstream.url + "/v1/chat/completions", json=body, timeout=30,
+                                        proxies={"http": proxy.url}) for _ in range(3)]
+        finally:
+            proxy.stop()
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [a.headers.get(HEADER) for a in answers] == [None, "1", "1"]
+    assert answers[1].content == answers[2].content == answers[0].content
