@@ -147,7 +147,16 @@ concurrency burst (section 1b). What they mean, and what would change them:
   machine's full runs, whose speed varies); what is left is
   mitmproxy's sans-io HTTP layers and a task per hook. `ProxyConfig(launcher="mitmdump")` keeps the stock
   entry point. The "≤ 2 ms over direct for every client" goal still sits at or below this floor for new
-  connections.
+  connections. Section 1c's "answering from memory" row is the floor under all of it: mitmproxy's client
+  side alone (accept, parse, hooks, answer), with no server connection opened or used.
+  Tried and dropped: pooling upstream connections across client connections. mitmproxy ties each server
+  connection to one client connection, so an agent that opens a connection per call (urllib, curl) makes
+  the proxy open one upstream too. A prototype addon that sent model requests itself over pooled
+  keep-alive connections (asyncio streams, mitmproxy's own HTTP/1 parser) and answered in the `request`
+  hook cut the proxy's CPU per curl request (~3.2 → ~2.7 ms on new connections, ~1.15 → ~0.87 ms
+  keep-alive) but not latency (urllib new-connection and `requests` keep-alive p50 no better, 3 × 300
+  requests), and an answer set in the `request` hook cannot stream, so SSE would still take mitmproxy's
+  path. Not worth replacing mitmproxy's upstream side (errors, TLS, upstream modes) for that.
 - **Concurrency on 2 cores.** Section 1b's CPU columns: a direct burst of 32 async openai-SDK clients
   already keeps both cores busy (the SDK itself spends ~1.3 ms CPU per call, the upstream ~0.2 ms). A
   proxy adds its own CPU per call on the same cores, so calls/s through any proxy is bounded by cores /
