@@ -13,8 +13,8 @@ byte. If a field name also occurs deeper than where vLLM puts it, the edit falls
 re-serialising the parsed JSON (same meaning, compact separators, not byte-identical).
 
 Chunks that exist only because of the injection are dropped: when a tool or reasoning
-parser swallows text, vLLM (>= ~0.11) still sends an empty-delta chunk if token ids or
-logprobs were requested, and sends nothing otherwise.
+parser swallows text, vLLM (>= ~0.11) still sends an empty-delta chunk if ``return_token_ids``
+was requested, and sends nothing otherwise (requested logprobs alone do not make it send one).
 
 Decisions (see ``plan_injection``): a value the agent set itself is kept as sent (an explicit
 ``null`` counts as unset); ``logprobs: false`` from the agent means the row has no logprobs;
@@ -211,7 +211,7 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
         choice_keys=choice_keys,
         key_pattern=key_pattern(choice_keys),
         markers=markers,
-        drop_swallowed=endpoint == "chat",
+        drop_swallowed=endpoint == "chat" and ids,  # vLLM sends swallowed chunks for return_token_ids only
     )
 
 
@@ -324,7 +324,8 @@ def _null_fields(doc: dict[str, Any], plan: _StripPlan) -> None:
 
 
 def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
-    """True for a chunk vLLM sends only because token ids or logprobs were requested."""
+    """True for a chunk vLLM sends only because we asked for ``return_token_ids``: a parser swallowed
+    its text. Without that field vLLM skips such a chunk whole, logprobs the agent asked for included."""
     choices = doc.get("choices")
     if not isinstance(choices, list) or not choices:
         return False
@@ -334,11 +335,8 @@ def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
             return False
         if any(value is not None and value != [] for value in delta.values()):
             return False
-        if not any(choice.get(key) is not None for key in plan.choice_keys):
+        if choice.get("token_ids") is None:
             return False  # vLLM itself sent this empty chunk
-        for key in ("token_ids", "logprobs"):  # what the agent would still see
-            if key not in plan.choice_keys and choice.get(key) is not None:
-                return False
     return True
 
 

@@ -86,10 +86,12 @@ def test_multi_turn_tool_agent_row_is_token_exact(token_proxy, token_upstream, t
     assert "<tool_response>\n7\n</tool_response>" in env_text and "14" in env_text
 
 
+@pytest.mark.parametrize("agent_logprobs", [False, True])  # True: the proxy adds return_token_ids only
 @pytest.mark.parametrize("stream", [False, True])
-def test_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstream, stream):
+def test_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstream, stream, agent_logprobs):
     body = {"model": "policy", "stream": stream, "tools": [json.loads(json.dumps(_tool()))],
-            "messages": [{"role": "user", "content": f"What is 2 + 2? {uuid.uuid4().hex}"}]}
+            "messages": [{"role": "user", "content": f"What is 2 + 2? {uuid.uuid4().hex}"}],
+            **({"logprobs": True} if agent_logprobs else {})}
     agent = f"bytes-{uuid.uuid4().hex[:8]}"  # its own: the module's proxy and store serve both params
     direct = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10)
     proxied = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10,
