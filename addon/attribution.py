@@ -85,6 +85,28 @@ def check_token(agent: AgentRecord | None, token: str) -> str | None:
     return None
 
 
+def decide_header_claim(claimed: str, agent: AgentRecord | None) -> tuple[str | None, str]:
+    """(agent_id, detail) for an ``X-Agent-ID`` claim, the one method that proves nothing.
+
+    A name that a registered agent owns (it has a token) is refused: that agent attributes by its
+    credentials or its process, so a header naming it comes from someone else. Names that are not
+    printable text (undecodable header bytes) are refused too."""
+    if not claimed.isprintable():
+        return None, f"{AGENT_HEADER} header is not a printable name"
+    if agent is not None and agent.token_hash is not None:
+        return None, (f"{AGENT_HEADER} header names registered agent {claimed!r}, which attributes by its "
+                      "credentials or its process only")
+    return claimed, f"{AGENT_HEADER} header"
+
+
+def credentials_conflict(agent_id: str, pid_agent: str | None) -> str | None:
+    """Why credentials of ``agent_id`` are refused on a connection whose process belongs to ``pid_agent``
+    (a token read from another agent's environment); None when they agree or the process names none."""
+    if pid_agent is None or pid_agent == agent_id:
+        return None
+    return f"credentials of agent {agent_id!r} sent by a process of agent {pid_agent!r}"
+
+
 def decide_from_ancestry(chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
                          known_roots: dict[str, int],
                          create_time: Callable[[ProcInfo], float]) -> tuple[str | None, str | None]:

@@ -22,12 +22,12 @@ from mitmproxy.connection import Client
 
 from rollouttap.addon import flowcols, tokenids
 from rollouttap.addon.attribution import (
-    AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token,
-    parse_basic_credentials, split_agent_path,
+    AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token, credentials_conflict,
+    decide_header_claim, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.routes import Route, RouteError, find_route, parse_routes
 from rollouttap.addon.streamtap import StreamTap
-from rollouttap.store import StoreWriter
+from rollouttap.store import AgentRecord, StoreWriter
 from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.errors import StoreError
 
@@ -322,9 +322,15 @@ class RolloutTap:
             ctx.options.rollouttap_pid_lookup == "eager" or in_path is None)
         if needs_pid:
             self._start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
-        pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid)
+        # Eager: wait for the lookup begun at connect (usually done by now), so that credentials are
+        # checked against the process that sends them.
+        pid_result = await self._pid_result(flow.client_conn.id,
+                                            wait=needs_pid or ctx.options.rollouttap_pid_lookup == "eager")
         pid = pid_result.pid if pid_result else None
         if creds is not None:
+            conflict = credentials_conflict(creds[0], pid_result.agent_id if pid_result else None)
+            if conflict is not None:
+                return Attribution(None, "rejected", pid, conflict)
             return await self._verified(creds[0], creds[1], "credentials", pid)
         if tunnel is not None:
             return Attribution(tunnel.agent_id, tunnel.method, pid, tunnel.detail)
@@ -335,7 +341,8 @@ class RolloutTap:
         if pid_result is not None and pid_result.agent_id is not None:
             return Attribution(pid_result.agent_id, "pid", pid, pid_result.detail)
         if claimed:
-            return Attribution(claimed, "header", pid, f"{AGENT_HEADER} header")
+            agent_id, detail = decide_header_claim(claimed, await self._agent(claimed))
+            return Attribution(agent_id, "header" if agent_id else "none", pid, detail)
         detail = pid_result.detail if pid_result else "pid attribution off"
         return Attribution(None, "none", pid, detail)
 
@@ -349,12 +356,15 @@ class RolloutTap:
             log.warning("rollouttap: pid attribution failed: %r", exc)
             return PidResult(None, None, f"lookup failed: {exc!r}")
 
-    async def _verified(self, agent_id: str, token: str, method: str, pid: int | None) -> Attribution:
+    async def _agent(self, agent_id: str) -> AgentRecord | None:
         assert self.directory is not None
         agent = self.directory.cached(agent_id)  # every request of a known agent: no thread hop
         if agent is None:
             agent = await asyncio.get_running_loop().run_in_executor(self._pool, self.directory.get, agent_id)
-        problem = check_token(agent, token)
+        return agent
+
+    async def _verified(self, agent_id: str, token: str, method: str, pid: int | None) -> Attribution:
+        problem = check_token(await self._agent(agent_id), token)
         if problem is not None:
             return Attribution(None, "rejected", pid, f"{problem} for agent {agent_id!r}")
         return Attribution(agent_id, method, pid, None)  # type: ignore[arg-type]

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from rollouttap.addon.attribution import (
-    check_token, decide_from_ancestry, is_local_peer, parse_basic_credentials, split_agent_path,
+    check_token, credentials_conflict, decide_from_ancestry, decide_header_claim, is_local_peer,
+    parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
     AncestryCache, ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat, read_file,
@@ -450,3 +451,32 @@ def test_finder_checks_a_socket_seen_before_where_it_is_now(fake_proc):
     fake_proc.process(6, sockets=[1006, 1005])  # ... and process 6 holds it now
     assert finder.find(1005) == 6
     assert finder.find(1004) == 4
+
+
+def _record(agent_id: str, token_hash: str | None) -> AgentRecord:
+    return AgentRecord(agent_id, None, None, None, token_hash, "running", 0.0, None, None)
+
+
+@pytest.mark.parametrize("claimed, agent, expected", [
+    ("free-name", None, "free-name"),
+    ("hand-run", _record("hand-run", None), "hand-run"),  # registered without a token: nothing to prove
+    ("agent-b", _record("agent-b", hash_token("t")), None),  # owned: it attributes by token or process
+    ("\udcff\udcfe", None, None),  # undecodable header bytes
+    ("two\nlines", None, None),
+])
+def test_header_claims_never_name_an_agent_that_proves_itself(claimed, agent, expected):
+    agent_id, detail = decide_header_claim(claimed, agent)
+    assert agent_id == expected
+    assert ("X-Agent-ID" in detail) and (expected is not None or "header" in detail)
+
+
+@pytest.mark.parametrize("creds, pid_agent, refused", [
+    ("agent-a", None, False),  # process unknown (remote, exited, or not looked up)
+    ("agent-a", "agent-a", False),
+    ("agent-a", "agent-b", True),  # agent-b's process sends agent-a's token
+])
+def test_credentials_must_agree_with_the_sending_process(creds, pid_agent, refused):
+    problem = credentials_conflict(creds, pid_agent)
+    assert (problem is not None) == refused
+    if refused:
+        assert "agent-a" in problem and "agent-b" in problem

@@ -149,6 +149,33 @@ def test_header_attribution_and_header_removed(proxy, upstream):
     assert flow.attribution == "header"
 
 
+def test_header_cannot_claim_a_registered_agent(proxy, upstream):
+    victim, _ = _new_agent(proxy)
+    marker = uuid.uuid4().hex
+    resp = requests.post(upstream.url + "/echo", json={"m": marker}, headers={"X-Agent-ID": victim},
+                         proxies={"http": proxy.url}, timeout=10)
+    assert resp.status_code == 200  # recorded, not blocked: only the claim is refused
+    with Store(proxy.config.store) as store:
+        [flow] = wait_for(lambda: [f for f in store.flows(unattributed=True)
+                                   if f.state == "done" and marker in f.request_text()], what="flow")
+        assert store.flows(agent_id=victim) == []
+    assert flow.attribution == "none" and "registered agent" in flow.meta["attribution_detail"]
+
+
+def test_credentials_sent_by_another_agents_process_are_refused(proxy, upstream):
+    victim, token = _new_agent(proxy)
+    thief = "thief-" + uuid.uuid4().hex[:8]  # its process carries its own tag; it read victim's token
+    env = agent_env(proxy, victim, token, tag=thief)
+    code = f"import requests; print(requests.post({upstream.url + '/echo'!r}, json={{}}, timeout=10).status_code)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "407", out.stderr
+    with Store(proxy.config.store) as store:
+        [flow] = wait_for(lambda: [f for f in store.flows(state="error")
+                                   if thief in (f.meta.get("attribution_detail") or "")], what="refusal")
+        assert store.flows(agent_id=victim) == []
+    assert flow.attribution == "rejected" and victim in flow.error
+
+
 def test_unattributed_flow_is_kept(proxy, upstream):
     marker = uuid.uuid4().hex
     resp = requests.post(upstream.url + "/echo", json={"m": marker}, proxies={"http": proxy.url},
