@@ -218,8 +218,14 @@ class StoreWriter:
     def _commit_one_by_one(self, writes: list[Event]) -> None:
         for event in writes:
             try:
-                with transaction(self._conn):
-                    _apply(self._conn, event)
+                try:
+                    with transaction(self._conn):
+                        _apply(self._conn, event)
+                except UnicodeEncodeError:
+                    # Text mitmproxy decoded with surrogateescape (a path or header that is not UTF-8):
+                    # keep the row, with those bytes written as escapes.
+                    with transaction(self._conn):
+                        _apply(self._conn, escape_surrogates(event))
             except _BAD_EVENT as exc:
                 self.stats.failed += 1
                 log.error("store write dropped after error %r: %s", exc, _describe(event))
@@ -256,6 +262,13 @@ def batch_mark(nudges: list[float], queue_empty: bool, now: float) -> float | No
     queue was found empty) when nothing is queued behind it, else everything queued before its latest
     nudge; None when neither holds."""
     return now if queue_empty else max(nudges, default=None)
+
+
+def escape_surrogates(event: Event) -> Event:
+    """``event`` with lone surrogates in its text columns written as ``\\udcff`` escapes (SQLite wants UTF-8)."""
+    def clean(value: Any) -> Any:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
+    return (*event[:-1], {k: clean(v) for k, v in event[-1].items()})
 
 
 def _check_flow_columns(columns: dict[str, Any]) -> dict[str, Any]:

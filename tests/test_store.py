@@ -497,3 +497,16 @@ def test_an_event_json_cannot_encode_is_dropped_alone_and_the_writer_goes_on(tmp
     assert writer.stats.failed == 1
     store = Store(tmp_path / "s.db")
     assert store.flow("j1").state == "done" and store.flow("j2") is not None
+
+
+def test_text_with_undecodable_bytes_is_kept_with_escapes(tmp_path):
+    # mitmproxy decodes a non-UTF-8 path or header with surrogateescape; SQLite only takes UTF-8.
+    writer = StoreWriter(tmp_path / "s.db")
+    writer.insert_flow({**_flow("u1"), "path": "/v1/chat/completions?q=\udcff", "agent_id": "\udcff\udcfe"})
+    writer.insert_flow(_flow("u2"))
+    writer.close()
+    assert writer.stats.failed == 0
+    store = Store(tmp_path / "s.db")
+    kept = store.flow("u1")
+    assert kept.path == "/v1/chat/completions?q=\\udcff" and kept.agent_id == "\\udcff\\udcfe"
+    assert store.flow("u2") is not None
