@@ -253,8 +253,9 @@ class RolloutTap:
                 live.injection = injection
                 live.meta["injected"] = injection.added
                 flow.request.content = injection.new_body
-                # Stripping works on plain bytes: ask the model server not to compress its answer.
-                flow.request.headers.pop("accept-encoding", None)
+                # Stripping works on plain bytes: ask the model server not to compress its answer (no
+                # header at all would allow any coding, RFC 9110 12.5.3).
+                flow.request.headers["accept-encoding"] = "identity"
         cols["meta"] = dict(live.meta)
         self._update(flow.id, cols)
 
@@ -284,8 +285,8 @@ class RolloutTap:
             body, first = bytes(live.tap.raw), live.tap.first_byte_at
         else:
             body, first = resp.raw_content or b"", resp.timestamp_start
-            if live.injection is not None and not resp.headers.get("content-encoding"):
-                resp.content = tokenids.strip_response_json(body, live.injection)
+            if live.injection is not None:
+                _strip_json_answer(resp, live.injection)
         self._end(flow.id, "done", {"response_body": body, "t_first_byte": first,
                                     "t_end": resp.timestamp_end or time.time(),
                                     "status_code": resp.status_code})
@@ -433,6 +434,19 @@ async def _shutdown_when_gone(pid: int, interval: float = 1.0) -> None:
         pass
     log.warning("rollouttap: parent process %s is gone; shutting down", pid)
     ctx.master.shutdown()
+
+
+def _strip_json_answer(resp: http.Response, injection: tokenids.Injection) -> None:
+    """Hide injected fields from a non-streamed answer, decoding (and re-encoding) it if the server
+    compressed it all the same."""
+    try:
+        plain = resp.get_content()
+    except ValueError:  # an unknown or broken content-encoding: leave the answer as it came
+        return
+    if plain:
+        stripped = tokenids.strip_response_json(plain, injection)
+        if stripped is not plain:
+            resp.content = stripped
 
 
 def sse_finished(raw: bytes | bytearray) -> bool:

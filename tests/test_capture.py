@@ -480,3 +480,48 @@ def test_request_sent_leaves_out_only_columns_that_cannot_have_changed(change):
     else:
         assert short == full
     assert {k: v for k, v in full.items() if k in short} == short
+
+
+def _gzip_model_server(answer: dict) -> tuple[socket.socket, threading.Thread, list[bytes]]:
+    """A model host that gzips its one answer whatever the request asks (a gateway might)."""
+    import gzip
+    server = socket.create_server(("127.0.0.1", 0))
+    heads: list[bytes] = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            heads.append(head)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += conn.recv(65536)
+            packed = gzip.compress(json.dumps(answer).encode())
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                         b"Content-Length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread, heads
+
+
+def test_injected_fields_are_hidden_from_a_compressed_answer_too(tmp_path, confdir):
+    answer = {"id": "c1", "object": "chat.completion", "model": "m", "prompt_token_ids": [1, 2, 3],
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "logprobs": None,
+                           "finish_reason": "stop", "token_ids": [7, 8]}]}
+    server, thread, heads = _gzip_model_server(answer)
+    host = f"127.0.0.1:{server.getsockname()[1]}"
+    with server, start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,), logprobs=False) as proxy:
+        resp = requests.post(f"http://{host}/v1/chat/completions", json={"model": "m", "messages": []},
+                             headers={"X-Agent-ID": "gz", "Accept-Encoding": "gzip"},
+                             proxies={"http": proxy.url}, timeout=20)
+        thread.join(10)
+        [flow] = settled_flows(proxy.config.store, agent_id="gz")
+    assert b"accept-encoding: identity" in heads[0].lower()  # asked not to compress ...
+    got = resp.json()  # ... and stripped all the same when the answer came compressed
+    assert got["prompt_token_ids"] is None and got["choices"][0]["token_ids"] is None
+    assert got["choices"][0]["message"]["content"] == "hi"
+    assert json.loads(flow.response_text())["choices"][0]["token_ids"] == [7, 8]  # the store keeps them
