@@ -10,7 +10,7 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from rollouttap.addon.attribution import Attribution
-from rollouttap.store import redact_headers
+from rollouttap.store import redact_headers, redact_query
 
 
 def _headers(headers: http.Headers) -> list[tuple[str, str]]:
@@ -56,11 +56,11 @@ def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, An
         "client_addr": _addr(flow.client_conn.peername),
         "attribution": who.method,
         "method": req.method,
-        "url": pretty_url if req.method != "CONNECT" else f"{req.host}:{req.port}",
+        "url": redact_query(pretty_url) if req.method != "CONNECT" else f"{req.host}:{req.port}",
         "scheme": req.scheme,
         "host": pretty_host,
         "port": req.port,
-        "path": req.path,
+        "path": redact_query(req.path),
         "request_headers": _headers(req.headers),
         "t_request": req.timestamp_start or time.time(),
         "state": "open",
@@ -86,11 +86,11 @@ def request_sent(flow: http.HTTPFlow, key_at_open: tuple[Any, ...] | None = None
     pretty_url, pretty_host = pretty_where(req)
     return {
         "request_body": req.raw_content,
-        "url": pretty_url,
+        "url": redact_query(pretty_url),
         "scheme": req.scheme,
         "host": pretty_host,
         "port": req.port,
-        "path": req.path,
+        "path": redact_query(req.path),
         "request_headers": _headers(req.headers),
     }
 

@@ -1,14 +1,27 @@
-"""Secrets never land in the store in clear: header values are replaced by a short fingerprint."""
+"""Secrets never land in the store in clear: header values and query values are replaced by a short
+fingerprint.
+
+What counts as a secret goes by name, so that keys under any vendor's header (``x-goog-api-key``,
+``x-auth-token``) or query parameter (``?key=``, ``?access_token=``) are covered, not a fixed list. A
+harmless field with such a name (an idempotency key) is fingerprinted too: still tells values apart.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import re
 import secrets
+from urllib.parse import unquote
 
-SECRET_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie",
-})
+_SECRET_NAME = re.compile(r"key|token|secret|passw|auth|credential|signature|cookie|session", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=512)
+def is_secret_name(name: str) -> bool:
+    """True for a header or query parameter name that names a credential."""
+    return _SECRET_NAME.search(name) is not None
 
 
 def fingerprint(value: str) -> str:
@@ -26,7 +39,22 @@ def redact_value(value: str) -> str:
 
 def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Return the headers with every secret value redacted."""
-    return [(k, redact_value(v) if k.lower() in SECRET_HEADERS else v) for k, v in headers]
+    return [(k, redact_value(v) if is_secret_name(k) else v) for k, v in headers]
+
+
+def redact_query(target: str) -> str:
+    """A URL or path with the values of secret-named query parameters redacted."""
+    head, sep, query = target.partition("?")
+    if not sep:
+        return target
+    query, hash_sep, fragment = query.partition("#")
+    parts = []
+    for part in query.split("&"):
+        name, eq, value = part.partition("=")
+        if eq and value and is_secret_name(unquote(name)):
+            part = f"{name}=<redacted sha256:{fingerprint(unquote(value))}>"
+        parts.append(part)
+    return head + sep + "&".join(parts) + hash_sep + fragment
 
 
 def new_token() -> str:

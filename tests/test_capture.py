@@ -78,7 +78,8 @@ def test_credentials_attribute_and_never_reach_upstream(proxy, upstream):
     env.pop("ROLLOUTTAP_AGENT_ID")  # credentials alone
     out = subprocess.run([sys.executable, "-c", (
         "import requests,sys,json\n"
-        f"r=requests.post({upstream.url + '/echo'!r}, json={{'x': 1}}, headers={{'Authorization': 'Bearer sk-live-secret'}})\n"
+        f"r=requests.post({upstream.url + '/echo?key=AIza-q-secret'!r}, json={{'x': 1}}, "
+        "headers={'Authorization': 'Bearer sk-live-secret', 'x-goog-api-key': 'AIza-h-secret'})\n"
         "print(r.text)\n")], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     echoed = json.loads(out.stdout)
@@ -91,9 +92,10 @@ def test_credentials_attribute_and_never_reach_upstream(proxy, upstream):
     assert "sk-live-secret" not in json.dumps(flow.request_headers)
     assert stored["authorization"].startswith("Bearer <redacted sha256:")
     with Store(proxy.config.store) as store:  # nothing in the file holds the key in clear
-        raw = store._query("SELECT request_headers, request_body FROM flows WHERE agent_id = ?",
+        raw = store._query("SELECT request_headers, request_body, url, path FROM flows WHERE agent_id = ?",
                            (agent_id,))
-    assert all("sk-live-secret" not in str(tuple(r)) for r in raw)
+    for secret in ("sk-live-secret", "AIza-h-secret", "AIza-q-secret"):  # any vendor's header or ?key=
+        assert all(secret not in str(tuple(r)) for r in raw)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -13,8 +13,8 @@ import pytest
 
 from rollouttap.errors import StoreError, StoreVersionError
 from rollouttap.store import (
-    SCHEMA_VERSION, Store, StoreWriter, connect, hash_token, new_token, redact_headers, token_matches,
-    transaction,
+    SCHEMA_VERSION, Store, StoreWriter, connect, hash_token, new_token, redact_headers, redact_query,
+    token_matches, transaction,
 )
 from rollouttap.store.records import decode_body
 from rollouttap.store.redact import redact_value
@@ -170,10 +170,12 @@ def test_redact_value_keeps_scheme_hides_secret(value, expected_prefix):
 def test_redact_headers_only_secret_ones():
     headers = [("Authorization", "Bearer k1"), ("X-Api-Key", "k2"), ("api-key", "k3"),
                ("Cookie", "s=1"), ("Set-Cookie", "s=2"), ("Proxy-Authorization", "Basic eA=="),
+               ("x-goog-api-key", "k4"), ("X-Auth-Token", "k5"), ("x-amz-security-token", "k6"),
                ("Content-Type", "application/json")]
     out = dict(redact_headers(headers))
     assert out["Content-Type"] == "application/json"
-    for key in ("Authorization", "X-Api-Key", "api-key", "Cookie", "Set-Cookie", "Proxy-Authorization"):
+    for key in ("Authorization", "X-Api-Key", "api-key", "Cookie", "Set-Cookie", "Proxy-Authorization",
+                "x-goog-api-key", "X-Auth-Token", "x-amz-security-token"):
         assert "redacted" in out[key]
     assert out["Authorization"] != dict(redact_headers([("Authorization", "Bearer k9")]))["Authorization"]
 
@@ -510,3 +512,20 @@ def test_text_with_undecodable_bytes_is_kept_with_escapes(tmp_path):
     kept = store.flow("u1")
     assert kept.path == "/v1/chat/completions?q=\\udcff" and kept.agent_id == "\\udcff\\udcfe"
     assert store.flow("u2") is not None
+
+
+@pytest.mark.parametrize("target, kept, hidden", [
+    ("/v1/models", "/v1/models", None),
+    ("/v1beta/models/m:generate?key=AIzaSECRET&alt=sse", "&alt=sse", "AIzaSECRET"),
+    ("http://h:1/x?access_token=s3cr%2Ft#frag", "#frag", "s3cr"),
+    ("/x?api_key=abc&user=bob", "user=bob", "abc"),
+    ("/x?q=key&limit=5", "/x?q=key&limit=5", None),  # a value named "key" is not a key
+    ("/x?token", "/x?token", None),  # no value to hide
+])
+def test_redact_query_hides_values_of_secret_parameters(target, kept, hidden):
+    out = redact_query(target)
+    assert kept in out
+    if hidden is None:
+        assert out == target
+    else:
+        assert hidden not in out and "<redacted sha256:" in out
