@@ -68,7 +68,7 @@ def test_grpo_step_trains_on_agent_rows(tmp_path, confdir):
     spec = CommandAgent([sys.executable, str(agent_file), "{prompt}"])
     with PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs") as server, \
             AgentManager(spec, store=tmp_path / "runs.db", parallel=4, timeout=60, confdir=confdir,
-                         model_url=server.base_url, eos_token_id=tokenizer.eos_token_id) as manager:
+                         model_url=server.base_url) as manager:  # no eos: agent_rollout gives the trainer's
         inner = agent_rollout(manager, prompt_to_agent=lambda p: p[-1]["content"],
                               on_results=results_seen.extend)
 
@@ -86,6 +86,7 @@ def test_grpo_step_trains_on_agent_rows(tmp_path, confdir):
 
     # the step ran and changed the weights
     assert trainer.state.global_step == 1
+    assert manager.eos_token_id == tokenizer.eos_token_id
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
     # TRL received one row per prompt, equal to the manager's rows (failed agents: all mask 0)
     [out] = outputs

@@ -96,7 +96,8 @@ def rollout_metrics(results: Sequence[Any]) -> dict[str, float]:
         "agents/calls_mean": sum(r.calls for r in results) / n,
         "agents/incomplete_flows": float(sum(len(r.incomplete_flows) for r in results)),
         "agents/bypass_connections": float(sum(len(r.bypass_connections or ()) for r in results)),
-        "fidelity/coverage": fid.coverage,
+        # No report although agents called the model: no rows were built, so nothing of theirs trains.
+        "fidelity/coverage": fid.coverage if fid.agents or not any(r.calls for r in results) else 0.0,
         "fidelity/dropped_tokens": float(fid.dropped_tokens),
         "fidelity/realigned_joins": float(fid.realigned_joins),
         "fidelity/calls_without_ids": float(fid.calls_without_ids),
@@ -114,6 +115,7 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
 
     def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
         eos = eos_token_id if eos_token_id is not None else _eos_of(trainer)
+        _share_eos(manager, eos)
         agent_prompts = [prompt_to_agent(p) for p in prompts] if prompt_to_agent else list(prompts)
         started = time.time()
         results = manager.deploy(agent_prompts)
@@ -132,6 +134,17 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
         return dict(output)
 
     return rollout
+
+
+def _share_eos(manager: Any, eos: int) -> None:
+    """The manager builds rows with the trainer's eos: set it when the manager has none, refuse a mismatch."""
+    if not hasattr(manager, "eos_token_id"):
+        return
+    if manager.eos_token_id is None:
+        manager.eos_token_id = eos  # without one the manager builds no rows, and nothing would train
+    elif manager.eos_token_id != eos:
+        raise ValueError(f"AgentManager(eos_token_id={manager.eos_token_id}) differs from the trainer's "
+                         f"eos token id {eos}: rows would end with the wrong token")
 
 
 def _eos_of(trainer: Any) -> int:
