@@ -176,9 +176,14 @@ class AgentManager:
         A failing, hanging or crashing agent never fails the batch: its result says what happened.
         ``timeout`` overrides the manager's for this batch; ``progress`` is called with each result.
         """
-        self._link()
+        if isinstance(prompts, (str, bytes, Mapping)):
+            raise AgentSpecError(f"deploy() takes a list of prompts, not one {type(prompts).__name__}: "
+                                 "wrap a single prompt as [prompt]")
         limit = self.timeout if timeout is None else float(timeout)
+        if not limit > 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
         items = [check_prompt(p) for p in prompts]
+        self._link()
         results: list[AgentResult | None] = [None] * len(items)
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(items))),

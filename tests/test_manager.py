@@ -356,6 +356,19 @@ def test_manager_refuses_bad_settings(tmp_path):
         AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=other).start()
 
 
+@pytest.mark.parametrize("prompts, timeout, error, message", [
+    ("What is 2 + 2?", None, AgentSpecError, "list of prompts"),  # a str is iterable: one agent per char
+    ({"role": "user", "content": "hi"}, None, AgentSpecError, "list of prompts"),
+    (["hi"], 0, ConfigError, "timeout"),
+    (["hi"], -1, ConfigError, "timeout"),
+])
+def test_deploy_refuses_bad_arguments_before_starting_anything(tmp_path, prompts, timeout, error, message):
+    manager = AgentManager(SHELL_AGENT, store=tmp_path / "r.db")
+    with pytest.raises(error, match=message):
+        manager.deploy(prompts, timeout=timeout)
+    assert manager.links == []  # no proxy was started for it
+
+
 # -- real agents through the real proxy ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory, confdir, upstream):
