@@ -28,7 +28,7 @@ from rollouttap.manager.launch import agent_environment, model_env, split_model_
 from rollouttap.manager.proxy import ProxyConfig
 from rollouttap.manager.proxy_link import ProxyLink
 from rollouttap.manager.results import (
-    AgentResult, collect_flows, decide_status, settle_flows, summarise,
+    AgentResult, collect_flows, decide_status, settle_flows, summarise, with_model_failure,
 )
 from rollouttap.store import Store, new_token
 
@@ -287,6 +287,7 @@ class AgentManager:
                                       timeout=timeout)
         incomplete = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
+        error = with_model_failure(status, error, flows.conversation)
         check_result, check_error = self.spec.run_check(ctx.workdir)
         run_dir = ctx.workdir.parent
         result = AgentResult(

@@ -92,6 +92,15 @@ def decide_status(outcome: str, exit_code: int | None, entry: Mapping[str, Any] 
     return "ok", None
 
 
+def with_model_failure(status: Status, error: str | None, conversation: Any) -> str | None:
+    """A failed agent's error plus why its last failed model call failed: an agent often fails because
+    its model call did (a model server nobody listens on), and says so only in its own stderr."""
+    failed = getattr(conversation, "failed_calls", None) if status != "ok" else None
+    if not failed:
+        return error
+    return f"{error}; its last failed model call: {failed[-1].error}"
+
+
 def json_safe(value: Any) -> Any:
     """The value if JSON can hold it, recursively; anything else as its repr."""
     if value is None or isinstance(value, (str, bool, int)):

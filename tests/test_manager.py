@@ -429,6 +429,15 @@ def test_crashing_agent_fails_with_its_traceback(manager):
     assert "Traceback" in result.stderr_tail and result.error == "exited with code 1"
 
 
+def test_failed_agent_says_why_its_model_call_failed(manager):
+    # A model server nobody listens on: the agent only sees a 502; the proxy knows the cause.
+    call = ("curl -s -o /dev/null -H 'content-type: application/json' "
+            "-d '{\"model\":\"m\",\"messages\":[]}' http://127.0.0.1:9/v1/chat/completions; exit 3")
+    [result] = manager.deploy([call])
+    assert result.status == "failed" and result.error.startswith("exited with code 3; its last failed model call: ")
+    assert result.error.endswith(result.conversation.failed_calls[-1].error)
+
+
 def test_hanging_agent_times_out_and_its_whole_tree_dies(manager):
     started = time.monotonic()
     [result] = manager.deploy([agent("hang")], timeout=2)
