@@ -135,9 +135,27 @@ def run_shell_check(command: str, workdir: Path, timeout: float) -> tuple[Any, s
             "stderr_tail": err.decode("utf-8", "replace")[-2000:]}, None
 
 
+def absolute_paths(parts: Sequence[str], cwd: Path) -> tuple[str, ...]:
+    """``parts`` with each relative path that has a directory part and exists in ``cwd`` made absolute.
+
+    Every agent runs in a fresh working directory, so ``python examples/agent.py`` or ``.venv/bin/python``
+    written where the spec is made would name nothing there. Bare names (``python``, ``agent.py``) are
+    left to PATH and to the working directory (a ``workdir_template`` may hold them)."""
+    out = []
+    for part in parts:
+        path = Path(part)
+        if "/" in part and "{" not in part and not path.is_absolute() and (cwd / path).exists():
+            part = str((cwd / path).resolve())
+        out.append(part)
+    return tuple(out)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommandAgent(AgentSpec):
-    """Any program: an argv template (a string is split like a shell would, without running one)."""
+    """Any program: an argv template (a string is split like a shell would, without running one).
+
+    Relative paths with a directory part that exist where the spec is made are made absolute (agents run
+    in their own working directory)."""
     argv_template: str | Sequence[str] = field(kw_only=False)
     stdin: bool = False
 
@@ -154,7 +172,7 @@ class CommandAgent(AgentSpec):
             raise AgentSpecError("a command template is a non-empty list of strings")
         for part in parts:
             template_fields(part)
-        object.__setattr__(self, "argv_template", parts)
+        object.__setattr__(self, "argv_template", absolute_paths(parts, Path.cwd()))
 
     def argv(self, ctx: LaunchContext) -> list[str]:
         return render_argv(self.argv_template, ctx.values)

@@ -239,7 +239,7 @@ class AgentManager:
             try:
                 ctx, agent = self._start(agent_id, token, prompt, run_dir, self._link(index))
             except (OSError, AgentSpecError, ValueError) as exc:
-                error = f"cannot start agent: {exc}"
+                error = f"cannot start agent (it runs in a fresh working directory, not here): {exc}"
                 store.agent_ended(agent_id, "error", {"error": error})
                 return AgentResult(agent_id, index, prompt, "error", error=error)
             outcome, killed, survivors, bypass = self._supervise(agent, timeout, stop)

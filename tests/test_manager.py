@@ -55,6 +55,16 @@ SHELL_AGENT = CommandAgent(["sh", "-c", "{prompt}", "sh", "{prompt_file}", "{wor
 
 
 # -- pure pieces --------------------------------------------------------------------------------------------
+def test_relative_paths_that_exist_here_are_made_absolute(tmp_path, monkeypatch):
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "agent.py").write_text("")
+    (tmp_path / "agent.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    spec = CommandAgent("python examples/agent.py ./agent.py agent.py missing/x.py {workdir}/out {prompt}")
+    assert spec.argv_template == ("python", str(tmp_path / "examples" / "agent.py"), str(tmp_path / "agent.py"),
+                                  "agent.py", "missing/x.py", "{workdir}/out", "{prompt}")
+
+
 @pytest.mark.parametrize("template, fields", [
     ("{prompt}", {"prompt"}), ("--in={prompt_file} --cwd {workdir}", {"prompt_file", "workdir"}),
     ("id-{agent_id}", {"agent_id"}), ("plain {{braces}}", set()),
