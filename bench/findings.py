@@ -143,7 +143,7 @@ concurrency burst (section 1b). What they mean, and what would change them:
   the same master, addons and options, with each hook's callables looked up once per addon set (same
   order, same error handling: a test compares both dispatches over mitmdump's own addon set), `-O`, and
   the root logger at the terminal's level. Bare mitmdump started that way needs about half the CPU per
-  keep-alive request and ~40 % less per new connection (the "bare fastdump" rows; 0.5–0.6× across this
+  keep-alive request and ~40 % less per new connection (the "bare fastdump" rows; 0.43–0.6× across this
   machine's full runs, whose speed varies); what is left is
   mitmproxy's sans-io HTTP layers and a task per hook. `ProxyConfig(launcher="mitmdump")` keeps the stock
   entry point. The "≤ 2 ms over direct for every client" goal still sits at or below this floor for new
