@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 Method = Literal["credentials", "path", "pid", "header", "none", "rejected"]
 AGENT_HEADER = "X-Agent-ID"
 PATH_PREFIX = "/agents/"
+TAG_REFRESH_S = 0.05  # re-read registered roots at most this often for tags naming none of them
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class PidResult:
     pid: int | None
     agent_id: str | None
     detail: str | None = None
+    roots: tuple[str, ...] = ()  # agents whose registered root process is among the ancestors
 
 
 # -- pure decisions ----------------------------------------------------------------------------
@@ -99,12 +101,15 @@ def decide_header_claim(claimed: str, agent: AgentRecord | None) -> tuple[str | 
     return claimed, f"{AGENT_HEADER} header"
 
 
-def credentials_conflict(agent_id: str, pid_agent: str | None) -> str | None:
-    """Why credentials of ``agent_id`` are refused on a connection whose process belongs to ``pid_agent``
-    (a token read from another agent's environment); None when they agree or the process names none."""
-    if pid_agent is None or pid_agent == agent_id:
+def credentials_conflict(agent_id: str, roots: tuple[str, ...]) -> str | None:
+    """Why credentials of ``agent_id`` are refused from a process under the registered roots of ``roots``
+    (agents run as one user: a token can be read from another agent's environment); None when the process
+    is under ``agent_id``'s own root (nested agents included) or under no registered root at all (an
+    escaped daemon, a hand-run client: only the token speaks for them). Environment tags do not count:
+    a process sets those itself."""
+    if not roots or agent_id in roots:
         return None
-    return f"credentials of agent {agent_id!r} sent by a process of agent {pid_agent!r}"
+    return f"credentials of agent {agent_id!r} sent by a process of agent {roots[-1]!r}"
 
 
 def decide_from_ancestry(chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
@@ -117,8 +122,7 @@ def decide_from_ancestry(chain: list[ProcInfo], roots: dict[int, tuple[float | N
     another agent; a tag naming an agent whose registered root is not an ancestor is refused. A root
     pid only matches a process with the recorded start time, so a reused pid never does.
     """
-    registered = [roots[p.pid][1] for p in chain
-                  if p.pid in roots and _same_start(roots[p.pid][0], create_time(p))]
+    registered = registered_in_chain(chain, roots, create_time)
     if registered:
         return registered[-1], "registered root"
     tags = [p.agent_tag for p in chain if p.agent_tag]
@@ -129,6 +133,12 @@ def decide_from_ancestry(chain: list[ProcInfo], roots: dict[int, tuple[float | N
     if root_pid is not None:
         return None, f"tag {agent_id!r} but its root pid {root_pid} is not an ancestor"
     return agent_id, "environment tag"
+
+
+def registered_in_chain(chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
+                        create_time: Callable[[ProcInfo], float]) -> list[str]:
+    """The agents whose registered root (pid and start time) is in ``chain``, nearest first."""
+    return [roots[p.pid][1] for p in chain if p.pid in roots and _same_start(roots[p.pid][0], create_time(p))]
 
 
 def _same_start(recorded: float | None, actual: float) -> bool:
@@ -161,6 +171,12 @@ class AgentDirectory:
 
     def cached(self, agent_id: str) -> AgentRecord | None:
         """The agent if it is in the cache: no I/O, safe on the event loop (``get`` may read the store)."""
+        return self._agents.get(agent_id)
+
+    def lookup(self, agent_id: str) -> AgentRecord | None:
+        """The agent, from a cache at most ``max_age`` old: for names that may never be registered (a
+        header claim), which must not re-read the table on every request."""
+        self.refresh(if_older_than=self.max_age)
         return self._agents.get(agent_id)
 
     def get(self, agent_id: str) -> AgentRecord | None:
@@ -221,8 +237,13 @@ class PidAttributor:
         pid = self.finder.find(inode, roots)
         if pid is None:
             return PidResult(None, None, "socket owner not found (exited, or another namespace)")
-        agent_id, detail = decide_from_ancestry(self.ancestry.chain(pid), roots, known, self._create_time)
-        return PidResult(pid, agent_id, detail)
+        chain = self.ancestry.chain(pid)
+        if any(p.agent_tag and p.agent_tag not in known for p in chain):
+            # A tag naming no known root: maybe an agent whose root was registered since the last read.
+            self.directory.refresh(if_older_than=TAG_REFRESH_S)
+            roots, known = self.directory.roots()
+        agent_id, detail = decide_from_ancestry(chain, roots, known, self._create_time)
+        return PidResult(pid, agent_id, detail, tuple(registered_in_chain(chain, roots, self._create_time)))
 
     def connection_closed(self, pid: int) -> None:
         """A client connection of ``pid`` ended (its next one is likely close behind)."""

@@ -27,13 +27,14 @@ from rollouttap.addon.attribution import (
 )
 from rollouttap.addon.routes import Route, RouteError, find_route, parse_routes
 from rollouttap.addon.streamtap import StreamTap
-from rollouttap.store import AgentRecord, StoreWriter
+from rollouttap.store import AgentRecord, StoreWriter, redact_query
 from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.errors import StoreError
 
 log = logging.getLogger(__name__)
 
 PROXY_AUTH = "Proxy-Authorization"
+CREDENTIAL_CHECK_WAIT_S = 0.5  # longest a credentialed request waits for its connection's pid lookup
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -237,7 +238,7 @@ class RolloutTap:
             return
         route = find_route(self.routes, flow.request.pretty_host, flow.request.port) if self.routes else None
         if route is not None:
-            live.meta["routed_from"] = flow.request.pretty_url
+            live.meta["routed_from"] = redact_query(flow.request.pretty_url)
             flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = \
                 route.target(flow.request.path)
         cols = flowcols.request_sent(flow, live.opened_key)
@@ -323,48 +324,60 @@ class RolloutTap:
             ctx.options.rollouttap_pid_lookup == "eager" or in_path is None)
         if needs_pid:
             self._start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
-        # Eager: wait for the lookup begun at connect (usually done by now), so that credentials are
-        # checked against the process that sends them.
-        pid_result = await self._pid_result(flow.client_conn.id,
-                                            wait=needs_pid or ctx.options.rollouttap_pid_lookup == "eager")
+        # Eager: credentials are checked against the process that sends them, with the lookup begun at
+        # connect (usually done by now; bounded, so a stuck /proc read cannot hold the request).
+        check_creds = not needs_pid and ctx.options.rollouttap_pid_lookup == "eager"
+        pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_creds,
+                                            timeout=CREDENTIAL_CHECK_WAIT_S if check_creds else None)
         pid = pid_result.pid if pid_result else None
         if creds is not None:
-            conflict = credentials_conflict(creds[0], pid_result.agent_id if pid_result else None)
-            if conflict is not None:
-                return Attribution(None, "rejected", pid, conflict)
-            return await self._verified(creds[0], creds[1], "credentials", pid)
+            return await self._verified(creds[0], creds[1], "credentials", pid_result)
         if tunnel is not None:
             return Attribution(tunnel.agent_id, tunnel.method, pid, tunnel.detail)
         if in_path is not None:
             agent_id, token, rest = in_path
             flow.request.path = rest
-            return await self._verified(agent_id, token, "path", pid)
+            return await self._verified(agent_id, token, "path", pid_result)
         if pid_result is not None and pid_result.agent_id is not None:
             return Attribution(pid_result.agent_id, "pid", pid, pid_result.detail)
         if claimed:
-            agent_id, detail = decide_header_claim(claimed, await self._agent(claimed))
+            agent_id, detail = decide_header_claim(claimed, await self._agent(claimed, reread_on_miss=False))
             return Attribution(agent_id, "header" if agent_id else "none", pid, detail)
         detail = pid_result.detail if pid_result else "pid attribution off"
         return Attribution(None, "none", pid, detail)
 
-    async def _pid_result(self, conn_id: str, wait: bool) -> PidResult | None:
+    async def _pid_result(self, conn_id: str, wait: bool, timeout: float | None = None) -> PidResult | None:
         future = self._conn_pid.get(conn_id)
         if future is None or (not wait and not future.done()):
             return None
         try:
-            return await future
+            if timeout is None or future.done():
+                return await future
+            return await asyncio.wait_for(asyncio.shield(future), timeout)  # shared: never cancel it
+        except TimeoutError:
+            log.warning("rollouttap: pid lookup took over %.1fs; credentials accepted unchecked", timeout)
+            return None
         except Exception as exc:  # a failed lookup must not lose the flow
             log.warning("rollouttap: pid attribution failed: %r", exc)
             return PidResult(None, None, f"lookup failed: {exc!r}")
 
-    async def _agent(self, agent_id: str) -> AgentRecord | None:
-        assert self.directory is not None
-        agent = self.directory.cached(agent_id)  # every request of a known agent: no thread hop
+    async def _agent(self, agent_id: str, *, reread_on_miss: bool = True) -> AgentRecord | None:
+        """The agent's record; a miss re-reads the table (``reread_on_miss``) or a cache at most a second old
+        (header claims: a name that is never registered must not cost a read per request)."""
+        directory = self.directory
+        assert directory is not None
+        agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
         if agent is None:
-            agent = await asyncio.get_running_loop().run_in_executor(self._pool, self.directory.get, agent_id)
+            read = directory.get if reread_on_miss else directory.lookup
+            agent = await asyncio.get_running_loop().run_in_executor(self._pool, read, agent_id)
         return agent
 
-    async def _verified(self, agent_id: str, token: str, method: str, pid: int | None) -> Attribution:
+    async def _verified(self, agent_id: str, token: str, method: str, pid_result: PidResult | None
+                        ) -> Attribution:
+        pid = pid_result.pid if pid_result else None
+        conflict = credentials_conflict(agent_id, pid_result.roots if pid_result else ())
+        if conflict is not None:
+            return Attribution(None, "rejected", pid, conflict)
         problem = check_token(await self._agent(agent_id), token)
         if problem is not None:
             return Attribution(None, "rejected", pid, f"{problem} for agent {agent_id!r}")
@@ -441,7 +454,9 @@ def _strip_json_answer(resp: http.Response, injection: tokenids.Injection) -> No
     compressed it all the same."""
     try:
         plain = resp.get_content()
-    except ValueError:  # an unknown or broken content-encoding: leave the answer as it came
+    except ValueError as exc:  # an unknown or broken content-encoding: leave the answer as it came
+        log.warning("rollouttap: cannot decode a %s answer to hide token ids: %s",
+                    resp.headers.get("content-encoding"), exc)
         return
     if plain:
         stripped = tokenids.strip_response_json(plain, injection)

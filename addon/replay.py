@@ -33,7 +33,7 @@ from mitmproxy import ctx, exceptions, http
 
 from rollouttap.addon import tokenids
 from rollouttap.errors import StoreError
-from rollouttap.store import FlowRecord, Store, decode_body, header_value
+from rollouttap.store import FlowRecord, Store, decode_body, header_value, redact_query
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def canonical(body: bytes, parsed: Any = None) -> list[str]:
 
 def mismatch(entry: Recorded, method: str, path: str, body: bytes) -> str | None:
     """Why a request does not match a recorded one, or None when it does."""
-    if method.upper() != entry.method or path not in entry.paths:
+    if method.upper() != entry.method or redact_query(path) not in entry.paths:  # stored paths are redacted
         return f"expected {entry.label}, got {method.upper()} {path}"
     recorded = _loads(entry.body())
     live = _loads(body)

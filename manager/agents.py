@@ -135,17 +135,19 @@ def run_shell_check(command: str, workdir: Path, timeout: float) -> tuple[Any, s
             "stderr_tail": err.decode("utf-8", "replace")[-2000:]}, None
 
 
-def absolute_paths(parts: Sequence[str], cwd: Path) -> tuple[str, ...]:
-    """``parts`` with each relative path that has a directory part and exists in ``cwd`` made absolute.
+def absolute_paths(parts: Sequence[str], origin: Path, workdir: Path) -> tuple[str, ...]:
+    """``parts`` with each relative path that has a directory part, names nothing in the agent's
+    ``workdir`` and exists in ``origin`` made absolute (not resolved: a venv's python is a symlink).
 
     Every agent runs in a fresh working directory, so ``python examples/agent.py`` or ``.venv/bin/python``
-    written where the spec is made would name nothing there. Bare names (``python``, ``agent.py``) are
-    left to PATH and to the working directory (a ``workdir_template`` may hold them)."""
+    written where the spec was made would name nothing there; a path the workdir (a ``workdir_template``
+    copy) does hold stays the agent's own. Bare names (``python``, ``agent.py``) are left to PATH and to the
+    working directory."""
     out = []
     for part in parts:
-        path = Path(part)
-        if "/" in part and "{" not in part and not path.is_absolute() and (cwd / path).exists():
-            part = str((cwd / path).resolve())
+        if ("/" in part and "{" not in part and not os.path.isabs(part)
+                and not os.path.lexists(workdir / part) and os.path.lexists(origin / part)):
+            part = os.path.abspath(origin / part)
         out.append(part)
     return tuple(out)
 
@@ -154,10 +156,11 @@ def absolute_paths(parts: Sequence[str], cwd: Path) -> tuple[str, ...]:
 class CommandAgent(AgentSpec):
     """Any program: an argv template (a string is split like a shell would, without running one).
 
-    Relative paths with a directory part that exist where the spec is made are made absolute (agents run
-    in their own working directory)."""
+    Relative paths with a directory part that exist in ``origin`` (where the spec is made) and not in the
+    agent's working directory are made absolute (see ``absolute_paths``)."""
     argv_template: str | Sequence[str] = field(kw_only=False)
     stdin: bool = False
+    origin: Path = field(default_factory=Path.cwd)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,10 +175,10 @@ class CommandAgent(AgentSpec):
             raise AgentSpecError("a command template is a non-empty list of strings")
         for part in parts:
             template_fields(part)
-        object.__setattr__(self, "argv_template", absolute_paths(parts, Path.cwd()))
+        object.__setattr__(self, "argv_template", parts)
 
     def argv(self, ctx: LaunchContext) -> list[str]:
-        return render_argv(self.argv_template, ctx.values)
+        return render_argv(absolute_paths(self.argv_template, self.origin, ctx.workdir), ctx.values)
 
     def stdin_bytes(self, ctx: LaunchContext) -> bytes | None:
         return prompt_text(ctx.prompt).encode("utf-8") if self.stdin else None

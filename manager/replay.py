@@ -26,13 +26,13 @@ from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.manager.conversation import chat_call_from_flow, completion_call_from_flow, flow_kind
 from rollouttap.manager.inspect import answer_text
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
-from rollouttap.store import FlowRecord, Store, new_token
+from rollouttap.store import FlowRecord, Store, is_secret_name, new_token
 
 log = logging.getLogger(__name__)
 
 DIVERGED_STATUS = 599  # what the replay proxy answers from the divergence on (see addon/replay.py)
-_NOT_FORWARDED = frozenset({"host", "content-length", "connection", "transfer-encoding", "accept-encoding",
-                            "authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
+# Secret headers are stored redacted (a fingerprint, not the key): sending one would be a bogus credential.
+_NOT_FORWARDED = frozenset({"host", "content-length", "connection", "transfer-encoding", "accept-encoding"})
 
 __all__ = [
     "DIVERGED_STATUS", "ReplayProxyConfig", "ReplayResult", "Resent", "default_replay_store", "model_hosts_of",
@@ -234,7 +234,8 @@ def _answer_of(flow: FlowRecord) -> str:
 
 
 def _forwarded_headers(flow: FlowRecord, extra: Mapping[str, str]) -> dict[str, str]:
-    headers = {k: v for k, v in flow.request_headers if k.lower() not in _NOT_FORWARDED}
+    headers = {k: v for k, v in flow.request_headers
+               if k.lower() not in _NOT_FORWARDED and not is_secret_name(k)}
     headers.update(extra)
     return headers
 

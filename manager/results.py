@@ -93,12 +93,13 @@ def decide_status(outcome: str, exit_code: int | None, entry: Mapping[str, Any] 
 
 
 def with_model_failure(status: Status, error: str | None, conversation: Any) -> str | None:
-    """A failed agent's error plus why its last failed model call failed: an agent often fails because
-    its model call did (a model server nobody listens on), and says so only in its own stderr."""
-    failed = getattr(conversation, "failed_calls", None) if status != "ok" else None
-    if not failed:
+    """A failed agent's error plus why its last model call failed, if it did: an agent often fails because
+    that call did (a model server nobody listens on), and says so only in its own stderr. An earlier
+    failure that a retry got past is not the cause."""
+    calls = getattr(conversation, "calls", None) if status != "ok" else None
+    if not calls or not calls[-1].failed:
         return error
-    return f"{error}; its last failed model call: {failed[-1].error}"
+    return f"{error}; its last model call failed: {calls[-1].error}"
 
 
 def json_safe(value: Any) -> Any:

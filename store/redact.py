@@ -1,9 +1,10 @@
 """Secrets never land in the store in clear: header values and query values are replaced by a short
 fingerprint.
 
-What counts as a secret goes by name, so that keys under any vendor's header (``x-goog-api-key``,
-``x-auth-token``) or query parameter (``?key=``, ``?access_token=``) are covered, not a fixed list. A
-harmless field with such a name (an idempotency key) is fingerprinted too: still tells values apart.
+What counts as a secret goes by the words of a name, so that keys under any vendor's header
+(``x-goog-api-key``, ``X-Auth-Token``) or query parameter (``?key=``, ``?access_token=``, ``apiKey``) are
+covered, not a fixed list, while ``max_tokens`` or ``author`` are not. A harmless field named like a
+credential (an idempotency key) is fingerprinted too: the fingerprint still tells values apart.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ import re
 import secrets
 from urllib.parse import unquote
 
-_SECRET_NAME = re.compile(r"key|token|secret|passw|auth|credential|signature|cookie|session", re.IGNORECASE)
+SECRET_WORDS = frozenset({
+    "key", "apikey", "token", "secret", "password", "passwd", "auth", "authorization", "credential",
+    "credentials", "signature", "sig", "cookie", "session", "sessionid", "jwt", "bearer",
+    "accesstoken", "refreshtoken", "csrftoken", "privatekey", "clientsecret",  # written as one word
+})
+_WORD = re.compile(r"[a-z0-9]+")
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=1024)
 def is_secret_name(name: str) -> bool:
-    """True for a header or query parameter name that names a credential."""
-    return _SECRET_NAME.search(name) is not None
+    """True for a header or query parameter name one of whose words names a credential."""
+    return not SECRET_WORDS.isdisjoint(_WORD.findall(_CAMEL.sub(r"\1_\2", name).lower()))
 
 
 def fingerprint(value: str) -> str:
@@ -35,6 +42,11 @@ def redact_value(value: str) -> str:
     if sep and scheme.isalpha() and rest:
         return f"{scheme} <redacted sha256:{fingerprint(rest)}>"
     return f"<redacted sha256:{fingerprint(value)}>"
+
+
+def redacted_query_value(value: str) -> str:
+    """The stand-in for a secret query value: URL-safe, so a stored URL stays a valid request target."""
+    return f"redacted-sha256-{fingerprint(unquote(value))}"
 
 
 def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -52,7 +64,7 @@ def redact_query(target: str) -> str:
     for part in query.split("&"):
         name, eq, value = part.partition("=")
         if eq and value and is_secret_name(unquote(name)):
-            part = f"{name}=<redacted sha256:{fingerprint(unquote(value))}>"
+            part = f"{name}={redacted_query_value(value)}"
         parts.append(part)
     return head + sep + "&".join(parts) + hash_sep + fragment
 

@@ -467,16 +467,18 @@ def _record(agent_id: str, token_hash: str | None) -> AgentRecord:
 def test_header_claims_never_name_an_agent_that_proves_itself(claimed, agent, expected):
     agent_id, detail = decide_header_claim(claimed, agent)
     assert agent_id == expected
-    assert ("X-Agent-ID" in detail) and (expected is not None or "header" in detail)
+    assert detail == "X-Agent-ID header" if expected is not None else "X-Agent-ID header " in detail
 
 
-@pytest.mark.parametrize("creds, pid_agent, refused", [
-    ("agent-a", None, False),  # process unknown (remote, exited, or not looked up)
-    ("agent-a", "agent-a", False),
-    ("agent-a", "agent-b", True),  # agent-b's process sends agent-a's token
+@pytest.mark.parametrize("creds, roots, refused", [
+    ("agent-a", (), False),  # under no registered root: unknown, remote, escaped, or hand-run
+    ("agent-a", ("agent-a",), False),
+    ("agent-a", ("agent-a", "outer"), False),  # a nested agent, under its own root and its parent's
+    ("agent-a", ("agent-b",), True),  # agent-b's process sends agent-a's token
+    ("agent-a", ("agent-b", "agent-c"), True),
 ])
-def test_credentials_must_agree_with_the_sending_process(creds, pid_agent, refused):
-    problem = credentials_conflict(creds, pid_agent)
+def test_credentials_must_come_from_under_their_agents_root(creds, roots, refused):
+    problem = credentials_conflict(creds, roots)
     assert (problem is not None) == refused
     if refused:
-        assert "agent-a" in problem and "agent-b" in problem
+        assert "agent-a" in problem and roots[-1] in problem

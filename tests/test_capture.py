@@ -164,18 +164,40 @@ def test_header_cannot_claim_a_registered_agent(proxy, upstream):
     assert flow.attribution == "none" and "registered agent" in flow.meta["attribution_detail"]
 
 
-def test_credentials_sent_by_another_agents_process_are_refused(proxy, upstream):
+THIEF = """
+import sys, requests
+sys.stdin.readline()  # registered as an agent's root by now
+print(requests.post(sys.argv[1], json={}, timeout=10).status_code, flush=True)
+"""
+
+
+def test_credentials_sent_from_another_agents_tree_are_refused(proxy, upstream):
     victim, token = _new_agent(proxy)
-    thief = "thief-" + uuid.uuid4().hex[:8]  # its process carries its own tag; it read victim's token
+    thief, _ = _new_agent(proxy)
+    # The thief read the victim's proxy URL (agents run as one user: /proc/PID/environ is readable).
     env = agent_env(proxy, victim, token, tag=thief)
-    code = f"import requests; print(requests.post({upstream.url + '/echo'!r}, json={{}}, timeout=10).status_code)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "407", out.stderr
+    proc = subprocess.Popen([sys.executable, "-c", THIEF, upstream.url + "/echo"], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with Store(proxy.config.store) as store:
+        store.agent_started(thief, proc.pid)
+    out, err = proc.communicate("go\n", timeout=60)
+    assert out.strip() == "407", err
     with Store(proxy.config.store) as store:
         [flow] = wait_for(lambda: [f for f in store.flows(state="error")
-                                   if thief in (f.meta.get("attribution_detail") or "")], what="refusal")
+                                   if victim in (f.meta.get("attribution_detail") or "")], what="refusal")
         assert store.flows(agent_id=victim) == []
-    assert flow.attribution == "rejected" and victim in flow.error
+    assert flow.attribution == "rejected" and thief in flow.error and flow.pid == proc.pid
+
+
+def test_credentials_from_a_process_under_no_registered_root_are_accepted(proxy, upstream):
+    # An escaped daemon or a hand-run client: its environment tag proves nothing, its token speaks for it.
+    agent_id, token = _new_agent(proxy)
+    env = agent_env(proxy, agent_id, token, tag="some-other-tag")
+    code = f"import requests; print(requests.post({upstream.url + '/echo'!r}, json={{}}, timeout=10).status_code)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "200", out.stderr
+    [flow] = settled_flows(proxy.config.store, agent_id=agent_id)
+    assert flow.attribution == "credentials"
 
 
 def test_unattributed_flow_is_kept(proxy, upstream):

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -34,7 +35,7 @@ from rollouttap.manager.launch import (
     ProcRow, agent_environment, descendants, model_env, parse_stat, split_model_url,
 )
 from rollouttap.manager.proxy_link import ProxyLink
-from rollouttap.manager.results import decide_status, json_safe
+from rollouttap.manager.results import decide_status, json_safe, with_model_failure
 from rollouttap.manager.runner_entry import outcome
 from rollouttap.store import Store
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
@@ -55,14 +56,20 @@ SHELL_AGENT = CommandAgent(["sh", "-c", "{prompt}", "sh", "{prompt_file}", "{wor
 
 
 # -- pure pieces --------------------------------------------------------------------------------------------
-def test_relative_paths_that_exist_here_are_made_absolute(tmp_path, monkeypatch):
-    (tmp_path / "examples").mkdir()
-    (tmp_path / "examples" / "agent.py").write_text("")
-    (tmp_path / "agent.py").write_text("")
-    monkeypatch.chdir(tmp_path)
-    spec = CommandAgent("python examples/agent.py ./agent.py agent.py missing/x.py {workdir}/out {prompt}")
-    assert spec.argv_template == ("python", str(tmp_path / "examples" / "agent.py"), str(tmp_path / "agent.py"),
-                                  "agent.py", "missing/x.py", "{workdir}/out", "{prompt}")
+def test_relative_paths_that_exist_only_where_the_spec_was_made_become_absolute(tmp_path):
+    origin, workdir = tmp_path / "project", tmp_path / "agent-work"
+    (origin / "examples").mkdir(parents=True)
+    (origin / "examples" / "agent.py").write_text("")
+    (origin / "agent.py").write_text("")
+    (origin / "bin").mkdir()
+    (origin / "bin" / "python").symlink_to(sys.executable)  # a venv's python: kept a symlink path
+    (workdir / "tests").mkdir(parents=True)  # the workdir template's copy of the project
+    (origin / "tests").mkdir()
+    spec = CommandAgent("bin/python examples/agent.py ./agent.py agent.py missing/x.py tests/ {workdir}/out {prompt}",
+                        origin=origin)
+    ctx = LaunchContext("a1", "hi", workdir, workdir / "p.txt", workdir / "p.json", workdir / "r.json")
+    assert spec.argv(ctx) == [str(origin / "bin" / "python"), str(origin / "examples" / "agent.py"),
+                              str(origin / "agent.py"), "agent.py", "missing/x.py", "tests/", f"{workdir}/out", "hi"]
 
 
 @pytest.mark.parametrize("template, fields", [
@@ -444,8 +451,20 @@ def test_failed_agent_says_why_its_model_call_failed(manager):
     call = ("curl -s -o /dev/null -H 'content-type: application/json' "
             "-d '{\"model\":\"m\",\"messages\":[]}' http://127.0.0.1:9/v1/chat/completions; exit 3")
     [result] = manager.deploy([call])
-    assert result.status == "failed" and result.error.startswith("exited with code 3; its last failed model call: ")
-    assert result.error.endswith(result.conversation.failed_calls[-1].error)
+    assert result.status == "failed" and result.error.startswith("exited with code 3; its last model call failed: ")
+    assert result.error.endswith(result.conversation.calls[-1].error)
+
+
+@pytest.mark.parametrize("failed, expected", [
+    ([], "exited with code 1"),
+    ([False, False], "exited with code 1"),
+    ([True, False], "exited with code 1"),  # a retry got past it: not the cause
+    ([False, True], "exited with code 1; its last model call failed: boom"),
+])
+def test_failed_agent_error_names_a_failed_last_call_only(failed, expected):
+    calls = [SimpleNamespace(failed=f, error="boom" if f else None) for f in failed]
+    assert with_model_failure("failed", "exited with code 1", SimpleNamespace(calls=calls)) == expected
+    assert with_model_failure("ok", None, SimpleNamespace(calls=calls)) is None
 
 
 def test_hanging_agent_times_out_and_its_whole_tree_dies(manager):

@@ -40,3 +40,9 @@ def _result(calls: int, fidelity: Fidelity | None):
 ])
 def test_coverage_metric_is_zero_when_calls_built_no_rows(results, coverage):
     assert rollout_metrics(results)["fidelity/coverage"] == coverage
+
+
+def test_agents_that_called_but_built_no_row_are_counted():
+    results = [_result(2, Fidelity(sampled_tokens=10, trainable_tokens=10)), _result(3, None), _result(0, None)]
+    metrics = rollout_metrics(results)
+    assert metrics["fidelity/agents_without_rows"] == 1.0 and metrics["fidelity/coverage"] == 1.0

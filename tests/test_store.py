@@ -17,7 +17,7 @@ from rollouttap.store import (
     token_matches, transaction,
 )
 from rollouttap.store.records import decode_body
-from rollouttap.store.redact import redact_value
+from rollouttap.store.redact import is_secret_name, redact_value
 from rollouttap.store.writer import _apply, batch_mark, fold
 
 
@@ -528,4 +528,15 @@ def test_redact_query_hides_values_of_secret_parameters(target, kept, hidden):
     if hidden is None:
         assert out == target
     else:
-        assert hidden not in out and "<redacted sha256:" in out
+        assert hidden not in out and "=redacted-sha256-" in out and " " not in out  # still a valid target
+
+
+@pytest.mark.parametrize("name, secret", [
+    ("Authorization", True), ("Proxy-Authorization", True), ("x-goog-api-key", True), ("X-Auth-Token", True),
+    ("x-amz-security-token", True), ("Set-Cookie", True), ("apiKey", True), ("access_token", True),
+    ("X-Session-Id", True), ("api-key", True), ("x-csrftoken", True),
+    ("max_tokens", False), ("x-ratelimit-remaining-tokens", False), ("author", False), ("keyword", False),
+    ("Content-Type", False), ("x-stainless-retry-count", False), ("Keep-Alive", False),
+])
+def test_secret_names_go_by_whole_words(name, secret):
+    assert is_secret_name(name) == secret

@@ -98,6 +98,8 @@ def rollout_metrics(results: Sequence[Any]) -> dict[str, float]:
         "agents/bypass_connections": float(sum(len(r.bypass_connections or ()) for r in results)),
         # No report although agents called the model: no rows were built, so nothing of theirs trains.
         "fidelity/coverage": fid.coverage if fid.agents or not any(r.calls for r in results) else 0.0,
+        "fidelity/agents_without_rows": float(sum(bool(r.calls) and getattr(r, "fidelity", None) is None
+                                                  for r in results)),
         "fidelity/dropped_tokens": float(fid.dropped_tokens),
         "fidelity/realigned_joins": float(fid.realigned_joins),
         "fidelity/calls_without_ids": float(fid.calls_without_ids),
