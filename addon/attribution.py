@@ -174,10 +174,13 @@ class AgentDirectory:
         return self._agents.get(agent_id)
 
     def lookup(self, agent_id: str) -> AgentRecord | None:
-        """The agent, from a cache at most ``max_age`` old: for names that may never be registered (a
-        header claim), which must not re-read the table on every request."""
-        self.refresh(if_older_than=self.max_age)
-        return self._agents.get(agent_id)
+        """The agent by one indexed read of its row: for names that may never be registered (a header
+        claim), which must neither re-read the whole table per request nor miss a just registered agent."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            with self._lock:
+                agent = self._store.agent(agent_id)
+        return agent
 
     def get(self, agent_id: str) -> AgentRecord | None:
         agent = self._agents.get(agent_id)

@@ -362,8 +362,8 @@ class RolloutTap:
             return PidResult(None, None, f"lookup failed: {exc!r}")
 
     async def _agent(self, agent_id: str, *, reread_on_miss: bool = True) -> AgentRecord | None:
-        """The agent's record; a miss re-reads the table (``reread_on_miss``) or a cache at most a second old
-        (header claims: a name that is never registered must not cost a read per request)."""
+        """The agent's record; a miss re-reads the table (``reread_on_miss``) or only the agent's row (header
+        claims: a name that is never registered must not cost a table read per request)."""
         directory = self.directory
         assert directory is not None
         agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
