@@ -213,9 +213,12 @@ def collect_flows(store: Store, agent_id: str, *, eos_token_id: int | None) -> C
         return Collected(counts, 0, None)
     calls = list(conversation.calls) or list(conversation.completion_calls)
     row = fidelity = None
-    if eos_token_id is not None and any(getattr(c, "prompt_token_ids", None) for c in calls):
+    prompts = [c.prompt_token_ids for c in calls if getattr(c, "prompt_token_ids", None)]
+    if eos_token_id is not None and prompts:
         try:
-            row, fidelity = build_row(calls, eos_token_id=eos_token_id)
+            # No usable call (say the only one broke off mid-stream): a row that teaches nothing, with the
+            # prompt the server rendered (its first chunk carries it) rather than a bare [eos].
+            row, fidelity = build_row(calls, eos_token_id=eos_token_id, fallback_prompt_ids=prompts[0])
         except Exception:  # a row that cannot be built is reported, the agent's result still stands
             log.exception("agent %s: building its training row failed", agent_id)
     return Collected(counts, len(conversation.calls) + len(conversation.completion_calls), conversation,

@@ -35,9 +35,9 @@ from rollouttap.manager.launch import (
     ProcRow, agent_environment, descendants, model_env, parse_stat, split_model_url,
 )
 from rollouttap.manager.proxy_link import ProxyLink
-from rollouttap.manager.results import decide_status, json_safe, with_model_failure
+from rollouttap.manager.results import collect_flows, decide_status, json_safe, with_model_failure
 from rollouttap.manager.runner_entry import outcome
-from rollouttap.store import Store
+from rollouttap.store import Store, StoreWriter
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
 
 PY = shlex.quote(sys.executable)
@@ -643,3 +643,26 @@ def test_attach_to_a_running_proxy(tmp_path, confdir, upstream):
         assert proc.alive()  # not ours to stop
     finally:
         proc.stop()
+
+
+def test_an_agent_whose_only_call_broke_off_gets_a_masked_row_with_the_servers_prompt(tmp_path):
+    # vLLM sends prompt_token_ids in the first chunk; the stream then broke off (a timeout, a crash).
+    first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "prompt_token_ids": [5, 6, 7],
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}]}
+    writer = StoreWriter(tmp_path / "s.db")
+    writer.insert_flow({"flow_id": "f1", "agent_id": "a1", "attribution": "pid", "method": "POST",
+                        "host": "127.0.0.1", "path": "/v1/chat/completions", "t_request": time.time(),
+                        "request_headers": [["Content-Type", "application/json"]],
+                        "request_body": json.dumps({"model": "m", "stream": True,
+                                                    "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                        "status_code": 200, "streamed": 1,
+                        "response_headers": [["Content-Type", "text/event-stream"]],
+                        "response_body": f"data: {json.dumps(first)}\n\n".encode(),
+                        "meta": {"injected": {"return_token_ids": True}},
+                        "state": "error", "error": "client disconnected", "t_end": time.time()})
+    writer.close()
+    with Store(tmp_path / "s.db") as store:
+        collected = collect_flows(store, "a1", eos_token_id=2)
+    assert collected.calls == 1 and collected.row is not None
+    assert collected.row.prompt_ids == [5, 6, 7] and collected.row.env_mask == [0]
