@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 Method = Literal["credentials", "path", "pid", "header", "none", "rejected"]
 AGENT_HEADER = "X-Agent-ID"
 PATH_PREFIX = "/agents/"
-TAG_REFRESH_S = 0.05  # re-read registered roots at most this often for tags naming none of them
+TAG_REFRESH_S = 0.05  # re-read registered roots at most this often for agents started since the last read
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def credentials_conflict(agent_id: str, roots: tuple[str, ...]) -> str | None:
     a process sets those itself."""
     if not roots or agent_id in roots:
         return None
-    return f"credentials of agent {agent_id!r} sent by a process of agent {roots[-1]!r}"
+    return f"credentials of agent {agent_id!r} sent by a process of agent {roots[0]!r}"
 
 
 def decide_from_ancestry(chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
@@ -170,24 +170,23 @@ class AgentDirectory:
         self._store.close()
 
     def cached(self, agent_id: str) -> AgentRecord | None:
-        """The agent if it is in the cache: no I/O, safe on the event loop (``get`` may read the store)."""
+        """The agent if it is in the cache: no I/O, safe on the event loop (``lookup`` may read the store)."""
         return self._agents.get(agent_id)
 
     def lookup(self, agent_id: str) -> AgentRecord | None:
-        """The agent by one indexed read of its row: for names that may never be registered (a header
-        claim), which must neither re-read the whole table per request nor miss a just registered agent."""
+        """The agent from the cache, else by one indexed read of its row (kept when found): a name that is
+        never registered (a wrong id, a header claim) costs no table read, a just registered one is seen."""
         agent = self._agents.get(agent_id)
         if agent is None:
-            with self._lock:
-                agent = self._store.agent(agent_id)
+            agent = self.read(agent_id)
+            if agent is not None:
+                self._agents[agent_id] = agent
         return agent
 
-    def get(self, agent_id: str) -> AgentRecord | None:
-        agent = self._agents.get(agent_id)
-        if agent is None:
-            self.refresh()
-            agent = self._agents.get(agent_id)
-        return agent
+    def read(self, agent_id: str) -> AgentRecord | None:
+        """The agent's row as stored now (no cache)."""
+        with self._lock:
+            return self._store.agent(agent_id)
 
     def refresh(self, if_older_than: float = 0.0) -> None:
         with self._lock:
@@ -241,12 +240,21 @@ class PidAttributor:
         if pid is None:
             return PidResult(None, None, "socket owner not found (exited, or another namespace)")
         chain = self.ancestry.chain(pid)
-        if any(p.agent_tag and p.agent_tag not in known for p in chain):
-            # A tag naming no known root: maybe an agent whose root was registered since the last read.
+        if self._roots_behind(chain, roots, known):
             self.directory.refresh(if_older_than=TAG_REFRESH_S)
             roots, known = self.directory.roots()
         agent_id, detail = decide_from_ancestry(chain, roots, known, self._create_time)
         return PidResult(pid, agent_id, detail, tuple(registered_in_chain(chain, roots, self._create_time)))
+
+    def _roots_behind(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
+                      known: dict[str, int]) -> bool:
+        """A tag in ``chain`` names an agent whose root the store has and the cache not (it started since
+        the cache was read). Hand-run tags that name no registered agent cost one indexed read each."""
+        for tag in {p.agent_tag for p in chain if p.agent_tag and p.agent_tag not in known}:
+            agent = self.directory.read(tag)
+            if agent is not None and agent.root_pid is not None and agent.root_pid not in roots:
+                return True
+        return False
 
     def connection_closed(self, pid: int) -> None:
         """A client connection of ``pid`` ended (its next one is likely close behind)."""

@@ -320,15 +320,15 @@ class RolloutTap:
         creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
         tunnel = self._conn_creds.get(flow.client_conn.id)  # credentials given on the CONNECT
         in_path = split_agent_path(flow.request.path) if creds is None and tunnel is None else None
-        needs_pid = creds is None and tunnel is None and (
-            ctx.options.rollouttap_pid_lookup == "eager" or in_path is None)
+        token = creds is not None or in_path is not None  # a token will speak for the agent
+        needs_pid = not token and tunnel is None
         if needs_pid:
             self._start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
-        # Eager: credentials are checked against the process that sends them, with the lookup begun at
-        # connect (usually done by now; bounded, so a stuck /proc read cannot hold the request).
-        check_creds = not needs_pid and ctx.options.rollouttap_pid_lookup == "eager"
-        pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_creds,
-                                            timeout=CREDENTIAL_CHECK_WAIT_S if check_creds else None)
+        # Eager: a token is checked against the process that sends it, with the lookup begun at connect
+        # (usually done by now; bounded, so a stuck /proc read cannot hold the request: it then passes).
+        check_token_owner = token and ctx.options.rollouttap_pid_lookup == "eager"
+        pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_token_owner,
+                                            timeout=CREDENTIAL_CHECK_WAIT_S if check_token_owner else None)
         pid = pid_result.pid if pid_result else None
         if creds is not None:
             return await self._verified(creds[0], creds[1], "credentials", pid_result)
@@ -341,7 +341,7 @@ class RolloutTap:
         if pid_result is not None and pid_result.agent_id is not None:
             return Attribution(pid_result.agent_id, "pid", pid, pid_result.detail)
         if claimed:
-            agent_id, detail = decide_header_claim(claimed, await self._agent(claimed, reread_on_miss=False))
+            agent_id, detail = decide_header_claim(claimed, await self._agent(claimed))
             return Attribution(agent_id, "header" if agent_id else "none", pid, detail)
         detail = pid_result.detail if pid_result else "pid attribution off"
         return Attribution(None, "none", pid, detail)
@@ -361,15 +361,12 @@ class RolloutTap:
             log.warning("rollouttap: pid attribution failed: %r", exc)
             return PidResult(None, None, f"lookup failed: {exc!r}")
 
-    async def _agent(self, agent_id: str, *, reread_on_miss: bool = True) -> AgentRecord | None:
-        """The agent's record; a miss re-reads the table (``reread_on_miss``) or only the agent's row (header
-        claims: a name that is never registered must not cost a table read per request)."""
+    async def _agent(self, agent_id: str) -> AgentRecord | None:
         directory = self.directory
         assert directory is not None
         agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
         if agent is None:
-            read = directory.get if reread_on_miss else directory.lookup
-            agent = await asyncio.get_running_loop().run_in_executor(self._pool, read, agent_id)
+            agent = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, agent_id)
         return agent
 
     async def _verified(self, agent_id: str, token: str, method: str, pid_result: PidResult | None

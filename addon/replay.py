@@ -33,7 +33,7 @@ from mitmproxy import ctx, exceptions, http
 
 from rollouttap.addon import tokenids
 from rollouttap.errors import StoreError
-from rollouttap.store import FlowRecord, Store, decode_body, header_value, redact_query
+from rollouttap.store import FlowRecord, Store, decode_body, header_value, map_secret_query, redact_query
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def canonical(body: bytes, parsed: Any = None) -> list[str]:
 
 def mismatch(entry: Recorded, method: str, path: str, body: bytes) -> str | None:
     """Why a request does not match a recorded one, or None when it does."""
-    if method.upper() != entry.method or redact_query(path) not in entry.paths:  # stored paths are redacted
+    if method.upper() != entry.method or _keyless(path) not in map(_keyless, entry.paths):
         return f"expected {entry.label}, got {method.upper()} {path}"
     recorded = _loads(entry.body())
     live = _loads(body)
@@ -131,6 +131,11 @@ def mismatch(entry: Recorded, method: str, path: str, body: bytes) -> str | None
     else:
         same = body == entry.body()
     return None if same else "request body differs"
+
+
+def _keyless(path: str) -> str:
+    """A path with secret query values blanked: stored ones are fingerprints, and a replay may use any key."""
+    return map_secret_query(path, lambda _value: "")
 
 
 def request_diff(entry: Recorded | None, method: str, path: str, body: bytes) -> str:
@@ -330,7 +335,7 @@ class ReplayAddon:
         req = flow.request
         body = req.get_content(strict=False) or b""
         diverged = self.book.divergence is not None
-        entry = self.book.take(req.method, req.path, body)
+        entry = self.book.take(req.method, redact_query(req.path), body)  # reports never hold a key in clear
         if entry is None:
             div = self.book.divergence
             assert div is not None

@@ -26,7 +26,7 @@ from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.manager.conversation import chat_call_from_flow, completion_call_from_flow, flow_kind
 from rollouttap.manager.inspect import answer_text
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
-from rollouttap.store import FlowRecord, Store, is_secret_name, new_token
+from rollouttap.store import FlowRecord, Store, is_secret_name, map_secret_query, new_token
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,8 @@ def _answer_of(flow: FlowRecord) -> str:
 
 
 def _forwarded_headers(flow: FlowRecord, extra: Mapping[str, str]) -> dict[str, str]:
-    headers = {k: v for k, v in flow.request_headers
-               if k.lower() not in _NOT_FORWARDED and not is_secret_name(k)}
+    headers = {k: v for k, v in flow.request_headers  # the marker: stores redacted under older rules
+               if k.lower() not in _NOT_FORWARDED and not is_secret_name(k) and "<redacted sha256:" not in v}
     headers.update(extra)
     return headers
 
@@ -268,5 +268,6 @@ def resend_requests(flows: Sequence[FlowRecord], to: str, *, headers: Mapping[st
     chosen = [f for f in flows if flow_kind(f) in kinds and f.request_body]
     with requests.Session() as session:
         session.trust_env = False  # straight to the given server, never through a proxy from the environment
-        return [_resend_one(i, f, target_url(to, f.path or "/"), headers or {}, timeout, session)
-                for i, f in enumerate(chosen)]
+        # Secret query values are stored as fingerprints: sending one would be a bogus key, so it goes.
+        return [_resend_one(i, f, target_url(to, map_secret_query(f.path or "/", lambda _v: None)), headers or {},
+                            timeout, session) for i, f in enumerate(chosen)]

@@ -2,9 +2,10 @@
 fingerprint.
 
 What counts as a secret goes by the words of a name, so that keys under any vendor's header
-(``x-goog-api-key``, ``X-Auth-Token``) or query parameter (``?key=``, ``?access_token=``, ``apiKey``) are
-covered, not a fixed list, while ``max_tokens`` or ``author`` are not. A harmless field named like a
-credential (an idempotency key) is fingerprinted too: the fingerprint still tells values apart.
+(``x-goog-api-key``, ``X-Auth-Token``, ``HFToken``) or query parameter (``?key=``, ``?access_token=``,
+``apiKey``) are covered, not a fixed list, while ``max_tokens`` or ``author`` are not. A harmless field
+named like a credential (an idempotency key, a page token) is fingerprinted too: the fingerprint still
+tells values apart.
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 from urllib.parse import unquote
 
-SECRET_WORDS = frozenset({
-    "key", "apikey", "token", "secret", "password", "passwd", "auth", "authorization", "credential",
-    "credentials", "signature", "sig", "cookie", "session", "sessionid", "jwt", "bearer",
-    "accesstoken", "refreshtoken", "csrftoken", "privatekey", "clientsecret",  # written as one word
-})
-_WORD = re.compile(r"[a-z0-9]+")
+SECRET_WORDS = frozenset({"auth", "authorization", "credential", "credentials", "session", "sessionid", "sig",
+                          "jwt", "bearer"})
+# A word ending in one of these is a secret too, written as one word or not: apikey, authtoken, hftoken.
+SECRET_ENDINGS = ("key", "token", "secret", "password", "passwd", "cookie", "signature")
+_WORD = re.compile(r"[a-z]+")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
 
 @functools.lru_cache(maxsize=1024)
 def is_secret_name(name: str) -> bool:
     """True for a header or query parameter name one of whose words names a credential."""
-    return not SECRET_WORDS.isdisjoint(_WORD.findall(_CAMEL.sub(r"\1_\2", name).lower()))
+    for word in _WORD.findall(_CAMEL.sub(r"\1_\2", name).lower()):
+        if word in SECRET_WORDS or word.endswith(SECRET_ENDINGS):
+            return True
+        if word.startswith("auth") and not word.startswith("author"):  # authentication, authz
+            return True
+    return False
 
 
 def fingerprint(value: str) -> str:
@@ -56,6 +62,12 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def redact_query(target: str) -> str:
     """A URL or path with the values of secret-named query parameters redacted."""
+    return map_secret_query(target, redacted_query_value)
+
+
+def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
+    """A URL or path with each secret-named query parameter's value replaced by ``replace(value)``; a
+    parameter for which it returns None is dropped."""
     head, sep, query = target.partition("?")
     if not sep:
         return target
@@ -64,9 +76,12 @@ def redact_query(target: str) -> str:
     for part in query.split("&"):
         name, eq, value = part.partition("=")
         if eq and value and is_secret_name(unquote(name)):
-            part = f"{name}={redacted_query_value(value)}"
+            new = replace(value)
+            if new is None:
+                continue
+            part = f"{name}={new}"
         parts.append(part)
-    return head + sep + "&".join(parts) + hash_sep + fragment
+    return head + (sep if parts else "") + "&".join(parts) + hash_sep + fragment
 
 
 def new_token() -> str:

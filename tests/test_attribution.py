@@ -481,4 +481,4 @@ def test_credentials_must_come_from_under_their_agents_root(creds, roots, refuse
     problem = credentials_conflict(creds, roots)
     assert (problem is not None) == refused
     if refused:
-        assert "agent-a" in problem and roots[-1] in problem
+        assert "agent-a" in problem and roots[0] in problem  # the nearest root: the process's own agent

@@ -318,6 +318,17 @@ def test_agent_view_strips_what_the_recording_proxy_injected(injected, answer, e
     assert json.loads(agent_view(entry)) == expected
 
 
+@pytest.mark.parametrize("recorded", [
+    "/v1beta/models/m:generateContent?key=redacted-sha256-0123456789ab&alt=sse",
+    "/v1beta/models/m:generateContent?key=<redacted sha256:0123456789ab>&alt=sse",  # stores from before
+])
+def test_a_secret_query_value_matches_whatever_key_the_replay_uses(recorded):
+    entry = _rec(0, {"m": [1]}, path=recorded)
+    assert mismatch(entry, "POST", "/v1beta/models/m:generateContent?key=DUMMY&alt=sse", b'{"m": [1]}') is None
+    assert mismatch(entry, "POST", "/v1beta/models/m:generateContent?key=DUMMY&alt=json", b'{"m": [1]}') \
+        is not None
+
+
 def test_mismatch_compares_non_json_bodies_as_bytes():
     entry = _rec(0, b"plain text", path="/upload")
     assert mismatch(entry, "POST", "/upload", b"plain text") is None

@@ -13,8 +13,8 @@ import pytest
 
 from rollouttap.errors import StoreError, StoreVersionError
 from rollouttap.store import (
-    SCHEMA_VERSION, Store, StoreWriter, connect, hash_token, new_token, redact_headers, redact_query,
-    token_matches, transaction,
+    SCHEMA_VERSION, Store, StoreWriter, connect, hash_token, map_secret_query, new_token, redact_headers,
+    redact_query, token_matches, transaction,
 )
 from rollouttap.store.records import decode_body
 from rollouttap.store.redact import is_secret_name, redact_value
@@ -535,8 +535,20 @@ def test_redact_query_hides_values_of_secret_parameters(target, kept, hidden):
     ("Authorization", True), ("Proxy-Authorization", True), ("x-goog-api-key", True), ("X-Auth-Token", True),
     ("x-amz-security-token", True), ("Set-Cookie", True), ("apiKey", True), ("access_token", True),
     ("X-Session-Id", True), ("api-key", True), ("x-csrftoken", True),
+    ("authtoken", True), ("HFToken", True), ("OpenAIKey", True), ("Authentication", True), ("Cookie2", True),
+    ("Ocp-Apim-Subscription-Key", True), ("X-Amz-Credential", True), ("X-Amz-Signature", True),
     ("max_tokens", False), ("x-ratelimit-remaining-tokens", False), ("author", False), ("keyword", False),
-    ("Content-Type", False), ("x-stainless-retry-count", False), ("Keep-Alive", False),
+    ("Content-Type", False), ("x-stainless-retry-count", False), ("Keep-Alive", False), ("authority", False),
+    ("api-version", False), ("X-Amz-Date", False), ("anthropic-version", False),
 ])
-def test_secret_names_go_by_whole_words(name, secret):
+def test_secret_names_go_by_words_and_word_endings(name, secret):
     assert is_secret_name(name) == secret
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("/x?key=abc&alt=sse", "/x?alt=sse"),
+    ("/x?key=abc", "/x"),
+    ("/x?alt=sse#f", "/x?alt=sse#f"),
+])
+def test_map_secret_query_can_drop_secret_parameters(target, expected):
+    assert map_secret_query(target, lambda _value: None) == expected
