@@ -180,8 +180,8 @@ class RolloutTap:
     def _retire(self, reason: str) -> None:
         """End the flows in flight, mark this proxy stopped in the store, and commit everything."""
         assert self.writer is not None
-        for flow_id in list(self._live):
-            self._end(flow_id, "error", {"error": reason})
+        for flow_id, live in list(self._live.items()):
+            self._abort(flow_id, live, reason)  # a stream keeps what reached the agent
         if self.writer.proxy_id is not None:  # a row exists only once the proxy has run
             self.writer.upsert_proxy({"proxy_id": self.writer.proxy_id, "pid": os.getpid(),
                                       "started_at": time.time(), "stopped_at": time.time()})

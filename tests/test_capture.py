@@ -311,6 +311,48 @@ def test_killed_client_flow_ends_in_error(proxy, gate_server):
     assert b'"n": 1' in flow.response_body  # what arrived before the kill is kept
 
 
+def test_proxy_stopped_mid_stream_keeps_what_the_agent_received(tmp_path, confdir, gate_server):
+    server, gate = gate_server
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    with start_proxy(tmp_path / "s.db", confdir) as proc:
+        resp = requests.post(url, json={}, headers={"X-Agent-ID": "cut"}, proxies={"http": proc.url},
+                             stream=True, timeout=20)
+        assert next(resp.iter_lines()) == b'data: {"n": 1}'
+        proc.stop()  # SIGINT, while the upstream still holds the rest of the stream
+    resp.close()
+    with Store(tmp_path / "s.db") as store:
+        [flow] = store.flows(agent_id="cut")
+    # mitmproxy may close the client first ("Client disconnected.") or leave the flow to the addon's done()
+    assert flow.state == "error" and flow.error
+    assert flow.response_text() == 'data: {"n": 1}\n\n' and flow.t_first_byte is not None
+
+
+def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see the test above
+        from mitmproxy.addons.proxyserver import Proxyserver
+        from mitmproxy.test import taddons
+
+    from rollouttap.addon.attribution import Attribution
+    from rollouttap.addon.capture import RolloutTap
+    from rollouttap.addon.streamtap import StreamTap
+    addon = RolloutTap()
+    with taddons.context(Proxyserver(), addon) as tctx:
+        tctx.configure(addon, rollouttap_store=str(tmp_path / "s.db"))
+        addon.running()
+        flow = tflow.tflow()
+        addon._record_new(flow, Attribution("live", "header"))
+        tap = StreamTap()
+        addon._live[flow.id].tap = tap
+        tap(b'data: {"n": 1}\n\n')  # what the agent already has
+        addon.done()
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(agent_id="live")
+    assert row.state == "error" and "shut down" in row.error
+    assert row.response_text() == 'data: {"n": 1}\n\n' and row.t_first_byte is not None
+
+
 def test_stream_closed_by_client_after_done_is_complete(proxy, gate_server):
     server, gate = gate_server
     agent = "done-" + uuid.uuid4().hex[:8]
