@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from rollouttap.addon.routes import RouteError, parse_route
 from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.paths import cache_root
 from rollouttap.store import Store
@@ -81,6 +84,20 @@ def launch_env(launcher: str, environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+_HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1,5})?"  # name or [v6], optional port
+                       r"|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")  # a bare IPv6 address
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class ProxyConfig:
     """How to start the proxy; every field maps to a mitmdump option."""
@@ -101,8 +118,20 @@ class ProxyConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Refuse what mitmdump would only refuse with a traceback in its log, or accept and ignore."""
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
+        if not self.allow_remote and not is_loopback(self.host):
+            raise ConfigError(f"listen host {self.host!r} is not loopback, so agents on other hosts could use "
+                              "the proxy: allow it with allow_remote=True (--allow-remote)")
+        for spec in self.routes:
+            try:
+                parse_route(spec)
+            except RouteError as exc:
+                raise ConfigError(str(exc)) from exc
+        for host in self.model_hosts:
+            if not _HOSTPORT.fullmatch(host):
+                raise ConfigError(f"model host {host!r} is not HOST[:PORT] (no scheme, no path), e.g. 127.0.0.1:8000")
 
     def argv(self, proxy_id: str) -> list[str]:
         def flag(value: bool) -> str:

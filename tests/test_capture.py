@@ -384,9 +384,32 @@ def test_https_through_route_with_ca_bundle(tmp_path, confdir, upstream):
 
 
 def test_proxy_refuses_non_loopback_listen_by_default(tmp_path, confdir):
-    from rollouttap.errors import ProxyError
-    with pytest.raises(ProxyError, match="rollouttap_allow_remote"):
+    from rollouttap.errors import ConfigError, ProxyError
+    with pytest.raises(ConfigError, match="allow_remote"):  # the config says so before mitmdump starts ...
         start_proxy(tmp_path / "runs.db", confdir, host="0.0.0.0")
+    with pytest.raises(ProxyError, match="rollouttap_allow_remote"):  # ... and the addon under plain mitmdump
+        start_proxy(tmp_path / "runs.db", confdir, host="0.0.0.0", allow_remote=True,
+                    extra={"rollouttap_allow_remote": "false"})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model_hosts", ("http://127.0.0.1:8000",), "HOST\\[:PORT\\]"),
+    ("model_hosts", ("not a host:abc",), "HOST\\[:PORT\\]"),
+    ("model_hosts", ("",), "HOST\\[:PORT\\]"),
+    ("routes", ("garbage",), "HOST\\[:PORT\\]=BASE_URL"),
+    ("host", "10.1.2.3", "allow_remote"),
+])
+def test_proxy_config_refuses_bad_values_before_starting(tmp_path, field, value, message):
+    from rollouttap.errors import ConfigError
+    from rollouttap.manager.proxy import ProxyConfig
+    with pytest.raises(ConfigError, match=message):
+        ProxyConfig(store=tmp_path / "s.db", **{field: value})
+
+
+@pytest.mark.parametrize("hosts", [("127.0.0.1:8000", "localhost", "[::1]:8000", "::1", "vllm-0.cluster.local:80")])
+def test_proxy_config_takes_model_hosts_as_the_addon_does(tmp_path, hosts):
+    from rollouttap.manager.proxy import ProxyConfig
+    assert ProxyConfig(store=tmp_path / "s.db", model_hosts=hosts).model_hosts == hosts
 
 
 def test_proxy_without_store_option_fails_clearly(tmp_path, confdir):
