@@ -43,8 +43,11 @@ class Fidelity:
 
     @property
     def coverage(self) -> float:
-        """Share of sampled tokens that are trained; 1.0 when nothing was sampled."""
-        return self.trainable_tokens / self.sampled_tokens if self.sampled_tokens else 1.0
+        """Share of sampled tokens that are trained; 1.0 when nothing was sampled, 0.0 when calls came
+        without token ids (their samples are unknown, and none of them trains)."""
+        if self.sampled_tokens:
+            return self.trainable_tokens / self.sampled_tokens
+        return 0.0 if self.calls_without_ids else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         """All counts plus coverage, for logs and JSON reports."""

@@ -16,6 +16,7 @@ from typing import Any
 from rollouttap.errors import ConfigError
 from rollouttap.manager.conversation import build_conversation, normalize_message
 from rollouttap.manager.fidelity import Fidelity, batch_fidelity
+from rollouttap.manager.results import token_counts
 from rollouttap.manager.rows import build_row
 from rollouttap.store import FlowRecord, Store
 
@@ -157,15 +158,11 @@ def mask_runs(mask: Sequence[int]) -> list[tuple[int, int, int]]:
 # -- stats ---------------------------------------------------------------------------------------------------------
 
 def usage_totals(calls: Iterable[Any]) -> dict[str, int]:
-    """prompt/completion/total tokens summed over the calls' ``usage`` (server-reported)."""
-    totals = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for call in calls:
-        usage = getattr(call, "usage", None) or {}
-        for key in totals:
-            value = usage.get(key)
-            if isinstance(value, int):
-                totals[key] += value
-    return totals
+    """prompt/completion/total tokens over the calls: the server's usage, else the token ids' lengths (a
+    streamed call has usage only if the agent asked for it)."""
+    counts = token_counts(calls)
+    return {"prompt_tokens": counts["prompt"], "completion_tokens": counts["completion"],
+            "total_tokens": counts["prompt"] + counts["completion"]}
 
 
 def agent_stats(flows: Sequence[FlowRecord], *, eos_token_id: int = UNKNOWN_EOS) -> dict[str, Any]:

@@ -215,11 +215,13 @@ class ProxyProcess:
                     self.listen, self.ca_cert = row["listen"], row["ca_cert"]
                     break
                 if self.proc.poll() is not None:
-                    raise ProxyError(f"mitmdump exited with {self.proc.returncode}:\n{self.log_tail()}")
+                    raise ProxyError(f"mitmdump exited with {self.proc.returncode} (log {self.log_path}):\n"
+                                     f"{self.log_tail()}")
                 time.sleep(0.02)
             else:
                 self.stop()
-                raise ProxyError(f"mitmdump did not start within {timeout:.0f}s:\n{self.log_tail()}")
+                raise ProxyError(f"mitmdump did not start within {timeout:.0f}s (log {self.log_path}):\n"
+                                 f"{self.log_tail()}")
         # Pin the ports, so that a restart comes back where the agents expect it.
         self.config.port = self.port
         if self.reverse_url:

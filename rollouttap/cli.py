@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 HINTS: dict[type[Exception], str] = {
     StoreVersionError: "use a store file written by this version, or a new --store path",
     StoreError: "check the --store path (a writable SQLite file)",
-    ProxyError: "see the proxy log named above; is the port free?",
+    ProxyError: "see the proxy's log (named in the message); is the port free?",
     AgentSpecError: "check the --agent command template or module:function",
     ConfigError: "check the option named in the message",
 }
@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         hint = next((h for cls, h in HINTS.items() if isinstance(exc, cls)), "")
         typer.echo(f"rollouttap: {exc}" + (f"\n  next: {hint}" if hint else ""), err=True)
+        return 1
+    except OSError as exc:  # a path that is not there or not writable, a command that cannot start
+        if _state["debug"]:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.echo(f"rollouttap: {exc.strerror or exc}{where}\n  next: check that path (run with --debug "
+                   "before the command for a traceback)", err=True)
         return 1
     except typer.Abort:
         return 130

@@ -255,7 +255,12 @@ def export(
     Example: rollouttap export --store runs.db --agent ag-1 --format mitm -o ag-1.flows && mitmweb -r ag-1.flows
     """
     from rollouttap.manager.export import export_flows
-    if not store.exists():
+    if (agent or run) is not None:
+        with _open(store) as s:
+            if not s.flows(agent_id=agent, run_id=run, limit=1):
+                what = " and ".join(f"{k} {v!r}" for k, v in (("agent", agent), ("run", run)) if v is not None)
+                raise ConfigError(f"no flows of {what} in {store}")
+    elif not store.exists():
         raise ConfigError(f"no store at {store}")
     result = export_flows(store, out, fmt=fmt, agent_id=agent, run_id=run)
     typer.echo(f"wrote {result.flows} flows to {result.path} ({result.format})")
@@ -318,10 +323,11 @@ def replay(
     Example: rollouttap replay ag-1 --store runs.db --out replay.db -- python agent.py "the prompt"
     """
     from rollouttap.manager.replay import replay_agent
+    # With --json stdout holds the JSON alone: the agent's own output is captured into it.
     result = replay_agent(store, agent_id, command, out=out, confdir=confdir, model_hosts=model_host,
-                          routes=route or (), timeout=timeout)
+                          routes=route or (), timeout=timeout, capture_output=as_json)
     if as_json:
-        _print_json({k: v for k, v in asdict(result).items() if k not in ("stdout", "stderr")})
+        _print_json(asdict(result))
     else:
         _print_replay(result)
     if result.exit_status:
@@ -368,6 +374,8 @@ def resend(
         extra[name.strip()] = value.strip()
     with _open(store) as s:
         found = s.flows(agent_id=agent_id)
+    if not found:
+        raise ConfigError(f"no flows of agent {agent_id!r} in {store}")
     results = resend_requests(found, to, headers=extra, timeout=timeout)
     if as_json:
         for r in results:

@@ -35,6 +35,8 @@ def read_prompts(lines: list[str], source: str = "prompts") -> list[Any]:
             raise ConfigError(f"{source} line {number}: expected a JSON string, a message list, "
                               'or {"prompt": ...}')
         prompts.append(item)
+    if not prompts:
+        raise ConfigError(f"{source} holds no prompt: one JSON value per line")
     return prompts
 
 

@@ -31,6 +31,12 @@ def test_read_prompts_refuses_with_line_number(line):
         read_prompts(['"ok"', line])
 
 
+@pytest.mark.parametrize("lines", [[], ["", "  "]])
+def test_read_prompts_refuses_a_file_without_prompts(lines):
+    with pytest.raises(ConfigError, match="no prompt"):
+        read_prompts(lines, "empty.jsonl")
+
+
 def test_parse_env():
     assert parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
     with pytest.raises(ConfigError):

@@ -204,8 +204,9 @@ def test_resend_to_a_dead_server_reports_errors(recording, cli):
 def test_replay_command_matches(recording, cli, confdir, tmp_path):
     out = cli("replay", "plain", "--store", recording.store, "--out", tmp_path / "r.db", "--confdir", confdir,
               "--json", "--", *recording.commands["plain"]).stdout
-    data = json.loads(out.splitlines()[-1])
+    data = json.loads(out)  # the whole of stdout: the agent's own output is inside, not before it
     assert data["divergence"] is None and data["exit_code"] == 0 and data["answered"] == 3
+    assert data["stdout"].strip()
 
 
 def test_replay_command_reports_divergence_and_exits_non_zero(recording, confdir, tmp_path):
@@ -221,6 +222,21 @@ def test_replay_command_reports_divergence_and_exits_non_zero(recording, confdir
 def test_entry_point_maps_errors_to_one_line(tmp_path):
     proc = _rollouttap("flows", "--store", tmp_path / "missing.db")
     assert proc.returncode == 1 and "rollouttap: no store at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_entry_point_maps_os_errors_to_one_line(recording, tmp_path):
+    proc = _rollouttap("export", "--store", recording.store, "-o", tmp_path / "no" / "such" / "dir" / "x.har")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("rollouttap: No such file or directory: ") and "x.har" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [("resend", "nobody", "--to", "http://127.0.0.1:9/v1"),
+                                  ("export", "--agent", "nobody", "-o", "OUT"),
+                                  ("export", "--run", "no-run", "-o", "OUT")])
+def test_commands_refuse_an_agent_or_run_with_no_flows(recording, cli, tmp_path, args):
+    out = tmp_path / "x.har"
+    result = cli(*[str(out) if a == "OUT" else a for a in args], "--store", recording.store, code=1)
+    assert "no flows of" in str(result.exception) and not out.exists()
 
 
 # -- pure helpers --------------------------------------------------------------------------------------------------
@@ -306,3 +322,13 @@ def test_tokenizer_option_loads_a_tokenizer_json_and_its_eos(tmp_path):
     assert _tokenizer("fake")[1] == 2
     with pytest.raises(ConfigError, match="cannot load a tokenizer"):
         _tokenizer(str(tmp_path / "missing.json"))
+
+
+def test_usage_totals_fall_back_to_token_ids_for_calls_without_usage():
+    from types import SimpleNamespace
+
+    from rollouttap.manager.inspect import usage_totals
+    calls = [SimpleNamespace(usage={"prompt_tokens": 7, "completion_tokens": 3}, prompt_token_ids=[1] * 7,
+                             completion_token_ids=[2] * 3),
+             SimpleNamespace(usage=None, prompt_token_ids=[1] * 5, completion_token_ids=[2] * 2)]  # streamed
+    assert usage_totals(calls) == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}

@@ -338,6 +338,7 @@ def test_fidelity_merges_into_a_batch_report():
     assert one.merge([two]) == total
     assert batch_fidelity([]) == Fidelity(agents=0)
     assert Fidelity().coverage == 1.0 and Fidelity().as_dict()["coverage"] == 1.0
+    assert Fidelity(calls=2, calls_without_ids=2).coverage == 0.0  # nothing of theirs trains
 
 
 # --- a seeded random property test --------------------------------------------------------------------------------
