@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from rollouttap.errors import (
-    AgentSpecError, ConfigError, ProxyError, RolloutTapError, StoreError, StoreVersionError,
+    AgentSpecError, ConfigError, NotFoundError, ProxyError, RolloutTapError, StoreError, StoreVersionError,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,6 +25,7 @@ HINTS: dict[type[Exception], str] = {
     StoreError: "check the --store path (a writable SQLite file)",
     ProxyError: "see the proxy's log (named in the message); is the port free?",
     AgentSpecError: "check the --agent command template or module:function",
+    NotFoundError: "`rollouttap flows --store PATH` lists the agents and runs a store holds",
     ConfigError: "check the option named in the message",
 }
 

@@ -19,10 +19,12 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from rollouttap.errors import ConfigError
+from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="The store file to read.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
+JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line (one per item) instead "
+                                                           "of the human view.")]
 ROLE_STYLES = {"system": "magenta", "user": "cyan", "assistant": "green", "tool": "yellow"}
 
 
@@ -40,7 +42,7 @@ def _print_json(obj: Any) -> None:
 def _open(store: Path) -> Any:
     from rollouttap.store import Store
     if not store.exists():
-        raise ConfigError(f"no store at {store}")
+        raise StoreError(f"no store at {store}")
     return Store(store, readonly=True)
 
 
@@ -60,7 +62,7 @@ def flows(
     unattributed: Annotated[bool, typer.Option(help="Only flows no agent was found for.")] = False,
     run: Annotated[Optional[str], typer.Option(help="Only flows of this run's agents.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many flows.")] = None,
-    as_json: JsonOpt = False,
+    as_json: JsonLinesOpt = False,
 ) -> None:
     """List captured flows, oldest first.
 
@@ -208,7 +210,7 @@ def show(
         agent = s.agent(agent_id)
         found = s.flows(agent_id=agent_id)
     if agent is None and not found:
-        raise ConfigError(f"no agent {agent_id!r} in {store}")
+        raise NotFoundError(f"no agent {agent_id!r} in {store}")
     conv = build_conversation(found)
     decode, tok_eos = _tokenizer(tokenizer) if tokens else (None, None)
     eos = eos_token_id if eos_token_id is not None else tok_eos
@@ -259,9 +261,9 @@ def export(
         with _open(store) as s:
             if not s.flows(agent_id=agent, run_id=run, limit=1):
                 what = " and ".join(f"{k} {v!r}" for k, v in (("agent", agent), ("run", run)) if v is not None)
-                raise ConfigError(f"no flows of {what} in {store}")
+                raise NotFoundError(f"no flows of {what} in {store}")
     elif not store.exists():
-        raise ConfigError(f"no store at {store}")
+        raise StoreError(f"no store at {store}")
     result = export_flows(store, out, fmt=fmt, agent_id=agent, run_id=run)
     typer.echo(f"wrote {result.flows} flows to {result.path} ({result.format})")
 
@@ -280,7 +282,7 @@ def stats(
     with _open(store) as s:
         figures = store_stats(s, run_id=run, eos_token_id=UNKNOWN_EOS if eos_token_id is None else eos_token_id)
     if run is not None and not figures["agents"]:
-        raise ConfigError(f"no agents of run {run!r} in {store}")
+        raise NotFoundError(f"no agents of run {run!r} in {store}")
     if as_json:
         _print_json(figures)
         return
@@ -359,7 +361,7 @@ def resend(
     header: Annotated[Optional[list[str]], typer.Option(help="'Name: value' to add (the recorded keys are "
                                                         "redacted), e.g. 'Authorization: Bearer KEY'.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 120.0,
-    as_json: JsonOpt = False,
+    as_json: JsonLinesOpt = False,
 ) -> None:
     """Send an agent's recorded model requests, as it sent them, to another server; show old vs new answers.
 
@@ -375,7 +377,7 @@ def resend(
     with _open(store) as s:
         found = s.flows(agent_id=agent_id)
     if not found:
-        raise ConfigError(f"no flows of agent {agent_id!r} in {store}")
+        raise NotFoundError(f"no flows of agent {agent_id!r} in {store}")
     results = resend_requests(found, to, headers=extra, timeout=timeout)
     if as_json:
         for r in results:

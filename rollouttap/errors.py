@@ -23,3 +23,7 @@ class AgentSpecError(RolloutTapError):
 
 class ConfigError(RolloutTapError):
     """A setting has a value that cannot work."""
+
+
+class NotFoundError(ConfigError):
+    """An agent, run or flow the caller named is not in the store."""
