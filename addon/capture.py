@@ -25,6 +25,7 @@ from rollouttap.addon.attribution import (
     AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token, credentials_conflict,
     decide_header_claim, parse_basic_credentials, split_agent_path,
 )
+from rollouttap.addon.loopback import is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, parse_routes
 from rollouttap.addon.streamtap import StreamTap
 from rollouttap.store import AgentRecord, StoreWriter, redact_query
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PROXY_AUTH = "Proxy-Authorization"
 CREDENTIAL_CHECK_WAIT_S = 0.5  # longest a credentialed request waits for its connection's pid lookup
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass
@@ -135,13 +135,13 @@ class RolloutTap:
         if opts.listen_host == "":
             # mitmproxy's default is every interface; ours is loopback unless told otherwise.
             opts.update(listen_host="127.0.0.1")
-        elif opts.listen_host not in _LOOPBACK:
+        elif not is_loopback(opts.listen_host):
             raise exceptions.OptionsError(
                 f"refusing to listen on {opts.listen_host}: agents' traffic (and API keys) would be "
                 "reachable from other hosts. Set rollouttap_allow_remote=true to allow it.")
         for spec in opts.mode:
             host = spec.rpartition("@")[2].rpartition(":")[0] if "@" in spec else ""
-            if host and host not in _LOOPBACK:
+            if host and not is_loopback(host):
                 raise exceptions.OptionsError(
                     f"refusing mode {spec!r} on a non-loopback address; set rollouttap_allow_remote=true")
 
@@ -181,7 +181,7 @@ class RolloutTap:
         """End the flows in flight, mark this proxy stopped in the store, and commit everything."""
         assert self.writer is not None
         for flow_id, live in list(self._live.items()):
-            self._abort(flow_id, live, reason)  # a stream keeps what reached the agent
+            self._abort(flow_id, live, reason)  # a stream keeps what had arrived from upstream
         if self.writer.proxy_id is not None:  # a row exists only once the proxy has run
             self.writer.upsert_proxy({"proxy_id": self.writer.proxy_id, "pid": os.getpid(),
                                       "started_at": time.time(), "stopped_at": time.time()})

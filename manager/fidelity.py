@@ -43,8 +43,9 @@ class Fidelity:
 
     @property
     def coverage(self) -> float:
-        """Share of sampled tokens that are trained; 1.0 when nothing was sampled, 0.0 when calls came
-        without token ids (their samples are unknown, and none of them trains)."""
+        """Share of sampled tokens that are trained; 1.0 when nothing was sampled, 0.0 when nothing was
+        sampled because the calls came without token ids. Calls without ids never count as sampled, so in
+        a mix they do not lower it: ``calls_without_ids`` counts them."""
         if self.sampled_tokens:
             return self.trainable_tokens / self.sampled_tokens
         return 0.0 if self.calls_without_ids else 1.0

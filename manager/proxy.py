@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from rollouttap.addon.loopback import is_host_port, is_loopback
 from rollouttap.addon.routes import RouteError, parse_route
 from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.paths import cache_root
@@ -84,20 +83,6 @@ def launch_env(launcher: str, environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-_HOSTPORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::\d{1,5})?"  # name or [v6], optional port
-                       r"|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")  # a bare IPv6 address
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``)."""
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass
 class ProxyConfig:
     """How to start the proxy; every field maps to a mitmdump option."""
@@ -130,7 +115,7 @@ class ProxyConfig:
             except RouteError as exc:
                 raise ConfigError(str(exc)) from exc
         for host in self.model_hosts:
-            if not _HOSTPORT.fullmatch(host):
+            if not is_host_port(host):
                 raise ConfigError(f"model host {host!r} is not HOST[:PORT] (no scheme, no path), e.g. 127.0.0.1:8000")
 
     def argv(self, proxy_id: str) -> list[str]:

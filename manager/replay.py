@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -174,19 +175,36 @@ def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, ou
 def _run(command: Sequence[str], env: dict[str, str], cwd: str | Path | None, timeout: float | None,
          capture_output: bool, store: Path, replay_id: str) -> tuple[subprocess.CompletedProcess[str], bool]:
     pipe = subprocess.PIPE if capture_output else None
+    # Its own session: a timeout (or Ctrl-C here) ends the agent's children too, which could otherwise hold
+    # the captured pipes open.
     proc = subprocess.Popen(list(command), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
-                            text=True)
+                            text=True, start_new_session=True)
     with Store(store) as replay_store:
         replay_store.agent_started(replay_id, proc.pid)
     timed_out = False
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
         timed_out = True
         log.warning("replayed agent timed out after %ss", timeout)
+        stdout, stderr = _kill_session(proc)
+    except BaseException:
+        _kill_session(proc)
+        raise
     return subprocess.CompletedProcess(list(command), proc.returncode, stdout, stderr), timed_out
+
+
+def _kill_session(proc: subprocess.Popen[str]) -> tuple[str | None, str | None]:
+    """Kill the agent's whole session; what it wrote so far (pipes a stray process keeps open are left)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        return proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.wait()
+        return None, None
 
 
 def _record_outcome(store: Path, result: ReplayResult) -> None:

@@ -231,6 +231,7 @@ def token_counts(calls: Iterable[Any]) -> dict[str, int]:
     for call in calls:
         usage = getattr(call, "usage", None) or {}
         ids_p, ids_c = getattr(call, "prompt_token_ids", None), getattr(call, "completion_token_ids", None)
-        prompt += int(usage.get("prompt_tokens") or len(ids_p or ()))
-        completion += int(usage.get("completion_tokens") or len(ids_c or ()))
+        used_p, used_c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt += used_p if isinstance(used_p, int) and used_p else len(ids_p or ())
+        completion += used_c if isinstance(used_c, int) and used_c else len(ids_c or ())
     return {"prompt": prompt, "completion": completion}

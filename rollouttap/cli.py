@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -25,7 +26,7 @@ HINTS: dict[type[Exception], str] = {
     StoreError: "check the --store path (a writable SQLite file)",
     ProxyError: "see the proxy's log (named in the message); is the port free?",
     AgentSpecError: "check the --agent command template or module:function",
-    NotFoundError: "`rollouttap flows --store PATH` lists the agents and runs a store holds",
+    NotFoundError: "`rollouttap flows --store PATH` lists the store's flows with their agents",
     ConfigError: "check the option named in the message",
 }
 
@@ -116,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         hint = next((h for cls, h in HINTS.items() if isinstance(exc, cls)), "")
         typer.echo(f"rollouttap: {exc}" + (f"\n  next: {hint}" if hint else ""), err=True)
         return 1
+    except BrokenPipeError:  # stdout closed early (`rollouttap flows --json | head`): not a failure
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # a path that is not there or not writable, a command that cannot start
         if _state["debug"]:
             raise
-        where = f": {exc.filename}" if exc.filename else ""
-        typer.echo(f"rollouttap: {exc.strerror or exc}{where}\n  next: check that path (run with --debug "
-                   "before the command for a traceback)", err=True)
+        if exc.filename:
+            typer.echo(f"rollouttap: {exc.strerror or exc}: {exc.filename}\n  next: check that path", err=True)
+        else:
+            typer.echo(f"rollouttap: {exc}\n  next: --debug before the command shows where it failed", err=True)
         return 1
     except typer.Abort:
         return 130

@@ -257,7 +257,7 @@ def export(
     Example: rollouttap export --store runs.db --agent ag-1 --format mitm -o ag-1.flows && mitmweb -r ag-1.flows
     """
     from rollouttap.manager.export import export_flows
-    if (agent or run) is not None:
+    if agent is not None or run is not None:
         with _open(store) as s:
             if not s.flows(agent_id=agent, run_id=run, limit=1):
                 what = " and ".join(f"{k} {v!r}" for k, v in (("agent", agent), ("run", run)) if v is not None)

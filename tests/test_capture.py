@@ -406,6 +406,27 @@ def test_proxy_config_refuses_bad_values_before_starting(tmp_path, field, value,
         ProxyConfig(store=tmp_path / "s.db", **{field: value})
 
 
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("LOCALHOST", True), ("::1", True), ("[::1]", True),
+    ("0:0:0:0:0:0:0:1", True), ("::ffff:127.0.0.1", True), ("0.0.0.0", False), ("10.1.2.3", False), ("::", False),
+    ("example.com", False),
+])
+def test_one_loopback_rule_for_the_addon_and_the_config(host, loopback):
+    from rollouttap.addon.loopback import is_loopback
+    assert is_loopback(host) == loopback
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("127.0.0.1:8000", True), ("localhost", True), ("[::1]:8000", True), ("::1", True), ("::1:8000", True),
+    ("vllm_0.local:80", True), (" h:1 ", True), ("[fe80::1%eth0]:80", True),
+    ("http://h:1", False), ("h:1/v1", False), ("not a host:abc", False), ("", False), ("a:b:c", False),
+    ("host:99999", False), ("u@h", False),
+])
+def test_model_host_values(text, ok):
+    from rollouttap.addon.loopback import is_host_port
+    assert is_host_port(text) == ok
+
+
 @pytest.mark.parametrize("hosts", [("127.0.0.1:8000", "localhost", "[::1]:8000", "::1", "vllm-0.cluster.local:80")])
 def test_proxy_config_takes_model_hosts_as_the_addon_does(tmp_path, hosts):
     from rollouttap.manager.proxy import ProxyConfig

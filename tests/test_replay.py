@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -253,6 +254,13 @@ def test_agent_stopping_early_is_a_divergence(recording, confdir, tmp_path):
     assert result.exit_code == 0 and result.answered == 2
     assert result.divergence["index"] == 2 and result.divergence["recorded_index"] == 2
     assert "stopped after 2 requests" in result.divergence["reason"]
+
+
+def test_a_timed_out_replay_ends_though_its_children_hold_the_captured_pipes(recording, confdir, tmp_path):
+    started = time.monotonic()
+    result = replay_agent(recording.store, "plain", ["sh", "-c", "sleep 60 & sleep 60"], out=tmp_path / "r.db",
+                          confdir=confdir, timeout=1, capture_output=True)
+    assert result.timed_out and time.monotonic() - started < 30
 
 
 def test_replay_refuses_its_own_store_and_unknown_agents(recording, tmp_path):

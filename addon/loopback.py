@@ -1,0 +1,42 @@
+"""Which listen addresses keep the proxy on this host: one rule for the addon and the manager's config.
+
+No mitmproxy here, so the manager imports it too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``, ``[::1]``, IPv4-mapped ones)."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def is_host_port(text: str) -> bool:
+    """``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or a bare IPv6 address: no scheme, path, user or space."""
+    text = text.strip()
+    if not text or "/" in text or "@" in text or any(c.isspace() for c in text):
+        return False
+    if text.count(":") >= 2 and not text.startswith("["):  # a bare IPv6 address
+        try:
+            ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    try:
+        parts = urlsplit("//" + text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:
+        return False
+    return bool(parts.hostname)
