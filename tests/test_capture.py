@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -506,8 +507,8 @@ def test_a_store_changed_at_run_time_gets_the_proxy_row_and_the_old_one_stops(tm
         addon.done()
 
 
-def _truncating_server() -> tuple[socket.socket, threading.Thread]:
-    """Answers one request with headers promising 100 bytes, sends 10 and closes."""
+def _one_shot_server(answer: Callable[[socket.socket, bytes], None]) -> tuple[socket.socket, threading.Thread]:
+    """Accepts one connection, reads up to the end of the request head, and lets ``answer`` reply."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve():
@@ -516,11 +517,17 @@ def _truncating_server() -> tuple[socket.socket, threading.Thread]:
             data = b""
             while b"\r\n\r\n" not in data:
                 data += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Seen: yes\r\n"
-                         b"Content-Length: 100\r\n\r\n{\"partial\"")
+            answer(conn, data)
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return server, thread
+
+
+def _truncating_server() -> tuple[socket.socket, threading.Thread]:
+    """Answers one request with headers promising 100 bytes, sends 10 and closes."""
+    return _one_shot_server(lambda conn, _data: conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Seen: yes\r\n"
+        b"Content-Length: 100\r\n\r\n{\"partial\""))
 
 
 def test_response_broken_after_its_headers_keeps_status_and_headers(proxy):
@@ -595,27 +602,19 @@ def test_request_sent_leaves_out_only_columns_that_cannot_have_changed(change):
 def _gzip_model_server(answer: dict) -> tuple[socket.socket, threading.Thread, list[bytes]]:
     """A model host that gzips its one answer whatever the request asks (a gateway might)."""
     import gzip
-    server = socket.create_server(("127.0.0.1", 0))
     heads: list[bytes] = []
 
-    def serve():
-        conn, _ = server.accept()
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            heads.append(head)
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            while len(body) < length:
-                body += conn.recv(65536)
-            packed = gzip.compress(json.dumps(answer).encode())
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
-                         b"Content-Length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return server, thread, heads
+    def reply(conn: socket.socket, data: bytes) -> None:
+        head, _, body = data.partition(b"\r\n\r\n")
+        heads.append(head)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += conn.recv(65536)
+        packed = gzip.compress(json.dumps(answer).encode())
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                     b"Content-Length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
+    return (*_one_shot_server(reply), heads)
 
 
 def test_injected_fields_are_hidden_from_a_compressed_answer_too(tmp_path, confdir):
