@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,7 @@ from rollouttap.addon.attribution import (
 )
 from rollouttap.addon.loopback import is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, parse_routes
-from rollouttap.addon.streamtap import StreamTap
+from rollouttap.addon.streamtap import StreamTap, decoded
 from rollouttap.store import AgentRecord, StoreWriter, redact_query
 from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.errors import StoreError
@@ -267,13 +267,11 @@ class RolloutTap:
         ctype = flow.response.headers.get("content-type", "")
         streamed = ctype.startswith("text/event-stream")
         if streamed:
-            rewrite = None
-            if live.injection is not None and not flow.response.headers.get("content-encoding"):
-                rewrite = tokenids.StreamStripper(live.injection).feed
-            live.tap = StreamTap(rewrite)
+            cols = flowcols.response_started(flow, streamed)  # as the server sent them: the body kept is its bytes
+            live.tap = StreamTap(_stream_rewrite(flow.response, live))
             flow.response.stream = live.tap
             # A stream may run for minutes: readers see its status and headers while it does.
-            self._update(flow.id, flowcols.response_started(flow, streamed))
+            self._update(flow.id, cols)
         else:
             live.pending = flowcols.response_started(flow, streamed)
 
@@ -444,6 +442,26 @@ async def _shutdown_when_gone(pid: int, interval: float = 1.0) -> None:
         pass
     log.warning("rollouttap: parent process %s is gone; shutting down", pid)
     ctx.master.shutdown()
+
+
+def _stream_rewrite(resp: http.Response, live: _Live) -> Callable[[bytes], bytes] | None:
+    """What turns the server's stream into the agent's: token ids stripped, after decoding it if the server
+    compressed it although asked not to (the agent then gets it plain, as its client would have read it)."""
+    if live.injection is None:
+        return None
+    strip = tokenids.StreamStripper(live.injection).feed
+    encoding = resp.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return strip
+    rewrite = decoded(encoding, strip)
+    if rewrite is None:
+        log.warning("rollouttap: cannot decode a %s stream; its token ids reach the agent", encoding)
+        return None
+    del resp.headers["content-encoding"]
+    resp.headers.pop("content-length", None)
+    resp.headers["transfer-encoding"] = "chunked"
+    live.meta["decoded_stream"] = encoding
+    return rewrite
 
 
 def _strip_json_answer(resp: http.Response, injection: tokenids.Injection) -> None:

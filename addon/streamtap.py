@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Callable
 
 
@@ -31,3 +32,36 @@ class StreamTap:
         out = self.rewrite(data) if self.rewrite is not None else data
         # Never hand mitmproxy an empty chunk: with chunked encoding it would end the response early.
         return [out] if out else []
+
+
+def decoded(encoding: str, then: Callable[[bytes], bytes]) -> Callable[[bytes], bytes] | None:
+    """A stream callable feeding ``then`` the decoded bytes of a ``content-encoding`` stream (gzip, deflate,
+    br, zstd); ``b""`` ends it, as for ``then``. None for any other coding, or a list of them."""
+    decoder = _decoder(encoding.strip().lower())
+    if decoder is None:
+        return None
+    decompress, flush = decoder
+
+    def feed(data: bytes) -> bytes:
+        if data:
+            plain = decompress(data)
+            return then(plain) if plain else b""  # b"" would tell ``then`` the stream ended
+        rest = flush()
+        return (then(rest) if rest else b"") + then(b"")
+    return feed
+
+
+def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]] | None:
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        # gzip, or zlib-wrapped deflate (what servers send as "deflate"): wbits 32+ detects either header
+        zobj = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        return zobj.decompress, zobj.flush
+    if encoding == "br":
+        import brotli  # mitmproxy's own dependency
+        bobj = brotli.Decompressor()
+        return bobj.process, lambda: b""
+    if encoding == "zstd":
+        import zstandard  # mitmproxy's own dependency
+        zst = zstandard.ZstdDecompressor().decompressobj()
+        return zst.decompress, zst.flush
+    return None

@@ -634,3 +634,64 @@ def test_injected_fields_are_hidden_from_a_compressed_answer_too(tmp_path, confd
     assert got["prompt_token_ids"] is None and got["choices"][0]["token_ids"] is None
     assert got["choices"][0]["message"]["content"] == "hi"
     assert json.loads(flow.response_text())["choices"][0]["token_ids"] == [7, 8]  # the store keeps them
+
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+def test_injected_fields_are_hidden_from_a_compressed_stream_too(tmp_path, confdir, coding):
+    import gzip
+
+    import brotli
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": None, "finish_reason": None,
+                          "token_ids": [7, 8]}]}
+    sse = f"data: {json.dumps(chunk, separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
+    packed = gzip.compress(sse) if coding == "gzip" else brotli.compress(sse)
+
+    def reply(conn: socket.socket, data: bytes) -> None:
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: "
+                     + coding.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (packed[:7], packed[7:]):  # a compressed stream split anywhere
+            conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.sendall(b"0\r\n\r\n")
+    server, thread = _one_shot_server(reply)
+    host = f"127.0.0.1:{server.getsockname()[1]}"
+    with server, start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,), logprobs=False) as proxy:
+        resp = requests.post(f"http://{host}/v1/chat/completions", headers={"X-Agent-ID": "gzs"}, timeout=20,
+                             json={"model": "m", "stream": True, "messages": []}, proxies={"http": proxy.url})
+        thread.join(10)
+        [flow] = settled_flows(proxy.config.store, agent_id="gzs")
+    assert "content-encoding" not in resp.headers  # the agent gets it plain, as its client would read it
+    assert resp.content == sse.replace(b'"token_ids":[7,8]', b'"token_ids":null')
+    assert flow.state == "done" and flow.meta["decoded_stream"] == coding
+    assert '"token_ids":[7,8]' in flow.response_text()  # the store keeps the server's bytes, ids and all
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "br", "zstd", " GZIP "])
+def test_decoded_feeds_the_plain_stream_in_pieces_and_ends_it(coding):
+    import gzip
+    import zlib
+
+    import brotli
+    import zstandard
+
+    from rollouttap.addon.streamtap import decoded
+    plain = b"data: 1\n\n" * 50
+    name = coding.strip().lower()
+    packed = {"gzip": gzip.compress, "x-gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress,
+              "zstd": zstandard.ZstdCompressor().compress}[name](plain)
+    seen: list[bytes] = []
+    feed = decoded(coding, lambda data: seen.append(data) or data)
+    out = b"".join(feed(packed[i:i + 5]) for i in range(0, len(packed), 5)) + feed(b"")
+    assert out == plain and seen.index(b"") == len(seen) - 1  # the end reaches ``then`` once, last
+
+
+@pytest.mark.parametrize("coding", ["compress", "gzip, br", "identity"])
+def test_decoded_refuses_codings_it_cannot_undo(coding):
+    from rollouttap.addon.streamtap import decoded
+    assert decoded(coding, lambda data: data) is None
