@@ -20,8 +20,8 @@ from rollouttap.trainer_hooks.hermes import (  # noqa: E402
     ParsedToolCall, parse_assistant_text, streamable_parts,
 )
 from rollouttap.trainer_hooks.openai_params import BadRequest, sampling_from_body  # noqa: E402
-from rollouttap.trainer_hooks.policy_api import ApiConfig, PolicyAPI  # noqa: E402
-from rollouttap.trainer_hooks.policy_server import PolicyServer  # noqa: E402
+from rollouttap.trainer_hooks.policy_api import GONE_CHECK_EVERY, ApiConfig, ClientGone, PolicyAPI  # noqa: E402
+from rollouttap.trainer_hooks.policy_server import PolicyServer, peer_closed  # noqa: E402
 from rollouttap.trainer_hooks.tiny_model import build_tiny_model  # noqa: E402
 
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -302,6 +302,39 @@ def test_the_server_keeps_serving_after_an_abandoned_stream(server):
     threading.Thread(target=lambda: (post(server, "/v1/chat/completions", dict(body, stream=False)),
                                      done.set()), daemon=True).start()
     assert done.wait(timeout=20)
+
+
+def test_a_non_streamed_request_stops_generating_when_its_client_leaves(tiny):
+    model, tok = tiny
+    lock = threading.Lock()
+    api = PolicyAPI(model, tok, ApiConfig(), lock)
+    polls = []
+
+    def gone() -> bool:
+        polls.append(1)
+        return len(polls) >= 2  # the client leaves between the first and second check
+    with pytest.raises(ClientGone, match=f"after {2 * GONE_CHECK_EVERY} tokens"):
+        api.chat({"messages": USER, "max_tokens": 500, "temperature": 1.0, "seed": 1, "ignore_eos": True}, gone)
+    assert not lock.locked()  # the next request is served at once
+
+
+def test_peer_closed_sees_a_closed_connection_but_not_a_pipelined_request():
+    import socket
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert not peer_closed(ours)
+        theirs.sendall(b"GET /health HTTP/1.1\r\n\r\n")  # the client's next request: still there
+        assert not peer_closed(ours)
+        ours.recv(100)
+        theirs.shutdown(socket.SHUT_WR)
+        assert peer_closed(ours)
+
+
+def test_a_chunked_request_body_is_read(server):
+    body = json.dumps({"messages": USER, "max_tokens": 2, "temperature": 0}).encode()
+    r = requests.post(server.url + "/v1/chat/completions", data=iter([body[:10], body[10:]]), timeout=30,
+                      headers={"Content-Type": "application/json"})  # a generator: sent chunked
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_processed_logprobs_follow_the_temperature(tiny):

@@ -8,7 +8,8 @@ import pytest
 
 from rollouttap.manager import AgentManager, CommandAgent
 from rollouttap.manager.fidelity import Fidelity
-from rollouttap.trainer_hooks.rollout import _share_eos, rollout_metrics
+from rollouttap.manager.rows import TrainingRow
+from rollouttap.trainer_hooks.rollout import _share_eos, rollout_metrics, to_rollout_output
 
 
 def _manager(tmp_path, eos):
@@ -46,3 +47,16 @@ def test_agents_that_called_but_built_no_row_are_counted():
     results = [_result(2, Fidelity(sampled_tokens=10, trainable_tokens=10)), _result(3, None), _result(0, None)]
     metrics = rollout_metrics(results)
     assert metrics["fidelity/agents_without_rows"] == 1.0 and metrics["fidelity/coverage"] == 1.0
+
+
+def test_a_row_without_logprobs_gets_none_per_token_and_the_others_keep_theirs():
+    # TRL's vLLM path subtracts sampling logprobs: None for the whole batch would crash it; None per token
+    # only leaves those tokens out of the importance-sampling correction.
+    def result(row):
+        return SimpleNamespace(status="ok", row=row, fidelity=None, agent_id="a", exit_code=0, return_value=None,
+                               calls=1, check_result=None, stdout_tail="")
+    with_lp = TrainingRow([1], [5, 6, 2], [1, 1, 1], [-0.5, -0.25, -0.1], truncated=False)
+    without = TrainingRow([1], [7, 2], [1, 1], None, truncated=False)
+    out = to_rollout_output([result(with_lp), result(without)], eos_token_id=2)
+    assert out["logprobs"] == [[-0.5, -0.25, -0.1], [None, None]]
+    assert [len(ids) for ids in out["completion_ids"]] == [len(lp) for lp in out["logprobs"]]

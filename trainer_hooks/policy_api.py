@@ -7,7 +7,7 @@ import copy
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,12 @@ from .openai_shapes import (
 
 logger = logging.getLogger(__name__)
 Body = dict[str, Any]
+Gone = Callable[[], bool]  # True once the client that asked has left
+GONE_CHECK_EVERY = 8  # tokens between two checks that a non-streamed request's client is still there
+
+
+class ClientGone(Exception):
+    """The client left before its non-streamed answer was ready: generation stopped, nothing to send."""
 
 
 @dataclass(frozen=True)
@@ -59,15 +65,18 @@ class PolicyAPI:
         self._names: dict[int, str] = {}
 
     # ----------------------------------------------------------------- chat
-    def chat(self, body: Body) -> Body | Iterator[Body]:
-        """POST /v1/chat/completions: a response dict, or an iterator of chunks when streaming."""
+    def chat(self, body: Body, gone: Gone | None = None) -> Body | Iterator[Body]:
+        """POST /v1/chat/completions: a response dict, or an iterator of chunks when streaming.
+
+        ``gone``: polled while a non-streamed answer is generated; it stops with ClientGone (vLLM too stops
+        a request whose client left, and the generation lock would otherwise be held to max_tokens)."""
         prompt_ids = self.render_chat(body)
         params = self._params(body, chat=True, prompt_len=len(prompt_ids))
         tools_on = bool(body.get("tools")) and body.get("tool_choice") != "none"
         opts = _options(body, parse_tools=tools_on)
         if body.get("stream"):
             return self._chat_stream(prompt_ids, params, opts)
-        deltas = self._run(prompt_ids, params)
+        deltas = self._run(prompt_ids, params, gone)
         text = "".join(d.text for d in deltas)
         parsed = parse_assistant_text(text, tools=opts.parse_tools)
         call_ids = [new_id("chatcmpl-tool") for _ in parsed.tool_calls]
@@ -127,7 +136,7 @@ class PolicyAPI:
         return chat_logprobs([d.choice for d in deltas], self.token_name, opts.as_ids)
 
     # ---------------------------------------------------------- completions
-    def completions(self, body: Body) -> Body | Iterator[Body]:
+    def completions(self, body: Body, gone: Gone | None = None) -> Body | Iterator[Body]:
         """POST /v1/completions: text or token-id prompts (a batch gives one choice per prompt)."""
         if body.get("echo") or body.get("suffix"):
             raise BadRequest("echo and suffix are not supported by this server")
@@ -138,7 +147,7 @@ class PolicyAPI:
             return self._completion_stream(jobs, opts)
         choices, produced = [], 0
         for index, (prompt_ids, params) in enumerate(jobs):
-            deltas = self._run(prompt_ids, params)
+            deltas = self._run(prompt_ids, params, gone)
             produced += len(deltas)
             choices.append(self._completion_choice(index, prompt_ids, deltas, params, opts))
         return completion_response(
@@ -261,8 +270,14 @@ class PolicyAPI:
             default_max_tokens=self.config.max_new_tokens, vocab_size=self.vocab_size,
         )
 
-    def _run(self, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
-        return list(self._locked_stream(prompt_ids, params))
+    def _run(self, prompt_ids: list[int], params: SamplingParams, gone: Gone | None = None) -> list[Delta]:
+        deltas: list[Delta] = []
+        with contextlib.closing(self._locked_stream(prompt_ids, params)) as stream:
+            for delta in stream:
+                deltas.append(delta)
+                if gone is not None and len(deltas) % GONE_CHECK_EVERY == 0 and gone():
+                    raise ClientGone(f"client left after {len(deltas)} tokens")
+        return deltas
 
     def _locked_stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
         """Deltas generated under the lock, held until the last token or until closed."""

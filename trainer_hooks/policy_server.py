@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .generation import LogprobsMode
 from .openai_params import BadRequest
 from .openai_shapes import error_body
-from .policy_api import ApiConfig, PolicyAPI
+from .policy_api import ApiConfig, ClientGone, PolicyAPI
 
 logger = logging.getLogger(__name__)
 _MAX_BODY = 64 * 1024 * 1024
@@ -106,11 +107,11 @@ class PolicyServer:
 
 def _handler_for(api: PolicyAPI) -> type[BaseHTTPRequestHandler]:
     routes_get = {"/health": lambda: {}, "/v1/models": api.models, "/ping": lambda: {}}
-    routes_post = {
+    routes_post: dict[str, Callable[[dict[str, Any], Callable[[], bool]], Any]] = {
         "/v1/chat/completions": api.chat,
         "/v1/completions": api.completions,
-        "/tokenize": api.tokenize,
-        "/detokenize": api.detokenize,
+        "/tokenize": lambda body, _gone: api.tokenize(body),
+        "/detokenize": lambda body, _gone: api.detokenize(body),
     }
 
     class Handler(_JsonHandler):
@@ -127,7 +128,11 @@ def _handler_for(api: PolicyAPI) -> type[BaseHTTPRequestHandler]:
                 self.send_json(error_body(f"no route {self.path}", 404), 404)
                 return
             try:
-                result = route(self.read_json())
+                result = route(self.read_json(), self.client_gone)
+            except ClientGone as exc:
+                self.close_connection = True
+                logger.info("%s", exc)
+                return
             except BadRequest as exc:
                 self.send_json(error_body(str(exc), exc.status), exc.status)
                 return
@@ -143,6 +148,15 @@ def _handler_for(api: PolicyAPI) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def peer_closed(sock: socket.socket) -> bool:
+    """True once the peer closed its side of ``sock`` (a pipelined next request does not count)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class _JsonHandler(BaseHTTPRequestHandler):
     """HTTP/1.1 keep-alive JSON and SSE plumbing."""
 
@@ -156,20 +170,48 @@ class _JsonHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def read_json(self) -> dict[str, Any]:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raw = self._read_chunked()
+        else:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = 0
+            if length <= 0 or length > _MAX_BODY:
+                self.close_connection = True  # an unread body would be taken for the next request
+                raise BadRequest("a JSON body with a Content-Length (or chunked) is required")
+            raw = self.rfile.read(length)
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        if length <= 0 or length > _MAX_BODY:
-            self.close_connection = True  # an unread body would be taken for the next request
-            raise BadRequest("a JSON body with a Content-Length is required")
-        try:
-            body = json.loads(self.rfile.read(length))
+            body = json.loads(raw)
         except ValueError as exc:
             raise BadRequest(f"the body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
+
+    def _read_chunked(self) -> bytes:
+        """A body in chunked transfer encoding (clients that stream their request, e.g. from a generator)."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                chunk = int(self.rfile.readline(64).split(b";", 1)[0], 16)
+            except ValueError as exc:
+                self.close_connection = True
+                raise BadRequest("a malformed chunked body") from exc
+            if chunk == 0:
+                while self.rfile.readline(1024).strip():  # trailer fields, up to the blank line
+                    pass
+                return b"".join(parts)
+            size += chunk
+            if size > _MAX_BODY:
+                self.close_connection = True
+                raise BadRequest("the body is too large")
+            parts.append(self.rfile.read(chunk))
+            self.rfile.readline(8)  # the CRLF after each chunk
+
+    def client_gone(self) -> bool:
+        return peer_closed(self.connection)
 
     def send_json(self, obj: dict[str, Any], status: int) -> None:
         data = json.dumps(obj).encode()

@@ -26,7 +26,7 @@ class RolloutOutput(TypedDict, total=False):
     """The dict TRL's GRPOTrainer takes from ``rollout_func`` (extra keys go to reward functions)."""
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
-    logprobs: list[list[float]] | None
+    logprobs: list[list[float | None]]
     env_mask: list[list[int]]
     agent_id: list[str]
     agent_status: list[str]
@@ -59,9 +59,9 @@ def to_rollout_output(results: Sequence[Any], *, eos_token_id: int,
         ok = result.status == "ok" or train_on_failed
         fallback = prompt_ids[i] if prompt_ids is not None else None
         rows.append(safe_row(getattr(result, "row", None), ok, eos_token_id, fallback))
-    logprobs: list[list[float]] | None = [r.logprobs for r in rows]  # type: ignore[misc]
-    if any(lp is None for lp in logprobs):  # TRL takes sampling logprobs for all rows or none
-        logprobs = None
+    # A row without sampling logprobs (token ids only) gets None per token: TRL (>= 1.16) leaves those tokens
+    # out of the importance-sampling correction. None for the whole batch would break TRL's vLLM path.
+    logprobs = [list(r.logprobs) if r.logprobs is not None else [None] * len(r.completion_ids) for r in rows]
     fidelities = [getattr(r, "fidelity", None) for r in results]
     return RolloutOutput(
         prompt_ids=[list(r.prompt_ids) for r in rows],
@@ -116,6 +116,8 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
     """
 
     def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
+        # Train or eval, read now: a generation still running when the agents are done flips the model to eval.
+        mode = _mode_of(trainer)
         eos = eos_token_id if eos_token_id is not None else _eos_of(trainer)
         _share_eos(manager, eos)
         agent_prompts = [prompt_to_agent(p) for p in prompts] if prompt_to_agent else list(prompts)
@@ -130,7 +132,7 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
         if hasattr(manager, "summary"):
             summary = manager.summary(results, since=started)
             metrics["flows/unattributed"] = float(summary.get("unattributed_flows", 0))
-        _log_metrics(trainer, metrics)
+        _log_metrics(trainer, metrics, mode)
         if on_results is not None:
             on_results(results)
         return dict(output)
@@ -172,11 +174,14 @@ def _prompt_ids(trainer: Any, prompt: Any) -> list[int] | None:
         return None
 
 
-def _log_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+def _mode_of(trainer: Any) -> str:
+    return "train" if getattr(getattr(trainer, "model", None), "training", True) else "eval"
+
+
+def _log_metrics(trainer: Any, metrics: dict[str, float], mode: str) -> None:
     # GRPOTrainer averages whatever lands in its per-mode metrics dict and logs it with its own metrics.
     store = getattr(trainer, "_metrics", None)
     if store is None:
         return
-    mode = "train" if getattr(getattr(trainer, "model", None), "training", True) else "eval"
     for key, value in metrics.items():
         store[mode][key].append(value)
