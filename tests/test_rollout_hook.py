@@ -60,3 +60,14 @@ def test_a_row_without_logprobs_gets_none_per_token_and_the_others_keep_theirs()
     out = to_rollout_output([result(with_lp), result(without)], eos_token_id=2)
     assert out["logprobs"] == [[-0.5, -0.25, -0.1], [None, None]]
     assert [len(ids) for ids in out["completion_ids"]] == [len(lp) for lp in out["logprobs"]]
+
+
+@pytest.mark.parametrize("limit, expected", [(None, 3), (5, 3), (3, 3), (2, 2)])
+def test_completions_longer_than_trls_limit_are_cut(limit, expected):
+    row = TrainingRow([1], [5, 6, 2], [1, 0, 1], [-0.5, 0.0, -0.1], truncated=False)
+    result = SimpleNamespace(status="ok", row=row, fidelity=None, agent_id="a", exit_code=0, return_value=None,
+                             calls=1, check_result=None, stdout_tail="")
+    out = to_rollout_output([result], eos_token_id=2, max_completion_length=limit)
+    assert out["completion_ids"] == [[5, 6, 2][:expected]]
+    assert out["env_mask"] == [[1, 0, 1][:expected]] and out["logprobs"] == [[-0.5, 0.0, -0.1][:expected]]
+    assert out["agent_trainable_tokens"] == [sum([1, 0, 1][:expected])]

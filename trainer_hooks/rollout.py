@@ -50,15 +50,27 @@ def safe_row(row: TrainingRow | None, ok: bool, eos_token_id: int,
                    logprobs=None if row.logprobs is None else [0.0] * len(row.completion_ids))
 
 
+def cut_row(row: TrainingRow, limit: int | None) -> TrainingRow:
+    """``row`` with its completion cut to ``limit`` tokens (marked truncated); unchanged when it fits."""
+    if limit is None or len(row.completion_ids) <= limit:
+        return row
+    return replace(row, completion_ids=row.completion_ids[:limit], env_mask=row.env_mask[:limit],
+                   logprobs=None if row.logprobs is None else row.logprobs[:limit], truncated=True)
+
+
 def to_rollout_output(results: Sequence[Any], *, eos_token_id: int,
                       prompt_ids: Sequence[Sequence[int]] | None = None,
-                      train_on_failed: bool = False) -> RolloutOutput:
-    """One TRL row per agent result, in order, plus the per-agent fields reward functions get."""
+                      train_on_failed: bool = False, max_completion_length: int | None = None) -> RolloutOutput:
+    """One TRL row per agent result, in order, plus the per-agent fields reward functions get.
+
+    A completion longer than ``max_completion_length`` (a multi-turn agent's easily is) is cut to it: TRL
+    trains on whatever it is given, and counts a completion without its eos as truncated."""
     rows: list[TrainingRow] = []
     for i, result in enumerate(results):
         ok = result.status == "ok" or train_on_failed
         fallback = prompt_ids[i] if prompt_ids is not None else None
-        rows.append(safe_row(getattr(result, "row", None), ok, eos_token_id, fallback))
+        rows.append(cut_row(safe_row(getattr(result, "row", None), ok, eos_token_id, fallback),
+                            max_completion_length))
     # A row without sampling logprobs (token ids only) gets None per token: TRL (>= 1.16) leaves those tokens
     # out of the importance-sampling correction. None for the whole batch would break TRL's vLLM path.
     logprobs = [list(r.logprobs) if r.logprobs is not None else [None] * len(r.completion_ids) for r in rows]
@@ -127,7 +139,9 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
         fallback = [_prompt_ids(trainer, p) if getattr(r, "row", None) is None else None
                     for r, p in zip(results, prompts)]
         output = to_rollout_output(results, eos_token_id=eos, prompt_ids=fallback,
-                                   train_on_failed=train_on_failed)
+                                   train_on_failed=train_on_failed,
+                                   max_completion_length=getattr(getattr(trainer, "args", None),
+                                                                 "max_completion_length", None))
         metrics = rollout_metrics(results)
         if hasattr(manager, "summary"):
             summary = manager.summary(results, since=started)
