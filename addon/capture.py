@@ -318,13 +318,13 @@ class RolloutTap:
         creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
         tunnel = self._conn_creds.get(flow.client_conn.id)  # credentials given on the CONNECT
         in_path = split_agent_path(flow.request.path) if creds is None and tunnel is None else None
-        token = creds is not None or in_path is not None  # a token will speak for the agent
-        needs_pid = not token and tunnel is None
+        has_token = creds is not None or in_path is not None  # a token will speak for the agent
+        needs_pid = not has_token and tunnel is None
         if needs_pid:
             self._start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
         # Eager: a token is checked against the process that sends it, with the lookup begun at connect
         # (usually done by now; bounded, so a stuck /proc read cannot hold the request: it then passes).
-        check_token_owner = token and ctx.options.rollouttap_pid_lookup == "eager"
+        check_token_owner = has_token and ctx.options.rollouttap_pid_lookup == "eager"
         pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_token_owner,
                                             timeout=CREDENTIAL_CHECK_WAIT_S if check_token_owner else None)
         pid = pid_result.pid if pid_result else None

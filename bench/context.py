@@ -98,7 +98,8 @@ class Shared:
         return tuple(v for v in wanted if v in have)
 
     def proxies(self) -> ProxyStack:
-        """Every variant's proxy (latency variants, bare mitmdump streaming, the floor); model hosts = both upstreams."""
+        """Every variant's proxy (latency variants, bare mitmdump streaming, the floor); model hosts: both
+        upstreams."""
         if self._proxies is None:
             fast, paced = self.upstreams()
             progress("starting proxies")

@@ -27,7 +27,7 @@ from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.manager.conversation import chat_call_from_flow, completion_call_from_flow, flow_kind
 from rollouttap.manager.inspect import answer_text
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
-from rollouttap.store import FlowRecord, Store, is_secret_name, map_secret_query, new_token
+from rollouttap.store import FlowRecord, Store, is_redacted, is_secret_name, map_secret_query, new_token
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,8 @@ def _answer_of(flow: FlowRecord) -> str:
 
 
 def _forwarded_headers(flow: FlowRecord, extra: Mapping[str, str]) -> dict[str, str]:
-    headers = {k: v for k, v in flow.request_headers  # the marker: stores redacted under older rules
-               if k.lower() not in _NOT_FORWARDED and not is_secret_name(k) and "<redacted sha256:" not in v}
+    headers = {k: v for k, v in flow.request_headers  # is_redacted: stores redacted under older rules
+               if k.lower() not in _NOT_FORWARDED and not is_secret_name(k) and not is_redacted(v)}
     headers.update(extra)
     return headers
 

@@ -50,6 +50,11 @@ def redact_value(value: str) -> str:
     return f"<redacted sha256:{fingerprint(value)}>"
 
 
+def is_redacted(value: str) -> bool:
+    """True for a header value ``redact_value`` wrote (under this rule or an older one)."""
+    return "<redacted sha256:" in value
+
+
 def redacted_query_value(value: str) -> str:
     """The stand-in for a secret query value: URL-safe, so a stored URL stays a valid request target."""
     return f"redacted-sha256-{fingerprint(unquote(value))}"

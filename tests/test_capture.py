@@ -523,6 +523,16 @@ def _one_shot_server(answer: Callable[[socket.socket, bytes], None]) -> tuple[so
     return server, thread
 
 
+def _whole_request(conn: socket.socket, data: bytes) -> tuple[bytes, bytes]:
+    """(head, body) of a request whose head is in ``data``, reading the rest of its Content-Length body."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head, body
+
+
 def _truncating_server() -> tuple[socket.socket, threading.Thread]:
     """Answers one request with headers promising 100 bytes, sends 10 and closes."""
     return _one_shot_server(lambda conn, _data: conn.sendall(
@@ -605,12 +615,7 @@ def _gzip_model_server(answer: dict) -> tuple[socket.socket, threading.Thread, l
     heads: list[bytes] = []
 
     def reply(conn: socket.socket, data: bytes) -> None:
-        head, _, body = data.partition(b"\r\n\r\n")
-        heads.append(head)
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length")))
-        while len(body) < length:
-            body += conn.recv(65536)
+        heads.append(_whole_request(conn, data)[0])
         packed = gzip.compress(json.dumps(answer).encode())
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
                      b"Content-Length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
@@ -649,11 +654,7 @@ def test_injected_fields_are_hidden_from_a_compressed_stream_too(tmp_path, confd
     packed = gzip.compress(sse) if coding == "gzip" else brotli.compress(sse)
 
     def reply(conn: socket.socket, data: bytes) -> None:
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length")))
-        while len(body) < length:
-            body += conn.recv(65536)
+        _whole_request(conn, data)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: "
                      + coding.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
         for piece in (packed[:7], packed[7:]):  # a compressed stream split anywhere

@@ -552,3 +552,9 @@ def test_secret_names_go_by_words_and_word_endings(name, secret):
 ])
 def test_map_secret_query_can_drop_secret_parameters(target, expected):
     assert map_secret_query(target, lambda _value: None) == expected
+
+
+@pytest.mark.parametrize("value", ["Bearer sk-1", "sk-raw", "Basic dXNlcjpwYXNz"])
+def test_is_redacted_knows_redact_values_output(value):
+    from rollouttap.store import is_redacted
+    assert is_redacted(redact_value(value)) and not is_redacted(value)
