@@ -237,6 +237,21 @@ def test_stop_string_cuts_text_but_keeps_the_tokens(server):
     events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert "".join(e["choices"][0]["text"] for e in events) == text[:3]
     assert lines[-2] == "data: [DONE]"
+    kept = dict(base, stop=[stop], include_stop_str_in_output=True)
+    assert post(server, "/v1/completions", kept).json()["choices"][0]["text"] == text[:7]
+    lines = post(server, "/v1/completions", dict(kept, stream=True)).text.split("\n\n")
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == text[:7]
+
+
+def test_an_unknown_model_name_is_refused_as_vllm_does(server, client):
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=2)
+    for path, body in [("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+                       ("/tokenize", {"prompt": "Hi"}), ("/detokenize", {"tokens": [5]})]:
+        refused = post(server, path, dict(body, model="other"))
+        assert refused.status_code == 404 and refused.json()["error"]["type"] == "NotFoundError"
+        assert post(server, path, body).status_code == 200  # no model named: the served one
 
 
 def test_batch_of_prompts_gives_one_choice_each(server):
@@ -490,13 +505,15 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-@pytest.mark.parametrize("text, stop, released, hit", [
-    ("hello world", ("lo w",), "hel", "lo w"),
-    ("hello world", ("xyz",), "hello world", None),
-    ("hello world", ("o", "ll"), "he", "ll"),
+@pytest.mark.parametrize("text, stop, keep, released, hit", [
+    ("hello world", ("lo w",), False, "hel", "lo w"),
+    ("hello world", ("lo w",), True, "hello w", "lo w"),
+    ("hello world", ("xyz",), False, "hello world", None),
+    ("hello world", ("o", "ll"), False, "he", "ll"),
+    ("hello world", ("o", "ll"), True, "hell", "ll"),
 ])
-def test_text_tracker_cuts_at_stop_strings(text, stop, released, hit):
-    tracker = TextTracker(CharTokenizer(), stop)
+def test_text_tracker_cuts_at_stop_strings(text, stop, keep, released, hit):
+    tracker = TextTracker(CharTokenizer(), stop, keep_stop=keep)
     out, found = "", None
     for n in range(1, len(text) + 1):
         piece, found = tracker.update([ord(c) for c in text[:n]], final=n == len(text))

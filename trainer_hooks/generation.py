@@ -33,6 +33,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     num_logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's: a stop string hit stays in the text
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,10 @@ def _clamp(value: torch.Tensor) -> float:
 class TextTracker:
     """Incremental detokenizer: releases text that later tokens cannot change, cut at stop strings."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], *, keep_stop: bool = False) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(s for s in stop if s)
+        self._keep_stop = keep_stop
         # A stop string may be split over tokens: hold back what could be its beginning.
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
         self.emitted = ""
@@ -118,7 +120,8 @@ class TextTracker:
         )
         hit = _first_stop(full, self._stop)
         if hit is not None:
-            return self._release(full[: full.index(hit)]), hit
+            end = full.index(hit) + (len(hit) if self._keep_stop else 0)
+            return self._release(full[:end]), hit
         if not final:
             # A trailing U+FFFD is an incomplete UTF-8 sequence that the next token completes.
             full = full.rstrip("\ufffd")
@@ -150,7 +153,7 @@ def generate(
 ) -> Iterator[Delta]:
     """Yield one Delta per generated token; the last carries finish_reason. Caller holds the lock."""
     generator = _generator(params.seed)
-    tracker = TextTracker(tokenizer, params.stop)
+    tracker = TextTracker(tokenizer, params.stop, keep_stop=params.include_stop_str_in_output)
     # closing: the eval-mode restore must not wait for garbage collection of the inner generator.
     choices = contextlib.closing(_token_choices(model, prompt_ids, params, generator, mode))
     with choices as stream:

@@ -51,6 +51,7 @@ def sampling_from_body(
         logit_bias=parse_logit_bias(body.get("logit_bias"), vocab_size),
         num_logprobs=chat_logprobs(body) if chat else completion_logprobs(body),
         ignore_eos=bool(body.get("ignore_eos", False)),
+        include_stop_str_in_output=bool(body.get("include_stop_str_in_output", False)),
     )
 
 

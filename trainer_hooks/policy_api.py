@@ -70,6 +70,7 @@ class PolicyAPI:
 
         ``gone``: polled while a non-streamed answer is generated; it stops with ClientGone (vLLM too stops
         a request whose client left, and the generation lock would otherwise be held to max_tokens)."""
+        self.check_model(body)
         prompt_ids = self.render_chat(body)
         params = self._params(body, chat=True, prompt_len=len(prompt_ids))
         tools_on = bool(body.get("tools")) and body.get("tool_choice") != "none"
@@ -138,6 +139,7 @@ class PolicyAPI:
     # ---------------------------------------------------------- completions
     def completions(self, body: Body, gone: Gone | None = None) -> Body | Iterator[Body]:
         """POST /v1/completions: text or token-id prompts (a batch gives one choice per prompt)."""
+        self.check_model(body)
         if body.get("echo") or body.get("suffix"):
             raise BadRequest("echo and suffix are not supported by this server")
         prompts = self._completion_prompts(body.get("prompt"))
@@ -213,6 +215,7 @@ class PolicyAPI:
     # ------------------------------------------------------------ tokenizer
     def tokenize(self, body: Body) -> Body:
         """POST /tokenize: a prompt or chat messages to ids (vLLM's fields)."""
+        self.check_model(body)
         if "messages" in body:
             ids = self.render_chat(body)
         elif isinstance(body.get("prompt"), str):
@@ -226,10 +229,17 @@ class PolicyAPI:
 
     def detokenize(self, body: Body) -> Body:
         """POST /detokenize: ids back to text, special tokens kept."""
+        self.check_model(body)
         tokens = body.get("tokens")
         if not _is_ids(tokens):
             raise BadRequest("tokens must be a list of token ids")
         return {"prompt": self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)}
+
+    def check_model(self, body: Body) -> None:
+        """vLLM's 404 for a model name it does not serve; a request naming none is served."""
+        name = body.get("model")
+        if name is not None and name != "" and name != self.config.model_name:
+            raise BadRequest(f"The model `{name}` does not exist.", status=404)
 
     def models(self) -> Body:
         """GET /v1/models."""
