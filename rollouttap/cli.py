@@ -106,11 +106,20 @@ def _register_optional_commands() -> None:
         module.register(app)
 
 
+def debug_first(argv: list[str]) -> list[str]:
+    """``--debug`` is the root's option; users put it after the command too (not after ``--``, where an
+    agent's own command line begins)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return list(argv)
+    return ["--debug", *(a for a in argv[:end] if a != "--debug"), *argv[end:]]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rollouttap`` console script."""
     _register_optional_commands()
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=debug_first(sys.argv[1:] if argv is None else argv), standalone_mode=False)
     except RolloutTapError as exc:
         if _state["debug"]:
             raise
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.filename:
             typer.echo(f"rollouttap: {exc.strerror or exc}: {exc.filename}\n  next: check that path", err=True)
         else:
-            typer.echo(f"rollouttap: {exc}\n  next: --debug before the command shows where it failed", err=True)
+            typer.echo(f"rollouttap: {exc}\n  next: --debug shows where it failed", err=True)
         return 1
     except typer.Abort:
         return 130

@@ -17,6 +17,7 @@ import typer
 from typer.testing import CliRunner
 
 from rollouttap.addon.export_flows import read_flow_file
+from rollouttap.cli import debug_first
 from rollouttap.cli_inspect import _row_text, register
 from rollouttap.manager.inspect import (
     conversation_steps, flow_row, latency_summary, mask_runs, message_text, parse_when, percentile, tool_call_text,
@@ -222,6 +223,21 @@ def test_replay_command_reports_divergence_and_exits_non_zero(recording, confdir
 def test_entry_point_maps_errors_to_one_line(tmp_path):
     proc = _rollouttap("flows", "--store", tmp_path / "missing.db")
     assert proc.returncode == 1 and "rollouttap: no store at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path):
+    proc = _rollouttap("flows", "--store", tmp_path / "missing.db", "--debug")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "no store at" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["flows", "--debug"], ["--debug", "flows"]),
+    (["--debug", "flows"], ["--debug", "flows"]),
+    (["replay", "X", "--", "agent", "--debug"], ["replay", "X", "--", "agent", "--debug"]),
+    (["replay", "--debug", "X", "--", "a", "--debug"], ["--debug", "replay", "X", "--", "a", "--debug"]),
+])
+def test_debug_first_moves_only_our_own_flag(argv, expected):
+    assert debug_first(argv) == expected
 
 
 def test_entry_point_maps_os_errors_to_one_line(recording, tmp_path):
