@@ -14,9 +14,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import requests
 
 from context import Context, progress
+from procs import Upstream
 from report import Section, table
 from rollouttap.addon import tokenids
 from rollouttap.addon.procfs import ancestry
@@ -66,6 +68,29 @@ def token_id_costs(upstream_url: str, n: int) -> dict[str, float]:
                                                                    "application/json"), n)}
 
 
+def upstream_answer_cpu(n: int) -> dict[str, float]:
+    """The scripted upstream's CPU per answer (ms), plain and with injected token ids + logprobs, building each
+    answer and answering from memory (``--memo``, what the other sections use)."""
+    plain = json.dumps({"model": "policy", "messages": [{"role": "user", "content": MESSAGE}]}).encode()
+    injection = tokenids.plan_injection("/v1/chat/completions", plain, "application/json")
+    assert injection is not None
+    out: dict[str, float] = {}
+    for memo in (False, True):
+        with Upstream(memo=memo) as upstream, requests.Session() as session:
+            session.trust_env = False
+            proc = psutil.Process(upstream.pid)
+            for name, body in (("plain", plain), ("token_ids", injection.new_body)):
+                def call() -> None:
+                    session.post(upstream.url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"}, timeout=30).raise_for_status()
+                call()
+                before = sum(proc.cpu_times()[:2])
+                for _ in range(n):
+                    call()
+                out[f"{name}_{'memo' if memo else 'built'}_ms"] = (sum(proc.cpu_times()[:2]) - before) / n * 1000
+    return out
+
+
 def writer_transactions(path: Any, flows: int) -> dict[str, float]:
     """Transactions per flow when flows arrive at agent pace (the addon's four writer events per flow)."""
     writer = StoreWriter(path)
@@ -100,15 +125,16 @@ def run(ctx: Context) -> Section:
     fast, _ = ctx.shared.upstreams()
     progress("findings: micro-measurements")
     tok = token_id_costs(fast.url, n)
+    upstream_cpu = upstream_answer_cpu(n)
     wr = writer_transactions(ctx.workdir / "findings-writer.db", 40 if ctx.plan.smoke else 300)
     att = attribution_parts(n)
     quick = quickack_cost_us(n * 10)
-    data = {"token_ids": tok, "writer": wr, "attribution": att, "quickack_us": quick}
+    data = {"token_ids": tok, "upstream_cpu": upstream_cpu, "writer": wr, "attribution": att, "quickack_us": quick}
     return Section("findings", TITLE, render(data), data)
 
 
 def render(d: dict[str, Any]) -> str:
-    tok, wr, att = d["token_ids"], d["writer"], d["attribution"]
+    tok, wr, att, up = d["token_ids"], d["writer"], d["attribution"], d["upstream_cpu"]
     rows = [
         ("TCP_QUICKACK re-armed after a read (`addon/tcp_tuning.py`)", f"{fmt(d['quickack_us'], 2)} µs per read"),
         ("chat response, plain → with injected token ids + logprobs",
@@ -116,6 +142,10 @@ def render(d: dict[str, Any]) -> str:
         ("`tokenids.strip_response_json` on that response", f"{fmt(tok['strip_ms'], 3)} ms"),
         ("one `json.loads` of that response", f"{fmt(tok['json_loads_ms'], 3)} ms"),
         ("`tokenids.plan_injection` on the request", f"{fmt(tok['plan_ms'], 3)} ms"),
+        ("scripted upstream's CPU per answer, plain → token ids + logprobs: building it",
+         f"{fmt(up['plain_built_ms'], 2)} → {fmt(up['token_ids_built_ms'], 2)} ms"),
+        ("the same from memory (`--memo`, the other sections' upstream)",
+         f"{fmt(up['plain_memo_ms'], 2)} → {fmt(up['token_ids_memo_ms'], 2)} ms"),
         ("store writer: SQLite transactions per flow at agent pace",
          f"{fmt(wr['transactions_per_flow'], 2)} (for {wr['events_per_flow']} queued events)"),
         ("netlink inode lookup (`sockdiag.inode_netlink`), warm", f"{fmt(att['inode_ms'], 3)} ms"),
@@ -198,8 +228,12 @@ concurrency burst (section 1b). What they mean, and what would change them:
   halved), in absolute terms smaller. Moving the writer into
   its own process would trade the hand-offs for serialising every event.
 - **Token ids (`addon/tokenids.py`, `addon/jsonspans.py`).** With `return_token_ids` + `logprobs` the
-  model's answer grows about 30× (per-token logprob objects): the upstream spends ~3× the CPU building it
-  (section 1b's upstream column) and the proxy carries it. Stripping edits the bytes in place (the
+  model's answer grows about 30× (per-token logprob objects) and the proxy carries it. Building that answer
+  costs the scripted upstream several times a plain answer's CPU (the table above): a cost of the model
+  server, whoever asks for the ids, so every other section's upstream answers a repeated request from
+  memory (`--memo`). Runs before that change built every answer, and their token-id rows held the fake
+  model's work (section 1b's upstream column: 0.92 vs 0.22 ms CPU per call, full run of 2026-11-30 02:29).
+  Stripping edits the bytes in place (the
   `jsonspans.FAST_VALUE` pattern skips a whole compact logprobs value without building objects; only
   unusual spellings fall back to `json` parsing). `rollouttap_logprobs=false` asks for token ids only,
   for training without importance-sampling correction (the "no logprobs" rows).

@@ -109,16 +109,17 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 class Upstream:
     """``python -m rollouttap.testing.upstream`` in its own process."""
 
-    def __init__(self, chunk_delay: float = 0.0, tokens_per_chunk: int = 4) -> None:
+    def __init__(self, chunk_delay: float = 0.0, tokens_per_chunk: int = 4, memo: bool = True) -> None:
         self.chunk_delay = chunk_delay
         self.tokens_per_chunk = tokens_per_chunk
+        self.memo = memo  # a repeated request gets its first answer's bytes: the model costs next to nothing
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
     def __enter__(self) -> Upstream:
         self.proc = subprocess.Popen(
             [PY, "-m", "rollouttap.testing.upstream", "--port", "0", "--chunk-delay", str(self.chunk_delay),
-             "--tokens-per-chunk", str(self.tokens_per_chunk)],
+             "--tokens-per-chunk", str(self.tokens_per_chunk), *(["--memo"] if self.memo else [])],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

@@ -81,8 +81,11 @@ def header(command: str, mode: str, facts: dict[str, str], note: str | None) -> 
     lines += [table(["", ""], [(k, v) for k, v in facts.items()]), ""]
     lines += ["Figures are medians over repeated runs with the lowest and highest run in brackets: "
               "`median (low–high)`. Latencies are milliseconds per request as the client sees it. "
-              "The upstream is `python -m rollouttap.testing.upstream` (a scripted vLLM-shaped server) in "
-              "its own process; every proxy and every client runs in its own process too.", ""]
+              "The upstream is `python -m rollouttap.testing.upstream --memo` (a scripted vLLM-shaped server) "
+              "in its own process; every proxy and every client runs in its own process too. `--memo`: it "
+              "answers a repeated request with the bytes of its first answer, so the rows measure the proxy, "
+              "not the fake model (building an answer with token ids and logprobs costs it more CPU than a "
+              "proxy's whole path; section 7 gives both figures).", ""]
     return "\n".join(lines)
 
 

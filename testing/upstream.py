@@ -73,6 +73,10 @@ class UpstreamConfig:
     max_model_len: int = 32768
     record: bool = True
     deterministic: bool = False  # ids and timestamps from the request, so equal requests get equal bytes
+    # A repeated request (same path, same body bytes) gets the bytes of its first answer: the cheapest
+    # possible model server, for benchmarks that measure a proxy (building a logprobs answer costs more
+    # CPU than a proxy's whole request path). Ids and timestamps repeat with the bytes.
+    memo: bool = False
 
 
 def _stable(meta: ResponseMeta, gen: Any, payload: dict[str, Any]) -> tuple[ResponseMeta, Any]:
@@ -102,12 +106,17 @@ def _error(status: int, message: str) -> web.Response:
     return _json(error_body(status, message), status)
 
 
+MEMO_SIZE = 4096
+
+
 class _Handlers:
     """The routes; every handler is a thin shell around the pure builders."""
 
     def __init__(self, config: UpstreamConfig, sink: list[ReceivedRequest] | None) -> None:
         self.config = config
         self.sink = sink
+        # (path, body) -> a JSON answer's bytes, or a stream's events
+        self._memo: dict[tuple[str, bytes], bytes | list[bytes]] = {}
 
     async def _read(self, request: web.Request) -> Any:
         body = await request.read()
@@ -116,6 +125,23 @@ class _Handlers:
             self.sink.append(ReceivedRequest(request.method, request.path, request.query_string,
                                              tuple(request.headers.items()), body, payload, time.time()))
         return payload
+
+    async def _remembered(self, request: web.Request) -> web.StreamResponse | None:
+        """The first answer to this very request again, if memo is on and there was one."""
+        if not self.config.memo:
+            return None
+        answer = self._memo.get((request.path, await request.read()))
+        if answer is None:
+            return None
+        if isinstance(answer, bytes):
+            return web.Response(body=answer, content_type="application/json")
+        return await self._send_events(request, _paced_events(answer, self.config.chunk_delay), None)
+
+    async def _remember(self, request: web.Request, answer: bytes | list[bytes]) -> None:
+        if self.config.memo:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            self._memo[(request.path, await request.read())] = answer
 
     def _reply(self, payload: dict[str, Any]) -> Reply:
         try:
@@ -126,12 +152,16 @@ class _Handlers:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         payload = await self._read(request)
+        if (remembered := await self._remembered(request)) is not None:
+            return remembered
         if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
             return _error(400, "request body must be a JSON object with a 'messages' list")
         return await self._answer(request, payload, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         payload = await self._read(request)
+        if (remembered := await self._remembered(request)) is not None:
+            return remembered
         if not isinstance(payload, dict) or not _valid_prompt(payload.get("prompt")):
             return _error(400, "request body must be a JSON object with a string or token-id 'prompt'")
         return await self._answer(request, payload, chat=False)
@@ -152,19 +182,25 @@ class _Handlers:
         opts = Options.from_request(payload, ignore_token_ids=cfg.ignore_token_ids,
                                     reasoning_field=cfg.reasoning_field, chat=chat)
         if not payload.get("stream"):
-            return _json((chat_body if chat else completion_body)(gen, meta, opts, tok))
+            body = dumps((chat_body if chat else completion_body)(gen, meta, opts, tok))
+            await self._remember(request, body)
+            return web.Response(body=body, content_type="application/json")
         if chat:
             parsers = bool(payload.get("tools")) or bool(reply.reasoning)
             chunks = chat_chunks(gen, meta, opts, tok, tokens_per_chunk=cfg.tokens_per_chunk, parsers=parsers)
         else:
             chunks = completion_chunks(gen, meta, opts, tok, tokens_per_chunk=cfg.tokens_per_chunk)
-        return await self._stream(request, chunks, reply.abort_after_chunks)
+        events = [*map(sse, chunks), SSE_DONE] if cfg.memo and reply.abort_after_chunks is None else None
+        if events is not None:
+            await self._remember(request, events)
+        paced = _paced_events(events, cfg.chunk_delay) if events else _paced(chunks, cfg.chunk_delay)
+        return await self._send_events(request, paced, reply.abort_after_chunks)
 
-    async def _stream(self, request: web.Request, chunks: Iterable[dict[str, Any]],
-                      abort_after: int | None) -> web.StreamResponse:
+    async def _send_events(self, request: web.Request, paced: AsyncIterator[tuple[int, bytes]],
+                           abort_after: int | None) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
-        async for index, data in _paced(chunks, self.config.chunk_delay):
+        async for index, data in paced:
             if abort_after is not None and index >= abort_after:
                 # Simulates a model server dying mid-stream: no [DONE], no chunked terminator.
                 if request.transport is not None:
@@ -241,6 +277,14 @@ async def _paced(chunks: Iterable[dict[str, Any]], delay: float) -> AsyncIterato
     yield index, SSE_DONE
 
 
+async def _paced_events(events: list[bytes], delay: float) -> AsyncIterator[tuple[int, bytes]]:
+    """Ready SSE events (``[DONE]`` last), ``delay`` seconds apart, as ``_paced`` sends them."""
+    for index, data in enumerate(events):
+        if index and delay:
+            await asyncio.sleep(delay)
+        yield index, data
+
+
 def _valid_prompt(prompt: Any) -> bool:
     return isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))
 
@@ -278,13 +322,13 @@ class ScriptedUpstream:
     def __init__(self, script: Script | str | None = None, *, tokenizer: Any = None, chunk_delay: float = 0.0,
                  tokens_per_chunk: int = 4, model: str = DEFAULT_MODEL, ignore_token_ids: bool = False,
                  reasoning_field: str = "reasoning_content", host: str = "127.0.0.1", port: int = 0,
-                 record: bool = True, deterministic: bool = False) -> None:
+                 record: bool = True, deterministic: bool = False, memo: bool = False) -> None:
         if isinstance(script, str):
             script = named_script(script)
         self.config = UpstreamConfig(script=script or default_script, tokenizer=tokenizer or FakeTokenizer(),
                                      chunk_delay=chunk_delay, tokens_per_chunk=tokens_per_chunk, model=model,
                                      ignore_token_ids=ignore_token_ids, reasoning_field=reasoning_field,
-                                     record=record, deterministic=deterministic)
+                                     record=record, deterministic=deterministic, memo=memo)
         self.host = host
         self.port = port
         self.requests: list[ReceivedRequest] = []
@@ -383,6 +427,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ignore-token-ids", action="store_true",
                         help="behave like a server without return_token_ids/logprobs")
     parser.add_argument("--reasoning-field", default="reasoning_content")
+    parser.add_argument("--memo", action="store_true",
+                        help="answer a repeated request (same path and body) with its first answer's bytes")
     return parser.parse_args(argv)
 
 
@@ -406,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     config = UpstreamConfig(script=named_script(args.script), chunk_delay=args.chunk_delay,
                             tokens_per_chunk=args.tokens_per_chunk, model=args.model,
                             ignore_token_ids=args.ignore_token_ids, reasoning_field=args.reasoning_field,
-                            record=False)
+                            record=False, memo=args.memo)
     asyncio.run(_serve_until_signalled(config, args.host, args.port))
     return 0
 

@@ -337,6 +337,22 @@ def test_many_concurrent_streams(server):
     assert asyncio.run(main()) == [f"echo: n{i}" for i in range(200)]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_memo_answers_a_repeated_request_with_its_first_bytes(stream):
+    def ask(up, content):
+        body = {"messages": [{"role": "user", "content": content}], "stream": stream, "logprobs": True,
+                "return_token_ids": True}
+        return httpx.post(up.base_url + "/chat/completions", json=body).content
+
+    with ScriptedUpstream(memo=True, chunk_delay=0.001) as up, ScriptedUpstream() as plain:
+        first = ask(up, "a")
+        assert ask(up, "a") == first and ask(up, "b") != first
+        assert len(up.requests) == 3  # a remembered answer still records its request
+        assert ask(plain, "a") != ask(plain, "a")  # ids and timestamps differ without memo
+    if stream:
+        assert parse_sse(first)[-1].is_done and len(parse_sse(first)) > 3
+
+
 def test_subprocess_mode_prints_its_url_and_serves():
     proc = subprocess.Popen([sys.executable, "-m", "rollouttap.testing.upstream", "--port", "0", "--script", "echo"],
                             stdout=subprocess.PIPE, text=True)
