@@ -155,6 +155,15 @@ def test_flows_of_dead_proxy_are_closed(tmp_path):
     assert flow.state == "error" and "proxy process ended" in flow.error
 
 
+def test_a_proxy_row_keeps_its_start_when_rewritten(tmp_path):
+    writer = StoreWriter(tmp_path / "s.db")
+    writer.upsert_proxy({"proxy_id": "p1", "pid": 7, "started_at": 1.0, "stopped_at": None})
+    writer.upsert_proxy({"proxy_id": "p1", "pid": 7, "started_at": 5.0, "stopped_at": 5.0})
+    writer.close()
+    row = Store(tmp_path / "s.db").proxy("p1")
+    assert (row["started_at"], row["stopped_at"]) == (1.0, 5.0)
+
+
 @pytest.mark.parametrize("value, expected_prefix", [
     ("Bearer sk-secret-123", "Bearer <redacted sha256:"),
     ("Basic dXNlcjpwYXNz", "Basic <redacted sha256:"),
