@@ -290,13 +290,18 @@ class SocketOwnerFinder:
         with self._lock:
             fds = self._socket_fds.get(pid, ())
         self.scanned_last += 1
-        links = [(fd, link) for fd in fds if (link := self._link(pid, fd)) is not None]
+        links: list[tuple[str, str]] = []
+        for fd in fds:  # highest first, as read: a process's newest socket usually has its highest fd
+            if (link := self._link(pid, fd)) is not None:
+                links.append((fd, link))
+                if link == target:
+                    break
         if fds and not links and not os.path.exists(f"{self.proc}/{pid}"):
             self._forget(pid)
             return False
         sockets = [(fd, link) for fd, link in links if link.startswith("socket:[")]
         self._remember_sockets(pid, sockets, complete=False)
-        return any(link == target for _, link in sockets)
+        return bool(sockets) and sockets[-1][1] == target
 
     def _holds(self, pid: int, target: str) -> bool:
         """Whether ``pid`` holds ``target``; notes the sockets of its fd table read on the way."""
