@@ -362,6 +362,8 @@ class RolloutTap:
     async def _agent(self, agent_id: str) -> AgentRecord | None:
         directory = self.directory
         assert directory is not None
+        if not agent_id.isprintable():  # undecodable header or path bytes name no agent (nor can SQLite bind them)
+            return None
         agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
         if agent is None:
             agent = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, agent_id)

@@ -165,6 +165,17 @@ def test_header_cannot_claim_a_registered_agent(proxy, upstream):
     assert flow.attribution == "none" and "registered agent" in flow.meta["attribution_detail"]
 
 
+def test_an_undecodable_header_claim_is_refused_and_the_flow_kept(proxy, upstream):
+    marker = uuid.uuid4().hex
+    resp = requests.post(upstream.url + "/echo", json={"m": marker}, headers={"X-Agent-ID": b"bad\xff\xfeid"},
+                         proxies={"http": proxy.url}, timeout=10)
+    assert resp.status_code == 200
+    with Store(proxy.config.store) as store:
+        [flow] = wait_for(lambda: [f for f in store.flows(unattributed=True)
+                                   if f.state == "done" and marker in f.request_text()], what="flow")
+    assert flow.attribution == "none" and "not a printable name" in flow.meta["attribution_detail"]
+
+
 THIEF = """
 import sys, requests
 sys.stdin.readline()  # registered as an agent's root by now
