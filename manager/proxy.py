@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 from rollouttap.addon.loopback import is_host_port, is_loopback
@@ -157,7 +157,7 @@ class ProxyProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.listen: list[dict[str, Any]] = []
         self.ca_cert: str | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="rollouttap-proxy-", suffix=".log", delete=False)
+        self._log = _new_log()
         self.log_path = Path(self._log.name)
 
     def __enter__(self) -> ProxyProcess:
@@ -187,6 +187,9 @@ class ProxyProcess:
         """Start mitmdump and wait until it listens; a proxy already running is left as it is."""
         if self.alive():
             return self  # `with ProxyProcess(...).start() as p` must not start a second one
+        if self._log.closed:  # started again after a clean stop removed the log
+            self._log = _new_log()
+            self.log_path = Path(self._log.name)
         if self.config.reverse_target and self.config.reverse_port == 0 and self.config.port == 0:
             self.config.reverse_port = free_port(self.config.host)
         self.proc = subprocess.Popen(self.config.argv(self.proxy_id), stdin=subprocess.DEVNULL,
@@ -204,7 +207,7 @@ class ProxyProcess:
                                      f"{self.log_tail()}")
                 time.sleep(0.02)
             else:
-                self.stop()
+                self.stop(keep_log=True)
                 raise ProxyError(f"mitmdump did not start within {timeout:.0f}s (log {self.log_path}):\n"
                                  f"{self.log_tail()}")
         # Pin the ports, so that a restart comes back where the agents expect it.
@@ -232,8 +235,9 @@ class ProxyProcess:
                     raise
                 time.sleep(0.2)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop gracefully (every queued flow committed), killing only if it hangs."""
+    def stop(self, timeout: float = 15.0, *, keep_log: bool = False) -> None:
+        """Stop gracefully (every queued flow committed), killing only if it hangs. The log file goes with
+        a clean stop; it stays where the proxy had died, had to be killed, or ``keep_log``."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -244,13 +248,23 @@ class ProxyProcess:
                 return
             try:
                 proc.wait(wait)
-                return
             except subprocess.TimeoutExpired:
-                log.warning("mitmdump did not stop on %s", sig.name)
+                log.warning("mitmdump did not stop on %s (log %s)", sig.name, self.log_path)
+                continue
+            if sig is signal.SIGINT and proc.returncode == 0 and not keep_log:
+                self._log.close()
+                self.log_path.unlink(missing_ok=True)
+            return
 
     def log_tail(self, chars: int = 3000) -> str:
+        if self._log.closed:
+            return ""
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _new_log() -> IO[bytes]:
+    return tempfile.NamedTemporaryFile(prefix="rollouttap-proxy-", suffix=".log", delete=False)
 
 
 def _url_host(host: str) -> str:

@@ -129,3 +129,19 @@ def test_entering_a_started_proxy_starts_no_second_one(tmp_path, confdir):
     with proxy as entered:
         assert entered.proc is first
     assert first.poll() is not None  # stopped with the block: nothing of it left running
+
+
+def test_a_clean_stop_removes_the_log_and_a_crash_keeps_it(tmp_path, confdir):
+    proxy = ProxyProcess(ProxyConfig(store=tmp_path / "s.db", confdir=confdir)).start(timeout=60)
+    clean = proxy.log_path
+    assert clean.exists()
+    proxy.stop()
+    assert not clean.exists()
+    proxy.start(timeout=60)  # a new log for the new run
+    crashed = proxy.log_path
+    assert crashed != clean and crashed.exists()
+    os.killpg(proxy.proc.pid, signal.SIGKILL)
+    proxy.proc.wait()
+    proxy.stop()
+    assert crashed.exists()  # kept for whoever looks into the crash
+    crashed.unlink()
