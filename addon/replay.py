@@ -138,12 +138,18 @@ def _keyless(path: str) -> str:
     return map_secret_query(path, lambda _value: "")
 
 
-def request_diff(entry: Recorded | None, method: str, path: str, body: bytes) -> str:
-    """A unified diff of the recorded request against the replayed one (request line, then body)."""
+def request_diff(entry: Recorded | None, method: str, path: str, body: bytes,
+                 injected: dict[str, Any] | None = None) -> str:
+    """A unified diff of the recorded request against the replayed one (request line, then body).
+
+    ``injected``: what the proxy adds to requests, left out of the replayed body where no recorded request
+    tells what the agent itself sent (the recording ran out)."""
     live = _loads(body)
     old: list[str] = []
     old_name = "recorded (nothing left)"
-    if entry is not None:
+    if entry is None:
+        live = without_injected(live, None, injected or {})
+    else:
         recorded = _loads(entry.body())
         if recorded is not None:
             live = without_injected(live, recorded, entry.injected)
@@ -185,6 +191,10 @@ class ReplayBook:
             return [first]
         return [first] + [e for e in unused[1:] if e.t_request is not None and e.t_request < first.t_end]
 
+    def _injected(self) -> dict[str, Any]:
+        """The fields the recording proxy injected (the latest request's that had any)."""
+        return next((e.injected for e in reversed(self.entries) if e.injected), {})
+
     def take(self, method: str, path: str, body: bytes) -> Recorded | None:
         """The recorded request answering this one; None once the replay has diverged."""
         index = self.requests
@@ -202,7 +212,7 @@ class ReplayBook:
                   else f"the recording holds only {len(self.entries)} requests")
         self.divergence = Divergence(index, expected.index if expected else None, method.upper(), path,
                                      expected.label if expected else None, reason or "",
-                                     request_diff(expected, method, path, body))
+                                     request_diff(expected, method, path, body, self._injected()))
         return None
 
     @property

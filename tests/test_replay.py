@@ -380,6 +380,14 @@ def test_book_reports_the_first_divergence_and_counts_the_rest():
     assert '-  "n": 1' in report["divergence"]["diff"] and '+  "n": 7' in report["divergence"]["diff"]
 
 
+def test_a_request_past_the_recording_shows_what_the_agent_sent_not_what_the_proxy_added():
+    book = ReplayBook([_rec(0, {"n": 0}, injected=INJ)])
+    book.take("POST", "/v1/chat/completions", json.dumps({"n": 0, **INJ}).encode())
+    book.take("POST", "/v1/chat/completions", json.dumps({"n": 1, **INJ}).encode())
+    diff = book.report("ag", "done")["divergence"]["diff"]
+    assert '+  "n": 1' in diff and "logprobs" not in diff
+
+
 def test_final_divergence_names_the_first_request_never_made():
     book = ReplayBook([_rec(i, {"n": i}) for i in range(3)])
     book.take("POST", "/v1/chat/completions", b'{"n": 0}')
@@ -391,6 +399,9 @@ def test_final_divergence_names_the_first_request_never_made():
 def test_request_diff_when_the_recording_ran_out():
     diff = request_diff(None, "POST", "/x", b'{"a": 1}')
     assert "+POST /x" in diff and '+  "a": 1' in diff
+    injected = {"return_token_ids": True, "logprobs": True}
+    diff = request_diff(None, "POST", "/x", b'{"a": 1, "return_token_ids": true, "logprobs": true}', injected)
+    assert '+  "a": 1' in diff and "return_token_ids" not in diff and "logprobs" not in diff  # the agent's own only
 
 
 @pytest.mark.parametrize("live, expected", [
