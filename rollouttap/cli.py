@@ -76,7 +76,8 @@ def proxy(
     proc = ProxyProcess(config).start()
     typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
     if proc.reverse_url:
-        typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1", err=True)
+        typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1 for agents a "
+                   f"manager registers: AgentManager(proxy={proc.url!r}, base_url_mode=True, store=...)", err=True)
     for key, value in proc.env().items():
         typer.echo(f"export {key}={shlex.quote(value)}")
     stop = {"now": False}
