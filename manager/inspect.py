@@ -183,8 +183,10 @@ def agent_stats(flows: Sequence[FlowRecord], *, eos_token_id: int = UNKNOWN_EOS)
 def store_stats(store: Store, *, run_id: str | None = None, eos_token_id: int = UNKNOWN_EOS) -> dict[str, Any]:
     """The figures of ``rollouttap stats``: per store or per run."""
     agents = store.agents(run_id)
-    per_agent = {a.agent_id: agent_stats(store.flows(agent_id=a.agent_id), eos_token_id=eos_token_id)
-                 for a in agents}
+    # A whole store also counts agents captured by hand (a tag or a header): they have flows, not rows.
+    unregistered = store.unregistered_agent_ids() if run_id is None else []
+    per_agent = {agent_id: agent_stats(store.flows(agent_id=agent_id), eos_token_id=eos_token_id)
+                 for agent_id in [a.agent_id for a in agents] + unregistered}
     latencies = [v for s in per_agent.values() for v in s["latencies"]]
     ttfb = [v for s in per_agent.values() for v in s["ttfb"]]
     usage = Counter[str]()
@@ -203,8 +205,8 @@ def store_stats(store: Store, *, run_id: str | None = None, eos_token_id: int = 
         unattributed = None
     return {
         "run_id": run_id,
-        "agents": len(agents),
-        "agents_by_status": dict(Counter(a.status for a in agents)),
+        "agents": len(per_agent),
+        "agents_by_status": dict(Counter([a.status for a in agents] + ["unregistered"] * len(unregistered))),
         "flows": sum(s["flows"] for s in per_agent.values()),
         "calls": sum(s["calls"] for s in per_agent.values()),
         "failed_calls": sum(s["failed_calls"] for s in per_agent.values()),

@@ -90,6 +90,12 @@ class Store:
                                (run_id,))
         return [AgentRecord.from_row(r) for r in rows]
 
+    def unregistered_agent_ids(self) -> list[str]:
+        """Agents that have flows but no row: named by an environment tag or a header, never registered."""
+        rows = self._query("SELECT DISTINCT agent_id FROM flows WHERE agent_id IS NOT NULL "
+                           "AND agent_id NOT IN (SELECT agent_id FROM agents) ORDER BY agent_id")
+        return [r[0] for r in rows]
+
     # -- flows -----------------------------------------------------------------------------------
     def flows(self, *, agent_id: str | None = None, state: str | None = None, host: str | None = None,
               since: float | None = None, until: float | None = None, unattributed: bool = False,
