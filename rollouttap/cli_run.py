@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -100,14 +101,22 @@ def run(
                       env=parse_env(env or []), base_url_mode=base_url_mode, workdir_template=workdir_template,
                       grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies) as manager:
         sink: IO[str] = open(out, "w", encoding="utf-8") if out is not None else _stdout()
+        # SIGTERM (a job scheduler, `timeout`, torchrun) ends the run as Ctrl-C does: running agents are
+        # killed and recorded, the proxy commits. Its default would leave the agents running unsupervised.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             results = _deploy_with_progress(manager, items, sink)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             if out is not None:
                 sink.close()
         summary = manager.summary(results, since=started_at)
     summary["wall_seconds"] = round(time.monotonic() - started, 3)
     _print_summary(summary, manager.run_id, store)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _stdout() -> IO[str]:

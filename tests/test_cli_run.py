@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
+import subprocess
 import sys
+
+import psutil
 
 import pytest
 
 from rollouttap.store import Store
 
+from conftest import wait_for
 from manager_support import HERE as SUPPORT
 from rollouttap.cli import main
 from rollouttap.cli_run import parse_env, read_prompts
@@ -94,3 +99,29 @@ def test_run_entry_point_results_on_stdout(tmp_path, confdir, upstream, capsys):
     [line] = capsys.readouterr().out.splitlines()
     result = json.loads(line)
     assert result["status"] == "ok" and result["return_value"]["reply"] == f"echo: say hi {result['agent_id']}"
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, confdir, upstream):
+    prompts, store = tmp_path / "p.jsonl", tmp_path / "runs.db"
+    prompts.write_text('"hang"\n"hang"\n')
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
+    run = subprocess.Popen([sys.executable, "-m", "rollouttap.cli", "run", "--agent", command, "--prompts", prompts,
+                            "--timeout", "120", "--store", store, "--model-url", upstream.base_url,
+                            "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(store.exists, timeout=60, what="the store")
+        with Store(store) as db:
+            def both_running():
+                agents = db.agents()
+                return agents if len(agents) == 2 and all(a.status == "running" for a in agents) else None
+            agents = wait_for(both_running, timeout=60, what="two running agents")
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(60) != 0
+    finally:
+        run.kill()
+        run.stderr.close()
+    alive = [a.root_pid for a in agents if psutil.pid_exists(a.root_pid)
+             and psutil.Process(a.root_pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    with Store(store) as db:
+        assert [a.status for a in db.agents()] == ["error", "error"]
