@@ -89,6 +89,8 @@ class AgentManager:
         self._running: dict[str, launch.AgentProcess] = {}
         self._bypass: dict[str, list[BypassConnection]] = {}
         self._lock = threading.Lock()
+        self._deploys: dict[threading.Event, int] = {}  # each running deploy's stop event -> its thread
+        self._deploys_ended = threading.Condition(self._lock)
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._detector = BypassDetector(model_targets(model_url) if model_url else frozenset())
@@ -123,7 +125,11 @@ class AgentManager:
         return self
 
     def close(self) -> None:
-        """Stop what this manager started (its proxy commits every flow first); close the store."""
+        """Stop what this manager started (its proxy commits every flow first); close the store.
+
+        Running deploys (other threads') are cancelled first: their agents are killed and recorded, and
+        their calls return those results, before the proxy and the store go."""
+        self._cancel_deploys()
         self._closing.set()
         for thread in self._threads:
             thread.join(10)
@@ -134,6 +140,15 @@ class AgentManager:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    def _cancel_deploys(self, timeout: float = 60.0) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            for stop in self._deploys:
+                stop.set()
+            # A deploy in this very thread (close() from a progress callback) ends after we return.
+            self._deploys_ended.wait_for(lambda: all(t == me for t in self._deploys.values()),
+                                         timeout=self.grace + timeout)
 
     @property
     def proxy_url(self) -> str:
@@ -190,6 +205,8 @@ class AgentManager:
                                   thread_name_prefix="rollouttap-agent")
         futures: list[Future[AgentResult]] = [pool.submit(self._run_guarded, i, p, stop, limit)
                                               for i, p in enumerate(items)]
+        with self._lock:
+            self._deploys[stop] = threading.get_ident()
         try:
             for future in as_completed(futures):
                 result = future.result()
@@ -202,6 +219,9 @@ class AgentManager:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            with self._lock:
+                del self._deploys[stop]
+                self._deploys_ended.notify_all()
         return [r for r in results if r is not None]
 
     def summary(self, results: Sequence[AgentResult], since: float | None = None) -> dict[str, Any]:

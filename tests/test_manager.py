@@ -588,6 +588,27 @@ def test_proxy_killed_mid_batch_is_restarted_and_capture_goes_on(tmp_path, confd
         assert store.flows(state="open") == []
 
 
+def test_close_cancels_the_running_deploys_and_records_their_agents(tmp_path, confdir, upstream):
+    m = AgentManager(SHELL_AGENT, store=tmp_path / "r.db", timeout=60, model_url=upstream.base_url,
+                     confdir=confdir).start()
+    results: list = []
+    workers = [threading.Thread(target=lambda: results.extend(m.deploy([agent("hang")] * 2))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    with Store(m.store_path) as store:
+        def all_running():
+            agents = store.agents(m.run_id)
+            return agents if len(agents) == 4 and all(a.status == "running" for a in agents) else None
+        agents = wait_for(all_running, 30, "four running agents")
+    m.close()
+    assert not any(worker.is_alive() for worker in workers)  # their deploys returned before close() did
+    assert [(r.status, r.error) for r in results] == [("error", "cancelled before it finished")] * 4
+    for a in agents:
+        assert not psutil.pid_exists(a.root_pid) or psutil.Process(a.root_pid).status() == psutil.STATUS_ZOMBIE
+    with Store(m.store_path) as store:
+        assert {a.status for a in store.agents(m.run_id)} == {"error"}
+
+
 def test_two_managers_share_one_store(tmp_path, confdir, upstream):
     store_path = tmp_path / "shared.db"
     Store(store_path).close()  # created up front: two first opens racing on a new file is the store's concern
