@@ -271,6 +271,9 @@ class AgentManager:
     def _start(self, agent_id: str, token: str, prompt: Prompt, run_dir: Path,
                link: ProxyLink) -> tuple[LaunchContext, launch.AgentProcess]:
         ctx, argv, stdin = _prepare(self.spec, agent_id, prompt, run_dir, self.workdir_template)
+        # A proxy that died since the watchdog last looked is restarted (or waited for) before an agent is
+        # pointed at its port: an agent that does not retry would fail on a dead port.
+        link.revive_if_dead(self._closing)
         env = self._environment(agent_id, token, link)
         agent = launch.spawn(agent_id, argv, env=env, cwd=ctx.workdir, stdin=stdin,
                              stdout=run_dir / "stdout.log", stderr=run_dir / "stderr.log")

@@ -588,6 +588,17 @@ def test_proxy_killed_mid_batch_is_restarted_and_capture_goes_on(tmp_path, confd
         assert store.flows(state="open") == []
 
 
+def test_agents_started_after_the_proxy_died_wait_for_its_restart(tmp_path, confdir, upstream):
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", parallel=4, timeout=60, model_url=upstream.base_url,
+                      confdir=confdir) as m:
+        os.kill(m.link.process.proc.pid, signal.SIGKILL)
+        m.link.process.proc.wait()
+        results = m.deploy([agent("chat 1 @id")] * 4)  # no retries: a dead port fails them
+        assert m.proxy_restarts == 1
+    assert [r.status for r in results] == ["ok"] * 4, [r.stderr_tail for r in results]
+    assert [r.proxy_restarts for r in results] == [1] * 4
+
+
 def test_close_cancels_the_running_deploys_and_records_their_agents(tmp_path, confdir, upstream):
     m = AgentManager(SHELL_AGENT, store=tmp_path / "r.db", timeout=60, model_url=upstream.base_url,
                      confdir=confdir).start()
