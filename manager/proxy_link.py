@@ -99,9 +99,9 @@ class ProxyLink:
     def revive_if_dead(self, closing: threading.Event) -> None:
         """Restart a proxy this manager started if it died; committed flows stay in the store."""
         process = self.process
-        if process is None or process.alive() or closing.is_set():
+        if process is None or closing.is_set():
             return
-        with self._lock:
+        with self._lock:  # always: while a restart runs, the new process is alive before it listens
             if process.alive() or closing.is_set():
                 return
             log.warning("proxy %s died (log %s); restarting it on %s", process.proxy_id, process.log_path,
