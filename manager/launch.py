@@ -266,6 +266,24 @@ def _tag_of(table: Mapping[int, ProcRow], pid: int) -> str | None:
     return table.tag(pid) if isinstance(table, ProcTable) else env_tag(pid)
 
 
+def leftover_tree(agent_id: str, root: int, root_start: int, table: ProcTable) -> set[int]:
+    """The live processes of an agent nobody supervises any more (its manager died): the root if it is still
+    that process, its descendants, its process group and session, and processes carrying its tag; none older
+    than the root, never this process or its ancestors."""
+    roots = {root} if root in table and table[root].start == root_start else set()
+    found = descendants(roots, table) | group_members(root, table)
+    found |= {row.pid for row in table.values() if row.start >= root_start and _tag_of(table, row.pid) == agent_id}
+    me = _self_and_ancestors(table)
+    return {p for p in found if table[p].alive and table[p].start >= root_start and p not in me}
+
+
+def kill_exactly(starts: Mapping[int, int], settle: float = 3.0) -> tuple[set[int], list[int]]:
+    """SIGKILL each process (pid -> start ticks) that is still that process; (killed, survivors after
+    ``settle`` seconds)."""
+    killed = {pid for pid, start in starts.items() if _signal(pid, start, signal.SIGKILL)}
+    return killed, _wait_gone(starts, starts, settle)
+
+
 def kill_tree(agent: AgentProcess, *, rounds: int = 10, settle: float = 3.0,
               tables: SharedProcessTable | None = None) -> tuple[int, list[int]]:
     """SIGKILL every process of the agent's tree until none is left.
@@ -283,10 +301,8 @@ def kill_tree(agent: AgentProcess, *, rounds: int = 10, settle: float = 3.0,
         if not victims:
             survivors = []
             break
-        for pid in victims:
-            if _signal(pid, table[pid].start, signal.SIGKILL):
-                killed.add(pid)
-        survivors = _wait_gone(victims, {p: table[p].start for p in victims}, settle)
+        done, survivors = kill_exactly({p: table[p].start for p in victims}, settle)
+        killed |= done
         moment = time.monotonic()
     _reap(agent)
     return len(killed - {agent.pid}), survivors

@@ -27,6 +27,7 @@ from rollouttap.manager.bypass import BypassConnection, BypassDetector, merge, m
 from rollouttap.manager.launch import agent_environment, model_env, split_model_url
 from rollouttap.manager.proxy import ProxyConfig
 from rollouttap.manager.proxy_link import ProxyLink
+from rollouttap.manager.reaper import Reaper
 from rollouttap.manager.results import (
     AgentResult, collect_flows, decide_status, settle_flows, summarise, with_model_failure,
 )
@@ -95,6 +96,7 @@ class AgentManager:
         self._threads: list[threading.Thread] = []
         self._detector = BypassDetector(model_targets(model_url) if model_url else frozenset())
         self._tables = launch.SharedProcessTable()  # the monitor and every agent's clean-up share scans
+        self._reaper = Reaper(None)  # kills the running agents if this process dies without close()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> AgentManager:
@@ -118,6 +120,7 @@ class AgentManager:
             self.store = None
             raise
         self._closing.clear()
+        self._reaper = Reaper.start(self.store_path)
         for name, target in (("watchdog", self._watch_proxy), ("monitor", self._watch_agents)):
             thread = threading.Thread(target=target, name=f"rollouttap-{name}", daemon=True)
             thread.start()
@@ -137,6 +140,7 @@ class AgentManager:
         for link in self.links:
             link.close()
         self.links, self.link = [], None
+        self._reaper.stop()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -247,6 +251,8 @@ class AgentManager:
             except Exception:
                 log.exception("agent %s: recording its end failed too", agent_id)
             return AgentResult(agent_id, index, prompt, "error", error=error)
+        finally:
+            self._reaper.release(agent_id)  # ended and recorded (or never started)
 
     def _run_one(self, agent_id: str, index: int, prompt: Prompt, stop: threading.Event,
                  timeout: float) -> AgentResult:
@@ -287,6 +293,7 @@ class AgentManager:
         try:
             assert self.store is not None
             self.store.agent_started(agent.agent_id, agent.pid)
+            self._reaper.watch(agent.agent_id, agent.pid, agent.members.get(agent.pid))
             outcome = launch.wait(agent, agent.started + timeout, stop)
         finally:  # whatever happened here, nothing of the agent outlives this call
             killed, survivors = launch.kill_tree(agent, tables=self._tables)
