@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import Client
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from rollouttap.addon import flowcols, tokenids
 from rollouttap.addon.attribution import (
@@ -26,7 +27,7 @@ from rollouttap.addon.attribution import (
     decide_header_claim, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.loopback import is_loopback
-from rollouttap.addon.routes import Route, RouteError, find_route, parse_routes
+from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
 from rollouttap.addon.streamtap import StreamTap, decoded
 from rollouttap.store import AgentRecord, StoreWriter, redact_query
 from rollouttap.store.nudge import NUDGE_SIGNAL
@@ -57,6 +58,7 @@ class RolloutTap:
         self.pids: PidAttributor | None = None
         self.proxy_id = ""
         self.routes: tuple[Route, ...] = ()
+        self.own_routes: tuple[Route, ...] = ()  # from our reverse listeners on to their targets
         self.model_hosts: frozenset[str] = frozenset()
         self.counts = {"flows": 0, "unattributed": 0, "rejected": 0, "errors": 0}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rollouttap-lookup")
@@ -148,12 +150,18 @@ class RolloutTap:
     # -- lifecycle ---------------------------------------------------------------------------------
     def running(self) -> None:
         _listen_for_nudges(self._nudge)  # before the proxy row: readers nudge only proxies they see
+        servers = ctx.master.addons.get("proxyserver").servers
+        servers.changed.connect(self._listeners_changed)  # fired once servers (re)started, ports bound
+        self._listeners_changed()
         self._running = True
         self._announce()
         log.info("rollouttap: recording into %s as proxy %s", ctx.options.rollouttap_store,
                  self.proxy_id)
         if ctx.options.rollouttap_parent_pid:
             self._parent_watch = asyncio.create_task(_shutdown_when_gone(ctx.options.rollouttap_parent_pid))
+
+    def _listeners_changed(self) -> None:
+        self.own_routes = own_reverse_routes(reverse_listeners())
 
     def _announce(self) -> None:
         """This proxy's row in the store (readers find its pid and listeners there); enables the watermark."""
@@ -227,8 +235,11 @@ class RolloutTap:
 
     # -- flows -------------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        who = await self._attribute(flow)
-        self._record_new(flow, who)
+        req = flow.request
+        own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
+        who = await self._attribute(flow, to_own_reverse=own is not None)
+        # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
+        self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
         if who.method == "rejected":
             self._reject(flow, who)
 
@@ -238,9 +249,7 @@ class RolloutTap:
             return
         route = find_route(self.routes, flow.request.pretty_host, flow.request.port) if self.routes else None
         if route is not None:
-            live.meta["routed_from"] = redact_query(flow.request.pretty_url)
-            flow.request.scheme, flow.request.host, flow.request.port, flow.request.path = \
-                route.target(flow.request.path)
+            live.meta.setdefault("routed_from", readdress(flow.request, route))
         cols = flowcols.request_sent(flow, live.opened_key)
         if ctx.options.rollouttap_token_ids and tokenids.is_model_request(
                 flow.request.host, flow.request.port, flow.request.path, self.model_hosts) \
@@ -312,12 +321,17 @@ class RolloutTap:
             self._end(flow_id, "error", cols)
 
     # -- attribution -------------------------------------------------------------------------------
-    async def _attribute(self, flow: http.HTTPFlow) -> Attribution:
+    async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution:
         headers = flow.request.headers
         claimed = headers.pop(AGENT_HEADER, None)
         creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
         tunnel = self._conn_creds.get(flow.client_conn.id)  # credentials given on the CONNECT
-        in_path = split_agent_path(flow.request.path) if creds is None and tunnel is None else None
+        in_path = split_agent_path(flow.request.path) if to_own_reverse or (creds is None and tunnel is None) \
+            else None
+        if to_own_reverse and in_path is not None:
+            # Addressed to our reverse listener, where its path names the agent: the proxy credentials only
+            # brought it here (its client sent the base URL through HTTP_PROXY).
+            creds = tunnel = None
         has_token = creds is not None or in_path is not None  # a token will speak for the agent
         needs_pid = not has_token and tunnel is None
         if needs_pid:
@@ -389,7 +403,7 @@ class RolloutTap:
                   {"status_code": 407, "error": f"proxy credentials refused: {who.detail}"})
 
     # -- store -------------------------------------------------------------------------------------
-    def _record_new(self, flow: http.HTTPFlow, who: Attribution) -> None:
+    def _record_new(self, flow: http.HTTPFlow, who: Attribution, routed_from: str | None = None) -> None:
         assert self.writer is not None
         self.counts["flows"] += 1
         if who.agent_id is None:
@@ -397,6 +411,8 @@ class RolloutTap:
         live = _Live(flow.client_conn.id, opened_key=flowcols.request_key(flow.request))
         if who.detail:
             live.meta["attribution_detail"] = who.detail
+        if routed_from is not None:
+            live.meta["routed_from"] = routed_from
         self._live[flow.id] = live
         cols = flowcols.opened(flow, self.proxy_id, who)
         cols["meta"] = dict(live.meta)
@@ -491,6 +507,21 @@ def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset
     found = {h.strip().lower() for h in hosts if h.strip()}
     found |= {f"{r.host}:{r.port}" for r in routes}
     return frozenset(found)
+
+
+def readdress(req: http.Request, route: Route) -> str:
+    """Send a request where ``route`` says; the URL it was addressed to (query secrets redacted)."""
+    was = redact_query(req.pretty_url)
+    req.scheme, req.host, req.port, req.path = route.target(req.path)
+    return was
+
+
+def reverse_listeners() -> tuple[tuple[str, int, str, str, int], ...]:
+    """(listen host, listen port, target scheme, target host, target port) of each reverse listener."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return tuple((addr[0], addr[1], server.mode.scheme, server.mode.address[0], server.mode.address[1])
+                 for server in proxyserver.servers if isinstance(server.mode, ReverseMode)
+                 for addr in server.listen_addrs)
 
 
 def listeners() -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Routes: send requests for a hard-wired host (``api.openai.com``) to another base URL (the policy)."""
+"""Routes: send requests for a hard-wired host (``api.openai.com``) to another base URL (the policy), and
+requests addressed to this proxy's own reverse listeners on to those listeners' targets."""
 
 from __future__ import annotations
 
@@ -55,3 +56,22 @@ def find_route(routes: tuple[Route, ...], host: str, port: int) -> Route | None:
         if route.match_host == host and route.match_port in (None, port):
             return route
     return None
+
+
+# The names mitmproxy treats as itself when it refuses to connect to one of its own listeners.
+SELF_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def own_reverse_routes(listeners: tuple[tuple[str, int, str, str, int], ...]) -> tuple[Route, ...]:
+    """Routes for requests addressed to one of this proxy's reverse listeners, each given as (listen host,
+    listen port, target scheme, target host, target port): they go where that listener sends its requests.
+
+    A client that matches NO_PROXY by host alone (aiohttp) or ignores its ports (curl) sends a base URL on
+    the reverse listener to the regular listener instead, and mitmproxy will not connect to itself."""
+    routes: list[Route] = []
+    for listen_host, listen_port, scheme, host, port in listeners:
+        if scheme not in ("http", "https"):
+            continue
+        for name in dict.fromkeys((*SELF_NAMES, listen_host.lower())):
+            routes.append(Route(name, listen_port, scheme, host, port, ""))
+    return tuple(routes)

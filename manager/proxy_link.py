@@ -89,9 +89,10 @@ class ProxyLink:
         """HTTP(S)_PROXY with the agent's credentials, CA bundle, agent tag, NO_PROXY cleared."""
         env = proxy_env(self.url, self.ca_cert, agent_id=agent_id, token=token)
         if self.reverse_url:
-            # mitmproxy refuses to forward to its own listeners, so a proxy-honouring client must reach the
-            # reverse listener directly. Exempting host:port (not the host) keeps other loopback traffic
-            # captured; curl ignores ports in no_proxy, so curl cannot use base-URL mode.
+            # Spares the proxy a hop: a client that matches NO_PROXY by host only (aiohttp) or ignores its
+            # ports (curl) sends the base URL through HTTP_PROXY instead, and the proxy serves it as the
+            # reverse listener would (addon/routes.py own_reverse_routes). Exempting host:port (not the
+            # host) keeps other loopback traffic captured.
             hostport = self.reverse_url.split("://", 1)[1]
             env.update({"NO_PROXY": hostport, "no_proxy": hostport})
         return env

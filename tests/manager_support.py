@@ -4,7 +4,7 @@ is a fresh interpreter, and the cheaper it starts the more of them two cores run
 As a command: ``python manager_support.py "ACTION ARGS..."`` (one argument, split like a shell would), e.g.
 ``chat 2 @id`` (two model calls whose user message says the marker; ``@id`` is the agent's id),
 ``fork 3 @id``, ``crash``, ``hang``, ``nothing``, ``retry @id 30``, ``direct``, ``aiohttp @id``,
-``requests @id``. The model's base URL comes from OPENAI_BASE_URL, as the manager sets it.
+``aiohttp @id trust-env``, ``requests @id``. The model's base URL comes from OPENAI_BASE_URL, as the manager sets it.
 """
 
 from __future__ import annotations
@@ -107,14 +107,15 @@ def direct(hold: str = "1.5") -> None:
     conn.close()
 
 
-def aiohttp_call(marker: str) -> None:
-    """aiohttp without trust_env: ignores HTTP_PROXY, so only base-URL mode captures it."""
+def aiohttp_call(marker: str, trust_env: str = "no") -> None:
+    """aiohttp without trust_env ignores HTTP_PROXY, so only base-URL mode captures it; with ``trust-env`` it
+    sends the base URL through HTTP_PROXY all the same (it matches NO_PROXY=localhost:PORT by host only)."""
     import asyncio
 
     import aiohttp
 
     async def go() -> str:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(trust_env=trust_env == "trust-env") as session:
             async with session.post(os.environ["OPENAI_BASE_URL"] + "/chat/completions",
                                     data=_body(_marker(marker)),
                                     headers={"Content-Type": "application/json"}) as resp:

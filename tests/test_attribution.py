@@ -19,7 +19,7 @@ from rollouttap.addon.attribution import (
 from rollouttap.addon.procfs import (
     AncestryCache, ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat, read_file,
 )
-from rollouttap.addon.routes import RouteError, find_route, parse_route, parse_routes
+from rollouttap.addon.routes import RouteError, find_route, own_reverse_routes, parse_route, parse_routes
 from rollouttap.addon.sockdiag import build_request, inode_netlink, inode_procfs, normalize_ip, parse_response
 from rollouttap.store import AgentRecord, hash_token
 
@@ -233,6 +233,26 @@ def test_bad_routes_are_refused(spec):
 def test_route_with_port_only_matches_that_port():
     route = parse_route("h:8443=http://127.0.0.1:1")
     assert find_route((route,), "h", 443) is None and find_route((route,), "H", 8443) is route
+
+
+@pytest.mark.parametrize("host, port, target", [
+    ("localhost", 7001, ("http", "127.0.0.1", 8000, "/v1/x")),  # how agents are given the base URL
+    ("127.0.0.1", 7001, ("http", "127.0.0.1", 8000, "/v1/x")),
+    ("::1", 7001, ("http", "127.0.0.1", 8000, "/v1/x")),
+    ("LOCALHOST", 7001, ("http", "127.0.0.1", 8000, "/v1/x")),
+    ("127.0.0.2", 7002, ("https", "m.local", 443, "/v1/x")),  # a listener on another loopback address
+    ("localhost", 7002, ("https", "m.local", 443, "/v1/x")),
+    ("localhost", 7000, None),  # the regular listener is no reverse one
+    ("127.0.0.1", 8000, None),  # the model server itself
+    ("example.com", 7001, None),
+    ("localhost", 7003, None),  # a reverse listener for TCP, not HTTP
+])
+def test_requests_to_our_own_reverse_listeners_go_to_their_targets(host, port, target):
+    routes = own_reverse_routes((("127.0.0.1", 7001, "http", "127.0.0.1", 8000),
+                                 ("127.0.0.2", 7002, "https", "m.local", 443),
+                                 ("127.0.0.1", 7003, "tcp", "127.0.0.1", 9000)))
+    route = find_route(routes, host, port)
+    assert (route.target("/v1/x") if route else None) == target
 
 
 # -- the owner search and the ancestry cache on a fake /proc (deterministic order and counts) ----------

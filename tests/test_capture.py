@@ -25,6 +25,7 @@ from mitmproxy.test import tflow
 
 from conftest import CLIENTS, agent_env, run_client, settled_flows, start_proxy, wait_for
 from rollouttap.addon import flowcols
+from rollouttap.manager.proxy_link import ProxyLink
 from rollouttap.store import Store, new_token
 
 
@@ -393,6 +394,53 @@ def test_https_through_route_with_ca_bundle(tmp_path, confdir, upstream):
         assert flow.host == "127.0.0.1" and flow.port == int(host.rsplit(":", 1)[1])
         assert flow.meta["routed_from"].startswith("https://api.openai.com/")
         assert flow.attribution == "pid"
+
+
+@pytest.fixture(scope="module")
+def base_url_proxy(tmp_path_factory, confdir, upstream):
+    """A proxy with a reverse listener in front of the model, as AgentManager(base_url_mode=True) starts it."""
+    store = tmp_path_factory.mktemp("base-url") / "runs.db"
+    host = upstream.url.split("://", 1)[1]
+    with start_proxy(store, confdir, model_hosts=(host,), reverse_target=upstream.url) as proc:
+        yield proc
+
+
+def _base_url_agent(proc) -> tuple[str, str, str, dict[str, str]]:
+    """(agent_id, token, base URL, environment) of an agent as a base-URL-mode manager launches it."""
+    agent_id, token = _new_agent(proc)
+    link = ProxyLink(proc.url, proc.ca_cert, proc.reverse_url, None)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(link.env(agent_id, token))
+    return agent_id, token, f"{link.reverse_url}/agents/{agent_id}/{token}/v1", env
+
+
+@pytest.mark.parametrize("client, stream", [("aiohttp", False), ("aiohttp", True), ("curl", False),
+                                            ("requests", False)])
+def test_base_url_reaches_the_model_whichever_listener_the_client_picks(base_url_proxy, upstream, client,
+                                                                        stream):
+    # aiohttp (trust_env) matches NO_PROXY by host only and curl ignores its ports: both send the base URL
+    # to the regular listener in absolute form, which mitmproxy alone would refuse to forward to itself.
+    # requests honours NO_PROXY=localhost:PORT and goes to the reverse listener.
+    agent_id, token, base, env = _base_url_agent(base_url_proxy)
+    replies = run_client(client, base, env, "--marker", agent_id, *(["--stream"] if stream else []))
+    assert agent_id in replies[0]
+    [flow] = _chat_flows(base_url_proxy.config.store, agent_id)
+    assert flow.attribution == "path" and flow.state == "done" and flow.status_code == 200
+    assert (flow.host, flow.port, flow.path) == ("127.0.0.1", upstream.port, "/v1/chat/completions")
+    assert flow.meta["injected"]["return_token_ids"] is True
+    assert token not in json.dumps([flow.url, flow.meta, flow.request_headers])
+    # Through the regular listener, the URL the client asked for is kept (without the agent path).
+    assert flow.meta.get("routed_from") == (None if client == "requests" else
+                                            base.replace(f"/agents/{agent_id}/{token}", "") + "/chat/completions")
+
+
+def test_base_url_through_the_regular_listener_without_credentials(base_url_proxy, upstream):
+    agent_id, token, base, _ = _base_url_agent(base_url_proxy)
+    resp = requests.post(base + "/chat/completions", json={"model": "p", "messages": [
+        {"role": "user", "content": f"say {agent_id}"}]}, proxies={"http": base_url_proxy.url}, timeout=10)
+    assert resp.status_code == 200 and agent_id in resp.json()["choices"][0]["message"]["content"]
+    [flow] = _chat_flows(base_url_proxy.config.store, agent_id)
+    assert (flow.attribution, flow.port, flow.path) == ("path", upstream.port, "/v1/chat/completions")
 
 
 def test_proxy_refuses_non_loopback_listen_by_default(tmp_path, confdir):

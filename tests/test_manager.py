@@ -653,7 +653,8 @@ def test_two_managers_share_one_store(tmp_path, confdir, upstream):
 def test_base_url_mode_captures_clients_that_ignore_proxies(tmp_path, confdir, upstream):
     with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", model_url=upstream.base_url, confdir=confdir,
                       base_url_mode=True) as m:
-        results = m.deploy([agent("aiohttp @id"), agent("chat 1 @id"), agent("requests @id")])
+        results = m.deploy([agent("aiohttp @id"), agent("aiohttp @id trust-env"), agent("chat 1 @id"),
+                            agent("requests @id")])
         reverse, forward = m.link.reverse_url, m.proxy_url
     for result in results:
         assert result.status == "ok" and result.calls == 1, result.stderr_tail
