@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 Method = Literal["credentials", "path", "pid", "header", "none", "rejected"]
 AGENT_HEADER = "X-Agent-ID"
 PATH_PREFIX = "/agents/"
+LIVE_STATUSES = ("registered", "running")
 TAG_REFRESH_S = 0.05  # re-read registered roots at most this often for agents started since the last read
 
 
@@ -79,11 +80,14 @@ def split_agent_path(path: str) -> tuple[str, str, str] | None:
 
 
 def check_token(agent: AgentRecord | None, token: str) -> str | None:
-    """None when the token proves the agent, else why not."""
+    """None when the token proves the agent, else why not. An ended agent's token is void: its result is
+    built, and a process that escaped its tree must not add to it."""
     if agent is None:
-        return "unknown agent"
+        return "not registered"
     if not token_matches(token, agent.token_hash):
         return "wrong token"
+    if agent.status not in LIVE_STATUSES:
+        return f"the agent has ended ({agent.status})"
     return None
 
 
@@ -162,6 +166,7 @@ class AgentDirectory:
         self._store = Store(store_path)
         self._lock = threading.Lock()
         self._agents: dict[str, AgentRecord] = {}
+        self._read_at: dict[str, float] = {}  # when each cached row was read (time.monotonic())
         self._roots: tuple[dict[int, tuple[float | None, str]], dict[str, int]] = ({}, {})
         self._loaded_at = 0.0
         self.max_age = max_age
@@ -170,17 +175,21 @@ class AgentDirectory:
         self._store.close()
 
     def cached(self, agent_id: str) -> AgentRecord | None:
-        """The agent if it is in the cache: no I/O, safe on the event loop (``lookup`` may read the store)."""
-        return self._agents.get(agent_id)
+        """The agent if the cache read its row less than ``max_age`` ago: no I/O, safe on the event loop
+        (``lookup`` may read the store)."""
+        agent = self._agents.get(agent_id)
+        if agent is None or time.monotonic() - self._read_at.get(agent_id, 0.0) >= self.max_age:
+            return None
+        return agent
 
     def lookup(self, agent_id: str) -> AgentRecord | None:
-        """The agent from the cache, else by one indexed read of its row (kept when found): a name that is
-        never registered (a wrong id, a header claim) costs no table read, a just registered one is seen."""
-        agent = self._agents.get(agent_id)
+        """The agent from the cache, else by one indexed read of its row (kept when found): a just registered
+        agent is seen, and an agent's status is never older than ``max_age``."""
+        agent = self.cached(agent_id)
         if agent is None:
             agent = self.read(agent_id)
             if agent is not None:
-                self._agents[agent_id] = agent
+                self._agents[agent_id], self._read_at[agent_id] = agent, time.monotonic()
         return agent
 
     def read(self, agent_id: str) -> AgentRecord | None:
@@ -198,10 +207,11 @@ class AgentDirectory:
             for agent in agents.values():
                 if agent.root_pid is not None:
                     by_agent[agent.agent_id] = agent.root_pid
-                    if agent.status in ("registered", "running"):
+                    if agent.status in LIVE_STATUSES:
                         by_pid[agent.root_pid] = (agent.root_create_time, agent.agent_id)
-            self._agents, self._roots = agents, (by_pid, by_agent)
-            self._loaded_at = time.monotonic()
+            now = time.monotonic()
+            self._agents, self._read_at = agents, dict.fromkeys(agents, now)
+            self._roots, self._loaded_at = (by_pid, by_agent), now
 
     def roots(self) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
         """Registered roots as (pid -> (create_time, agent), agent -> pid), refreshed if stale."""

@@ -391,7 +391,7 @@ class RolloutTap:
             return Attribution(None, "rejected", pid, conflict)
         problem = check_token(await self._agent(agent_id), token)
         if problem is not None:
-            return Attribution(None, "rejected", pid, f"{problem} for agent {agent_id!r}")
+            return Attribution(None, "rejected", pid, f"agent {agent_id!r}: {problem}")
         return Attribution(agent_id, method, pid, None)  # type: ignore[arg-type]
 
     def _reject(self, flow: http.HTTPFlow, who: Attribution) -> None:

@@ -72,16 +72,19 @@ def test_split_agent_path(path, expected):
     assert split_agent_path(path) == expected
 
 
-def _agent(agent_id: str, token: str | None) -> AgentRecord:
-    return AgentRecord(agent_id, None, None, None, hash_token(token) if token else None, "running",
+def _agent(agent_id: str, token: str | None, status: str = "running") -> AgentRecord:
+    return AgentRecord(agent_id, None, None, None, hash_token(token) if token else None, status,
                        0.0, None, None, {})
 
 
 @pytest.mark.parametrize("agent, token, problem", [
     (_agent("a", "t"), "t", None),
+    (_agent("a", "t", "registered"), "t", None),
     (_agent("a", "t"), "x", "wrong token"),
     (_agent("a", None), "t", "wrong token"),
-    (None, "t", "unknown agent"),
+    (None, "t", "not registered"),
+    (_agent("a", "t", "ok"), "t", "the agent has ended (ok)"),
+    (_agent("a", "t", "timeout"), "t", "the agent has ended (timeout)"),
 ])
 def test_check_token(agent, token, problem):
     assert check_token(agent, token) == problem

@@ -144,6 +144,22 @@ def test_wrong_token_is_refused_and_recorded(proxy, upstream):
     assert "wrong token" in flows[0].error
 
 
+def test_an_ended_agents_token_is_refused(proxy, upstream):
+    agent_id, token = _new_agent(proxy)
+    env = agent_env(proxy, agent_id, token)
+    proxies = {"http": env["HTTP_PROXY"]}
+    assert requests.post(upstream.url + "/echo", json={}, proxies=proxies, timeout=10).status_code == 200
+    with Store(proxy.config.store) as store:
+        store.agent_ended(agent_id, "ok")
+    # Its row is re-read within a second: then a process that outlived it can no longer add to it.
+    wait_for(lambda: requests.post(upstream.url + "/echo", json={}, proxies=proxies, timeout=10).status_code == 407,
+             what="the token refused")
+    with Store(proxy.config.store) as store:
+        refused = wait_for(lambda: [f for f in store.flows(state="error")
+                                    if agent_id in (f.meta.get("attribution_detail") or "")], what="refusal")
+    assert "the agent has ended (ok)" in refused[0].error and refused[0].agent_id is None
+
+
 def test_header_attribution_and_header_removed(proxy, upstream):
     resp = requests.post(upstream.url + "/echo", json={}, headers={"X-Agent-ID": "hdr-agent"},
                          proxies={"http": proxy.url}, timeout=10)
