@@ -80,6 +80,9 @@ def run(
     grace: Annotated[float, typer.Option(min=0, help="Seconds to wait for an agent's flows to close.")] = 10.0,
     confdir: Annotated[Optional[Path], typer.Option(help="mitmproxy config dir (its CA).")] = None,
     keep_workdirs: Annotated[bool, typer.Option(help="Keep each agent's workdir.")] = False,
+    eos_token_id: Annotated[Optional[int], typer.Option(
+        help="The policy tokenizer's eos id: each result then carries its training row (token ids, mask, "
+             "logprobs) and fidelity.")] = None,
 ) -> None:
     """Run one fresh agent per prompt behind the capture proxy; write one result per prompt.
 
@@ -99,7 +102,8 @@ def run(
     started_at, started = time.time(), time.monotonic()
     with AgentManager(spec, store=store, parallel=parallel, timeout=timeout, proxy=proxy, model_url=model_url,
                       env=parse_env(env or []), base_url_mode=base_url_mode, workdir_template=workdir_template,
-                      grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies) as manager:
+                      grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies,
+                      eos_token_id=eos_token_id) as manager:
         sink: IO[str] = open(out, "w", encoding="utf-8") if out is not None else _stdout()
         # SIGTERM (a job scheduler, `timeout`, torchrun) ends the run as Ctrl-C does: running agents are
         # killed and recorded, the proxy commits. Its default would leave the agents running unsupervised.

@@ -19,6 +19,7 @@ from manager_support import HERE as SUPPORT
 from rollouttap.cli import main
 from rollouttap.cli_run import parse_env, read_prompts
 from rollouttap.errors import ConfigError
+from rollouttap.testing.fake_tokenizer import FakeTokenizer
 
 
 @pytest.mark.parametrize("lines, expected", [
@@ -55,13 +56,16 @@ def test_run_writes_results_and_prints_a_summary(tmp_path, confdir, upstream, ca
     command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
     code = main(["run", "--agent", command, "--prompts", str(prompts), "--parallel", "3", "--timeout", "60",
                  "--store", str(store), "--model-url", upstream.base_url, "--out", str(out),
-                 "--confdir", str(confdir), "--env", "EXTRA=1", "--proxies", "3"])
+                 "--confdir", str(confdir), "--env", "EXTRA=1", "--proxies", "3",
+                 "--eos-token-id", str(FakeTokenizer.eos_token_id)])
     assert code == 0  # a failed agent is reported, not fatal
     results = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"])
     assert [r["status"] for r in results] == ["ok", "failed", "ok"]
     assert [r["calls"] for r in results] == [1, 0, 2]
     assert results[0]["conversation"]["calls"][0]["messages"][0]["content"] == f"say {results[0]['agent_id']}"
     assert "RuntimeError" in results[1]["stderr_tail"]
+    row = results[0]["row"]  # the upstream's token ids, made into a training row
+    assert row["completion_ids"][-1] == FakeTokenizer.eos_token_id and 1 in row["env_mask"]
     with Store(store) as db:  # agents take the proxies in turn: 0 and 2 used different ones
         assert len({f.proxy_id for r in (results[0], results[2]) for f in db.flows(agent_id=r["agent_id"])}) == 2
     err = capsys.readouterr().err
