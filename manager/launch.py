@@ -165,8 +165,9 @@ class AgentProcess:
         """Add the tree's current members from a process table; returns the live ones."""
         with self.lock:
             known = {p for p, start in self.members.items() if p in table and table[p].start == start}
-            # Group and session ids keep the root's pid after it exits; they still name its tree.
-            found = descendants(known, table) | group_members(self.pid, table)
+            # Group and session ids keep the root's pid after it exits; they still name its tree (the pid
+            # stays reserved while they do), unless another process holds that pid: then they are its.
+            found = descendants(known, table) | _groups_of(self.pid, self.members.get(self.pid), table)
             for pid in found:
                 self.members[pid] = table[pid].start
             return {p for p in found if table[p].alive}
@@ -271,10 +272,18 @@ def leftover_tree(agent_id: str, root: int, root_start: int, table: ProcTable) -
     that process, its descendants, its process group and session, and processes carrying its tag; none older
     than the root, never this process or its ancestors."""
     roots = {root} if root in table and table[root].start == root_start else set()
-    found = descendants(roots, table) | group_members(root, table)
+    found = descendants(roots, table) | _groups_of(root, root_start, table)
     found |= {row.pid for row in table.values() if row.start >= root_start and _tag_of(table, row.pid) == agent_id}
     me = _self_and_ancestors(table)
     return {p for p in found if table[p].alive and table[p].start >= root_start and p not in me}
+
+
+def _groups_of(root: int, root_start: int | None, table: Mapping[int, ProcRow]) -> set[int]:
+    """The members of the root's process group and session, if ``root`` still names them."""
+    holder = table.get(root)
+    if holder is not None and holder.start != root_start:
+        return set()  # the root is gone and its pid reused: a group of that id is another process's
+    return group_members(root, table)
 
 
 def kill_exactly(starts: Mapping[int, int], settle: float = 3.0) -> tuple[set[int], list[int]]:

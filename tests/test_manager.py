@@ -264,6 +264,19 @@ def test_descendants_group_members_and_stat_parsing(indexed):
     assert (row.ppid, row.pgrp, row.session, row.start, row.alive) == (3, 7, 7, 12345, True)
 
 
+def test_a_reused_root_pid_does_not_name_the_agents_session(tmp_path):
+    # Session 10 (root 10 started at tick 5) has members 11 and 12; leftover_tree looks for what is left.
+    members = [ProcRow(11, 1, 10, 10, 6, "S"), ProcRow(12, 11, 10, 10, 7, "S")]
+    table = launch.ProcTable({r.pid: r for r in members})
+    table.proc = str(tmp_path)  # no tags here
+    assert launch.leftover_tree("a", 10, 5, table) == {11, 12}  # root gone, pid 10 still reserved
+    table[10] = ProcRow(10, 1, 10, 10, 5, "S")
+    assert launch.leftover_tree("a", 10, 5, table) == {10, 11, 12}
+    reused = launch.ProcTable({10: ProcRow(10, 1, 10, 10, 90, "S"), 11: ProcRow(11, 10, 10, 10, 91, "S")})
+    reused.proc = str(tmp_path)  # pid 10 is another session leader now, and 11 its child
+    assert launch.leftover_tree("a", 10, 5, reused) == set()
+
+
 def _fake_process(proc, pid: int, tag: str | None = None) -> None:
     (proc / str(pid)).mkdir(parents=True, exist_ok=True)
     (proc / str(pid) / "stat").write_bytes(f"{pid} (x) S 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {pid}00 0 0".encode())
