@@ -49,6 +49,7 @@ class _Live:
     # Response columns held back until the flow ends (non-streamed: the end follows at once).
     pending: dict[str, Any] = field(default_factory=dict)
     opened_key: tuple[Any, ...] | None = None  # flowcols.request_key when the row was opened
+    refused: Attribution | None = None  # answered 407 once its body is in (kept like any other)
 
 
 class RolloutTap:
@@ -241,11 +242,15 @@ class RolloutTap:
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
         if who.method == "rejected":
-            self._reject(flow, who)
+            self._live[flow.id].refused = who
 
     def request(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
         if live is None or flow.response is not None:
+            return
+        if live.refused is not None:
+            self._update(flow.id, flowcols.request_sent(flow, live.opened_key))
+            self._reject(flow, live.refused)
             return
         route = find_route(self.routes, flow.request.pretty_host, flow.request.port) if self.routes else None
         if route is not None:
@@ -399,8 +404,9 @@ class RolloutTap:
         flow.response = http.Response.make(
             407, f"rollouttap: proxy credentials refused ({who.detail})\n",
             {"Proxy-Authenticate": 'Basic realm="rollouttap"', "Content-Type": "text/plain"})
-        self._end(flow.id, "error",
-                  {"status_code": 407, "error": f"proxy credentials refused: {who.detail}"})
+        self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
+                                     "response_body": flow.response.raw_content, "t_end": time.time(),
+                                     "error": f"proxy credentials refused: {who.detail}"})
 
     # -- store -------------------------------------------------------------------------------------
     def _record_new(self, flow: http.HTTPFlow, who: Attribution, routed_from: str | None = None) -> None:

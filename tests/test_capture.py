@@ -135,13 +135,17 @@ def test_wrong_token_is_refused_and_recorded(proxy, upstream):
     env = agent_env(proxy, agent_id, "not-the-token")
     env.pop("ROLLOUTTAP_AGENT_ID")
     proxies = {"http": env["HTTP_PROXY"]}
-    resp = requests.post(upstream.url + "/echo", json={}, proxies=proxies, timeout=10)
+    resp = requests.post(upstream.url + "/echo", json={"refused": agent_id}, proxies=proxies, timeout=10)
     assert resp.status_code == 407
     with Store(proxy.config.store) as store:
         flows = wait_for(lambda: [f for f in store.flows(state="error")
                                   if agent_id in (f.meta.get("attribution_detail") or "")], what="refusal")
     assert flows[0].attribution == "rejected" and flows[0].agent_id is None
     assert "wrong token" in flows[0].error
+    # What reached the proxy is kept, the refused request's body too, and the answer the client got.
+    assert flows[0].request_json() == {"refused": agent_id} and flows[0].status_code == 407
+    assert b"proxy credentials refused" in flows[0].response_body
+    assert "Proxy-Authenticate" in dict(flows[0].response_headers)  # redacted: an auth… name
 
 
 def test_an_ended_agents_token_is_refused(proxy, upstream):
