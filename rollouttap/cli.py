@@ -60,6 +60,9 @@ def proxy(
     launcher: Annotated[str, typer.Option(
         help="fastdump: mitmdump with rollouttap's faster hook dispatch, under python -O; "
              "mitmdump: mitmproxy's own entry point.")] = "fastdump",
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="KEY=VALUE: a mitmproxy or rollouttap option (repeatable), e.g. "
+                      "ssl_verify_upstream_trusted_ca=/path/ca.pem for a model server with its own CA.")] = None,
 ) -> None:
     """Run the capture proxy until Ctrl-C; print the environment agents need.
 
@@ -69,10 +72,16 @@ def proxy(
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen {listen!r} is not HOST:PORT")
+    extra = {}
+    for pair in set_ or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r} is not KEY=VALUE")
+        extra[key] = value
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),
                          token_ids=token_ids, logprobs=logprobs, reverse_target=reverse, confdir=confdir,
-                         allow_remote=allow_remote, launcher=launcher)
+                         allow_remote=allow_remote, launcher=launcher, extra=extra)
     proc = ProxyProcess(config).start()
     typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
     if proc.reverse_url:

@@ -33,7 +33,8 @@ def _read_exports(proc: subprocess.Popen) -> dict[str, str]:
 def test_proxy_command_prints_env_records_and_stops_on_ctrl_c(tmp_path, confdir, upstream, launcher):
     store = tmp_path / "runs.db"
     proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(store), "--confdir", str(confdir),
-                             "--model-host", upstream.url.split("://")[1], "--launcher", launcher],
+                             "--model-host", upstream.url.split("://")[1], "--launcher", launcher,
+                             "--set", "rollouttap_logprobs=false"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         exports = _read_exports(proc)
@@ -49,6 +50,7 @@ def test_proxy_command_prints_env_records_and_stops_on_ctrl_c(tmp_path, confdir,
     with Store(store) as s:
         flows = s.flows(agent_id="cli-agent")
         assert len(flows) == 3 and all(f.state == "done" for f in flows)
+        assert all(f.meta["injected"] == {"return_token_ids": True} for f in flows)  # --set took effect
         assert s.proxies()[0]["stopped_at"] is not None
 
 
@@ -57,6 +59,12 @@ def test_proxy_command_rejects_bad_listen(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "--listen 'nope' is not HOST:PORT" in out.stderr and "next:" in out.stderr
+
+
+def test_proxy_command_rejects_a_set_without_a_value(tmp_path):
+    out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--set", "nope"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "--set 'nope' is not KEY=VALUE" in out.stderr
 
 
 def test_proxy_command_rejects_an_unknown_launcher(tmp_path):
