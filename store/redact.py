@@ -19,7 +19,7 @@ from collections.abc import Callable
 from urllib.parse import unquote
 
 SECRET_WORDS = frozenset({"auth", "authorization", "credential", "credentials", "session", "sessionid", "sig",
-                          "jwt", "bearer"})
+                          "jwt", "bearer", "pwd", "jsessionid", "passphrase", "otp"})
 # A word ending in one of these is a secret too, written as one word or not: apikey, authtoken, hftoken.
 SECRET_ENDINGS = ("key", "token", "secret", "password", "passwd", "cookie", "signature")
 _WORD = re.compile(r"[a-z]+")

@@ -546,6 +546,7 @@ def test_redact_query_hides_values_of_secret_parameters(target, kept, hidden):
     ("X-Session-Id", True), ("api-key", True), ("x-csrftoken", True),
     ("authtoken", True), ("HFToken", True), ("OpenAIKey", True), ("Authentication", True), ("Cookie2", True),
     ("Ocp-Apim-Subscription-Key", True), ("X-Amz-Credential", True), ("X-Amz-Signature", True),
+    ("pwd", True), ("JSESSIONID", True), ("x-otp", True), ("passphrase", True),
     ("max_tokens", False), ("x-ratelimit-remaining-tokens", False), ("author", False), ("keyword", False),
     ("Content-Type", False), ("x-stainless-retry-count", False), ("Keep-Alive", False), ("authority", False),
     ("api-version", False), ("X-Amz-Date", False), ("anthropic-version", False),
