@@ -86,9 +86,12 @@ def check_token(agent: AgentRecord | None, token: str) -> str | None:
         return "not registered"
     if not token_matches(token, agent.token_hash):
         return "wrong token"
-    if agent.status not in LIVE_STATUSES:
-        return f"the agent has ended ({agent.status})"
-    return None
+    return ended(agent)
+
+
+def ended(agent: AgentRecord) -> str | None:
+    """Why an agent's credentials no longer count (its run is over), or None while it runs."""
+    return None if agent.status in LIVE_STATUSES else f"the agent has ended ({agent.status})"
 
 
 def decide_header_claim(claimed: str, agent: AgentRecord | None) -> tuple[str | None, str]:

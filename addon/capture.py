@@ -24,7 +24,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from rollouttap.addon import flowcols, tokenids
 from rollouttap.addon.attribution import (
     AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token, credentials_conflict,
-    decide_header_claim, parse_basic_credentials, split_agent_path,
+    decide_header_claim, ended, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.loopback import is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
@@ -350,6 +350,11 @@ class RolloutTap:
         if creds is not None:
             return await self._verified(creds[0], creds[1], "credentials", pid_result)
         if tunnel is not None:
+            if tunnel.method == "credentials" and tunnel.agent_id is not None:
+                agent = await self._agent(tunnel.agent_id)  # a tunnel's requests outlive no agent either
+                problem = ended(agent) if agent is not None else None
+                if problem is not None:
+                    return Attribution(None, "rejected", pid, f"agent {tunnel.agent_id!r}: {problem}")
             return Attribution(tunnel.agent_id, tunnel.method, pid, tunnel.detail)
         if in_path is not None:
             agent_id, token, rest = in_path

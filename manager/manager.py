@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +90,7 @@ class AgentManager:
         self._running: dict[str, launch.AgentProcess] = {}
         self._bypass: dict[str, list[BypassConnection]] = {}
         self._lock = threading.Lock()
-        self._deploys: dict[threading.Event, int] = {}  # each running deploy's stop event -> its thread
-        self._deploys_ended = threading.Condition(self._lock)
+        self._deploys: dict[threading.Event, list[Future[AgentResult]]] = {}  # running deploys: stop -> agents
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._detector = BypassDetector(model_targets(model_url) if model_url else frozenset())
@@ -111,16 +110,18 @@ class AgentManager:
             return self
         self.store = Store(self.store_path)
         try:
+            self._reaper = Reaper.start(self.store_path)
             self.links = ProxyLink.open(self._proxy_arg, self.proxies, store=self.store,
                                         store_path=self.store_path, model_url=self.model_url,
                                         base_url_mode=self.base_url_mode, confdir=self._confdir)
             self.link = self.links[0]
         except BaseException:
+            self._reaper.stop()
             self.store.close()
             self.store = None
             raise
+        self._reaper.wait_ready()
         self._closing.clear()
-        self._reaper = Reaper.start(self.store_path)
         for name, target in (("watchdog", self._watch_proxy), ("monitor", self._watch_agents)):
             thread = threading.Thread(target=target, name=f"rollouttap-{name}", daemon=True)
             thread.start()
@@ -132,7 +133,7 @@ class AgentManager:
 
         Running deploys (other threads') are cancelled first: their agents are killed and recorded, and
         their calls return those results, before the proxy and the store go."""
-        self._cancel_deploys()
+        finished = self._cancel_deploys()
         self._closing.set()
         for thread in self._threads:
             thread.join(10)
@@ -140,19 +141,24 @@ class AgentManager:
         for link in self.links:
             link.close()
         self.links, self.link = [], None
-        self._reaper.stop()
+        if finished:
+            self._reaper.stop()
+        else:  # agents that would not end in time: the reaper kills and records them
+            self._reaper.abandon()
         if self.store is not None:
             self.store.close()
             self.store = None
 
-    def _cancel_deploys(self, timeout: float = 60.0) -> None:
-        me = threading.get_ident()
+    def _cancel_deploys(self, timeout: float = 60.0) -> bool:
+        """Stop every running deploy and wait for its agents to be killed and recorded; False on timeout.
+
+        Waits on the agents' futures, which run on pool threads: so a close() from a progress callback,
+        inside a deploy, waits for that deploy's agents too."""
         with self._lock:
             for stop in self._deploys:
                 stop.set()
-            # A deploy in this very thread (close() from a progress callback) ends after we return.
-            self._deploys_ended.wait_for(lambda: all(t == me for t in self._deploys.values()),
-                                         timeout=self.grace + timeout)
+            pending = [f for futures in self._deploys.values() for f in futures]
+        return not wait(pending, timeout=self.grace + timeout).not_done
 
     @property
     def proxy_url(self) -> str:
@@ -207,10 +213,10 @@ class AgentManager:
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(items))),
                                   thread_name_prefix="rollouttap-agent")
-        futures: list[Future[AgentResult]] = [pool.submit(self._run_guarded, i, p, stop, limit)
-                                              for i, p in enumerate(items)]
-        with self._lock:
-            self._deploys[stop] = threading.get_ident()
+        futures: list[Future[AgentResult]] = []
+        with self._lock:  # registered before any agent starts: a close() from now on cancels them all
+            self._deploys[stop] = futures
+            futures += [pool.submit(self._run_guarded, i, p, stop, limit) for i, p in enumerate(items)]
         try:
             for future in as_completed(futures):
                 result = future.result()
@@ -222,10 +228,11 @@ class AgentManager:
                 future.cancel()
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            with self._lock:
-                del self._deploys[stop]
-                self._deploys_ended.notify_all()
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+            finally:  # even when a second Ctrl-C breaks the wait
+                with self._lock:
+                    self._deploys.pop(stop, None)
         return [r for r in results if r is not None]
 
     def summary(self, results: Sequence[AgentResult], since: float | None = None) -> dict[str, Any]:
@@ -283,6 +290,7 @@ class AgentManager:
         env = self._environment(agent_id, token, link)
         agent = launch.spawn(agent_id, argv, env=env, cwd=ctx.workdir, stdin=stdin,
                              stdout=run_dir / "stdout.log", stderr=run_dir / "stderr.log")
+        self._reaper.watch(agent_id, agent.pid, agent.members.get(agent.pid))  # before any store write
         return ctx, agent
 
     def _supervise(self, agent: launch.AgentProcess, timeout: float,
@@ -293,7 +301,6 @@ class AgentManager:
         try:
             assert self.store is not None
             self.store.agent_started(agent.agent_id, agent.pid)
-            self._reaper.watch(agent.agent_id, agent.pid, agent.members.get(agent.pid))
             outcome = launch.wait(agent, agent.started + timeout, stop)
         finally:  # whatever happened here, nothing of the agent outlives this call
             killed, survivors = launch.kill_tree(agent, tables=self._tables)
@@ -318,7 +325,11 @@ class AgentManager:
         incomplete = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
         error = with_model_failure(status, error, flows.conversation)
-        check_result, check_error = self.spec.run_check(ctx.workdir)
+        # A cancelled batch is being closed: its agents' checks (minutes, maybe) are not run.
+        if outcome == "cancelled":
+            check_result, check_error = None, "not run: the batch was cancelled" if self.spec.check is not None else None
+        else:
+            check_result, check_error = self.spec.run_check(ctx.workdir)
         run_dir = ctx.workdir.parent
         result = AgentResult(
             agent.agent_id, index, ctx.prompt, status, exit_code=agent.popen.returncode, duration_s=duration,

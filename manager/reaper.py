@@ -2,28 +2,33 @@
 
 A manager killed outright (SIGKILL, SIGTERM's default, a crash) runs no clean-up, and its agents, each in
 a session of its own, would run on unsupervised. So ``AgentManager`` starts this process (in a session of its
-own too) and tells it over a pipe which agents run (root pid and start time) and which have ended. The pipe
-closing without a goodbye means the manager is gone: every agent still running is killed (its tree:
-descendants, group, session, tag) and recorded in the store as ended in error.
-
-Run as ``python -m rollouttap.manager.reaper STORE`` with the pipe on stdin; ``Reaper`` does that.
+own too) and tells it over a pipe which agents run (root pid and start time) and which have ended. The
+manager gone (the pipe closing without a goodbye, or the reaper's parent changing: a child the manager
+forked may hold the pipe open) means every agent still running is killed (its tree: descendants, group,
+session, tag) and recorded in the store as ended in error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import select
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from rollouttap.manager.launch import kill_exactly, leftover_tree, process_table
 
 log = logging.getLogger(__name__)
 
 ERROR = "the manager process exited while the agent ran; its processes were killed"
+READY = b"ready\n"
+# Not `-m`: the package imports this module first, and runpy would warn (an error under -W error).
+_MAIN = "from rollouttap.manager.reaper import main; raise SystemExit(main())"
 
 
 class Reaper:
@@ -32,16 +37,32 @@ class Reaper:
     def __init__(self, proc: subprocess.Popen[bytes] | None) -> None:
         self._proc = proc
         self._lock = threading.Lock()
+        self._warned = False
 
     @classmethod
     def start(cls, store: Path) -> Reaper:
+        """Start the reaper; ``wait_ready`` then confirms it runs."""
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "rollouttap.manager.reaper", str(store)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen([sys.executable, "-c", _MAIN, str(store), str(os.getpid())],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
-            log.warning("no reaper (agents may outlive a manager that is killed): %s", exc)
+            log.warning("no reaper: agents may outlive a manager that is killed (%s)", exc)
             proc = None
         return cls(proc)
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Whether the reaper started; a warning (not an error: the agents still run) when it did not."""
+        proc = self._proc
+        if proc is None:
+            return False
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        if ready and proc.stdout.readline() == READY:
+            return True
+        log.warning("the reaper did not start (exit code %s): agents may outlive a manager that is killed",
+                    proc.poll())
+        self.abandon()
+        return False
 
     def watch(self, agent_id: str, pid: int, start: int | None) -> None:
         """The agent runs: kill it if the manager dies."""
@@ -54,41 +75,50 @@ class Reaper:
 
     def stop(self) -> None:
         """The manager closes normally: the reaper leaves without killing anything."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            self._write(proc.stdin, {"bye": True})
-            proc.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self._send({"bye": True})
+        self._close(wait=10.0)
 
-    def _send(self, message: dict) -> None:
-        proc = self._proc
-        if proc is None:
-            return
+    def abandon(self) -> None:
+        """Leave the reaper to kill and record whatever of the agents still runs (as if the manager died)."""
+        self._close(wait=0.0)
+
+    def _close(self, wait: float) -> None:
         with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for pipe in (proc.stdin, proc.stdout):
             try:
-                self._write(proc.stdin, message)
-            except (OSError, ValueError):  # the reaper died (or stop() closed the pipe): nothing to guard with
+                if pipe is not None:
+                    pipe.close()
+            except OSError:
                 pass
+        if wait:
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                log.warning("the reaper did not leave; killed")
+                proc.kill()
+                proc.wait()
 
-    @staticmethod
-    def _write(pipe: IO[bytes] | None, message: dict) -> None:
-        assert pipe is not None
-        pipe.write(json.dumps(message).encode() + b"\n")
-        pipe.flush()
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.stdin is None:
+                return
+            try:
+                proc.stdin.write(json.dumps(message).encode() + b"\n")
+                proc.stdin.flush()
+            except (OSError, ValueError) as exc:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("the reaper is gone (%s): agents may outlive a manager that is killed", exc)
 
 
-def read_watch_list(lines: IO[bytes]) -> tuple[dict[str, tuple[int, int]], bool]:
-    """(agents running when the pipe ended, whether the manager said goodbye) from the manager's messages."""
+def read_watch_list(messages: Iterator[bytes]) -> tuple[dict[str, tuple[int, int]], bool]:
+    """(agents running when the messages ended, whether the manager said goodbye)."""
     running: dict[str, tuple[int, int]] = {}
-    for line in lines:
+    for line in messages:
         try:
             message = json.loads(line)
         except ValueError:
@@ -101,6 +131,22 @@ def read_watch_list(lines: IO[bytes]) -> tuple[dict[str, tuple[int, int]], bool]
         elif "release" in message:
             running.pop(message["release"], None)
     return running, False
+
+
+def lines_while(fd: int, alive: Callable[[], bool], poll_s: float = 0.5) -> Iterator[bytes]:
+    """The lines read from ``fd`` until its end, or until ``alive()`` turns false."""
+    pending = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], poll_s)
+        if not ready:
+            if not alive():
+                return
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        *lines, pending = (pending + chunk).split(b"\n")
+        yield from lines
 
 
 def reap(running: dict[str, tuple[int, int]], rounds: int = 5) -> int:
@@ -127,8 +173,10 @@ def record_ends(store_path: str, agent_ids: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    store_path = (argv if argv is not None else sys.argv[1:])[0]
-    running, goodbye = read_watch_list(sys.stdin.buffer)
+    store_path, manager_pid = (argv if argv is not None else sys.argv[1:])[:2]
+    os.write(sys.stdout.fileno(), READY)
+    manager_alive = lambda: os.getppid() == int(manager_pid)  # noqa: E731  (re-parented once it died)
+    running, goodbye = read_watch_list(lines_while(sys.stdin.fileno(), manager_alive))
     if goodbye or not running:
         return 0
     reap(running)

@@ -416,6 +416,22 @@ def test_https_through_route_with_ca_bundle(tmp_path, confdir, upstream):
         assert flow.attribution == "pid"
 
 
+def test_an_ended_agents_open_tunnel_is_refused_too(tmp_path, confdir, upstream):
+    with start_proxy(tmp_path / "runs.db", confdir, routes=(f"api.openai.com={upstream.url}",)) as proxy:
+        agent_id, token = _new_agent(proxy)
+        env = agent_env(proxy, agent_id, token)
+        with requests.Session() as session:  # one CONNECT, then requests inside that tunnel
+            session.trust_env = False
+            session.proxies, session.verify = {"https": env["HTTPS_PROXY"]}, env["REQUESTS_CA_BUNDLE"]
+            url = "https://api.openai.com/echo"
+            assert session.post(url, json={}, timeout=10).status_code == 200
+            with Store(proxy.config.store) as store:
+                store.agent_ended(agent_id, "ok")
+            wait_for(lambda: session.post(url, json={}, timeout=10).status_code == 407, what="the tunnel refused")
+        with Store(proxy.config.store) as store:
+            assert len([f for f in store.flows() if f.method == "CONNECT"]) == 1  # the same tunnel throughout
+
+
 @pytest.fixture(scope="module")
 def base_url_proxy(tmp_path_factory, confdir, upstream):
     """A proxy with a reverse listener in front of the model, as AgentManager(base_url_mode=True) starts it."""

@@ -120,7 +120,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, confdir, upstream):
                 return agents if len(agents) == 2 and all(a.status == "running" for a in agents) else None
             agents = wait_for(both_running, timeout=60, what="two running agents")
         run.send_signal(signal.SIGTERM)
-        assert run.wait(60) != 0
+        assert run.wait(60) == 130  # the Ctrl-C path (the reaper would also end the agents, differently)
     finally:
         run.kill()
         run.stderr.close()
@@ -128,4 +128,5 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, confdir, upstream):
              and psutil.Process(a.root_pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
     with Store(store) as db:
-        assert [a.status for a in db.agents()] == ["error", "error"]
+        assert [(a.status, a.meta["error"]) for a in db.agents()] == [("error", "cancelled before it finished")] * 2
+        assert db.proxies()[0]["stopped_at"] is not None

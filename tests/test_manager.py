@@ -625,12 +625,22 @@ def test_close_cancels_the_running_deploys_and_records_their_agents(tmp_path, co
             return agents if len(agents) == 4 and all(a.status == "running" for a in agents) else None
         agents = wait_for(all_running, 30, "four running agents")
     m.close()
-    assert not any(worker.is_alive() for worker in workers)  # their deploys returned before close() did
+    for worker in workers:
+        worker.join(10)
     assert [(r.status, r.error) for r in results] == [("error", "cancelled before it finished")] * 4
     for a in agents:
         assert not psutil.pid_exists(a.root_pid) or psutil.Process(a.root_pid).status() == psutil.STATUS_ZOMBIE
     with Store(m.store_path) as store:
         assert {a.status for a in store.agents(m.run_id)} == {"error"}
+
+
+def test_close_from_a_progress_callback_waits_for_the_batchs_other_agents(tmp_path, confdir, upstream):
+    m = AgentManager(SHELL_AGENT, store=tmp_path / "r.db", timeout=60, model_url=upstream.base_url,
+                     confdir=confdir).start()
+    results = m.deploy([agent("nothing"), agent("hang")], progress=lambda r: r.index == 0 and m.close())
+    assert [(r.status, r.error) for r in results] == [("ok", None), ("error", "cancelled before it finished")]
+    with Store(tmp_path / "r.db") as store:
+        assert sorted(a.status for a in store.agents(m.run_id)) == ["error", "ok"]
 
 
 def test_two_managers_share_one_store(tmp_path, confdir, upstream):

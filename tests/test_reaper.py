@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -11,32 +10,49 @@ import sys
 import textwrap
 
 import psutil
+import pytest
 
 from conftest import wait_for
 from manager_support import HERE as SUPPORT
-from rollouttap.manager.reaper import ERROR, read_watch_list
+from rollouttap.manager.reaper import ERROR, lines_while, read_watch_list
 from rollouttap.store import Store
 
 MANAGER = textwrap.dedent("""
-    import sys, threading
+    import os, sys, threading
     from rollouttap.manager import AgentManager, CommandAgent
     store, model_url, confdir, support = sys.argv[1:5]
     m = AgentManager(CommandAgent([sys.executable, support, "{prompt}"]), store=store, timeout=120,
                      model_url=model_url, confdir=confdir).start()
     threading.Thread(target=m.deploy, args=(["hang", "hang"],)).start()
+    if sys.argv[5] == "fork" and os.fork() == 0:  # a forked child holds the reaper's pipe open
+        os.execvp("sleep", ["sleep", "60"])
     threading.Event().wait()  # killed from outside, never closed
 """)
 
 
-def _lines(*messages) -> io.BytesIO:
-    return io.BytesIO(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
+def _lines(*messages) -> list[bytes]:
+    return [json.dumps(m).encode() for m in messages]
 
 
-def test_the_watch_list_is_what_runs_when_the_pipe_ends():
-    running, bye = read_watch_list(_lines({"watch": ["a", 10, 5]}, {"watch": ["b", 11, 6]}, {"release": "a"}))
+def test_the_watch_list_is_what_runs_when_the_messages_end():
+    running, bye = read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"watch": ["b", 11, 6]}, {"release": "a"})))
     assert running == {"b": (11, 6)} and not bye
-    assert read_watch_list(_lines({"watch": ["a", 10, 5]}, {"bye": True}))[1]
-    assert read_watch_list(io.BytesIO(b"not json\n"))[0] == {}
+    assert read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"bye": True})))[1]
+    assert read_watch_list(iter([b"not json"]))[0] == {}
+
+
+def test_lines_end_with_the_pipe_or_when_the_manager_is_gone():
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"a": 1}\n{"b"')
+    os.write(write_end, b': 2}\npartial')
+    os.close(write_end)
+    assert list(lines_while(read_end, lambda: True)) == [b'{"a": 1}', b'{"b": 2}']
+    os.close(read_end)
+    read_end, write_end = os.pipe()  # held open, as by a child the manager forked
+    os.write(write_end, b"x\n")
+    assert list(lines_while(read_end, lambda: False, poll_s=0.01)) == [b"x"]
+    os.close(read_end)
+    os.close(write_end)
 
 
 def _dead(pid: int) -> bool:
@@ -46,9 +62,11 @@ def _dead(pid: int) -> bool:
         return True
 
 
-def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, upstream):
+@pytest.mark.parametrize("fork", ["fork", "no-fork"])
+def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, upstream, fork):
     store = tmp_path / "r.db"
-    manager = subprocess.Popen([sys.executable, "-c", MANAGER, store, upstream.base_url, confdir, SUPPORT])
+    manager = subprocess.Popen([sys.executable, "-c", MANAGER, store, upstream.base_url, confdir, SUPPORT, fork])
+    forked: list[int] = []
     try:
         wait_for(store.exists, timeout=60, what="the store")
         with Store(store) as db:
@@ -58,6 +76,7 @@ def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, u
             agents = wait_for(both_running, timeout=60, what="two running agents")
             roots = [psutil.Process(a.root_pid) for a in agents]
             tree = {p.pid for root in roots for p in [root, *root.children(recursive=True)]}
+            forked += [p.pid for p in psutil.Process(manager.pid).children() if p.name() == "sleep"]
             manager.send_signal(signal.SIGKILL)  # no clean-up of its own
             manager.wait(30)
             wait_for(lambda: all(_dead(pid) for pid in tree), timeout=30, what="the agents' processes gone")
@@ -69,3 +88,5 @@ def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, u
     finally:
         manager.kill()
         manager.wait()
+        for pid in forked:
+            os.kill(pid, signal.SIGKILL)
