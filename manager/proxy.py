@@ -237,7 +237,8 @@ class ProxyProcess:
 
     def stop(self, timeout: float = 15.0, *, keep_log: bool = False) -> None:
         """Stop gracefully (every queued flow committed), killing only if it hangs. The log file goes with
-        a clean stop; it stays where the proxy had died, had to be killed, or ``keep_log``."""
+        a clean stop when empty (mitmdump runs with -q: what it logs is a warning or an error, such as a hook
+        exception it swallowed); it stays where the proxy logged, had died, had to be killed, or ``keep_log``."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -251,16 +252,19 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 log.warning("mitmdump did not stop on %s (log %s)", sig.name, self.log_path)
                 continue
-            if sig is signal.SIGINT and proc.returncode == 0 and not keep_log:
-                self._log.close()
+            self._log.close()  # a later start() begins a new log
+            if sig is signal.SIGINT and proc.returncode == 0 and not keep_log \
+                    and self.log_path.stat().st_size == 0:
                 self.log_path.unlink(missing_ok=True)
             return
 
     def log_tail(self, chars: int = 3000) -> str:
-        if self._log.closed:
+        if not self._log.closed:
+            self._log.flush()
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:  # removed after a clean stop with nothing in it
             return ""
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
 
 
 def _new_log() -> IO[bytes]:

@@ -139,13 +139,20 @@ def test_entering_a_started_proxy_starts_no_second_one(tmp_path, confdir):
     assert first.poll() is not None  # stopped with the block: nothing of it left running
 
 
-def test_a_clean_stop_removes_the_log_and_a_crash_keeps_it(tmp_path, confdir):
+def test_a_clean_stop_removes_an_empty_log_and_keeps_any_other(tmp_path, confdir):
     proxy = ProxyProcess(ProxyConfig(store=tmp_path / "s.db", confdir=confdir)).start(timeout=60)
     clean = proxy.log_path
     assert clean.exists()
     proxy.stop()
     assert not clean.exists()
     proxy.start(timeout=60)  # a new log for the new run
+    with open(proxy.log_path, "a") as log:
+        log.write("[00:00:00.000] Addon error: something a hook swallowed\n")
+    logged = proxy.log_path
+    proxy.stop()
+    assert logged.exists()  # a log with something in it stays, clean stop or not
+    logged.unlink()
+    proxy.start(timeout=60)
     crashed = proxy.log_path
     assert crashed != clean and crashed.exists()
     os.killpg(proxy.proc.pid, signal.SIGKILL)
