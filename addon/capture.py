@@ -242,7 +242,10 @@ class RolloutTap:
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
         if who.method == "rejected":
-            self._live[flow.id].refused = who
+            if ctx.options.stream_large_bodies:  # mitmproxy may stream the body upstream before `request`
+                self._reject(flow, who)
+            else:  # answered once its body is in, so that the body is kept
+                self._live[flow.id].refused = who
 
     def request(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)

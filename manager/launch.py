@@ -279,9 +279,10 @@ def leftover_tree(agent_id: str, root: int, root_start: int, table: ProcTable) -
 
 
 def _groups_of(root: int, root_start: int | None, table: Mapping[int, ProcRow]) -> set[int]:
-    """The members of the root's process group and session, if ``root`` still names them."""
+    """The members of the root's process group and session, if ``root`` still names them (when its start
+    time could not be read at spawn, as if it did)."""
     holder = table.get(root)
-    if holder is not None and holder.start != root_start:
+    if holder is not None and root_start is not None and holder.start != root_start:
         return set()  # the root is gone and its pid reused: a group of that id is another process's
     return group_members(root, table)
 

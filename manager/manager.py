@@ -327,7 +327,8 @@ class AgentManager:
         error = with_model_failure(status, error, flows.conversation)
         # A cancelled batch is being closed: its agents' checks (minutes, maybe) are not run.
         if outcome == "cancelled":
-            check_result, check_error = None, "not run: the batch was cancelled" if self.spec.check is not None else None
+            skipped = "not run: the batch was cancelled" if self.spec.check is not None else None
+            check_result, check_error = None, skipped
         else:
             check_result, check_error = self.spec.run_check(ctx.workdir)
         run_dir = ctx.workdir.parent

@@ -31,6 +31,8 @@ HINTS: dict[type[Exception], str] = {
 }
 
 _state = {"debug": False}
+# Options `rollouttap proxy` sets itself: the store and identity it waits on, and its parent watch.
+OWN_OPTIONS = frozenset({"rollouttap_store", "rollouttap_proxy_id", "rollouttap_parent_pid"})
 
 
 @app.callback()
@@ -77,6 +79,8 @@ def proxy(
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r} is not KEY=VALUE")
+        if key in OWN_OPTIONS:
+            raise ConfigError(f"--set {key} is the command's own: use its option instead")
         extra[key] = value
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Annotated, Any, Optional
@@ -107,11 +108,13 @@ def run(
         sink: IO[str] = open(out, "w", encoding="utf-8") if out is not None else _stdout()
         # SIGTERM (a job scheduler, `timeout`, torchrun) ends the run as Ctrl-C does: running agents are
         # killed and recorded, the proxy commits. Its default would leave the agents running unsupervised.
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         try:
             results = _deploy_with_progress(manager, items, sink)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
             if out is not None:
                 sink.close()
         summary = manager.summary(results, since=started_at)

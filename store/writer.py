@@ -291,9 +291,10 @@ def _sql(kind: str, columns: tuple[str, ...]) -> str:
         return f"INSERT INTO flows ({names}) VALUES ({marks})"
     if kind == "update_flow":
         return "UPDATE flows SET " + ", ".join(f"{k} = ?" for k in columns) + " WHERE flow_id = ?"
-    # A proxy's start stays as first written (its stop rewrites the row, and NOT NULL wants a value).
-    updates = ", ".join(f"{k} = coalesce(proxies.{k}, excluded.{k})" if k == "started_at" else f"{k} = excluded.{k}"
-                        for k in columns if k != "proxy_id")
+    # A proxy's stop rewrites its row (NOT NULL wants a start): its start stays as first written.
+    keep_start = ("started_at = CASE WHEN excluded.stopped_at IS NULL THEN excluded.started_at "
+                  "ELSE proxies.started_at END")
+    updates = ", ".join(keep_start if k == "started_at" else f"{k} = excluded.{k}" for k in columns if k != "proxy_id")
     return f"INSERT INTO proxies ({names}) VALUES ({marks}) ON CONFLICT(proxy_id) DO UPDATE SET {updates}"
 
 

@@ -6,6 +6,7 @@ ScriptedUpstream (a scripted server speaking vLLM's JSON) as the model server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -146,6 +147,21 @@ def test_wrong_token_is_refused_and_recorded(proxy, upstream):
     assert flows[0].request_json() == {"refused": agent_id} and flows[0].status_code == 407
     assert b"proxy credentials refused" in flows[0].response_body
     assert "Proxy-Authenticate" in dict(flows[0].response_headers)  # redacted: an auth… name
+
+
+def test_a_refused_request_never_reaches_upstream_even_with_streamed_bodies(tmp_path, confdir, upstream):
+    with start_proxy(tmp_path / "runs.db", confdir, extra={"stream_large_bodies": "1"}) as proxy:
+        agent_id, _ = _new_agent(proxy)
+        env = agent_env(proxy, agent_id, "not-the-token")
+        marker = uuid.uuid4().hex
+        # Refused at its headers here (not once its body is in): mitmproxy would stream the body upstream
+        # first. mitmproxy 12.2 then keeps this client waiting instead of sending it the 407 (known, left).
+        with contextlib.suppress(requests.exceptions.ReadTimeout):
+            requests.post(upstream.url + "/echo", json={"m": marker}, proxies={"http": env["HTTP_PROXY"]}, timeout=3)
+        with Store(proxy.config.store) as store:
+            [flow] = wait_for(lambda: [f for f in store.flows(state="error")
+                                       if agent_id in (f.meta.get("attribution_detail") or "")], what="refused flow")
+    assert flow.status_code == 407 and not [r for r in upstream.requests if marker.encode() in r.body]
 
 
 def test_an_ended_agents_token_is_refused(proxy, upstream):

@@ -159,9 +159,13 @@ def test_a_proxy_row_keeps_its_start_when_rewritten(tmp_path):
     writer = StoreWriter(tmp_path / "s.db")
     writer.upsert_proxy({"proxy_id": "p1", "pid": 7, "started_at": 1.0, "stopped_at": None})
     writer.upsert_proxy({"proxy_id": "p1", "pid": 7, "started_at": 5.0, "stopped_at": 5.0})
-    writer.close()
+    writer.flush()
     row = Store(tmp_path / "s.db").proxy("p1")
     assert (row["started_at"], row["stopped_at"]) == (1.0, 5.0)
+    writer.upsert_proxy({"proxy_id": "p1", "pid": 8, "started_at": 9.0, "stopped_at": None})  # announced again
+    writer.close()
+    row = Store(tmp_path / "s.db").proxy("p1")
+    assert (row["started_at"], row["stopped_at"]) == (9.0, None)
 
 
 @pytest.mark.parametrize("value, expected_prefix", [
