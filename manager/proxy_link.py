@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,6 +16,8 @@ from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, proxy_env
 from rollouttap.store import Store
 
 log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = 10.0
 
 
 class ProxyLink:
@@ -28,6 +31,8 @@ class ProxyLink:
         self.reverse_url = loopback_as_localhost(reverse_url) if reverse_url else None
         self.restarts = 0
         self._lock = threading.Lock()
+        self._failed_at = -float("inf")  # time.monotonic() of the last restart that failed
+        self.restart_timeout = 30.0
 
     @classmethod
     def open(cls, arg: str | ProxyConfig | None, count: int = 1, *, store: Store, store_path: Path,
@@ -103,15 +108,18 @@ class ProxyLink:
         if process is None or closing.is_set():
             return
         with self._lock:  # always: while a restart runs, the new process is alive before it listens
-            if process.alive() or closing.is_set():
+            # After a failed restart (its port taken, say), agent starts do not queue up behind a retry each.
+            if process.alive() or closing.is_set() or time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
                 return
             log.warning("proxy %s died (log %s); restarting it on %s", process.proxy_id, process.log_path,
                         self.url)
             try:
-                process.restart()
+                process.restart(timeout=self.restart_timeout)
                 self.restarts += 1
             except ProxyError:
-                log.exception("restarting the proxy failed; agents cannot reach the model meanwhile")
+                self._failed_at = time.monotonic()
+                log.exception("restarting the proxy failed; agents cannot reach the model meanwhile (next try "
+                              "in %.0f s)", RESTART_BACKOFF_S)
 
     def close(self) -> None:
         if self.process is not None:

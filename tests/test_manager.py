@@ -27,6 +27,7 @@ from conftest import start_proxy, wait_for
 from manager_support import HERE as SUPPORT
 from rollouttap.errors import AgentSpecError, ConfigError, ProxyError
 from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent, ProxyConfig
+from rollouttap.manager.proxy import ProxyProcess
 from rollouttap.manager.agents import LaunchContext, render_argv, template_fields
 from rollouttap.addon import sockdiag
 from rollouttap.manager import launch
@@ -610,6 +611,20 @@ def test_agents_started_after_the_proxy_died_wait_for_its_restart(tmp_path, conf
         assert m.proxy_restarts == 1
     assert [r.status for r in results] == ["ok"] * 4, [r.stderr_tail for r in results]
     assert [r.proxy_restarts for r in results] == [1] * 4
+
+
+def test_a_failed_restart_is_not_retried_by_every_agent_start(tmp_path, confdir):
+    process = ProxyProcess(ProxyConfig(store=tmp_path / "r.db", confdir=confdir)).start(timeout=60)
+    link = ProxyLink(process.url, process.ca_cert, None, process)
+    os.killpg(process.proc.pid, signal.SIGKILL)
+    process.proc.wait()
+    with socket.create_server(("127.0.0.1", process.port)):  # its port taken: the restart cannot bind it
+        link.restart_timeout = 1.0
+        link.revive_if_dead(threading.Event())
+        started = time.monotonic()
+        link.revive_if_dead(threading.Event())  # the next agent start: no second wait
+        assert time.monotonic() - started < 0.5 and link.restarts == 0 and not process.alive()
+    link.close()
 
 
 def test_close_cancels_the_running_deploys_and_records_their_agents(tmp_path, confdir, upstream):
