@@ -178,21 +178,26 @@ class AgentDirectory:
         self._store.close()
 
     def cached(self, agent_id: str) -> AgentRecord | None:
-        """The agent if the cache read its row less than ``max_age`` ago: no I/O, safe on the event loop
-        (``lookup`` may read the store)."""
-        agent = self._agents.get(agent_id)
-        if agent is None or time.monotonic() - self._read_at.get(agent_id, 0.0) >= self.max_age:
-            return None
-        return agent
+        """The agent if it is in the cache, however old: no I/O, safe on the event loop (``lookup`` may read
+        the store; ``due`` says when to re-read it)."""
+        return self._agents.get(agent_id)
+
+    def due(self, agent_id: str) -> bool:
+        """Whether the cached row is older than ``max_age``; True once per ``max_age`` (the caller re-reads it:
+        ``lookup`` on a pool thread), so that an agent's status is seen to change within about that."""
+        now = time.monotonic()
+        # No lock: the event loop calls this, and a store read may hold ``_lock``. Two callers racing here
+        # re-read the row twice, which is harmless.
+        if now - self._read_at.get(agent_id, 0.0) < self.max_age:
+            return False
+        self._read_at[agent_id] = now
+        return True
 
     def lookup(self, agent_id: str) -> AgentRecord | None:
-        """The agent from the cache, else by one indexed read of its row (kept when found): a just registered
-        agent is seen, and an agent's status is never older than ``max_age``."""
-        agent = self.cached(agent_id)
-        if agent is None:
-            agent = self.read(agent_id)
-            if agent is not None:
-                self._agents[agent_id], self._read_at[agent_id] = agent, time.monotonic()
+        """The agent's row read now, kept in the cache (a just registered agent is seen; an ended one too)."""
+        agent = self.read(agent_id)
+        if agent is not None:
+            self._agents[agent_id], self._read_at[agent_id] = agent, time.monotonic()
         return agent
 
     def read(self, agent_id: str) -> AgentRecord | None:

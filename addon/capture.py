@@ -394,6 +394,8 @@ class RolloutTap:
         agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
         if agent is None:
             agent = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, agent_id)
+        elif directory.due(agent_id):  # its status for the next requests (an ended agent's token is void)
+            self._pool.submit(_quietly, directory.lookup, agent_id)
         return agent
 
     async def _verified(self, agent_id: str, token: str, method: str, pid_result: PidResult | None
@@ -521,6 +523,14 @@ def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset
     found = {h.strip().lower() for h in hosts if h.strip()}
     found |= {f"{r.host}:{r.port}" for r in routes}
     return frozenset(found)
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    """Run a background refresh: a failure is logged, and the next one tries again."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        log.warning("rollouttap: background refresh failed: %r", exc)
 
 
 def readdress(req: http.Request, route: Route) -> str:

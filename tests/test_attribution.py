@@ -13,7 +13,7 @@ import time
 import pytest
 
 from rollouttap.addon.attribution import (
-    check_token, credentials_conflict, decide_from_ancestry, decide_header_claim, is_local_peer,
+    AgentDirectory, check_token, credentials_conflict, decide_from_ancestry, decide_header_claim, is_local_peer,
     parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
@@ -21,7 +21,7 @@ from rollouttap.addon.procfs import (
 )
 from rollouttap.addon.routes import RouteError, find_route, own_reverse_routes, parse_route, parse_routes
 from rollouttap.addon.sockdiag import build_request, inode_netlink, inode_procfs, normalize_ip, parse_response
-from rollouttap.store import AgentRecord, hash_token
+from rollouttap.store import AgentRecord, Store, hash_token, new_token
 
 
 @pytest.mark.parametrize("size", [0, 10, 65535, 65536, 65537, 200_000])
@@ -88,6 +88,20 @@ def _agent(agent_id: str, token: str | None, status: str = "running") -> AgentRe
 ])
 def test_check_token(agent, token, problem):
     assert check_token(agent, token) == problem
+
+
+def test_the_agent_directory_rereads_a_cached_row_once_its_age_is_due(tmp_path):
+    with Store(tmp_path / "s.db") as store:
+        store.register_agent("a", token=new_token())
+        directory = AgentDirectory(str(tmp_path / "s.db"), max_age=0.05)
+        assert directory.cached("a") is None and directory.lookup("a").status == "registered"
+        assert not directory.due("a")
+        store.agent_ended("a", "ok")
+        assert directory.cached("a").status == "registered"  # the cache does no I/O
+        time.sleep(0.06)  # its age, not a synchronisation: max_age is the subject here
+        assert directory.due("a") and not directory.due("a")  # once per max_age: one caller re-reads
+        assert directory.lookup("a").status == "ok" and directory.cached("a").status == "ok"
+        directory.close()
 
 
 def _chain(*specs):
