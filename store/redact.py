@@ -13,10 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import os
 import re
 import secrets
 from collections.abc import Callable
 from urllib.parse import unquote
+
+from rollouttap.paths import cache_root
 
 SECRET_WORDS = frozenset({"auth", "authorization", "credential", "credentials", "session", "sessionid", "sig",
                           "jwt", "bearer", "pwd", "jsessionid", "passphrase", "otp"})
@@ -38,8 +41,33 @@ def is_secret_name(name: str) -> bool:
 
 
 def fingerprint(value: str) -> str:
-    """A short, stable fingerprint that tells keys apart without revealing them."""
-    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    """A short fingerprint that tells keys apart without revealing them: an HMAC-SHA256 under this machine's
+    key, so that a short secret (a password, a one-time code) cannot be found by hashing guesses with
+    nothing but the store file."""
+    return hmac.new(_machine_key(), value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:12]
+
+
+@functools.cache
+def _machine_key() -> bytes:
+    """32 random bytes kept in $ROLLOUTTAP_CACHE/fingerprint.key (made on first use, readable by its owner
+    only); every process on the machine fingerprints alike."""
+    path = cache_root() / "fingerprint.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole under another name, then linked: a process racing this one never reads half a key.
+    draft = path.with_name(f".{path.name}.{os.getpid()}")
+    with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        out.write(secrets.token_bytes(32))
+    try:
+        os.link(draft, path)
+    except FileExistsError:  # another process made it first: theirs counts
+        pass
+    finally:
+        draft.unlink()
+    return path.read_bytes()
 
 
 def redact_value(value: str) -> str:

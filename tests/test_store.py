@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sqlite3
@@ -17,7 +18,7 @@ from rollouttap.store import (
     redact_query, token_matches, transaction,
 )
 from rollouttap.store.records import decode_body
-from rollouttap.store.redact import is_secret_name, redact_value
+from rollouttap.store.redact import fingerprint, is_secret_name, redact_value
 from rollouttap.store.writer import _apply, batch_mark, fold
 
 
@@ -542,6 +543,22 @@ def test_redact_query_hides_values_of_secret_parameters(target, kept, hidden):
         assert out == target
     else:
         assert hidden not in out and "=redacted-sha256-" in out and " " not in out  # still a valid target
+
+
+def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
+    from rollouttap.store import redact
+    monkeypatch.setenv("ROLLOUTTAP_CACHE", str(tmp_path))
+    redact._machine_key.cache_clear()
+    try:
+        code = "123456"  # a one-time code: its bare sha256 is one guess away
+        assert fingerprint(code) == fingerprint(code) != hashlib.sha256(code.encode()).hexdigest()[:12]
+        key = tmp_path / "fingerprint.key"
+        assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o777 == 0o600
+        first = fingerprint(code)
+        redact._machine_key.cache_clear()
+        assert fingerprint(code) == first  # the key is kept: every process fingerprints alike
+    finally:
+        redact._machine_key.cache_clear()
 
 
 @pytest.mark.parametrize("name, secret", [
