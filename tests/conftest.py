@@ -83,6 +83,16 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         time.sleep(0.02)
 
 
+def running_agents(store_path: Path, count: int, timeout: float = 60.0) -> list:
+    """The store's agents once it holds ``count`` of them, all running (started by another process)."""
+    wait_for(store_path.exists, timeout=timeout, what="the store")
+    with Store(store_path) as store:
+        def all_running():
+            agents = store.agents()
+            return agents if len(agents) == count and all(a.status == "running" for a in agents) else None
+        return wait_for(all_running, timeout=timeout, what=f"{count} running agents")
+
+
 def settled_flows(store_path: Path, timeout: float = 10.0, **filters):
     """Flows matching filters once none of them is open any more."""
     with Store(store_path) as store:

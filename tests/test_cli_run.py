@@ -14,7 +14,7 @@ import pytest
 
 from rollouttap.store import Store
 
-from conftest import wait_for
+from conftest import running_agents
 from manager_support import HERE as SUPPORT
 from rollouttap.cli import main
 from rollouttap.cli_run import parse_env, read_prompts
@@ -113,12 +113,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, confdir, upstream):
                             "--timeout", "120", "--store", store, "--model-url", upstream.base_url,
                             "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(store.exists, timeout=60, what="the store")
-        with Store(store) as db:
-            def both_running():
-                agents = db.agents()
-                return agents if len(agents) == 2 and all(a.status == "running" for a in agents) else None
-            agents = wait_for(both_running, timeout=60, what="two running agents")
+        agents = running_agents(store, 2)
         run.send_signal(signal.SIGTERM)
         assert run.wait(60) == 130  # the Ctrl-C path (the reaper would also end the agents, differently)
     finally:

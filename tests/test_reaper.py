@@ -12,7 +12,7 @@ import textwrap
 import psutil
 import pytest
 
-from conftest import wait_for
+from conftest import running_agents, wait_for
 from manager_support import HERE as SUPPORT
 from rollouttap.manager.reaper import ERROR, lines_while, read_watch_list
 from rollouttap.store import Store
@@ -68,12 +68,8 @@ def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, u
     manager = subprocess.Popen([sys.executable, "-c", MANAGER, store, upstream.base_url, confdir, SUPPORT, fork])
     forked: list[int] = []
     try:
-        wait_for(store.exists, timeout=60, what="the store")
+        agents = running_agents(store, 2)
         with Store(store) as db:
-            def both_running():
-                agents = db.agents()
-                return agents if len(agents) == 2 and all(a.status == "running" for a in agents) else None
-            agents = wait_for(both_running, timeout=60, what="two running agents")
             roots = [psutil.Process(a.root_pid) for a in agents]
             tree = {p.pid for root in roots for p in [root, *root.children(recursive=True)]}
             forked += [p.pid for p in psutil.Process(manager.pid).children() if p.name() == "sleep"]
