@@ -325,7 +325,7 @@ class AgentManager:
         incomplete = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
         error = with_model_failure(status, error, flows.conversation)
-        # A cancelled batch is being closed: its agents' checks (minutes, maybe) are not run.
+        # A cancelled batch (Ctrl-C, close()) is ending: its agents' checks (minutes, maybe) are not run.
         if outcome == "cancelled":
             skipped = "not run: the batch was cancelled" if self.spec.check is not None else None
             check_result, check_error = None, skipped
