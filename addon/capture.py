@@ -22,21 +22,16 @@ from mitmproxy.connection import Client
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from rollouttap.addon import flowcols, tokenids
-from rollouttap.addon.attribution import (
-    AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token, credentials_conflict,
-    decide_header_claim, ended, parse_basic_credentials, split_agent_path,
-)
+from rollouttap.addon.attribution import Attribution
+from rollouttap.addon.flow_attribution import FlowAttribution
 from rollouttap.addon.loopback import is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
 from rollouttap.addon.streamtap import StreamTap, decoded
-from rollouttap.store import AgentRecord, StoreWriter, redact_query
+from rollouttap.store import StoreWriter, redact_query
 from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.errors import StoreError
 
 log = logging.getLogger(__name__)
-
-PROXY_AUTH = "Proxy-Authorization"
-CREDENTIAL_CHECK_WAIT_S = 0.5  # longest a credentialed request waits for its connection's pid lookup
 
 
 @dataclass
@@ -55,16 +50,13 @@ class _Live:
 class RolloutTap:
     def __init__(self) -> None:
         self.writer: StoreWriter | None = None
-        self.directory: AgentDirectory | None = None
-        self.pids: PidAttributor | None = None
         self.proxy_id = ""
         self.routes: tuple[Route, ...] = ()
         self.own_routes: tuple[Route, ...] = ()  # from our reverse listeners on to their targets
         self.model_hosts: frozenset[str] = frozenset()
         self.counts = {"flows": 0, "unattributed": 0, "rejected": 0, "errors": 0}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rollouttap-lookup")
-        self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
-        self._conn_creds: dict[str, Attribution] = {}
+        self.who = FlowAttribution(self._pool)
         self._live: dict[str, _Live] = {}
         self._parent_watch: asyncio.Task[None] | None = None
         self._running = False
@@ -121,14 +113,11 @@ class RolloutTap:
                 "rollouttap_store is not set: pass --set rollouttap_store=PATH/runs.db")
         if self.writer is not None:
             self._retire("the proxy switched to another store before the flow ended")
-            assert self.directory is not None
-            self.directory.close()
         try:
             self.writer = StoreWriter(path)
-            self.directory = AgentDirectory(path)
+            self.who.open(path)
         except StoreError as exc:
             raise exceptions.OptionsError(str(exc)) from exc
-        self.pids = PidAttributor(self.directory)
         if self._running:  # changed at run time: the new store learns of this proxy as a started one does
             self._announce()
 
@@ -204,41 +193,28 @@ class RolloutTap:
     def client_connected(self, client: Client) -> None:
         if ctx.options.rollouttap_pid_lookup == "eager":
             # Start now, while the client surely still runs; the request usually arrives after it.
-            self._start_pid_lookup(client)
-
-    def _start_pid_lookup(self, client: Client) -> None:
-        if self.pids is None or not ctx.options.rollouttap_pid_attribution:
-            return
-        if client.id not in self._conn_pid and client.peername and client.sockname:
-            peer, sock = tuple(client.peername[:2]), tuple(client.sockname[:2])
-            self._conn_pid[client.id] = asyncio.get_running_loop().run_in_executor(
-                self._pool, self.pids.resolve, peer, sock)
+            self.who.start_pid_lookup(client)
 
     def client_disconnected(self, client: Client) -> None:
-        future = self._conn_pid.pop(client.id, None)
-        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
-            pid = future.result().pid
-            if pid is not None and self.pids is not None:
-                self.pids.connection_closed(pid)
-        self._conn_creds.pop(client.id, None)
+        self.who.connection_closed(client)
         for flow_id, live in list(self._live.items()):
             if live.conn_id == client.id:
                 self._abort(flow_id, live, "client disconnected before the response completed")
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        who = await self._attribute(flow)
+        who = await self.who.attribute(flow)
         self._record_new(flow, who)
         if who.method == "rejected":
             self._reject(flow, who)
             return
-        self._conn_creds[flow.client_conn.id] = who
+        self.who.tunnel_opened(flow.client_conn.id, who)
         self._end(flow.id, "done", {"status_code": 200})
 
     # -- flows -------------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
-        who = await self._attribute(flow, to_own_reverse=own is not None)
+        who = await self.who.attribute(flow, to_own_reverse=own is not None)
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
         if who.method == "rejected":
@@ -327,87 +303,6 @@ class RolloutTap:
             self._end(flow_id, "done", cols)
         else:
             self._end(flow_id, "error", cols)
-
-    # -- attribution -------------------------------------------------------------------------------
-    async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution:
-        headers = flow.request.headers
-        claimed = headers.pop(AGENT_HEADER, None)
-        creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
-        tunnel = self._conn_creds.get(flow.client_conn.id)  # credentials given on the CONNECT
-        in_path = split_agent_path(flow.request.path) if to_own_reverse or (creds is None and tunnel is None) \
-            else None
-        if to_own_reverse and in_path is not None:
-            # Addressed to our reverse listener, where its path names the agent: the proxy credentials only
-            # brought it here (its client sent the base URL through HTTP_PROXY).
-            creds = tunnel = None
-        has_token = creds is not None or in_path is not None  # a token will speak for the agent
-        needs_pid = not has_token and tunnel is None
-        if needs_pid:
-            self._start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
-        # Eager: a token is checked against the process that sends it, with the lookup begun at connect
-        # (usually done by now; bounded, so a stuck /proc read cannot hold the request: it then passes).
-        check_token_owner = has_token and ctx.options.rollouttap_pid_lookup == "eager"
-        pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_token_owner,
-                                            timeout=CREDENTIAL_CHECK_WAIT_S if check_token_owner else None)
-        pid = pid_result.pid if pid_result else None
-        if creds is not None:
-            return await self._verified(creds[0], creds[1], "credentials", pid_result)
-        if tunnel is not None:
-            if tunnel.method == "credentials" and tunnel.agent_id is not None:
-                agent = await self._agent(tunnel.agent_id)  # a tunnel's requests outlive no agent either
-                problem = ended(agent) if agent is not None else None
-                if problem is not None:
-                    return Attribution(None, "rejected", pid, f"agent {tunnel.agent_id!r}: {problem}")
-            return Attribution(tunnel.agent_id, tunnel.method, pid, tunnel.detail)
-        if in_path is not None:
-            agent_id, token, rest = in_path
-            flow.request.path = rest
-            return await self._verified(agent_id, token, "path", pid_result)
-        if pid_result is not None and pid_result.agent_id is not None:
-            return Attribution(pid_result.agent_id, "pid", pid, pid_result.detail)
-        if claimed:
-            agent_id, detail = decide_header_claim(claimed, await self._agent(claimed))
-            return Attribution(agent_id, "header" if agent_id else "none", pid, detail)
-        detail = pid_result.detail if pid_result else "pid attribution off"
-        return Attribution(None, "none", pid, detail)
-
-    async def _pid_result(self, conn_id: str, wait: bool, timeout: float | None = None) -> PidResult | None:
-        future = self._conn_pid.get(conn_id)
-        if future is None or (not wait and not future.done()):
-            return None
-        try:
-            if timeout is None or future.done():
-                return await future
-            return await asyncio.wait_for(asyncio.shield(future), timeout)  # shared: never cancel it
-        except TimeoutError:
-            log.warning("rollouttap: pid lookup took over %.1fs; credentials accepted unchecked", timeout)
-            return None
-        except Exception as exc:  # a failed lookup must not lose the flow
-            log.warning("rollouttap: pid attribution failed: %r", exc)
-            return PidResult(None, None, f"lookup failed: {exc!r}")
-
-    async def _agent(self, agent_id: str) -> AgentRecord | None:
-        directory = self.directory
-        assert directory is not None
-        if not agent_id.isprintable():  # undecodable header or path bytes name no agent (nor can SQLite bind them)
-            return None
-        agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
-        if agent is None:
-            agent = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, agent_id)
-        elif directory.due(agent_id):  # its status for the next requests (an ended agent's token is void)
-            self._pool.submit(_quietly, directory.lookup, agent_id)
-        return agent
-
-    async def _verified(self, agent_id: str, token: str, method: str, pid_result: PidResult | None
-                        ) -> Attribution:
-        pid = pid_result.pid if pid_result else None
-        conflict = credentials_conflict(agent_id, pid_result.roots if pid_result else ())
-        if conflict is not None:
-            return Attribution(None, "rejected", pid, conflict)
-        problem = check_token(await self._agent(agent_id), token)
-        if problem is not None:
-            return Attribution(None, "rejected", pid, f"agent {agent_id!r}: {problem}")
-        return Attribution(agent_id, method, pid, None)  # type: ignore[arg-type]
 
     def _reject(self, flow: http.HTTPFlow, who: Attribution) -> None:
         self.counts["rejected"] += 1
@@ -523,14 +418,6 @@ def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset
     found = {h.strip().lower() for h in hosts if h.strip()}
     found |= {f"{r.host}:{r.port}" for r in routes}
     return frozenset(found)
-
-
-def _quietly(fn: Callable[..., Any], *args: Any) -> None:
-    """Run a background refresh: a failure is logged, and the next one tries again."""
-    try:
-        fn(*args)
-    except Exception as exc:
-        log.warning("rollouttap: background refresh failed: %r", exc)
 
 
 def readdress(req: http.Request, route: Route) -> str:

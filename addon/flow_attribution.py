@@ -1,0 +1,158 @@
+"""The attribution half of the capture addon: per client connection its process lookup and its CONNECT
+credentials, per request the agent it belongs to. The decisions are attribution.py's pure functions; this
+holds the state between hooks and keeps every blocking read off the event loop (pool threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mitmproxy import ctx, http
+from mitmproxy.connection import Client
+
+from rollouttap.addon.attribution import (
+    AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token, credentials_conflict,
+    decide_header_claim, ended, parse_basic_credentials, split_agent_path,
+)
+from rollouttap.store import AgentRecord
+
+log = logging.getLogger(__name__)
+
+PROXY_AUTH = "Proxy-Authorization"
+CREDENTIAL_CHECK_WAIT_S = 0.5  # longest a credentialed request waits for its connection's pid lookup
+
+
+class FlowAttribution:
+    """Who each flow belongs to. ``open(store)`` before the first request; hooks call the rest."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.directory: AgentDirectory | None = None
+        self.pids: PidAttributor | None = None
+        self._pool = pool
+        self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
+        self._conn_creds: dict[str, Attribution] = {}  # a CONNECT's attribution, for its tunnel's requests
+
+    def open(self, store_path: str) -> None:
+        """Read agents from this store (StoreError if it cannot be opened)."""
+        directory = AgentDirectory(store_path)
+        self.close()
+        self.directory, self.pids = directory, PidAttributor(directory)
+
+    def close(self) -> None:
+        if self.directory is not None:
+            self.directory.close()
+
+    def tunnel_opened(self, conn_id: str, who: Attribution) -> None:
+        self._conn_creds[conn_id] = who
+
+    def connection_closed(self, client: Client) -> None:
+        future = self._conn_pid.pop(client.id, None)
+        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+            pid = future.result().pid
+            if pid is not None and self.pids is not None:
+                self.pids.connection_closed(pid)
+        self._conn_creds.pop(client.id, None)
+
+    def start_pid_lookup(self, client: Client) -> None:
+        """Begin looking up the process behind a client connection, on a pool thread (once per connection)."""
+        if self.pids is None or not ctx.options.rollouttap_pid_attribution:
+            return
+        if client.id not in self._conn_pid and client.peername and client.sockname:
+            peer, sock = tuple(client.peername[:2]), tuple(client.sockname[:2])
+            self._conn_pid[client.id] = asyncio.get_running_loop().run_in_executor(
+                self._pool, self.pids.resolve, peer, sock)
+
+
+    async def attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution:
+        """Which agent a request belongs to: credentials, then a CONNECT's, a base-URL path token, the
+        source process, an X-Agent-ID header, else none (see README, Attribution)."""
+        headers = flow.request.headers
+        claimed = headers.pop(AGENT_HEADER, None)
+        creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
+        tunnel = self._conn_creds.get(flow.client_conn.id)  # credentials given on the CONNECT
+        in_path = split_agent_path(flow.request.path) if to_own_reverse or (creds is None and tunnel is None) \
+            else None
+        if to_own_reverse and in_path is not None:
+            # Addressed to our reverse listener, where its path names the agent: the proxy credentials only
+            # brought it here (its client sent the base URL through HTTP_PROXY).
+            creds = tunnel = None
+        has_token = creds is not None or in_path is not None  # a token will speak for the agent
+        needs_pid = not has_token and tunnel is None
+        if needs_pid:
+            self.start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
+        # Eager: a token is checked against the process that sends it, with the lookup begun at connect
+        # (usually done by now; bounded, so a stuck /proc read cannot hold the request: it then passes).
+        check_token_owner = has_token and ctx.options.rollouttap_pid_lookup == "eager"
+        pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_token_owner,
+                                            timeout=CREDENTIAL_CHECK_WAIT_S if check_token_owner else None)
+        pid = pid_result.pid if pid_result else None
+        if creds is not None:
+            return await self._verified(creds[0], creds[1], "credentials", pid_result)
+        if tunnel is not None:
+            if tunnel.method == "credentials" and tunnel.agent_id is not None:
+                agent = await self._agent(tunnel.agent_id)  # a tunnel's requests outlive no agent either
+                problem = ended(agent) if agent is not None else None
+                if problem is not None:
+                    return Attribution(None, "rejected", pid, f"agent {tunnel.agent_id!r}: {problem}")
+            return Attribution(tunnel.agent_id, tunnel.method, pid, tunnel.detail)
+        if in_path is not None:
+            agent_id, token, rest = in_path
+            flow.request.path = rest
+            return await self._verified(agent_id, token, "path", pid_result)
+        if pid_result is not None and pid_result.agent_id is not None:
+            return Attribution(pid_result.agent_id, "pid", pid, pid_result.detail)
+        if claimed:
+            agent_id, detail = decide_header_claim(claimed, await self._agent(claimed))
+            return Attribution(agent_id, "header" if agent_id else "none", pid, detail)
+        detail = pid_result.detail if pid_result else "pid attribution off"
+        return Attribution(None, "none", pid, detail)
+
+    async def _pid_result(self, conn_id: str, wait: bool, timeout: float | None = None) -> PidResult | None:
+        future = self._conn_pid.get(conn_id)
+        if future is None or (not wait and not future.done()):
+            return None
+        try:
+            if timeout is None or future.done():
+                return await future
+            return await asyncio.wait_for(asyncio.shield(future), timeout)  # shared: never cancel it
+        except TimeoutError:
+            log.warning("rollouttap: pid lookup took over %.1fs; credentials accepted unchecked", timeout)
+            return None
+        except Exception as exc:  # a failed lookup must not lose the flow
+            log.warning("rollouttap: pid attribution failed: %r", exc)
+            return PidResult(None, None, f"lookup failed: {exc!r}")
+
+    async def _agent(self, agent_id: str) -> AgentRecord | None:
+        directory = self.directory
+        assert directory is not None
+        if not agent_id.isprintable():  # undecodable header or path bytes name no agent (nor can SQLite bind them)
+            return None
+        agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
+        if agent is None:
+            agent = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, agent_id)
+        elif directory.due(agent_id):  # its status for the next requests (an ended agent's token is void)
+            self._pool.submit(_quietly, directory.lookup, agent_id)
+        return agent
+
+    async def _verified(self, agent_id: str, token: str, method: str, pid_result: PidResult | None
+                        ) -> Attribution:
+        pid = pid_result.pid if pid_result else None
+        conflict = credentials_conflict(agent_id, pid_result.roots if pid_result else ())
+        if conflict is not None:
+            return Attribution(None, "rejected", pid, conflict)
+        problem = check_token(await self._agent(agent_id), token)
+        if problem is not None:
+            return Attribution(None, "rejected", pid, f"agent {agent_id!r}: {problem}")
+        return Attribution(agent_id, method, pid, None)  # type: ignore[arg-type]
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    """Run a background refresh: a failure is logged, and the next one tries again."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        log.warning("rollouttap: background refresh failed: %r", exc)
