@@ -13,13 +13,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import unquote
 
 from rollouttap.paths import cache_root
+
+log = logging.getLogger(__name__)
 
 SECRET_WORDS = frozenset({"auth", "authorization", "credential", "credentials", "session", "sessionid", "sig",
                           "jwt", "bearer", "pwd", "jsessionid", "passphrase", "otp"})
@@ -50,12 +54,23 @@ def fingerprint(value: str) -> str:
 @functools.cache
 def _machine_key() -> bytes:
     """32 random bytes kept in $ROLLOUTTAP_CACHE/fingerprint.key (made on first use, readable by its owner
-    only); every process on the machine fingerprints alike."""
-    path = cache_root() / "fingerprint.key"
+    only); every process on the machine fingerprints alike. Where it cannot be kept (a read-only home),
+    this process's own random key: its fingerprints then match no other process's, but a secret is never
+    stored in clear and no flow is lost over it."""
     try:
-        return path.read_bytes()
+        return _stored_key(cache_root() / "fingerprint.key")
+    except OSError as exc:
+        log.warning("rollouttap: no fingerprint key file (%s); this process uses a key of its own", exc)
+        return secrets.token_bytes(32)
+
+
+def _stored_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes()
     except FileNotFoundError:
-        pass
+        key = b""
+    if len(key) >= 32:
+        return key
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written whole under another name, then linked: a process racing this one never reads half a key.
     draft = path.with_name(f".{path.name}.{os.getpid()}")
@@ -67,7 +82,10 @@ def _machine_key() -> bytes:
         pass
     finally:
         draft.unlink()
-    return path.read_bytes()
+    key = path.read_bytes()
+    if len(key) < 32:  # a damaged file: not a key to hash secrets with
+        raise OSError(f"{path} holds {len(key)} bytes, not a key")
+    return key
 
 
 def redact_value(value: str) -> str:

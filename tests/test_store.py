@@ -557,6 +557,11 @@ def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
         first = fingerprint(code)
         redact._machine_key.cache_clear()
         assert fingerprint(code) == first  # the key is kept: every process fingerprints alike
+        (tmp_path / "file").write_text("not a directory")
+        monkeypatch.setenv("ROLLOUTTAP_CACHE", str(tmp_path / "file" / "cache"))  # nowhere to keep a key
+        redact._machine_key.cache_clear()
+        own = fingerprint(code)  # a key of this process's own: still no bare hash, and no error
+        assert own not in (first, hashlib.sha256(code.encode()).hexdigest()[:12]) and fingerprint(code) == own
     finally:
         redact._machine_key.cache_clear()
 
