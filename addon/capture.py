@@ -218,8 +218,13 @@ class RolloutTap:
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
         if who.method == "rejected":
-            if ctx.options.stream_large_bodies:  # mitmproxy may stream the body upstream before `request`
-                self._reject(flow, who)
+            if ctx.options.stream_large_bodies and may_have_body(req):
+                # mitmproxy may stream this body upstream before the request hook, and cannot answer a
+                # request it streams: the connection is closed instead of answered.
+                self.counts["rejected"] += 1
+                flow.kill()
+                self._end(flow.id, "error", {"error": f"proxy credentials refused: {who.detail} (connection "
+                                                      "closed: stream_large_bodies would send the body on)"})
             else:  # answered once its body is in, so that the body is kept
                 self._live[flow.id].refused = who
 
@@ -418,6 +423,12 @@ def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset
     found = {h.strip().lower() for h in hosts if h.strip()}
     found |= {f"{r.host}:{r.port}" for r in routes}
     return frozenset(found)
+
+
+def may_have_body(req: http.Request) -> bool:
+    """Whether a request's headers announce a body (a length above 0, or chunks)."""
+    length = req.headers.get("content-length", "0")
+    return "chunked" in req.headers.get("transfer-encoding", "").lower() or not (length.isdigit() and int(length) == 0)
 
 
 def readdress(req: http.Request, route: Route) -> str:

@@ -6,7 +6,6 @@ ScriptedUpstream (a scripted server speaking vLLM's JSON) as the model server.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -154,14 +153,27 @@ def test_a_refused_request_never_reaches_upstream_even_with_streamed_bodies(tmp_
         agent_id, _ = _new_agent(proxy)
         env = agent_env(proxy, agent_id, "not-the-token")
         marker = uuid.uuid4().hex
-        # Refused at its headers here (not once its body is in): mitmproxy would stream the body upstream
-        # first. mitmproxy 12.2 then keeps this client waiting instead of sending it the 407 (known, left).
-        with contextlib.suppress(requests.exceptions.ReadTimeout):
-            requests.post(upstream.url + "/echo", json={"m": marker}, proxies={"http": env["HTTP_PROXY"]}, timeout=3)
+        # Refused at its headers (mitmproxy would stream the body upstream before the request hook, and it
+        # cannot answer a streamed request): the connection is closed at once, no 407.
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.post(upstream.url + "/echo", json={"m": marker}, proxies={"http": env["HTTP_PROXY"]}, timeout=10)
         with Store(proxy.config.store) as store:
             [flow] = wait_for(lambda: [f for f in store.flows(state="error")
                                        if agent_id in (f.meta.get("attribution_detail") or "")], what="refused flow")
-    assert flow.status_code == 407 and not [r for r in upstream.requests if marker.encode() in r.body]
+        assert "crashed" not in proxy.log_tail()
+    assert "proxy credentials refused" in flow.error and not [r for r in upstream.requests if marker.encode() in r.body]
+
+
+@pytest.mark.parametrize("headers, body", [
+    ({}, False), ({"content-length": "0"}, False), ({"content-length": "12"}, True),
+    ({"transfer-encoding": "chunked"}, True), ({"content-length": "x"}, True),
+])
+def test_may_have_body(headers, body):
+    from rollouttap.addon.capture import may_have_body
+    req = _request()
+    req.headers.clear()
+    req.headers.update(headers)
+    assert may_have_body(req) == body
 
 
 def test_an_ended_agents_token_is_refused(proxy, upstream):
