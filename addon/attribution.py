@@ -182,6 +182,10 @@ class AgentDirectory:
         the store; ``due`` says when to re-read it)."""
         return self._agents.get(agent_id)
 
+    def age(self, agent_id: str) -> float:
+        """Seconds since the cached row was read (infinite when none was)."""
+        return time.monotonic() - self._read_at.get(agent_id, -float("inf"))
+
     def due(self, agent_id: str) -> bool:
         """Whether the cached row is older than ``max_age``; True once per ``max_age`` (the caller re-reads it:
         ``lookup`` on a pool thread), so that an agent's status is seen to change within about that."""

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 PROXY_AUTH = "Proxy-Authorization"
 CREDENTIAL_CHECK_WAIT_S = 0.5  # longest a credentialed request waits for its connection's pid lookup
+# A cached agent row older than this is read again before it vouches for a request (an agent idle that long
+# may have ended); a younger one serves at once and is re-read in the background once a second old.
+REREAD_FIRST_S = 10.0
 
 
 class FlowAttribution:
@@ -65,7 +68,6 @@ class FlowAttribution:
             peer, sock = tuple(client.peername[:2]), tuple(client.sockname[:2])
             self._conn_pid[client.id] = asyncio.get_running_loop().run_in_executor(
                 self._pool, self.pids.resolve, peer, sock)
-
 
     async def attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution:
         """Which agent a request belongs to: credentials, then a CONNECT's, a base-URL path token, the
@@ -132,7 +134,7 @@ class FlowAttribution:
         if not agent_id.isprintable():  # undecodable header or path bytes name no agent (nor can SQLite bind them)
             return None
         agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
-        if agent is None:
+        if agent is None or directory.age(agent_id) > REREAD_FIRST_S:  # unknown, or idle a while: read it now
             agent = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, agent_id)
         elif directory.due(agent_id):  # its status for the next requests (an ended agent's token is void)
             self._pool.submit(_quietly, directory.lookup, agent_id)

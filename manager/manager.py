@@ -133,21 +133,24 @@ class AgentManager:
 
         Running deploys (other threads') are cancelled first: their agents are killed and recorded, and
         their calls return those results, before the proxy and the store go."""
-        finished = self._cancel_deploys()
-        self._closing.set()
-        for thread in self._threads:
-            thread.join(10)
-        self._threads = []
-        for link in self.links:
-            link.close()
-        self.links, self.link = [], None
-        if finished:
-            self._reaper.stop()
-        else:  # agents that would not end in time: the reaper kills and records them
-            self._reaper.abandon()
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        finished = False
+        try:
+            finished = self._cancel_deploys()
+            self._closing.set()
+            for thread in self._threads:
+                thread.join(10)
+            self._threads = []
+            for link in self.links:
+                link.close()
+        finally:  # whatever failed above, the reaper and the store are settled
+            self.links, self.link = [], None
+            if finished:
+                self._reaper.stop()
+            else:  # agents that would not end in time (or close() failed): the reaper kills and records them
+                self._reaper.abandon()
+            if self.store is not None:
+                self.store.close()
+                self.store = None
 
     def _cancel_deploys(self, timeout: float = 60.0) -> bool:
         """Stop every running deploy and wait for its agents to be killed and recorded; False on timeout.
@@ -230,10 +233,17 @@ class AgentManager:
         finally:
             try:
                 pool.shutdown(wait=True, cancel_futures=True)
-            finally:  # even when a second Ctrl-C breaks the wait
-                with self._lock:
-                    self._deploys.pop(stop, None)
+            finally:  # a second Ctrl-C breaks that wait: the deploy stays known until its agents end
+                stop.set()
+                for future in futures:
+                    future.add_done_callback(lambda _f: self._forget_deploy(stop))
         return [r for r in results if r is not None]
+
+    def _forget_deploy(self, stop: threading.Event) -> None:
+        """Drop a finished deploy (each of its agents calls this as it ends; the last one drops it)."""
+        with self._lock:
+            if all(f.done() for f in self._deploys.get(stop, ())):
+                self._deploys.pop(stop, None)
 
     def summary(self, results: Sequence[AgentResult], since: float | None = None) -> dict[str, Any]:
         """Batch counts (statuses, calls, tokens, bypasses), proxy restarts and unattributed flows."""
@@ -269,8 +279,15 @@ class AgentManager:
         try:
             store.register_agent(agent_id, token=token, run_id=self.run_id,
                                  meta={"index": index, "agent": self.spec.describe()})
+            link = self._link(index)
+            # A proxy that died since the watchdog last looked is restarted (or waited for) before an agent
+            # is pointed at its port: an agent that does not retry would fail on a dead port.
+            link.revive_if_dead(self._closing)
+            if stop.is_set():  # cancelled meanwhile (that wait can be long): not started only to be killed
+                store.agent_ended(agent_id, "error", {"error": "cancelled before it started"})
+                return AgentResult(agent_id, index, prompt, "error", error="cancelled before it started")
             try:
-                ctx, agent = self._start(agent_id, token, prompt, run_dir, self._link(index))
+                ctx, agent = self._start(agent_id, token, prompt, run_dir, link)
             except (OSError, AgentSpecError, ValueError) as exc:
                 error = f"cannot start agent (it runs in a fresh working directory, not here): {exc}"
                 store.agent_ended(agent_id, "error", {"error": error})
@@ -284,9 +301,6 @@ class AgentManager:
     def _start(self, agent_id: str, token: str, prompt: Prompt, run_dir: Path,
                link: ProxyLink) -> tuple[LaunchContext, launch.AgentProcess]:
         ctx, argv, stdin = _prepare(self.spec, agent_id, prompt, run_dir, self.workdir_template)
-        # A proxy that died since the watchdog last looked is restarted (or waited for) before an agent is
-        # pointed at its port: an agent that does not retry would fail on a dead port.
-        link.revive_if_dead(self._closing)
         env = self._environment(agent_id, token, link)
         agent = launch.spawn(agent_id, argv, env=env, cwd=ctx.workdir, stdin=stdin,
                              stdout=run_dir / "stdout.log", stderr=run_dir / "stderr.log")

@@ -253,8 +253,7 @@ class ProxyProcess:
                 log.warning("mitmdump did not stop on %s (log %s)", sig.name, self.log_path)
                 continue
             self._log.close()  # a later start() begins a new log
-            if sig is signal.SIGINT and proc.returncode == 0 and not keep_log \
-                    and self.log_path.stat().st_size == 0:
+            if sig is signal.SIGINT and proc.returncode == 0 and not keep_log and _is_empty(self.log_path):
                 self.log_path.unlink(missing_ok=True)
             return
 
@@ -265,6 +264,13 @@ class ProxyProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except FileNotFoundError:  # removed after a clean stop with nothing in it
             return ""
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:  # removed meanwhile (a tmp cleaner): nothing to keep either
+        return False
 
 
 def _new_log() -> IO[bytes]:

@@ -26,6 +26,7 @@ from rollouttap.manager.launch import kill_exactly, leftover_tree, process_table
 log = logging.getLogger(__name__)
 
 ERROR = "the manager process exited while the agent ran; its processes were killed"
+ABANDONED = "the manager closed before the agent could be ended; its processes were killed"
 READY = b"ready\n"
 # Not `-m`: the package imports this module first, and runpy would warn (an error under -W error).
 _MAIN = "from rollouttap.manager.reaper import main; raise SystemExit(main())"
@@ -45,7 +46,7 @@ class Reaper:
         try:
             proc = subprocess.Popen([sys.executable, "-c", _MAIN, str(store), str(os.getpid())],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
-        except OSError as exc:
+        except (OSError, TypeError) as exc:  # TypeError: no sys.executable (an embedded interpreter)
             log.warning("no reaper: agents may outlive a manager that is killed (%s)", exc)
             proc = None
         return cls(proc)
@@ -61,7 +62,8 @@ class Reaper:
             return True
         log.warning("the reaper did not start (exit code %s): agents may outlive a manager that is killed",
                     proc.poll())
-        self.abandon()
+        proc.kill()
+        self._close(wait=5.0)
         return False
 
     def watch(self, agent_id: str, pid: int, start: int | None) -> None:
@@ -79,7 +81,9 @@ class Reaper:
         self._close(wait=10.0)
 
     def abandon(self) -> None:
-        """Leave the reaper to kill and record whatever of the agents still runs (as if the manager died)."""
+        """Leave the reaper to kill and record whatever of the agents still runs (the manager gives up on
+        them: close() could not end them in time)."""
+        self._send({"abandoned": True})
         self._close(wait=0.0)
 
     def _close(self, wait: float) -> None:
@@ -115,22 +119,26 @@ class Reaper:
                     log.warning("the reaper is gone (%s): agents may outlive a manager that is killed", exc)
 
 
-def read_watch_list(messages: Iterator[bytes]) -> tuple[dict[str, tuple[int, int]], bool]:
-    """(agents running when the messages ended, whether the manager said goodbye)."""
+def read_watch_list(messages: Iterator[bytes]) -> tuple[dict[str, tuple[int, int]], str | None]:
+    """(agents running when the messages ended, why they are to be reaped: None after the manager's
+    goodbye, ABANDONED when it gave up on them, else ERROR)."""
     running: dict[str, tuple[int, int]] = {}
+    why = ERROR
     for line in messages:
         try:
             message = json.loads(line)
         except ValueError:
             continue
         if "bye" in message:
-            return running, True
+            return running, None
+        if "abandoned" in message:
+            why = ABANDONED
         if "watch" in message:
             agent_id, pid, start = message["watch"]
             running[agent_id] = (int(pid), int(start))
         elif "release" in message:
             running.pop(message["release"], None)
-    return running, False
+    return running, why
 
 
 def lines_while(fd: int, alive: Callable[[], bool], poll_s: float = 0.5) -> Iterator[bytes]:
@@ -163,24 +171,27 @@ def reap(running: dict[str, tuple[int, int]], rounds: int = 5) -> int:
     return len(killed)
 
 
-def record_ends(store_path: str, agent_ids: list[str]) -> None:
+def record_ends(store_path: str, agent_ids: list[str], why: str) -> None:
     from rollouttap.store import Store
     with Store(store_path) as store:
         for agent_id in agent_ids:
             agent = store.agent(agent_id)
             if agent is not None and agent.status in ("registered", "running"):
-                store.agent_ended(agent_id, "error", {"error": ERROR})
+                store.agent_ended(agent_id, "error", {"error": why})
 
 
 def main(argv: list[str] | None = None) -> int:
     store_path, manager_pid = (argv if argv is not None else sys.argv[1:])[:2]
     os.write(sys.stdout.fileno(), READY)
-    manager_alive = lambda: os.getppid() == int(manager_pid)  # noqa: E731  (re-parented once it died)
-    running, goodbye = read_watch_list(lines_while(sys.stdin.fileno(), manager_alive))
-    if goodbye or not running:
+
+    def manager_alive() -> bool:
+        return os.getppid() == int(manager_pid)  # re-parented once it died
+
+    running, why = read_watch_list(lines_while(sys.stdin.fileno(), manager_alive))
+    if why is None or not running:
         return 0
     reap(running)
-    record_ends(store_path, list(running))
+    record_ends(store_path, list(running), why)
     return 0
 
 

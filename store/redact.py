@@ -59,7 +59,7 @@ def _machine_key() -> bytes:
     stored in clear and no flow is lost over it."""
     try:
         return _stored_key(cache_root() / "fingerprint.key")
-    except OSError as exc:
+    except Exception as exc:  # OSError, or no home directory at all (RuntimeError): never fail a flow
         log.warning("rollouttap: no fingerprint key file (%s); this process uses a key of its own", exc)
         return secrets.token_bytes(32)
 
@@ -72,16 +72,17 @@ def _stored_key(path: Path) -> bytes:
     if len(key) >= 32:
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written whole under another name, then linked: a process racing this one never reads half a key.
-    draft = path.with_name(f".{path.name}.{os.getpid()}")
-    with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-        out.write(secrets.token_bytes(32))
+    # Written whole under a fresh name, then linked: a process racing this one never reads half a key.
+    draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
         os.link(draft, path)
     except FileExistsError:  # another process made it first: theirs counts
         pass
     finally:
-        draft.unlink()
+        draft.unlink(missing_ok=True)
     key = path.read_bytes()
     if len(key) < 32:  # a damaged file: not a key to hash secrets with
         raise OSError(f"{path} holds {len(key)} bytes, not a key")

@@ -94,7 +94,8 @@ def test_the_agent_directory_rereads_a_cached_row_once_its_age_is_due(tmp_path):
     with Store(tmp_path / "s.db") as store:
         store.register_agent("a", token=new_token())
         directory = AgentDirectory(str(tmp_path / "s.db"), max_age=0.05)
-        assert directory.cached("a") is None and directory.lookup("a").status == "registered"
+        assert directory.cached("a") is None and directory.age("a") == float("inf")
+        assert directory.lookup("a").status == "registered" and directory.age("a") < 1
         assert not directory.due("a")
         store.agent_ended("a", "ok")
         assert directory.cached("a").status == "registered"  # the cache does no I/O

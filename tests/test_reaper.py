@@ -14,7 +14,7 @@ import pytest
 
 from conftest import running_agents, wait_for
 from manager_support import HERE as SUPPORT
-from rollouttap.manager.reaper import ERROR, lines_while, read_watch_list
+from rollouttap.manager.reaper import ABANDONED, ERROR, lines_while, read_watch_list
 from rollouttap.store import Store
 
 MANAGER = textwrap.dedent("""
@@ -35,9 +35,10 @@ def _lines(*messages) -> list[bytes]:
 
 
 def test_the_watch_list_is_what_runs_when_the_messages_end():
-    running, bye = read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"watch": ["b", 11, 6]}, {"release": "a"})))
-    assert running == {"b": (11, 6)} and not bye
-    assert read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"bye": True})))[1]
+    running, why = read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"watch": ["b", 11, 6]}, {"release": "a"})))
+    assert running == {"b": (11, 6)} and why == ERROR
+    assert read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"bye": True})))[1] is None
+    assert read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"abandoned": True})))[1] == ABANDONED
     assert read_watch_list(iter([b"not json"]))[0] == {}
 
 
