@@ -52,7 +52,8 @@ class AgentManager:
     token ids, agents get ``OPENAI_BASE_URL``/``OPENAI_API_BASE`` (unless env or the spec set them), and
     direct connections to it are reported as bypasses. base_url_mode: agents' base URL goes through a
     reverse listener whose path names the agent, for clients that ignore proxy settings (NO_PROXY then
-    names that listener's host:port, which curl does not honour). proxies: how many proxies to start, each
+    names that listener's host:port; a client that sends it through the proxy all the same, as curl and
+    aiohttp do, is served as the reverse listener would serve it). proxies: how many proxies to start, each
     its own process and event loop, agents spread over them in turn: one proxy's event loop tops out at a
     few hundred requests/s, a node with many cores and many agents can use one per core or two.
     """
