@@ -22,14 +22,13 @@ import psutil
 
 from rollouttap.addon.procfs import AncestryCache, ProcInfo, SocketOwnerFinder
 from rollouttap.addon.sockdiag import socket_inode
-from rollouttap.store import AgentRecord, Store, token_matches
+from rollouttap.store import LIVE_STATUSES, AgentRecord, Store, token_matches
 
 log = logging.getLogger(__name__)
 
 Method = Literal["credentials", "path", "pid", "header", "none", "rejected"]
 AGENT_HEADER = "X-Agent-ID"
 PATH_PREFIX = "/agents/"
-LIVE_STATUSES = ("registered", "running")
 TAG_REFRESH_S = 0.05  # re-read registered roots at most this often for agents started since the last read
 
 

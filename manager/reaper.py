@@ -172,11 +172,11 @@ def reap(running: dict[str, tuple[int, int]], rounds: int = 5) -> int:
 
 
 def record_ends(store_path: str, agent_ids: list[str], why: str) -> None:
-    from rollouttap.store import Store
+    from rollouttap.store import LIVE_STATUSES, Store
     with Store(store_path) as store:
         for agent_id in agent_ids:
             agent = store.agent(agent_id)
-            if agent is not None and agent.status in ("registered", "running"):
+            if agent is not None and agent.status in LIVE_STATUSES:
                 store.agent_ended(agent_id, "error", {"error": why})
 
 

@@ -18,6 +18,7 @@ from rollouttap.store.records import AgentRecord, FlowRecord
 from rollouttap.store.redact import hash_token
 
 AGENT_STATUSES = ("registered", "running", "ok", "failed", "timeout", "error")
+LIVE_STATUSES = ("registered", "running")  # not ended yet: its token counts, its processes are supervised
 
 
 class Store:
