@@ -221,10 +221,7 @@ class RolloutTap:
             if ctx.options.stream_large_bodies and may_have_body(req):
                 # mitmproxy may stream this body upstream before the request hook, and cannot answer a
                 # request it streams: the connection is closed instead of answered.
-                self.counts["rejected"] += 1
-                flow.kill()
-                self._end(flow.id, "error", {"error": f"proxy credentials refused: {who.detail} (connection "
-                                                      "closed: stream_large_bodies would send the body on)"})
+                self._reject(flow, who, close=True)
             else:  # answered once its body is in, so that the body is kept
                 self._live[flow.id].refused = who
 
@@ -309,14 +306,21 @@ class RolloutTap:
         else:
             self._end(flow_id, "error", cols)
 
-    def _reject(self, flow: http.HTTPFlow, who: Attribution) -> None:
+    def _reject(self, flow: http.HTTPFlow, who: Attribution, *, close: bool = False) -> None:
+        """Refuse a flow with a 407 (``close``: close its connection instead) and record why."""
         self.counts["rejected"] += 1
+        error = f"proxy credentials refused: {who.detail}"
+        if close:
+            flow.kill()
+            self._end(flow.id, "error", {"error": f"{error} (connection closed: stream_large_bodies would "
+                                                  "send the body on)"})
+            return
         flow.response = http.Response.make(
             407, f"rollouttap: proxy credentials refused ({who.detail})\n",
             {"Proxy-Authenticate": 'Basic realm="rollouttap"', "Content-Type": "text/plain"})
         self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
                                      "response_body": flow.response.raw_content, "t_end": time.time(),
-                                     "error": f"proxy credentials refused: {who.detail}"})
+                                     "error": error})
 
     # -- store -------------------------------------------------------------------------------------
     def _record_new(self, flow: http.HTTPFlow, who: Attribution, routed_from: str | None = None) -> None:
