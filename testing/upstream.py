@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import signal
@@ -135,7 +136,7 @@ class _Handlers:
             return None
         if isinstance(answer, bytes):
             return web.Response(body=answer, content_type="application/json")
-        return await self._send_events(request, _paced_events(answer, self.config.chunk_delay), None)
+        return await self._send_events(request, _paced(answer, self.config.chunk_delay), None)
 
     async def _remember(self, request: web.Request, answer: bytes | list[bytes]) -> None:
         if self.config.memo:
@@ -190,11 +191,11 @@ class _Handlers:
             chunks = chat_chunks(gen, meta, opts, tok, tokens_per_chunk=cfg.tokens_per_chunk, parsers=parsers)
         else:
             chunks = completion_chunks(gen, meta, opts, tok, tokens_per_chunk=cfg.tokens_per_chunk)
-        events = [*map(sse, chunks), SSE_DONE] if cfg.memo and reply.abort_after_chunks is None else None
-        if events is not None:
+        events: Iterable[bytes] = itertools.chain(map(sse, chunks), [SSE_DONE])  # built as they are sent
+        if cfg.memo and reply.abort_after_chunks is None:
+            events = list(events)
             await self._remember(request, events)
-        paced = _paced_events(events, cfg.chunk_delay) if events else _paced(chunks, cfg.chunk_delay)
-        return await self._send_events(request, paced, reply.abort_after_chunks)
+        return await self._send_events(request, _paced(events, cfg.chunk_delay), reply.abort_after_chunks)
 
     async def _send_events(self, request: web.Request, paced: AsyncIterator[tuple[int, bytes]],
                            abort_after: int | None) -> web.StreamResponse:
@@ -264,23 +265,10 @@ class _Handlers:
                       "body": body.decode("utf-8", "replace"), "json": payload})
 
 
-async def _paced(chunks: Iterable[dict[str, Any]], delay: float) -> AsyncIterator[tuple[int, bytes]]:
-    """SSE events for ``chunks`` then ``[DONE]``, ``delay`` seconds apart."""
-    index = 0
-    for chunk in chunks:
-        if index and delay:
-            await asyncio.sleep(delay)
-        yield index, sse(chunk)
-        index += 1
-    if delay:
-        await asyncio.sleep(delay)
-    yield index, SSE_DONE
-
-
-async def _paced_events(events: list[bytes], delay: float) -> AsyncIterator[tuple[int, bytes]]:
-    """Ready SSE events (``[DONE]`` last), ``delay`` seconds apart, as ``_paced`` sends them."""
+async def _paced(events: Iterable[bytes], delay: float) -> AsyncIterator[tuple[int, bytes]]:
+    """SSE events (``[DONE]`` last), ``delay`` seconds apart; ``[DONE]`` always after a pause."""
     for index, data in enumerate(events):
-        if index and delay:
+        if delay and (index or data == SSE_DONE):
             await asyncio.sleep(delay)
         yield index, data
 
