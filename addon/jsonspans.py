@@ -13,25 +13,26 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FAST_VALUE", "key_pattern", "splice_nulls", "value_spans", "with_markers"]
+__all__ = ["CHAT_LOGPROBS", "FAST_VALUE", "INTS", "NUMBER", "STRING", "key_pattern", "splice_nulls", "value_spans",
+           "with_markers"]
 
 # Values vLLM puts under the planned keys, matched at C speed instead of parsed: token-id lists
 # and compact per-token logprobs (chat and completions shapes). Every pattern is a subset of JSON,
 # so a match ends exactly where the value does (a third of the cost of decoding it; possessive
 # quantifiers: the grammar never needs to backtrack); any other value is decoded.
-_STR = r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+"'
-_NUM = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?"
-_INTS = r"\[(?:(?!0[0-9])[0-9]++(?:,(?!0[0-9])[0-9]++)*+)?\]"
-_BYTES = rf'"bytes":(?:null|{_INTS})'
-_TOP = rf'\{{"token":{_STR},"logprob":{_NUM},{_BYTES}\}}'
-_ENTRY = rf'\{{"token":{_STR},"logprob":{_NUM},{_BYTES},"top_logprobs":(?:null|\[(?:{_TOP}(?:,{_TOP})*+)?\])\}}'
-_CHAT_LOGPROBS = rf'\{{"content":(?:null|\[(?:{_ENTRY}(?:,{_ENTRY})*+)?\])\}}'
-_TOP_MAP = rf"(?:null|\{{(?:{_STR}:{_NUM}(?:,{_STR}:{_NUM})*+)?\}})"
+STRING = r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+"'
+NUMBER = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?"
+INTS = r"\[(?:(?!0[0-9])[0-9]++(?:,(?!0[0-9])[0-9]++)*+)?\]"
+_BYTES = rf'"bytes":(?:null|{INTS})'
+_TOP = rf'\{{"token":{STRING},"logprob":{NUMBER},{_BYTES}\}}'
+_ENTRY = rf'\{{"token":{STRING},"logprob":{NUMBER},{_BYTES},"top_logprobs":(?:null|\[(?:{_TOP}(?:,{_TOP})*+)?\])\}}'
+CHAT_LOGPROBS = rf'\{{"content":(?:null|\[(?:{_ENTRY}(?:,{_ENTRY})*+)?\])\}}'
+_TOP_MAP = rf"(?:null|\{{(?:{STRING}:{NUMBER}(?:,{STRING}:{NUMBER})*+)?\}})"
 _CMPL_LOGPROBS = (
-    rf'\{{"text_offset":{_INTS},"token_logprobs":\[(?:(?:{_NUM}|null)(?:,(?:{_NUM}|null))*+)?\],'
-    rf'"tokens":\[(?:{_STR}(?:,{_STR})*+)?\],"top_logprobs":\[(?:{_TOP_MAP}(?:,{_TOP_MAP})*+)?\]\}}'
+    rf'\{{"text_offset":{INTS},"token_logprobs":\[(?:(?:{NUMBER}|null)(?:,(?:{NUMBER}|null))*+)?\],'
+    rf'"tokens":\[(?:{STRING}(?:,{STRING})*+)?\],"top_logprobs":\[(?:{_TOP_MAP}(?:,{_TOP_MAP})*+)?\]\}}'
 )
-FAST_VALUE = re.compile(f"{_INTS}|{_CHAT_LOGPROBS}|{_CMPL_LOGPROBS}")
+FAST_VALUE = re.compile(f"{INTS}|{CHAT_LOGPROBS}|{_CMPL_LOGPROBS}")
 _DECODER = json.JSONDecoder()
 # Spans are replaced by distinct numbers with this prefix to check where they sit in the document.
 _MARK_BASE = 7391820465_000000

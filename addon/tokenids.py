@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rollouttap.addon.jsonspans import key_pattern, splice_nulls, value_spans, with_markers
+from rollouttap.addon.vllm_chunk import FIELDS, chat_chunk_fields
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ class _StripPlan:
     key_pattern: re.Pattern[str]
     markers: tuple[bytes, ...]  # cheap substring test: no marker, nothing to strip
     drop_swallowed: bool
+    chunk_fields: frozenset[str]  # vllm_chunk.FIELDS to null in a streamed chat chunk of vLLM's shape
 
     def may_touch(self, raw: bytes) -> bool:
         return any(marker in raw for marker in self.markers)
@@ -212,6 +214,9 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
         key_pattern=key_pattern(choice_keys),
         markers=markers,
         drop_swallowed=endpoint == "chat" and ids,  # vLLM sends swallowed chunks for return_token_ids only
+        chunk_fields=frozenset(
+            (("logprobs",) if logprobs else ()) + (("token_ids", "prompt_token_ids") if ids else ())
+        ) if endpoint == "chat" else frozenset(),
     )
 
 
@@ -389,12 +394,25 @@ def _rewrite_event(raw: bytes, plan: _StripPlan) -> bytes:
         text = raw[start:end].decode("utf-8")
     except UnicodeDecodeError:
         return raw
-    new = _strip_json(text, plan, allow_drop=True)
+    new = _strip_event_json(text, plan)
     if new is None:
         return raw
     if isinstance(new, _Drop):
         return b""
     return raw[:start] + new.encode("utf-8") + raw[end:]
+
+
+def _strip_event_json(text: str, plan: _StripPlan) -> str | _Drop | None:
+    """_strip_json for an event's data, in one match when it is a chat chunk of vLLM's shape (most are)."""
+    fields = chat_chunk_fields(text) if plan.chunk_fields else None
+    if fields is None:
+        return _strip_json(text, plan, allow_drop=True)
+    spans = [fields.spans[name] for name in FIELDS if name in plan.chunk_fields and name in fields.spans]
+    if not spans:
+        return None
+    if plan.drop_swallowed and fields.empty_delta:
+        return _DROP
+    return splice_nulls(text, spans)
 
 
 def _data_span(raw: bytes) -> tuple[int, int] | None:
@@ -414,6 +432,3 @@ def _data_span(raw: bytes) -> tuple[int, int] | None:
     if end > start and raw[end - 1] == 0x0D:
         end -= 1
     return start, end
-
-
-# ---------------------------------------------------------------------------- benchmark

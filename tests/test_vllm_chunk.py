@@ -1,0 +1,109 @@
+"""Tests for rollouttap.addon.vllm_chunk: the whole-chunk match that strips streamed token fields in one step.
+
+The chunks come from the scripted upstream's builders (vLLM's exact chunk shapes: text, reasoning, tool-call
+fragments, parser-swallowed chunks, the final chunk with stop_reason, the usage chunk). For each, the one-match
+path must give what tokenids' general path gives (it compares private helpers on purpose: the two paths are
+the subject), and must take the chunks vLLM streams, or the speed-up is gone unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from rollouttap.addon import tokenids
+from rollouttap.addon.vllm_chunk import chat_chunk_fields
+from rollouttap.testing.fake_tokenizer import FakeTokenizer
+from rollouttap.testing.replies import Reply, ToolCall
+from rollouttap.testing.vllm_format import Options, dumps, generate_chat
+from rollouttap.testing.vllm_responses import ResponseMeta, chat_chunks
+
+TOK = FakeTokenizer()
+CALC = {"type": "function", "function": {"name": "calculator", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}}}}
+USER = {"role": "user", "content": "What is 2 + 3 * 4? Answer \"exactly\" ü."}
+REPLIES = {
+    "text": Reply(content='It is 14 — "fourteen" ü\n'),
+    "tool call": Reply(content="Let me check.", tool_calls=[ToolCall("calculator", {"expression": "2 + 3 * 4"})]),
+    "reasoning": Reply(content="14", reasoning="Multiply first: 3 * 4 = 12."),
+    "tool call only": Reply(tool_calls=[ToolCall("calculator", {"expression": "1/0"})]),
+}
+ALL = {"return_token_ids": True, "logprobs": True, "return_tokens_as_token_ids": True}
+ASKED = {  # what the agent asked for itself, then what rollouttap added (tokenids.plan_injection's rules)
+    "nothing": ({}, ALL),
+    "logprobs": ({"logprobs": True, "top_logprobs": 2}, {"return_token_ids": True}),
+    "token ids": ({"return_token_ids": True}, {"logprobs": True, "return_tokens_as_token_ids": True}),
+    "ids only": ({}, {"return_token_ids": True}),
+    "usage": ({"stream_options": {"include_usage": True}}, ALL),
+}
+
+
+def upstream_chunks(reply: Reply, asked: dict[str, Any], added: dict[str, Any], k: int) -> list[str]:
+    request = {"model": "m", "messages": [USER], "stream": True, "tools": [CALC], **asked, **added}
+    gen = generate_chat(request, reply, TOK)
+    chunks = chat_chunks(gen, ResponseMeta.new("m"), Options.from_request(request), TOK, tokens_per_chunk=k)
+    return [dumps(chunk).decode() for chunk in chunks]
+
+
+def plan(added: dict[str, Any]) -> Any:
+    injection = tokenids.Injection(added=added, new_body=b"{}", stream=True, endpoint="chat")
+    return tokenids._plan_for(injection)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("asked", ASKED)
+@pytest.mark.parametrize("reply", REPLIES)
+def test_one_match_strips_as_the_general_path_does(reply: str, asked: str, k: int) -> None:
+    agent_asked, added = ASKED[asked]
+    strip_plan = plan(added)
+    for text in upstream_chunks(REPLIES[reply], agent_asked, added, k):
+        general = tokenids._strip_json(text, strip_plan, allow_drop=True)
+        assert tokenids._strip_event_json(text, strip_plan) == general, text
+        if json.loads(text)["choices"]:  # the usage chunk has none; every other chunk takes the one match
+            assert chat_chunk_fields(text) is not None, text
+
+
+def test_the_chunks_cover_what_the_one_match_must_handle() -> None:
+    # A guard on the table above: it holds swallowed chunks (dropped), tool-call fragments, reasoning,
+    # a final chunk with stop_reason, and the first chunk's prompt ids.
+    texts = [t for reply in REPLIES.values() for t in upstream_chunks(reply, {}, ALL, 1)]
+    fields = [f for f in map(chat_chunk_fields, texts) if f is not None]
+    assert any(f.empty_delta for f in fields)
+    assert isinstance(tokenids._strip_event_json(next(t for t, f in zip(texts, map(chat_chunk_fields, texts))
+                                                      if f is not None and f.empty_delta), plan(ALL)),
+                      tokenids._Drop)
+    assert any('"tool_calls"' in t and '"arguments"' in t for t in texts)
+    assert any('"reasoning_content"' in t for t in texts)
+    assert any('"stop_reason"' in t for t in texts)
+    assert sum("prompt_token_ids" in f.spans for f in fields) == len(REPLIES)
+
+
+HEAD = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":['
+CHOICE = '{"index":0,"delta":%s,"logprobs":null,"finish_reason":null,"token_ids":[5]}'
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + CHOICE % '{"content":"a"}' + "," + CHOICE % '{"content":"b"}' + "]}",  # two choices
+    HEAD + CHOICE % '{"content":"a"}' + '],"usage":null}',  # a field vLLM does not put there
+    HEAD + CHOICE % '{"content":"a"}' + '],"prompt_token_ids":[1],"x":1}',
+    HEAD + '{"delta":{"content":"a"},"index":0,"logprobs":null,"finish_reason":null,"token_ids":[5]}]}',  # order
+    HEAD + CHOICE % '{"tool_calls":[{"function":{"arguments":{"deep":[1]}}}]}' + "]}",  # deeper than vLLM nests
+    HEAD + CHOICE % '{"content":"a"}' + "]} ",  # trailing bytes
+    HEAD + CHOICE % '{"content":"a\\x"}' + "]}",  # not JSON
+    HEAD.replace('"created":1', '"created":01') + CHOICE % "{}" + "]}",
+])  # fmt: skip
+def test_other_shapes_are_left_to_the_general_path(text: str) -> None:
+    assert chat_chunk_fields(text) is None
+
+
+def test_a_field_name_inside_the_delta_is_not_taken_for_the_choices() -> None:
+    text = HEAD + CHOICE % '{"tool_calls":[{"index":0,"token_ids":7,"function":{"logprobs":"x"}}]}' + "]}"
+    fields = chat_chunk_fields(text)
+    assert fields is not None and text[slice(*fields.spans["token_ids"])] == "[5]"
+    out = tokenids._strip_event_json(text, plan(ALL))
+    assert isinstance(out, str)
+    # the general path re-serialises this one (the name occurs twice); both mean the same document
+    assert json.loads(out) == json.loads(tokenids._strip_json(text, plan(ALL), allow_drop=True))
+    assert json.loads(out)["choices"][0]["delta"]["tool_calls"][0]["token_ids"] == 7
