@@ -14,6 +14,7 @@ import signal
 import socket
 import sqlite3
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -737,3 +738,75 @@ def test_an_agent_whose_only_call_broke_off_gets_a_masked_row_with_the_servers_p
         collected = collect_flows(store, "a1", eos_token_id=2)
     assert collected.calls == 1 and collected.row is not None
     assert collected.row.prompt_ids == [5, 6, 7] and collected.row.env_mask == [0]
+
+
+TWO_CTRL_C = """
+import os, signal, sqlite3, sys, threading, time
+import psutil
+from rollouttap.manager import AgentManager, CommandAgent
+from rollouttap.store import Store
+
+store_path, confdir = sys.argv[1], sys.argv[2]
+main = threading.main_thread()
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + 60
+    while not condition():
+        if time.monotonic() > deadline:
+            print("timed out waiting for", what, flush=True)
+            os._exit(3)
+        time.sleep(0.02)
+
+
+def in_main(name):
+    frame = sys._current_frames().get(main.ident)
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+m = AgentManager(CommandAgent(["sleep", "60"]), store=store_path, timeout=60, confdir=confdir).start()
+lock = sqlite3.connect(store_path, isolation_level=None, timeout=30, check_same_thread=False)
+interrupted, closed = threading.Event(), threading.Event()
+
+
+def ctrl_c_twice():
+    with Store(store_path) as store:
+        wait_for(lambda: [a.status for a in store.agents(m.run_id)] == ["running"] * 2, "two running agents")
+        pids = [a.root_pid for a in store.agents(m.run_id)]
+    lock.execute("BEGIN IMMEDIATE")  # the agents' ends wait for it: the deploy cannot finish yet
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the agents are killed ...
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                             for p in pids), "the agents killed")
+    wait_for(lambda: in_main("shutdown"), "deploy() waiting for its agents' ends")
+    os.kill(os.getpid(), signal.SIGINT)  # ... and the second breaks deploy()'s wait for their ends
+    wait_for(interrupted.is_set, "deploy() broken off")
+    # The ends stay blocked until close() waits for them (or has returned without waiting).
+    wait_for(lambda: in_main("_cancel_deploys") or closed.is_set(), "close() under way")
+    lock.execute("ROLLBACK")
+
+
+threading.Thread(target=ctrl_c_twice, daemon=True).start()
+try:
+    m.deploy(["a", "b"])
+    print("deploy returned", flush=True)
+except KeyboardInterrupt:
+    interrupted.set()
+m.close()  # waits for the broken-off deploy's agents to be recorded, then stops the proxy and the store
+closed.set()
+with Store(store_path) as store:
+    print(sorted(a.status for a in store.agents(m.run_id)), flush=True)
+"""
+
+
+def test_a_deploy_broken_off_by_a_second_ctrl_c_is_recorded_before_close_returns(tmp_path, confdir):
+    # Ctrl-C once: deploy() kills its agents and waits for their ends to be recorded. Ctrl-C again breaks
+    # that wait; the deploy stays known, so close() waits for those ends before it closes the store.
+    proc = subprocess.run([sys.executable, "-c", TWO_CTRL_C, str(tmp_path / "r.db"), str(confdir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "['error', 'error']", proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
