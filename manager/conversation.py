@@ -264,6 +264,13 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     return Conversation(calls, completions, discontinuities, other)
 
 
+def calls_in_order(conversation: Conversation, flows: Sequence[FlowRecord]) -> list[ChatCall | CompletionCall]:
+    """The chat and /completions calls of ``build_conversation(flows)`` in the order the agent made them: an
+    agent may use both, and each samples tokens its training row holds."""
+    order = {flow.flow_id: i for i, flow in enumerate(flows)}
+    return sorted([*conversation.calls, *conversation.completion_calls], key=lambda call: order[call.flow_id])
+
+
 # -- continuity ------------------------------------------------------------------------------------
 
 Message = tuple[str, str, tuple[tuple[str, str], ...]]

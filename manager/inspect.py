@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from rollouttap.errors import ConfigError
-from rollouttap.manager.conversation import build_conversation, normalize_message
+from rollouttap.manager.conversation import build_conversation, calls_in_order, normalize_message
 from rollouttap.manager.fidelity import Fidelity, batch_fidelity
 from rollouttap.manager.results import token_counts
 from rollouttap.manager.rows import build_row
@@ -168,10 +168,10 @@ def usage_totals(calls: Iterable[Any]) -> dict[str, int]:
 def agent_stats(flows: Sequence[FlowRecord], *, eos_token_id: int = UNKNOWN_EOS) -> dict[str, Any]:
     """Calls, tokens, latencies, errors and row fidelity of one agent's flows."""
     conv = build_conversation(flows)
-    calls = list(conv.calls) + list(conv.completion_calls)
+    calls = calls_in_order(conv, flows)
     fidelity = None
-    if conv.calls:
-        _, report = build_row(conv.calls, eos_token_id=eos_token_id)
+    if calls:
+        _, report = build_row(calls, eos_token_id=eos_token_id)
         fidelity = report.as_dict()
     return {"flows": len(flows), "calls": len(calls), "failed_calls": sum(bool(c.failed) for c in calls),
             "errors": sum(f.state == "error" for f in flows), "usage": usage_totals(calls),

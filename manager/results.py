@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rollouttap.manager.conversation import build_conversation
+from rollouttap.manager.conversation import build_conversation, calls_in_order
 from rollouttap.manager.rows import build_row
 from rollouttap.store import Store
 
@@ -211,7 +211,7 @@ def collect_flows(store: Store, agent_id: str, *, eos_token_id: int | None) -> C
     except Exception:  # the flows stay in the store; the agent's result still stands
         log.exception("agent %s: rebuilding its conversation failed", agent_id)
         return Collected(counts, 0, None)
-    calls = list(conversation.calls) or list(conversation.completion_calls)
+    calls = calls_in_order(conversation, flows)
     row = fidelity = None
     prompts = [c.prompt_token_ids for c in calls if getattr(c, "prompt_token_ids", None)]
     if eos_token_id is not None and prompts:
@@ -221,7 +221,7 @@ def collect_flows(store: Store, agent_id: str, *, eos_token_id: int | None) -> C
             row, fidelity = build_row(calls, eos_token_id=eos_token_id, fallback_prompt_ids=prompts[0])
         except Exception:  # a row that cannot be built is reported, the agent's result still stands
             log.exception("agent %s: building its training row failed", agent_id)
-    return Collected(counts, len(conversation.calls) + len(conversation.completion_calls), conversation,
+    return Collected(counts, len(calls), conversation,
                      row, fidelity, token_counts(calls))
 
 

@@ -317,3 +317,18 @@ def test_response_message_to_message():
     message = ResponseMessage("assistant", None, "why", [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}])
     assert message.to_message() == {"role": "assistant", "content": None, "tool_calls": message.tool_calls}
     assert message.to_message(include_reasoning=True)["reasoning_content"] == "why"
+
+
+def test_chat_and_completion_calls_in_the_order_the_agent_made_them():
+    from rollouttap.manager.conversation import calls_in_order
+    from rollouttap.manager.inspect import agent_stats
+    completion = {"model": "m", "prompt": [1, 2, 3], "return_token_ids": True}
+    gen = generate_completion(completion, Reply(content="abc"), TOK)
+    body = json.dumps(completion_body(gen, ResponseMeta.new("m", chat=False), Options.from_request(completion, chat=False), TOK))
+    first, _ = turn([SYSTEM, USER])
+    last, _ = turn([SYSTEM, {"role": "user", "content": "And 5 * 5?"}])
+    flows = [first, make_flow(completion, body.encode(), path="/v1/completions"), last]
+    calls = calls_in_order(build_conversation(flows), flows)
+    assert [(type(c).__name__, c.flow_id) for c in calls] == [
+        ("ChatCall", first.flow_id), ("CompletionCall", flows[1].flow_id), ("ChatCall", last.flow_id)]
+    assert agent_stats(flows, eos_token_id=TOK.eos_token_id)["fidelity"]["calls"] == 3

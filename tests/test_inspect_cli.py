@@ -159,14 +159,15 @@ def test_export_command_writes_a_readable_flow_file_and_har(recording, cli, tmp_
 
 def test_stats_json(recording, cli):
     data = json.loads(cli("stats", "--store", recording.store, "--json", "--eos-token-id", "2").output)
-    # The manager's two agents, and two captured by a header only ('broken', 'completer'): no row of their own.
+    # The manager's two agents, and two captured by a header only: 'broken' (its one call failed: no row) and
+    # 'completer' (a /completions call with token ids: a row, as deploy() would build it).
     assert data["agents"] == 4 and data["agents_by_status"] == {"ok": 2, "unregistered": 2}
     assert data["calls"] == 8 and data["flows"] == 8 and data["failed_calls"] == 1 and data["unattributed_flows"] >= 1
     assert data["usage"]["completion_tokens"] > 0
     assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
     lat = data["latency"]
     assert lat["count"] == 8 and 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
-    assert data["fidelity"]["rows"] == 2 and data["fidelity"]["truncated"] == 0
+    assert data["fidelity"]["rows"] == 3 and data["fidelity"]["truncated"] == 0
 
 
 def test_stats_of_a_run_and_the_table(recording, cli):

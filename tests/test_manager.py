@@ -740,6 +740,42 @@ def test_an_agent_whose_only_call_broke_off_gets_a_masked_row_with_the_servers_p
     assert collected.row.prompt_ids == [5, 6, 7] and collected.row.env_mask == [0]
 
 
+@pytest.mark.parametrize("continues", [True, False], ids=["completion continues the chat", "unrelated prompt"])
+def test_an_agent_using_chat_and_completions_gets_both_calls_in_its_row(tmp_path, continues):
+    from rollouttap.testing.replies import Reply
+    from rollouttap.testing.vllm_format import Options, generate_chat, generate_completion
+    from rollouttap.testing.vllm_responses import ResponseMeta, chat_body, completion_body
+    tok = FakeTokenizer()
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "return_token_ids": True,
+            "logprobs": True, "return_tokens_as_token_ids": True}
+    chat_gen = generate_chat(chat, Reply(content="hello"), tok)
+    # A token-exact continuation (the chat's tokens, then the environment's) or a prompt of its own.
+    prompt = [*chat_gen.prompt_ids, *chat_gen.ids, 7, 9] if continues else [1, 7, 9]
+    cmpl = {"model": "m", "prompt": prompt, "return_token_ids": True, "logprobs": 0, "return_tokens_as_token_ids": True}
+    cmpl_gen = generate_completion(cmpl, Reply(content="abc"), tok)
+    answers = [("/v1/chat/completions", chat, chat_body(chat_gen, ResponseMeta.new("m"), Options.from_request(chat), tok)),
+               ("/v1/completions", cmpl, completion_body(cmpl_gen, ResponseMeta.new("m", chat=False),
+                                                       Options.from_request(cmpl, chat=False), tok))]
+    writer = StoreWriter(tmp_path / "s.db")
+    for n, (path, request, answer) in enumerate(answers):
+        writer.insert_flow({"flow_id": f"f{n}", "agent_id": "a1", "attribution": "credentials", "method": "POST",
+                            "host": "127.0.0.1", "path": path, "t_request": time.time(),
+                            "request_headers": [["Content-Type", "application/json"]],
+                            "request_body": json.dumps(request).encode(), "status_code": 200,
+                            "response_headers": [["Content-Type", "application/json"]],
+                            "response_body": json.dumps(answer).encode(), "state": "done", "t_end": time.time()})
+    writer.close()
+    with Store(tmp_path / "s.db") as store:
+        collected = collect_flows(store, "a1", eos_token_id=tok.eos_token_id)
+    sampled = len(chat_gen.ids) + len(cmpl_gen.ids)
+    assert collected.calls == 2 and collected.tokens["completion"] == sampled
+    assert (collected.fidelity.calls, collected.fidelity.sampled_tokens) == (2, sampled)
+    # realign's row is the last call's sequence: the chat's tokens are in it only when the completion continues it
+    trained = sampled if continues else len(cmpl_gen.ids)
+    assert sum(collected.row.env_mask) == collected.fidelity.trainable_tokens == trained
+    assert collected.row.completion_ids[-len(cmpl_gen.ids):] == cmpl_gen.ids
+
+
 TWO_CTRL_C = """
 import os, signal, sqlite3, sys, threading, time
 import psutil
