@@ -71,3 +71,19 @@ def test_completions_longer_than_trls_limit_are_cut(limit, expected):
     assert out["completion_ids"] == [[5, 6, 2][:expected]]
     assert out["env_mask"] == [[1, 0, 1][:expected]] and out["logprobs"] == [[-0.5, 0.0, -0.1][:expected]]
     assert out["agent_trainable_tokens"] == [sum([1, 0, 1][:expected])]
+
+
+@pytest.mark.parametrize("status, limit, coverage", [
+    ("ok", None, 1.0),
+    ("ok", 2, 0.5),  # cut to TRL's max_completion_length: one of the two sampled tokens is trained
+    ("error", None, 0.0),  # a failed agent's row is fully masked: nothing of it trains
+])
+def test_coverage_counts_what_trl_trains(status, limit, coverage):
+    row = TrainingRow([1], [5, 6, 2], [1, 0, 1], [-0.5, 0.0, -0.1], truncated=False)
+    result = SimpleNamespace(status=status, row=row, fidelity=Fidelity(sampled_tokens=2, trainable_tokens=2),
+                             agent_id="a", exit_code=0, return_value=None, calls=1, check_result=None, stdout_tail="",
+                             incomplete_flows=(), bypass_connections=())
+    out = to_rollout_output([result], eos_token_id=2, max_completion_length=limit)
+    assert out["agent_coverage"] == [coverage]
+    metrics = rollout_metrics([result], out["env_mask"])
+    assert metrics["fidelity/coverage"] == coverage and metrics["fidelity/dropped_tokens"] == 2 - 2 * coverage

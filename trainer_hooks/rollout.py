@@ -74,7 +74,7 @@ def to_rollout_output(results: Sequence[Any], *, eos_token_id: int,
     # A row without sampling logprobs (token ids only) gets None per token: TRL (>= 1.16) leaves those tokens
     # out of the importance-sampling correction. None for the whole batch would break TRL's vLLM path.
     logprobs = [list(r.logprobs) if r.logprobs is not None else [None] * len(r.completion_ids) for r in rows]
-    fidelities = [getattr(r, "fidelity", None) for r in results]
+    fidelities = trained_reports(results, [r.env_mask for r in rows])
     return RolloutOutput(
         prompt_ids=[list(r.prompt_ids) for r in rows],
         completion_ids=[list(r.completion_ids) for r in rows],
@@ -92,16 +92,31 @@ def to_rollout_output(results: Sequence[Any], *, eos_token_id: int,
     )
 
 
+def trained_reports(results: Sequence[Any], env_masks: Sequence[Sequence[int]]) -> list[Fidelity | None]:
+    """Each agent's fidelity report counting what TRL trains: its row as given to TRL (a failed agent's fully
+    masked, a long one cut to max_completion_length), not as built; None for an agent without a report."""
+    reports: list[Fidelity | None] = []
+    for result, mask in zip(results, env_masks):
+        report = getattr(result, "fidelity", None)
+        trained = sum(mask)
+        reports.append(None if report is None else replace(
+            report, trainable_tokens=trained, dropped_tokens=max(report.sampled_tokens - trained, 0)))
+    return reports
+
+
 def _last_line(text: str | None) -> str:
     """An agent's answer is, by convention, the last line it printed."""
     lines = (text or "").strip().splitlines()
     return lines[-1].strip() if lines else ""
 
 
-def rollout_metrics(results: Sequence[Any]) -> dict[str, float]:
-    """Batch figures for the trainer's log: success, calls, fidelity, lost or unattributed flows."""
+def rollout_metrics(results: Sequence[Any], env_masks: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Batch figures for the trainer's log: success, calls, fidelity, lost or unattributed flows. With the
+    rows' ``env_masks`` (what TRL trains), fidelity counts those, as ``agent_coverage`` does."""
     n = max(len(results), 1)
-    fid: Fidelity = batch_fidelity([r.fidelity for r in results if getattr(r, "fidelity", None)])
+    reports = trained_reports(results, env_masks) if env_masks is not None else \
+        [getattr(r, "fidelity", None) for r in results]
+    fid: Fidelity = batch_fidelity([f for f in reports if f is not None])
     return {
         "agents/success_rate": sum(r.status == "ok" for r in results) / n,
         "agents/timeout_rate": sum(r.status == "timeout" for r in results) / n,
@@ -142,7 +157,7 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
                                    train_on_failed=train_on_failed,
                                    max_completion_length=getattr(getattr(trainer, "args", None),
                                                                  "max_completion_length", None))
-        metrics = rollout_metrics(results)
+        metrics = rollout_metrics(results, output["env_mask"])
         if hasattr(manager, "summary"):
             summary = manager.summary(results, since=started)
             metrics["flows/unattributed"] = float(summary.get("unattributed_flows", 0))
