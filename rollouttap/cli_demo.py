@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,7 +41,8 @@ def demo(
     store = store or Path(tempfile.mkdtemp(prefix="rollouttap-demo-")) / "runs.db"
     config = DemoConfig(store=store.resolve(), steps=steps, prompts=prompts, parallel=parallel,
                         generation=generation, vllm_url=vllm_url)  # type: ignore[arg-type]
-    summary = run_demo(config)
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's own step logs: stdout holds only the result
+        summary = run_demo(config)
     if json_out:
         typer.echo(json.dumps(summary.__dict__, default=str))
         return
