@@ -138,7 +138,8 @@ class RolloutTap:
                     f"refusing mode {spec!r} on a non-loopback address; set rollouttap_allow_remote=true")
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def running(self) -> None:
+    async def running(self) -> None:
+        await _rebind_on_loopback()  # before the proxy row: readers must never see a wide listener
         _listen_for_nudges(self._nudge)  # before the proxy row: readers nudge only proxies they see
         servers = ctx.master.addons.get("proxyserver").servers
         servers.changed.connect(self._listeners_changed)  # fired once servers (re)started, ports bound
@@ -368,6 +369,30 @@ def _listen_for_nudges(callback: Any) -> None:
         # No loop in the main thread (embedded mitmproxy) or no signals here: readers then wait for the
         # writer's idle watermarks, which only takes longer.
         log.debug("rollouttap: store nudges not handled: %s", exc)
+
+
+async def _rebind_on_loopback() -> None:
+    """Bind listeners again on loopback if they listen on every interface (mitmproxy's default host) while
+    rollouttap_allow_remote is off.
+
+    ``mitmdump -s addon/entry.py`` binds its listeners before the script's configure() sets listen_host to
+    loopback, and mitmproxy re-binds only when ``mode`` changes: they were left open to every host.
+    """
+    if ctx.options.rollouttap_allow_remote:
+        return
+    proxyserver = ctx.master.addons.get("proxyserver")
+    def wide() -> list[str]:
+        return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                for server in proxyserver.servers for host, port, *_ in server.listen_addrs if not is_loopback(host)]
+    if not (found := wide()):
+        return
+    log.warning("rollouttap: listening on %s: binding on %s instead (rollouttap_allow_remote is off)",
+                ", ".join(found), ctx.options.listen_host)
+    await proxyserver.servers.update([])
+    await proxyserver.setup_servers()
+    if found := wide():  # refuse to run open to other hosts rather than record their traffic
+        log.error("rollouttap: still listening on %s; shutting down", ", ".join(found))
+        ctx.master.shutdown()
 
 
 async def _shutdown_when_gone(pid: int, interval: float = 1.0) -> None:

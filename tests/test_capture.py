@@ -6,6 +6,7 @@ ScriptedUpstream (a scripted server speaking vLLM's JSON) as the model server.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import requests
@@ -401,7 +403,7 @@ def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_pat
     addon = RolloutTap()
     with taddons.context(Proxyserver(), addon) as tctx:
         tctx.configure(addon, rollouttap_store=str(tmp_path / "s.db"))
-        addon.running()
+        asyncio.run(addon.running())
         flow = tflow.tflow()
         addon._record_new(flow, Attribution("live", "header"))
         tap = StreamTap()
@@ -516,6 +518,29 @@ def test_proxy_refuses_non_loopback_listen_by_default(tmp_path, confdir):
                     extra={"rollouttap_allow_remote": "false"})
 
 
+def test_plain_mitmdump_with_the_addon_listens_on_loopback_only(tmp_path, confdir):
+    # mitmdump binds its listeners (on every interface by default) before a -s script's options apply.
+    import psutil
+    from rollouttap.addon.loopback import is_loopback
+    from rollouttap.manager.proxy import free_port
+    store, port = tmp_path / "runs.db", free_port()
+    entry = Path(flowcols.__file__).with_name("entry.py")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mitmdump")), "-s", str(entry), "-p", str(port),
+                             "--set", f"rollouttap_store={store}", "--set", f"confdir={confdir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Store(store) as s:  # the proxy row is written once the listeners are final
+            [row] = wait_for(lambda: s.proxies() if store.exists() else None, 30, "the proxy's row")
+        listening = [c.laddr.ip for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and all(is_loopback(ip) for ip in listening), listening
+        assert [(l["host"], l["port"]) for l in row["listen"]] == [("127.0.0.1", port)]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=15)[0]
+    assert "binding on 127.0.0.1 instead" in out
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("model_hosts", ("http://127.0.0.1:8000",), "HOST\\[:PORT\\]"),
     ("model_hosts", ("not a host:abc",), "HOST\\[:PORT\\]"),
@@ -618,7 +643,7 @@ def test_a_store_changed_at_run_time_gets_the_proxy_row_and_the_old_one_stops(tm
             tctx.options.update(rollouttap_store=str(path))
             tctx.master.addons.invoke_addon_sync(addon, hooks.ConfigureHook({"rollouttap_store"}))
         set_store(first)
-        addon.running()
+        asyncio.run(addon.running())
         set_store(second)
         with Store(first) as old_store:  # the old writer was closed: all it had is committed
             [old] = old_store.proxies()
