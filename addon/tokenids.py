@@ -10,7 +10,8 @@ so they read ``null`` too. Stripping therefore replaces an injected value with `
 place, by editing the bytes: every other byte (float spellings, escapes, whitespace) is the
 server's own, and the result equals what vLLM sends without the injected fields, byte for
 byte. If a field name also occurs deeper than where vLLM puts it, the edit falls back to
-re-serialising the parsed JSON (same meaning, compact separators, not byte-identical).
+re-serialising the parsed JSON (same meaning, compact separators, not byte-identical), except in a
+streamed chunk of vLLM's shape, whose fields one whole-chunk match places (``vllm_chunk``).
 
 Chunks that exist only because of the injection are dropped: when a tool or reasoning
 parser swallows text, vLLM (>= ~0.11) still sends an empty-delta chunk if ``return_token_ids``

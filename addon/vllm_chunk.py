@@ -5,7 +5,9 @@ markers and checks that the markers sit where vLLM puts those fields: sound for 
 Python calls and a parse per event, and an answer streams one event per token or few. The chunk vLLM
 streams (one choice; a delta of text, reasoning or tool-call fragments; its fields in vLLM's order) is
 matched here by one pattern over a subset of the JSON grammar, so a match alone fixes where each field
-is: its groups are the spans to edit. Any other event does not match and takes the general path.
+is: its groups are the spans to edit. Any other event does not match and takes the general path. Both
+give the same bytes, except for duplicate keys, which JSON leaves undefined and vLLM does not write (the
+general path's parse keeps the last one; a delta judged empty there may not be here).
 """
 
 from __future__ import annotations
