@@ -266,9 +266,16 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
 
 def calls_in_order(conversation: Conversation, flows: Sequence[FlowRecord]) -> list[ChatCall | CompletionCall]:
     """The chat and /completions calls of ``build_conversation(flows)`` in the order the agent made them: an
-    agent may use both, and each samples tokens its training row holds."""
+    agent may use both, and each samples tokens its training row holds. A chat call's retries follow it
+    directly, ahead of calls made meanwhile: rows read a retry as replacing the call just before it."""
     order = {flow.flow_id: i for i, flow in enumerate(flows)}
-    return sorted([*conversation.calls, *conversation.completion_calls], key=lambda call: order[call.flow_id])
+    first: dict[int, int] = {}  # turn -> capture position of its first attempt
+    keyed: list[tuple[tuple[int, int], ChatCall | CompletionCall]] = []
+    for call in conversation.calls:
+        at = order[call.flow_id]
+        keyed.append(((first.setdefault(call.turn, at), at), call))
+    keyed += [((order[c.flow_id], order[c.flow_id]), c) for c in conversation.completion_calls]
+    return [call for _, call in sorted(keyed, key=lambda item: item[0])]
 
 
 # -- continuity ------------------------------------------------------------------------------------

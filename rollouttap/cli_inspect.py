@@ -203,7 +203,7 @@ def show(
 
     Example: rollouttap show ag-1 --store runs.db --tokens --tokenizer ./model
     """
-    from rollouttap.manager.conversation import build_conversation
+    from rollouttap.manager.conversation import build_conversation, calls_in_order
     from rollouttap.manager.inspect import UNKNOWN_EOS
     from rollouttap.manager.rows import build_row
     with _open(store) as s:
@@ -212,11 +212,12 @@ def show(
     if agent is None and not found:
         raise NotFoundError(f"no agent {agent_id!r} in {store}")
     conv = build_conversation(found)
+    calls = calls_in_order(conv, found)
     decode, tok_eos = _tokenizer(tokenizer) if tokens else (None, None)
     eos = eos_token_id if eos_token_id is not None else tok_eos
     row = fidelity = None
     if tokens:
-        row, fidelity = build_row(conv.calls, eos_token_id=UNKNOWN_EOS if eos is None else eos)
+        row, fidelity = build_row(calls, eos_token_id=UNKNOWN_EOS if eos is None else eos)
     if as_json:
         out = {"agent": asdict(agent) if agent else None, "conversation": conv.to_dict()}
         if row is not None and fidelity is not None:
@@ -225,7 +226,7 @@ def show(
         return
     console = _console()
     head = f"agent {agent_id}" + (f" · {agent.status} · run {agent.run_id}" if agent else " · not registered")
-    console.print(Text(head + f" · {len(conv.calls)} calls · {len(found)} flows", style="bold"))
+    console.print(Text(head + f" · {len(calls)} calls · {len(found)} flows", style="bold"))
     _print_conversation(console, conv)
     if row is not None and fidelity is not None:
         plain = console.color_system is None

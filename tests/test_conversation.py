@@ -319,16 +319,39 @@ def test_response_message_to_message():
     assert message.to_message(include_reasoning=True)["reasoning_content"] == "why"
 
 
+def _completion_flow(prompt: list[int]) -> FlowRecord:
+    request = {"model": "m", "prompt": prompt, "return_token_ids": True}
+    gen = generate_completion(request, Reply(content="abc"), TOK)
+    body = completion_body(gen, ResponseMeta.new("m", chat=False), Options.from_request(request, chat=False), TOK)
+    return make_flow(request, json.dumps(body).encode(), path="/v1/completions")
+
+
 def test_chat_and_completion_calls_in_the_order_the_agent_made_them():
     from rollouttap.manager.conversation import calls_in_order
     from rollouttap.manager.inspect import agent_stats
-    completion = {"model": "m", "prompt": [1, 2, 3], "return_token_ids": True}
-    gen = generate_completion(completion, Reply(content="abc"), TOK)
-    body = json.dumps(completion_body(gen, ResponseMeta.new("m", chat=False), Options.from_request(completion, chat=False), TOK))
     first, _ = turn([SYSTEM, USER])
     last, _ = turn([SYSTEM, {"role": "user", "content": "And 5 * 5?"}])
-    flows = [first, make_flow(completion, body.encode(), path="/v1/completions"), last]
+    flows = [first, _completion_flow([1, 2, 3]), last]
     calls = calls_in_order(build_conversation(flows), flows)
     assert [(type(c).__name__, c.flow_id) for c in calls] == [
         ("ChatCall", first.flow_id), ("CompletionCall", flows[1].flow_id), ("ChatCall", last.flow_id)]
     assert agent_stats(flows, eos_token_id=TOK.eos_token_id)["fidelity"]["calls"] == 3
+
+
+@pytest.mark.parametrize("between", ["completion", "chat"])
+def test_a_retry_follows_its_original_and_replaces_only_it(between):
+    # Chat A fails, another call is made, then A is sent again: the retry replaces A, never the call between.
+    from rollouttap.manager.conversation import calls_in_order
+    from rollouttap.manager.rows import build_row
+    request = {"model": "m", "messages": [SYSTEM, USER], "tools": [CALC]}
+    body, _ = vllm_answer({**request, "return_token_ids": True})
+    failed = make_flow(request, b'{"error":{"message":"overloaded"}}', status=503)
+    other = _completion_flow([1, 2, 3]) if between == "completion" else \
+        turn([SYSTEM, {"role": "user", "content": "And 5 * 5?"}], return_token_ids=True)[0]
+    retried = make_flow(request, body, headers=[("x-stainless-retry-count", "1")])
+    flows = [failed, other, retried]
+    calls = calls_in_order(build_conversation(flows), flows)
+    assert [c.flow_id for c in calls] == [failed.flow_id, retried.flow_id, other.flow_id]
+    _, fidelity = build_row(calls, eos_token_id=TOK.eos_token_id)
+    assert (fidelity.calls, fidelity.retries_skipped, fidelity.calls_used) == (3, 1, 2)
+    assert fidelity.sampled_tokens == sum(len(c.completion_token_ids) for c in calls[1:])

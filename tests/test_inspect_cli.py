@@ -141,6 +141,13 @@ def test_show_completion_calls_and_failed_calls(recording, cli):
     assert "user: hello?" in out and "✗ " in out and "not registered" in out
 
 
+def test_show_tokens_of_an_agent_that_calls_completions(recording, cli):
+    data = json.loads(cli("show", "completer", "--store", recording.store, "--json", "--tokens",
+                          "--tokenizer", "fake").output)
+    assert data["fidelity"]["calls"] == 1 and data["fidelity"]["trainable_tokens"] > 0  # the row deploy() builds
+    assert sum(data["row"]["env_mask"]) == data["fidelity"]["trainable_tokens"]
+
+
 def test_show_unknown_agent(recording, cli):
     result = cli("show", "nobody", "--store", recording.store, code=1)
     assert "no agent 'nobody'" in str(result.exception)
