@@ -812,11 +812,9 @@ interrupted, closed = threading.Event(), threading.Event()
 def ctrl_c_twice():
     with Store(store_path) as store:
         wait_for(lambda: [a.status for a in store.agents(m.run_id)] == ["running"] * 2, "two running agents")
-        pids = [a.root_pid for a in store.agents(m.run_id)]
-    lock.execute("BEGIN IMMEDIATE")  # the agents' ends wait for it: the deploy cannot finish yet
+    # The agents' ends wait for this lock (up to the store's 10 s busy timeout): the deploy cannot finish yet.
+    lock.execute("BEGIN IMMEDIATE")
     os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the agents are killed ...
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                             for p in pids), "the agents killed")
     wait_for(lambda: in_main("shutdown"), "deploy() waiting for its agents' ends")
     os.kill(os.getpid(), signal.SIGINT)  # ... and the second breaks deploy()'s wait for their ends
     wait_for(interrupted.is_set, "deploy() broken off")
@@ -834,7 +832,10 @@ except KeyboardInterrupt:
 m.close()  # waits for the broken-off deploy's agents to be recorded, then stops the proxy and the store
 closed.set()
 with Store(store_path) as store:
-    print(sorted(a.status for a in store.agents(m.run_id)), flush=True)
+    agents = store.agents(m.run_id)
+    print(sorted(a.status for a in agents), flush=True)
+for pid in [a.root_pid for a in agents]:
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
 """
 
 
