@@ -216,6 +216,16 @@ def store_stats(store: Store, *, run_id: str | None = None, eos_token_id: int = 
         "latency": latency_summary(latencies),
         "ttfb": latency_summary(ttfb),
         "discontinuities": sum(s["discontinuities"] for s in per_agent.values()),
-        "fidelity": batch_fidelity(reports).as_dict() if reports else None,
+        "fidelity": _fidelity_figures(reports, eos_known=eos_token_id != UNKNOWN_EOS),
         "eos_token_id": None if eos_token_id == UNKNOWN_EOS else eos_token_id,
     }
+
+
+def _fidelity_figures(reports: list[Fidelity], *, eos_known: bool) -> dict[str, Any] | None:
+    """The batch's fidelity counts; truncation is None without an eos id (every row would read as cut)."""
+    if not reports:
+        return None
+    figures = batch_fidelity(reports).as_dict()
+    if not eos_known:
+        figures["truncated"] = None
+    return figures

@@ -301,7 +301,10 @@ def stats(
         flat[f"{name} p50 / p90 / p99"] = " / ".join(_secs(figures[name][p]) for p in ("p50", "p90", "p99"))
     _print_mapping(console, f"stats of {f'run {run}' if run else store}", flat)
     if figures["fidelity"]:
-        _print_mapping(console, "fidelity", figures["fidelity"])
+        fidelity = dict(figures["fidelity"])
+        if fidelity["truncated"] is None:
+            fidelity["truncated"] = "unknown without --eos-token-id"
+        _print_mapping(console, "fidelity", fidelity)
 
 
 # -- replay / resend ----------------------------------------------------------------------------------------------

@@ -180,8 +180,10 @@ def test_stats_json(recording, cli):
 def test_stats_of_a_run_and_the_table(recording, cli):
     data = json.loads(cli("stats", "--store", recording.store, "--run", recording.run_id, "--json").output)
     assert data["run_id"] == recording.run_id and data["agents"] == 2 and data["unattributed_flows"] is not None
+    assert data["fidelity"]["truncated"] is None  # no eos id: every row would read as cut
     out = cli("stats", "--store", recording.store).output
     assert "agents by status" in out and "ok 2" in out and "latency p50 / p90 / p99" in out and "coverage" in out
+    assert "unknown without --eos-token-id" in out
     cli("stats", "--store", recording.store, "--run", "no-such-run", code=1)
 
 
