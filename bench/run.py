@@ -3,7 +3,7 @@
 Examples:
   .venv/bin/python bench/run.py --full                      # everything, minutes; writes bench/RESULTS.md
   .venv/bin/python bench/run.py --smoke --out /tmp/r.md     # seconds; what the test suite runs
-  .venv/bin/python bench/run.py --full --only latency,streaming
+  .venv/bin/python bench/run.py --full --only latency,streaming   # a partial report, in the temp dir
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ BENCHMARKS = {
 DEFAULT_OUT = Path(__file__).parent / "RESULTS.md"
 
 
+def default_out(smoke: bool, only: str) -> Path:
+    """bench/RESULTS.md for the full run of every section; a smoke or partial report goes to the temp dir."""
+    if not smoke and not only.strip():
+        return DEFAULT_OUT
+    return Path(tempfile.gettempdir()) / "rollouttap-bench" / f"RESULTS-{'smoke' if smoke else 'partial'}.md"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (used by the tests)")
     size.add_argument("--full", action="store_true", help="the real sizes (default)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report path")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown report path (default: bench/RESULTS.md for a full run of every section, "
+                             "else a file in the temp dir, so a smoke or partial run never replaces it)")
     parser.add_argument("--note", default=None, help="a note printed at the top of the report")
     parser.add_argument("--list", action="store_true", help="print each benchmark's name and title, run nothing")
     return parser.parse_args(argv)
@@ -93,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = SMOKE if args.smoke else FULL
     names = selected(args.only)
+    out: Path = args.out or default_out(args.smoke, args.only)
     command = "cd " + shlex.quote(os.getcwd()) + " && " + shlex.join(
         [".venv/bin/python" if sys.executable.endswith(".venv/bin/python") else sys.executable,
          *sys.argv[0:1], *(argv if argv is not None else sys.argv[1:])])
@@ -105,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             sections = [run_one(name, ctx) for name in names]
         finally:
             shared.close()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(document(header(command, plan.name, facts, args.note), sections))
-    args.out.with_suffix(".json").write_text(json.dumps(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(document(header(command, plan.name, facts, args.note), sections))
+    out.with_suffix(".json").write_text(json.dumps(
         {"plan": plan.name, "facts": facts, "command": command,
          "sections": {s.key: {"title": s.title, "status": s.status, "data": s.data} for s in sections}},
         indent=1, default=str))
-    progress(f"wrote {args.out}")
+    progress(f"wrote {out}")
     return 1 if any(s.status == "error" for s in sections) else 0
 
 

@@ -66,3 +66,15 @@ def test_floor_proxy_answers_from_memory_after_the_first_request(tmp_path, monke
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.headers.get(HEADER) for a in answers] == [None, "1", "1"]
     assert answers[1].content == answers[2].content == answers[0].content
+
+
+@pytest.mark.parametrize("smoke, only, committed", [(False, "", True), (True, "", False), (False, "latency", False),
+                                                    (True, "store", False)])
+def test_only_a_full_run_of_every_section_replaces_the_committed_results(smoke, only, committed):
+    sys.path.insert(0, str(RUNNER.parent))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(RUNNER.parent))
+    out = run.default_out(smoke, only)
+    assert (out == RUNNER.with_name("RESULTS.md")) is committed and out.name.startswith("RESULTS")
