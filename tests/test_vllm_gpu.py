@@ -18,7 +18,7 @@ from conftest import TESTS, agent_env, settled_flows, start_proxy
 
 def _gpu_reason() -> str | None:
     if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install 'rollouttap[vllm]' on a GPU machine)"
+        return "vllm is not installed (scripts/bootstrap.sh test,train,vllm on a GPU machine)"
     import torch
     if not torch.cuda.is_available():
         return "no CUDA GPU on this machine"
