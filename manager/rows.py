@@ -26,7 +26,8 @@ thread). What a break does is the policy:
 * "strict": a break raises TokenDriftError.
 
 Retries. ``is_retry`` marks a client's retry of the call just before it (x-stainless-retry-count): by retrying, the
-client discarded the earlier attempts, so only the last attempt of each run of retries can be used.
+client discarded the earlier attempts, so only the last attempt of each run of retries can be used. Calls that carry
+their request's ``turn`` (ChatCall) join a run only as attempts at the same turn.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class TokenCall:
     is_retry: bool = False
     state: str = "done"
     status_code: int | None = 200
+    turn: int | None = None  # the request's turn where the caller knows it (ChatCall): a retry keeps its original's
 
 
 def as_token_call(call: object) -> TokenCall:
@@ -101,6 +103,7 @@ def as_token_call(call: object) -> TokenCall:
         is_retry=bool(getattr(call, "is_retry", default.is_retry)),
         state=getattr(call, "state", default.state),
         status_code=getattr(call, "status_code", default.status_code),
+        turn=getattr(call, "turn", default.turn),
     )
 
 
@@ -248,7 +251,9 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
 def _retry_runs(calls: list[TokenCall]) -> list[list[int]]:
     runs: list[list[int]] = []
     for index, call in enumerate(calls):
-        if call.is_retry and runs:
+        # A retry replaces the call before it; with turns known, only an attempt at the same request (a retry
+        # whose first attempts never reached the proxy has a turn of its own, and is a call of its own).
+        if call.is_retry and runs and (call.turn is None or calls[runs[-1][-1]].turn == call.turn):
             runs[-1].append(index)
         else:
             runs.append([index])

@@ -355,3 +355,18 @@ def test_a_retry_follows_its_original_and_replaces_only_it(between):
     _, fidelity = build_row(calls, eos_token_id=TOK.eos_token_id)
     assert (fidelity.calls, fidelity.retries_skipped, fidelity.calls_used) == (3, 1, 2)
     assert fidelity.sampled_tokens == sum(len(c.completion_token_ids) for c in calls[1:])
+
+
+def test_a_retry_whose_first_attempts_never_arrived_replaces_nothing():
+    # The client retried a request whose earlier attempts never reached the proxy: a call of its own.
+    from rollouttap.manager.conversation import calls_in_order
+    from rollouttap.manager.rows import build_row
+    first, _ = turn([SYSTEM, USER], return_token_ids=True)
+    request = {"model": "m", "messages": [SYSTEM, {"role": "user", "content": "And 5 * 5?"}], "tools": [CALC]}
+    body, _ = vllm_answer({**request, "return_token_ids": True})
+    retried = make_flow(request, body, headers=[("x-stainless-retry-count", "2")])
+    flows = [first, retried]
+    calls = calls_in_order(build_conversation(flows), flows)
+    assert [c.is_retry for c in calls] == [False, True] and calls[0].turn != calls[1].turn
+    _, fidelity = build_row(calls, eos_token_id=TOK.eos_token_id)
+    assert (fidelity.calls_used, fidelity.retries_skipped) == (2, 0)

@@ -205,6 +205,10 @@ SELECTION_TABLE = {
     "two retries": ([(*A, FAILED), (*A, {"is_retry": True, **FAILED}), (*A, {"is_retry": True})], [10, EOS], (1, 2, 0)),
     "failed then next": ([(*A, FAILED), (*B, {})], [11, EOS], (1, 0, 1)),
     "leading retry": ([(*A, {"is_retry": True})], [10, EOS], (1, 0, 0)),
+    "retry of the same turn": ([(*A, {**FAILED, "turn": 0}), (*A, {"is_retry": True, "turn": 0})], [10, EOS], (1, 1, 0)),
+    # a retry whose first attempts never reached the proxy has a turn of its own: it replaces nothing
+    "retry of an unseen attempt": ([(*A, {"turn": 0}), (*B, {"is_retry": True, "turn": 1})], [10, EOS, 11, EOS],
+                                   (2, 0, 0)),
     "429": ([(*A, {"status_code": 429})], None, (0, 0, 1)),
 }
 
