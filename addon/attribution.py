@@ -178,23 +178,12 @@ class AgentDirectory:
 
     def cached(self, agent_id: str) -> AgentRecord | None:
         """The agent if it is in the cache, however old: no I/O, safe on the event loop (``lookup`` may read
-        the store; ``due`` says when to re-read it)."""
+        the store; ``age`` says when to read it again)."""
         return self._agents.get(agent_id)
 
     def age(self, agent_id: str) -> float:
         """Seconds since the cached row was read (infinite when none was)."""
         return time.monotonic() - self._read_at.get(agent_id, -float("inf"))
-
-    def due(self, agent_id: str) -> bool:
-        """Whether the cached row is older than ``max_age``; True once per ``max_age`` (the caller re-reads it:
-        ``lookup`` on a pool thread), so that an agent's status is seen to change within about that."""
-        now = time.monotonic()
-        # No lock: the event loop calls this, and a store read may hold ``_lock``. Two callers racing here
-        # re-read the row twice, which is harmless.
-        if now - self._read_at.get(agent_id, 0.0) < self.max_age:
-            return False
-        self._read_at[agent_id] = now
-        return True
 
     def lookup(self, agent_id: str) -> AgentRecord | None:
         """The agent's row read now, kept in the cache (a just registered agent is seen; an ended one too)."""

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy.connection import Client
@@ -18,15 +16,12 @@ from rollouttap.addon.attribution import (
     AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token, credentials_conflict,
     decide_header_claim, ended, parse_basic_credentials, split_agent_path,
 )
-from rollouttap.store import AgentRecord
+from rollouttap.store import LIVE_STATUSES, AgentRecord
 
 log = logging.getLogger(__name__)
 
 PROXY_AUTH = "Proxy-Authorization"
 CREDENTIAL_CHECK_WAIT_S = 0.5  # longest a credentialed request waits for its connection's pid lookup
-# A cached agent row older than this is read again before it vouches for a request (an agent idle that long
-# may have ended); a younger one serves at once and is re-read in the background once a second old.
-REREAD_FIRST_S = 10.0
 
 
 class FlowAttribution:
@@ -133,11 +128,11 @@ class FlowAttribution:
         assert directory is not None
         if not agent_id.isprintable():  # undecodable header or path bytes name no agent (nor can SQLite bind them)
             return None
-        agent = directory.cached(agent_id)  # every request of a known agent: no thread hop
-        if agent is None or directory.age(agent_id) > REREAD_FIRST_S:  # unknown, or idle a while: read it now
+        agent = directory.cached(agent_id)  # a row read within the last second: no thread hop
+        if agent is None or (agent.status in LIVE_STATUSES and directory.age(agent_id) > directory.max_age):
+            # Unknown, or read over a second ago while it ran: read it before it vouches for this request (an
+            # ended agent's token is void), on a pool thread. One read a second per busy agent.
             agent = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, agent_id)
-        elif directory.due(agent_id):  # its status for the next requests (an ended agent's token is void)
-            self._pool.submit(_quietly, directory.lookup, agent_id)
         return agent
 
     async def _verified(self, agent_id: str, token: str, method: str, pid_result: PidResult | None
@@ -151,10 +146,3 @@ class FlowAttribution:
             return Attribution(None, "rejected", pid, f"agent {agent_id!r}: {problem}")
         return Attribution(agent_id, method, pid, None)  # type: ignore[arg-type]
 
-
-def _quietly(fn: Callable[..., Any], *args: Any) -> None:
-    """Run a background refresh: a failure is logged, and the next one tries again."""
-    try:
-        fn(*args)
-    except Exception as exc:
-        log.warning("rollouttap: background refresh failed: %r", exc)

@@ -194,6 +194,17 @@ def test_an_ended_agents_token_is_refused(proxy, upstream):
     assert "the agent has ended (ok)" in refused[0].error and refused[0].agent_id is None
 
 
+def test_an_ended_agents_token_is_refused_at_its_first_request_a_second_later(proxy, upstream):
+    # A process that outlived its agent sends one request after an idle gap: refused, not served once first.
+    agent_id, token = _new_agent(proxy)
+    proxies = {"http": agent_env(proxy, agent_id, token)["HTTP_PROXY"]}
+    assert requests.post(upstream.url + "/echo", json={}, proxies=proxies, timeout=10).status_code == 200
+    with Store(proxy.config.store) as store:
+        store.agent_ended(agent_id, "ok")
+    time.sleep(1.1)  # the scenario, not a synchronisation: the idle gap the proxy's cached row outlives
+    assert requests.post(upstream.url + "/echo", json={}, proxies=proxies, timeout=10).status_code == 407
+
+
 def test_header_attribution_and_header_removed(proxy, upstream):
     resp = requests.post(upstream.url + "/echo", json={}, headers={"X-Agent-ID": "hdr-agent"},
                          proxies={"http": proxy.url}, timeout=10)
