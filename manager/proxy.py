@@ -27,7 +27,7 @@ from rollouttap.store import Store
 log = logging.getLogger(__name__)
 
 CA_FILE = "mitmproxy-ca-cert.pem"
-CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE")
+CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 # How mitmdump is started. "fastdump": addon/fastdump.py (indexed hook dispatch, no log records nobody
 # keeps) under python -O, which drops mitmproxy's per-message type checks: bare, about half the proxy CPU
 # per keep-alive request (bench/RESULTS.md). "mitmdump": mitmproxy's own entry point, as ``mitmdump -s``.

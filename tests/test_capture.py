@@ -473,6 +473,19 @@ def test_an_ended_agents_open_tunnel_is_refused_too(tmp_path, confdir, upstream)
             assert len([f for f in store.flows() if f.method == "CONNECT"]) == 1  # the same tunnel throughout
 
 
+def test_git_over_https_trusts_the_proxy_with_the_agents_environment(tmp_path, confdir, upstream):
+    # An SWE agent's `git fetch` through the proxy: git's libcurl reads GIT_SSL_CAINFO, not CURL_CA_BUNDLE.
+    with start_proxy(tmp_path / "runs.db", confdir, routes=(f"github.com={upstream.url}",)) as proxy:
+        agent_id, token = _new_agent(proxy)
+        env = {**agent_env(proxy, agent_id, token), "GIT_TERMINAL_PROMPT": "0", "HOME": str(tmp_path)}
+        out = subprocess.run(["git", "ls-remote", "https://github.com/acme/tools.git"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert "certificate" not in out.stderr, out.stderr
+        with Store(proxy.config.store) as store:
+            flows = wait_for(lambda: [f for f in store.flows(agent_id=agent_id) if f.method == "GET"], what="git's GET")
+        assert flows[0].path.startswith("/acme/tools.git/info/refs") and flows[0].status_code == 404
+
+
 @pytest.fixture(scope="module")
 def base_url_proxy(tmp_path_factory, confdir, upstream):
     """A proxy with a reverse listener in front of the model, as AgentManager(base_url_mode=True) starts it."""
