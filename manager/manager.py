@@ -221,12 +221,14 @@ class AgentManager:
         with self._lock:  # registered before any agent starts: a close() from now on cancels them all
             self._deploys[stop] = futures
             futures += [pool.submit(self._run_guarded, i, p, stop, limit) for i, p in enumerate(items)]
+        interrupted = False
         try:
             for future in as_completed(futures):
                 result = future.result()
                 results[result.index] = result
                 _report(progress, result)
         except BaseException:
+            interrupted = True
             stop.set()  # running agents are killed, queued ones never start
             for future in futures:
                 future.cancel()
@@ -234,6 +236,10 @@ class AgentManager:
         finally:
             try:
                 pool.shutdown(wait=True, cancel_futures=True)
+                if interrupted:  # its killed agents are recorded by now: every prompt still gets a result
+                    for result in _unreported(futures, items, results):
+                        results[result.index] = result
+                        _report(progress, result)
             finally:  # a second Ctrl-C breaks that wait: the deploy stays known until its agents end
                 stop.set()
                 for future in futures:
@@ -386,6 +392,21 @@ def _ended_meta(result: AgentResult, survivors: list[int]) -> dict[str, Any]:
             "calls": result.calls, "incomplete_flows": len(result.incomplete_flows),
             "bypass_connections": len(result.bypass_connections), "killed_processes": result.killed_processes,
             "survivors": survivors}
+
+
+def _unreported(futures: Sequence[Future[AgentResult]], items: Sequence[Prompt],
+                results: Sequence[AgentResult | None]) -> list[AgentResult]:
+    """Results of a cancelled batch not reported yet: its agents' own, or for a prompt whose agent never
+    started, one saying so (it has no agent row)."""
+    out = []
+    for index, future in enumerate(futures):
+        if results[index] is not None:
+            continue
+        if future.cancelled():
+            out.append(AgentResult(new_agent_id(), index, items[index], "error", error="cancelled before it started"))
+        elif future.done() and future.exception() is None:
+            out.append(future.result())
+    return out
 
 
 def _report(progress: Progress | None, result: AgentResult) -> None:

@@ -110,8 +110,12 @@ def run(
         # killed and recorded, the proxy commits. Its default would leave the agents running unsupervised.
         main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
         previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        results: list[Any] = []  # as they come: an interrupted run still reports every prompt
+        interrupted = False
         try:
-            results = _deploy_with_progress(manager, items, sink)
+            _deploy_with_progress(manager, items, sink, results)
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
@@ -119,7 +123,9 @@ def run(
                 sink.close()
         summary = manager.summary(results, since=started_at)
     summary["wall_seconds"] = round(time.monotonic() - started, 3)
-    _print_summary(summary, manager.run_id, store)
+    _print_summary(summary, manager.run_id, store, interrupted=interrupted)
+    if interrupted:
+        raise KeyboardInterrupt  # exit status 130, as for any interrupted command
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
@@ -130,7 +136,7 @@ def _stdout() -> IO[str]:
     return sys.stdout
 
 
-def _deploy_with_progress(manager: Any, items: list[Any], sink: IO[str]) -> list[Any]:
+def _deploy_with_progress(manager: Any, items: list[Any], sink: IO[str], results: list[Any]) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     counts = {"ok": 0, "failed": 0, "timeout": 0, "error": 0}
@@ -139,18 +145,20 @@ def _deploy_with_progress(manager: Any, items: list[Any], sink: IO[str]) -> list
         task = progress.add_task("", total=len(items))
 
         def done(result: Any) -> None:
-            # Results go out as they finish, so an interrupted run keeps what it has.
+            # Results go out as they finish (an interrupted deploy reports its killed and never started
+            # agents too), so an interrupted run keeps what it has.
+            results.append(result)
             sink.write(json.dumps(result.to_dict()) + "\n")
             sink.flush()
             counts[result.status] += 1
             progress.update(task, advance=1, description=" ".join(f"{k} {v}" for k, v in counts.items() if v))
-        return manager.deploy(items, progress=done)
+        manager.deploy(items, progress=done)
 
 
-def _print_summary(summary: dict[str, Any], run_id: str, store: Path) -> None:
+def _print_summary(summary: dict[str, Any], run_id: str, store: Path, *, interrupted: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
-    table = Table(title=f"run {run_id}", show_header=False)
+    table = Table(title=f"run {run_id}" + (" (interrupted)" if interrupted else ""), show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     by_status = summary["by_status"]

@@ -106,19 +106,27 @@ def test_run_entry_point_results_on_stdout(tmp_path, confdir, upstream, capsys):
 
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, confdir, upstream):
-    prompts, store = tmp_path / "p.jsonl", tmp_path / "runs.db"
-    prompts.write_text('"hang"\n"hang"\n')
+    prompts, store, out = tmp_path / "p.jsonl", tmp_path / "runs.db", tmp_path / "results.jsonl"
+    prompts.write_text('"hang"\n"hang"\n"hang"\n')  # two run at once, the third waits its turn
     command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
     run = subprocess.Popen([sys.executable, "-m", "rollouttap.cli", "run", "--agent", command, "--prompts", prompts,
-                            "--timeout", "120", "--store", store, "--model-url", upstream.base_url,
-                            "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            "--timeout", "120", "--store", store, "--model-url", upstream.base_url, "--parallel", "2",
+                            "--out", out, "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
     try:
         agents = running_agents(store, 2)
         run.send_signal(signal.SIGTERM)
         assert run.wait(60) == 130  # the Ctrl-C path (the reaper would also end the agents, differently)
+        stderr = run.stderr.read()
     finally:
         run.kill()
         run.stderr.close()
+    # Every prompt has its result line, and the summary table is printed, marked as interrupted.
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["index"], r["status"], r["error"]) for r in lines) == [
+        (0, "error", "cancelled before it finished"), (1, "error", "cancelled before it finished"),
+        (2, "error", "cancelled before it started")]
+    assert "(interrupted)" in stderr and "error" in stderr
     alive = [a.root_pid for a in agents if psutil.pid_exists(a.root_pid)
              and psutil.Process(a.root_pid).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
