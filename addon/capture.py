@@ -381,6 +381,7 @@ async def _rebind_on_loopback() -> None:
     if ctx.options.rollouttap_allow_remote:
         return
     proxyserver = ctx.master.addons.get("proxyserver")
+
     def wide() -> list[str]:
         return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 for server in proxyserver.servers for host, port, *_ in server.listen_addrs if not is_loopback(host)]
@@ -389,9 +390,10 @@ async def _rebind_on_loopback() -> None:
     log.warning("rollouttap: listening on %s: binding on %s instead (rollouttap_allow_remote is off)",
                 ", ".join(found), ctx.options.listen_host)
     await proxyserver.servers.update([])
-    await proxyserver.setup_servers()
-    if found := wide():  # refuse to run open to other hosts rather than record their traffic
-        log.error("rollouttap: still listening on %s; shutting down", ", ".join(found))
+    bound = await proxyserver.setup_servers()
+    if not bound or (found := wide()):  # refuse to run open to other hosts (or deaf) rather than go on
+        log.error("rollouttap: could not listen on loopback only (%s); shutting down",
+                  ", ".join(found) if bound else "binding failed")
         ctx.master.shutdown()
 
 
