@@ -21,7 +21,8 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         if readonly:
             if not path.exists():
                 raise StoreError(f"no store at {path}")
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+            # A URI, so the path is escaped: a raw '#', '?' or '%' in it would end the path (and drop mode=ro).
+            conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False,
                                    isolation_level=None)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,17 @@ def test_readonly_open_of_missing_file_fails(tmp_path):
         Store(tmp_path / "missing.db", readonly=True)
 
 
+@pytest.mark.parametrize("folder", ["hash#1", "q?x", "pct%41", "with space"])
+def test_readonly_open_of_a_path_with_uri_characters(tmp_path, monkeypatch, folder):
+    monkeypatch.chdir(tmp_path)  # a misread URI would create its stray file here
+    path = tmp_path / folder / "runs.db"
+    with Store(path) as store:
+        store.register_agent("a1")
+    with Store(path, readonly=True) as store:
+        assert [a.agent_id for a in store.agents()] == ["a1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
+
+
 def _flow(flow_id: str, agent: str | None = "a1", **extra):
     cols = {"flow_id": flow_id, "agent_id": agent, "attribution": "pid" if agent else "none",
             "method": "POST", "host": "127.0.0.1", "path": "/v1/chat/completions",
