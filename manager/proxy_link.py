@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from rollouttap.errors import ConfigError, ProxyError
@@ -74,8 +75,10 @@ class ProxyLink:
         parts = urlsplit(url)
         if not parts.hostname or not parts.port:
             raise ConfigError(f"proxy URL {url!r} is not http://HOST:PORT")
+        addresses = _addresses(parts.hostname, parts.port)
         row = next((p for p in store.proxies(alive_only=True)
-                    if any(x["mode"] == "regular" and int(x["port"]) == parts.port for x in p["listen"])), None)
+                    if any(x["mode"] == "regular" and _listens_at(x, addresses, parts.port) for x in p["listen"])),
+                   None)
         if row is None:
             raise ProxyError(f"no running rollouttap proxy at {url} records into {store.path}; start one with "
                              f"`rollouttap proxy --store {store.path}` or let the manager start its own")
@@ -151,3 +154,20 @@ def own_proxy_config(config: ProxyConfig | None, *, store_path: Path, model_url:
         if base_url_mode and not config.reverse_target:
             config = replace(config, reverse_target=root)
     return config
+
+
+_ANY_HOST = ("", "0.0.0.0", "::")
+
+
+def _addresses(host: str, port: int) -> set[str]:
+    """The IP addresses ``host`` stands for (a name resolves to several; an unknown one to none)."""
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError:
+        return set()
+
+
+def _listens_at(listener: dict[str, Any], addresses: set[str], port: int) -> bool:
+    """Whether a proxy's listener (as its store row lists it) is the one at one of ``addresses``:``port``.
+    A port alone is not enough: another proxy, recording elsewhere, may hold it on another address."""
+    return int(listener["port"]) == port and (listener["host"] in _ANY_HOST or listener["host"] in addresses)

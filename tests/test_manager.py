@@ -717,6 +717,20 @@ def test_attach_to_a_running_proxy(tmp_path, confdir, upstream):
         proc.stop()
 
 
+def test_attach_refuses_a_proxy_on_another_address_with_the_same_port(tmp_path, confdir):
+    # Proxy A records into the manager's store; proxy B, same port on another address, records elsewhere.
+    ours = start_proxy(tmp_path / "ours.db", confdir)
+    theirs = start_proxy(tmp_path / "theirs.db", confdir, host="127.0.0.2", port=ours.port)
+    try:
+        with pytest.raises(ProxyError, match="no running rollouttap proxy"):
+            AgentManager(SHELL_AGENT, store=tmp_path / "ours.db", proxy=f"http://127.0.0.2:{ours.port}").start()
+        with AgentManager(SHELL_AGENT, store=tmp_path / "ours.db", proxy=f"http://localhost:{ours.port}") as m:
+            assert m.proxy_url == f"http://localhost:{ours.port}"  # a name for the address it listens on
+    finally:
+        theirs.stop()
+        ours.stop()
+
+
 def test_an_agent_whose_only_call_broke_off_gets_a_masked_row_with_the_servers_prompt(tmp_path):
     # vLLM sends prompt_token_ids in the first chunk; the stream then broke off (a timeout, a crash).
     first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "prompt_token_ids": [5, 6, 7],
