@@ -25,8 +25,10 @@ class ProxyLink:
     """The proxy agents go through: one this manager started (restarted when it dies) or one it attached to."""
 
     def __init__(self, url: str, ca_cert: str | None, reverse_url: str | None,
-                 process: ProxyProcess | None) -> None:
+                 process: ProxyProcess | None, proxy_id: str | None = None) -> None:
         self.url, self.ca_cert, self.process = url, ca_cert, process
+        # The store's ids of this proxy: a restarted process records under a new one.
+        self.proxy_ids = [process.proxy_id if process is not None else proxy_id] if (process or proxy_id) else []
         # Agents get the reverse listener as "localhost": requests (like curl) ignores the port of an IP
         # address in NO_PROXY, but honours host:port for a name.
         self.reverse_url = loopback_as_localhost(reverse_url) if reverse_url else None
@@ -91,7 +93,8 @@ class ProxyLink:
             socket.create_connection((parts.hostname, parts.port), timeout=5).close()
         except OSError as exc:
             raise ProxyError(f"the proxy at {url} does not answer: {exc}") from exc
-        return cls(f"http://{parts.hostname}:{parts.port}", row["ca_cert"], reverse if base_url_mode else None, None)
+        return cls(f"http://{parts.hostname}:{parts.port}", row["ca_cert"], reverse if base_url_mode else None, None,
+                   row["proxy_id"])
 
     def env(self, agent_id: str, token: str) -> dict[str, str]:
         """HTTP(S)_PROXY with the agent's credentials, CA bundle, agent tag, NO_PROXY cleared."""
@@ -119,6 +122,7 @@ class ProxyLink:
             try:
                 process.restart(timeout=self.restart_timeout)
                 self.restarts += 1
+                self.proxy_ids.append(process.proxy_id)
             except ProxyError:
                 self._failed_at = time.monotonic()
                 log.exception("restarting the proxy failed; agents cannot reach the model meanwhile (next try "

@@ -7,7 +7,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import psutil
 
@@ -100,8 +100,9 @@ class Store:
     # -- flows -----------------------------------------------------------------------------------
     def flows(self, *, agent_id: str | None = None, state: str | None = None, host: str | None = None,
               since: float | None = None, until: float | None = None, unattributed: bool = False,
-              run_id: str | None = None, limit: int | None = None) -> list[FlowRecord]:
-        """Flows in the order the proxy saw their requests, filtered."""
+              run_id: str | None = None, proxy_ids: Sequence[str] | None = None,
+              limit: int | None = None) -> list[FlowRecord]:
+        """Flows in the order the proxy saw their requests, filtered (``proxy_ids``: recorded by those proxies)."""
         filters = [("agent_id = ?", agent_id), ("state = ?", state), ("host = ?", host),
                    ("t_request >= ?", since), ("t_request < ?", until),
                    ("agent_id IN (SELECT agent_id FROM agents WHERE run_id = ?)", run_id)]
@@ -109,6 +110,9 @@ class Store:
         params: list[Any] = [value for _, value in filters if value is not None]
         if unattributed:
             where.append("agent_id IS NULL")
+        if proxy_ids is not None:
+            where.append(f"proxy_id IN ({', '.join('?' for _ in proxy_ids)})")
+            params.extend(proxy_ids)
         sql = "SELECT * FROM flows"
         if where:
             sql += " WHERE " + " AND ".join(where)

@@ -731,6 +731,23 @@ def test_attach_refuses_a_proxy_on_another_address_with_the_same_port(tmp_path, 
         ours.stop()
 
 
+def test_a_managers_unattributed_flows_are_those_of_its_own_proxies(tmp_path, confdir, upstream):
+    # Two managers (or a manager and a hand-run proxy) share a store: each counts what went through its proxies.
+    import requests
+    store_path = tmp_path / "shared.db"
+    other = start_proxy(store_path, confdir)
+    try:
+        with AgentManager(SHELL_AGENT, store=store_path, model_url=upstream.base_url, confdir=confdir) as m, \
+                Store(store_path) as store:
+            since = time.time()
+            for proxy_url in (other.url, other.url, m.proxy_url):  # this process is no agent: unattributed
+                requests.post(upstream.url + "/echo", json={}, proxies={"http": proxy_url}, timeout=10)
+            wait_for(lambda: len(store.flows(unattributed=True, since=since, state="done")) == 3, 30, "three flows")
+            assert m.summary([], since=since)["unattributed_flows"] == 1
+    finally:
+        other.stop()
+
+
 def test_an_agent_whose_only_call_broke_off_gets_a_masked_row_with_the_servers_prompt(tmp_path):
     # vLLM sends prompt_token_ids in the first chunk; the stream then broke off (a timeout, a crash).
     first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "prompt_token_ids": [5, 6, 7],
