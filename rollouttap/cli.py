@@ -31,8 +31,9 @@ HINTS: dict[type[Exception], str] = {
 }
 
 _state = {"debug": False}
-# Options `rollouttap proxy` sets itself: the store and identity it waits on, and its parent watch.
-OWN_OPTIONS = frozenset({"rollouttap_store", "rollouttap_proxy_id", "rollouttap_parent_pid"})
+# Options `rollouttap proxy` sets itself: the store and identity it waits on, its parent watch, and the
+# remote-listening switch its --allow-remote checks the address against.
+OWN_OPTIONS = frozenset({"rollouttap_store", "rollouttap_proxy_id", "rollouttap_parent_pid", "rollouttap_allow_remote"})
 
 
 @app.callback()
@@ -80,7 +81,8 @@ def proxy(
         if not sep or not key:
             raise ConfigError(f"--set {pair!r} is not KEY=VALUE")
         if key in OWN_OPTIONS:
-            raise ConfigError(f"--set {key} is the command's own: use its option instead")
+            raise ConfigError(f"--set {key} is the command's own: use its option instead"
+                              + (" (--allow-remote)" if key == "rollouttap_allow_remote" else ""))
         extra[key] = value
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),

@@ -67,10 +67,11 @@ def test_proxy_command_rejects_a_set_without_a_value(tmp_path):
     assert out.returncode == 1 and "--set 'nope' is not KEY=VALUE" in out.stderr
 
 
-def test_proxy_command_refuses_to_set_its_own_options(tmp_path):
-    out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--set", "rollouttap_store=x.db"],
+@pytest.mark.parametrize("key", ["rollouttap_store", "rollouttap_allow_remote"])
+def test_proxy_command_refuses_to_set_its_own_options(tmp_path, key):
+    out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--set", f"{key}=x"],
                          capture_output=True, text=True, timeout=30)
-    assert out.returncode == 1 and "--set rollouttap_store is the command's own" in out.stderr
+    assert out.returncode == 1 and f"--set {key} is the command's own" in out.stderr
 
 
 def test_proxy_command_rejects_an_unknown_launcher(tmp_path):
