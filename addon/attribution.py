@@ -235,9 +235,13 @@ class PidAttributor:
             a.address for addrs in psutil.net_if_addrs().values() for a in addrs
             if a.family.name in ("AF_INET", "AF_INET6"))
 
+    def on_this_host(self, peer_ip: str) -> bool:
+        """Whether a client at ``peer_ip`` runs on this host (so its process can be looked up)."""
+        return is_local_peer(peer_ip, self._local_ips)
+
     def resolve(self, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult:
         """Attribute a client connection by its source process (blocking, ~0.05 ms typical)."""
-        if not is_local_peer(peer[0], self._local_ips):
+        if not self.on_this_host(peer[0]):
             return PidResult(None, None, "client is not on this host")
         try:
             inode = self._inode_of((peer[0], peer[1]), (sock[0], sock[1]))

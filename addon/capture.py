@@ -86,6 +86,10 @@ class RolloutTap:
                           "connection of managed agents).", choices=("eager", "fallback"))
         loader.add_option("rollouttap_allow_remote", bool, False,
                           "Allow listening on non-loopback addresses (agents on other hosts).")
+        loader.add_option("rollouttap_remote_anonymous", bool, False,
+                          "Serve clients on other hosts that present no proxy credentials (recorded as "
+                          "unattributed); off, they get 407: nothing names their agent, and the proxy would "
+                          "relay them to this host's loopback services.")
         loader.add_option("rollouttap_parent_pid", int, 0,
                           "Shut down cleanly when this process ends (the manager that started us).")
 

@@ -78,6 +78,9 @@ class FlowAttribution:
             # brought it here (its client sent the base URL through HTTP_PROXY).
             creds = tunnel = None
         has_token = creds is not None or in_path is not None  # a token will speak for the agent
+        if not has_token and tunnel is None and not self._on_this_host(flow.client_conn) \
+                and not ctx.options.rollouttap_remote_anonymous:
+            return Attribution(None, "rejected", None, "a client on another host must present proxy credentials")
         needs_pid = not has_token and tunnel is None
         if needs_pid:
             self.start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
@@ -107,6 +110,11 @@ class FlowAttribution:
             return Attribution(agent_id, "header" if agent_id else "none", pid, detail)
         detail = pid_result.detail if pid_result else "pid attribution off"
         return Attribution(None, "none", pid, detail)
+
+    def _on_this_host(self, client: Client) -> bool:
+        if not client.peername or self.pids is None:
+            return True  # no address to judge (a unix socket, a test flow): nothing to refuse it for
+        return self.pids.on_this_host(client.peername[0])
 
     async def _pid_result(self, conn_id: str, wait: bool, timeout: float | None = None) -> PidResult | None:
         future = self._conn_pid.get(conn_id)

@@ -427,6 +427,32 @@ def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_pat
     assert row.response_text() == 'data: {"n": 1}\n\n' and row.t_first_byte is not None
 
 
+def test_a_client_on_another_host_must_present_credentials(tmp_path):
+    # With rollouttap_allow_remote the proxy is reachable from other hosts: nothing but credentials can name
+    # a remote client's agent, and serving it anonymously would relay it to this host's loopback services.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see the test above
+        from mitmproxy.addons.proxyserver import Proxyserver
+        from mitmproxy.test import taddons
+
+    from rollouttap.addon.capture import RolloutTap
+    addon = RolloutTap()
+    with taddons.context(Proxyserver(), addon) as tctx:
+        tctx.configure(addon, rollouttap_store=str(tmp_path / "s.db"))
+
+        def attribute(peer: str):
+            flow = tflow.tflow()
+            flow.client_conn.peername = (peer, 40000)
+            return asyncio.run(addon.who.attribute(flow))
+        remote = attribute("203.0.113.9")
+        assert remote.method == "rejected" and "another host" in remote.detail
+        assert attribute("127.0.0.1").method != "rejected"  # a local client: its process can name its agent
+        tctx.configure(addon, rollouttap_remote_anonymous=True)
+        assert attribute("203.0.113.9").method == "none"
+        addon.done()
+
+
 def test_stream_closed_by_client_after_done_is_complete(proxy, gate_server):
     server, gate = gate_server
     agent = "done-" + uuid.uuid4().hex[:8]
