@@ -90,6 +90,9 @@ def proxy(
                          allow_remote=allow_remote, launcher=launcher, extra=extra)
     proc = ProxyProcess(config).start()
     typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
+    if config.host in ("0.0.0.0", "::"):
+        typer.echo(f"# it listens on every address: agents on other hosts put this host's address in place of "
+                   f"{config.host} below, and present their agent's credentials", err=True)
     if proc.reverse_url:
         typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1 for agents a "
                    f"manager registers: AgentManager(proxy={proc.url!r}, base_url_mode=True, store=...)", err=True)

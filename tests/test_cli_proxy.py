@@ -67,6 +67,18 @@ def test_proxy_command_rejects_a_set_without_a_value(tmp_path):
     assert out.returncode == 1 and "--set 'nope' is not KEY=VALUE" in out.stderr
 
 
+def test_proxy_command_on_every_address_says_what_remote_agents_use(tmp_path, confdir):
+    proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--confdir", str(confdir),
+                             "--listen", "0.0.0.0:0", "--allow-remote"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _read_exports(proc)["HTTP_PROXY"].startswith("http://0.0.0.0:")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+    assert "agents on other hosts put this host's address in place of 0.0.0.0" in err
+
+
 @pytest.mark.parametrize("key", ["rollouttap_store", "rollouttap_allow_remote"])
 def test_proxy_command_refuses_to_set_its_own_options(tmp_path, key):
     out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--set", f"{key}=x"],
