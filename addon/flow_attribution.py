@@ -78,10 +78,9 @@ class FlowAttribution:
             # brought it here (its client sent the base URL through HTTP_PROXY).
             creds = tunnel = None
         has_token = creds is not None or in_path is not None  # a token will speak for the agent
-        if not has_token and tunnel is None and not self._on_this_host(flow.client_conn) \
-                and not ctx.options.rollouttap_remote_anonymous:
+        needs_pid = not has_token and tunnel is None  # nothing but its process (or a header) names the agent
+        if needs_pid and not ctx.options.rollouttap_remote_anonymous and not self._on_this_host(flow.client_conn):
             return Attribution(None, "rejected", None, "a client on another host must present proxy credentials")
-        needs_pid = not has_token and tunnel is None
         if needs_pid:
             self.start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
         # Eager: a token is checked against the process that sends it, with the lookup begun at connect

@@ -23,6 +23,11 @@ def is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
+def is_any_address(host: str) -> bool:
+    """Whether a listen host means every address of this host (``0.0.0.0``, ``::``, or none given)."""
+    return host.strip().strip("[]") in ("", "0.0.0.0", "::")
+
+
 def is_host_port(text: str) -> bool:
     """``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or a bare IPv6 address: no scheme, path, user or space."""
     text = text.strip()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from rollouttap.addon.loopback import is_any_address
 from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.manager.launch import split_model_url
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, proxy_env
@@ -28,7 +29,8 @@ class ProxyLink:
                  process: ProxyProcess | None, proxy_id: str | None = None) -> None:
         self.url, self.ca_cert, self.process = url, ca_cert, process
         # The store's ids of this proxy: a restarted process records under a new one.
-        self.proxy_ids = [process.proxy_id if process is not None else proxy_id] if (process or proxy_id) else []
+        first = process.proxy_id if process is not None else proxy_id
+        self.proxy_ids = [first] if first else []
         # Agents get the reverse listener as "localhost": requests (like curl) ignores the port of an IP
         # address in NO_PROXY, but honours host:port for a name.
         self.reverse_url = loopback_as_localhost(reverse_url) if reverse_url else None
@@ -160,9 +162,6 @@ def own_proxy_config(config: ProxyConfig | None, *, store_path: Path, model_url:
     return config
 
 
-_ANY_HOST = ("", "0.0.0.0", "::")
-
-
 def _addresses(host: str, port: int) -> set[str]:
     """The IP addresses ``host`` stands for (a name resolves to several; an unknown one to none)."""
     try:
@@ -174,4 +173,4 @@ def _addresses(host: str, port: int) -> set[str]:
 def _listens_at(listener: dict[str, Any], addresses: set[str], port: int) -> bool:
     """Whether a proxy's listener (as its store row lists it) is the one at one of ``addresses``:``port``.
     A port alone is not enough: another proxy, recording elsewhere, may hold it on another address."""
-    return int(listener["port"]) == port and (listener["host"] in _ANY_HOST or listener["host"] in addresses)
+    return int(listener["port"]) == port and (is_any_address(listener["host"]) or listener["host"] in addresses)

@@ -71,6 +71,7 @@ def proxy(
 
     Example: rollouttap proxy --store runs.db --model-host 127.0.0.1:8000
     """
+    from rollouttap.addon.loopback import is_any_address
     from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
@@ -90,7 +91,7 @@ def proxy(
                          allow_remote=allow_remote, launcher=launcher, extra=extra)
     proc = ProxyProcess(config).start()
     typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
-    if config.host in ("0.0.0.0", "::"):
+    if is_any_address(config.host):
         typer.echo(f"# it listens on every address: agents on other hosts put this host's address in place of "
                    f"{config.host} below, and present their agent's credentials", err=True)
     if proc.reverse_url:
