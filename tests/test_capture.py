@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -401,19 +402,32 @@ def test_proxy_stopped_mid_stream_keeps_what_the_agent_received(tmp_path, confdi
     assert flow.response_text() == 'data: {"n": 1}\n\n' and flow.t_first_byte is not None
 
 
-def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_path):
+def _taddons():
+    """mitmproxy's test context module and its proxyserver addon (mitmproxy 12.2's flowfilter, imported by its
+    addons, calls names pyparsing 3.3 deprecates)."""
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # see the test above
+        warnings.simplefilter("ignore", DeprecationWarning)
         from mitmproxy.addons.proxyserver import Proxyserver
         from mitmproxy.test import taddons
+    return taddons, Proxyserver
 
-    from rollouttap.addon.attribution import Attribution
+
+@contextmanager
+def _tap_in_test_context(store: Path):
+    """The addon under mitmproxy's test context, recording into ``store``: hooks driven without sockets."""
     from rollouttap.addon.capture import RolloutTap
-    from rollouttap.addon.streamtap import StreamTap
+    taddons, Proxyserver = _taddons()
     addon = RolloutTap()
     with taddons.context(Proxyserver(), addon) as tctx:
-        tctx.configure(addon, rollouttap_store=str(tmp_path / "s.db"))
+        tctx.configure(addon, rollouttap_store=str(store))
+        yield addon, tctx
+
+
+def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_path):
+    from rollouttap.addon.attribution import Attribution
+    from rollouttap.addon.streamtap import StreamTap
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
         asyncio.run(addon.running())
         flow = tflow.tflow()
         addon._record_new(flow, Attribution("live", "header"))
@@ -430,17 +444,7 @@ def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_pat
 def test_a_client_on_another_host_must_present_credentials(tmp_path):
     # With rollouttap_allow_remote the proxy is reachable from other hosts: nothing but credentials can name
     # a remote client's agent, and serving it anonymously would relay it to this host's loopback services.
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # see the test above
-        from mitmproxy.addons.proxyserver import Proxyserver
-        from mitmproxy.test import taddons
-
-    from rollouttap.addon.capture import RolloutTap
-    addon = RolloutTap()
-    with taddons.context(Proxyserver(), addon) as tctx:
-        tctx.configure(addon, rollouttap_store=str(tmp_path / "s.db"))
-
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, tctx):
         def attribute(peer: str):
             flow = tflow.tflow()
             flow.client_conn.peername = (peer, 40000)
@@ -615,6 +619,13 @@ def test_one_loopback_rule_for_the_addon_and_the_config(host, loopback):
     assert is_loopback(host) == loopback
 
 
+@pytest.mark.parametrize("host, every", [("0.0.0.0", True), ("::", True), ("[::]", True), ("", True),
+                                         ("127.0.0.1", False), ("192.0.2.2", False), ("localhost", False)])
+def test_which_listen_hosts_mean_every_address(host, every):
+    from rollouttap.addon.loopback import is_any_address
+    assert is_any_address(host) == every
+
+
 @pytest.mark.parametrize("text, ok", [
     ("127.0.0.1:8000", True), ("localhost", True), ("[::1]:8000", True), ("::1", True), ("::1:8000", True),
     ("vllm_0.local:80", True), (" h:1 ", True), ("[fe80::1%eth0]:80", True),
@@ -674,13 +685,7 @@ def test_running_proxy_answers_store_nudges(proxy):
 
 
 def test_a_store_changed_at_run_time_gets_the_proxy_row_and_the_old_one_stops(tmp_path):
-    import warnings
-    with warnings.catch_warnings():
-        # mitmproxy 12.2's flowfilter (imported by its addons) calls names pyparsing 3.3 deprecates.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from mitmproxy.addons.proxyserver import Proxyserver
-        from mitmproxy.test import taddons
-
+    taddons, Proxyserver = _taddons()
     from mitmproxy import hooks
 
     from rollouttap.addon.capture import RolloutTap
