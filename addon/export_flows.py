@@ -131,6 +131,9 @@ def har_document(records: Iterable[FlowRecord]) -> dict[str, Any]:
     har = SaveHar().make_har([to_http_flow(r) for r in records])
     for entry, record in zip(har["log"]["entries"], records, strict=True):
         entry["_rollouttap"] = flow_metadata(record)
+        # mitmproxy writes `content: {}` for a flow that got no response; HAR 1.2 requires size and mimeType,
+        # and viewers (Chrome, har-validator) reject the entry without them.
+        entry["response"]["content"] = {"size": 0, "mimeType": "", **entry["response"]["content"]}
     har["log"]["creator"]["comment"] = "exported by rollouttap"
     return har
 

@@ -106,6 +106,15 @@ def test_har_is_valid_and_mitmproxy_reads_it_back(recording, tmp_path):
     assert [f.request.pretty_url for f in back] == [r.url for r in stored]
 
 
+def test_har_entry_without_a_response_is_valid(recording, tmp_path):
+    out = tmp_path / "broken.har"
+    export_flows(recording.store, out, agent_id="broken")
+    [entry] = json.loads(out.read_text())["log"]["entries"]
+    response = entry["response"]
+    assert response["status"] == 0 and response["_error"] and entry["_rollouttap"]["state"] == "error"
+    assert response["content"]["size"] == 0 and response["content"]["mimeType"] == ""  # HAR 1.2 requires both
+
+
 def test_mitmdump_opens_the_flow_file(recording, tmp_path):
     out = tmp_path / "plain.flows"
     export_flows(recording.store, out, agent_id="plain")
