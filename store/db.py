@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -21,9 +22,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         if readonly:
             if not path.exists():
                 raise StoreError(f"no store at {path}")
-            # A URI, so the path is escaped: a raw '#', '?' or '%' in it would end the path (and drop mode=ro).
-            conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False,
-                                   isolation_level=None)
+            conn = _open_readonly(path)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -37,6 +36,27 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     return conn
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    # A URI, so the path is escaped: a raw '#', '?' or '%' in it would end the path (and drop mode=ro).
+    uri = path.resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        # A WAL store needs its -shm file beside it even to read, which a read-only folder (a read-only mount,
+        # another user's folder) cannot hold. With no -wal file no connection is open on the store and every
+        # commit is in the main file, so reading it as immutable (no locks, no -shm) sees all of it.
+        if os.access(path.parent, os.W_OK):
+            raise
+        if Path(f"{path}-wal").exists():
+            raise StoreError(f"cannot open store {path}: its folder is read-only and it has a write-ahead log "
+                             "(-wal file) that SQLite cannot read there; copy the store and its -wal file to a "
+                             "writable folder") from None
+    return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
 
 
 def _enable_wal(conn: sqlite3.Connection, attempts: int = 50) -> None:

@@ -61,6 +61,60 @@ def test_readonly_open_of_a_path_with_uri_characters(tmp_path, monkeypatch, fold
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
 
 
+READ_ON_A_READONLY_MOUNT = """
+import sys
+from rollouttap.errors import StoreError
+from rollouttap.store import Store
+try:
+    with Store(sys.argv[1], readonly=True) as store:
+        print("agents", *[a.agent_id for a in store.agents()])
+except StoreError as exc:
+    print("error", exc)
+"""
+
+
+def _read_on_a_readonly_mount(folder, tmp_path) -> str:
+    """The store in ``folder`` read through a read-only bind mount of it, in a mount namespace of its own."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount namespaces (unshare -m) for a read-only mount")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    script = tmp_path / "read.py"
+    script.write_text(READ_ON_A_READONLY_MOUNT)
+    shell = 'mount --bind -o ro "$1" "$2" && exec "$3" "$4" "$2/runs.db"'
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", shell, "sh", str(folder), str(mnt), sys.executable,
+                           str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_readonly_open_on_a_readonly_filesystem(tmp_path):
+    folder = tmp_path / "runs"
+    with Store(folder / "runs.db") as store:
+        store.register_agent("a1")
+    assert not (folder / "runs.db-wal").exists()  # a clean close leaves every commit in the main file
+    assert _read_on_a_readonly_mount(folder, tmp_path) == "agents a1"
+
+
+def test_readonly_filesystem_with_a_live_writer_reads_its_log(tmp_path):
+    folder = tmp_path / "runs"
+    with Store(folder / "runs.db") as store, Store(folder / "runs.db") as writing:
+        store.register_agent("a1")
+        writing.register_agent("a2")  # in the -wal file, which immutable reading would miss
+        assert _read_on_a_readonly_mount(folder, tmp_path) == "agents a1 a2"
+
+
+def test_readonly_filesystem_with_a_log_but_no_shm_file_is_a_clear_error(tmp_path):
+    folder, copy = tmp_path / "runs", tmp_path / "copy"
+    copy.mkdir()
+    with Store(folder / "runs.db") as store:
+        store.register_agent("a1")
+        for name in ("runs.db", "runs.db-wal"):  # copied while in use, without the -shm file
+            (copy / name).write_bytes((folder / name).read_bytes())
+    out = _read_on_a_readonly_mount(copy, tmp_path)
+    assert out.startswith("error") and "copy the store and its -wal file" in out
+
+
 def _flow(flow_id: str, agent: str | None = "a1", **extra):
     cols = {"flow_id": flow_id, "agent_id": agent, "attribution": "pid" if agent else "none",
             "method": "POST", "host": "127.0.0.1", "path": "/v1/chat/completions",
