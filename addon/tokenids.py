@@ -14,8 +14,10 @@ re-serialising the parsed JSON (same meaning, compact separators, not byte-ident
 streamed chunk of vLLM's shape, whose fields one whole-chunk match places (``vllm_chunk``).
 
 Chunks that exist only because of the injection are dropped: when a tool or reasoning
-parser swallows text, vLLM (>= ~0.11) still sends an empty-delta chunk if ``return_token_ids``
-was requested, and sends nothing otherwise (requested logprobs alone do not make it send one).
+parser swallows text, vLLM still sends an empty-delta chunk that carries the token ids or logprobs
+asked for (``return_token_ids`` since ~0.11, logprobs too since 2026), and nothing otherwise. Such a
+chunk is dropped when all it carries is what we injected; one carrying logprobs the agent asked for
+is forwarded with the ids nulled, as newer vLLM sends it (older vLLM skipped it, logprobs and all).
 
 Decisions (see ``plan_injection``): a value the agent set itself is kept as sent (an explicit
 ``null`` counts as unset); ``logprobs: false`` from the agent means the row has no logprobs;
@@ -214,7 +216,7 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
         choice_keys=choice_keys,
         key_pattern=key_pattern(choice_keys),
         markers=markers,
-        drop_swallowed=endpoint == "chat" and ids,  # vLLM sends swallowed chunks for return_token_ids only
+        drop_swallowed=endpoint == "chat",
         chunk_fields=frozenset(
             (("logprobs",) if logprobs else ()) + (("token_ids", "prompt_token_ids") if ids else ())
         ) if endpoint == "chat" else frozenset(),
@@ -330,8 +332,8 @@ def _null_fields(doc: dict[str, Any], plan: _StripPlan) -> None:
 
 
 def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
-    """True for a chunk vLLM sends only because we asked for ``return_token_ids``: a parser swallowed
-    its text. Without that field vLLM skips such a chunk whole, logprobs the agent asked for included."""
+    """True for a chunk vLLM sends only because of what we injected: a parser swallowed its text, and it
+    carries token ids or logprobs that the agent did not ask for (``swallowed_only_for_us``)."""
     choices = doc.get("choices")
     if not isinstance(choices, list) or not choices:
         return False
@@ -341,14 +343,23 @@ def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
             return False
         if any(value is not None and value != [] for value in delta.values()):
             return False
-        if choice.get("token_ids") is None:
-            return False  # vLLM itself sent this empty chunk
+        carried = frozenset(key for key in ("logprobs", "token_ids") if choice.get(key) is not None)
+        if not swallowed_only_for_us(carried, plan.chunk_fields):
+            return False
     return True
+
+
+def swallowed_only_for_us(carried: frozenset[str] | set[str], stripped: frozenset[str]) -> bool:
+    """Whether an empty-delta chunk carrying ``carried`` (of logprobs, token_ids) exists only for fields we
+    strip: vLLM sends one for either field, so with neither it sent it itself, and with one the agent asked
+    for (not stripped) the agent would have got it too."""
+    return bool(carried) and carried <= stripped
 
 
 # ---------------------------------------------------------------------------- SSE streams
 
 _EVENT_END = re.compile(rb"\n\r?\n")
+_SWALLOW_FIELDS = frozenset(("logprobs", "token_ids"))
 
 
 class StreamStripper:
@@ -411,7 +422,8 @@ def _strip_event_json(text: str, plan: _StripPlan) -> str | _Drop | None:
     spans = [fields.spans[name] for name in FIELDS if name in plan.chunk_fields and name in fields.spans]
     if not spans:
         return None
-    if plan.drop_swallowed and fields.empty_delta:
+    if plan.drop_swallowed and fields.empty_delta and swallowed_only_for_us(
+            fields.spans.keys() & _SWALLOW_FIELDS, plan.chunk_fields):
         return _DROP
     return splice_nulls(text, spans)
 

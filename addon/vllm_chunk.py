@@ -36,8 +36,8 @@ _CHAT_CHUNK = re.compile(
     rf'(?:,"token_ids":(?:null|(?P<token_ids>{INTS})))?\}}\]'
     rf'(?:,"prompt_token_ids":(?:null|(?P<prompt_token_ids>{INTS})))?\}}'
 )
-# A delta with nothing in it (vLLM sends such a chunk only for return_token_ids, when a parser swallowed
-# its text), as tokenids' general path judges it: every value null or [].
+# A delta with nothing in it (vLLM sends such a chunk, when a parser swallowed its text, only to carry the
+# token ids or logprobs asked for), as tokenids' general path judges it: every value null or [].
 _EMPTY_DELTA = re.compile(rf"\{{(?:{STRING}:(?:null|\[\])(?:,{STRING}:(?:null|\[\]))*+)?\}}")
 
 FIELDS = ("logprobs", "token_ids", "prompt_token_ids")  # in the order they occur in a chunk
@@ -45,9 +45,9 @@ FIELDS = ("logprobs", "token_ids", "prompt_token_ids")  # in the order they occu
 
 @dataclass(frozen=True, slots=True)
 class ChunkFields:
-    """Where a chunk's non-null token fields lie, and whether only return_token_ids made vLLM send it."""
+    """Where a chunk's non-null token fields lie, and whether its delta is empty (a parser swallowed it)."""
     spans: dict[str, tuple[int, int]]  # field name (of FIELDS) -> span of its value in the text
-    empty_delta: bool  # no text and not the last chunk: sent only because token ids were asked for
+    empty_delta: bool  # no text and not the last chunk: vLLM sent it for the token ids or logprobs it carries
 
 
 def chat_chunk_fields(text: str) -> ChunkFields | None:
@@ -56,6 +56,5 @@ def chat_chunk_fields(text: str) -> ChunkFields | None:
     if match is None:
         return None
     spans = {name: match.span(name) for name in FIELDS if match.start(name) != -1}
-    empty = (match["finish"] == "null" and "token_ids" in spans
-             and _EMPTY_DELTA.fullmatch(match["delta"]) is not None)
+    empty = match["finish"] == "null" and _EMPTY_DELTA.fullmatch(match["delta"]) is not None
     return ChunkFields(spans, empty)

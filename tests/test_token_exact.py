@@ -4,6 +4,7 @@ upstream rendering prompts with the project's real tiny tokenizer and chat templ
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -86,12 +87,15 @@ def test_multi_turn_tool_agent_row_is_token_exact(token_proxy, token_upstream, t
     assert "<tool_response>\n7\n</tool_response>" in env_text and "14" in env_text
 
 
-@pytest.mark.parametrize("agent_logprobs", [False, True])  # True: the proxy adds return_token_ids only
+@pytest.mark.parametrize("agent_asked", [
+    {},
+    {"logprobs": True},  # the proxy adds return_token_ids only
+    {"return_token_ids": False},  # the proxy adds logprobs only
+])
 @pytest.mark.parametrize("stream", [False, True])
-def test_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstream, stream, agent_logprobs):
+def test_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstream, stream, agent_asked):
     body = {"model": "policy", "stream": stream, "tools": [json.loads(json.dumps(_tool()))],
-            "messages": [{"role": "user", "content": f"What is 2 + 2? {uuid.uuid4().hex}"}],
-            **({"logprobs": True} if agent_logprobs else {})}
+            "messages": [{"role": "user", "content": f"What is 2 + 2? {uuid.uuid4().hex}"}], **agent_asked}
     agent = f"bytes-{uuid.uuid4().hex[:8]}"  # its own: the module's proxy and store serve both params
     direct = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10)
     proxied = requests.post(token_upstream.base_url + "/chat/completions", json=body, timeout=10,
@@ -99,11 +103,16 @@ def test_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstre
     assert proxied.content == direct.content
     for key in ("prompt_token_ids", "token_ids"):
         assert f'"{key}":null' in direct.text or key not in direct.text
+    swallowed = re.compile(r'"delta":\{\},"logprobs":[^\n]*"finish_reason":null')
+    if stream:  # the parser swallows the tool call's markup: vLLM sends those chunks for what was asked only
+        assert bool(swallowed.search(direct.text)) == ("logprobs" in agent_asked)
     # ... while the store keeps what the agent did not ask for.
     [flow] = settled_flows(token_proxy.config.store, agent_id=agent)
-    assert flow.meta["injected"]["return_token_ids"] is True
-    assert '"prompt_token_ids":[' in flow.response_text() and '"token_ids":[' in flow.response_text()
-    assert "return_token_ids" not in flow.request_text()  # stored as the agent sent it
+    ids = "return_token_ids" not in agent_asked
+    assert ("return_token_ids" in flow.meta["injected"]) == ids and ('"token_ids":[' in flow.response_text()) == ids
+    if stream:
+        assert swallowed.search(flow.response_text())  # and for what the proxy asked
+    assert json.loads(flow.request_text()) == body  # stored as the agent sent it
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -359,9 +359,20 @@ def test_agent_requested_logprobs_stay_byte_identical() -> None:
     swallowed = chunk(choice("{}", lps(entry), "[151657]"))
     content = chunk(choice('{"content":"I"}', lps(entry), "[40]"))
     up = sse([swallowed, content])
-    # Without return_token_ids vLLM skips a swallowed chunk, logprobs and all: the agent never sees it.
-    agent = sse([chunk(choice('{"content":"I"}', lps(entry), "null"))])
+    # Without return_token_ids vLLM (2026 on) still sends a swallowed chunk for the logprobs asked for.
+    agent = sse([chunk(choice("{}", lps(entry), "null")), chunk(choice('{"content":"I"}', lps(entry), "null"))])
     assert run(StreamStripper(injection(IDS_ONLY)), [up]) == agent
+
+
+def test_swallowed_chunk_carrying_only_injected_logprobs_is_dropped() -> None:
+    # The agent turned return_token_ids off itself; we added logprobs, and newer vLLM sends the swallowed
+    # chunk for them alone. The agent would not have got it.
+    entry = '{"token":"token_id:151657","logprob":-0.5,"bytes":[],"top_logprobs":[]}'
+    swallowed = chunk(choice("{}", lps(entry), "null"))
+    content = chunk(choice('{"content":"I"}', lps(entry.replace("151657", "40")), "null"))
+    added = {"logprobs": True, "return_tokens_as_token_ids": True}
+    agent = sse([chunk(choice('{"content":"I"}', "null", "null"))])
+    assert run(StreamStripper(injection(added)), [sse([swallowed, content])]) == agent
 
 
 def test_agent_requested_token_ids_are_kept() -> None:

@@ -36,6 +36,7 @@ ASKED = {  # what the agent asked for itself, then what rollouttap added (tokeni
     "logprobs": ({"logprobs": True, "top_logprobs": 2}, {"return_token_ids": True}),
     "token ids": ({"return_token_ids": True}, {"logprobs": True, "return_tokens_as_token_ids": True}),
     "ids only": ({}, {"return_token_ids": True}),
+    "ids refused": ({"return_token_ids": False}, {"logprobs": True, "return_tokens_as_token_ids": True}),
     "usage": ({"stream_options": {"include_usage": True}}, ALL),
 }
 
