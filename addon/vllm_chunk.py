@@ -34,7 +34,10 @@ _CHAT_CHUNK = re.compile(
     rf'"logprobs":(?:null|(?P<logprobs>{CHAT_LOGPROBS})),"finish_reason":(?P<finish>null|{STRING})'
     rf"(?:,\"stop_reason\":(?:null|{STRING}|{_INT}))?"
     rf'(?:,"token_ids":(?:null|(?P<token_ids>{INTS})))?\}}\]'
-    rf'(?:,"prompt_token_ids":(?:null|(?P<prompt_token_ids>{INTS})))?\}}'
+    # What follows the choices, in vLLM's order: usage (on every chunk with continuous_usage_stats), the
+    # fingerprint (on the last chunk), the prompt's ids and text (on the first).
+    rf'(?:,"usage":(?:null|{_ITEM}))?(?:,"system_fingerprint":(?:null|{STRING}))?'
+    rf'(?:,"prompt_token_ids":(?:null|(?P<prompt_token_ids>{INTS})))?(?:,"prompt_text":(?:null|{STRING}))?\}}'
 )
 # A delta with nothing in it (vLLM sends such a chunk, when a parser swallowed its text, only to carry the
 # token ids or logprobs asked for), as tokenids' general path judges it: every value null or [].

@@ -85,9 +85,32 @@ HEAD = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":
 CHOICE = '{"index":0,"delta":%s,"logprobs":null,"finish_reason":null,"token_ids":[5]}'
 
 
+USAGE = ('"usage":{"prompt_tokens":12,"total_tokens":15,"completion_tokens":3,'
+         '"completion_tokens_details":{"reasoning_tokens":2}}')
+LOGPROBS = '{"content":[{"token":"token_id:5","logprob":-0.5,"bytes":[],"top_logprobs":[]}]}'
+TAILS = {  # what newer vLLM puts after the choices, on some chunks
+    "continuous usage": "," + USAGE,
+    "fingerprint on the last chunk": ',"system_fingerprint":"fp_7"',
+    "first chunk's prompt text": ',"prompt_token_ids":[1,2],"prompt_text":"<|im_start|>user\\nhi"',
+    "all of them": "," + USAGE + ',"system_fingerprint":null,"prompt_token_ids":[1,2],"prompt_text":null',
+}
+
+
+@pytest.mark.parametrize("delta", ['{"content":"a"}', "{}"])
+@pytest.mark.parametrize("tail", TAILS)
+def test_newer_fields_after_the_choices_take_the_one_match(tail: str, delta: str) -> None:
+    text = HEAD + CHOICE.replace('"logprobs":null', '"logprobs":' + LOGPROBS) % delta + "]" + TAILS[tail] + "}"
+    json.loads(text)
+    assert chat_chunk_fields(text) is not None
+    for added in (ALL, {"return_token_ids": True}):
+        general = tokenids._strip_json(text, plan(added), allow_drop=True)
+        assert general is not None and tokenids._strip_event_json(text, plan(added)) == general
+
+
 @pytest.mark.parametrize("text", [
     HEAD + CHOICE % '{"content":"a"}' + "," + CHOICE % '{"content":"b"}' + "]}",  # two choices
-    HEAD + CHOICE % '{"content":"a"}' + '],"usage":null}',  # a field vLLM does not put there
+    HEAD + CHOICE % '{"content":"a"}' + '],"service_tier":null}',  # a field vLLM does not put there
+    HEAD + CHOICE % '{"content":"a"}' + '],"prompt_token_ids":[1],"usage":null}',  # out of vLLM's order
     HEAD + CHOICE % '{"content":"a"}' + '],"prompt_token_ids":[1],"x":1}',
     HEAD + '{"delta":{"content":"a"},"index":0,"logprobs":null,"finish_reason":null,"token_ids":[5]}]}',  # order
     HEAD + CHOICE % '{"tool_calls":[{"function":{"arguments":{"deep":[1]}}}]}' + "]}",  # deeper than vLLM nests
