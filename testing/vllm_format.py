@@ -1,7 +1,9 @@
 """Pure builders for vLLM-shaped OpenAI responses: what the scripted upstream sends, byte for byte.
 
 The shapes follow vLLM 0.10.2+ (the versions with ``return_token_ids``), ``reasoning_content``
-spelling. Non-streamed bodies are pydantic ``model_dump()`` output, so every field of the response
+spelling by default (newer vLLM spells it ``reasoning``: ``reasoning_field``), and newer vLLM's rule for
+parser-swallowed stream chunks (sent when token ids or logprobs were asked for). Not modelled: newer
+fields vLLM adds only on request or by server flags (``prompt_text``, ``metrics``, continuous usage). Non-streamed bodies are pydantic ``model_dump()`` output, so every field of the response
 models is present, unset ones as ``null``: a request without ``return_token_ids`` gets
 ``"prompt_token_ids": null`` (top level) and ``"token_ids": null`` (per choice), one without
 ``logprobs`` gets ``"logprobs": null``. Chat stream chunks are ``model_dump_json(exclude_unset=True)``:

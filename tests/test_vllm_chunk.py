@@ -41,10 +41,12 @@ ASKED = {  # what the agent asked for itself, then what rollouttap added (tokeni
 }
 
 
-def upstream_chunks(reply: Reply, asked: dict[str, Any], added: dict[str, Any], k: int) -> list[str]:
+def upstream_chunks(reply: Reply, asked: dict[str, Any], added: dict[str, Any], k: int,
+                    reasoning_field: str = "reasoning_content") -> list[str]:
     request = {"model": "m", "messages": [USER], "stream": True, "tools": [CALC], **asked, **added}
     gen = generate_chat(request, reply, TOK)
-    chunks = chat_chunks(gen, ResponseMeta.new("m"), Options.from_request(request), TOK, tokens_per_chunk=k)
+    opts = Options.from_request(request, reasoning_field=reasoning_field)
+    chunks = chat_chunks(gen, ResponseMeta.new("m"), opts, TOK, tokens_per_chunk=k)
     return [dumps(chunk).decode() for chunk in chunks]
 
 
@@ -53,13 +55,14 @@ def plan(added: dict[str, Any]) -> Any:
     return tokenids._plan_for(injection)
 
 
+@pytest.mark.parametrize("reasoning_field", ["reasoning_content", "reasoning"])  # older, newer vLLM
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("asked", ASKED)
 @pytest.mark.parametrize("reply", REPLIES)
-def test_one_match_strips_as_the_general_path_does(reply: str, asked: str, k: int) -> None:
+def test_one_match_strips_as_the_general_path_does(reply: str, asked: str, k: int, reasoning_field: str) -> None:
     agent_asked, added = ASKED[asked]
     strip_plan = plan(added)
-    for text in upstream_chunks(REPLIES[reply], agent_asked, added, k):
+    for text in upstream_chunks(REPLIES[reply], agent_asked, added, k, reasoning_field):
         general = tokenids._strip_json(text, strip_plan, allow_drop=True)
         assert tokenids._strip_event_json(text, strip_plan) == general, text
         if json.loads(text)["choices"]:  # the usage chunk has none; every other chunk takes the one match
