@@ -102,7 +102,6 @@ def start_manager(ctx: Context, variant: Variant, script: Path, base_url: str) -
     from rollouttap.manager.manager import AgentManager
     store = ctx.workdir / f"deploy-{'tuned' if variant.tuning else 'untuned'}.db"
     config = capture_config(variant, store, ctx.workdir / "mitmproxy-conf-deploy", ())
-    config.pid_lookup = "fallback"  # what AgentManager's own proxy uses: its agents carry credentials
     agent = CommandAgent([PY, str(script), "{prompt}"], env={"BENCH_CALLS": str(ctx.plan.deploy_calls)})
     return AgentManager(agent, store=store, parallel=ctx.plan.deploy_agents, proxy=config, model_url=base_url,
                         confdir=ctx.workdir / "mitmproxy-conf-deploy").start()

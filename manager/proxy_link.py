@@ -148,8 +148,9 @@ def own_proxy_config(config: ProxyConfig | None, *, store_path: Path, model_url:
                      base_url_mode: bool, confdir: Path | None) -> ProxyConfig:
     """The config of the proxy a manager starts: the caller's (copied) plus the model server's settings."""
     if config is None:
-        # Our agents carry credentials: a connection's process is looked up only when a request lacks them.
-        config = ProxyConfig(store=store_path, confdir=confdir, pid_lookup="fallback")
+        # pid_lookup "eager": a token must come from its own agent's processes (agents run as one user and can
+        # read each other's from /proc/PID/environ).
+        config = ProxyConfig(store=store_path, confdir=confdir)
     elif Path(config.store).resolve() != store_path:
         raise ConfigError(f"the proxy config records into {config.store}, the manager reads {store_path}")
     config = replace(config, store=store_path, routes=tuple(config.routes), extra=dict(config.extra))

@@ -133,8 +133,49 @@ def requests_call(marker: str) -> None:
         print(_reply(resp.content), flush=True)
 
 
+def _other_agents_proxy(mine: str) -> str | None:
+    """HTTP_PROXY (with its credentials) from the environment of another agent of this proxy, read as any
+    process of the same user can read it."""
+    own = os.environ["HTTP_PROXY"].rpartition("@")[2].encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        tag, proxy = env.get(b"ROLLOUTTAP_AGENT_ID"), env.get(b"HTTP_PROXY")
+        if tag and proxy and tag.decode() != mine and proxy.rpartition(b"@")[2] == own:
+            return proxy.decode()
+    return None
+
+
+def steal(done: str) -> None:
+    """Call the model with another live agent's proxy credentials; print the status; then touch ``done``."""
+    mine, deadline = os.environ["ROLLOUTTAP_AGENT_ID"], time.monotonic() + 30
+    while (stolen := _other_agents_proxy(mine)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": stolen}))
+        req = urllib.request.Request(os.environ["OPENAI_BASE_URL"] + "/chat/completions", data=_body("stolen"),
+                                     headers={"Content-Type": "application/json"})
+        with opener.open(req, timeout=30) as resp:
+            print("status", resp.status, flush=True)
+    except urllib.error.HTTPError as exc:
+        print("status", exc.code, flush=True)
+    finally:
+        open(done, "w").close()
+
+
+def await_file(path: str) -> None:
+    """Stay alive (no calls) until ``path`` exists, at most 30 s."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 ACTIONS = {"chat": chat, "fork": fork, "crash": crash, "hang": hang, "nothing": lambda: print("no calls"),
-           "retry": retry, "direct": direct, "aiohttp": aiohttp_call, "requests": requests_call}
+           "retry": retry, "direct": direct, "aiohttp": aiohttp_call, "requests": requests_call, "steal": steal,
+           "await": await_file}
 
 
 # -- entry points (run by rollouttap.manager.runner_entry in a fresh interpreter) ---------------------------

@@ -454,6 +454,18 @@ def test_children_of_a_forking_agent_are_attributed_to_it(manager):
     assert said == sorted([f"say {result.agent_id}"] + [f"say {result.agent_id}-child{i}" for i in range(3)])
 
 
+def test_an_agent_sending_another_agents_credentials_is_refused(manager, tmp_path):
+    # Agents run as one user: the thief reads the victim's HTTP_PROXY (its token) from /proc/PID/environ.
+    done = tmp_path / "stolen"
+    victim, thief = manager.deploy([agent(f"await {done}"), agent(f"steal {done}")])
+    assert thief.status == "ok" and "status 407" in thief.stdout_tail, thief.stderr_tail
+    assert _flows(manager, victim.agent_id) == []
+    with Store(manager.store_path) as store:
+        [refused] = [f for f in store.flows() if f.request_body and b"say stolen" in f.request_body]
+    assert refused.agent_id is None and refused.state == "error" and refused.status_code == 407
+    assert f"sent by a process of agent {thief.agent_id!r}" in refused.error
+
+
 def test_crashing_agent_fails_with_its_traceback(manager):
     [result] = manager.deploy([agent("crash")])
     assert result.status == "failed" and result.exit_code == 1 and result.calls == 0
