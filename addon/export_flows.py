@@ -21,6 +21,7 @@ with warnings.catch_warnings():
     from mitmproxy import io
     from mitmproxy.addons.savehar import SaveHar
 
+from rollouttap.paths import open_private
 from rollouttap.store import FlowRecord
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
 def write_flow_file(records: Iterable[FlowRecord], out: BinaryIO | str | Path) -> int:
     """Write flows in mitmproxy's flow-file format (``mitmproxy.io.FlowReader`` reads it); returns the count."""
     if isinstance(out, (str, Path)):
-        with open(out, "wb") as fo:
+        with open_private(out, "wb") as fo:
             return write_flow_file(records, fo)
     writer = io.FlowWriter(out)
     count = 0
@@ -141,5 +142,6 @@ def har_document(records: Iterable[FlowRecord]) -> dict[str, Any]:
 def write_har(records: Iterable[FlowRecord], out: str | Path) -> int:
     """Write a HAR file; returns the number of entries."""
     har = har_document(records)
-    Path(out).write_text(json.dumps(har, indent=2), encoding="utf-8")
+    with open_private(out, "w", encoding="utf-8") as fo:
+        fo.write(json.dumps(har, indent=2))
     return len(har["log"]["entries"])

@@ -14,6 +14,7 @@ from typing import IO, Annotated, Any, Optional
 import typer
 
 from rollouttap.errors import ConfigError
+from rollouttap.paths import open_private
 
 
 def register(app: typer.Typer) -> None:
@@ -105,7 +106,7 @@ def run(
                       env=parse_env(env or []), base_url_mode=base_url_mode, workdir_template=workdir_template,
                       grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies,
                       eos_token_id=eos_token_id) as manager:
-        sink: IO[str] = open(out, "w", encoding="utf-8") if out is not None else _stdout()
+        sink: IO[str] = open_private(out, "w", encoding="utf-8") if out is not None else _stdout()
         # SIGTERM (a job scheduler, `timeout`, torchrun) ends the run as Ctrl-C does: running agents are
         # killed and recorded, the proxy commits. Its default would leave the agents running unsupervised.
         main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rollouttap.errors import StoreError, StoreVersionError
+from rollouttap.paths import create_private
 from rollouttap.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 10_000
@@ -25,6 +26,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
             conn = _open_readonly(path)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)  # SQLite gives the -wal and -shm files the same mode
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

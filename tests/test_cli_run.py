@@ -59,6 +59,7 @@ def test_run_writes_results_and_prints_a_summary(tmp_path, confdir, upstream, ca
                  "--confdir", str(confdir), "--env", "EXTRA=1", "--proxies", "3",
                  "--eos-token-id", str(FakeTokenizer.eos_token_id)])
     assert code == 0  # a failed agent is reported, not fatal
+    assert out.stat().st_mode & 0o777 == store.stat().st_mode & 0o777 == 0o600  # prompts, bodies: owner only
     results = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"])
     assert [r["status"] for r in results] == ["ok", "failed", "ok"]
     assert [r["calls"] for r in results] == [1, 0, 2]

@@ -106,6 +106,12 @@ def test_har_is_valid_and_mitmproxy_reads_it_back(recording, tmp_path):
     assert [f.request.pretty_url for f in back] == [r.url for r in stored]
 
 
+@pytest.mark.parametrize("name", ["out.har", "out.flows"])
+def test_exports_are_readable_by_their_owner_only(recording, tmp_path, name):
+    export_flows(recording.store, tmp_path / name, agent_id="plain")
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+
+
 def test_har_entry_without_a_response_is_valid(recording, tmp_path):
     out = tmp_path / "broken.har"
     export_flows(recording.store, out, agent_id="broken")

@@ -45,6 +45,24 @@ def test_foreign_sqlite_file_is_refused(tmp_path):
         Store(path)
 
 
+def test_a_new_store_and_its_log_are_readable_by_their_owner_only(tmp_path):
+    path = tmp_path / "runs.db"
+    writer = StoreWriter(path)
+    writer.insert_flow(_flow("f1"))
+    writer.flush()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    writer.close()
+    assert modes == {"runs.db": 0o600, "runs.db-wal": 0o600, "runs.db-shm": 0o600}
+
+
+def test_an_existing_store_keeps_its_mode(tmp_path):
+    path = tmp_path / "runs.db"
+    Store(path).close()
+    path.chmod(0o640)  # the owner chose to share it with the group
+    Store(path).close()
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
 def test_readonly_open_of_missing_file_fails(tmp_path):
     with pytest.raises(StoreError):
         Store(tmp_path / "missing.db", readonly=True)
