@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import psutil
 from rollouttap.addon.procfs import AncestryCache, ProcInfo, SocketOwnerFinder
 from rollouttap.addon.sockdiag import socket_inode
 from rollouttap.store import LIVE_STATUSES, AgentRecord, Store, token_matches
+from rollouttap.store.redact import redacted_query_value
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,22 @@ def split_agent_path(path: str) -> tuple[str, str, str] | None:
         return None
     rest = "/" + parts[2] if len(parts) == 3 else "/"
     return unquote(parts[0]), unquote(parts[1]), rest
+
+
+_PATH_TOKEN = re.compile(r"(/agents/[^/?#]+/)([^/?#]+)")
+
+
+def hide_path_token(target: str) -> str:
+    """A path or absolute URL whose path starts ``/agents/<id>/<token>/`` with the token redacted, so a
+    base-URL path the proxy does not take for its own (forwarded as addressed) keeps no token in clear."""
+    scheme_end = target.find("://")
+    start = 0 if scheme_end == -1 else target.find("/", scheme_end + 3)
+    if start == -1 or not target.startswith(PATH_PREFIX, start):
+        return target
+    match = _PATH_TOKEN.match(target, start)
+    if match is None:
+        return target
+    return target[:match.start(2)] + redacted_query_value(match[2]) + target[match.end(2):]
 
 
 def check_token(agent: AgentRecord | None, token: str) -> str | None:

@@ -27,7 +27,7 @@ from rollouttap.addon.flow_attribution import FlowAttribution
 from rollouttap.addon.loopback import is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
 from rollouttap.addon.streamtap import StreamTap, decoded
-from rollouttap.store import StoreWriter, redact_query
+from rollouttap.store import StoreWriter
 from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.errors import StoreError
 
@@ -468,7 +468,7 @@ def may_have_body(req: http.Request) -> bool:
 
 def readdress(req: http.Request, route: Route) -> str:
     """Send a request where ``route`` says; the URL it was addressed to (query secrets redacted)."""
-    was = redact_query(req.pretty_url)
+    was = flowcols.stored_target(req.pretty_url)
     req.scheme, req.host, req.port, req.path = route.target(req.path)
     return was
 

@@ -9,7 +9,7 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from rollouttap.addon.attribution import Attribution
+from rollouttap.addon.attribution import Attribution, hide_path_token
 from rollouttap.store import redact_headers, redact_query
 
 
@@ -56,15 +56,20 @@ def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, An
         "client_addr": _addr(flow.client_conn.peername),
         "attribution": who.method,
         "method": req.method,
-        "url": redact_query(pretty_url) if req.method != "CONNECT" else f"{req.host}:{req.port}",
+        "url": stored_target(pretty_url) if req.method != "CONNECT" else f"{req.host}:{req.port}",
         "scheme": req.scheme,
         "host": pretty_host,
         "port": req.port,
-        "path": redact_query(req.path),
+        "path": stored_target(req.path),
         "request_headers": _headers(req.headers),
         "t_request": req.timestamp_start or time.time(),
         "state": "open",
     }
+
+
+def stored_target(target: str) -> str:
+    """A URL or path as stored: secret query values and a base-URL path token redacted."""
+    return redact_query(hide_path_token(target))
 
 
 def request_key(req: http.Request) -> tuple[Any, ...]:
@@ -86,11 +91,11 @@ def request_sent(flow: http.HTTPFlow, key_at_open: tuple[Any, ...] | None = None
     pretty_url, pretty_host = pretty_where(req)
     return {
         "request_body": req.raw_content,
-        "url": redact_query(pretty_url),
+        "url": stored_target(pretty_url),
         "scheme": req.scheme,
         "host": pretty_host,
         "port": req.port,
-        "path": redact_query(req.path),
+        "path": stored_target(req.path),
         "request_headers": _headers(req.headers),
     }
 

@@ -563,6 +563,36 @@ def test_base_url_through_the_regular_listener_without_credentials(base_url_prox
     assert (flow.attribution, flow.port, flow.path) == ("path", upstream.port, "/v1/chat/completions")
 
 
+def test_a_base_url_path_token_sent_elsewhere_is_not_stored_in_clear(base_url_proxy):
+    # Credentials, and a base URL naming the reverse listener by an address the proxy does not take for
+    # its own (another name of this host): forwarded as addressed, recorded with the path as asked.
+    agent_id, token = _new_agent(base_url_proxy)
+    port = int(base_url_proxy.reverse_url.rsplit(":", 1)[1])
+    creds = base_url_proxy.url.replace("http://", f"http://{agent_id}:{token}@")
+    url = f"http://127.0.0.2:{port}/agents/{agent_id}/{token}/v1/models?api_key=k-{token}"
+    requests.get(url, proxies={"http": creds}, timeout=10)
+    with Store(base_url_proxy.config.store) as store:
+        [flow] = wait_for(lambda: [f for f in store.flows(agent_id=agent_id) if f.state != "open"], what="flow")
+    assert token not in json.dumps([flow.url, flow.path, flow.meta, flow.request_headers, flow.error])
+    from rollouttap.store.redact import redacted_query_value
+    assert flow.path.split("?")[0] == f"/agents/{agent_id}/{redacted_query_value(token)}/v1/models"
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("/agents/a1/SECRET/v1/x", "/agents/a1/R/v1/x"),
+    ("http://h:1/agents/a1/SECRET/v1/x?y=1", "http://h:1/agents/a1/R/v1/x?y=1"),
+    ("https://h/agents/a1/SECRET", "https://h/agents/a1/R"),
+    ("/agents/a1/SECRET?q", "/agents/a1/R?q"),
+    ("/v1/agents/a1/runs", "/v1/agents/a1/runs"),  # not the proxy's prefix: another API's path
+    ("http://h/v1/agents/a1/runs", "http://h/v1/agents/a1/runs"),
+    ("/agents/a1", "/agents/a1"), ("/agents//x", "/agents//x"), ("http://h", "http://h"), ("", ""),
+])
+def test_hide_path_token(target, expected):
+    from rollouttap.addon.attribution import hide_path_token
+    from rollouttap.store.redact import redacted_query_value
+    assert hide_path_token(target) == expected.replace("/R", "/" + redacted_query_value("SECRET"))
+
+
 def test_proxy_refuses_non_loopback_listen_by_default(tmp_path, confdir):
     from rollouttap.errors import ConfigError, ProxyError
     with pytest.raises(ConfigError, match="allow_remote"):  # the config says so before mitmdump starts ...
