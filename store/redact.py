@@ -26,7 +26,10 @@ from rollouttap.paths import cache_root
 log = logging.getLogger(__name__)
 
 SECRET_WORDS = frozenset({"auth", "authorization", "credential", "credentials", "session", "sessionid", "sig",
-                          "jwt", "bearer", "pwd", "jsessionid", "passphrase", "otp"})
+                          "jwt", "bearer", "pwd", "jsessionid", "passphrase", "otp", "pass", "passcode", "oauth",
+                          "pat"})
+# Headers whose value holds URLs (``Link: <...?page_token=...>``): their secret query values are redacted too.
+URL_HEADERS = frozenset({"referer", "location", "content-location", "link", "refresh"})
 # A word ending in one of these is a secret too, written as one word or not: apikey, authtoken, hftoken.
 SECRET_ENDINGS = ("key", "token", "secret", "password", "passwd", "cookie", "signature")
 _WORD = re.compile(r"[a-z]+")
@@ -108,13 +111,34 @@ def redacted_query_value(value: str) -> str:
 
 
 def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Return the headers with every secret value redacted."""
-    return [(k, redact_value(v) if is_secret_name(k) else v) for k, v in headers]
+    """Return the headers with every secret value redacted, and secret query values in URL-valued ones."""
+    return [(k, redact_value(v) if is_secret_name(k) else _redact_urls_in(v) if k.lower() in URL_HEADERS else v)
+            for k, v in headers]
+
+
+_PARAM = re.compile(r"([?&;])([^=&;?#\s<>\"]+)=([^&;#\s<>\"]*)")
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    sep, name, value = match.groups()
+    if not value or not is_secret_name(unquote(name)):
+        return match[0]
+    return f"{sep}{name}={redacted_query_value(value)}"
+
+
+def _redact_urls_in(value: str) -> str:
+    # Every ``name=value`` after ?, & or ; anywhere in the value: a header may hold several URLs.
+    return _PARAM.sub(_redact_param, value) if "=" in value else value
 
 
 def redact_query(target: str) -> str:
-    """A URL or path with the values of secret-named query parameters redacted."""
-    return map_secret_query(target, redacted_query_value)
+    """A URL or path with the values of secret-named query parameters and path parameters
+    (``/x;jsessionid=...``) redacted."""
+    target = map_secret_query(target, redacted_query_value)
+    head, sep, rest = target.partition("?")
+    if ";" in head:
+        head = _PARAM.sub(_redact_param, head)
+    return head + sep + rest
 
 
 def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:

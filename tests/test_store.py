@@ -18,7 +18,7 @@ from rollouttap.store import (
     redact_query, token_matches, transaction,
 )
 from rollouttap.store.records import decode_body
-from rollouttap.store.redact import fingerprint, is_secret_name, redact_value
+from rollouttap.store.redact import fingerprint, is_secret_name, redact_value, redacted_query_value
 from rollouttap.store.writer import _apply, batch_mark, fold
 
 
@@ -275,6 +275,18 @@ def test_redact_headers_only_secret_ones():
                 "x-goog-api-key", "X-Auth-Token", "x-amz-security-token"):
         assert "redacted" in out[key]
     assert out["Authorization"] != dict(redact_headers([("Authorization", "Bearer k9")]))["Authorization"]
+
+
+@pytest.mark.parametrize("name, value, hidden", [
+    ("Referer", "http://h/cb?state=1&access_token=AT1", "AT1"),
+    ("Location", "https://h/next?code=1&client_secret=CS2#f", "CS2"),
+    ("Content-Location", "/x?api_key=AK3", "AK3"),
+    ("Link", '<https://a/x?page_token=PT4&per=2>; rel="next", <https://a/x?page=1>; rel="prev"', "PT4"),
+    ("Refresh", "5; url=/x?key=K5", "K5"),
+])
+def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hidden):
+    [(_, out)] = redact_headers([(name, value)])
+    assert out == value.replace(hidden, redacted_query_value(hidden))  # the rest of the value as it was
 
 
 def test_token_hash_is_not_the_token():
@@ -618,6 +630,9 @@ def test_text_with_undecodable_bytes_is_kept_with_escapes(tmp_path):
     ("/x?api_key=abc&user=bob", "user=bob", "abc"),
     ("/x?q=key&limit=5", "/x?q=key&limit=5", None),  # a value named "key" is not a key
     ("/x?token", "/x?token", None),  # no value to hide
+    ("/q3;jsessionid=S3SS;v=1?x=1", ";v=1?x=1", "S3SS"),  # a path parameter
+    ("/a;b/c?q=1", "/a;b/c?q=1", None),
+    ("/x?pass=hunter2&k=v", "&k=v", "hunter2"),
 ])
 def test_redact_query_hides_values_of_secret_parameters(target, kept, hidden):
     out = redact_query(target)
@@ -655,7 +670,8 @@ def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
     ("X-Session-Id", True), ("api-key", True), ("x-csrftoken", True),
     ("authtoken", True), ("HFToken", True), ("OpenAIKey", True), ("Authentication", True), ("Cookie2", True),
     ("Ocp-Apim-Subscription-Key", True), ("X-Amz-Credential", True), ("X-Amz-Signature", True),
-    ("pwd", True), ("JSESSIONID", True), ("x-otp", True), ("passphrase", True),
+    ("pwd", True), ("JSESSIONID", True), ("x-otp", True), ("passphrase", True), ("pass", True), ("X-Oauth", True),
+    ("X-Pat", True), ("passcode", True), ("passthrough", False), ("path", False), ("patch", False),
     ("max_tokens", False), ("x-ratelimit-remaining-tokens", False), ("author", False), ("keyword", False),
     ("Content-Type", False), ("x-stainless-retry-count", False), ("Keep-Alive", False), ("authority", False),
     ("api-version", False), ("X-Amz-Date", False), ("anthropic-version", False),
