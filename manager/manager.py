@@ -32,6 +32,7 @@ from rollouttap.manager.results import (
     AgentResult, collect_flows, decide_status, settle_flows, summarise, with_model_failure,
 )
 from rollouttap.store import Store, new_token
+from rollouttap.store.redact import redact_command
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ class AgentManager:
         run_dir = launch.new_run_dir()
         try:
             store.register_agent(agent_id, token=token, run_id=self.run_id,
-                                 meta={"index": index, "agent": self.spec.describe()})
+                                 meta={"index": index, "agent": redact_command(self.spec.describe())})
             link = self._link(index)
             # A proxy that died since the watchdog last looked is restarted (or waited for) before an agent
             # is pointed at its port: an agent that does not retry would fail on a dead port.

@@ -17,9 +17,10 @@ import logging
 import os
 import re
 import secrets
+import shlex
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from rollouttap.paths import cache_root
 
@@ -158,6 +159,63 @@ def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
             part = f"{name}={new}"
         parts.append(part)
     return head + (sep if parts else "") + "&".join(parts) + hash_sep + fragment
+
+
+_ASSIGNED = re.compile(r"-{0,2}([A-Za-z0-9_.-]+)=(.+)", re.S)  # NAME=VALUE, --name=value
+_HEADER_ARG = re.compile(r"([A-Za-z0-9_-]+):\s*(.+)", re.S)  # curl -H 'Authorization: Bearer ...'
+_NOT_VALUES = ("file", "path", "dir")  # --key-file k.pem names where a secret is, not the secret
+MIN_COMMAND_SECRET = 3  # shorter values would redact stray characters all over the command
+
+
+def redact_command(command: str) -> str:
+    """A command line (as ``shlex.join`` writes it) with the credentials it carries redacted: the values of
+    secret-named variables, options and header arguments, URL passwords and secret query values; a shell
+    string argument (``sh -c '...'``) is looked into too."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    found: set[str] = set()
+    lists = [words]
+    for word in words:
+        if any(c.isspace() for c in word):
+            try:
+                lists.append(shlex.split(word))
+            except ValueError:
+                pass
+    for listed in lists:
+        for word in listed:
+            _command_secrets(word, found)
+        _option_values(listed, found)
+    for secret in sorted((s for s in found if len(s) >= MIN_COMMAND_SECRET), key=len, reverse=True):
+        command = command.replace(secret, f"<redacted sha256:{fingerprint(secret)}>")
+    return command
+
+
+def _command_secrets(word: str, found: set[str]) -> None:
+    if (assigned := _ASSIGNED.fullmatch(word)) is not None:
+        name, value = assigned.groups()
+        if is_secret_name(name):
+            if not any(c.isspace() for c in value):  # else a shell string, looked into word by word
+                found.add(value)
+            return
+        word = value  # --header=Authorization: ..., --url=https://...
+    if (header := _HEADER_ARG.fullmatch(word)) is not None and is_secret_name(header[1]):
+        scheme, sep, rest = header[2].partition(" ")
+        found.add(rest if sep and scheme.isalpha() and rest else header[2])
+    if "://" in word:
+        password = urlsplit(word).password if "@" in word else None
+        if password:
+            found.add(password)
+        map_secret_query(word, lambda value: found.add(unquote(value)) or value)
+
+
+def _option_values(words: list[str], found: set[str]) -> None:
+    # --api-key VALUE: the word after a secret-named option
+    for option, value in zip(words, words[1:]):
+        name = option.lstrip("-")
+        if option.startswith("-") and "=" not in option and is_secret_name(name) and not name.endswith(_NOT_VALUES):
+            found.add(value)
 
 
 def new_token() -> str:

@@ -40,6 +40,7 @@ from rollouttap.manager.proxy_link import ProxyLink
 from rollouttap.manager.results import collect_flows, decide_status, json_safe, with_model_failure
 from rollouttap.manager.runner_entry import outcome
 from rollouttap.store import Store, StoreWriter
+from rollouttap.store.redact import fingerprint
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
 
 PY = shlex.quote(sys.executable)
@@ -464,6 +465,16 @@ def test_an_agent_sending_another_agents_credentials_is_refused(manager, tmp_pat
         [refused] = [f for f in store.flows() if f.request_body and b"say stolen" in f.request_body]
     assert refused.agent_id is None and refused.state == "error" and refused.status_code == 407
     assert f"sent by a process of agent {thief.agent_id!r}" in refused.error
+
+
+def test_the_agent_command_is_recorded_without_its_credentials(tmp_path, confdir, upstream):
+    command = CommandAgent(f"{PY} {shlex.quote(SUPPORT)} {{prompt}} --api-key SEKRET-123")
+    with AgentManager(command, store=tmp_path / "runs.db", model_url=upstream.base_url, confdir=confdir) as m:
+        [result] = m.deploy(["nothing"])
+    with Store(tmp_path / "runs.db") as store:
+        [row] = store.agents()
+    assert result.status == "ok" and "SEKRET-123" not in row.meta["agent"]
+    assert row.meta["agent"].endswith("--api-key <redacted sha256:" + fingerprint("SEKRET-123") + ">")
 
 
 def test_crashing_agent_fails_with_its_traceback(manager):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -287,6 +288,24 @@ def test_redact_headers_only_secret_ones():
 def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hidden):
     [(_, out)] = redact_headers([(name, value)])
     assert out == value.replace(hidden, redacted_query_value(hidden))  # the rest of the value as it was
+
+
+@pytest.mark.parametrize("argv, secrets", [
+    (["curl", "-H", "Authorization: Bearer ZZSEC600", "http://x/"], ["ZZSEC600"]),
+    (["sh", "-c", "OPENAI_API_KEY=sk-abcdef python agent.py --api-key K123 '{prompt}'"], ["sk-abcdef", "K123"]),
+    (["python", "a.py", "--token=TTT1", "--url", "https://u:PW99@h/x?key=QK1&a=1"], ["TTT1", "PW99", "QK1"]),
+    (["python", "a.py", "--header=X-Api-Key: AK77", "{prompt}"], ["AK77"]),
+    (["python", "examples/openai_agent.py", "{prompt}"], []),
+    (["x", "--max-tokens", "100", "--key-file", "k.pem", "--model", "policy"], []),
+    (["sh", "-c", "echo 'unbalanced"], []),
+])
+def test_redact_command_hides_the_credentials_a_command_line_carries(argv, secrets):
+    from rollouttap.store.redact import redact_command
+    command = shlex.join(argv)
+    out = redact_command(command)
+    assert not [s for s in secrets if s in out] and out.count("<redacted sha256:") == len(secrets)
+    assert out == command or secrets
+    assert shlex.split(out)[0] == argv[0]
 
 
 def test_token_hash_is_not_the_token():
