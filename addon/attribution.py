@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Method = Literal["credentials", "path", "pid", "header", "none", "rejected"]
 AGENT_HEADER = "X-Agent-ID"
 PATH_PREFIX = "/agents/"
+MAX_CACHED = 4096  # agent rows a directory keeps beyond the live ones
 TAG_REFRESH_S = 0.05  # re-read registered roots at most this often for agents started since the last read
 
 
@@ -180,13 +181,16 @@ def is_local_peer(ip: str, local_ips: frozenset[str]) -> bool:
 
 # -- gathering facts (blocking: call from a worker thread) -------------------------------------
 class AgentDirectory:
-    """The agents table, cached; re-read on a miss or when older than ``max_age`` seconds."""
+    """The agents that have not ended, cached and re-read when older than ``max_age`` seconds; any other
+    agent is read by its key when asked for. Neither the reads nor the cache grow with the number of agents
+    the store ever held (a long training run registers hundreds of thousands)."""
 
     def __init__(self, store_path: str, max_age: float = 1.0) -> None:
         self._store = Store(store_path)
         self._lock = threading.Lock()
-        self._agents: dict[str, AgentRecord] = {}
+        self._agents: dict[str, AgentRecord] = {}  # the live agents of the last refresh, and rows looked up since
         self._read_at: dict[str, float] = {}  # when each cached row was read (time.monotonic())
+        self._ended: dict[str, AgentRecord] = {}  # ended agents' rows (final: they never change), the latest few
         self._roots: tuple[dict[int, tuple[float | None, str]], dict[str, int]] = ({}, {})
         self._loaded_at = 0.0
         self.max_age = max_age
@@ -204,10 +208,30 @@ class AgentDirectory:
         return time.monotonic() - self._read_at.get(agent_id, -float("inf"))
 
     def lookup(self, agent_id: str) -> AgentRecord | None:
-        """The agent's row read now, kept in the cache (a just registered agent is seen; an ended one too)."""
+        """The agent's row read now, kept in the cache (a just registered agent is seen; an ended one too,
+        until the next refresh, or until the cache holds MAX_CACHED rows: where no pid lookup refreshes it)."""
         agent = self.read(agent_id)
         if agent is not None:
+            if len(self._agents) >= MAX_CACHED:
+                self._drop_ended()
             self._agents[agent_id], self._read_at[agent_id] = agent, time.monotonic()
+        return agent
+
+    def _drop_ended(self) -> None:
+        live = {k: a for k, a in self._agents.items() if a.status in LIVE_STATUSES}
+        self._agents, self._read_at = live, {k: self._read_at[k] for k in live if k in self._read_at}
+
+    def other(self, agent_id: str) -> AgentRecord | None:
+        """The row of an agent that is not among the live ones cached (a tag naming an ended or unknown agent):
+        an ended agent's from a small cache, any other read now."""
+        agent = self._ended.get(agent_id)
+        if agent is not None:
+            return agent
+        agent = self.read(agent_id)
+        if agent is not None and agent.status not in LIVE_STATUSES:
+            if len(self._ended) >= MAX_CACHED:
+                self._ended.pop(next(iter(self._ended)))
+            self._ended[agent_id] = agent
         return agent
 
     def read(self, agent_id: str) -> AgentRecord | None:
@@ -219,20 +243,20 @@ class AgentDirectory:
         with self._lock:
             if time.monotonic() - self._loaded_at < if_older_than:
                 return
-            agents = {a.agent_id: a for a in self._store.agents()}
+            agents = {a.agent_id: a for a in self._store.live_agents()}
             by_pid: dict[int, tuple[float | None, str]] = {}
             by_agent: dict[str, int] = {}
             for agent in agents.values():
                 if agent.root_pid is not None:
                     by_agent[agent.agent_id] = agent.root_pid
-                    if agent.status in LIVE_STATUSES:
-                        by_pid[agent.root_pid] = (agent.root_create_time, agent.agent_id)
+                    by_pid[agent.root_pid] = (agent.root_create_time, agent.agent_id)
             now = time.monotonic()
             self._agents, self._read_at = agents, dict.fromkeys(agents, now)
             self._roots, self._loaded_at = (by_pid, by_agent), now
 
     def roots(self) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
-        """Registered roots as (pid -> (create_time, agent), agent -> pid), refreshed if stale."""
+        """The live agents' registered roots as (pid -> (create_time, agent), agent -> pid), refreshed if
+        stale."""
         self.refresh(if_older_than=self.max_age)
         return self._roots
 
@@ -272,21 +296,27 @@ class PidAttributor:
         if pid is None:
             return PidResult(None, None, "socket owner not found (exited, or another namespace)")
         chain = self.ancestry.chain(pid)
-        if self._roots_behind(chain, roots, known):
+        others, behind = self._tag_roots(chain, roots, known)
+        if behind:
             self.directory.refresh(if_older_than=TAG_REFRESH_S)
             roots, known = self.directory.roots()
-        agent_id, detail = decide_from_ancestry(chain, roots, known, self._create_time)
+        agent_id, detail = decide_from_ancestry(chain, roots, {**known, **others} if others else known,
+                                                self._create_time)
         return PidResult(pid, agent_id, detail, tuple(registered_in_chain(chain, roots, self._create_time)))
 
-    def _roots_behind(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
-                      known: dict[str, int]) -> bool:
-        """A tag in ``chain`` names an agent whose root the store has and the cache not (it started since
-        the cache was read). Hand-run tags that name no registered agent cost one indexed read each."""
+    def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
+                   known: dict[str, int]) -> tuple[dict[str, int], bool]:
+        """The registered roots of agents that tags in ``chain`` name outside the live ones cached (ended
+        agents, whose tags still must not attribute), and whether one of them is live after all (it started
+        since the cache was read). Hand-run tags that name no registered agent cost one indexed read each."""
+        others: dict[str, int] = {}
+        behind = False
         for tag in {p.agent_tag for p in chain if p.agent_tag and p.agent_tag not in known}:
-            agent = self.directory.read(tag)
-            if agent is not None and agent.root_pid is not None and agent.root_pid not in roots:
-                return True
-        return False
+            agent = self.directory.other(tag)
+            if agent is not None and agent.root_pid is not None:
+                others[tag] = agent.root_pid
+                behind = behind or (agent.status in LIVE_STATUSES and agent.root_pid not in roots)
+        return others, behind
 
     def connection_closed(self, pid: int) -> None:
         """A client connection of ``pid`` ended (its next one is likely close behind)."""

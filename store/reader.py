@@ -91,6 +91,11 @@ class Store:
                                (run_id,))
         return [AgentRecord.from_row(r) for r in rows]
 
+    def live_agents(self) -> list[AgentRecord]:
+        """The agents that have not ended (registered or running), through the partial index of those."""
+        rows = self._query("SELECT * FROM agents WHERE status IN ('registered', 'running')")
+        return [AgentRecord.from_row(r) for r in rows]
+
     def unregistered_agent_ids(self) -> list[str]:
         """Agents that have flows but no row: named by an environment tag or a header, never registered."""
         rows = self._query("SELECT DISTINCT agent_id FROM flows WHERE agent_id IS NOT NULL "

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from rollouttap.addon.attribution import (
-    AgentDirectory, check_token, credentials_conflict, decide_from_ancestry, decide_header_claim, is_local_peer,
+    AgentDirectory, PidAttributor, check_token, credentials_conflict, decide_from_ancestry, decide_header_claim, is_local_peer,
     parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
@@ -100,6 +100,62 @@ def test_the_agent_directory_caches_a_row_and_its_age(tmp_path):
         assert directory.cached("a").status == "registered"  # the cache does no I/O
         assert directory.lookup("a").status == "ok" and directory.cached("a").status == "ok"
         directory.close()
+
+
+def test_the_agent_directory_reads_only_the_agents_that_have_not_ended(tmp_path):
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        for i in range(50):
+            store.register_agent(f"done-{i}", token=new_token())
+            store.agent_started(f"done-{i}", os.getpid())
+            store.agent_ended(f"done-{i}", "ok")
+        store.register_agent("live", token=new_token())
+        store.agent_started("live", os.getpid())
+        plan = " ".join(r[3] for r in store._query(
+            "EXPLAIN QUERY PLAN SELECT * FROM agents WHERE status IN ('registered', 'running')"))
+    assert "agents_live" in plan  # a long run's ended agents are never scanned
+    directory = AgentDirectory(str(path))
+    try:
+        assert directory.roots() == ({os.getpid(): (pytest.approx(_me().create_time()), "live")}, {"live": os.getpid()})
+        assert directory.cached("live") is not None and directory.cached("done-0") is None
+        assert directory.lookup("done-1").status == "ok" and directory.other("done-2").status == "ok"
+        directory.refresh()
+        assert directory.cached("done-1") is None  # an ended agent's row leaves the cache at the next refresh
+    finally:
+        directory.close()
+
+
+def _me():
+    import psutil
+    return psutil.Process()
+
+
+def test_a_tag_of_an_ended_agent_from_outside_its_tree_is_refused(tmp_path):
+    # The ended agent is not in the directory's live cache: its row is read by key, and its root still counts.
+    path = tmp_path / "s.db"
+    root = subprocess.Popen(["sleep", "60"])  # the ended agent's root: a sibling of the client, not its ancestor
+    with Store(path) as store:
+        store.register_agent("gone", token=new_token())
+        store.agent_started("gone", root.pid)
+        store.agent_ended("gone", "ok")
+    directory = AgentDirectory(str(path))
+    env = {**os.environ, "ROLLOUTTAP_AGENT_ID": "gone"}
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = subprocess.Popen([sys.executable, "-c", (
+            "import socket, sys, time\n"
+            f"s = socket.create_connection({server.getsockname()!r})\n"
+            "sys.stdin.read()\n")], env=env, stdin=subprocess.PIPE, start_new_session=True)
+        try:
+            accepted, peer = server.accept()
+            with accepted:
+                result = PidAttributor(directory).resolve(peer, accepted.getsockname())
+        finally:
+            client.communicate(b"", timeout=30)
+            root.kill()
+            root.wait()
+            directory.close()
+    assert result.pid == client.pid and result.agent_id is None
+    assert result.detail == f"tag 'gone' but its root pid {root.pid} is not an ancestor"
 
 
 def _chain(*specs):
