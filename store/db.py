@@ -14,6 +14,7 @@ from rollouttap.paths import create_private
 from rollouttap.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 10_000
+WAL_SIZE_LIMIT = 64 << 20
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -34,6 +35,9 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
             _enable_wal(conn)
             # WAL + NORMAL survives a crash of the writing process; only power loss can drop the last commits.
             conn.execute("PRAGMA synchronous = NORMAL")
+            # A reader that holds a transaction for hours (a notebook, an sqlite3 shell) stops checkpoints from
+            # resetting the log, which grows meanwhile; once it can reset again, cut it back to this size.
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         _check_version(conn, path, migrate=not readonly)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc

@@ -64,6 +64,26 @@ def test_an_existing_store_keeps_its_mode(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o640
 
 
+def test_the_log_a_long_reader_let_grow_is_cut_back_once_it_is_done(tmp_path):
+    from rollouttap.store.db import WAL_SIZE_LIMIT
+    path, wal = tmp_path / "s.db", tmp_path / "s.db-wal"
+    writer = connect(path)
+    writer.execute("CREATE TABLE filler (b BLOB)")
+    reader = sqlite3.connect(path)  # a notebook's connection left inside a read transaction
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM agents").fetchall()
+    chunk = WAL_SIZE_LIMIT // 16
+    for _ in range(20):
+        writer.execute("INSERT INTO filler VALUES (?)", (os.urandom(chunk),))
+    assert wal.stat().st_size > WAL_SIZE_LIMIT  # no checkpoint can reset the log past the reader's snapshot
+    reader.execute("COMMIT")
+    reader.close()
+    for _ in range(2):
+        writer.execute("INSERT INTO filler VALUES (?)", (os.urandom(chunk),))
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    writer.close()
+
+
 def test_readonly_open_of_missing_file_fails(tmp_path):
     with pytest.raises(StoreError):
         Store(tmp_path / "missing.db", readonly=True)
