@@ -200,7 +200,7 @@ def store_stats(store: Store, *, run_id: str | None = None, eos_token_id: int = 
         start = min(a.created_at for a in agents)
         ends = [a.ended_at for a in agents]
         end = max(e for e in ends if e is not None) if all(e is not None for e in ends) else None
-        unattributed = len(store.flows(unattributed=True, since=start, until=None if end is None else end + 1e-6))
+        unattributed = store.count_flows(unattributed=True, since=start, until=None if end is None else end + 1e-6)
     else:
         unattributed = None
     return {

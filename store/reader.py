@@ -108,24 +108,19 @@ class Store:
               run_id: str | None = None, proxy_ids: Sequence[str] | None = None,
               limit: int | None = None) -> list[FlowRecord]:
         """Flows in the order the proxy saw their requests, filtered (``proxy_ids``: recorded by those proxies)."""
-        filters = [("agent_id = ?", agent_id), ("state = ?", state), ("host = ?", host),
-                   ("t_request >= ?", since), ("t_request < ?", until),
-                   ("agent_id IN (SELECT agent_id FROM agents WHERE run_id = ?)", run_id)]
-        where = [clause for clause, value in filters if value is not None]
-        params: list[Any] = [value for _, value in filters if value is not None]
-        if unattributed:
-            where.append("agent_id IS NULL")
-        if proxy_ids is not None:
-            where.append(f"proxy_id IN ({', '.join('?' for _ in proxy_ids)})")
-            params.extend(proxy_ids)
-        sql = "SELECT * FROM flows"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id"
+        where, params = _flow_filter(agent_id=agent_id, state=state, host=host, since=since, until=until,
+                                     unattributed=unattributed, run_id=run_id, proxy_ids=proxy_ids)
+        sql = f"SELECT * FROM flows{where} ORDER BY id"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
         return [FlowRecord.from_row(r) for r in self._query(sql, params)]
+
+    def count_flows(self, *, since: float | None = None, until: float | None = None, unattributed: bool = False,
+                    proxy_ids: Sequence[str] | None = None) -> int:
+        """How many flows ``flows()`` would return for these filters, without reading them."""
+        where, params = _flow_filter(since=since, until=until, unattributed=unattributed, proxy_ids=proxy_ids)
+        return self._query(f"SELECT count(*) FROM flows{where}", params)[0][0]
 
     def flow(self, flow_id: str) -> FlowRecord | None:
         rows = self._query("SELECT * FROM flows WHERE flow_id = ?", (flow_id,))
@@ -218,3 +213,21 @@ def _alive(pid: int, create_time: float | None) -> bool:
         return create_time is None or abs(proc.create_time() - create_time) < 0.01
     except psutil.Error:
         return False
+
+
+def _flow_filter(*, agent_id: str | None = None, state: str | None = None, host: str | None = None,
+                 since: float | None = None, until: float | None = None, unattributed: bool = False,
+                 run_id: str | None = None, proxy_ids: Sequence[str] | None = None) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or empty) and parameters of a flows query."""
+    filters = [("agent_id = ?", agent_id), ("state = ?", state), ("host = ?", host),
+               ("t_request >= ?", since), ("t_request < ?", until),
+               ("agent_id IN (SELECT agent_id FROM agents WHERE run_id = ?)", run_id)]
+    where = [clause for clause, value in filters if value is not None]
+    params: list[Any] = [value for _, value in filters if value is not None]
+    if unattributed:
+        # With a start time, the time index: the agent index would walk every unattributed flow ever kept.
+        where.append("+agent_id IS NULL" if since is not None else "agent_id IS NULL")
+    if proxy_ids is not None:
+        where.append(f"proxy_id IN ({', '.join('?' for _ in proxy_ids)})")
+        params.extend(proxy_ids)
+    return (" WHERE " + " AND ".join(where) if where else ""), params

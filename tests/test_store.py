@@ -162,6 +162,25 @@ def _flow(flow_id: str, agent: str | None = "a1", **extra):
     return cols
 
 
+def test_counting_recent_unattributed_flows_reads_only_recent_ones(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path)
+    now = time.time()
+    for i in range(30):  # unattributed long ago, then a few recent ones of two proxies
+        writer.insert_flow(_flow(f"old{i}", agent=None, t_request=now - 3600 + i))
+    for i in range(6):
+        writer.insert_flow(_flow(f"new{i}", agent=None if i % 3 else "a1", t_request=now + i, proxy_id=f"p{i % 2}"))
+    writer.close()
+    with Store(path) as store:
+        assert store.count_flows(unattributed=True) == 34
+        assert store.count_flows(unattributed=True, since=now) == 4 == len(store.flows(unattributed=True, since=now))
+        assert store.count_flows(unattributed=True, since=now, until=now + 3, proxy_ids=["p1"]) == 1
+        from rollouttap.store.reader import _flow_filter  # the query count_flows runs, as the planner sees it
+        where, params = _flow_filter(since=now, unattributed=True)
+        plan = " ".join(r[3] for r in store._query(f"EXPLAIN QUERY PLAN SELECT count(*) FROM flows{where}", params))
+    assert "flows_time" in plan
+
+
 def test_reader_sees_open_then_done(tmp_path):
     path = tmp_path / "s.db"
     writer = StoreWriter(path)
