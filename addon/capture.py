@@ -24,7 +24,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from rollouttap.addon import flowcols, tokenids
 from rollouttap.addon.attribution import Attribution
 from rollouttap.addon.flow_attribution import FlowAttribution
-from rollouttap.addon.loopback import is_loopback
+from rollouttap.addon.loopback import is_host_port, is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
 from rollouttap.addon.streamtap import StreamTap, decoded
 from rollouttap.store import StoreWriter
@@ -32,6 +32,8 @@ from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.errors import StoreError
 
 log = logging.getLogger(__name__)
+
+PID_LOOKUPS = ("eager", "fallback")
 
 
 @dataclass
@@ -83,7 +85,7 @@ class RolloutTap:
                           "When to look up a connection's process: 'eager' (as it connects, for every "
                           "connection: flows also record the pid of credentialed clients) or 'fallback' "
                           "(only when a request carries no credentials: saves ~0.3-1 ms of CPU per new "
-                          "connection of managed agents).", choices=("eager", "fallback"))
+                          "connection of managed agents).", choices=PID_LOOKUPS)
         loader.add_option("rollouttap_allow_remote", bool, False,
                           "Allow listening on non-loopback addresses (agents on other hosts).")
         loader.add_option("rollouttap_remote_anonymous", bool, False,
@@ -95,6 +97,9 @@ class RolloutTap:
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
+        if "rollouttap_pid_lookup" in updated and opts.rollouttap_pid_lookup not in PID_LOOKUPS:
+            raise exceptions.OptionsError(f"rollouttap_pid_lookup must be one of {', '.join(PID_LOOKUPS)}, "
+                                          f"not {opts.rollouttap_pid_lookup!r}")
         if "rollouttap_store" in updated or self.writer is None:
             self._open_store(opts.rollouttap_store)
         if "rollouttap_routes" in updated or "rollouttap_model_hosts" in updated:
@@ -102,6 +107,10 @@ class RolloutTap:
                 self.routes = parse_routes(opts.rollouttap_routes)
             except RouteError as exc:
                 raise exceptions.OptionsError(str(exc)) from exc
+            bad = [h for h in opts.rollouttap_model_hosts if h.strip() and not is_host_port(h)]
+            if bad:
+                raise exceptions.OptionsError(f"rollouttap_model_hosts: {bad[0]!r} is not HOST[:PORT] (no scheme, "
+                                              "no path), e.g. 127.0.0.1:8000")
             self.model_hosts = model_host_set(opts.rollouttap_model_hosts, self.routes)
         if {"listen_host", "rollouttap_allow_remote", "mode"} & updated:
             self._check_listen(opts)

@@ -2,6 +2,7 @@
 
 from rollouttap.addon.capture import RolloutTap
 from rollouttap.addon.listen_backlog import ListenBacklog
+from rollouttap.addon.option_check import CheckDeferredOptions
 from rollouttap.addon.tcp_tuning import TcpTuning
 
-addons = [RolloutTap(), TcpTuning(), ListenBacklog()]
+addons = [RolloutTap(), TcpTuning(), ListenBacklog(), CheckDeferredOptions()]  # the check last: see its module

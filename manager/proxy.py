@@ -104,6 +104,8 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         """Refuse what mitmdump would only refuse with a traceback in its log, or accept and ignore."""
+        if self.pid_lookup not in ("eager", "fallback"):
+            raise ConfigError(f"pid_lookup must be 'eager' or 'fallback', not {self.pid_lookup!r}")
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
         if not self.allow_remote and not is_loopback(self.host):

@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 HINTS: dict[type[Exception], str] = {
     StoreVersionError: "use a store file written by this version, or a new --store path",
     StoreError: "check the --store path (a writable SQLite file)",
-    ProxyError: "see the proxy's log (named in the message); is the port free?",
+    ProxyError: "the proxy's log (named in the message) says why",
     AgentSpecError: "check the --agent command template or module:function",
     NotFoundError: "`rollouttap flows --store PATH` lists the store's flows with their agents",
     ConfigError: "check the option named in the message",

@@ -631,12 +631,29 @@ def test_plain_mitmdump_with_the_addon_listens_on_loopback_only(tmp_path, confdi
     ("model_hosts", ("",), "HOST\\[:PORT\\]"),
     ("routes", ("garbage",), "HOST\\[:PORT\\]=BASE_URL"),
     ("host", "10.1.2.3", "allow_remote"),
+    ("pid_lookup", "Eager", "'eager' or 'fallback'"),  # a typo would turn the token-owner check off
 ])
 def test_proxy_config_refuses_bad_values_before_starting(tmp_path, field, value, message):
     from rollouttap.errors import ConfigError
     from rollouttap.manager.proxy import ProxyConfig
     with pytest.raises(ConfigError, match=message):
         ProxyConfig(store=tmp_path / "s.db", **{field: value})
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("rollouttap_token_ids=maybe", 'Failed to parse option rollouttap_token_ids: boolean must be "true"'),
+    ("rollouttap_tcp_quickack=False", "Failed to parse option rollouttap_tcp_quickack"),  # another addon's
+    ("rollouttap_parent_pid=abc", "rollouttap_parent_pid: not an integer: abc"),
+    ("rollouttap_pid_lookup=sometimes", "rollouttap_pid_lookup must be one of eager, fallback, not 'sometimes'"),
+    ("rollouttap_model_hosts=http://127.0.0.1:9/v1", "'http://127.0.0.1:9/v1' is not HOST[:PORT]"),
+])
+def test_plain_mitmdump_exits_on_a_bad_rollouttap_setting(tmp_path, confdir, setting, message):
+    # mitmproxy drops a script whose --set value does not parse and runs on, recording nothing.
+    entry = Path(flowcols.__file__).with_name("entry.py")
+    proc = subprocess.run([str(Path(sys.executable).with_name("mitmdump")), "-s", str(entry), "-p", "0",
+                           "--set", f"rollouttap_store={tmp_path / 'runs.db'}", "--set", f"confdir={confdir}",
+                           "--set", setting], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("host, loopback", [
