@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -137,7 +138,7 @@ class AgentManager:
         their calls return those results, before the proxy and the store go."""
         finished = False
         try:
-            finished = self._cancel_deploys()
+            finished = self.cancel()
             self._closing.set()
             for thread in self._threads:
                 thread.join(10)
@@ -154,15 +155,18 @@ class AgentManager:
                 self.store.close()
                 self.store = None
 
-    def _cancel_deploys(self, timeout: float = 60.0) -> bool:
+    def cancel(self, timeout: float = 60.0) -> bool:
         """Stop every running deploy and wait for its agents to be killed and recorded; False on timeout.
 
         Waits on the agents' futures, which run on pool threads: so a close() from a progress callback,
-        inside a deploy, waits for that deploy's agents too."""
+        inside a deploy, waits for that deploy's agents too; so does a caller whose deploy() a second Ctrl-C
+        broke off, and its progress callback gets the results still owed meanwhile."""
         with self._lock:
             for stop in self._deploys:
                 stop.set()
-            pending = [f for futures in self._deploys.values() for f in futures]
+            # done(), not wait()'s test: a future cancelled while queued is done, but wait() counts it only once
+            # a pool thread has taken it, which an interrupted deploy's pool never does.
+            pending = [f for futures in self._deploys.values() for f in futures if not f.done()]
         return not wait(pending, timeout=self.grace + timeout).not_done
 
     @property
@@ -243,7 +247,10 @@ class AgentManager:
                         _report(progress, result)
             finally:  # a second Ctrl-C breaks that wait: the deploy stays known until its agents end
                 stop.set()
-                for future in futures:
+                owed = interrupted and any(r is None for r in results)
+                for index, future in enumerate(futures):
+                    if owed and results[index] is None:  # reported as its agent ends (see cancel())
+                        future.add_done_callback(functools.partial(_report_late, progress, items, index))
                     future.add_done_callback(lambda _f: self._forget_deploy(stop))
         return [r for r in results if r is not None]
 
@@ -409,6 +416,15 @@ def _unreported(futures: Sequence[Future[AgentResult]], items: Sequence[Prompt],
         elif future.done() and future.exception() is None:
             out.append(future.result())
     return out
+
+
+def _report_late(progress: Progress | None, items: Sequence[Prompt], index: int,
+                 future: Future[AgentResult]) -> None:
+    """Report the result of an agent whose deploy() was broken off before it could."""
+    if future.cancelled():
+        _report(progress, AgentResult(new_agent_id(), index, items[index], "error", error="cancelled before it started"))
+    elif future.exception() is None:
+        _report(progress, future.result())
 
 
 def _report(progress: Progress | None, result: AgentResult) -> None:

@@ -117,6 +117,9 @@ def run(
             _deploy_with_progress(manager, items, sink, results)
         except KeyboardInterrupt:
             interrupted = True
+            # A second Ctrl-C broke deploy() off before every agent was killed and reported: wait for them,
+            # their lines still come (a third Ctrl-C ends the wait).
+            manager.cancel()
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)

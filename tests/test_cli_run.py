@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -73,6 +75,36 @@ def test_run_writes_results_and_prints_a_summary(tmp_path, confdir, upstream, ca
     for label in ("ok", "failed", "timeout", "model calls", "tokens", "unattributed flows", "bypassing agents"):
         assert label in err
     assert "3/3" in err
+
+
+def test_a_run_broken_off_by_a_second_signal_still_reports_every_prompt(tmp_path, confdir, upstream):
+    prompts, store, out = tmp_path / "p.jsonl", tmp_path / "runs.db", tmp_path / "results.jsonl"
+    prompts.write_text('"hang"\n' * 3)  # two run at once, the third waits its turn
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
+    run = subprocess.Popen([sys.executable, "-m", "rollouttap.cli", "run", "--agent", command, "--prompts", prompts,
+                            "--timeout", "120", "--store", store, "--model-url", upstream.base_url, "--parallel", "2",
+                            "--out", out, "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    lock = sqlite3.connect(store, isolation_level=None, timeout=30)
+    try:
+        running_agents(store, 2)
+        lock.execute("BEGIN IMMEDIATE")  # the killed agents' ends wait for it: deploy() waits for them
+        run.send_signal(signal.SIGTERM)
+        time.sleep(1)  # not a synchronisation: the window stays open while the lock is held
+        run.send_signal(signal.SIGTERM)  # breaks deploy()'s wait
+        time.sleep(1)
+        lock.execute("ROLLBACK")
+        assert run.wait(60) == 130
+        stderr = run.stderr.read()
+    finally:
+        lock.close()
+        run.kill()
+        run.stderr.close()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["index"], r["error"]) for r in lines) == [
+        (0, "cancelled before it finished"), (1, "cancelled before it finished"), (2, "cancelled before it started")
+    ], stderr
+    assert "(interrupted)" in stderr
 
 
 @pytest.mark.parametrize("args", [

@@ -858,7 +858,7 @@ def in_main(name):
     return False
 
 
-m = AgentManager(CommandAgent(["sleep", "60"]), store=store_path, timeout=60, confdir=confdir).start()
+m = AgentManager(CommandAgent(["sleep", "60"]), store=store_path, timeout=60, parallel=2, confdir=confdir).start()
 lock = sqlite3.connect(store_path, isolation_level=None, timeout=30, check_same_thread=False)
 interrupted, closed = threading.Event(), threading.Event()
 
@@ -873,18 +873,22 @@ def ctrl_c_twice():
     os.kill(os.getpid(), signal.SIGINT)  # ... and the second breaks deploy()'s wait for their ends
     wait_for(interrupted.is_set, "deploy() broken off")
     # The ends stay blocked until close() waits for them (or has returned without waiting).
-    wait_for(lambda: in_main("_cancel_deploys") or closed.is_set(), "close() under way")
+    wait_for(lambda: in_main("cancel") or closed.is_set(), "close() under way")
     lock.execute("ROLLBACK")
 
 
 threading.Thread(target=ctrl_c_twice, daemon=True).start()
+reported = []
 try:
-    m.deploy(["a", "b"])
+    m.deploy(["a", "b", "c"], progress=reported.append)  # "c" waits its turn, and never starts
     print("deploy returned", flush=True)
 except KeyboardInterrupt:
     interrupted.set()
+started = time.monotonic()
 m.close()  # waits for the broken-off deploy's agents to be recorded, then stops the proxy and the store
+print("close took", round(time.monotonic() - started), "s", flush=True)
 closed.set()
+print(sorted((r.index, r.status, r.error) for r in reported), flush=True)  # the results deploy() still owed
 with Store(store_path) as store:
     agents = store.agents(m.run_id)
     print(sorted(a.status for a in agents), flush=True)
@@ -899,5 +903,9 @@ def test_a_deploy_broken_off_by_a_second_ctrl_c_is_recorded_before_close_returns
     proc = subprocess.run([sys.executable, "-c", TWO_CTRL_C, str(tmp_path / "r.db"), str(confdir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.splitlines()[-1] == "['error', 'error']", proc.stdout + proc.stderr
+    *_, took, reported, statuses = proc.stdout.splitlines()
+    assert statuses == "['error', 'error']", proc.stdout + proc.stderr
+    assert reported == str([(0, "error", "cancelled before it finished"), (1, "error", "cancelled before it finished"),
+                            (2, "error", "cancelled before it started")]), proc.stdout
+    assert int(took.split()[2]) < 20, took  # not grace + 60 s on the future of the agent that never started
     assert "Traceback" not in proc.stderr, proc.stderr
