@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -130,6 +131,9 @@ def _as_dict(value: Any) -> Any:
     return value
 
 
+TOP_ERRORS = 3
+
+
 @dataclass(frozen=True)
 class Summary:
     """Counts over a batch of results, for the CLI's table and logs."""
@@ -142,12 +146,14 @@ class Summary:
     incomplete_flows: int = 0
     bypass_agents: int = 0
     bypass_connections: int = 0
+    top_errors: tuple[tuple[str, int], ...] = ()  # the commonest first lines of failed agents' errors, counted
 
     def to_dict(self) -> dict[str, Any]:
         return {"agents": self.agents, "by_status": dict(self.by_status), "calls": self.calls,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "agent_seconds": round(self.agent_seconds, 3), "incomplete_flows": self.incomplete_flows,
-                "bypass_agents": self.bypass_agents, "bypass_connections": self.bypass_connections}
+                "bypass_agents": self.bypass_agents, "bypass_connections": self.bypass_connections,
+                "top_errors": [list(pair) for pair in self.top_errors]}
 
 
 def summarise(results: Iterable[AgentResult]) -> Summary:
@@ -162,6 +168,8 @@ def summarise(results: Iterable[AgentResult]) -> Summary:
         incomplete_flows=sum(len(r.incomplete_flows) for r in items),
         bypass_agents=sum(bool(r.bypass_connections) for r in items),
         bypass_connections=sum(len(r.bypass_connections) for r in items),
+        top_errors=tuple(Counter(r.error.strip().splitlines()[0] for r in items
+                                 if r.status != "ok" and r.error and r.error.strip()).most_common(TOP_ERRORS)),
     )
 
 

@@ -178,4 +178,6 @@ def _print_summary(summary: dict[str, Any], run_id: str, store: Path, *, interru
     table.add_row("proxy restarts", str(summary["proxy_restarts"]))
     console = Console(stderr=True)
     console.print(table)
+    for error, count in summary.get("top_errors", []):  # why agents failed, when they all fail alike
+        console.print(f"{count} × {error[:200]}", markup=False, highlight=False)
     console.print(f"store: {store}")

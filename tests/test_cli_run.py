@@ -75,6 +75,8 @@ def test_run_writes_results_and_prints_a_summary(tmp_path, confdir, upstream, ca
     for label in ("ok", "failed", "timeout", "model calls", "tokens", "unattributed flows", "bypassing agents"):
         assert label in err
     assert "3/3" in err
+    failed = results[1]["error"].splitlines()[0]
+    assert f"1 × {failed}" in " ".join(err.split())  # why an agent failed, under the table
 
 
 def test_a_run_broken_off_by_a_second_signal_still_reports_every_prompt(tmp_path, confdir, upstream):

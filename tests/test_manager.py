@@ -366,6 +366,17 @@ def test_proxy_link_env_exempts_only_the_reverse_listener():
     assert ProxyLink("http://127.0.0.1:1", None, None, None).env("a", "t")["NO_PROXY"] == ""
 
 
+def test_summary_counts_the_commonest_errors():
+    from rollouttap.manager.results import AgentResult, summarise
+    def result(i, status, error=None):
+        return AgentResult(f"a{i}", i, "p", status, error=error)
+    results = [result(0, "ok"), result(1, "failed", "exit 1\nTraceback ..."), result(2, "failed", "exit 1\nother"),
+               result(3, "error", "cannot start agent: x"), result(4, "timeout", "timed out after 5s"),
+               result(5, "failed", "exit 2"), result(6, "failed", "  ")]
+    assert summarise(results).top_errors == (("exit 1", 2), ("cannot start agent: x", 1), ("timed out after 5s", 1))
+    assert summarise([result(0, "ok", "ignored")]).to_dict()["top_errors"] == []
+
+
 def test_json_safe():
     assert json_safe({"a": (1, 2.5), 3: {float("nan")}}) == {"a": [1, 2.5], "3": "{nan}"}
 
