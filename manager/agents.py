@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import shlex
 import signal
@@ -21,6 +22,8 @@ from types import MappingProxyType
 from typing import Any, Union
 
 from rollouttap.errors import AgentSpecError
+
+log = logging.getLogger(__name__)
 
 Prompt = Union[str, list[dict[str, Any]]]
 # A check computes the result of an agent's work from its workdir (used by rewards): a callable taking the
@@ -59,6 +62,12 @@ def check_prompt(prompt: object) -> Prompt:
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        if not prompt:
+            raise AgentSpecError("a prompt that is a list of chat messages needs at least one message")
+        for message in prompt:
+            if not isinstance(message.get("role"), str) or not ("content" in message or "tool_calls" in message):
+                raise AgentSpecError(f"a chat message needs a string 'role' and a 'content' (or 'tool_calls'), "
+                                     f"not {json.dumps(message, default=str)[:200]}")
         return prompt
     raise AgentSpecError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
 
@@ -173,8 +182,10 @@ class CommandAgent(AgentSpec):
         parts = tuple(template)
         if not parts or not all(isinstance(p, str) for p in parts):
             raise AgentSpecError("a command template is a non-empty list of strings")
-        for part in parts:
-            template_fields(part)
+        used = set().union(*(template_fields(part) for part in parts))
+        if not self.stdin and not used & {"prompt", "prompt_file"}:
+            log.warning("the agent command %s never receives the prompt: put {prompt} or {prompt_file} in it, "
+                        "or pass it on stdin (stdin=True, --stdin)", shlex.join(parts))
         object.__setattr__(self, "argv_template", parts)
 
     def argv(self, ctx: LaunchContext) -> list[str]:

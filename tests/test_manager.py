@@ -83,6 +83,15 @@ def test_template_fields(template, fields):
     assert template_fields(template) == fields
 
 
+def test_a_template_that_never_passes_the_prompt_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="rollouttap.manager.agents"):
+        CommandAgent("python agent.py --fast")
+        CommandAgent("python agent.py {prompt_file}")
+        CommandAgent("python agent.py", stdin=True)
+    assert [r.getMessage().split(" never")[0] for r in caplog.records] == [
+        "the agent command python agent.py --fast"]
+
+
 @pytest.mark.parametrize("template", ["{model}", "{}", "{0}", "{prompt.upper}", "{prompt[0]}", "{prompt"])
 def test_bad_templates_are_refused_at_construction(template):
     with pytest.raises(AgentSpecError):
@@ -405,6 +414,9 @@ def test_manager_refuses_bad_settings(tmp_path):
     ({"role": "user", "content": "hi"}, None, AgentSpecError, "list of prompts"),
     (["hi"], 0, ConfigError, "timeout"),
     (["hi"], -1, ConfigError, "timeout"),
+    ([[]], None, AgentSpecError, "at least one message"),
+    ([[{"role": "user"}]], None, AgentSpecError, "a string 'role' and a 'content'"),
+    ([[{"role": 5, "content": "hi"}]], None, AgentSpecError, "a string 'role'"),
 ])
 def test_deploy_refuses_bad_arguments_before_starting_anything(tmp_path, prompts, timeout, error, message):
     manager = AgentManager(SHELL_AGENT, store=tmp_path / "r.db")
