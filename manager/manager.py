@@ -68,9 +68,8 @@ class AgentManager:
                  keep_workdirs: bool = False, confdir: str | Path | None = None,
                  poll_interval: float = 0.2, proxies: int = 1) -> None:
         self.spec = agent if isinstance(agent, AgentSpec) else _as_spec(agent)
-        if parallel < 1 or timeout <= 0 or grace < 0 or poll_interval <= 0 or proxies < 1:
-            raise ConfigError("parallel >= 1, timeout > 0, grace >= 0, poll_interval > 0 and proxies >= 1 "
-                              "are required")
+        _check_settings(parallel=parallel, timeout=timeout, grace=grace, poll_interval=poll_interval,
+                        proxies=proxies, eos_token_id=eos_token_id)
         if base_url_mode and model_url is None:
             raise ConfigError("base_url_mode needs model_url (the reverse listener's target)")
         if model_url is not None:
@@ -416,6 +415,26 @@ def _unreported(futures: Sequence[Future[AgentResult]], items: Sequence[Prompt],
         elif future.done() and future.exception() is None:
             out.append(future.result())
     return out
+
+
+# name -> (whole numbers only, the least value allowed, whether that value itself is allowed)
+_SETTINGS: dict[str, tuple[bool, float, bool]] = {
+    "parallel": (True, 1, True), "proxies": (True, 1, True), "eos_token_id": (True, 0, True),
+    "timeout": (False, 0, False), "grace": (False, 0, True), "poll_interval": (False, 0, False),
+}
+
+
+def _check_settings(**values: Any) -> None:
+    """ConfigError naming the first setting of the wrong type or out of range (None: not set)."""
+    for name, value in values.items():
+        if value is None and name == "eos_token_id":
+            continue
+        whole, least, inclusive = _SETTINGS[name]
+        kinds = (int,) if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ConfigError(f"{name} must be {'an integer' if whole else 'a number'}, not {value!r}")
+        if value < least or (value == least and not inclusive):
+            raise ConfigError(f"{name} must be {'>=' if inclusive else '>'} {least:g}, got {value!r}")
 
 
 def _report_late(progress: Progress | None, items: Sequence[Prompt], index: int,

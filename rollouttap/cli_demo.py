@@ -13,8 +13,8 @@ import typer
 
 def demo(
     store: Annotated[Optional[Path], typer.Option(help="Store file (default: a new temp dir).")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3,
-    prompts: Annotated[int, typer.Option(help="Arithmetic prompts in the data set.")] = 12,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 3,
+    prompts: Annotated[int, typer.Option(min=1, help="Arithmetic prompts in the data set.")] = 12,
     generation: Annotated[str, typer.Option(
         help="'agents' (rollouts by agent processes through the proxy) or 'trl' (TRL's own generation), "
              "to compare both on the same prompts and reward.")] = "agents",

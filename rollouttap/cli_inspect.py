@@ -61,7 +61,7 @@ def flows(
     until: Annotated[Optional[str], typer.Option(help="Requests before (ISO 8601 or unix seconds).")] = None,
     unattributed: Annotated[bool, typer.Option(help="Only flows no agent was found for.")] = False,
     run: Annotated[Optional[str], typer.Option(help="Only flows of this run's agents.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="At most this many flows.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many flows.")] = None,
     as_json: JsonLinesOpt = False,
 ) -> None:
     """List captured flows, oldest first.
@@ -196,7 +196,7 @@ def show(
     tokens: Annotated[bool, typer.Option(help="Also show the training row (env mask) and its fidelity.")] = False,
     tokenizer: Annotated[Optional[str], typer.Option(
         help="tokenizer.json (or its directory) to decode ids; 'fake' for the scripted test server's.")] = None,
-    eos_token_id: Annotated[Optional[int], typer.Option(help="eos id (default: the tokenizer's).")] = None,
+    eos_token_id: Annotated[Optional[int], typer.Option(min=0, help="eos id (default: the tokenizer's).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show an agent's conversation: roles, tool calls, reasoning, timings, errors; --tokens adds its row.
@@ -272,7 +272,7 @@ def export(
 def stats(
     store: StoreOpt = Path("runs.db"),
     run: Annotated[Optional[str], typer.Option(help="Only this run.")] = None,
-    eos_token_id: Annotated[Optional[int], typer.Option(help="eos id, for the truncation count.")] = None,
+    eos_token_id: Annotated[Optional[int], typer.Option(min=0, help="eos id, for the truncation count.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Agents by status, calls, tokens, latency percentiles, unattributed flows, errors, fidelity.
@@ -318,7 +318,7 @@ def replay(
                                                             "(default: as recorded).")] = None,
     route: Annotated[Optional[list[str]], typer.Option(help="HOST[:PORT]=BASE_URL, as in the recorded run.")] = None,
     confdir: Annotated[Optional[Path], typer.Option(help="mitmproxy config dir (its CA).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds the agent may run.")] = 600.0,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds the agent may run.")] = 600.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-run an agent offline: the proxy answers its requests from the recording, in order.
@@ -364,7 +364,7 @@ def resend(
     store: StoreOpt = Path("runs.db"),
     header: Annotated[Optional[list[str]], typer.Option(help="'Name: value' to add (the recorded keys are "
                                                         "redacted), e.g. 'Authorization: Bearer KEY'.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 120.0,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 120.0,
     as_json: JsonLinesOpt = False,
 ) -> None:
     """Send an agent's recorded model requests, as it sent them, to another server; show old vs new answers.

@@ -83,7 +83,7 @@ def run(
     confdir: Annotated[Optional[Path], typer.Option(help="mitmproxy config dir (its CA).")] = None,
     keep_workdirs: Annotated[bool, typer.Option(help="Keep each agent's workdir.")] = False,
     eos_token_id: Annotated[Optional[int], typer.Option(
-        help="The policy tokenizer's eos id: each result then carries its training row (token ids, mask, "
+        min=0, help="The policy tokenizer's eos id: each result then carries its training row (token ids, mask, "
              "logprobs) and fidelity.")] = None,
 ) -> None:
     """Run one fresh agent per prompt behind the capture proxy; write one result per prompt.

@@ -120,6 +120,23 @@ def test_run_usage_errors_exit_non_zero(tmp_path, args, capsys):
     assert "exactly one of --agent and --entry" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["flows", "--limit", "0"], "--limit"),
+    (["replay", "x", "--timeout", "-1", "--", "true"], "--timeout"),
+    (["resend", "x", "--to", "http://127.0.0.1:9", "--timeout", "0"], "--timeout"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--prompts", "0"], "--prompts"),
+    (["run", "--agent", "x {prompt}", "--prompts", "p.jsonl", "--eos-token-id", "-3"], "--eos-token-id"),
+    (["stats", "--eos-token-id", "-1"], "--eos-token-id"),
+])
+def test_numbers_out_of_range_are_usage_errors(tmp_path, capsys, argv, option):
+    command, rest = argv[0], [str(tmp_path / a) if a == "p.jsonl" else a for a in argv[1:]]
+    (tmp_path / "p.jsonl").write_text('"hi"\n')
+    store = [] if command == "demo" else ["--store", str(tmp_path / "runs.db")]
+    assert main([command, *store, *rest]) == 2  # refused before anything runs
+    assert f"Invalid value for '{option}'" in capsys.readouterr().err
+
+
 def test_run_bad_template_is_a_one_line_error(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('"x"\n')

@@ -397,9 +397,24 @@ def test_runner_outcomes():
     assert not outcome("os:getcwd", None)["ok"]  # a TypeError from the call itself is the agent's failure
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"parallel": 0}, "parallel must be >= 1, got 0"),
+    ({"parallel": "4"}, "parallel must be an integer, not '4'"),
+    ({"parallel": 2.5}, "parallel must be an integer"),
+    ({"timeout": 0}, "timeout must be > 0, got 0"),
+    ({"timeout": None}, "timeout must be a number, not None"),
+    ({"grace": -1}, "grace must be >= 0"),
+    ({"poll_interval": 0}, "poll_interval must be > 0"),
+    ({"proxies": 0}, "proxies must be >= 1"),
+    ({"eos_token_id": -3}, "eos_token_id must be >= 0"),
+    ({"eos_token_id": True}, "eos_token_id must be an integer"),
+])
+def test_manager_names_the_bad_setting(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        AgentManager(SHELL_AGENT, store=tmp_path / "r.db", **setting)
+
+
 def test_manager_refuses_bad_settings(tmp_path):
-    with pytest.raises(ConfigError):
-        AgentManager(SHELL_AGENT, store=tmp_path / "r.db", parallel=0)
     with pytest.raises(ConfigError, match="model_url"):
         AgentManager(SHELL_AGENT, store=tmp_path / "r.db", base_url_mode=True)
     with pytest.raises(AgentSpecError):
