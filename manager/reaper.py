@@ -182,7 +182,10 @@ def record_ends(store_path: str, agent_ids: list[str], why: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     store_path, manager_pid = (argv if argv is not None else sys.argv[1:])[:2]
-    os.write(sys.stdout.fileno(), READY)
+    try:
+        os.write(sys.stdout.fileno(), READY)
+    except BrokenPipeError:  # the manager stopped us before it read this (its start failed): nothing to watch
+        return 0
 
     def manager_alive() -> bool:
         return os.getppid() == int(manager_pid)  # re-parented once it died

@@ -56,6 +56,19 @@ def test_lines_end_with_the_pipe_or_when_the_manager_is_gone():
     os.close(write_end)
 
 
+def test_a_reaper_stopped_before_it_said_ready_exits_quietly(tmp_path):
+    # The manager's start failed (a bad proxy URL) and closed the pipes before reading the reaper's READY.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-c", "from rollouttap.manager.reaper import main; raise SystemExit(main())",
+                               str(tmp_path / "runs.db"), str(os.getpid())], stdout=write_end,
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+
+
 def _dead(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
