@@ -23,6 +23,15 @@ def is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
+def is_ip_address(host: str) -> bool:
+    """An IPv4 or IPv6 address (brackets and a zone allowed), not a name."""
+    try:
+        ipaddress.ip_address(host.strip().strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 def is_any_address(host: str) -> bool:
     """Whether a listen host means every address of this host (``0.0.0.0``, ``::``, or none given)."""
     return host.strip().strip("[]") in ("", "0.0.0.0", "::")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
-from rollouttap.addon.loopback import is_host_port, is_loopback
+from rollouttap.addon.loopback import is_any_address, is_host_port, is_ip_address, is_loopback
 from rollouttap.addon.routes import RouteError, parse_route
 from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.paths import cache_root
@@ -108,8 +108,13 @@ class ProxyConfig:
             raise ConfigError(f"pid_lookup must be 'eager' or 'fallback', not {self.pid_lookup!r}")
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
+        if not 0 <= self.port <= 65535 or not 0 <= self.reverse_port <= 65535:
+            raise ConfigError(f"port {self.port if not 0 <= self.port <= 65535 else self.reverse_port} is not "
+                              "0-65535 (0 picks a free one)")
         if not self.allow_remote and not is_loopback(self.host):
-            raise ConfigError(f"listen host {self.host!r} is not loopback, so agents on other hosts could use "
+            what = "is not loopback" if is_ip_address(self.host) or is_any_address(self.host) else \
+                "is neither localhost nor a loopback address (a host name may resolve to any address)"
+            raise ConfigError(f"listen host {self.host!r} {what}, so agents on other hosts could use "
                               "the proxy: allow it with allow_remote=True (--allow-remote)")
         for spec in self.routes:
             try:

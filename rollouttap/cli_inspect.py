@@ -74,6 +74,10 @@ def flows(
     with _open(store) as s:
         found = s.flows(agent_id=agent, state=state, host=host, unattributed=unattributed, run_id=run, limit=limit,
                         since=parse_when(since) if since else None, until=parse_when(until) if until else None)
+        if not found and agent is not None and s.agent(agent) is None and not s.flows(agent_id=agent, limit=1):
+            raise NotFoundError(f"no agent {agent!r} in {store}")
+        if not found and run is not None and not s.agents(run):
+            raise NotFoundError(f"no run {run!r} in {store}")
     rows = [flow_row(f) for f in found]
     if as_json:
         for row in rows:
@@ -386,7 +390,13 @@ def resend(
     if as_json:
         for r in results:
             _print_json({k: v for k, v in asdict(r).items() if k != "new_body"})
-        return
+    else:
+        _print_resent(results, agent_id, to)
+    if results and all(r.error is not None for r in results):
+        raise ConfigError(f"no request got an answer from --to {to}: {results[0].error}")
+
+
+def _print_resent(results: list[Any], agent_id: str, to: str) -> None:
     table = Table("#", "request", "recorded answer", "new answer", title=f"{agent_id}: recorded vs {to}")
     for r in results:
         new = r.new_answer if r.error is None else f"[red]{escape(r.error)}[/]"

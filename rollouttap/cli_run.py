@@ -43,6 +43,11 @@ def read_prompts(lines: list[str], source: str = "prompts") -> list[Any]:
     return prompts
 
 
+def read_prompts_file(path: Path) -> list[Any]:
+    """The prompts of a JSON-lines file (a byte-order mark, which some editors write, is not part of it)."""
+    return read_prompts(path.read_text(encoding="utf-8-sig").splitlines(), str(path))
+
+
 def parse_env(pairs: list[str]) -> dict[str, str]:
     """``KEY=VALUE`` options as a dict."""
     env = {}
@@ -96,7 +101,7 @@ def run(
     from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent
     if (agent is None) == (entry is None):
         raise ConfigError("give exactly one of --agent and --entry")
-    items = read_prompts(prompts.read_text(encoding="utf-8").splitlines(), str(prompts))
+    items = read_prompts_file(prompts)
     if entry is not None and "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: --entry names modules beside the user
     spec = (CommandAgent(agent, stdin=stdin, check=check) if agent is not None

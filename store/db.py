@@ -20,6 +20,8 @@ WAL_SIZE_LIMIT = 64 << 20
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open (and create or migrate) the store at ``path``; raise StoreVersionError on a foreign version."""
     path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"store {path} is a directory: give a file path in it, e.g. {path / 'runs.db'}")
     try:
         if readonly:
             if not path.exists():

@@ -632,6 +632,9 @@ def test_plain_mitmdump_with_the_addon_listens_on_loopback_only(tmp_path, confdi
     ("routes", ("garbage",), "HOST\\[:PORT\\]=BASE_URL"),
     ("host", "10.1.2.3", "allow_remote"),
     ("pid_lookup", "Eager", "'eager' or 'fallback'"),  # a typo would turn the token-owner check off
+    ("port", 70000, "not 0-65535"),
+    ("reverse_port", -1, "not 0-65535"),
+    ("host", "nosuch.invalid", "neither localhost nor a loopback address"),
 ])
 def test_proxy_config_refuses_bad_values_before_starting(tmp_path, field, value, message):
     from rollouttap.errors import ConfigError

@@ -19,7 +19,7 @@ from rollouttap.store import Store
 from conftest import running_agents
 from manager_support import HERE as SUPPORT
 from rollouttap.cli import main
-from rollouttap.cli_run import parse_env, read_prompts
+from rollouttap.cli_run import parse_env, read_prompts, read_prompts_file
 from rollouttap.errors import ConfigError
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
 
@@ -43,6 +43,12 @@ def test_read_prompts_refuses_with_line_number(line):
 def test_read_prompts_refuses_a_file_without_prompts(lines):
     with pytest.raises(ConfigError, match="no prompt"):
         read_prompts(lines, "empty.jsonl")
+
+
+def test_a_prompts_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('"first"\n"second"\n', encoding="utf-8-sig")
+    assert read_prompts_file(path) == ["first", "second"]
 
 
 def test_parse_env():

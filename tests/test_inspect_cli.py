@@ -89,6 +89,13 @@ def test_flows_table(recording, cli):
     assert "3 flows in" in out and out.count("/v1/chat/completions") == 3 and "credentials" in out
 
 
+@pytest.mark.parametrize("option", ["--agent", "--run"])
+def test_flows_of_an_unknown_agent_or_run_is_an_error(recording, cli, option):
+    from rollouttap.errors import NotFoundError
+    result = cli("flows", "--store", recording.store, option, "nosuch", code=1)
+    assert isinstance(result.exception, NotFoundError) and "'nosuch'" in str(result.exception)
+
+
 def test_flows_refuses_a_bad_state(recording, cli):
     from rollouttap.errors import ConfigError
     result = cli("flows", "--store", recording.store, "--state", "weird", code=1)
@@ -206,11 +213,14 @@ def test_resend_shows_old_and_new_answers(recording, cli):
     assert "recorded answer" in table and "new answer" in table and "echo: say bye" in table
 
 
-def test_resend_to_a_dead_server_reports_errors(recording, cli):
+def test_resend_to_a_dead_server_reports_errors_and_fails(recording, cli):
+    from rollouttap.errors import ConfigError
     from rollouttap.manager.proxy import free_port
-    rows = _lines(cli("resend", "plain", "--store", recording.store, "--to", f"http://127.0.0.1:{free_port()}",
-                      "--json", "--timeout", "5").output)
+    result = cli("resend", "plain", "--store", recording.store, "--to", f"http://127.0.0.1:{free_port()}",
+                 "--json", "--timeout", "5", code=1)
+    rows = _lines(result.stdout)
     assert len(rows) == 3 and all(r["new_status"] is None and "ConnectionError" in r["error"] for r in rows)
+    assert isinstance(result.exception, ConfigError) and "no request got an answer" in str(result.exception)
 
 
 def test_replay_command_matches(recording, cli, confdir, tmp_path):

@@ -84,6 +84,12 @@ def test_the_log_a_long_reader_let_grow_is_cut_back_once_it_is_done(tmp_path):
     writer.close()
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_directory_is_no_store(tmp_path, readonly):
+    with pytest.raises(StoreError, match="is a directory: give a file path in it"):
+        Store(tmp_path, readonly=readonly)
+
+
 def test_readonly_open_of_missing_file_fails(tmp_path):
     with pytest.raises(StoreError):
         Store(tmp_path / "missing.db", readonly=True)
