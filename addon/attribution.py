@@ -81,20 +81,23 @@ def split_agent_path(path: str) -> tuple[str, str, str] | None:
     return unquote(parts[0]), unquote(parts[1]), rest
 
 
-_PATH_TOKEN = re.compile(r"(/agents/[^/?#]+/)([^/?#]+)")
+# /agents/<id>/<token> with a token as new_token() makes them (24 URL-safe characters), or as stored (its
+# fingerprint): another API's own /agents/123/messages is left alone.
+_PATH_TOKEN = re.compile(r"(/agents/[^/?#]+/)([A-Za-z0-9_-]{24}|redacted-sha256-[0-9a-f]{12})(?=[/?#]|$)")
 
 
-def hide_path_token(target: str) -> str:
-    """A path or absolute URL whose path starts ``/agents/<id>/<token>/`` with the token redacted, so a
-    base-URL path the proxy does not take for its own (forwarded as addressed) keeps no token in clear."""
+def hide_path_token(target: str, replace: Callable[[str], str] = redacted_query_value) -> str:
+    """A path or absolute URL whose path starts ``/agents/<id>/<token>/`` with the token replaced (redacted),
+    so a base-URL path the proxy does not take for its own (forwarded as addressed) keeps no token in
+    clear."""
     scheme_end = target.find("://")
     start = 0 if scheme_end == -1 else target.find("/", scheme_end + 3)
     if start == -1 or not target.startswith(PATH_PREFIX, start):
         return target
     match = _PATH_TOKEN.match(target, start)
-    if match is None:
+    if match is None or (replace is redacted_query_value and match[2].startswith("redacted-sha256-")):
         return target
-    return target[:match.start(2)] + redacted_query_value(match[2]) + target[match.end(2):]
+    return target[:match.start(2)] + replace(match[2]) + target[match.end(2):]
 
 
 def check_token(agent: AgentRecord | None, token: str) -> str | None:

@@ -33,7 +33,9 @@ from mitmproxy import ctx, exceptions, http
 
 from rollouttap.addon import tokenids
 from rollouttap.errors import StoreError
-from rollouttap.store import FlowRecord, Store, decode_body, header_value, map_secret_query, redact_query
+from rollouttap.addon.attribution import hide_path_token
+from rollouttap.addon.flowcols import stored_target
+from rollouttap.store import FlowRecord, Store, decode_body, header_value, map_secret_query
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,9 @@ def mismatch(entry: Recorded, method: str, path: str, body: bytes) -> str | None
 
 
 def _keyless(path: str) -> str:
-    """A path with secret query values blanked: stored ones are fingerprints, and a replay may use any key."""
-    return map_secret_query(path, lambda _value: "")
+    """A path with secret query and path parameter values and a base-URL path token blanked: stored ones are
+    fingerprints, and a replay may use any key."""
+    return map_secret_query(hide_path_token(path, lambda _value: ""), lambda _value: "")
 
 
 def request_diff(entry: Recorded | None, method: str, path: str, body: bytes,
@@ -345,7 +348,7 @@ class ReplayAddon:
         req = flow.request
         body = req.get_content(strict=False) or b""
         diverged = self.book.divergence is not None
-        entry = self.book.take(req.method, redact_query(req.path), body)  # reports never hold a key in clear
+        entry = self.book.take(req.method, stored_target(req.path), body)  # reports never hold a key in clear
         if entry is None:
             div = self.book.divergence
             assert div is not None

@@ -117,7 +117,11 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
             for k, v in headers]
 
 
-_PARAM = re.compile(r"([?&;])([^=&;?#\s<>\"]+)=([^&;#\s<>\"]*)")
+# A parameter in a header value that holds URLs (after ?, &, ; or an OAuth fragment's #); its value ends where
+# the next parameter or URL part starts.
+_HEADER_PARAM = re.compile(r"([?&;#])([^=&;?#\s<>\"/]+)=([^&;#?\s<>\"]*)")
+# A path parameter (``/x;jsessionid=...``): its value ends at the next path segment too.
+_PATH_PARAM = re.compile(r";([^=;/?#]+)=([^;/?#]*)")
 
 
 def _redact_param(match: re.Match[str]) -> str:
@@ -128,26 +132,24 @@ def _redact_param(match: re.Match[str]) -> str:
 
 
 def _redact_urls_in(value: str) -> str:
-    # Every ``name=value`` after ?, & or ; anywhere in the value: a header may hold several URLs.
-    return _PARAM.sub(_redact_param, value) if "=" in value else value
+    # Every ``name=value`` after ?, &, ; or # anywhere in the value: a header may hold several URLs.
+    return _HEADER_PARAM.sub(_redact_param, value) if "=" in value else value
 
 
 def redact_query(target: str) -> str:
     """A URL or path with the values of secret-named query parameters and path parameters
     (``/x;jsessionid=...``) redacted."""
-    target = map_secret_query(target, redacted_query_value)
-    head, sep, rest = target.partition("?")
-    if ";" in head:
-        head = _PARAM.sub(_redact_param, head)
-    return head + sep + rest
+    return map_secret_query(target, redacted_query_value)
 
 
 def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
-    """A URL or path with each secret-named query parameter's value replaced by ``replace(value)``; a
-    parameter for which it returns None is dropped."""
+    """A URL or path with each secret-named query (or path) parameter's value replaced by ``replace(value)``;
+    a parameter for which it returns None is dropped."""
     head, sep, query = target.partition("?")
+    if ";" in head:
+        head = _PATH_PARAM.sub(lambda m: _map_path_param(m, replace), head)
     if not sep:
-        return target
+        return head
     query, hash_sep, fragment = query.partition("#")
     parts = []
     for part in query.split("&"):
@@ -216,6 +218,14 @@ def _option_values(words: list[str], found: set[str]) -> None:
         name = option.lstrip("-")
         if option.startswith("-") and "=" not in option and is_secret_name(name) and not name.endswith(_NOT_VALUES):
             found.add(value)
+
+
+def _map_path_param(match: re.Match[str], replace: Callable[[str], str | None]) -> str:
+    name, value = match.groups()
+    if not value or not is_secret_name(unquote(name)):
+        return match[0]
+    new = replace(value)
+    return "" if new is None else f";{name}={new}"
 
 
 def new_token() -> str:

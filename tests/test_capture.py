@@ -578,19 +578,35 @@ def test_a_base_url_path_token_sent_elsewhere_is_not_stored_in_clear(base_url_pr
     assert flow.path.split("?")[0] == f"/agents/{agent_id}/{redacted_query_value(token)}/v1/models"
 
 
+TOKEN = "Ab3_dEf-GhIjKlMnOpQrStUv"  # as new_token() makes them: 24 URL-safe characters
+
+
 @pytest.mark.parametrize("target, expected", [
-    ("/agents/a1/SECRET/v1/x", "/agents/a1/R/v1/x"),
-    ("http://h:1/agents/a1/SECRET/v1/x?y=1", "http://h:1/agents/a1/R/v1/x?y=1"),
-    ("https://h/agents/a1/SECRET", "https://h/agents/a1/R"),
-    ("/agents/a1/SECRET?q", "/agents/a1/R?q"),
-    ("/v1/agents/a1/runs", "/v1/agents/a1/runs"),  # not the proxy's prefix: another API's path
-    ("http://h/v1/agents/a1/runs", "http://h/v1/agents/a1/runs"),
+    (f"/agents/a1/{TOKEN}/v1/x", "/agents/a1/R/v1/x"),
+    (f"http://h:1/agents/a1/{TOKEN}/v1/x?y=1", "http://h:1/agents/a1/R/v1/x?y=1"),
+    (f"https://h/agents/a1/{TOKEN}", "https://h/agents/a1/R"),
+    (f"/agents/a1/{TOKEN}?q", "/agents/a1/R?q"),
+    ("/agents/123/messages", "/agents/123/messages"),  # another API's path: no token there
+    (f"/agents/a1/{TOKEN}x/v1", f"/agents/a1/{TOKEN}x/v1"),
+    (f"/v1/agents/a1/{TOKEN}", f"/v1/agents/a1/{TOKEN}"),  # not the proxy's prefix
     ("/agents/a1", "/agents/a1"), ("/agents//x", "/agents//x"), ("http://h", "http://h"), ("", ""),
 ])
 def test_hide_path_token(target, expected):
     from rollouttap.addon.attribution import hide_path_token
     from rollouttap.store.redact import redacted_query_value
-    assert hide_path_token(target) == expected.replace("/R", "/" + redacted_query_value("SECRET"))
+    assert hide_path_token(target) == expected.replace("/R", "/" + redacted_query_value(TOKEN))
+
+
+@pytest.mark.parametrize("path", [
+    f"/agents/a1/{TOKEN}/v1/chat/completions", "/api;session=S1/v1/chat/completions?key=K2&alt=sse",
+    "/x;jsessionid=J;v=1", "/v1/chat/completions",
+])
+def test_replay_matches_a_live_path_to_its_stored_form(path):
+    # The store keeps a path with its secrets redacted; a replayed agent sends them in clear (or other keys).
+    from rollouttap.addon.replay import _keyless
+    stored = flowcols.stored_target(path)
+    assert _keyless(stored) == _keyless(path) and _keyless(stored) == _keyless(stored.replace("S1", "S9"))
+    assert ("/v1/chat/completions" in stored) == ("/v1/chat/completions" in path)  # the path goes on after them
 
 
 def test_proxy_refuses_non_loopback_listen_by_default(tmp_path, confdir):

@@ -329,6 +329,10 @@ def test_redact_headers_only_secret_ones():
     ("Content-Location", "/x?api_key=AK3", "AK3"),
     ("Link", '<https://a/x?page_token=PT4&per=2>; rel="next", <https://a/x?page=1>; rel="prev"', "PT4"),
     ("Refresh", "5; url=/x?key=K5", "K5"),
+    ("Refresh", "0;url=https://x/cb?access_token=K6", "K6"),
+    ("Location", "https://x/cb;v=1?access_token=K7", "K7"),
+    ("Location", "https://x/cb?next=/a?token=K8", "K8"),
+    ("Location", "https://x/cb#access_token=K9", "K9"),  # an OAuth implicit-flow redirect
 ])
 def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hidden):
     [(_, out)] = redact_headers([(name, value)])
@@ -695,6 +699,7 @@ def test_text_with_undecodable_bytes_is_kept_with_escapes(tmp_path):
     ("/x?q=key&limit=5", "/x?q=key&limit=5", None),  # a value named "key" is not a key
     ("/x?token", "/x?token", None),  # no value to hide
     ("/q3;jsessionid=S3SS;v=1?x=1", ";v=1?x=1", "S3SS"),  # a path parameter
+    ("/api;session=S5SS/v1/chat/completions", "/v1/chat/completions", "S5SS"),  # the path goes on after it
     ("/a;b/c?q=1", "/a;b/c?q=1", None),
     ("/x?pass=hunter2&k=v", "&k=v", "hunter2"),
 ])
