@@ -11,7 +11,7 @@ from typing import Iterator
 
 from rollouttap.errors import StoreError, StoreVersionError
 from rollouttap.paths import create_private
-from rollouttap.store.schema import MIGRATIONS, SCHEMA_VERSION
+from rollouttap.store.schema import INDEXES, MIGRATIONS, SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 10_000
 WAL_SIZE_LIMIT = 64 << 20
@@ -41,6 +41,9 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
             # resetting the log, which grows meanwhile; once it can reset again, cut it back to this size.
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         _check_version(conn, path, migrate=not readonly)
+        if not readonly:
+            for statement in INDEXES:
+                conn.execute(statement)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     return conn

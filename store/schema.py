@@ -3,7 +3,7 @@
 This is a public contract (see store/SCHEMA.md): columns are only ever added, through a new migration.
 """
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -68,12 +68,15 @@ CREATE TABLE proxies (
     2: """
 ALTER TABLE proxies ADD COLUMN committed_through REAL;
 """,
-    # The proxy re-reads the agents that have not ended every second: without this, a scan of every agent
-    # the store ever held (hundreds of thousands after a long training run).
-    3: """
-CREATE INDEX agents_live ON agents(status) WHERE status IN ('registered', 'running');
-""",
 }
+
+# Indexes a writable open adds when missing. Not a migration: the columns, and so what older readers and
+# read-only opens understand, stay as they are.
+INDEXES: tuple[str, ...] = (
+    # The proxy re-reads the agents that have not ended every second: without this, a scan of every agent the
+    # store ever held (hundreds of thousands after a long training run).
+    "CREATE INDEX IF NOT EXISTS agents_live ON agents(status) WHERE status IN ('registered', 'running')",
+)
 
 FLOW_COLUMNS: tuple[str, ...] = (
     "id", "flow_id", "proxy_id", "agent_id", "pid", "client_conn_id", "client_addr", "attribution",

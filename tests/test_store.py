@@ -90,6 +90,22 @@ def test_a_directory_is_no_store(tmp_path, readonly):
         Store(tmp_path, readonly=readonly)
 
 
+def test_an_older_store_gets_the_live_agents_index_and_stays_readable_read_only(tmp_path):
+    path = tmp_path / "runs.db"
+    with Store(path) as store:
+        store.register_agent("a1")
+    old = sqlite3.connect(path)  # as a store written before the index existed
+    old.execute("DROP INDEX agents_live")
+    old.close()
+    with Store(path, readonly=True) as store:  # the same schema version: no writable open needed
+        assert [a.agent_id for a in store.live_agents()] == ["a1"]
+    Store(path).close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT name FROM sqlite_master WHERE name = 'agents_live'").fetchall() == [("agents_live",)]
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    check.close()
+
+
 def test_readonly_open_of_missing_file_fails(tmp_path):
     with pytest.raises(StoreError):
         Store(tmp_path / "missing.db", readonly=True)
