@@ -93,6 +93,7 @@ class AgentManager:
         self._bypass: dict[str, list[BypassConnection]] = {}
         self._lock = threading.Lock()
         self._deploys: dict[threading.Event, list[Future[AgentResult]]] = {}  # running deploys: stop -> agents
+        self._late = _Pending()  # results of broken-off deploys still to be reported (see cancel())
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._detector = BypassDetector(model_targets(model_url) if model_url else frozenset())
@@ -166,7 +167,11 @@ class AgentManager:
             # done(), not wait()'s test: a future cancelled while queued is done, but wait() counts it only once
             # a pool thread has taken it, which an interrupted deploy's pool never does.
             pending = [f for futures in self._deploys.values() for f in futures if not f.done()]
-        return not wait(pending, timeout=self.grace + timeout).not_done
+        deadline = time.monotonic() + self.grace + timeout
+        if wait(pending, timeout=self.grace + timeout).not_done:
+            return False
+        # A future is done before its callbacks run: wait for the late reports too, so they are out on return.
+        return self._late.wait_none(max(0.0, deadline - time.monotonic()))
 
     @property
     def proxy_url(self) -> str:
@@ -249,7 +254,8 @@ class AgentManager:
                 owed = interrupted and any(r is None for r in results)
                 for index, future in enumerate(futures):
                     if owed and results[index] is None:  # reported as its agent ends (see cancel())
-                        future.add_done_callback(functools.partial(_report_late, progress, items, index))
+                        self._late.add()
+                        future.add_done_callback(functools.partial(_report_late, progress, items, index, self._late))
                     future.add_done_callback(lambda _f: self._forget_deploy(stop))
         return [r for r in results if r is not None]
 
@@ -437,13 +443,39 @@ def _check_settings(**values: Any) -> None:
             raise ConfigError(f"{name} must be {'>=' if inclusive else '>'} {least:g}, got {value!r}")
 
 
-def _report_late(progress: Progress | None, items: Sequence[Prompt], index: int,
+class _Pending:
+    """A count of things under way that someone may wait to see finish."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def add(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def done(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_none(self, timeout: float) -> bool:
+        """True once none is under way; False if some still are after ``timeout`` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
+def _report_late(progress: Progress | None, items: Sequence[Prompt], index: int, pending: _Pending,
                  future: Future[AgentResult]) -> None:
     """Report the result of an agent whose deploy() was broken off before it could."""
-    if future.cancelled():
-        _report(progress, AgentResult(new_agent_id(), index, items[index], "error", error="cancelled before it started"))
-    elif future.exception() is None:
-        _report(progress, future.result())
+    try:
+        if future.cancelled():
+            _report(progress, AgentResult(new_agent_id(), index, items[index], "error",
+                                          error="cancelled before it started"))
+        elif future.exception() is None:
+            _report(progress, future.result())
+    finally:
+        pending.done()
 
 
 def _report(progress: Progress | None, result: AgentResult) -> None:

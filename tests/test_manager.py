@@ -917,8 +917,16 @@ def ctrl_c_twice():
 
 threading.Thread(target=ctrl_c_twice, daemon=True).start()
 reported = []
+
+
+def slow_progress(result):  # a late report still being written when its agent's future is already done
+    if interrupted.is_set():
+        time.sleep(0.3)
+    reported.append(result)
+
+
 try:
-    m.deploy(["a", "b", "c"], progress=reported.append)  # "c" waits its turn, and never starts
+    m.deploy(["a", "b", "c"], progress=slow_progress)  # "c" waits its turn, and never starts
     print("deploy returned", flush=True)
 except KeyboardInterrupt:
     interrupted.set()
