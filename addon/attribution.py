@@ -190,7 +190,8 @@ class AgentDirectory:
 
     def __init__(self, store_path: str, max_age: float = 1.0) -> None:
         self._store = Store(store_path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the store connection, and refresh()
+        self._cache_lock = threading.Lock()  # the caches' changes from pool threads (reads need none)
         self._agents: dict[str, AgentRecord] = {}  # the live agents of the last refresh, and rows looked up since
         self._read_at: dict[str, float] = {}  # when each cached row was read (time.monotonic())
         self._ended: dict[str, AgentRecord] = {}  # ended agents' rows (final: they never change), the latest few
@@ -215,9 +216,10 @@ class AgentDirectory:
         until the next refresh, or until the cache holds MAX_CACHED rows: where no pid lookup refreshes it)."""
         agent = self.read(agent_id)
         if agent is not None:
-            if len(self._agents) >= MAX_CACHED:
-                self._drop_ended()
-            self._agents[agent_id], self._read_at[agent_id] = agent, time.monotonic()
+            with self._cache_lock:
+                if len(self._agents) >= MAX_CACHED:
+                    self._drop_ended()
+                self._agents[agent_id], self._read_at[agent_id] = agent, time.monotonic()
         return agent
 
     def _drop_ended(self) -> None:
@@ -232,9 +234,10 @@ class AgentDirectory:
             return agent
         agent = self.read(agent_id)
         if agent is not None and agent.status not in LIVE_STATUSES:
-            if len(self._ended) >= MAX_CACHED:
-                self._ended.pop(next(iter(self._ended)))
-            self._ended[agent_id] = agent
+            with self._cache_lock:
+                if len(self._ended) >= MAX_CACHED:
+                    self._ended.pop(next(iter(self._ended)))
+                self._ended[agent_id] = agent
         return agent
 
     def read(self, agent_id: str) -> AgentRecord | None:
@@ -254,7 +257,8 @@ class AgentDirectory:
                     by_agent[agent.agent_id] = agent.root_pid
                     by_pid[agent.root_pid] = (agent.root_create_time, agent.agent_id)
             now = time.monotonic()
-            self._agents, self._read_at = agents, dict.fromkeys(agents, now)
+            with self._cache_lock:
+                self._agents, self._read_at = agents, dict.fromkeys(agents, now)
             self._roots, self._loaded_at = (by_pid, by_agent), now
 
     def roots(self) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
