@@ -166,7 +166,7 @@ def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
 _ASSIGNED = re.compile(r"-{0,2}([A-Za-z0-9_.-]+)=(.+)", re.S)  # NAME=VALUE, --name=value
 _HEADER_ARG = re.compile(r"([A-Za-z0-9_-]+):\s*(.+)", re.S)  # curl -H 'Authorization: Bearer ...'
 _NOT_VALUES = ("file", "path", "dir")  # --key-file k.pem names where a secret is, not the secret
-MIN_COMMAND_SECRET = 3  # shorter values would redact stray characters all over the command
+MIN_COMMAND_SECRET = 6
 
 
 def redact_command(command: str) -> str:
@@ -181,17 +181,22 @@ def redact_command(command: str) -> str:
     lists = [words]
     for word in words:
         if any(c.isspace() for c in word):
-            try:
-                lists.append(shlex.split(word))
+            try:  # a shell's words: `export KEY=v; run` splits at the ;
+                lists.append(list(shlex.shlex(word, posix=True, punctuation_chars=True)))
             except ValueError:
                 pass
     for listed in lists:
         for word in listed:
             _command_secrets(word, found)
         _option_values(listed, found)
-    for secret in sorted((s for s in found if len(s) >= MIN_COMMAND_SECRET), key=len, reverse=True):
+    for secret in sorted((s for s in found if _may_be_secret(s)), key=len, reverse=True):
         command = command.replace(secret, f"<redacted sha256:{fingerprint(secret)}>")
     return command
+
+
+def _may_be_secret(value: str) -> bool:
+    # A short value would redact stray text all over the command; a placeholder is filled in per prompt.
+    return len(value) >= MIN_COMMAND_SECRET and "{" not in value
 
 
 def _command_secrets(word: str, found: set[str]) -> None:
@@ -213,11 +218,13 @@ def _command_secrets(word: str, found: set[str]) -> None:
 
 
 def _option_values(words: list[str], found: set[str]) -> None:
-    # --api-key VALUE: the word after a secret-named option
+    # --api-key VALUE: the word after a secret-named option; curl -u USER:PASSWORD
     for option, value in zip(words, words[1:]):
         name = option.lstrip("-")
         if option.startswith("-") and "=" not in option and is_secret_name(name) and not name.endswith(_NOT_VALUES):
             found.add(value)
+        elif option in ("-u", "--user", "--proxy-user") and ":" in value:
+            found.add(value.partition(":")[2])
 
 
 def _map_path_param(match: re.Match[str], replace: Callable[[str], str | None]) -> str:

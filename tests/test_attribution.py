@@ -13,7 +13,8 @@ import time
 import pytest
 
 from rollouttap.addon.attribution import (
-    AgentDirectory, PidAttributor, check_token, credentials_conflict, decide_from_ancestry, decide_header_claim, is_local_peer,
+    AgentDirectory, PidAttributor, check_token, credentials_conflict, decide_from_ancestry, decide_header_claim,
+    is_local_peer,
     parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (

@@ -61,8 +61,8 @@ def test_a_reaper_stopped_before_it_said_ready_exits_quietly(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-c", "from rollouttap.manager.reaper import main; raise SystemExit(main())",
-                               str(tmp_path / "runs.db"), str(os.getpid())], stdout=write_end,
+        main = "from rollouttap.manager.reaper import main; raise SystemExit(main())"
+        proc = subprocess.run([sys.executable, "-c", main, str(tmp_path / "runs.db"), str(os.getpid())], stdout=write_end,
                               stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
     finally:
         os.close(write_end)
