@@ -5,8 +5,8 @@ spelling by default (newer vLLM spells it ``reasoning``: ``reasoning_field``), a
 parser-swallowed stream chunks (sent when token ids or logprobs were asked for). Not modelled: newer
 fields vLLM adds only on request or by server flags (``prompt_text``, ``metrics``, continuous usage).
 Non-streamed bodies are pydantic ``model_dump()`` output, so every field of the response models is present,
-unset ones as ``null``: a request without ``return_token_ids`` gets ``"prompt_token_ids": null`` (top level) and ``"token_ids": null`` (per choice), one without
-``logprobs`` gets ``"logprobs": null``. Chat stream chunks are ``model_dump_json(exclude_unset=True)``:
+unset ones as ``null``: a request without ``return_token_ids`` gets ``"prompt_token_ids": null`` (top level)
+and ``"token_ids": null`` (per choice), one without ``logprobs`` gets ``"logprobs": null``. Chat stream chunks are ``model_dump_json(exclude_unset=True)``:
 the first chunk carries ``"prompt_token_ids"`` (a list, or ``null`` when not requested), every later
 choice ``"logprobs"`` and ``"token_ids"`` (lists or ``null``), the final one also ``"stop_reason"``;
 the usage chunk drops nulls. Completions stream chunks dump every field. ``ignore_token_ids`` mimics a
