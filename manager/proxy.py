@@ -62,6 +62,9 @@ def proxy_env(proxy_url: str, ca_cert: str | None, *, agent_id: str | None = Non
     env = {name: url for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
     # An inherited NO_PROXY=localhost would make every Python client bypass the proxy for local models.
     env.update({"NO_PROXY": "", "no_proxy": ""})
+    # Node's built-in fetch (and, from Node 24, http/https) reads HTTP(S)_PROXY only when asked to
+    # (Node 22.21 / 24 and later; older Node ignores both: use base-URL mode for it).
+    env["NODE_USE_ENV_PROXY"] = "1"
     if ca_cert:
         env.update({name: ca_cert for name in CA_ENV})
     if agent_id is not None:

@@ -372,6 +372,7 @@ def test_proxy_link_env_exempts_only_the_reverse_listener():
     assert env["NO_PROXY"] == env["no_proxy"] == "localhost:2"
     assert env["HTTP_PROXY"] == env["https_proxy"] == "http://ag-1:tok@127.0.0.1:1"
     assert env["SSL_CERT_FILE"] == "/ca.pem" and env["ROLLOUTTAP_AGENT_ID"] == "ag-1"
+    assert env["NODE_USE_ENV_PROXY"] == "1"  # Node's fetch ignores HTTP_PROXY without it
     assert ProxyLink("http://127.0.0.1:1", None, None, None).env("a", "t")["NO_PROXY"] == ""
 
 
