@@ -81,9 +81,10 @@ def split_agent_path(path: str) -> tuple[str, str, str] | None:
     return unquote(parts[0]), unquote(parts[1]), rest
 
 
-# /agents/<id>/<token> with a token as new_token() makes them (24 URL-safe characters), or as stored (its
-# fingerprint): another API's own /agents/123/messages is left alone.
-_PATH_TOKEN = re.compile(r"(/agents/[^/?#]+/)([A-Za-z0-9_-]{24}|redacted-sha256-[0-9a-f]{12})(?=[/?#]|$)")
+# /agents/<id>/<token> with a token as new_token() makes them (24 URL-safe characters, not all lowercase hex:
+# that is a MongoDB ObjectId), or as stored (its fingerprint): another API's /agents/123/messages is left alone.
+_PATH_TOKEN = re.compile(
+    r"(/agents/[^/?#]+/)((?![0-9a-f]{24}(?:[/?#]|$))[A-Za-z0-9_-]{24}|redacted-sha256-[0-9a-f]{12})(?=[/?#]|$)")
 
 
 def hide_path_token(target: str, replace: Callable[[str], str] = redacted_query_value) -> str:

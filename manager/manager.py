@@ -255,7 +255,12 @@ class AgentManager:
                 for index, future in enumerate(futures):
                     if owed and results[index] is None:  # reported as its agent ends (see cancel())
                         self._late.add()
-                        future.add_done_callback(functools.partial(_report_late, progress, items, index, self._late))
+                        try:
+                            future.add_done_callback(
+                                functools.partial(_report_late, progress, items, index, self._late))
+                        except BaseException:  # a third Ctrl-C right here: nothing will report this one
+                            self._late.done()
+                            raise
                     future.add_done_callback(lambda _f: self._forget_deploy(stop))
         return [r for r in results if r is not None]
 
@@ -449,25 +454,35 @@ class _Pending:
     def __init__(self) -> None:
         self._count = 0
         self._changed = threading.Condition()
+        self._here = threading.local()  # how many of them the current thread is inside
 
     def add(self) -> None:
         with self._changed:
             self._count += 1
 
+    def enter(self) -> None:
+        """The current thread starts one of them (its ``done()`` follows on this thread)."""
+        self._here.inside = getattr(self._here, "inside", 0) + 1
+
     def done(self) -> None:
+        if getattr(self._here, "inside", 0):
+            self._here.inside -= 1
         with self._changed:
             self._count -= 1
             self._changed.notify_all()
 
     def wait_none(self, timeout: float) -> bool:
-        """True once none is under way; False if some still are after ``timeout`` seconds."""
+        """True once none is under way (but those the calling thread is inside: a progress callback that
+        calls cancel()); False if some still are after ``timeout`` seconds."""
+        mine = getattr(self._here, "inside", 0)
         with self._changed:
-            return self._changed.wait_for(lambda: self._count == 0, timeout)
+            return self._changed.wait_for(lambda: self._count <= mine, timeout)
 
 
 def _report_late(progress: Progress | None, items: Sequence[Prompt], index: int, pending: _Pending,
                  future: Future[AgentResult]) -> None:
     """Report the result of an agent whose deploy() was broken off before it could."""
+    pending.enter()
     try:
         if future.cancelled():
             _report(progress, AgentResult(new_agent_id(), index, items[index], "error",

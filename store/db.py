@@ -14,6 +14,7 @@ from rollouttap.paths import create_private
 from rollouttap.store.schema import INDEXES, MIGRATIONS, SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 10_000
+INDEX_LOCK_WAIT_MS = 200
 WAL_SIZE_LIMIT = 64 << 20
 
 
@@ -42,8 +43,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         _check_version(conn, path, migrate=not readonly)
         if not readonly:
-            for statement in INDEXES:
-                conn.execute(statement)
+            _add_missing_indexes(conn)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     return conn
@@ -68,6 +68,24 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
                              "(-wal file) that SQLite cannot read there; copy the store and its -wal file to a "
                              "writable folder") from None
     return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+
+
+def _add_missing_indexes(conn: sqlite3.Connection) -> None:
+    """Create the indexes an older store lacks. Only a speed-up: while another process writes (the proxy,
+    another manager), the open goes on without it and a later writable open adds it."""
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    missing = [statement for name, statement in INDEXES.items() if name not in have]
+    if not missing:
+        return
+    conn.execute(f"PRAGMA busy_timeout = {INDEX_LOCK_WAIT_MS}")
+    try:
+        for statement in missing:
+            conn.execute(statement)
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _enable_wal(conn: sqlite3.Connection, attempts: int = 50) -> None:

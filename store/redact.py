@@ -181,8 +181,8 @@ def redact_command(command: str) -> str:
     lists = [words]
     for word in words:
         if any(c.isspace() for c in word):
-            try:  # a shell's words: `export KEY=v; run` splits at the ;
-                lists.append(list(shlex.shlex(word, posix=True, punctuation_chars=True)))
+            try:
+                lists.append(_shell_words(word))
             except ValueError:
                 pass
     for listed in lists:
@@ -192,6 +192,13 @@ def redact_command(command: str) -> str:
     for secret in sorted((s for s in found if _may_be_secret(s)), key=len, reverse=True):
         command = command.replace(secret, f"<redacted sha256:{fingerprint(secret)}>")
     return command
+
+
+def _shell_words(script: str) -> list[str]:
+    """A shell string's words as the shell splits them (`export KEY=v; run` at the ;), # and : kept in words."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    return list(lexer)
 
 
 def _may_be_secret(value: str) -> bool:

@@ -72,11 +72,11 @@ ALTER TABLE proxies ADD COLUMN committed_through REAL;
 
 # Indexes a writable open adds when missing. Not a migration: the columns, and so what older readers and
 # read-only opens understand, stay as they are.
-INDEXES: tuple[str, ...] = (
+INDEXES: dict[str, str] = {
     # The proxy re-reads the agents that have not ended every second: without this, a scan of every agent the
     # store ever held (hundreds of thousands after a long training run).
-    "CREATE INDEX IF NOT EXISTS agents_live ON agents(status) WHERE status IN ('registered', 'running')",
-)
+    "agents_live": "CREATE INDEX IF NOT EXISTS agents_live ON agents(status) WHERE status IN ('registered', 'running')",
+}
 
 FLOW_COLUMNS: tuple[str, ...] = (
     "id", "flow_id", "proxy_id", "agent_id", "pid", "client_conn_id", "client_addr", "attribution",

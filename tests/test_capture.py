@@ -587,6 +587,7 @@ TOKEN = "Ab3_dEf-GhIjKlMnOpQrStUv"  # as new_token() makes them: 24 URL-safe cha
     (f"https://h/agents/a1/{TOKEN}", "https://h/agents/a1/R"),
     (f"/agents/a1/{TOKEN}?q", "/agents/a1/R?q"),
     ("/agents/123/messages", "/agents/123/messages"),  # another API's path: no token there
+    ("/agents/asst_1/5f8d0d55b54764421b7156c9", "/agents/asst_1/5f8d0d55b54764421b7156c9"),  # an ObjectId
     (f"/agents/a1/{TOKEN}x/v1", f"/agents/a1/{TOKEN}x/v1"),
     (f"/v1/agents/a1/{TOKEN}", f"/v1/agents/a1/{TOKEN}"),  # not the proxy's prefix
     ("/agents/a1", "/agents/a1"), ("/agents//x", "/agents//x"), ("http://h", "http://h"), ("", ""),

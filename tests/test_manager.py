@@ -376,6 +376,29 @@ def test_proxy_link_env_exempts_only_the_reverse_listener():
     assert ProxyLink("http://127.0.0.1:1", None, None, None).env("a", "t")["NO_PROXY"] == ""
 
 
+def test_late_reports_are_waited_for_except_by_the_report_itself():
+    # cancel() waits for a broken-off deploy's late reports; a progress callback that calls cancel() must not
+    # wait for itself (it would until the timeout, and close() would then abandon the agents).
+    from rollouttap.manager.manager import _Pending
+    pending, seen = _Pending(), {}
+    pending.add()
+    pending.add()
+
+    def report():
+        pending.enter()
+        try:
+            seen["inside"] = pending.wait_none(timeout=5)  # the other report is done by then
+        finally:
+            pending.done()
+
+    assert pending.wait_none(timeout=0.05) is False
+    thread = threading.Thread(target=report)
+    thread.start()
+    pending.done()  # the other report
+    thread.join(30)
+    assert seen == {"inside": True} and pending.wait_none(timeout=0) is True
+
+
 def test_summary_counts_the_commonest_errors():
     from rollouttap.manager.results import AgentResult, summarise
     def result(i, status, error=None):

@@ -106,6 +106,31 @@ def test_an_older_store_gets_the_live_agents_index_and_stays_readable_read_only(
     check.close()
 
 
+def test_an_older_store_opens_while_another_process_writes(tmp_path):
+    path = tmp_path / "runs.db"
+    Store(path).close()
+    old = sqlite3.connect(path)  # a store written before the live-agents index existed
+    old.execute("DROP INDEX agents_live")
+    old.close()
+    hold = ("import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')\nprint('held', flush=True)\nsys.stdin.read()\n")
+    # A write transaction under way in another process (the proxy's writer, another manager).
+    writer = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline() == "held\n"
+        started = time.monotonic()
+        with Store(path) as store:  # the index waits for a later open: it is only a speed-up
+            assert store.live_agents() == []
+        assert time.monotonic() - started < 5  # the busy timeout is 10 s
+    finally:
+        writer.communicate("", timeout=30)
+    Store(path).close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT count(*) FROM sqlite_master WHERE name = 'agents_live'").fetchone()[0] == 1
+    check.close()
+
+
 def test_readonly_open_of_missing_file_fails(tmp_path):
     with pytest.raises(StoreError):
         Store(tmp_path / "missing.db", readonly=True)
@@ -365,6 +390,8 @@ def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hid
     (["x", "--max-tokens", "100", "--key-file", "k.pem", "--model", "policy"], []),
     (["sh", "-c", "echo 'unbalanced"], []),
     (["sh", "-c", "export OPENAI_API_KEY=sk-abc123; python a.py"], ["sk-abc123"]),
+    (["sh", "-c", "export API_KEY=wJal+bPx#RfiCY:EX@AMPLE; curl -u alice:hunter2pass http://h/"],
+     ["wJal+bPx#RfiCY:EX@AMPLE", "hunter2pass"]),  # whole, though + # : @ are in them
     (["curl", "-u", "user:pw-9f3k2", "http://x/"], ["pw-9f3k2"]),
     (["python", "a.py", "--pass-through", "{prompt}"], []),  # a placeholder is no secret
 ])
