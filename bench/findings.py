@@ -282,8 +282,8 @@ concurrency burst (section 1b). What they mean, and what would change them:
   socket per thread; new processes are found by probing pids just below `ns_last_pid`; sockets seen while
   searching are remembered; ancestors' tags are cached by pid + start time. What is left: a process
   older than the others, seen for the first time and not under a registered agent, costs a scan of every
-  fd table (section 3, "old agent"); managed agents attribute by credentials and never pay it. The first
-  connection of a new process is where the 0.1 ms goal is missed, and not by our reads' number (about a
+  fd table (section 3, "old agent"); a managed agent's processes are new ones, found among the newest
+  pids. The first connection of a new process is where the 0.1 ms goal is missed, and not by our reads' number (about a
   dozen syscalls, nothing to skip: the socket's inode, the newest pids, the owner's fd links, its stat and
   environ): the first read of a new process's /proc entries makes the kernel build them, several times
   the cost of the same reads again (the table above), and section 3's "new processes" row also meets a
