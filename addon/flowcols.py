@@ -68,7 +68,7 @@ def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, An
 
 
 def stored_target(target: str) -> str:
-    """A URL or path as stored: secret query values and a base-URL path token redacted."""
+    """A URL or path as stored: secret query and path parameter values and a base-URL path token redacted."""
     return redact_query(hide_path_token(target))
 
 
