@@ -345,6 +345,8 @@ class RolloutTap:
         live = _Live(flow.client_conn.id, opened_key=flowcols.request_key(flow.request))
         if who.detail:
             live.meta["attribution_detail"] = who.detail
+        if flow.request.http_version != "HTTP/1.1":  # the client's (HTTP/2 over TLS, HTTP/1.0): for exports
+            live.meta["http_version"] = flow.request.http_version
         if routed_from is not None:
             live.meta["routed_from"] = routed_from
         self._live[flow.id] = live

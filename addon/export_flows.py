@@ -63,6 +63,11 @@ def _headers(pairs: list[tuple[str, str]]) -> http.Headers:
                          for k, v in pairs])
 
 
+def _http_version(record: FlowRecord) -> bytes:
+    """The version the client spoke (recorded when not HTTP/1.1)."""
+    return str(record.meta.get("http_version", "HTTP/1.1")).encode()
+
+
 def _request(record: FlowRecord) -> http.Request:
     method = (record.method or "GET").upper()
     start = record.t_request or 0.0
@@ -73,7 +78,7 @@ def _request(record: FlowRecord) -> http.Request:
         scheme, authority, path = record.scheme or "http", "", record.path or "/"
     return http.Request(
         host=host, port=port, method=method.encode(), scheme=scheme.encode(), authority=authority.encode(),
-        path=path.encode("utf-8", "surrogateescape"), http_version=b"HTTP/1.1",
+        path=path.encode("utf-8", "surrogateescape"), http_version=_http_version(record),
         headers=_headers(record.request_headers), content=record.request_body or b"", trailers=None,
         # The store does not time the request body's end: count the whole wait as the server's.
         timestamp_start=start, timestamp_end=start)
@@ -84,7 +89,7 @@ def _response(record: FlowRecord) -> http.Response | None:
         return None
     start = record.t_response_headers or record.t_end or record.t_request or 0.0
     return http.Response(
-        http_version=b"HTTP/1.1", status_code=record.status_code, reason=b"",
+        http_version=_http_version(record), status_code=record.status_code, reason=b"",
         headers=_headers(record.response_headers), content=record.response_body or b"", trailers=None,
         timestamp_start=start, timestamp_end=record.t_end or start)
 

@@ -487,6 +487,21 @@ def test_https_through_route_with_ca_bundle(tmp_path, confdir, upstream):
         assert flow.attribution == "pid"
 
 
+def test_a_client_speaking_another_http_version_is_exported_with_it(tmp_path, confdir, upstream):
+    from rollouttap.addon.export_flows import read_flow_file
+    from rollouttap.manager.export import export_flows
+    with start_proxy(tmp_path / "runs.db", confdir) as proxy:
+        agent = "v10-" + uuid.uuid4().hex[:8]
+        out = subprocess.run(["curl", "-sS", "--http1.0", "-x", proxy.url, "-H", f"X-Agent-ID: {agent}",
+                              upstream.base_url + "/models"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        [flow] = settled_flows(proxy.config.store, agent_id=agent)
+        assert flow.meta["http_version"] == "HTTP/1.0"
+        export_flows(proxy.config.store, tmp_path / "v10.flows", agent_id=agent)
+    [exported] = read_flow_file(tmp_path / "v10.flows")
+    assert exported.request.http_version == exported.response.http_version == "HTTP/1.0"
+
+
 def test_an_ended_agents_open_tunnel_is_refused_too(tmp_path, confdir, upstream):
     with start_proxy(tmp_path / "runs.db", confdir, routes=(f"api.openai.com={upstream.url}",)) as proxy:
         agent_id, token = _new_agent(proxy)
