@@ -98,7 +98,7 @@ def run(
 
     Agents that fail or time out are reported, not fatal: the exit code is 0 unless the run itself fails.
     """
-    from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent
+    from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent, summarise
     if (agent is None) == (entry is None):
         raise ConfigError("give exactly one of --agent and --entry")
     items = read_prompts_file(prompts)
@@ -107,30 +107,37 @@ def run(
     spec = (CommandAgent(agent, stdin=stdin, check=check) if agent is not None
             else EntryPointAgent(entry, check=check))  # type: ignore[arg-type]
     started_at, started = time.time(), time.monotonic()
-    with AgentManager(spec, store=store, parallel=parallel, timeout=timeout, proxy=proxy, model_url=model_url,
-                      env=parse_env(env or []), base_url_mode=base_url_mode, workdir_template=workdir_template,
-                      grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies,
-                      eos_token_id=eos_token_id) as manager:
-        sink: IO[str] = open_private(out, "w", encoding="utf-8") if out is not None else _stdout()
-        # SIGTERM (a job scheduler, `timeout`, torchrun) ends the run as Ctrl-C does: running agents are
-        # killed and recorded, the proxy commits. Its default would leave the agents running unsupervised.
-        main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
-        results: list[Any] = []  # as they come: an interrupted run still reports every prompt
-        interrupted = False
-        try:
-            _deploy_with_progress(manager, items, sink, results)
-        except KeyboardInterrupt:
-            interrupted = True
-            # A second Ctrl-C broke deploy() off before every agent was killed and reported: wait for them,
-            # their lines still come (a third Ctrl-C ends the wait).
-            manager.cancel()
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
-            if out is not None:
-                sink.close()
-        summary = manager.summary(results, since=started_at)
+    manager = AgentManager(spec, store=store, parallel=parallel, timeout=timeout, proxy=proxy, model_url=model_url,
+                           env=parse_env(env or []), base_url_mode=base_url_mode, workdir_template=workdir_template,
+                           grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies,
+                           eos_token_id=eos_token_id)
+    sink: IO[str] = open_private(out, "w", encoding="utf-8") if out is not None else _stdout()
+    # SIGTERM (a job scheduler, `timeout`, torchrun) ends the run as Ctrl-C does: running agents are killed
+    # and recorded, the proxy commits. Its default would leave the agents running unsupervised.
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    results: list[Any] = []  # as they come: an interrupted run still reports every prompt
+    summary: dict[str, Any] | None = None
+    interrupted = False
+    try:
+        with manager:
+            try:
+                _deploy_with_progress(manager, items, sink, results)
+            except KeyboardInterrupt:
+                interrupted = True
+                # A second Ctrl-C broke deploy() off before every agent was killed and reported: wait for
+                # them, their lines still come (a third Ctrl-C ends the wait).
+                manager.cancel()
+            summary = manager.summary(results, since=started_at)
+    except KeyboardInterrupt:  # a later Ctrl-C: while waiting for the agents, or while the proxy shut down
+        interrupted = True
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if out is not None:
+            sink.close()
+    if summary is None:  # the store is closed by now: the summary of the results alone
+        summary = {**summarise(results).to_dict(), "proxy_restarts": manager.proxy_restarts}
     summary["wall_seconds"] = round(time.monotonic() - started, 3)
     _print_summary(summary, manager.run_id, store, interrupted=interrupted)
     if interrupted:

@@ -16,7 +16,7 @@ import pytest
 
 from rollouttap.store import Store
 
-from conftest import running_agents
+from conftest import running_agents, wait_for
 from manager_support import HERE as SUPPORT
 from rollouttap.cli import main
 from rollouttap.cli_run import parse_env, read_prompts, read_prompts_file
@@ -124,6 +124,32 @@ def test_run_usage_errors_exit_non_zero(tmp_path, args, capsys):
     prompts.write_text('"x"\n')
     assert main(["run", "--prompts", str(prompts), "--store", str(tmp_path / "r.db"), *args]) != 0
     assert "exactly one of --agent and --entry" in capsys.readouterr().err
+
+
+def test_a_third_signal_while_it_waits_for_the_agents_still_prints_the_summary(tmp_path, confdir, upstream):
+    prompts, store, out = tmp_path / "p.jsonl", tmp_path / "runs.db", tmp_path / "results.jsonl"
+    prompts.write_text('"hang"\n' * 3)
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
+    run = subprocess.Popen([sys.executable, "-m", "rollouttap.cli", "run", "--agent", command, "--prompts", prompts,
+                            "--timeout", "120", "--store", store, "--model-url", upstream.base_url, "--parallel", "2",
+                            "--out", out, "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    lock = sqlite3.connect(store, isolation_level=None, timeout=30)
+    try:
+        running_agents(store, 2)
+        lock.execute("BEGIN IMMEDIATE")  # the killed agents' ends wait for it
+        for _ in range(3):  # deploy() waits for them, then cancel() does: the third signal breaks that wait
+            run.send_signal(signal.SIGTERM)
+            time.sleep(1)  # not a synchronisation: each window stays open while the lock is held
+        lock.execute("ROLLBACK")
+        assert run.wait(60) == 130
+        stderr = run.stderr.read()
+    finally:
+        lock.close()
+        run.kill()
+        run.stderr.close()
+    assert "(interrupted)" in stderr and "model calls" in stderr, stderr
+    assert len(out.read_text().splitlines()) == 3  # the agents' lines came as close() waited for them
 
 
 @pytest.mark.parametrize("argv, option", [
