@@ -305,7 +305,9 @@ class PidAttributor:
             return PidResult(None, None, "socket owner not found (exited, or another namespace)")
         chain = self.ancestry.chain(pid)
         others, behind = self._tag_roots(chain, roots, known)
-        if behind:
+        # Under no root the cache knows: read the live agents again (cheap, at most every TAG_REFRESH_S), or a
+        # root registered since the last read (an agent that dropped its tag) goes unseen for a second.
+        if behind or not registered_in_chain(chain, roots, self._create_time):
             self.directory.refresh(if_older_than=TAG_REFRESH_S)
             roots, known = self.directory.roots()
         agent_id, detail = decide_from_ancestry(chain, roots, {**known, **others} if others else known,

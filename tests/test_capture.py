@@ -502,6 +502,35 @@ def test_a_client_speaking_another_http_version_is_exported_with_it(tmp_path, co
     assert exported.request.http_version == exported.response.http_version == "HTTP/1.0"
 
 
+SEND_WITH = """
+import sys, urllib.error, urllib.request
+sys.stdin.readline()  # sent once the test has registered this process as an agent's root
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": sys.argv[1]}))
+try:
+    print(opener.open(sys.argv[2], timeout=30).status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+"""
+
+
+def test_a_token_from_a_just_started_untagged_agent_of_another_is_refused(tmp_path, confdir, upstream):
+    # The proxy's cache of registered roots is up to a second old: a process under a root registered since
+    # (that dropped its own tag) must not pass with another agent's token in that second.
+    with start_proxy(tmp_path / "runs.db", confdir) as proxy:
+        (victim, token), (thief, _) = _new_agent(proxy), _new_agent(proxy)
+        creds = proxy.url.replace("http://", f"http://{victim}:{token}@")
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "ROLLOUTTAP_AGENT_ID"}
+        warm = subprocess.run([sys.executable, "-c", SEND_WITH, creds, upstream.base_url + "/models"], input="\n",
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert warm.stdout.strip() == "200"  # from under no registered root: the token alone speaks
+        client = subprocess.Popen([sys.executable, "-c", SEND_WITH, creds, upstream.base_url + "/models"],
+                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        with Store(proxy.config.store) as store:
+            store.agent_started(thief, client.pid)  # the thief's root, registered after the cache was read
+        out, _ = client.communicate("\n", timeout=60)
+    assert out.strip() == "407"
+
+
 def test_an_ended_agents_open_tunnel_is_refused_too(tmp_path, confdir, upstream):
     with start_proxy(tmp_path / "runs.db", confdir, routes=(f"api.openai.com={upstream.url}",)) as proxy:
         agent_id, token = _new_agent(proxy)
