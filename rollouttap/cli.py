@@ -82,8 +82,9 @@ def proxy(
         if not sep or not key:
             raise ConfigError(f"--set {pair!r} is not KEY=VALUE")
         if key in OWN_OPTIONS:
-            raise ConfigError(f"--set {key} is the command's own: use its option instead"
-                              + (" (--allow-remote)" if key == "rollouttap_allow_remote" else ""))
+            instead = {"rollouttap_store": "use --store", "rollouttap_allow_remote": "use --allow-remote"}
+            raise ConfigError(f"--set {key} is the command's own: "
+                              + instead.get(key, "it sets it for each proxy it starts"))
         extra[key] = value
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),

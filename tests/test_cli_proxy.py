@@ -79,11 +79,14 @@ def test_proxy_command_on_every_address_says_what_remote_agents_use(tmp_path, co
     assert "agents on other hosts put this host's address in place of 0.0.0.0" in err
 
 
-@pytest.mark.parametrize("key", ["rollouttap_store", "rollouttap_allow_remote"])
-def test_proxy_command_refuses_to_set_its_own_options(tmp_path, key):
+@pytest.mark.parametrize("key, instead", [
+    ("rollouttap_store", "use --store"), ("rollouttap_allow_remote", "use --allow-remote"),
+    ("rollouttap_proxy_id", "it sets it for each proxy"), ("rollouttap_parent_pid", "it sets it for each proxy"),
+])
+def test_proxy_command_refuses_to_set_its_own_options(tmp_path, key, instead):
     out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--set", f"{key}=x"],
                          capture_output=True, text=True, timeout=30)
-    assert out.returncode == 1 and f"--set {key} is the command's own" in out.stderr
+    assert out.returncode == 1 and f"--set {key} is the command's own: {instead}" in out.stderr
 
 
 def test_proxy_command_rejects_an_unknown_launcher(tmp_path):
