@@ -50,6 +50,7 @@ class PidResult:
     agent_id: str | None
     detail: str | None = None
     roots: tuple[str, ...] = ()  # agents whose registered root process is among the ancestors
+    tags: tuple[str, ...] = ()  # registered agents (with a root) the ancestors' tags name, nearest first
 
 
 # -- pure decisions ----------------------------------------------------------------------------
@@ -130,15 +131,18 @@ def decide_header_claim(claimed: str, agent: AgentRecord | None) -> tuple[str | 
     return claimed, f"{AGENT_HEADER} header"
 
 
-def credentials_conflict(agent_id: str, roots: tuple[str, ...]) -> str | None:
+def credentials_conflict(agent_id: str, roots: tuple[str, ...], tags: tuple[str, ...] = ()) -> str | None:
     """Why credentials of ``agent_id`` are refused from a process under the registered roots of ``roots``
     (agents run as one user: a token can be read from another agent's environment); None when the process
-    is under ``agent_id``'s own root (nested agents included) or under no registered root at all (an
-    escaped daemon, a hand-run client: only the token speaks for them). Environment tags do not count:
-    a process sets those itself."""
-    if not roots or agent_id in roots:
+    is under ``agent_id``'s own root (nested agents included). Under no registered root (an escaped daemon, a
+    hand-run client) the token speaks for the process, unless the process still carries the tag of another
+    registered agent (``tags``): a process that left its agent's tree by a double fork keeps its environment
+    unless it drops it, so this stops the plain escape, not a deliberate one (a tag is the process's own)."""
+    if agent_id in roots or (not roots and (not tags or agent_id in tags)):
         return None
-    return f"credentials of agent {agent_id!r} sent by a process of agent {roots[0]!r}"
+    if roots:
+        return f"credentials of agent {agent_id!r} sent by a process of agent {roots[0]!r}"
+    return f"credentials of agent {agent_id!r} sent by a process tagged as agent {tags[0]!r}"
 
 
 def decide_from_ancestry(chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
@@ -310,9 +314,10 @@ class PidAttributor:
         if behind or not registered_in_chain(chain, roots, self._create_time):
             self.directory.refresh(if_older_than=TAG_REFRESH_S)
             roots, known = self.directory.roots()
-        agent_id, detail = decide_from_ancestry(chain, roots, {**known, **others} if others else known,
-                                                self._create_time)
-        return PidResult(pid, agent_id, detail, tuple(registered_in_chain(chain, roots, self._create_time)))
+        named = {**known, **others} if others else known
+        agent_id, detail = decide_from_ancestry(chain, roots, named, self._create_time)
+        tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag and p.agent_tag in named))
+        return PidResult(pid, agent_id, detail, tuple(registered_in_chain(chain, roots, self._create_time)), tags)
 
     def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
                    known: dict[str, int]) -> tuple[dict[str, int], bool]:

@@ -145,7 +145,7 @@ class FlowAttribution:
     async def _verified(self, agent_id: str, token: str, method: str, pid_result: PidResult | None
                         ) -> Attribution:
         pid = pid_result.pid if pid_result else None
-        conflict = credentials_conflict(agent_id, pid_result.roots if pid_result else ())
+        conflict = credentials_conflict(agent_id, pid_result.roots, pid_result.tags) if pid_result else None
         if conflict is not None:
             return Attribution(None, "rejected", pid, conflict)
         problem = check_token(await self._agent(agent_id), token)

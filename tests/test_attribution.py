@@ -562,15 +562,18 @@ def test_header_claims_never_name_an_agent_that_proves_itself(claimed, agent, ex
     assert detail == "X-Agent-ID header" if expected is not None else "X-Agent-ID header " in detail
 
 
-@pytest.mark.parametrize("creds, roots, refused", [
-    ("agent-a", (), False),  # under no registered root: unknown, remote, escaped, or hand-run
-    ("agent-a", ("agent-a",), False),
-    ("agent-a", ("agent-a", "outer"), False),  # a nested agent, under its own root and its parent's
-    ("agent-a", ("agent-b",), True),  # agent-b's process sends agent-a's token
-    ("agent-a", ("agent-b", "agent-c"), True),
+@pytest.mark.parametrize("creds, roots, tags, refused", [
+    ("agent-a", (), (), False),  # under no registered root: unknown, remote, escaped, or hand-run
+    ("agent-a", ("agent-a",), (), False),
+    ("agent-a", ("agent-a", "outer"), (), False),  # a nested agent, under its own root and its parent's
+    ("agent-a", ("agent-b",), (), True),  # agent-b's process sends agent-a's token
+    ("agent-a", ("agent-b", "agent-c"), (), True),
+    ("agent-a", (), ("agent-b",), True),  # escaped from agent-b's tree, still carrying its tag
+    ("agent-a", (), ("agent-a",), False),  # agent-a's own escaped daemon
+    ("agent-a", ("agent-a",), ("agent-b",), False),  # under its own root, whatever tag it was given
 ])
-def test_credentials_must_come_from_under_their_agents_root(creds, roots, refused):
-    problem = credentials_conflict(creds, roots)
+def test_credentials_must_come_from_under_their_agents_root(creds, roots, tags, refused):
+    problem = credentials_conflict(creds, roots, tags)
     assert (problem is not None) == refused
     if refused:
-        assert "agent-a" in problem and roots[0] in problem  # the nearest root: the process's own agent
+        assert "agent-a" in problem and (roots or tags)[0] in problem  # the nearest: the process's own agent

@@ -531,6 +531,27 @@ def test_a_token_from_a_just_started_untagged_agent_of_another_is_refused(tmp_pa
     assert out.strip() == "407"
 
 
+def test_a_token_sent_by_a_process_that_escaped_another_agents_tree_with_its_tag_is_refused(
+        tmp_path, confdir, upstream):
+    # A double-forked process leaves its agent's tree but keeps its environment, the agent's tag included.
+    root = subprocess.Popen(["sleep", "60"])  # the thief's registered root: not the escaped process's ancestor
+    try:
+        with start_proxy(tmp_path / "runs.db", confdir) as proxy:
+            (victim, token), (thief, _) = _new_agent(proxy), _new_agent(proxy)
+            with Store(proxy.config.store) as store:
+                store.agent_started(thief, root.pid)
+            creds = proxy.url.replace("http://", f"http://{victim}:{token}@")
+            env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+            sent = [subprocess.run([sys.executable, "-c", SEND_WITH, creds, upstream.base_url + "/models"],
+                                   input="\n", env={**env, **tag}, capture_output=True, text=True, timeout=60)
+                    for tag in ({"ROLLOUTTAP_AGENT_ID": thief}, {"ROLLOUTTAP_AGENT_ID": victim}, {})]
+    finally:
+        root.kill()
+        root.wait()
+    # The thief's tag gives it away; the victim's own daemon, or a process with no tag, passes on the token.
+    assert [s.stdout.strip() for s in sent] == ["407", "200", "200"]
+
+
 def test_an_ended_agents_open_tunnel_is_refused_too(tmp_path, confdir, upstream):
     with start_proxy(tmp_path / "runs.db", confdir, routes=(f"api.openai.com={upstream.url}",)) as proxy:
         agent_id, token = _new_agent(proxy)
