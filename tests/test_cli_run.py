@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import psutil
 
 import pytest
@@ -85,14 +87,21 @@ def test_run_writes_results_and_prints_a_summary(tmp_path, confdir, upstream, ca
     assert f"1 × {failed}" in " ".join(err.split())  # why an agent failed, under the table
 
 
-def test_a_run_broken_off_by_a_second_signal_still_reports_every_prompt(tmp_path, confdir, upstream):
+def _start_hanging_run(tmp_path, confdir, upstream) -> tuple[subprocess.Popen[str], Path, Path]:
+    """`rollouttap run` of three agents that hang, two at a time (the third waits its turn): (process, store,
+    --out file)."""
     prompts, store, out = tmp_path / "p.jsonl", tmp_path / "runs.db", tmp_path / "results.jsonl"
-    prompts.write_text('"hang"\n' * 3)  # two run at once, the third waits its turn
+    prompts.write_text('"hang"\n' * 3)
     command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
     run = subprocess.Popen([sys.executable, "-m", "rollouttap.cli", "run", "--agent", command, "--prompts", prompts,
                             "--timeout", "120", "--store", store, "--model-url", upstream.base_url, "--parallel", "2",
                             "--out", out, "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
+    return run, store, out
+
+
+def test_a_run_broken_off_by_a_second_signal_still_reports_every_prompt(tmp_path, confdir, upstream):
+    run, store, out = _start_hanging_run(tmp_path, confdir, upstream)
     lock = sqlite3.connect(store, isolation_level=None, timeout=30)
     try:
         running_agents(store, 2)
@@ -127,13 +136,7 @@ def test_run_usage_errors_exit_non_zero(tmp_path, args, capsys):
 
 
 def test_a_third_signal_while_it_waits_for_the_agents_still_prints_the_summary(tmp_path, confdir, upstream):
-    prompts, store, out = tmp_path / "p.jsonl", tmp_path / "runs.db", tmp_path / "results.jsonl"
-    prompts.write_text('"hang"\n' * 3)
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
-    run = subprocess.Popen([sys.executable, "-m", "rollouttap.cli", "run", "--agent", command, "--prompts", prompts,
-                            "--timeout", "120", "--store", store, "--model-url", upstream.base_url, "--parallel", "2",
-                            "--out", out, "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
+    run, store, out = _start_hanging_run(tmp_path, confdir, upstream)
     lock = sqlite3.connect(store, isolation_level=None, timeout=30)
     try:
         running_agents(store, 2)
@@ -190,13 +193,7 @@ def test_run_entry_point_results_on_stdout(tmp_path, confdir, upstream, capsys):
 
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, confdir, upstream):
-    prompts, store, out = tmp_path / "p.jsonl", tmp_path / "runs.db", tmp_path / "results.jsonl"
-    prompts.write_text('"hang"\n"hang"\n"hang"\n')  # two run at once, the third waits its turn
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}"
-    run = subprocess.Popen([sys.executable, "-m", "rollouttap.cli", "run", "--agent", command, "--prompts", prompts,
-                            "--timeout", "120", "--store", store, "--model-url", upstream.base_url, "--parallel", "2",
-                            "--out", out, "--confdir", confdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
+    run, store, out = _start_hanging_run(tmp_path, confdir, upstream)
     try:
         agents = running_agents(store, 2)
         run.send_signal(signal.SIGTERM)
