@@ -100,23 +100,28 @@ def _start_hanging_run(tmp_path, confdir, upstream) -> tuple[subprocess.Popen[st
     return run, store, out
 
 
-def test_a_run_broken_off_by_a_second_signal_still_reports_every_prompt(tmp_path, confdir, upstream):
-    run, store, out = _start_hanging_run(tmp_path, confdir, upstream)
+def _signals_while_the_agents_cannot_end(run: subprocess.Popen[str], store: Path, signals: int) -> str:
+    """Send the run ``signals`` SIGTERMs, a second apart, while the killed agents' ends wait for a write lock
+    held here (so each signal lands while the run waits for them); its stderr once it has exited with 130."""
     lock = sqlite3.connect(store, isolation_level=None, timeout=30)
     try:
         running_agents(store, 2)
-        lock.execute("BEGIN IMMEDIATE")  # the killed agents' ends wait for it: deploy() waits for them
-        run.send_signal(signal.SIGTERM)
-        time.sleep(1)  # not a synchronisation: the window stays open while the lock is held
-        run.send_signal(signal.SIGTERM)  # breaks deploy()'s wait
-        time.sleep(1)
+        lock.execute("BEGIN IMMEDIATE")
+        for _ in range(signals):
+            run.send_signal(signal.SIGTERM)
+            time.sleep(1)  # not a synchronisation: each window stays open while the lock is held
         lock.execute("ROLLBACK")
         assert run.wait(60) == 130
-        stderr = run.stderr.read()
+        return run.stderr.read()
     finally:
         lock.close()
         run.kill()
         run.stderr.close()
+
+
+def test_a_run_broken_off_by_a_second_signal_still_reports_every_prompt(tmp_path, confdir, upstream):
+    run, store, out = _start_hanging_run(tmp_path, confdir, upstream)
+    stderr = _signals_while_the_agents_cannot_end(run, store, 2)  # the second breaks deploy()'s wait
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted((r["index"], r["error"]) for r in lines) == [
         (0, "cancelled before it finished"), (1, "cancelled before it finished"), (2, "cancelled before it started")
@@ -137,20 +142,8 @@ def test_run_usage_errors_exit_non_zero(tmp_path, args, capsys):
 
 def test_a_third_signal_while_it_waits_for_the_agents_still_prints_the_summary(tmp_path, confdir, upstream):
     run, store, out = _start_hanging_run(tmp_path, confdir, upstream)
-    lock = sqlite3.connect(store, isolation_level=None, timeout=30)
-    try:
-        running_agents(store, 2)
-        lock.execute("BEGIN IMMEDIATE")  # the killed agents' ends wait for it
-        for _ in range(3):  # deploy() waits for them, then cancel() does: the third signal breaks that wait
-            run.send_signal(signal.SIGTERM)
-            time.sleep(1)  # not a synchronisation: each window stays open while the lock is held
-        lock.execute("ROLLBACK")
-        assert run.wait(60) == 130
-        stderr = run.stderr.read()
-    finally:
-        lock.close()
-        run.kill()
-        run.stderr.close()
+    # deploy() waits for the killed agents, then cancel() does: the third signal breaks that wait
+    stderr = _signals_while_the_agents_cannot_end(run, store, 3)
     assert "(interrupted)" in stderr and "model calls" in stderr, stderr
     assert len(out.read_text().splitlines()) == 3  # the agents' lines came as close() waited for them
 
