@@ -196,7 +196,6 @@ class _StripPlan:
     choice_keys: tuple[str, ...]
     key_pattern: re.Pattern[str]
     markers: tuple[bytes, ...]  # cheap substring test: no marker, nothing to strip
-    drop_swallowed: bool
     chunk_fields: frozenset[str]  # vllm_chunk.FIELDS to null in a streamed chat chunk of vLLM's shape
 
     def may_touch(self, raw: bytes) -> bool:
@@ -216,7 +215,6 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
         choice_keys=choice_keys,
         key_pattern=key_pattern(choice_keys),
         markers=markers,
-        drop_swallowed=endpoint == "chat",
         chunk_fields=frozenset(
             (("logprobs",) if logprobs else ()) + (("token_ids", "prompt_token_ids") if ids else ())
         ) if endpoint == "chat" else frozenset(),
@@ -266,7 +264,7 @@ def _strip_json(text: str, plan: _StripPlan, *, allow_drop: bool) -> str | _Drop
         if _marks_are_the_fields(doc, plan, marks):
             if not marks:
                 return None
-            if allow_drop and plan.drop_swallowed and _only_for_us(doc, plan):
+            if allow_drop and _only_for_us(doc, plan):
                 return _DROP
             return splice_nulls(text, spans)
     try:  # unusual documents (a planned key deeper than vLLM puts it): decide on the whole parse
@@ -281,7 +279,7 @@ def _strip_parsed(text: str, doc: Any, plan: _StripPlan, *, allow_drop: bool) ->
     expected = _count_fields(doc, plan)
     if expected == 0:
         return None
-    if allow_drop and plan.drop_swallowed and _only_for_us(doc, plan):
+    if allow_drop and _only_for_us(doc, plan):
         return _DROP
     spans = value_spans(text, plan.key_pattern)
     if len(spans) != expected:
@@ -331,6 +329,9 @@ def _null_fields(doc: dict[str, Any], plan: _StripPlan) -> None:
                 choice[key] = None
 
 
+_SWALLOW_FIELDS = frozenset(("logprobs", "token_ids"))  # what a parser-swallowed chunk may carry
+
+
 def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
     """True for a chunk vLLM sends only because of what we injected: a parser swallowed its text, and it
     carries token ids or logprobs that the agent did not ask for (``swallowed_only_for_us``)."""
@@ -343,23 +344,22 @@ def _only_for_us(doc: dict[str, Any], plan: _StripPlan) -> bool:
             return False
         if any(value is not None and value != [] for value in delta.values()):
             return False
-        carried = frozenset(key for key in ("logprobs", "token_ids") if choice.get(key) is not None)
+        carried = frozenset(key for key in _SWALLOW_FIELDS if choice.get(key) is not None)
         if not swallowed_only_for_us(carried, plan.chunk_fields):
             return False
     return True
 
 
 def swallowed_only_for_us(carried: frozenset[str] | set[str], stripped: frozenset[str]) -> bool:
-    """Whether an empty-delta chunk carrying ``carried`` (of logprobs, token_ids) exists only for fields we
-    strip: vLLM sends one for either field, so with neither it sent it itself, and with one the agent asked
-    for (not stripped) the agent would have got it too."""
+    """Whether an empty-delta chunk carrying ``carried`` (of _SWALLOW_FIELDS) exists only for fields we strip
+    (the plan's ``chunk_fields``, empty but for chat): vLLM sends one for either field, so with neither it
+    sent it itself, and with one the agent asked for (not stripped) the agent would have got it too."""
     return bool(carried) and carried <= stripped
 
 
 # ---------------------------------------------------------------------------- SSE streams
 
 _EVENT_END = re.compile(rb"\n\r?\n")
-_SWALLOW_FIELDS = frozenset(("logprobs", "token_ids"))
 
 
 class StreamStripper:
@@ -422,8 +422,7 @@ def _strip_event_json(text: str, plan: _StripPlan) -> str | _Drop | None:
     spans = [fields.spans[name] for name in FIELDS if name in plan.chunk_fields and name in fields.spans]
     if not spans:
         return None
-    if plan.drop_swallowed and fields.empty_delta and swallowed_only_for_us(
-            fields.spans.keys() & _SWALLOW_FIELDS, plan.chunk_fields):
+    if fields.empty_delta and swallowed_only_for_us(fields.spans.keys() & _SWALLOW_FIELDS, plan.chunk_fields):
         return _DROP
     return splice_nulls(text, spans)
 
