@@ -311,13 +311,15 @@ class PidAttributor:
         others, behind = self._tag_roots(chain, roots, known)
         # Under no root the cache knows: read the live agents again (cheap, at most every TAG_REFRESH_S), or a
         # root registered since the last read (an agent that dropped its tag) goes unseen for a second.
-        if behind or not registered_in_chain(chain, roots, self._create_time):
+        registered = registered_in_chain(chain, roots, self._create_time)
+        if behind or not registered:
             self.directory.refresh(if_older_than=TAG_REFRESH_S)
             roots, known = self.directory.roots()
+            registered = registered_in_chain(chain, roots, self._create_time)
         named = {**known, **others} if others else known
         agent_id, detail = decide_from_ancestry(chain, roots, named, self._create_time)
         tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag and p.agent_tag in named))
-        return PidResult(pid, agent_id, detail, tuple(registered_in_chain(chain, roots, self._create_time)), tags)
+        return PidResult(pid, agent_id, detail, tuple(registered), tags)
 
     def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
                    known: dict[str, int]) -> tuple[dict[str, int], bool]:
