@@ -121,19 +121,21 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 # the next parameter or URL part starts.
 _HEADER_PARAM = re.compile(r"([?&;#])([^=&;?#\s<>\"/]+)=([^&;#?\s<>\"]*)")
 # A path parameter (``/x;jsessionid=...``): its value ends at the next path segment too.
-_PATH_PARAM = re.compile(r";([^=;/?#]+)=([^;/?#]*)")
+_PATH_PARAM = re.compile(r"(;)([^=;/?#]+)=([^;/?#]*)")
 
 
-def _redact_param(match: re.Match[str]) -> str:
+def _map_param(match: re.Match[str], replace: Callable[[str], str | None]) -> str:
+    """A matched ``name=value`` (after its separator) with a secret name's value replaced, or dropped (None)."""
     sep, name, value = match.groups()
     if not value or not is_secret_name(unquote(name)):
         return match[0]
-    return f"{sep}{name}={redacted_query_value(value)}"
+    new = replace(value)
+    return "" if new is None else f"{sep}{name}={new}"
 
 
 def _redact_urls_in(value: str) -> str:
     # Every ``name=value`` after ?, &, ; or # anywhere in the value: a header may hold several URLs.
-    return _HEADER_PARAM.sub(_redact_param, value) if "=" in value else value
+    return _HEADER_PARAM.sub(lambda m: _map_param(m, redacted_query_value), value) if "=" in value else value
 
 
 def redact_query(target: str) -> str:
@@ -147,7 +149,7 @@ def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
     a parameter for which it returns None is dropped."""
     head, sep, query = target.partition("?")
     if ";" in head:
-        head = _PATH_PARAM.sub(lambda m: _map_path_param(m, replace), head)
+        head = _PATH_PARAM.sub(lambda m: _map_param(m, replace), head)
     if not sep:
         return head
     query, hash_sep, fragment = query.partition("#")
@@ -232,14 +234,6 @@ def _option_values(words: list[str], found: set[str]) -> None:
             found.add(value)
         elif option in ("-u", "--user", "--proxy-user") and ":" in value:
             found.add(value.partition(":")[2])
-
-
-def _map_path_param(match: re.Match[str], replace: Callable[[str], str | None]) -> str:
-    name, value = match.groups()
-    if not value or not is_secret_name(unquote(name)):
-        return match[0]
-    new = replace(value)
-    return "" if new is None else f";{name}={new}"
 
 
 def new_token() -> str:
