@@ -419,13 +419,20 @@ def _unreported(futures: Sequence[Future[AgentResult]], items: Sequence[Prompt],
     started, one saying so (it has no agent row)."""
     out = []
     for index, future in enumerate(futures):
-        if results[index] is not None:
-            continue
-        if future.cancelled():
-            out.append(AgentResult(new_agent_id(), index, items[index], "error", error="cancelled before it started"))
-        elif future.done() and future.exception() is None:
-            out.append(future.result())
+        result = _owed_result(future, items, index) if results[index] is None else None
+        if result is not None:
+            out.append(result)
     return out
+
+
+def _owed_result(future: Future[AgentResult], items: Sequence[Prompt], index: int) -> AgentResult | None:
+    """The result a finished agent's future gives its prompt: its own, or for one cancelled before its agent
+    started, one saying so (it has no agent row); None while it runs (or if it raised)."""
+    if future.cancelled():
+        return AgentResult(new_agent_id(), index, items[index], "error", error="cancelled before it started")
+    if future.done() and future.exception() is None:
+        return future.result()
+    return None
 
 
 # name -> (whole numbers only, the least value allowed, whether that value itself is allowed)
@@ -484,11 +491,9 @@ def _report_late(progress: Progress | None, items: Sequence[Prompt], index: int,
     """Report the result of an agent whose deploy() was broken off before it could."""
     pending.enter()
     try:
-        if future.cancelled():
-            _report(progress, AgentResult(new_agent_id(), index, items[index], "error",
-                                          error="cancelled before it started"))
-        elif future.exception() is None:
-            _report(progress, future.result())
+        result = _owed_result(future, items, index)
+        if result is not None:
+            _report(progress, result)
     finally:
         pending.done()
 
