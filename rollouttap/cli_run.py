@@ -98,7 +98,7 @@ def run(
 
     Agents that fail or time out are reported, not fatal: the exit code is 0 unless the run itself fails.
     """
-    from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent, summarise
+    from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent
     if (agent is None) == (entry is None):
         raise ConfigError("give exactly one of --agent and --entry")
     items = read_prompts_file(prompts)
@@ -136,8 +136,8 @@ def run(
             signal.signal(signal.SIGTERM, previous)
         if out is not None:
             sink.close()
-    if summary is None:  # the store is closed by now: the summary of the results alone
-        summary = {**summarise(results).to_dict(), "proxy_restarts": manager.proxy_restarts}
+    if summary is None:  # the store is closed by now: the manager sums the results alone
+        summary = manager.summary(results)
     summary["wall_seconds"] = round(time.monotonic() - started, 3)
     _print_summary(summary, manager.run_id, store, interrupted=interrupted)
     if interrupted:
