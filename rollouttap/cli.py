@@ -31,9 +31,13 @@ HINTS: dict[type[Exception], str] = {
 }
 
 _state = {"debug": False}
-# Options `rollouttap proxy` sets itself: the store and identity it waits on, its parent watch, and the
-# remote-listening switch its --allow-remote checks the address against.
-OWN_OPTIONS = frozenset({"rollouttap_store", "rollouttap_proxy_id", "rollouttap_parent_pid", "rollouttap_allow_remote"})
+# Options `rollouttap proxy` sets itself (the store and identity it waits on, its parent watch, and the
+# remote-listening switch its --allow-remote checks the address against), with what to do instead.
+OWN_OPTIONS = {
+    "rollouttap_store": "use --store", "rollouttap_allow_remote": "use --allow-remote",
+    "rollouttap_proxy_id": "it sets it for each proxy it starts",
+    "rollouttap_parent_pid": "it sets it for each proxy it starts",
+}
 
 
 @app.callback()
@@ -82,9 +86,7 @@ def proxy(
         if not sep or not key:
             raise ConfigError(f"--set {pair!r} is not KEY=VALUE")
         if key in OWN_OPTIONS:
-            instead = {"rollouttap_store": "use --store", "rollouttap_allow_remote": "use --allow-remote"}
-            raise ConfigError(f"--set {key} is the command's own: "
-                              + instead.get(key, "it sets it for each proxy it starts"))
+            raise ConfigError(f"--set {key} is the command's own: {OWN_OPTIONS[key]}")
         extra[key] = value
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),
