@@ -1031,3 +1031,20 @@ def test_decoded_feeds_the_plain_stream_in_pieces_and_ends_it(coding):
 def test_decoded_refuses_codings_it_cannot_undo(coding):
     from rollouttap.addon.streamtap import decoded
     assert decoded(coding, lambda data: data) is None
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_a_header_names_the_agent_of_a_request_inside_an_https_tunnel(tmp_path, confdir, upstream, http):
+    # curl from an untagged process: its CONNECT names no agent; the X-Agent-ID of each request inside does.
+    with start_proxy(tmp_path / "runs.db", confdir, routes=(f"api.openai.com={upstream.url}",)) as proxy:
+        agent = "hdr-tls-" + uuid.uuid4().hex[:8]
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "ROLLOUTTAP_AGENT_ID"}
+        out = subprocess.run(["curl", "-sS", "--fail", http, "-x", proxy.url, "--cacert",
+                              str(confdir / "mitmproxy-ca-cert.pem"), "-H", f"X-Agent-ID: {agent}",
+                              "-H", "Content-Type: application/json", "-d", "{}",
+                              "https://api.openai.com/echo"], env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        [flow] = settled_flows(proxy.config.store, agent_id=agent)
+    assert (flow.attribution, flow.method) == ("header", "POST")
+    assert flow.meta.get("http_version", "HTTP/1.1") == ("HTTP/2.0" if http == "--http2" else "HTTP/1.1")
+    assert "x-agent-id" not in json.loads(out.stdout).get("headers", {})  # taken off before the upstream
