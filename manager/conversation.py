@@ -315,16 +315,18 @@ def _request_key(call: ChatCall) -> str:
 
 
 def find_retries(calls: Sequence[ChatCall]) -> tuple[list[bool], list[int]]:
-    """Per call: whether it is a client retry, and its turn. A retry repeats the previous call's request,
-    or an earlier failed one, or carries x-stainless-retry-count > 0; it shares its original's turn."""
+    """Per call: whether it is a client retry, and its turn. A retry repeats a failed call's request or carries
+    x-stainless-retry-count > 0; it shares its original's turn, as does a repeat of the answered call just before
+    it (an agent sampling the same request again, which may keep either answer: not a retry)."""
     retries: list[bool] = []
     turns: list[int] = []
     last_seen: dict[str, int] = {}
     for i, call in enumerate(calls):
         key = _request_key(call)
         prev = last_seen.get(key)
-        repeat = prev is not None and (prev == i - 1 or calls[prev].failed or call.retry_count > 0)
-        retries.append(repeat or call.retry_count > 0)
+        retried = call.retry_count > 0 or (prev is not None and calls[prev].failed)
+        repeat = prev is not None and (prev == i - 1 or retried)
+        retries.append(retried)
         turns.append(turns[prev] if repeat and prev is not None else (max(turns) + 1 if turns else 0))
         last_seen[key] = i
     return retries, turns
@@ -368,47 +370,52 @@ def _leading_system(messages: Sequence[Message]) -> int:
     return n
 
 
-def _pick_thread(current: list[Message], heads: list[tuple[int, list[Message]]]) -> tuple[int | None, int]:
-    """The thread ``current`` continues and the shared prefix length; None for a new thread.
+Head = tuple[int, int]  # (thread, index of the call whose history a next turn may continue)
+
+
+def _pick_thread(current: list[Message], heads: list[tuple[Head, list[Message]]]) -> tuple[Head | None, int]:
+    """The head ``current`` continues and the shared prefix length; None for a new thread.
     An exact extension wins (the longest); else the longest shared prefix that goes beyond the system
     prompt or resumes further down the thread's history (a cut in the middle)."""
-    exact = [(len(exp), t) for t, exp in heads if _common_prefix(exp, current) == len(exp)]
+    exact = [(len(exp), head) for head, exp in heads if _common_prefix(exp, current) == len(exp)]
     if exact:
-        length, thread = max(exact)
-        return thread, length
+        length, head = max(exact)
+        return head, length
     partial = []
-    for t, exp in heads:
+    for head, exp in heads:
         k = _common_prefix(exp, current)
         if k > _leading_system(current) or (k and _resumes_at(exp, current, k) is not None):
-            partial.append((k, t))
+            partial.append((k, head))
     if partial:
-        k, thread = max(partial)
-        return thread, k
+        k, head = max(partial)
+        return head, k
     return None, 0
 
 
 def assign_threads(calls: Sequence[ChatCall], turns: Sequence[int]) -> tuple[list[int], list[Discontinuity]]:
-    """Per call its thread, and every break in continuity, checking each turn's last attempt."""
-    last_attempt: dict[int, int] = {}
+    """Per call its thread, and every break in continuity, checking each turn's last attempt against the
+    answered attempts of each thread's latest turn (an agent that sampled a request twice keeps either answer)."""
+    attempts: dict[int, list[int]] = {}
     for i, turn in enumerate(turns):
-        last_attempt[turn] = i
+        attempts.setdefault(turn, []).append(i)
     thread_of_turn: dict[int, int] = {}
-    heads: dict[int, int] = {}  # thread -> call index of its latest turn
+    heads: dict[int, list[int]] = {}  # thread -> the calls of its latest turn a next turn may continue
     breaks: list[Discontinuity] = []
-    for turn in sorted(last_attempt):
-        i = last_attempt[turn]
+    for turn in sorted(attempts):
+        i = attempts[turn][-1]
         current = [normalize_message(m) for m in calls[i].messages]
-        thread, k = _pick_thread(current, [(t, _expected(calls[c])) for t, c in heads.items()])
-        if thread is None:
+        head, k = _pick_thread(current, [((t, c), _expected(calls[c])) for t, cs in heads.items() for c in cs])
+        if head is None:
             thread = len(heads)
             if heads:
                 breaks.append(Discontinuity(i, "new_thread", "shares no conversation with earlier calls",
                                             0, thread))
         else:
-            expected = _expected(calls[heads[thread]])
+            thread, c = head
+            expected = _expected(calls[c])
             if k < len(expected):
-                kind, detail = classify_break(expected, current, k, calls[heads[thread]].response is not None)
+                kind, detail = classify_break(expected, current, k, calls[c].response is not None)
                 breaks.append(Discontinuity(i, kind, detail, k, thread))
-        heads[thread] = i
+        heads[thread] = [c for c in attempts[turn][:-1] if calls[c].response is not None] + [i]
         thread_of_turn[turn] = thread
     return [thread_of_turn[t] for t in turns], breaks

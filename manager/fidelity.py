@@ -17,7 +17,8 @@ class Fidelity:
     clean_joins: calls that extended a chain exactly; realigned_joins / forked_joins: calls that did not and were
     realigned into the one row / started a new row.
     calls_without_ids: answered calls the server sent no token ids for; inexact_calls: those of them rebuilt with the
-    caller's tokenizer (the rest were skipped). retries_skipped: attempts superseded by a client retry;
+    caller's tokenizer (the rest were skipped). retries_skipped: attempts at a request not used (superseded by a
+    client retry, or a second sample the agent did not go on with);
     failed_calls: calls without a usable answer. truncated: rows whose last completion did not end in eos.
     missing_logprobs: trainable tokens without a server logprob (their row's logprobs is None).
     rows: rows built; empty_rows: safe empty rows substituted because no call was usable; agents: agents counted.

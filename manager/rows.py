@@ -20,14 +20,16 @@ thread). What a break does is the policy:
   completions of calls whose sequence F still starts with, and the leading part of a completion that was
   re-rendered only from some token on. Every other sampled token (e.g. reasoning the template dropped, or a whole
   earlier thread when the agent ends in a sub-agent's own thread) is counted in dropped_tokens. The row's prompt is
-  the part of F shared with the first call's prompt, cut before the first trained token (or, when F shares nothing
-  with it, everything before the first trained token). Without breaks this is exactly the clean chain's row.
+  the earliest call's prompt that F starts with (a side call made before the thread F ends in does not count; the
+  last call's prompt at the latest), cut before the first trained token. Without breaks this is exactly the clean chain's row.
 * "fork": one row per chain, N breaks give N + 1 rows; every sampled token is trained in exactly one row.
 * "strict": a break raises TokenDriftError.
 
-Retries. ``is_retry`` marks a client's retry of the call just before it (x-stainless-retry-count): by retrying, the
-client discarded the earlier attempts, so only the last attempt of each run of retries can be used. Calls that carry
-their request's ``turn`` (ChatCall) join a run only as attempts at the same turn.
+Retries. ``is_retry`` marks a client's retry of the call just before it (x-stainless-retry-count, or a repeat of a
+failed call): by retrying, the client discarded that attempt. Calls that carry their request's ``turn`` (ChatCall)
+form a run with the attempts at the same turn, which also holds an agent's second sample of an answered request
+(servers with n=1): it may keep either answer. Of the answers kept, the one the first later call that continues any
+of them continues is used, else the last.
 """
 
 from __future__ import annotations
@@ -230,34 +232,70 @@ def build_row(
 
 def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
     calls = [as_token_call(call) for call in originals]
+    runs = _retry_runs(calls)
+    answered = [_kept_attempts(calls, run) for run in runs]
+    made: dict[int, _Used | None] = {}
+
+    def usable(index: int) -> _Used | None:  # built once, and only for attempts that are looked at
+        if index not in made:
+            call = calls[index]
+            has_ids = call.prompt_token_ids is not None and call.completion_token_ids is not None
+            made[index] = _used(index, call, originals[index], tokenize) if has_ids or tokenize else None
+        return made[index]
+
     used: list[_Used] = []
     without_ids = inexact = retries = failed = 0
-    for run in _retry_runs(calls):
+    for number, run in enumerate(runs):
         retries += len(run) - 1
-        index = run[-1]
-        call = calls[index]
-        if not _answered(call):
+        if not answered[number]:
             failed += 1
             continue
+        index = _continued(answered[number], answered[number + 1:], usable)
+        call = calls[index]
         if call.prompt_token_ids is None or call.completion_token_ids is None:
             without_ids += 1
-            if tokenize is None:
-                continue
-            inexact += 1
-        used.append(_used(index, call, originals[index], tokenize))
+            inexact += tokenize is not None
+        chosen = usable(index)
+        if chosen is not None:
+            used.append(chosen)
     return _Selection(used, without_ids, inexact, retries, failed)
+
+
+def _continued(attempts: list[int], later: list[list[int]], usable: Callable[[int], _Used | None]) -> int:
+    """Of a run's answered attempts, the one the first later call that continues any of them continues; else
+    the last. A client retry leaves one answered attempt; an agent that resends a request to sample again
+    (n=1 servers) keeps either answer, and what it sends next says which."""
+    if len(attempts) == 1:
+        return attempts[0]
+    mine = [(index, call) for index in attempts if (call := usable(index)) is not None]
+    for run in later:
+        for index in run:
+            follower = usable(index)
+            if follower is None:
+                continue
+            for attempt, call in mine:
+                if _extends(follower.prompt, call):
+                    return attempt
+    return attempts[-1]
 
 
 def _retry_runs(calls: list[TokenCall]) -> list[list[int]]:
     runs: list[list[int]] = []
     for index, call in enumerate(calls):
-        # A retry replaces the call before it; with turns known, only an attempt at the same request (a retry
-        # whose first attempts never reached the proxy has a turn of its own, and is a call of its own).
-        if call.is_retry and runs and (call.turn is None or calls[runs[-1][-1]].turn == call.turn):
+        # With turns known, a run is the attempts at one request: retries and second samples (a retry whose first
+        # attempts never reached the proxy has a turn of its own, and is a call of its own); without, a retry
+        # joins the call before it.
+        if runs and (calls[runs[-1][-1]].turn == call.turn if call.turn is not None else call.is_retry):
             runs[-1].append(index)
         else:
             runs.append([index])
     return runs
+
+
+def _kept_attempts(calls: list[TokenCall], run: list[int]) -> list[int]:
+    """The run's answered attempts whose answer the client kept: a retry after one discarded it."""
+    return [index for at, index in enumerate(run)
+            if _answered(calls[index]) and not (at + 1 < len(run) and calls[run[at + 1]].is_retry)]
 
 
 def _answered(call: TokenCall) -> bool:
@@ -350,14 +388,17 @@ _Span = tuple[int, int, list[float] | None]  # start in the row's sequence, how 
 def _chain_row(used: list[_Used], chain: list[int], eos_token_id: int) -> tuple[TrainingRow, int]:
     final = used[chain[-1]]
     spans = [(len(used[p].prompt), len(used[p].completion), used[p].logprobs) for p in chain]
-    return _assemble(final, spans, used[chain[0]].prompt, eos_token_id)
+    return _assemble(final, spans, len(used[chain[0]].prompt), eos_token_id)
 
 
 def _realign_row(used: list[_Used], eos_token_id: int) -> tuple[TrainingRow, int]:
     final = used[-1]
     seq = final.prompt + final.completion
     spans = [span for call in used if (span := _exact_span(seq, call)) is not None]
-    return _assemble(final, spans, used[0].prompt, eos_token_id)
+    # The earliest prompt F starts with (final's own at the latest): an agent's first call may be a side call (a
+    # helper's short thread) sharing only template tokens with F, while the thread F ends in opened with this one.
+    opening = next(len(call.prompt) for call in used if _common_prefix(seq, call.prompt) == len(call.prompt))
+    return _assemble(final, spans, opening, eos_token_id)
 
 
 def _exact_span(seq: list[int], call: _Used) -> _Span | None:
@@ -369,7 +410,7 @@ def _exact_span(seq: list[int], call: _Used) -> _Span | None:
     return (start, count, call.logprobs) if count else None
 
 
-def _assemble(final: _Used, spans: list[_Span], first_prompt: list[int], eos_token_id: int) -> tuple[TrainingRow, int]:
+def _assemble(final: _Used, spans: list[_Span], opening: int, eos_token_id: int) -> tuple[TrainingRow, int]:
     """The row over final's sequence with the spans trained (later spans win overlaps); also missing logprobs."""
     seq = final.prompt + final.completion
     mask = [0] * len(seq)
@@ -381,7 +422,7 @@ def _assemble(final: _Used, spans: list[_Span], first_prompt: list[int], eos_tok
         logprobs[start:end] = [0.0] * count if sampled is None else sampled[:count]
         known[start:end] = [sampled is not None] * count
     missing = sum(1 for trained, has in zip(mask, known, strict=True) if trained and not has)
-    cut = _prompt_cut(seq, mask, first_prompt, len(final.prompt))
+    cut = _prompt_cut(seq, mask, opening, len(final.prompt))
     row = TrainingRow(
         prompt_ids=seq[:cut],
         completion_ids=seq[cut:],
@@ -392,8 +433,9 @@ def _assemble(final: _Used, spans: list[_Span], first_prompt: list[int], eos_tok
     return row, missing
 
 
-def _prompt_cut(seq: list[int], mask: list[int], first_prompt: list[int], final_prompt_length: int) -> int:
+def _prompt_cut(seq: list[int], mask: list[int], opening: int, final_prompt_length: int) -> int:
+    """The row's prompt: the opening prompt (a prefix of ``seq``), cut before the first trained token."""
     first_trained = mask.index(1) if 1 in mask else final_prompt_length
-    cut = min(_common_prefix(seq, first_prompt), first_trained) or first_trained
+    cut = min(opening, first_trained) or first_trained
     # A completion is never empty: trainers index the token before it.
     return min(cut, max(len(seq) - 1, 0))

@@ -281,11 +281,23 @@ def test_rewritten_reply_is_reported():
     assert (brk.kind, brk.message_index) == ("rewritten", 1) and "assistant reply" in brk.detail
 
 
-def test_resample_of_the_same_request_after_success_is_a_retry_but_not_a_new_turn():
+def test_resample_of_the_same_request_after_success_is_the_same_turn_but_not_a_retry():
     first, _ = turn([USER])
     again, _ = turn([USER])
     conv = build_conversation([first, again])
-    assert [c.is_retry for c in conv.calls] == [False, True] and conv.discontinuities == []
+    assert [c.is_retry for c in conv.calls] == [False, False] and [c.turn for c in conv.calls] == [0, 0]
+    assert conv.discontinuities == []
+
+
+@pytest.mark.parametrize("kept", [0, 1])
+def test_an_agent_that_samples_twice_may_continue_either_answer(kept):
+    # n=1 servers: best-of-2 is the same request sent twice; the agent goes on with one of the answers.
+    samples = [turn([USER], reply=Reply(content=text)) for text in ("Sample one.", "Sample two.")]
+    chosen = {"role": "assistant", "content": ("Sample one.", "Sample two.")[kept]}
+    nxt, _ = turn([USER, chosen, {"role": "user", "content": "go on"}])
+    conv = build_conversation([samples[0][0], samples[1][0], nxt])
+    assert [c.turn for c in conv.calls] == [0, 0, 1] and conv.thread_count == 1
+    assert conv.discontinuities == []
 
 
 @pytest.mark.parametrize("sub_system", [{"role": "system", "content": "You are a researcher."}, SYSTEM],

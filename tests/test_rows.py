@@ -140,8 +140,17 @@ def test_realign_never_trains_a_span_found_after_changed_context():
     result = build_rows([call(p0, c0), call(p1, [20, EOS], salt=1)], eos_token_id=EOS)
     (row,) = result.rows
     assert trained(row)[0] == [20, EOS]
-    assert row.prompt_ids == [1]  # shared with the first prompt, and before the first trained token
+    assert row.prompt_ids == p1  # the first prompt F starts with (p0 is not a prefix of it)
     assert result.fidelity.dropped_tokens == 3
+
+
+def test_realign_prompt_is_the_main_threads_opening_when_a_side_call_came_first():
+    # A helper's short thread first: its prompt shares only template tokens ([1, 3]) with the main thread.
+    side = call([1, 3, 7], [30, EOS], salt=2)
+    main = chain([1, 3, 5, 6], [([], [10, EOS]), ([50, 5], [11, EOS])])
+    (row,) = build_rows([side, *main], eos_token_id=EOS).rows
+    assert row.prompt_ids == [1, 3, 5, 6]
+    assert trained(row)[0] == [10, EOS, 11, EOS] and context(row) == [50, 5]
 
 
 def test_fork_gives_one_row_per_break_and_trains_every_token_once():
@@ -210,6 +219,14 @@ SELECTION_TABLE = {
     "retry of an unseen attempt": ([(*A, {"turn": 0}), (*B, {"is_retry": True, "turn": 1})], [10, EOS, 11, EOS],
                                    (2, 0, 0)),
     "429": ([(*A, {"status_code": 429})], None, (0, 0, 1)),
+    # an agent sampling the same request twice (n=1 servers) goes on with either answer: what follows says which
+    "second sample, the first kept": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0}), (*B, {"turn": 1})],
+                                      [10, EOS, 11, EOS], (2, 1, 0)),
+    "second sample, the second kept": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0}),
+                                        ([1, 5, 12, EOS, 50, 5], [11, EOS], {"turn": 1})], [12, EOS, 11, EOS], (2, 1, 0)),
+    "second sample last": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0})], [12, EOS], (1, 1, 0)),
+    "second sample retried": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0}),
+                               (*A, {"turn": 0, "is_retry": True, **FAILED})], [10, EOS], (1, 2, 0)),
 }
 
 

@@ -198,3 +198,34 @@ def test_client_retry_is_recognised_and_not_a_separate_turn(tmp_path, confdir, t
     row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id)
     assert fidelity.retries_skipped == 1 and fidelity.calls_used == 1
     assert row.completion_ids == calls[1].completion_token_ids
+
+
+@pytest.mark.parametrize("kept", [0, 1])
+def test_an_agent_sampling_a_request_twice_is_trained_on_the_answer_it_kept(tmp_path, confdir, tokenizer, kept):
+    # Best-of-2 against an n=1 server: the same request twice, then the agent goes on with one answer.
+    answers = iter(["Sample one.", "Sample two."])
+
+    def script(request):
+        return Reply(content=next(answers, "Done."))
+
+    with ScriptedUpstream(script, tokenizer=tokenizer) as upstream, \
+            start_proxy(tmp_path / "r.db", confdir, model_hosts=(upstream.url.split("://")[1],)) as proxy:
+        agent = "best2-" + uuid.uuid4().hex[:8]
+        out = subprocess.run([sys.executable, "-c", (
+            "import openai\n"
+            f"c=openai.OpenAI(base_url={upstream.base_url!r}, api_key='k', max_retries=0)\n"
+            "m=[{'role':'user','content':'hi'}]\n"
+            "a=[c.chat.completions.create(model='p', messages=m).choices[0].message.content for _ in range(2)]\n"
+            f"m+=[{{'role':'assistant','content':a[{kept}]}}, {{'role':'user','content':'go on'}}]\n"
+            "print(c.chat.completions.create(model='p', messages=m).choices[0].message.content)\n")],
+            env=agent_env(proxy, tag=agent), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        flows = settled_flows(proxy.config.store, agent_id=agent)
+    conversation = build_conversation(flows)
+    calls = conversation.calls
+    assert [c.turn for c in calls] == [0, 0, 1] and not conversation.discontinuities
+    row, fidelity = build_row(calls, eos_token_id=tokenizer.eos_token_id)
+    sampled = [(t, lp) for c in (calls[kept], calls[2]) for t, lp in zip(c.completion_token_ids, c.completion_logprobs)]
+    trained = [(t, lp) for t, m, lp in zip(row.completion_ids, row.env_mask, row.logprobs) if m == 1]
+    assert trained == sampled and fidelity.coverage == 1.0 and fidelity.retries_skipped == 1
+    assert row.prompt_ids == calls[kept].prompt_token_ids
