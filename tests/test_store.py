@@ -90,6 +90,15 @@ def test_a_directory_is_no_store(tmp_path, readonly):
         Store(tmp_path, readonly=readonly)
 
 
+def test_a_store_that_cannot_be_created_is_a_store_error_naming_it(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for path in (tmp_path / "a-file" / "runs.db", tmp_path / "a-file" / "sub" / "runs.db"):
+        with pytest.raises(StoreError, match=f"cannot create store {path}: "):
+            Store(path)
+        with pytest.raises(StoreError, match="cannot create store"):
+            StoreWriter(path)
+
+
 def test_an_older_store_gets_the_live_agents_index_and_stays_readable_read_only(tmp_path):
     path = tmp_path / "runs.db"
     with Store(path) as store:
