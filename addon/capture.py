@@ -34,6 +34,10 @@ from rollouttap.errors import StoreError
 log = logging.getLogger(__name__)
 
 PID_LOOKUPS = ("eager", "fallback")
+# At shutdown, flows in flight get this long to end before they are recorded as cut off; meanwhile mitmproxy
+# still serves every connection, and new requests are answered 503.
+DRAIN_S = 5.0
+WRITER_CLOSE_S = 20.0  # then what the writer has not committed is reported lost (ProxyProcess.stop waits longer)
 
 
 @dataclass
@@ -62,6 +66,8 @@ class RolloutTap:
         self._live: dict[str, _Live] = {}
         self._parent_watch: asyncio.Task[None] | None = None
         self._running = False
+        self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
+        self._store_closed = False  # shut down: the writer takes no more rows
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -181,23 +187,33 @@ class RolloutTap:
             "stopped_at": None,
         })
 
-    def done(self) -> None:
+    async def done(self) -> None:
         if self.writer is None:
             return
+        # mitmproxy serves on while done hooks run: answers already on their way are recorded whole.
+        self._stopping = True
+        deadline = time.monotonic() + DRAIN_S
+        while self._live and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         _listen_for_nudges(None)
-        self._retire("proxy shut down before the flow ended")
+        writer = self._retire("proxy shut down before the flow ended", close=False)
+        self._store_closed = True  # set on the loop, before the thread starts: hooks then record nothing more
+        await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("rollouttap: %s", self.counts)
 
-    def _retire(self, reason: str) -> None:
-        """End the flows in flight, mark this proxy stopped in the store, and commit everything."""
-        assert self.writer is not None
+    def _retire(self, reason: str, *, close: bool = True) -> StoreWriter:
+        """End the flows in flight, mark this proxy stopped in the store, and (``close``) commit everything."""
+        writer = self.writer
+        assert writer is not None
         for flow_id, live in list(self._live.items()):
             self._abort(flow_id, live, reason)  # a stream keeps what had arrived from upstream
-        if self.writer.proxy_id is not None:  # a row exists only once the proxy has run
-            self.writer.upsert_proxy({"proxy_id": self.writer.proxy_id, "pid": os.getpid(),
-                                      "started_at": time.time(), "stopped_at": time.time()})
-        self.writer.close()
+        if writer.proxy_id is not None:  # a row exists only once the proxy has run
+            writer.upsert_proxy({"proxy_id": writer.proxy_id, "pid": os.getpid(),
+                                 "started_at": time.time(), "stopped_at": time.time()})
+        if close:
+            writer.close()
+        return writer
 
     def _nudge(self) -> None:
         if self.writer is not None:  # the writer in use now: a new store path replaces it
@@ -205,7 +221,7 @@ class RolloutTap:
 
     # -- connections -------------------------------------------------------------------------------
     def client_connected(self, client: Client) -> None:
-        if ctx.options.rollouttap_pid_lookup == "eager":
+        if ctx.options.rollouttap_pid_lookup == "eager" and not self._stopping:
             # Start now, while the client surely still runs; the request usually arrives after it.
             self.who.start_pid_lookup(client)
 
@@ -216,6 +232,9 @@ class RolloutTap:
                 self._abort(flow_id, live, "client disconnected before the response completed")
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
+        if self._stopping:
+            self._refuse_stopping(flow)
+            return
         who = await self.who.attribute(flow)
         self._record_new(flow, who)
         if who.method == "rejected":
@@ -226,6 +245,9 @@ class RolloutTap:
 
     # -- flows -------------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self._stopping:
+            self._refuse_stopping(flow)
+            return
         req = flow.request
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
         who = await self.who.attribute(flow, to_own_reverse=own is not None)
@@ -335,6 +357,18 @@ class RolloutTap:
         self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
                                      "response_body": flow.response.raw_content, "t_end": time.time(),
                                      "error": error})
+
+    def _refuse_stopping(self, flow: http.HTTPFlow) -> None:
+        """Answer a request that arrives while the proxy shuts down with 503, recorded while the store still
+        takes rows (unattributed: the lookups have stopped)."""
+        flow.response = http.Response.make(503, "rollouttap: the proxy is shutting down\n",
+                                           {"Content-Type": "text/plain", "Connection": "close"})
+        if self.writer is None or self._store_closed:
+            return
+        self._record_new(flow, Attribution(None, "none", None, "proxy shutting down"))
+        self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
+                                     "response_body": flow.response.raw_content, "t_end": time.time(),
+                                     "error": "proxy shutting down: not sent upstream"})
 
     # -- store -------------------------------------------------------------------------------------
     def _record_new(self, flow: http.HTTPFlow, who: Attribution, routed_from: str | None = None) -> None:

@@ -245,7 +245,7 @@ class ProxyProcess:
                     raise
                 time.sleep(0.2)
 
-    def stop(self, timeout: float = 15.0, *, keep_log: bool = False) -> None:
+    def stop(self, timeout: float = 30.0, *, keep_log: bool = False) -> None:
         """Stop gracefully (every queued flow committed), killing only if it hangs. The log file goes with
         a clean stop when empty (mitmdump runs with -q: what it logs is a warning or an error, such as a hook
         exception it swallowed); it stays where the proxy logged, had died, had to be killed, or ``keep_log``."""

@@ -402,6 +402,36 @@ def test_proxy_stopped_mid_stream_keeps_what_the_agent_received(tmp_path, confdi
     assert flow.response_text() == 'data: {"n": 1}\n\n' and flow.t_first_byte is not None
 
 
+def test_a_stream_in_flight_when_the_proxy_stops_is_recorded_whole_and_new_requests_get_503(
+        tmp_path, confdir, gate_server):
+    server, gate = gate_server
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    with start_proxy(tmp_path / "s.db", confdir) as proc:
+        resp = requests.post(url, json={}, headers={"X-Agent-ID": "drain"}, proxies={"http": proc.url},
+                             stream=True, timeout=20)
+        lines = resp.iter_lines()
+        assert next(lines) == b'data: {"n": 1}'
+        proc.proc.send_signal(signal.SIGINT)  # mitmdump shuts down while the upstream still holds the rest
+        late = wait_for(lambda: _status_or_none(url, proc.url), what="a request refused while shutting down")
+        gate.set()
+        assert [line for line in lines if line] == [b'data: {"n": 2}', b"data: [DONE]"]
+        proc.stop()
+    assert late == 503
+    with Store(tmp_path / "s.db") as store:
+        [flow] = store.flows(agent_id="drain")
+        refused = [f for f in store.flows() if f.status_code == 503]
+    assert flow.state == "done" and flow.response_text().endswith("data: [DONE]\n\n")
+    assert refused and all(f.state == "error" and "shutting down" in f.error for f in refused)
+
+
+def _status_or_none(url: str, proxy_url: str) -> int | None:
+    try:  # a GET: sent on before the proxy sees the signal, the gate server answers it at once (501)
+        status = requests.get(url, proxies={"http": proxy_url}, timeout=5).status_code
+    except requests.ConnectionError:
+        return None
+    return status if status == 503 else None
+
+
 def _taddons():
     """mitmproxy's test context module and its proxyserver addon (mitmproxy 12.2's flowfilter, imported by its
     addons, calls names pyparsing 3.3 deprecates)."""
@@ -424,9 +454,11 @@ def _tap_in_test_context(store: Path):
         yield addon, tctx
 
 
-def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_path):
+def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_path, monkeypatch):
+    from rollouttap.addon import capture
     from rollouttap.addon.attribution import Attribution
     from rollouttap.addon.streamtap import StreamTap
+    monkeypatch.setattr(capture, "DRAIN_S", 0.05)  # the flow never ends by itself here
     with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
         asyncio.run(addon.running())
         flow = tflow.tflow()
@@ -434,7 +466,7 @@ def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_pat
         tap = StreamTap()
         addon._live[flow.id].tap = tap
         tap(b'data: {"n": 1}\n\n')  # what the agent already has
-        addon.done()
+        asyncio.run(addon.done())
     with Store(tmp_path / "s.db") as store:
         [row] = store.flows(agent_id="live")
     assert row.state == "error" and "shut down" in row.error
@@ -454,7 +486,7 @@ def test_a_client_on_another_host_must_present_credentials(tmp_path):
         assert attribute("127.0.0.1").method != "rejected"  # a local client: its process can name its agent
         tctx.configure(addon, rollouttap_remote_anonymous=True)
         assert attribute("203.0.113.9").method == "none"
-        addon.done()
+        asyncio.run(addon.done())
 
 
 def test_stream_closed_by_client_after_done_is_complete(proxy, gate_server):
@@ -839,7 +871,7 @@ def test_a_store_changed_at_run_time_gets_the_proxy_row_and_the_old_one_stops(tm
         with Store(second) as new_store:
             [new] = new_store.proxies()
         assert new["proxy_id"] == old["proxy_id"] and new["stopped_at"] is None
-        addon.done()
+        asyncio.run(addon.done())
 
 
 def _one_shot_server(answer: Callable[[socket.socket, bytes], None]) -> tuple[socket.socket, threading.Thread]:
