@@ -90,6 +90,21 @@ def test_a_directory_is_no_store(tmp_path, readonly):
         Store(tmp_path, readonly=readonly)
 
 
+def test_a_full_disk_raises_its_own_error_and_the_connection_stays_usable(tmp_path):
+    conn = sqlite3.connect(tmp_path / "full.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (b BLOB)")
+    conn.execute("PRAGMA cache_size = 10")  # spilled pages hit the limit mid-transaction: SQLite rolls back itself
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0] + 50}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        with transaction(conn):
+            for _ in range(200):
+                conn.execute("INSERT INTO t VALUES (?)", (os.urandom(4000),))
+    with transaction(conn):  # space again: the next transaction begins and commits
+        conn.execute("INSERT INTO t VALUES (x'00')")
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+
+
 def test_a_store_that_cannot_be_created_is_a_store_error_naming_it(tmp_path):
     (tmp_path / "a-file").write_text("")
     for path in (tmp_path / "a-file" / "runs.db", tmp_path / "a-file" / "sub" / "runs.db"):
