@@ -362,9 +362,11 @@ class AgentManager:
         entry = launch.read_json(ctx.result_file) if is_entry else None
         status, error = decide_status(outcome, agent.popen.returncode, entry, is_entry_point=is_entry,
                                       timeout=timeout)
-        incomplete = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
+        settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
         error = with_model_failure(status, error, flows.conversation)
+        if settled.uncommitted is not None:  # never "ok" on flows that may be missing
+            status, error = "error", f"{error}; {settled.uncommitted}" if error else settled.uncommitted
         # A cancelled batch (Ctrl-C, close()) is ending: its agents' checks (minutes, maybe) are not run.
         if outcome == "cancelled":
             skipped = "not run: the batch was cancelled" if self.spec.check is not None else None
@@ -376,7 +378,7 @@ class AgentManager:
             agent.agent_id, index, ctx.prompt, status, exit_code=agent.popen.returncode, duration_s=duration,
             stdout_tail=launch.tail(run_dir / "stdout.log"), stderr_tail=launch.tail(run_dir / "stderr.log"),
             error=error, return_value=(entry or {}).get("value"), calls=flows.calls, flows=flows.counts,
-            incomplete_flows=incomplete, bypass_connections=bypass,
+            incomplete_flows=settled.incomplete, bypass_connections=bypass,
             workdir=str(ctx.workdir) if self.keep_workdirs else None, check_result=check_result,
             check_error=check_error, conversation=flows.conversation, row=flows.row, fidelity=flows.fidelity,
             tokens=flows.tokens, killed_processes=killed, proxy_restarts=link.restarts)

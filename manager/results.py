@@ -185,9 +185,16 @@ class Collected:
     tokens: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Settled:
+    """How an ended agent's flows stand once settled."""
+    incomplete: tuple[str, ...]  # still open after the grace period (now ended as incomplete)
+    uncommitted: str | None = None  # why its flows may be missing: a proxy had not committed them in time
+
+
 def settle_flows(store: Store, agent_id: str, grace: float, ended_at: float | None = None,
-                 poll: float = 0.01) -> tuple[str, ...]:
-    """Wait (at most ``grace`` seconds) until none of the agent's flows is open; end and return the rest.
+                 poll: float = 0.01) -> Settled:
+    """Wait (at most ``grace`` seconds) until none of the agent's flows is open; end the rest.
 
     First the proxies must have committed everything they queued before the agent ended (``ended_at``),
     so no flow of the agent is still in a write queue. The proxy closes a flow when its response ends or
@@ -195,16 +202,18 @@ def settle_flows(store: Store, agent_id: str, grace: float, ended_at: float | No
     open after the grace period never will.
     """
     deadline = time.monotonic() + grace
+    uncommitted = None
     if ended_at is not None and not store.wait_committed(ended_at, timeout=grace, poll=poll):
-        log.warning("agent %s: the proxy has not committed its writes %.1fs after the agent ended",
-                    agent_id, grace)
+        uncommitted = (f"the proxy had not committed this agent's flows {grace:g}s after it ended (is another "
+                       "process holding the store locked, or its disk full?): its calls and row may be incomplete")
+        log.warning("agent %s: %s", agent_id, uncommitted)
     while store.open_flow_count(agent_id) and time.monotonic() < deadline:
         time.sleep(poll)
     left = tuple(f.flow_id for f in store.flows(agent_id=agent_id, state="open"))
     if left:
         store.mark_open_flows(agent_id=agent_id, error=f"still open {grace:g}s after the agent ended")
         log.warning("agent %s: %d flows still open after %.1fs, marked incomplete", agent_id, len(left), grace)
-    return left
+    return Settled(left, uncommitted)
 
 
 def collect_flows(store: Store, agent_id: str, *, eos_token_id: int | None) -> Collected:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,6 +20,9 @@ from rollouttap.store.redact import hash_token
 
 AGENT_STATUSES = ("registered", "running", "ok", "failed", "timeout", "error")
 LIVE_STATUSES = ("registered", "running")  # not ended yet: its token counts, its processes are supervised
+LOCKED_WRITE_WAIT_S = 120.0  # in all; each try waits busy_timeout (10 s) itself
+
+log = logging.getLogger(__name__)
 
 
 class Store:
@@ -47,11 +51,18 @@ class Store:
             raise StoreError(f"query on {self.path} failed: {exc}") from exc
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> int:
-        try:
-            with self._lock, transaction(self._conn):
-                return self._conn.execute(sql, tuple(params)).rowcount
-        except sqlite3.Error as exc:
-            raise StoreError(f"write to {self.path} failed: {exc}") from exc
+        # Another process's write transaction outlasting busy_timeout is waited out (up to LOCKED_WRITE_WAIT_S):
+        # an agent's start or end that cannot be recorded would fail an agent that ran well.
+        deadline = time.monotonic() + LOCKED_WRITE_WAIT_S
+        while True:
+            try:
+                with self._lock, transaction(self._conn):
+                    return self._conn.execute(sql, tuple(params)).rowcount
+            except sqlite3.Error as exc:
+                locked = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not locked or time.monotonic() > deadline:
+                    raise StoreError(f"write to {self.path} failed: {exc}") from exc
+                log.warning("store %s is locked by another writer; still waiting to write", self.path)
 
     # -- agents ----------------------------------------------------------------------------------
     def register_agent(self, agent_id: str, *, token: str | None = None, run_id: str | None = None,

@@ -979,3 +979,33 @@ def test_a_deploy_broken_off_by_a_second_ctrl_c_is_recorded_before_close_returns
                             (2, "error", "cancelled before it started")]), proc.stdout
     assert int(took.split()[2]) < 20, took  # not grace + 60 s on the future of the agent that never started
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_an_agent_whose_flows_the_proxy_could_not_commit_in_time_is_an_error_not_ok(tmp_path, confdir):
+    from rollouttap.testing.replies import default_script
+    from rollouttap.testing.upstream import ScriptedUpstream
+    store = tmp_path / "r.db"
+    released = threading.Event()
+
+    def lock_the_store(request):  # another process's write transaction, taken as the agent's call arrives
+        def hold():
+            conn = sqlite3.connect(store, isolation_level=None)
+            conn.execute("BEGIN IMMEDIATE")
+            time.sleep(2.0)
+            conn.execute("ROLLBACK")
+            conn.close()
+            released.set()
+        if not released.is_set() and not any(t.name == "locker" for t in threading.enumerate()):
+            threading.Thread(target=hold, name="locker", daemon=True).start()
+            time.sleep(0.2)
+        return default_script(request)
+
+    with ScriptedUpstream(lock_the_store) as upstream, \
+            AgentManager(SHELL_AGENT, store=store, timeout=60, grace=0.5, model_url=upstream.base_url,
+                         confdir=confdir, poll_interval=0.1) as m:
+        [result] = m.deploy([agent("chat 1 @id")])
+        assert released.wait(10)
+        again = m.deploy([agent("chat 1 @id")])[0]  # the lock gone, the next agent is as before
+    assert result.exit_code == 0 and result.status == "error"
+    assert "had not committed this agent's flows 0.5s after it ended" in result.error
+    assert again.status == "ok" and again.calls == 1

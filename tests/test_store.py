@@ -155,6 +155,26 @@ def test_an_older_store_opens_while_another_process_writes(tmp_path):
     check.close()
 
 
+def test_an_agent_write_waits_out_a_lock_held_past_the_busy_timeout(tmp_path, monkeypatch):
+    import rollouttap.store.reader as reader
+    path = tmp_path / "runs.db"
+    hold = ("import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')\nprint('held', flush=True)\ntime.sleep(1.0)\nc.execute('ROLLBACK')\n")
+    with Store(path) as store:
+        store._conn.execute("PRAGMA busy_timeout = 100")  # stands for the 10 s a longer lock outlasts
+        writer = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "held\n"
+        store.register_agent("a1")  # waits for the other writer
+        writer.wait(30)
+        assert [a.agent_id for a in store.agents()] == ["a1"]
+        monkeypatch.setattr(reader, "LOCKED_WRITE_WAIT_S", 0.0)  # a lock that outlasts the wait: a clear error
+        writer = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "held\n"
+        with pytest.raises(StoreError, match="locked"):
+            store.register_agent("a2")
+        writer.wait(30)
+
+
 def test_readonly_open_of_missing_file_fails(tmp_path):
     with pytest.raises(StoreError):
         Store(tmp_path / "missing.db", readonly=True)
