@@ -28,6 +28,7 @@ from rollouttap.addon.loopback import is_host_port, is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
 from rollouttap.addon.streamtap import StreamTap, decoded
 from rollouttap.store import StoreWriter
+from rollouttap.store.writer import MAX_BACKLOG_BYTES
 from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.errors import StoreError
 
@@ -68,6 +69,7 @@ class RolloutTap:
         self._running = False
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
+        self._refused_logged = -float("inf")  # when a 503 refusal was last logged
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -98,6 +100,9 @@ class RolloutTap:
                           "Serve clients on other hosts that present no proxy credentials (recorded as "
                           "unattributed); off, they get 407: nothing names their agent, and the proxy would "
                           "relay them to this host's loopback services.")
+        loader.add_option("rollouttap_store_backlog_mb", int, MAX_BACKLOG_BYTES >> 20,
+                          "Flow data (MiB) kept in memory while the store cannot take it (a full disk, a lock "
+                          "held by another process); beyond it, new requests are answered 503 until it can.")
         loader.add_option("rollouttap_parent_pid", int, 0,
                           "Shut down cleanly when this process ends (the manager that started us).")
 
@@ -106,8 +111,13 @@ class RolloutTap:
         if "rollouttap_pid_lookup" in updated and opts.rollouttap_pid_lookup not in PID_LOOKUPS:
             raise exceptions.OptionsError(f"rollouttap_pid_lookup must be one of {', '.join(PID_LOOKUPS)}, "
                                           f"not {opts.rollouttap_pid_lookup!r}")
+        if "rollouttap_store_backlog_mb" in updated and opts.rollouttap_store_backlog_mb < 1:
+            raise exceptions.OptionsError("rollouttap_store_backlog_mb must be at least 1 (MiB), not "
+                                          f"{opts.rollouttap_store_backlog_mb}")
         if "rollouttap_store" in updated or self.writer is None:
             self._open_store(opts.rollouttap_store)
+        assert self.writer is not None
+        self.writer.max_backlog_bytes = opts.rollouttap_store_backlog_mb << 20
         if "rollouttap_routes" in updated or "rollouttap_model_hosts" in updated:
             try:
                 self.routes = parse_routes(opts.rollouttap_routes)
@@ -233,7 +243,7 @@ class RolloutTap:
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if self._stopping:
-            self._refuse_stopping(flow)
+            self._refuse(flow, "the proxy is shutting down")
             return
         who = await self.who.attribute(flow)
         self._record_new(flow, who)
@@ -246,7 +256,12 @@ class RolloutTap:
     # -- flows -------------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self._stopping:
-            self._refuse_stopping(flow)
+            self._refuse(flow, "the proxy is shutting down")
+            return
+        assert self.writer is not None
+        if self.writer.overloaded:  # memory is all that holds unwritten flows: do not take on more
+            self._refuse(flow, f"the store is not taking rows ({self.writer.failing or 'behind'}); "
+                               f"{self.writer.backlog_bytes >> 20} MiB wait in memory")
             return
         req = flow.request
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
@@ -358,17 +373,20 @@ class RolloutTap:
                                      "response_body": flow.response.raw_content, "t_end": time.time(),
                                      "error": error})
 
-    def _refuse_stopping(self, flow: http.HTTPFlow) -> None:
-        """Answer a request that arrives while the proxy shuts down with 503, recorded while the store still
-        takes rows (unattributed: the lookups have stopped)."""
-        flow.response = http.Response.make(503, "rollouttap: the proxy is shutting down\n",
+    def _refuse(self, flow: http.HTTPFlow, why: str) -> None:
+        """Answer 503 without sending the request on, recorded while the store still takes rows (unattributed:
+        refusing spares the pid lookup too)."""
+        if time.monotonic() - self._refused_logged > 5.0:  # not one line per request of a burst
+            self._refused_logged = time.monotonic()
+            log.warning("rollouttap: %s: answering 503", why)
+        flow.response = http.Response.make(503, f"rollouttap: {why}\n",
                                            {"Content-Type": "text/plain", "Connection": "close"})
         if self.writer is None or self._store_closed:
             return
-        self._record_new(flow, Attribution(None, "none", None, "proxy shutting down"))
+        self._record_new(flow, Attribution(None, "none", None, why))
         self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
                                      "response_body": flow.response.raw_content, "t_end": time.time(),
-                                     "error": "proxy shutting down: not sent upstream"})
+                                     "error": f"{why}: not sent upstream"})
 
     # -- store -------------------------------------------------------------------------------------
     def _record_new(self, flow: http.HTTPFlow, who: Attribution, routed_from: str | None = None) -> None:

@@ -30,6 +30,8 @@ _JSON_COLUMNS = frozenset(("request_headers", "response_headers", "meta", "liste
 _FLOW_WRITABLE = frozenset(FLOW_COLUMNS) - {"id"}
 BATCH_MAX = 512
 LINGER_S = 0.010
+MAX_BACKLOG_BYTES = 512 << 20  # queued flow data the writer holds while the store cannot take it (see backlog_bytes)
+_EVENT_OVERHEAD = 256  # what an event costs beyond its text and bytes values (a rough guess: only a bound)
 
 Event = tuple[Any, ...]
 _CONTROL = frozenset(("barrier", "mark"))  # events that want a commit now, not after a linger
@@ -51,12 +53,18 @@ class WriterStats:
 class StoreWriter:
     """Queue flow inserts and updates; one thread commits them in batches, in order."""
 
-    def __init__(self, path: str | Path, *, heartbeat: float = 0.1, linger: float = LINGER_S) -> None:
+    def __init__(self, path: str | Path, *, heartbeat: float = 0.1, linger: float = LINGER_S,
+                 max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
         self.path = Path(path)
         self.proxy_id: str | None = None  # set once the proxy row exists; enables the watermark
         self.heartbeat = heartbeat
         self.linger = linger
+        self.max_backlog_bytes = max_backlog_bytes
+        self.failing: str | None = None  # why the last commit failed while the writer retries it, else None
         self.stats = WriterStats()
+        # Each counter has one writing thread (the producer, the writer thread): no lock, no lost update.
+        self._queued_bytes = 0
+        self._done_bytes = 0
         self._queue: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
         self._wake = threading.Event()  # cuts a linger short: someone waits for the commit
         self._last_commit = -float("inf")  # time.monotonic() after the last transaction of rows
@@ -108,10 +116,22 @@ class StoreWriter:
         else:
             self._conn.close()
 
+    @property
+    def backlog_bytes(self) -> int:
+        """About how much queued flow data is not committed yet (bodies mostly)."""
+        return self._queued_bytes - self._done_bytes
+
+    @property
+    def overloaded(self) -> bool:
+        """The backlog is over max_backlog_bytes: the store has not taken rows for a while (a full disk, a
+        lock held by another process); what is queued stays in memory until it does."""
+        return self.backlog_bytes > self.max_backlog_bytes
+
     def _put(self, event: Event) -> None:
         if self._closed:
             raise RuntimeError("store writer is closed")
         self.stats.queued += 1
+        self._queued_bytes += _event_size(event)
         self._queue.put(event)
 
     # -- consumer side: the writer thread --------------------------------------------------------
@@ -178,7 +198,9 @@ class StoreWriter:
                         self._write_mark(mark)
                 break
             except sqlite3.OperationalError as exc:
-                # Locked or busy beyond busy_timeout: keep the batch and try again; never drop traffic.
+                # Locked or busy beyond busy_timeout, or the disk full: keep the batch and try again; never drop
+                # traffic (the proxy refuses new requests once the backlog is too large: see overloaded).
+                self.failing = str(exc)
                 log.error("store write failed (%s); retrying %d events in %.2fs", exc, len(writes), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -189,6 +211,8 @@ class StoreWriter:
                 break
         self._last_commit = time.monotonic()
         self._idle_wait = self.linger
+        self.failing = None
+        self._done_bytes += sum(_event_size(event) for event in writes)
         self.stats.committed += len(writes)
         self.stats.statements += len(statements)
         self.stats.batches += 1
@@ -229,6 +253,10 @@ class StoreWriter:
             except _BAD_EVENT as exc:
                 self.stats.failed += 1
                 log.error("store write dropped after error %r: %s", exc, _describe(event))
+
+
+def _event_size(event: Event) -> int:
+    return _EVENT_OVERHEAD + sum(len(v) for v in event[-1].values() if isinstance(v, (bytes, bytearray, str)))
 
 
 def fold(writes: list[Event]) -> list[Event]:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1080,3 +1081,26 @@ def test_a_header_names_the_agent_of_a_request_inside_an_https_tunnel(tmp_path, 
     assert (flow.attribution, flow.method) == ("header", "POST")
     assert flow.meta.get("http_version", "HTTP/1.1") == ("HTTP/2.0" if http == "--http2" else "HTTP/1.1")
     assert "x-agent-id" not in json.loads(out.stdout).get("headers", {})  # taken off before the upstream
+
+
+def test_requests_are_refused_while_the_store_holds_too_much_unwritten_and_taken_again_after(
+        tmp_path, confdir, upstream):
+    store = tmp_path / "s.db"
+    with start_proxy(store, confdir, extra={"rollouttap_store_backlog_mb": "1"}) as proxy:
+        lock = sqlite3.connect(store, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # another process's write transaction: the proxy's writer waits
+        body = {"pad": "x" * 300_000}
+        statuses = [requests.post(upstream.url + "/echo", json=body, headers={"X-Agent-ID": "full"},
+                                  proxies={"http": proxy.url}, timeout=20).status_code for _ in range(8)]
+        refused = requests.post(upstream.url + "/echo", json={}, proxies={"http": proxy.url}, timeout=20)
+        lock.execute("ROLLBACK")
+        wait_for(lambda: requests.post(upstream.url + "/echo", json={}, headers={"X-Agent-ID": "after"},
+                                       proxies={"http": proxy.url}, timeout=20).status_code == 200,
+                 what="requests served again once the store takes rows")
+        lock.close()
+        flows = settled_flows(store, agent_id="full")
+    assert statuses[:2] == [200] * 2 and statuses[-1] == 503  # ~1 MiB of bodies queued, then refused
+    assert refused.status_code == 503 and "the store is not taking rows" in refused.text
+    assert len(flows) == statuses.count(200) and all(f.state == "done" for f in flows)  # none lost
+    with Store(store) as reader:
+        assert any("the store is not taking rows" in (f.error or "") for f in reader.flows(state="error"))

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import wait_for
 from rollouttap.errors import StoreError, StoreVersionError
 from rollouttap.store import (
     SCHEMA_VERSION, Store, StoreWriter, connect, hash_token, map_secret_query, new_token, redact_headers,
@@ -854,3 +855,21 @@ def test_map_secret_query_can_drop_secret_parameters(target, expected):
 def test_is_redacted_knows_redact_values_output(value):
     from rollouttap.store import is_redacted
     assert is_redacted(redact_value(value)) and not is_redacted(value)
+
+
+def test_the_writers_backlog_grows_while_the_store_is_locked_and_drains_after(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, max_backlog_bytes=100_000)
+    writer._conn.execute("PRAGMA busy_timeout = 50")  # fail fast: the retry loop is what is under test
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    for i in range(3):
+        writer.insert_flow({**_flow(f"f{i}"), "response_body": b"x" * 60_000})
+    wait_for(lambda: writer.failing, what="the writer's failed commit")
+    assert "locked" in writer.failing and writer.backlog_bytes > 180_000 and writer.overloaded
+    lock.execute("ROLLBACK")
+    assert writer.flush()
+    assert writer.failing is None and writer.backlog_bytes == 0 and not writer.overloaded
+    writer.close()
+    with Store(path) as store:
+        assert len(store.flows()) == 3
