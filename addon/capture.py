@@ -381,8 +381,9 @@ class RolloutTap:
             log.warning("rollouttap: %s: answering 503", why)
         flow.response = http.Response.make(503, f"rollouttap: {why}\n",
                                            {"Content-Type": "text/plain", "Connection": "close"})
-        if self.writer is None or self._store_closed:
-            return
+        writer = self.writer
+        if writer is None or self._store_closed or writer.backlog_bytes > 2 * writer.max_backlog_bytes:
+            return  # not even a refusal's row can be kept: memory must stay bounded (the log says why)
         self._record_new(flow, Attribution(None, "none", None, why))
         self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
                                      "response_body": flow.response.raw_content, "t_end": time.time(),
