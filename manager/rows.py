@@ -21,7 +21,8 @@ thread). What a break does is the policy:
   re-rendered only from some token on. Every other sampled token (e.g. reasoning the template dropped, or a whole
   earlier thread when the agent ends in a sub-agent's own thread) is counted in dropped_tokens. The row's prompt is
   the earliest call's prompt that F starts with (a side call made before the thread F ends in does not count; the
-  last call's prompt at the latest), cut before the first trained token. Without breaks this is exactly the clean chain's row.
+  last call's prompt at the latest), cut before the first trained token. Without breaks this is exactly the clean
+  chain's row.
 * "fork": one row per chain, N breaks give N + 1 rows; every sampled token is trained in exactly one row.
 * "strict": a break raises TokenDriftError.
 
