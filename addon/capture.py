@@ -259,6 +259,9 @@ class RolloutTap:
             self._refuse(flow, "the proxy is shutting down")
             return
         assert self.writer is not None
+        if self.writer.detached:  # what it records now is lost: say so to every agent, not only in the log
+            self._refuse(flow, self.writer.detached)
+            return
         if self.writer.overloaded:  # memory is all that holds unwritten flows: do not take on more
             self._refuse(flow, f"the store is not taking rows ({self.writer.failing or 'behind'}); "
                                f"{self.writer.backlog_bytes >> 20} MiB wait in memory")

@@ -70,6 +70,9 @@ class StoreWriter:
         self._last_commit = -float("inf")  # time.monotonic() after the last transaction of rows
         self._idle_wait = heartbeat  # how long the queue may stay empty before the next idle watermark
         self._conn = connect(self.path)
+        self._file_id = _file_id(self.path)
+        self._file_checked = time.monotonic()
+        self.detached: str | None = None  # set once the store file was deleted or replaced under the writer
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -212,14 +215,28 @@ class StoreWriter:
         self._last_commit = time.monotonic()
         self._idle_wait = self.linger
         self.failing = None
+        self._check_file()
         self._done_bytes += sum(_event_size(event) for event in writes)
         self.stats.committed += len(writes)
         self.stats.statements += len(statements)
         self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(writes))
 
+    def _check_file(self) -> None:
+        """At most once a second: is the path still the file this writer writes? Deleted, the rows would go
+        to an unlinked file; replaced (a restored copy), the old -wal would be replayed into another file."""
+        now = time.monotonic()
+        if self.detached is not None or now - self._file_checked < 1.0:
+            return
+        self._file_checked = now
+        if _file_id(self.path) != self._file_id:
+            self.detached = (f"the store file {self.path} was deleted or replaced while this proxy wrote to it: "
+                             "restart the proxy")
+            log.error("rollouttap: %s", self.detached)
+
     def _mark_idle(self) -> None:
         """Nothing queued: everything queued before now is committed; tell readers so."""
+        self._check_file()
         self._idle_wait = min(self._idle_wait * 2, self.heartbeat)
         mark = time.time()
         if self._queue.empty():
@@ -253,6 +270,14 @@ class StoreWriter:
             except _BAD_EVENT as exc:
                 self.stats.failed += 1
                 log.error("store write dropped after error %r: %s", exc, _describe(event))
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _event_size(event: Event) -> int:

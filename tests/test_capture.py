@@ -1104,3 +1104,20 @@ def test_requests_are_refused_while_the_store_holds_too_much_unwritten_and_taken
     assert len(flows) == statuses.count(200) and all(f.state == "done" for f in flows)  # none lost
     with Store(store) as reader:
         assert any("the store is not taking rows" in (f.error or "") for f in reader.flows(state="error"))
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_file_deleted_or_replaced_under_the_proxy_gets_requests_refused_saying_so(
+        tmp_path, confdir, upstream, how):
+    store = tmp_path / "s.db"
+    with start_proxy(store, confdir) as proxy:
+        assert requests.get(upstream.base_url + "/models", proxies={"http": proxy.url}, timeout=20).ok
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{store}{suffix}").unlink(missing_ok=True)
+        if how == "replaced":
+            Store(store).close()  # another store at the same path (a restored copy, a new run)
+        refused = wait_for(lambda: (r := requests.get(upstream.base_url + "/models", proxies={"http": proxy.url},
+                                                      timeout=20)).status_code == 503 and r.text, what="a refusal")
+        log = proxy.log_tail()
+    assert "was deleted or replaced while this proxy wrote to it" in refused and "restart" in refused
+    assert "was deleted or replaced" in log
