@@ -385,7 +385,8 @@ class RolloutTap:
         flow.response = http.Response.make(503, f"rollouttap: {why}\n",
                                            {"Content-Type": "text/plain", "Connection": "close"})
         writer = self.writer
-        if writer is None or self._store_closed or writer.backlog_bytes > 2 * writer.max_backlog_bytes:
+        if writer is None or self._store_closed or writer.detached \
+                or writer.backlog_bytes > 2 * writer.max_backlog_bytes:
             return  # not even a refusal's row can be kept: memory must stay bounded (the log says why)
         self._record_new(flow, Attribution(None, "none", None, why))
         self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),

@@ -71,8 +71,8 @@ class StoreWriter:
         self._idle_wait = heartbeat  # how long the queue may stay empty before the next idle watermark
         self._conn = connect(self.path)
         self._file_id = _file_id(self.path)
-        self._file_checked = time.monotonic()
         self.detached: str | None = None  # set once the store file was deleted or replaced under the writer
+        self._dropped_logged = -float("inf")
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -183,6 +183,10 @@ class StoreWriter:
         now = time.time()  # read before the queue is found empty: see batch_mark
         mark = batch_mark(nudges, self._queue.empty(), now)
         if writes:
+            self._check_file()
+        if self.detached is not None:  # a replaced file would take the old -wal's frames: write nothing
+            self._drop(writes)
+        elif writes:
             self._commit_rows(writes, mark)
         elif mark is not None and nudges:
             self._mark_alone(mark)
@@ -215,21 +219,24 @@ class StoreWriter:
         self._last_commit = time.monotonic()
         self._idle_wait = self.linger
         self.failing = None
-        self._check_file()
         self._done_bytes += sum(_event_size(event) for event in writes)
         self.stats.committed += len(writes)
         self.stats.statements += len(statements)
         self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(writes))
 
+    def _drop(self, writes: list[Event]) -> None:
+        self.stats.failed += len(writes)
+        self._done_bytes += sum(_event_size(event) for event in writes)
+        if writes and time.monotonic() - self._dropped_logged > 5.0:
+            self._dropped_logged = time.monotonic()
+            log.error("rollouttap: %d events not written so far: %s", self.stats.failed, self.detached)
+
     def _check_file(self) -> None:
-        """At most once a second: is the path still the file this writer writes? Deleted, the rows would go
-        to an unlinked file; replaced (a restored copy), the old -wal would be replayed into another file."""
-        now = time.monotonic()
-        if self.detached is not None or now - self._file_checked < 1.0:
-            return
-        self._file_checked = now
-        if _file_id(self.path) != self._file_id:
+        """Is the path still the file this writer writes (a stat, before each transaction and at idle beats)?
+        Deleted, rows would go to an unlinked file; replaced (a restored copy), the old -wal would be replayed
+        into another file."""
+        if self.detached is None and _file_id(self.path) != self._file_id:
             self.detached = (f"the store file {self.path} was deleted or replaced while this proxy wrote to it: "
                              "restart the proxy")
             log.error("rollouttap: %s", self.detached)
@@ -237,6 +244,9 @@ class StoreWriter:
     def _mark_idle(self) -> None:
         """Nothing queued: everything queued before now is committed; tell readers so."""
         self._check_file()
+        if self.detached is not None:
+            self._idle_wait = self.heartbeat
+            return
         self._idle_wait = min(self._idle_wait * 2, self.heartbeat)
         mark = time.time()
         if self._queue.empty():

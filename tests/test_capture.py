@@ -1112,10 +1112,12 @@ def test_a_store_file_deleted_or_replaced_under_the_proxy_gets_requests_refused_
     store = tmp_path / "s.db"
     with start_proxy(store, confdir) as proxy:
         assert requests.get(upstream.base_url + "/models", proxies={"http": proxy.url}, timeout=20).ok
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{store}{suffix}").unlink(missing_ok=True)
-        if how == "replaced":
-            Store(store).close()  # another store at the same path (a restored copy, a new run)
+        if how == "deleted":
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{store}{suffix}").unlink(missing_ok=True)
+        else:  # another store moved over it (a restored copy), its -wal and -shm left as they are
+            Store(tmp_path / "other.db").close()
+            os.replace(tmp_path / "other.db", store)
         refused = wait_for(lambda: (r := requests.get(upstream.base_url + "/models", proxies={"http": proxy.url},
                                                       timeout=20)).status_code == 503 and r.text, what="a refusal")
         log = proxy.log_tail()

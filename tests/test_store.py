@@ -873,3 +873,19 @@ def test_the_writers_backlog_grows_while_the_store_is_locked_and_drains_after(tm
     writer.close()
     with Store(path) as store:
         assert len(store.flows()) == 3
+
+
+def test_a_writer_whose_file_was_replaced_writes_nothing_more(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path)
+    writer.insert_flow(_flow("before"))
+    assert writer.flush() and writer.detached is None
+    Store(tmp_path / "other.db").close()
+    os.replace(tmp_path / "other.db", path)  # a restored copy moved over it; the old -wal stays beside it
+    size = path.stat().st_size
+    writer.insert_flow(_flow("after"))
+    assert writer.flush()
+    assert writer.detached and "was deleted or replaced" in writer.detached
+    assert writer.stats.failed == 1 and writer.backlog_bytes == 0
+    assert path.stat().st_size == size
+    writer.close()
