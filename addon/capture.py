@@ -39,6 +39,9 @@ PID_LOOKUPS = ("eager", "fallback")
 # still serves every connection, and new requests are answered 503.
 DRAIN_S = 5.0
 WRITER_CLOSE_S = 20.0  # then what the writer has not committed is reported lost (ProxyProcess.stop waits longer)
+# Past this many times the backlog limit, refusals are no longer recorded either: an outage of hours must not
+# grow memory through the rows of its 503s.
+REFUSALS_KEPT_UP_TO = 2
 
 
 @dataclass
@@ -67,8 +70,10 @@ class RolloutTap:
         self._live: dict[str, _Live] = {}
         self._parent_watch: asyncio.Task[None] | None = None
         self._running = False
+        self.drain_s = DRAIN_S
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
+        self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
         self._refused_logged = -float("inf")  # when a 503 refusal was last logged
 
     # -- options -----------------------------------------------------------------------------------
@@ -142,6 +147,7 @@ class RolloutTap:
                 "rollouttap_store is not set: pass --set rollouttap_store=PATH/runs.db")
         if self.writer is not None:
             self._retire("the proxy switched to another store before the flow ended")
+            self.writer.close()
         try:
             self.writer = StoreWriter(path)
             self.who.open(path)
@@ -198,22 +204,23 @@ class RolloutTap:
         })
 
     async def done(self) -> None:
-        if self.writer is None:
+        writer = self.writer
+        if writer is None:
             return
         # mitmproxy serves on while done hooks run: answers already on their way are recorded whole.
         self._stopping = True
-        deadline = time.monotonic() + DRAIN_S
-        while self._live and time.monotonic() < deadline:
+        deadline = time.monotonic() + self.drain_s
+        while (self._live or self._attributing) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         _listen_for_nudges(None)
-        writer = self._retire("proxy shut down before the flow ended", close=False)
+        self._retire("proxy shut down before the flow ended")
         self._store_closed = True  # set on the loop, before the thread starts: hooks then record nothing more
         await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("rollouttap: %s", self.counts)
 
-    def _retire(self, reason: str, *, close: bool = True) -> StoreWriter:
-        """End the flows in flight, mark this proxy stopped in the store, and (``close``) commit everything."""
+    def _retire(self, reason: str) -> None:
+        """End the flows in flight and mark this proxy stopped in the store (the caller closes the writer)."""
         writer = self.writer
         assert writer is not None
         for flow_id, live in list(self._live.items()):
@@ -221,9 +228,6 @@ class RolloutTap:
         if writer.proxy_id is not None:  # a row exists only once the proxy has run
             writer.upsert_proxy({"proxy_id": writer.proxy_id, "pid": os.getpid(),
                                  "started_at": time.time(), "stopped_at": time.time()})
-        if close:
-            writer.close()
-        return writer
 
     def _nudge(self) -> None:
         if self.writer is not None:  # the writer in use now: a new store path replaces it
@@ -245,7 +249,10 @@ class RolloutTap:
         if self._stopping:
             self._refuse(flow, "the proxy is shutting down")
             return
-        who = await self.who.attribute(flow)
+        who = await self._attribute(flow)
+        if self._store_closed:  # shut down while it waited: nothing can record it any more
+            self._refuse(flow, "the proxy is shutting down")
+            return
         self._record_new(flow, who)
         if who.method == "rejected":
             self._reject(flow, who)
@@ -268,7 +275,10 @@ class RolloutTap:
             return
         req = flow.request
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
-        who = await self.who.attribute(flow, to_own_reverse=own is not None)
+        who = await self._attribute(flow, to_own_reverse=own is not None)
+        if self._store_closed:  # shut down while it waited: nothing can record it any more
+            self._refuse(flow, "the proxy is shutting down")
+            return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
         if who.method == "rejected":
@@ -278,6 +288,13 @@ class RolloutTap:
                 self._reject(flow, who, close=True)
             else:  # answered once its body is in, so that the body is kept
                 self._live[flow.id].refused = who
+
+    async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution:
+        self._attributing += 1
+        try:
+            return await self.who.attribute(flow, to_own_reverse=to_own_reverse)
+        finally:
+            self._attributing -= 1
 
     def request(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
@@ -386,7 +403,7 @@ class RolloutTap:
                                            {"Content-Type": "text/plain", "Connection": "close"})
         writer = self.writer
         if writer is None or self._store_closed or writer.detached \
-                or writer.backlog_bytes > 2 * writer.max_backlog_bytes:
+                or writer.backlog_bytes > REFUSALS_KEPT_UP_TO * writer.max_backlog_bytes:
             return  # not even a refusal's row can be kept: memory must stay bounded (the log says why)
         self._record_new(flow, Attribution(None, "none", None, why))
         self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),

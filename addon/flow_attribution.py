@@ -71,10 +71,11 @@ class FlowAttribution:
         claimed = headers.pop(AGENT_HEADER, None)
         creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
         tunnel = self._conn_creds.get(flow.client_conn.id)  # credentials given on the CONNECT
-        if tunnel is not None and tunnel.agent_id is None:
-            tunnel = None  # a CONNECT that named no agent: each request inside may still name one itself
+        # A path token is our reverse listener's: inside a tunnel, /agents/... is some other API's path.
         in_path = split_agent_path(flow.request.path) if to_own_reverse or (creds is None and tunnel is None) \
             else None
+        if tunnel is not None and tunnel.agent_id is None:
+            tunnel = None  # a CONNECT that named no agent: each request inside is looked up (process, header)
         if to_own_reverse and in_path is not None:
             # Addressed to our reverse listener, where its path names the agent: the proxy credentials only
             # brought it here (its client sent the base URL through HTTP_PROXY).

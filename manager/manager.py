@@ -366,7 +366,8 @@ class AgentManager:
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
         error = with_model_failure(status, error, flows.conversation)
         if settled.uncommitted is not None:  # never "ok" on flows that may be missing
-            status, error = "error", f"{error}; {settled.uncommitted}" if error else settled.uncommitted
+            status = "error" if status == "ok" else status
+            error = f"{error}; {settled.uncommitted}" if error else settled.uncommitted
         # A cancelled batch (Ctrl-C, close()) is ending: its agents' checks (minutes, maybe) are not run.
         if outcome == "cancelled":
             skipped = "not run: the batch was cancelled" if self.spec.check is not None else None

@@ -263,21 +263,22 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
 
 
 def _continued(attempts: list[int], later: list[list[int]], usable: Callable[[int], _Used | None]) -> int:
-    """Of a run's answered attempts, the one the first later call that continues any of them continues; else
-    the last. A client retry leaves one answered attempt; an agent that resends a request to sample again
-    (n=1 servers) keeps either answer, and what it sends next says which."""
+    """Of a run's answered attempts, the one the first later call that continues any of them continues. A client
+    retry leaves one answered attempt; an agent that resends a request to sample again (n=1 servers) keeps either
+    answer, and what it sends next says which. When later calls continue none of those with tokens, the agent went
+    on with one without (the last of them); with nothing after them, the last attempt is taken."""
     if len(attempts) == 1:
         return attempts[0]
-    mine = [(index, call) for index in attempts if (call := usable(index)) is not None]
+    known = [(index, call) for index in attempts if (call := usable(index)) is not None]
+    followed = False
     for run in later:
-        for index in run:
-            follower = usable(index)
-            if follower is None:
-                continue
-            for attempt, call in mine:
-                if _extends(follower.prompt, call):
-                    return attempt
-    return attempts[-1]
+        for follower in filter(None, map(usable, run)):
+            followed = True
+            continued = next((index for index, call in known if _extends(follower.prompt, call)), None)
+            if continued is not None:
+                return continued
+    unknown = [index for index in attempts if usable(index) is None]
+    return unknown[-1] if followed and unknown else attempts[-1]
 
 
 def _retry_runs(calls: list[TokenCall]) -> list[list[int]]:

@@ -47,7 +47,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     except OSError as exc:  # its folder cannot be made, or the file created (a read-only or special filesystem)
-        raise StoreError(f"cannot create store {path}: {exc.strerror or exc}") from exc
+        raise StoreError(f"cannot {'open' if readonly else 'create'} store {path}: {exc.strerror or exc}") from exc
     return conn
 
 

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 class Store:
     """A store file opened for agents and queries. Thread-safe: one connection behind a lock."""
 
-    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False,
+                 locked_write_wait_s: float = LOCKED_WRITE_WAIT_S) -> None:
         self.path = Path(path)
+        self.locked_write_wait_s = locked_write_wait_s
         self._conn = connect(self.path, readonly=readonly)
         self._lock = threading.Lock()
 
@@ -51,18 +53,20 @@ class Store:
             raise StoreError(f"query on {self.path} failed: {exc}") from exc
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> int:
-        # Another process's write transaction outlasting busy_timeout is waited out (up to LOCKED_WRITE_WAIT_S):
-        # an agent's start or end that cannot be recorded would fail an agent that ran well.
-        deadline = time.monotonic() + LOCKED_WRITE_WAIT_S
+        # Another process's write transaction outlasting busy_timeout is waited out (up to locked_write_wait_s):
+        # an agent's start or end that cannot be recorded would fail an agent that ran well. Each try holds the
+        # lock through its own busy wait; other threads get their turn between tries.
+        deadline = time.monotonic() + self.locked_write_wait_s
         while True:
             try:
                 with self._lock, transaction(self._conn):
                     return self._conn.execute(sql, tuple(params)).rowcount
             except sqlite3.Error as exc:
-                locked = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-                if not locked or time.monotonic() > deadline:
+                busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY  # BUSY_RECOVERY etc. too
+                if not busy or time.monotonic() > deadline:
                     raise StoreError(f"write to {self.path} failed: {exc}") from exc
                 log.warning("store %s is locked by another writer; still waiting to write", self.path)
+                time.sleep(0.05)
 
     # -- agents ----------------------------------------------------------------------------------
     def register_agent(self, agent_id: str, *, token: str | None = None, run_id: str | None = None,

@@ -183,10 +183,6 @@ class StoreWriter:
         now = time.time()  # read before the queue is found empty: see batch_mark
         mark = batch_mark(nudges, self._queue.empty(), now)
         if writes:
-            self._check_file()
-        if self.detached is not None:  # a replaced file would take the old -wal's frames: write nothing
-            self._drop(writes)
-        elif writes:
             self._commit_rows(writes, mark)
         elif mark is not None and nudges:
             self._mark_alone(mark)
@@ -197,6 +193,10 @@ class StoreWriter:
         statements = fold(writes)
         delay = 0.05
         while True:
+            self._check_file()  # before every try: a lock may have been waited out while the file was replaced
+            if self.detached is not None:  # a replaced file would take the old -wal's frames: write nothing
+                self._drop(writes)
+                return
             try:
                 with transaction(self._conn):
                     for event in statements:
@@ -253,7 +253,7 @@ class StoreWriter:
             self._mark_alone(mark)
 
     def _mark_alone(self, mark: float) -> None:
-        if self.proxy_id is None:
+        if self.proxy_id is None or self.detached is not None:
             return
         try:
             with transaction(self._conn):

@@ -455,12 +455,11 @@ def _tap_in_test_context(store: Path):
         yield addon, tctx
 
 
-def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_path, monkeypatch):
-    from rollouttap.addon import capture
+def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_path):
     from rollouttap.addon.attribution import Attribution
     from rollouttap.addon.streamtap import StreamTap
-    monkeypatch.setattr(capture, "DRAIN_S", 0.05)  # the flow never ends by itself here
     with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        addon.drain_s = 0.05  # the flow never ends by itself here
         asyncio.run(addon.running())
         flow = tflow.tflow()
         addon._record_new(flow, Attribution("live", "header"))
@@ -472,6 +471,43 @@ def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_pat
         [row] = store.flows(agent_id="live")
     assert row.state == "error" and "shut down" in row.error
     assert row.response_text() == 'data: {"n": 1}\n\n' and row.t_first_byte is not None
+
+
+def test_a_request_still_being_attributed_when_the_proxy_stops_is_recorded(tmp_path):
+    from rollouttap.addon.attribution import Attribution
+
+    async def slow_attribute(flow, to_own_reverse=False):  # a pid lookup in the pool, as in eager mode
+        await asyncio.sleep(0.2)
+        return Attribution("late", "header")
+
+    async def stop_while_attributing(addon):
+        await addon.running()
+        addon.who.attribute = slow_attribute
+        flow = tflow.tflow()
+        hook = asyncio.create_task(addon.requestheaders(flow))
+        await asyncio.sleep(0.01)  # the request arrived just before the signal
+        await addon.done()
+        await hook
+        return flow
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        addon.drain_s = 0.5  # the flow never ends by itself here
+        flow = asyncio.run(stop_while_attributing(addon))
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(agent_id="late")
+    assert row.flow_id == flow.id and row.state == "error" and "shut down" in row.error
+
+
+def test_another_apis_agents_path_inside_an_anonymous_tunnel_is_left_alone(tmp_path):
+    from rollouttap.addon.attribution import Attribution
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        flow = tflow.tflow()
+        flow.request.scheme, flow.request.host, flow.request.port = "https", "api.example.com", 443
+        flow.request.path = "/agents/asst_1/threads/run"  # not our reverse listener's /agents/ID/TOKEN/
+        addon.who.tunnel_opened(flow.client_conn.id, Attribution(None, "none", None, "no agent named"))
+        who = asyncio.run(addon.who.attribute(flow))
+        asyncio.run(addon.done())
+    assert who.method == "none" and flow.request.path == "/agents/asst_1/threads/run"
 
 
 def test_a_client_on_another_host_must_present_credentials(tmp_path):

@@ -985,19 +985,20 @@ def test_an_agent_whose_flows_the_proxy_could_not_commit_in_time_is_an_error_not
     from rollouttap.testing.replies import default_script
     from rollouttap.testing.upstream import ScriptedUpstream
     store = tmp_path / "r.db"
-    released = threading.Event()
+    taken, released = threading.Event(), threading.Event()
 
     def lock_the_store(request):  # another process's write transaction, taken as the agent's call arrives
         def hold():
             conn = sqlite3.connect(store, isolation_level=None)
             conn.execute("BEGIN IMMEDIATE")
-            time.sleep(2.0)
+            taken.set()
+            time.sleep(2.0)  # longer than the grace period: the proxy cannot commit the call's flow in time
             conn.execute("ROLLBACK")
             conn.close()
             released.set()
-        if not released.is_set() and not any(t.name == "locker" for t in threading.enumerate()):
-            threading.Thread(target=hold, name="locker", daemon=True).start()
-            time.sleep(0.2)
+        if not taken.is_set():
+            threading.Thread(target=hold, daemon=True).start()
+            assert taken.wait(10)
         return default_script(request)
 
     with ScriptedUpstream(lock_the_store) as upstream, \

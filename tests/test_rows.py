@@ -230,6 +230,17 @@ SELECTION_TABLE = {
 }
 
 
+@pytest.mark.parametrize("policy", ["realign", "fork"])
+def test_a_second_sample_kept_without_token_ids_is_not_replaced_by_the_other(policy):
+    # The answer the agent went on with came back without ids: the discarded sample must not stand in for it.
+    kept = TokenCall(None, None, None, "stop", turn=0)
+    calls = [kept, call(A[0], [12, EOS], turn=0), call([1, 5, 10, EOS, 50, 5], [11, EOS], salt=1, turn=1)]
+    result = build_rows(calls, eos_token_id=EOS, policy=policy)
+    (row,) = result.rows
+    assert trained(row)[0] == [11, EOS] and 12 not in row.completion_ids + row.prompt_ids
+    assert (result.fidelity.calls_without_ids, result.fidelity.retries_skipped) == (1, 1)
+
+
 @pytest.mark.parametrize(("specs", "expected", "counts"), SELECTION_TABLE.values(), ids=SELECTION_TABLE.keys())
 def test_retries_and_failures_are_skipped_and_counted(specs, expected, counts):
     calls = [call(p, c, **f) for p, c, f in specs]

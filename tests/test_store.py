@@ -156,8 +156,7 @@ def test_an_older_store_opens_while_another_process_writes(tmp_path):
     check.close()
 
 
-def test_an_agent_write_waits_out_a_lock_held_past_the_busy_timeout(tmp_path, monkeypatch):
-    import rollouttap.store.reader as reader
+def test_an_agent_write_waits_out_a_lock_held_past_the_busy_timeout(tmp_path):
     path = tmp_path / "runs.db"
     hold = ("import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
             "c.execute('BEGIN IMMEDIATE')\nprint('held', flush=True)\ntime.sleep(1.0)\nc.execute('ROLLBACK')\n")
@@ -168,7 +167,7 @@ def test_an_agent_write_waits_out_a_lock_held_past_the_busy_timeout(tmp_path, mo
         store.register_agent("a1")  # waits for the other writer
         writer.wait(30)
         assert [a.agent_id for a in store.agents()] == ["a1"]
-        monkeypatch.setattr(reader, "LOCKED_WRITE_WAIT_S", 0.0)  # a lock that outlasts the wait: a clear error
+        store.locked_write_wait_s = 0.0  # a lock that outlasts the wait: a clear error
         writer = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
         assert writer.stdout.readline() == "held\n"
         with pytest.raises(StoreError, match="locked"):
@@ -882,10 +881,11 @@ def test_a_writer_whose_file_was_replaced_writes_nothing_more(tmp_path):
     assert writer.flush() and writer.detached is None
     Store(tmp_path / "other.db").close()
     os.replace(tmp_path / "other.db", path)  # a restored copy moved over it; the old -wal stays beside it
-    size = path.stat().st_size
+    wal = path.with_name(path.name + "-wal")
+    size = wal.stat().st_size
     writer.insert_flow(_flow("after"))
     assert writer.flush()
     assert writer.detached and "was deleted or replaced" in writer.detached
     assert writer.stats.failed == 1 and writer.backlog_bytes == 0
-    assert path.stat().st_size == size
+    assert wal.stat().st_size == size  # not one frame more for the new file to take
     writer.close()
