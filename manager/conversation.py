@@ -403,19 +403,20 @@ def assign_threads(calls: Sequence[ChatCall], turns: Sequence[int]) -> tuple[lis
     breaks: list[Discontinuity] = []
     for turn in sorted(attempts):
         i = attempts[turn][-1]
+        at = attempts[turn][0]  # a break shows at the turn's first call
         current = [normalize_message(m) for m in calls[i].messages]
         head, k = _pick_thread(current, [((t, c), _expected(calls[c])) for t, cs in heads.items() for c in cs])
         if head is None:
             thread = len(heads)
             if heads:
-                breaks.append(Discontinuity(i, "new_thread", "shares no conversation with earlier calls",
+                breaks.append(Discontinuity(at, "new_thread", "shares no conversation with earlier calls",
                                             0, thread))
         else:
             thread, c = head
             expected = _expected(calls[c])
             if k < len(expected):
                 kind, detail = classify_break(expected, current, k, calls[c].response is not None)
-                breaks.append(Discontinuity(i, kind, detail, k, thread))
+                breaks.append(Discontinuity(at, kind, detail, k, thread))
         heads[thread] = [c for c in attempts[turn][:-1] if calls[c].response is not None] + [i]
         thread_of_turn[turn] = thread
     return [thread_of_turn[t] for t in turns], breaks

@@ -121,26 +121,38 @@ def answer_text(call: Any) -> str:
 
 @dataclass(frozen=True)
 class Step:
-    """What one chat call adds to the conversation: the request messages new since its thread's previous call
+    """What one chat call adds to the conversation: the request messages new since its thread's previous turn
     (all of them when it starts a thread or does not extend it), and the call itself."""
     call: Any
     new_messages: list[dict[str, Any]]
     first_new: int  # index in call.messages of the first new message
     extends: bool  # the call's messages start with its thread's previous history (as continuity compares them)
+    attempt: int = 0  # 0 for a turn's first call; a retry or a second sample of the same request counts on
+    starts_thread: bool = False  # the first call of its thread
 
 
 def conversation_steps(calls: Sequence[Any]) -> list[Step]:
-    """One Step per chat call, in order (calls need ``messages``, ``thread`` and ``response``)."""
-    history: dict[int, list[Any]] = {}
+    """One Step per chat call, in order (calls need ``messages``, ``thread``, ``turn`` and ``response``). A turn's
+    calls are compared with what its thread held before the turn, where each answered call of the previous turn
+    is a history it may continue (an agent that sampled twice goes on with either answer)."""
+    before: dict[int, list[list[Any]]] = {}  # thread -> the histories a call of its latest turn may extend
+    latest: dict[int, tuple[Any, list[list[Any]]]] = {}  # thread -> (its latest turn, that turn's histories)
+    attempts: dict[Any, int] = {}
     steps = []
     for call in calls:
-        before = history.get(call.thread)
+        turn, made = latest.get(call.thread, (None, []))
+        if turn != call.turn:
+            before[call.thread] = made
+            latest[call.thread] = (call.turn, made := [])
         current = [normalize_message(m) for m in call.messages]
-        extends = before is not None and current[:len(before)] == before
-        first = len(before) if extends and before is not None else 0
-        steps.append(Step(call, list(call.messages[first:]), first, extends))
-        reply = [normalize_message(call.response.to_message())] if call.response is not None else []
-        history[call.thread] = current + reply
+        prior = before[call.thread]
+        first = max((len(h) for h in prior if current[:len(h)] == h), default=-1)
+        extends = first >= 0
+        attempt = attempts[call.turn] = attempts.get(call.turn, -1) + 1
+        steps.append(Step(call, list(call.messages[max(first, 0):]), max(first, 0), extends, attempt,
+                          starts_thread=not prior))
+        if call.response is not None or not made:
+            made.append(current + ([normalize_message(call.response.to_message())] if call.response else []))
     return steps
 
 

@@ -263,22 +263,23 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
 
 
 def _continued(attempts: list[int], later: list[list[int]], usable: Callable[[int], _Used | None]) -> int:
-    """Of a run's answered attempts, the one the first later call that continues any of them continues. A client
-    retry leaves one answered attempt; an agent that resends a request to sample again (n=1 servers) keeps either
-    answer, and what it sends next says which. When later calls continue none of those with tokens, the agent went
-    on with one without (the last of them); with nothing after them, the last attempt is taken."""
-    if len(attempts) == 1:
-        return attempts[0]
+    """Of a run's answered attempts, the one the first later call of the same thread continues. A client retry
+    leaves one answered attempt; an agent that resends a request to sample again (n=1 servers) keeps either
+    answer, and what it sends next says which. A later call that starts with the attempts' prompt but continues
+    none of those with tokens went on with one without (the last of them); a template that re-rendered the kept
+    answer looks the same and gets that guess too. With no such call, the last attempt is taken."""
     known = [(index, call) for index in attempts if (call := usable(index)) is not None]
-    followed = False
+    if len(attempts) == 1 or not known:
+        return attempts[-1]
+    opening = known[0][1].prompt
     for run in later:
         for follower in filter(None, map(usable, run)):
-            followed = True
+            if follower.prompt[:len(opening)] != opening:
+                continue  # another thread's call (a sub-agent's) says nothing about this one
             continued = next((index for index, call in known if _extends(follower.prompt, call)), None)
-            if continued is not None:
-                return continued
-    unknown = [index for index in attempts if usable(index) is None]
-    return unknown[-1] if followed and unknown else attempts[-1]
+            unknown = [index for index in attempts if usable(index) is None]
+            return continued if continued is not None else (unknown or attempts)[-1]
+    return attempts[-1]
 
 
 def _retry_runs(calls: list[TokenCall]) -> list[list[int]]:

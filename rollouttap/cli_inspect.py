@@ -98,11 +98,12 @@ def flows(
 
 # -- show ----------------------------------------------------------------------------------------------------------
 
-def _call_header(call: Any) -> Text:
+def _call_header(call: Any, attempt: int = 0) -> Text:
     text = Text(f"── call {call.index}", style="bold")
+    again = "retry" if call.is_retry else f"sample {attempt + 1} of the same request" if attempt else ""
     bits = [f"thread {call.thread}", f"{call.path}", str(call.status_code or call.state),
             "stream" if call.stream else "", f"{_secs(call.latency)} (first byte {_secs(call.ttfb)})",
-            f"finish {call.finish_reason}" if call.finish_reason else "", "retry" if call.is_retry else ""]
+            f"finish {call.finish_reason}" if call.finish_reason else "", again]
     usage = call.usage or {}
     if usage:
         bits.append(f"tokens {usage.get('prompt_tokens', '?')}→{usage.get('completion_tokens', '?')}")
@@ -130,8 +131,10 @@ def _print_conversation(console: Console, conv: Any) -> None:
     from rollouttap.manager.inspect import conversation_steps
     for step in conversation_steps(conv.calls):
         call = step.call
-        console.print(_call_header(call))
-        if not step.extends and call.index > 0:
+        console.print(_call_header(call, step.attempt))
+        if step.starts_thread and step.attempt == 0 and call.thread > 0:
+            console.print(Text("  (starts a new thread: all messages shown)", "dim"))
+        elif not step.extends and not step.starts_thread:
             console.print(Text("  (does not extend this thread's previous history: all messages shown)", "dim"))
         for message in step.new_messages:
             for line in _message_lines(message):

@@ -70,7 +70,8 @@ class StoreWriter:
         self._last_commit = -float("inf")  # time.monotonic() after the last transaction of rows
         self._idle_wait = heartbeat  # how long the queue may stay empty before the next idle watermark
         self._conn = connect(self.path)
-        self._file_id = _file_id(self.path)
+        st = self.path.stat()  # connect() made it
+        self._file_id = (st.st_dev, st.st_ino)
         self.detached: str | None = None  # set once the store file was deleted or replaced under the writer
         self._dropped_logged = -float("inf")
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
@@ -226,6 +227,7 @@ class StoreWriter:
         self.stats.max_batch = max(self.stats.max_batch, len(writes))
 
     def _drop(self, writes: list[Event]) -> None:
+        self.failing = None  # detached says why now
         self.stats.failed += len(writes)
         self._done_bytes += sum(_event_size(event) for event in writes)
         if writes and time.monotonic() - self._dropped_logged > 5.0:
@@ -236,7 +238,17 @@ class StoreWriter:
         """Is the path still the file this writer writes (a stat, before each transaction and at idle beats)?
         Deleted, rows would go to an unlinked file; replaced (a restored copy), the old -wal would be replayed
         into another file."""
-        if self.detached is None and _file_id(self.path) != self._file_id:
+        if self.detached is not None:
+            return
+        try:
+            st = self.path.stat()
+            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except (FileNotFoundError, NotADirectoryError):
+            now = None
+        except OSError as exc:  # cannot tell (its folder unreadable for a moment): SQLite writes on; ask again later
+            log.debug("store file %s not checked: %s", self.path, exc)
+            return
+        if now != self._file_id:
             self.detached = (f"the store file {self.path} was deleted or replaced while this proxy wrote to it: "
                              "restart the proxy")
             log.error("rollouttap: %s", self.detached)
@@ -280,14 +292,6 @@ class StoreWriter:
             except _BAD_EVENT as exc:
                 self.stats.failed += 1
                 log.error("store write dropped after error %r: %s", exc, _describe(event))
-
-
-def _file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _event_size(event: Event) -> int:

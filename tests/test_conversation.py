@@ -298,6 +298,10 @@ def test_an_agent_that_samples_twice_may_continue_either_answer(kept):
     conv = build_conversation([samples[0][0], samples[1][0], nxt])
     assert [c.turn for c in conv.calls] == [0, 0, 1] and conv.thread_count == 1
     assert conv.discontinuities == []
+    helper, _ = turn([{"role": "user", "content": "a helper's task"}])
+    conv = build_conversation([helper, samples[0][0], samples[1][0], nxt])
+    [(at, kind)] = [(d.call_index, d.kind) for d in conv.discontinuities]
+    assert (at, kind) == (1, "new_thread")  # where the thread began, not its second sample
 
 
 @pytest.mark.parametrize("sub_system", [{"role": "system", "content": "You are a researcher."}, SYSTEM],

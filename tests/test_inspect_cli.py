@@ -336,6 +336,26 @@ def test_conversation_steps_show_each_call_what_it_adds(recording):
     assert steps[2].new_messages == [{"role": "user", "content": "say bye"}]
 
 
+@pytest.mark.parametrize("kept", [0, 1])
+def test_conversation_steps_after_a_second_sample_continue_the_answer_kept(kept):
+    from types import SimpleNamespace
+
+    def call(messages, reply, turn, thread=0):
+        answer = {"role": "assistant", "content": reply}
+        return SimpleNamespace(messages=messages, thread=thread, turn=turn,
+                               response=SimpleNamespace(to_message=lambda: answer))
+    user = {"role": "user", "content": "hi"}
+    samples = ["one", "two"]
+    calls = [call([user], samples[0], 0), call([user], samples[1], 0),
+             call([user, {"role": "assistant", "content": samples[kept]}, {"role": "user", "content": "go on"}],
+                  "done", 1),
+             call([{"role": "user", "content": "a helper's task"}], "ok", 2, thread=1)]
+    steps = conversation_steps(calls)
+    assert [s.attempt for s in steps] == [0, 1, 0, 0] and [s.extends for s in steps] == [False, False, True, False]
+    assert steps[2].new_messages == [{"role": "user", "content": "go on"}]
+    assert [s.starts_thread for s in steps] == [True, True, False, True]
+
+
 def test_flow_row_of_an_error_flow(recording):
     with Store(recording.store) as s:
         [broken] = s.flows(agent_id="broken")

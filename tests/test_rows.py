@@ -226,6 +226,8 @@ SELECTION_TABLE = {
                                         ([1, 5, 12, EOS, 50, 5], [11, EOS], {"turn": 1})],
                                        [12, EOS, 11, EOS], (2, 1, 0)),
     "second sample last": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0})], [12, EOS], (1, 1, 0)),
+    "second sample, then another thread": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0}),
+                                            ([7, 8], [11, EOS], {"turn": 1})], [11, EOS], (2, 1, 0)),
     "second sample retried": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0}),
                                (*A, {"turn": 0, "is_retry": True, **FAILED})], [10, EOS], (1, 2, 0)),
 }

@@ -889,3 +889,40 @@ def test_a_writer_whose_file_was_replaced_writes_nothing_more(tmp_path):
     assert writer.stats.failed == 1 and writer.backlog_bytes == 0
     assert wal.stat().st_size == size  # not one frame more for the new file to take
     writer.close()
+
+
+def test_a_file_replaced_while_the_writer_waits_out_a_lock_gets_nothing_either(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path)
+    writer._conn.execute("PRAGMA busy_timeout = 50")  # fail fast: the retry loop is what is under test
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    writer.insert_flow(_flow("after"))
+    wait_for(lambda: writer.failing, what="the writer retrying a locked commit")
+    wal = path.with_name(path.name + "-wal")
+    size = wal.stat().st_size
+    Store(tmp_path / "other.db").close()
+    os.replace(tmp_path / "other.db", path)
+    lock.execute("ROLLBACK")
+    lock.close()
+    assert writer.flush()
+    assert writer.detached and writer.stats.failed == 1 and writer.failing is None
+    assert wal.stat().st_size == size
+    writer.close()
+
+
+def test_a_store_file_that_cannot_be_looked_at_for_a_moment_is_not_taken_as_gone(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path)
+
+    class Unreadable(type(path)):  # its folder unreadable for a moment (a non-root user's EACCES)
+        def stat(self, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+
+    writer.path = Unreadable(path)
+    writer.insert_flow(_flow("while"))
+    assert writer.flush() and writer.detached is None
+    writer.path = path
+    writer.close()
+    with Store(path) as store:
+        assert [f.flow_id for f in store.flows()] == ["while"]
