@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mitmproxy import ctx, http
 from mitmproxy.connection import Client
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from rollouttap.addon.attribution import (
     AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token, credentials_conflict,
@@ -71,9 +72,11 @@ class FlowAttribution:
         claimed = headers.pop(AGENT_HEADER, None)
         creds = parse_basic_credentials(headers.pop(PROXY_AUTH, None))
         tunnel = self._conn_creds.get(flow.client_conn.id)  # credentials given on the CONNECT
-        # A path token is our reverse listener's: inside a tunnel, /agents/... is some other API's path.
-        in_path = split_agent_path(flow.request.path) if to_own_reverse or (creds is None and tunnel is None) \
-            else None
+        # A path token is our reverse listener's: elsewhere (a regular proxy request, inside a tunnel) /agents/...
+        # is some other API's path.
+        on_reverse = isinstance(flow.client_conn.proxy_mode, ReverseMode)
+        in_path = split_agent_path(flow.request.path) \
+            if to_own_reverse or (on_reverse and creds is None and tunnel is None) else None
         if tunnel is not None and tunnel.agent_id is None:
             tunnel = None  # a CONNECT that named no agent: each request inside is looked up (process, header)
         if to_own_reverse and in_path is not None:

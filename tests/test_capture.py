@@ -498,13 +498,17 @@ def test_a_request_still_being_attributed_when_the_proxy_stops_is_recorded(tmp_p
     assert row.flow_id == flow.id and row.state == "error" and "shut down" in row.error
 
 
-def test_another_apis_agents_path_inside_an_anonymous_tunnel_is_left_alone(tmp_path):
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_another_apis_agents_path_is_left_alone(tmp_path, scheme):
+    # Only our reverse listener's paths carry tokens: through the regular proxy (plain HTTP, or inside a tunnel
+    # whose CONNECT named no agent) /agents/... belongs to the API it is sent to.
     from rollouttap.addon.attribution import Attribution
     with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
         flow = tflow.tflow()
-        flow.request.scheme, flow.request.host, flow.request.port = "https", "api.example.com", 443
+        flow.request.scheme, flow.request.host, flow.request.port = scheme, "api.example.com", 443
         flow.request.path = "/agents/asst_1/threads/run"  # not our reverse listener's /agents/ID/TOKEN/
-        addon.who.tunnel_opened(flow.client_conn.id, Attribution(None, "none", None, "no agent named"))
+        if scheme == "https":
+            addon.who.tunnel_opened(flow.client_conn.id, Attribution(None, "none", None, "no agent named"))
         who = asyncio.run(addon.who.attribute(flow))
         asyncio.run(addon.done())
     assert who.method == "none" and flow.request.path == "/agents/asst_1/threads/run"
