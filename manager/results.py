@@ -140,6 +140,9 @@ class Summary:
     agents: int = 0
     by_status: Mapping[str, int] = field(default_factory=dict)
     calls: int = 0
+    failed_calls: int = 0  # model calls without an answer (HTTP errors, cut off), retried or not
+    sampled_tokens: int = 0  # over the agents that have a row (fidelity): what the model sampled
+    trainable_tokens: int = 0  # ... and what their rows train
     prompt_tokens: int = 0
     completion_tokens: int = 0
     agent_seconds: float = 0.0
@@ -150,6 +153,8 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return {"agents": self.agents, "by_status": dict(self.by_status), "calls": self.calls,
+                "failed_calls": self.failed_calls, "sampled_tokens": self.sampled_tokens,
+                "trainable_tokens": self.trainable_tokens,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "agent_seconds": round(self.agent_seconds, 3), "incomplete_flows": self.incomplete_flows,
                 "bypass_agents": self.bypass_agents, "bypass_connections": self.bypass_connections,
@@ -162,6 +167,9 @@ def summarise(results: Iterable[AgentResult]) -> Summary:
     by_status = {s: sum(r.status == s for r in items) for s in STATUSES}
     return Summary(
         agents=len(items), by_status=by_status, calls=sum(r.calls for r in items),
+        failed_calls=sum(len(getattr(r.conversation, "failed_calls", ())) for r in items),
+        sampled_tokens=sum(r.fidelity.sampled_tokens for r in items if r.fidelity is not None),
+        trainable_tokens=sum(r.fidelity.trainable_tokens for r in items if r.fidelity is not None),
         prompt_tokens=sum(int(r.tokens.get("prompt", 0)) for r in items),
         completion_tokens=sum(int(r.tokens.get("completion", 0)) for r in items),
         agent_seconds=sum(r.duration_s for r in items),

@@ -180,7 +180,10 @@ def _print_summary(summary: dict[str, Any], run_id: str, store: Path, *, interru
     by_status = summary["by_status"]
     for status in ("ok", "failed", "timeout", "error"):
         table.add_row(status, str(by_status.get(status, 0)))
-    table.add_row("model calls", str(summary["calls"]))
+    table.add_row("model calls (failed: HTTP errors, cut off)", f"{summary['calls']} ({summary['failed_calls']})")
+    if summary["sampled_tokens"]:  # rows were built (an eos id was given)
+        trained, sampled = summary["trainable_tokens"], summary["sampled_tokens"]
+        table.add_row("trained / sampled tokens", f"{trained} / {sampled} ({trained / sampled:.0%})")
     table.add_row("tokens (prompt / completion)", f"{summary['prompt_tokens']} / {summary['completion_tokens']}")
     table.add_row("time (wall / agents)", f"{summary['wall_seconds']:.1f}s / {summary['agent_seconds']:.1f}s")
     table.add_row("unattributed flows", str(summary.get("unattributed_flows", 0)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import sqlite3
@@ -83,6 +84,9 @@ def test_run_writes_results_and_prints_a_summary(tmp_path, confdir, upstream, ca
     for label in ("ok", "failed", "timeout", "model calls", "tokens", "unattributed flows", "bypassing agents"):
         assert label in err
     assert "3/3" in err
+    trained = sum(sum(r["row"]["env_mask"]) for r in results if r["row"])
+    assert re.search(rf"trained / sampled tokens\W+{trained} / {trained} \(100%\)", err), err
+    assert re.search(r"cut off\)\W+3 \(0\)", err), err
     failed = results[1]["error"].splitlines()[0]
     assert f"1 × {failed}" in " ".join(err.split())  # why an agent failed, under the table
 
