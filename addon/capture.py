@@ -39,9 +39,9 @@ PID_LOOKUPS = ("eager", "fallback")
 # still serves every connection, and new requests are answered 503.
 DRAIN_S = 5.0
 WRITER_CLOSE_S = 20.0  # then what the writer has not committed is reported lost (ProxyProcess.stop waits longer)
-# Past this many times the backlog limit, refusals are no longer recorded either: an outage of hours must not
-# grow memory through the rows of its 503s.
-REFUSALS_KEPT_UP_TO = 2
+# Past the backlog limit by this much, refusals are no longer recorded either (a 503's row is ~1 KB): an outage
+# of hours must not grow memory through them.
+REFUSAL_ROWS_SLACK = 64 << 20
 
 
 @dataclass
@@ -246,12 +246,13 @@ class RolloutTap:
                 self._abort(flow_id, live, "client disconnected before the response completed")
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        if self._stopping:
+        if self._store_closed:
             self._refuse(flow, "the proxy is shutting down")
             return
+        late = self._stopping
         who = await self._attribute(flow)
-        if self._store_closed:  # shut down while it waited: nothing can record it any more
-            self._refuse(flow, "the proxy is shutting down")
+        if (why := self._refusal(late)) is not None:
+            self._refuse(flow, why, who)
             return
         self._record_new(flow, who)
         if who.method == "rejected":
@@ -262,22 +263,15 @@ class RolloutTap:
 
     # -- flows -------------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if self._stopping:
+        if self._store_closed:
             self._refuse(flow, "the proxy is shutting down")
             return
-        assert self.writer is not None
-        if self.writer.detached:  # what it records now is lost: say so to every agent, not only in the log
-            self._refuse(flow, self.writer.detached)
-            return
-        if self.writer.overloaded:  # memory is all that holds unwritten flows: do not take on more
-            self._refuse(flow, f"the store is not taking rows ({self.writer.failing or 'behind'}); "
-                               f"{self.writer.backlog_bytes >> 20} MiB wait in memory")
-            return
+        late = self._stopping  # arrived after the signal (one that was being looked up then is served)
         req = flow.request
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
         who = await self._attribute(flow, to_own_reverse=own is not None)
-        if self._store_closed:  # shut down while it waited: nothing can record it any more
-            self._refuse(flow, "the proxy is shutting down")
+        if (why := self._refusal(late)) is not None:  # recorded as its agent's, so that its views and replay have it
+            self._refuse(flow, why, who)
             return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
@@ -288,6 +282,18 @@ class RolloutTap:
                 self._reject(flow, who, close=True)
             else:  # answered once its body is in, so that the body is kept
                 self._live[flow.id].refused = who
+
+    def _refusal(self, late: bool) -> str | None:
+        """Why a new request is answered 503 now, if it is (``late``: it arrived while the proxy shut down)."""
+        writer = self.writer
+        if late or writer is None or self._store_closed:  # closed while it was looked up: it cannot be recorded
+            return "the proxy is shutting down"
+        if writer.detached:  # what it records now is lost: say so to every agent, not only in the log
+            return writer.detached
+        if writer.overloaded:  # memory is all that holds unwritten flows: do not take on more
+            cause = writer.failing or "no commit for a while: a lock held by another process, or a slow disk?"
+            return f"the store is not taking rows ({cause}); {writer.backlog_bytes >> 20} MiB wait in memory"
+        return None
 
     async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution:
         self._attributing += 1
@@ -393,9 +399,8 @@ class RolloutTap:
                                      "response_body": flow.response.raw_content, "t_end": time.time(),
                                      "error": error})
 
-    def _refuse(self, flow: http.HTTPFlow, why: str) -> None:
-        """Answer 503 without sending the request on, recorded while the store still takes rows (unattributed:
-        refusing spares the pid lookup too)."""
+    def _refuse(self, flow: http.HTTPFlow, why: str, who: Attribution | None = None) -> None:
+        """Answer 503 without sending the request on, recorded (as ``who``'s) while the store still takes rows."""
         if time.monotonic() - self._refused_logged > 5.0:  # not one line per request of a burst
             self._refused_logged = time.monotonic()
             log.warning("rollouttap: %s: answering 503", why)
@@ -403,9 +408,9 @@ class RolloutTap:
                                            {"Content-Type": "text/plain", "Connection": "close"})
         writer = self.writer
         if writer is None or self._store_closed or writer.detached \
-                or writer.backlog_bytes > REFUSALS_KEPT_UP_TO * writer.max_backlog_bytes:
+                or writer.backlog_bytes > writer.max_backlog_bytes + REFUSAL_ROWS_SLACK:
             return  # not even a refusal's row can be kept: memory must stay bounded (the log says why)
-        self._record_new(flow, Attribution(None, "none", None, why))
+        self._record_new(flow, who or Attribution(None, "none", None, why))
         self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
                                      "response_body": flow.response.raw_content, "t_end": time.time(),
                                      "error": f"{why}: not sent upstream"})

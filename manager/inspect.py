@@ -206,8 +206,12 @@ def store_stats(store: Store, *, run_id: str | None = None, eos_token_id: int = 
         usage.update(stats["usage"])
     reports = [Fidelity(**{k: v for k, v in s["fidelity"].items() if k != "coverage"})
                for s in per_agent.values() if s["fidelity"]]
-    if run_id is None:
-        unattributed: int | None = store.flow_counts()["unattributed"]
+    flows = sum(s["flows"] for s in per_agent.values())
+    flow_errors = sum(s["errors"] for s in per_agent.values())
+    if run_id is None:  # every flow of the store, unattributed ones (503 refusals, say) included
+        counts = store.flow_counts()
+        unattributed: int | None = counts["unattributed"]
+        flows, flow_errors = counts["total"], counts["error"]
     elif agents:  # a run's unattributed flows: those seen while its agents existed
         start = min(a.created_at for a in agents)
         ends = [a.ended_at for a in agents]
@@ -219,10 +223,10 @@ def store_stats(store: Store, *, run_id: str | None = None, eos_token_id: int = 
         "run_id": run_id,
         "agents": len(per_agent),
         "agents_by_status": dict(Counter([a.status for a in agents] + ["unregistered"] * len(unregistered))),
-        "flows": sum(s["flows"] for s in per_agent.values()),
+        "flows": flows,
         "calls": sum(s["calls"] for s in per_agent.values()),
         "failed_calls": sum(s["failed_calls"] for s in per_agent.values()),
-        "flow_errors": sum(s["errors"] for s in per_agent.values()),
+        "flow_errors": flow_errors,
         "unattributed_flows": unattributed,
         "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
         "latency": latency_summary(latencies),
