@@ -129,30 +129,33 @@ class Step:
     extends: bool  # the call's messages start with its thread's previous history (as continuity compares them)
     attempt: int = 0  # 0 for a turn's first call; a retry or a second sample of the same request counts on
     starts_thread: bool = False  # the first call of its thread
+    continues: int | None = None  # the call whose answer it goes on with, when its previous turn had several
 
 
 def conversation_steps(calls: Sequence[Any]) -> list[Step]:
     """One Step per chat call, in order (calls need ``messages``, ``thread``, ``turn`` and ``response``). A turn's
     calls are compared with what its thread held before the turn, where each answered call of the previous turn
     is a history it may continue (an agent that sampled twice goes on with either answer)."""
-    before: dict[int, list[list[Any]]] = {}  # thread -> the histories a call of its latest turn may extend
-    latest: dict[int, tuple[Any, list[list[Any]]]] = {}  # thread -> (its latest turn, that turn's histories)
+    History = tuple[int, list[Any]]  # (position of the call in ``calls``, its messages and answer)
+    before: dict[int, list[History]] = {}  # thread -> the histories a call of its latest turn may extend
+    latest: dict[int, tuple[Any, list[History]]] = {}  # thread -> (its latest turn, that turn's histories)
     attempts: dict[Any, int] = {}
     steps = []
-    for call in calls:
+    for position, call in enumerate(calls):
         turn, made = latest.get(call.thread, (None, []))
         if turn != call.turn:
             before[call.thread] = made
             latest[call.thread] = (call.turn, made := [])
         current = [normalize_message(m) for m in call.messages]
         prior = before[call.thread]
-        first = max((len(h) for h in prior if current[:len(h)] == h), default=-1)
-        extends = first >= 0
+        first, source = max(((len(h), at) for at, h in prior if current[:len(h)] == h), default=(-1, None))
         attempt = attempts[call.turn] = attempts.get(call.turn, -1) + 1
-        steps.append(Step(call, list(call.messages[max(first, 0):]), max(first, 0), extends, attempt,
-                          starts_thread=not prior))
+        steps.append(Step(call, list(call.messages[max(first, 0):]), max(first, 0), first >= 0, attempt,
+                          starts_thread=not prior,
+                          continues=calls[source].index if source is not None and len(prior) > 1 else None))
         if call.response is not None or not made:
-            made.append(current + ([normalize_message(call.response.to_message())] if call.response else []))
+            made.append((position, current + ([normalize_message(call.response.to_message())]
+                                              if call.response else [])))
     return steps
 
 

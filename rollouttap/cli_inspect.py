@@ -136,6 +136,8 @@ def _print_conversation(console: Console, conv: Any) -> None:
             console.print(Text("  (starts a new thread: all messages shown)", "dim"))
         elif not step.extends and not step.starts_thread:
             console.print(Text("  (does not extend this thread's previous history: all messages shown)", "dim"))
+        elif step.continues is not None:
+            console.print(Text(f"  (goes on with call {step.continues}'s answer)", "dim"))
         for message in step.new_messages:
             for line in _message_lines(message):
                 console.print(line)

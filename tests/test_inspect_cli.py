@@ -353,10 +353,13 @@ def test_conversation_steps_after_a_second_sample_continue_the_answer_kept(kept)
              call([user, {"role": "assistant", "content": samples[kept]}, {"role": "user", "content": "go on"}],
                   "done", 1),
              call([{"role": "user", "content": "a helper's task"}], "ok", 2, thread=1)]
+    for number, each in enumerate(calls):
+        each.index = 10 + number
     steps = conversation_steps(calls)
     assert [s.attempt for s in steps] == [0, 1, 0, 0] and [s.extends for s in steps] == [False, False, True, False]
     assert steps[2].new_messages == [{"role": "user", "content": "go on"}]
     assert [s.starts_thread for s in steps] == [True, True, False, True]
+    assert steps[2].continues == 10 + kept and [s.continues for s in steps[:2] + steps[3:]] == [None] * 3
 
 
 def test_flow_row_of_an_error_flow(recording):
