@@ -28,8 +28,8 @@ from rollouttap.addon.loopback import is_host_port, is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
 from rollouttap.addon.streamtap import StreamTap, decoded
 from rollouttap.store import StoreWriter
-from rollouttap.store.writer import MAX_BACKLOG_BYTES
 from rollouttap.store.nudge import NUDGE_SIGNAL
+from rollouttap.store.writer import MAX_BACKLOG_BYTES
 from rollouttap.errors import StoreError
 
 log = logging.getLogger(__name__)
