@@ -29,7 +29,7 @@ from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_r
 from rollouttap.addon.streamtap import StreamTap, decoded
 from rollouttap.store import StoreWriter
 from rollouttap.store.nudge import NUDGE_SIGNAL
-from rollouttap.store.writer import MAX_BACKLOG_BYTES
+from rollouttap.store.writer import EXIT_UNWRITTEN, MAX_BACKLOG_BYTES
 from rollouttap.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,8 @@ class RolloutTap:
         await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("rollouttap: %s", self.counts)
+        if writer.unwritten:  # the writer said how many and why; whoever started the proxy must learn of it too
+            raise SystemExit(EXIT_UNWRITTEN)
 
     def _retire(self, reason: str) -> None:
         """End the flows in flight and mark this proxy stopped in the store (the caller closes the writer)."""
@@ -403,7 +405,8 @@ class RolloutTap:
         """Answer 503 without sending the request on, recorded (as ``who``'s) while the store still takes rows."""
         if time.monotonic() - self._refused_logged > 5.0:  # not one line per request of a burst
             self._refused_logged = time.monotonic()
-            log.warning("rollouttap: %s: answering 503", why)
+            # An error, so that mitmdump -q (as the manager starts it) keeps it in its log, unless shutting down.
+            log.log(logging.WARNING if self._stopping else logging.ERROR, "rollouttap: %s: answering 503", why)
         flow.response = http.Response.make(503, f"rollouttap: {why}\n",
                                            {"Content-Type": "text/plain", "Connection": "close"})
         writer = self.writer

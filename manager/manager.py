@@ -16,10 +16,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rollouttap.errors import AgentSpecError, ConfigError
+from rollouttap.errors import AgentSpecError, ConfigError, StoreError
 from rollouttap.manager import launch
 from rollouttap.manager.agents import (
     AgentSpec, EntryPointAgent, LaunchContext, Prompt, check_prompt, prompt_text,
@@ -383,7 +384,12 @@ class AgentManager:
             workdir=str(ctx.workdir) if self.keep_workdirs else None, check_result=check_result,
             check_error=check_error, conversation=flows.conversation, row=flows.row, fidelity=flows.fidelity,
             tokens=flows.tokens, killed_processes=killed, proxy_restarts=link.restarts)
-        store.agent_ended(agent.agent_id, status, _ended_meta(result, survivors))
+        try:
+            store.agent_ended(agent.agent_id, status, _ended_meta(result, survivors))
+        except StoreError as exc:  # the agent ran: its result stands, saying why the store lacks its end
+            log.error("agent %s: recording its end failed: %s", agent.agent_id, exc)
+            note = f"its end could not be recorded in the store: {exc}"
+            result = replace(result, error=f"{result.error}; {note}" if result.error else note)
         return result
 
     def _environment(self, agent_id: str, token: str, link: ProxyLink) -> dict[str, str]:

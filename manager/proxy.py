@@ -22,6 +22,7 @@ from rollouttap.addon.loopback import is_any_address, is_host_port, is_ip_addres
 from rollouttap.addon.routes import RouteError, parse_route
 from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.paths import cache_root
+from rollouttap.store.writer import EXIT_UNWRITTEN
 from rollouttap.store import Store
 
 log = logging.getLogger(__name__)
@@ -245,18 +246,19 @@ class ProxyProcess:
                     raise
                 time.sleep(0.2)
 
-    def stop(self, timeout: float = 30.0, *, keep_log: bool = False) -> None:
-        """Stop gracefully (every queued flow committed), killing only if it hangs. The log file goes with
-        a clean stop when empty (mitmdump runs with -q: what it logs is a warning or an error, such as a hook
-        exception it swallowed); it stays where the proxy logged, had died, had to be killed, or ``keep_log``."""
+    def stop(self, timeout: float = 30.0, *, keep_log: bool = False) -> bool:
+        """Stop gracefully (every queued flow committed), killing only if it hangs; False when rows it had
+        queued never reached the store (logged, with the proxy's log kept). The log file goes with a clean stop
+        when empty (mitmdump runs with -q: what it logs is a warning or an error, such as a hook exception it
+        swallowed); it stays where the proxy logged, had died, had to be killed, or ``keep_log``."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
-            return
+            return True
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
-                return
+                return True
             try:
                 proc.wait(wait)
             except subprocess.TimeoutExpired:
@@ -265,7 +267,11 @@ class ProxyProcess:
             self._log.close()  # a later start() begins a new log
             if sig is signal.SIGINT and proc.returncode == 0 and not keep_log and _is_empty(self.log_path):
                 self.log_path.unlink(missing_ok=True)
-            return
+            if proc.returncode == EXIT_UNWRITTEN:
+                log.error("the proxy stopped with rows it could not write to the store %s (log %s)",
+                          self.config.store, self.log_path)
+            return proc.returncode != EXIT_UNWRITTEN and sig is signal.SIGINT
+        return False
 
     def log_tail(self, chars: int = 3000) -> str:
         if not self._log.closed:

@@ -112,7 +112,9 @@ def proxy(
     except KeyboardInterrupt:
         pass
     finally:
-        proc.stop()
+        if not proc.stop():
+            raise ProxyError(f"the proxy stopped with rows it could not write to {config.store}:\n"
+                             f"{proc.log_tail()}")
         typer.echo("# proxy stopped; every flow is committed", err=True)
 
 

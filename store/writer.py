@@ -30,6 +30,8 @@ _JSON_COLUMNS = frozenset(("request_headers", "response_headers", "meta", "liste
 _FLOW_WRITABLE = frozenset(FLOW_COLUMNS) - {"id"}
 BATCH_MAX = 512
 LINGER_S = 0.010
+# The proxy's exit status when rows it queued never reached the store (a full disk at shutdown, the file gone).
+EXIT_UNWRITTEN = 3
 MAX_BACKLOG_BYTES = 512 << 20  # queued flow data the writer holds while the store cannot take it (see backlog_bytes)
 _EVENT_OVERHEAD = 256  # what an event costs beyond its text and bytes values (a rough guess: only a bound)
 
@@ -74,6 +76,7 @@ class StoreWriter:
         self._file_id = (st.st_dev, st.st_ino)
         self.detached: str | None = None  # set once the store file was deleted or replaced under the writer
         self._dropped_logged = -float("inf")
+        self._failure_logged = -float("inf")
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -115,10 +118,15 @@ class StoreWriter:
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.error("store writer did not finish within %.0fs; %s events may be uncommitted",
-                      timeout, self._queue.qsize())
+            log.error("rollouttap: the store writer did not finish within %.0fs: %d events not written to %s",
+                      timeout, self.unwritten, self.path)
         else:
             self._conn.close()
+
+    @property
+    def unwritten(self) -> int:
+        """Events queued and not committed (still queued, in the batch being retried, or dropped)."""
+        return self.stats.queued - self.stats.committed
 
     @property
     def backlog_bytes(self) -> int:
@@ -208,8 +216,11 @@ class StoreWriter:
             except sqlite3.OperationalError as exc:
                 # Locked or busy beyond busy_timeout, or the disk full: keep the batch and try again; never drop
                 # traffic (the proxy refuses new requests once the backlog is too large: see overloaded).
+                if self.failing is None or time.monotonic() - self._failure_logged > 60.0:  # not every 2 s
+                    self._failure_logged = time.monotonic()
+                    log.error("rollouttap: writing to the store %s failed (%s); retrying %d events (and %d queued "
+                              "behind them) until it takes them", self.path, exc, len(writes), self._queue.qsize())
                 self.failing = str(exc)
-                log.error("store write failed (%s); retrying %d events in %.2fs", exc, len(writes), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except _BAD_EVENT:

@@ -426,6 +426,29 @@ def test_a_stream_in_flight_when_the_proxy_stops_is_recorded_whole_and_new_reque
     assert {f.agent_id for f in refused} == {"late"}  # the agent's own call: its views and replay have it
 
 
+def test_a_proxy_that_could_not_write_what_it_queued_says_so_when_it_stops(tmp_path, confdir, gate_server):
+    server, gate = gate_server
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    store = tmp_path / "s.db"
+    with start_proxy(store, confdir) as proc:
+        resp = requests.post(url, json={}, headers={"X-Agent-ID": "lost"}, proxies={"http": proc.url},
+                             stream=True, timeout=20)
+        lines = resp.iter_lines()
+        assert next(lines) == b'data: {"n": 1}'
+        with Store(store) as reader:
+            wait_for(lambda: reader.flows(agent_id="lost"), what="the open flow committed")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{store}{suffix}").unlink()
+        wait_for(lambda: requests.get(url, proxies={"http": proc.url}, timeout=5).status_code == 503,
+                 what="the proxy noticing its store is gone")
+        gate.set()  # the stream ends: its end has nowhere to go
+        assert [line for line in lines if line][-1] == b"data: [DONE]"
+        stopped_clean = proc.stop()
+        log = proc.log_tail()
+    assert stopped_clean is False
+    assert "events not written" in log and "was deleted or replaced" in log
+
+
 def _status_or_none(url: str, proxy_url: str) -> int | None:
     try:  # a GET: sent on before the proxy sees the signal, the gate server answers it at once (501)
         status = requests.get(url, headers={"X-Agent-ID": "late"}, proxies={"http": proxy_url}, timeout=5).status_code
@@ -1134,6 +1157,7 @@ def test_requests_are_refused_while_the_store_holds_too_much_unwritten_and_taken
         statuses = [requests.post(upstream.url + "/echo", json=body, headers={"X-Agent-ID": "full"},
                                   proxies={"http": proxy.url}, timeout=20).status_code for _ in range(8)]
         refused = requests.post(upstream.url + "/echo", json={}, proxies={"http": proxy.url}, timeout=20)
+        assert "the store is not taking rows" in proxy.log_tail()  # kept by mitmdump -q: an error, said once
         lock.execute("ROLLBACK")
         wait_for(lambda: requests.post(upstream.url + "/echo", json={}, headers={"X-Agent-ID": "after"},
                                        proxies={"http": proxy.url}, timeout=20).status_code == 200,

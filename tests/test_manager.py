@@ -1010,3 +1010,23 @@ def test_an_agent_whose_flows_the_proxy_could_not_commit_in_time_is_an_error_not
     assert result.exit_code == 0 and result.status == "error"
     assert "had not committed this agent's flows 0.5s after it ended" in result.error
     assert again.status == "ok" and again.calls == 1
+
+
+def test_an_agent_whose_end_cannot_be_recorded_keeps_its_own_result(tmp_path, confdir, upstream):
+    from concurrent.futures import ThreadPoolExecutor
+    store, go = tmp_path / "r.db", tmp_path / "go"
+    with AgentManager(SHELL_AGENT, store=store, timeout=60, grace=0.5, model_url=upstream.base_url,
+                      confdir=confdir, poll_interval=0.1) as m, ThreadPoolExecutor(1) as pool:
+        m.store.locked_write_wait_s = 0.0  # a lock that outlasts the wait: the write fails
+        m.store._conn.execute("PRAGMA busy_timeout = 100")
+        running = pool.submit(m.deploy, [agent(f"await {go}")])
+        with Store(store) as reader:
+            wait_for(lambda: [a for a in reader.agents() if a.status == "running"], what="the agent running")
+        lock = sqlite3.connect(store, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # another process's write transaction, until the agent has ended
+        go.touch()
+        [result] = running.result(timeout=60)
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert result.exit_code == 0 and result.duration_s > 0  # what the agent did is still there
+    assert "its end could not be recorded in the store" in result.error and "locked" in result.error
