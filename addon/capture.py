@@ -71,6 +71,7 @@ class RolloutTap:
         self._parent_watch: asyncio.Task[None] | None = None
         self._running = False
         self.drain_s = DRAIN_S
+        self.exit_status = 0  # the process's, once mitmproxy's done hooks have all run (see _exit_after_done)
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
@@ -174,6 +175,7 @@ class RolloutTap:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def running(self) -> None:
+        _exit_after_done(ctx.master, self)
         await _rebind_on_loopback()  # before the proxy row: readers must never see a wide listener
         _listen_for_nudges(self._nudge)  # before the proxy row: readers nudge only proxies they see
         servers = ctx.master.addons.get("proxyserver").servers
@@ -218,8 +220,9 @@ class RolloutTap:
         await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("rollouttap: %s", self.counts)
-        if writer.unwritten:  # the writer said how many and why; whoever started the proxy must learn of it too
-            raise SystemExit(EXIT_UNWRITTEN)
+        if writer.unwritten:  # whoever started the proxy must learn of it: the exit status, once every hook ran
+            log.error("rollouttap: %d store events were never written to %s", writer.unwritten, writer.path)
+            self.exit_status = EXIT_UNWRITTEN
 
     def _retire(self, reason: str) -> None:
         """End the flows in flight and mark this proxy stopped in the store (the caller closes the writer)."""
@@ -252,7 +255,7 @@ class RolloutTap:
             self._refuse(flow, "the proxy is shutting down")
             return
         late = self._stopping
-        who = await self._attribute(flow)
+        who = await self._attribute(flow, counted=not late)
         if (why := self._refusal(late)) is not None:
             self._refuse(flow, why, who)
             return
@@ -271,7 +274,7 @@ class RolloutTap:
         late = self._stopping  # arrived after the signal (one that was being looked up then is served)
         req = flow.request
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
-        who = await self._attribute(flow, to_own_reverse=own is not None)
+        who = await self._attribute(flow, to_own_reverse=own is not None, counted=not late)
         if (why := self._refusal(late)) is not None:  # recorded as its agent's, so that its views and replay have it
             self._refuse(flow, why, who)
             return
@@ -297,12 +300,13 @@ class RolloutTap:
             return f"the store is not taking rows ({cause}); {writer.backlog_bytes >> 20} MiB wait in memory"
         return None
 
-    async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution:
-        self._attributing += 1
+    async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False, counted: bool = True) -> Attribution:
+        """``who.attribute``, counted (unless it arrived after the stop signal) for the shutdown drain to wait on."""
+        self._attributing += counted
         try:
             return await self.who.attribute(flow, to_own_reverse=to_own_reverse)
         finally:
-            self._attributing -= 1
+            self._attributing -= counted
 
     def request(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
@@ -452,6 +456,18 @@ class RolloutTap:
         if live.meta:
             cols["meta"] = dict(live.meta)
         self._update(flow_id, cols)
+
+
+def _exit_after_done(master: Any, tap: RolloutTap) -> None:
+    """Make mitmdump exit with ``tap.exit_status`` after its done hooks: raised in our hook, it would skip the
+    hooks of the addons after us (a HAR dump, a flow file still to be closed)."""
+    done = master.done
+
+    async def done_then_exit() -> None:
+        await done()
+        if tap.exit_status:
+            raise SystemExit(tap.exit_status)
+    master.done = done_then_exit
 
 
 def _listen_for_nudges(callback: Any) -> None:

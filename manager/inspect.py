@@ -149,10 +149,12 @@ def conversation_steps(calls: Sequence[Any]) -> list[Step]:
         current = [normalize_message(m) for m in call.messages]
         prior = before[call.thread]
         first, source = max(((len(h), at) for at, h in prior if current[:len(h)] == h), default=(-1, None))
+        answered = sum(calls[at].response is not None for at, _ in prior)
         attempt = attempts[call.turn] = attempts.get(call.turn, -1) + 1
         steps.append(Step(call, list(call.messages[max(first, 0):]), max(first, 0), first >= 0, attempt,
                           starts_thread=not prior,
-                          continues=calls[source].index if source is not None and len(prior) > 1 else None))
+                          continues=calls[source].index if answered > 1 and source is not None
+                          and calls[source].response is not None else None))
         if call.response is not None or not made:
             made.append((position, current + ([normalize_message(call.response.to_message())]
                                               if call.response else [])))

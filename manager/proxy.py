@@ -252,8 +252,13 @@ class ProxyProcess:
         when empty (mitmdump runs with -q: what it logs is a warning or an error, such as a hook exception it
         swallowed); it stays where the proxy logged, had died, had to be killed, or ``keep_log``."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return True
+        if proc.poll() is not None:  # it ended by itself: cleanly only with status 0
+            if proc.returncode == EXIT_UNWRITTEN:
+                log.error("the proxy exited with rows it could not write to the store %s (log %s)",
+                          self.config.store, self.log_path)
+            return proc.returncode == 0
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)

@@ -167,7 +167,7 @@ def summarise(results: Iterable[AgentResult]) -> Summary:
     by_status = {s: sum(r.status == s for r in items) for s in STATUSES}
     return Summary(
         agents=len(items), by_status=by_status, calls=sum(r.calls for r in items),
-        failed_calls=sum(len(getattr(r.conversation, "failed_calls", ())) for r in items),
+        failed_calls=sum(_failed_calls(r.conversation) for r in items),
         sampled_tokens=sum(r.fidelity.sampled_tokens for r in items if r.fidelity is not None),
         trainable_tokens=sum(r.fidelity.trainable_tokens for r in items if r.fidelity is not None),
         prompt_tokens=sum(int(r.tokens.get("prompt", 0)) for r in items),
@@ -179,6 +179,13 @@ def summarise(results: Iterable[AgentResult]) -> Summary:
         top_errors=tuple(Counter(r.error.strip().splitlines()[0] for r in items
                                  if r.status != "ok" and r.error and r.error.strip()).most_common(TOP_ERRORS)),
     )
+
+
+def _failed_calls(conversation: Any) -> int:
+    """Chat and /completions calls without an answer."""
+    if conversation is None:
+        return 0
+    return sum(bool(c.failed) for c in [*conversation.calls, *conversation.completion_calls])
 
 
 # -- collecting an agent's flows from the store ------------------------------------------------------------

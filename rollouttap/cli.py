@@ -105,17 +105,18 @@ def proxy(
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
-        while not stop["now"]:
-            if not proc.alive():
-                raise ProxyError(f"mitmdump exited unexpectedly:\n{proc.log_tail()}")
+        while not stop["now"] and proc.alive():
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        if not proc.stop():
-            raise ProxyError(f"the proxy stopped with rows it could not write to {config.store}:\n"
-                             f"{proc.log_tail()}")
-        typer.echo("# proxy stopped; every flow is committed", err=True)
+        died = not proc.alive()
+        clean = proc.stop()
+    if died:
+        raise ProxyError(f"mitmdump exited unexpectedly:\n{proc.log_tail()}")
+    if not clean:
+        raise ProxyError(f"the proxy stopped without writing every row to {config.store}:\n{proc.log_tail()}")
+    typer.echo("# proxy stopped; every flow is committed", err=True)
 
 
 def _register_optional_commands() -> None:

@@ -426,11 +426,12 @@ def test_a_stream_in_flight_when_the_proxy_stops_is_recorded_whole_and_new_reque
     assert {f.agent_id for f in refused} == {"late"}  # the agent's own call: its views and replay have it
 
 
-def test_a_proxy_that_could_not_write_what_it_queued_says_so_when_it_stops(tmp_path, confdir, gate_server):
+@pytest.mark.parametrize("how", ["stopped", "ended by itself"])
+def test_a_proxy_that_could_not_write_what_it_queued_says_so_when_it_stops(tmp_path, confdir, gate_server, how):
     server, gate = gate_server
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
-    store = tmp_path / "s.db"
-    with start_proxy(store, confdir) as proc:
+    store, har = tmp_path / "s.db", tmp_path / "dump.har"
+    with start_proxy(store, confdir, extra={"hardump": str(har)}) as proc:
         resp = requests.post(url, json={}, headers={"X-Agent-ID": "lost"}, proxies={"http": proc.url},
                              stream=True, timeout=20)
         lines = resp.iter_lines()
@@ -443,10 +444,14 @@ def test_a_proxy_that_could_not_write_what_it_queued_says_so_when_it_stops(tmp_p
                  what="the proxy noticing its store is gone")
         gate.set()  # the stream ends: its end has nowhere to go
         assert [line for line in lines if line][-1] == b"data: [DONE]"
+        if how == "ended by itself":  # SIGINT from someone else: stop() finds it gone
+            proc.proc.send_signal(signal.SIGINT)
+            assert proc.proc.wait(60) == 3
         stopped_clean = proc.stop()
         log = proc.log_tail()
     assert stopped_clean is False
-    assert "events not written" in log and "was deleted or replaced" in log
+    assert "store events were never written" in log and "was deleted or replaced" in log
+    assert har.exists()  # mitmproxy's own done hooks after ours still ran (the exit status comes after them)
 
 
 def _status_or_none(url: str, proxy_url: str) -> int | None:

@@ -362,6 +362,19 @@ def test_conversation_steps_after_a_second_sample_continue_the_answer_kept(kept)
     assert steps[2].continues == 10 + kept and [s.continues for s in steps[:2] + steps[3:]] == [None] * 3
 
 
+def test_conversation_steps_after_a_retry_name_no_answer_to_choose_from():
+    from types import SimpleNamespace
+    user = {"role": "user", "content": "hi"}
+    answer = {"role": "assistant", "content": "one"}
+    failed = SimpleNamespace(messages=[user], thread=0, turn=0, index=0, response=None)
+    retried = SimpleNamespace(messages=[user], thread=0, turn=0, index=1,
+                              response=SimpleNamespace(to_message=lambda: answer))
+    nxt = SimpleNamespace(messages=[user, answer, {"role": "user", "content": "go on"}], thread=0, turn=1, index=2,
+                          response=None)
+    steps = conversation_steps([failed, retried, nxt])
+    assert steps[2].extends and steps[2].continues is None  # one answer only: nothing to say which
+
+
 def test_flow_row_of_an_error_flow(recording):
     with Store(recording.store) as s:
         [broken] = s.flows(agent_id="broken")

@@ -410,6 +410,15 @@ def test_summary_counts_the_commonest_errors():
     assert summarise([result(0, "ok", "ignored")]).to_dict()["top_errors"] == []
 
 
+def test_summary_counts_failed_chat_and_completion_calls():
+    from rollouttap.manager.results import AgentResult, summarise
+    conversation = SimpleNamespace(calls=[SimpleNamespace(failed=True), SimpleNamespace(failed=False)],
+                                   completion_calls=[SimpleNamespace(failed=True)])
+    results = [AgentResult("a0", 0, "p", "ok", calls=3, conversation=conversation),
+               AgentResult("a1", 1, "p", "error", error="cannot start agent: x")]  # no conversation at all
+    assert summarise(results).failed_calls == 2
+
+
 def test_json_safe():
     assert json_safe({"a": (1, 2.5), 3: {float("nan")}}) == {"a": [1, 2.5], "3": "{nan}"}
 
