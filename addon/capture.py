@@ -305,6 +305,12 @@ class RolloutTap:
         self._attributing += counted
         try:
             return await self.who.attribute(flow, to_own_reverse=to_own_reverse)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the hook itself is cancelled
+                raise
+            # Its lookup was cancelled with the pool at shutdown: the request is refused (see _refusal).
+            return Attribution(None, "none", None, "lookup cancelled: the proxy is shutting down")
         finally:
             self._attributing -= counted
 
@@ -461,6 +467,8 @@ class RolloutTap:
 def _exit_after_done(master: Any, tap: RolloutTap) -> None:
     """Make mitmdump exit with ``tap.exit_status`` after its done hooks: raised in our hook, it would skip the
     hooks of the addons after us (a HAR dump, a flow file still to be closed)."""
+    if getattr(master, "_rollouttap_exit_after_done", False):  # running again (a script reload): wrapped once
+        return
     done = master.done
 
     async def done_then_exit() -> None:
@@ -468,6 +476,7 @@ def _exit_after_done(master: Any, tap: RolloutTap) -> None:
         if tap.exit_status:
             raise SystemExit(tap.exit_status)
     master.done = done_then_exit
+    master._rollouttap_exit_after_done = True
 
 
 def _listen_for_nudges(callback: Any) -> None:

@@ -262,8 +262,8 @@ class ProxyProcess:
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return True
+            except ProcessLookupError:  # ended meanwhile
+                return proc.wait() == 0
             try:
                 proc.wait(wait)
             except subprocess.TimeoutExpired:

@@ -110,10 +110,11 @@ def proxy(
     except KeyboardInterrupt:
         pass
     finally:
-        died = not proc.alive()
+        died = proc.proc.poll() if proc.proc is not None else None  # its status, when it ended by itself
         clean = proc.stop()
-    if died:
-        raise ProxyError(f"mitmdump exited unexpectedly:\n{proc.log_tail()}")
+    if died is not None:
+        raise ProxyError(f"mitmdump exited unexpectedly with status {died} (log {proc.log_path}):\n"
+                         f"{proc.log_tail()}")
     if not clean:
         raise ProxyError(f"the proxy stopped without writing every row to {config.store}:\n{proc.log_tail()}")
     typer.echo("# proxy stopped; every flow is committed", err=True)

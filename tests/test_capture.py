@@ -543,6 +543,27 @@ def test_another_apis_agents_path_is_left_alone(tmp_path, scheme):
     assert who.method == "none" and flow.request.path == "/agents/asst_1/threads/run"
 
 
+def test_a_lookup_cancelled_with_the_pool_at_shutdown_refuses_the_request_instead_of_failing_the_hook(tmp_path):
+    async def lookup_cancelled(flow, to_own_reverse=False):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        loop.call_soon(future.cancel)  # as the pool's shutdown(cancel_futures=True) cancels a queued lookup
+        return await future
+
+    async def late_request(addon):
+        await addon.running()
+        addon.who.attribute = lookup_cancelled
+        addon._stopping = True  # a request after the stop signal, its lookup queued behind the pool's shutdown
+        flow = tflow.tflow()
+        await addon.requestheaders(flow)
+        return flow
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        flow = asyncio.run(late_request(addon))
+        asyncio.run(addon.done())
+    assert flow.response is not None and flow.response.status_code == 503
+
+
 def test_a_client_on_another_host_must_present_credentials(tmp_path):
     # With rollouttap_allow_remote the proxy is reachable from other hosts: nothing but credentials can name
     # a remote client's agent, and serving it anonymously would relay it to this host's loopback services.

@@ -54,6 +54,24 @@ def test_proxy_command_prints_env_records_and_stops_on_ctrl_c(tmp_path, confdir,
         assert s.proxies()[0]["stopped_at"] is not None
 
 
+def test_proxy_command_says_how_its_mitmdump_ended_when_it_dies(tmp_path, confdir):
+    store = tmp_path / "runs.db"
+    proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(store), "--confdir", str(confdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _read_exports(proc)
+        with Store(store) as s:
+            [row] = s.proxies()
+        os.kill(row["pid"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert "mitmdump exited unexpectedly with status -9 (log " in err and "every flow is committed" not in err
+
+
 def test_proxy_command_rejects_bad_listen(tmp_path):
     out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--listen", "nope"],
                          capture_output=True, text=True, timeout=30)
