@@ -251,13 +251,7 @@ class RolloutTap:
                 self._abort(flow_id, live, "client disconnected before the response completed")
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        if self._store_closed:
-            self._refuse(flow, "the proxy is shutting down")
-            return
-        late = self._stopping
-        who = await self._attribute(flow, counted=not late)
-        if (why := self._refusal(late)) is not None:
-            self._refuse(flow, why, who)
+        if (who := await self._admit(flow)) is None:
             return
         self._record_new(flow, who)
         if who.method == "rejected":
@@ -268,15 +262,9 @@ class RolloutTap:
 
     # -- flows -------------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if self._store_closed:
-            self._refuse(flow, "the proxy is shutting down")
-            return
-        late = self._stopping  # arrived after the signal (one that was being looked up then is served)
         req = flow.request
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
-        who = await self._attribute(flow, to_own_reverse=own is not None, counted=not late)
-        if (why := self._refusal(late)) is not None:  # recorded as its agent's, so that its views and replay have it
-            self._refuse(flow, why, who)
+        if (who := await self._admit(flow, to_own_reverse=own is not None)) is None:
             return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
@@ -287,6 +275,19 @@ class RolloutTap:
                 self._reject(flow, who, close=True)
             else:  # answered once its body is in, so that the body is kept
                 self._live[flow.id].refused = who
+
+    async def _admit(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution | None:
+        """Who sent the flow, or None when it was answered 503 instead (recorded as that agent's call, so that its
+        views and replay have it)."""
+        if self._store_closed:
+            self._refuse(flow, "the proxy is shutting down")
+            return None
+        late = self._stopping  # arrived after the stop signal: refused, and not waited for
+        who = await self._attribute(flow, to_own_reverse=to_own_reverse, counted=not late)
+        if (why := self._refusal(late)) is not None:
+            self._refuse(flow, why, who)
+            return None
+        return who
 
     def _refusal(self, late: bool) -> str | None:
         """Why a new request is answered 503 now, if it is (``late``: it arrived while the proxy shut down)."""
@@ -404,9 +405,12 @@ class RolloutTap:
             self._end(flow.id, "error", {"error": f"{error} (connection closed: stream_large_bodies would "
                                                   "send the body on)"})
             return
-        flow.response = http.Response.make(
-            407, f"rollouttap: proxy credentials refused ({who.detail})\n",
-            {"Proxy-Authenticate": 'Basic realm="rollouttap"', "Content-Type": "text/plain"})
+        self._answer(flow, 407, f"proxy credentials refused ({who.detail})",
+                     {"Proxy-Authenticate": 'Basic realm="rollouttap"'}, error)
+
+    def _answer(self, flow: http.HTTPFlow, status: int, text: str, headers: dict[str, str], error: str) -> None:
+        """Answer the flow here, never upstream, and end its row with that answer."""
+        flow.response = http.Response.make(status, f"rollouttap: {text}\n", {"Content-Type": "text/plain", **headers})
         self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
                                      "response_body": flow.response.raw_content, "t_end": time.time(),
                                      "error": error})
@@ -417,16 +421,11 @@ class RolloutTap:
             self._refused_logged = time.monotonic()
             # An error, so that mitmdump -q (as the manager starts it) keeps it in its log, unless shutting down.
             log.log(logging.WARNING if self._stopping else logging.ERROR, "rollouttap: %s: answering 503", why)
-        flow.response = http.Response.make(503, f"rollouttap: {why}\n",
-                                           {"Content-Type": "text/plain", "Connection": "close"})
         writer = self.writer
-        if writer is None or self._store_closed or writer.detached \
-                or writer.backlog_bytes > writer.max_backlog_bytes + REFUSAL_ROWS_SLACK:
-            return  # not even a refusal's row can be kept: memory must stay bounded (the log says why)
-        self._record_new(flow, who or Attribution(None, "none", None, why))
-        self._end(flow.id, "error", {**flowcols.response_started(flow, streamed=False),
-                                     "response_body": flow.response.raw_content, "t_end": time.time(),
-                                     "error": f"{why}: not sent upstream"})
+        # Past the slack not even a refusal's row is kept (memory must stay bounded; the log says why).
+        if writer is not None and not self._store_closed and writer.can_hold(REFUSAL_ROWS_SLACK):
+            self._record_new(flow, who or Attribution(None, "none", None, why))
+        self._answer(flow, 503, why, {"Connection": "close"}, f"{why}: not sent upstream")  # ends the row, if any
 
     # -- store -------------------------------------------------------------------------------------
     def _record_new(self, flow: http.HTTPFlow, who: Attribution, routed_from: str | None = None) -> None:

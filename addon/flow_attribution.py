@@ -75,8 +75,8 @@ class FlowAttribution:
         # A path token is our reverse listener's: elsewhere (a regular proxy request, inside a tunnel) /agents/...
         # is some other API's path.
         on_reverse = isinstance(flow.client_conn.proxy_mode, ReverseMode)
-        in_path = split_agent_path(flow.request.path) \
-            if to_own_reverse or (on_reverse and creds is None and tunnel is None) else None
+        path_names_agent = to_own_reverse or (on_reverse and creds is None and tunnel is None)  # before the reset
+        in_path = split_agent_path(flow.request.path) if path_names_agent else None
         if tunnel is not None and tunnel.agent_id is None:
             tunnel = None  # a CONNECT that named no agent: each request inside is looked up (process, header)
         if to_own_reverse and in_path is not None:

@@ -132,11 +132,13 @@ class Step:
     continues: int | None = None  # the call whose answer it goes on with, when its previous turn had several
 
 
+History = tuple[int, list[Any]]  # (position of a call in the calls shown, its messages and answer)
+
+
 def conversation_steps(calls: Sequence[Any]) -> list[Step]:
     """One Step per chat call, in order (calls need ``messages``, ``thread``, ``turn`` and ``response``). A turn's
     calls are compared with what its thread held before the turn, where each answered call of the previous turn
     is a history it may continue (an agent that sampled twice goes on with either answer)."""
-    History = tuple[int, list[Any]]  # (position of the call in ``calls``, its messages and answer)
     before: dict[int, list[History]] = {}  # thread -> the histories a call of its latest turn may extend
     latest: dict[int, tuple[Any, list[History]]] = {}  # thread -> (its latest turn, that turn's histories)
     attempts: dict[Any, int] = {}
@@ -144,20 +146,22 @@ def conversation_steps(calls: Sequence[Any]) -> list[Step]:
     for position, call in enumerate(calls):
         turn, made = latest.get(call.thread, (None, []))
         if turn != call.turn:
-            before[call.thread] = made
-            latest[call.thread] = (call.turn, made := [])
+            before[call.thread], made = made, []
+            latest[call.thread] = (call.turn, made)
         current = [normalize_message(m) for m in call.messages]
         prior = before[call.thread]
-        first, source = max(((len(h), at) for at, h in prior if current[:len(h)] == h), default=(-1, None))
-        answered = sum(calls[at].response is not None for at, _ in prior)
+        match = max(((len(h), at) for at, h in prior if current[:len(h)] == h), default=None)
+        first, source = match if match is not None else (0, None)
+        continues = None
+        if source is not None and calls[source].response is not None \
+                and sum(calls[at].response is not None for at, _ in prior) > 1:
+            continues = calls[source].index  # which of several answers it goes on with
         attempt = attempts[call.turn] = attempts.get(call.turn, -1) + 1
-        steps.append(Step(call, list(call.messages[max(first, 0):]), max(first, 0), first >= 0, attempt,
-                          starts_thread=not prior,
-                          continues=calls[source].index if answered > 1 and source is not None
-                          and calls[source].response is not None else None))
+        steps.append(Step(call, list(call.messages[first:]), first, match is not None, attempt,
+                          starts_thread=not prior, continues=continues))
         if call.response is not None or not made:
-            made.append((position, current + ([normalize_message(call.response.to_message())]
-                                              if call.response else [])))
+            answer = [normalize_message(call.response.to_message())] if call.response is not None else []
+            made.append((position, current + answer))
     return steps
 
 

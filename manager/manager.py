@@ -31,7 +31,8 @@ from rollouttap.manager.proxy import ProxyConfig
 from rollouttap.manager.proxy_link import ProxyLink
 from rollouttap.manager.reaper import Reaper
 from rollouttap.manager.results import (
-    AgentResult, collect_flows, decide_status, settle_flows, summarise, with_model_failure,
+    AgentResult, collect_flows, decide_status, join_errors, settle_flows, summarise, with_model_failure,
+    with_uncommitted,
 )
 from rollouttap.store import Store, new_token
 from rollouttap.store.redact import redact_command
@@ -366,9 +367,7 @@ class AgentManager:
         settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
         error = with_model_failure(status, error, flows.conversation)
-        if settled.uncommitted is not None:  # never "ok" on flows that may be missing
-            status = "error" if status == "ok" else status
-            error = f"{error}; {settled.uncommitted}" if error else settled.uncommitted
+        status, error = with_uncommitted(status, error, settled.uncommitted)
         # A cancelled batch (Ctrl-C, close()) is ending: its agents' checks (minutes, maybe) are not run.
         if outcome == "cancelled":
             skipped = "not run: the batch was cancelled" if self.spec.check is not None else None
@@ -389,7 +388,7 @@ class AgentManager:
         except StoreError as exc:  # the agent ran: its result stands, saying why the store lacks its end
             log.error("agent %s: recording its end failed: %s", agent.agent_id, exc)
             note = f"its end could not be recorded in the store: {exc}"
-            result = replace(result, error=f"{result.error}; {note}" if result.error else note)
+            result = replace(result, error=join_errors(result.error, note))
         return result
 
     def _environment(self, agent_id: str, token: str, link: ProxyLink) -> dict[str, str]:

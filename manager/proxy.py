@@ -247,36 +247,33 @@ class ProxyProcess:
                 time.sleep(0.2)
 
     def stop(self, timeout: float = 30.0, *, keep_log: bool = False) -> bool:
-        """Stop gracefully (every queued flow committed), killing only if it hangs; False when rows it had
-        queued never reached the store (logged, with the proxy's log kept). The log file goes with a clean stop
-        when empty (mitmdump runs with -q: what it logs is a warning or an error, such as a hook exception it
-        swallowed); it stays where the proxy logged, had died, had to be killed, or ``keep_log``."""
+        """Stop gracefully (every queued flow committed), killing only if it hangs; True when it ended cleanly
+        (status 0), False otherwise, logged where rows it had queued never reached the store (exit status 3).
+        The log file goes with a clean stop when empty (mitmdump runs with -q: what it logs is a warning or an
+        error, such as a hook exception it swallowed); it stays otherwise, or with ``keep_log``."""
         proc, self.proc = self.proc, None
         if proc is None:
             return True
-        if proc.poll() is not None:  # it ended by itself: cleanly only with status 0
-            if proc.returncode == EXIT_UNWRITTEN:
-                log.error("the proxy exited with rows it could not write to the store %s (log %s)",
-                          self.config.store, self.log_path)
-            return proc.returncode == 0
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):
+            if proc.poll() is not None:  # ended by itself, or meanwhile
+                break
             try:
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:  # ended meanwhile
-                return proc.wait() == 0
+            except ProcessLookupError:
+                break
             try:
                 proc.wait(wait)
+                break
             except subprocess.TimeoutExpired:
                 log.warning("mitmdump did not stop on %s (log %s)", sig.name, self.log_path)
-                continue
-            self._log.close()  # a later start() begins a new log
-            if sig is signal.SIGINT and proc.returncode == 0 and not keep_log and _is_empty(self.log_path):
-                self.log_path.unlink(missing_ok=True)
-            if proc.returncode == EXIT_UNWRITTEN:
-                log.error("the proxy stopped with rows it could not write to the store %s (log %s)",
-                          self.config.store, self.log_path)
-            return proc.returncode != EXIT_UNWRITTEN and sig is signal.SIGINT
-        return False
+        status = proc.poll()
+        self._log.close()  # a later start() begins a new log
+        if status == 0 and not keep_log and _is_empty(self.log_path):
+            self.log_path.unlink(missing_ok=True)
+        if status == EXIT_UNWRITTEN:
+            log.error("the proxy stopped with rows it could not write to the store %s (log %s)",
+                      self.config.store, self.log_path)
+        return status == 0  # None: not even SIGKILL ended it
 
     def log_tail(self, chars: int = 3000) -> str:
         if not self._log.closed:

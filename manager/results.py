@@ -93,6 +93,18 @@ def decide_status(outcome: str, exit_code: int | None, entry: Mapping[str, Any] 
     return "ok", None
 
 
+def join_errors(*parts: str | None) -> str | None:
+    """The parts that say something, joined with "; "."""
+    return "; ".join(p for p in parts if p) or None
+
+
+def with_uncommitted(status: Status, error: str | None, uncommitted: str | None) -> tuple[Status, str | None]:
+    """Never "ok" on flows that may be missing: an ok agent becomes an error saying why, others keep theirs."""
+    if uncommitted is None:
+        return status, error
+    return ("error" if status == "ok" else status), join_errors(error, uncommitted)
+
+
 def with_model_failure(status: Status, error: str | None, conversation: Any) -> str | None:
     """A failed agent's error plus why its last model call failed, if it did: an agent often fails because
     that call did (a model server nobody listens on), and says so only in its own stderr. An earlier
@@ -100,7 +112,7 @@ def with_model_failure(status: Status, error: str | None, conversation: Any) -> 
     calls = getattr(conversation, "calls", None) if status != "ok" else None
     if not calls or not calls[-1].failed:
         return error
-    return f"{error}; its last model call failed: {calls[-1].error}"
+    return join_errors(error, f"its last model call failed: {calls[-1].error}")
 
 
 def json_safe(value: Any) -> Any:

@@ -100,7 +100,11 @@ def flows(
 
 def _call_header(call: Any, attempt: int = 0) -> Text:
     text = Text(f"── call {call.index}", style="bold")
-    again = "retry" if call.is_retry else f"sample {attempt + 1} of the same request" if attempt else ""
+    again = ""
+    if call.is_retry:
+        again = "retry"
+    elif attempt:
+        again = f"sample {attempt + 1} of the same request"
     bits = [f"thread {call.thread}", f"{call.path}", str(call.status_code or call.state),
             "stream" if call.stream else "", f"{_secs(call.latency)} (first byte {_secs(call.ttfb)})",
             f"finish {call.finish_reason}" if call.finish_reason else "", again]

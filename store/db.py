@@ -130,6 +130,11 @@ def _has_foreign_tables(conn: sqlite3.Connection) -> bool:
     return row[0] > 0
 
 
+def is_busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY, or one of its extended codes (BUSY_RECOVERY, BUSY_SNAPSHOT, ...): another connection's lock."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+
+
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (the exception raised is the first one)."""

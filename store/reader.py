@@ -13,14 +13,15 @@ from typing import Any, Iterable, Sequence
 import psutil
 
 from rollouttap.errors import StoreError
-from rollouttap.store.db import connect, transaction
+from rollouttap.store.db import connect, is_busy, transaction
 from rollouttap.store.nudge import nudge
 from rollouttap.store.records import AgentRecord, FlowRecord
 from rollouttap.store.redact import hash_token
 
 AGENT_STATUSES = ("registered", "running", "ok", "failed", "timeout", "error")
 LIVE_STATUSES = ("registered", "running")  # not ended yet: its token counts, its processes are supervised
-LOCKED_WRITE_WAIT_S = 120.0  # in all; each try waits busy_timeout (10 s) itself
+LOCKED_WRITE_WAIT_S = 120.0  # in all; each try waits busy_timeout (BUSY_TIMEOUT_MS) itself
+LOCKED_WRITE_PAUSE_S = 0.05  # between tries, out of the lock: other threads get their turn
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,10 @@ class Store:
                 with self._lock, transaction(self._conn):
                     return self._conn.execute(sql, tuple(params)).rowcount
             except sqlite3.Error as exc:
-                busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY  # BUSY_RECOVERY etc. too
-                if not busy or time.monotonic() > deadline:
+                if not is_busy(exc) or time.monotonic() > deadline:
                     raise StoreError(f"write to {self.path} failed: {exc}") from exc
                 log.warning("store %s is locked by another writer; still waiting to write", self.path)
-                time.sleep(0.05)
+                time.sleep(LOCKED_WRITE_PAUSE_S)
 
     # -- agents ----------------------------------------------------------------------------------
     def register_agent(self, agent_id: str, *, token: str | None = None, run_id: str | None = None,

@@ -139,6 +139,11 @@ class StoreWriter:
         lock held by another process); what is queued stays in memory until it does."""
         return self.backlog_bytes > self.max_backlog_bytes
 
+    def can_hold(self, extra: int = 0) -> bool:
+        """Whether a row queued now can still reach the store: the file is there and the backlog is within the
+        limit (plus ``extra`` bytes)."""
+        return self.detached is None and self.backlog_bytes <= self.max_backlog_bytes + extra
+
     def _put(self, event: Event) -> None:
         if self._closed:
             raise RuntimeError("store writer is closed")
