@@ -297,8 +297,9 @@ class RolloutTap:
         if writer.detached:  # what it records now is lost: say so to every agent, not only in the log
             return writer.detached
         if writer.overloaded:  # memory is all that holds unwritten flows: do not take on more
-            cause = writer.failing or "no commit for a while: a lock held by another process, or a slow disk?"
-            return f"the store is not taking rows ({cause}); {writer.backlog_bytes >> 20} MiB wait in memory"
+            cause = f" ({writer.failing})" if writer.failing else ""
+            return (f"the store is not taking rows fast enough{cause}: {writer.backlog_bytes >> 20} MiB wait in memory, "
+                    "over rollouttap_store_backlog_mb")
         return None
 
     async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False, counted: bool = True) -> Attribution:
@@ -456,6 +457,8 @@ class RolloutTap:
             return
         if state == "error":
             self.counts["errors"] += 1
+        else:  # a reader that gave up on the flow may have ended it as an error meanwhile (settle_flows)
+            cols.setdefault("error", None)
         cols = {**live.pending, **cols, "state": state}
         cols.setdefault("t_end", time.time())
         if live.meta:

@@ -31,7 +31,7 @@ from rollouttap.manager.proxy import ProxyConfig
 from rollouttap.manager.proxy_link import ProxyLink
 from rollouttap.manager.reaper import Reaper
 from rollouttap.manager.results import (
-    AgentResult, collect_flows, decide_status, join_errors, settle_flows, summarise, with_model_failure,
+    AgentResult, Settled, collect_flows, decide_status, join_errors, settle_flows, summarise, with_model_failure,
     with_uncommitted,
 )
 from rollouttap.store import Store, new_token
@@ -145,8 +145,12 @@ class AgentManager:
             for thread in self._threads:
                 thread.join(10)
             self._threads = []
-            for link in self.links:
-                link.close()
+            # In parallel: each may take its writer's whole close time (a store taking no rows).
+            closers = [threading.Thread(target=link.close) for link in self.links]
+            for closer in closers:
+                closer.start()
+            for closer in closers:
+                closer.join()
         finally:  # whatever failed above, the reaper and the store are settled
             self.links, self.link = [], None
             if finished:
@@ -283,6 +287,7 @@ class AgentManager:
 
     def _run_guarded(self, index: int, prompt: Prompt, stop: threading.Event, timeout: float) -> AgentResult:
         agent_id = new_agent_id()
+        store = self.store  # close() may drop it meanwhile
         if stop.is_set():
             return AgentResult(agent_id, index, prompt, "error", error="cancelled before it started")
         try:
@@ -291,8 +296,8 @@ class AgentManager:
             log.exception("agent %s (prompt %d) could not be run", agent_id, index)
             error = f"{type(exc).__name__}: {exc}"
             try:
-                assert self.store is not None
-                self.store.agent_ended(agent_id, "error", {"error": error})
+                assert store is not None
+                store.agent_ended(agent_id, "error", {"error": error})
             except Exception:
                 log.exception("agent %s: recording its end failed too", agent_id)
             return AgentResult(agent_id, index, prompt, "error", error=error)
@@ -303,6 +308,8 @@ class AgentManager:
                  timeout: float) -> AgentResult:
         store, token = self.store, new_token()
         assert store is not None
+        if (gone := store.detached()) is not None:  # its proxies answer 503 and nothing is recorded: fail fast
+            raise StoreError(gone)
         run_dir = launch.new_run_dir()
         try:
             store.register_agent(agent_id, token=token, run_id=self.run_id,
@@ -364,7 +371,10 @@ class AgentManager:
         entry = launch.read_json(ctx.result_file) if is_entry else None
         status, error = decide_status(outcome, agent.popen.returncode, entry, is_entry_point=is_entry,
                                       timeout=timeout)
-        settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
+        try:
+            settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
+        except StoreError as exc:  # its open flows could not be ended in the store: its result still stands
+            settled = Settled((), f"its flows could not be settled in the store: {exc}")
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
         error = with_model_failure(status, error, flows.conversation)
         status, error = with_uncommitted(status, error, settled.uncommitted)

@@ -111,7 +111,12 @@ def proxy(
         pass
     finally:
         died = proc.proc.poll() if proc.proc is not None else None  # its status, when it ended by itself
-        clean = proc.stop()
+        try:
+            clean = proc.stop()
+        except KeyboardInterrupt:  # a second Ctrl-C: this command goes, the proxy finishes on its own
+            typer.echo(f"# interrupted: the proxy is still committing and stops by itself (log {proc.log_path})",
+                       err=True)
+            raise
     if died is not None:
         raise ProxyError(f"mitmdump exited unexpectedly with status {died} (log {proc.log_path}):\n"
                          f"{proc.log_tail()}")

@@ -34,11 +34,25 @@ class Store:
         self.path = Path(path)
         self.locked_write_wait_s = locked_write_wait_s
         self._conn = connect(self.path, readonly=readonly)
+        st = self.path.stat()
+        self._file = (st.st_dev, st.st_ino)
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock:  # a write still waiting out another writer's lock then fails on the closed connection
             self._conn.close()
+
+    def detached(self) -> str | None:
+        """Why this connection no longer reads and writes the file at its path (deleted, or replaced), if so."""
+        try:
+            st = self.path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        except OSError:  # cannot tell (its folder unreadable for a moment): taken as the same file
+            return None
+        if st is not None and (st.st_dev, st.st_ino) == self._file:
+            return None
+        return f"the store file {self.path} was deleted or replaced while in use: start again with a store"
 
     def __enter__(self) -> Store:
         return self

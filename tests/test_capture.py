@@ -564,6 +564,22 @@ def test_a_lookup_cancelled_with_the_pool_at_shutdown_refuses_the_request_instea
     assert flow.response is not None and flow.response.status_code == 503
 
 
+def test_a_flow_that_ends_after_a_reader_gave_up_on_it_is_done_without_that_error(tmp_path):
+    from rollouttap.addon.attribution import Attribution
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        asyncio.run(addon.running())
+        flow = tflow.tflow(resp=True)
+        addon._record_new(flow, Attribution("slow", "header"))
+        assert addon.writer.flush()
+        with Store(tmp_path / "s.db") as store:  # the manager's settle_flows, after its grace period
+            store.mark_open_flows(agent_id="slow", error="still open 10s after the agent ended")
+        addon.response(flow)  # the answer lands after all (the store was locked meanwhile, say)
+        asyncio.run(addon.done())
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(agent_id="slow")
+    assert row.state == "done" and row.error is None
+
+
 def test_a_client_on_another_host_must_present_credentials(tmp_path):
     # With rollouttap_allow_remote the proxy is reachable from other hosts: nothing but credentials can name
     # a remote client's agent, and serving it anonymously would relay it to this host's loopback services.

@@ -1039,3 +1039,16 @@ def test_an_agent_whose_end_cannot_be_recorded_keeps_its_own_result(tmp_path, co
         lock.close()
     assert result.exit_code == 0 and result.duration_s > 0  # what the agent did is still there
     assert "its end could not be recorded in the store" in result.error and "locked" in result.error
+
+
+def test_agents_are_not_started_once_the_managers_store_file_is_gone(tmp_path, confdir, upstream):
+    store = tmp_path / "r.db"
+    with AgentManager(SHELL_AGENT, store=store, timeout=60, model_url=upstream.base_url, confdir=confdir,
+                      poll_interval=0.1) as m:
+        assert m.deploy([agent("chat 1 @id")])[0].status == "ok"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{store}{suffix}").unlink(missing_ok=True)
+        started = time.monotonic()
+        [result] = m.deploy([agent("chat 1 @id")])
+    assert result.status == "error" and "was deleted or replaced" in result.error
+    assert time.monotonic() - started < 5  # at once, not after a grace period of waiting for its flows

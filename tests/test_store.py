@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -926,3 +927,14 @@ def test_a_store_file_that_cannot_be_looked_at_for_a_moment_is_not_taken_as_gone
     writer.close()
     with Store(path) as store:
         assert [f.flow_id for f in store.flows()] == ["while"]
+
+
+def test_a_store_knows_when_its_file_was_deleted_or_replaced(tmp_path):
+    path = tmp_path / "runs.db"
+    with Store(path) as store:
+        assert store.detached() is None
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        assert "was deleted or replaced" in store.detached()
+        Store(path).close()  # a new store at the same path is another file
+        assert "was deleted or replaced" in store.detached()
