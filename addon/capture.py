@@ -298,8 +298,8 @@ class RolloutTap:
             return writer.detached
         if writer.overloaded:  # memory is all that holds unwritten flows: do not take on more
             cause = f" ({writer.failing})" if writer.failing else ""
-            return (f"the store is not taking rows fast enough{cause}: {writer.backlog_bytes >> 20} MiB wait in memory, "
-                    "over rollouttap_store_backlog_mb")
+            return (f"the store is not taking rows fast enough{cause}: {writer.backlog_bytes >> 20} MiB wait in "
+                    "memory, over rollouttap_store_backlog_mb")
         return None
 
     async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False, counted: bool = True) -> Attribution:
