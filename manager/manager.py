@@ -146,11 +146,10 @@ class AgentManager:
                 thread.join(10)
             self._threads = []
             # In parallel: each may take its writer's whole close time (a store taking no rows).
-            closers = [threading.Thread(target=link.close) for link in self.links]
-            for closer in closers:
-                closer.start()
-            for closer in closers:
-                closer.join()
+            with ThreadPoolExecutor(max_workers=max(1, len(self.links))) as pool:
+                closing = [pool.submit(link.close) for link in self.links]
+            for done in closing:
+                done.result()  # the first failure is raised, as a loop over them would
         finally:  # whatever failed above, the reaper and the store are settled
             self.links, self.link = [], None
             if finished:
