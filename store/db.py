@@ -130,6 +130,27 @@ def _has_foreign_tables(conn: sqlite3.Connection) -> bool:
     return row[0] > 0
 
 
+FileId = tuple[int, int]  # (device, inode)
+
+
+def file_id(path: Path) -> FileId:
+    """The file ``path`` names now."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def still_the_file(path: Path, opened: FileId) -> bool | None:
+    """Whether ``path`` still names the file opened as ``opened``: False once it was deleted or replaced (a
+    connection would go on with the unlinked file, or replay its -wal into another), None when that cannot be
+    told (its folder unreadable for a moment)."""
+    try:
+        return file_id(path) == opened
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return None
+
+
 def is_busy(exc: sqlite3.Error) -> bool:
     """SQLITE_BUSY, or one of its extended codes (BUSY_RECOVERY, BUSY_SNAPSHOT, ...): another connection's lock."""
     return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY

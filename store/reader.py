@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 import psutil
 
 from rollouttap.errors import StoreError
-from rollouttap.store.db import connect, is_busy, transaction
+from rollouttap.store.db import connect, file_id, is_busy, still_the_file, transaction
 from rollouttap.store.nudge import nudge
 from rollouttap.store.records import AgentRecord, FlowRecord
 from rollouttap.store.redact import hash_token
@@ -34,8 +34,7 @@ class Store:
         self.path = Path(path)
         self.locked_write_wait_s = locked_write_wait_s
         self._conn = connect(self.path, readonly=readonly)
-        st = self.path.stat()
-        self._file = (st.st_dev, st.st_ino)
+        self._file = file_id(self.path)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -44,13 +43,7 @@ class Store:
 
     def detached(self) -> str | None:
         """Why this connection no longer reads and writes the file at its path (deleted, or replaced), if so."""
-        try:
-            st = self.path.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            st = None
-        except OSError:  # cannot tell (its folder unreadable for a moment): taken as the same file
-            return None
-        if st is not None and (st.st_dev, st.st_ino) == self._file:
+        if still_the_file(self.path, self._file) is not False:  # None, it cannot tell: taken as the same file
             return None
         return f"the store file {self.path} was deleted or replaced while in use: start again with a store"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rollouttap.store.db import connect, transaction
+from rollouttap.store.db import connect, file_id, still_the_file, transaction
 from rollouttap.store.schema import FLOW_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ class StoreWriter:
         self._last_commit = -float("inf")  # time.monotonic() after the last transaction of rows
         self._idle_wait = heartbeat  # how long the queue may stay empty before the next idle watermark
         self._conn = connect(self.path)
-        st = self.path.stat()  # connect() made it
-        self._file_id = (st.st_dev, st.st_ino)
+        self._file_id = file_id(self.path)  # connect() made it
         self.detached: str | None = None  # set once the store file was deleted or replaced under the writer
         self._dropped_logged = -float("inf")
         self._failure_logged = -float("inf")
@@ -256,15 +255,10 @@ class StoreWriter:
         into another file."""
         if self.detached is not None:
             return
-        try:
-            st = self.path.stat()
-            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
-        except (FileNotFoundError, NotADirectoryError):
-            now = None
-        except OSError as exc:  # cannot tell (its folder unreadable for a moment): SQLite writes on; ask again later
-            log.debug("store file %s not checked: %s", self.path, exc)
-            return
-        if now != self._file_id:
+        same = still_the_file(self.path, self._file_id)
+        if same is None:  # cannot tell (its folder unreadable for a moment): SQLite writes on; ask again later
+            log.debug("store file %s not checked now", self.path)
+        elif not same:
             self.detached = (f"the store file {self.path} was deleted or replaced while this proxy wrote to it: "
                              "restart the proxy")
             log.error("rollouttap: %s", self.detached)
