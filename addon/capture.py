@@ -31,6 +31,7 @@ from rollouttap.store import StoreWriter
 from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.store.writer import EXIT_UNWRITTEN, MAX_BACKLOG_BYTES
 from rollouttap.errors import StoreError
+from rollouttap.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class RolloutTap:
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
-        self._refused_logged = -float("inf")  # when a 503 refusal was last logged
+        self._refusals_said = Throttle(5.0)  # one log line per burst of 503s
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -418,8 +419,7 @@ class RolloutTap:
 
     def _refuse(self, flow: http.HTTPFlow, why: str, who: Attribution | None = None) -> None:
         """Answer 503 without sending the request on, recorded (as ``who``'s) while the store still takes rows."""
-        if time.monotonic() - self._refused_logged > 5.0:  # not one line per request of a burst
-            self._refused_logged = time.monotonic()
+        if self._refusals_said.due():
             # An error, so that mitmdump -q (as the manager starts it) keeps it in its log, unless shutting down.
             log.log(logging.WARNING if self._stopping else logging.ERROR, "rollouttap: %s: answering 503", why)
         writer = self.writer

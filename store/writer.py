@@ -23,6 +23,7 @@ from typing import Any
 
 from rollouttap.store.db import connect, file_id, still_the_file, transaction
 from rollouttap.store.schema import FLOW_COLUMNS
+from rollouttap.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ class StoreWriter:
         self._conn = connect(self.path)
         self._file_id = file_id(self.path)  # connect() made it
         self.detached: str | None = None  # set once the store file was deleted or replaced under the writer
-        self._dropped_logged = -float("inf")
-        self._failure_logged = -float("inf")
+        self._drops_said = Throttle(5.0)
+        self._failures_said = Throttle(60.0)  # a failing store retries every 2 s: not a line each time
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -220,8 +221,7 @@ class StoreWriter:
             except sqlite3.OperationalError as exc:
                 # Locked or busy beyond busy_timeout, or the disk full: keep the batch and try again; never drop
                 # traffic (the proxy refuses new requests once the backlog is too large: see overloaded).
-                if self.failing is None or time.monotonic() - self._failure_logged > 60.0:  # not every 2 s
-                    self._failure_logged = time.monotonic()
+                if self._failures_said.due(now=self.failing is None):  # a new failure is said at once
                     log.error("rollouttap: writing to the store %s failed (%s); retrying %d events (and %d queued "
                               "behind them) until it takes them", self.path, exc, len(writes), self._queue.qsize())
                 self.failing = str(exc)
@@ -245,8 +245,7 @@ class StoreWriter:
         self.failing = None  # detached says why now
         self.stats.failed += len(writes)
         self._done_bytes += sum(_event_size(event) for event in writes)
-        if writes and time.monotonic() - self._dropped_logged > 5.0:
-            self._dropped_logged = time.monotonic()
+        if writes and self._drops_said.due():
             log.error("rollouttap: %d events not written so far: %s", self.stats.failed, self.detached)
 
     def _check_file(self) -> None:

@@ -938,3 +938,10 @@ def test_a_store_knows_when_its_file_was_deleted_or_replaced(tmp_path):
         assert "was deleted or replaced" in store.detached()
         Store(path).close()  # a new store at the same path is another file
         assert "was deleted or replaced" in store.detached()
+
+
+def test_a_throttle_says_a_thing_once_per_interval_or_when_told_to():
+    from rollouttap.throttle import Throttle
+    throttle = Throttle(60.0)
+    assert [throttle.due(), throttle.due(), throttle.due(now=True), throttle.due()] == [True, False, True, False]
+    assert Throttle(0.0).due() and all(Throttle(0.0).due() for _ in range(3))
