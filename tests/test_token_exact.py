@@ -179,19 +179,25 @@ def test_server_ignoring_token_ids_is_flagged_not_silent(tmp_path, confdir, toke
     assert fidelity.inexact_calls == 3 and fidelity.trainable_tokens > 0 and row.logprobs is None
 
 
+def _flows_of_sdk_agent(tmp_path, confdir, tokenizer, script, body: str, *, max_retries: int) -> list:
+    """The settled flows of an agent running ``body`` (Python, with ``c`` an openai client for the upstream)
+    through a proxy in front of a ScriptedUpstream answering with ``script``."""
+    with ScriptedUpstream(script, tokenizer=tokenizer) as upstream, \
+            start_proxy(tmp_path / "r.db", confdir, model_hosts=(upstream.url.split("://")[1],)) as proxy:
+        agent = "sdk-" + uuid.uuid4().hex[:8]
+        code = ("import openai\n"
+                f"c=openai.OpenAI(base_url={upstream.base_url!r}, api_key='k', max_retries={max_retries})\n" + body)
+        out = subprocess.run([sys.executable, "-c", code], env=agent_env(proxy, tag=agent), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return settled_flows(proxy.config.store, agent_id=agent)
+
+
 def test_client_retry_is_recognised_and_not_a_separate_turn(tmp_path, confdir, tokenizer):
     from rollouttap.testing.replies import failing
-    with ScriptedUpstream(failing(1, then=two_tool_calls), tokenizer=tokenizer) as upstream, \
-            start_proxy(tmp_path / "r.db", confdir, model_hosts=(upstream.url.split("://")[1],)) as proxy:
-        agent = "retry-" + uuid.uuid4().hex[:8]
-        out = subprocess.run([sys.executable, "-c", (
-            "import openai,sys\n"
-            f"c=openai.OpenAI(base_url={upstream.base_url!r}, api_key='k', max_retries=2)\n"
-            "m=c.chat.completions.create(model='p', messages=[{'role':'user','content':'hi'}])\n"
-            "print(m.choices[0].message.tool_calls[0].function.name)\n")],
-            env=agent_env(proxy, tag=agent), capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        flows = settled_flows(proxy.config.store, agent_id=agent)
+    flows = _flows_of_sdk_agent(tmp_path, confdir, tokenizer, failing(1, then=two_tool_calls), (
+        "m=c.chat.completions.create(model='p', messages=[{'role':'user','content':'hi'}])\n"
+        "print(m.choices[0].message.tool_calls[0].function.name)\n"), max_retries=2)
     calls = build_conversation(flows).calls
     assert [c.status_code for c in calls] == [500, 200]
     assert calls[1].is_retry and calls[1].retry_count == 1
@@ -208,19 +214,11 @@ def test_an_agent_sampling_a_request_twice_is_trained_on_the_answer_it_kept(tmp_
     def script(request):
         return Reply(content=next(answers, "Done."))
 
-    with ScriptedUpstream(script, tokenizer=tokenizer) as upstream, \
-            start_proxy(tmp_path / "r.db", confdir, model_hosts=(upstream.url.split("://")[1],)) as proxy:
-        agent = "best2-" + uuid.uuid4().hex[:8]
-        out = subprocess.run([sys.executable, "-c", (
-            "import openai\n"
-            f"c=openai.OpenAI(base_url={upstream.base_url!r}, api_key='k', max_retries=0)\n"
-            "m=[{'role':'user','content':'hi'}]\n"
-            "a=[c.chat.completions.create(model='p', messages=m).choices[0].message.content for _ in range(2)]\n"
-            f"m+=[{{'role':'assistant','content':a[{kept}]}}, {{'role':'user','content':'go on'}}]\n"
-            "print(c.chat.completions.create(model='p', messages=m).choices[0].message.content)\n")],
-            env=agent_env(proxy, tag=agent), capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        flows = settled_flows(proxy.config.store, agent_id=agent)
+    flows = _flows_of_sdk_agent(tmp_path, confdir, tokenizer, script, (
+        "m=[{'role':'user','content':'hi'}]\n"
+        "a=[c.chat.completions.create(model='p', messages=m).choices[0].message.content for _ in range(2)]\n"
+        f"m+=[{{'role':'assistant','content':a[{kept}]}}, {{'role':'user','content':'go on'}}]\n"
+        "print(c.chat.completions.create(model='p', messages=m).choices[0].message.content)\n"), max_retries=0)
     conversation = build_conversation(flows)
     calls = conversation.calls
     assert [c.turn for c in calls] == [0, 0, 1] and not conversation.discontinuities
