@@ -43,6 +43,9 @@ class Attribution:
     detail: str | None = None
 
 
+PID_LOOKUPS = ("eager", "fallback")  # when the proxy looks up a connection's process (rollouttap_pid_lookup)
+
+
 @dataclass(frozen=True)
 class PidResult:
     """What the socket's owner and its ancestors say about the connection."""

@@ -22,7 +22,7 @@ from mitmproxy.connection import Client
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from rollouttap.addon import flowcols, tokenids
-from rollouttap.addon.attribution import Attribution
+from rollouttap.addon.attribution import PID_LOOKUPS, Attribution
 from rollouttap.addon.flow_attribution import FlowAttribution
 from rollouttap.addon.loopback import is_host_port, is_loopback
 from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
@@ -35,7 +35,6 @@ from rollouttap.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
-PID_LOOKUPS = ("eager", "fallback")
 # At shutdown, flows in flight get this long to end before they are recorded as cut off; meanwhile mitmproxy
 # still serves every connection, and new requests are answered 503.
 DRAIN_S = 5.0

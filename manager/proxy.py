@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
+from rollouttap.addon.attribution import PID_LOOKUPS
 from rollouttap.addon.loopback import is_any_address, is_host_port, is_ip_address, is_loopback
 from rollouttap.addon.routes import RouteError, parse_route
 from rollouttap.errors import ConfigError, ProxyError
@@ -108,8 +109,8 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         """Refuse what mitmdump would only refuse with a traceback in its log, or accept and ignore."""
-        if self.pid_lookup not in ("eager", "fallback"):
-            raise ConfigError(f"pid_lookup must be 'eager' or 'fallback', not {self.pid_lookup!r}")
+        if self.pid_lookup not in PID_LOOKUPS:
+            raise ConfigError(f"pid_lookup must be {' or '.join(map(repr, PID_LOOKUPS))}, not {self.pid_lookup!r}")
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"unknown launcher {self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
         if not 0 <= self.port <= 65535 or not 0 <= self.reverse_port <= 65535:
