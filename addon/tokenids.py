@@ -24,6 +24,13 @@ Decisions (see ``plan_injection``): a value the agent set itself is kept as sent
 ``return_tokens_as_token_ids`` is only added together with our own ``logprobs``;
 ``/v1/completions`` with ``echo`` is left alone because vLLM blanks the echoed prompt text
 when ``return_token_ids`` is set.
+
+The Responses API (``/v1/responses``) has no ``return_token_ids``: vLLM's extra field
+``enable_response_messages`` makes it add ``input_messages`` (the rendered prompt and its ids) and
+``output_messages`` (the generated text and ids), both ``null`` otherwise, at the top level of the
+response object, which a stream carries inside its ``response.completed`` event. Those two are nulled
+again; logprobs are not asked for there (they come per text part, not per sampled token). A background
+request is left alone (vLLM returns the messages only for foreground ones).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from rollouttap.addon.vllm_chunk import FIELDS, chat_chunk_fields
 
 log = logging.getLogger(__name__)
 
-Endpoint = Literal["chat", "completions"]
+Endpoint = Literal["chat", "completions", "responses"]
 
 __all__ = [
     "Endpoint",
@@ -66,8 +73,9 @@ class Injection:
 
     @property
     def strips_token_ids(self) -> bool:
-        """True when ``prompt_token_ids``/``token_ids`` must be hidden from the agent."""
-        return "return_token_ids" in self.added
+        """True when the token ids (``prompt_token_ids``/``token_ids``, or a Responses answer's
+        ``input_messages``/``output_messages``) must be hidden from the agent."""
+        return "return_token_ids" in self.added or "enable_response_messages" in self.added
 
     @property
     def strips_logprobs(self) -> bool:
@@ -85,6 +93,8 @@ def endpoint_for_path(path: str) -> Endpoint | None:
         return "chat"
     if bare.endswith("/completions"):
         return "completions"
+    if bare.endswith("/responses"):
+        return "responses"
     return None
 
 
@@ -153,6 +163,10 @@ def _load_object(body: bytes) -> dict[str, Any] | None:
 
 
 def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint, logprobs: bool = True) -> dict[str, Any]:
+    if endpoint == "responses":
+        if obj.get("background") or obj.get("enable_response_messages") is not None:
+            return {}
+        return {"enable_response_messages": True}
     if endpoint == "completions" and obj.get("echo"):
         return {}  # vLLM replaces the echoed prompt text by "" when return_token_ids is set
     added: dict[str, Any] = {}
@@ -194,6 +208,7 @@ def _dumps(doc: Any) -> str:
 class _StripPlan:
     top_keys: tuple[str, ...]
     choice_keys: tuple[str, ...]
+    nested: str | None  # a key whose object holds top_keys too (a Responses stream event's "response")
     key_pattern: re.Pattern[str]
     markers: tuple[bytes, ...]  # cheap substring test: no marker, nothing to strip
     chunk_fields: frozenset[str]  # vllm_chunk.FIELDS to null in a streamed chat chunk of vLLM's shape
@@ -206,6 +221,10 @@ class _StripPlan:
 def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | None:
     if not ids and not logprobs:
         return None
+    if endpoint == "responses":
+        top = ("input_messages", "output_messages")
+        return _StripPlan(top_keys=top, choice_keys=(), nested="response", key_pattern=key_pattern(top),
+                          markers=(b'_messages"',), chunk_fields=frozenset())
     choice_keys = (("token_ids", "prompt_token_ids") if ids else ()) + (
         ("logprobs",) if logprobs else ()
     )
@@ -213,6 +232,7 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
     return _StripPlan(
         top_keys=("prompt_token_ids",) if ids else (),
         choice_keys=choice_keys,
+        nested=None,
         key_pattern=key_pattern(choice_keys),
         markers=markers,
         chunk_fields=frozenset(
@@ -292,9 +312,8 @@ def _strip_parsed(text: str, doc: Any, plan: _StripPlan, *, allow_drop: bool) ->
 
 def _marks_are_the_fields(doc: dict[str, Any], plan: _StripPlan, marks: frozenset[int]) -> bool:
     """Every non-null planned field holds a marker, and every marker sits in one."""
-    holders = [(doc, plan.top_keys)] + [(choice, plan.choice_keys) for choice in _choices(doc)]
     seen = set()
-    for holder, keys in holders:
+    for holder, keys in _holders(doc, plan):
         for key in keys:
             value = holder.get(key)
             if value is None:
@@ -305,6 +324,15 @@ def _marks_are_the_fields(doc: dict[str, Any], plan: _StripPlan, marks: frozense
     return len(seen) == len(marks)
 
 
+def _holders(doc: dict[str, Any], plan: _StripPlan) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
+    """The objects where vLLM puts the planned fields, each with its keys."""
+    holders = [(doc, plan.top_keys)]
+    inner = doc.get(plan.nested) if plan.nested is not None else None
+    if isinstance(inner, dict):
+        holders.append((inner, plan.top_keys))
+    return holders + [(choice, plan.choice_keys) for choice in _choices(doc)]
+
+
 def _choices(doc: dict[str, Any]) -> list[dict[str, Any]]:
     choices = doc.get("choices")
     if not isinstance(choices, list):
@@ -313,20 +341,14 @@ def _choices(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _count_fields(doc: dict[str, Any], plan: _StripPlan) -> int:
-    count = sum(doc.get(key) is not None for key in plan.top_keys)
-    for choice in _choices(doc):
-        count += sum(choice.get(key) is not None for key in plan.choice_keys)
-    return count
+    return sum(holder.get(key) is not None for holder, keys in _holders(doc, plan) for key in keys)
 
 
 def _null_fields(doc: dict[str, Any], plan: _StripPlan) -> None:
-    for key in plan.top_keys:
-        if doc.get(key) is not None:
-            doc[key] = None
-    for choice in _choices(doc):
-        for key in plan.choice_keys:
-            if choice.get(key) is not None:
-                choice[key] = None
+    for holder, keys in _holders(doc, plan):
+        for key in keys:
+            if holder.get(key) is not None:
+                holder[key] = None
 
 
 _SWALLOW_FIELDS = frozenset(("logprobs", "token_ids"))  # what a parser-swallowed chunk may carry

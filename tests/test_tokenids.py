@@ -124,7 +124,8 @@ def test_explicit_nulls_are_replaced_in_place() -> None:
     [
         ("/v1/models", b'{"model":"m"}', "application/json", None),
         ("/v1/embeddings", b'{"input":"x"}', "application/json", None),
-        ("/v1/responses", b'{"input":"x"}', "application/json", None),
+        ("/v1/responses", b'{"input":"x","background":true}', "application/json", None),
+        ("/v1/responses", b'{"input":"x","enable_response_messages":false}', "application/json", None),
         (CHAT, b"not json", "application/json", None),
         (CHAT, b'[{"messages":[]}]', "application/json", None),
         (CHAT, b'"text"', "application/json", None),
@@ -154,6 +155,8 @@ def test_plan_injection_leaves_other_requests_alone(
         ("/v1/chat/completionsx", None),
         ("/v1/models", None),
         ("/v1/completions/render", None),
+        ("/v1/responses", "responses"),
+        ("/v1/responses/resp_1/cancel", None),
     ],
 )
 def test_endpoint_for_path(path: str, endpoint: str | None) -> None:
@@ -174,6 +177,8 @@ HOSTS = frozenset({"127.0.0.1:8000", "localhost", "vllm.internal", "[::1]:8001"}
         ("::1", 8001, "/v1/chat/completions", "POST", True),
         ("127.0.0.1", 8000, "/v1/chat/completions", "GET", False),
         ("127.0.0.1", 8000, "/v1/models", "POST", False),
+        ("127.0.0.1", 8000, "/v1/responses", "POST", True),
+        ("127.0.0.1", 8000, "/v1/responses/resp_1", "GET", False),
         ("api.openai.com", 443, "/v1/chat/completions", "POST", False),
     ],
 )
@@ -589,3 +594,67 @@ def test_an_escaped_key_name_falls_back_to_reserialising() -> None:
 )
 def test_bodies_that_are_not_json_are_forwarded_untouched(body: bytes) -> None:
     assert strip_response_json(body, injection(ALL, stream=False)) is body
+
+
+# ------------------------------------------------------------------------------ Responses API
+# vLLM's ResponsesResponse (model_dump: every field, in model order); input_messages/output_messages
+# are null unless the request set enable_response_messages.
+
+def responses_body(messages: bool) -> str:
+    raw_in = '[{"message":"<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n","tokens":[1,872,198,2],' \
+             '"type":"raw_message_tokens"}]'
+    raw_out = '[{"message":"Hel\\"lo","tokens":[9,10,11,151645],"type":"raw_message_tokens"}]'
+    return ('{"id":"resp_9c1","created_at":1764400000,"incomplete_details":null,"instructions":null,'
+            '"metadata":null,"model":"m","object":"response","output":[{"id":"msg_1","content":[{"annotations":[],'
+            '"text":"Hel\\"lo","type":"output_text","logprobs":null}],"role":"assistant","status":"completed",'
+            '"type":"message"}],"parallel_tool_calls":true,"temperature":1.0,"tool_choice":"auto","tools":[],'
+            '"top_p":1.0,"background":false,"max_output_tokens":100,"max_tool_calls":null,'
+            '"previous_response_id":null,"prompt":null,"reasoning":null,"service_tier":"auto",'
+            '"status":"completed","text":null,"top_logprobs":null,"truncation":"disabled","usage":null,'
+            '"user":null,"input_messages":' + (raw_in if messages else "null") + ',"output_messages":'
+            + (raw_out if messages else "null") + "}")
+
+
+def test_responses_requests_ask_for_the_raw_messages() -> None:
+    raw = b'{"model":"m","input":[{"role":"user","content":"hi"}],"stream":true}'
+    plan = plan_injection("/v1/responses", raw, "application/json")
+    assert plan is not None and plan.endpoint == "responses" and plan.stream
+    assert plan.added == {"enable_response_messages": True} and plan.strips_token_ids
+    assert plan.new_body == raw[:-1] + b',"enable_response_messages":true}'
+    assert plan_injection("/v1/responses", raw, None, logprobs=False) == plan  # logprobs are never asked for
+
+
+def test_responses_answer_reads_as_without_the_raw_messages() -> None:
+    plan = plan_injection("/v1/responses", b'{"input":"hi"}', None)
+    assert plan is not None
+    assert strip_response_json(responses_body(True).encode(), plan) == responses_body(False).encode()
+    # the agent set it itself: nothing to hide
+    assert strip_response_json(responses_body(True).encode(), injection({}, "responses")) == \
+        responses_body(True).encode()
+
+
+def test_responses_stream_nulls_the_messages_of_the_completed_event_only() -> None:
+    plan = plan_injection("/v1/responses", b'{"input":"hi","stream":true}', None)
+    assert plan is not None
+
+    def event(kind: str, body: str) -> bytes:
+        return f'event: {kind}\ndata: {{"response":{body},"sequence_number":7,"type":"{kind}"}}\n\n'.encode()
+
+    delta = b'event: response.output_text.delta\ndata: {"content_index":0,"delta":"_messages\\"","item_id":"msg_1",' \
+            b'"logprobs":[],"output_index":0,"sequence_number":3,"type":"response.output_text.delta"}\n\n'
+    upstream = event("response.created", responses_body(False)) + delta + event("response.completed", responses_body(True))
+    expected = event("response.created", responses_body(False)) + delta + event("response.completed", responses_body(False))
+    for size in (1, 7, 100, len(upstream)):
+        stripper = StreamStripper(plan)
+        out = b"".join(stripper.feed(upstream[i:i + size]) for i in range(0, len(upstream), size)) + stripper.feed(b"")
+        assert out == expected, size
+
+
+def test_responses_field_names_inside_tool_schemas_are_left_alone() -> None:
+    plan = plan_injection("/v1/responses", b'{"input":"hi"}', None)
+    assert plan is not None
+    tool = '[{"type":"function","name":"f","parameters":{"properties":{"output_messages":{"type":"string"}}}}]'
+    body = responses_body(True).replace('"tools":[]', f'"tools":{tool}')
+    doc = json.loads(strip_response_json(body.encode(), plan))
+    assert doc["input_messages"] is None and doc["output_messages"] is None
+    assert doc["tools"] == json.loads(tool)
