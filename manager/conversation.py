@@ -1,7 +1,8 @@
 """Rebuild an agent's conversation from its captured flows, and report where it does not hold together.
 
 ``build_conversation(store.flows(agent_id=...))`` turns each ``POST …/chat/completions`` flow into a
-:class:`ChatCall` (``…/completions`` into a :class:`CompletionCall`), marks client retries, groups the
+:class:`ChatCall` (``…/completions`` into a :class:`CompletionCall`, a Responses API ``…/responses`` into a
+:class:`ResponsesCall`), marks client retries, groups the
 calls into threads (a sub-agent or a parallel call starts its own) and lists every
 :class:`Discontinuity`: a call whose messages do not extend its thread's previous messages plus reply.
 """
@@ -14,17 +15,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from rollouttap.manager.chat_stream import ChatResult, ids_from_logprob_tokens, parse_chat_body, reassemble_chat_stream
+from rollouttap.manager.responses_api import parse_responses_body, reassemble_responses_stream
 from rollouttap.store.records import FlowRecord
 
 log = logging.getLogger(__name__)
 
 RETRY_HEADER = "x-stainless-retry-count"
-_NOT_PARAMS = frozenset({"messages", "tools", "prompt", "stream", "stream_options"})
+_NOT_PARAMS = frozenset({"messages", "tools", "prompt", "stream", "stream_options", "input", "instructions"})
 
 __all__ = [
-    "ChatCall", "CompletionCall", "Conversation", "Discontinuity", "ResponseMessage",
-    "assign_threads", "build_conversation", "chat_call_from_flow", "classify_break",
-    "completion_call_from_flow", "find_retries", "flow_kind", "normalize_message",
+    "ChatCall", "CompletionCall", "Conversation", "Discontinuity", "ResponseMessage", "ResponsesCall",
+    "assign_threads", "build_conversation", "call_from_flow", "chat_call_from_flow", "classify_break",
+    "completion_call_from_flow", "find_retries", "flow_kind", "normalize_message", "responses_call_from_flow",
 ]
 
 
@@ -103,11 +105,22 @@ class CompletionCall(_CallBase):
 
 
 @dataclass(frozen=True)
+class ResponsesCall(_CallBase):
+    """One Responses API call (``input`` items or text, optional ``instructions``); its answer is read as a
+    chat reply. Token ids come from vLLM's ``input_messages``/``output_messages`` (``responses_api``)."""
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    response: ResponseMessage | None = None
+
+
+@dataclass(frozen=True)
 class Conversation:
     calls: list[ChatCall]
     completion_calls: list[CompletionCall]
     discontinuities: list[Discontinuity]
     other_flows: int
+    responses_calls: list[ResponsesCall] = field(default_factory=list)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -140,6 +153,7 @@ class Conversation:
         return {
             "calls": [asdict(c) for c in self.calls],
             "completion_calls": [asdict(c) for c in self.completion_calls],
+            "responses_calls": [asdict(c) for c in self.responses_calls],
             "discontinuities": [asdict(d) for d in self.discontinuities],
             "history": self.history,
             "other_flows": self.other_flows,
@@ -150,7 +164,7 @@ class Conversation:
 
 
 def flow_kind(flow: FlowRecord) -> str:
-    """``chat``, ``completion`` or ``other``, from the method and path."""
+    """``chat``, ``completion``, ``responses`` or ``other``, from the method and path."""
     path = (flow.path or "").split("?", 1)[0].rstrip("/")
     if (flow.method or "").upper() != "POST":
         return "other"
@@ -158,6 +172,8 @@ def flow_kind(flow: FlowRecord) -> str:
         return "chat"
     if path.endswith("/completions"):
         return "completion"
+    if path.endswith("/responses"):
+        return "responses"
     return "other"
 
 
@@ -168,15 +184,15 @@ def _retry_count(flow: FlowRecord) -> int:
         return 0
 
 
-def _result_of(flow: FlowRecord, stream: bool) -> ChatResult | None:
+def _result_of(flow: FlowRecord, stream: bool, responses: bool = False) -> ChatResult | None:
     text = flow.response_text()
     if not text.strip():
         return None
     content_type = (flow.response_header("content-type") or "").lower()
     if "text/event-stream" in content_type or (stream and text.lstrip().startswith(("data:", ":", "event:"))):
-        return reassemble_chat_stream(text)
+        return (reassemble_responses_stream if responses else reassemble_chat_stream)(text)
     try:
-        return parse_chat_body(json.loads(text))
+        return (parse_responses_body if responses else parse_chat_body)(json.loads(text))
     except ValueError:
         return ChatResult(error={"message": f"response body is not JSON: {text[:80]!r}"})
 
@@ -199,9 +215,10 @@ def _elapsed(start: float | None, end: float | None) -> float | None:
     return end - start if start is not None and end is not None else None
 
 
-def _common_fields(flow: FlowRecord, index: int, request: dict[str, Any]) -> tuple[dict[str, Any], ChatResult | None]:
+def _common_fields(flow: FlowRecord, index: int, request: dict[str, Any],
+                   responses: bool = False) -> tuple[dict[str, Any], ChatResult | None]:
     stream = bool(request.get("stream"))
-    result = _result_of(flow, stream)
+    result = _result_of(flow, stream, responses)
     error = _failure(flow, result)
     r = result or ChatResult()
     ids = r.completion_token_ids if r.completion_token_ids is not None else ids_from_logprob_tokens(r.logprob_tokens)
@@ -222,11 +239,26 @@ def chat_call_from_flow(flow: FlowRecord, index: int = 0) -> ChatCall | None:
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         return None
     common, result = _common_fields(flow, index, request)
-    response = None
-    if result is not None and (result.content is not None or result.tool_calls or result.reasoning is not None):
-        response = ResponseMessage(result.role or "assistant", result.content, result.reasoning,
-                                   [dict(tc) for tc in result.tool_calls])
-    return ChatCall(**common, messages=request["messages"], tools=request.get("tools"), response=response)
+    return ChatCall(**common, messages=request["messages"], tools=request.get("tools"), response=_reply(result))
+
+
+def _reply(result: ChatResult | None) -> ResponseMessage | None:
+    if result is None or (result.content is None and not result.tool_calls and result.reasoning is None):
+        return None
+    return ResponseMessage(result.role or "assistant", result.content, result.reasoning,
+                           [dict(tc) for tc in result.tool_calls])
+
+
+def responses_call_from_flow(flow: FlowRecord, index: int = 0) -> ResponsesCall | None:
+    """The Responses API call a flow holds, or None when its request has no ``input``."""
+    request = flow.request_json()
+    if not isinstance(request, dict) or "input" not in request:
+        return None
+    common, result = _common_fields(flow, index, request, responses=True)
+    instructions = request.get("instructions")
+    return ResponsesCall(**common, input=request.get("input"),
+                         instructions=instructions if isinstance(instructions, str) else None,
+                         tools=request.get("tools"), response=_reply(result))
 
 
 def completion_call_from_flow(flow: FlowRecord, index: int = 0) -> CompletionCall | None:
@@ -238,14 +270,27 @@ def completion_call_from_flow(flow: FlowRecord, index: int = 0) -> CompletionCal
     return CompletionCall(**common, prompt=request.get("prompt"), text=result.content if result else None)
 
 
+def call_from_flow(flow: FlowRecord, index: int = 0) -> ChatCall | CompletionCall | ResponsesCall | None:
+    """The model call a flow holds, whichever endpoint it went to; None for any other flow."""
+    kind = flow_kind(flow)
+    if kind == "chat":
+        return chat_call_from_flow(flow, index)
+    if kind == "completion":
+        return completion_call_from_flow(flow, index)
+    if kind == "responses":
+        return responses_call_from_flow(flow, index)
+    return None
+
+
 def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     """Rebuild the conversation of one agent from its flows (in capture order)."""
     chats: list[ChatCall] = []
     completions: list[CompletionCall] = []
+    responses: list[ResponsesCall] = []
     other = 0
     for flow in flows:
         kind = flow_kind(flow)
-        call: ChatCall | CompletionCall | None = None
+        call: ChatCall | CompletionCall | ResponsesCall | None = None
         if kind == "chat":
             call = chat_call_from_flow(flow, len(chats))
             if call is not None:
@@ -254,6 +299,10 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
             call = completion_call_from_flow(flow, len(completions))
             if call is not None:
                 completions.append(call)
+        elif kind == "responses":
+            call = responses_call_from_flow(flow, len(responses))
+            if call is not None:
+                responses.append(call)
         if call is None:
             if kind != "other":
                 log.debug("flow %s on %s has no %s request body; counted as other", flow.flow_id, flow.path, kind)
@@ -261,20 +310,22 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     retries, turns = find_retries(chats)
     threads, discontinuities = assign_threads(chats, turns)
     calls = [replace(c, is_retry=retries[i], turn=turns[i], thread=threads[i]) for i, c in enumerate(chats)]
-    return Conversation(calls, completions, discontinuities, other)
+    return Conversation(calls, completions, discontinuities, other, responses)
 
 
-def calls_in_order(conversation: Conversation, flows: Sequence[FlowRecord]) -> list[ChatCall | CompletionCall]:
-    """The chat and /completions calls of ``build_conversation(flows)`` in the order the agent made them: an
-    agent may use both, and each samples tokens its training row holds. A chat call's retries follow it
-    directly, ahead of calls made meanwhile: rows read a retry as replacing the call just before it."""
+def calls_in_order(conversation: Conversation,
+                   flows: Sequence[FlowRecord]) -> list[ChatCall | CompletionCall | ResponsesCall]:
+    """The chat, /completions and Responses calls of ``build_conversation(flows)`` in the order the agent made
+    them: an agent may use several, and each samples tokens its training row holds. A chat call's retries
+    follow it directly, ahead of calls made meanwhile: rows read a retry as replacing the call just before it."""
     order = {flow.flow_id: i for i, flow in enumerate(flows)}
     first: dict[int, int] = {}  # turn -> capture position of its first attempt
-    keyed: list[tuple[tuple[int, int], ChatCall | CompletionCall]] = []
+    keyed: list[tuple[tuple[int, int], ChatCall | CompletionCall | ResponsesCall]] = []
     for call in conversation.calls:
         at = order[call.flow_id]
         keyed.append(((first.setdefault(call.turn, at), at), call))
-    keyed += [((order[c.flow_id], order[c.flow_id]), c) for c in conversation.completion_calls]
+    keyed += [((order[c.flow_id], order[c.flow_id]), c)
+              for c in (*conversation.completion_calls, *conversation.responses_calls)]
     return [call for _, call in sorted(keyed, key=lambda item: item[0])]
 
 

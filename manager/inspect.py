@@ -88,7 +88,7 @@ def message_text(content: Any) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
                 parts.append(str(part.get("text", "")))
             elif isinstance(part, dict):
                 parts.append(f"[{part.get('type', 'part')}]")

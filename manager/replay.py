@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import requests
 
 from rollouttap.errors import ConfigError, ProxyError
-from rollouttap.manager.conversation import chat_call_from_flow, completion_call_from_flow, flow_kind
+from rollouttap.manager.conversation import call_from_flow, flow_kind
 from rollouttap.manager.inspect import answer_text
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
 from rollouttap.store import FlowRecord, Store, is_redacted, is_secret_name, map_secret_query, new_token
@@ -247,7 +247,7 @@ def target_url(base: str, path: str) -> str:
 
 
 def _answer_of(flow: FlowRecord) -> str:
-    call = chat_call_from_flow(flow) if flow_kind(flow) == "chat" else completion_call_from_flow(flow)
+    call = call_from_flow(flow)
     return answer_text(call) if call is not None else flow.response_text()[:200]
 
 
@@ -279,8 +279,11 @@ def _resend_one(index: int, flow: FlowRecord, url: str, headers: Mapping[str, st
                    new_body=body if isinstance(body, dict) else None)
 
 
+ModelKind = Literal["chat", "completion", "responses"]
+
+
 def resend_requests(flows: Sequence[FlowRecord], to: str, *, headers: Mapping[str, str] | None = None,
-                    timeout: float = 120.0, kinds: Sequence[Literal["chat", "completion"]] = ("chat", "completion"),
+                    timeout: float = 120.0, kinds: Sequence[ModelKind] = ("chat", "completion", "responses"),
                     ) -> list[Resent]:
     """Send each recorded model request (body as the agent sent it) to ``to`` and read both answers."""
     chosen = [f for f in flows if flow_kind(f) in kinds and f.request_body]

@@ -194,10 +194,11 @@ def summarise(results: Iterable[AgentResult]) -> Summary:
 
 
 def _failed_calls(conversation: Any) -> int:
-    """Chat and /completions calls without an answer."""
+    """Chat, /completions and Responses calls without an answer."""
     if conversation is None:
         return 0
-    return sum(bool(c.failed) for c in [*conversation.calls, *conversation.completion_calls])
+    return sum(bool(c.failed) for c in [*conversation.calls, *conversation.completion_calls,
+                                         *conversation.responses_calls])
 
 
 # -- collecting an agent's flows from the store ------------------------------------------------------------

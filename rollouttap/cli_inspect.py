@@ -158,8 +158,36 @@ def _print_conversation(console: Console, conv: Any) -> None:
         console.print(Text.assemble(("  text: ", "green"), call.text or ""))
         if call.error:
             console.print(Text(f"  ✗ {call.error}", style="bold red"))
+    for call in conv.responses_calls:
+        console.print(Text(f"── responses call {call.index}", "bold"),
+                      Text(f"· {call.path} · {call.status_code or call.state} · {_secs(call.latency)}", "dim"))
+        if call.instructions:
+            console.print(Text.assemble(("  instructions: ", "cyan"), call.instructions[-400:]))
+        items = call.input if isinstance(call.input, list) else [{"role": "user", "content": call.input or ""}]
+        for item in items:
+            console.print(Text.assemble(("  input: ", "cyan"), _input_item_text(item)[-400:]))
+        if call.response is not None:
+            for line in _message_lines(call.response.to_message(include_reasoning=True)):
+                console.print(line)
+        if call.error:
+            console.print(Text(f"  ✗ {call.error}", style="bold red"))
     for item in conv.discontinuities:
         console.print(Text(f"discontinuity: {_describe(item)}", style="yellow"))
+
+
+def _input_item_text(item: Any) -> str:
+    """One Responses ``input`` item in a line: a message's text, a function call or its output."""
+    from rollouttap.manager.inspect import message_text
+    if not isinstance(item, dict):
+        return str(item)
+    kind = item.get("type", "message")
+    if kind == "message" or "role" in item:
+        return f"{item.get('role', '?')}: {message_text(item.get('content'))}"
+    if kind == "function_call":
+        return f"→ {item.get('name')}({item.get('arguments', '')}) [{item.get('call_id')}]"
+    if kind == "function_call_output":
+        return f"[{item.get('call_id')}] {item.get('output')}"
+    return json.dumps(item)[:400]
 
 
 def _describe(item: Any) -> str:

@@ -1,0 +1,113 @@
+"""Read an OpenAI Responses API answer (``POST …/responses``) as vLLM sends it, into a :class:`ChatResult`.
+
+vLLM has no ``return_token_ids`` there; with ``enable_response_messages`` (the proxy adds it) its response
+object carries ``input_messages`` (the rendered prompt and its ids) and ``output_messages`` (what the model
+generated and its ids) as ``raw_message_tokens`` items. One model turn gives one of each; a request that ran
+several turns on the server (its built-in tools) gives more, and is read as a call without ids: its later
+prompts are not the agent's. A stream carries the final response object in its last ``response.completed``
+(or ``response.incomplete`` / ``response.failed``) event; a stream that ended before that has no answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from rollouttap.manager.chat_stream import ChatResult
+from rollouttap.store.sse import parse_sse
+
+__all__ = ["FINAL_EVENTS", "parse_responses_body", "reassemble_responses_stream", "responses_messages"]
+
+FINAL_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed"))
+
+
+def responses_messages(value: Any) -> tuple[list[int], str] | None:
+    """The ids and text of a one-item ``input_messages``/``output_messages`` list; None otherwise."""
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+        return None
+    item = value[0]
+    tokens = item.get("tokens")
+    if item.get("type", "raw_message_tokens") != "raw_message_tokens" or not isinstance(tokens, list) \
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        return None
+    return list(tokens), str(item.get("message") or "")
+
+
+def parse_responses_body(body: Any, *, streamed: bool = False, chunks: int = 0) -> ChatResult:
+    """A non-streamed response object (or a stream's final one), read as a chat reply: output text parts are
+    the content, function calls the tool calls, the status the finish reason, usage in chat's keys too."""
+    if not isinstance(body, dict):
+        return ChatResult(error={"message": "response body is not a JSON object"}, streamed=streamed)
+    error = body.get("error") if isinstance(body.get("error"), dict) else None
+    if error is None and body.get("object") == "error":
+        error = {k: v for k, v in body.items() if k != "object"}
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    role = None
+    for item in body.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "message":
+            role = item.get("role") or role
+            text += [part.get("text") or "" for part in item.get("content") or []
+                     if isinstance(part, dict) and part.get("type") == "output_text"]
+        elif kind == "reasoning":
+            reasoning += [part.get("text") or "" for part in item.get("content") or [] if isinstance(part, dict)]
+        elif kind == "function_call":
+            calls.append({"id": item.get("call_id"), "type": "function",
+                          "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""}})
+    prompt = responses_messages(body.get("input_messages"))
+    completion = responses_messages(body.get("output_messages"))
+    return ChatResult(
+        id=body.get("id"), model=body.get("model"), created=body.get("created_at"), role=role or "assistant",
+        content="".join(text) if text or not calls else None, reasoning="".join(reasoning) if reasoning else None,
+        tool_calls=calls, finish_reason=_finish_reason(body.get("status"), body.get("incomplete_details"), calls),
+        usage=_chat_usage(body.get("usage")), prompt_token_ids=prompt[0] if prompt and completion else None,
+        completion_token_ids=completion[0] if prompt and completion else None, streamed=streamed,
+        chunks=chunks, error=error)
+
+
+def _chat_usage(usage: Any) -> dict[str, Any] | None:
+    """Chat's usage keys for a response's (input/output tokens), the server's own kept beside them."""
+    if not isinstance(usage, dict):
+        return None
+    return {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
+            "total_tokens": usage.get("total_tokens"), **usage}
+
+
+def _finish_reason(status: Any, incomplete: Any, calls: list[dict[str, Any]]) -> str | None:
+    """Chat's finish_reason for a response's status (rows and the CLI speak chat)."""
+    if status == "completed":
+        return "tool_calls" if calls else "stop"
+    if status == "incomplete":
+        reason = incomplete.get("reason") if isinstance(incomplete, dict) else None
+        return "length" if reason in (None, "max_output_tokens") else str(reason)
+    return None
+
+
+def reassemble_responses_stream(sse: str | bytes) -> ChatResult:
+    """The answer of a Responses stream: its final response object; an ``error`` event is the error."""
+    final: Any = None
+    error: dict[str, Any] | None = None
+    count = 0
+    for event in parse_sse(sse):
+        if event.data is None or event.is_done:
+            continue
+        try:
+            doc = event.json()
+        except ValueError:
+            continue
+        count += 1
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        if kind in FINAL_EVENTS:
+            final = doc.get("response")
+        elif kind == "error":
+            error = {k: v for k, v in doc.items() if k != "type"}
+    if final is None:
+        return ChatResult(streamed=True, chunks=count, error=error)
+    result = parse_responses_body(final, streamed=True, chunks=count)
+    if error is not None and result.error is None:
+        return replace(result, error=error)
+    return result
