@@ -567,9 +567,15 @@ def _strip_json_answer(resp: http.Response, injection: tokenids.Injection) -> No
             resp.content = stripped
 
 
+# How an OpenAI-style stream ends: chat and /completions with ``data: [DONE]``, the Responses API with its final
+# response event (pydantic writes the event's ``type`` last).
+_STREAM_ENDS = (b"data: [DONE]", b'"type":"response.completed"}', b'"type":"response.incomplete"}',
+                b'"type":"response.failed"}')
+
+
 def sse_finished(raw: bytes | bytearray) -> bool:
-    """Whether an OpenAI-style event stream has sent its terminal ``data: [DONE]`` event."""
-    return bytes(raw[-64:]).rstrip().endswith(b"data: [DONE]")
+    """Whether an OpenAI-style event stream has sent its terminal event."""
+    return bytes(raw[-64:]).rstrip().endswith(_STREAM_ENDS)
 
 
 def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:

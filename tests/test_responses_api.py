@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rollouttap.addon.capture import sse_finished
 from rollouttap.manager.conversation import build_conversation, calls_in_order, flow_kind
 from rollouttap.manager.responses_api import parse_responses_body, reassemble_responses_stream
 from rollouttap.manager.rows import build_rows
@@ -55,8 +56,13 @@ def stream_of(final: dict[str, Any], *, completed: bool = True) -> bytes:
                                               "logprobs": [], "output_index": 0})]
     if completed:
         events.append(("response.completed", {"response": final}))
-    return b"".join(f"event: {kind}\ndata: {json.dumps({**data, 'sequence_number': n, 'type': kind})}\n\n".encode()
+    return b"".join(f"event: {kind}\ndata: {compact({**data, 'sequence_number': n, 'type': kind})}\n\n".encode()
                     for n, (kind, data) in enumerate(events))
+
+
+def compact(doc: Any) -> str:
+    """JSON as pydantic's model_dump_json writes it."""
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def flow(n: int, request: dict[str, Any], body: bytes, *, path: str = "/v1/responses", status: int = 200,
@@ -129,3 +135,11 @@ def test_a_failed_responses_call_is_counted_as_failed() -> None:
     conversation = build_conversation([flow(0, {"model": "m", "input": "x"}, json.dumps(error).encode(), status=400)])
     (call,) = conversation.responses_calls
     assert call.failed and call.error == "HTTP 400: bad input"
+
+
+def test_a_responses_stream_is_finished_at_its_final_event() -> None:
+    # A client that closes once it has the final event leaves a complete flow, as after chat's [DONE].
+    final = response([message("Hello")], [1, 2], [7, EOS])
+    assert sse_finished(stream_of(final))
+    assert not sse_finished(stream_of(final, completed=False))
+    assert sse_finished(b'data: {"n":1}\n\ndata: [DONE]\n\n')
