@@ -1,7 +1,8 @@
 """Scripts for the scripted upstream: pure functions from a request body to the reply the "model" gives.
 
 A script is any callable ``(request_json) -> Reply``. Scripts see the request exactly as the client
-sent it (chat: ``messages``/``tools``; completions: ``prompt``). Compose them as ordinary functions.
+sent it (chat: ``messages``/``tools``; completions: ``prompt``; responses: ``input``/``instructions``/``tools``,
+which the scripts here read through :func:`as_chat_request`). Compose them as ordinary functions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from rollouttap.testing.fake_tokenizer import content_text
+from rollouttap.testing.responses_input import as_chat_request
 
 ECHO_LIMIT = 200
 
@@ -65,12 +67,13 @@ def _balance(expr: str) -> str:
 
 def last_message(request: dict[str, Any]) -> dict[str, Any]:
     """The request's last chat message, or an empty dict."""
-    messages = request.get("messages") or []
+    messages = as_chat_request(request).get("messages") or []
     return messages[-1] if messages and isinstance(messages[-1], dict) else {}
 
 
 def last_user_text(request: dict[str, Any]) -> str:
-    """The text of the last user message (chat) or the prompt (completions)."""
+    """The text of the last user message (chat, responses) or the prompt (completions)."""
+    request = as_chat_request(request)
     for message in reversed(request.get("messages") or []):
         if isinstance(message, dict) and message.get("role") == "user":
             return content_text(message.get("content"))
@@ -102,6 +105,7 @@ def tool_arguments(tool: dict[str, Any], text: str) -> dict[str, Any]:
 def default_script(request: dict[str, Any]) -> Reply:
     """User turn with tools: call the first tool; after a tool result: "The answer is <result>.";
     otherwise echo the last user text."""
+    request = as_chat_request(request)
     if "messages" not in request:
         return Reply(content=_echo_prompt(request.get("prompt")))
     last = last_message(request)
@@ -117,6 +121,7 @@ def default_script(request: dict[str, Any]) -> Reply:
 
 def echo_script(request: dict[str, Any]) -> Reply:
     """Reply "echo: <last user text>" (truncated), never calling tools."""
+    request = as_chat_request(request)
     if "messages" not in request:
         return Reply(content=_echo_prompt(request.get("prompt")))
     return Reply(content="echo: " + last_user_text(request)[:ECHO_LIMIT])

@@ -8,7 +8,8 @@ In-process::
 As a process: ``python -m rollouttap.testing.upstream --port 0 [--chunk-delay S] [--script NAME]``
 prints ``LISTENING http://127.0.0.1:PORT`` and serves until killed.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streamed or not), ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses`` (each streamed or not;
+the Responses API as in vllm_responses_api), ``GET /v1/models``,
 ``GET /health``, ``GET /version``, ``POST /tokenize``, ``POST /detokenize``, ``GET /slow?seconds=S``
 and ``POST /echo`` (the request's method, path, headers and body back as JSON).
 """
@@ -33,11 +34,15 @@ from aiohttp import web
 
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
 from rollouttap.testing.replies import Reply, Script, default_script, named_script
+from rollouttap.testing.responses_input import input_error
 from rollouttap.testing.vllm_format import (
     SSE_DONE, Options, dumps, error_body, generate_chat, generate_completion, sse,
 )
 from rollouttap.testing.vllm_responses import (
     ResponseMeta, chat_body, chat_chunks, completion_body, completion_chunks,
+)
+from rollouttap.testing.vllm_responses_api import (
+    ResponsesMeta, response_body, response_events, responses_turn, sse_event,
 )
 
 log = logging.getLogger(__name__)
@@ -80,16 +85,22 @@ class UpstreamConfig:
     memo: bool = False
 
 
-def _stable(meta: ResponseMeta, gen: Any, payload: dict[str, Any]) -> tuple[ResponseMeta, Any]:
-    """Response and tool-call ids derived from what the agent asked (not from fields a proxy added)."""
-    asked = json.dumps([payload.get("messages"), payload.get("prompt"), payload.get("tools")],
-                       sort_keys=True).encode()
-    digest = hashlib.sha256(asked).hexdigest()[:24]
+def _digest(asked: Any) -> str:
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _stable_calls(gen: Any, digest: str) -> Any:
     def stable_ids(calls: Any) -> tuple[Any, ...]:
         return tuple(dataclasses.replace(c, id=f"chatcmpl-tool-{digest}{i}") for i, c in enumerate(calls))
+    return dataclasses.replace(gen, tool_calls=stable_ids(gen.tool_calls),
+                               calls_in_text=stable_ids(gen.calls_in_text))
+
+
+def _stable(meta: ResponseMeta, gen: Any, payload: dict[str, Any]) -> tuple[ResponseMeta, Any]:
+    """Response and tool-call ids derived from what the agent asked (not from fields a proxy added)."""
+    digest = _digest([payload.get("messages"), payload.get("prompt"), payload.get("tools")])
     return (ResponseMeta(f"{meta.id.split('-')[0]}-{digest}", meta.model, created=1_700_000_000),
-            dataclasses.replace(gen, tool_calls=stable_ids(gen.tool_calls),
-                                calls_in_text=stable_ids(gen.calls_in_text)))
+            _stable_calls(gen, digest))
 
 
 def _loads(body: bytes) -> Any:
@@ -166,6 +177,37 @@ class _Handlers:
         if not isinstance(payload, dict) or not _valid_prompt(payload.get("prompt")):
             return _error(400, "request body must be a JSON object with a string or token-id 'prompt'")
         return await self._answer(request, payload, chat=False)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        payload = await self._read(request)
+        if (remembered := await self._remembered(request)) is not None:
+            return remembered
+        if (problem := input_error(payload)) is not None:
+            return _error(400, problem)
+        reply = self._reply(payload)
+        if reply.status != 200:
+            return _error(reply.status, reply.error_message or "scripted error")
+        cfg, tok = self.config, self.config.tokenizer
+        try:
+            turn = responses_turn(payload, reply, tok)
+        except Exception as exc:  # e.g. a chat template rejecting the messages, as vLLM answers 400
+            log.warning("scripted upstream: cannot render the request: %r", exc)
+            return _error(400, f"cannot render the request: {exc}")
+        asked = [payload.get("instructions"), payload.get("input"), payload.get("tools")]
+        seed = _digest(asked) if cfg.deterministic else None
+        meta = ResponsesMeta.new(payload.get("model") or cfg.model, cfg.max_model_len, seed=seed)
+        if seed is not None:
+            turn = dataclasses.replace(turn, gen=_stable_calls(turn.gen, seed))
+        if not payload.get("stream"):
+            body = dumps(response_body(turn, meta, tok))
+            await self._remember(request, body)
+            return web.Response(body=body, content_type="application/json")
+        events: Iterable[bytes] = map(sse_event, response_events(turn, meta, tok,
+                                                                 tokens_per_chunk=cfg.tokens_per_chunk))
+        if cfg.memo and reply.abort_after_chunks is None:
+            events = list(events)
+            await self._remember(request, events)
+        return await self._send_events(request, _paced(events, cfg.chunk_delay), reply.abort_after_chunks)
 
     async def _answer(self, request: web.Request, payload: dict[str, Any], *, chat: bool) -> web.StreamResponse:
         reply = self._reply(payload)
@@ -283,6 +325,7 @@ def build_app(config: UpstreamConfig, sink: list[ReceivedRequest] | None = None)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_post("/v1/completions", h.completions)
+    app.router.add_post("/v1/responses", h.responses)
     app.router.add_get("/v1/models", h.models)
     app.router.add_get("/health", h.health)
     app.router.add_get("/version", h.version)

@@ -55,7 +55,7 @@ def chat_body(gen: Generation, meta: ResponseMeta, opts: Options, tokenizer: Any
     return body
 
 
-def _chunk_ranges(gen: Generation, tokenizer: Any, tokens_per_chunk: int) -> Iterator[tuple[int, int, int, int]]:
+def chunk_ranges(gen: Generation, tokenizer: Any, tokens_per_chunk: int) -> Iterator[tuple[int, int, int, int]]:
     """(token start, token end, char start, char end) per chunk; chars never run backwards."""
     step, n = max(1, tokens_per_chunk), len(gen.ids)
     starts = list(range(0, n, step))
@@ -68,7 +68,7 @@ def _chunk_ranges(gen: Generation, tokenizer: Any, tokens_per_chunk: int) -> Ite
         offset = upto
 
 
-def _chat_delta(gen: Generation, lo: int, hi: int, headers_sent: set[int], opts: Options) -> dict[str, Any]:
+def chat_delta(gen: Generation, lo: int, hi: int, headers_sent: set[int], opts: Options) -> dict[str, Any]:
     """Route generated characters ``[lo, hi)`` the way vLLM's tool and reasoning parsers do."""
     content, reasoning, calls = [], [], {}  # type: list[str], list[str], dict[int, dict[str, Any]]
     for span in gen.spans:
@@ -115,10 +115,10 @@ def chat_chunks(gen: Generation, meta: ResponseMeta, opts: Options, tokenizer: A
         first["prompt_token_ids"] = gen.prompt_ids if opts.token_ids else None
     yield first
     headers_sent: set[int] = set()
-    ranges = list(_chunk_ranges(gen, tokenizer, tokens_per_chunk)) or [(0, 0, 0, 0)]
+    ranges = list(chunk_ranges(gen, tokenizer, tokens_per_chunk)) or [(0, 0, 0, 0)]
     for start, end, lo, hi in ranges:
         last = end == len(gen.ids)
-        delta = _chat_delta(gen, lo, hi, headers_sent, opts)
+        delta = chat_delta(gen, lo, hi, headers_sent, opts)
         if not delta and not parsers:
             delta = {"content": ""}
         if not delta and not last and not opts.token_ids and not opts.logprobs:
@@ -158,7 +158,7 @@ def completion_chunks(gen: Generation, meta: ResponseMeta, opts: Options, tokeni
                       tokens_per_chunk: int = 4) -> Iterator[dict[str, Any]]:
     """The chunks of a streamed /v1/completions answer (vLLM dumps every field of these)."""
     head = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model}
-    ranges = list(_chunk_ranges(gen, tokenizer, tokens_per_chunk)) or [(0, 0, 0, 0)]
+    ranges = list(chunk_ranges(gen, tokenizer, tokens_per_chunk)) or [(0, 0, 0, 0)]
     for start, end, lo, hi in ranges:
         last = end == len(gen.ids)
         choice: dict[str, Any] = {
