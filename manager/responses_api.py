@@ -10,6 +10,7 @@ prompts are not the agent's. A stream carries the final response object in its l
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -22,10 +23,18 @@ FINAL_EVENTS = frozenset(("response.completed", "response.incomplete", "response
 
 
 def responses_messages(value: Any) -> tuple[list[int], str] | None:
-    """The ids and text of a one-item ``input_messages``/``output_messages`` list; None otherwise."""
-    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+    """The ids and text of a one-item ``input_messages``/``output_messages`` list; None otherwise. An item may be
+    a JSON string: vLLM versions whose serializer fell back to ``model_dump_json`` wrote them so in streams."""
+    if not isinstance(value, list) or len(value) != 1:
         return None
     item = value[0]
+    if isinstance(item, str):
+        try:
+            item = json.loads(item)
+        except ValueError:
+            return None
+    if not isinstance(item, dict):
+        return None
     tokens = item.get("tokens")
     if item.get("type", "raw_message_tokens") != "raw_message_tokens" or not isinstance(tokens, list) \
             or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):

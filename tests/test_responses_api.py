@@ -92,6 +92,15 @@ def test_a_response_reads_as_a_chat_reply_with_its_token_ids() -> None:
     assert cut.finish_reason == "length"
 
 
+def test_messages_written_as_json_strings_are_read_too() -> None:
+    # vLLM versions whose field serializer fell back to model_dump_json wrote each item as a string in streams
+    body = response([message("a")], [1, 2], [3, EOS])
+    body["input_messages"] = [json.dumps(body["input_messages"][0])]
+    body["output_messages"] = [compact(body["output_messages"][0])]
+    result = reassemble_responses_stream(stream_of(body))
+    assert (result.prompt_token_ids, result.completion_token_ids) == ([1, 2], [3, EOS])
+
+
 def test_no_ids_without_messages_or_with_several_model_turns() -> None:
     assert parse_responses_body(response([message("a")], None, None)).completion_token_ids is None
     body = response([message("a")], [1, 2], [3])
