@@ -112,6 +112,19 @@ class ResponsesCall(_CallBase):
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
     response: ResponseMessage | None = None
+    previous_response_id: str | None = None  # the rest of its input is the server's stored conversation
+    is_retry: bool = False
+    turn: int = 0
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The request as the agent sent it, in messages: instructions (as a system message), then the input
+        items (a text input as one user message)."""
+        items = self.input if isinstance(self.input, list) else [{"role": "user", "content": self.input or ""}]
+        return ([{"role": "system", "content": self.instructions}] if self.instructions else []) + list(items)
+
+
+ModelCall = ChatCall | CompletionCall | ResponsesCall
 
 
 @dataclass(frozen=True)
@@ -123,12 +136,20 @@ class Conversation:
     responses_calls: list[ResponsesCall] = field(default_factory=list)
 
     @property
+    def model_calls(self) -> list[ModelCall]:
+        """Every chat, /completions and Responses call, in the order they were sent."""
+        calls: list[ModelCall] = [*self.calls, *self.completion_calls, *self.responses_calls]
+        return sorted(calls, key=lambda c: c.t_request if c.t_request is not None else 0.0)
+
+    @property
     def history(self) -> list[dict[str, Any]]:
-        """The last call's request messages plus its reply."""
-        return self.history_of_call(self.calls[-1]) if self.calls else []
+        """The last chat or Responses call's request messages plus its reply (a Responses call's input items as
+        it sent them)."""
+        last = next((c for c in reversed(self.model_calls) if not isinstance(c, CompletionCall)), None)
+        return self.history_of_call(last) if last is not None else []
 
     @staticmethod
-    def history_of_call(call: ChatCall) -> list[dict[str, Any]]:
+    def history_of_call(call: ChatCall | ResponsesCall) -> list[dict[str, Any]]:
         """A call's request messages plus its reply (when it got one)."""
         return list(call.messages) + ([call.response.to_message()] if call.response else [])
 
@@ -141,8 +162,9 @@ class Conversation:
         return [last[t] for t in sorted(last)]
 
     @property
-    def failed_calls(self) -> list[ChatCall]:
-        return [c for c in self.calls if c.failed]
+    def failed_calls(self) -> list[ModelCall]:
+        """Model calls of any endpoint without an answer."""
+        return [c for c in self.model_calls if c.failed]
 
     @property
     def thread_count(self) -> int:
@@ -157,9 +179,11 @@ class Conversation:
             "discontinuities": [asdict(d) for d in self.discontinuities],
             "history": self.history,
             "other_flows": self.other_flows,
-            "summary": {"calls": len(self.calls), "turns": len(self.turns), "threads": self.thread_count,
-                        "retries": sum(c.is_retry for c in self.calls), "failed": len(self.failed_calls),
-                        "discontinuities": len(self.discontinuities)},
+            "summary": {"calls": len(self.calls), "completion_calls": len(self.completion_calls),
+                        "responses_calls": len(self.responses_calls), "turns": len(self.turns),
+                        "threads": self.thread_count,
+                        "retries": sum(c.is_retry for c in [*self.calls, *self.responses_calls]),
+                        "failed": len(self.failed_calls), "discontinuities": len(self.discontinuities)},
         }
 
 
@@ -255,10 +279,11 @@ def responses_call_from_flow(flow: FlowRecord, index: int = 0) -> ResponsesCall 
     if not isinstance(request, dict) or "input" not in request:
         return None
     common, result = _common_fields(flow, index, request, responses=True)
-    instructions = request.get("instructions")
+    instructions, previous = request.get("instructions"), request.get("previous_response_id")
     return ResponsesCall(**common, input=request.get("input"),
                          instructions=instructions if isinstance(instructions, str) else None,
-                         tools=request.get("tools"), response=_reply(result))
+                         tools=request.get("tools"), response=_reply(result),
+                         previous_response_id=previous if isinstance(previous, str) else None)
 
 
 def completion_call_from_flow(flow: FlowRecord, index: int = 0) -> CompletionCall | None:
@@ -307,9 +332,14 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
             if kind != "other":
                 log.debug("flow %s on %s has no %s request body; counted as other", flow.flow_id, flow.path, kind)
             other += 1
-    retries, turns = find_retries(chats)
-    threads, discontinuities = assign_threads(chats, turns)
-    calls = [replace(c, is_retry=retries[i], turn=turns[i], thread=threads[i]) for i, c in enumerate(chats)]
+    # One numbering of turns for chat and Responses calls: rows group the attempts at one request by turn.
+    ordered = sorted([*chats, *responses], key=lambda c: c.t_request if c.t_request is not None else 0.0)
+    retries, turns = find_retries(ordered)
+    of = {id(c): (retries[i], turns[i]) for i, c in enumerate(ordered)}
+    chat_turns = [of[id(c)][1] for c in chats]
+    threads, discontinuities = assign_threads(chats, chat_turns)
+    calls = [replace(c, is_retry=of[id(c)][0], turn=chat_turns[i], thread=threads[i]) for i, c in enumerate(chats)]
+    responses = [replace(c, is_retry=of[id(c)][0], turn=of[id(c)][1]) for c in responses]
     return Conversation(calls, completions, discontinuities, other, responses)
 
 
@@ -361,11 +391,14 @@ def normalize_message(message: dict[str, Any]) -> Message:
     return (str(message.get("role")), _content_key(message.get("content")), calls)
 
 
-def _request_key(call: ChatCall) -> str:
-    return json.dumps([call.messages, call.tools, call.params, call.stream], sort_keys=True, default=str)
+def _request_key(call: ChatCall | ResponsesCall) -> str:
+    request = [call.messages, call.tools, call.params, call.stream]
+    if isinstance(call, ResponsesCall):
+        request = ["responses", call.previous_response_id, *request]
+    return json.dumps(request, sort_keys=True, default=str)
 
 
-def find_retries(calls: Sequence[ChatCall]) -> tuple[list[bool], list[int]]:
+def find_retries(calls: Sequence[ChatCall | ResponsesCall]) -> tuple[list[bool], list[int]]:
     """Per call: whether it is a client retry, and its turn. A retry repeats a failed call's request or carries
     x-stainless-retry-count > 0; it shares its original's turn, as does a repeat of the answered call just before
     it (an agent sampling the same request again, which may keep either answer: not a retry)."""

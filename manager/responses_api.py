@@ -2,9 +2,13 @@
 
 vLLM has no ``return_token_ids`` there; with ``enable_response_messages`` (the proxy adds it) its response
 object carries ``input_messages`` (the rendered prompt and its ids) and ``output_messages`` (what the model
-generated and its ids) as ``raw_message_tokens`` items. One model turn gives one of each; a request that ran
-several turns on the server (its built-in tools) gives more, and is read as a call without ids: its later
-prompts are not the agent's. A stream carries the final response object in its last ``response.completed``
+generated and its ids) as ``raw_message_tokens`` items. One model turn gives one input item and one output
+item; vLLM before 2026-02 (PR #34188) gave a stream one output item per delta, whose ids joined are the answer's.
+A request that ran several turns on the server (built-in tools) also lists its later prompts among the output
+items: their ids joined are more than the usage's output tokens, and the call is read as one without ids (those
+prompts are not the agent's). gpt-oss (harmony) models put harmony messages there, not ids: calls without ids
+too. Items may be JSON strings (vLLM versions whose serializer fell back to ``model_dump_json`` in streams).
+A stream carries the final response object in its last ``response.completed``
 (or ``response.incomplete`` / ``response.failed``) event; a stream that ended before that has no answer.
 """
 
@@ -17,29 +21,43 @@ from typing import Any
 from rollouttap.manager.chat_stream import ChatResult
 from rollouttap.store.sse import parse_sse
 
-__all__ = ["FINAL_EVENTS", "parse_responses_body", "reassemble_responses_stream", "responses_messages"]
+__all__ = ["FINAL_EVENTS", "parse_responses_body", "reassemble_responses_stream", "response_token_ids"]
 
 FINAL_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed"))
 
 
-def responses_messages(value: Any) -> tuple[list[int], str] | None:
-    """The ids and text of a one-item ``input_messages``/``output_messages`` list; None otherwise. An item may be
-    a JSON string: vLLM versions whose serializer fell back to ``model_dump_json`` wrote them so in streams."""
-    if not isinstance(value, list) or len(value) != 1:
+def response_token_ids(body: dict[str, Any]) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, completion ids) from a response object's raw messages; None when it has none to trust."""
+    inputs, outputs = _raw_items(body.get("input_messages")), _raw_items(body.get("output_messages"))
+    if inputs is None or outputs is None or len(inputs) != 1 or not outputs:
         return None
-    item = value[0]
-    if isinstance(item, str):
-        try:
-            item = json.loads(item)
-        except ValueError:
+    completion = [t for tokens in outputs for t in tokens]
+    if len(outputs) > 1:
+        usage = body.get("usage")
+        generated = usage.get("output_tokens") if isinstance(usage, dict) else None
+        if generated != len(completion):
+            return None  # later server-side prompts among them, or no way to tell
+    return inputs[0], completion
+
+
+def _raw_items(value: Any) -> list[list[int]] | None:
+    """The token ids of each ``raw_message_tokens`` item of a list; None unless every item is one."""
+    if not isinstance(value, list):
+        return None
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            try:
+                item = json.loads(item)
+            except ValueError:
+                return None
+        if not isinstance(item, dict) or item.get("type", "raw_message_tokens") != "raw_message_tokens":
             return None
-    if not isinstance(item, dict):
-        return None
-    tokens = item.get("tokens")
-    if item.get("type", "raw_message_tokens") != "raw_message_tokens" or not isinstance(tokens, list) \
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        return None
-    return list(tokens), str(item.get("message") or "")
+        tokens = item.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            return None
+        out.append(list(tokens))
+    return out
 
 
 def parse_responses_body(body: Any, *, streamed: bool = False, chunks: int = 0) -> ChatResult:
@@ -67,14 +85,13 @@ def parse_responses_body(body: Any, *, streamed: bool = False, chunks: int = 0) 
         elif kind == "function_call":
             calls.append({"id": item.get("call_id"), "type": "function",
                           "function": {"name": item.get("name"), "arguments": item.get("arguments") or ""}})
-    prompt = responses_messages(body.get("input_messages"))
-    completion = responses_messages(body.get("output_messages"))
+    ids = response_token_ids(body)
     return ChatResult(
         id=body.get("id"), model=body.get("model"), created=body.get("created_at"), role=role or "assistant",
-        content="".join(text) if text or not calls else None, reasoning="".join(reasoning) if reasoning else None,
+        content="".join(text) if text else None, reasoning="".join(reasoning) if reasoning else None,
         tool_calls=calls, finish_reason=_finish_reason(body.get("status"), body.get("incomplete_details"), calls),
-        usage=_chat_usage(body.get("usage")), prompt_token_ids=prompt[0] if prompt and completion else None,
-        completion_token_ids=completion[0] if prompt and completion else None, streamed=streamed,
+        usage=_chat_usage(body.get("usage")), prompt_token_ids=ids[0] if ids else None,
+        completion_token_ids=ids[1] if ids else None, streamed=streamed,
         chunks=chunks, error=error)
 
 

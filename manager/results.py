@@ -109,7 +109,7 @@ def with_model_failure(status: Status, error: str | None, conversation: Any) -> 
     """A failed agent's error plus why its last model call failed, if it did: an agent often fails because
     that call did (a model server nobody listens on), and says so only in its own stderr. An earlier
     failure that a retry got past is not the cause."""
-    calls = getattr(conversation, "calls", None) if status != "ok" else None
+    calls = getattr(conversation, "model_calls", None) if status != "ok" else None
     if not calls or not calls[-1].failed:
         return error
     return join_errors(error, f"its last model call failed: {calls[-1].error}")
@@ -194,11 +194,8 @@ def summarise(results: Iterable[AgentResult]) -> Summary:
 
 
 def _failed_calls(conversation: Any) -> int:
-    """Chat, /completions and Responses calls without an answer."""
-    if conversation is None:
-        return 0
-    return sum(bool(c.failed) for c in [*conversation.calls, *conversation.completion_calls,
-                                         *conversation.responses_calls])
+    """Model calls (chat, /completions, Responses) without an answer."""
+    return 0 if conversation is None else len(conversation.failed_calls)
 
 
 # -- collecting an agent's flows from the store ------------------------------------------------------------

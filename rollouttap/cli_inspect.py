@@ -98,14 +98,15 @@ def flows(
 
 # -- show ----------------------------------------------------------------------------------------------------------
 
-def _call_header(call: Any, attempt: int = 0) -> Text:
-    text = Text(f"── call {call.index}", style="bold")
+def _call_header(call: Any, attempt: int = 0, label: str = "call") -> Text:
+    text = Text(f"── {label} {call.index}", style="bold")
     again = ""
-    if call.is_retry:
+    if getattr(call, "is_retry", False):
         again = "retry"
     elif attempt:
         again = f"sample {attempt + 1} of the same request"
-    bits = [f"thread {call.thread}", f"{call.path}", str(call.status_code or call.state),
+    thread = getattr(call, "thread", None)
+    bits = [f"thread {thread}" if thread is not None else "", f"{call.path}", str(call.status_code or call.state),
             "stream" if call.stream else "", f"{_secs(call.latency)} (first byte {_secs(call.ttfb)})",
             f"finish {call.finish_reason}" if call.finish_reason else "", again]
     usage = call.usage or {}
@@ -132,47 +133,74 @@ def _message_lines(message: dict[str, Any]) -> list[Text]:
 
 
 def _print_conversation(console: Console, conv: Any) -> None:
+    """Every model call in the order it was sent, then the breaks in continuity."""
     from rollouttap.manager.inspect import conversation_steps
+    printers: list[tuple[float, int, Callable[[], None]]] = []
+
+    def add(call: Any, show: Callable[[], None]) -> None:
+        printers.append((call.t_request or 0.0, len(printers), show))
+
     for step in conversation_steps(conv.calls):
-        call = step.call
-        console.print(_call_header(call, step.attempt))
-        if step.starts_thread and step.attempt == 0 and call.thread > 0:
-            console.print(Text("  (starts a new thread: all messages shown)", "dim"))
-        elif not step.extends and not step.starts_thread:
-            console.print(Text("  (does not extend this thread's previous history: all messages shown)", "dim"))
-        elif step.continues is not None:
-            console.print(Text(f"  (goes on with call {step.continues}'s answer)", "dim"))
-        for message in step.new_messages:
-            for line in _message_lines(message):
-                console.print(line)
-        if call.response is not None:
-            for line in _message_lines(call.response.to_message(include_reasoning=True)):
-                console.print(line)
-        if call.error:
-            console.print(Text(f"  ✗ {call.error}", style="bold red"))
+        add(step.call, lambda step=step: _print_chat_step(console, step))
     for call in conv.completion_calls:
-        prompt = call.prompt if isinstance(call.prompt, str) else f"<{len(call.prompt or [])} token ids>"
-        console.print(Text(f"── completion call {call.index}", "bold"),
-                      Text(f"· {call.path} · {call.status_code or call.state} · {_secs(call.latency)}", "dim"))
-        console.print(Text.assemble(("  prompt: ", "cyan"), prompt[-400:]))
-        console.print(Text.assemble(("  text: ", "green"), call.text or ""))
-        if call.error:
-            console.print(Text(f"  ✗ {call.error}", style="bold red"))
+        add(call, lambda call=call: _print_completion_call(console, call))
+    previous = None
     for call in conv.responses_calls:
-        console.print(Text(f"── responses call {call.index}", "bold"),
-                      Text(f"· {call.path} · {call.status_code or call.state} · {_secs(call.latency)}", "dim"))
-        if call.instructions:
-            console.print(Text.assemble(("  instructions: ", "cyan"), call.instructions[-400:]))
-        items = call.input if isinstance(call.input, list) else [{"role": "user", "content": call.input or ""}]
-        for item in items:
-            console.print(Text.assemble(("  input: ", "cyan"), _input_item_text(item)[-400:]))
-        if call.response is not None:
-            for line in _message_lines(call.response.to_message(include_reasoning=True)):
-                console.print(line)
-        if call.error:
-            console.print(Text(f"  ✗ {call.error}", style="bold red"))
+        add(call, lambda call=call, previous=previous: _print_responses_call(console, call, previous))
+        previous = call
+    for _, _, show in sorted(printers, key=lambda p: p[:2]):
+        show()
     for item in conv.discontinuities:
         console.print(Text(f"discontinuity: {_describe(item)}", style="yellow"))
+
+
+def _print_chat_step(console: Console, step: Any) -> None:
+    call = step.call
+    console.print(_call_header(call, step.attempt))
+    if step.starts_thread and step.attempt == 0 and call.thread > 0:
+        console.print(Text("  (starts a new thread: all messages shown)", "dim"))
+    elif not step.extends and not step.starts_thread:
+        console.print(Text("  (does not extend this thread's previous history: all messages shown)", "dim"))
+    elif step.continues is not None:
+        console.print(Text(f"  (goes on with call {step.continues}'s answer)", "dim"))
+    for message in step.new_messages:
+        for line in _message_lines(message):
+            console.print(line)
+    _print_answer(console, call)
+
+
+def _print_completion_call(console: Console, call: Any) -> None:
+    prompt = call.prompt if isinstance(call.prompt, str) else f"<{len(call.prompt or [])} token ids>"
+    console.print(Text(f"── completion call {call.index}", "bold"),
+                  Text(f"· {call.path} · {call.status_code or call.state} · {_secs(call.latency)}", "dim"))
+    console.print(Text.assemble(("  prompt: ", "cyan"), prompt[-400:]))
+    console.print(Text.assemble(("  text: ", "green"), call.text or ""))
+    if call.error:
+        console.print(Text(f"  ✗ {call.error}", style="bold red"))
+
+
+def _print_responses_call(console: Console, call: Any, previous: Any) -> None:
+    """A Responses call: its input items new since the previous Responses call's input (all of them when it
+    does not start with that), then its answer."""
+    console.print(_call_header(call, label="responses call"))
+    items = call.messages
+    before = previous.messages if previous is not None else []
+    if call.previous_response_id:
+        console.print(Text(f"  (goes on with response {call.previous_response_id}, stored on the server)", "dim"))
+    elif before and items[:len(before)] == before:
+        items = items[len(before):]
+        console.print(Text(f"  (goes on from responses call {previous.index}: new input shown)", "dim"))
+    for item in items:
+        console.print(Text.assemble(("  input: ", "cyan"), _input_item_text(item)[-400:]))
+    _print_answer(console, call)
+
+
+def _print_answer(console: Console, call: Any) -> None:
+    if call.response is not None:
+        for line in _message_lines(call.response.to_message(include_reasoning=True)):
+            console.print(line)
+    if call.error:
+        console.print(Text(f"  ✗ {call.error}", style="bold red"))
 
 
 def _input_item_text(item: Any) -> str:

@@ -182,6 +182,9 @@ class _Handlers:
         payload = await self._read(request)
         if (remembered := await self._remembered(request)) is not None:
             return remembered
+        if isinstance(payload, dict) and payload.get("previous_response_id") is not None:
+            # vLLM keeps no responses unless VLLM_ENABLE_RESPONSES_API_STORE is set; neither does this server
+            return _error(404, f"Response with id '{payload['previous_response_id']}' not found.")
         if (problem := input_error(payload)) is not None:
             return _error(400, problem)
         reply = self._reply(payload)

@@ -15,8 +15,9 @@ parser's id). Ids are 16 hex digits, as vLLM's ``random_uuid`` gives them since 
 sample output). Output items carry the fields of the openai SDK vLLM pinned then (no ``phase``,
 ``namespace``, ``caller``).
 
-Left out: harmony (gpt-oss) models, background/store/previous_response_id, built-in and MCP tools, the
-fields newer vLLM main adds after ``user`` (``presence_penalty``, ``frequency_penalty``,
+Left out: harmony (gpt-oss) models, background and the response store (a ``previous_response_id`` gets the 404
+vLLM answers without its store), built-in and MCP tools, the fields newer vLLM main adds after ``user``
+(``presence_penalty``, ``frequency_penalty``,
 ``kv_transfer_params``, ``ec_transfer_params``), and per-turn usage lists beyond SimpleContext's empty ones.
 """
 

@@ -214,8 +214,8 @@ def test_agent_loop_is_continuous(stream):
     assert second.prompt_token_ids[:len(first.prompt_token_ids) + len(first.completion_token_ids)] == \
         first.prompt_token_ids + first.completion_token_ids
     json.dumps(conv.to_dict())
-    assert conv.to_dict()["summary"] == {"calls": 2, "turns": 2, "threads": 1, "retries": 0, "failed": 0,
-                                         "discontinuities": 0}
+    assert conv.to_dict()["summary"] == {"calls": 2, "completion_calls": 0, "responses_calls": 0, "turns": 2,
+                                         "threads": 1, "retries": 0, "failed": 0, "discontinuities": 0}
 
 
 def test_normalisation_ignores_null_content_and_argument_whitespace():

@@ -37,6 +37,7 @@ from rollouttap.manager.launch import (
     ProcRow, agent_environment, descendants, model_env, parse_stat, split_model_url,
 )
 from rollouttap.manager.proxy_link import ProxyLink
+from rollouttap.manager.conversation import Conversation
 from rollouttap.manager.results import collect_flows, decide_status, json_safe, with_model_failure
 from rollouttap.manager.runner_entry import outcome
 from rollouttap.store import Store, StoreWriter
@@ -410,13 +411,20 @@ def test_summary_counts_the_commonest_errors():
     assert summarise([result(0, "ok", "ignored")]).to_dict()["top_errors"] == []
 
 
-def test_summary_counts_failed_chat_and_completion_calls():
+def _conversation(chat=(), completion=(), responses=()):
+    """A Conversation of stand-in calls, each (failed, t_request)."""
+    def calls(specs):
+        return [SimpleNamespace(failed=f, error="boom" if f else None, t_request=t) for f, t in specs]
+    return Conversation(calls(chat), calls(completion), [], 0, calls(responses))
+
+
+def test_summary_counts_failed_chat_completion_and_responses_calls():
     from rollouttap.manager.results import AgentResult, summarise
-    conversation = SimpleNamespace(calls=[SimpleNamespace(failed=True), SimpleNamespace(failed=False)],
-                                   completion_calls=[SimpleNamespace(failed=True)])
-    results = [AgentResult("a0", 0, "p", "ok", calls=3, conversation=conversation),
+    conversation = _conversation(chat=[(True, 1.0), (False, 2.0)], completion=[(True, 3.0)],
+                                 responses=[(True, 4.0), (False, 5.0)])
+    results = [AgentResult("a0", 0, "p", "ok", calls=5, conversation=conversation),
                AgentResult("a1", 1, "p", "error", error="cannot start agent: x")]  # no conversation at all
-    assert summarise(results).failed_calls == 2
+    assert summarise(results).failed_calls == 3
 
 
 def test_json_safe():
@@ -570,10 +578,18 @@ def test_failed_agent_says_why_its_model_call_failed(manager):
     ([True, False], "exited with code 1"),  # a retry got past it: not the cause
     ([False, True], "exited with code 1; its last model call failed: boom"),
 ])
-def test_failed_agent_error_names_a_failed_last_call_only(failed, expected):
-    calls = [SimpleNamespace(failed=f, error="boom" if f else None) for f in failed]
-    assert with_model_failure("failed", "exited with code 1", SimpleNamespace(calls=calls)) == expected
-    assert with_model_failure("ok", None, SimpleNamespace(calls=calls)) is None
+@pytest.mark.parametrize("kind", ["chat", "responses"])
+def test_failed_agent_error_names_a_failed_last_call_only(failed, expected, kind):
+    conversation = _conversation(**{kind: [(f, float(t)) for t, f in enumerate(failed)]})
+    assert with_model_failure("failed", "exited with code 1", conversation) == expected
+    assert with_model_failure("ok", None, conversation) is None
+
+
+def test_the_last_model_call_is_the_last_sent_whatever_its_endpoint():
+    conversation = _conversation(chat=[(False, 1.0)], responses=[(True, 2.0)])
+    assert with_model_failure("failed", "exit 1", conversation) == "exit 1; its last model call failed: boom"
+    conversation = _conversation(chat=[(False, 3.0)], responses=[(True, 2.0)])  # a later chat call answered
+    assert with_model_failure("failed", "exit 1", conversation) == "exit 1"
 
 
 def test_hanging_agent_times_out_and_its_whole_tree_dies(manager):

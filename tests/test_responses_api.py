@@ -66,12 +66,13 @@ def compact(doc: Any) -> str:
 
 
 def flow(n: int, request: dict[str, Any], body: bytes, *, path: str = "/v1/responses", status: int = 200,
-         state: str = "done") -> FlowRecord:
+         state: str = "done", retry: int = 0) -> FlowRecord:
     streamed = body.startswith(b"event:")
     return FlowRecord(
         id=n, flow_id=f"flow-{n}", proxy_id="p", agent_id="a", pid=1, client_conn_id="c", client_addr="127.0.0.1:1",
         attribution="token", method="POST", url=f"http://model{path}", scheme="http", host="model", port=80,
-        path=path, request_headers=[("content-type", "application/json")], request_body=json.dumps(request).encode(),
+        path=path, request_headers=[("content-type", "application/json"), ("x-stainless-retry-count", str(retry))],
+        request_body=json.dumps(request).encode(),
         status_code=status, response_headers=[("content-type", "text/event-stream" if streamed else "application/json")],
         response_body=body, streamed=streamed, state=state, error=None, t_request=100.0 + n,
         t_response_headers=100.01 + n, t_first_byte=100.02 + n, t_end=100.5 + n)
@@ -99,6 +100,27 @@ def test_messages_written_as_json_strings_are_read_too() -> None:
     body["output_messages"] = [compact(body["output_messages"][0])]
     result = reassemble_responses_stream(stream_of(body))
     assert (result.prompt_token_ids, result.completion_token_ids) == ([1, 2], [3, EOS])
+
+
+def test_an_older_vllm_stream_with_one_output_item_per_delta_is_joined() -> None:
+    # vLLM before PR #34188 appended an output item per streamed delta (as JSON strings in the stream)
+    ids = [10, 11, 12, 13, 14, EOS]
+    final = response([message("Hello there")], [1, 2, 3], ids)
+    final["input_messages"] = [compact(final["input_messages"][0])]
+    final["output_messages"] = [compact(raw(part, text)[0])
+                                for text, part in (("Hel", ids[:2]), ("lo th", ids[2:4]), ("ere", ids[4:]))]
+    result = reassemble_responses_stream(stream_of(final))
+    assert (result.prompt_token_ids, result.completion_token_ids) == ([1, 2, 3], ids)
+
+
+def test_harmony_messages_are_not_token_ids() -> None:
+    # gpt-oss models: vLLM puts harmony messages in the two fields
+    body = response([message("a")], [1], [2])
+    body["input_messages"] = [{"author": {"role": "user"}, "content": [{"type": "text", "text": "hi"}]}]
+    body["output_messages"] = [{"author": {"role": "assistant"}, "channel": "final", "content": []}]
+    assert parse_responses_body(body).completion_token_ids is None
+    body["output_messages"] = ["not json", 3]
+    assert parse_responses_body(body).completion_token_ids is None
 
 
 def test_no_ids_without_messages_or_with_several_model_turns() -> None:
@@ -152,3 +174,43 @@ def test_a_responses_stream_is_finished_at_its_final_event() -> None:
     assert sse_finished(stream_of(final))
     assert not sse_finished(stream_of(final, completed=False))
     assert sse_finished(b'data: {"n":1}\n\ndata: [DONE]\n\n')
+
+
+def test_a_retried_responses_call_is_one_turn_and_its_failure_is_skipped() -> None:
+    request = {"model": "m", "input": "x?"}
+    error = json.dumps({"error": {"message": "overloaded", "type": "ServiceUnavailable", "code": 503}}).encode()
+    answer = json.dumps(response([message("4")], [1, 2], [5, EOS])).encode()
+    flows = [flow(0, request, error, status=503), flow(1, request, answer, retry=1)]
+    conversation = build_conversation(flows)
+    assert [(c.is_retry, c.turn) for c in conversation.responses_calls] == [(False, 0), (True, 0)]
+    assert conversation.to_dict()["summary"]["retries"] == 1
+    result = build_rows(calls_in_order(conversation, flows), eos_token_id=EOS, policy="strict")
+    assert result.fidelity.retries_skipped == 1 and result.rows[0].completion_ids == [5, EOS]
+
+
+def test_an_agent_sampling_a_responses_request_twice_trains_on_the_answer_it_kept() -> None:
+    request = {"model": "m", "input": "x?"}
+    first, second = response([message("a")], [1, 2], [5, EOS]), response([message("b")], [1, 2], [6, EOS])
+    follow = response([message("c")], [1, 2, 6, EOS, 9], [7, EOS])  # goes on with the second sample
+    flows = [flow(0, request, json.dumps(first).encode()), flow(1, request, json.dumps(second).encode()),
+             flow(2, {"model": "m", "input": ["x?", "b", "go on"]}, json.dumps(follow).encode())]
+    conversation = build_conversation(flows)
+    assert [c.turn for c in conversation.responses_calls] == [0, 0, 1]
+    (row,) = build_rows(calls_in_order(conversation, flows), eos_token_id=EOS, policy="strict").rows
+    assert row.completion_ids == [6, EOS, 9, 7, EOS] and row.env_mask == [1, 1, 0, 1, 1]
+
+
+def test_chat_and_responses_calls_share_one_numbering_of_turns() -> None:
+    chat_request = {"model": "m", "messages": [{"role": "user", "content": "x?"}]}
+    chat_answer = {"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {
+        "role": "assistant", "content": "a"}, "finish_reason": "stop", "token_ids": [5, EOS]}],
+        "prompt_token_ids": [1, 2]}
+    flows = [flow(0, chat_request, json.dumps(chat_answer).encode(), path="/v1/chat/completions"),
+             flow(1, {"model": "m", "input": "y?"}, json.dumps(response([message("b")], [1, 2, 5, EOS, 3],
+                                                                        [6, EOS])).encode())]
+    conversation = build_conversation(flows)
+    assert {conversation.calls[0].turn, conversation.responses_calls[0].turn} == {0, 1}
+    assert conversation.history[-1] == {"role": "assistant", "content": "b"}
+    assert conversation.history[0] == {"role": "user", "content": "y?"}
+    (row,) = build_rows(calls_in_order(conversation, flows), eos_token_id=EOS, policy="strict").rows
+    assert row.completion_ids == [5, EOS, 3, 6, EOS]

@@ -52,12 +52,7 @@ def proxy(tmp_path_factory, confdir, upstream):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_responses_tool_agent_row_is_token_exact(proxy, upstream, tokenizer, stream):
-    agent = "resp-" + uuid.uuid4().hex[:10]
-    out = subprocess.run([sys.executable, str(AGENT), upstream.base_url, "What is 3 + 4, doubled?",
-                          *(["--stream"] if stream else [])], env=agent_env(proxy, tag=agent),
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "The answer is 14."
+    agent = _run_agent(proxy, upstream, stream)
     flows = settled_flows(proxy.config.store, agent_id=agent)
     assert all(f.meta["injected"] == {"enable_response_messages": True} for f in flows)
     conversation = build_conversation(flows)
@@ -102,19 +97,30 @@ def test_responses_agent_sees_exactly_what_a_direct_call_returns(proxy, upstream
     assert call.prompt_token_ids and call.completion_token_ids and call.instructions == "Be brief."
 
 
-def test_show_prints_a_responses_agents_calls(proxy, upstream):
-    agent = "rshow-" + uuid.uuid4().hex[:8]
-    body = {"model": "policy", "input": "What is 3 + 4?", "tools": [{"type": "function", "name": "calculator",
-                                                                    "parameters": {"type": "object"}}]}
-    requests.post(upstream.base_url + "/responses", json=body, timeout=10, proxies={"http": proxy.url},
-                  headers={"X-Agent-ID": agent}).raise_for_status()
+def _run_agent(proxy, upstream, stream: bool) -> str:
+    agent = "resp-" + uuid.uuid4().hex[:10]
+    out = subprocess.run([sys.executable, str(AGENT), upstream.base_url, "What is 3 + 4, doubled?",
+                          *(["--stream"] if stream else [])], env=agent_env(proxy, tag=agent),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "The answer is 14."
+    return agent
+
+
+def test_show_prints_a_responses_agents_calls_in_order_with_their_new_input(proxy, upstream):
+    agent = _run_agent(proxy, upstream, stream=True)
     settled_flows(proxy.config.store, agent_id=agent)
     app = typer.Typer()
     register(app)
     result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["show", agent, "--store", str(proxy.config.store)])
     assert result.exit_code == 0, result.output
-    assert "responses call 0" in result.output and "user: What is 3 + 4?" in result.output
-    assert 'calculator({"expression": "3 + 4"})' in result.output.replace("'", '"')
+    out = result.output
+    heads = [line for line in out.splitlines() if line.startswith("── ")]
+    assert [h.split(" · ")[0] for h in heads] == [f"── responses call {i}" for i in range(3)]
+    assert all("stream" in h for h in heads) and "finish tool_calls" in heads[0] and "finish stop" in heads[2]
+    assert out.count("user: What is 3 + 4, doubled?") == 1  # later calls show only their new input
+    assert out.count("(goes on from responses call") == 2
+    assert '→ calculator({"expression": "3 + 4"})' in out and "] 7" in out and "The answer is 14." in out
 
 
 def test_a_failed_responses_call_reaches_the_store_and_the_conversation(tmp_path, confdir, tokenizer):
@@ -127,3 +133,24 @@ def test_a_failed_responses_call_reaches_the_store_and_the_conversation(tmp_path
         (call,) = build_conversation(settled_flows(proxy.config.store, agent_id=agent)).responses_calls
     assert call.failed and call.error is not None and "overloaded" in call.error
 
+
+
+def test_a_previous_response_id_the_server_does_not_keep_is_a_failed_call_named_in_the_error(tmp_path, confdir,
+                                                                                            tokenizer):
+    # vLLM keeps no responses by default (VLLM_ENABLE_RESPONSES_API_STORE): an agent relying on
+    # previous_response_id fails, and its result says why.
+    from rollouttap.manager import AgentManager, CommandAgent
+    with ScriptedUpstream(two_tool_calls_responses, tokenizer=tokenizer) as up:
+        code = ("import openai, os; c = openai.OpenAI(max_retries=0, api_key='k', base_url=os.environ['BASE']); "
+                "r = c.responses.create(model='p', input='What is 3 + 4?', tools=[" + json.dumps(
+                    {"type": "function", "name": "calculator", "parameters": {"type": "object"}}) + "]); "
+                "c.responses.create(model='p', previous_response_id=r.id, input=[{'type': 'function_call_output', "
+                "'call_id': r.output[0].call_id, 'output': '7'}])")
+        agent = CommandAgent([sys.executable, "-c", code.replace("{", "{{").replace("}", "}}")],
+                             env={"BASE": up.base_url})
+        with AgentManager(agent, store=tmp_path / "runs.db", model_url=up.base_url, confdir=confdir,
+                          eos_token_id=tokenizer.eos_token_id) as manager:
+            (result,) = manager.deploy(["go"])
+    assert result.status == "failed"
+    assert "its last model call failed: HTTP 404: Response with id" in result.error
+    assert result.conversation.to_dict()["summary"]["responses_calls"] == 2
