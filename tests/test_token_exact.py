@@ -1,5 +1,7 @@
 """Token-exact rows end to end: a real tool-calling agent through the real proxy, the scripted vLLM-shaped
-upstream rendering prompts with the project's real tiny tokenizer and chat template."""
+upstream rendering prompts with the project's real tiny tokenizer and chat template. Chat completions first,
+then the Responses API (the upstream's ``/v1/responses`` speaks vLLM's JSON and stream events,
+``enable_response_messages`` included)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,16 @@ import uuid
 import pytest
 import requests
 
+import typer
+from typer.testing import CliRunner
+
 from conftest import TESTS, agent_env, settled_flows, start_proxy
-from rollouttap.manager.conversation import build_conversation
+from rollouttap.cli_inspect import register
+from rollouttap.manager import AgentManager, CommandAgent
+from rollouttap.manager.conversation import build_conversation, calls_in_order
 from rollouttap.manager.rows import build_row, build_rows
 from rollouttap.testing.replies import Reply, ToolCall, with_reasoning
+from rollouttap.testing.responses_input import as_chat_request
 from rollouttap.testing.upstream import ScriptedUpstream
 from rollouttap.trainer_hooks.tiny_model import build_tokenizer
 
@@ -23,8 +31,9 @@ AGENT = TESTS / "agent_tool_loop.py"
 
 
 def two_tool_calls(request):
-    """Calculator twice (two turns), then the answer: three model calls per agent."""
-    messages = request["messages"]
+    """Calculator twice (two turns), then the answer: three model calls per agent (a Responses request read as
+    the chat messages vLLM renders it from)."""
+    messages = as_chat_request(request)["messages"]
     tool_results = [m for m in messages if m["role"] == "tool"]
     if len(tool_results) < 2:
         expr = "3 + 4" if not tool_results else f"{tool_results[-1]['content']} * 2"
@@ -50,10 +59,11 @@ def token_proxy(tmp_path_factory, confdir, token_upstream):
         yield proc
 
 
-def _run_agent(proxy, upstream, stream: bool) -> str:
+def _run_agent(proxy, upstream, stream: bool, *, responses: bool = False) -> str:
     agent = "tok-" + uuid.uuid4().hex[:10]
     out = subprocess.run([sys.executable, str(AGENT), upstream.base_url, "What is 3 + 4, doubled?",
-                          *(["--stream"] if stream else [])], env=agent_env(proxy, tag=agent),
+                          *(["--stream"] if stream else []), *(["--responses"] if responses else [])],
+                         env=agent_env(proxy, tag=agent),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "The answer is 14."
@@ -227,3 +237,99 @@ def test_an_agent_sampling_a_request_twice_is_trained_on_the_answer_it_kept(tmp_
     trained = [(t, lp) for t, m, lp in zip(row.completion_ids, row.env_mask, row.logprobs) if m == 1]
     assert trained == sampled and fidelity.coverage == 1.0 and fidelity.retries_skipped == 1
     assert row.prompt_ids == calls[kept].prompt_token_ids
+
+
+# -- the Responses API ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_tool_agent_row_is_token_exact(token_proxy, token_upstream, tokenizer, stream):
+    agent = _run_agent(token_proxy, token_upstream, stream, responses=True)
+    flows = settled_flows(token_proxy.config.store, agent_id=agent)
+    assert all(f.meta["injected"] == {"enable_response_messages": True} for f in flows)
+    conversation = build_conversation(flows)
+    calls = conversation.responses_calls
+    assert len(calls) == 3 and not conversation.calls and conversation.other_flows == 0
+    assert all(c.prompt_token_ids and c.completion_token_ids and not c.failed for c in calls)
+    assert [c.finish_reason for c in calls] == ["tool_calls", "tool_calls", "stop"]
+    result = build_rows(calls_in_order(conversation, flows), eos_token_id=tokenizer.eos_token_id)
+    (row,) = result.rows
+    last = calls[-1]
+    # The row is the last call's prompt and completion as the server tokenised them ...
+    assert row.prompt_ids + row.completion_ids == last.prompt_token_ids + last.completion_token_ids
+    # ... which decodes to the input rendered by the chat template, plus the final answer.
+    chat = as_chat_request(json.loads(flows[-1].request_text()))
+    rendered = tokenizer.apply_chat_template(chat["messages"], tools=chat["tools"], add_generation_prompt=True,
+                                             tokenize=False)
+    assert tokenizer.decode(row.prompt_ids + row.completion_ids) == \
+        rendered + "The answer is 14." + tokenizer.eos_token
+    # Every sampled token is mask 1, in order, and nothing else; the tool results are mask 0.
+    assert [t for t, m in zip(row.completion_ids, row.env_mask) if m] == \
+        [t for c in calls for t in c.completion_token_ids]
+    env_text = tokenizer.decode([t for t, m in zip(row.completion_ids, row.env_mask) if m == 0])
+    assert "<tool_response>\n7\n</tool_response>" in env_text and "14" in env_text
+    fidelity = result.fidelity
+    assert fidelity.clean_joins == 2 and fidelity.coverage == 1.0 and row.logprobs is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_agent_sees_exactly_what_a_direct_call_returns(token_proxy, token_upstream, stream):
+    body = {"model": "policy", "stream": stream, "instructions": "Be brief.",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": f"Hi {uuid.uuid4().hex}"}]}]}
+    agent = f"rbytes-{uuid.uuid4().hex[:8]}"
+    direct = requests.post(token_upstream.base_url + "/responses", json=body, timeout=10)
+    proxied = requests.post(token_upstream.base_url + "/responses", json=body, timeout=10,
+                            proxies={"http": token_proxy.url}, headers={"X-Agent-ID": agent})
+    assert direct.status_code == 200 and proxied.content == direct.content
+    assert '"input_messages":null' in direct.text and '"output_messages":null' in direct.text
+    [flow] = settled_flows(token_proxy.config.store, agent_id=agent)
+    assert '"raw_message_tokens"' in flow.response_text()  # the store keeps what the agent did not ask for
+    assert json.loads(flow.request_text()) == body
+    (call,) = build_conversation([flow]).responses_calls
+    assert call.prompt_token_ids and call.completion_token_ids and call.instructions == "Be brief."
+
+
+def test_show_prints_a_responses_agents_calls_in_order_with_their_new_input(token_proxy, token_upstream):
+    agent = _run_agent(token_proxy, token_upstream, stream=True, responses=True)
+    settled_flows(token_proxy.config.store, agent_id=agent)
+    app = typer.Typer()
+    register(app)
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["show", agent, "--store", str(token_proxy.config.store)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    heads = [line for line in out.splitlines() if line.startswith("── ")]
+    assert [h.split(" · ")[0] for h in heads] == [f"── responses call {i}" for i in range(3)]
+    assert all("stream" in h for h in heads) and "finish tool_calls" in heads[0] and "finish stop" in heads[2]
+    assert out.count("user: What is 3 + 4, doubled?") == 1  # later calls show only their new input
+    assert out.count("(goes on from responses call") == 2
+    assert '→ calculator({"expression": "3 + 4"})' in out and "] 7" in out and "The answer is 14." in out
+
+
+def test_a_failed_responses_call_reaches_the_store_and_the_conversation(tmp_path, confdir, tokenizer):
+    with ScriptedUpstream(lambda request: Reply(status=503, error_message="overloaded"), tokenizer=tokenizer) as up, \
+            start_proxy(tmp_path / "r.db", confdir, model_hosts=(up.url.split("://")[1],)) as proxy:
+        agent = "rfail-" + uuid.uuid4().hex[:8]
+        answer = requests.post(up.base_url + "/responses", json={"model": "p", "input": "hi"}, timeout=10,
+                               proxies={"http": proxy.url}, headers={"X-Agent-ID": agent})
+        assert answer.status_code == 503
+        (call,) = build_conversation(settled_flows(proxy.config.store, agent_id=agent)).responses_calls
+    assert call.failed and call.error is not None and "overloaded" in call.error
+
+
+def test_a_previous_response_id_the_server_does_not_keep_is_a_failed_call_named_in_the_error(tmp_path, confdir,
+                                                                                            tokenizer):
+    # vLLM keeps no responses by default (VLLM_ENABLE_RESPONSES_API_STORE): an agent relying on
+    # previous_response_id fails, and its result says why.
+    with ScriptedUpstream(two_tool_calls, tokenizer=tokenizer) as up:
+        code = ("import openai, os; c = openai.OpenAI(max_retries=0, api_key='k', base_url=os.environ['BASE']); "
+                "r = c.responses.create(model='p', input='What is 3 + 4?', tools=[" + json.dumps(
+                    {"type": "function", "name": "calculator", "parameters": {"type": "object"}}) + "]); "
+                "c.responses.create(model='p', previous_response_id=r.id, input=[{'type': 'function_call_output', "
+                "'call_id': r.output[0].call_id, 'output': '7'}])")
+        agent = CommandAgent([sys.executable, "-c", code.replace("{", "{{").replace("}", "}}")],
+                             env={"BASE": up.base_url})
+        with AgentManager(agent, store=tmp_path / "runs.db", model_url=up.base_url, confdir=confdir,
+                          eos_token_id=tokenizer.eos_token_id) as manager:
+            (result,) = manager.deploy(["go"])
+    assert result.status == "failed"
+    assert "its last model call failed: HTTP 404: Response with id" in result.error
+    assert result.conversation.to_dict()["summary"]["responses_calls"] == 2
