@@ -312,6 +312,7 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     chats: list[ChatCall] = []
     completions: list[CompletionCall] = []
     responses: list[ResponsesCall] = []
+    sent: list[ChatCall | ResponsesCall] = []  # chat and Responses calls in capture order
     other = 0
     for flow in flows:
         kind = flow_kind(flow)
@@ -320,6 +321,7 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
             call = chat_call_from_flow(flow, len(chats))
             if call is not None:
                 chats.append(call)
+                sent.append(call)
         elif kind == "completion":
             call = completion_call_from_flow(flow, len(completions))
             if call is not None:
@@ -328,14 +330,14 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
             call = responses_call_from_flow(flow, len(responses))
             if call is not None:
                 responses.append(call)
+                sent.append(call)
         if call is None:
             if kind != "other":
                 log.debug("flow %s on %s has no %s request body; counted as other", flow.flow_id, flow.path, kind)
             other += 1
     # One numbering of turns for chat and Responses calls: rows group the attempts at one request by turn.
-    ordered = sorted([*chats, *responses], key=lambda c: c.t_request if c.t_request is not None else 0.0)
-    retries, turns = find_retries(ordered)
-    of = {id(c): (retries[i], turns[i]) for i, c in enumerate(ordered)}
+    retries, turns = find_retries(sent)
+    of = {id(c): (retries[i], turns[i]) for i, c in enumerate(sent)}
     chat_turns = [of[id(c)][1] for c in chats]
     threads, discontinuities = assign_threads(chats, chat_turns)
     calls = [replace(c, is_retry=of[id(c)][0], turn=chat_turns[i], thread=threads[i]) for i, c in enumerate(chats)]
@@ -346,16 +348,16 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
 def calls_in_order(conversation: Conversation,
                    flows: Sequence[FlowRecord]) -> list[ChatCall | CompletionCall | ResponsesCall]:
     """The chat, /completions and Responses calls of ``build_conversation(flows)`` in the order the agent made
-    them: an agent may use several, and each samples tokens its training row holds. A chat call's retries
-    follow it directly, ahead of calls made meanwhile: rows read a retry as replacing the call just before it."""
+    them: an agent may use several, and each samples tokens its training row holds. A chat or Responses call's
+    retries follow it directly, ahead of calls made meanwhile: rows read a retry as replacing the call just before
+    it."""
     order = {flow.flow_id: i for i, flow in enumerate(flows)}
     first: dict[int, int] = {}  # turn -> capture position of its first attempt
     keyed: list[tuple[tuple[int, int], ChatCall | CompletionCall | ResponsesCall]] = []
-    for call in conversation.calls:
+    for call in (*conversation.calls, *conversation.responses_calls):  # one numbering of turns
         at = order[call.flow_id]
         keyed.append(((first.setdefault(call.turn, at), at), call))
-    keyed += [((order[c.flow_id], order[c.flow_id]), c)
-              for c in (*conversation.completion_calls, *conversation.responses_calls)]
+    keyed += [((order[c.flow_id], order[c.flow_id]), c) for c in conversation.completion_calls]
     return [call for _, call in sorted(keyed, key=lambda item: item[0])]
 
 

@@ -214,3 +214,14 @@ def test_chat_and_responses_calls_share_one_numbering_of_turns() -> None:
     assert conversation.history[0] == {"role": "user", "content": "y?"}
     (row,) = build_rows(calls_in_order(conversation, flows), eos_token_id=EOS, policy="strict").rows
     assert row.completion_ids == [5, EOS, 3, 6, EOS]
+
+
+def test_a_responses_retry_follows_its_failed_attempt_ahead_of_a_call_made_meanwhile() -> None:
+    request = {"model": "m", "input": "x?"}
+    error = json.dumps({"error": {"message": "overloaded", "code": 503}}).encode()
+    chat = {"model": "m", "messages": [{"role": "user", "content": "side question"}]}
+    flows = [flow(0, request, error, status=503), flow(1, chat, b"", path="/v1/chat/completions", status=500),
+             flow(2, request, json.dumps(response([message("4")], [1, 2], [5, EOS])).encode(), retry=1)]
+    conversation = build_conversation(flows)
+    assert [c.flow_id for c in calls_in_order(conversation, flows)] == ["flow-0", "flow-2", "flow-1"]
+    assert conversation.model_calls[-1].flow_id == "flow-2" and len(conversation.failed_calls) == 2
