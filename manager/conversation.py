@@ -83,6 +83,7 @@ class _CallBase:
     completion_token_ids: list[int] | None
     completion_logprobs: list[float] | None
     retry_count: int
+    position: int = 0  # where its flow is among the agent's flows (capture order)
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,7 @@ class Conversation:
     @property
     def model_calls(self) -> list[ModelCall]:
         """Every chat, /completions and Responses call, in the order they were sent."""
-        calls: list[ModelCall] = [*self.calls, *self.completion_calls, *self.responses_calls]
-        return sorted(calls, key=lambda c: c.t_request if c.t_request is not None else 0.0)
+        return sorted([*self.calls, *self.completion_calls, *self.responses_calls], key=lambda c: c.position)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -154,10 +154,10 @@ class Conversation:
         return list(call.messages) + ([call.response.to_message()] if call.response else [])
 
     @property
-    def turns(self) -> list[ChatCall]:
-        """One call per turn: the last attempt of each request."""
-        last: dict[int, ChatCall] = {}
-        for call in self.calls:
+    def turns(self) -> list[ChatCall | ResponsesCall]:
+        """One chat or Responses call per turn: the last attempt of each request."""
+        last: dict[int, ChatCall | ResponsesCall] = {}
+        for call in sorted([*self.calls, *self.responses_calls], key=lambda c: c.position):
             last[call.turn] = call
         return [last[t] for t in sorted(last)]
 
@@ -181,7 +181,7 @@ class Conversation:
             "other_flows": self.other_flows,
             "summary": {"calls": len(self.calls), "completion_calls": len(self.completion_calls),
                         "responses_calls": len(self.responses_calls), "turns": len(self.turns),
-                        "threads": self.thread_count,
+                        "threads": self.thread_count,  # of chat calls: their messages make threads
                         "retries": sum(c.is_retry for c in [*self.calls, *self.responses_calls]),
                         "failed": len(self.failed_calls), "discontinuities": len(self.discontinuities)},
         }
@@ -314,23 +314,23 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     responses: list[ResponsesCall] = []
     sent: list[ChatCall | ResponsesCall] = []  # chat and Responses calls in capture order
     other = 0
-    for flow in flows:
+    for position, flow in enumerate(flows):
         kind = flow_kind(flow)
         call: ChatCall | CompletionCall | ResponsesCall | None = None
         if kind == "chat":
             call = chat_call_from_flow(flow, len(chats))
             if call is not None:
-                chats.append(call)
-                sent.append(call)
+                chats.append(replace(call, position=position))
+                sent.append(chats[-1])
         elif kind == "completion":
             call = completion_call_from_flow(flow, len(completions))
             if call is not None:
-                completions.append(call)
+                completions.append(replace(call, position=position))
         elif kind == "responses":
             call = responses_call_from_flow(flow, len(responses))
             if call is not None:
-                responses.append(call)
-                sent.append(call)
+                responses.append(replace(call, position=position))
+                sent.append(responses[-1])
         if call is None:
             if kind != "other":
                 log.debug("flow %s on %s has no %s request body; counted as other", flow.flow_id, flow.path, kind)
@@ -411,7 +411,9 @@ def find_retries(calls: Sequence[ChatCall | ResponsesCall]) -> tuple[list[bool],
         key = _request_key(call)
         prev = last_seen.get(key)
         retried = call.retry_count > 0 or (prev is not None and calls[prev].failed)
-        repeat = prev is not None and (prev == i - 1 or retried)
+        # A retry count with no failed attempt of this request to hand (they never reached the proxy) makes
+        # a turn of its own, not a repeat of an answered request further back.
+        repeat = prev is not None and (prev == i - 1 or calls[prev].failed)
         retries.append(retried)
         turns.append(turns[prev] if repeat and prev is not None else (max(turns) + 1 if turns else 0))
         last_seen[key] = i

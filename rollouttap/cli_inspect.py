@@ -135,19 +135,25 @@ def _message_lines(message: dict[str, Any]) -> list[Text]:
 def _print_conversation(console: Console, conv: Any) -> None:
     """Every model call in the order it was sent, then the breaks in continuity."""
     from rollouttap.manager.inspect import conversation_steps
-    printers: list[tuple[float, int, Callable[[], None]]] = []
+    printers: list[tuple[int, int, Callable[[], None]]] = []
 
     def add(call: Any, show: Callable[[], None]) -> None:
-        printers.append((call.t_request or 0.0, len(printers), show))
+        printers.append((call.position, len(printers), show))
 
     for step in conversation_steps(conv.calls):
         add(step.call, lambda step=step: _print_chat_step(console, step))
     for call in conv.completion_calls:
         add(call, lambda call=call: _print_completion_call(console, call))
-    previous = None
+    attempts: dict[int, int] = {}
+    before: Any = None  # the last call of the turn before the current one
+    latest: Any = None
     for call in conv.responses_calls:
-        add(call, lambda call=call, previous=previous: _print_responses_call(console, call, previous))
-        previous = call
+        if latest is not None and latest.turn != call.turn:
+            before = latest
+        attempt = attempts[call.turn] = attempts.get(call.turn, -1) + 1
+        add(call, lambda call=call, before=before, attempt=attempt:
+            _print_responses_call(console, call, before, attempt))
+        latest = call
     for _, _, show in sorted(printers, key=lambda p: p[:2]):
         show()
     for item in conv.discontinuities:
@@ -179,10 +185,10 @@ def _print_completion_call(console: Console, call: Any) -> None:
         console.print(Text(f"  ✗ {call.error}", style="bold red"))
 
 
-def _print_responses_call(console: Console, call: Any, previous: Any) -> None:
-    """A Responses call: its input items new since the previous Responses call's input (all of them when it
+def _print_responses_call(console: Console, call: Any, previous: Any, attempt: int) -> None:
+    """A Responses call: its input items new since the input of the previous turn's call (all of them when it
     does not start with that), then its answer."""
-    console.print(_call_header(call, label="responses call"))
+    console.print(_call_header(call, attempt, label="responses call"))
     items = call.messages
     before = previous.messages if previous is not None else []
     if call.previous_response_id:

@@ -182,11 +182,12 @@ class _Handlers:
         payload = await self._read(request)
         if (remembered := await self._remembered(request)) is not None:
             return remembered
-        if isinstance(payload, dict) and payload.get("previous_response_id") is not None:
-            # vLLM keeps no responses unless VLLM_ENABLE_RESPONSES_API_STORE is set; neither does this server
-            return _error(404, f"Response with id '{payload['previous_response_id']}' not found.")
         if (problem := input_error(payload)) is not None:
             return _error(400, problem)
+        if (previous := payload.get("previous_response_id")) is not None:
+            # vLLM keeps no responses unless VLLM_ENABLE_RESPONSES_API_STORE is set; neither does this server
+            return _json({"error": {"message": f"Response with id '{previous}' not found.",
+                                    "type": "invalid_request_error", "param": "response_id", "code": 404}}, 404)
         reply = self._reply(payload)
         if reply.status != 200:
             return _error(reply.status, reply.error_message or "scripted error")

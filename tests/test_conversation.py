@@ -386,3 +386,19 @@ def test_a_retry_whose_first_attempts_never_arrived_replaces_nothing():
     assert [c.is_retry for c in calls] == [False, True] and calls[0].turn != calls[1].turn
     _, fidelity = build_row(calls, eos_token_id=TOK.eos_token_id)
     assert (fidelity.calls_used, fidelity.retries_skipped) == (2, 0)
+
+
+def test_a_retry_of_a_request_answered_turns_ago_is_a_turn_of_its_own():
+    # The same question asked again later (a loop) whose first attempt of this time never reached the proxy:
+    # the earlier, answered asking is not what it retries, and its answer stays in the row.
+    from rollouttap.manager.conversation import calls_in_order
+    from rollouttap.manager.rows import build_row
+    first, _ = turn([SYSTEM, USER], return_token_ids=True)
+    other, _ = turn([SYSTEM, {"role": "user", "content": "And 5 * 5?"}], return_token_ids=True)
+    again = make_flow(json.loads(first.request_body), first.response_body, headers=[("x-stainless-retry-count", "1")])
+    flows = [first, other, again]
+    conversation = build_conversation(flows)
+    assert [c.turn for c in conversation.calls] == [0, 1, 2]
+    assert [c.flow_id for c in calls_in_order(conversation, flows)] == [f.flow_id for f in flows]
+    _, fidelity = build_row(calls_in_order(conversation, flows), eos_token_id=TOK.eos_token_id)
+    assert (fidelity.calls_used, fidelity.retries_skipped) == (3, 0)

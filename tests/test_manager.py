@@ -412,16 +412,16 @@ def test_summary_counts_the_commonest_errors():
 
 
 def _conversation(chat=(), completion=(), responses=()):
-    """A Conversation of stand-in calls, each (failed, t_request)."""
+    """A Conversation of stand-in calls, each (failed, position among the agent's flows)."""
     def calls(specs):
-        return [SimpleNamespace(failed=f, error="boom" if f else None, t_request=t) for f, t in specs]
+        return [SimpleNamespace(failed=f, error="boom" if f else None, position=p) for f, p in specs]
     return Conversation(calls(chat), calls(completion), [], 0, calls(responses))
 
 
 def test_summary_counts_failed_chat_completion_and_responses_calls():
     from rollouttap.manager.results import AgentResult, summarise
-    conversation = _conversation(chat=[(True, 1.0), (False, 2.0)], completion=[(True, 3.0)],
-                                 responses=[(True, 4.0), (False, 5.0)])
+    conversation = _conversation(chat=[(True, 1), (False, 2)], completion=[(True, 3)],
+                                 responses=[(True, 4), (False, 5)])
     results = [AgentResult("a0", 0, "p", "ok", calls=5, conversation=conversation),
                AgentResult("a1", 1, "p", "error", error="cannot start agent: x")]  # no conversation at all
     assert summarise(results).failed_calls == 3
@@ -580,15 +580,15 @@ def test_failed_agent_says_why_its_model_call_failed(manager):
 ])
 @pytest.mark.parametrize("kind", ["chat", "responses"])
 def test_failed_agent_error_names_a_failed_last_call_only(failed, expected, kind):
-    conversation = _conversation(**{kind: [(f, float(t)) for t, f in enumerate(failed)]})
+    conversation = _conversation(**{kind: [(f, p) for p, f in enumerate(failed)]})
     assert with_model_failure("failed", "exited with code 1", conversation) == expected
     assert with_model_failure("ok", None, conversation) is None
 
 
 def test_the_last_model_call_is_the_last_sent_whatever_its_endpoint():
-    conversation = _conversation(chat=[(False, 1.0)], responses=[(True, 2.0)])
+    conversation = _conversation(chat=[(False, 1)], responses=[(True, 2)])
     assert with_model_failure("failed", "exit 1", conversation) == "exit 1; its last model call failed: boom"
-    conversation = _conversation(chat=[(False, 3.0)], responses=[(True, 2.0)])  # a later chat call answered
+    conversation = _conversation(chat=[(False, 3)], responses=[(True, 2)])  # a later chat call answered
     assert with_model_failure("failed", "exit 1", conversation) == "exit 1"
 
 

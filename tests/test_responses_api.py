@@ -7,6 +7,7 @@ set; a stream's final object in its ``response.completed`` event).
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -225,3 +226,30 @@ def test_a_responses_retry_follows_its_failed_attempt_ahead_of_a_call_made_meanw
     conversation = build_conversation(flows)
     assert [c.flow_id for c in calls_in_order(conversation, flows)] == ["flow-0", "flow-2", "flow-1"]
     assert conversation.model_calls[-1].flow_id == "flow-2" and len(conversation.failed_calls) == 2
+
+
+def test_an_empty_answer_is_an_answer_and_an_error_is_not() -> None:
+    empty = parse_responses_body(response([], [1, 2], [EOS]))
+    assert (empty.content, empty.finish_reason) == ("", "stop")
+    error = parse_responses_body({"error": {"message": "bad", "type": "BadRequestError", "code": 400}})
+    assert error.content is None and error.error is not None
+
+
+def show_text(flows: list[FlowRecord]) -> str:
+    from rich.console import Console
+
+    from rollouttap.cli_inspect import _print_conversation
+    console = Console(file=io.StringIO(), width=200)
+    _print_conversation(console, build_conversation(flows))
+    return console.file.getvalue()
+
+
+def test_show_labels_a_retry_and_a_second_sample_with_the_input_of_their_turn() -> None:
+    request = {"model": "m", "input": [{"role": "user", "content": "2+2?"}]}
+    error = json.dumps({"error": {"message": "overloaded", "code": 503}}).encode()
+    answer = json.dumps(response([message("4")], [1, 2], [5, EOS])).encode()
+    out = show_text([flow(0, request, error, status=503), flow(1, request, answer, retry=1),
+                     flow(2, request, answer)])
+    heads = [line for line in out.splitlines() if line.startswith("── ")]
+    assert "retry" in heads[1] and "sample 3 of the same request" in heads[2]  # counted as chat counts them
+    assert out.count("input: user: 2+2?") == 3 and "goes on from" not in out

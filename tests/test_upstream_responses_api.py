@@ -184,3 +184,12 @@ def test_deterministic_and_memo_answers_repeat():
         first, second = post(up, input="hi").content, post(up, input="hi").content
         assert first == second
         assert post(up, input="hi", stream=True).content == post(up, input="hi", stream=True).content
+
+
+def test_a_previous_response_id_gets_vllms_404_once_the_body_is_valid(up):
+    # vLLM validates the request first, then finds no stored response (its store is off by default)
+    assert post(up, input=5, previous_response_id="resp_1").status_code == 400
+    answer = post(up, input="hi", previous_response_id="resp_1")
+    assert answer.status_code == 404
+    assert answer.json() == {"error": {"message": "Response with id 'resp_1' not found.",
+                                       "type": "invalid_request_error", "param": "response_id", "code": 404}}
