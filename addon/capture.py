@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,16 +19,18 @@ from typing import Any
 import psutil
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import Client
-from mitmproxy.proxy.mode_specs import ReverseMode
 
 from rollouttap.addon import flowcols, tokenids
+from rollouttap.addon.answer_rewrite import sse_finished, stream_rewrite, strip_json_answer
 from rollouttap.addon.attribution import PID_LOOKUPS, Attribution
 from rollouttap.addon.flow_attribution import FlowAttribution
 from rollouttap.addon.loopback import is_host_port, is_loopback
+from rollouttap.addon.master_hooks import (
+    exit_after_done, listen_for_nudges, listeners, rebind_on_loopback, reverse_listeners, shutdown_when_gone,
+)
 from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
-from rollouttap.addon.streamtap import StreamTap, decoded
+from rollouttap.addon.streamtap import StreamTap
 from rollouttap.store import StoreWriter
-from rollouttap.store.nudge import NUDGE_SIGNAL
 from rollouttap.store.writer import EXIT_UNWRITTEN, MAX_BACKLOG_BYTES
 from rollouttap.errors import StoreError
 from rollouttap.throttle import Throttle
@@ -71,7 +73,7 @@ class RolloutTap:
         self._parent_watch: asyncio.Task[None] | None = None
         self._running = False
         self.drain_s = DRAIN_S
-        self.exit_status = 0  # the process's, once mitmproxy's done hooks have all run (see _exit_after_done)
+        self.exit_status = 0  # the process's, once mitmproxy's done hooks have all run (see master_hooks.exit_after_done)
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
@@ -175,9 +177,9 @@ class RolloutTap:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def running(self) -> None:
-        _exit_after_done(ctx.master, self)
-        await _rebind_on_loopback()  # before the proxy row: readers must never see a wide listener
-        _listen_for_nudges(self._nudge)  # before the proxy row: readers nudge only proxies they see
+        exit_after_done(ctx.master, self)
+        await rebind_on_loopback()  # before the proxy row: readers must never see a wide listener
+        listen_for_nudges(self._nudge)  # before the proxy row: readers nudge only proxies they see
         servers = ctx.master.addons.get("proxyserver").servers
         servers.changed.connect(self._listeners_changed)  # fired once servers (re)started, ports bound
         self._listeners_changed()
@@ -186,7 +188,7 @@ class RolloutTap:
         log.info("rollouttap: recording into %s as proxy %s", ctx.options.rollouttap_store,
                  self.proxy_id)
         if ctx.options.rollouttap_parent_pid:
-            self._parent_watch = asyncio.create_task(_shutdown_when_gone(ctx.options.rollouttap_parent_pid))
+            self._parent_watch = asyncio.create_task(shutdown_when_gone(ctx.options.rollouttap_parent_pid))
 
     def _listeners_changed(self) -> None:
         self.own_routes = own_reverse_routes(reverse_listeners())
@@ -214,7 +216,7 @@ class RolloutTap:
         deadline = time.monotonic() + self.drain_s
         while (self._live or self._attributing) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        _listen_for_nudges(None)
+        listen_for_nudges(None)
         self._retire("proxy shut down before the flow ended")
         self._store_closed = True  # set on the loop, before the thread starts: hooks then record nothing more
         await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while
@@ -354,7 +356,7 @@ class RolloutTap:
         streamed = ctype.startswith("text/event-stream")
         if streamed:
             cols = flowcols.response_started(flow, streamed)  # as the server sent them: the body kept is its bytes
-            live.tap = StreamTap(_stream_rewrite(flow.response, live))
+            live.tap = StreamTap(stream_rewrite(flow.response, live.injection, live.meta))
             flow.response.stream = live.tap
             # A stream may run for minutes: readers see its status and headers while it does.
             self._update(flow.id, cols)
@@ -371,7 +373,7 @@ class RolloutTap:
         else:
             body, first = resp.raw_content or b"", resp.timestamp_start
             if live.injection is not None:
-                _strip_json_answer(resp, live.injection)
+                strip_json_answer(resp, live.injection)
         self._end(flow.id, "done", {"response_body": body, "t_first_byte": first,
                                     "t_end": resp.timestamp_end or time.time(),
                                     "status_code": resp.status_code})
@@ -465,119 +467,6 @@ class RolloutTap:
         self._update(flow_id, cols)
 
 
-def _exit_after_done(master: Any, tap: RolloutTap) -> None:
-    """Make mitmdump exit with ``tap.exit_status`` after its done hooks: raised in our hook, it would skip the
-    hooks of the addons after us (a HAR dump, a flow file still to be closed)."""
-    if getattr(master, "_rollouttap_exit_after_done", False):  # running again (a script reload): wrapped once
-        return
-    done = master.done
-
-    async def done_then_exit() -> None:
-        await done()
-        if tap.exit_status:
-            raise SystemExit(tap.exit_status)
-    master.done = done_then_exit
-    master._rollouttap_exit_after_done = True
-
-
-def _listen_for_nudges(callback: Any) -> None:
-    """Answer a reader's NUDGE_SIGNAL on the event loop (``store/nudge.py``); None stops answering."""
-    try:
-        loop = asyncio.get_running_loop()
-        if callback is None:
-            loop.remove_signal_handler(NUDGE_SIGNAL)
-        else:
-            loop.add_signal_handler(NUDGE_SIGNAL, callback)
-    except (RuntimeError, ValueError, NotImplementedError) as exc:
-        # No loop in the main thread (embedded mitmproxy) or no signals here: readers then wait for the
-        # writer's idle watermarks, which only takes longer.
-        log.debug("rollouttap: store nudges not handled: %s", exc)
-
-
-async def _rebind_on_loopback() -> None:
-    """Bind listeners again on loopback if they listen on every interface (mitmproxy's default host) while
-    rollouttap_allow_remote is off.
-
-    ``mitmdump -s addon/entry.py`` binds its listeners before the script's configure() sets listen_host to
-    loopback, and mitmproxy re-binds only when ``mode`` changes: they were left open to every host.
-    """
-    if ctx.options.rollouttap_allow_remote:
-        return
-    proxyserver = ctx.master.addons.get("proxyserver")
-
-    def wide() -> list[str]:
-        return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                for server in proxyserver.servers for host, port, *_ in server.listen_addrs if not is_loopback(host)]
-    if not (found := wide()):
-        return
-    log.warning("rollouttap: listening on %s: binding on %s instead (rollouttap_allow_remote is off)",
-                ", ".join(found), ctx.options.listen_host)
-    await proxyserver.servers.update([])
-    bound = await proxyserver.setup_servers()
-    if not bound or (found := wide()):  # refuse to run open to other hosts (or deaf) rather than go on
-        log.error("rollouttap: could not listen on loopback only (%s); shutting down",
-                  ", ".join(found) if bound else "binding failed")
-        ctx.master.shutdown()
-
-
-async def _shutdown_when_gone(pid: int, interval: float = 1.0) -> None:
-    """A proxy whose manager died (killed test run, crashed trainer) must not live on as an orphan."""
-    try:
-        parent = psutil.Process(pid)
-        while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
-            await asyncio.sleep(interval)
-    except psutil.Error:
-        pass
-    log.warning("rollouttap: parent process %s is gone; shutting down", pid)
-    ctx.master.shutdown()
-
-
-def _stream_rewrite(resp: http.Response, live: _Live) -> Callable[[bytes], bytes] | None:
-    """What turns the server's stream into the agent's: token ids stripped, after decoding it if the server
-    compressed it although asked not to (the agent then gets it plain, as its client would have read it)."""
-    if live.injection is None:
-        return None
-    strip = tokenids.StreamStripper(live.injection).feed
-    encoding = resp.headers.get("content-encoding", "").strip().lower()
-    if encoding in ("", "identity"):
-        return strip
-    rewrite = decoded(encoding, strip)
-    if rewrite is None:
-        log.warning("rollouttap: cannot decode a %s stream; its token ids reach the agent", encoding)
-        return None
-    del resp.headers["content-encoding"]
-    resp.headers.pop("content-length", None)
-    resp.headers["transfer-encoding"] = "chunked"
-    live.meta["decoded_stream"] = encoding
-    return rewrite
-
-
-def _strip_json_answer(resp: http.Response, injection: tokenids.Injection) -> None:
-    """Hide injected fields from a non-streamed answer, decoding (and re-encoding) it if the server
-    compressed it all the same."""
-    try:
-        plain = resp.get_content()
-    except ValueError as exc:  # an unknown or broken content-encoding: leave the answer as it came
-        log.warning("rollouttap: cannot decode a %s answer to hide token ids: %s",
-                    resp.headers.get("content-encoding"), exc)
-        return
-    if plain:
-        stripped = tokenids.strip_response_json(plain, injection)
-        if stripped is not plain:
-            resp.content = stripped
-
-
-# How an OpenAI-style stream ends: chat and /completions with ``data: [DONE]``, the Responses API with its final
-# response event (pydantic writes the event's ``type`` last).
-_STREAM_ENDS = (b"data: [DONE]", b'"type":"response.completed"}', b'"type":"response.incomplete"}',
-                b'"type":"response.failed"}')
-
-
-def sse_finished(raw: bytes | bytearray) -> bool:
-    """Whether an OpenAI-style event stream has sent its terminal event."""
-    return bytes(raw[-64:]).rstrip().endswith(_STREAM_ENDS)
-
-
 def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:
     """Model hosts as ``host`` and ``host:port`` strings; every route target is one."""
     found = {h.strip().lower() for h in hosts if h.strip()}
@@ -596,23 +485,3 @@ def readdress(req: http.Request, route: Route) -> str:
     was = flowcols.stored_target(req.pretty_url)
     req.scheme, req.host, req.port, req.path = route.target(req.path)
     return was
-
-
-def reverse_listeners() -> tuple[tuple[str, int, str, str, int], ...]:
-    """(listen host, listen port, target scheme, target host, target port) of each reverse listener."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    return tuple((addr[0], addr[1], server.mode.scheme, server.mode.address[0], server.mode.address[1])
-                 for server in proxyserver.servers if isinstance(server.mode, ReverseMode)
-                 for addr in server.listen_addrs)
-
-
-def listeners() -> list[dict[str, Any]]:
-    """Each listener of this mitmproxy: mode, address and (for reverse mode) its target."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    out = []
-    for server in proxyserver.servers:
-        mode = server.mode
-        for addr in server.listen_addrs:
-            out.append({"mode": mode.type_name, "host": addr[0], "port": addr[1],
-                        "target": getattr(mode, "data", None) or None, "spec": mode.full_spec})
-    return out

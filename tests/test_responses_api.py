@@ -11,7 +11,7 @@ import io
 import json
 from typing import Any
 
-from rollouttap.addon.capture import sse_finished
+from rollouttap.addon.answer_rewrite import sse_finished
 from rollouttap.manager.conversation import build_conversation, calls_in_order, flow_kind
 from rollouttap.manager.responses_api import parse_responses_body, reassemble_responses_stream
 from rollouttap.manager.rows import build_rows
