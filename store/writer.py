@@ -212,11 +212,7 @@ class StoreWriter:
                 self._drop(writes)
                 return
             try:
-                with transaction(self._conn):
-                    for event in statements:
-                        _apply(self._conn, event)
-                    if mark is not None:
-                        self._write_mark(mark)
+                self._write_all(statements, mark)
                 break
             except sqlite3.OperationalError as exc:
                 # Locked or busy beyond busy_timeout, or the disk full: keep the batch and try again; never drop
@@ -240,6 +236,14 @@ class StoreWriter:
         self.stats.statements += len(statements)
         self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(writes))
+
+    def _write_all(self, statements: list[Event], mark: float | None) -> None:
+        """One transaction: every folded statement, then the watermark."""
+        with transaction(self._conn):
+            for event in statements:
+                _apply(self._conn, event)
+            if mark is not None:
+                self._write_mark(mark)
 
     def _drop(self, writes: list[Event]) -> None:
         self.failing = None  # detached says why now
