@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from rollouttap.testing.fake_tokenizer import content_text
-from rollouttap.testing.responses_input import as_chat_request
+from rollouttap.responses_input import as_chat_request
 
 ECHO_LIMIT = 200
 

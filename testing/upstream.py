@@ -34,7 +34,7 @@ from aiohttp import web
 
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
 from rollouttap.testing.replies import Reply, Script, default_script, named_script
-from rollouttap.testing.responses_input import input_error
+from rollouttap.responses_input import input_error
 from rollouttap.testing.vllm_format import (
     SSE_DONE, Options, dumps, error_body, generate_chat, generate_completion, sse,
 )

@@ -23,7 +23,7 @@ from rollouttap.manager import AgentManager, CommandAgent
 from rollouttap.manager.conversation import build_conversation, calls_in_order
 from rollouttap.manager.rows import build_row, build_rows
 from rollouttap.testing.replies import Reply, ToolCall, with_reasoning
-from rollouttap.testing.responses_input import as_chat_request
+from rollouttap.responses_input import as_chat_request
 from rollouttap.testing.upstream import ScriptedUpstream
 from rollouttap.trainer_hooks.tiny_model import build_tokenizer
 

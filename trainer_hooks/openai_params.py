@@ -14,9 +14,13 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/com
 class BadRequest(RolloutTapError):
     """A request the policy server answers with an OpenAI-shaped 4xx error."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, *, error_type: str | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        # Most routes answer vLLM's generic error; the Responses API names its own type and param.
+        self.error_type = error_type
+        self.param = param
 
 
 def sampling_from_body(

@@ -18,10 +18,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def error_body(message: str, status: int) -> dict[str, Any]:
-    """OpenAI's error object."""
-    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+def error_body(
+    message: str, status: int, kind: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object (``kind``: the type, else vLLM's name for the status)."""
+    kind = kind or {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

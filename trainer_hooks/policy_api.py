@@ -72,12 +72,12 @@ class PolicyAPI:
         a request whose client left, and the generation lock would otherwise be held to max_tokens)."""
         self.check_model(body)
         prompt_ids = self.render_chat(body)
-        params = self._params(body, chat=True, prompt_len=len(prompt_ids))
+        params = self.sampling(body, chat=True, prompt_len=len(prompt_ids))
         tools_on = bool(body.get("tools")) and body.get("tool_choice") != "none"
         opts = _options(body, parse_tools=tools_on)
         if body.get("stream"):
             return self._chat_stream(prompt_ids, params, opts)
-        deltas = self._run(prompt_ids, params, gone)
+        deltas = self.run_to_end(prompt_ids, params, gone)
         text = "".join(d.text for d in deltas)
         parsed = parse_assistant_text(text, tools=opts.parse_tools)
         call_ids = [new_id("chatcmpl-tool") for _ in parsed.tool_calls]
@@ -108,10 +108,10 @@ class PolicyAPI:
                  "finish_reason": None}
         extra = {"prompt_token_ids": prompt_ids} if opts.return_token_ids else {}
         yield chat_chunk(rid, name, [first], **extra)
-        splitter = _StreamSplitter(opts.parse_tools)
+        splitter = StreamSplitter(opts.parse_tools)
         count = 0
         # closing: a client that leaves mid-stream must release the lock now, not at collection.
-        with contextlib.closing(self._locked_stream(prompt_ids, params)) as deltas:
+        with contextlib.closing(self.locked_stream(prompt_ids, params)) as deltas:
             for delta in deltas:
                 count += 1
                 yield chat_chunk(rid, name, [self._chat_stream_choice(delta, splitter, params, opts)])
@@ -119,7 +119,7 @@ class PolicyAPI:
             yield chat_chunk(rid, name, [], usage=usage(len(prompt_ids), count))
 
     def _chat_stream_choice(
-        self, delta: Delta, splitter: _StreamSplitter, params: SamplingParams, opts: _Options
+        self, delta: Delta, splitter: StreamSplitter, params: SamplingParams, opts: _Options
     ) -> Body:
         payload, called = splitter.push(delta.text, final=delta.finish_reason is not None)
         choice: Body = {"index": 0, "delta": payload, "finish_reason": None,
@@ -143,13 +143,13 @@ class PolicyAPI:
         if body.get("echo") or body.get("suffix"):
             raise BadRequest("echo and suffix are not supported by this server")
         prompts = self._completion_prompts(body.get("prompt"))
-        jobs = [(p, self._params(body, chat=False, prompt_len=len(p))) for p in prompts]
+        jobs = [(p, self.sampling(body, chat=False, prompt_len=len(p))) for p in prompts]
         opts = _options(body, parse_tools=False)
         if body.get("stream"):
             return self._completion_stream(jobs, opts)
         choices, produced = [], 0
         for index, (prompt_ids, params) in enumerate(jobs):
-            deltas = self._run(prompt_ids, params, gone)
+            deltas = self.run_to_end(prompt_ids, params, gone)
             produced += len(deltas)
             choices.append(self._completion_choice(index, prompt_ids, deltas, params, opts))
         return completion_response(
@@ -185,7 +185,7 @@ class PolicyAPI:
         rid, name, produced = new_id("cmpl"), self.config.model_name, 0
         for index, (prompt_ids, params) in enumerate(jobs):
             offset = 0
-            with contextlib.closing(self._locked_stream(prompt_ids, params)) as deltas:
+            with contextlib.closing(self.locked_stream(prompt_ids, params)) as deltas:
                 for number, delta in enumerate(deltas):
                     produced += 1
                     choice = self._completion_choice(
@@ -247,6 +247,10 @@ class PolicyAPI:
 
     def render_chat(self, body: Body) -> list[int]:
         """The prompt ids the chat template gives for a request's messages and tools."""
+        return self.render_prompt(body)[1]
+
+    def render_prompt(self, body: Body) -> tuple[str, list[int]]:
+        """(prompt text, prompt ids) of a chat request: the template's rendering and its encoding."""
         messages = body.get("messages")
         if not (isinstance(messages, list) and messages
                 and all(isinstance(m, dict) for m in messages)):
@@ -263,7 +267,7 @@ class PolicyAPI:
             )
         except Exception as exc:  # jinja and transformers raise many types for a bad conversation
             raise BadRequest(f"cannot apply the chat template: {exc}") from exc
-        return self.tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False))
+        return text, self.tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", False))
 
     # -------------------------------------------------------------- helpers
     def token_name(self, token_id: int) -> str:
@@ -274,22 +278,24 @@ class PolicyAPI:
             self._names[token_id] = name
         return name
 
-    def _params(self, body: Body, *, chat: bool, prompt_len: int) -> SamplingParams:
+    def sampling(self, body: Body, *, chat: bool, prompt_len: int) -> SamplingParams:
+        """A chat or completions body's sampling settings, checked against this model."""
         return sampling_from_body(
             body, chat=chat, prompt_len=prompt_len, max_model_len=self.max_model_len,
             default_max_tokens=self.config.max_new_tokens, vocab_size=self.vocab_size,
         )
 
-    def _run(self, prompt_ids: list[int], params: SamplingParams, gone: Gone | None = None) -> list[Delta]:
+    def run_to_end(self, prompt_ids: list[int], params: SamplingParams, gone: Gone | None = None) -> list[Delta]:
+        """Every delta of one generation; ClientGone when ``gone`` says the client left."""
         deltas: list[Delta] = []
-        with contextlib.closing(self._locked_stream(prompt_ids, params)) as stream:
+        with contextlib.closing(self.locked_stream(prompt_ids, params)) as stream:
             for delta in stream:
                 deltas.append(delta)
                 if gone is not None and len(deltas) % GONE_CHECK_EVERY == 0 and gone():
                     raise ClientGone(f"client left after {len(deltas)} tokens")
         return deltas
 
-    def _locked_stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
+    def locked_stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
         """Deltas generated under the lock, held until the last token or until closed."""
         with self.lock, contextlib.closing(generate(
             self.model, self.tokenizer, prompt_ids, params,
@@ -298,7 +304,7 @@ class PolicyAPI:
             yield from deltas
 
 
-class _StreamSplitter:
+class StreamSplitter:
     """Turns released text into chat deltas (reasoning, content, tool calls at the end).
 
     Sends only what the final parse cannot take back, so the streamed pieces add up to the

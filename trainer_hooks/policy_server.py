@@ -8,14 +8,17 @@ import select
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from rollouttap.responses_shapes import sse_event
 
 from .generation import LogprobsMode
 from .openai_params import BadRequest
 from .openai_shapes import error_body
 from .policy_api import ApiConfig, ClientGone, PolicyAPI
+from .policy_responses import NamedEvents, ResponsesRoute
 
 logger = logging.getLogger(__name__)
 _MAX_BODY = 64 * 1024 * 1024
@@ -110,6 +113,7 @@ def _handler_for(api: PolicyAPI) -> type[BaseHTTPRequestHandler]:
     routes_post: dict[str, Callable[[dict[str, Any], Callable[[], bool]], Any]] = {
         "/v1/chat/completions": api.chat,
         "/v1/completions": api.completions,
+        "/v1/responses": ResponsesRoute(api),
         "/tokenize": lambda body, _gone: api.tokenize(body),
         "/detokenize": lambda body, _gone: api.detokenize(body),
     }
@@ -134,7 +138,7 @@ def _handler_for(api: PolicyAPI) -> type[BaseHTTPRequestHandler]:
                 logger.info("%s", exc)
                 return
             except BadRequest as exc:
-                self.send_json(error_body(str(exc), exc.status), exc.status)
+                self.send_json(error_body(str(exc), exc.status, exc.error_type, exc.param), exc.status)
                 return
             except Exception as exc:  # the server must answer, not drop the connection
                 logger.exception("policy server failed on %s", self.path)
@@ -143,7 +147,7 @@ def _handler_for(api: PolicyAPI) -> type[BaseHTTPRequestHandler]:
             if isinstance(result, dict):
                 self.send_json(result, 200)
             else:
-                self.send_sse(result)
+                self.send_sse(result, named=isinstance(result, NamedEvents))
 
     return Handler
 
@@ -221,8 +225,10 @@ class _JsonHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def send_sse(self, chunks: Iterator[dict[str, Any]]) -> None:
-        """Stream chunks as SSE events in chunked transfer encoding, ending with [DONE]."""
+    def send_sse(self, chunks: Iterable[dict[str, Any]], *, named: bool = False) -> None:
+        """Stream chunks as SSE events in chunked transfer encoding, ending with [DONE].
+
+        ``named``: the Responses API's framing, ``event: <type>`` before each ``data:`` and no [DONE]."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -230,19 +236,24 @@ class _JsonHandler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             for chunk in chunks:
-                self._write_chunk(f"data: {json.dumps(chunk)}\n\n".encode())
+                self._write_chunk(sse_event(chunk) if named else f"data: {json.dumps(chunk)}\n\n".encode())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             logger.info("client left a stream early")
             return
         except Exception as exc:  # headers are sent: report in-band as vLLM does, then end
             logger.exception("policy server failed while streaming")
-            self._write_chunk(f"data: {json.dumps(error_body(str(exc), 500))}\n\n".encode())
+            if named:
+                error = {"type": "error", "code": "internal_error", "message": str(exc), "param": None}
+                self._write_chunk(sse_event(error))
+            else:
+                self._write_chunk(f"data: {json.dumps(error_body(str(exc), 500))}\n\n".encode())
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()  # releases the generation lock when the client left early
-        self._write_chunk(b"data: [DONE]\n\n")
+        if not named:
+            self._write_chunk(b"data: [DONE]\n\n")
         self._write_chunk(b"")
 
     def _write_chunk(self, data: bytes) -> None:
