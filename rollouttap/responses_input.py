@@ -57,6 +57,12 @@ def _item_error(item: Any) -> str | None:
 
 
 def _options_error(request: dict[str, Any]) -> str | None:
+    top = request.get("top_logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
+        return "'top_logprobs' must be a non-negative integer"
+    include = request.get("include")
+    if include is not None and not (isinstance(include, list) and all(isinstance(i, str) for i in include)):
+        return "'include' must be a list of strings"
     limit = request.get("max_output_tokens")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         return "'max_output_tokens' must be a positive integer"
@@ -69,6 +75,22 @@ def _options_error(request: dict[str, Any]) -> str | None:
     instructions = request.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         return "'instructions' must be a string"
+    return None
+
+
+_NO_BACKGROUND = ("This vLLM engine does not support `store=True` and therefore does not support the background "
+                  "mode. To enable these features, set the environment variable `VLLM_ENABLE_RESPONSES_API_STORE=1` "
+                  "when launching the vLLM server.")
+
+
+def store_error(request: dict[str, Any]) -> tuple[int, str, str] | None:
+    """(status, message, param) of vLLM's answer to a request that needs its response store, which is off unless
+    ``VLLM_ENABLE_RESPONSES_API_STORE`` is set: a background request (400), a ``previous_response_id`` (404).
+    Checked after the body's validation and the model name, as vLLM does."""
+    if request.get("background"):
+        return 400, _NO_BACKGROUND, "background"
+    if (previous := request.get("previous_response_id")) is not None:
+        return 404, f"Response with id '{previous}' not found.", "response_id"
     return None
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +39,8 @@ from typing import Any
 
 Body = dict[str, Any]
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+log = logging.getLogger(__name__)
 
 
 def random_id() -> str:
@@ -325,15 +328,24 @@ def chat_delta_pieces(delta: Body) -> list[tuple[str, Any]]:
 
 def stream_events(initial: Body, item_events: Iterable[Body], final: Callable[[], Body]) -> Iterator[Body]:
     """created, in_progress, the item events, completed: numbered; ``final()`` is called once the items are out
-    (vLLM builds the final response after the stream)."""
-    events = itertools.chain(
-        [event("response.created", response=initial), event("response.in_progress", response=initial)],
-        item_events, [event("response.completed", response=None)])
-    for number, out in enumerate(events):
-        out["sequence_number"] = number
-        if out["type"] == "response.completed":
-            out["response"] = final()
-        yield out
+    (vLLM builds the final response after the stream). A failure while generating ends the stream with an
+    ``error`` event instead (the openai SDK's ResponseErrorEvent): the response headers are already out."""
+    numbers = itertools.count()
+
+    def numbered(out: Body) -> Body:
+        out["sequence_number"] = next(numbers)
+        return out
+    yield numbered(event("response.created", response=initial))
+    yield numbered(event("response.in_progress", response=initial))
+    try:
+        for out in item_events:
+            yield numbered(out)
+        completed = event("response.completed", response=final())
+    except Exception as exc:  # not GeneratorExit: a client that leaves closes the stream as before
+        log.exception("responses stream failed")
+        yield numbered(event("error", code="internal_error", message=str(exc), param=None))
+        return
+    yield numbered(completed)
 
 
 def sse_event(out: Body) -> bytes:

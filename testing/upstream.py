@@ -34,7 +34,7 @@ from aiohttp import web
 
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
 from rollouttap.testing.replies import Reply, Script, default_script, named_script
-from rollouttap.responses_input import input_error
+from rollouttap.responses_input import input_error, store_error
 from rollouttap.testing.vllm_format import (
     SSE_DONE, Options, dumps, error_body, generate_chat, generate_completion, sse,
 )
@@ -184,10 +184,10 @@ class _Handlers:
             return remembered
         if (problem := input_error(payload)) is not None:
             return _error(400, problem)
-        if (previous := payload.get("previous_response_id")) is not None:
-            # vLLM keeps no responses unless VLLM_ENABLE_RESPONSES_API_STORE is set; neither does this server
-            return _json({"error": {"message": f"Response with id '{previous}' not found.",
-                                    "type": "invalid_request_error", "param": "response_id", "code": 404}}, 404)
+        if (refused := store_error(payload)) is not None:  # this server keeps no responses, as vLLM by default
+            status, message, param = refused
+            return _json({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                    "code": status}}, status)
         reply = self._reply(payload)
         if reply.status != 200:
             return _error(reply.status, reply.error_message or "scripted error")

@@ -27,6 +27,7 @@ from rollouttap.trainer_hooks.tiny_model import build_tiny_model  # noqa: E402
 from test_upstream_responses_api import sse_events  # noqa: E402
 
 TESTS = Path(__file__).parent
+LOGPROBS = "message.output_text.logprobs"
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 LOOP = [
@@ -186,6 +187,9 @@ def test_a_client_leaving_a_stream_frees_the_server(server):
     ({"input": "Hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "Hi", "temperature": -1}, "temperature"),
     ({"input": "Hi", "instructions": 3}, "instructions"),
+    ({"input": "Hi", "include": [LOGPROBS], "top_logprobs": "x"}, "top_logprobs"),
+    ({"input": "Hi", "include": LOGPROBS}, "'include' must be a list"),
+    ({"input": "Hi", "background": True}, "does not support the background mode"),  # no response store
 ])
 def test_invalid_requests_get_400(server, body, fragment):
     answer = post(server, body)
@@ -204,6 +208,34 @@ def test_another_model_and_a_previous_response_get_vllms_404s(server, client):
         client.responses.create(model="policy", input="Hi", previous_response_id="resp_123")
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model="policy", input="Hi", max_output_tokens=0)
+
+
+class FailingModel(torch.nn.Module):
+    """Wraps the tiny model and fails at the third generated token."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.step = inner, 0
+        self.config, self.generation_config = inner.config, inner.generation_config
+
+    def forward(self, input_ids, **kwargs):
+        self.step = 0 if input_ids.shape[1] > 1 else self.step + 1
+        if self.step >= 3:
+            raise RuntimeError("the GPU fell off")
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_a_failure_mid_stream_ends_it_with_the_sdks_error_event(tiny):
+    from openai.types.responses import ResponseErrorEvent
+    model, tok = tiny
+    with PolicyServer(FailingModel(model), tok, max_new_tokens=20) as broken:
+        text = post(broken, {"input": "Hi", "stream": True, "temperature": 0}).text
+    events = sse_events(text)
+    name, last = events[-1]
+    assert name == "error" and "the GPU fell off" in last["message"]
+    ResponseErrorEvent.model_validate(last)
+    assert last["sequence_number"] == events[-2][1]["sequence_number"] + 1
+    assert list(last) == ["code", "message", "param", "sequence_number", "type"]  # pydantic's order
 
 
 # ----------------------------------------------------------------------- tool calls

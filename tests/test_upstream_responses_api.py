@@ -193,3 +193,10 @@ def test_a_previous_response_id_gets_vllms_404_once_the_body_is_valid(up):
     assert answer.status_code == 404
     assert answer.json() == {"error": {"message": "Response with id 'resp_1' not found.",
                                        "type": "invalid_request_error", "param": "response_id", "code": 404}}
+
+
+def test_a_background_request_gets_vllms_400_without_a_store(up):
+    answer = post(up, input="hi", background=True)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["param"] == "background" and "VLLM_ENABLE_RESPONSES_API_STORE=1" in error["message"]

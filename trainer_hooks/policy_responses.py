@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from rollouttap.responses_input import chat_messages, chat_tools, input_error
+from rollouttap.responses_input import chat_messages, chat_tools, input_error, store_error
 from rollouttap.responses_shapes import (
     Generated, OutputCall, ResponsesMeta, StreamItems, chat_delta_pieces, reasoning_tokens, response_body,
     stream_events, top_logprobs,
@@ -68,12 +68,6 @@ def chat_body(request: Body) -> Body:
     return body
 
 
-def not_found(response_id: Any) -> BadRequest:
-    """vLLM's answer to a ``previous_response_id`` when it keeps no responses (no store, as here)."""
-    return BadRequest(f"Response with id '{response_id}' not found.", 404,
-                      error_type="invalid_request_error", param="response_id")
-
-
 def text_logprobs(entries: list[Body], *, stream: bool) -> list[Body]:
     """Chat logprob entries in the Responses shape: ``output_text.logprobs``, or a stream delta's (no bytes)."""
     keys = ("token", "logprob") if stream else ("token", "bytes", "logprob")
@@ -96,12 +90,13 @@ class ResponsesRoute:
         return response_body(request, turn.meta, self._generated(turn, deltas), max_tokens=turn.params.max_tokens)
 
     def _turn(self, request: Body) -> _Turn:
-        # vLLM's order: the body's validation (400), the model (404), then the store lookup (404).
+        # vLLM's order: the body's validation (400), the model (404), then what needs the store (400, 404).
         if (problem := input_error(request)) is not None:
             raise BadRequest(problem)
         self.api.check_model(request)
-        if request.get("previous_response_id") is not None:
-            raise not_found(request["previous_response_id"])
+        if (refused := store_error(request)) is not None:  # no response store here, as vLLM by default
+            status, message, param = refused
+            raise BadRequest(message, status, error_type="invalid_request_error", param=param)
         chat = chat_body(request)
         prompt_text, prompt_ids = self.api.render_prompt(chat)
         asked, room = request.get("max_output_tokens"), self.api.max_model_len - len(prompt_ids)

@@ -243,10 +243,7 @@ class _JsonHandler(BaseHTTPRequestHandler):
             return
         except Exception as exc:  # headers are sent: report in-band as vLLM does, then end
             logger.exception("policy server failed while streaming")
-            if named:
-                error = {"type": "error", "code": "internal_error", "message": str(exc), "param": None}
-                self._write_chunk(sse_event(error))
-            else:
+            if not named:  # a Responses stream says it in its own error event (responses_shapes.stream_events)
                 self._write_chunk(f"data: {json.dumps(error_body(str(exc), 500))}\n\n".encode())
         finally:
             close = getattr(chunks, "close", None)
