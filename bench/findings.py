@@ -253,7 +253,7 @@ concurrency burst (section 1b). What they mean, and what would change them:
   ms after its last call, so the last agent's results waited 60–90 ms for the next mark. A waiting reader
   now sends the proxy SIGURG and the writer marks at once: section 5's "after last exit" fell from
   ~0.08 s to a few ms.
-- **Our hooks (`addon/capture.py`).** Per keep-alive request rollouttap's proxy spends ~0.2–0.4 ms
+- **Our hooks (`addon/capture.py`).** Per keep-alive request rollouttap's proxy spends ~0.2–0.5 ms
   more than bare fastdump (section 1c; it varies between full runs): ~0.1 ms in our hook functions
   (py-spy), ~0.1 ms in the writer thread, the rest GIL hand-offs between the two threads (an inference,
   not measured directly). As a ratio this is larger than before fastdump (1.2–1.45× a base that
