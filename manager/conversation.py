@@ -295,7 +295,7 @@ def completion_call_from_flow(flow: FlowRecord, index: int = 0) -> CompletionCal
     return CompletionCall(**common, prompt=request.get("prompt"), text=result.content if result else None)
 
 
-def call_from_flow(flow: FlowRecord, index: int = 0) -> ChatCall | CompletionCall | ResponsesCall | None:
+def call_from_flow(flow: FlowRecord, index: int = 0) -> ModelCall | None:
     """The model call a flow holds, whichever endpoint it went to; None for any other flow."""
     kind = flow_kind(flow)
     if kind == "chat":
@@ -316,7 +316,7 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     other = 0
     for position, flow in enumerate(flows):
         kind = flow_kind(flow)
-        call: ChatCall | CompletionCall | ResponsesCall | None = None
+        call: ModelCall | None = None
         if kind == "chat":
             call = chat_call_from_flow(flow, len(chats))
             if call is not None:
@@ -345,15 +345,14 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     return Conversation(calls, completions, discontinuities, other, responses)
 
 
-def calls_in_order(conversation: Conversation,
-                   flows: Sequence[FlowRecord]) -> list[ChatCall | CompletionCall | ResponsesCall]:
+def calls_in_order(conversation: Conversation, flows: Sequence[FlowRecord]) -> list[ModelCall]:
     """The chat, /completions and Responses calls of ``build_conversation(flows)`` in the order the agent made
     them: an agent may use several, and each samples tokens its training row holds. A chat or Responses call's
     retries follow it directly, ahead of calls made meanwhile: rows read a retry as replacing the call just before
     it."""
     order = {flow.flow_id: i for i, flow in enumerate(flows)}
     first: dict[int, int] = {}  # turn -> capture position of its first attempt
-    keyed: list[tuple[tuple[int, int], ChatCall | CompletionCall | ResponsesCall]] = []
+    keyed: list[tuple[tuple[int, int], ModelCall]] = []
     for call in (*conversation.calls, *conversation.responses_calls):  # one numbering of turns
         at = order[call.flow_id]
         keyed.append(((first.setdefault(call.turn, at), at), call))
