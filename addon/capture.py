@@ -73,7 +73,8 @@ class RolloutTap:
         self._parent_watch: asyncio.Task[None] | None = None
         self._running = False
         self.drain_s = DRAIN_S
-        self.exit_status = 0  # the process's, once mitmproxy's done hooks have all run (see master_hooks.exit_after_done)
+        # The process's exit status, once mitmproxy's done hooks have all run (master_hooks.exit_after_done).
+        self.exit_status = 0
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too

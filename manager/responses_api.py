@@ -88,7 +88,8 @@ def parse_responses_body(body: Any, *, streamed: bool = False, chunks: int = 0) 
     ids = response_token_ids(body)
     return ChatResult(
         id=body.get("id"), model=body.get("model"), created=body.get("created_at"), role=role or "assistant",
-        content="".join(text) if text or (not calls and error is None) else None, reasoning="".join(reasoning) if reasoning else None,
+        content="".join(text) if text or (not calls and error is None) else None,
+        reasoning="".join(reasoning) if reasoning else None,
         tool_calls=calls, finish_reason=_finish_reason(body.get("status"), body.get("incomplete_details"), calls),
         usage=_chat_usage(body.get("usage")), prompt_token_ids=ids[0] if ids else None,
         completion_token_ids=ids[1] if ids else None, streamed=streamed,
