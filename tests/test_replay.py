@@ -221,6 +221,27 @@ def test_https_agent_recorded_through_a_route_replays_without_network(tmp_path, 
     assert [f.url for f in posts] == ["https://api.openai.com/v1/chat/completions"] * 2
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_responses_agent_on_a_hard_wired_https_endpoint_records_ids_and_replays(tmp_path, confdir, stream):
+    """The openai SDK's client.responses (the Agents SDK's default) to https://api.openai.com, routed to the
+    scripted model when recorded: its calls carry token ids, and the replay answers them offline."""
+    from rollouttap.manager.conversation import build_conversation
+    from rollouttap.testing.upstream import ScriptedUpstream
+    store = tmp_path / "runs.db"
+    command = [sys.executable, str(Path(__file__).with_name("agent_tool_loop.py")), "https://api.openai.com/v1",
+               "What is 3 + 4?", "--responses", *(["--stream"] if stream else [])]
+    with ScriptedUpstream() as upstream:
+        with start_proxy(store, confdir, routes=(f"api.openai.com={upstream.url}",)) as proxy:
+            recorded = run_agent(proxy, store, "ra", command, "run-resp")
+    assert recorded.strip() == "The answer is 7."
+    calls = build_conversation(settled_flows(store, agent_id="ra")).responses_calls
+    assert len(calls) == 2 and all(c.prompt_token_ids and c.completion_token_ids for c in calls)
+    result = replay_agent(store, "ra", command, out=tmp_path / "r.db", confdir=confdir, capture_output=True,
+                          timeout=60)
+    assert result.ok and result.answered == 2 and result.divergence is None, (result.stderr, result.divergence)
+    assert result.stdout == recorded
+
+
 def test_changed_agent_diverges_at_the_changed_call_with_a_diff(recording, confdir, tmp_path):
     env = {**os.environ, "CHANGE_AT": "2"}
     result = replay_agent(recording.store, "plain", recording.commands["plain"], out=tmp_path / "r.db",
