@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import zlib
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,12 +44,24 @@ print(r.choices[0].message.content)
 """
 
 
-def test_grpo_step_trains_on_agent_rows(tmp_path, confdir):
+RESPONSES_AGENT = """
+import os, sys, openai
+c = openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="k", max_retries=0)
+items = [{"role": "user", "content": sys.argv[1]}]
+text = "".join(e.delta for e in c.responses.create(model="policy", input=items, max_output_tokens=8, stream=True)
+               if e.type == "response.output_text.delta")
+items += [{"role": "assistant", "content": text}, {"role": "user", "content": "Go on."}]
+print(c.responses.create(model="policy", input=items, max_output_tokens=8).output_text)
+"""
+
+
+def _grpo_step(tmp_path, confdir, agent_source: str, prompts: list) -> SimpleNamespace:
+    """One GRPO step whose rollouts are runs of ``agent_source`` behind the proxy, the trainer's live model
+    served by PolicyServer: the trainer, what TRL got and built, the agents' results."""
     path = build_tiny_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     before = [p.detach().clone() for p in model.parameters()]
-    prompts = [[{"role": "user", "content": "say hi"}], [{"role": "user", "content": "please crash"}]]
     dataset = Dataset.from_list([{"prompt": p} for p in prompts])
     seen_kwargs: list[dict] = []
 
@@ -64,7 +77,7 @@ def test_grpo_step_trains_on_agent_rows(tmp_path, confdir):
                       bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
                       logging_steps=1, disable_tqdm=True, seed=0, shuffle_dataset=False)
     agent_file = tmp_path / "agent.py"
-    agent_file.write_text(AGENT)
+    agent_file.write_text(agent_source)
     spec = CommandAgent([sys.executable, str(agent_file), "{prompt}"])
     with PolicyServer(model, tokenizer, logprobs_mode="processed_logprobs") as server, \
             AgentManager(spec, store=tmp_path / "runs.db", parallel=4, timeout=60, confdir=confdir,
@@ -83,11 +96,20 @@ def test_grpo_step_trains_on_agent_rows(tmp_path, confdir):
         generate = trainer._generate_and_score_completions
         trainer._generate_and_score_completions = lambda inputs: built.append(generate(inputs)) or built[-1]
         trainer.train()
+    changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    return SimpleNamespace(trainer=trainer, tokenizer=tokenizer, manager=manager, changed=changed,
+                           outputs=outputs, results=results_seen, built=built, seen_kwargs=seen_kwargs)
 
+
+def test_grpo_step_trains_on_agent_rows(tmp_path, confdir):
+    prompts = [[{"role": "user", "content": "say hi"}], [{"role": "user", "content": "please crash"}]]
+    step = _grpo_step(tmp_path, confdir, AGENT, prompts)
+    trainer, tokenizer, manager = step.trainer, step.tokenizer, step.manager
+    outputs, results_seen, built, seen_kwargs = step.outputs, step.results, step.built, step.seen_kwargs
     # the step ran and changed the weights
     assert trainer.state.global_step == 1
     assert manager.eos_token_id == tokenizer.eos_token_id
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    assert step.changed
     # TRL received one row per prompt, equal to the manager's rows (failed agents: all mask 0)
     [out] = outputs
     assert len(out["completion_ids"]) == len(results_seen) == 4
@@ -114,3 +136,16 @@ def test_grpo_step_trains_on_agent_rows(tmp_path, confdir):
     # the agent metrics reached TRL's log
     logged = {k for h in trainer.state.log_history for k in h}
     assert "agents/success_rate" in logged and "flows/unattributed" in logged
+
+
+def test_grpo_step_trains_on_responses_api_agent_rows(tmp_path, confdir):
+    # The agent uses the Responses API (the OpenAI Agents SDK's default): rows carry token ids, no logprobs.
+    step = _grpo_step(tmp_path, confdir, RESPONSES_AGENT, [[{"role": "user", "content": "say hi"}]] * 2)
+    assert step.trainer.state.global_step == 1 and step.changed
+    [out] = step.outputs
+    assert [r.status for r in step.results] == ["ok"] * 4
+    for i, result in enumerate(step.results):
+        assert result.calls == 2 and result.row is not None
+        assert out["completion_ids"][i] == result.row.completion_ids and out["env_mask"][i] == result.row.env_mask
+        assert 0 in result.row.env_mask and 1 in result.row.env_mask  # the user turn is env
+        assert result.row.logprobs is None and out["logprobs"][i] == [None] * len(result.row.completion_ids)
