@@ -114,6 +114,14 @@ def max_output_tokens(request: Body, room: int) -> int:
     return room if asked is None else min(asked, room)
 
 
+def text_logprobs(entries: list[Body], *, stream: bool) -> list[Body]:
+    """Chat logprob entries (``logprobs.content``) in the Responses shape: ``output_text.logprobs`` (token, bytes,
+    logprob), or a stream delta's (token, logprob)."""
+    keys = ("token", "logprob") if stream else ("token", "bytes", "logprob")
+    return [{**{k: e[k] for k in keys}, "top_logprobs": [{k: t[k] for k in keys} for t in e["top_logprobs"]]}
+            for e in entries]
+
+
 def reasoning_tokens(tokenizer: Any, ids: list[int]) -> int:
     """Generated ids between ``<think>`` and ``</think>`` (what vLLM's reasoning parsers count)."""
     try:

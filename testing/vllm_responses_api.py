@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from rollouttap.responses_input import chat_messages, chat_tools
 from rollouttap.responses_shapes import (
     Generated, OutputCall, ResponsesMeta, StreamItems, chat_delta_pieces, max_output_tokens, reasoning_tokens,
-    sse_event, stream_events, top_logprobs,
+    sse_event, stream_events, text_logprobs, top_logprobs,
 )
 from rollouttap.responses_shapes import response_body as _response_body
 from rollouttap.testing.replies import Reply
@@ -45,16 +45,9 @@ def responses_turn(request: dict[str, Any], reply: Reply, tokenizer: Any) -> Res
 
 
 def _text_logprobs(tokenizer: Any, ids: list[int], start: int, top: int, *, stream: bool) -> list[dict[str, Any]]:
-    """``output_text.logprobs`` (token, bytes, logprob) or, streamed, the delta's (token, logprob)."""
+    """``output_text.logprobs`` of the scripted ids (the chat route's logprobs, in the Responses shape)."""
     entries = chat_logprobs(tokenizer, ids, start, Options(logprobs=True, top_logprobs=top))["content"]
-    if stream:
-        return [{"token": e["token"], "logprob": e["logprob"],
-                 "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in e["top_logprobs"]]}
-                for e in entries]
-    return [{"token": e["token"], "bytes": e["bytes"], "logprob": e["logprob"],
-             "top_logprobs": [{"token": t["token"], "bytes": t["bytes"], "logprob": t["logprob"]}
-                              for t in e["top_logprobs"]]}
-            for e in entries]
+    return text_logprobs(entries, stream=stream)
 
 
 def _generated(turn: ResponsesTurn, tokenizer: Any) -> Generated:

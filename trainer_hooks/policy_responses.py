@@ -17,7 +17,7 @@ from typing import Any
 from rollouttap.responses_input import chat_messages, chat_tools, input_error, store_error
 from rollouttap.responses_shapes import (
     Generated, OutputCall, ResponsesMeta, StreamItems, chat_delta_pieces, reasoning_tokens, response_body,
-    stream_events, top_logprobs,
+    stream_events, text_logprobs, top_logprobs,
 )
 
 from .generation import Delta, SamplingParams
@@ -66,13 +66,6 @@ def chat_body(request: Body) -> Body:
                   "top_p": request.get("top_p"), "logprobs": top is not None, "top_logprobs": top or None}
     body.update({k: request[k] for k in _EXTRA_SAMPLING if request.get(k) is not None})
     return body
-
-
-def text_logprobs(entries: list[Body], *, stream: bool) -> list[Body]:
-    """Chat logprob entries in the Responses shape: ``output_text.logprobs``, or a stream delta's (no bytes)."""
-    keys = ("token", "logprob") if stream else ("token", "bytes", "logprob")
-    return [{**{k: e[k] for k in keys}, "top_logprobs": [{k: t[k] for k in keys} for t in e["top_logprobs"]]}
-            for e in entries]
 
 
 class ResponsesRoute:
