@@ -68,7 +68,8 @@ def _logprob_lists(logprobs: Any) -> tuple[list[float], list[str]] | None:
     return None
 
 
-def _error_of(body: dict[str, Any]) -> dict[str, Any] | None:
+def error_of(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The error object a server sent in a body (``{"error": {...}}``, or vLLM's ``"object": "error"``)."""
     if isinstance(body.get("error"), dict):
         return body["error"]
     if body.get("object") == "error":
@@ -84,7 +85,7 @@ def parse_chat_body(body: Any) -> ChatResult:
     """A non-streamed chat.completion or text_completion body."""
     if not isinstance(body, dict):
         return ChatResult(error={"message": "response body is not a JSON object"})
-    error = _error_of(body)
+    error = error_of(body)
     choices = body.get("choices") or []
     choice = next((c for c in choices if c.get("index", 0) == 0), choices[0] if choices else {})
     message = choice.get("message") or {}
@@ -130,7 +131,7 @@ class StreamAccumulator:
         if not isinstance(chunk, dict):
             return
         self.chunks += 1
-        self.error = _error_of(chunk) or self.error
+        self.error = error_of(chunk) or self.error
         for key in ("id", "model", "created"):
             if chunk.get(key) is not None:
                 self.meta.setdefault(key, chunk[key])

@@ -18,7 +18,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from rollouttap.manager.chat_stream import ChatResult
+from rollouttap.manager.chat_stream import ChatResult, error_of
 from rollouttap.store.sse import parse_sse
 
 __all__ = ["FINAL_EVENTS", "parse_responses_body", "reassemble_responses_stream", "response_token_ids"]
@@ -65,9 +65,7 @@ def parse_responses_body(body: Any, *, streamed: bool = False, chunks: int = 0) 
     the content, function calls the tool calls, the status the finish reason, usage in chat's keys too."""
     if not isinstance(body, dict):
         return ChatResult(error={"message": "response body is not a JSON object"}, streamed=streamed)
-    error = body.get("error") if isinstance(body.get("error"), dict) else None
-    if error is None and body.get("object") == "error":
-        error = {k: v for k, v in body.items() if k != "object"}
+    error = error_of(body)
     text: list[str] = []
     reasoning: list[str] = []
     calls: list[dict[str, Any]] = []
