@@ -337,11 +337,12 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
             other += 1
     # One numbering of turns for chat and Responses calls: rows group the attempts at one request by turn.
     retries, turns = find_retries(sent)
-    of = {id(c): (retries[i], turns[i]) for i, c in enumerate(sent)}
-    chat_turns = [of[id(c)][1] for c in chats]
+    of = {c.position: (retries[i], turns[i]) for i, c in enumerate(sent)}
+    chat_turns = [of[c.position][1] for c in chats]
     threads, discontinuities = assign_threads(chats, chat_turns)
-    calls = [replace(c, is_retry=of[id(c)][0], turn=chat_turns[i], thread=threads[i]) for i, c in enumerate(chats)]
-    responses = [replace(c, is_retry=of[id(c)][0], turn=of[id(c)][1]) for c in responses]
+    calls = [replace(c, is_retry=of[c.position][0], turn=chat_turns[i], thread=threads[i])
+             for i, c in enumerate(chats)]
+    responses = [replace(c, is_retry=of[c.position][0], turn=of[c.position][1]) for c in responses]
     return Conversation(calls, completions, discontinuities, other, responses)
 
 
