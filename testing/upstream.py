@@ -186,8 +186,7 @@ class _Handlers:
             return _error(400, problem)
         if (refused := store_error(payload)) is not None:  # this server keeps no responses, as vLLM by default
             status, message, param = refused
-            return _json({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                    "code": status}}, status)
+            return _json(error_body(status, message, "invalid_request_error", param), status)
         reply = self._reply(payload)
         if reply.status != 200:
             return _error(reply.status, reply.error_message or "scripted error")

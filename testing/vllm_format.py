@@ -275,7 +275,8 @@ def completion_logprobs(tokenizer: Any, ids: list[int], start: int, text_start: 
             "top_logprobs": [{tok: lp} for tok, lp in zip(tokens, lps)]}
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    """vLLM's ErrorResponse."""
-    kind = {400: "BadRequestError", 404: "NotFoundError", 429: "TooManyRequestsError"}.get(status, "InternalServerError")
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+def error_body(status: int, message: str, kind: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """vLLM's ErrorResponse (``kind``: its type, else vLLM's name for the status)."""
+    kind = kind or {400: "BadRequestError", 404: "NotFoundError", 429: "TooManyRequestsError"}.get(
+        status, "InternalServerError")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
