@@ -12,6 +12,7 @@ from mitmproxy import http
 
 from rollouttap.addon import tokenids
 from rollouttap.addon.streamtap import decoded
+from rollouttap.responses_shapes import FINAL_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ def strip_json_answer(resp: http.Response, injection: tokenids.Injection) -> Non
 
 # How an OpenAI-style stream ends: chat and /completions with ``data: [DONE]``, the Responses API with its final
 # response event (pydantic writes the event's ``type`` last).
-_STREAM_ENDS = (b"data: [DONE]", b'"type":"response.completed"}', b'"type":"response.incomplete"}',
-                b'"type":"response.failed"}')
+_STREAM_ENDS = (b"data: [DONE]", *(b'"type":"%s"}' % kind.encode() for kind in FINAL_EVENTS))
 
 
 def sse_finished(raw: bytes | bytearray) -> bool:

@@ -19,11 +19,11 @@ from dataclasses import replace
 from typing import Any
 
 from rollouttap.manager.chat_stream import ChatResult, error_of
+from rollouttap.responses_shapes import FINAL_EVENTS
 from rollouttap.store.sse import parse_sse
 
-__all__ = ["FINAL_EVENTS", "parse_responses_body", "reassemble_responses_stream", "response_token_ids"]
+__all__ = ["parse_responses_body", "reassemble_responses_stream", "response_token_ids"]
 
-FINAL_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed"))
 
 
 def response_token_ids(body: dict[str, Any]) -> tuple[list[int], list[int]] | None:

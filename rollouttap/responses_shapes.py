@@ -39,6 +39,8 @@ from typing import Any
 
 Body = dict[str, Any]
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# The events that end a Responses stream, each carrying the final response object.
+FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 log = logging.getLogger(__name__)
 
