@@ -86,8 +86,6 @@ async def shutdown_when_gone(pid: int, interval: float = 1.0) -> None:
     ctx.master.shutdown()
 
 
-
-
 def reverse_listeners() -> tuple[tuple[str, int, str, str, int], ...]:
     """(listen host, listen port, target scheme, target host, target port) of each reverse listener."""
     proxyserver = ctx.master.addons.get("proxyserver")

@@ -29,8 +29,8 @@ The Responses API (``/v1/responses``) has no ``return_token_ids``: vLLM's extra 
 ``enable_response_messages`` makes it add ``input_messages`` (the rendered prompt and its ids) and
 ``output_messages`` (the generated text and ids), both ``null`` otherwise, at the top level of the
 response object, which a stream carries inside its ``response.completed`` event. Those two are nulled
-again; logprobs are not asked for there (they come per text part, not per sampled token). A background
-request is left alone (vLLM returns the messages only for foreground ones).
+again; logprobs are not asked for there (vLLM gives them only for the message text, not for every sampled
+id). A background request is left alone (its answer comes later, through a GET the proxy does not read).
 """
 
 from __future__ import annotations
