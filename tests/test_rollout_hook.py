@@ -9,7 +9,8 @@ import pytest
 from rollouttap.manager import AgentManager, CommandAgent
 from rollouttap.manager.fidelity import Fidelity
 from rollouttap.manager.rows import TrainingRow
-from rollouttap.trainer_hooks.rollout import _share_eos, rollout_metrics, to_rollout_output
+from rollouttap.trainer_hooks.rollout import (_share_eos, metrics_from_counts, rollout_counts, rollout_metrics,
+                                              to_rollout_output)
 
 
 def _manager(tmp_path, eos):
@@ -87,3 +88,19 @@ def test_coverage_counts_what_trl_trains(status, limit, coverage):
     assert out["agent_coverage"] == [coverage]
     metrics = rollout_metrics([result], out["env_mask"])
     assert metrics["fidelity/coverage"] == coverage and metrics["fidelity/dropped_tokens"] == 2 - 2 * coverage
+
+
+def test_counts_summed_over_ranks_give_the_whole_batchs_metrics():
+    # A multi-process run sums each rank's counts before logging: the figures must be those of all agents.
+    ok = SimpleNamespace(status="ok", calls=1, fidelity=Fidelity(sampled_tokens=4, trainable_tokens=4),
+                         incomplete_flows=(), bypass_connections=())
+    slow = SimpleNamespace(status="timeout", calls=3, fidelity=Fidelity(sampled_tokens=6, trainable_tokens=0,
+                                                                        dropped_tokens=6),
+                           incomplete_flows=("f1",), bypass_connections=("c",))
+    rank0, rank1 = [ok, ok], [slow, ok]
+    summed = {k: v + rollout_counts(rank1)[k] for k, v in rollout_counts(rank0).items()}
+    assert metrics_from_counts(summed) == rollout_metrics(rank0 + rank1)
+    whole = rollout_metrics(rank0 + rank1)
+    assert whole["agents/success_rate"] == 0.75 and whole["agents/timeout_rate"] == 0.25
+    assert whole["agents/calls_mean"] == 1.5 and whole["fidelity/coverage"] == 12 / 18
+    assert whole["agents/incomplete_flows"] == 1 and whole["agents/bypass_connections"] == 1

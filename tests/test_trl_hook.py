@@ -3,7 +3,9 @@ the embedded policy server that serves the trainer's live tiny model (CPU, no vL
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import zlib
 from types import SimpleNamespace
@@ -149,3 +151,32 @@ def test_grpo_step_trains_on_responses_api_agent_rows(tmp_path, confdir):
         assert out["completion_ids"][i] == result.row.completion_ids and out["env_mask"][i] == result.row.env_mask
         assert 0 in result.row.env_mask and 1 in result.row.env_mask  # the user turn is env
         assert result.row.logprobs is None and out["logprobs"][i] == [None] * len(result.row.completion_ids)
+
+
+def test_grpo_on_two_ranks_logs_the_metrics_of_every_ranks_agents(tmp_path):
+    # torchrun starts two trainer processes (as on two GPUs); each rank runs its own agents behind its own
+    # proxy. Rank 1's agents make two calls and fail, rank 0's make one and succeed: the log, written by
+    # rank 0 alone, must count both ranks' agents.
+    build_tiny_model()  # once, before the ranks would both build it
+    script = os.path.join(os.path.dirname(__file__), "grpo_ranks.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = {r["rank"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                                    if line.startswith("RANK_RESULT "))}
+    assert sorted(ranks) == [0, 1] and all(r["steps"] == 1 for r in ranks.values())
+    assert [a["status"] for a in ranks[0]["agents"]] == ["ok", "ok"]
+    assert [a["status"] for a in ranks[1]["agents"]] == ["failed", "failed"]
+    assert [a["calls"] for r in (0, 1) for a in ranks[r]["agents"]] == [1, 1, 2, 2]
+    assert len({a["id"] for r in ranks.values() for a in r["agents"]}) == 4
+    # each rank trained on its own agents' rows
+    for r in ranks.values():
+        built = [a["completion_ids"] for a in r["agents"]]
+        assert all(ids for ids in built)
+        if r["rank"] == 0:
+            assert r["trl_completion_ids"] == built
+    [logged] = ranks[0]["logged"]
+    assert logged["agents/success_rate"] == 0.5  # rank 0's own agents alone: 1.0
+    assert logged["agents/calls_mean"] == 1.5  # rank 0's own: 1.0
+    assert logged["flows/unattributed"] == 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
 from typing import Any, TypedDict
 
 from rollouttap.manager.fidelity import Fidelity, batch_fidelity
@@ -110,27 +110,70 @@ def _last_line(text: str | None) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def rollout_metrics(results: Sequence[Any], env_masks: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
-    """Batch figures for the trainer's log: success, calls, fidelity, lost or unattributed flows. With the
-    rows' ``env_masks`` (what TRL trains), fidelity counts those, as ``agent_coverage`` does."""
-    n = max(len(results), 1)
+def rollout_counts(results: Sequence[Any], env_masks: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """The sums a batch's figures are made of (agents, successes, calls, fidelity counts, ...). Sums add up
+    over the ranks of a multi-process run; the rates and shares made of them do not."""
     reports = trained_reports(results, env_masks) if env_masks is not None else \
         [getattr(r, "fidelity", None) for r in results]
-    fid: Fidelity = batch_fidelity([f for f in reports if f is not None])
+    fid = batch_fidelity([f for f in reports if f is not None])
     return {
-        "agents/success_rate": sum(r.status == "ok" for r in results) / n,
-        "agents/timeout_rate": sum(r.status == "timeout" for r in results) / n,
-        "agents/calls_mean": sum(r.calls for r in results) / n,
-        "agents/incomplete_flows": float(sum(len(r.incomplete_flows) for r in results)),
-        "agents/bypass_connections": float(sum(len(r.bypass_connections or ()) for r in results)),
-        # No report although agents called the model: no rows were built, so nothing of theirs trains.
-        "fidelity/coverage": fid.coverage if fid.agents or not any(r.calls for r in results) else 0.0,
-        "fidelity/agents_without_rows": float(sum(bool(r.calls) and getattr(r, "fidelity", None) is None
-                                                  for r in results)),
+        "agents": float(len(results)),
+        "ok": float(sum(r.status == "ok" for r in results)),
+        "timeout": float(sum(r.status == "timeout" for r in results)),
+        "calls": float(sum(r.calls for r in results)),
+        "agents_calling": float(sum(bool(r.calls) for r in results)),
+        "incomplete_flows": float(sum(len(r.incomplete_flows) for r in results)),
+        "bypass_connections": float(sum(len(r.bypass_connections or ()) for r in results)),
+        # No report although the agent called the model: no rows were built, so nothing of it trains.
+        "agents_without_rows": float(sum(bool(r.calls) and getattr(r, "fidelity", None) is None for r in results)),
+        **{_FIDELITY + name: float(value) for name, value in asdict(fid).items()},
+    }
+
+
+_FIDELITY = "fidelity."
+
+
+def metrics_from_counts(counts: Mapping[str, float]) -> dict[str, float]:
+    """The trainer's log figures from ``rollout_counts`` (one rank's, or summed over all ranks)."""
+    n = max(counts["agents"], 1.0)
+    fid = Fidelity(**{key[len(_FIDELITY):]: int(value) for key, value in counts.items() if key.startswith(_FIDELITY)})
+    metrics = {
+        "agents/success_rate": counts["ok"] / n,
+        "agents/timeout_rate": counts["timeout"] / n,
+        "agents/calls_mean": counts["calls"] / n,
+        "agents/incomplete_flows": counts["incomplete_flows"],
+        "agents/bypass_connections": counts["bypass_connections"],
+        "fidelity/coverage": fid.coverage if fid.agents or not counts["agents_calling"] else 0.0,
+        "fidelity/agents_without_rows": counts["agents_without_rows"],
         "fidelity/dropped_tokens": float(fid.dropped_tokens),
         "fidelity/realigned_joins": float(fid.realigned_joins),
         "fidelity/calls_without_ids": float(fid.calls_without_ids),
     }
+    if "unattributed_flows" in counts:
+        metrics["flows/unattributed"] = counts["unattributed_flows"]
+    return metrics
+
+
+def rollout_metrics(results: Sequence[Any], env_masks: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Batch figures for the trainer's log: success, calls, fidelity, lost or unattributed flows. With the
+    rows' ``env_masks`` (what TRL trains), fidelity counts those, as ``agent_coverage`` does."""
+    return metrics_from_counts(rollout_counts(results, env_masks))
+
+
+def summed_over_ranks(trainer: Any, counts: dict[str, float]) -> dict[str, float]:
+    """``counts`` summed over every process of a multi-process (multi-GPU, multi-node) run, so the log, which
+    only the main process writes, describes the whole batch and not its own share of the agents. Every
+    rank calls ``rollout_func`` at the same point of each step, so the collective cannot wait on one that
+    does not; a single process gets its own counts back."""
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
+        return counts
+    import torch  # trainer_hooks' own dependency, not the manager's
+
+    keys = sorted(counts)  # the same order on every rank
+    local = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum")
+    return dict(zip(keys, total.tolist()))
 
 
 def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_failed: bool = False,
@@ -157,11 +200,11 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
                                    train_on_failed=train_on_failed,
                                    max_completion_length=getattr(getattr(trainer, "args", None),
                                                                  "max_completion_length", None))
-        metrics = rollout_metrics(results, output["env_mask"])
+        counts = rollout_counts(results, output["env_mask"])
         if hasattr(manager, "summary"):
             summary = manager.summary(results, since=started)
-            metrics["flows/unattributed"] = float(summary.get("unattributed_flows", 0))
-        _log_metrics(trainer, metrics, mode)
+            counts["unattributed_flows"] = float(summary.get("unattributed_flows", 0))
+        _log_metrics(trainer, metrics_from_counts(summed_over_ranks(trainer, counts)), mode)
         if on_results is not None:
             on_results(results)
         return dict(output)
