@@ -22,6 +22,7 @@ from rollouttap.addon.attribution import PID_LOOKUPS
 from rollouttap.addon.loopback import is_any_address, is_host_port, is_ip_address, is_loopback
 from rollouttap.addon.routes import RouteError, parse_route
 from rollouttap.errors import ConfigError, ProxyError
+from rollouttap.manager.proxy_ca import DEFAULT_CONFDIR, DEFAULT_KEY_SIZE, ensure_ca
 from rollouttap.paths import cache_root
 from rollouttap.store.writer import EXIT_UNWRITTEN
 from rollouttap.store import Store
@@ -204,6 +205,7 @@ class ProxyProcess:
             self.log_path = Path(self._log.name)
         if self.config.reverse_target and self.config.reverse_port == 0 and self.config.port == 0:
             self.config.reverse_port = free_port(self.config.host)
+        self._ensure_ca()
         self.proc = subprocess.Popen(self.config.argv(self.proxy_id), stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env=launch_env(self.config.launcher, os.environ))
@@ -228,6 +230,19 @@ class ProxyProcess:
             self.config.reverse_port = int(self.reverse_url.rsplit(":", 1)[1])
         log.info("proxy %s listening at %s (log %s)", self.proxy_id, self.url, self.log_path)
         return self
+
+    def _ensure_ca(self) -> None:
+        """The CA made before mitmdump starts, so proxies starting together share one (manager/proxy_ca.py)."""
+        extra = self.config.extra
+        confdir = extra.get("confdir") or self.config.confdir or DEFAULT_CONFDIR
+        try:
+            key_size = int(extra.get("key_size", DEFAULT_KEY_SIZE))
+        except ValueError as exc:
+            raise ConfigError(f"key_size must be a number of bits, not {extra['key_size']!r}") from exc
+        try:
+            ensure_ca(confdir, key_size)
+        except (OSError, ValueError) as exc:  # ValueError: a key size the key generator refuses
+            raise ProxyError(f"cannot make mitmproxy's CA in {confdir}: {exc}") from exc
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
