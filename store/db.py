@@ -11,6 +11,7 @@ from typing import Iterator
 
 from rollouttap.errors import StoreError, StoreVersionError
 from rollouttap.paths import create_private
+from rollouttap.store.local_fs import check_local
 from rollouttap.store.schema import INDEXES, MIGRATIONS, SCHEMA_VERSION
 
 BUSY_TIMEOUT_MS = 10_000
@@ -23,6 +24,8 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     path = Path(path)
     if path.is_dir():
         raise StoreError(f"store {path} is a directory: give a file path in it, e.g. {path / 'runs.db'}")
+    if not readonly:  # a reader of a copied store may be anywhere; writers must share one host's locks
+        check_local(path)
     try:
         if readonly:
             if not path.exists():
