@@ -127,6 +127,8 @@ class ProxyConfig:
                 parse_route(spec)
             except RouteError as exc:
                 raise ConfigError(str(exc)) from exc
+        if not str(self.extra.get("key_size", DEFAULT_KEY_SIZE)).isdigit():
+            raise ConfigError(f"key_size must be a number of bits, not {self.extra['key_size']!r}")
         for host in self.model_hosts:
             if not is_host_port(host):
                 raise ConfigError(f"model host {host!r} is not HOST[:PORT] (no scheme, no path), e.g. 127.0.0.1:8000")
@@ -233,15 +235,14 @@ class ProxyProcess:
 
     def _ensure_ca(self) -> None:
         """The CA made before mitmdump starts, so proxies starting together share one (manager/proxy_ca.py)."""
-        extra = self.config.extra
-        confdir = extra.get("confdir") or self.config.confdir or DEFAULT_CONFDIR
+        confdir = self.config.extra.get("confdir") or self.config.confdir or DEFAULT_CONFDIR
         try:
-            key_size = int(extra.get("key_size", DEFAULT_KEY_SIZE))
-        except ValueError as exc:
-            raise ConfigError(f"key_size must be a number of bits, not {extra['key_size']!r}") from exc
-        try:
-            ensure_ca(confdir, key_size)
-        except (OSError, ValueError) as exc:  # ValueError: a key size the key generator refuses
+            ensure_ca(confdir, int(self.config.extra.get("key_size", DEFAULT_KEY_SIZE)))
+        except (OSError, ProxyError) as exc:
+            self._log.close()  # this start ends here: its log would only be left behind
+            self.log_path.unlink(missing_ok=True)
+            if isinstance(exc, ProxyError):
+                raise
             raise ProxyError(f"cannot make mitmproxy's CA in {confdir}: {exc}") from exc
 
     def alive(self) -> bool:

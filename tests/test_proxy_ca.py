@@ -2,50 +2,89 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
-from rollouttap.manager.proxy_ca import ca_key_file, ensure_ca
+from rollouttap.manager.proxy_ca import STAGING_PREFIX, _publish, ca_key_file, ensure_ca
 
-# Each process waits for the go file, then does what a starting mitmdump does to its confdir (with or
-# without ensure_ca first) and prints the fingerprint of the CA it would sign with.
+# Each process says it is ready, waits for a line on stdin, then does what a starting proxy does to its
+# confdir (ensure_ca, then mitmproxy's own start-up) and prints the fingerprint of the CA it signs with.
 STARTER = """
-import os, sys, time
+import sys
 from mitmproxy.certs import CertStore
 from rollouttap.manager.proxy_ca import ensure_ca
-confdir, go, ensure = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-while not os.path.exists(go):
-    time.sleep(0.001)
-if ensure:
-    ensure_ca(confdir)
-print(CertStore.from_store(confdir, "mitmproxy", 2048).default_ca.fingerprint().hex())
+print("READY", flush=True)
+sys.stdin.readline()
+ensure_ca(sys.argv[1])
+print(CertStore.from_store(sys.argv[1], "mitmproxy", 2048).default_ca.fingerprint().hex(), flush=True)
 """
 
 
-def _start_together(tmp_path, n: int, ensure: bool) -> tuple[set[str], str]:
-    """The CAs ``n`` processes starting at once on a fresh confdir sign with, and the one agents trust."""
+def test_processes_starting_together_sign_with_the_ca_agents_trust(tmp_path):
     from cryptography import x509
     from mitmproxy.certs import Cert
 
-    confdir, go = tmp_path / f"conf-{ensure}", tmp_path / f"go-{ensure}"
-    procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(confdir), str(go), "1" if ensure else "0"],
-                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
-    time.sleep(1.0)  # every process imported and waiting (a late one only makes the race less likely)
-    go.touch()
-    signing = {p.communicate(timeout=60)[0].strip() for p in procs}
-    assert all(p.returncode == 0 for p in procs)
+    confdir = tmp_path / "conf"
+    procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(confdir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    for proc in procs:
+        assert proc.stdout.readline() == "READY\n"
+    for proc in procs:  # released together (without ensure_ca, mitmproxy makes one CA per process here)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    signing = {proc.communicate(timeout=60)[0].strip() for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
     trusted = Cert(x509.load_pem_x509_certificate((confdir / "mitmproxy-ca-cert.pem").read_bytes()))
-    return signing, trusted.fingerprint().hex()
+    assert signing == {trusted.fingerprint().hex()}
 
 
-def test_processes_starting_together_sign_with_the_ca_agents_trust(tmp_path):
-    signing, trusted = _start_together(tmp_path, 4, ensure=True)
-    assert signing == {trusted}
+def test_a_key_made_elsewhere_meanwhile_wins(tmp_path):
+    # Another node sharing the folder made a key the lock did not keep out: nothing of ours replaces it.
+    staging, directory = tmp_path / "staging", tmp_path / "conf"
+    staging.mkdir()
+    directory.mkdir()
+    for name, text in (("mitmproxy-ca.pem", "ours"), ("mitmproxy-ca-cert.pem", "ours")):
+        (staging / name).write_text(text)
+    (directory / "mitmproxy-ca.pem").write_text("theirs")
+    (directory / "mitmproxy-ca-cert.pem").write_text("theirs")
+    assert _publish(staging, directory, "mitmproxy-ca.pem") is False
+    assert {p.read_text() for p in directory.iterdir()} == {"theirs"}
+
+
+def test_a_folder_without_locks_is_locked_on_this_host(tmp_path, monkeypatch):
+    # NFS without lockd refuses flock (ENOLCK): the CA is still made, under a lock in the temp folder.
+    real_flock, locked = fcntl.flock, []
+
+    def flock(handle, operation):
+        if handle.name.startswith(str(tmp_path)):
+            raise OSError(errno.ENOLCK, "No locks available")
+        locked.append(handle.name)
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    assert ensure_ca(tmp_path / "conf") is True
+    assert ca_key_file(tmp_path / "conf").exists()
+    assert len(locked) == 1 and locked[0].startswith(tempfile.gettempdir())
+
+
+def test_staging_left_by_a_dead_process_is_removed(tmp_path):
+    conf = tmp_path / "conf"
+    old, fresh = conf / (STAGING_PREFIX + "old"), conf / (STAGING_PREFIX + "fresh")
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "mitmproxy-ca.pem").write_text("a private key")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    ensure_ca(conf)
+    assert not old.exists() and fresh.exists()  # a fresh one may be another process's, making a CA now
 
 
 def test_a_ca_already_there_is_kept(tmp_path):
@@ -53,7 +92,7 @@ def test_a_ca_already_there_is_kept(tmp_path):
     first = ca_key_file(tmp_path).read_bytes()
     assert ensure_ca(tmp_path) is False
     assert ca_key_file(tmp_path).read_bytes() == first
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ca-")]  # no staging left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rollouttap-ca-")]  # no staging left behind
 
 
 def test_the_proxy_uses_the_confdir_given_in_extra(tmp_path):
@@ -66,6 +105,9 @@ def test_the_proxy_uses_the_confdir_given_in_extra(tmp_path):
 
 def test_a_bad_key_size_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="key_size"):
-        ProxyProcess(ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "c", extra={"key_size": "big"})).start()
-    with pytest.raises(ProxyError, match="cannot make mitmproxy's CA"):
-        ProxyProcess(ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "c", extra={"key_size": "64"})).start()
+        ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "c", extra={"key_size": "big"})
+    proxy = ProxyProcess(ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "c", extra={"key_size": "64"}))
+    with pytest.raises(ProxyError, match="cannot make mitmproxy's CA in .*: key_size must be at least"):
+        proxy.start()
+    assert not proxy.log_path.exists()  # nothing started: no log left behind
+    assert not ca_key_file(tmp_path / "c").exists()
