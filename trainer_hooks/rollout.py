@@ -110,6 +110,9 @@ def _last_line(text: str | None) -> str:
     return lines[-1].strip() if lines else ""
 
 
+_FIDELITY = "fidelity."  # prefix of the Fidelity counts among rollout_counts' keys
+
+
 def rollout_counts(results: Sequence[Any], env_masks: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
     """The sums a batch's figures are made of (agents, successes, calls, fidelity counts, ...). Sums add up
     over the ranks of a multi-process run; the rates and shares made of them do not."""
@@ -126,11 +129,12 @@ def rollout_counts(results: Sequence[Any], env_masks: Sequence[Sequence[int]] | 
         "bypass_connections": float(sum(len(r.bypass_connections or ()) for r in results)),
         # No report although the agent called the model: no rows were built, so nothing of it trains.
         "agents_without_rows": float(sum(bool(r.calls) and getattr(r, "fidelity", None) is None for r in results)),
+        # Flows through the manager's proxies that no agent claims: filled in by agent_rollout from the
+        # manager's summary (summaries: how many ranks had one), so every rank sends the same keys to the sum.
+        "unattributed_flows": 0.0,
+        "summaries": 0.0,
         **{_FIDELITY + name: float(value) for name, value in asdict(fid).items()},
     }
-
-
-_FIDELITY = "fidelity."
 
 
 def metrics_from_counts(counts: Mapping[str, float]) -> dict[str, float]:
@@ -149,7 +153,7 @@ def metrics_from_counts(counts: Mapping[str, float]) -> dict[str, float]:
         "fidelity/realigned_joins": float(fid.realigned_joins),
         "fidelity/calls_without_ids": float(fid.calls_without_ids),
     }
-    if "unattributed_flows" in counts:
+    if counts.get("summaries"):
         metrics["flows/unattributed"] = counts["unattributed_flows"]
     return metrics
 
@@ -182,7 +186,9 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
     """Turn an AgentManager into TRL's ``rollout_func``: ``GRPOTrainer(..., rollout_func=agent_rollout(m))``.
 
     ``prompt_to_agent`` maps a dataset prompt (a string or chat messages) to what the agent spec takes;
-    failed agents get all-mask-0 rows unless ``train_on_failed``.
+    failed agents get all-mask-0 rows unless ``train_on_failed``. In a multi-process run every rank gives the
+    trainer its own (TRL calls ``rollout_func`` on every rank): the batch figures it logs are summed over the
+    ranks, a collective operation each rank's call takes part in.
     """
 
     def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
@@ -204,6 +210,7 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
         if hasattr(manager, "summary"):
             summary = manager.summary(results, since=started)
             counts["unattributed_flows"] = float(summary.get("unattributed_flows", 0))
+            counts["summaries"] = 1.0
         _log_metrics(trainer, metrics_from_counts(summed_over_ranks(trainer, counts)), mode)
         if on_results is not None:
             on_results(results)
