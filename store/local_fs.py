@@ -12,9 +12,9 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from rollouttap.errors import StoreError
 
@@ -37,7 +37,8 @@ NETWORK_FS_TYPES = frozenset({
     # FUSE: "fuse.<program>"; only the programs known to talk to a server. Others (lxcfs, ntfs-3g as fuseblk,
     # squashfuse, ...) are local, and an unknown program is let through rather than guessed at.
     "fuse.sshfs", "fuse.glusterfs", "fuse.ceph-fuse", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone",
-    "fuse.juicefs",
+    "fuse.juicefs", "fuse.blobfuse2", "fuse.mountpoint-s3", "fuse.goofys", "fuse.mfs", "fuse.lizardfs",
+    "fuse.quobyte", "orangefs",
 })
 # Not listed: virtiofs, and 9p except over a network transport. Both mostly carry a folder of the same
 # machine into a VM or sandbox (QEMU virtio-9p, WSL2's /mnt/c, ChromeOS, gVisor), where
