@@ -338,7 +338,8 @@ class AgentManager:
         env = self._environment(agent_id, token, link)
         agent = launch.spawn(agent_id, argv, env=env, cwd=ctx.workdir, stdin=stdin,
                              stdout=run_dir / "stdout.log", stderr=run_dir / "stderr.log")
-        self._reaper.watch(agent_id, agent.pid, agent.members.get(agent.pid))  # before any store write
+        self._reaper.watch(agent_id, agent.pid, agent.members.get(agent.pid),  # before any store write
+                           run_dir=None if self.keep_workdirs else run_dir)
         return ctx, agent
 
     def _supervise(self, agent: launch.AgentProcess, timeout: float,

@@ -5,7 +5,7 @@ a session of its own, would run on unsupervised. So ``AgentManager`` starts this
 own too) and tells it over a pipe which agents run (root pid and start time) and which have ended. The
 manager gone (the pipe closing without a goodbye, or the reaper's parent changing: a child the manager
 forked may hold the pipe open) means every agent still running is killed (its tree: descendants, group,
-session, tag) and recorded in the store as ended in error.
+session, tag), recorded in the store as ended in error, and its run folder removed as the manager would have.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -66,10 +67,10 @@ class Reaper:
         self._close(wait=5.0)
         return False
 
-    def watch(self, agent_id: str, pid: int, start: int | None) -> None:
-        """The agent runs: kill it if the manager dies."""
+    def watch(self, agent_id: str, pid: int, start: int | None, run_dir: Path | None = None) -> None:
+        """The agent runs: kill it if the manager dies, then remove its ``run_dir`` (prompt, logs, workdir)."""
         if start is not None:
-            self._send({"watch": [agent_id, pid, start]})
+            self._send({"watch": [agent_id, pid, start], **({"dir": str(run_dir)} if run_dir else {})})
 
     def release(self, agent_id: str) -> None:
         """The agent has ended and is recorded."""
@@ -119,10 +120,11 @@ class Reaper:
                     log.warning("the reaper is gone (%s): agents may outlive a manager that is killed", exc)
 
 
-def read_watch_list(messages: Iterator[bytes]) -> tuple[dict[str, tuple[int, int]], str | None]:
+def read_watch_list(messages: Iterator[bytes]) -> tuple[dict[str, tuple[int, int]], str | None, dict[str, str]]:
     """(agents running when the messages ended, why they are to be reaped: None after the manager's
-    goodbye, ABANDONED when it gave up on them, else ERROR)."""
+    goodbye, ABANDONED when it gave up on them, else ERROR; the run folders of those agents to remove)."""
     running: dict[str, tuple[int, int]] = {}
+    dirs: dict[str, str] = {}
     why = ERROR
     for line in messages:
         try:
@@ -130,15 +132,18 @@ def read_watch_list(messages: Iterator[bytes]) -> tuple[dict[str, tuple[int, int
         except ValueError:
             continue
         if "bye" in message:
-            return running, None
+            return running, None, dirs
         if "abandoned" in message:
             why = ABANDONED
         if "watch" in message:
             agent_id, pid, start = message["watch"]
             running[agent_id] = (int(pid), int(start))
+            if message.get("dir"):
+                dirs[agent_id] = message["dir"]
         elif "release" in message:
             running.pop(message["release"], None)
-    return running, why
+            dirs.pop(message["release"], None)
+    return running, why, dirs
 
 
 def lines_while(fd: int, alive: Callable[[], bool], poll_s: float = 0.5) -> Iterator[bytes]:
@@ -190,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     def manager_alive() -> bool:
         return os.getppid() == int(manager_pid)  # re-parented once it died
 
-    running, why = read_watch_list(lines_while(sys.stdin.fileno(), manager_alive))
+    running, why, dirs = read_watch_list(lines_while(sys.stdin.fileno(), manager_alive))
     if why is None or not running:
         return 0
     reap(running)
     record_ends(store_path, list(running), why)
+    for run_dir in dirs.values():  # what the manager's own clean-up would have removed
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

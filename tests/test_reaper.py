@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import psutil
 import pytest
@@ -35,7 +36,9 @@ def _lines(*messages) -> list[bytes]:
 
 
 def test_the_watch_list_is_what_runs_when_the_messages_end():
-    running, why = read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"watch": ["b", 11, 6]}, {"release": "a"})))
+    running, why, dirs = read_watch_list(iter(_lines({"watch": ["a", 10, 5], "dir": "/tmp/a"},
+                                                     {"watch": ["b", 11, 6], "dir": "/tmp/b"}, {"release": "a"})))
+    assert dirs == {"b": "/tmp/b"}
     assert running == {"b": (11, 6)} and why == ERROR
     assert read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"bye": True})))[1] is None
     assert read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"abandoned": True})))[1] == ABANDONED
@@ -85,6 +88,8 @@ def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, u
         agents = running_agents(store, 2)
         with Store(store) as db:
             roots = [psutil.Process(a.root_pid) for a in agents]
+            run_dirs = [Path(root.cwd()).parent for root in roots]  # agents run in RUN_DIR/work
+            assert all((d / "stdout.log").exists() for d in run_dirs)
             tree = {p.pid for root in roots for p in [root, *root.children(recursive=True)]}
             forked += [p.pid for p in psutil.Process(manager.pid).children() if p.name() == "sleep"]
             manager.send_signal(signal.SIGKILL)  # no clean-up of its own
@@ -95,6 +100,7 @@ def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, u
                 return agents if all(a.status == "error" for a in agents) else None
             ended = wait_for(all_ended, timeout=30, what="the agents recorded")
         assert {a.meta["error"] for a in ended} == {ERROR}
+        wait_for(lambda: not any(d.exists() for d in run_dirs), timeout=30, what="the agents' run folders removed")
     finally:
         manager.kill()
         manager.wait()
