@@ -463,6 +463,18 @@ def test_manager_refuses_bad_settings(tmp_path):
     other = ProxyConfig(store=tmp_path / "other.db")
     with pytest.raises(ConfigError, match="records into"):
         AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=other).start()
+    mine = ProxyConfig(store=tmp_path / "r.db", confdir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="confdir .* differs"):
+        AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=mine, confdir=tmp_path / "b").start()
+
+
+def test_confdir_reaches_a_proxy_config_given_without_one(tmp_path, upstream):
+    # A proxy config for its routes, the CA kept in a node-local folder: the agents trust that folder's CA.
+    config = ProxyConfig(store=tmp_path / "r.db")
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=config, confdir=tmp_path / "conf",
+                      model_url=upstream.base_url) as m:
+        assert m.link.ca_cert == str(tmp_path / "conf" / "mitmproxy-ca-cert.pem")
+    assert (tmp_path / "conf" / "mitmproxy-ca.pem").exists()
 
 
 @pytest.mark.parametrize("prompts, timeout, error, message", [
