@@ -1,4 +1,4 @@
-"""One GRPO step on two CPU processes, as ``torchrun --nproc_per_node 2`` (or ``accelerate launch``) runs a
+"""One GRPO step on two CPU processes, as ``torchrun --nproc_per_node 2`` (on GPUs, or ``accelerate launch``) runs a
 multi-GPU job: every rank builds its own PolicyServer and AgentManager, as README's multi-GPU recipe says,
 and TRL calls each rank's ``rollout_func`` with that rank's prompts.
 

@@ -143,7 +143,8 @@ def test_writable_open_on_nfs_is_refused(tmp_path, monkeypatch, opener):
 def test_a_symlink_into_nfs_is_followed(tmp_path, monkeypatch):
     folder = _nfs_at(tmp_path, monkeypatch, tmp_path / "nfs")
     (tmp_path / "link").symlink_to(folder)
-    with pytest.raises(StoreError, match=rf"store .*link/runs.db \(which is {re.escape(os.path.realpath(folder))}/runs.db\)"):
+    real = re.escape(os.path.realpath(folder))
+    with pytest.raises(StoreError, match=rf"store .*link/runs.db \(which is {real}/runs.db\)"):
         Store(tmp_path / "link" / "runs.db")
 
 
