@@ -16,6 +16,7 @@ from typing import Any, TypedDict
 
 from rollouttap.manager.fidelity import Fidelity, batch_fidelity
 from rollouttap.manager.rows import TrainingRow, empty_row
+from rollouttap.trainer_hooks.policy_check import check_generation
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,13 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
     ranks, a collective operation each rank's call takes part in.
     """
 
+    checked: list[bool] = []
+
     def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
+        if not checked:  # the trainer's settings are first seen here
+            if warning := check_generation(getattr(trainer, "args", None), getattr(manager, "model_url", None)):
+                log.warning(warning)
+            checked.append(True)
         # Train or eval, read now: a generation still running when the agents are done flips the model to eval.
         mode = _mode_of(trainer)
         eos = eos_token_id if eos_token_id is not None else _eos_of(trainer)

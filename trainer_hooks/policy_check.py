@@ -1,0 +1,74 @@
+"""Whether the agents sample from the model TRL trains: the generation settings of a GRPOConfig against the
+model server the AgentManager's agents call.
+
+With ``rollout_func`` TRL generates nothing itself; with ``use_vllm`` it still pushes the new weights into its
+vLLM after each step. The agents must call that same server, or they sample from weights that never change
+and the run trains off-policy without a sign of it: TRL 1.16's default ``vllm_mode="colocate"`` keeps vLLM
+inside the trainer process, where no agent can reach it, and a server-mode URL that is not the agents'
+``model_url`` updates a server they do not call.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+from rollouttap.errors import ConfigError
+
+# Addresses a client reaches this host by; TRL's default vllm_server_host "0.0.0.0" is one of them.
+_THIS_HOST = {"0.0.0.0", "::", "127.0.0.1", "::1", "localhost"}
+
+
+def check_generation(args: Any, model_url: str | None) -> str | None:
+    """Raise ConfigError when the agents cannot sample from the weights TRL updates (colocated vLLM); a
+    warning's text when they seem to call another server than the one TRL syncs; else None."""
+    if not getattr(args, "use_vllm", False):
+        return None  # the trainer's own model: served to the agents by PolicyServer, or by the user's choice
+    mode = getattr(args, "vllm_mode", None)
+    if mode == "colocate":
+        raise ConfigError(
+            "GRPOConfig(use_vllm=True) runs vLLM in colocate mode (TRL's default) inside the trainer, where agents "
+            "cannot call it, and TRL puts each step's weights there: agents would sample from a model that is "
+            "not trained. Use vllm_mode='server' with vllm_server_base_url at the server AgentManager(model_url=...) "
+            "names (`trl vllm-serve`), or use_vllm=False with PolicyServer on a CPU or a small GPU")
+    if mode != "server" or not model_url:
+        return None
+    synced = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+    if same_server(synced, model_url) is False:
+        return (f"TRL syncs weights into the vLLM server at {synced}, but the agents call {model_url}: unless both "
+                "reach the same server, agents sample from weights that are not trained")
+    return None
+
+
+def same_server(a: str, b: str) -> bool | None:
+    """Whether two URLs name one server (port and address); None when a name does not resolve."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    if _port(pa.scheme, pa.port) != _port(pb.scheme, pb.port):
+        return False
+    addresses_a, addresses_b = _addresses(pa.hostname or ""), _addresses(pb.hostname or "")
+    if addresses_a is None or addresses_b is None:
+        return None
+    return bool(addresses_a & addresses_b)
+
+
+def _port(scheme: str, port: int | None) -> int:
+    return port if port is not None else (443 if scheme == "https" else 80)
+
+
+def _addresses(host: str) -> set[str] | None:
+    """The addresses ``host`` stands for, this host's own named as one ("this host"); None if unresolved."""
+    if host in _THIS_HOST:
+        return {"this host"}
+    found = _resolve(host)
+    if found is None:
+        return None
+    own = _resolve(socket.gethostname()) or set()
+    return {"this host" if a in _THIS_HOST or a.startswith("127.") or a in own else a for a in found}
+
+
+def _resolve(host: str) -> set[str] | None:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return None
