@@ -11,7 +11,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,18 +19,17 @@ import psutil
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import Client
 
-from rollouttap.addon import flowcols, tokenids
+from rollouttap.addon import capture_options, flowcols, tokenids
 from rollouttap.addon.answer_rewrite import sse_finished, stream_rewrite, strip_json_answer
-from rollouttap.addon.attribution import PID_LOOKUPS, Attribution
+from rollouttap.addon.attribution import Attribution
 from rollouttap.addon.flow_attribution import FlowAttribution
-from rollouttap.addon.loopback import is_host_port, is_loopback
 from rollouttap.addon.master_hooks import (
     exit_after_done, listen_for_nudges, listeners, rebind_on_loopback, reverse_listeners, shutdown_when_gone,
 )
-from rollouttap.addon.routes import Route, RouteError, find_route, own_reverse_routes, parse_routes
+from rollouttap.addon.routes import Route, find_route, own_reverse_routes
 from rollouttap.addon.streamtap import StreamTap
 from rollouttap.store import StoreWriter
-from rollouttap.store.writer import EXIT_UNWRITTEN, MAX_BACKLOG_BYTES
+from rollouttap.store.writer import EXIT_UNWRITTEN
 from rollouttap.errors import StoreError
 from rollouttap.throttle import Throttle
 
@@ -82,63 +80,19 @@ class RolloutTap:
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
-        loader.add_option("rollouttap_store", str, "", "SQLite store file every flow is recorded into.")
-        loader.add_option("rollouttap_proxy_id", str, "",
-                          "Id this proxy records itself under in the store (default: random).")
-        loader.add_option("rollouttap_routes", Sequence[str], [],
-                          "Send requests for a host elsewhere: HOST[:PORT]=BASE_URL, e.g. "
-                          "api.openai.com=http://127.0.0.1:8000. Route targets count as model hosts.")
-        loader.add_option("rollouttap_model_hosts", Sequence[str], [],
-                          "Model servers (HOST or HOST:PORT) whose chat/completion requests get "
-                          "token ids and logprobs added (and stripped from what the agent sees).")
-        loader.add_option("rollouttap_token_ids", bool, True,
-                          "Ask model hosts for exact token ids and logprobs.")
-        loader.add_option("rollouttap_logprobs", bool, True,
-                          "With token ids, also ask for each sampled token's logprob (TRL's "
-                          "importance-sampling correction uses them); off keeps answers ~30x smaller.")
-        loader.add_option("rollouttap_pid_attribution", bool, True,
-                          "Attribute connections by the process that owns the client socket.")
-        loader.add_option("rollouttap_pid_lookup", str, "eager",
-                          "When to look up a connection's process: 'eager' (as it connects, for every "
-                          "connection: flows also record the pid of credentialed clients) or 'fallback' "
-                          "(only when a request carries no credentials: saves ~0.3-1 ms of CPU per new "
-                          "connection of managed agents).", choices=PID_LOOKUPS)
-        loader.add_option("rollouttap_allow_remote", bool, False,
-                          "Allow listening on non-loopback addresses (agents on other hosts).")
-        loader.add_option("rollouttap_remote_anonymous", bool, False,
-                          "Serve clients on other hosts that present no proxy credentials (recorded as "
-                          "unattributed); off, they get 407: nothing names their agent, and the proxy would "
-                          "relay them to this host's loopback services.")
-        loader.add_option("rollouttap_store_backlog_mb", int, MAX_BACKLOG_BYTES >> 20,
-                          "Flow data (MiB) kept in memory while the store cannot take it (a full disk, a lock "
-                          "held by another process); beyond it, new requests are answered 503 until it can.")
-        loader.add_option("rollouttap_parent_pid", int, 0,
-                          "Shut down cleanly when this process ends (the manager that started us).")
+        capture_options.declare(loader)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        if "rollouttap_pid_lookup" in updated and opts.rollouttap_pid_lookup not in PID_LOOKUPS:
-            raise exceptions.OptionsError(f"rollouttap_pid_lookup must be one of {', '.join(PID_LOOKUPS)}, "
-                                          f"not {opts.rollouttap_pid_lookup!r}")
-        if "rollouttap_store_backlog_mb" in updated and opts.rollouttap_store_backlog_mb < 1:
-            raise exceptions.OptionsError("rollouttap_store_backlog_mb must be at least 1 (MiB), not "
-                                          f"{opts.rollouttap_store_backlog_mb}")
+        capture_options.check(opts, updated)
         if "rollouttap_store" in updated or self.writer is None:
             self._open_store(opts.rollouttap_store)
         assert self.writer is not None
         self.writer.max_backlog_bytes = opts.rollouttap_store_backlog_mb << 20
         if "rollouttap_routes" in updated or "rollouttap_model_hosts" in updated:
-            try:
-                self.routes = parse_routes(opts.rollouttap_routes)
-            except RouteError as exc:
-                raise exceptions.OptionsError(str(exc)) from exc
-            bad = [h for h in opts.rollouttap_model_hosts if h.strip() and not is_host_port(h)]
-            if bad:
-                raise exceptions.OptionsError(f"rollouttap_model_hosts: {bad[0]!r} is not HOST[:PORT] (no scheme, "
-                                              "no path), e.g. 127.0.0.1:8000")
-            self.model_hosts = model_host_set(opts.rollouttap_model_hosts, self.routes)
+            self.routes, self.model_hosts = capture_options.routes_and_model_hosts(opts)
         if {"listen_host", "rollouttap_allow_remote", "mode"} & updated:
-            self._check_listen(opts)
+            capture_options.loopback_only(opts)
         if "rollouttap_proxy_id" in updated or not self.proxy_id:
             self.proxy_id = opts.rollouttap_proxy_id or uuid.uuid4().hex
         if self.routes and opts.connection_strategy != "lazy":
@@ -159,22 +113,6 @@ class RolloutTap:
             raise exceptions.OptionsError(str(exc)) from exc
         if self._running:  # changed at run time: the new store learns of this proxy as a started one does
             self._announce()
-
-    def _check_listen(self, opts: Any) -> None:
-        if opts.rollouttap_allow_remote:
-            return
-        if opts.listen_host == "":
-            # mitmproxy's default is every interface; ours is loopback unless told otherwise.
-            opts.update(listen_host="127.0.0.1")
-        elif not is_loopback(opts.listen_host):
-            raise exceptions.OptionsError(
-                f"refusing to listen on {opts.listen_host}: agents' traffic (and API keys) would be "
-                "reachable from other hosts. Set rollouttap_allow_remote=true to allow it.")
-        for spec in opts.mode:
-            host = spec.rpartition("@")[2].rpartition(":")[0] if "@" in spec else ""
-            if host and not is_loopback(host):
-                raise exceptions.OptionsError(
-                    f"refusing mode {spec!r} on a non-loopback address; set rollouttap_allow_remote=true")
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def running(self) -> None:
@@ -466,13 +404,6 @@ class RolloutTap:
         if live.meta:
             cols["meta"] = dict(live.meta)
         self._update(flow_id, cols)
-
-
-def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:
-    """Model hosts as ``host`` and ``host:port`` strings; every route target is one."""
-    found = {h.strip().lower() for h in hosts if h.strip()}
-    found |= {f"{r.host}:{r.port}" for r in routes}
-    return frozenset(found)
 
 
 def may_have_body(req: http.Request) -> bool:

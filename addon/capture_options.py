@@ -1,0 +1,99 @@
+"""The addon's options: declared for mitmproxy's loader, and checked when they change (OptionsError, which
+mitmdump reports at start-up, or refuses at run time, leaving the old values)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mitmproxy import exceptions
+
+from rollouttap.addon.attribution import PID_LOOKUPS
+from rollouttap.addon.loopback import is_host_port, is_loopback
+from rollouttap.addon.routes import Route, RouteError, parse_routes
+from rollouttap.store.writer import MAX_BACKLOG_BYTES
+
+
+def declare(loader: Any) -> None:
+    """Every rollouttap_* option, with the help text ``mitmdump --options`` shows."""
+    loader.add_option("rollouttap_store", str, "", "SQLite store file every flow is recorded into.")
+    loader.add_option("rollouttap_proxy_id", str, "",
+                      "Id this proxy records itself under in the store (default: random).")
+    loader.add_option("rollouttap_routes", Sequence[str], [],
+                      "Send requests for a host elsewhere: HOST[:PORT]=BASE_URL, e.g. "
+                      "api.openai.com=http://127.0.0.1:8000. Route targets count as model hosts.")
+    loader.add_option("rollouttap_model_hosts", Sequence[str], [],
+                      "Model servers (HOST or HOST:PORT) whose chat/completion requests get "
+                      "token ids and logprobs added (and stripped from what the agent sees).")
+    loader.add_option("rollouttap_token_ids", bool, True,
+                      "Ask model hosts for exact token ids and logprobs.")
+    loader.add_option("rollouttap_logprobs", bool, True,
+                      "With token ids, also ask for each sampled token's logprob (TRL's "
+                      "importance-sampling correction uses them); off keeps answers ~30x smaller.")
+    loader.add_option("rollouttap_pid_attribution", bool, True,
+                      "Attribute connections by the process that owns the client socket.")
+    loader.add_option("rollouttap_pid_lookup", str, "eager",
+                      "When to look up a connection's process: 'eager' (as it connects, for every "
+                      "connection: flows also record the pid of credentialed clients) or 'fallback' "
+                      "(only when a request carries no credentials: saves ~0.3-1 ms of CPU per new "
+                      "connection of managed agents).", choices=PID_LOOKUPS)
+    loader.add_option("rollouttap_allow_remote", bool, False,
+                      "Allow listening on non-loopback addresses (agents on other hosts).")
+    loader.add_option("rollouttap_remote_anonymous", bool, False,
+                      "Serve clients on other hosts that present no proxy credentials (recorded as "
+                      "unattributed); off, they get 407: nothing names their agent, and the proxy would "
+                      "relay them to this host's loopback services.")
+    loader.add_option("rollouttap_store_backlog_mb", int, MAX_BACKLOG_BYTES >> 20,
+                      "Flow data (MiB) kept in memory while the store cannot take it (a full disk, a lock "
+                      "held by another process); beyond it, new requests are answered 503 until it can.")
+    loader.add_option("rollouttap_parent_pid", int, 0,
+                      "Shut down cleanly when this process ends (the manager that started us).")
+
+
+def check(opts: Any, updated: set[str]) -> None:
+    """Refuse values no hook could work with."""
+    if "rollouttap_pid_lookup" in updated and opts.rollouttap_pid_lookup not in PID_LOOKUPS:
+        raise exceptions.OptionsError(f"rollouttap_pid_lookup must be one of {', '.join(PID_LOOKUPS)}, "
+                                      f"not {opts.rollouttap_pid_lookup!r}")
+    if "rollouttap_store_backlog_mb" in updated and opts.rollouttap_store_backlog_mb < 1:
+        raise exceptions.OptionsError("rollouttap_store_backlog_mb must be at least 1 (MiB), not "
+                                      f"{opts.rollouttap_store_backlog_mb}")
+
+
+def routes_and_model_hosts(opts: Any) -> tuple[tuple[Route, ...], frozenset[str]]:
+    """The routes, and the model hosts they and ``rollouttap_model_hosts`` name."""
+    try:
+        routes = parse_routes(opts.rollouttap_routes)
+    except RouteError as exc:
+        raise exceptions.OptionsError(str(exc)) from exc
+    bad = [h for h in opts.rollouttap_model_hosts if h.strip() and not is_host_port(h)]
+    if bad:
+        raise exceptions.OptionsError(f"rollouttap_model_hosts: {bad[0]!r} is not HOST[:PORT] (no scheme, "
+                                      "no path), e.g. 127.0.0.1:8000")
+    return routes, model_host_set(opts.rollouttap_model_hosts, routes)
+
+
+def loopback_only(opts: Any) -> None:
+    """Listen on loopback unless ``rollouttap_allow_remote``: mitmproxy's default of every interface becomes
+    127.0.0.1, any other address is refused."""
+    if opts.rollouttap_allow_remote:
+        return
+    if opts.listen_host == "":
+        # mitmproxy's default is every interface; ours is loopback unless told otherwise.
+        opts.update(listen_host="127.0.0.1")
+    elif not is_loopback(opts.listen_host):
+        raise exceptions.OptionsError(
+            f"refusing to listen on {opts.listen_host}: agents' traffic (and API keys) would be "
+            "reachable from other hosts. Set rollouttap_allow_remote=true to allow it.")
+    for spec in opts.mode:
+        host = spec.rpartition("@")[2].rpartition(":")[0] if "@" in spec else ""
+        if host and not is_loopback(host):
+            raise exceptions.OptionsError(
+                f"refusing mode {spec!r} on a non-loopback address; set rollouttap_allow_remote=true")
+
+
+def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:
+    """Model hosts as ``host`` and ``host:port`` strings; every route target is one."""
+    found = {h.strip().lower() for h in hosts if h.strip()}
+    found |= {f"{r.host}:{r.port}" for r in routes}
+    return frozenset(found)
