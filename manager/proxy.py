@@ -127,8 +127,10 @@ class ProxyConfig:
                 parse_route(spec)
             except RouteError as exc:
                 raise ConfigError(str(exc)) from exc
-        if not str(self.extra.get("key_size", DEFAULT_KEY_SIZE)).isdigit():
-            raise ConfigError(f"key_size must be a number of bits, not {self.extra['key_size']!r}")
+        try:
+            int(self.extra.get("key_size", DEFAULT_KEY_SIZE))
+        except ValueError:
+            raise ConfigError(f"key_size must be a number of bits, not {self.extra['key_size']!r}") from None
         for host in self.model_hosts:
             if not is_host_port(host):
                 raise ConfigError(f"model host {host!r} is not HOST[:PORT] (no scheme, no path), e.g. 127.0.0.1:8000")
@@ -207,7 +209,7 @@ class ProxyProcess:
             self.log_path = Path(self._log.name)
         if self.config.reverse_target and self.config.reverse_port == 0 and self.config.port == 0:
             self.config.reverse_port = free_port(self.config.host)
-        self._ensure_ca()
+        self._ensure_ca(timeout)
         self.proc = subprocess.Popen(self.config.argv(self.proxy_id), stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env=launch_env(self.config.launcher, os.environ))
@@ -233,17 +235,22 @@ class ProxyProcess:
         log.info("proxy %s listening at %s (log %s)", self.proxy_id, self.url, self.log_path)
         return self
 
-    def _ensure_ca(self) -> None:
+    def _ensure_ca(self, timeout: float) -> None:
         """The CA made before mitmdump starts, so proxies starting together share one (manager/proxy_ca.py)."""
         confdir = self.config.extra.get("confdir") or self.config.confdir or DEFAULT_CONFDIR
         try:
-            ensure_ca(confdir, int(self.config.extra.get("key_size", DEFAULT_KEY_SIZE)))
-        except (OSError, ProxyError) as exc:
-            self._log.close()  # this start ends here: its log would only be left behind
-            self.log_path.unlink(missing_ok=True)
-            if isinstance(exc, ProxyError):
-                raise
+            ensure_ca(confdir, int(self.config.extra.get("key_size", DEFAULT_KEY_SIZE)), timeout=timeout)
+        except ProxyError:
+            self._discard_log()
+            raise
+        except OSError as exc:
+            self._discard_log()
             raise ProxyError(f"cannot make mitmproxy's CA in {confdir}: {exc}") from exc
+
+    def _discard_log(self) -> None:
+        """A start that ends before mitmdump runs: its log would only be left behind."""
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

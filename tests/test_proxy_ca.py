@@ -7,7 +7,6 @@ import fcntl
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -65,15 +64,16 @@ def test_a_folder_without_locks_is_locked_on_this_host(tmp_path, monkeypatch):
     real_flock, locked = fcntl.flock, []
 
     def flock(handle, operation):
-        if handle.name.startswith(str(tmp_path)):
+        if handle.name.startswith(str(tmp_path / "conf")):
             raise OSError(errno.ENOLCK, "No locks available")
         locked.append(handle.name)
         return real_flock(handle, operation)
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    assert ensure_ca(tmp_path / "conf") is True
+    assert ensure_ca(tmp_path / "conf", local_locks=tmp_path / "locks") is True
     assert ca_key_file(tmp_path / "conf").exists()
-    assert len(locked) == 1 and locked[0].startswith(tempfile.gettempdir())
+    assert len(locked) == 1 and locked[0].startswith(str(tmp_path / "locks"))
+    assert (tmp_path / "locks").stat().st_mode & 0o777 == 0o700
 
 
 def test_staging_left_by_a_dead_process_is_removed(tmp_path):
@@ -104,10 +104,39 @@ def test_the_proxy_uses_the_confdir_given_in_extra(tmp_path):
 
 
 def test_a_bad_key_size_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="key_size"):
-        ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "c", extra={"key_size": "big"})
+    for bad in ("big", "²"):  # "²".isdigit(), but no int
+        with pytest.raises(ConfigError, match="key_size"):
+            ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "c", extra={"key_size": bad})
     proxy = ProxyProcess(ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "c", extra={"key_size": "64"}))
     with pytest.raises(ProxyError, match="cannot make mitmproxy's CA in .*: key_size must be at least"):
         proxy.start()
     assert not proxy.log_path.exists()  # nothing started: no log left behind
     assert not ca_key_file(tmp_path / "c").exists()
+
+
+def test_a_key_without_its_certificate_gets_it_back(tmp_path):
+    # A maker killed between publishing the key and its certificate: the certificate is written from the key.
+    conf = tmp_path / "conf"
+    ensure_ca(conf)
+    cert = (conf / "mitmproxy-ca-cert.pem").read_bytes()
+    (conf / "mitmproxy-ca-cert.pem").unlink()
+    assert ensure_ca(conf) is False  # no new CA: the key stays
+    assert (conf / "mitmproxy-ca-cert.pem").read_bytes() == cert
+
+
+def test_a_link_that_says_exists_but_made_ours_publishes(tmp_path, monkeypatch):
+    # NFS may answer a retried link EEXIST although its first attempt made the link.
+    staging, directory = tmp_path / "staging", tmp_path / "conf"
+    staging.mkdir()
+    directory.mkdir()
+    (staging / "mitmproxy-ca.pem").write_text("ours")
+    (staging / "mitmproxy-ca-cert.pem").write_text("ours")
+    real_link = os.link
+
+    def link_twice(src, dst):
+        real_link(src, dst)
+        raise FileExistsError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(os, "link", link_twice)
+    assert _publish(staging, directory, "mitmproxy-ca.pem") is True
+    assert (directory / "mitmproxy-ca-cert.pem").read_text() == "ours"
