@@ -154,8 +154,9 @@ def own_proxy_config(config: ProxyConfig | None, *, store_path: Path, model_url:
     elif Path(config.store).resolve() != store_path:
         raise ConfigError(f"the proxy config records into {config.store}, the manager reads {store_path}")
     elif confdir is not None:
-        if config.confdir is not None and Path(config.confdir).expanduser() != Path(confdir).expanduser():
-            raise ConfigError(f"confdir {confdir} differs from the proxy config's {config.confdir}: give one")
+        theirs = config.extra.get("confdir") or config.confdir  # extra wins, as mitmdump gets it
+        if theirs is not None and Path(theirs).expanduser().resolve() != Path(confdir).expanduser().resolve():
+            raise ConfigError(f"confdir {confdir} differs from the proxy config's {theirs}: give one")
         config = replace(config, confdir=confdir)
     config = replace(config, store=store_path, routes=tuple(config.routes), extra=dict(config.extra))
     if model_url is not None:

@@ -198,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     running, why, dirs = read_watch_list(lines_while(sys.stdin.fileno(), manager_alive))
     if why is None or not running:
         return 0
-    reap(running)
-    record_ends(store_path, list(running), why)
-    for run_dir in dirs.values():  # what the manager's own clean-up would have removed
-        shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        reap(running)
+        record_ends(store_path, list(running), why)
+    finally:
+        for run_dir in dirs.values():  # what the manager's own clean-up would have removed
+            shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

@@ -463,9 +463,10 @@ def test_manager_refuses_bad_settings(tmp_path):
     other = ProxyConfig(store=tmp_path / "other.db")
     with pytest.raises(ConfigError, match="records into"):
         AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=other).start()
-    mine = ProxyConfig(store=tmp_path / "r.db", confdir=tmp_path / "a")
-    with pytest.raises(ConfigError, match="confdir .* differs"):
-        AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=mine, confdir=tmp_path / "b").start()
+    for mine in (ProxyConfig(store=tmp_path / "r.db", confdir=tmp_path / "a"),
+                 ProxyConfig(store=tmp_path / "r.db", extra={"confdir": str(tmp_path / "a")})):
+        with pytest.raises(ConfigError, match="confdir .* differs"):
+            AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=mine, confdir=tmp_path / "b").start()
 
 
 def test_confdir_reaches_a_proxy_config_given_without_one(tmp_path, upstream):
