@@ -10,15 +10,14 @@ inside the trainer process, where no agent can reach it, and a server-mode URL t
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
+
 from rollouttap.errors import ConfigError
-
-# Addresses a client reaches this host by; TRL's default vllm_server_host "0.0.0.0" is one of them.
-_THIS_HOST = {"0.0.0.0", "::", "127.0.0.1", "::1", "localhost"}
-
 
 def check_generation(args: Any, model_url: str | None) -> str | None:
     """Raise ConfigError when the agents cannot sample from the weights TRL updates (colocated vLLM); a
@@ -28,10 +27,12 @@ def check_generation(args: Any, model_url: str | None) -> str | None:
     mode = getattr(args, "vllm_mode", None)
     if mode == "colocate":
         raise ConfigError(
-            "GRPOConfig(use_vllm=True) runs vLLM in colocate mode (TRL's default) inside the trainer, where agents "
-            "cannot call it, and TRL puts each step's weights there: agents would sample from a model that is "
-            "not trained. Use vllm_mode='server' with vllm_server_base_url at the server AgentManager(model_url=...) "
-            "names (`trl vllm-serve`), or use_vllm=False with PolicyServer on a CPU or a small GPU")
+            "GRPOConfig(use_vllm=True) runs vLLM in colocate mode (TRL's default) inside each trainer process: "
+            "agents, in processes of their own, cannot call it, yet TRL loads it and syncs every step's weights "
+            "into it, and unless model_url is a PolicyServer the agents sample from a model that is not trained. "
+            "Use vllm_mode='server' with vllm_server_base_url at the server AgentManager(model_url=...) names "
+            "(`trl vllm-serve`), or use_vllm=False with PolicyServer; agent_rollout(..., check_policy=False) skips "
+            "this check")
     if mode != "server" or not model_url:
         return None
     synced = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
@@ -58,17 +59,22 @@ def _port(scheme: str, port: int | None) -> int:
 
 def _addresses(host: str) -> set[str] | None:
     """The addresses ``host`` stands for, this host's own named as one ("this host"); None if unresolved."""
-    if host in _THIS_HOST:
-        return {"this host"}
-    found = _resolve(host)
-    if found is None:
-        return None
-    own = _resolve(socket.gethostname()) or set()
-    return {"this host" if a in _THIS_HOST or a.startswith("127.") or a in own else a for a in found}
-
-
-def _resolve(host: str) -> set[str] | None:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        found = {info[4][0] for info in socket.getaddrinfo(host or "localhost", None, type=socket.SOCK_STREAM)}
     except OSError:
         return None
+    own = _own_addresses()
+    return {"this host" if _is_this_host(address, own) else address for address in found}
+
+
+def _is_this_host(address: str, own: set[str]) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # a link-local address carries its interface
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified or str(ip) in own  # 0.0.0.0 (TRL's default host): here
+
+
+def _own_addresses() -> set[str]:
+    """Every address of this host's interfaces (a node's vLLM URL may name it by any of them)."""
+    return {a.address.split("%", 1)[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)}

@@ -183,22 +183,27 @@ def summed_over_ranks(trainer: Any, counts: dict[str, float]) -> dict[str, float
 
 def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_failed: bool = False,
                   prompt_to_agent: Callable[[Any], Any] | None = None,
-                  on_results: Callable[[list[Any]], None] | None = None) -> RolloutFunc:
+                  on_results: Callable[[list[Any]], None] | None = None,
+                  check_policy: bool = True) -> RolloutFunc:
     """Turn an AgentManager into TRL's ``rollout_func``: ``GRPOTrainer(..., rollout_func=agent_rollout(m))``.
 
     ``prompt_to_agent`` maps a dataset prompt (a string or chat messages) to what the agent spec takes;
     failed agents get all-mask-0 rows unless ``train_on_failed``. In a multi-process run every rank gives the
     trainer its own (TRL calls ``rollout_func`` on every rank): the batch figures it logs are summed over the
-    ranks, a collective operation each rank's call takes part in.
+    ranks, a collective operation each rank's call takes part in (a rank that fails before it leaves the others
+    waiting, as TRL's own gathers do). At its first batch it checks that the agents sample from the weights
+    TRL trains (trainer_hooks/policy_check.py); ``check_policy=False`` skips that.
     """
 
-    checked: list[bool] = []
+    checked = not check_policy
 
     def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
-        if not checked:  # the trainer's settings are first seen here
-            if warning := check_generation(getattr(trainer, "args", None), getattr(manager, "model_url", None)):
-                log.warning(warning)
-            checked.append(True)
+        nonlocal checked
+        if not checked:  # the trainer's settings are first seen here; the same on every rank
+            warning = check_generation(getattr(trainer, "args", None), getattr(manager, "model_url", None))
+            if warning and _is_main_process(trainer):  # TRL syncs weights from the main process only
+                log.warning("%s", warning)
+            checked = True
         # Train or eval, read now: a generation still running when the agents are done flips the model to eval.
         mode = _mode_of(trainer)
         eos = eos_token_id if eos_token_id is not None else _eos_of(trainer)
@@ -258,6 +263,10 @@ def _prompt_ids(trainer: Any, prompt: Any) -> list[int] | None:
     except Exception as exc:  # a template problem must not stop training; the row stays all mask 0
         log.warning("cannot render prompt for an empty row: %s", exc)
         return None
+
+
+def _is_main_process(trainer: Any) -> bool:
+    return bool(getattr(getattr(trainer, "accelerator", None), "is_main_process", True))
 
 
 def _mode_of(trainer: Any) -> str:
