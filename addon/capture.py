@@ -77,6 +77,7 @@ class RolloutTap:
         self._store_closed = False  # shut down: the writer takes no more rows
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
         self._refusals_said = Throttle(5.0)  # one log line per burst of 503s
+        self._parent_gone = False  # the process that started the proxy ended first
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -127,7 +128,8 @@ class RolloutTap:
         log.info("rollouttap: recording into %s as proxy %s", ctx.options.rollouttap_store,
                  self.proxy_id)
         if ctx.options.rollouttap_parent_pid:
-            self._parent_watch = asyncio.create_task(shutdown_when_gone(ctx.options.rollouttap_parent_pid))
+            self._parent_watch = asyncio.create_task(
+                shutdown_when_gone(ctx.options.rollouttap_parent_pid, on_gone=self._orphaned))
 
     def _listeners_changed(self) -> None:
         self.own_routes = own_reverse_routes(reverse_listeners())
@@ -164,6 +166,16 @@ class RolloutTap:
         if writer.unwritten:  # whoever started the proxy must learn of it: the exit status, once every hook ran
             log.error("rollouttap: %d store events were never written to %s", writer.unwritten, writer.path)
             self.exit_status = EXIT_UNWRITTEN
+
+    def _orphaned(self) -> None:
+        self._parent_gone = True
+
+    def after_done(self) -> None:
+        """Once every done hook ran: an empty log of a proxy whose parent is gone goes, as the parent's
+        ``ProxyProcess.stop`` would have removed it (a log with anything in it stays, to be read)."""
+        path = ctx.options.rollouttap_log_file
+        if self._parent_gone and path and os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.unlink(path)
 
     def _retire(self, reason: str) -> None:
         """End the flows in flight and mark this proxy stopped in the store (the caller closes the writer)."""

@@ -48,6 +48,9 @@ def declare(loader: Any) -> None:
                       "held by another process); beyond it, new requests are answered 503 until it can.")
     loader.add_option("rollouttap_parent_pid", int, 0,
                       "Shut down cleanly when this process ends (the manager that started us).")
+    loader.add_option("rollouttap_log_file", str, "",
+                      "The file this proxy's output goes to (set by the manager that starts it): removed at "
+                      "exit if empty once rollouttap_parent_pid's process is gone, as that process would have.")
 
 
 def check(opts: Any, updated: set[str]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -28,6 +29,7 @@ def exit_after_done(master: Any, tap: Any) -> None:
 
     async def done_then_exit() -> None:
         await done()
+        tap.after_done()
         if tap.exit_status:
             raise SystemExit(tap.exit_status)
     master.done = done_then_exit
@@ -74,7 +76,7 @@ async def rebind_on_loopback() -> None:
         ctx.master.shutdown()
 
 
-async def shutdown_when_gone(pid: int, interval: float = 1.0) -> None:
+async def shutdown_when_gone(pid: int, interval: float = 1.0, on_gone: Callable[[], None] | None = None) -> None:
     """A proxy whose manager died (killed test run, crashed trainer) must not live on as an orphan."""
     try:
         parent = psutil.Process(pid)
@@ -83,6 +85,8 @@ async def shutdown_when_gone(pid: int, interval: float = 1.0) -> None:
     except psutil.Error:
         pass
     log.warning("rollouttap: parent process %s is gone; shutting down", pid)
+    if on_gone is not None:
+        on_gone()
     ctx.master.shutdown()
 
 

@@ -210,7 +210,8 @@ class ProxyProcess:
         if self.config.reverse_target and self.config.reverse_port == 0 and self.config.port == 0:
             self.config.reverse_port = free_port(self.config.host)
         self._ensure_ca(timeout)
-        self.proc = subprocess.Popen(self.config.argv(self.proxy_id), stdin=subprocess.DEVNULL,
+        argv = [*self.config.argv(self.proxy_id), "--set", f"rollouttap_log_file={self.log_path}"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env=launch_env(self.config.launcher, os.environ))
         with Store(self.config.store) as store:

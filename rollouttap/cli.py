@@ -31,12 +31,13 @@ HINTS: dict[type[Exception], str] = {
 }
 
 _state = {"debug": False}
-# Options `rollouttap proxy` sets itself (the store and identity it waits on, its parent watch, and the
+# Options `rollouttap proxy` sets itself (the store and identity it waits on, its parent watch and log, and the
 # remote-listening switch its --allow-remote checks the address against), with what to do instead.
 OWN_OPTIONS = {
     "rollouttap_store": "use --store", "rollouttap_allow_remote": "use --allow-remote",
     "rollouttap_proxy_id": "it sets it for each proxy it starts",
     "rollouttap_parent_pid": "it sets it for each proxy it starts",
+    "rollouttap_log_file": "it sets it for each proxy it starts",
 }
 
 

@@ -89,6 +89,9 @@ def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, u
         with Store(store) as db:
             roots = [psutil.Process(a.root_pid) for a in agents]
             run_dirs = [Path(root.cwd()).parent for root in roots]  # agents run in RUN_DIR/work
+            [proxy] = db.proxies()
+            proxy_log = Path(os.readlink(f"/proc/{proxy['pid']}/fd/1"))  # mitmdump's output, the manager's file
+            assert proxy_log.name.startswith("rollouttap-proxy-") and proxy_log.stat().st_size == 0
             assert all((d / "stdout.log").exists() for d in run_dirs)
             tree = {p.pid for root in roots for p in [root, *root.children(recursive=True)]}
             forked += [p.pid for p in psutil.Process(manager.pid).children() if p.name() == "sleep"]
@@ -101,6 +104,8 @@ def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, u
             ended = wait_for(all_ended, timeout=30, what="the agents recorded")
         assert {a.meta["error"] for a in ended} == {ERROR}
         wait_for(lambda: not any(d.exists() for d in run_dirs), timeout=30, what="the agents' run folders removed")
+        # The proxy stops with its manager: its log, empty, goes as the manager's own stop would have removed it.
+        wait_for(lambda: not proxy_log.exists(), timeout=30, what="the proxy's empty log removed")
     finally:
         manager.kill()
         manager.wait()
