@@ -77,7 +77,7 @@ class RolloutTap:
         self._store_closed = False  # shut down: the writer takes no more rows
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
         self._refusals_said = Throttle(5.0)  # one log line per burst of 503s
-        self._parent_gone = False  # the process that started the proxy ended first
+        self.parent_gone = False  # the process that started the proxy ended first
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -168,14 +168,7 @@ class RolloutTap:
             self.exit_status = EXIT_UNWRITTEN
 
     def _orphaned(self) -> None:
-        self._parent_gone = True
-
-    def after_done(self) -> None:
-        """Once every done hook ran: an empty log of a proxy whose parent is gone goes, as the parent's
-        ``ProxyProcess.stop`` would have removed it (a log with anything in it stays, to be read)."""
-        path = ctx.options.rollouttap_log_file
-        if self._parent_gone and path and os.path.isfile(path) and os.path.getsize(path) == 0:
-            os.unlink(path)
+        self.parent_gone = True
 
     def _retire(self, reason: str) -> None:
         """End the flows in flight and mark this proxy stopped in the store (the caller closes the writer)."""

@@ -1,12 +1,13 @@
 """What the rollouttap addon does to mitmproxy's master and listeners, apart from flows: exit with the addon's
-status after every done hook, answer store nudges on the event loop, keep listeners on loopback, stop with the
-parent process, and describe the listeners for the store's proxy row.
+status after every done hook (an orphan's empty log removed), answer store nudges on the event loop, keep
+listeners on loopback, stop with the parent process, and describe the listeners for the store's proxy row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,11 +30,19 @@ def exit_after_done(master: Any, tap: Any) -> None:
 
     async def done_then_exit() -> None:
         await done()
-        tap.after_done()
+        if tap.parent_gone:
+            discard_if_empty(ctx.options.rollouttap_log_file)
         if tap.exit_status:
             raise SystemExit(tap.exit_status)
     master.done = done_then_exit
     master._rollouttap_exit_after_done = True
+
+
+def discard_if_empty(path: str) -> None:
+    """The log of a proxy whose parent is gone, if empty, as the parent's ``ProxyProcess.stop`` would have
+    removed it; a log with anything in it stays, to be read."""
+    if path and os.path.isfile(path) and os.path.getsize(path) == 0:
+        os.unlink(path)
 
 
 def listen_for_nudges(callback: Any) -> None:
