@@ -19,6 +19,7 @@ import psutil
 
 from rollouttap.errors import ConfigError
 
+
 def check_generation(args: Any, model_url: str | None) -> str | None:
     """Raise ConfigError when the agents cannot sample from the weights TRL updates (colocated vLLM); a
     warning's text when they seem to call another server than the one TRL syncs; else None."""
