@@ -201,49 +201,69 @@ def agent_stats(flows: Sequence[FlowRecord], *, eos_token_id: int = UNKNOWN_EOS)
             "discontinuities": len(conv.discontinuities), "fidelity": fidelity}
 
 
-def store_stats(store: Store, *, run_id: str | None = None, eos_token_id: int = UNKNOWN_EOS) -> dict[str, Any]:
-    """The figures of ``rollouttap stats``: per store or per run."""
+def store_stats(stores: Store | Sequence[Store], *, run_id: str | None = None,
+                eos_token_id: int = UNKNOWN_EOS) -> dict[str, Any]:
+    """The figures of ``rollouttap stats``: per store or per run, of one store or several together (a store per
+    rank or node of a multi-GPU run)."""
+    parts = [_store_part(store, run_id, eos_token_id) for store in ([stores] if isinstance(stores, Store) else stores)]
+    agents = [a for part in parts for a in part.agents]
+    per_agent = [s for part in parts for s in part.per_agent]
+    unregistered = sum(part.unregistered for part in parts)
+    latencies = [v for s in per_agent for v in s["latencies"]]
+    ttfb = [v for s in per_agent for v in s["ttfb"]]
+    usage = Counter[str]()
+    for stats in per_agent:
+        usage.update(stats["usage"])
+    reports = [Fidelity(**{k: v for k, v in s["fidelity"].items() if k != "coverage"}) for s in per_agent
+               if s["fidelity"]]
+    known = [part.unattributed for part in parts if part.unattributed is not None]
+    return {
+        "run_id": run_id,
+        "agents": len(per_agent),
+        "agents_by_status": dict(Counter([a.status for a in agents] + ["unregistered"] * unregistered)),
+        "flows": sum(part.flows for part in parts),
+        "calls": sum(s["calls"] for s in per_agent),
+        "failed_calls": sum(s["failed_calls"] for s in per_agent),
+        "flow_errors": sum(part.flow_errors for part in parts),
+        "unattributed_flows": sum(known) if known else None,
+        "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "latency": latency_summary(latencies),
+        "ttfb": latency_summary(ttfb),
+        "discontinuities": sum(s["discontinuities"] for s in per_agent),
+        "fidelity": _fidelity_figures(reports, eos_known=eos_token_id != UNKNOWN_EOS),
+        "eos_token_id": None if eos_token_id == UNKNOWN_EOS else eos_token_id,
+    }
+
+
+@dataclass(frozen=True)
+class _StorePart:
+    """What one store adds to ``store_stats``."""
+    agents: list[Any]
+    unregistered: int
+    per_agent: list[dict[str, Any]]
+    flows: int
+    flow_errors: int
+    unattributed: int | None  # None: a run without agents in this store, whose time span is unknown
+
+
+def _store_part(store: Store, run_id: str | None, eos_token_id: int) -> _StorePart:
     agents = store.agents(run_id)
     # A whole store also counts agents captured by hand (a tag or a header): they have flows, not rows.
     unregistered = store.unregistered_agent_ids() if run_id is None else []
-    per_agent = {agent_id: agent_stats(store.flows(agent_id=agent_id), eos_token_id=eos_token_id)
-                 for agent_id in [a.agent_id for a in agents] + unregistered}
-    latencies = [v for s in per_agent.values() for v in s["latencies"]]
-    ttfb = [v for s in per_agent.values() for v in s["ttfb"]]
-    usage = Counter[str]()
-    for stats in per_agent.values():
-        usage.update(stats["usage"])
-    reports = [Fidelity(**{k: v for k, v in s["fidelity"].items() if k != "coverage"})
-               for s in per_agent.values() if s["fidelity"]]
-    flows = sum(s["flows"] for s in per_agent.values())
-    flow_errors = sum(s["errors"] for s in per_agent.values())
+    per_agent = [agent_stats(store.flows(agent_id=agent_id), eos_token_id=eos_token_id)
+                 for agent_id in [a.agent_id for a in agents] + unregistered]
+    flows = sum(s["flows"] for s in per_agent)
+    flow_errors = sum(s["errors"] for s in per_agent)
+    unattributed: int | None = None
     if run_id is None:  # every flow of the store, unattributed ones (503 refusals, say) included
         counts = store.flow_counts()
-        unattributed: int | None = counts["unattributed"]
-        flows, flow_errors = counts["total"], counts["error"]
+        unattributed, flows, flow_errors = counts["unattributed"], counts["total"], counts["error"]
     elif agents:  # a run's unattributed flows: those seen while its agents existed
         start = min(a.created_at for a in agents)
         ends = [a.ended_at for a in agents]
         end = max(e for e in ends if e is not None) if all(e is not None for e in ends) else None
         unattributed = store.count_flows(unattributed=True, since=start, until=None if end is None else end + 1e-6)
-    else:
-        unattributed = None
-    return {
-        "run_id": run_id,
-        "agents": len(per_agent),
-        "agents_by_status": dict(Counter([a.status for a in agents] + ["unregistered"] * len(unregistered))),
-        "flows": flows,
-        "calls": sum(s["calls"] for s in per_agent.values()),
-        "failed_calls": sum(s["failed_calls"] for s in per_agent.values()),
-        "flow_errors": flow_errors,
-        "unattributed_flows": unattributed,
-        "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
-        "latency": latency_summary(latencies),
-        "ttfb": latency_summary(ttfb),
-        "discontinuities": sum(s["discontinuities"] for s in per_agent.values()),
-        "fidelity": _fidelity_figures(reports, eos_known=eos_token_id != UNKNOWN_EOS),
-        "eos_token_id": None if eos_token_id == UNKNOWN_EOS else eos_token_id,
-    }
+    return _StorePart(agents, len(unregistered), per_agent, flows, flow_errors, unattributed)
 
 
 def _fidelity_figures(reports: list[Fidelity], *, eos_known: bool) -> dict[str, Any] | None:

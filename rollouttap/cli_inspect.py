@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -22,6 +23,8 @@ from rich.text import Text
 from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="The store file to read.")]
+StoresOpt = Annotated[list[Path], typer.Option("--store", help="The store file to read; repeat it to read several "
+                                                            "together (a store per rank or node).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line (one per item) instead "
                                                            "of the human view.")]
@@ -345,7 +348,7 @@ def export(
 
 
 def stats(
-    store: StoreOpt = Path("runs.db"),
+    store: StoresOpt = [Path("runs.db")],  # typer only reads the default
     run: Annotated[Optional[str], typer.Option(help="Only this run.")] = None,
     eos_token_id: Annotated[Optional[int], typer.Option(min=0, help="eos id, for the truncation count.")] = None,
     as_json: JsonOpt = False,
@@ -353,12 +356,15 @@ def stats(
     """Agents by status, calls, tokens, latency percentiles, unattributed flows, errors, fidelity.
 
     Example: rollouttap stats --store runs.db --run run-1
+             rollouttap stats --store runs-0.db --store runs-1.db
     """
     from rollouttap.manager.inspect import UNKNOWN_EOS, store_stats
-    with _open(store) as s:
-        figures = store_stats(s, run_id=run, eos_token_id=UNKNOWN_EOS if eos_token_id is None else eos_token_id)
+    with ExitStack() as stack:
+        opened = [stack.enter_context(_open(path)) for path in store]
+        figures = store_stats(opened, run_id=run, eos_token_id=UNKNOWN_EOS if eos_token_id is None else eos_token_id)
+    names = " + ".join(map(str, store))
     if run is not None and not figures["agents"]:
-        raise NotFoundError(f"no agents of run {run!r} in {store}")
+        raise NotFoundError(f"no agents of run {run!r} in {names}")
     if as_json:
         _print_json(figures)
         return
@@ -374,7 +380,7 @@ def stats(
     flat.update({f"tokens: {k.removesuffix('_tokens')}": v for k, v in figures["usage"].items()})
     for name in ("latency", "ttfb"):
         flat[f"{name} p50 / p90 / p99"] = " / ".join(_secs(figures[name][p]) for p in ("p50", "p90", "p99"))
-    _print_mapping(console, f"stats of {f'run {run}' if run else store}", flat)
+    _print_mapping(console, f"stats of {f'run {run}' if run else names}", flat)
     if figures["fidelity"]:
         fidelity = dict(figures["fidelity"])
         if fidelity["truncated"] is None:

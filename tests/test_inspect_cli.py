@@ -197,6 +197,24 @@ def test_stats_of_a_run_and_the_table(recording, cli):
     cli("stats", "--store", recording.store, "--run", "no-such-run", code=1)
 
 
+def test_stats_of_several_stores_add_up(recording, cli, tmp_path, monkeypatch):
+    # A store per rank: read together, every count is the sum of the stores' (here: two copies of one store).
+    import sqlite3
+    monkeypatch.chdir(tmp_path)
+    for name in ("rank-0.db", "rank-1.db"):
+        with sqlite3.connect(recording.store) as src, sqlite3.connect(name) as dst:
+            src.backup(dst)
+    one = json.loads(cli("stats", "--store", "rank-0.db", "--json", "--eos-token-id", "2").output)
+    both = json.loads(cli("stats", "--store", "rank-0.db", "--store", "rank-1.db", "--json", "--eos-token-id",
+                          "2").output)
+    for key in ("agents", "flows", "calls", "failed_calls", "flow_errors", "unattributed_flows", "discontinuities"):
+        assert both[key] == 2 * one[key], key
+    assert both["agents_by_status"] == {k: 2 * v for k, v in one["agents_by_status"].items()}
+    assert both["latency"]["count"] == 2 * one["latency"]["count"] and both["fidelity"]["rows"] == 6
+    assert "stats of rank-0.db + rank-1.db" in cli("stats", "--store", "rank-0.db", "--store", "rank-1.db").output
+    cli("stats", "--store", "rank-0.db", "--store", "missing.db", code=1)
+
+
 # -- resend / replay -----------------------------------------------------------------------------------------------
 
 def test_resend_shows_old_and_new_answers(recording, cli):
