@@ -23,8 +23,8 @@ from rich.text import Text
 from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="The store file to read.")]
-StoresOpt = Annotated[list[Path], typer.Option("--store", help="The store file to read; repeat it to read several "
-                                                            "together (a store per rank or node).")]
+StoresOpt = Annotated[list[Path], typer.Option("--store", help="The store file to read; repeat it for several "
+                                                            "(a store per rank or node).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line (one per item) instead "
                                                            "of the human view.")]
@@ -47,6 +47,15 @@ def _open(store: Path) -> Any:
     if not store.exists():
         raise StoreError(f"no store at {store}")
     return Store(store, readonly=True)
+
+
+def _store_of(agent_id: str, stores: list[Path]) -> Path:
+    """The one of ``stores`` that holds the agent (a store per rank: any of them may)."""
+    for path in stores:
+        with _open(path) as s:
+            if s.agent(agent_id) is not None or s.flows(agent_id=agent_id, limit=1):
+                return path
+    raise NotFoundError(f"no agent {agent_id!r} in {' or '.join(map(str, stores))}")
 
 
 def _secs(value: float | None) -> str:
@@ -270,7 +279,7 @@ def _row_text(prompt: list[int], completion: list[int], mask: list[int], decode:
 
 def show(
     agent_id: Annotated[str, typer.Argument(help="The agent to show.")],
-    store: StoreOpt = Path("runs.db"),
+    store: StoresOpt = [Path("runs.db")],  # typer only reads the default
     tokens: Annotated[bool, typer.Option(help="Also show the training row (env mask) and its fidelity.")] = False,
     tokenizer: Annotated[Optional[str], typer.Option(
         help="tokenizer.json (or its directory) to decode ids; 'fake' for the scripted test server's.")] = None,
@@ -284,11 +293,9 @@ def show(
     from rollouttap.manager.conversation import build_conversation, calls_in_order
     from rollouttap.manager.inspect import UNKNOWN_EOS
     from rollouttap.manager.rows import build_row
-    with _open(store) as s:
+    with _open(_store_of(agent_id, store)) as s:
         agent = s.agent(agent_id)
         found = s.flows(agent_id=agent_id)
-    if agent is None and not found:
-        raise NotFoundError(f"no agent {agent_id!r} in {store}")
     conv = build_conversation(found)
     calls = calls_in_order(conv, found)
     decode, tok_eos = _tokenizer(tokenizer) if tokens else (None, None)
@@ -393,7 +400,7 @@ def stats(
 def replay(
     agent_id: Annotated[str, typer.Argument(help="The recorded agent to replay.")],
     command: Annotated[list[str], typer.Argument(help="The agent command, after --.")],
-    store: StoreOpt = Path("runs.db"),
+    store: StoresOpt = [Path("runs.db")],  # typer only reads the default
     out: Annotated[Optional[Path], typer.Option(help="Store the replayed run is recorded into.")] = None,
     model_host: Annotated[Optional[list[str]], typer.Option(help="HOST:PORT asked for token ids "
                                                             "(default: as recorded).")] = None,
@@ -411,7 +418,7 @@ def replay(
     """
     from rollouttap.manager.replay import replay_agent
     # With --json stdout holds the JSON alone: the agent's own output is captured into it.
-    result = replay_agent(store, agent_id, command, out=out, confdir=confdir, model_hosts=model_host,
+    result = replay_agent(_store_of(agent_id, store), agent_id, command, out=out, confdir=confdir, model_hosts=model_host,
                           routes=route or (), timeout=timeout, capture_output=as_json)
     if as_json:
         _print_json(asdict(result))
@@ -442,7 +449,7 @@ def _print_replay(result: Any) -> None:
 def resend(
     agent_id: Annotated[str, typer.Argument(help="The agent whose model requests to send again.")],
     to: Annotated[str, typer.Option(help="Base URL of the server to ask, e.g. http://127.0.0.1:8000/v1.")],
-    store: StoreOpt = Path("runs.db"),
+    store: StoresOpt = [Path("runs.db")],  # typer only reads the default
     header: Annotated[Optional[list[str]], typer.Option(help="'Name: value' to add (the recorded keys are "
                                                         "redacted), e.g. 'Authorization: Bearer KEY'.")] = None,
     timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 120.0,
@@ -459,10 +466,11 @@ def resend(
         if not sep or not name.strip():
             raise ConfigError(f"--header {item!r} is not 'Name: value'")
         extra[name.strip()] = value.strip()
-    with _open(store) as s:
+    path = _store_of(agent_id, store)
+    with _open(path) as s:
         found = s.flows(agent_id=agent_id)
     if not found:
-        raise NotFoundError(f"no flows of agent {agent_id!r} in {store}")
+        raise NotFoundError(f"no flows of agent {agent_id!r} in {path}")
     results = resend_requests(found, to, headers=extra, timeout=timeout)
     if as_json:
         for r in results:

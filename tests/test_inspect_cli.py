@@ -294,7 +294,18 @@ def test_entry_point_maps_os_errors_to_one_line(recording, tmp_path):
 def test_commands_refuse_an_agent_or_run_with_no_flows(recording, cli, tmp_path, args):
     out = tmp_path / "x.har"
     result = cli(*[str(out) if a == "OUT" else a for a in args], "--store", recording.store, code=1)
-    assert "no flows of" in str(result.exception) and not out.exists()
+    assert ("no flows of" in str(result.exception) or "no agent 'nobody'" in str(result.exception)) \
+        and not out.exists()
+
+
+def test_an_agent_is_found_in_whichever_store_holds_it(recording, cli, tmp_path):
+    # A store per rank: show, resend and replay take several and read the agent from the one that has it.
+    empty = tmp_path / "rank-1.db"
+    Store(empty).close()
+    shown = json.loads(cli("show", "plain", "--store", empty, "--store", recording.store, "--json").output)
+    assert shown["agent"]["agent_id"] == "plain" and shown["conversation"]["calls"]
+    result = cli("show", "nobody", "--store", empty, "--store", recording.store, code=1)
+    assert f"no agent 'nobody' in {empty} or {recording.store}" in str(result.exception)
 
 
 # -- pure helpers --------------------------------------------------------------------------------------------------
