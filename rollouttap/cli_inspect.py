@@ -23,8 +23,8 @@ from rich.text import Text
 from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="The store file to read.")]
-StoresOpt = Annotated[list[Path], typer.Option("--store", help="The store file to read; repeat it for several "
-                                                            "(a store per rank or node).")]
+StoresOpt = Annotated[list[Path], typer.Option("--store", metavar="<path>", help="The store file to read; "
+                                                            "repeat it for several (a store per rank or node).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line (one per item) instead "
                                                            "of the human view.")]
@@ -418,8 +418,8 @@ def replay(
     """
     from rollouttap.manager.replay import replay_agent
     # With --json stdout holds the JSON alone: the agent's own output is captured into it.
-    result = replay_agent(_store_of(agent_id, store), agent_id, command, out=out, confdir=confdir, model_hosts=model_host,
-                          routes=route or (), timeout=timeout, capture_output=as_json)
+    result = replay_agent(_store_of(agent_id, store), agent_id, command, out=out, confdir=confdir,
+                          model_hosts=model_host, routes=route or (), timeout=timeout, capture_output=as_json)
     if as_json:
         _print_json(asdict(result))
     else:
