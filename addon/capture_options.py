@@ -49,8 +49,9 @@ def declare(loader: Any) -> None:
     loader.add_option("rollouttap_parent_pid", int, 0,
                       "Shut down cleanly when this process ends (the manager that started us).")
     loader.add_option("rollouttap_log_file", str, "",
-                      "The file this proxy's output goes to (set by the manager that starts it): removed at "
-                      "exit if empty once rollouttap_parent_pid's process is gone, as that process would have.")
+                      "The file this proxy's output already goes to (set by the manager that starts it; it does "
+                      "not choose where output goes): removed at exit if empty once rollouttap_parent_pid's "
+                      "process is gone, as that process would have.")
 
 
 def check(opts: Any, updated: set[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,11 +39,25 @@ def exit_after_done(master: Any, tap: Any) -> None:
     master._rollouttap_exit_after_done = True
 
 
-def discard_if_empty(path: str) -> None:
-    """The log of a proxy whose parent is gone, if empty, as the parent's ``ProxyProcess.stop`` would have
-    removed it; a log with anything in it stays, to be read."""
-    if path and os.path.isfile(path) and os.path.getsize(path) == 0:
+def discard_if_empty(path: str, fd: int = 1) -> bool:
+    """Remove ``path`` if it is the file ``fd`` (our output) writes to and nothing was written: the log of a
+    proxy whose parent is gone, as the parent's ``ProxyProcess.stop`` would have. True if removed."""
+    if not path:
+        return False
+    for stream in (sys.stdout, sys.stderr):  # a log line may still wait in a buffer (stdout is a file)
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        ours = os.fstat(fd)
+        if not os.path.samestat(ours, os.stat(path)) or ours.st_size:
+            return False  # a file we do not write to (set by hand), or one with something in it to read
         os.unlink(path)
+    except OSError as exc:
+        log.debug("rollouttap: log %s left: %s", path, exc)
+        return False
+    return True
 
 
 def listen_for_nudges(callback: Any) -> None:

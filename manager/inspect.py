@@ -18,7 +18,7 @@ from rollouttap.manager.conversation import build_conversation, calls_in_order, 
 from rollouttap.manager.fidelity import Fidelity, batch_fidelity
 from rollouttap.manager.results import token_counts
 from rollouttap.manager.rows import build_row
-from rollouttap.store import FlowRecord, Store
+from rollouttap.store import AgentRecord, FlowRecord, Store
 
 UNKNOWN_EOS = -1  # rows need an eos id only to flag truncation; without one every row reads as truncated
 
@@ -238,7 +238,7 @@ def store_stats(stores: Store | Sequence[Store], *, run_id: str | None = None,
 @dataclass(frozen=True)
 class _StorePart:
     """What one store adds to ``store_stats``."""
-    agents: list[Any]
+    agents: list[AgentRecord]
     unregistered: int
     per_agent: list[dict[str, Any]]
     flows: int

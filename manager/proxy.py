@@ -127,6 +127,8 @@ class ProxyConfig:
                 parse_route(spec)
             except RouteError as exc:
                 raise ConfigError(str(exc)) from exc
+        if "rollouttap_log_file" in self.extra:
+            raise ConfigError("rollouttap_log_file is set by ProxyProcess (the file it sends mitmdump's output to)")
         try:
             int(self.extra.get("key_size", DEFAULT_KEY_SIZE))
         except ValueError:

@@ -279,7 +279,7 @@ def _row_text(prompt: list[int], completion: list[int], mask: list[int], decode:
 
 def show(
     agent_id: Annotated[str, typer.Argument(help="The agent to show.")],
-    store: StoresOpt = [Path("runs.db")],  # typer only reads the default
+    store: StoresOpt = [Path("runs.db")],  # a list default: nothing mutates it
     tokens: Annotated[bool, typer.Option(help="Also show the training row (env mask) and its fidelity.")] = False,
     tokenizer: Annotated[Optional[str], typer.Option(
         help="tokenizer.json (or its directory) to decode ids; 'fake' for the scripted test server's.")] = None,
@@ -355,7 +355,7 @@ def export(
 
 
 def stats(
-    store: StoresOpt = [Path("runs.db")],  # typer only reads the default
+    store: StoresOpt = [Path("runs.db")],  # a list default: nothing mutates it
     run: Annotated[Optional[str], typer.Option(help="Only this run.")] = None,
     eos_token_id: Annotated[Optional[int], typer.Option(min=0, help="eos id, for the truncation count.")] = None,
     as_json: JsonOpt = False,
@@ -366,6 +366,7 @@ def stats(
              rollouttap stats --store runs-0.db --store runs-1.db
     """
     from rollouttap.manager.inspect import UNKNOWN_EOS, store_stats
+    store = list({path.resolve(): path for path in store}.values())  # a store named twice counts once
     with ExitStack() as stack:
         opened = [stack.enter_context(_open(path)) for path in store]
         figures = store_stats(opened, run_id=run, eos_token_id=UNKNOWN_EOS if eos_token_id is None else eos_token_id)
@@ -400,7 +401,7 @@ def stats(
 def replay(
     agent_id: Annotated[str, typer.Argument(help="The recorded agent to replay.")],
     command: Annotated[list[str], typer.Argument(help="The agent command, after --.")],
-    store: StoresOpt = [Path("runs.db")],  # typer only reads the default
+    store: StoresOpt = [Path("runs.db")],  # a list default: nothing mutates it
     out: Annotated[Optional[Path], typer.Option(help="Store the replayed run is recorded into.")] = None,
     model_host: Annotated[Optional[list[str]], typer.Option(help="HOST:PORT asked for token ids "
                                                             "(default: as recorded).")] = None,
@@ -449,7 +450,7 @@ def _print_replay(result: Any) -> None:
 def resend(
     agent_id: Annotated[str, typer.Argument(help="The agent whose model requests to send again.")],
     to: Annotated[str, typer.Option(help="Base URL of the server to ask, e.g. http://127.0.0.1:8000/v1.")],
-    store: StoresOpt = [Path("runs.db")],  # typer only reads the default
+    store: StoresOpt = [Path("runs.db")],  # a list default: nothing mutates it
     header: Annotated[Optional[list[str]], typer.Option(help="'Name: value' to add (the recorded keys are "
                                                         "redacted), e.g. 'Authorization: Bearer KEY'.")] = None,
     timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 120.0,

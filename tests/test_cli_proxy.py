@@ -100,6 +100,7 @@ def test_proxy_command_on_every_address_says_what_remote_agents_use(tmp_path, co
 @pytest.mark.parametrize("key, instead", [
     ("rollouttap_store", "use --store"), ("rollouttap_allow_remote", "use --allow-remote"),
     ("rollouttap_proxy_id", "it sets it for each proxy"), ("rollouttap_parent_pid", "it sets it for each proxy"),
+    ("rollouttap_log_file", "it sets it for each proxy"),
 ])
 def test_proxy_command_refuses_to_set_its_own_options(tmp_path, key, instead):
     out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--set", f"{key}=x"],
@@ -162,6 +163,12 @@ def test_a_proxy_without_bytecode_writing_caches_its_own(monkeypatch, tmp_path):
 def test_proxy_config_refuses_an_unknown_launcher(tmp_path):
     with pytest.raises(ConfigError, match="unknown launcher 'mitmweb'"):
         ProxyConfig(store=tmp_path / "s.db", launcher="mitmweb")
+
+
+def test_proxy_config_refuses_to_choose_the_log_file(tmp_path):
+    # ProxyProcess names mitmdump's output file itself; set twice, mitmdump would refuse to start.
+    with pytest.raises(ConfigError, match="rollouttap_log_file is set by ProxyProcess"):
+        ProxyConfig(store=tmp_path / "s.db", extra={"rollouttap_log_file": str(tmp_path / "mine.log")})
 
 
 def test_proxy_starts_with_an_extra_option_overriding_a_field(tmp_path):

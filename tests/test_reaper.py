@@ -111,3 +111,49 @@ def test_agents_of_a_killed_manager_are_killed_and_recorded(tmp_path, confdir, u
         manager.wait()
         for pid in forked:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_an_orphaned_proxys_log_goes_only_if_it_is_its_own_and_empty(tmp_path):
+    from rollouttap.addon.master_hooks import discard_if_empty
+    log, other = tmp_path / "proxy.log", tmp_path / "other.log"
+    other.write_text("")
+    with open(log, "wb") as out:
+        assert discard_if_empty(str(other), fd=out.fileno()) is False and other.exists()  # not the proxy's output
+        out.write(b"x")
+        out.flush()
+        assert discard_if_empty(str(log), fd=out.fileno()) is False and log.exists()  # something to read
+    with open(tmp_path / "empty.log", "wb") as out:
+        assert discard_if_empty(str(tmp_path / "empty.log"), fd=out.fileno()) is True
+    assert not (tmp_path / "empty.log").exists()
+    assert discard_if_empty("", fd=1) is False and discard_if_empty(str(tmp_path / "gone.log"), fd=1) is False
+
+
+# Starts a proxy, makes it log an error (its store deleted under it, then a request), and dies without stop().
+ORPHANING_PARENT = textwrap.dedent("""
+    import os, sys, time, requests
+    from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
+    store, confdir, upstream = sys.argv[1:4]
+    proxy = ProxyProcess(ProxyConfig(store=store, confdir=confdir)).start()
+    print(proxy.log_path, flush=True)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(store + suffix):
+            os.unlink(store + suffix)
+    deadline = time.monotonic() + 20
+    while requests.get(upstream, proxies={"http": proxy.url}, timeout=20).status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os._exit(0)  # no stop(): the proxy is left to notice by itself
+""")
+
+
+def test_an_orphaned_proxy_keeps_a_log_with_an_error_in_it(tmp_path, confdir, upstream):
+    # Its stdout is a file: without PYTHONUNBUFFERED the error line waits in a buffer until the proxy exits,
+    # so an unflushed size check would read 0 and remove the only record of the error.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    parent = subprocess.run([sys.executable, "-c", ORPHANING_PARENT, str(tmp_path / "s.db"), str(confdir),
+                             upstream.base_url + "/models"], capture_output=True, text=True, timeout=60, env=env)
+    assert parent.returncode == 0, parent.stderr
+    log = Path(parent.stdout.strip())
+    proxies = [p for p in psutil.process_iter(["cmdline"]) if f"rollouttap_log_file={log}" in (p.info["cmdline"] or [])]
+    psutil.wait_procs(proxies, timeout=30)
+    assert "was deleted or replaced" in log.read_text()
