@@ -49,6 +49,11 @@ def _open(store: Path) -> Any:
     return Store(store, readonly=True)
 
 
+def _distinct(stores: list[Path]) -> list[Path]:
+    """The stores given, each once however it was named (counted twice, its figures would double)."""
+    return list({path.resolve(): path for path in stores}.values())
+
+
 def _store_of(agent_id: str, stores: list[Path]) -> Path:
     """The one of ``stores`` that holds the agent (a store per rank: any of them may)."""
     for path in stores:
@@ -65,7 +70,7 @@ def _secs(value: float | None) -> str:
 # -- flows ---------------------------------------------------------------------------------------------------------
 
 def flows(
-    store: StoreOpt = Path("runs.db"),
+    store: StoresOpt = [Path("runs.db")],  # a list default: nothing mutates it
     agent: Annotated[Optional[str], typer.Option(help="Only this agent's flows.")] = None,
     state: Annotated[Optional[str], typer.Option(help="open, done or error.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Only requests to this host.")] = None,
@@ -76,32 +81,47 @@ def flows(
     limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many flows.")] = None,
     as_json: JsonLinesOpt = False,
 ) -> None:
-    """List captured flows, oldest first.
+    """List captured flows, oldest first (of several stores: each flow with its store).
 
     Example: rollouttap flows --store runs.db --agent ag-1 --state error
     """
     from rollouttap.manager.inspect import flow_row, parse_when
     if state is not None and state not in ("open", "done", "error"):
         raise ConfigError(f"--state {state!r}: expected open, done or error")
-    with _open(store) as s:
-        found = s.flows(agent_id=agent, state=state, host=host, unattributed=unattributed, run_id=run, limit=limit,
-                        since=parse_when(since) if since else None, until=parse_when(until) if until else None)
-        if not found and agent is not None and s.agent(agent) is None and not s.flows(agent_id=agent, limit=1):
-            raise NotFoundError(f"no agent {agent!r} in {store}")
-        if not found and run is not None and not s.agents(run):
-            raise NotFoundError(f"no run {run!r} in {store}")
-    rows = [flow_row(f) for f in found]
+    stores = _distinct(store)
+    names = " + ".join(map(str, stores))
+    found: list[tuple[Path, Any]] = []
+    known_agent = known_run = False
+    for path in stores:
+        with _open(path) as s:
+            found += [(path, f) for f in s.flows(
+                agent_id=agent, state=state, host=host, unattributed=unattributed, run_id=run, limit=limit,
+                since=parse_when(since) if since else None, until=parse_when(until) if until else None)]
+            if agent is not None and not known_agent:
+                known_agent = s.agent(agent) is not None or bool(s.flows(agent_id=agent, limit=1))
+            if run is not None and not known_run:
+                known_run = bool(s.agents(run))
+    if not found and agent is not None and not known_agent:
+        raise NotFoundError(f"no agent {agent!r} in {names}")
+    if not found and run is not None and not known_run:
+        raise NotFoundError(f"no run {run!r} in {names}")
+    if len(stores) > 1:  # each store's flows come oldest first; together, by the time of their request
+        found.sort(key=lambda pf: pf[1].t_request or 0.0)
+        found = found[:limit]
+    rows = [{**flow_row(f), **({"store": str(path)} if len(stores) > 1 else {})} for path, f in found]
     if as_json:
         for row in rows:
             _print_json(row)
         return
-    table = Table(title=f"{len(rows)} flows in {store}")
-    for name in ("id", "time", "agent", "attribution", "method", "host", "path", "status", "state", "duration"):
+    table = Table(title=f"{len(rows)} flows in {names}")
+    columns = ["id", "time", "agent", "attribution", "method", "host", "path", "status", "state", "duration"]
+    for name in (["store"] if len(stores) > 1 else []) + columns:
         table.add_column(name, no_wrap=name != "path", overflow="fold")
     table.add_column("bytes (req/resp)", no_wrap=True)
     for r in rows:
         style = {"error": "red", "open": "yellow"}.get(r["state"], "")
-        table.add_row(str(r["id"]), (r["time"] or "-")[11:23], r["agent"] or "[dim]-[/]", r["attribution"],
+        table.add_row(*([escape(r["store"])] if len(stores) > 1 else []),
+                      str(r["id"]), (r["time"] or "-")[11:23], r["agent"] or "[dim]-[/]", r["attribution"],
                       r["method"] or "-", escape(r["host"] or "-"), escape(r["path"] or "-"),
                       str(r["status"] or "-"), f"[{style}]{r['state']}[/]" if style else r["state"],
                       _secs(r["duration"]), f"{r['request_bytes']}/{r['response_bytes']}")
@@ -366,7 +386,7 @@ def stats(
              rollouttap stats --store runs-0.db --store runs-1.db
     """
     from rollouttap.manager.inspect import UNKNOWN_EOS, store_stats
-    store = list({path.resolve(): path for path in store}.values())  # a store named twice counts once
+    store = _distinct(store)
     with ExitStack() as stack:
         opened = [stack.enter_context(_open(path)) for path in store]
         figures = store_stats(opened, run_id=run, eos_token_id=UNKNOWN_EOS if eos_token_id is None else eos_token_id)

@@ -302,6 +302,21 @@ def test_commands_refuse_an_agent_or_run_with_no_flows(recording, cli, tmp_path,
     assert message in str(result.exception) and not out.exists()
 
 
+def test_flows_of_several_stores_come_in_time_order_with_their_store(recording, cli, tmp_path):
+    import sqlite3
+    copy = tmp_path / "rank-1.db"
+    with sqlite3.connect(recording.store) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    one = _lines(cli("flows", "--store", recording.store, "--json").output)
+    both = _lines(cli("flows", "--store", recording.store, "--store", copy, "--json").output)
+    assert len(both) == 2 * len(one) and {r["store"] for r in both} == {str(recording.store), str(copy)}
+    assert [r["time"] for r in both] == sorted(r["time"] for r in both)
+    assert len(_lines(cli("flows", "--store", recording.store, "--store", copy, "--json", "--limit", "3").output)) == 3
+    assert "store" not in one[0]  # one store: the rows as before
+    cli("flows", "--store", recording.store, "--store", copy, "--agent", "nobody", code=1)
+    assert "rank-1.db" in cli("flows", "--store", recording.store, "--store", copy).output
+
+
 def test_an_agent_is_found_in_whichever_store_holds_it(recording, cli, tmp_path):
     # A store per rank: show, resend and replay take several and read the agent from the one that has it.
     empty = tmp_path / "rank-1.db"
