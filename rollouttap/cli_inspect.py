@@ -11,7 +11,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +20,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from rollouttap.cli_render import load_tokenizer, print_conversation, print_mapping, row_text, secs
 from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="The store file to read.")]
@@ -28,7 +29,6 @@ StoresOpt = Annotated[list[Path], typer.Option("--store", metavar="<path>", help
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line (one per item) instead "
                                                            "of the human view.")]
-ROLE_STYLES = {"system": "magenta", "user": "cyan", "assistant": "green", "tool": "yellow"}
 
 
 def _console(*, stderr: bool = False) -> Console:
@@ -61,10 +61,6 @@ def _store_of(agent_id: str, stores: list[Path]) -> Path:
             if s.agent(agent_id) is not None or s.flows(agent_id=agent_id, limit=1):
                 return path
     raise NotFoundError(f"no agent {agent_id!r} in {' or '.join(map(str, stores))}")
-
-
-def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}s"
 
 
 # -- flows ---------------------------------------------------------------------------------------------------------
@@ -124,177 +120,8 @@ def flows(
                       str(r["id"]), (r["time"] or "-")[11:23], r["agent"] or "[dim]-[/]", r["attribution"],
                       r["method"] or "-", escape(r["host"] or "-"), escape(r["path"] or "-"),
                       str(r["status"] or "-"), f"[{style}]{r['state']}[/]" if style else r["state"],
-                      _secs(r["duration"]), f"{r['request_bytes']}/{r['response_bytes']}")
+                      secs(r["duration"]), f"{r['request_bytes']}/{r['response_bytes']}")
     _console().print(table)
-
-
-# -- show ----------------------------------------------------------------------------------------------------------
-
-def _call_header(call: Any, attempt: int = 0, label: str = "call") -> Text:
-    text = Text(f"── {label} {call.index}", style="bold")
-    again = ""
-    if getattr(call, "is_retry", False):
-        again = "retry"
-    elif attempt:
-        again = f"sample {attempt + 1} of the same request"
-    thread = getattr(call, "thread", None)
-    bits = [f"thread {thread}" if thread is not None else "", f"{call.path}", str(call.status_code or call.state),
-            "stream" if call.stream else "", f"{_secs(call.latency)} (first byte {_secs(call.ttfb)})",
-            f"finish {call.finish_reason}" if call.finish_reason else "", again]
-    usage = call.usage or {}
-    if usage:
-        bits.append(f"tokens {usage.get('prompt_tokens', '?')}→{usage.get('completion_tokens', '?')}")
-    text.append(" · " + " · ".join(b for b in bits if b), style="dim")
-    return text
-
-
-def _message_lines(message: dict[str, Any]) -> list[Text]:
-    from rollouttap.manager.inspect import message_text, tool_call_text
-    role = str(message.get("role", "?"))
-    label = role + (f" [{message['tool_call_id']}]" if message.get("tool_call_id") else "")
-    lines = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if reasoning:
-        lines.append(Text.assemble((f"  {label} (reasoning) ", "dim"), (str(reasoning), "dim italic")))
-    body = message_text(message.get("content"))
-    if body or not message.get("tool_calls"):
-        lines.append(Text.assemble((f"  {label}: ", ROLE_STYLES.get(role, "")), body))
-    for tc in message.get("tool_calls") or []:
-        lines.append(Text.assemble((f"  {label} → ", ROLE_STYLES.get(role, "")), (tool_call_text(tc), "bold")))
-    return lines
-
-
-def _print_conversation(console: Console, conv: Any) -> None:
-    """Every model call in the order it was sent, then the breaks in continuity."""
-    from rollouttap.manager.inspect import conversation_steps
-    printers: list[tuple[int, int, Callable[[], None]]] = []
-
-    def add(call: Any, show: Callable[[], None]) -> None:
-        printers.append((call.position, len(printers), show))
-
-    for step in conversation_steps(conv.calls):
-        add(step.call, lambda step=step: _print_chat_step(console, step))
-    for call in conv.completion_calls:
-        add(call, lambda call=call: _print_completion_call(console, call))
-    attempts: dict[int, int] = {}
-    before: Any = None  # the last call of the turn before the current one
-    latest: Any = None
-    for call in conv.responses_calls:
-        if latest is not None and latest.turn != call.turn:
-            before = latest
-        attempt = attempts[call.turn] = attempts.get(call.turn, -1) + 1
-        add(call, lambda call=call, before=before, attempt=attempt:
-            _print_responses_call(console, call, before, attempt))
-        latest = call
-    for _, _, show in sorted(printers, key=lambda p: p[:2]):
-        show()
-    for item in conv.discontinuities:
-        console.print(Text(f"discontinuity: {_describe(item)}", style="yellow"))
-
-
-def _print_chat_step(console: Console, step: Any) -> None:
-    call = step.call
-    console.print(_call_header(call, step.attempt))
-    if step.starts_thread and step.attempt == 0 and call.thread > 0:
-        console.print(Text("  (starts a new thread: all messages shown)", "dim"))
-    elif not step.extends and not step.starts_thread:
-        console.print(Text("  (does not extend this thread's previous history: all messages shown)", "dim"))
-    elif step.continues is not None:
-        console.print(Text(f"  (goes on with call {step.continues}'s answer)", "dim"))
-    for message in step.new_messages:
-        for line in _message_lines(message):
-            console.print(line)
-    _print_answer(console, call)
-
-
-def _print_completion_call(console: Console, call: Any) -> None:
-    prompt = call.prompt if isinstance(call.prompt, str) else f"<{len(call.prompt or [])} token ids>"
-    console.print(Text(f"── completion call {call.index}", "bold"),
-                  Text(f"· {call.path} · {call.status_code or call.state} · {_secs(call.latency)}", "dim"))
-    console.print(Text.assemble(("  prompt: ", "cyan"), prompt[-400:]))
-    console.print(Text.assemble(("  text: ", "green"), call.text or ""))
-    if call.error:
-        console.print(Text(f"  ✗ {call.error}", style="bold red"))
-
-
-def _print_responses_call(console: Console, call: Any, previous: Any, attempt: int) -> None:
-    """A Responses call: its input items new since the input of the previous turn's call (all of them when it
-    does not start with that), then its answer."""
-    console.print(_call_header(call, attempt, label="responses call"))
-    items = call.messages
-    before = previous.messages if previous is not None else []
-    if call.previous_response_id:
-        console.print(Text(f"  (goes on with response {call.previous_response_id}, stored on the server)", "dim"))
-    elif before and items[:len(before)] == before:
-        items = items[len(before):]
-        console.print(Text(f"  (goes on from responses call {previous.index}: new input shown)", "dim"))
-    for item in items:
-        console.print(Text.assemble(("  input: ", "cyan"), _input_item_text(item)[-400:]))
-    _print_answer(console, call)
-
-
-def _print_answer(console: Console, call: Any) -> None:
-    if call.response is not None:
-        for line in _message_lines(call.response.to_message(include_reasoning=True)):
-            console.print(line)
-    if call.error:
-        console.print(Text(f"  ✗ {call.error}", style="bold red"))
-
-
-def _input_item_text(item: Any) -> str:
-    """One Responses ``input`` item in a line: a message's text, a function call or its output."""
-    from rollouttap.manager.inspect import message_text
-    if not isinstance(item, dict):
-        return str(item)
-    kind = item.get("type", "message")
-    if kind == "message" or "role" in item:
-        return f"{item.get('role', '?')}: {message_text(item.get('content'))}"
-    if kind == "function_call":
-        return f"→ {item.get('name')}({item.get('arguments', '')}) [{item.get('call_id')}]"
-    if kind == "function_call_output":
-        return f"[{item.get('call_id')}] {item.get('output')}"
-    return json.dumps(item)[:400]
-
-
-def _describe(item: Any) -> str:
-    where = f"call {item.call_index}" + (f", message {item.message_index}" if item.message_index is not None else "")
-    return f"{where}: {item.kind} ({item.detail})"
-
-
-def _tokenizer(spec: str | None) -> tuple[Callable[[int], str] | None, int | None]:
-    """(decode one id, eos id) from ``--tokenizer``: ``fake`` (the test server's) or a tokenizer.json / dir."""
-    if spec is None:
-        return None, None
-    if spec == "fake":
-        from rollouttap.testing.fake_tokenizer import FakeTokenizer
-        fake = FakeTokenizer()
-        return (lambda i: fake.decode([i])), fake.eos_token_id
-    from tokenizers import Tokenizer
-    path = Path(spec)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as exc:
-        raise ConfigError(f"cannot load a tokenizer from {spec}: {exc}") from exc
-    eos = None
-    config = file.with_name("tokenizer_config.json")
-    if config.exists():
-        token = json.loads(config.read_text()).get("eos_token")
-        eos = tok.token_to_id(token if isinstance(token, str) else (token or {}).get("content", ""))
-    return (lambda i: tok.decode([i], skip_special_tokens=False)), eos
-
-
-def _row_text(prompt: list[int], completion: list[int], mask: list[int], decode: Callable[[int], str] | None,
-              *, marks: bool = False) -> Text:
-    """The row as text: prompt dim, sampled tokens (mask 1) green, env tokens (mask 0) yellow; ``marks`` also
-    brackets sampled runs with ⟦ ⟧ for output without colours."""
-    from rollouttap.manager.inspect import mask_runs
-    word = decode or (lambda i: f"{i} ")
-    text = Text("".join(word(i) for i in prompt), style="dim")
-    for start, end, value in mask_runs(mask):
-        piece = "".join(word(i) for i in completion[start:end])
-        text.append(f"⟦{piece}⟧" if value and marks else piece, style="bold green" if value else "dim yellow")
-    return text
 
 
 def show(
@@ -318,7 +145,7 @@ def show(
         found = s.flows(agent_id=agent_id)
     conv = build_conversation(found)
     calls = calls_in_order(conv, found)
-    decode, tok_eos = _tokenizer(tokenizer) if tokens else (None, None)
+    decode, tok_eos = load_tokenizer(tokenizer) if tokens else (None, None)
     eos = eos_token_id if eos_token_id is not None else tok_eos
     row = fidelity = None
     if tokens:
@@ -332,21 +159,14 @@ def show(
     console = _console()
     head = f"agent {agent_id}" + (f" · {agent.status} · run {agent.run_id}" if agent else " · not registered")
     console.print(Text(head + f" · {len(calls)} calls · {len(found)} flows", style="bold"))
-    _print_conversation(console, conv)
+    print_conversation(console, conv)
     if row is not None and fidelity is not None:
         plain = console.color_system is None
         legend = ("⟦sampled, mask 1⟧ · env, mask 0" if plain
                   else "dim: prompt · green: sampled, mask 1 · yellow: env, mask 0")
         console.print(Text(f"── training row ({legend})", "bold"))
-        console.print(_row_text(row.prompt_ids, row.completion_ids, row.env_mask, decode, marks=plain))
-        _print_mapping(console, "fidelity", fidelity.as_dict())
-
-
-def _print_mapping(console: Console, title: str, data: dict[str, Any]) -> None:
-    table = Table("figure", "value", title=title, show_header=False)
-    for key, value in data.items():
-        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
-    console.print(table)
+        console.print(row_text(row.prompt_ids, row.completion_ids, row.env_mask, decode, marks=plain))
+        print_mapping(console, "fidelity", fidelity.as_dict())
 
 
 # -- export / stats -----------------------------------------------------------------------------------------------
@@ -407,13 +227,13 @@ def stats(
     }
     flat.update({f"tokens: {k.removesuffix('_tokens')}": v for k, v in figures["usage"].items()})
     for name in ("latency", "ttfb"):
-        flat[f"{name} p50 / p90 / p99"] = " / ".join(_secs(figures[name][p]) for p in ("p50", "p90", "p99"))
-    _print_mapping(console, f"stats of {f'run {run}' if run else names}", flat)
+        flat[f"{name} p50 / p90 / p99"] = " / ".join(secs(figures[name][p]) for p in ("p50", "p90", "p99"))
+    print_mapping(console, f"stats of {f'run {run}' if run else names}", flat)
     if figures["fidelity"]:
         fidelity = dict(figures["fidelity"])
         if fidelity["truncated"] is None:
             fidelity["truncated"] = "unknown without --eos-token-id"
-        _print_mapping(console, "fidelity", fidelity)
+        print_mapping(console, "fidelity", fidelity)
 
 
 # -- replay / resend ----------------------------------------------------------------------------------------------
@@ -507,8 +327,8 @@ def _print_resent(results: list[Any], agent_id: str, to: str) -> None:
     for r in results:
         new = r.new_answer if r.error is None else f"[red]{escape(r.error)}[/]"
         table.add_row(str(r.index), f"{r.method} {escape(r.path)}",
-                      f"[dim]{r.old_status} · {_secs(r.old_latency)}[/]\n{escape(r.old_answer)}",
-                      f"[dim]{r.new_status} · {_secs(r.new_latency)}[/]\n{new if r.error else escape(new)}")
+                      f"[dim]{r.old_status} · {secs(r.old_latency)}[/]\n{escape(r.old_answer)}",
+                      f"[dim]{r.new_status} · {secs(r.new_latency)}[/]\n{new if r.error else escape(new)}")
     _console().print(table)
 
 

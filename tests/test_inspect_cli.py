@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from rollouttap.addon.export_flows import read_flow_file
 from rollouttap.cli import debug_first
-from rollouttap.cli_inspect import _row_text, register
+from rollouttap.cli_inspect import register
+from rollouttap.cli_render import row_text
 from rollouttap.manager.inspect import (
     conversation_steps, flow_row, latency_summary, mask_runs, message_text, parse_when, percentile, tool_call_text,
 )
@@ -134,7 +135,7 @@ def test_show_tokens_decodes_and_marks_the_sampled_tokens(recording, cli):
 
 
 def test_row_text_styles_sampled_and_env_tokens():
-    text = _row_text([1, 2], [3, 4, 5, 6], [1, 1, 0, 1], lambda i: f"<{i}>")
+    text = row_text([1, 2], [3, 4, 5, 6], [1, 1, 0, 1], lambda i: f"<{i}>")
     assert text.plain == "<1><2><3><4><5><6>"
     styles = [(text.plain[s.start:s.end], str(s.style)) for s in text.spans]
     assert styles == [("<3><4>", "bold green"), ("<5>", "dim yellow"), ("<6>", "bold green")]
@@ -433,19 +434,19 @@ def test_flow_row_of_an_error_flow(recording):
 def test_tokenizer_option_loads_a_tokenizer_json_and_its_eos(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from rollouttap.cli_inspect import _tokenizer
+    from rollouttap.cli_render import load_tokenizer
     from rollouttap.errors import ConfigError
     tok = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "<eos>": 2, "[UNK]": 3}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<eos>"}}))
     for spec in (tmp_path, tmp_path / "tokenizer.json"):
-        decode, eos = _tokenizer(str(spec))
+        decode, eos = load_tokenizer(str(spec))
         assert eos == 2 and decode(1) == "world"
-    assert _tokenizer(None) == (None, None)
-    assert _tokenizer("fake")[1] == 2
+    assert load_tokenizer(None) == (None, None)
+    assert load_tokenizer("fake")[1] == 2
     with pytest.raises(ConfigError, match="cannot load a tokenizer"):
-        _tokenizer(str(tmp_path / "missing.json"))
+        load_tokenizer(str(tmp_path / "missing.json"))
 
 
 def test_usage_totals_fall_back_to_token_ids_for_calls_without_usage():
