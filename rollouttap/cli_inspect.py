@@ -1,7 +1,8 @@
 """``rollouttap flows|show|export|replay|resend|stats``: look at what a store holds, and reproduce runs from it.
 
 Thin commands: the figures come from ``rollouttap.manager.inspect``, exports from ``manager.export``, replays
-from ``manager.replay``. Human views use rich; ``--json`` prints plain JSON (one object per line for lists).
+from ``manager.replay``; human views are drawn by ``cli_render`` (rich), ``--json`` prints plain JSON (one object
+per line for lists).
 """
 
 from __future__ import annotations
