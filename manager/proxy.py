@@ -34,6 +34,13 @@ CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA
 # How mitmdump is started. "fastdump": addon/fastdump.py (indexed hook dispatch, no log records nobody
 # keeps) under python -O, which drops mitmproxy's per-message type checks: bare, about half the proxy CPU
 # per keep-alive request (bench/RESULTS.md). "mitmdump": mitmproxy's own entry point, as ``mitmdump -s``.
+# Options ProxyProcess depends on being its own: it waits for its proxy id's row in this store, and names the
+# file mitmdump's output goes to.
+_OWN_EXTRA = {
+    "rollouttap_store": "use ProxyConfig(store=...): the proxy is awaited in that store",
+    "rollouttap_proxy_id": "ProxyProcess names each proxy it starts and waits for that name",
+    "rollouttap_log_file": "ProxyProcess sets it (the file it sends mitmdump's output to)",
+}
 LAUNCHERS = {
     "fastdump": ["-O", "-m", "rollouttap.addon.fastdump"],
     "mitmdump": ["-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"],
@@ -127,8 +134,9 @@ class ProxyConfig:
                 parse_route(spec)
             except RouteError as exc:
                 raise ConfigError(str(exc)) from exc
-        if "rollouttap_log_file" in self.extra:
-            raise ConfigError("rollouttap_log_file is set by ProxyProcess (the file it sends mitmdump's output to)")
+        for key, instead in _OWN_EXTRA.items():
+            if key in self.extra:
+                raise ConfigError(f"extra[{key!r}]: {instead}")
         try:
             int(self.extra.get("key_size", DEFAULT_KEY_SIZE))
         except ValueError:

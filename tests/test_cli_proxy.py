@@ -165,10 +165,12 @@ def test_proxy_config_refuses_an_unknown_launcher(tmp_path):
         ProxyConfig(store=tmp_path / "s.db", launcher="mitmweb")
 
 
-def test_proxy_config_refuses_to_choose_the_log_file(tmp_path):
-    # ProxyProcess names mitmdump's output file itself; set twice, mitmdump would refuse to start.
-    with pytest.raises(ConfigError, match="rollouttap_log_file is set by ProxyProcess"):
-        ProxyConfig(store=tmp_path / "s.db", extra={"rollouttap_log_file": str(tmp_path / "mine.log")})
+@pytest.mark.parametrize("key", ["rollouttap_store", "rollouttap_proxy_id", "rollouttap_log_file"])
+def test_proxy_config_refuses_extra_options_its_process_depends_on(tmp_path, key):
+    # The store and id ProxyProcess waits on, the file it sends the output to: overridden, mitmdump would record
+    # elsewhere or refuse to start, and start() would only time out.
+    with pytest.raises(ConfigError, match=rf"extra\['{key}'\]"):
+        ProxyConfig(store=tmp_path / "s.db", extra={key: str(tmp_path / "x")})
 
 
 def test_proxy_starts_with_an_extra_option_overriding_a_field(tmp_path):
