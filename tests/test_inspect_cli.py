@@ -326,6 +326,11 @@ def test_an_agent_is_found_in_whichever_store_holds_it(recording, cli, tmp_path)
     assert shown["agent"]["agent_id"] == "plain" and shown["conversation"]["calls"]
     result = cli("show", "nobody", "--store", empty, "--store", recording.store, code=1)
     assert f"no agent 'nobody' in {empty} or {recording.store}" in str(result.exception)
+    from rollouttap.testing.upstream import ScriptedUpstream
+    with ScriptedUpstream(script="echo") as other:
+        rows = _lines(cli("resend", "plain", "--store", empty, "--store", recording.store, "--to", other.base_url,
+                          "--json").output)
+    assert len(rows) == 3 and all(r["new_status"] == 200 for r in rows)
 
 
 # -- pure helpers --------------------------------------------------------------------------------------------------
