@@ -238,9 +238,9 @@ def test_an_empty_answer_is_an_answer_and_an_error_is_not() -> None:
 def show_text(flows: list[FlowRecord]) -> str:
     from rich.console import Console
 
-    from rollouttap.cli_inspect import _print_conversation
+    from rollouttap.cli_render import print_conversation
     console = Console(file=io.StringIO(), width=200)
-    _print_conversation(console, build_conversation(flows))
+    print_conversation(console, build_conversation(flows))
     return console.file.getvalue()
 
 
