@@ -7,6 +7,7 @@ imports mitmproxy); it is imported only when an export runs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,14 +46,20 @@ def select_flows(store: Store, *, agent_id: str | None = None, run_id: str | Non
     return store.flows(agent_id=agent_id, run_id=run_id)
 
 
-def export_flows(store_path: str | Path, out: str | Path, *, fmt: str | None = None, agent_id: str | None = None,
-                 run_id: str | None = None) -> ExportResult:
-    """Write the selected flows to ``out`` as a mitmproxy flow file or a HAR file."""
+def export_flows(store_path: str | Path | Sequence[str | Path], out: str | Path, *, fmt: str | None = None,
+                 agent_id: str | None = None, run_id: str | None = None) -> ExportResult:
+    """Write the selected flows to ``out`` as a mitmproxy flow file or a HAR file; of several stores (one per
+    rank or node), all of theirs in the order of their requests."""
     from rollouttap.addon import export_flows as conv  # imports mitmproxy
 
     chosen = format_for(out, fmt)
-    with Store(store_path, readonly=True) as store:
-        flows = select_flows(store, agent_id=agent_id, run_id=run_id)
+    paths = [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
+    flows: list[FlowRecord] = []
+    for path in paths:
+        with Store(path, readonly=True) as store:
+            flows += select_flows(store, agent_id=agent_id, run_id=run_id)
+    if len(paths) > 1:
+        flows.sort(key=lambda flow: flow.t_request or 0.0)
     count = conv.write_har(flows, out) if chosen == "har" else conv.write_flow_file(flows, out)
     log.debug("exported %d flows to %s (%s)", count, out, chosen)
     return ExportResult(Path(out), chosen, count)

@@ -24,7 +24,6 @@ from rich.text import Text
 from rollouttap.cli_render import load_tokenizer, print_conversation, print_mapping, row_text, secs
 from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
-StoreOpt = Annotated[Path, typer.Option("--store", help="The store file to read.")]
 StoresOpt = Annotated[list[Path], typer.Option("--store", metavar="<path>", help="The store file to read; "
                                                             "repeat it for several (a store per rank or node).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
@@ -174,24 +173,25 @@ def show(
 
 def export(
     out: Annotated[Path, typer.Option("-o", "--out", help="File to write.")],
-    store: StoreOpt = Path("runs.db"),
+    store: StoresOpt = [Path("runs.db")],  # a list default: nothing mutates it
     agent: Annotated[Optional[str], typer.Option(help="Only this agent's flows.")] = None,
     run: Annotated[Optional[str], typer.Option(help="Only this run's flows.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="mitm (flow file) or har; default from -o.")] = None,
 ) -> None:
-    """Export flows (one agent, one run, or all) to a mitmproxy flow file or HAR.
+    """Export flows (one agent, one run, or all; of one store or several) to a mitmproxy flow file or HAR.
 
     Example: rollouttap export --store runs.db --agent ag-1 --format mitm -o ag-1.flows && mitmweb -r ag-1.flows
     """
     from rollouttap.manager.export import export_flows
-    if agent is not None or run is not None:
-        with _open(store) as s:
-            if not s.flows(agent_id=agent, run_id=run, limit=1):
-                what = " and ".join(f"{k} {v!r}" for k, v in (("agent", agent), ("run", run)) if v is not None)
-                raise NotFoundError(f"no flows of {what} in {store}")
-    elif not store.exists():
-        raise StoreError(f"no store at {store}")
-    result = export_flows(store, out, fmt=fmt, agent_id=agent, run_id=run)
+    stores = _distinct(store)
+    selected = False
+    for path in stores:
+        with _open(path) as s:
+            selected = selected or bool(s.flows(agent_id=agent, run_id=run, limit=1))
+    if not selected and (agent is not None or run is not None):
+        what = " and ".join(f"{k} {v!r}" for k, v in (("agent", agent), ("run", run)) if v is not None)
+        raise NotFoundError(f"no flows of {what} in {' or '.join(map(str, stores))}")
+    result = export_flows(stores, out, fmt=fmt, agent_id=agent, run_id=run)
     typer.echo(f"wrote {result.flows} flows to {result.path} ({result.format})")
 
 

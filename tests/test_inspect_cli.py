@@ -318,6 +318,24 @@ def test_flows_of_several_stores_come_in_time_order_with_their_store(recording, 
     assert "rank-1.db" in cli("flows", "--store", recording.store, "--store", copy).output
 
 
+def test_export_of_several_stores_writes_all_their_flows_in_order(recording, cli, tmp_path):
+    import sqlite3
+    copy, empty = tmp_path / "rank-1.db", tmp_path / "rank-2.db"
+    with sqlite3.connect(recording.store) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    Store(empty).close()
+    cli("export", "--store", recording.store, "-o", tmp_path / "one.har")
+    cli("export", "--store", recording.store, "--store", copy, "-o", tmp_path / "both.har")
+    one = json.loads((tmp_path / "one.har").read_text())["log"]["entries"]
+    both = json.loads((tmp_path / "both.har").read_text())["log"]["entries"]
+    assert len(both) == 2 * len(one)
+    assert [e["startedDateTime"] for e in both] == sorted(e["startedDateTime"] for e in both)
+    cli("export", "--store", empty, "--store", recording.store, "--agent", "plain", "-o", tmp_path / "plain.har")
+    assert len(json.loads((tmp_path / "plain.har").read_text())["log"]["entries"]) == 3
+    result = cli("export", "--store", empty, "--store", copy, "--agent", "nobody", "-o", tmp_path / "x.har", code=1)
+    assert f"no flows of agent 'nobody' in {empty} or {copy}" in str(result.exception)
+
+
 def test_an_agent_is_found_in_whichever_store_holds_it(recording, cli, tmp_path):
     # A store per rank: show, resend and replay take several and read the agent from the one that has it.
     empty = tmp_path / "rank-1.db"
