@@ -16,7 +16,7 @@ def test_demo_trains_on_agent_rollouts_and_loses_no_flow(tmp_path):
     store = tmp_path / "runs.db"
     out = subprocess.run([sys.executable, "-m", "rollouttap.cli", "demo", "--steps", "1", "--prompts", "4",
                           "--store", str(store), "--json"], capture_output=True, text=True, timeout=1100,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)  # stdout is the result alone (the trainer logs to stderr)
     assert summary["steps"] == 1 and len(summary["rewards"]) == 1
@@ -25,3 +25,4 @@ def test_demo_trains_on_agent_rollouts_and_loses_no_flow(tmp_path):
     flows = summary["flows"]
     assert flows["total"] == summary["calls"] and flows["open"] == 0 and flows["unattributed"] == 0
     assert store.exists()
+    assert not list(tmp_path.glob("rollouttap-demo-trainer-*"))  # the trainer's output folder goes with the demo

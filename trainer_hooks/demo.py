@@ -117,22 +117,23 @@ def run_demo(config: DemoConfig) -> DemoSummary:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     before = [p.detach().clone() for p in model.parameters()]
     dataset = Dataset.from_list(arithmetic_prompts(config.prompts, config.seed))
-    out_dir = tempfile.mkdtemp(prefix="rollouttap-demo-trainer-")
-    args = GRPOConfig(
-        output_dir=out_dir, max_steps=config.steps, learning_rate=5e-5, seed=config.seed,
-        per_device_train_batch_size=config.num_generations * config.prompts_per_step,
-        num_generations=config.num_generations, max_completion_length=config.max_tokens * 4,
-        use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", logging_steps=1, temperature=config.temperature, disable_tqdm=False,
-        **vllm_args(config.vllm_url),
-    )
-    summary = DemoSummary(store=str(config.store))
-    if config.generation == "trl":
-        trainer = GRPOTrainer(model=model, reward_funcs=[answer_reward], args=args,
-                              train_dataset=dataset, processing_class=tokenizer)
-        trainer.train()
-    else:
-        trainer = _train_with_agents(config, model, tokenizer, dataset, args, summary)
+    # TRL wants an output folder; with save_strategy="no" it writes nothing there worth keeping.
+    with tempfile.TemporaryDirectory(prefix="rollouttap-demo-trainer-") as out_dir:
+        args = GRPOConfig(
+            output_dir=out_dir, max_steps=config.steps, learning_rate=5e-5, seed=config.seed,
+            per_device_train_batch_size=config.num_generations * config.prompts_per_step,
+            num_generations=config.num_generations, max_completion_length=config.max_tokens * 4,
+            use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+            save_strategy="no", logging_steps=1, temperature=config.temperature, disable_tqdm=False,
+            **vllm_args(config.vllm_url),
+        )
+        summary = DemoSummary(store=str(config.store))
+        if config.generation == "trl":
+            trainer = GRPOTrainer(model=model, reward_funcs=[answer_reward], args=args,
+                                  train_dataset=dataset, processing_class=tokenizer)
+            trainer.train()
+        else:
+            trainer = _train_with_agents(config, model, tokenizer, dataset, args, summary)
     summary.weights_changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
     history = trainer.state.log_history
     summary.rewards = [h["reward"] for h in history if "reward" in h]
