@@ -6,6 +6,7 @@ No mitmproxy here, so the manager imports it too.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from urllib.parse import urlsplit
 
 
@@ -54,3 +55,11 @@ def is_host_port(text: str) -> bool:
     except ValueError:
         return False
     return bool(parts.hostname)
+
+
+def resolve_host(host: str, port: int | None = None) -> set[str]:
+    """The IP addresses ``host`` stands for (a name resolves to several; an unknown one to none)."""
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError:
+        return set()

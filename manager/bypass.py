@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rollouttap.addon import sockdiag  # pure netlink code, no mitmproxy
+from rollouttap.addon.loopback import resolve_host
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,7 @@ def model_targets(url: str) -> frozenset[Address]:
     if not parts.hostname:
         return frozenset()
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return frozenset()
-    return frozenset((normalise_ip(str(info[4][0])), port) for info in infos)
+    return frozenset((normalise_ip(ip), port) for ip in resolve_host(parts.hostname, port))
 
 
 def sockets_to(targets: frozenset[Address], sockets: Iterable[TcpSocket]) -> dict[int, TcpSocket]:

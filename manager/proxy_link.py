@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from rollouttap.addon.loopback import is_any_address
+from rollouttap.addon.loopback import is_any_address, resolve_host
 from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.manager.launch import split_model_url
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, proxy_env
@@ -79,7 +79,7 @@ class ProxyLink:
         parts = urlsplit(url)
         if not parts.hostname or not parts.port:
             raise ConfigError(f"proxy URL {url!r} is not http://HOST:PORT")
-        addresses = _addresses(parts.hostname, parts.port)
+        addresses = resolve_host(parts.hostname, parts.port)
         row = next((p for p in store.proxies(alive_only=True)
                     if any(x["mode"] == "regular" and _listens_at(x, addresses, parts.port) for x in p["listen"])),
                    None)
@@ -166,14 +166,6 @@ def own_proxy_config(config: ProxyConfig | None, *, store_path: Path, model_url:
         if base_url_mode and not config.reverse_target:
             config = replace(config, reverse_target=root)
     return config
-
-
-def _addresses(host: str, port: int) -> set[str]:
-    """The IP addresses ``host`` stands for (a name resolves to several; an unknown one to none)."""
-    try:
-        return {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-    except OSError:
-        return set()
 
 
 def _listens_at(listener: dict[str, Any], addresses: set[str], port: int) -> bool:

@@ -10,14 +10,15 @@ inside the trainer process, where no agent can reach it, and a server-mode URL t
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
 
+from rollouttap.addon.loopback import is_any_address, is_loopback, resolve_host
 from rollouttap.errors import ConfigError
+from rollouttap.manager.bypass import normalise_ip
 
 
 def check_generation(args: Any, model_url: str | None) -> str | None:
@@ -60,19 +61,16 @@ def _port(scheme: str, port: int | None) -> int:
 
 def _addresses(host: str) -> set[str] | None:
     """The addresses ``host`` stands for, this host's own named as one ("this host"); None if unresolved."""
-    try:
-        found = {info[4][0] for info in socket.getaddrinfo(host or "localhost", None, type=socket.SOCK_STREAM)}
-    except OSError:
+    found = resolve_host(host or "localhost")
+    if not found:
         return None
     own = _own_addresses()
     return {"this host" if _is_this_host(address, own) else address for address in found}
 
 
 def _is_this_host(address: str, own: set[str]) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # a link-local address carries its interface
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or ip.is_unspecified or str(ip) in own  # 0.0.0.0 (TRL's default host): here
+    ip = normalise_ip(address)  # IPv4-mapped as IPv4, a link-local address's interface dropped
+    return is_loopback(ip) or is_any_address(ip) or ip in own  # 0.0.0.0 (TRL's default host): here
 
 
 def _own_addresses() -> set[str]:
