@@ -116,8 +116,11 @@ def check_token(agent: AgentRecord | None, token: str) -> str | None:
 
 
 def ended(agent: AgentRecord) -> str | None:
-    """Why an agent's credentials no longer count (its run is over), or None while it runs."""
-    return None if agent.status in LIVE_STATUSES else f"the agent has ended ({agent.status})"
+    """Why an agent's credentials no longer count (its run is over), or None while it runs. Its processes
+    end (``ended_at``) before its status does: the manager builds its result in between."""
+    if agent.status not in LIVE_STATUSES:
+        return f"the agent has ended ({agent.status})"
+    return None if agent.ended_at is None else "the agent's processes have ended"
 
 
 def decide_header_claim(claimed: str, agent: AgentRecord | None) -> tuple[str | None, str]:

@@ -17,7 +17,7 @@ from rollouttap.addon.attribution import (
     AGENT_HEADER, AgentDirectory, Attribution, PidAttributor, PidResult, check_token, credentials_conflict,
     decide_header_claim, ended, parse_basic_credentials, split_agent_path,
 )
-from rollouttap.store import LIVE_STATUSES, AgentRecord
+from rollouttap.store import AgentRecord
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class FlowAttribution:
         if not agent_id.isprintable():  # undecodable header or path bytes name no agent (nor can SQLite bind them)
             return None
         agent = directory.cached(agent_id)  # a row read within the last second: no thread hop
-        if agent is None or (agent.status in LIVE_STATUSES and directory.age(agent_id) > directory.max_age):
+        if agent is None or (ended(agent) is None and directory.age(agent_id) > directory.max_age):
             # Unknown, or read over a second ago while it ran: read it before it vouches for this request (an
             # ended agent's token is void), on a pool thread. One read a second per busy agent.
             agent = await asyncio.get_running_loop().run_in_executor(self._pool, directory.lookup, agent_id)

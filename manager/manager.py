@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rollouttap.errors import AgentSpecError, ConfigError, StoreError
 from rollouttap.manager import launch
@@ -31,8 +31,8 @@ from rollouttap.manager.proxy import ProxyConfig
 from rollouttap.manager.proxy_link import ProxyLink
 from rollouttap.manager.reaper import Reaper
 from rollouttap.manager.results import (
-    AgentResult, Settled, collect_flows, decide_status, join_errors, settle_flows, summarise, with_model_failure,
-    with_uncommitted,
+    AgentResult, Settled, collect_flows, decide_status, join_errors, settle_flows, start_failure, summarise,
+    with_model_failure, with_uncommitted,
 )
 from rollouttap.store import Store, new_token
 from rollouttap.store.redact import redact_command
@@ -323,11 +323,10 @@ class AgentManager:
             try:
                 ctx, agent = self._start(agent_id, token, prompt, run_dir, link)
             except (OSError, AgentSpecError, ValueError) as exc:
-                error = f"cannot start agent (it runs in a fresh working directory, not here): {exc}"
+                error = start_failure(exc)
                 store.agent_ended(agent_id, "error", {"error": error})
                 return AgentResult(agent_id, index, prompt, "error", error=error)
-            outcome, killed, survivors, bypass = self._supervise(agent, timeout, stop)
-            return self._finish(ctx, agent, index, outcome, killed, survivors, bypass, timeout)
+            return self._finish(ctx, agent, index, self._supervise(agent, timeout, stop), timeout)
         finally:
             if not self.keep_workdirs:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -342,8 +341,7 @@ class AgentManager:
                            run_dir=None if self.keep_workdirs else run_dir)
         return ctx, agent
 
-    def _supervise(self, agent: launch.AgentProcess, timeout: float,
-                   stop: threading.Event) -> tuple[str, int, list[int], tuple[dict[str, Any], ...]]:
+    def _supervise(self, agent: launch.AgentProcess, timeout: float, stop: threading.Event) -> _Supervised:
         """Wait for the agent (watched by the monitor meanwhile), then kill whatever is left of its tree."""
         with self._lock:
             self._running[agent.agent_id] = agent
@@ -352,34 +350,39 @@ class AgentManager:
             self.store.agent_started(agent.agent_id, agent.pid)
             outcome = launch.wait(agent, agent.started + timeout, stop)
         finally:  # whatever happened here, nothing of the agent outlives this call
+            killed_at = time.time()
             killed, survivors = launch.kill_tree(agent, tables=self._tables)
             with self._lock:
                 self._running.pop(agent.agent_id, None)
                 bypass = tuple(c.to_dict() for c in self._bypass.pop(agent.agent_id, []))
         if survivors:
             log.error("agent %s: processes %s survived SIGKILL", agent.agent_id, survivors)
-        return outcome, killed, survivors, bypass
+        return _Supervised(outcome, killed, survivors, bypass, killed_at)
 
-    def _finish(self, ctx: LaunchContext, agent: launch.AgentProcess, index: int, outcome: str, killed: int,
-                survivors: list[int], bypass: tuple[dict[str, Any], ...], timeout: float) -> AgentResult:
+    def _finish(self, ctx: LaunchContext, agent: launch.AgentProcess, index: int, run: _Supervised,
+                timeout: float) -> AgentResult:
         """Collect the finished agent's flows, conversation, row and check into its result."""
         ended_at = time.time()  # the agent's tree is gone: all it sent reached the proxy before now
         store, link = self.store, self._link(index)
         assert store is not None
+        try:  # its token is void from now: a process that escaped the tree adds nothing while the result is built
+            store.agent_exited(agent.agent_id)
+        except StoreError as exc:  # its end, written below, voids it then
+            log.error("agent %s: recording that its processes ended failed: %s", agent.agent_id, exc)
         duration = time.monotonic() - agent.started
         is_entry = isinstance(self.spec, EntryPointAgent)
         entry = launch.read_json(ctx.result_file) if is_entry else None
-        status, error = decide_status(outcome, agent.popen.returncode, entry, is_entry_point=is_entry,
+        status, error = decide_status(run.outcome, agent.popen.returncode, entry, is_entry_point=is_entry,
                                       timeout=timeout)
         try:
             settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
         except StoreError as exc:  # its open flows could not be ended in the store: its result still stands
             settled = Settled((), f"its flows could not be settled in the store: {exc}")
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
-        error = with_model_failure(status, error, flows.conversation)
+        error = with_model_failure(status, error, flows.conversation, killed_at=run.killed_at)
         status, error = with_uncommitted(status, error, settled.uncommitted)
         # A cancelled batch (Ctrl-C, close()) is ending: its agents' checks (minutes, maybe) are not run.
-        if outcome == "cancelled":
+        if run.outcome == "cancelled":
             skipped = "not run: the batch was cancelled" if self.spec.check is not None else None
             check_result, check_error = None, skipped
         else:
@@ -389,12 +392,12 @@ class AgentManager:
             agent.agent_id, index, ctx.prompt, status, exit_code=agent.popen.returncode, duration_s=duration,
             stdout_tail=launch.tail(run_dir / "stdout.log"), stderr_tail=launch.tail(run_dir / "stderr.log"),
             error=error, return_value=(entry or {}).get("value"), calls=flows.calls, flows=flows.counts,
-            incomplete_flows=settled.incomplete, bypass_connections=bypass,
+            incomplete_flows=settled.incomplete, bypass_connections=run.bypass,
             workdir=str(ctx.workdir) if self.keep_workdirs else None, check_result=check_result,
             check_error=check_error, conversation=flows.conversation, row=flows.row, fidelity=flows.fidelity,
-            tokens=flows.tokens, killed_processes=killed, proxy_restarts=link.restarts)
+            tokens=flows.tokens, killed_processes=run.killed, proxy_restarts=link.restarts)
         try:
-            store.agent_ended(agent.agent_id, status, _ended_meta(result, survivors))
+            store.agent_ended(agent.agent_id, status, _ended_meta(result, run.survivors))
         except StoreError as exc:  # the agent ran: its result stands, saying why the store lacks its end
             log.error("agent %s: recording its end failed: %s", agent.agent_id, exc)
             note = f"its end could not be recorded in the store: {exc}"
@@ -471,6 +474,15 @@ def _check_settings(**values: Any) -> None:
             raise ConfigError(f"{name} must be {'an integer' if whole else 'a number'}, not {value!r}")
         if value < least or (value == least and not inclusive):
             raise ConfigError(f"{name} must be {'>=' if inclusive else '>'} {least:g}, got {value!r}")
+
+
+class _Supervised(NamedTuple):
+    """How an agent's run ended, and what the manager killed of it when it did."""
+    outcome: str  # launch.wait's: exited, timeout or cancelled
+    killed: int
+    survivors: list[int]
+    bypass: tuple[dict[str, Any], ...]
+    killed_at: float  # when the manager began killing what was left of its tree
 
 
 class _Pending:

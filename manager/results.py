@@ -93,6 +93,15 @@ def decide_status(outcome: str, exit_code: int | None, entry: Mapping[str, Any] 
     return "ok", None
 
 
+def start_failure(exc: Exception) -> str:
+    """Why an agent's process could not start: a bare command name that is not on PATH, or anything else
+    (a relative path, say, looked up in the agent's own fresh working directory)."""
+    missing = exc.filename if isinstance(exc, FileNotFoundError) else None
+    if isinstance(missing, str) and "/" not in missing:
+        return f"cannot start agent: command {missing!r} not found on PATH ({exc.strerror})"
+    return f"cannot start agent (it runs in a fresh working directory, not here): {exc}"
+
+
 def join_errors(*parts: str | None) -> str | None:
     """The parts that say something, joined with "; "."""
     return "; ".join(p for p in parts if p) or None
@@ -105,14 +114,24 @@ def with_uncommitted(status: Status, error: str | None, uncommitted: str | None)
     return ("error" if status == "ok" else status), join_errors(error, uncommitted)
 
 
-def with_model_failure(status: Status, error: str | None, conversation: Any) -> str | None:
+def with_model_failure(status: Status, error: str | None, conversation: Any,
+                       killed_at: float | None = None) -> str | None:
     """A failed agent's error plus why its last model call failed, if it did: an agent often fails because
     that call did (a model server nobody listens on), and says so only in its own stderr. An earlier
-    failure that a retry got past is not the cause."""
+    failure that a retry got past is not the cause, and a call still open at ``killed_at`` (when the
+    manager began killing the agent's processes: a timeout, say) failed because of that kill."""
     calls = getattr(conversation, "model_calls", None) if status != "ok" else None
     if not calls or not calls[-1].failed:
         return error
-    return join_errors(error, f"its last model call failed: {calls[-1].error}")
+    last = calls[-1]
+    if killed_at is not None and _open_at(last, killed_at):
+        return join_errors(error, f"its last model call was still open when its processes were killed ({last.error})")
+    return join_errors(error, f"its last model call failed: {last.error}")
+
+
+def _open_at(call: Any, moment: float) -> bool:
+    """Whether a call had not ended by ``moment`` (one never ended, or ended by settling, had not)."""
+    return call.t_request is None or call.latency is None or call.t_request + call.latency >= moment
 
 
 def json_safe(value: Any) -> Any:

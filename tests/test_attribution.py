@@ -73,9 +73,9 @@ def test_split_agent_path(path, expected):
     assert split_agent_path(path) == expected
 
 
-def _agent(agent_id: str, token: str | None, status: str = "running") -> AgentRecord:
+def _agent(agent_id: str, token: str | None, status: str = "running", ended_at: float | None = None) -> AgentRecord:
     return AgentRecord(agent_id, None, None, None, hash_token(token) if token else None, status,
-                       0.0, None, None, {})
+                       0.0, None, ended_at, {})
 
 
 @pytest.mark.parametrize("agent, token, problem", [
@@ -86,6 +86,8 @@ def _agent(agent_id: str, token: str | None, status: str = "running") -> AgentRe
     (None, "t", "not registered"),
     (_agent("a", "t", "ok"), "t", "the agent has ended (ok)"),
     (_agent("a", "t", "timeout"), "t", "the agent has ended (timeout)"),
+    (_agent("a", "t", "running", ended_at=1.0), "t", "the agent's processes have ended"),  # result being built
+    (_agent("a", "t", "ok", ended_at=1.0), "t", "the agent has ended (ok)"),
 ])
 def test_check_token(agent, token, problem):
     assert check_token(agent, token) == problem

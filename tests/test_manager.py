@@ -495,6 +495,33 @@ def test_deploy_refuses_bad_arguments_before_starting_anything(tmp_path, prompts
 
 
 # -- real agents through the real proxy ----------------------------------------------------------------------
+def test_a_token_sent_after_its_agents_processes_ended_is_refused_while_the_result_is_built(
+        tmp_path, confdir, upstream):
+    import requests
+    seen: dict[str, object] = {}
+
+    def check(workdir: Path) -> bool:
+        # Runs after the agent's tree is gone and before its end is recorded (a test suite can take minutes):
+        # here, a process that outlived the agent sends with its credentials.
+        proxy_url, agent_id = (workdir / "creds").read_text().split()
+        with Store(tmp_path / "runs.db") as store:
+            seen["row"] = store.agent(agent_id)
+        seen["status"] = requests.post(upstream.url + "/echo", json={}, proxies={"http": proxy_url},
+                                       timeout=10).status_code
+        return True
+    spec = CommandAgent(["sh", "-c", 'echo "$HTTP_PROXY $ROLLOUTTAP_AGENT_ID" > creds'], check=check)
+    with AgentManager(spec, store=tmp_path / "runs.db", model_url=upstream.base_url, confdir=confdir,
+                      eos_token_id=FakeTokenizer.eos_token_id) as m:
+        [result] = m.deploy(["p"])
+    assert result.status == "ok" and result.check_result is True, result
+    assert seen["row"].status == "running" and seen["row"].ended_at is not None
+    assert seen["status"] == 407  # 200 when the token counted until the result was recorded
+    with Store(tmp_path / "runs.db") as store:
+        [refused] = wait_for(lambda: store.flows(state="error"), what="the refused flow")
+        assert refused.agent_id is None and "processes have ended" in refused.error
+        assert store.flows(agent_id=result.agent_id) == [] and result.calls == 0
+
+
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory, confdir, upstream):
     store = tmp_path_factory.mktemp("manager") / "runs.db"
@@ -596,6 +623,36 @@ def test_failed_agent_error_names_a_failed_last_call_only(failed, expected, kind
     conversation = _conversation(**{kind: [(f, p) for p, f in enumerate(failed)]})
     assert with_model_failure("failed", "exited with code 1", conversation) == expected
     assert with_model_failure("ok", None, conversation) is None
+
+
+@pytest.mark.parametrize("ended, expected", [
+    (99.0, "timed out; its last model call failed: boom"),  # failed before the kill: maybe why it hung
+    (100.5, "timed out; its last model call was still open when its processes were killed (boom)"),
+    (None, "timed out; its last model call was still open when its processes were killed (boom)"),
+])
+def test_a_last_call_cut_off_by_the_kill_is_not_called_a_model_failure(ended, expected):
+    call = SimpleNamespace(failed=True, error="boom", position=1, t_request=98.0,
+                           latency=None if ended is None else ended - 98.0)
+    conversation = Conversation([call], [], [], 0, [])
+    assert with_model_failure("timeout", "timed out", conversation, killed_at=100.0) == expected
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["no-such-agent-command-x"], "cannot start agent: command 'no-such-agent-command-x' not found on PATH ("),
+    (["./agent.sh"], "cannot start agent (it runs in a fresh working directory, not here): [Errno 2]"),
+])
+def test_why_an_agent_could_not_start_names_path_or_workdir(tmp_path, argv, expected):
+    from rollouttap.manager.results import start_failure
+    with pytest.raises(FileNotFoundError) as raised:
+        subprocess.Popen(argv, cwd=tmp_path)
+    assert start_failure(raised.value).startswith(expected)
+
+
+def test_an_agent_command_missing_from_path_is_reported_in_its_result(tmp_path, confdir, upstream):
+    with AgentManager(CommandAgent(["no-such-agent-command-x", "{prompt}"]), store=tmp_path / "s.db",
+                      model_url=upstream.base_url, confdir=confdir) as m:
+        [result] = m.deploy(["p"])
+    assert result.status == "error" and "'no-such-agent-command-x' not found on PATH" in result.error
 
 
 def test_the_last_model_call_is_the_last_sent_whatever_its_endpoint():
