@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rollouttap.errors import ConfigError
+from rollouttap.extras import require
 
 ROLE_STYLES = {"system": "magenta", "user": "cyan", "assistant": "green", "tool": "yellow"}
 
@@ -159,6 +160,7 @@ def load_tokenizer(spec: str | None) -> tuple[Callable[[int], str] | None, int |
         from rollouttap.testing.fake_tokenizer import FakeTokenizer
         fake = FakeTokenizer()
         return (lambda i: fake.decode([i])), fake.eos_token_id
+    require("--tokenizer PATH", "tokenizers")
     from tokenizers import Tokenizer
     path = Path(spec)
     file = path / "tokenizer.json" if path.is_dir() else path

@@ -27,3 +27,7 @@ class ConfigError(RolloutTapError):
 
 class NotFoundError(ConfigError):
     """An agent, run or flow the caller named is not in the store."""
+
+
+class MissingDependencyError(ConfigError):
+    """A command needs a package that an optional extra (``rollouttap[train]``, ...) installs."""

@@ -1,7 +1,7 @@
 """The main job on a CPU: real GRPO training of a tiny model whose rollouts are real agent processes.
 
 The tiny (warm-started, offline) model is served live by the embedded PolicyServer; each prompt runs the
-example openai-SDK agent (examples/openai_agent.py, unmodified, multi-turn with a calculator tool)
+example openai-SDK agent (examples/openai_agent.py, installed as rollouttap.examples, unmodified, multi-turn with a calculator tool)
 behind the capture proxy; the reward is computed from the agent's outcome. ``generation="trl"`` runs the
 same prompts and reward with TRL's own generation instead, for comparison.
 """
@@ -19,10 +19,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rollouttap.errors import RolloutTapError
+
 log = logging.getLogger(__name__)
 
-EXAMPLE_AGENT = Path(__file__).resolve().parent.parent / "examples" / "openai_agent.py"
 Generation = Literal["agents", "trl"]
+DEMO_MODULES = ("torch", "transformers", "trl", "datasets", "tokenizers", "openai")  # openai: the agent's
+
+
+class DemoFailed(RolloutTapError):
+    """The demo's agents cannot run at all: training on their rollouts would only train on failures."""
+
+
+def example_agent() -> Path:
+    """The example agent's file, in a checkout (examples/) or an installed package (rollouttap.examples)."""
+    import rollouttap.examples
+    return Path(rollouttap.examples.__file__).resolve().parent / "openai_agent.py"
+
+
+def check_batch(results: list[Any]) -> None:
+    """Raise DemoFailed when no agent of a batch ended ok or reached the model: a broken setup (a missing
+    package, no model server), which would otherwise train quietly on nothing but zero rewards."""
+    if not results or any(r.status == "ok" or r.calls for r in results):
+        return
+    first = results[0]
+    detail = (first.stderr_tail or "").strip().splitlines()[-1:] or [""]
+    raise DemoFailed(f"all {len(results)} agents of a batch failed without a model call; the first: "
+                     f"{first.error or first.status}" + (f" ({detail[0]})" if detail[0] else ""))
 
 
 @dataclass(frozen=True)
@@ -151,6 +174,7 @@ def _train_with_agents(config: DemoConfig, model: Any, tokenizer: Any, dataset: 
     from rollouttap.trainer_hooks.rollout import agent_rollout
 
     def tally(results: list[Any]) -> None:
+        check_batch(results)
         for r in results:
             summary.agents[r.status] = summary.agents.get(r.status, 0) + 1
             summary.calls += r.calls
@@ -158,7 +182,7 @@ def _train_with_agents(config: DemoConfig, model: Any, tokenizer: Any, dataset: 
                 summary.trainable_tokens += sum(r.row.env_mask)
 
     # Sampling a little hotter than 1.0 makes some rollouts fail, so GRPO groups have reward spread.
-    agent = CommandAgent([sys.executable, str(EXAMPLE_AGENT), "{prompt}"],
+    agent = CommandAgent([sys.executable, str(example_agent()), "{prompt}"],
                          env={"MAX_TURNS": "4", "TEMPERATURE": str(config.temperature)})
     with contextlib.ExitStack() as stack:
         if config.vllm_url is None:  # the embedded server serves the trainer's live model object
