@@ -365,10 +365,6 @@ class AgentManager:
         ended_at = time.time()  # the agent's tree is gone: all it sent reached the proxy before now
         store, link = self.store, self._link(index)
         assert store is not None
-        try:  # its token is void from now: a process that escaped the tree adds nothing while the result is built
-            store.agent_exited(agent.agent_id)
-        except StoreError as exc:  # its end, written below, voids it then
-            log.error("agent %s: recording that its processes ended failed: %s", agent.agent_id, exc)
         duration = time.monotonic() - agent.started
         is_entry = isinstance(self.spec, EntryPointAgent)
         entry = launch.read_json(ctx.result_file) if is_entry else None
@@ -379,6 +375,12 @@ class AgentManager:
         except StoreError as exc:  # its open flows could not be ended in the store: its result still stands
             settled = Settled((), f"its flows could not be settled in the store: {exc}")
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)
+        try:  # its token is void from now (not only once its check, minutes maybe, is done): a process that
+            # escaped the tree cannot add to the store what its result lacks. Written after settling: a write
+            # waiting out another writer's lock must not hold up the wait for the proxy's commits.
+            store.agent_exited(agent.agent_id, at=ended_at)
+        except StoreError as exc:  # its end, written below, voids it then
+            log.error("agent %s: recording that its processes ended failed: %s", agent.agent_id, exc)
         error = with_model_failure(status, error, flows.conversation, killed_at=run.killed_at)
         status, error = with_uncommitted(status, error, settled.uncommitted)
         # A cancelled batch (Ctrl-C, close()) is ending: its agents' checks (minutes, maybe) are not run.

@@ -94,10 +94,12 @@ class Store:
         self._write("UPDATE agents SET root_pid = ?, root_create_time = ?, status = 'running', "
                     "started_at = ? WHERE agent_id = ?", (pid, create_time, time.time(), agent_id))
 
-    def agent_exited(self, agent_id: str) -> None:
-        """Record that the agent's processes are gone (``ended_at``): its token is void from now on, while
-        its status stays live until ``agent_ended`` records how it ended (its result can take minutes)."""
-        self._write("UPDATE agents SET ended_at = ? WHERE agent_id = ? AND ended_at IS NULL", (time.time(), agent_id))
+    def agent_exited(self, agent_id: str, at: float | None = None) -> None:
+        """Record that the agent's processes are gone (``ended_at``, by default now): its token is void from
+        now on, while its status stays live until ``agent_ended`` records how it ended (its check can take
+        minutes)."""
+        self._write("UPDATE agents SET ended_at = ? WHERE agent_id = ? AND ended_at IS NULL",
+                    (time.time() if at is None else at, agent_id))
 
     def agent_ended(self, agent_id: str, status: str, meta: dict[str, Any] | None = None) -> None:
         """Record how the agent ended; meta is merged into the agent's meta. ``ended_at`` keeps the time

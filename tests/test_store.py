@@ -349,13 +349,13 @@ def test_an_agents_processes_end_before_its_status_and_keep_their_time(tmp_path)
     store = Store(tmp_path / "s.db")
     store.register_agent("a1", token=new_token())
     store.agent_started("a1", os.getpid())
-    store.agent_exited("a1")
+    store.agent_exited("a1", at=123.0)
     exited = store.agent("a1")
     assert exited.status == "running" and exited.ended_at is not None  # its result is being built
     assert [a.agent_id for a in store.live_agents()] == ["a1"]
     store.agent_exited("a1")  # a second call keeps the first time
     store.agent_ended("a1", "ok")
-    assert store.agent("a1").ended_at == exited.ended_at and store.agent("a1").status == "ok"
+    assert store.agent("a1").ended_at == exited.ended_at == 123.0 and store.agent("a1").status == "ok"
     store.register_agent("a2", token=new_token())
     store.agent_ended("a2", "error")  # never started: its end is when it is recorded
     assert store.agent("a2").ended_at is not None
