@@ -394,7 +394,10 @@ class StreamStripper:
 
     def __init__(self, injection: Injection) -> None:
         self._plan = _plan_for(injection)
-        self._held = b""
+        # An incomplete event's reads, joined once it completes: vLLM's first chunk carries the whole prompt's
+        # ids (megabytes for a long context, in 64 KiB reads), and joining at every read would be quadratic.
+        self._held: list[bytes] = []
+        self._tail = b""  # the held bytes' last two: a terminator (at most 3 bytes) may begin in them
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to forward now; ``b""`` marks the end of the stream and flushes what is held."""
@@ -402,17 +405,26 @@ class StreamStripper:
         if plan is None:
             return chunk
         if not chunk:
-            rest, self._held = self._held, b""
+            rest = b"".join(self._held)
+            self._held, self._tail = [], b""
             return _rewrite_event(rest, plan) if rest else b""
-        held = self._held
-        buf = held + chunk if held else chunk
+        if self._held:
+            seam = self._tail + chunk
+            if _EVENT_END.search(seam) is None:  # the held event goes on
+                self._held.append(chunk)
+                self._tail = seam[-2:]
+                return b""
+            start = sum(map(len, self._held)) - len(self._tail)
+            buf = b"".join((*self._held, chunk))
+        else:
+            start, buf = 0, chunk
         out: list[bytes] = []
         pos = 0
-        # A terminator is at most 3 bytes and none is complete inside the held bytes.
-        for match in _EVENT_END.finditer(buf, max(0, len(held) - 2)):
+        for match in _EVENT_END.finditer(buf, start):
             out.append(_rewrite_event(buf[pos : match.end()], plan))
             pos = match.end()
-        self._held = buf[pos:]
+        rest = buf[pos:]
+        self._held, self._tail = ([rest], rest[-2:]) if rest else ([], b"")
         return b"".join(out)
 
 

@@ -301,6 +301,20 @@ def test_stream_in_small_reads(size: int) -> None:
     assert run(StreamStripper(injection(ALL)), reads) == AGENT
 
 
+def test_a_long_prompts_first_event_in_many_reads_is_stripped_whole() -> None:
+    # vLLM's first chunk carries every prompt id: megabytes for a long context, arriving in 64 KiB reads.
+    ids = "[" + ",".join(str(100000 + i % 50000) for i in range(150_000)) + "]"
+    first = chunk('{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}',
+                  ',"prompt_token_ids":' + ids)
+    upstream, agent = sse([first] + [up for up, _ in TOOL_STREAM]), sse([first.replace(ids, "null")] + [
+        a for _, a in TOOL_STREAM])
+    for size in (65536, 4093):
+        stripper = StreamStripper(injection(ALL))
+        outs = [stripper.feed(upstream[i : i + size]) for i in range(0, len(upstream), size)]
+        assert b"".join(outs) + stripper.feed(b"") == agent
+        assert outs[0] == b"" and outs[len(first) // size - 1] == b""  # held until the event's blank line
+
+
 def test_stream_with_crlf_line_endings() -> None:
     upstream = sse([up for up, _ in TOOL_STREAM], "\r\n\r\n")
     agent = sse([agent for _, agent in TOOL_STREAM], "\r\n\r\n")
