@@ -6,10 +6,11 @@ Each flow carries the store's view of it in ``flow.metadata["rollouttap"]`` (age
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,6 +28,7 @@ from rollouttap.store import FlowRecord
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "rollouttap"
+GC_EVERY_BYTES = 16 << 20  # of bodies exported between garbage collections (see _collected)
 
 __all__ = [
     "METADATA_KEY", "flow_metadata", "har_document", "read_flow_file", "to_http_flow", "write_flow_file", "write_har",
@@ -119,10 +121,23 @@ def write_flow_file(records: Iterable[FlowRecord], out: BinaryIO | str | Path) -
             return write_flow_file(records, fo)
     writer = io.FlowWriter(out)
     count = 0
-    for record in records:
+    for record in _collected(records):
         writer.add(to_http_flow(record))
         count += 1
     return count
+
+
+def _collected(records: Iterable[FlowRecord], every: int = GC_EVERY_BYTES) -> Iterator[FlowRecord]:
+    """The records, with a garbage collection after every ``every`` bytes of bodies handed out: mitmproxy's
+    flow objects hold reference cycles, freed only when the collector runs, and it runs by object counts,
+    not bytes, so an export's flows with megabyte bodies would otherwise pile up (all of them, in a test)."""
+    pending = 0
+    for record in records:
+        yield record
+        pending += len(record.request_body or b"") + len(record.response_body or b"")
+        if pending >= every:
+            gc.collect()
+            pending = 0
 
 
 def read_flow_file(path: str | Path) -> list[flow.Flow]:
@@ -133,20 +148,39 @@ def read_flow_file(path: str | Path) -> list[flow.Flow]:
 
 def har_document(records: Iterable[FlowRecord]) -> dict[str, Any]:
     """A HAR 1.2 document made by mitmproxy's HAR exporter, each entry with a ``_rollouttap`` field."""
-    records = list(records)
-    har = SaveHar().make_har([to_http_flow(r) for r in records])
-    for entry, record in zip(har["log"]["entries"], records, strict=True):
-        entry["_rollouttap"] = flow_metadata(record)
-        # mitmproxy writes `content: {}` for a flow that got no response; HAR 1.2 requires size and mimeType,
-        # and viewers (Chrome, har-validator) reject the entry without them.
-        entry["response"]["content"] = {"size": 0, "mimeType": "", **entry["response"]["content"]}
+    har = SaveHar().make_har([])
+    har["log"]["entries"] = list(har_entries(records))
     har["log"]["creator"]["comment"] = "exported by rollouttap"
     return har
 
 
+def har_entries(records: Iterable[FlowRecord]) -> Iterator[dict[str, Any]]:
+    """Each record's HAR entry, made one at a time by mitmproxy's HAR exporter."""
+    exporter, servers_seen = SaveHar(), set()  # type: ignore[var-annotated]
+    for record in _collected(records):
+        entry = exporter.flow_entry(to_http_flow(record), servers_seen)
+        entry["_rollouttap"] = flow_metadata(record)
+        # mitmproxy writes `content: {}` for a flow that got no response; HAR 1.2 requires size and mimeType,
+        # and viewers (Chrome, har-validator) reject the entry without them.
+        entry["response"]["content"] = {"size": 0, "mimeType": "", **entry["response"]["content"]}
+        yield entry
+
+
+_ENTRIES = "\0entries\0"  # a stand-in no HAR header holds
+
+
 def write_har(records: Iterable[FlowRecord], out: str | Path) -> int:
-    """Write a HAR file; returns the number of entries."""
-    har = har_document(records)
+    """Write a HAR file, one entry at a time (an export of any size holds one flow in memory); returns the
+    number of entries."""
+    head = SaveHar().make_har([])
+    head["log"]["creator"]["comment"] = "exported by rollouttap"
+    head["log"]["entries"] = _ENTRIES
+    before, after = json.dumps(head, indent=2).split(json.dumps(_ENTRIES))  # the document around its entries
+    count = 0
     with open_private(out, "w", encoding="utf-8") as fo:
-        fo.write(json.dumps(har, indent=2))
-    return len(har["log"]["entries"])
+        fo.write(before + "[")
+        for entry in har_entries(records):
+            fo.write(("," if count else "") + "\n" + json.dumps(entry, indent=2))
+            count += 1
+        fo.write("\n]" + after)
+    return count

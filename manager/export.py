@@ -7,7 +7,8 @@ imports mitmproxy); it is imported only when an export runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,27 +40,38 @@ def format_for(path: str | Path, fmt: str | None = None) -> Format:
     return fmt  # type: ignore[return-value]
 
 
-def select_flows(store: Store, *, agent_id: str | None = None, run_id: str | None = None) -> list[FlowRecord]:
-    """One agent's flows, one run's, or (neither given) every flow in the store, in capture order."""
+def select_flows(store: Store, *, agent_id: str | None = None, run_id: str | None = None) -> Iterator[FlowRecord]:
+    """One agent's flows, one run's, or (neither given) every flow in the store, in capture order, read a
+    page at a time."""
     if agent_id is not None and run_id is not None:
         raise ConfigError("export one agent or one run, not both")
-    return store.flows(agent_id=agent_id, run_id=run_id)
+    return store.iter_flows(batch=4, agent_id=agent_id, run_id=run_id)  # a few flows, bodies and all, at once
 
 
 def export_flows(store_path: str | Path | Sequence[str | Path], out: str | Path, *, fmt: str | None = None,
                  agent_id: str | None = None, run_id: str | None = None) -> ExportResult:
     """Write the selected flows to ``out`` as a mitmproxy flow file or a HAR file; of several stores (one per
-    rank or node), all of theirs in the order of their requests."""
+    rank or node), all of theirs in the order of their requests. Flows are read and written one by one."""
     from rollouttap.addon import export_flows as conv  # imports mitmproxy
 
     chosen = format_for(out, fmt)
+    if agent_id is not None and run_id is not None:
+        raise ConfigError("export one agent or one run, not both")
     paths = [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
-    flows: list[FlowRecord] = []
-    for path in paths:
-        with Store(path, readonly=True) as store:
-            flows += select_flows(store, agent_id=agent_id, run_id=run_id)
-    if len(paths) > 1:
-        flows.sort(key=lambda flow: flow.t_request or 0.0)
-    count = conv.write_har(flows, out) if chosen == "har" else conv.write_flow_file(flows, out)
+    with ExitStack() as stack:
+        stores = [stack.enter_context(Store(path, readonly=True)) for path in paths]
+        flows = _in_request_order(stores, agent_id, run_id) if len(stores) > 1 else \
+            select_flows(stores[0], agent_id=agent_id, run_id=run_id)
+        count = conv.write_har(flows, out) if chosen == "har" else conv.write_flow_file(flows, out)
     log.debug("exported %d flows to %s (%s)", count, out, chosen)
     return ExportResult(Path(out), chosen, count)
+
+
+def _in_request_order(stores: list[Store], agent_id: str | None, run_id: str | None) -> Iterator[FlowRecord]:
+    """The stores' selected flows by request time (ties: store, then capture order), fetched one at a time."""
+    keys = sorted((t or 0.0, i, row_id) for i, store in enumerate(stores)
+                  for row_id, t in store.flow_times(agent_id=agent_id, run_id=run_id))
+    for _, i, row_id in keys:
+        flow = stores[i].flow_at(row_id)
+        if flow is not None:  # a read-only store is not written meanwhile; a copy being pruned might be
+            yield flow

@@ -48,14 +48,18 @@ def iso_time(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def flow_row(flow: FlowRecord) -> dict[str, Any]:
-    """One line of ``rollouttap flows``."""
+def flow_row(flow: FlowRecord, request_bytes: int | None = None, response_bytes: int | None = None) -> dict[str, Any]:
+    """One line of ``rollouttap flows`` (body sizes as given, for a record read without its bodies)."""
     duration = flow.t_end - flow.t_request if flow.t_end is not None and flow.t_request is not None else None
+    if request_bytes is None:
+        request_bytes = len(flow.request_body or b"")
+    if response_bytes is None:
+        response_bytes = len(flow.response_body or b"")
     return {
         "id": flow.id, "time": iso_time(flow.t_request), "agent": flow.agent_id, "attribution": flow.attribution,
         "method": flow.method, "host": flow.host, "path": flow.path, "status": flow.status_code,
-        "state": flow.state, "duration": duration, "request_bytes": len(flow.request_body or b""),
-        "response_bytes": len(flow.response_body or b""), "streamed": flow.streamed, "error": flow.error,
+        "state": flow.state, "duration": duration, "request_bytes": request_bytes,
+        "response_bytes": response_bytes, "streamed": flow.streamed, "error": flow.error,
         "flow_id": flow.flow_id,
     }
 

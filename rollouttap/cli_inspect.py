@@ -89,8 +89,8 @@ def flows(
     found: list[tuple[Path, Any]] = []
     known_agent = known_run = False
     for path in stores:
-        with _open(path) as s:
-            found += [(path, f) for f in s.flows(
+        with _open(path) as s:  # flows without their bodies: a listing of a store of any size stays small
+            found += [(path, listed) for listed in s.flow_listing(
                 agent_id=agent, state=state, host=host, unattributed=unattributed, run_id=run, limit=limit,
                 since=parse_when(since) if since else None, until=parse_when(until) if until else None)]
             if agent is not None and not known_agent:
@@ -102,9 +102,9 @@ def flows(
     if not found and run is not None and not known_run:
         raise NotFoundError(f"no run {run!r} in {names}")
     if len(stores) > 1:  # each store's flows come oldest first; together, by the time of their request
-        found.sort(key=lambda pf: pf[1].t_request or 0.0)
+        found.sort(key=lambda pf: pf[1][0].t_request or 0.0)
         found = found[:limit]
-    rows = [{**flow_row(f), **({"store": str(path)} if len(stores) > 1 else {})} for path, f in found]
+    rows = [{**flow_row(*listed), **({"store": str(path)} if len(stores) > 1 else {})} for path, listed in found]
     if as_json:
         for row in rows:
             _print_json(row)

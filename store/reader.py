@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import psutil
 
@@ -16,6 +16,7 @@ from rollouttap.errors import StoreError
 from rollouttap.store.db import connect, file_id, is_busy, still_the_file, transaction
 from rollouttap.store.nudge import nudge
 from rollouttap.store.records import AgentRecord, FlowRecord
+from rollouttap.store.schema import FLOW_COLUMNS
 from rollouttap.store.redact import hash_token
 
 AGENT_STATUSES = ("registered", "running", "ok", "failed", "timeout", "error")
@@ -146,6 +147,44 @@ class Store:
             params.append(limit)
         return [FlowRecord.from_row(r) for r in self._query(sql, params)]
 
+    def iter_flows(self, *, batch: int = 64, **filters: Any) -> Iterator[FlowRecord]:
+        """``flows()`` read ``batch`` at a time (pages by id): a store of any size is walked with the bodies of
+        one page in memory (an export of a training run's store, say)."""
+        where, params = _flow_filter(**filters)
+        after = " AND id > ?" if where else " WHERE id > ?"
+        last = 0
+        while True:
+            rows = self._query(f"SELECT * FROM flows{where}{after} ORDER BY id LIMIT ?", [*params, last, batch])
+            yield from map(FlowRecord.from_row, rows)
+            if len(rows) < batch:
+                return
+            last = rows[-1]["id"]
+
+    def flow_times(self, **filters: Any) -> list[tuple[int, float | None]]:
+        """(row id, request time) of the flows ``flows()`` would return, in that order, without their bodies."""
+        where, params = _flow_filter(**filters)
+        return [(r[0], r[1]) for r in self._query(f"SELECT id, t_request FROM flows{where} ORDER BY id", params)]
+
+    def flow_at(self, row_id: int) -> FlowRecord | None:
+        """The flow of a row id that ``flow_times`` gave."""
+        rows = self._query("SELECT * FROM flows WHERE id = ?", (row_id,))
+        return FlowRecord.from_row(rows[0]) if rows else None
+
+    def flow_listing(self, *, limit: int | None = None, **filters: Any) -> list[tuple[FlowRecord, int, int]]:
+        """``flows()`` without reading a body: each record (its bodies None) with its bodies' sizes in bytes."""
+        where, params = _flow_filter(**filters)
+        sql = (f"SELECT {_COLUMNS_BUT_BODIES}, length(request_body) AS request_bytes, "
+               f"length(response_body) AS response_bytes FROM flows{where} ORDER BY id")
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        listed = []
+        for row in self._query(sql, params):
+            data = dict(row)
+            sizes = (data.pop("request_bytes") or 0, data.pop("response_bytes") or 0)
+            listed.append((FlowRecord.from_row({**data, "request_body": None, "response_body": None}), *sizes))
+        return listed
+
     def count_flows(self, *, since: float | None = None, until: float | None = None, unattributed: bool = False,
                     proxy_ids: Sequence[str] | None = None) -> int:
         """How many flows ``flows()`` would return for these filters, without reading them."""
@@ -243,6 +282,9 @@ def _alive(pid: int, create_time: float | None) -> bool:
         return create_time is None or abs(proc.create_time() - create_time) < 0.01
     except psutil.Error:
         return False
+
+
+_COLUMNS_BUT_BODIES = ", ".join(c for c in FLOW_COLUMNS if c not in ("request_body", "response_body"))
 
 
 def _flow_filter(*, agent_id: str | None = None, state: str | None = None, host: str | None = None,

@@ -6,6 +6,7 @@ import gzip
 import json
 import sqlite3
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +62,7 @@ class FlowRecord:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> FlowRecord:
+    def from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> FlowRecord:
         data = dict(row)
         data["request_headers"] = [tuple(h) for h in json.loads(data["request_headers"] or "[]")]
         data["response_headers"] = [tuple(h) for h in json.loads(data["response_headers"] or "[]")]

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from rollouttap.addon.export_flows import read_flow_file
+from rollouttap.errors import ConfigError
 from rollouttap.manager.export import export_flows, format_for
 from rollouttap.store import Store
 from test_replay import extra_traffic, record
@@ -104,6 +105,22 @@ def test_har_is_valid_and_mitmproxy_reads_it_back(recording, tmp_path):
         assert entry["response"]["content"]["text"] == record.response_text()
     back = _read(out)  # mitmproxy's FlowReader also reads HAR
     assert [f.request.pretty_url for f in back] == [r.url for r in stored]
+
+
+def test_har_written_entry_by_entry_is_the_document_mitmproxys_exporter_makes(recording, tmp_path):
+    from rollouttap.addon.export_flows import har_document, write_har
+    with Store(recording.store) as s:
+        assert write_har(s.iter_flows(batch=2), tmp_path / "all.har") == len(s.flows())
+        whole = har_document(s.flows())
+    assert json.loads((tmp_path / "all.har").read_text()) == whole
+    assert write_har([], tmp_path / "none.har") == 0
+    assert json.loads((tmp_path / "none.har").read_text())["log"]["entries"] == []
+
+
+def test_one_agent_or_one_run_not_both_and_no_file_written(recording, tmp_path):
+    with pytest.raises(ConfigError, match="one agent or one run, not both"):
+        export_flows([recording.store, recording.store], tmp_path / "x.har", agent_id="plain", run_id="r")
+    assert not (tmp_path / "x.har").exists()
 
 
 @pytest.mark.parametrize("name", ["out.har", "out.flows"])

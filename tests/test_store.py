@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -371,6 +372,28 @@ def test_flow_counts_and_unattributed(tmp_path):
     counts = Store(path).flow_counts()
     assert counts == {"open": 1, "done": 0, "error": 1, "total": 2, "unattributed": 1}
     assert [f.flow_id for f in Store(path).flows(unattributed=True)] == ["f2"]
+
+
+def test_flows_are_read_a_page_at_a_time_or_listed_without_their_bodies(tmp_path):
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path)
+    for i in range(7):
+        writer.insert_flow(_flow(f"f{i}", agent="a1" if i % 2 else "a2", request_body=b"x" * i,
+                                 t_request=100.0 - i))
+    writer.update_flow("f3", {"response_body": b"answer", "state": "done"})
+    writer.close()
+    with Store(path) as store:
+        everything = store.flows()
+        assert list(store.iter_flows(batch=2)) == everything  # pages of 2, the last one short
+        assert list(store.iter_flows(batch=3, agent_id="a1")) == store.flows(agent_id="a1")
+        assert list(store.iter_flows(batch=7)) == everything and list(store.iter_flows(agent_id="x")) == []
+        assert store.flow_times(agent_id="a1") == [(f.id, f.t_request) for f in store.flows(agent_id="a1")]
+        assert store.flow_at(everything[3].id) == everything[3] and store.flow_at(10_000) is None
+        listed = store.flow_listing(limit=5)
+        assert [(f.flow_id, req, resp) for f, req, resp in listed] == [
+            (f.flow_id, len(f.request_body or b""), len(f.response_body or b"")) for f in everything[:5]]
+        assert all(f.request_body is None and f.response_body is None for f, _, _ in listed)
+        assert listed[3][0] == replace(everything[3], request_body=None, response_body=None)
 
 
 def test_flows_of_dead_proxy_are_closed(tmp_path):
