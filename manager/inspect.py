@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,18 @@ def parse_when(text: str) -> float:
         return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
     except ValueError as exc:
         raise ConfigError(f"{text!r} is neither unix seconds nor an ISO 8601 time") from exc
+
+
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_AGE_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_age(text: str) -> float:
+    """Seconds from an age such as ``90``, ``30m``, ``6h`` or ``2d``."""
+    match = _AGE.fullmatch(text.strip().lower())
+    if match is None:
+        raise ConfigError(f"{text!r} is not an age such as 90, 30m, 6h or 2d")
+    return float(match[1]) * _AGE_UNITS[match[2]]
 
 
 def iso_time(ts: float | None) -> str | None:

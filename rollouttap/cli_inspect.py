@@ -333,6 +333,31 @@ def _print_resent(results: list[Any], agent_id: str, to: str) -> None:
     _console().print(table)
 
 
+def prune(
+    store: Annotated[Path, typer.Option(help="The store file to prune.")] = Path("runs.db"),
+    older_than: Annotated[Optional[str], typer.Option(help="Age of what goes: 90, 30m, 6h, 2d.")] = None,
+    before: Annotated[Optional[str], typer.Option(help="Or a time: unix seconds or ISO 8601.")] = None,
+) -> None:
+    """Delete flows requested before a time, and the ended agents they leave without flows (never open flows
+    nor a running agent's): a store that a long training run writes to stops growing. Its file keeps its size:
+    new flows reuse the space.
+
+    Example: rollouttap prune --store runs.db --older-than 6h
+    """
+    import time
+
+    from rollouttap.manager.inspect import parse_age, parse_when
+    from rollouttap.store import Store
+    if (older_than is None) == (before is None):
+        raise ConfigError("give --older-than or --before (one of them)")
+    cutoff = time.time() - parse_age(older_than) if older_than is not None else parse_when(before or "")
+    if not store.exists():
+        raise StoreError(f"no store at {store}")
+    with Store(store) as s:
+        flows_deleted, agents_deleted = s.prune(cutoff)
+    typer.echo(f"deleted {flows_deleted} flows and {agents_deleted} agents from {store}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the inspection commands to the ``rollouttap`` app."""
     app.command()(flows)
@@ -341,3 +366,4 @@ def register(app: typer.Typer) -> None:
     app.command()(stats)
     app.command()(replay)
     app.command()(resend)
+    app.command()(prune)

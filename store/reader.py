@@ -21,6 +21,8 @@ from rollouttap.store.redact import hash_token
 
 AGENT_STATUSES = ("registered", "running", "ok", "failed", "timeout", "error")
 LIVE_STATUSES = ("registered", "running")  # not ended yet: its token counts, its processes are supervised
+_LIVE = "(" + ", ".join(f"'{s}'" for s in LIVE_STATUSES) + ")"  # for SQL: a fixed list, never user input
+PRUNE_BATCH = 500  # flows deleted per transaction
 LOCKED_WRITE_WAIT_S = 120.0  # in all; each try waits busy_timeout (BUSY_TIMEOUT_MS) itself
 LOCKED_WRITE_PAUSE_S = 0.05  # between tries, out of the lock: other threads get their turn
 
@@ -274,6 +276,25 @@ class Store:
                 "t_end = coalesce(t_end, ?) WHERE proxy_id = ? AND state = 'open'",
                 (time.time(), proxy_id))
         return changed
+
+    def prune(self, before: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+        """Delete what ended before ``before``: flows requested then (not open, not of a live agent), then the
+        ended agents left without flows; (flows, agents) deleted. A page of flows per transaction, so the
+        proxies' writers wait for milliseconds, not for the whole prune. The file keeps its size: new rows
+        reuse the freed pages (``VACUUM``, while nothing writes, gives them back)."""
+        flows = 0
+        while True:
+            deleted = self._write(
+                "DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE t_request < ? AND state != 'open' "
+                f"AND (agent_id IS NULL OR agent_id NOT IN (SELECT agent_id FROM agents WHERE status IN {_LIVE})) "
+                "LIMIT ?)", (before, batch))
+            flows += deleted
+            if deleted < batch:
+                break
+        agents = self._write(
+            f"DELETE FROM agents WHERE status NOT IN {_LIVE} AND coalesce(ended_at, created_at) < ? "
+            "AND NOT EXISTS (SELECT 1 FROM flows WHERE flows.agent_id = agents.agent_id)", (before,))
+        return flows, agents
 
 
 def _alive(pid: int, create_time: float | None) -> bool:

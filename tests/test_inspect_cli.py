@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import typer
@@ -480,3 +481,19 @@ def test_usage_totals_fall_back_to_token_ids_for_calls_without_usage():
                              completion_token_ids=[2] * 3),
              SimpleNamespace(usage=None, prompt_token_ids=[1] * 5, completion_token_ids=[2] * 2)]  # streamed
     assert usage_totals(calls) == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+
+
+def test_prune_deletes_old_flows_of_a_store_and_says_how_many(recording, cli, tmp_path):
+    import sqlite3
+    copy = tmp_path / "pruned.db"
+    with sqlite3.connect(recording.store) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    with Store(copy) as store:
+        total, kept = len(store.flows()), len(store.flows(state="open"))
+    assert "give --older-than or --before" in str(cli("prune", "--store", copy, code=1).exception)
+    cli("prune", "--store", copy, "--older-than", "1x", code=1)
+    assert cli("prune", "--store", copy, "--older-than", "1d").output.startswith("deleted 0 flows and 0 agents")
+    out = cli("prune", "--store", copy, "--before", str(time.time() + 60)).output
+    assert out.startswith(f"deleted {total - kept} flows and ") and total > kept
+    with Store(copy) as store:
+        assert len(store.flows()) == kept and store.agents() == []  # every agent ended with its flows

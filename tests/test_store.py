@@ -396,6 +396,48 @@ def test_flows_are_read_a_page_at_a_time_or_listed_without_their_bodies(tmp_path
         assert listed[3][0] == replace(everything[3], request_body=None, response_body=None)
 
 
+def test_prune_deletes_what_ended_before_the_cutoff_and_never_a_running_agents_flows(tmp_path):
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        for agent_id in ("ended", "live", "recent"):
+            store.register_agent(agent_id, token=new_token())
+        store.agent_exited("ended", at=150.0)
+        store.agent_ended("ended", "ok")
+        store.agent_exited("recent", at=450.0)
+        store.agent_ended("recent", "ok")
+    writer = StoreWriter(path)
+    for i in range(7):
+        writer.insert_flow(_flow(f"old{i}", agent="ended", t_request=100.0 + i, state="done"))
+    writer.insert_flow(_flow("old-open", agent=None, t_request=100.0))  # still in flight: kept
+    writer.insert_flow(_flow("old-stray", agent=None, t_request=100.0, state="error"))
+    writer.insert_flow(_flow("old-live", agent="live", t_request=100.0, state="done"))  # its agent runs: kept
+    writer.insert_flow(_flow("old-recent", agent="recent", t_request=100.0, state="done"))
+    writer.insert_flow(_flow("new-recent", agent="recent", t_request=500.0, state="done"))
+    writer.close()
+    with Store(path) as store:
+        assert store.prune(200.0, batch=3) == (9, 1)  # 7 + the stray + old-recent; the agent left with none
+        assert {f.flow_id for f in store.flows()} == {"old-open", "old-live", "new-recent"}
+        assert store.agent("ended") is None and store.agent("recent") and store.agent("live")
+        assert store.prune(200.0) == (0, 0)
+
+
+def test_a_pruned_store_reuses_its_space(tmp_path):
+    path = tmp_path / "s.db"
+    body = os.urandom(50_000)
+
+    def write(prefix: str, t: float) -> None:
+        writer = StoreWriter(path)
+        for i in range(60):
+            writer.insert_flow(_flow(f"{prefix}{i}", agent=None, t_request=t, state="done", response_body=body))
+        writer.close()
+    write("a", 100.0)
+    size = path.stat().st_size
+    with Store(path) as store:
+        assert store.prune(200.0) == (60, 0)
+    write("b", 300.0)
+    assert path.stat().st_size < size * 1.1  # the new flows went into the pages the old ones left
+
+
 def test_flows_of_dead_proxy_are_closed(tmp_path):
     path = tmp_path / "s.db"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
