@@ -264,7 +264,8 @@ class AgentDirectory:
             by_pid: dict[int, tuple[float | None, str]] = {}
             by_agent: dict[str, int] = {}
             for agent in agents.values():
-                if agent.root_pid is not None:
+                # An agent whose processes have ended (its result being built) claims no process any more.
+                if agent.root_pid is not None and agent.ended_at is None:
                     by_agent[agent.agent_id] = agent.root_pid
                     by_pid[agent.root_pid] = (agent.root_create_time, agent.agent_id)
             now = time.monotonic()

@@ -338,9 +338,9 @@ def prune(
     older_than: Annotated[Optional[str], typer.Option(help="Age of what goes: 90, 30m, 6h, 2d.")] = None,
     before: Annotated[Optional[str], typer.Option(help="Or a time: unix seconds or ISO 8601.")] = None,
 ) -> None:
-    """Delete flows requested before a time, and the ended agents they leave without flows (never open flows
-    nor a running agent's): a store that a long training run writes to stops growing. Its file keeps its size:
-    new flows reuse the space.
+    """Delete the agents that ended before a time, whole, and other flows requested before it (never an open
+    flow nor a running agent's): a store that a long training run writes to stops growing. Its file keeps its
+    size: new flows reuse the space.
 
     Example: rollouttap prune --store runs.db --older-than 6h
     """

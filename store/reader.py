@@ -126,7 +126,7 @@ class Store:
 
     def live_agents(self) -> list[AgentRecord]:
         """The agents that have not ended (registered or running), through the partial index of those."""
-        rows = self._query("SELECT * FROM agents WHERE status IN ('registered', 'running')")
+        rows = self._query(f"SELECT * FROM agents WHERE status IN {_LIVE}")
         return [AgentRecord.from_row(r) for r in rows]
 
     def unregistered_agent_ids(self) -> list[str]:
@@ -150,13 +150,15 @@ class Store:
         return [FlowRecord.from_row(r) for r in self._query(sql, params)]
 
     def iter_flows(self, *, batch: int = 64, **filters: Any) -> Iterator[FlowRecord]:
-        """``flows()`` read ``batch`` at a time (pages by id): a store of any size is walked with the bodies of
-        one page in memory (an export of a training run's store, say)."""
+        """``flows()`` read ``batch`` at a time (pages by id), those stored when it begins: a store of any size is
+        walked with the bodies of one page in memory (an export of a training run's store, say)."""
         where, params = _flow_filter(**filters)
-        after = " AND id > ?" if where else " WHERE id > ?"
-        last = 0
+        after = " AND id > ? AND id <= ?" if where else " WHERE id > ? AND id <= ?"
+        # The flows there are now: an export of a store that proxies write to ends, at one moment's flows.
+        newest, last = self._query("SELECT coalesce(max(id), 0) FROM flows")[0][0], 0
         while True:
-            rows = self._query(f"SELECT * FROM flows{where}{after} ORDER BY id LIMIT ?", [*params, last, batch])
+            rows = self._query(f"SELECT * FROM flows{where}{after} ORDER BY id LIMIT ?",
+                               [*params, last, newest, batch])
             yield from map(FlowRecord.from_row, rows)
             if len(rows) < batch:
                 return
@@ -278,16 +280,19 @@ class Store:
         return changed
 
     def prune(self, before: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
-        """Delete what ended before ``before``: flows requested then (not open, not of a live agent), then the
-        ended agents left without flows; (flows, agents) deleted. A page of flows per transaction, so the
-        proxies' writers wait for milliseconds, not for the whole prune. The file keeps its size: new rows
-        reuse the freed pages (``VACUUM``, while nothing writes, gives them back)."""
+        """Delete what ended before ``before``: registered agents that ended then, whole (all their flows, so
+        no conversation is cut in two), and other flows (unattributed, or of an agent named by a tag or header
+        alone) requested then; never an open flow. (flows, agents) deleted. A page of flows per transaction,
+        so the proxies' writers wait for milliseconds, not for the whole prune. The file keeps its size: new
+        rows reuse the freed pages (``VACUUM``, while nothing writes, gives them back)."""
         flows = 0
         while True:
             deleted = self._write(
-                "DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE t_request < ? AND state != 'open' "
-                f"AND (agent_id IS NULL OR agent_id NOT IN (SELECT agent_id FROM agents WHERE status IN {_LIVE})) "
-                "LIMIT ?)", (before, batch))
+                "DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE state != 'open' AND ("
+                f"agent_id IN (SELECT agent_id FROM agents WHERE status NOT IN {_LIVE} "
+                "AND coalesce(ended_at, created_at) < ?) "
+                "OR (t_request < ? AND (agent_id IS NULL OR agent_id NOT IN (SELECT agent_id FROM agents)))) "
+                "LIMIT ?)", (before, before, batch))
             flows += deleted
             if deleted < batch:
                 break

@@ -124,6 +124,10 @@ def test_the_agent_directory_reads_only_the_agents_that_have_not_ended(tmp_path)
         assert directory.lookup("done-1").status == "ok" and directory.other("done-2").status == "ok"
         directory.refresh()
         assert directory.cached("done-1") is None  # an ended agent's row leaves the cache at the next refresh
+        with Store(path) as store:
+            store.agent_exited("live")  # its processes are gone, its result is being built
+        directory.refresh()
+        assert directory.roots() == ({}, {})  # it claims no process any more, as its token counts no more
     finally:
         directory.close()
 

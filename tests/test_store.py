@@ -396,29 +396,33 @@ def test_flows_are_read_a_page_at_a_time_or_listed_without_their_bodies(tmp_path
         assert listed[3][0] == replace(everything[3], request_body=None, response_body=None)
 
 
-def test_prune_deletes_what_ended_before_the_cutoff_and_never_a_running_agents_flows(tmp_path):
+def test_prune_deletes_agents_that_ended_before_the_cutoff_whole_and_never_a_running_agents_flows(tmp_path):
     path = tmp_path / "s.db"
     with Store(path) as store:
-        for agent_id in ("ended", "live", "recent"):
+        for agent_id in ("ended", "live", "straddling"):
             store.register_agent(agent_id, token=new_token())
         store.agent_exited("ended", at=150.0)
         store.agent_ended("ended", "ok")
-        store.agent_exited("recent", at=450.0)
-        store.agent_ended("recent", "ok")
+        store.agent_exited("straddling", at=450.0)  # ran across the cutoff: kept whole
+        store.agent_ended("straddling", "ok")
     writer = StoreWriter(path)
     for i in range(7):
         writer.insert_flow(_flow(f"old{i}", agent="ended", t_request=100.0 + i, state="done"))
     writer.insert_flow(_flow("old-open", agent=None, t_request=100.0))  # still in flight: kept
     writer.insert_flow(_flow("old-stray", agent=None, t_request=100.0, state="error"))
+    writer.insert_flow(_flow("old-tagged", agent="tag-only", t_request=100.0, state="done"))  # no agent row
+    writer.insert_flow(_flow("new-tagged", agent="tag-only", t_request=300.0, state="done"))
     writer.insert_flow(_flow("old-live", agent="live", t_request=100.0, state="done"))  # its agent runs: kept
-    writer.insert_flow(_flow("old-recent", agent="recent", t_request=100.0, state="done"))
-    writer.insert_flow(_flow("new-recent", agent="recent", t_request=500.0, state="done"))
+    writer.insert_flow(_flow("early", agent="straddling", t_request=100.0, state="done"))
+    writer.insert_flow(_flow("late", agent="straddling", t_request=400.0, state="done"))
     writer.close()
     with Store(path) as store:
-        assert store.prune(200.0, batch=3) == (9, 1)  # 7 + the stray + old-recent; the agent left with none
-        assert {f.flow_id for f in store.flows()} == {"old-open", "old-live", "new-recent"}
-        assert store.agent("ended") is None and store.agent("recent") and store.agent("live")
+        assert store.prune(200.0, batch=3) == (9, 1)  # 7 + the stray + old-tagged; "ended" left with none
+        assert {f.flow_id for f in store.flows()} == {"old-open", "new-tagged", "old-live", "early", "late"}
+        assert store.agent("ended") is None and store.agent("straddling") and store.agent("live")
         assert store.prune(200.0) == (0, 0)
+        assert store.prune(500.0) == (3, 1)  # now the straddling agent ended before: all of it
+        assert {f.flow_id for f in store.flows()} == {"old-open", "old-live"}
 
 
 def test_a_pruned_store_reuses_its_space(tmp_path):
