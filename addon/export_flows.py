@@ -31,7 +31,8 @@ METADATA_KEY = "rollouttap"
 GC_EVERY_BYTES = 16 << 20  # of bodies exported between garbage collections (see _collected)
 
 __all__ = [
-    "METADATA_KEY", "flow_metadata", "har_document", "read_flow_file", "to_http_flow", "write_flow_file", "write_har",
+    "METADATA_KEY", "flow_metadata", "har_document", "har_entries", "read_flow_file", "to_http_flow", "write_flow_file",
+    "write_har",
 ]
 
 
@@ -156,9 +157,11 @@ def har_document(records: Iterable[FlowRecord]) -> dict[str, Any]:
 
 def har_entries(records: Iterable[FlowRecord]) -> Iterator[dict[str, Any]]:
     """Each record's HAR entry, made one at a time by mitmproxy's HAR exporter."""
-    exporter, servers_seen = SaveHar(), set()  # type: ignore[var-annotated]
+    exporter = SaveHar()
     for record in _collected(records):
-        entry = exporter.flow_entry(to_http_flow(record), servers_seen)
+        # Each record's flow has a server object of its own, never "seen" before: a fresh set, not one that
+        # would keep every flow's server alive through the export.
+        entry = exporter.flow_entry(to_http_flow(record), set())
         entry["_rollouttap"] = flow_metadata(record)
         # mitmproxy writes `content: {}` for a flow that got no response; HAR 1.2 requires size and mimeType,
         # and viewers (Chrome, har-validator) reject the entry without them.

@@ -43,8 +43,7 @@ def format_for(path: str | Path, fmt: str | None = None) -> Format:
 def select_flows(store: Store, *, agent_id: str | None = None, run_id: str | None = None) -> Iterator[FlowRecord]:
     """One agent's flows, one run's, or (neither given) every flow in the store, in capture order, read a
     page at a time."""
-    if agent_id is not None and run_id is not None:
-        raise ConfigError("export one agent or one run, not both")
+    _check_selection(agent_id, run_id)
     return store.iter_flows(batch=4, agent_id=agent_id, run_id=run_id)  # a few flows, bodies and all, at once
 
 
@@ -55,8 +54,7 @@ def export_flows(store_path: str | Path | Sequence[str | Path], out: str | Path,
     from rollouttap.addon import export_flows as conv  # imports mitmproxy
 
     chosen = format_for(out, fmt)
-    if agent_id is not None and run_id is not None:
-        raise ConfigError("export one agent or one run, not both")
+    _check_selection(agent_id, run_id)  # before the file is opened
     paths = [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
     with ExitStack() as stack:
         stores = [stack.enter_context(Store(path, readonly=True)) for path in paths]
@@ -75,3 +73,8 @@ def _in_request_order(stores: list[Store], agent_id: str | None, run_id: str | N
         flow = stores[i].flow_at(row_id)
         if flow is not None:  # a read-only store is not written meanwhile; a copy being pruned might be
             yield flow
+
+
+def _check_selection(agent_id: str | None, run_id: str | None) -> None:
+    if agent_id is not None and run_id is not None:
+        raise ConfigError("export one agent or one run, not both")

@@ -16,9 +16,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from rollouttap.errors import AgentSpecError, ConfigError, StoreError
 from rollouttap.manager import launch
@@ -478,7 +478,8 @@ def _check_settings(**values: Any) -> None:
             raise ConfigError(f"{name} must be {'>=' if inclusive else '>'} {least:g}, got {value!r}")
 
 
-class _Supervised(NamedTuple):
+@dataclass(frozen=True)
+class _Supervised:
     """How an agent's run ended, and what the manager killed of it when it did."""
     outcome: str  # launch.wait's: exited, timeout or cancelled
     killed: int

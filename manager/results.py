@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -98,6 +99,8 @@ def start_failure(exc: Exception) -> str:
     (a relative path, say, looked up in the agent's own fresh working directory)."""
     missing = exc.filename if isinstance(exc, FileNotFoundError) else None
     if isinstance(missing, str) and "/" not in missing:
+        if shutil.which(missing) is not None:  # found: what is missing is its script's interpreter (#! line)
+            return f"cannot start agent: the interpreter on the first line (#!) of {missing!r} was not found"
         return f"cannot start agent: command {missing!r} not found on PATH ({exc.strerror})"
     return f"cannot start agent (it runs in a fresh working directory, not here): {exc}"
 

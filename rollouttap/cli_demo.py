@@ -35,11 +35,12 @@ def demo(
 
     from rollouttap.errors import ConfigError
     from rollouttap.extras import require
-    from rollouttap.trainer_hooks.demo import DEMO_MODULES, DemoConfig, run_demo
+    from rollouttap.trainer_hooks.demo import AGENT_MODULES, DEMO_MODULES, DemoConfig, run_demo
 
     if generation not in ("agents", "trl"):
         raise ConfigError(f"--generation must be 'agents' or 'trl', not {generation!r}")
-    require("rollouttap demo", *DEMO_MODULES)  # before minutes of model building (the agent needs openai)
+    # Before minutes of model building; the agents run the openai SDK.
+    require("rollouttap demo", *DEMO_MODULES, *(AGENT_MODULES if generation == "agents" else ()))
     store = store or Path(tempfile.mkdtemp(prefix="rollouttap-demo-")) / "runs.db"
     config = DemoConfig(store=store.resolve(), steps=steps, prompts=prompts, parallel=parallel,
                         generation=generation, vllm_url=vllm_url)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ EXTRA_OF = {
 
 
 def missing_message(what: str, modules: list[str]) -> str:
+    """What to say when ``what`` lacks ``modules``: them, and the pip command that installs their extras."""
     extras = ",".join(sorted({EXTRA_OF.get(m, "train") for m in modules}))
     return f"{what} needs {', '.join(modules)}, not installed here: pip install 'rollouttap[{extras}]'"
 

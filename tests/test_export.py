@@ -107,12 +107,21 @@ def test_har_is_valid_and_mitmproxy_reads_it_back(recording, tmp_path):
     assert [f.request.pretty_url for f in back] == [r.url for r in stored]
 
 
-def test_har_written_entry_by_entry_is_the_document_mitmproxys_exporter_makes(recording, tmp_path):
-    from rollouttap.addon.export_flows import har_document, write_har
+def test_har_written_entry_by_entry_holds_mitmproxys_entries_for_the_flows(recording, tmp_path):
+    from mitmproxy.addons.savehar import SaveHar
+
+    from rollouttap.addon.export_flows import har_document, to_http_flow, write_har
     with Store(recording.store) as s:
         assert write_har(s.iter_flows(batch=2), tmp_path / "all.har") == len(s.flows())
-        whole = har_document(s.flows())
-    assert json.loads((tmp_path / "all.har").read_text()) == whole
+        whole, records = har_document(s.flows()), s.flows()
+    written = json.loads((tmp_path / "all.har").read_text())
+    assert written == whole  # the framing: one valid document
+    mitmproxys = SaveHar().make_har([to_http_flow(r) for r in records])["log"]["entries"]
+    for entry, theirs, record in zip(written["log"]["entries"], mitmproxys, records, strict=True):
+        assert entry.pop("_rollouttap")["id"] == record.id
+        # What HAR 1.2 requires and mitmproxy leaves out for a flow without a response: size and mimeType.
+        assert entry["response"].pop("content") == {"size": 0, "mimeType": "", **theirs["response"].pop("content")}
+        assert entry == theirs
     assert write_har([], tmp_path / "none.har") == 0
     assert json.loads((tmp_path / "none.har").read_text())["log"]["entries"] == []
 

@@ -648,6 +648,18 @@ def test_why_an_agent_could_not_start_names_path_or_workdir(tmp_path, argv, expe
     assert start_failure(raised.value).startswith(expected)
 
 
+def test_a_command_whose_interpreter_is_missing_is_not_called_missing(tmp_path, monkeypatch):
+    from rollouttap.manager.results import start_failure
+    script = tmp_path / "my-agent"
+    script.write_text("#!/no/such/interpreter\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(FileNotFoundError) as raised:
+        subprocess.Popen(["my-agent"])
+    assert start_failure(raised.value) == ("cannot start agent: the interpreter on the first line (#!) of "
+                                           "'my-agent' was not found")
+
+
 def test_an_agent_command_missing_from_path_is_reported_in_its_result(tmp_path, confdir, upstream):
     with AgentManager(CommandAgent(["no-such-agent-command-x", "{prompt}"]), store=tmp_path / "s.db",
                       model_url=upstream.base_url, confdir=confdir) as m:

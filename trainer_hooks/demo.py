@@ -1,8 +1,8 @@
 """The main job on a CPU: real GRPO training of a tiny model whose rollouts are real agent processes.
 
 The tiny (warm-started, offline) model is served live by the embedded PolicyServer; each prompt runs the
-example openai-SDK agent (examples/openai_agent.py, installed as rollouttap.examples, unmodified, multi-turn with a calculator tool)
-behind the capture proxy; the reward is computed from the agent's outcome. ``generation="trl"`` runs the
+example openai-SDK agent (examples/openai_agent.py, installed as rollouttap.examples, unmodified, multi-turn
+with a calculator tool) behind the capture proxy; the reward is computed from the agent's outcome. ``generation="trl"`` runs the
 same prompts and reward with TRL's own generation instead, for comparison.
 """
 
@@ -24,7 +24,8 @@ from rollouttap.errors import RolloutTapError
 log = logging.getLogger(__name__)
 
 Generation = Literal["agents", "trl"]
-DEMO_MODULES = ("torch", "transformers", "trl", "datasets", "tokenizers", "openai")  # openai: the agent's
+DEMO_MODULES = ("torch", "transformers", "trl", "datasets", "tokenizers")
+AGENT_MODULES = ("openai",)  # the example agent's, run by this interpreter
 
 
 class DemoFailed(RolloutTapError):
@@ -39,7 +40,8 @@ def example_agent() -> Path:
 
 def check_batch(results: list[Any]) -> None:
     """Raise DemoFailed when no agent of a batch ended ok or reached the model: a broken setup (a missing
-    package, no model server), which would otherwise train quietly on nothing but zero rewards."""
+    package, no model server), which would otherwise train quietly on nothing but zero rewards. Under
+    torchrun each rank checks its own batch (a setup broken on one rank only leaves the others waiting)."""
     if not results or any(r.status == "ok" or r.calls for r in results):
         return
     first = results[0]
