@@ -2,8 +2,8 @@
 
 The tiny (warm-started, offline) model is served live by the embedded PolicyServer; each prompt runs the
 example openai-SDK agent (examples/openai_agent.py, installed as rollouttap.examples, unmodified, multi-turn
-with a calculator tool) behind the capture proxy; the reward is computed from the agent's outcome. ``generation="trl"`` runs the
-same prompts and reward with TRL's own generation instead, for comparison.
+with a calculator tool) behind the capture proxy; the reward is computed from the agent's outcome.
+``generation="trl"`` runs the same prompts and reward with TRL's own generation instead, for comparison.
 """
 
 from __future__ import annotations
