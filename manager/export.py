@@ -71,7 +71,7 @@ def _in_request_order(stores: list[Store], agent_id: str | None, run_id: str | N
                   for row_id, t in store.flow_times(agent_id=agent_id, run_id=run_id))
     for _, i, row_id in keys:
         flow = stores[i].flow_at(row_id)
-        if flow is not None:  # a read-only store is not written meanwhile; a copy being pruned might be
+        if flow is not None:  # pruned since its time was read
             yield flow
 
 

@@ -42,11 +42,11 @@ def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, ensure_ascii=False, default=str))
 
 
-def _open(store: Path) -> Any:
+def _open(store: Path, *, readonly: bool = True) -> Any:
     from rollouttap.store import Store
     if not store.exists():
         raise StoreError(f"no store at {store}")
-    return Store(store, readonly=True)
+    return Store(store, readonly=readonly)
 
 
 def _distinct(stores: list[Path]) -> list[Path]:
@@ -347,13 +347,10 @@ def prune(
     import time
 
     from rollouttap.manager.inspect import parse_age, parse_when
-    from rollouttap.store import Store
     if (older_than is None) == (before is None):
         raise ConfigError("give --older-than or --before (one of them)")
     cutoff = time.time() - parse_age(older_than) if older_than is not None else parse_when(before or "")
-    if not store.exists():
-        raise StoreError(f"no store at {store}")
-    with Store(store) as s:
+    with _open(store, readonly=False) as s:
         flows_deleted, agents_deleted = s.prune(cutoff)
     typer.echo(f"deleted {flows_deleted} flows and {agents_deleted} agents from {store}")
 

@@ -141,13 +141,18 @@ class Store:
               run_id: str | None = None, proxy_ids: Sequence[str] | None = None,
               limit: int | None = None) -> list[FlowRecord]:
         """Flows in the order the proxy saw their requests, filtered (``proxy_ids``: recorded by those proxies)."""
-        where, params = _flow_filter(agent_id=agent_id, state=state, host=host, since=since, until=until,
-                                     unattributed=unattributed, run_id=run_id, proxy_ids=proxy_ids)
-        sql = f"SELECT * FROM flows{where} ORDER BY id"
+        rows = self._select_flows("*", limit, agent_id=agent_id, state=state, host=host, since=since, until=until,
+                                  unattributed=unattributed, run_id=run_id, proxy_ids=proxy_ids)
+        return [FlowRecord.from_row(r) for r in rows]
+
+    def _select_flows(self, columns: str, limit: int | None, **filters: Any) -> list[sqlite3.Row]:
+        """``columns`` of the filtered flows, in capture order, at most ``limit``."""
+        where, params = _flow_filter(**filters)
+        sql = f"SELECT {columns} FROM flows{where} ORDER BY id"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [FlowRecord.from_row(r) for r in self._query(sql, params)]
+        return self._query(sql, params)
 
     def iter_flows(self, *, batch: int = 64, **filters: Any) -> Iterator[FlowRecord]:
         """``flows()`` read ``batch`` at a time (pages by id), those stored when it begins: a store of any size is
@@ -166,8 +171,7 @@ class Store:
 
     def flow_times(self, **filters: Any) -> list[tuple[int, float | None]]:
         """(row id, request time) of the flows ``flows()`` would return, in that order, without their bodies."""
-        where, params = _flow_filter(**filters)
-        return [(r[0], r[1]) for r in self._query(f"SELECT id, t_request FROM flows{where} ORDER BY id", params)]
+        return [(r[0], r[1]) for r in self._select_flows("id, t_request", None, **filters)]
 
     def flow_at(self, row_id: int) -> FlowRecord | None:
         """The flow of a row id that ``flow_times`` gave."""
@@ -176,14 +180,8 @@ class Store:
 
     def flow_listing(self, *, limit: int | None = None, **filters: Any) -> list[tuple[FlowRecord, int, int]]:
         """``flows()`` without reading a body: each record (its bodies None) with its bodies' sizes in bytes."""
-        where, params = _flow_filter(**filters)
-        sql = (f"SELECT {_COLUMNS_BUT_BODIES}, length(request_body) AS request_bytes, "
-               f"length(response_body) AS response_bytes FROM flows{where} ORDER BY id")
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
         listed = []
-        for row in self._query(sql, params):
+        for row in self._select_flows(_LISTED_COLUMNS, limit, **filters):
             data = dict(row)
             sizes = (data.pop("request_bytes") or 0, data.pop("response_bytes") or 0)
             listed.append((FlowRecord.from_row({**data, "request_body": None, "response_body": None}), *sizes))
@@ -283,22 +281,21 @@ class Store:
         """Delete what ended before ``before``: registered agents that ended then, whole (all their flows, so
         no conversation is cut in two), and other flows (unattributed, or of an agent named by a tag or header
         alone) requested then; never an open flow. (flows, agents) deleted. A page of flows per transaction,
-        so the proxies' writers wait for milliseconds, not for the whole prune. The file keeps its size: new
+        so the proxies' writers wait for one page, not for the whole prune. The file keeps its size: new
         rows reuse the freed pages (``VACUUM``, while nothing writes, gives them back)."""
+        ended_before = f"status NOT IN {_LIVE} AND coalesce(ended_at, created_at) < ?"
         flows = 0
         while True:
             deleted = self._write(
                 "DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE state != 'open' AND ("
-                f"agent_id IN (SELECT agent_id FROM agents WHERE status NOT IN {_LIVE} "
-                "AND coalesce(ended_at, created_at) < ?) "
+                f"agent_id IN (SELECT agent_id FROM agents WHERE {ended_before}) "
                 "OR (t_request < ? AND (agent_id IS NULL OR agent_id NOT IN (SELECT agent_id FROM agents)))) "
                 "LIMIT ?)", (before, before, batch))
             flows += deleted
             if deleted < batch:
                 break
         agents = self._write(
-            f"DELETE FROM agents WHERE status NOT IN {_LIVE} AND coalesce(ended_at, created_at) < ? "
-            "AND NOT EXISTS (SELECT 1 FROM flows WHERE flows.agent_id = agents.agent_id)", (before,))
+            f"DELETE FROM agents WHERE {ended_before} AND NOT EXISTS (SELECT 1 FROM flows WHERE flows.agent_id = agents.agent_id)", (before,))
         return flows, agents
 
 
@@ -310,7 +307,9 @@ def _alive(pid: int, create_time: float | None) -> bool:
         return False
 
 
-_COLUMNS_BUT_BODIES = ", ".join(c for c in FLOW_COLUMNS if c not in ("request_body", "response_body"))
+# Every column but the bodies, and the bodies' sizes (SQLite's length() of a blob reads no overflow page).
+_LISTED_COLUMNS = ", ".join(c for c in FLOW_COLUMNS if c not in ("request_body", "response_body")) + \
+    ", length(request_body) AS request_bytes, length(response_body) AS response_bytes"
 
 
 def _flow_filter(*, agent_id: str | None = None, state: str | None = None, host: str | None = None,
