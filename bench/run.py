@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -93,9 +94,15 @@ def run_one(name: str, ctx: Context) -> Section:
     return section
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks and write the report; 1 when one of them failed."""
     args = parse_args(argv)
+    # `kill RUNNER` reaches no child: unwinding as from Ctrl-C stops the proxies, upstreams and clients it started.
+    signal.signal(signal.SIGTERM, _interrupted)
     if args.list:
         for name, module in BENCHMARKS.items():
             print(f"{name}\t{module.TITLE}")
