@@ -26,15 +26,17 @@ def stream_rewrite(resp: http.Response, injection: tokenids.Injection | None,
     strip = tokenids.StreamStripper(injection).feed
     encoding = resp.headers.get("content-encoding", "").strip().lower()
     if encoding in ("", "identity"):
-        return strip
-    rewrite = decoded(encoding, strip)
-    if rewrite is None:
-        log.warning("rollouttap: cannot decode a %s stream; its token ids reach the agent", encoding)
-        return None
-    del resp.headers["content-encoding"]
-    resp.headers.pop("content-length", None)
-    resp.headers["transfer-encoding"] = "chunked"
-    meta["decoded_stream"] = encoding
+        rewrite = strip
+    else:
+        if (rewrite := decoded(encoding, strip)) is None:
+            log.warning("rollouttap: cannot decode a %s stream; its token ids reach the agent", encoding)
+            return None
+        del resp.headers["content-encoding"]
+        meta["decoded_stream"] = encoding
+    # Stripping shortens the body: a server's Content-Length would leave the client waiting for bytes that
+    # never come (vLLM sends chunks, other servers may not).
+    if resp.headers.pop("content-length", None) is not None or encoding not in ("", "identity"):
+        resp.headers["transfer-encoding"] = "chunked"
     return rewrite
 
 

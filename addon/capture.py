@@ -312,6 +312,9 @@ class RolloutTap:
         if live is None or flow.response is None:
             return
         resp = flow.response
+        if live.tap is not None and live.tap.failed is not None:
+            self._cut_stream(flow, live.tap)
+            return
         if live.tap is not None and (live.tap.raw or not resp.raw_content):
             body, first = bytes(live.tap.raw), live.tap.first_byte_at
         else:
@@ -321,6 +324,17 @@ class RolloutTap:
         self._end(flow.id, "done", {"response_body": body, "t_first_byte": first,
                                     "t_end": resp.timestamp_end or time.time(),
                                     "status_code": resp.status_code})
+
+    def _cut_stream(self, flow: http.HTTPFlow, tap: StreamTap) -> None:
+        """A stream the agent could not be given whole: close its connection before the end of the message (the
+        client sees a broken answer, not a short one), and keep what the server sent."""
+        error = f"the proxy could not rewrite this stream for the client ({tap.failed}); its connection was closed"
+        log.error("rollouttap: %s %s: %s", flow.request.method, flow.request.pretty_url, error)
+        flow.kill()
+        assert flow.response is not None
+        self._end(flow.id, "error", {"response_body": bytes(tap.raw), "t_first_byte": tap.first_byte_at,
+                                     "t_end": time.time(), "status_code": flow.response.status_code,
+                                     "error": error})
 
     def error(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)

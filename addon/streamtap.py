@@ -11,16 +11,19 @@ class StreamTap:
     """``flow.response.stream = StreamTap(...)``: sees every TCP read, keeps the raw bytes.
 
     ``rewrite`` (e.g. stripping injected token ids) turns upstream bytes into client bytes; it may
-    hold bytes back and gets ``b""`` at the end to flush them.
+    hold bytes back and gets ``b""`` at the end to flush them. If it fails (a compressed stream that does
+    not decode), ``failed`` says why and nothing more is forwarded: the hook that sees the end kills the
+    flow, so the client meets a broken stream instead of a clean, short one.
     """
 
-    __slots__ = ("raw", "first_byte_at", "rewrite", "ended")
+    __slots__ = ("raw", "first_byte_at", "rewrite", "ended", "failed")
 
     def __init__(self, rewrite: Callable[[bytes], bytes] | None = None) -> None:
         self.raw = bytearray()
         self.first_byte_at: float | None = None
         self.rewrite = rewrite
         self.ended = False
+        self.failed: str | None = None
 
     def __call__(self, data: bytes) -> list[bytes]:
         if data:
@@ -29,7 +32,14 @@ class StreamTap:
             self.raw += data
         else:
             self.ended = True
-        out = self.rewrite(data) if self.rewrite is not None else data
+        if self.failed is not None:
+            return []
+        try:
+            out = self.rewrite(data) if self.rewrite is not None else data
+        except Exception as exc:  # zlib's, brotli's, zstd's errors (no common base), or a bug of ours:
+            # mitmproxy would log it and end the client's response cleanly, short of what the server sent.
+            self.failed = f"{type(exc).__name__}: {exc}"
+            return []
         # Never hand mitmproxy an empty chunk: with chunked encoding it would end the response early.
         return [out] if out else []
 
@@ -52,10 +62,11 @@ def decoded(encoding: str, then: Callable[[bytes], bytes]) -> Callable[[bytes], 
 
 
 def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]] | None:
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        # gzip, or zlib-wrapped deflate (what servers send as "deflate"): wbits 32+ detects either header
-        zobj = zlib.decompressobj(32 + zlib.MAX_WBITS)
+    if encoding in ("gzip", "x-gzip"):
+        zobj = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header
         return zobj.decompress, zobj.flush
+    if encoding == "deflate":
+        return _Deflate().decoder()
     if encoding == "br":
         import brotli  # mitmproxy's own dependency
         bobj = brotli.Decompressor()
@@ -65,3 +76,25 @@ def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], byte
         zst = zstandard.ZstdDecompressor().decompressobj()
         return zst.decompress, zst.flush
     return None
+
+
+class _Deflate:
+    """"deflate" as servers send it: zlib-wrapped (RFC 9110) or raw, told apart by the first bytes, as
+    mitmproxy's own decoder (and every browser) does for a whole body."""
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(zlib.MAX_WBITS)
+        self._started = False
+
+    def decoder(self) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+        return self.decompress, lambda: self._z.flush()
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._started:
+            return self._z.decompress(data)
+        self._started = True
+        try:
+            return self._z.decompress(data)
+        except zlib.error:  # no zlib header: raw deflate
+            self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._z.decompress(data)

@@ -1116,38 +1116,78 @@ def test_injected_fields_are_hidden_from_a_compressed_answer_too(tmp_path, confd
 
 
 
-@pytest.mark.parametrize("coding", ["gzip", "br"])
-def test_injected_fields_are_hidden_from_a_compressed_stream_too(tmp_path, confdir, coding):
+_CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+          "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": None, "finish_reason": None,
+                       "token_ids": [7, 8]}]}
+_SSE = f"data: {json.dumps(_CHUNK, separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
+
+
+def _pack(coding: str, plain: bytes) -> bytes:
     import gzip
+    import zlib
 
     import brotli
-    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-             "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": None, "finish_reason": None,
-                          "token_ids": [7, 8]}]}
-    sse = f"data: {json.dumps(chunk, separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
-    packed = gzip.compress(sse) if coding == "gzip" else brotli.compress(sse)
+    if coding == "deflate-raw":  # what many servers send as "deflate": no zlib header
+        zobj = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        return zobj.compress(plain) + zobj.flush()
+    return {"identity": bytes, "gzip": gzip.compress, "br": brotli.compress, "deflate": zlib.compress}[coding](plain)
 
+
+def _stream_once(tmp_path, confdir, body: bytes, coding: str, framing: str, agent: str):
+    """One streamed chat call through the proxy to a server that sends ``body`` as it is told; the client's
+    response (unread) and the flow."""
     def reply(conn: socket.socket, data: bytes) -> None:
         _whole_request(conn, data)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: "
-                     + coding.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for piece in (packed[:7], packed[7:]):  # a compressed stream split anywhere
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        if coding != "identity":
+            head += b"Content-Encoding: " + coding.removesuffix("-raw").encode() + b"\r\n"
+        if framing == "length":
+            conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            return
+        conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        for piece in (body[:7], body[7:]):  # a compressed stream split anywhere
             conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
         conn.sendall(b"0\r\n\r\n")
     server, thread = _one_shot_server(reply)
     host = f"127.0.0.1:{server.getsockname()[1]}"
     with server, start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,), logprobs=False) as proxy:
-        resp = requests.post(f"http://{host}/v1/chat/completions", headers={"X-Agent-ID": "gzs"}, timeout=20,
-                             json={"model": "m", "stream": True, "messages": []}, proxies={"http": proxy.url})
+        resp = requests.post(f"http://{host}/v1/chat/completions", headers={"X-Agent-ID": agent}, timeout=20,
+                             json={"model": "m", "stream": True, "messages": []}, proxies={"http": proxy.url},
+                             stream=True)
+        try:
+            content: bytes | Exception = resp.raw.read()
+        except Exception as exc:  # a broken answer, as the client meets it
+            content = exc
         thread.join(10)
-        [flow] = settled_flows(proxy.config.store, agent_id="gzs")
+        [flow] = settled_flows(proxy.config.store, agent_id=agent)
+    return resp, content, flow
+
+
+@pytest.mark.parametrize("coding, framing", [("gzip", "chunked"), ("br", "chunked"), ("deflate", "chunked"),
+                                             ("deflate-raw", "chunked"), ("gzip", "length"),
+                                             ("identity", "length")])
+def test_injected_fields_are_hidden_from_a_compressed_or_sized_stream_too(tmp_path, confdir, coding, framing):
+    resp, content, flow = _stream_once(tmp_path, confdir, _pack(coding, _SSE), coding, framing, "gzs")
     assert "content-encoding" not in resp.headers  # the agent gets it plain, as its client would read it
-    assert resp.content == sse.replace(b'"token_ids":[7,8]', b'"token_ids":null')
-    assert flow.state == "done" and flow.meta["decoded_stream"] == coding
+    # A Content-Length would no longer fit the body: the client would wait for bytes that never come.
+    assert "content-length" not in resp.headers
+    assert content == _SSE.replace(b'"token_ids":[7,8]', b'"token_ids":null')
+    assert flow.state == "done" and flow.meta.get("decoded_stream") == (None if coding == "identity"
+                                                                       else coding.removesuffix("-raw"))
     assert '"token_ids":[7,8]' in flow.response_text()  # the store keeps the server's bytes, ids and all
 
 
-@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "br", "zstd", " GZIP "])
+def test_a_compressed_stream_that_does_not_decode_reaches_the_agent_broken_and_is_recorded_as_an_error(
+        tmp_path, confdir):
+    broken = _pack("gzip", _SSE)
+    broken = broken[:10] + bytes(b ^ 0xFF for b in broken[10:30]) + broken[30:]
+    resp, content, flow = _stream_once(tmp_path, confdir, broken, "gzip", "chunked", "bad-gz")
+    assert isinstance(content, Exception)  # not a clean, empty 200 the agent would take for an answer
+    assert flow.state == "error" and "could not rewrite this stream" in flow.error
+    assert flow.response_body == broken  # what the server sent is kept
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "br", "zstd", " GZIP ", "deflate-raw"])
 def test_decoded_feeds_the_plain_stream_in_pieces_and_ends_it(coding):
     import gzip
     import zlib
@@ -1159,9 +1199,10 @@ def test_decoded_feeds_the_plain_stream_in_pieces_and_ends_it(coding):
     plain = b"data: 1\n\n" * 50
     name = coding.strip().lower()
     packed = {"gzip": gzip.compress, "x-gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress,
-              "zstd": zstandard.ZstdCompressor().compress}[name](plain)
+              "zstd": zstandard.ZstdCompressor().compress, "deflate-raw": lambda b: _pack("deflate-raw", b),
+              }[name](plain)
     seen: list[bytes] = []
-    feed = decoded(coding, lambda data: seen.append(data) or data)
+    feed = decoded(coding.removesuffix("-raw"), lambda data: seen.append(data) or data)
     out = b"".join(feed(packed[i:i + 5]) for i in range(0, len(packed), 5)) + feed(b"")
     assert out == plain and seen.index(b"") == len(seen) - 1  # the end reaches ``then`` once, last
 
