@@ -57,7 +57,7 @@ def strip_json_answer(resp: http.Response, injection: tokenids.Injection) -> Non
 
 # How an OpenAI-style stream ends: chat and /completions with ``data: [DONE]``, the Responses API with its final
 # response event (pydantic writes the event's ``type`` last).
-_STREAM_ENDS = (b"data: [DONE]", *(b'"type":"%s"}' % kind.encode() for kind in FINAL_EVENTS))
+_STREAM_ENDS = (b"data: [DONE]", b"data:[DONE]", *(b'"type":"%s"}' % kind.encode() for kind in FINAL_EVENTS))
 
 
 def sse_finished(raw: bytes | bytearray) -> bool:

@@ -332,6 +332,7 @@ class RolloutTap:
         log.error("rollouttap: %s %s: %s", flow.request.method, flow.request.pretty_url, error)
         flow.kill()
         assert flow.response is not None
+        self._live[flow.id].meta["rewrite_failed"] = tap.failed  # readers: the agent never got this answer whole
         self._end(flow.id, "error", {"response_body": bytes(tap.raw), "t_first_byte": tap.first_byte_at,
                                      "t_end": time.time(), "status_code": flow.response.status_code,
                                      "error": error})

@@ -221,16 +221,26 @@ def _result_of(flow: FlowRecord, stream: bool, responses: bool = False) -> ChatR
         return ChatResult(error={"message": f"response body is not JSON: {text[:80]!r}"})
 
 
-def _failure(flow: FlowRecord, result: ChatResult | None) -> str | None:
+def _state(flow: FlowRecord, result: ChatResult | None) -> str:
+    """The flow's state, except that a stream closed after its answer's ``finish_reason`` (a client that stops
+    reading there, before ``[DONE]``) is done: the agent had the whole answer, as the addon records a stream
+    closed after ``[DONE]``. Not where the proxy itself broke the stream off (``rewrite_failed``)."""
+    if (flow.state == "error" and result is not None and result.streamed and result.finish_reason is not None
+            and result.error is None and flow.status_code == 200 and "rewrite_failed" not in flow.meta):
+        return "done"
+    return flow.state
+
+
+def _failure(flow: FlowRecord, state: str, result: ChatResult | None) -> str | None:
     """Why the call did not yield a usable answer, or None."""
-    if flow.state == "error":
+    if state == "error":
         return flow.error or "flow ended in error"
     if flow.status_code is not None and flow.status_code >= 400:
         message = (result.error or {}).get("message") if result else None
         return f"HTTP {flow.status_code}" + (f": {message}" if message else "")
     if result is not None and result.error is not None:
         return str(result.error.get("message") or result.error)
-    if flow.state == "done" and (result is None or (result.streamed and result.finish_reason is None)):
+    if state == "done" and (result is None or (result.streamed and result.finish_reason is None)):
         return "response ended without an answer"
     return None
 
@@ -243,14 +253,15 @@ def _common_fields(flow: FlowRecord, index: int, request: dict[str, Any],
                    responses: bool = False) -> tuple[dict[str, Any], ChatResult | None]:
     stream = bool(request.get("stream"))
     result = _result_of(flow, stream, responses)
-    error = _failure(flow, result)
+    state = _state(flow, result)
+    error = _failure(flow, state, result)
     r = result or ChatResult()
     ids = r.completion_token_ids if r.completion_token_ids is not None else ids_from_logprob_tokens(r.logprob_tokens)
     return dict(
         index=index, flow_id=flow.flow_id, url=flow.url, path=flow.path, model=request.get("model"),
         params={k: v for k, v in request.items() if k not in _NOT_PARAMS}, stream=stream,
-        finish_reason=r.finish_reason, usage=r.usage, status_code=flow.status_code, state=flow.state,
-        error=error, failed=error is not None and flow.state != "open",
+        finish_reason=r.finish_reason, usage=r.usage, status_code=flow.status_code, state=state,
+        error=error, failed=error is not None and state != "open",
         latency=_elapsed(flow.t_request, flow.t_end), ttfb=_elapsed(flow.t_request, flow.t_first_byte),
         t_request=flow.t_request, response_id=r.id, prompt_token_ids=r.prompt_token_ids,
         completion_token_ids=ids, completion_logprobs=r.completion_logprobs, retry_count=_retry_count(flow),

@@ -1184,6 +1184,7 @@ def test_a_compressed_stream_that_does_not_decode_reaches_the_agent_broken_and_i
     resp, content, flow = _stream_once(tmp_path, confdir, broken, "gzip", "chunked", "bad-gz")
     assert isinstance(content, Exception)  # not a clean, empty 200 the agent would take for an answer
     assert flow.state == "error" and "could not rewrite this stream" in flow.error
+    assert "rewrite_failed" in flow.meta  # readers never take it for an answer the client closed after reading
     assert flow.response_body == broken  # what the server sent is kept
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -402,3 +403,22 @@ def test_a_retry_of_a_request_answered_turns_ago_is_a_turn_of_its_own():
     assert [c.flow_id for c in calls_in_order(conversation, flows)] == [f.flow_id for f in flows]
     _, fidelity = build_row(calls_in_order(conversation, flows), eos_token_id=TOK.eos_token_id)
     assert (fidelity.calls_used, fidelity.retries_skipped) == (3, 0)
+
+
+@pytest.mark.parametrize("cut, meta, answered", [
+    ("before [DONE]", {}, True),  # the client stopped reading at the finish_reason chunk
+    ("before [DONE]", {"rewrite_failed": "error: Error -3 while decompressing data"}, False),  # the proxy cut it
+    ("mid-answer", {}, False),
+])
+def test_a_stream_closed_after_its_finish_reason_is_an_answered_call(cut, meta, answered):
+    request = {"model": "m", "messages": [USER], "stream": True, "return_token_ids": True}
+    body, facts = vllm_answer(request, Reply(content="A whole answer in several chunks."), k=1)
+    assert body.endswith(SSE_DONE)
+    events = body[:-len(SSE_DONE)].split(b"\n\n")
+    kept = events if cut == "before [DONE]" else events[:len(events) // 2]
+    flow = make_flow(request, b"\n\n".join(kept), state="error", error="Client disconnected.")
+    call = chat_call_from_flow(dataclasses.replace(flow, meta=meta))
+    assert call is not None and call.failed is not answered and (call.state == "done") is answered
+    assert call.error == (None if answered else "Client disconnected.")
+    if answered:
+        assert call.completion_token_ids == facts["gen"].ids and call.finish_reason == "stop"

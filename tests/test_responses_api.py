@@ -175,6 +175,7 @@ def test_a_responses_stream_is_finished_at_its_final_event() -> None:
     assert sse_finished(stream_of(final))
     assert not sse_finished(stream_of(final, completed=False))
     assert sse_finished(b'data: {"n":1}\n\ndata: [DONE]\n\n')
+    assert sse_finished(b'data: {"n":1}\n\ndata:[DONE]\n\n')  # no space: servers other than vLLM
 
 
 def test_a_retried_responses_call_is_one_turn_and_its_failure_is_skipped() -> None:
