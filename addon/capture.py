@@ -55,6 +55,7 @@ class _Live:
     pending: dict[str, Any] = field(default_factory=dict)
     opened_key: tuple[Any, ...] | None = None  # flowcols.request_key when the row was opened
     refused: Attribution | None = None  # answered 407 once its body is in (kept like any other)
+    model: bool = False  # a request to a model host's API: its answer is kept whole, whatever its size
 
 
 class RolloutTap:
@@ -274,9 +275,9 @@ class RolloutTap:
         if route is not None:
             live.meta.setdefault("routed_from", readdress(flow.request, route))
         cols = flowcols.request_sent(flow, live.opened_key)
-        if ctx.options.rollouttap_token_ids and tokenids.is_model_request(
-                flow.request.host, flow.request.port, flow.request.path, self.model_hosts) \
-                and flow.request.method == "POST":
+        live.model = tokenids.is_model_request(flow.request.host, flow.request.port, flow.request.path,
+                                               self.model_hosts)
+        if ctx.options.rollouttap_token_ids and live.model and flow.request.method == "POST":
             injection = tokenids.plan_injection(
                 flow.request.path, flow.request.raw_content or b"",
                 flow.request.headers.get("content-type"),
@@ -297,15 +298,22 @@ class RolloutTap:
         if live is None or flow.response is None:
             return
         ctype = flow.response.headers.get("content-type", "")
-        streamed = ctype.startswith("text/event-stream")
+        streamed = ctype[:17].lower() == "text/event-stream"
+        # Only a model's answers are training data: another host's body (a package, a clone) goes to the client
+        # live, whatever its size, and the store keeps its first rollouttap_body_keep_mb.
+        keep = None if live.model or not ctx.options.rollouttap_body_keep_mb else \
+            ctx.options.rollouttap_body_keep_mb << 20
         if streamed:
             cols = flowcols.response_started(flow, streamed)  # as the server sent them: the body kept is its bytes
-            live.tap = StreamTap(stream_rewrite(flow.response, live.injection, live.meta))
+            live.tap = StreamTap(stream_rewrite(flow.response, live.injection, live.meta), keep)
             flow.response.stream = live.tap
             # A stream may run for minutes: readers see its status and headers while it does.
             self._update(flow.id, cols)
-        else:
-            live.pending = flowcols.response_started(flow, streamed)
+            return
+        live.pending = flowcols.response_started(flow, streamed)
+        if keep is not None and flow.response.status_code != 101:  # 101: a websocket or other upgrade follows
+            live.tap = StreamTap(keep=keep)
+            flow.response.stream = live.tap
 
     def response(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
@@ -316,7 +324,7 @@ class RolloutTap:
             self._cut_stream(flow, live.tap)
             return
         if live.tap is not None and (live.tap.raw or not resp.raw_content):
-            body, first = bytes(live.tap.raw), live.tap.first_byte_at
+            body, first = self._tapped(live), live.tap.first_byte_at
         else:
             body, first = resp.raw_content or b"", resp.timestamp_start
             if live.injection is not None:
@@ -324,6 +332,14 @@ class RolloutTap:
         self._end(flow.id, "done", {"response_body": body, "t_first_byte": first,
                                     "t_end": resp.timestamp_end or time.time(),
                                     "status_code": resp.status_code})
+
+    @staticmethod
+    def _tapped(live: _Live) -> bytes:
+        """The body a tap kept; where it kept only the first part, ``meta`` says how much came."""
+        assert live.tap is not None
+        if live.tap.size > len(live.tap.raw):
+            live.meta["body_cut"] = {"size": live.tap.size, "kept": len(live.tap.raw)}
+        return bytes(live.tap.raw)
 
     def _cut_stream(self, flow: http.HTTPFlow, tap: StreamTap) -> None:
         """A stream the agent could not be given whole: close its connection before the end of the message (the
@@ -350,7 +366,7 @@ class RolloutTap:
         if live.tap is None:
             self._end(flow_id, "error", cols)
             return
-        cols.update(response_body=bytes(live.tap.raw), t_first_byte=live.tap.first_byte_at)
+        cols.update(response_body=self._tapped(live), t_first_byte=live.tap.first_byte_at)
         if sse_finished(live.tap.raw):
             live.meta["closed_after_done"] = reason
             del cols["error"]

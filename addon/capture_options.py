@@ -46,6 +46,10 @@ def declare(loader: Any) -> None:
     loader.add_option("rollouttap_store_backlog_mb", int, MAX_BACKLOG_BYTES >> 20,
                       "Flow data (MiB) kept in memory while the store cannot take it (a full disk, a lock "
                       "held by another process); beyond it, new requests are answered 503 until it can.")
+    loader.add_option("rollouttap_body_keep_mb", int, 32,
+                      "Of a response body from a host that is not a model host (a package download, a git "
+                      "fetch), keep at most this many MiB in the store; the client still gets every byte, live. "
+                      "0 keeps every byte. Model hosts' answers are always kept whole.")
     loader.add_option("rollouttap_parent_pid", int, 0,
                       "Shut down cleanly when this process ends (the manager that started us).")
     loader.add_option("rollouttap_log_file", str, "",
@@ -59,6 +63,9 @@ def check(opts: Any, updated: set[str]) -> None:
     if "rollouttap_pid_lookup" in updated and opts.rollouttap_pid_lookup not in PID_LOOKUPS:
         raise exceptions.OptionsError(f"rollouttap_pid_lookup must be one of {', '.join(PID_LOOKUPS)}, "
                                       f"not {opts.rollouttap_pid_lookup!r}")
+    if "rollouttap_body_keep_mb" in updated and opts.rollouttap_body_keep_mb < 0:
+        raise exceptions.OptionsError("rollouttap_body_keep_mb must be 0 (keep every byte) or more (MiB), not "
+                                      f"{opts.rollouttap_body_keep_mb}")
     if "rollouttap_store_backlog_mb" in updated and opts.rollouttap_store_backlog_mb < 1:
         raise exceptions.OptionsError("rollouttap_store_backlog_mb must be at least 1 (MiB), not "
                                       f"{opts.rollouttap_store_backlog_mb}")

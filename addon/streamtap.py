@@ -16,10 +16,12 @@ class StreamTap:
     flow, so the client meets a broken stream instead of a clean, short one.
     """
 
-    __slots__ = ("raw", "first_byte_at", "rewrite", "ended", "failed")
+    __slots__ = ("raw", "first_byte_at", "rewrite", "ended", "failed", "keep", "size")
 
-    def __init__(self, rewrite: Callable[[bytes], bytes] | None = None) -> None:
-        self.raw = bytearray()
+    def __init__(self, rewrite: Callable[[bytes], bytes] | None = None, keep: int | None = None) -> None:
+        self.raw = bytearray()  # the first ``keep`` bytes (all of them without a limit)
+        self.keep = keep
+        self.size = 0  # every byte seen
         self.first_byte_at: float | None = None
         self.rewrite = rewrite
         self.ended = False
@@ -29,7 +31,11 @@ class StreamTap:
         if data:
             if self.first_byte_at is None:
                 self.first_byte_at = time.time()
-            self.raw += data
+            self.size += len(data)
+            if self.keep is None:
+                self.raw += data
+            elif len(self.raw) < self.keep:
+                self.raw += data[:self.keep - len(self.raw)]
         else:
             self.ended = True
         if self.failed is not None:

@@ -1,0 +1,105 @@
+"""Bodies from hosts that are not model hosts (downloads, clones) go to the client live and are kept in the store
+only up to rollouttap_body_keep_mb; model answers are kept whole. Real mitmdump, real sockets, real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+
+import requests
+
+from conftest import settled_flows, start_proxy, wait_for
+from rollouttap.store import Store
+
+MIB = 1 << 20
+
+
+def _server(answer: Callable[[socket.socket, bytes], None]) -> tuple[socket.socket, threading.Thread]:
+    """Accepts one connection, reads the request head (and a Content-Length body), lets ``answer`` reply."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), 0)
+            while len(body) < length:
+                body += conn.recv(65536)
+            answer(conn, head)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_a_download_reaches_the_client_whole_and_live_while_the_store_keeps_its_first_part(tmp_path, confdir):
+    first, rest = os.urandom(3 * MIB), os.urandom(3 * MIB)
+    client_has_first_part = threading.Event()
+
+    def answer(conn: socket.socket, _head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(first) + len(rest)) + first)
+        # The rest only once the client read the first part through the proxy: a proxy that held the body
+        # until its end would never pass it on (the test then fails on the wait below).
+        if client_has_first_part.wait(20):
+            conn.sendall(rest)
+    server, thread = _server(answer)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/wheel.whl"
+    with server, start_proxy(tmp_path / "s.db", confdir, extra={"rollouttap_body_keep_mb": "1"}) as proxy:
+        resp = requests.get(url, headers={"X-Agent-ID": "dl"}, proxies={"http": proxy.url}, stream=True, timeout=30)
+        got = resp.raw.read(len(first))
+        client_has_first_part.set()
+        got += resp.raw.read()
+        thread.join(10)
+        [flow] = settled_flows(proxy.config.store, agent_id="dl")
+    assert got == first + rest
+    assert flow.state == "done" and flow.status_code == 200
+    assert flow.response_body == first[:MIB]
+    assert flow.meta["body_cut"] == {"size": len(first) + len(rest), "kept": MIB}
+
+
+def test_a_model_answer_is_kept_whole_whatever_its_size(tmp_path, confdir):
+    answer_body = json.dumps({"id": "c1", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "x" * (2 * MIB)}, "finish_reason": "stop"}]}).encode()
+
+    def answer(conn: socket.socket, _head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(answer_body) + answer_body)
+    server, thread = _server(answer)
+    host = f"127.0.0.1:{server.getsockname()[1]}"
+    with server, start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,), token_ids=False,
+                             extra={"rollouttap_body_keep_mb": "1"}) as proxy:
+        resp = requests.post(f"http://{host}/v1/chat/completions", json={"model": "m", "messages": []},
+                             headers={"X-Agent-ID": "big-answer"}, proxies={"http": proxy.url}, timeout=30)
+        thread.join(10)
+        [flow] = settled_flows(proxy.config.store, agent_id="big-answer")
+    assert resp.content == answer_body
+    assert flow.response_body == answer_body and "body_cut" not in flow.meta
+
+
+def test_bodiless_answers_pass_through_the_tap(tmp_path, confdir):
+    answers = iter([b"HTTP/1.1 204 No Content\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 12345\r\nContent-Type: text/plain\r\n\r\n"])
+    servers = [_server(lambda conn, _head, a=a: conn.sendall(a)) for a in answers]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    with start_proxy(tmp_path / "s.db", confdir) as proxy:
+        for (server, thread), method in zip(servers, ("GET", "HEAD")):
+            with server:
+                out = subprocess.run(
+                    ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url, "-H", "X-Agent-ID: nb",
+                     *(["-I"] if method == "HEAD" else []), f"http://127.0.0.1:{server.getsockname()[1]}/x"],
+                    env=env, capture_output=True, text=True, timeout=30)
+                thread.join(10)
+            assert out.returncode == 0 and out.stdout in ("204", "200"), out.stderr
+        with Store(proxy.config.store) as store:
+            flows = wait_for(lambda: [f for f in store.flows(agent_id="nb") if f.state != "open"][1:] and
+                             store.flows(agent_id="nb"), what="both flows ended")
+    assert [(f.method, f.status_code, f.state) for f in flows] == [("GET", 204, "done"), ("HEAD", 200, "done")]
+    assert all(not f.response_body for f in flows)
