@@ -9,10 +9,14 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import stat
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from mitmproxy import connection, flow, http
 
@@ -22,7 +26,6 @@ with warnings.catch_warnings():
     from mitmproxy import io
     from mitmproxy.addons.savehar import SaveHar
 
-from rollouttap.paths import open_private
 from rollouttap.store import FlowRecord
 
 log = logging.getLogger(__name__)
@@ -118,7 +121,7 @@ def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
 def write_flow_file(records: Iterable[FlowRecord], out: BinaryIO | str | Path) -> int:
     """Write flows in mitmproxy's flow-file format (``mitmproxy.io.FlowReader`` reads it); returns the count."""
     if isinstance(out, (str, Path)):
-        with open_private(out, "wb") as fo:
+        with _replacing(out, "wb") as fo:
             return write_flow_file(records, fo)
     writer = io.FlowWriter(out)
     count = 0
@@ -126,6 +129,28 @@ def write_flow_file(records: Iterable[FlowRecord], out: BinaryIO | str | Path) -
         writer.add(to_http_flow(record))
         count += 1
     return count
+
+
+@contextmanager
+def _replacing(path: str | Path, mode: str, **kwargs: Any) -> Iterator[IO[Any]]:
+    """A file that becomes ``path`` only once written whole: it is written beside it under a temporary name and
+    moved into place, so an export cut short (an error, Ctrl-C) leaves no file that reads as complete (a flow
+    file cut between flows parses cleanly) and an existing ``path`` as it was. Created owner-only; an existing
+    ``path`` keeps its mode."""
+    path = Path(path)
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")  # mode 0600
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    try:
+        with os.fdopen(fd, mode, **kwargs) as fo:
+            yield fo
+        if path.exists():
+            os.chmod(temp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 def _collected(records: Iterable[FlowRecord], every: int = GC_EVERY_BYTES) -> Iterator[FlowRecord]:
@@ -180,7 +205,7 @@ def write_har(records: Iterable[FlowRecord], out: str | Path) -> int:
     head["log"]["entries"] = _ENTRIES
     before, after = json.dumps(head, indent=2).split(json.dumps(_ENTRIES))  # the document around its entries
     count = 0
-    with open_private(out, "w", encoding="utf-8") as fo:
+    with _replacing(out, "w", encoding="utf-8") as fo:
         fo.write(before + "[")
         for entry in har_entries(records):
             fo.write(("," if count else "") + "\n" + json.dumps(entry, indent=2))

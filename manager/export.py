@@ -21,7 +21,11 @@ log = logging.getLogger(__name__)
 Format = Literal["mitm", "har"]
 FORMATS: tuple[Format, ...] = ("mitm", "har")
 
-__all__ = ["FORMATS", "ExportResult", "Format", "export_flows", "format_for", "select_flows"]
+__all__ = ["FORMATS", "ExportResult", "Format", "check_export", "export_flows", "format_for", "select_flows"]
+
+SQLITE_MAGIC = b"SQLite format 3\0"  # the first 16 bytes of every SQLite database file
+# Files SQLite keeps beside a database: writing over one corrupts the store as surely as writing over it.
+SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,8 @@ def export_flows(store_path: str | Path | Sequence[str | Path], out: str | Path,
     from rollouttap.addon import export_flows as conv  # imports mitmproxy
 
     chosen = format_for(out, fmt)
-    _check_selection(agent_id, run_id)  # before the file is opened
     paths = [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
+    check_export(paths, out, agent_id=agent_id, run_id=run_id)  # before any file is opened
     with ExitStack() as stack:
         stores = [stack.enter_context(Store(path, readonly=True)) for path in paths]
         flows = _in_request_order(stores, agent_id, run_id) if len(stores) > 1 else \
@@ -73,6 +77,44 @@ def _in_request_order(stores: list[Store], agent_id: str | None, run_id: str | N
         flow = stores[i].flow_at(row_id)
         if flow is not None:  # pruned since its time was read
             yield flow
+
+
+def check_export(store_paths: Sequence[str | Path], out: str | Path, *, agent_id: str | None = None,
+                 run_id: str | None = None) -> None:
+    """Refuse an export that cannot work or would destroy data: an agent and a run at once, an output that is
+    one of the stores read (or a file SQLite keeps beside one), an existing SQLite database, a directory, or
+    ``-`` (an export is written whole to a file, then moved into place)."""
+    _check_selection(agent_id, run_id)
+    target = Path(out)
+    if str(out) == "-":
+        raise ConfigError("export writes a file, not stdout: give a file name, e.g. -o flows.har")
+    resolved = target.resolve()
+    for store in map(Path, store_paths):
+        own = store.resolve()
+        if resolved in {own, *(own.with_name(own.name + side) for side in SIDE_FILES)} or _same_file(target, store):
+            raise ConfigError(f"{out} is the store {store} (or a file SQLite keeps beside it): writing the export "
+                              f"there would destroy the store; give another output file")
+    if target.is_dir():
+        raise ConfigError(f"{out} is a directory: give a file name in it, e.g. {target / 'flows.har'}")
+    if _is_sqlite(target):
+        raise ConfigError(f"{out} is a SQLite database (a store?): an export does not overwrite one; give another "
+                          f"output file, or delete that one first")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two existing paths name one file (a hard link escapes ``resolve``)."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fo:
+            return fo.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:  # not there (the usual case), or unreadable: writing it says why
+        return False
 
 
 def _check_selection(agent_id: str | None, run_id: str | None) -> None:

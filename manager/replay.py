@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -28,6 +29,7 @@ from rollouttap.manager.conversation import call_from_flow, flow_kind
 from rollouttap.manager.inspect import answer_text
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
 from rollouttap.store import FlowRecord, Store, is_redacted, is_secret_name, map_secret_query, new_token
+from rollouttap.store.redact import redact_command
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +150,10 @@ def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, ou
     run_id = "replay-" + uuid.uuid4().hex[:12]
     replay_id, token = f"{agent_id}.{run_id}", new_token()
     report = out_path.with_name(f"{out_path.name}.{run_id}.json")
+    # The command line redacted as `rollouttap run` records its agents': it may carry keys (`env KEY=...`).
     with Store(out_path) as replay_store:
         replay_store.register_agent(replay_id, token=token, run_id=run_id, meta={
-            "replay_of": agent_id, "source_store": str(store), "command": list(command)})
+            "replay_of": agent_id, "source_store": str(store), "command": redact_command(shlex.join(command))})
     config = ReplayProxyConfig(store=out_path, confdir=confdir, model_hosts=hosts, routes=tuple(routes),
                                replay_store=store, replay_agent=agent_id, replay_report=report)
     try:

@@ -148,6 +148,13 @@ def debug_first(argv: list[str]) -> list[str]:
     return ["--debug", *(a for a in argv[:end] if a != "--debug"), *argv[end:]]
 
 
+def _pipe_closed() -> int:
+    """The exit status of a command whose reader closed stdout: 141, as a shell reports a SIGPIPE death (what
+    `head` expects of its writer). stdout goes to /dev/null so that the interpreter's last flush stays quiet."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rollouttap`` console script."""
     _register_optional_commands()
@@ -159,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = next((h for cls, h in HINTS.items() if isinstance(exc, cls)), "")
         typer.echo(f"rollouttap: {exc}" + (f"\n  next: {hint}" if hint else ""), err=True)
         return 1
-    except BrokenPipeError:  # stdout closed early (`rollouttap flows --json | head`): not a failure
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    except BrokenPipeError:  # stdout closed early (`rollouttap flows --json | head`): quietly, as a SIGPIPE would
+        return _pipe_closed()
     except OSError as exc:  # a path that is not there or not writable, a command that cannot start
         if _state["debug"]:
             raise
@@ -173,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         return 130
     except SystemExit as exc:
+        # typer meets a broken pipe first and exits 1 from inside its `except OSError`, leaving the pipe's error
+        # as the exit's context: read, it is the same early close of stdout as above.
+        if isinstance(exc.__context__, BrokenPipeError):
+            return _pipe_closed()
         return int(exc.code or 0)
     except Exception as exc:
         # Usage errors come from the click that typer vendors, so test by shape, not by class.

@@ -182,8 +182,9 @@ def export(
 
     Example: rollouttap export --store runs.db --agent ag-1 --format mitm -o ag-1.flows && mitmweb -r ag-1.flows
     """
-    from rollouttap.manager.export import export_flows
+    from rollouttap.manager.export import check_export, export_flows
     stores = _distinct(store)
+    check_export(stores, out, agent_id=agent, run_id=run)  # what is asked for can work, before any store is read
     selected = False
     for path in stores:
         with _open(path) as s:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollouttap.errors import StoreError
+
 
 @dataclass(frozen=True)
 class AgentRecord:
@@ -27,7 +29,7 @@ class AgentRecord:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> AgentRecord:
         data = dict(row)
-        data["meta"] = json.loads(data["meta"] or "{}")
+        data["meta"] = _column(data, "agent", "agent_id", "meta", "{}")
         return cls(**data)
 
 
@@ -64,9 +66,9 @@ class FlowRecord:
     @classmethod
     def from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> FlowRecord:
         data = dict(row)
-        data["request_headers"] = [tuple(h) for h in json.loads(data["request_headers"] or "[]")]
-        data["response_headers"] = [tuple(h) for h in json.loads(data["response_headers"] or "[]")]
-        data["meta"] = json.loads(data["meta"] or "{}")
+        for name in ("request_headers", "response_headers"):
+            data[name] = _headers(data, name)
+        data["meta"] = _column(data, "flow", "id", "meta", "{}")
         data["streamed"] = bool(data["streamed"])
         return cls(**data)
 
@@ -93,6 +95,24 @@ class FlowRecord:
     def response_json(self) -> Any:
         """The (non-streamed) response body parsed as JSON, or None when it is not JSON."""
         return _loads_or_none(self.response_text())
+
+
+def _column(data: dict[str, Any], kind: str, key: str, name: str, empty: str) -> Any:
+    """A JSON column's value; a damaged one (a bit flipped on disk, a hand edit) is the store's error, naming
+    its row, so a command over the whole store says which row rather than ending in a JSON traceback."""
+    try:
+        return json.loads(data[name] or empty)
+    except ValueError as exc:
+        raise StoreError(f"{kind} row {data.get(key)!r} of the store is damaged: its {name} column is not "
+                         f"JSON ({exc})") from exc
+
+
+def _headers(data: dict[str, Any], name: str) -> list[tuple[str, str]]:
+    value = _column(data, "flow", "id", name, "[]")
+    if not isinstance(value, list) or not all(isinstance(h, list) and len(h) == 2 for h in value):
+        raise StoreError(f"flow row {data.get('id')!r} of the store is damaged: its {name} column holds no "
+                         f"name-value pairs")
+    return [(h[0], h[1]) for h in value]
 
 
 def header_value(headers: list[tuple[str, str]], name: str) -> str | None:

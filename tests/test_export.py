@@ -7,12 +7,14 @@ upstream connection and an unattributed request.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import pytest
 
-from rollouttap.addon.export_flows import read_flow_file
+from rollouttap.addon.export_flows import read_flow_file, write_flow_file, write_har
 from rollouttap.errors import ConfigError
 from rollouttap.manager.export import export_flows, format_for
 from rollouttap.store import Store
@@ -170,3 +172,51 @@ def test_unknown_format_and_double_selection_are_refused(recording, tmp_path):
         format_for("x", "pcap")
     with pytest.raises(ConfigError, match="not both"):
         export_flows(recording.store, tmp_path / "x.flows", agent_id="plain", run_id=recording.run_id)
+
+
+def _copy(store, to):
+    with closing(sqlite3.connect(store)) as src, closing(sqlite3.connect(to)) as dst:
+        src.backup(dst)
+    return to
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{store}", "would destroy the store"), ("{store}-wal", "would destroy the store"),
+    ("{store}-shm", "would destroy the store"), ("{other}", "is a SQLite database"), ("-", "not stdout"),
+    ("{dir}", "is a directory"),
+])
+def test_export_refuses_an_output_that_is_a_store_or_not_a_file(recording, tmp_path, monkeypatch, out, message):
+    # A copy: an export written over the store it reads truncates it.
+    store, other = _copy(recording.store, tmp_path / "runs.db"), _copy(recording.store, tmp_path / "other.db")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    target = out.format(store=store, other=other, dir=tmp_path / "sub")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=message):
+        export_flows(store, target)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    with Store(store, readonly=True) as s, Store(recording.store, readonly=True) as original:
+        assert len(s.flows()) == len(original.flows())
+
+
+@pytest.mark.parametrize("write, name", [(write_flow_file, "x.flows"), (write_har, "x.har")])
+@pytest.mark.parametrize("existing", [None, b"the previous export"])
+def test_an_export_cut_short_leaves_no_file_and_an_existing_one_as_it_was(recording, tmp_path, write, name, existing):
+    out = tmp_path / "out" / name
+    out.parent.mkdir()
+    if existing is not None:
+        out.write_bytes(existing)
+
+    def interrupted():  # Ctrl-C after two flows: what was written so far would read as a whole (shorter) export
+        with Store(recording.store, readonly=True) as s:
+            yield from s.flows()[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write(interrupted(), out)
+    assert [p.name for p in out.parent.iterdir()] == ([name] if existing is not None else [])
+    if existing is not None:
+        assert out.read_bytes() == existing
+    with Store(recording.store, readonly=True) as s:
+        assert write(s.iter_flows(), out) == len(s.flows())
+    assert [p.name for p in out.parent.iterdir()] == [name]  # written whole, then moved into place

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -302,6 +303,44 @@ def test_commands_refuse_an_agent_or_run_with_no_flows(recording, cli, tmp_path,
     out = tmp_path / "x.har"
     result = cli(*[str(out) if a == "OUT" else a for a in args], "--store", recording.store, code=1)
     assert message in str(result.exception) and not out.exists()
+
+
+def test_export_checks_its_options_before_reading_the_stores(recording, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("export", "--store", recording.store, "--agent", "nobody", "--run", "no-run", "-o", "x.har", code=1)
+    assert "one agent or one run, not both" in str(result.exception)
+    result = cli("export", "--store", recording.store, "-o", "-", code=1)
+    assert "not stdout" in str(result.exception) and list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_row_is_a_one_line_error_naming_it_and_leaves_no_export(recording, tmp_path):
+    from contextlib import closing
+    damaged, out = tmp_path / "damaged.db", tmp_path / "out" / "all.flows"
+    out.parent.mkdir()
+    with closing(sqlite3.connect(recording.store)) as src, closing(sqlite3.connect(damaged)) as dst:
+        src.backup(dst)
+        row = dst.execute("SELECT max(id) FROM flows").fetchone()[0]  # the last: an export writes the others first
+        dst.execute("UPDATE flows SET meta = '{\"injected\": {' WHERE id = ?", (row,))  # a bit flip's truncation
+        dst.commit()
+    for args in (("flows",), ("export", "-o", out)):
+        proc = _rollouttap(*args, "--store", damaged)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"rollouttap: flow row {row} of the store is damaged: its meta column")
+    assert list(out.parent.iterdir()) == []  # no export that reads as whole, no temporary file
+
+
+@pytest.mark.parametrize("args", [("flows", "--json"), ("flows",), ("--help",)])
+def test_output_into_a_closed_pipe_exits_141_quietly(recording, args):
+    # `rollouttap flows --json | head -1`: the reader is gone before the writer's next line.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "rollouttap.cli", *args, *(["--store", str(recording.store)]
+                              if args[0] == "flows" else [])], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")
 
 
 def test_flows_of_several_stores_come_in_time_order_with_their_store(recording, cli, tmp_path):

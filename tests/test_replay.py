@@ -292,6 +292,21 @@ def test_replay_refuses_its_own_store_and_unknown_agents(recording, tmp_path):
         replay_agent(recording.store, "nobody", ["true"], out=tmp_path / "r.db")
 
 
+def test_replay_records_its_command_line_redacted_as_run_does(recording, confdir, tmp_path):
+    secret = "sk-REPLAYSECRET0123456789"
+    command = ["env", f"OPENAI_API_KEY={secret}", *recording.commands["plain"]]
+    out = tmp_path / "r.db"
+    result = replay_agent(recording.store, "plain", command, out=out, confdir=confdir, capture_output=True,
+                          timeout=60)
+    assert result.ok, (result.stderr, result.divergence)
+    with Store(out) as s:
+        recorded = s.agent(result.replay_agent_id).meta["command"]
+    assert secret not in recorded and "OPENAI_API_KEY=<redacted sha256:" in recorded
+    assert recorded.endswith(recording.commands["plain"][-1])  # the rest of the command line stays readable
+    written = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("r.db"))
+    assert secret.encode() not in written
+
+
 def test_model_hosts_come_from_the_recording(recording):
     with Store(recording.store) as s:
         assert model_hosts_of(s.flows(agent_id="plain")) == (recording.upstream_host,)
