@@ -29,8 +29,8 @@ thread). What a break does is the policy:
 Retries. ``is_retry`` marks a client's retry of the call just before it (x-stainless-retry-count, or a repeat of a
 failed call): by retrying, the client discarded that attempt. Calls that carry their request's ``turn`` (ChatCall)
 form a run with the attempts at the same turn, which also holds an agent's second sample of an answered request
-(servers with n=1): it may keep either answer. Of the answers kept, the one the first later call that continues any
-of them continues is used, else the last.
+(servers with n=1): it may keep either answer. Of the answers kept, those later calls continue are used (two
+sub-agents that sent one request at once each go on with their own), else the last.
 """
 
 from __future__ import annotations
@@ -247,39 +247,46 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
     used: list[_Used] = []
     without_ids = inexact = retries = failed = 0
     for number, run in enumerate(runs):
-        retries += len(run) - 1
         if not answered[number]:
+            retries += len(run) - 1
             failed += 1
             continue
-        index = _continued(answered[number], answered[number + 1:], usable)
-        call = calls[index]
-        if call.prompt_token_ids is None or call.completion_token_ids is None:
-            without_ids += 1
-            inexact += tokenize is not None
-        chosen = usable(index)
-        if chosen is not None:
-            used.append(chosen)
+        kept = _continued(answered[number], answered[number + 1:], usable)
+        retries += len(run) - len(kept)
+        for index in kept:
+            call = calls[index]
+            if call.prompt_token_ids is None or call.completion_token_ids is None:
+                without_ids += 1
+                inexact += tokenize is not None
+            chosen = usable(index)
+            if chosen is not None:
+                used.append(chosen)
     return _Selection(used, without_ids, inexact, retries, failed)
 
 
-def _continued(attempts: list[int], later: list[list[int]], usable: Callable[[int], _Used | None]) -> int:
-    """Of a run's answered attempts, the one the first later call of the same thread continues. A client retry
-    leaves one answered attempt; an agent that resends a request to sample again (n=1 servers) keeps either
-    answer, and what it sends next says which. A later call that starts with the attempts' prompt but continues
-    none of those with tokens went on with one without (the last of them); a template that re-rendered the kept
-    answer looks the same and gets that guess too. With no such call, the last attempt is taken."""
+def _continued(attempts: list[int], later: list[list[int]], usable: Callable[[int], _Used | None]) -> list[int]:
+    """Of a run's answered attempts, those later calls of the same thread continue. A client retry leaves one
+    answered attempt; an agent that resends a request to sample again (n=1 servers) keeps either answer, and what
+    it sends next says which; two sub-agents that sent the same request at once each go on with their own, and
+    both are kept (one of identical answers). When the first later call that starts with the attempts' prompt
+    continues none of those with tokens, it went on with one without (the last of them); a template that
+    re-rendered the kept answer looks the same and gets that guess too. With no such call, the last attempt."""
     known = [(index, call) for index in attempts if (call := usable(index)) is not None]
     if len(attempts) == 1 or not known:
-        return attempts[-1]
+        return attempts[-1:]
     opening = known[0][1].prompt
-    for run in later:
-        for follower in filter(None, map(usable, run)):
-            if follower.prompt[:len(opening)] != opening:
-                continue  # another thread's call (a sub-agent's) says nothing about this one
-            continued = next((index for index, call in known if _extends(follower.prompt, call)), None)
-            unknown = [index for index in attempts if usable(index) is None]
-            return continued if continued is not None else (unknown or attempts)[-1]
-    return attempts[-1]
+    # another thread's call (a sub-agent's) says nothing about these
+    followers = [f for run in later for f in filter(None, map(usable, run)) if f.prompt[:len(opening)] == opening]
+    if not followers:
+        return attempts[-1:]
+    if not any(_extends(followers[0].prompt, call) for _, call in known):
+        unknown = [index for index in attempts if usable(index) is None]
+        return (unknown or attempts)[-1:]
+    continued: dict[tuple[int, ...], int] = {}  # by sequence: a second identical answer is not a second sample
+    for index, call in known:
+        if any(_extends(f.prompt, call) for f in followers):
+            continued.setdefault(tuple(call.prompt) + tuple(call.completion), index)
+    return list(continued.values())
 
 
 def _retry_runs(calls: list[TokenCall]) -> list[list[int]]:

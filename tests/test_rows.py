@@ -228,6 +228,11 @@ SELECTION_TABLE = {
     "second sample last": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0})], [12, EOS], (1, 1, 0)),
     "second sample, then another thread": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0}),
                                             ([7, 8], [11, EOS], {"turn": 1})], [11, EOS], (2, 1, 0)),
+    # two sub-agents sent the same request at once: each goes on with its own answer, both are kept
+    "twin samples, each continued": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0}), (*B, {"turn": 1}),
+                                     ([1, 5, 12, EOS, 60, 5], [13, EOS], {"turn": 2})], [12, EOS, 13, EOS], (4, 0, 0)),
+    "identical twin samples, continued": ([(*A, {"turn": 0}), (*A, {"turn": 0}), (*B, {"turn": 1})],
+                                          [10, EOS, 11, EOS], (2, 1, 0)),
     "second sample retried": ([(*A, {"turn": 0}), (A[0], [12, EOS], {"turn": 0}),
                                (*A, {"turn": 0, "is_retry": True, **FAILED})], [10, EOS], (1, 2, 0)),
 }
@@ -450,3 +455,12 @@ def test_a_call_extending_two_identical_chains_joins_the_later_one():
         ([10, EOS], lp([10, EOS], 0)),
         ([EOS, 11, EOS], lp([EOS], 1) + lp([11, EOS], 2)),
     ]
+
+
+def test_twin_samples_continued_by_two_threads_are_each_trained_once_with_fork():
+    # Two sub-agents sent one request at once and each went on with its own answer: every sample is trained once.
+    calls = [call(*A, turn=0), call(A[0], [12, EOS], salt=1, turn=0), call(*B, salt=2, turn=1),
+             call([1, 5, 12, EOS, 60, 5], [13, EOS], salt=3, turn=2)]
+    result = build_rows(calls, eos_token_id=EOS, policy="fork")
+    assert sorted(t for row in result.rows for t in trained(row)[0]) == sorted([10, EOS, 11, EOS, 12, EOS, 13, EOS])
+    assert result.fidelity.retries_skipped == 0
