@@ -11,10 +11,9 @@ import json
 import logging
 import os
 import shlex
-import signal
 import string
-import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Union
 
 from rollouttap.errors import AgentSpecError
+from rollouttap.manager.checks import run_callable_check, run_shell_check
 
 log = logging.getLogger(__name__)
 
@@ -117,31 +117,16 @@ class AgentSpec:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def run_check(self, workdir: Path) -> tuple[Any, str | None]:
-        """(result, error) of the check on a finished agent's workdir; (None, None) without a check."""
+    def run_check(self, workdir: Path, stop: threading.Event | None = None) -> tuple[Any, str | None]:
+        """(result, error) of the check on a finished agent's workdir; (None, None) without a check.
+
+        Either kind is given up after ``check_timeout`` seconds, or once ``stop`` is set (the batch is being
+        cancelled); see ``rollouttap.manager.checks``."""
         if self.check is None:
             return None, None
         if isinstance(self.check, str):
-            return run_shell_check(self.check, workdir, self.check_timeout)
-        try:
-            return self.check(workdir), None
-        except Exception as exc:  # a broken check is reported with the agent, never fails the batch
-            return None, f"{type(exc).__name__}: {exc}"
-
-
-def run_shell_check(command: str, workdir: Path, timeout: float) -> tuple[Any, str | None]:
-    """Run ``command`` with sh in the workdir: {"passed", "exit_code", "stdout_tail", "stderr_tail"}."""
-    proc = subprocess.Popen(["sh", "-c", command], cwd=workdir, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return None, f"check timed out after {timeout:g}s: {command}"
-    return {"passed": proc.returncode == 0, "exit_code": proc.returncode,
-            "stdout_tail": out.decode("utf-8", "replace")[-2000:],
-            "stderr_tail": err.decode("utf-8", "replace")[-2000:]}, None
+            return run_shell_check(self.check, workdir, self.check_timeout, stop)
+        return run_callable_check(self.check, workdir, self.check_timeout, stop)
 
 
 def absolute_paths(parts: Sequence[str], origin: Path, workdir: Path) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 
 from rollouttap.addon.procfs import AGENT_ENV, parse_agent_tag, read_file  # pure /proc reading, no mitmproxy
 from rollouttap.errors import ConfigError
+from rollouttap.manager.output import CappedOutput
 
 _DEAD_STATES = frozenset("ZX")  # zombies wait for a reaper (pid 1 may never reap them) but run nothing
 
@@ -156,6 +157,7 @@ class AgentProcess:
     started: float  # time.monotonic() at spawn
     members: dict[int, int] = field(default_factory=dict)  # pid -> start ticks
     lock: threading.Lock = field(default_factory=threading.Lock)
+    outputs: dict[str, CappedOutput] = field(default_factory=dict)  # stdout, stderr
 
     @property
     def pid(self) -> int:
@@ -203,16 +205,34 @@ def new_run_dir(prefix: str = "rollouttap-agent-") -> Path:
 
 def spawn(agent_id: str, argv: list[str], *, env: Mapping[str, str], cwd: Path, stdin: Path | None,
           stdout: Path, stderr: Path) -> AgentProcess:
-    """Start the agent in a new session; stdout/stderr go to files, stdin from a file or /dev/null."""
-    with open(stdout, "wb") as out, open(stderr, "wb") as err, \
-            (open(stdin, "rb") if stdin is not None else open(os.devnull, "rb")) as inp:
-        popen = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err, cwd=cwd, env=dict(env),
-                                 start_new_session=True, close_fds=True)
-    agent = AgentProcess(agent_id, popen, time.monotonic())
+    """Start the agent in a new session; stdin from a file or /dev/null. Its stdout and stderr go through
+    pipes into ``stdout`` and ``stderr``, their middle cut past ``OUTPUT_KEEP_BYTES`` (``finish_output``)."""
+    outputs: dict[str, CappedOutput] = {}
+    try:
+        outputs["stdout"] = CappedOutput(stdout)
+        outputs["stderr"] = CappedOutput(stderr)
+        with open(stdin, "rb") if stdin is not None else open(os.devnull, "rb") as inp:
+            popen = subprocess.Popen(argv, stdin=inp, stdout=outputs["stdout"].write_fd,
+                                     stderr=outputs["stderr"].write_fd, cwd=cwd, env=dict(env),
+                                     start_new_session=True, close_fds=True)
+    except BaseException:
+        for output in outputs.values():
+            output.finish(0)
+        raise
+    for output in outputs.values():
+        output.close_write_end()
+    agent = AgentProcess(agent_id, popen, time.monotonic(), outputs=outputs)
     start = _start_of(popen.pid)
     if start is not None:  # the forked child exists now; its start time does not change at exec
         agent.members[popen.pid] = start
     return agent
+
+
+def finish_output(agent: AgentProcess, timeout: float = 2.0) -> dict[str, int]:
+    """Write what is kept of the agent's stdout and stderr (call it once its tree is dead); the streams whose
+    middle was cut, with how many bytes."""
+    cut = {name: output.finish(timeout) for name, output in agent.outputs.items()}
+    return {name: dropped for name, dropped in cut.items() if dropped}
 
 
 def wait(agent: AgentProcess, deadline: float, stop: threading.Event, poll: float = 0.25) -> str:

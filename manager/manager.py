@@ -291,7 +291,9 @@ class AgentManager:
             return AgentResult(agent_id, index, prompt, "error", error="cancelled before it started")
         try:
             return self._run_one(agent_id, index, prompt, stop, timeout)
-        except Exception as exc:  # a manager-side failure fails this agent, never the batch
+        # A manager-side failure fails this agent, never the batch: SystemExit too (a sys.exit() reached from
+        # user code, as a CLI main() used as a check); KeyboardInterrupt goes on up.
+        except (Exception, SystemExit) as exc:
             log.exception("agent %s (prompt %d) could not be run", agent_id, index)
             error = f"{type(exc).__name__}: {exc}"
             try:
@@ -326,7 +328,7 @@ class AgentManager:
                 error = start_failure(exc)
                 store.agent_ended(agent_id, "error", {"error": error})
                 return AgentResult(agent_id, index, prompt, "error", error=error)
-            return self._finish(ctx, agent, index, self._supervise(agent, timeout, stop), timeout)
+            return self._finish(ctx, agent, index, self._supervise(agent, timeout, stop), timeout, stop)
         finally:
             if not self.keep_workdirs:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -352,15 +354,16 @@ class AgentManager:
         finally:  # whatever happened here, nothing of the agent outlives this call
             killed_at = time.time()
             killed, survivors = launch.kill_tree(agent, tables=self._tables)
+            output_cut = launch.finish_output(agent)
             with self._lock:
                 self._running.pop(agent.agent_id, None)
                 bypass = tuple(c.to_dict() for c in self._bypass.pop(agent.agent_id, []))
         if survivors:
             log.error("agent %s: processes %s survived SIGKILL", agent.agent_id, survivors)
-        return _Supervised(outcome, killed, survivors, bypass, killed_at)
+        return _Supervised(outcome, killed, survivors, bypass, killed_at, output_cut)
 
     def _finish(self, ctx: LaunchContext, agent: launch.AgentProcess, index: int, run: _Supervised,
-                timeout: float) -> AgentResult:
+                timeout: float, stop: threading.Event) -> AgentResult:
         """Collect the finished agent's flows, conversation, row and check into its result."""
         ended_at = time.time()  # the agent's tree is gone: all it sent reached the proxy before now
         store, link = self.store, self._link(index)
@@ -388,7 +391,7 @@ class AgentManager:
             skipped = "not run: the batch was cancelled" if self.spec.check is not None else None
             check_result, check_error = None, skipped
         else:
-            check_result, check_error = self.spec.run_check(ctx.workdir)
+            check_result, check_error = self.spec.run_check(ctx.workdir, stop)  # a cancel cuts it short too
         run_dir = ctx.workdir.parent
         result = AgentResult(
             agent.agent_id, index, ctx.prompt, status, exit_code=agent.popen.returncode, duration_s=duration,
@@ -397,7 +400,8 @@ class AgentManager:
             incomplete_flows=settled.incomplete, bypass_connections=run.bypass,
             workdir=str(ctx.workdir) if self.keep_workdirs else None, check_result=check_result,
             check_error=check_error, conversation=flows.conversation, row=flows.row, fidelity=flows.fidelity,
-            tokens=flows.tokens, killed_processes=run.killed, proxy_restarts=link.restarts)
+            tokens=flows.tokens, killed_processes=run.killed, proxy_restarts=link.restarts,
+            output_cut=run.output_cut)
         try:
             store.agent_ended(agent.agent_id, status, _ended_meta(result, run.survivors))
         except StoreError as exc:  # the agent ran: its result stands, saying why the store lacks its end
@@ -433,7 +437,7 @@ def _ended_meta(result: AgentResult, survivors: list[int]) -> dict[str, Any]:
     return {"exit_code": result.exit_code, "duration_s": round(result.duration_s, 3), "error": result.error,
             "calls": result.calls, "incomplete_flows": len(result.incomplete_flows),
             "bypass_connections": len(result.bypass_connections), "killed_processes": result.killed_processes,
-            "survivors": survivors}
+            "survivors": survivors, "output_cut": dict(result.output_cut)}
 
 
 def _unreported(futures: Sequence[Future[AgentResult]], items: Sequence[Prompt],
@@ -486,6 +490,7 @@ class _Supervised:
     survivors: list[int]
     bypass: tuple[dict[str, Any], ...]
     killed_at: float  # when the manager began killing what was left of its tree
+    output_cut: dict[str, int]  # stdout/stderr whose middle was not kept: bytes cut
 
 
 class _Pending:

@@ -31,6 +31,8 @@ class AgentResult:
     ``flows`` counts every captured flow by state; ``incomplete_flows`` are flow ids still open when the
     grace period ran out; ``bypass_connections`` are direct connections to the model server (not captured).
     ``row``/``fidelity`` are set when the calls carry token ids and the manager knows the eos token id.
+    ``output_cut`` names the streams (``stdout``, ``stderr``) too long to keep whole, with the bytes cut from
+    their middle (see ``rollouttap.manager.output``).
     """
     agent_id: str
     index: int
@@ -55,6 +57,7 @@ class AgentResult:
     tokens: Mapping[str, int] = field(default_factory=dict)
     killed_processes: int = 0
     proxy_restarts: int = 0
+    output_cut: Mapping[str, int] = field(default_factory=dict)  # "stdout"/"stderr" -> bytes cut from its middle
 
     @property
     def ok(self) -> bool:
@@ -73,6 +76,7 @@ class AgentResult:
             "check_error": self.check_error, "conversation": json_safe(self.conversation),
             "row": json_safe(self.row), "fidelity": json_safe(self.fidelity), "tokens": dict(self.tokens),
             "killed_processes": self.killed_processes, "proxy_restarts": self.proxy_restarts,
+            "output_cut": dict(self.output_cut),
         }
 
 

@@ -3,7 +3,8 @@
 Usage: ``python -m rollouttap.manager.runner_entry module:function --prompt-file F --result-file R``.
 Reads the prompt (JSON) from F, calls the function (awaiting it if it is a coroutine function), and writes
 ``{"ok": true, "value": ...}`` or ``{"ok": false, "error": ..., "traceback": ...}`` to R. Exit code 0 on
-success, 1 when the function raised or returned something JSON cannot hold.
+success, 1 when the function raised or returned something JSON cannot hold; threads the function left
+running end with it.
 """
 
 from __future__ import annotations
@@ -75,5 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result["ok"] else 1
 
 
+def exit_now(code: int) -> None:
+    """Flush stdout and stderr and end the process at once.
+
+    The result file is written: a non-daemon thread the entry point left running would otherwise keep the
+    interpreter (and so the agent) alive until the manager's timeout kills it, and the agent be reported as
+    timed out. atexit handlers do not run."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed by the entry point, or its reader gone
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

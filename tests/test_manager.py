@@ -336,6 +336,7 @@ def test_wait_ends_at_exit_deadline_or_stop(tmp_path):
     launch.kill_tree(hang)
     assert hang.popen.returncode == -signal.SIGKILL
     assert launch.wait(hang, time.monotonic() + 60, threading.Event()) == "exited"  # already reaped
+    assert launch.finish_output(quick) == {} and launch.finish_output(hang) == {}
     assert launch.process_table()[os.getpid()].ppid == os.getppid()
 
 
