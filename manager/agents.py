@@ -25,6 +25,8 @@ from rollouttap.manager.checks import run_callable_check, run_shell_check
 
 log = logging.getLogger(__name__)
 
+MAX_ARG_BYTES = 32 * 4096 - 1  # Linux's MAX_ARG_STRLEN holds one argument and its terminating NUL
+
 Prompt = Union[str, list[dict[str, Any]]]
 # A check computes the result of an agent's work from its workdir (used by rewards): a callable taking the
 # workdir, or a shell command run there (its exit code and output tails become the result).
@@ -58,9 +60,8 @@ def prompt_text(prompt: Prompt) -> str:
 
 
 def check_prompt(prompt: object) -> Prompt:
-    """The prompt itself when it is a string or a list of message dicts; else AgentSpecError."""
-    if isinstance(prompt, str):
-        return prompt
+    """The prompt itself when it is a string or a list of message dicts that agents can be given (UTF-8 text,
+    JSON); else AgentSpecError."""
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
         if not prompt:
             raise AgentSpecError("a prompt that is a list of chat messages needs at least one message")
@@ -68,8 +69,13 @@ def check_prompt(prompt: object) -> Prompt:
             if not isinstance(message.get("role"), str) or not ("content" in message or "tool_calls" in message):
                 raise AgentSpecError(f"a chat message needs a string 'role' and a 'content' (or 'tool_calls'), "
                                      f"not {json.dumps(message, default=str)[:200]}")
-        return prompt
-    raise AgentSpecError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
+    elif not isinstance(prompt, str):
+        raise AgentSpecError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
+    try:
+        prompt_text(prompt).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # a value JSON cannot hold (bytes, a set), a lone surrogate
+        raise AgentSpecError(f"a prompt must be text an agent can be given (JSON, UTF-8): {exc}") from exc
+    return prompt
 
 
 def template_fields(template: str) -> set[str]:
@@ -116,6 +122,9 @@ class AgentSpec:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def check_fits(self, prompt: Prompt, index: int) -> None:
+        """AgentSpecError when this kind of agent cannot be given ``prompt`` (``index``: its place in the batch)."""
 
     def run_check(self, workdir: Path, stop: threading.Event | None = None) -> tuple[Any, str | None]:
         """(result, error) of the check on a finished agent's workdir; (None, None) without a check.
@@ -175,6 +184,20 @@ class CommandAgent(AgentSpec):
 
     def argv(self, ctx: LaunchContext) -> list[str]:
         return render_argv(absolute_paths(self.argv_template, self.origin, ctx.workdir), ctx.values)
+
+    def check_fits(self, prompt: Prompt, index: int) -> None:
+        """AgentSpecError when ``{prompt}`` cannot carry this prompt as a command-line argument."""
+        text = prompt_text(prompt)
+        for part in self.argv_template:
+            if "prompt" not in template_fields(part):
+                continue
+            if "\0" in text:
+                raise AgentSpecError(f"prompt {index} holds a NUL character, which no command-line argument can: "
+                                     "pass it as {prompt_file} or on stdin (stdin=True, --stdin)")
+            if len(text.encode("utf-8")) + len(part.encode("utf-8")) > MAX_ARG_BYTES:
+                raise AgentSpecError(f"prompt {index} is {len(text.encode('utf-8'))} bytes, more than one "
+                                     f"command-line argument holds on Linux ({MAX_ARG_BYTES + 1} with its end): "
+                                     "pass it as {prompt_file} or on stdin (stdin=True, --stdin)")
 
     def stdin_bytes(self, ctx: LaunchContext) -> bytes | None:
         return prompt_text(ctx.prompt).encode("utf-8") if self.stdin else None
@@ -250,6 +273,9 @@ def module_root(module_name: str) -> Path | None:
 
 def _name_of(func: Callable[..., Any]) -> str:
     module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", "")
+    if not qualname or not isinstance(qualname, str):  # a functools.partial, an instance with __call__
+        raise AgentSpecError(f"{func!r} has no name a fresh process could import it by; define a function "
+                             "at the top level of an importable module (it can call this one)")
     if not module or module == "__main__" or "<" in qualname:
         raise AgentSpecError(f"{func!r} cannot be imported by name in a fresh process; "
                              "define it at the top level of an importable module")

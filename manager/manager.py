@@ -214,7 +214,8 @@ class AgentManager:
     # -- deploying ---------------------------------------------------------------------------------
     def deploy(self, prompts: Iterable[Prompt], *, timeout: float | None = None,
                progress: Progress | None = None) -> list[AgentResult]:
-        """Run one agent per prompt (``parallel`` at a time); results in prompt order.
+        """Run one agent per prompt (``parallel`` at a time, per call: deploy() calls made at once from several
+        threads run that many each); results in prompt order.
 
         A failing, hanging or crashing agent never fails the batch: its result says what happened.
         ``timeout`` overrides the manager's for this batch; ``progress`` is called with each result.
@@ -222,10 +223,12 @@ class AgentManager:
         if isinstance(prompts, (str, bytes, Mapping)):
             raise AgentSpecError(f"deploy() takes a list of prompts, not one {type(prompts).__name__}: "
                                  "wrap a single prompt as [prompt]")
+        if timeout is not None:
+            _check_settings(timeout=timeout)
         limit = self.timeout if timeout is None else float(timeout)
-        if not limit > 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
         items = [check_prompt(p) for p in prompts]
+        for index, item in enumerate(items):  # before any agent starts: not one failure per agent, later
+            self.spec.check_fits(item, index)
         self._link()
         results: list[AgentResult | None] = [None] * len(items)
         stop = threading.Event()
@@ -478,7 +481,7 @@ def _check_settings(**values: Any) -> None:
         kinds = (int,) if whole else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise ConfigError(f"{name} must be {'an integer' if whole else 'a number'}, not {value!r}")
-        if value < least or (value == least and not inclusive):
+        if not (value > least or (inclusive and value == least)):  # NaN fails both
             raise ConfigError(f"{name} must be {'>=' if inclusive else '>'} {least:g}, got {value!r}")
 
 

@@ -6,6 +6,7 @@ live in manager_support.py. Pure pieces (templates, statuses, environments, /pro
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -114,6 +115,7 @@ def test_prompt_fills_one_argument_and_message_lists_become_json(tmp_path):
     ("no_such_module_xyz:f", "cannot import"), ("manager_support:missing", "no attribute"),
     ("manager_support:HERE", "not callable"), ("manager_support", "module:function"),
     (lambda p: p, "cannot be imported by name"),
+    (functools.partial(print, "x"), "has no name a fresh process could import it by"),
 ])
 def test_entry_points_are_checked_at_construction(target, message):
     with pytest.raises(AgentSpecError, match=message):
@@ -445,6 +447,7 @@ def test_runner_outcomes():
     ({"parallel": 2.5}, "parallel must be an integer"),
     ({"timeout": 0}, "timeout must be > 0, got 0"),
     ({"timeout": None}, "timeout must be a number, not None"),
+    ({"timeout": float("nan")}, "timeout must be > 0, got nan"),
     ({"grace": -1}, "grace must be >= 0"),
     ({"poll_interval": 0}, "poll_interval must be > 0"),
     ({"proxies": 0}, "proxies must be >= 1"),
@@ -487,6 +490,13 @@ def test_confdir_reaches_a_proxy_config_given_without_one(tmp_path, upstream):
     ([[]], None, AgentSpecError, "at least one message"),
     ([[{"role": "user"}]], None, AgentSpecError, "a string 'role' and a 'content'"),
     ([[{"role": 5, "content": "hi"}]], None, AgentSpecError, "a string 'role'"),
+    ([[{"role": "user", "content": b"hi"}]], None, AgentSpecError, "JSON, UTF-8"),  # failed per agent, later
+    (["\ud800"], None, AgentSpecError, "JSON, UTF-8"),  # a lone surrogate: no file or argument can hold it
+    # SHELL_AGENT passes {prompt} as an argument: Linux's limit, or a NUL, failed every agent at its start
+    (["x" * 200_000], None, AgentSpecError, "more than one command-line argument holds"),
+    (["a\0b"], None, AgentSpecError, "NUL"),
+    (["hi"], "5", ConfigError, "timeout must be a number"),
+    (["hi"], float("nan"), ConfigError, "timeout must be > 0"),
 ])
 def test_deploy_refuses_bad_arguments_before_starting_anything(tmp_path, prompts, timeout, error, message):
     manager = AgentManager(SHELL_AGENT, store=tmp_path / "r.db")
