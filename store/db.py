@@ -20,8 +20,32 @@ WAL_SIZE_LIMIT = 64 << 20
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open (and create or migrate) the store at ``path``; raise StoreVersionError on a foreign version."""
-    path = Path(path)
+    """Open (and create or migrate) the store at ``path``; raise StoreVersionError on a foreign version.
+
+    A read-only open of a store an older rollouttap wrote upgrades it first (with one writable open: the
+    migrations only add), so that the inspecting commands read every store this version can."""
+    try:
+        return _connect(Path(path), readonly=readonly)
+    except _OlderStore as old:
+        try:
+            _connect(old.path, readonly=False).close()
+        except StoreError as exc:
+            raise StoreVersionError(
+                f"{old.path} was written by an older rollouttap (store schema {old.version}, this one reads "
+                f"{SCHEMA_VERSION}) and could not be upgraded here ({exc}): copy it where you can write and "
+                "open it there once") from exc
+        return _connect(old.path, readonly=readonly)
+
+
+class _OlderStore(Exception):
+    """A read-only open met a store of an older schema version: it must be upgraded by a writable one."""
+
+    def __init__(self, path: Path, version: int) -> None:
+        super().__init__(f"{path}: store schema {version}")
+        self.path, self.version = path, version
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     if path.is_dir():
         raise StoreError(f"store {path} is a directory: give a file path in it, e.g. {path / 'runs.db'}")
     if not readonly:  # a reader of a copied store may be anywhere; writers must share one host's locks
@@ -44,7 +68,11 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
             # A reader that holds a transaction for hours (a notebook, an sqlite3 shell) stops checkpoints from
             # resetting the log, which grows meanwhile; once it can reset again, cut it back to this size.
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-        _check_version(conn, path, migrate=not readonly)
+        try:
+            _check_version(conn, path, migrate=not readonly)
+        except _OlderStore:
+            conn.close()
+            raise
         if not readonly:
             _add_missing_indexes(conn)
     except sqlite3.Error as exc:
@@ -117,7 +145,9 @@ def _check_version(conn: sqlite3.Connection, path: Path, *, migrate: bool) -> No
     if version == 0 and _has_foreign_tables(conn):
         raise StoreVersionError(f"{path} is an SQLite file but not a rollouttap store")
     if not migrate:
-        raise StoreVersionError(f"{path} has schema version {version}; open it writable once to migrate")
+        if version == 0:  # no tables: an empty file (or an SQLite file nothing was written to)
+            raise StoreError(f"{path} is empty: not a rollouttap store (yet)")
+        raise _OlderStore(path, version)
     with transaction(conn):
         # Re-read inside the write lock: another process may have migrated meanwhile.
         version = conn.execute("PRAGMA user_version").fetchone()[0]

@@ -1030,3 +1030,35 @@ def test_a_throttle_says_a_thing_once_per_interval_or_when_told_to():
     throttle = Throttle(60.0)
     assert [throttle.due(), throttle.due(), throttle.due(now=True), throttle.due()] == [True, False, True, False]
     assert Throttle(0.0).due() and all(Throttle(0.0).due() for _ in range(3))
+
+
+def test_a_read_only_open_upgrades_a_store_an_older_rollouttap_wrote(tmp_path):
+    # The inspecting commands open stores read-only: a version-1 store was refused with advice no command took.
+    from rollouttap.store.schema import MIGRATIONS
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[1] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO flows (flow_id, attribution, state) VALUES ('old', 'pid', 'done')")
+    conn.commit()
+    conn.close()
+    with Store(path, readonly=True) as store:
+        assert [f.flow_id for f in store.flows()] == ["old"]
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_read_only_open_of_an_older_store_it_cannot_upgrade_says_what_to_do(tmp_path):
+    from rollouttap.store.schema import MIGRATIONS
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    conn = sqlite3.connect(folder / "runs.db")
+    conn.executescript(MIGRATIONS[1] + "; PRAGMA user_version = 1;")
+    conn.close()
+    out = _read_on_a_readonly_mount(folder, tmp_path)
+    assert out.startswith("error") and "older rollouttap (store schema 1" in out and "copy it where you" in out
+
+
+def test_an_empty_file_is_not_taken_for_a_store_to_migrate(tmp_path):
+    path = tmp_path / "empty.db"
+    path.touch()
+    with pytest.raises(StoreError, match="is empty: not a rollouttap store"):
+        Store(path, readonly=True)
