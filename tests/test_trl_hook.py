@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -69,9 +68,9 @@ def _grpo_step(tmp_path, confdir, agent_source: str, prompts: list) -> SimpleNam
 
     def reward(completions, agent_status, agent_calls, agent_answer, **kwargs):
         seen_kwargs.append({"agent_status": agent_status, "agent_calls": agent_calls, **kwargs})
-        # any reward that differs within a group gives GRPO an advantage to learn from
-        return [zlib.crc32(a.encode()) % 97 / 97 if s == "ok" else 0.0
-                for s, a in zip(agent_status, agent_answer)]
+        # any reward that differs within a group gives GRPO an advantage to learn from: by position, as two
+        # samples of the tiny model may well give the same answer (the step then changed nothing, now and then)
+        return [(i + 1) / len(agent_status) if s == "ok" else 0.0 for i, s in enumerate(agent_status)]
 
     results_seen, outputs = [], []
     args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
