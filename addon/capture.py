@@ -276,8 +276,8 @@ class RolloutTap:
             live.meta.setdefault("routed_from", readdress(flow.request, route))
         cols = flowcols.request_sent(flow, live.opened_key)
         live.model = tokenids.is_model_request(flow.request.host, flow.request.port, flow.request.path,
-                                               self.model_hosts)
-        if ctx.options.rollouttap_token_ids and live.model and flow.request.method == "POST":
+                                               self.model_hosts, method=flow.request.method)
+        if ctx.options.rollouttap_token_ids and live.model:
             injection = tokenids.plan_injection(
                 flow.request.path, flow.request.raw_content or b"",
                 flow.request.headers.get("content-type"),
@@ -325,6 +325,8 @@ class RolloutTap:
             return
         if live.tap is not None and (live.tap.raw or not resp.raw_content):
             body, first = self._tapped(live), live.tap.first_byte_at
+            if first is None and live.pending:  # not SSE, and bodiless (204, HEAD): as a buffered answer's
+                first = resp.timestamp_start
         else:
             body, first = resp.raw_content or b"", resp.timestamp_start
             if live.injection is not None:

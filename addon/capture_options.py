@@ -49,7 +49,8 @@ def declare(loader: Any) -> None:
     loader.add_option("rollouttap_body_keep_mb", int, 32,
                       "Of a response body from a host that is not a model host (a package download, a git "
                       "fetch), keep at most this many MiB in the store; the client still gets every byte, live. "
-                      "0 keeps every byte. Model hosts' answers are always kept whole.")
+                      "0 keeps every byte. A model host's answers on its chat, completions and responses paths are "
+                      "kept whole.")
     loader.add_option("rollouttap_parent_pid", int, 0,
                       "Shut down cleanly when this process ends (the manager that started us).")
     loader.add_option("rollouttap_log_file", str, "",

@@ -138,6 +138,10 @@ def _replacing(path: str | Path, mode: str, **kwargs: Any) -> Iterator[IO[Any]]:
     file cut between flows parses cleanly) and an existing ``path`` as it was. Created owner-only; an existing
     ``path`` keeps its mode."""
     path = Path(path)
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # /dev/stdout, a FIFO: written through, as named
+        with open(path, mode, **kwargs) as fo:
+            yield fo
+        return
     try:
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")  # mode 0600
     except OSError as exc:  # name the file asked for, not the temporary one

@@ -90,17 +90,26 @@ class _Deflate:
 
     def __init__(self) -> None:
         self._z = zlib.decompressobj(zlib.MAX_WBITS)
-        self._started = False
+        self._first: bytes | None = b""  # until the two bytes of a zlib header are in, nothing tells the two apart
 
     def decoder(self) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
-        return self.decompress, lambda: self._z.flush()
+        return self.decompress, self.flush
 
     def decompress(self, data: bytes) -> bytes:
-        if self._started:
+        if self._first is None:
             return self._z.decompress(data)
-        self._started = True
+        self._first += data
+        if len(self._first) < 2:
+            return b""
+        data, self._first = self._first, None
         try:
             return self._z.decompress(data)
         except zlib.error:  # no zlib header: raw deflate
             self._z = zlib.decompressobj(-zlib.MAX_WBITS)
             return self._z.decompress(data)
+
+    def flush(self) -> bytes:
+        if self._first:  # a whole stream of one byte: not zlib (its header alone is two)
+            self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._z.decompress(self._first) + self._z.flush()
+        return self._z.flush()

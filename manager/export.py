@@ -110,6 +110,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _is_sqlite(path: Path) -> bool:
+    if not path.is_file():  # reading /dev/stdout (a pipe's read end) or a FIFO would wait for ever
+        return False
     try:
         with open(path, "rb") as fo:
             return fo.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC

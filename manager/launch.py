@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import select
 import shutil
@@ -27,6 +28,8 @@ from urllib.parse import quote, urlsplit
 from rollouttap.addon.procfs import AGENT_ENV, parse_agent_tag, read_file  # pure /proc reading, no mitmproxy
 from rollouttap.errors import ConfigError
 from rollouttap.manager.output import CappedOutput
+
+log = logging.getLogger(__name__)
 
 _DEAD_STATES = frozenset("ZX")  # zombies wait for a reaper (pid 1 may never reap them) but run nothing
 
@@ -232,6 +235,10 @@ def finish_output(agent: AgentProcess, timeout: float = 2.0) -> dict[str, int]:
     """Write what is kept of the agent's stdout and stderr (call it once its tree is dead); the streams whose
     middle was cut, with how many bytes."""
     cut = {name: output.finish(timeout) for name, output in agent.outputs.items()}
+    for name, output in agent.outputs.items():
+        if output.write_error is not None:
+            log.warning("agent %s: its %s could not be kept in %s: %s", agent.agent_id, name, output.path,
+                        output.write_error)
     return {name: dropped for name, dropped in cut.items() if dropped}
 
 

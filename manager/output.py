@@ -29,6 +29,7 @@ class CappedOutput:
     def __init__(self, path: Path, keep: int = OUTPUT_KEEP_BYTES) -> None:
         self.path, self.keep = path, keep
         self.dropped = 0  # bytes cut out of the middle
+        self.write_error: str | None = None  # why the file stopped keeping output (the agent's stream went on)
         read_fd, self.write_fd = os.pipe()  # not inherited by other children (PEP 446)
         try:
             self._file = open(path, "wb")
@@ -59,13 +60,22 @@ class CappedOutput:
         finally:
             os.close(fd)
 
+    def _write(self, data: bytes) -> None:
+        """Keep ``data`` on disk; a failing file (a full disk) stops the keeping, never the agent's stream."""
+        if self.write_error is not None:
+            return
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.write_error = f"{type(exc).__name__}: {exc}"
+
     def _take(self, chunk: bytes) -> None:
         with self._lock:
             if self._finished:  # a process that escaped the agent's tree still writes: nobody keeps it
                 return
             if self._head_left:
                 head = chunk[:self._head_left]
-                self._file.write(head)
+                self._write(head)
                 self._head_left -= len(head)
                 chunk = chunk[len(head):]
             if not chunk:
@@ -93,8 +103,11 @@ class CappedOutput:
                 self.dropped += len(tail) - self.keep
                 tail = tail[-self.keep:]
             if self.dropped:
-                self._file.write(cut_marker(self.dropped))
-            self._file.write(tail)
+                self._write(cut_marker(self.dropped))
+            self._write(tail)
             self._tail.clear()
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:  # the buffered rest could not be written either
+                self.write_error = self.write_error or f"{type(exc).__name__}: {exc}"
         return self.dropped

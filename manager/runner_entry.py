@@ -10,12 +10,14 @@ running end with it.
 from __future__ import annotations
 
 import argparse
+import atexit
 import asyncio
 import importlib
 import inspect
 import json
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -77,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_now(code: int) -> None:
-    """Flush stdout and stderr and end the process at once.
-
-    The result file is written: a non-daemon thread the entry point left running would otherwise keep the
-    interpreter (and so the agent) alive until the manager's timeout kills it, and the agent be reported as
-    timed out. atexit handlers do not run."""
+    """End the process once the result file is written: as any program ends (atexit handlers, buffered files
+    flushed), unless a non-daemon thread the entry point left running would keep the interpreter (and so the
+    agent) alive until the manager's timeout kills it and reports it timed out: then the atexit handlers run
+    and the process ends at once (a file only that thread still writes keeps what reached it)."""
+    if all(t.daemon or t is threading.main_thread() for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -1203,10 +1203,11 @@ def test_decoded_feeds_the_plain_stream_in_pieces_and_ends_it(coding):
     packed = {"gzip": gzip.compress, "x-gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress,
               "zstd": zstandard.ZstdCompressor().compress, "deflate-raw": lambda b: _pack("deflate-raw", b),
               }[name](plain)
-    seen: list[bytes] = []
-    feed = decoded(coding.removesuffix("-raw"), lambda data: seen.append(data) or data)
-    out = b"".join(feed(packed[i:i + 5]) for i in range(0, len(packed), 5)) + feed(b"")
-    assert out == plain and seen.index(b"") == len(seen) - 1  # the end reaches ``then`` once, last
+    for step in (1, 5):  # one byte at a time too: a raw deflate stream's first byte may look like zlib's
+        seen: list[bytes] = []
+        feed = decoded(coding.removesuffix("-raw"), lambda data: seen.append(data) or data)
+        out = b"".join(feed(packed[i:i + step]) for i in range(0, len(packed), step)) + feed(b"")
+        assert out == plain and seen.index(b"") == len(seen) - 1  # the end reaches ``then`` once, last
 
 
 @pytest.mark.parametrize("coding", ["compress", "gzip, br", "identity"])

@@ -7,9 +7,12 @@ upstream connection and an unattributed request.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
+import threading
 from contextlib import closing
 
 import pytest
@@ -220,3 +223,17 @@ def test_an_export_cut_short_leaves_no_file_and_an_existing_one_as_it_was(record
     with Store(recording.store, readonly=True) as s:
         assert write(s.iter_flows(), out) == len(s.flows())
     assert [p.name for p in out.parent.iterdir()] == [name]  # written whole, then moved into place
+
+
+def test_an_export_to_a_fifo_is_written_through_it(recording, tmp_path):
+    # /dev/stdout piped into another program is such a file: it was read (the SQLite check waited for ever on it)
+    # and then replaced by a temporary file, not written to.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = export_flows(recording.store, fifo, agent_id="streamer", fmt="har")
+    reader.join(30)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and result.flows == 3
+    assert len(json.loads(got[0])["log"]["entries"]) == 3

@@ -103,3 +103,4 @@ def test_bodiless_answers_pass_through_the_tap(tmp_path, confdir):
                              store.flows(agent_id="nb"), what="both flows ended")
     assert [(f.method, f.status_code, f.state) for f in flows] == [("GET", 204, "done"), ("HEAD", 200, "done")]
     assert all(not f.response_body for f in flows)
+    assert all(f.t_first_byte == f.t_response_headers for f in flows)  # as for any buffered answer

@@ -36,6 +36,18 @@ def entry_leaves_a_thread(prompt: str) -> str:
     return prompt
 
 
+_TRAJECTORY: list = []  # a file an entry point keeps open for the interpreter's exit to flush and close
+
+
+def entry_leaves_work_for_exit(prompt: str) -> str:
+    """An entry point that leaves a buffered file and an atexit handler for the interpreter's normal end."""
+    import atexit
+    _TRAJECTORY.append(open("trajectory.log", "w"))  # noqa: SIM115 - closed at exit, on purpose
+    _TRAJECTORY[0].write(prompt)
+    atexit.register(Path("atexit.log").write_text, prompt)
+    return prompt
+
+
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -78,6 +90,14 @@ def test_an_entry_point_that_leaves_a_thread_running_ends_when_it_returns(tmp_pa
     with manager(EntryPointAgent(entry_leaves_a_thread), tmp_path, confdir, timeout=10) as m:
         [result] = m.deploy(["done"])
     assert (result.status, result.return_value, result.error) == ("ok", "done", None)
+
+
+def test_an_entry_point_without_threads_left_ends_as_a_program_does(tmp_path, confdir):
+    def check(workdir: Path) -> dict:
+        return {name: (workdir / name).read_text() for name in ("trajectory.log", "atexit.log")}
+    with manager(EntryPointAgent(entry_leaves_work_for_exit, check=check), tmp_path, confdir) as m:
+        [result] = m.deploy(["kept"])
+    assert result.status == "ok" and result.check_result == {"trajectory.log": "kept", "atexit.log": "kept"}
 
 
 # -- Python checks ------------------------------------------------------------------------------------------
@@ -167,3 +187,15 @@ def test_a_shell_check_printing_much_keeps_only_its_tail_in_memory(tmp_path):
     assert out.returncode == 0, out.stderr
     tail, peak_mib = out.stdout.split()
     assert tail == "'END\\n'" and int(peak_mib) < 100, out.stdout
+
+
+def test_output_that_cannot_be_kept_never_stops_the_agents_stream():
+    # A full disk: the agent's writes must go on (it died of SIGPIPE), and finishing must not raise.
+    output = CappedOutput(Path("/dev/full"), keep=1024)
+    writer = subprocess.Popen(["sh", "-c", "head -c 300000 /dev/zero; echo done >&2"], stdout=output.write_fd,
+                              stderr=subprocess.PIPE)
+    output.close_write_end()
+    _, err = writer.communicate(timeout=30)
+    assert writer.returncode == 0 and err == b"done\n"
+    output.finish(5)
+    assert output.write_error is not None and "No space left" in output.write_error
