@@ -113,6 +113,11 @@ def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
     result.response = _response(record)
     if record.state == "error":
         result.error = flow.Error(record.error or "flow ended in error", record.t_end or start)
+    if (cut := record.meta.get("body_cut")) and result.response is not None:
+        # The body the store kept is the first part only: a tool replaying the export must not wait for the rest.
+        result.response.headers["content-length"] = str(len(result.response.raw_content or b""))
+        result.error = flow.Error(f"rollouttap kept only the first {cut.get('kept')} of {cut.get('size')} bytes of "
+                                  "this response body (rollouttap_body_keep_mb)", record.t_end or start)
     result.live = False
     result.metadata[METADATA_KEY] = flow_metadata(record)
     return result

@@ -84,9 +84,13 @@ def recorded_requests(flows: Iterable[FlowRecord]) -> list[Recorded]:
         if not method or method == "CONNECT":
             continue
         paths = tuple(dict.fromkeys(p for p in (f.path or "/", _path_of(f.meta.get("routed_from"))) if p))
+        status, error = f.status_code, f.error
+        if cut := f.meta.get("body_cut"):  # answered as never answered: a short body would pass for the whole
+            status, error = None, (f"its response body was kept only in part ({cut.get('kept')} of {cut.get('size')} "
+                                   "bytes): record with rollouttap_body_keep_mb=0 to replay it")
         out.append(Recorded(len(out), f.flow_id, method, paths, f.request_body or b"", list(f.request_headers),
-                            dict(f.meta.get("injected") or {}), f.status_code, list(f.response_headers),
-                            f.response_body or b"", f.error, f.t_request, f.t_end))
+                            dict(f.meta.get("injected") or {}), status, list(f.response_headers),
+                            f.response_body or b"", error, f.t_request, f.t_end))
     return out
 
 

@@ -194,7 +194,10 @@ class CommandAgent(AgentSpec):
             if "\0" in text:
                 raise AgentSpecError(f"prompt {index} holds a NUL character, which no command-line argument can: "
                                      "pass it as {prompt_file} or on stdin (stdin=True, --stdin)")
-            if len(text.encode("utf-8")) + len(part.encode("utf-8")) > MAX_ARG_BYTES:
+            # Paths and ids are not known before launch: counted at a generous length.
+            rendered = render_argv((part,), {"prompt": text, "prompt_file": "p" * 512, "workdir": "w" * 512,
+                                             "agent_id": "a" * 128})[0]
+            if len(rendered.encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES:
                 raise AgentSpecError(f"prompt {index} is {len(text.encode('utf-8'))} bytes, more than one "
                                      f"command-line argument holds on Linux ({MAX_ARG_BYTES + 1} with its end): "
                                      "pass it as {prompt_file} or on stdin (stdin=True, --stdin)")

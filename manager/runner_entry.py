@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result["ok"] else 1
 
 
+ATEXIT_WAIT_S = 10.0  # how long atexit handlers may run when a left thread keeps the interpreter from ending
+
+
 def exit_now(code: int) -> None:
     """End the process once the result file is written: as any program ends (atexit handlers, buffered files
     flushed), unless a non-daemon thread the entry point left running would keep the interpreter (and so the
@@ -85,7 +88,10 @@ def exit_now(code: int) -> None:
     and the process ends at once (a file only that thread still writes keeps what reached it)."""
     if all(t.daemon or t is threading.main_thread() for t in threading.enumerate()):
         sys.exit(code)
-    atexit._run_exitfuncs()
+    # A handler may wait for that very thread (multiprocessing joins its children): bounded, then on regardless.
+    handlers = threading.Thread(target=atexit._run_exitfuncs, name="rollouttap-atexit", daemon=True)
+    handlers.start()
+    handlers.join(ATEXIT_WAIT_S)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

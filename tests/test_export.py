@@ -237,3 +237,16 @@ def test_an_export_to_a_fifo_is_written_through_it(recording, tmp_path):
     reader.join(30)
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and result.flows == 3
     assert len(json.loads(got[0])["log"]["entries"]) == 3
+
+
+def test_a_body_kept_only_in_part_is_exported_with_its_own_length_and_marked(recording):
+    from dataclasses import replace
+
+    from rollouttap.addon.export_flows import to_http_flow
+    with Store(recording.store) as s:
+        record = s.flows(agent_id="plain")[0]
+    cut = replace(record, meta={**record.meta, "body_cut": {"size": 300 << 20, "kept": 10}},
+                  response_body=(record.response_body or b"")[:10])
+    exported = to_http_flow(cut)
+    assert exported.response is not None and exported.response.headers["content-length"] == "10"
+    assert exported.error is not None and "first 10 of 314572800 bytes" in exported.error.msg

@@ -482,6 +482,14 @@ def test_confdir_reaches_a_proxy_config_given_without_one(tmp_path, upstream):
     assert (tmp_path / "conf" / "mitmproxy-ca.pem").exists()
 
 
+def test_a_prompt_argument_is_measured_as_rendered():
+    # The prompt fits alone, not with the working directory the same argument carries.
+    spec = CommandAgent(["echo", "--in={workdir}/{prompt}"])
+    spec.check_fits("x" * 130_000, 0)
+    with pytest.raises(AgentSpecError, match="command-line argument"):
+        spec.check_fits("x" * 130_900, 0)
+
+
 @pytest.mark.parametrize("prompts, timeout, error, message", [
     ("What is 2 + 2?", None, AgentSpecError, "list of prompts"),  # a str is iterable: one agent per char
     ({"role": "user", "content": "hi"}, None, AgentSpecError, "list of prompts"),

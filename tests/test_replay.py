@@ -21,7 +21,7 @@ import requests
 from conftest import settled_flows, start_proxy, wait_for
 from rollouttap.addon.replay import (
     DIVERGED_STATUS, Recorded, agent_view, ReplayBook, capture_injected, feed_stream, mismatch, recorded_requests,
-    request_diff, without_injected,
+    recorded_response, request_diff, without_injected,
 )
 from rollouttap.manager.proxy import ProxyProcess, free_port
 from rollouttap.manager.replay import model_hosts_of, replay_agent, target_url
@@ -491,3 +491,13 @@ def test_exit_status(divergence, exit_code, status):
     from rollouttap.manager.replay import ReplayResult
     result = ReplayResult("a", "a.r", "r", Path("x.db"), exit_code, 3, 3, 3, divergence)
     assert result.exit_status == status
+
+
+def test_a_recorded_body_kept_only_in_part_is_answered_as_unreplayable_not_short(recording):
+    with Store(recording.store) as s:
+        flow = s.flows(agent_id="plain")[0]
+    cut = replace(flow, meta={**flow.meta, "body_cut": {"size": 300 << 20, "kept": 100}},
+                  response_body=(flow.response_body or b"")[:100])
+    [entry] = recorded_requests([cut])
+    resp = recorded_response(entry, entry.response_body)
+    assert resp.status_code == 502 and b"kept only in part (100 of 314572800 bytes)" in resp.content
