@@ -30,15 +30,11 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         try:
             _connect(old.path, readonly=False).close()
         except StoreError as exc:
-            if "locked" in str(exc):  # an older proxy or manager is writing it: the upgrade waits for them
-                raise StoreVersionError(
-                    f"{old.path} was written by an older rollouttap (store schema {old.version}, this one reads "
-                    f"{SCHEMA_VERSION}) and another process is writing it now: read it once that one has stopped "
-                    "(this version upgrades it then)") from exc
-            raise StoreVersionError(
-                f"{old.path} was written by an older rollouttap (store schema {old.version}, this one reads "
-                f"{SCHEMA_VERSION}) and could not be upgraded here ({exc}): copy it where you can write and "
-                "open it there once") from exc
+            why = ("another process is writing it now: read it once that one has stopped (this version upgrades "
+                   "it then)") if "locked" in str(exc) else \
+                f"could not be upgraded here ({exc}): copy it where you can write and open it there once"
+            raise StoreVersionError(f"{old.path} was written by an older rollouttap (store schema {old.version}, "
+                                    f"this one reads {SCHEMA_VERSION}) and {why}") from exc
         return _connect(old.path, readonly=readonly)
 
 
