@@ -49,6 +49,7 @@ class _Live:
     """What the addon tracks of a flow between its request headers and its end."""
     conn_id: str
     tap: StreamTap | None = None
+    request_tap: StreamTap | None = None  # a body sent upstream as it arrives (not a model request's)
     injection: tokenids.Injection | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     # Response columns held back until the flow ends (non-streamed: the end follows at once).
@@ -215,13 +216,25 @@ class RolloutTap:
             return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
-        if who.method == "rejected":
-            if ctx.options.stream_large_bodies and may_have_body(req):
-                # mitmproxy may stream this body upstream before the request hook, and cannot answer a
-                # request it streams: the connection is closed instead of answered.
-                self._reject(flow, who, close=True)
-            else:  # answered once its body is in, so that the body is kept
-                self._live[flow.id].refused = who
+        if who.method == "rejected":  # answered once its body is in, so that the body is kept
+            self._live[flow.id].refused = who
+        else:
+            self._stream_request(flow, self._live[flow.id])
+
+    def _stream_request(self, flow: http.HTTPFlow, live: _Live) -> None:
+        """An upload (a body to a host that is not a model host) goes upstream as it arrives, the store keeping
+        its first rollouttap_body_keep_mb; a model request is held whole (its ids are injected, its body is
+        training data)."""
+        req = flow.request
+        keep_mb = ctx.options.rollouttap_body_keep_mb
+        if not keep_mb or not may_have_body(req):
+            return
+        # A route readdresses the request in the request hook, too late for a body already on its way.
+        if (self.routes and find_route(self.routes, req.pretty_host, req.port) is not None) or \
+                tokenids.is_model_request(req.host, req.port, req.path, self.model_hosts, method=req.method):
+            return
+        live.request_tap = StreamTap(keep=keep_mb << 20)
+        req.stream = live.request_tap
 
     async def _admit(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution | None:
         """Who sent the flow, or None when it was answered 503 instead (recorded as that agent's call, so that its
@@ -275,6 +288,10 @@ class RolloutTap:
         if route is not None:
             live.meta.setdefault("routed_from", readdress(flow.request, route))
         cols = flowcols.request_sent(flow, live.opened_key)
+        # Sent upstream as it came (an upload): what the tap kept. Unless a later addon took the stream back (replay).
+        if live.request_tap is not None and flow.request.stream is live.request_tap:
+            cols["request_body"] = self._tapped_request(live, live.request_tap)
+        live.request_tap = None  # recorded: an error from now on concerns the response
         live.model = tokenids.is_model_request(flow.request.host, flow.request.port, flow.request.path,
                                                self.model_hosts, method=flow.request.method)
         if ctx.options.rollouttap_token_ids and live.model:
@@ -343,6 +360,13 @@ class RolloutTap:
             live.meta["body_cut"] = {"size": live.tap.size, "kept": len(live.tap.raw)}
         return bytes(live.tap.raw)
 
+    @staticmethod
+    def _tapped_request(live: _Live, tap: StreamTap) -> bytes:
+        """A streamed request body as kept; where only its first part is, ``meta`` says how much came."""
+        if tap.size > len(tap.raw):
+            live.meta["request_body_cut"] = {"size": tap.size, "kept": len(tap.raw)}
+        return bytes(tap.raw)
+
     def _cut_stream(self, flow: http.HTTPFlow, tap: StreamTap) -> None:
         """A stream the agent could not be given whole: close its connection before the end of the message (the
         client sees a broken answer, not a short one), and keep what the server sent."""
@@ -365,6 +389,8 @@ class RolloutTap:
         ``[DONE]`` is complete (clients close as soon as they read it, often before the upstream's
         end of message reaches the proxy)."""
         cols: dict[str, Any] = {"error": reason}
+        if live.request_tap is not None and live.request_tap.size:  # an upload broken off: keep what came of it
+            cols["request_body"] = self._tapped_request(live, live.request_tap)
         if live.tap is None:
             self._end(flow_id, "error", cols)
             return
@@ -376,15 +402,10 @@ class RolloutTap:
         else:
             self._end(flow_id, "error", cols)
 
-    def _reject(self, flow: http.HTTPFlow, who: Attribution, *, close: bool = False) -> None:
-        """Refuse a flow with a 407 (``close``: close its connection instead) and record why."""
+    def _reject(self, flow: http.HTTPFlow, who: Attribution) -> None:
+        """Refuse a flow with a 407 and record why."""
         self.counts["rejected"] += 1
         error = f"proxy credentials refused: {who.detail}"
-        if close:
-            flow.kill()
-            self._end(flow.id, "error", {"error": f"{error} (connection closed: stream_large_bodies would "
-                                                  "send the body on)"})
-            return
         self._answer(flow, 407, f"proxy credentials refused ({who.detail})",
                      {"Proxy-Authenticate": 'Basic realm="rollouttap"'}, error)
 

@@ -67,6 +67,12 @@ def check(opts: Any, updated: set[str]) -> None:
     if "rollouttap_body_keep_mb" in updated and opts.rollouttap_body_keep_mb < 0:
         raise exceptions.OptionsError("rollouttap_body_keep_mb must be 0 (keep every byte) or more (MiB), not "
                                       f"{opts.rollouttap_body_keep_mb}")
+    if "stream_large_bodies" in updated and opts.stream_large_bodies:
+        # mitmproxy streams a body past that size whatever a hook says, before the addon can see it.
+        raise exceptions.OptionsError(
+            "stream_large_bodies cannot be used with rollouttap: model requests and answers past that size would "
+            "go through unrecorded, without token ids. rollouttap streams bodies itself (SSE answers, and "
+            "bodies to and from hosts that are not model hosts, keeping rollouttap_body_keep_mb of each)")
     if "rollouttap_store_backlog_mb" in updated and opts.rollouttap_store_backlog_mb < 1:
         raise exceptions.OptionsError("rollouttap_store_backlog_mb must be at least 1 (MiB), not "
                                       f"{opts.rollouttap_store_backlog_mb}")

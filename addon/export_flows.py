@@ -118,6 +118,10 @@ def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
         result.response.headers["content-length"] = str(len(result.response.raw_content or b""))
         result.error = flow.Error(f"rollouttap kept only the first {cut.get('kept')} of {cut.get('size')} bytes of "
                                   "this response body (rollouttap_body_keep_mb)", record.t_end or start)
+    if cut := record.meta.get("request_body_cut"):  # an upload kept in part, as a response above
+        result.request.headers["content-length"] = str(len(result.request.raw_content or b""))
+        result.error = flow.Error(f"rollouttap kept only the first {cut.get('kept')} of {cut.get('size')} bytes of "
+                                  "this request body (rollouttap_body_keep_mb)", record.t_end or start)
     result.live = False
     result.metadata[METADATA_KEY] = flow_metadata(record)
     return result

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.proxy import mode_specs
 from mitmproxy.net.http import url
 
 from rollouttap.addon.attribution import Attribution, hide_path_token
@@ -31,10 +32,11 @@ def _authority(host_header: str) -> tuple[str, int | None]:
     return url.parse_authority(host_header, check=False)
 
 
-def pretty_where(req: http.Request) -> tuple[str, str]:
-    """``(req.pretty_url, req.pretty_host)`` as mitmproxy computes them, parsing the Host header once."""
+def pretty_where(req: http.Request, regular: bool = False) -> tuple[str, str]:
+    """``(req.pretty_url, req.pretty_host)`` as mitmproxy computes them, parsing the Host header once; in
+    ``regular`` proxy mode where the request goes (its target's host and port), whatever its Host header says."""
     host_header = req.host_header
-    if not host_header:
+    if not host_header or (regular and req.method != "CONNECT"):
         return (req.authority if req.first_line_format == "authority" else req.url), req.host
     host, port = _authority(host_header)
     if req.first_line_format == "authority":
@@ -43,10 +45,15 @@ def pretty_where(req: http.Request) -> tuple[str, str]:
     return url.unparse(req.scheme, host, port, req.path if req.path != "*" else ""), host
 
 
+def _regular(flow: http.HTTPFlow) -> bool:
+    # mitmproxy turns an absolute-form target into origin-form before the hooks: the mode tells them apart.
+    return isinstance(flow.client_conn.proxy_mode, mode_specs.RegularMode)
+
+
 def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, Any]:
     """Columns of the row written when a request's headers arrive (state ``open``)."""
     req = flow.request
-    pretty_url, pretty_host = pretty_where(req)
+    pretty_url, pretty_host = pretty_where(req, _regular(flow))
     return {
         "flow_id": flow.id,
         "proxy_id": proxy_id,
@@ -88,7 +95,7 @@ def request_sent(flow: http.HTTPFlow, key_at_open: tuple[Any, ...] | None = None
     req = flow.request
     if key_at_open is not None and request_key(req) == key_at_open:
         return {"request_body": req.raw_content}
-    pretty_url, pretty_host = pretty_where(req)
+    pretty_url, pretty_host = pretty_where(req, _regular(flow))
     return {
         "request_body": req.raw_content,
         "url": stored_target(pretty_url),

@@ -60,6 +60,7 @@ class Recorded:
     error: str | None
     t_request: float | None
     t_end: float | None
+    request_size: int | None = None  # the request body's whole size where the store kept only its first part
 
     @property
     def label(self) -> str:
@@ -90,7 +91,8 @@ def recorded_requests(flows: Iterable[FlowRecord]) -> list[Recorded]:
                                    "bytes): record with rollouttap_body_keep_mb=0 to replay it")
         out.append(Recorded(len(out), f.flow_id, method, paths, f.request_body or b"", list(f.request_headers),
                             dict(f.meta.get("injected") or {}), status, list(f.response_headers),
-                            f.response_body or b"", error, f.t_request, f.t_end))
+                            f.response_body or b"", error, f.t_request, f.t_end,
+                            (f.meta.get("request_body_cut") or {}).get("size")))
     return out
 
 
@@ -126,10 +128,14 @@ def canonical(body: bytes, parsed: Any = None) -> list[str]:
     return body.decode("utf-8", "replace").splitlines()
 
 
-def mismatch(entry: Recorded, method: str, path: str, body: bytes) -> str | None:
-    """Why a request does not match a recorded one, or None when it does."""
+def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | None = None) -> str | None:
+    """Why a request does not match a recorded one, or None when it does (``raw``: the body as sent, before
+    content decoding, for a recorded body kept only in part)."""
     if method.upper() != entry.method or _keyless(path) not in map(_keyless, entry.paths):
         return f"expected {entry.label}, got {method.upper()} {path}"
+    if entry.request_size is not None:  # an upload kept in part: its size and first part must match
+        same = raw is not None and len(raw) == entry.request_size and raw.startswith(entry.request_body)
+        return None if same else "request body differs (the recording kept only its first part)"
     recorded = _loads(entry.body())
     live = _loads(body)
     if recorded is not None and live is not None:
@@ -202,7 +208,7 @@ class ReplayBook:
         """The fields the recording proxy injected (the latest request's that had any)."""
         return next((e.injected for e in reversed(self.entries) if e.injected), {})
 
-    def take(self, method: str, path: str, body: bytes) -> Recorded | None:
+    def take(self, method: str, path: str, body: bytes, raw: bytes | None = None) -> Recorded | None:
         """The recorded request answering this one; None once the replay has diverged."""
         index = self.requests
         self.requests += 1
@@ -211,11 +217,11 @@ class ReplayBook:
             return None
         candidates = self._candidates()
         for entry in candidates:
-            if mismatch(entry, method, path, body) is None:
+            if mismatch(entry, method, path, body, raw) is None:
                 self.used[entry.index] = True
                 return entry
         expected = candidates[0] if candidates else None
-        reason = (mismatch(expected, method, path, body) if expected is not None
+        reason = (mismatch(expected, method, path, body, raw) if expected is not None
                   else f"the recording holds only {len(self.entries)} requests")
         self.divergence = Divergence(index, expected.index if expected else None, method.upper(), path,
                                      expected.label if expected else None, reason or "",
@@ -343,6 +349,10 @@ class ReplayAddon:
     def running(self) -> None:
         self._report("ready")
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Answered in the request hook, never sent on: a body capture would stream upstream is read here instead.
+        flow.request.stream = False
+
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.request.method == "CONNECT":
             return  # already answered (e.g. credentials refused)
@@ -352,7 +362,8 @@ class ReplayAddon:
         req = flow.request
         body = req.get_content(strict=False) or b""
         diverged = self.book.divergence is not None
-        entry = self.book.take(req.method, stored_target(req.path), body)  # reports never hold a key in clear
+        # Reports never hold a key in clear.
+        entry = self.book.take(req.method, stored_target(req.path), body, req.raw_content)
         if entry is None:
             div = self.book.divergence
             assert div is not None

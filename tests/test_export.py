@@ -250,3 +250,16 @@ def test_a_body_kept_only_in_part_is_exported_with_its_own_length_and_marked(rec
     exported = to_http_flow(cut)
     assert exported.response is not None and exported.response.headers["content-length"] == "10"
     assert exported.error is not None and "first 10 of 314572800 bytes" in exported.error.msg
+
+
+def test_an_upload_kept_only_in_part_is_exported_with_its_own_length_and_marked(recording):
+    from dataclasses import replace
+
+    from rollouttap.addon.export_flows import to_http_flow
+    with Store(recording.store) as s:
+        record = s.flows(agent_id="plain")[0]
+    cut = replace(record, meta={**record.meta, "request_body_cut": {"size": 300 << 20, "kept": 7}},
+                  request_body=(record.request_body or b"")[:7])
+    exported = to_http_flow(cut)
+    assert exported.request.headers["content-length"] == "7" and exported.request.raw_content == cut.request_body
+    assert exported.error is not None and "first 7 of 314572800 bytes of this request body" in exported.error.msg

@@ -1,5 +1,5 @@
-"""Bodies from hosts that are not model hosts (downloads, clones) go to the client live and are kept in the store
-only up to rollouttap_body_keep_mb; model answers are kept whole. Real mitmdump, real sockets, real clients."""
+"""Bodies from and to hosts that are not model hosts (downloads, clones, uploads) go on live and are kept in the
+store only up to rollouttap_body_keep_mb; model requests and answers are kept whole. Real mitmdump, sockets, clients."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 
+import pytest
 import requests
 
 from conftest import settled_flows, start_proxy, wait_for
@@ -104,3 +105,59 @@ def test_bodiless_answers_pass_through_the_tap(tmp_path, confdir):
     assert [(f.method, f.status_code, f.state) for f in flows] == [("GET", 204, "done"), ("HEAD", 200, "done")]
     assert all(not f.response_body for f in flows)
     assert all(f.t_first_byte == f.t_response_headers for f in flows)  # as for any buffered answer
+
+
+def _upload_server(first_part: int, seen_first: threading.Event) -> tuple[socket.socket, threading.Thread, list[bytes]]:
+    """Accepts one request with a Content-Length body; sets ``seen_first`` once ``first_part`` body bytes are in."""
+    server = socket.create_server(("127.0.0.1", 0))
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            while len(body) < length:
+                if len(body) >= first_part:
+                    seen_first.set()
+                body += conn.recv(65536)
+            got.append(body)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread, got
+
+
+def test_an_upload_goes_upstream_as_it_arrives_while_the_store_keeps_its_first_part(tmp_path, confdir):
+    first, rest = os.urandom(2 * MIB), os.urandom(2 * MIB)
+    seen_first = threading.Event()
+    server, thread, got = _upload_server(len(first), seen_first)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/upload"
+    with server, start_proxy(tmp_path / "s.db", confdir, extra={"rollouttap_body_keep_mb": "1"}) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.sendall(f"POST {url} HTTP/1.1\r\nHost: {url.split('/')[2]}\r\nX-Agent-ID: up\r\n"
+                           f"Content-Length: {len(first) + len(rest)}\r\n\r\n".encode() + first)
+            # The rest only once the server has the first part: a proxy holding the body until its end never
+            # passes it on, and the server never sees it.
+            streamed = seen_first.wait(20)
+            client.sendall(rest)
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        thread.join(10)
+        [flow] = settled_flows(proxy.config.store, agent_id="up")
+    assert streamed
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok") and got == [first + rest]
+    assert flow.state == "done" and flow.request_body == first[:MIB]
+    assert flow.meta["request_body_cut"] == {"size": len(first) + len(rest), "kept": MIB}
+
+
+def test_stream_large_bodies_is_refused_as_it_would_stream_model_calls_past_the_store(tmp_path, confdir):
+    from rollouttap.errors import ProxyError
+    # mitmproxy streams a body past that size before any hook can keep it: a model call would go unrecorded.
+    with pytest.raises(ProxyError, match="stream_large_bodies cannot be used with rollouttap"):
+        start_proxy(tmp_path / "s.db", confdir, extra={"stream_large_bodies": "1k"})

@@ -501,3 +501,51 @@ def test_a_recorded_body_kept_only_in_part_is_answered_as_unreplayable_not_short
     [entry] = recorded_requests([cut])
     resp = recorded_response(entry, entry.response_body)
     assert resp.status_code == 502 and b"kept only in part (100 of 314572800 bytes)" in resp.content
+
+
+def test_a_request_body_kept_only_in_part_matches_a_replayed_body_of_its_size_and_first_part(recording):
+    with Store(recording.store) as s:
+        flow = s.flows(agent_id="plain")[0]
+    whole = b"upload " * 1000
+    cut = replace(flow, request_body=whole[:100], request_headers=[("content-type", "application/octet-stream")],
+                  meta={**flow.meta, "request_body_cut": {"size": len(whole), "kept": 100}})
+    [entry] = recorded_requests([cut])
+    path = entry.paths[0]
+    assert mismatch(entry, entry.method, path, whole, whole) is None
+    assert mismatch(entry, entry.method, path, whole + b"x", whole + b"x") is not None  # longer
+    assert mismatch(entry, entry.method, path, b"X" + whole[1:], b"X" + whole[1:]) is not None  # other start
+
+
+def test_a_replayed_upload_is_answered_from_the_recording_never_sent_on(tmp_path, confdir):
+    """Capture streams an upload's body upstream as it arrives; under replay it must be held and answered."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    seen: list[bytes] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(201)
+            self.send_header("Content-Length", "8")
+            self.end_headers()
+            self.wfile.write(b"uploaded")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    script = tmp_path / "upload.py"
+    script.write_text("import sys, urllib.request\n"
+                      "req = urllib.request.Request(sys.argv[1], data=b'z' * 3_000_000)\n"
+                      "with urllib.request.urlopen(req, timeout=30) as resp:\n"
+                      "    print(resp.status, resp.read().decode())\n")
+    with ThreadingHTTPServer(("127.0.0.1", 0), Sink) as sink:
+        threading.Thread(target=sink.serve_forever, daemon=True).start()
+        command = [sys.executable, str(script), f"http://127.0.0.1:{sink.server_port}/files"]
+        store = tmp_path / "runs.db"
+        with start_proxy(store, confdir, extra={"rollouttap_body_keep_mb": "1"}) as proxy:
+            recorded = run_agent(proxy, store, "up", command, "run-up")
+        result = replay_agent(store, "up", command, out=tmp_path / "r.db", confdir=confdir, capture_output=True,
+                              timeout=60)
+        sink.shutdown()
+    assert recorded == "201 uploaded\n" and len(seen) == 1  # the recording's upload only
+    assert result.ok and result.stdout == recorded, (result.stderr, result.divergence)
