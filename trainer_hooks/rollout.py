@@ -9,11 +9,14 @@ as a keyword argument, one value per prompt.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
+from rollouttap.errors import ConfigError
 from rollouttap.manager.fidelity import Fidelity, batch_fidelity
 from rollouttap.manager.rows import TrainingRow, empty_row
 from rollouttap.trainer_hooks.policy_check import check_generation
@@ -21,6 +24,7 @@ from rollouttap.trainer_hooks.policy_check import check_generation
 log = logging.getLogger(__name__)
 
 RolloutFunc = Callable[[list[Any], Any], dict[str, list[Any]]]
+TemperatureCheck = Literal["warn", "error", "off"]  # what agent_rollout does when agents sample at another one
 
 
 class RolloutOutput(TypedDict, total=False):
@@ -51,27 +55,42 @@ def safe_row(row: TrainingRow | None, ok: bool, eos_token_id: int,
                    logprobs=None if row.logprobs is None else [0.0] * len(row.completion_ids))
 
 
-def cut_row(row: TrainingRow, limit: int | None) -> TrainingRow:
-    """``row`` with its completion cut to ``limit`` tokens (marked truncated); unchanged when it fits."""
+def cut_row(row: TrainingRow, limit: int | None, end_ids: Collection[int] = ()) -> TrainingRow:
+    """``row`` with its completion cut to ``limit`` tokens (marked truncated); unchanged when it fits.
+
+    TRL 1.16 ignores ``truncated``: a completion is cut, for ``mask_truncated_completions`` and
+    ``completions/clipped_ratio``, only when its last token is not one of ``end_ids`` (its eos ids and pad id).
+    A multi-turn completion has an eos (ChatML's ``<|im_end|>``) after every turn, so a cut right after one
+    would pass for a finished answer: those trailing tokens go too."""
     if limit is None or len(row.completion_ids) <= limit:
         return row
-    return replace(row, completion_ids=row.completion_ids[:limit], env_mask=row.env_mask[:limit],
-                   logprobs=None if row.logprobs is None else row.logprobs[:limit], truncated=True)
+    keep = limit
+    while keep and row.completion_ids[keep - 1] in end_ids:
+        keep -= 1
+    # Nothing but end tokens: TRL needs one token (it reads ids[-1]), which can only pass for a finished
+    # answer, so it is kept untrained.
+    mask = row.env_mask[:keep] if keep else [0]
+    keep = max(keep, 1)
+    return replace(row, completion_ids=row.completion_ids[:keep], env_mask=mask,
+                   logprobs=None if row.logprobs is None else row.logprobs[:keep], truncated=True)
 
 
 def to_rollout_output(results: Sequence[Any], *, eos_token_id: int,
                       prompt_ids: Sequence[Sequence[int]] | None = None,
-                      train_on_failed: bool = False, max_completion_length: int | None = None) -> RolloutOutput:
+                      train_on_failed: bool = False, max_completion_length: int | None = None,
+                      end_ids: Collection[int] | None = None) -> RolloutOutput:
     """One TRL row per agent result, in order, plus the per-agent fields reward functions get.
 
     A completion longer than ``max_completion_length`` (a multi-turn agent's easily is) is cut to it: TRL
-    trains on whatever it is given, and counts a completion without its eos as truncated."""
+    trains on whatever it is given, and counts a completion as truncated when it does not end with one of
+    ``end_ids`` (the trainer's eos ids and pad id; ``eos_token_id`` alone when not given)."""
+    ends = frozenset(end_ids) if end_ids is not None else frozenset({eos_token_id})
     rows: list[TrainingRow] = []
     for i, result in enumerate(results):
         ok = result.status == "ok" or train_on_failed
         fallback = prompt_ids[i] if prompt_ids is not None else None
         rows.append(cut_row(safe_row(getattr(result, "row", None), ok, eos_token_id, fallback),
-                            max_completion_length))
+                            max_completion_length, ends))
     # A row without sampling logprobs (token ids only) gets None per token: TRL (>= 1.16) leaves those tokens
     # out of the importance-sampling correction. None for the whole batch would break TRL's vLLM path.
     logprobs = [list(r.logprobs) if r.logprobs is not None else [None] * len(r.completion_ids) for r in rows]
@@ -184,7 +203,7 @@ def summed_over_ranks(trainer: Any, counts: dict[str, float]) -> dict[str, float
 def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_failed: bool = False,
                   prompt_to_agent: Callable[[Any], Any] | None = None,
                   on_results: Callable[[list[Any]], None] | None = None,
-                  check_policy: bool = True) -> RolloutFunc:
+                  check_policy: bool = True, temperature_check: TemperatureCheck = "warn") -> RolloutFunc:
     """Turn an AgentManager into TRL's ``rollout_func``: ``GRPOTrainer(..., rollout_func=agent_rollout(m))``.
 
     ``prompt_to_agent`` maps a dataset prompt (a string or chat messages) to what the agent spec takes;
@@ -192,10 +211,14 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
     trainer its own (TRL calls ``rollout_func`` on every rank): the batch figures it logs are summed over the
     ranks, a collective operation each rank's call takes part in (a rank that fails before it leaves the others
     waiting, as TRL's own gathers do). At its first batch it checks that the agents sample from the weights
-    TRL trains (trainer_hooks/policy_check.py); ``check_policy=False`` skips that.
+    TRL trains (trainer_hooks/policy_check.py); ``check_policy=False`` skips that. At every batch it compares
+    the temperature the agents' model calls sampled at with ``GRPOConfig.temperature`` and logs each distinct
+    mismatch once (``temperature_check="error"`` raises ConfigError instead, ``"off"`` skips it).
     """
-
+    if temperature_check not in ("warn", "error", "off"):
+        raise ValueError(f"temperature_check must be 'warn', 'error' or 'off', not {temperature_check!r}")
     checked = not check_policy
+    reported: set[float | None] = set()  # temperatures already warned about: once each, not every batch
 
     def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
         nonlocal checked
@@ -211,13 +234,16 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
         agent_prompts = [prompt_to_agent(p) for p in prompts] if prompt_to_agent else list(prompts)
         started = time.time()
         results = manager.deploy(agent_prompts)
+        if temperature_check != "off":
+            _check_temperatures(results, trainer, reported, raise_error=temperature_check == "error")
         # Only an agent without a row needs its prompt rendered (the prompt of its all-mask-0 row).
         fallback = [_prompt_ids(trainer, p) if getattr(r, "row", None) is None else None
                     for r, p in zip(results, prompts)]
         output = to_rollout_output(results, eos_token_id=eos, prompt_ids=fallback,
                                    train_on_failed=train_on_failed,
                                    max_completion_length=getattr(getattr(trainer, "args", None),
-                                                                 "max_completion_length", None))
+                                                                 "max_completion_length", None),
+                                   end_ids=_end_ids(trainer, eos))
         counts = rollout_counts(results, output["env_mask"])
         if hasattr(manager, "summary"):
             summary = manager.summary(results, since=started)
@@ -248,6 +274,77 @@ def _eos_of(trainer: Any) -> int:
     if eos is None:
         raise ValueError("pass eos_token_id= to agent_rollout: the trainer's tokenizer has none")
     return int(eos)
+
+
+def _end_ids(trainer: Any, eos: int) -> frozenset[int]:
+    """The ids TRL 1.16 takes for the end of a completion: its ``eos_token_ids`` (the tokenizer's and the
+    model's generation config's) and its tokenizer's pad id."""
+    ids = {eos, *(getattr(trainer, "eos_token_ids", None) or ())}
+    processing = getattr(trainer, "processing_class", None)
+    tokenizer = getattr(processing, "tokenizer", processing)  # a multimodal processor holds the tokenizer
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return frozenset(ids if pad is None else ids | {pad})
+
+
+# -- sampling temperature: the agents' requests decide it, TRL computes its logprobs at GRPOConfig's ----------
+def call_temperatures(results: Iterable[Any]) -> Counter[float | None]:
+    """How many of the agents' answered model calls asked for each temperature (None: the request named none)."""
+    counts: Counter[float | None] = Counter()
+    for result in results:
+        for call in getattr(getattr(result, "conversation", None), "model_calls", None) or ():
+            if getattr(call, "failed", False):
+                continue  # sampled nothing that trains
+            value = (getattr(call, "params", None) or {}).get("temperature")
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            counts[float(value) if numeric else None] += 1
+    return counts
+
+
+def temperature_mismatches(counts: Mapping[float | None, int], trained: float, default: float,
+                           default_name: str) -> dict[float | None, str]:
+    """A message for each temperature in ``counts`` (None: the server's ``default``, described by
+    ``default_name``) that is not ``trained``."""
+    total = sum(counts.values())
+    messages: dict[float | None, str] = {}
+    for asked, n in counts.items():
+        sampled = default if asked is None else asked
+        if math.isclose(sampled, trained, abs_tol=1e-6):
+            continue
+        how = f"sent no temperature, so sampled at {default_name}," if asked is None else \
+            f"asked for temperature {sampled:g}"
+        messages[asked] = (
+            f"{n} of {total} model calls of this batch {how} but TRL computes its logprobs at "
+            f"GRPOConfig(temperature={trained:g}): the agents sample from another policy than the one trained, "
+            f"and with vLLM the importance-sampling ratios against the server's logprobs are wrong. Have the "
+            f"agents send temperature={trained:g} or set GRPOConfig(temperature={sampled:g})")
+    return messages
+
+
+def default_temperature(trainer: Any) -> tuple[float, str]:
+    """The temperature a request without one samples at, and its name in a warning. vLLM's default comes from
+    the model's generation config (``trl vllm-serve`` serves the model TRL trains), else 1.0. Without vLLM the
+    server is PolicyServer (1.0) or one not known here: the warning names it the server's default."""
+    if getattr(getattr(trainer, "args", None), "use_vllm", False):
+        config = getattr(getattr(trainer, "model", None), "generation_config", None)
+        configured = getattr(config, "temperature", None)
+        if isinstance(configured, (int, float)):
+            return float(configured), f"vLLM's default, {configured:g} from the model's generation config"
+        return 1.0, "vLLM's default, 1"
+    return 1.0, "the server's default (PolicyServer's: 1)"
+
+
+def _check_temperatures(results: Sequence[Any], trainer: Any, reported: set[float | None], *,
+                        raise_error: bool) -> None:
+    trained = getattr(getattr(trainer, "args", None), "temperature", None)
+    if not isinstance(trained, (int, float)):
+        return
+    default, name = default_temperature(trainer)
+    for asked, message in temperature_mismatches(call_temperatures(results), float(trained), default, name).items():
+        if raise_error:
+            raise ConfigError(message + " (agent_rollout(..., temperature_check='warn') only warns)")
+        if asked not in reported:
+            reported.add(asked)
+            log.warning("%s", message)
 
 
 def _prompt_ids(trainer: Any, prompt: Any) -> list[int] | None:
