@@ -222,18 +222,20 @@ class RolloutTap:
             self._stream_request(flow, self._live[flow.id])
 
     def _stream_request(self, flow: http.HTTPFlow, live: _Live) -> None:
-        """An upload (a body to a host that is not a model host) goes upstream as it arrives, the store keeping
-        its first rollouttap_body_keep_mb; a model request is held whole (its ids are injected, its body is
-        training data)."""
+        """An upload larger than rollouttap_body_keep_mb (or of unknown size) to a host that is not a model host
+        goes upstream as it arrives, the store keeping its first part. Any other body is held whole until it is
+        in: a body streamed to a server that cannot be reached is never read, so never kept."""
         req = flow.request
-        keep_mb = ctx.options.rollouttap_body_keep_mb
-        if not keep_mb or not may_have_body(req):
+        keep = ctx.options.rollouttap_body_keep_mb << 20
+        length = req.headers.get("content-length", "")
+        if not keep or not may_have_body(req) or (length.isdigit() and int(length) <= keep):
             return
-        # A route readdresses the request in the request hook, too late for a body already on its way.
-        if (self.routes and find_route(self.routes, req.pretty_host, req.port) is not None) or \
-                tokenids.is_model_request(req.host, req.port, req.path, self.model_hosts, method=req.method):
+        # A model API path (any host: conversations read those calls) is kept whole; a route readdresses the
+        # request in the request hook, too late for a body already on its way.
+        if tokenids.endpoint_for_path(req.path) is not None or \
+                (self.routes and find_route(self.routes, req.pretty_host, req.port) is not None):
             return
-        live.request_tap = StreamTap(keep=keep_mb << 20)
+        live.request_tap = StreamTap(keep=keep)
         req.stream = live.request_tap
 
     async def _admit(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution | None:

@@ -161,3 +161,12 @@ def test_stream_large_bodies_is_refused_as_it_would_stream_model_calls_past_the_
     # mitmproxy streams a body past that size before any hook can keep it: a model call would go unrecorded.
     with pytest.raises(ProxyError, match="stream_large_bodies cannot be used with rollouttap"):
         start_proxy(tmp_path / "s.db", confdir, extra={"stream_large_bodies": "1k"})
+
+
+def test_a_body_within_the_keep_limit_is_held_whole_and_kept_though_its_server_cannot_be_reached(tmp_path, confdir):
+    with start_proxy(tmp_path / "s.db", confdir, extra={"rollouttap_body_keep_mb": "1"}) as proxy:
+        resp = requests.post("http://127.0.0.1:9/upload", data=b"y" * 300_000, headers={"X-Agent-ID": "dead"},
+                             proxies={"http": proxy.url}, timeout=30)
+        [flow] = settled_flows(proxy.config.store, agent_id="dead")
+    assert resp.status_code == 502 and flow.state == "error"
+    assert flow.request_body == b"y" * 300_000 and "request_body_cut" not in flow.meta
