@@ -6,13 +6,16 @@ in the ``{prompt_file}`` file and on stdin. Entry points receive the prompt as t
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
 import os
 import shlex
+import site
 import string
 import sys
+import sysconfig
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +37,9 @@ Check = Union[Callable[[Path], Any], str, None]
 
 PLACEHOLDERS = frozenset({"prompt", "prompt_file", "workdir", "agent_id"})
 RUNNER_MODULE = "rollouttap.manager.runner_entry"
+# Read by runner_entry (not imported from it: `-m` would then find it imported already, and warn).
+ENTRY_PATH_ENV = "ROLLOUTTAP_ENTRY_PATH"
+PARENT_PATH_ENV = "ROLLOUTTAP_PARENT_PATH"
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,14 @@ class EntryPointAgent(AgentSpec):
 
     Its JSON-serialisable return value comes back in the result; an exception fails the agent. A function
     object is accepted too if it is importable by name (not a lambda, a local, or defined in ``__main__``).
+
+    The agent imports what this process would: its interpreter gets first on ``sys.path`` the directory the
+    module was imported from (unless it is site-packages), then this process's ``sys.path`` entries that are
+    not this interpreter's own standard library or site-packages (the script's directory, entries the program
+    added; ``''`` is this process's working directory), before or after its own as they stand here, much as
+    multiprocessing's spawn does. Never the agent's working directory: a ``workdir_template`` copy holding a
+    ``json.py`` or a package checkout would shadow what it imports. A module a fresh interpreter cannot import
+    by its name (loaded with ``importlib.util.spec_from_file_location`` under another name) is refused here.
     """
     target: str | Callable[..., Any] = field(kw_only=False)
     python: str = sys.executable
@@ -223,6 +237,7 @@ class EntryPointAgent(AgentSpec):
         super().__post_init__()
         name = self.target if isinstance(self.target, str) else _name_of(self.target)
         resolve_entry_point(name)
+        module_root(name.partition(":")[0])  # refuses a module a fresh interpreter cannot find by its name
         object.__setattr__(self, "target", name)
 
     @property
@@ -230,13 +245,22 @@ class EntryPointAgent(AgentSpec):
         return str(self.target).partition(":")[0]
 
     def argv(self, ctx: LaunchContext) -> list[str]:
-        return [self.python, "-m", RUNNER_MODULE, str(self.target),
+        # -P: `-m` would put the working directory (the agent's workdir) first on sys.path. Every interpreter
+        # that can run rollouttap has it (requires-python >= 3.12; -P came in 3.11).
+        return [self.python, "-P", "-m", RUNNER_MODULE, str(self.target),
                 "--prompt-file", str(ctx.prompt_json_file), "--result-file", str(ctx.result_file)]
 
     def extra_env(self) -> dict[str, str]:
-        # The child must import the module from where this process found it (e.g. a tests/ directory).
+        # Read at each launch: the program may add to sys.path after making the spec.
+        installed = installation_dirs()
+        front, back = parent_path(sys.path, os.getcwd(), installed)
+        env = {PARENT_PATH_ENV: json.dumps({"front": front, "back": back})}
+        # The child must import the module from where this process found it (e.g. a tests/ directory); not
+        # from this interpreter's site-packages, which `python=` (another interpreter) must not get in front.
         root = module_root(self.module)
-        return {"ROLLOUTTAP_ENTRY_PATH": str(root)} if root is not None else {}
+        if root is not None and not _under(str(root), installed):
+            env[ENTRY_PATH_ENV] = str(root)
+        return env
 
     def describe(self) -> str:
         return str(self.target)
@@ -262,16 +286,69 @@ def resolve_entry_point(target: str) -> Callable[..., Any]:
 
 
 def module_root(module_name: str) -> Path | None:
-    """The sys.path directory a module was imported from (None for built-in or namespace modules)."""
+    """The sys.path directory a module was imported from (None for built-in or namespace modules);
+    AgentSpecError when its file is not where its name would lead a fresh interpreter."""
     module = sys.modules.get(module_name) or importlib.import_module(module_name)
     origin = getattr(module, "__file__", None)
     if not origin:
         return None
-    path = Path(origin).resolve().parent
-    depth = module_name.count(".") + (1 if Path(origin).name == "__init__.py" else 0)
-    for _ in range(depth):
+    spec = getattr(module, "__spec__", None)
+    # Its own name: os.path is posixpath, found as such (the name a spec loaded from a file was given, too).
+    name = spec.name if spec is not None and spec.name else module_name
+    file = Path(os.path.abspath(origin))  # not resolved: a symlinked file keeps the name it is imported by
+    root = import_root(name, file)
+    if root is None:
+        raise AgentSpecError(f"module {module_name!r} was loaded from {file} under a name a fresh interpreter "
+                             "cannot import it by: import it by its file's name from a directory on sys.path")
+    return root
+
+
+def import_root(name: str, file: Path) -> Path | None:
+    """The directory from which importing module ``name`` finds ``file``; None when it would not."""
+    stem, parts = file.name.partition(".")[0], name.split(".")
+    if stem != "__init__":  # a package's __init__ stands for its directory
+        if stem != parts[-1]:
+            return None
+        parts = parts[:-1]
+    path = file.parent
+    for part in reversed(parts):
+        if path.name != part:
+            return None
         path = path.parent
     return path
+
+
+@functools.cache
+def installation_dirs() -> tuple[str, ...]:
+    """This interpreter's own import directories (standard library, site-packages, its zip): the agent's
+    interpreter, maybe another one (``python=``), has its own."""
+    dirs = set(site.getsitepackages()) | {site.getusersitepackages()}
+    for prefixes in (None, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
+        paths = sysconfig.get_paths(vars=prefixes)
+        dirs |= {paths["purelib"], paths["platlib"], os.path.dirname(paths["stdlib"]),
+                 os.path.dirname(paths["platstdlib"])}  # their parents: pythonXY.zip, dist-packages
+    return tuple(sorted(os.path.abspath(d) for d in dirs))
+
+
+def _under(path: str, dirs: Sequence[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip(os.sep) + os.sep) for d in dirs)
+
+
+def parent_path(path: Sequence[object], cwd: str, installed: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The entries of ``path`` (a sys.path) outside the ``installed`` directories, absolute (``''``: ``cwd``):
+    (those before the first installed one, the rest), to go before and after the agent interpreter's own."""
+    front: list[str] = []
+    back: list[str] = []
+    seen_installed = False
+    for entry in path:
+        if not isinstance(entry, str):
+            continue
+        entry = os.path.abspath(os.path.join(cwd, entry))
+        if _under(entry, installed):
+            seen_installed = True
+        elif entry not in front and entry not in back:
+            (back if seen_installed else front).append(entry)
+    return front, back
 
 
 def _name_of(func: Callable[..., Any]) -> str:

@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, replace
@@ -95,6 +96,7 @@ class AgentManager:
         self._bypass: dict[str, list[BypassConnection]] = {}
         self._lock = threading.Lock()
         self._deploys: dict[threading.Event, list[Future[AgentResult]]] = {}  # running deploys: stop -> agents
+        self._callers: dict[threading.Event, threading.Thread] = {}  # running deploys: stop -> calling thread
         self._late = _Pending()  # results of broken-off deploys still to be reported (see cancel())
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -127,6 +129,7 @@ class AgentManager:
             raise
         self._reaper.wait_ready()
         self._closing.clear()
+        _OPEN.add(self)
         for name, target in (("watchdog", self._watch_proxy), ("monitor", self._watch_agents)):
             thread = threading.Thread(target=target, name=f"rollouttap-{name}", daemon=True)
             thread.start()
@@ -139,6 +142,7 @@ class AgentManager:
         Running deploys (other threads') are cancelled first: their agents are killed and recorded, and
         their calls return those results, before the proxy and the store go."""
         finished = False
+        _OPEN.discard(self)
         try:
             finished = self.cancel()
             self._closing.set()
@@ -166,12 +170,17 @@ class AgentManager:
         Waits on the agents' futures, which run on pool threads: so a close() from a progress callback,
         inside a deploy, waits for that deploy's agents too; so does a caller whose deploy() a second Ctrl-C
         broke off, and its progress callback gets the results still owed meanwhile."""
+        return self._cancel(timeout, lambda _caller: True)
+
+    def _cancel(self, timeout: float, which: Callable[[threading.Thread], bool]) -> bool:
+        """cancel() for the running deploys whose calling thread ``which`` selects."""
         with self._lock:
-            for stop in self._deploys:
+            stops = [stop for stop in self._deploys if which(self._callers[stop])]
+            for stop in stops:
                 stop.set()
             # done(), not wait()'s test: a future cancelled while queued is done, but wait() counts it only once
             # a pool thread has taken it, which an interrupted deploy's pool never does.
-            pending = [f for futures in self._deploys.values() for f in futures if not f.done()]
+            pending = [f for stop in stops for f in self._deploys[stop] if not f.done()]
         deadline = time.monotonic() + self.grace + timeout
         if wait(pending, timeout=self.grace + timeout).not_done:
             return False
@@ -237,6 +246,7 @@ class AgentManager:
         futures: list[Future[AgentResult]] = []
         with self._lock:  # registered before any agent starts: a close() from now on cancels them all
             self._deploys[stop] = futures
+            self._callers[stop] = threading.current_thread()
             futures += [pool.submit(self._run_guarded, i, p, stop, limit) for i, p in enumerate(items)]
         interrupted = False
         try:
@@ -277,6 +287,7 @@ class AgentManager:
         with self._lock:
             if all(f.done() for f in self._deploys.get(stop, ())):
                 self._deploys.pop(stop, None)
+                self._callers.pop(stop, None)
 
     def summary(self, results: Sequence[AgentResult], since: float | None = None) -> dict[str, Any]:
         """Batch counts (statuses, calls, tokens, bypasses), proxy restarts and unattributed flows."""
@@ -418,6 +429,34 @@ class AgentManager:
                            else None, agent_id=agent_id, token=token)
         return agent_environment(os.environ, proxy=link.env(agent_id, token), model=models,
                                  user=self.env, spec={**self.spec.env, **self.spec.extra_env()})
+
+
+_OPEN: weakref.WeakSet[AgentManager] = weakref.WeakSet()  # started, not closed (weak: one dropped is not kept)
+
+
+def _deserted(caller: threading.Thread) -> bool:
+    """Whether a deploy called from ``caller`` is left to itself once the main thread has ended: the program
+    does not wait for a daemon thread (or one that is gone); it waits for any other."""
+    return caller.daemon or not caller.is_alive() or caller is threading.current_thread()
+
+
+def _cancel_deserted_deploys() -> None:
+    """At exit: cancel (agents killed and recorded) the deploys of open managers no thread will wait for."""
+    for manager in list(_OPEN):
+        try:
+            manager._cancel(60.0, _deserted)
+        except Exception:  # the exit goes on: the reaper kills what is left
+            log.exception("cancelling the running deploys at exit failed")
+
+
+# A deploy() on a daemon thread of a program whose main thread has ended would keep it alive until its agents
+# time out: its pool's threads are joined at exit (concurrent.futures registers that join the same way, on
+# import, above). Threading's exit functions run in reverse order of registration, so this cancel runs first
+# and the join finds the agents killed and recorded, as close() leaves them. Not daemon pool threads instead:
+# the interpreter would end with the agents unrecorded (only the reaper then kills them, as after a crash).
+# An atexit.register() function would run only after that join. A deploy on a thread the program waits for
+# (not daemon, alive) is left to finish, as Python leaves that thread.
+threading._register_atexit(_cancel_deserted_deploys)  # type: ignore[attr-defined]
 
 
 def _prepare(spec: AgentSpec, agent_id: str, prompt: Prompt, run_dir: Path,

@@ -224,27 +224,39 @@ class ProxyProcess:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env=launch_env(self.config.launcher, os.environ))
-        with Store(self.config.store) as store:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                row = store.proxy(self.proxy_id)
-                if row is not None and row["listen"] and row["stopped_at"] is None:
-                    self.listen, self.ca_cert = row["listen"], row["ca_cert"]
-                    break
-                if self.proc.poll() is not None:
-                    raise ProxyError(f"mitmdump exited with {self.proc.returncode} (log {self.log_path}):\n"
-                                     f"{self.log_tail()}")
-                time.sleep(0.02)
-            else:
-                self.stop(keep_log=True)
-                raise ProxyError(f"mitmdump did not start within {timeout:.0f}s (log {self.log_path}):\n"
-                                 f"{self.log_tail()}")
+        try:
+            listening = self._await_listening(self.proc, timeout)
+        except ProxyError:  # it exited: nothing to stop, and restart()'s next try goes on with its log
+            raise
+        except BaseException:  # a Ctrl-C: a proxy nobody holds would run on, alive in the store
+            self.stop()
+            raise
+        if not listening:
+            self.stop(keep_log=True)
+            raise ProxyError(f"mitmdump did not start within {timeout:.0f}s (log {self.log_path}):\n"
+                             f"{self.log_tail()}")
         # Pin the ports, so that a restart comes back where the agents expect it.
         self.config.port = self.port
         if self.reverse_url:
             self.config.reverse_port = int(self.reverse_url.rsplit(":", 1)[1])
         log.info("proxy %s listening at %s (log %s)", self.proxy_id, self.url, self.log_path)
         return self
+
+    def _await_listening(self, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+        """Wait for the proxy's row in the store to say where it listens: False after ``timeout`` seconds,
+        ProxyError if it exits first."""
+        with Store(self.config.store) as store:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                row = store.proxy(self.proxy_id)
+                if row is not None and row["listen"] and row["stopped_at"] is None:
+                    self.listen, self.ca_cert = row["listen"], row["ca_cert"]
+                    return True
+                if proc.poll() is not None:
+                    raise ProxyError(f"mitmdump exited with {proc.returncode} (log {self.log_path}):\n"
+                                     f"{self.log_tail()}")
+                time.sleep(0.02)
+        return False
 
     def _ensure_ca(self, timeout: float) -> None:
         """The CA made before mitmdump starts, so proxies starting together share one (manager/proxy_ca.py)."""

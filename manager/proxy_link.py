@@ -64,10 +64,16 @@ class ProxyLink:
                 errors.append(exc)
         start()  # alone first: it creates the CA the others then share
         threads = [threading.Thread(target=start) for _ in range(count - 1)] if not errors else []
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        except BaseException as exc:  # a Ctrl-C: the proxies still starting are stopped too, once they are up
+            errors.insert(0, exc)
+            for thread in threads:
+                if thread.ident is not None:  # started
+                    thread.join()
         if errors:
             for link in links:
                 link.close()

@@ -22,7 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-ENTRY_PATH_ENV = "ROLLOUTTAP_ENTRY_PATH"
+ENTRY_PATH_ENV = "ROLLOUTTAP_ENTRY_PATH"  # the directory the manager imported the entry point's module from
+PARENT_PATH_ENV = "ROLLOUTTAP_PARENT_PATH"  # the manager's own sys.path entries: {"front": [...], "back": [...]}
 
 
 def load(target: str) -> Any:
@@ -55,6 +56,16 @@ def outcome(target: str, prompt: Any) -> dict[str, Any]:
     return {"ok": True, "value": value}
 
 
+def import_path(own: list[str], root: str | None, front: list[str], back: list[str]) -> list[str]:
+    """sys.path for the entry point: its root, the manager's entries that stood before its interpreter's
+    own, this interpreter's own, the manager's others; each directory once, where it first comes."""
+    out: list[str] = []
+    for entry in ([root] if root else []) + front + own + back:
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
 def write_atomically(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -67,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-file", type=Path, required=True)
     parser.add_argument("--result-file", type=Path, required=True)
     args = parser.parse_args(argv)
-    extra = os.environ.get(ENTRY_PATH_ENV)
-    if extra and extra not in sys.path:
-        sys.path.insert(0, extra)
+    parent = json.loads(os.environ.get(PARENT_PATH_ENV) or "{}")
+    sys.path[:] = import_path(sys.path, os.environ.get(ENTRY_PATH_ENV), parent.get("front", []),
+                              parent.get("back", []))
     prompt = json.loads(args.prompt_file.read_text(encoding="utf-8"))
     result = outcome(args.target, prompt)
     if not result["ok"] and result.get("traceback"):
