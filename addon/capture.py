@@ -50,6 +50,7 @@ class _Live:
     conn_id: str
     tap: StreamTap | None = None
     request_tap: StreamTap | None = None  # a body sent upstream as it arrives (not a model request's)
+    request_length: int | None = None  # that body's Content-Length (None: chunked)
     injection: tokenids.Injection | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     # Response columns held back until the flow ends (non-streamed: the end follows at once).
@@ -236,6 +237,7 @@ class RolloutTap:
                 (self.routes and find_route(self.routes, req.pretty_host, req.port) is not None):
             return
         live.request_tap = StreamTap(keep=keep)
+        live.request_length = int(length) if length.isdigit() else None
         req.stream = live.request_tap
 
     async def _admit(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution | None:
@@ -292,7 +294,7 @@ class RolloutTap:
         cols = flowcols.request_sent(flow, live.opened_key)
         # Sent upstream as it came (an upload): what the tap kept. Unless a later addon took the stream back (replay).
         if live.request_tap is not None and flow.request.stream is live.request_tap:
-            cols["request_body"] = self._tapped_request(live, live.request_tap)
+            cols["request_body"] = self._tapped_request(live, live.request_tap.size)
         live.request_tap = None  # recorded: an error from now on concerns the response
         live.model = tokenids.is_model_request(flow.request.host, flow.request.port, flow.request.path,
                                                self.model_hosts, method=flow.request.method)
@@ -363,11 +365,13 @@ class RolloutTap:
         return bytes(live.tap.raw)
 
     @staticmethod
-    def _tapped_request(live: _Live, tap: StreamTap) -> bytes:
-        """A streamed request body as kept; where only its first part is, ``meta`` says how much came."""
-        if tap.size > len(tap.raw):
-            live.meta["request_body_cut"] = {"size": tap.size, "kept": len(tap.raw)}
-        return bytes(tap.raw)
+    def _tapped_request(live: _Live, size: int) -> bytes:
+        """A streamed request body as kept; where only the first part of its ``size`` bytes is, ``meta`` says so."""
+        assert live.request_tap is not None
+        kept = bytes(live.request_tap.raw)
+        if size > len(kept):
+            live.meta["request_body_cut"] = {"size": size, "kept": len(kept)}
+        return kept
 
     def _cut_stream(self, flow: http.HTTPFlow, tap: StreamTap) -> None:
         """A stream the agent could not be given whole: close its connection before the end of the message (the
@@ -392,7 +396,7 @@ class RolloutTap:
         end of message reaches the proxy)."""
         cols: dict[str, Any] = {"error": reason}
         if live.request_tap is not None and live.request_tap.size:  # an upload broken off: keep what came of it
-            cols["request_body"] = self._tapped_request(live, live.request_tap)
+            cols["request_body"] = self._tapped_request(live, live.request_tap.size)
         if live.tap is None:
             self._end(flow_id, "error", cols)
             return
@@ -460,6 +464,10 @@ class RolloutTap:
             self.counts["errors"] += 1
         else:  # a reader that gave up on the flow may have ended it as an error meanwhile (settle_flows)
             cols.setdefault("error", None)
+        if live.request_tap is not None and "request_body" not in cols:
+            # Answered before its upload ended (a 413, a 403): the request hook comes after this end. The upstream
+            # gets the rest; the size is the one announced (chunked: what came so far).
+            cols["request_body"] = self._tapped_request(live, max(live.request_length or 0, live.request_tap.size))
         cols = {**live.pending, **cols, "state": state}
         cols.setdefault("t_end", time.time())
         if live.meta:

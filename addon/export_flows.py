@@ -113,15 +113,16 @@ def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
     result.response = _response(record)
     if record.state == "error":
         result.error = flow.Error(record.error or "flow ended in error", record.t_end or start)
-    if (cut := record.meta.get("body_cut")) and result.response is not None:
-        # The body the store kept is the first part only: a tool replaying the export must not wait for the rest.
-        result.response.headers["content-length"] = str(len(result.response.raw_content or b""))
-        result.error = flow.Error(f"rollouttap kept only the first {cut.get('kept')} of {cut.get('size')} bytes of "
-                                  "this response body (rollouttap_body_keep_mb)", record.t_end or start)
-    if cut := record.meta.get("request_body_cut"):  # an upload kept in part, as a response above
-        result.request.headers["content-length"] = str(len(result.request.raw_content or b""))
-        result.error = flow.Error(f"rollouttap kept only the first {cut.get('kept')} of {cut.get('size')} bytes of "
-                                  "this request body (rollouttap_body_keep_mb)", record.t_end or start)
+    # A body the store kept the first part of: a tool replaying the export must not wait for the rest.
+    cuts = ((result.request, "request_body_cut", "request"), (result.response, "body_cut", "response"))
+    for message, key, what in cuts:
+        if message is None or not (cut := record.meta.get(key)):
+            continue
+        message.headers.pop("transfer-encoding", None)  # never beside a Content-Length (RFC 9112 6.2)
+        message.headers["content-length"] = str(len(message.raw_content or b""))
+        said = f"rollouttap kept only the first {cut.get('kept')} of {cut.get('size')} bytes of this {what} body " \
+            "(rollouttap_body_keep_mb)"
+        result.error = flow.Error(f"{result.error.msg}; {said}" if result.error else said, record.t_end or start)
     result.live = False
     result.metadata[METADATA_KEY] = flow_metadata(record)
     return result

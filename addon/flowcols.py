@@ -46,8 +46,9 @@ def pretty_where(req: http.Request, regular: bool = False) -> tuple[str, str]:
 
 
 def _regular(flow: http.HTTPFlow) -> bool:
-    # mitmproxy turns an absolute-form target into origin-form before the hooks: the mode tells them apart.
-    return isinstance(flow.client_conn.proxy_mode, mode_specs.RegularMode)
+    # mitmproxy turns an absolute-form target into origin-form before the hooks: the mode tells them apart. Inside
+    # a TLS tunnel (CONNECT) the target comes from the tunnel and the Host header is the request's own authority.
+    return isinstance(flow.client_conn.proxy_mode, mode_specs.RegularMode) and not flow.client_conn.tls_established
 
 
 def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, Any]:

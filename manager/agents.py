@@ -297,10 +297,26 @@ def module_root(module_name: str) -> Path | None:
     name = spec.name if spec is not None and spec.name else module_name
     file = Path(os.path.abspath(origin))  # not resolved: a symlinked file keeps the name it is imported by
     root = import_root(name, file)
-    if root is None:
+    if root is None and not found_by_name(name, file):  # found by a finder of its own (an editable install)
         raise AgentSpecError(f"module {module_name!r} was loaded from {file} under a name a fresh interpreter "
                              "cannot import it by: import it by its file's name from a directory on sys.path")
     return root
+
+
+def found_by_name(name: str, file: Path) -> bool:
+    """Whether this interpreter's finders (those a fresh one has too, such as an editable install's) find module
+    ``name`` at ``file``, its parent package being the one imported here."""
+    parent = name.rpartition(".")[0]
+    path = getattr(sys.modules.get(parent), "__path__", None) if parent else None
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        try:
+            spec = find_spec(name, path) if find_spec is not None else None
+        except (ImportError, ValueError):
+            continue
+        if spec is not None:
+            return spec.origin is not None and os.path.abspath(spec.origin) == str(file)
+    return False
 
 
 def import_root(name: str, file: Path) -> Path | None:

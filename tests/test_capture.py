@@ -1276,3 +1276,17 @@ def test_a_proxy_request_is_stored_where_its_url_sent_it_whatever_its_host_heade
     assert answer.startswith(b"HTTP/1.1 200")
     assert (flow.url, f"{flow.host}:{flow.port}") == (f"{upstream.url}/echo", target)
     assert ("Host", "elsewhere.invalid:9") in flow.request_headers  # as the client sent it
+
+
+@pytest.mark.parametrize("tls, url, host", [
+    (False, "http://127.0.0.1:8000/v1/x", "127.0.0.1"),  # a proxy request: where its URL sent it
+    (True, "http://api.example.com:8443/v1/x", "api.example.com"),  # in a TLS tunnel: its Host header's authority
+])
+def test_the_stored_url_of_a_regular_proxy_request(tls, url, host):
+    flow = tflow.tflow()
+    flow.client_conn.timestamp_tls_setup = 1.0 if tls else None
+    flow.request.host, flow.request.port, flow.request.path = "127.0.0.1", 8000, "/v1/x"
+    flow.request.headers["host"] = "api.example.com:8443"
+    from rollouttap.addon.attribution import Attribution
+    cols = flowcols.opened(flow, "p", Attribution(None, "none"))
+    assert (cols["url"], cols["host"], cols["port"]) == (url, host, 8000)

@@ -211,3 +211,13 @@ def test_a_ctrl_c_while_several_proxies_start_stops_them_all(tmp_path, confdir):
     finally:
         program.kill()
         program.wait()
+
+
+def test_an_entry_point_of_a_package_its_own_finder_maps_is_accepted_and_importable(tmp_path):
+    # The project is installed editable: setuptools' finder maps rollouttap.examples to ./examples, a directory
+    # whose names are not the module's. (Installed the usual way, it is a plain case.)
+    spec = EntryPointAgent("rollouttap.examples.openai_agent:run")
+    env = {**os.environ, **spec.extra_env()}
+    out = subprocess.run([spec.python, "-P", "-c", "import rollouttap.examples.openai_agent as m; print(m.__file__)"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().endswith("openai_agent.py"), out.stderr

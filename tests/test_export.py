@@ -259,7 +259,10 @@ def test_an_upload_kept_only_in_part_is_exported_with_its_own_length_and_marked(
     with Store(recording.store) as s:
         record = s.flows(agent_id="plain")[0]
     cut = replace(record, meta={**record.meta, "request_body_cut": {"size": 300 << 20, "kept": 7}},
-                  request_body=(record.request_body or b"")[:7])
+                  request_body=(record.request_body or b"")[:7], state="error", error="client went away",
+                  request_headers=[*record.request_headers, ("Transfer-Encoding", "chunked")])
     exported = to_http_flow(cut)
     assert exported.request.headers["content-length"] == "7" and exported.request.raw_content == cut.request_body
-    assert exported.error is not None and "first 7 of 314572800 bytes of this request body" in exported.error.msg
+    assert "transfer-encoding" not in exported.request.headers  # never beside a Content-Length
+    assert exported.error is not None and exported.error.msg.startswith("client went away; ")
+    assert "first 7 of 314572800 bytes of this request body" in exported.error.msg

@@ -170,3 +170,38 @@ def test_a_body_within_the_keep_limit_is_held_whole_and_kept_though_its_server_c
         [flow] = settled_flows(proxy.config.store, agent_id="dead")
     assert resp.status_code == 502 and flow.state == "error"
     assert flow.request_body == b"y" * 300_000 and "request_body_cut" not in flow.meta
+
+
+def test_an_upload_answered_before_it_ended_keeps_its_first_part(tmp_path, confdir):
+    """A server refusing an upload at once (a 413), then reading the rest: the answer ends the flow before the
+    request hook comes."""
+    first, rest = os.urandom(2 * MIB), os.urandom(2 * MIB)
+    answered = threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+            answered.set()
+            while conn.recv(65536):
+                pass
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/upload"
+    with server, start_proxy(tmp_path / "s.db", confdir, extra={"rollouttap_body_keep_mb": "1"}) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
+            client.sendall(f"POST {url} HTTP/1.1\r\nHost: {url.split('/')[2]}\r\nX-Agent-ID: early\r\n"
+                           f"Content-Length: {len(first) + len(rest)}\r\n\r\n".encode() + first)
+            assert answered.wait(20)
+            answer = b""
+            while not answer.endswith(b"no"):
+                answer += client.recv(65536)
+            client.sendall(rest)
+        [flow] = settled_flows(proxy.config.store, agent_id="early")
+    assert answer.startswith(b"HTTP/1.1 413") and flow.status_code == 413
+    assert flow.request_body == first[:MIB]
+    assert flow.meta["request_body_cut"] == {"size": len(first) + len(rest), "kept": MIB}
