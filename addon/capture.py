@@ -25,6 +25,7 @@ from rollouttap.addon.attribution import Attribution
 from rollouttap.addon.flow_attribution import FlowAttribution
 from rollouttap.addon.master_hooks import (
     exit_after_done, listen_for_nudges, listeners, rebind_on_loopback, reverse_listeners, shutdown_when_gone,
+    stop_listening,
 )
 from rollouttap.addon.routes import Route, find_route, own_reverse_routes
 from rollouttap.addon.streamtap import StreamTap
@@ -161,6 +162,8 @@ class RolloutTap:
         while (self._live or self._attributing) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         listen_for_nudges(None)
+        # The store closes next: from then on a request could be refused (503) but no longer recorded.
+        await stop_listening()
         self._retire("proxy shut down before the flow ended")
         self._store_closed = True  # set on the loop, before the thread starts: hooks then record nothing more
         await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while

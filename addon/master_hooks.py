@@ -114,6 +114,12 @@ async def shutdown_when_gone(pid: int, interval: float = 1.0, on_gone: Callable[
     ctx.master.shutdown()
 
 
+async def stop_listening() -> None:
+    """Close every listener (connections already open stay open): a client that connects from now on is refused
+    by the kernel instead of answered by a proxy that can no longer record it."""
+    await ctx.master.addons.get("proxyserver").servers.update([])
+
+
 def reverse_listeners() -> tuple[tuple[str, int, str, str, int], ...]:
     """(listen host, listen port, target scheme, target host, target port) of each reverse listener."""
     proxyserver = ctx.master.addons.get("proxyserver")

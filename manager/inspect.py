@@ -264,6 +264,11 @@ class _StorePart:
 
 
 def _store_part(store: Store, run_id: str | None, eos_token_id: int) -> _StorePart:
+    with store.snapshot():  # its queries' figures must add up while proxies write
+        return _read_part(store, run_id, eos_token_id)
+
+
+def _read_part(store: Store, run_id: str | None, eos_token_id: int) -> _StorePart:
     agents = store.agents(run_id)
     # A whole store also counts agents captured by hand (a tag or a header): they have flows, not rows.
     unregistered = store.unregistered_agent_ids() if run_id is None else []

@@ -219,6 +219,8 @@ class ProxyProcess:
             self.log_path = Path(self._log.name)
         if self.config.reverse_target and self.config.reverse_port == 0 and self.config.port == 0:
             self.config.reverse_port = free_port(self.config.host)
+        with Store(self.config.store) as store:  # a proxy killed before (SIGKILL, OOM) left them open for ever
+            store.close_flows_of_dead_proxies()
         self._ensure_ca(timeout)
         argv = [*self.config.argv(self.proxy_id), "--set", f"rollouttap_log_file={self.log_path}"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -281,8 +283,6 @@ class ProxyProcess:
     def restart(self, timeout: float = 30.0) -> ProxyProcess:
         """Start again on the same ports after the process died; committed flows stay in the store."""
         self.stop()
-        with Store(self.config.store) as store:
-            store.close_flows_of_dead_proxies()
         self.proxy_id = uuid.uuid4().hex
         deadline = time.monotonic() + timeout
         while True:  # the old socket may linger for a moment

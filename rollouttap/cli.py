@@ -63,6 +63,9 @@ def proxy(
         help="With token ids, also ask for sampling logprobs (--no-logprobs: ~30x smaller answers).")] = True,
     reverse: Annotated[Optional[str], typer.Option(
         help="Also listen as a reverse proxy in front of this model URL (base-URL mode).")] = None,
+    reverse_port: Annotated[int, typer.Option(
+        help="Port of the --reverse listener (on --listen's host); 0 picks a free one. Give one, so that a "
+             "restarted proxy keeps its agents' base URLs.")] = 0,
     confdir: Annotated[Optional[Path], typer.Option(help="mitmproxy config dir (its CA).")] = None,
     allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback listen address.")] = False,
     launcher: Annotated[str, typer.Option(
@@ -91,9 +94,20 @@ def proxy(
         extra[key] = value
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),
-                         token_ids=token_ids, logprobs=logprobs, reverse_target=reverse, confdir=confdir,
+                         token_ids=token_ids, logprobs=logprobs, reverse_target=reverse, reverse_port=reverse_port,
+                         confdir=confdir,
                          allow_remote=allow_remote, launcher=launcher, extra=extra)
     proc = ProxyProcess(config).start()
+    stop = {"now": False}
+
+    def stop_now(*_: object) -> None:
+        stop["now"] = True
+        # A second Ctrl-C breaks off the wait for the proxy's last commits (below). Inherited as ignored (started
+        # in the background by a script) Ctrl-C would do nothing at all; a hang-up would kill this command and
+        # leave the proxy to notice on its own, its exit status unread.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop_now)  # before the exports go out: whoever reads them may signal at once
     typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
     if is_any_address(config.host):
         typer.echo(f"# it listens on every address: agents on other hosts put this host's address in place of "
@@ -103,8 +117,6 @@ def proxy(
                    f"manager registers: AgentManager(proxy={proc.url!r}, base_url_mode=True, store=...)", err=True)
     for key, value in proc.env().items():
         typer.echo(f"export {key}={shlex.quote(value)}")
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
         while not stop["now"] and proc.alive():
             time.sleep(0.2)

@@ -7,6 +7,7 @@ import logging
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -38,7 +39,7 @@ class Store:
         self.locked_write_wait_s = locked_write_wait_s
         self._conn = connect(self.path, readonly=readonly)
         self._file = file_id(self.path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by the reads of a snapshot()
 
     def close(self) -> None:
         with self._lock:  # a write still waiting out another writer's lock then fails on the closed connection
@@ -55,6 +56,20 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Store]:
+        """Every read inside sees the store as of one moment (one read transaction: proxies go on writing), so that
+        figures read in several queries add up. Other threads using this Store wait until it ends."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN")
+            except sqlite3.Error as exc:
+                raise StoreError(f"query on {self.path} failed: {exc}") from exc
+            try:
+                yield self
+            finally:
+                self._conn.execute("COMMIT")
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -267,8 +282,9 @@ class Store:
 
     def close_flows_of_dead_proxies(self) -> int:
         """Flows left ``open`` by a proxy process that no longer runs can never finish: end them."""
-        dead = [p["proxy_id"] for p in self.proxies()
-                if not (_alive(p["pid"], p["create_time"]) and p["stopped_at"] is None)]
+        holding = {row[0] for row in self._query("SELECT DISTINCT proxy_id FROM flows WHERE state = 'open'")}
+        dead = [p["proxy_id"] for p in self.proxies() if p["proxy_id"] in holding
+                and not (_alive(p["pid"], p["create_time"]) and p["stopped_at"] is None)]
         changed = 0
         for proxy_id in dead:
             changed += self._write(
@@ -294,8 +310,8 @@ class Store:
             flows += deleted
             if deleted < batch:
                 break
-        agents = self._write(
-            f"DELETE FROM agents WHERE {ended_before} AND NOT EXISTS (SELECT 1 FROM flows WHERE flows.agent_id = agents.agent_id)", (before,))
+        agents = self._write(f"DELETE FROM agents WHERE {ended_before} AND NOT EXISTS "
+                             "(SELECT 1 FROM flows WHERE flows.agent_id = agents.agent_id)", (before,))
         return flows, agents
 
 

@@ -438,6 +438,31 @@ def test_a_proxy_that_could_not_write_what_it_queued_says_so_when_it_stops(tmp_p
     assert har.exists()  # mitmproxy's own done hooks after ours still ran (the exit status comes after them)
 
 
+def test_once_its_store_closes_a_stopping_proxy_refuses_connections_so_every_503_it_sent_is_recorded(
+        tmp_path, confdir, upstream):
+    store = tmp_path / "s.db"
+    with start_proxy(store, confdir) as proc:
+        lock = sqlite3.connect(store, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the writer's last commits wait: the proxy stays in its final phase
+        proc.proc.send_signal(signal.SIGTERM)
+        statuses: list[int] = []
+
+        def refused_or_answered() -> bool:
+            try:
+                statuses.append(requests.get(upstream.url + "/echo", headers={"X-Agent-ID": "late"},
+                                             proxies={"http": proc.url}, timeout=5).status_code)
+            except requests.ConnectionError:
+                return True
+            return False
+        wait_for(refused_or_answered, what="new connections refused while the store closes")
+        lock.execute("ROLLBACK")
+        lock.close()
+        proc.stop()
+    with Store(store) as reader:
+        rows = [f for f in reader.flows(agent_id="late") if f.status_code == 503]
+    assert set(statuses) <= {503} and len(rows) == len(statuses)  # every refusal the clients saw is in the store
+
+
 def _status_or_none(url: str, proxy_url: str) -> int | None:
     try:  # a GET: sent on before the proxy sees the signal, the gate server answers it at once (501)
         status = requests.get(url, headers={"X-Agent-ID": "late"}, proxies={"http": proxy_url}, timeout=5).status_code

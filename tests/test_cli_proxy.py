@@ -72,6 +72,54 @@ def test_proxy_command_says_how_its_mitmdump_ended_when_it_dies(tmp_path, confdi
     assert "mitmdump exited unexpectedly with status -9 (log " in err and "every flow is committed" not in err
 
 
+@pytest.mark.parametrize("how", ["SIGINT, inherited as ignored", "SIGHUP"])
+def test_proxy_command_stops_cleanly_on_a_ctrl_c_it_inherited_ignored_and_on_a_hangup(tmp_path, confdir, how):
+    # A script that starts the command in the background hands it SIGINT ignored; a closed terminal sends SIGHUP.
+    signum = signal.SIGINT if how.startswith("SIGINT") else signal.SIGHUP
+    proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "runs.db"), "--confdir", str(confdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        _read_exports(proc)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "every flow is committed" in err, err
+
+
+def test_proxy_command_keeps_its_reverse_port_and_ends_what_a_killed_proxy_left_open(tmp_path, confdir):
+    import sqlite3
+
+    from rollouttap.manager.proxy import free_port
+    store, free = tmp_path / "runs.db", free_port("127.0.0.1")
+    argv = [*ROLLOUTTAP, "proxy", "--store", str(store), "--confdir", str(confdir),
+            "--reverse", "http://127.0.0.1:9", "--reverse-port", str(free)]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _read_exports(first)
+    with Store(store) as s:
+        [row] = s.proxies()
+    with sqlite3.connect(store) as db:  # a request in flight, as the proxy's writer opens it
+        db.execute("INSERT INTO flows (flow_id, proxy_id, attribution, t_request) VALUES ('left-open', ?, 'none', 1)",
+                   (row["proxy_id"],))
+    os.kill(row["pid"], signal.SIGKILL)  # killed (OOM): it never ends its flows
+    first.communicate(timeout=30)
+    second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _read_exports(second)
+        with Store(store) as s:
+            reverse = [x["port"] for p in s.proxies(alive_only=True) for x in p["listen"]
+                       if x["mode"] == "reverse"]
+            left = s.flow("left-open")
+    finally:
+        second.send_signal(signal.SIGINT)
+        second.communicate(timeout=30)
+    assert reverse == [free]  # where its agents' base URLs point, start after start
+    assert left is not None and left.state == "error" and "proxy process ended" in (left.error or "")
+
+
 def test_proxy_command_rejects_bad_listen(tmp_path):
     out = subprocess.run([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--listen", "nope"],
                          capture_output=True, text=True, timeout=30)

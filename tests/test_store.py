@@ -922,6 +922,7 @@ def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
     ("max_tokens", False), ("x-ratelimit-remaining-tokens", False), ("author", False), ("keyword", False),
     ("Content-Type", False), ("x-stainless-retry-count", False), ("Keep-Alive", False), ("authority", False),
     ("api-version", False), ("X-Amz-Date", False), ("anthropic-version", False),
+    ("PHPSESSID", True), ("connect.sid", True), ("sid", True), ("side", False), ("x-request-id", False),
 ])
 def test_secret_names_go_by_words_and_word_endings(name, secret):
     assert is_secret_name(name) == secret
@@ -1062,3 +1063,18 @@ def test_an_empty_file_is_not_taken_for_a_store_to_migrate(tmp_path):
     path.touch()
     with pytest.raises(StoreError, match="is empty: not a rollouttap store"):
         Store(path, readonly=True)
+
+
+def test_reads_in_a_snapshot_see_one_moment_while_another_connection_writes(tmp_path):
+    import sqlite3
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        other = sqlite3.connect(path, isolation_level=None)
+        insert = "INSERT INTO flows (flow_id, attribution, state) VALUES (?, 'none', 'done')"
+        other.execute(insert, ("f1",))
+        with store.snapshot():
+            before = store.flow_counts()["total"]
+            other.execute(insert, ("f2",))  # a proxy writing meanwhile
+            assert store.flow_counts()["total"] == before == 1
+        assert store.flow_counts()["total"] == 2
+        other.close()
