@@ -297,7 +297,7 @@ class RolloutTap:
         cols = flowcols.request_sent(flow, live.opened_key)
         # Sent upstream as it came (an upload): what the tap kept. Unless a later addon took the stream back (replay).
         if live.request_tap is not None and flow.request.stream is live.request_tap:
-            cols["request_body"] = self._tapped_request(live, live.request_tap.size)
+            cols["request_body"] = self._tapped_request(live, ended=True)
         live.request_tap = None  # recorded: an error from now on concerns the response
         live.model = tokenids.is_model_request(flow.request.host, flow.request.port, flow.request.path,
                                                self.model_hosts, method=flow.request.method)
@@ -368,12 +368,17 @@ class RolloutTap:
         return bytes(live.tap.raw)
 
     @staticmethod
-    def _tapped_request(live: _Live, size: int) -> bytes:
-        """A streamed request body as kept; where only the first part of its ``size`` bytes is, ``meta`` says so."""
-        assert live.request_tap is not None
-        kept = bytes(live.request_tap.raw)
-        if size > len(kept):
-            live.meta["request_body_cut"] = {"size": size, "kept": len(kept)}
+    def _tapped_request(live: _Live, *, ended: bool) -> bytes:
+        """A streamed request body as kept; where it is only a first part, ``meta`` says so: kept in part, or never
+        ``ended`` (answered or broken off first; ``size`` is then the announced one, None for chunks)."""
+        tap = live.request_tap
+        assert tap is not None
+        kept = bytes(tap.raw)
+        if not ended:
+            size = max(live.request_length, tap.size) if live.request_length is not None else None
+            live.meta["request_body_cut"] = {"size": size, "kept": len(kept), "ended": False}
+        elif tap.size > len(kept):
+            live.meta["request_body_cut"] = {"size": tap.size, "kept": len(kept)}
         return kept
 
     def _cut_stream(self, flow: http.HTTPFlow, tap: StreamTap) -> None:
@@ -398,8 +403,8 @@ class RolloutTap:
         ``[DONE]`` is complete (clients close as soon as they read it, often before the upstream's
         end of message reaches the proxy)."""
         cols: dict[str, Any] = {"error": reason}
-        if live.request_tap is not None and live.request_tap.size:  # an upload broken off: keep what came of it
-            cols["request_body"] = self._tapped_request(live, live.request_tap.size)
+        if live.request_tap is not None:  # an upload broken off: keep what came of it
+            cols["request_body"] = self._tapped_request(live, ended=False)
         if live.tap is None:
             self._end(flow_id, "error", cols)
             return
@@ -468,9 +473,8 @@ class RolloutTap:
         else:  # a reader that gave up on the flow may have ended it as an error meanwhile (settle_flows)
             cols.setdefault("error", None)
         if live.request_tap is not None and "request_body" not in cols:
-            # Answered before its upload ended (a 413, a 403): the request hook comes after this end. The upstream
-            # gets the rest; the size is the one announced (chunked: what came so far).
-            cols["request_body"] = self._tapped_request(live, max(live.request_length or 0, live.request_tap.size))
+            # Answered before its upload ended (a 413, a 403): the request hook comes after this end.
+            cols["request_body"] = self._tapped_request(live, ended=False)
         cols = {**live.pending, **cols, "state": state}
         cols.setdefault("t_end", time.time())
         if live.meta:

@@ -120,8 +120,10 @@ def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
             continue
         message.headers.pop("transfer-encoding", None)  # never beside a Content-Length (RFC 9112 6.2)
         message.headers["content-length"] = str(len(message.raw_content or b""))
-        said = f"rollouttap kept only the first {cut.get('kept')} of {cut.get('size')} bytes of this {what} body " \
-            "(rollouttap_body_keep_mb)"
+        whole = "an unknown number of" if cut.get("size") is None else cut["size"]
+        said = f"rollouttap kept only the first {cut.get('kept')} of {whole} bytes of this {what} body " + \
+            ("(it never ended: answered or broken off first)" if cut.get("ended") is False else
+             "(rollouttap_body_keep_mb)")
         result.error = flow.Error(f"{result.error.msg}; {said}" if result.error else said, record.t_end or start)
     result.live = False
     result.metadata[METADATA_KEY] = flow_metadata(record)

@@ -60,7 +60,8 @@ class Recorded:
     error: str | None
     t_request: float | None
     t_end: float | None
-    request_size: int | None = None  # the request body's whole size where the store kept only its first part
+    request_cut: bool = False  # the store kept only the request body's first part (an upload)
+    request_size: int | None = None  # then its whole size, where known
 
     @property
     def label(self) -> str:
@@ -86,13 +87,14 @@ def recorded_requests(flows: Iterable[FlowRecord]) -> list[Recorded]:
             continue
         paths = tuple(dict.fromkeys(p for p in (f.path or "/", _path_of(f.meta.get("routed_from"))) if p))
         status, error = f.status_code, f.error
+        request_cut = f.meta.get("request_body_cut") or {}
         if cut := f.meta.get("body_cut"):  # answered as never answered: a short body would pass for the whole
             status, error = None, (f"its response body was kept only in part ({cut.get('kept')} of {cut.get('size')} "
                                    "bytes): record with rollouttap_body_keep_mb=0 to replay it")
         out.append(Recorded(len(out), f.flow_id, method, paths, f.request_body or b"", list(f.request_headers),
                             dict(f.meta.get("injected") or {}), status, list(f.response_headers),
                             f.response_body or b"", error, f.t_request, f.t_end,
-                            (f.meta.get("request_body_cut") or {}).get("size")))
+                            bool(request_cut), request_cut.get("size")))
     return out
 
 
@@ -133,8 +135,9 @@ def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | 
     content decoding, for a recorded body kept only in part)."""
     if method.upper() != entry.method or _keyless(path) not in map(_keyless, entry.paths):
         return f"expected {entry.label}, got {method.upper()} {path}"
-    if entry.request_size is not None:  # an upload kept in part: its size and first part must match
-        same = raw is not None and len(raw) == entry.request_size and raw.startswith(entry.request_body)
+    if entry.request_cut:  # an upload kept in part: its first part and its size (where known) must match
+        same = raw is not None and raw.startswith(entry.request_body) and \
+            entry.request_size in (None, len(raw))
         return None if same else "request body differs (the recording kept only its first part)"
     recorded = _loads(entry.body())
     live = _loads(body)

@@ -14,6 +14,7 @@ import os
 import shlex
 import site
 import string
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -237,8 +238,8 @@ class EntryPointAgent(AgentSpec):
         super().__post_init__()
         name = self.target if isinstance(self.target, str) else _name_of(self.target)
         resolve_entry_point(name)
-        module_root(name.partition(":")[0])  # refuses a module a fresh interpreter cannot find by its name
         object.__setattr__(self, "target", name)
+        check_importable(self.module, self.python, self.extra_env())
 
     @property
     def module(self) -> str:
@@ -286,8 +287,14 @@ def resolve_entry_point(target: str) -> Callable[..., Any]:
 
 
 def module_root(module_name: str) -> Path | None:
-    """The sys.path directory a module was imported from (None for built-in or namespace modules);
-    AgentSpecError when its file is not where its name would lead a fresh interpreter."""
+    """The sys.path directory a module was imported from (None for built-in or namespace modules, and for one
+    whose file is not where its name leads: a finder of its own maps it, as an editable install's does)."""
+    located = _located(module_name)
+    return None if located is None else import_root(*located)
+
+
+def _located(module_name: str) -> tuple[str, Path] | None:
+    """(the name the module was imported by, its file); None for a module without a file."""
     module = sys.modules.get(module_name) or importlib.import_module(module_name)
     origin = getattr(module, "__file__", None)
     if not origin:
@@ -295,28 +302,41 @@ def module_root(module_name: str) -> Path | None:
     spec = getattr(module, "__spec__", None)
     # Its own name: os.path is posixpath, found as such (the name a spec loaded from a file was given, too).
     name = spec.name if spec is not None and spec.name else module_name
-    file = Path(os.path.abspath(origin))  # not resolved: a symlinked file keeps the name it is imported by
-    root = import_root(name, file)
-    if root is None and not found_by_name(name, file):  # found by a finder of its own (an editable install)
-        raise AgentSpecError(f"module {module_name!r} was loaded from {file} under a name a fresh interpreter "
-                             "cannot import it by: import it by its file's name from a directory on sys.path")
-    return root
+    return name, Path(os.path.abspath(origin))  # not resolved: a symlinked file keeps the name it is imported by
 
 
-def found_by_name(name: str, file: Path) -> bool:
-    """Whether this interpreter's finders (those a fresh one has too, such as an editable install's) find module
-    ``name`` at ``file``, its parent package being the one imported here."""
-    parent = name.rpartition(".")[0]
-    path = getattr(sys.modules.get(parent), "__path__", None) if parent else None
-    for finder in sys.meta_path:
-        find_spec = getattr(finder, "find_spec", None)
-        try:
-            spec = find_spec(name, path) if find_spec is not None else None
-        except (ImportError, ValueError):
-            continue
-        if spec is not None:
-            return spec.origin is not None and os.path.abspath(spec.origin) == str(file)
-    return False
+# What the agent's interpreter imports for a module name, with the import path runner_entry will give it.
+_FIND_ORIGIN = """
+import importlib.util, json, os, sys
+from rollouttap.manager.runner_entry import import_path
+parent = json.loads(os.environ.get("ROLLOUTTAP_PARENT_PATH") or "{}")
+sys.path[:] = import_path(sys.path, os.environ.get("ROLLOUTTAP_ENTRY_PATH"), parent.get("front", []),
+                          parent.get("back", []))
+spec = importlib.util.find_spec(sys.argv[1])
+print(os.path.abspath(spec.origin) if spec is not None and spec.origin else "")
+"""
+
+
+def check_importable(module_name: str, python: str, env: Mapping[str, str]) -> None:
+    """AgentSpecError unless the agent's interpreter (``python`` with ``env``) imports ``module_name`` from the
+    file this process did. Only a module whose file is not where its name leads is asked about (a finder of its
+    own: an editable install's, or one added at run time; or a name a file was loaded under), in a child process:
+    this process's finders are not all the fresh interpreter's."""
+    located = _located(module_name)
+    if located is None or import_root(*located) is not None:
+        return
+    name, file = located
+    try:
+        out = subprocess.run([python, "-P", "-c", _FIND_ORIGIN, name], env={**os.environ, **env},
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AgentSpecError(f"cannot ask {python} where it imports {name!r} from: {exc}") from exc
+    found = out.stdout.strip() or "nowhere"
+    if out.returncode != 0:
+        found = f"nowhere ({(out.stderr.strip().splitlines() or ['it failed'])[-1]})"
+    if found != str(file):
+        raise AgentSpecError(f"module {module_name!r} was loaded from {file}, but a fresh {python} imports "
+                             f"{name!r} from {found}: import it by its file's name from a directory on sys.path")
 
 
 def import_root(name: str, file: Path) -> Path | None:

@@ -97,6 +97,12 @@ def proxy(
                          token_ids=token_ids, logprobs=logprobs, reverse_target=reverse, reverse_port=reverse_port,
                          confdir=confdir,
                          allow_remote=allow_remote, launcher=launcher, extra=extra)
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # start() stops a proxy it started; this command then ends
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # inherited as ignored by a script's background job
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
     proc = ProxyProcess(config).start()
     stop = {"now": False}
 

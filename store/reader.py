@@ -40,6 +40,7 @@ class Store:
         self._conn = connect(self.path, readonly=readonly)
         self._file = file_id(self.path)
         self._lock = threading.RLock()  # re-entered by the reads of a snapshot()
+        self._in_snapshot = False  # only the thread holding the lock reads or sets it
 
     def close(self) -> None:
         with self._lock:  # a write still waiting out another writer's lock then fails on the closed connection
@@ -62,13 +63,18 @@ class Store:
         """Every read inside sees the store as of one moment (one read transaction: proxies go on writing), so that
         figures read in several queries add up. Other threads using this Store wait until it ends."""
         with self._lock:
+            if self._in_snapshot:  # within one already: the same moment
+                yield self
+                return
             try:
                 self._conn.execute("BEGIN")
             except sqlite3.Error as exc:
                 raise StoreError(f"query on {self.path} failed: {exc}") from exc
+            self._in_snapshot = True
             try:
                 yield self
             finally:
+                self._in_snapshot = False
                 self._conn.execute("COMMIT")
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
@@ -85,8 +91,11 @@ class Store:
         deadline = time.monotonic() + self.locked_write_wait_s
         while True:
             try:
-                with self._lock, transaction(self._conn):
-                    return self._conn.execute(sql, tuple(params)).rowcount
+                with self._lock:  # held by a snapshot() for its whole length: only its own thread gets here in one
+                    if self._in_snapshot:
+                        raise StoreError(f"write to {self.path} inside Store.snapshot(), which only reads")
+                    with transaction(self._conn):
+                        return self._conn.execute(sql, tuple(params)).rowcount
             except sqlite3.Error as exc:
                 if not is_busy(exc) or time.monotonic() > deadline:
                     raise StoreError(f"write to {self.path} failed: {exc}") from exc

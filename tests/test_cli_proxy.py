@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_client
+from conftest import run_client, wait_for
 from rollouttap.errors import ConfigError
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, launch_env
 from rollouttap.store import Store
@@ -118,6 +118,30 @@ def test_proxy_command_keeps_its_reverse_port_and_ends_what_a_killed_proxy_left_
         second.communicate(timeout=30)
     assert reverse == [free]  # where its agents' base URLs point, start after start
     assert left is not None and left.state == "error" and "proxy process ended" in (left.error or "")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_proxy_command_signalled_while_its_proxy_starts_leaves_no_proxy_running(tmp_path, confdir, signum):
+    store = tmp_path / "runs.db"
+    proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(store), "--confdir", str(confdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(store.exists, what="the proxy starting (its store opened)")
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    with Store(store) as s:
+        alive = s.proxies(alive_only=True)
+    assert proc.returncode == 130 and "export HTTP_PROXY" not in out, err
+    assert alive == []
+
+
+def test_a_reverse_port_without_a_reverse_target_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="reverse port 45678 without a reverse target"):
+        ProxyConfig(store=tmp_path / "s.db", reverse_port=45678)
 
 
 def test_proxy_command_rejects_bad_listen(tmp_path):

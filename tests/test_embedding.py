@@ -123,7 +123,7 @@ def test_an_entry_point_loaded_under_a_name_that_is_not_its_files_is_refused(tmp
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "embed_loose", module)
     spec.loader.exec_module(module)
-    with pytest.raises(AgentSpecError, match="under a name a fresh interpreter cannot import it by"):
+    with pytest.raises(AgentSpecError, match="a fresh .* imports .embed_loose. from nowhere"):
         EntryPointAgent(module.run)
 
 
@@ -221,3 +221,22 @@ def test_an_entry_point_of_a_package_its_own_finder_maps_is_accepted_and_importa
     out = subprocess.run([spec.python, "-P", "-c", "import rollouttap.examples.openai_agent as m; print(m.__file__)"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip().endswith("openai_agent.py"), out.stderr
+
+
+def test_an_entry_point_only_a_finder_added_at_run_time_finds_is_refused(tmp_path):
+    import importlib.abc
+    (tmp_path / "impl_file.py").write_text("def run(prompt):\n    return prompt\n")
+
+    class RunTimeFinder(importlib.abc.MetaPathFinder):  # an import hook of this program's: not a fresh one's
+        def find_spec(self, name, path, target=None):
+            return importlib.util.spec_from_file_location(name, tmp_path / "impl_file.py") \
+                if name == "ghost_agent_mod" else None
+    finder = RunTimeFinder()
+    sys.meta_path.append(finder)
+    try:
+        __import__("ghost_agent_mod")
+        with pytest.raises(AgentSpecError, match="imports 'ghost_agent_mod' from nowhere"):
+            EntryPointAgent("ghost_agent_mod:run")
+    finally:
+        sys.meta_path.remove(finder)
+        sys.modules.pop("ghost_agent_mod", None)

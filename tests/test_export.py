@@ -266,3 +266,6 @@ def test_an_upload_kept_only_in_part_is_exported_with_its_own_length_and_marked(
     assert "transfer-encoding" not in exported.request.headers  # never beside a Content-Length
     assert exported.error is not None and exported.error.msg.startswith("client went away; ")
     assert "first 7 of 314572800 bytes of this request body" in exported.error.msg
+    unended = replace(cut, meta={**record.meta, "request_body_cut": {"size": None, "kept": 7, "ended": False}})
+    assert "first 7 of an unknown number of bytes of this request body (it never ended" in \
+        to_http_flow(unended).error.msg

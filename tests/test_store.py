@@ -1078,3 +1078,14 @@ def test_reads_in_a_snapshot_see_one_moment_while_another_connection_writes(tmp_
             assert store.flow_counts()["total"] == before == 1
         assert store.flow_counts()["total"] == 2
         other.close()
+
+
+def test_a_snapshot_nests_and_refuses_writes_saying_so(tmp_path):
+    with Store(tmp_path / "s.db") as store:
+        with store.snapshot():
+            with store.snapshot():  # the same moment
+                assert store.flow_counts()["total"] == 0
+            with pytest.raises(StoreError, match=r"inside Store.snapshot\(\), which only reads"):
+                store.register_agent("a1", token="t", run_id="r")
+        store.register_agent("a1", token="t", run_id="r")  # after it, as before
+        assert store.agent("a1") is not None
