@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from rollouttap.manager.chat_stream import ChatResult, ids_from_logprob_tokens, parse_chat_body, reassemble_chat_stream
+from rollouttap.manager.head_index import HeadIndex
 from rollouttap.manager.responses_api import parse_responses_body, reassemble_responses_stream
 from rollouttap.store.records import FlowRecord
 
@@ -418,6 +419,7 @@ def find_retries(calls: Sequence[ChatCall | ResponsesCall]) -> tuple[list[bool],
     retries: list[bool] = []
     turns: list[int] = []
     last_seen: dict[str, int] = {}
+    new_turn = 0  # turns only ever repeat an earlier one or take the next number: no max() over all of them
     for i, call in enumerate(calls):
         key = _request_key(call)
         prev = last_seen.get(key)
@@ -426,7 +428,11 @@ def find_retries(calls: Sequence[ChatCall | ResponsesCall]) -> tuple[list[bool],
         # a turn of its own, not a repeat of an answered request further back.
         repeat = prev is not None and (prev == i - 1 or calls[prev].failed)
         retries.append(retried)
-        turns.append(turns[prev] if repeat and prev is not None else (max(turns) + 1 if turns else 0))
+        if repeat and prev is not None:
+            turns.append(turns[prev])
+        else:
+            turns.append(new_turn)
+            new_turn += 1
         last_seen[key] = i
     return retries, turns
 
@@ -498,24 +504,26 @@ def assign_threads(calls: Sequence[ChatCall], turns: Sequence[int]) -> tuple[lis
     for i, turn in enumerate(turns):
         attempts.setdefault(turn, []).append(i)
     thread_of_turn: dict[int, int] = {}
-    heads: dict[int, list[int]] = {}  # thread -> the calls of its latest turn a next turn may continue
+    heads: HeadIndex[Message] = HeadIndex()  # per thread, the calls of its latest turn a next turn may continue
     breaks: list[Discontinuity] = []
     for turn in sorted(attempts):
         i = attempts[turn][-1]
         at = attempts[turn][0]  # a break shows at the turn's first call
         current = [normalize_message(m) for m in calls[i].messages]
-        head, k = _pick_thread(current, [((t, c), _expected(calls[c])) for t, cs in heads.items() for c in cs])
+        head, k = _pick_thread(current, heads.candidates(current, _leading_system(current)))
         if head is None:
-            thread = len(heads)
-            if heads:
+            thread = len(heads.threads)
+            if heads.threads:
                 breaks.append(Discontinuity(at, "new_thread", "shares no conversation with earlier calls",
                                             0, thread))
         else:
             thread, c = head
-            expected = _expected(calls[c])
+            expected = heads.expected[head]
             if k < len(expected):
                 kind, detail = classify_break(expected, current, k, calls[c].response is not None)
                 breaks.append(Discontinuity(at, kind, detail, k, thread))
-        heads[thread] = [c for c in attempts[turn][:-1] if calls[c].response is not None] + [i]
+        kept = [c for c in attempts[turn][:-1] if calls[c].response is not None]
+        mine = current + [normalize_message(calls[i].response.to_message())] if calls[i].response else current
+        heads.set_heads(thread, [((thread, c), _expected(calls[c])) for c in kept] + [((thread, i), mine)])
         thread_of_turn[turn] = thread
     return [thread_of_turn[t] for t in turns], breaks

@@ -35,6 +35,7 @@ sub-agents that sent one request at once each go on with their own), else the la
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -337,7 +338,7 @@ def _sampled_logprobs(index: int, call: TokenCall) -> list[float] | None:
 # --- chaining -----------------------------------------------------------------------------------------------------
 
 
-def _common_prefix(seq: list[int], other: list[int], start: int = 0) -> int:
+def _common_prefix(seq: Sequence[int], other: Sequence[int], start: int = 0) -> int:
     """How many tokens of `other` equal seq[start:] from its beginning."""
     limit = min(len(seq) - start, len(other))
     matched = 0
@@ -363,6 +364,13 @@ def _extends(prompt: list[int], previous: _Used) -> bool:
 
 def _chains(used: list[_Used], *, strict: bool) -> list[list[int]]:
     """Group the usable calls into clean chains (lists of positions in `used`), in order."""
+    try:
+        return _chains_indexed(used, strict=strict)
+    except TypeError:  # token ids that do not sort against each other (not all ints): compare chain by chain
+        return _chains_scanned(used, strict=strict)
+
+
+def _chains_scanned(used: list[_Used], *, strict: bool) -> list[list[int]]:
     chains: list[list[int]] = []
     for position, call in enumerate(used):
         target, target_length = None, -1
@@ -377,6 +385,49 @@ def _chains(used: list[_Used], *, strict: bool) -> list[list[int]]:
             raise _drift_error(used[position - 1], call)
         chains.append([position])
     return chains
+
+
+def _chains_indexed(used: list[_Used], *, strict: bool) -> list[list[int]]:
+    """_chains_scanned's chains, finding the chain a call extends in a sorted list of the chains' latest sequences
+    instead of trying every chain: an agent of many independent calls has as many chains."""
+    chains: list[list[int]] = []
+    ends: list[tuple[int, ...]] = []  # sorted; a sequence that several chains end in appears once
+    ending: dict[tuple[int, ...], list[int]] = {}  # sequence -> the chains it ends
+    for position, call in enumerate(used):
+        prompt = tuple(call.prompt)
+        extended = _longest_prefix_in(ends, prompt)
+        if extended is not None:
+            number = max(ending[extended])  # the later chain on ties
+            ending[extended].remove(number)
+            if not ending[extended]:
+                del ending[extended]
+                del ends[bisect.bisect_left(ends, extended)]
+            chains[number].append(position)
+        elif chains and strict:
+            raise _drift_error(used[position - 1], call)
+        else:
+            number = len(chains)
+            chains.append([position])
+        sequence = prompt + tuple(call.completion)
+        if sequence not in ending:
+            bisect.insort(ends, sequence)
+        ending.setdefault(sequence, []).append(number)
+    return chains
+
+
+def _longest_prefix_in(ends: list[tuple[int, ...]], prompt: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The longest of the sorted ``ends`` that ``prompt`` starts with, or None."""
+    upper = bisect.bisect_right(ends, prompt)
+    while upper:
+        candidate = ends[upper - 1]
+        shared = _common_prefix(prompt, candidate)
+        if shared == len(candidate):
+            # Any longer one would sort between this and the prompt.
+            return candidate
+        # One sharing more than `shared` tokens with the prompt would sort between the candidate and the prompt,
+        # so the rest all start with prompt[:shared], and sort at or before it.
+        upper = bisect.bisect_right(ends, prompt[:shared], 0, upper - 1)
+    return None
 
 
 def _drift_error(previous: _Used, call: _Used) -> TokenDriftError:
