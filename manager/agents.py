@@ -239,7 +239,7 @@ class EntryPointAgent(AgentSpec):
         name = self.target if isinstance(self.target, str) else _name_of(self.target)
         resolve_entry_point(name)
         object.__setattr__(self, "target", name)
-        check_importable(self.module, self.python, self.extra_env())
+        check_importable(self.module, self.python, {**self.env, **self.extra_env()})
 
     @property
     def module(self) -> str:

@@ -124,9 +124,6 @@ class ProxyConfig:
         if not 0 <= self.port <= 65535 or not 0 <= self.reverse_port <= 65535:
             raise ConfigError(f"port {self.port if not 0 <= self.port <= 65535 else self.reverse_port} is not "
                               "0-65535 (0 picks a free one)")
-        if self.reverse_port and not self.reverse_target:
-            raise ConfigError(f"reverse port {self.reverse_port} without a reverse target: give the model URL the "
-                              "reverse listener serves (reverse_target, --reverse)")
         if not self.allow_remote and not is_loopback(self.host):
             what = "is not loopback" if is_ip_address(self.host) or is_any_address(self.host) else \
                 "is neither localhost nor a loopback address (a host name may resolve to any address)"

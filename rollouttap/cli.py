@@ -9,13 +9,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from rollouttap.errors import (
     AgentSpecError, ConfigError, NotFoundError, ProxyError, RolloutTapError, StoreError, StoreVersionError,
 )
+
+if TYPE_CHECKING:
+    from rollouttap.manager.proxy import ProxyConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Capture whole agent conversations as exact token ids, for agentic RL.")
@@ -80,7 +83,7 @@ def proxy(
     Example: rollouttap proxy --store runs.db --model-host 127.0.0.1:8000
     """
     from rollouttap.addon.loopback import is_any_address
-    from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
+    from rollouttap.manager.proxy import ProxyConfig
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen {listen!r} is not HOST:PORT")
@@ -92,11 +95,25 @@ def proxy(
         if key in OWN_OPTIONS:
             raise ConfigError(f"--set {key} is the command's own: {OWN_OPTIONS[key]}")
         extra[key] = value
+    if reverse_port and not reverse:
+        raise ConfigError(f"--reverse-port {reverse_port} needs --reverse (the model URL its listener serves)")
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),
                          token_ids=token_ids, logprobs=logprobs, reverse_target=reverse, reverse_port=reverse_port,
                          confdir=confdir,
                          allow_remote=allow_remote, launcher=launcher, extra=extra)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _serve(config, is_any_address(config.host))
+    finally:  # the caller's own handlers again (main() may be called again in the same process)
+        for signum, handler in before.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(signum, handler)
+
+
+def _serve(config: ProxyConfig, on_every_address: bool) -> None:
+    """Start the proxy, print its environment, run it until a signal, stop it with every row committed."""
+    from rollouttap.manager.proxy import ProxyProcess
 
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")  # start() stops a proxy it started; this command then ends
@@ -105,28 +122,28 @@ def proxy(
         signal.signal(signum, interrupt)
     proc = ProxyProcess(config).start()
     stop = {"now": False}
-
-    def stop_now(*_: object) -> None:
-        stop["now"] = True
-        # A second Ctrl-C breaks off the wait for the proxy's last commits (below). Inherited as ignored (started
-        # in the background by a script) Ctrl-C would do nothing at all; a hang-up would kill this command and
-        # leave the proxy to notice on its own, its exit status unread.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, stop_now)  # before the exports go out: whoever reads them may signal at once
-    typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
-    if is_any_address(config.host):
-        typer.echo(f"# it listens on every address: agents on other hosts put this host's address in place of "
-                   f"{config.host} below, and present their agent's credentials", err=True)
-    if proc.reverse_url:
-        typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1 for agents a "
-                   f"manager registers: AgentManager(proxy={proc.url!r}, base_url_mode=True, store=...)", err=True)
-    for key, value in proc.env().items():
-        typer.echo(f"export {key}={shlex.quote(value)}")
     try:
+        def stop_now(*_: object) -> None:
+            stop["now"] = True
+            # A second Ctrl-C breaks off the wait for the proxy's last commits (below). Inherited as ignored
+            # (started in the background by a script) Ctrl-C would do nothing at all; a hang-up would kill this
+            # command and leave the proxy to notice on its own, its exit status unread.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, stop_now)  # before the exports go out: whoever reads them may signal at once
+        typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
+        if on_every_address:
+            typer.echo(f"# it listens on every address: agents on other hosts put this host's address in place of "
+                       f"{config.host} below, and present their agent's credentials", err=True)
+        if proc.reverse_url:
+            typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1 for agents a "
+                       f"manager registers: AgentManager(proxy={proc.url!r}, base_url_mode=True, store=...)",
+                       err=True)
+        for key, value in proc.env().items():
+            typer.echo(f"export {key}={shlex.quote(value)}")
         while not stop["now"] and proc.alive():
             time.sleep(0.2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal before stop_now took over
         pass
     finally:
         died = proc.proc.poll() if proc.proc is not None else None  # its status, when it ended by itself

@@ -139,9 +139,13 @@ def test_proxy_command_signalled_while_its_proxy_starts_leaves_no_proxy_running(
     assert alive == []
 
 
-def test_a_reverse_port_without_a_reverse_target_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="reverse port 45678 without a reverse target"):
-        ProxyConfig(store=tmp_path / "s.db", reverse_port=45678)
+def test_a_reverse_port_without_a_reverse_url_is_refused_and_the_callers_signal_handlers_stay(tmp_path, capsys):
+    from rollouttap.cli import main
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+    assert main(["proxy", "--store", str(tmp_path / "s.db"), "--reverse-port", "45678"]) == 1
+    assert "--reverse-port 45678 needs --reverse" in capsys.readouterr().err
+    assert main(["proxy", "--store", "/proc/no-such-dir/s.db"]) == 1  # it fails once its handlers are in place
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)] == handlers
 
 
 def test_proxy_command_rejects_bad_listen(tmp_path):
@@ -281,3 +285,11 @@ def test_a_clean_stop_removes_an_empty_log_and_keeps_any_other(tmp_path, confdir
     proxy.stop()
     assert crashed.exists()  # kept for whoever looks into the crash
     crashed.unlink()
+
+
+def test_a_manager_fills_the_reverse_target_of_a_config_that_pins_only_the_reverse_port(tmp_path):
+    from rollouttap.manager.proxy_link import own_proxy_config
+    store = (tmp_path / "s.db").resolve()
+    config = own_proxy_config(ProxyConfig(store=store, reverse_port=45678), store_path=store,
+                              model_url="http://127.0.0.1:8000/v1", base_url_mode=True, confdir=None)
+    assert (config.reverse_target, config.reverse_port) == ("http://127.0.0.1:8000", 45678)

@@ -240,3 +240,33 @@ def test_an_entry_point_only_a_finder_added_at_run_time_finds_is_refused(tmp_pat
     finally:
         sys.meta_path.remove(finder)
         sys.modules.pop("ghost_agent_mod", None)
+
+
+def test_an_entry_point_its_own_env_makes_importable_is_accepted(tmp_path):
+    import importlib.abc
+    impl = tmp_path / "impl_file.py"
+    impl.write_text("def run(prompt):\n    return prompt\n")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    finder_src = textwrap.dedent(f"""
+        import importlib.abc, importlib.util
+        class MagicFinder(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                return importlib.util.spec_from_file_location(name, {str(impl)!r}) \\
+                    if name == "magic_agent_mod" else None
+        """)
+    (hook / "magic_finder.py").write_text(finder_src)
+    # Installed at start-up by the agent's environment (a sitecustomize on its PYTHONPATH), as by the program here.
+    (hook / "sitecustomize.py").write_text(
+        "import sys, magic_finder\nsys.meta_path.append(magic_finder.MagicFinder())\n")
+    namespace: dict = {}
+    exec(finder_src, namespace)
+    finder: importlib.abc.MetaPathFinder = namespace["MagicFinder"]()
+    sys.meta_path.append(finder)
+    try:
+        __import__("magic_agent_mod")
+        spec = EntryPointAgent("magic_agent_mod:run", env={"PYTHONPATH": str(hook)})
+        assert spec.target == "magic_agent_mod:run"
+    finally:
+        sys.meta_path.remove(finder)
+        sys.modules.pop("magic_agent_mod", None)
