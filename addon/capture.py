@@ -361,25 +361,21 @@ class RolloutTap:
 
     @staticmethod
     def _tapped(live: _Live) -> bytes:
-        """The body a tap kept; where it kept only the first part, ``meta`` says how much came."""
+        """The response body its tap kept (see ``_kept``)."""
         assert live.tap is not None
-        if live.tap.size > len(live.tap.raw):
-            live.meta["body_cut"] = {"size": live.tap.size, "kept": len(live.tap.raw)}
-        return bytes(live.tap.raw)
+        return _kept(live.tap, live.meta, "body_cut")
 
     @staticmethod
     def _tapped_request(live: _Live, *, ended: bool) -> bytes:
-        """A streamed request body as kept; where it is only a first part, ``meta`` says so: kept in part, or never
-        ``ended`` (answered or broken off first; ``size`` is then the announced one, None for chunks)."""
+        """A streamed request body as kept (see ``_kept``), or the first part of one that never ``ended``
+        (answered or broken off first; ``size`` is then the announced one, None for chunks)."""
         tap = live.request_tap
         assert tap is not None
-        kept = bytes(tap.raw)
-        if not ended:
-            size = max(live.request_length, tap.size) if live.request_length is not None else None
-            live.meta["request_body_cut"] = {"size": size, "kept": len(kept), "ended": False}
-        elif tap.size > len(kept):
-            live.meta["request_body_cut"] = {"size": tap.size, "kept": len(kept)}
-        return kept
+        if ended:
+            return _kept(tap, live.meta, "request_body_cut")
+        size = max(live.request_length, tap.size) if live.request_length is not None else None
+        live.meta["request_body_cut"] = {"size": size, "kept": len(tap.raw), "ended": False}
+        return bytes(tap.raw)
 
     def _cut_stream(self, flow: http.HTTPFlow, tap: StreamTap) -> None:
         """A stream the agent could not be given whole: close its connection before the end of the message (the
@@ -480,6 +476,13 @@ class RolloutTap:
         if live.meta:
             cols["meta"] = dict(live.meta)
         self._update(flow_id, cols)
+
+
+def _kept(tap: StreamTap, meta: dict[str, Any], key: str) -> bytes:
+    """The body ``tap`` kept; where it kept only the first part, ``meta[key]`` says how much came."""
+    if tap.size > len(tap.raw):
+        meta[key] = {"size": tap.size, "kept": len(tap.raw)}
+    return bytes(tap.raw)
 
 
 def may_have_body(req: http.Request) -> bool:

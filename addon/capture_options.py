@@ -47,10 +47,10 @@ def declare(loader: Any) -> None:
                       "Flow data (MiB) kept in memory while the store cannot take it (a full disk, a lock "
                       "held by another process); beyond it, new requests are answered 503 until it can.")
     loader.add_option("rollouttap_body_keep_mb", int, 32,
-                      "Of a response body from a host that is not a model host (a package download, a git "
-                      "fetch), keep at most this many MiB in the store; the client still gets every byte, live. "
-                      "0 keeps every byte. A model host's answers on its chat, completions and responses paths are "
-                      "kept whole.")
+                      "Of a body from or to a host that is not a model host (a package download, a git fetch, an "
+                      "upload), keep at most this many MiB in the store; the other side still gets every byte, live. "
+                      "0 keeps every byte (and holds an upload whole before sending it on). Requests to and answers "
+                      "from a model host's chat, completions and responses paths are kept whole.")
     loader.add_option("rollouttap_parent_pid", int, 0,
                       "Shut down cleanly when this process ends (the manager that started us).")
     loader.add_option("rollouttap_log_file", str, "",

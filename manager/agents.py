@@ -307,11 +307,9 @@ def _located(module_name: str) -> tuple[str, Path] | None:
 
 # What the agent's interpreter imports for a module name, with the import path runner_entry will give it.
 _FIND_ORIGIN = """
-import importlib.util, json, os, sys
-from rollouttap.manager.runner_entry import import_path
-parent = json.loads(os.environ.get("ROLLOUTTAP_PARENT_PATH") or "{}")
-sys.path[:] = import_path(sys.path, os.environ.get("ROLLOUTTAP_ENTRY_PATH"), parent.get("front", []),
-                          parent.get("back", []))
+import importlib.util, os, sys
+from rollouttap.manager.runner_entry import use_manager_path
+use_manager_path()
 spec = importlib.util.find_spec(sys.argv[1])
 print(os.path.abspath(spec.origin) if spec is not None and spec.origin else "")
 """

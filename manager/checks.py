@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rollouttap.manager.launch import pidfd_of
+
 TAIL_CHARS = 2000  # of a shell check's stdout and stderr, in its result
 _TAIL_BYTES = TAIL_CHARS * 4  # enough bytes for that many characters of UTF-8
 _POLL = 0.1  # seconds between looks at the stop event (only while a check runs)
@@ -95,7 +97,7 @@ def _read_until_exit(proc: subprocess.Popen[bytes], tails: dict[int, bytearray],
                      stop: threading.Event | None) -> str:
     """Read the check's output until its shell exits (``exited``, the shell left unreaped), the deadline
     (``timeout``) or ``stop`` (``cancelled``)."""
-    pidfd = _pidfd(proc.pid)
+    pidfd = pidfd_of(proc.pid)
     with selectors.DefaultSelector() as selector:
         for fd in tails:
             os.set_blocking(fd, False)
@@ -147,13 +149,6 @@ def _exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
-
-
-def _pidfd(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
 
 
 def _kill_group(pgid: int) -> None:

@@ -250,7 +250,7 @@ def wait(agent: AgentProcess, deadline: float, stop: threading.Event, poll: floa
     """
     if agent.popen.returncode is not None:
         return "exited"  # already reaped: its pid may name another process by now
-    fd = _pidfd(agent.pid)
+    fd = pidfd_of(agent.pid)
     try:
         exit_poll = None
         if fd is not None:
@@ -268,7 +268,8 @@ def wait(agent: AgentProcess, deadline: float, stop: threading.Event, poll: floa
             os.close(fd)
 
 
-def _pidfd(pid: int) -> int | None:
+def pidfd_of(pid: int) -> int | None:
+    """A pidfd of the process (readable once it exits); None where pidfds are missing or it is reaped."""
     try:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):  # no pidfds here, or the process is already reaped

@@ -66,6 +66,13 @@ def import_path(own: list[str], root: str | None, front: list[str], back: list[s
     return out
 
 
+def use_manager_path() -> None:
+    """sys.path as the manager asks for it (ENTRY_PATH_ENV, PARENT_PATH_ENV); also what its spec check runs."""
+    parent = json.loads(os.environ.get(PARENT_PATH_ENV) or "{}")
+    sys.path[:] = import_path(sys.path, os.environ.get(ENTRY_PATH_ENV), parent.get("front", []),
+                              parent.get("back", []))
+
+
 def write_atomically(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -78,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-file", type=Path, required=True)
     parser.add_argument("--result-file", type=Path, required=True)
     args = parser.parse_args(argv)
-    parent = json.loads(os.environ.get(PARENT_PATH_ENV) or "{}")
-    sys.path[:] = import_path(sys.path, os.environ.get(ENTRY_PATH_ENV), parent.get("front", []),
-                              parent.get("back", []))
+    use_manager_path()
     prompt = json.loads(args.prompt_file.read_text(encoding="utf-8"))
     result = outcome(args.target, prompt)
     if not result["ok"] and result.get("traceback"):
