@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,18 @@ def test_proxy_command_says_how_its_mitmdump_ended_when_it_dies(tmp_path, confdi
     assert "mitmdump exited unexpectedly with status -9 (log " in err and "every flow is committed" not in err
 
 
+def _signalled(proc: subprocess.Popen, signum: int, once: Callable[[], object]) -> tuple[str, str]:
+    """Send ``signum`` to the command once ``once()`` returned; its output when it ended (killed if it did not)."""
+    try:
+        once()
+        proc.send_signal(signum)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("how", ["SIGINT, inherited as ignored", "SIGHUP"])
 def test_proxy_command_stops_cleanly_on_a_ctrl_c_it_inherited_ignored_and_on_a_hangup(tmp_path, confdir, how):
     # A script that starts the command in the background hands it SIGINT ignored; a closed terminal sends SIGHUP.
@@ -79,14 +92,7 @@ def test_proxy_command_stops_cleanly_on_a_ctrl_c_it_inherited_ignored_and_on_a_h
     proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "runs.db"), "--confdir", str(confdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    try:
-        _read_exports(proc)
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    _, err = _signalled(proc, signum, once=lambda: _read_exports(proc))
     assert proc.returncode == 0 and "every flow is committed" in err, err
 
 
@@ -125,14 +131,10 @@ def test_proxy_command_signalled_while_its_proxy_starts_leaves_no_proxy_running(
     store = tmp_path / "runs.db"
     proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(store), "--confdir", str(confdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+
+    def starting() -> None:
         wait_for(store.exists, what="the proxy starting (its store opened)")
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = _signalled(proc, signum, once=starting)
     with Store(store) as s:
         alive = s.proxies(alive_only=True)
     assert proc.returncode == 130 and "export HTTP_PROXY" not in out, err

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -168,19 +169,7 @@ def test_a_ctrl_c_while_the_proxy_starts_stops_it(tmp_path, confdir):
             print("interrupted", flush=True)
         sys.stdin.readline()  # alive: the proxy would end with this process anyway
     """)
-    try:
-        wait_for(lambda: _proxies_of(program.pid), 30, "mitmdump to start")
-        os.kill(program.pid, signal.SIGINT)
-        assert program.stdout.readline().strip() == "interrupted"
-        wait_for(lambda: not _proxies_of(program.pid), 30, "the interrupted proxy to end")
-        with Store(store) as s:
-            assert s.proxies(alive_only=True) == []
-        program.stdin.write("done\n")
-        program.stdin.flush()
-        assert program.wait(30) == 0
-    finally:
-        program.kill()
-        program.wait()
+    _interrupt_while_starting(program, store, started=lambda: bool(_proxies_of(program.pid)))
 
 
 def test_a_ctrl_c_while_several_proxies_start_stops_them_all(tmp_path, confdir):
@@ -197,9 +186,14 @@ def test_a_ctrl_c_while_several_proxies_start_stops_them_all(tmp_path, confdir):
             print("interrupted", flush=True)
         sys.stdin.readline()
     """)
+    # The first proxy listens before the others start, on threads the main thread joins.
+    _interrupt_while_starting(program, store, started=lambda: len(_proxies_of(program.pid)) > 1)
+
+
+def _interrupt_while_starting(program: subprocess.Popen, store: Path, started: Callable[[], bool]) -> None:
+    """Ctrl-C ``program`` once ``started`` holds: it must say it was interrupted, and leave no proxy running."""
     try:
-        # The first proxy listens before the others start, on threads the main thread joins.
-        wait_for(lambda: len(_proxies_of(program.pid)) > 1, 30, "the proxies to start")
+        wait_for(started, 30, "the proxies to start")
         os.kill(program.pid, signal.SIGINT)
         assert program.stdout.readline().strip() == "interrupted"
         wait_for(lambda: not _proxies_of(program.pid), 30, "the interrupted proxies to end")

@@ -19,25 +19,38 @@ from rollouttap.store import Store
 MIB = 1 << 20
 
 
-def _server(answer: Callable[[socket.socket, bytes], None]) -> tuple[socket.socket, threading.Thread]:
-    """Accepts one connection, reads the request head (and a Content-Length body), lets ``answer`` reply."""
+def _accept_one(handle: Callable[[socket.socket], None]) -> tuple[socket.socket, threading.Thread]:
+    """A listening socket whose first connection ``handle`` serves, on a thread of its own."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
         conn, _ = server.accept()
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length")), 0)
-            while len(body) < length:
-                body += conn.recv(65536)
-            answer(conn, head)
+            handle(conn)
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return server, thread
+
+
+def _read_head(conn: socket.socket) -> tuple[bytes, bytes, int]:
+    """(request head, the body bytes read with it, its Content-Length or 0)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length")), 0)
+    return head, body, length
+
+
+def _server(answer: Callable[[socket.socket, bytes], None]) -> tuple[socket.socket, threading.Thread]:
+    """Accepts one connection, reads the request head (and a Content-Length body), lets ``answer`` reply."""
+    def handle(conn: socket.socket) -> None:
+        head, body, length = _read_head(conn)
+        while len(body) < length:
+            body += conn.recv(65536)
+        answer(conn, head)
+    return _accept_one(handle)
 
 
 def test_a_download_reaches_the_client_whole_and_live_while_the_store_keeps_its_first_part(tmp_path, confdir):
@@ -109,26 +122,17 @@ def test_bodiless_answers_pass_through_the_tap(tmp_path, confdir):
 
 def _upload_server(first_part: int, seen_first: threading.Event) -> tuple[socket.socket, threading.Thread, list[bytes]]:
     """Accepts one request with a Content-Length body; sets ``seen_first`` once ``first_part`` body bytes are in."""
-    server = socket.create_server(("127.0.0.1", 0))
     got: list[bytes] = []
 
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length"))
-            while len(body) < length:
-                if len(body) >= first_part:
-                    seen_first.set()
-                body += conn.recv(65536)
-            got.append(body)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    def handle(conn: socket.socket) -> None:
+        _, body, length = _read_head(conn)
+        while len(body) < length:
+            if len(body) >= first_part:
+                seen_first.set()
+            body += conn.recv(65536)
+        got.append(body)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    server, thread = _accept_one(handle)
     return server, thread, got
 
 
@@ -182,20 +186,14 @@ def test_an_upload_answered_before_it_ended_keeps_its_first_part_marked_unended(
     def framed(data: bytes) -> bytes:
         return b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
     answered = threading.Event()
-    server = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
-            answered.set()
-            while conn.recv(65536):
-                pass
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    def refuse_at_once(conn: socket.socket) -> None:
+        _read_head(conn)
+        conn.sendall(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+        answered.set()
+        while conn.recv(65536):
+            pass
+    server, thread = _accept_one(refuse_at_once)
     url = f"http://127.0.0.1:{server.getsockname()[1]}/upload"
     with server, start_proxy(tmp_path / "s.db", confdir, extra={"rollouttap_body_keep_mb": "1"}) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as client:
