@@ -41,6 +41,7 @@ class Attribution:
     method: Method
     pid: int | None = None
     detail: str | None = None
+    retry: bool = False  # rejected for now (503), not for what the request carries (407)
 
 
 PID_LOOKUPS = ("eager", "fallback")  # when the proxy looks up a connection's process (rollouttap_pid_lookup)
@@ -54,6 +55,8 @@ class PidResult:
     detail: str | None = None
     roots: tuple[str, ...] = ()  # agents whose registered root process is among the ancestors
     tags: tuple[str, ...] = ()  # registered agents (with a root) the ancestors' tags name, nearest first
+    proxy: bool = False  # the owner is a rollouttap proxy: a request it sent looped back through a listener
+    unchecked: bool = False  # the lookup did not finish in time: nothing is known of the sender
 
 
 # -- pure decisions ----------------------------------------------------------------------------
@@ -207,6 +210,7 @@ class AgentDirectory:
         self._read_at: dict[str, float] = {}  # when each cached row was read (time.monotonic())
         self._ended: dict[str, AgentRecord] = {}  # ended agents' rows (final: they never change), the latest few
         self._roots: tuple[dict[int, tuple[float | None, str]], dict[str, int]] = ({}, {})
+        self._proxies: dict[int, float | None] = {}  # the store's running proxies: pid -> create_time
         self._loaded_at = 0.0
         self.max_age = max_age
 
@@ -268,6 +272,7 @@ class AgentDirectory:
                 if agent.root_pid is not None and agent.ended_at is None:
                     by_agent[agent.agent_id] = agent.root_pid
                     by_pid[agent.root_pid] = (agent.root_create_time, agent.agent_id)
+            self._proxies = dict(self._store.running_proxies())
             now = time.monotonic()
             with self._cache_lock:
                 self._agents, self._read_at = agents, dict.fromkeys(agents, now)
@@ -278,6 +283,10 @@ class AgentDirectory:
         stale."""
         self.refresh(if_older_than=self.max_age)
         return self._roots
+
+    def proxies(self) -> dict[int, float | None]:
+        """The store's running proxies as pid -> create_time, as of the last refresh."""
+        return self._proxies
 
 
 class PidAttributor:
@@ -323,6 +332,11 @@ class PidAttributor:
             self.directory.refresh(if_older_than=TAG_REFRESH_S)
             roots, known = self.directory.roots()
             registered = registered_in_chain(chain, roots, self._create_time)
+        if chain and not registered and self._is_proxy(chain[0]):
+            # A proxy (this one, or another on the store) forwarded a request to one of these listeners, e.g. a
+            # base URL naming the reverse listener as 127.1: its token must not pass for the process's own.
+            return PidResult(pid, None, "sent by a rollouttap proxy: a request looped back through its listener",
+                             proxy=True)
         named = {**known, **others} if others else known
         agent_id, detail = decide_from_ancestry(chain, roots, named, self._create_time)
         tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag and p.agent_tag in named))
@@ -345,6 +359,12 @@ class PidAttributor:
     def connection_closed(self, pid: int) -> None:
         """A client connection of ``pid`` ended (its next one is likely close behind)."""
         self.finder.closed(pid)
+
+    def _is_proxy(self, owner: ProcInfo) -> bool:
+        if owner.pid == os.getpid():
+            return True
+        proxies = self.directory.proxies()
+        return owner.pid in proxies and _same_start(proxies[owner.pid], self._create_time(owner))
 
     def _create_time(self, info: ProcInfo) -> float:
         # psutil's own formula, so it equals the create_time the manager recorded with psutil.

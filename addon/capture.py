@@ -413,8 +413,12 @@ class RolloutTap:
             self._end(flow_id, "error", cols)
 
     def _reject(self, flow: http.HTTPFlow, who: Attribution) -> None:
-        """Refuse a flow with a 407 and record why."""
+        """Refuse a flow with a 407 (503 when it may be retried) and record why."""
         self.counts["rejected"] += 1
+        if who.retry:
+            error = f"refused for now: {who.detail}"
+            self._answer(flow, 503, error, {"Retry-After": "1", "Connection": "close"}, error)
+            return
         error = f"proxy credentials refused: {who.detail}"
         self._answer(flow, 407, f"proxy credentials refused ({who.detail})",
                      {"Proxy-Authenticate": 'Basic realm="rollouttap"'}, error)

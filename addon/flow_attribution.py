@@ -22,7 +22,10 @@ from rollouttap.store import AgentRecord
 log = logging.getLogger(__name__)
 
 PROXY_AUTH = "Proxy-Authorization"
-CREDENTIAL_CHECK_WAIT_S = 0.5  # longest a credentialed request waits for its connection's pid lookup
+# Longest a credentialed request waits for its connection's pid lookup (usually done in well under 30 ms). Past
+# it the request is refused, 503, never let through unchecked: an agent can slow lookups at will (processes
+# holding many descriptors), and a token that passed unchecked would let it speak as another agent.
+CREDENTIAL_CHECK_WAIT_S = 5.0
 
 
 class FlowAttribution:
@@ -34,6 +37,7 @@ class FlowAttribution:
         self._pool = pool
         self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
         self._conn_creds: dict[str, Attribution] = {}  # a CONNECT's attribution, for its tunnel's requests
+        self.credential_check_wait = CREDENTIAL_CHECK_WAIT_S
 
     def open(self, store_path: str) -> None:
         """Read agents from this store (StoreError if it cannot be opened)."""
@@ -90,11 +94,15 @@ class FlowAttribution:
         if needs_pid:
             self.start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
         # Eager: a token is checked against the process that sends it, with the lookup begun at connect
-        # (usually done by now; bounded, so a stuck /proc read cannot hold the request: it then passes).
+        # (usually done by now; bounded, so a stuck /proc read cannot hold the request: it is then refused, 503).
         check_token_owner = has_token and ctx.options.rollouttap_pid_lookup == "eager"
         pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_token_owner,
-                                            timeout=CREDENTIAL_CHECK_WAIT_S if check_token_owner else None)
+                                            timeout=self.credential_check_wait if check_token_owner else None)
         pid = pid_result.pid if pid_result else None
+        if pid_result is not None and pid_result.proxy:  # whatever it carries: a token, or a loop to itself
+            return Attribution(None, "rejected", pid, pid_result.detail)
+        if pid_result is not None and pid_result.unchecked:
+            return Attribution(None, "rejected", None, pid_result.detail, retry=True)
         if creds is not None:
             return await self._verified(creds[0], creds[1], "credentials", pid_result)
         if tunnel is not None:
@@ -130,8 +138,8 @@ class FlowAttribution:
                 return await future
             return await asyncio.wait_for(asyncio.shield(future), timeout)  # shared: never cancel it
         except TimeoutError:
-            log.warning("rollouttap: pid lookup took over %.1fs; credentials accepted unchecked", timeout)
-            return None
+            log.warning("rollouttap: pid lookup took over %.1fs; request refused (503)", timeout)
+            return PidResult(None, None, f"its sender could not be checked within {timeout:g}s", unchecked=True)
         except Exception as exc:  # a failed lookup must not lose the flow
             log.warning("rollouttap: pid attribution failed: %r", exc)
             return PidResult(None, None, f"lookup failed: {exc!r}")

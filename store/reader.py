@@ -255,6 +255,10 @@ class Store:
             rows = [r for r in rows if r["stopped_at"] is None and _alive(r["pid"], r["create_time"])]
         return rows
 
+    def running_proxies(self) -> list[tuple[int, float | None]]:
+        """(pid, create_time) of the proxies that have not recorded their stop (some may have died)."""
+        return [(r[0], r[1]) for r in self._query("SELECT pid, create_time FROM proxies WHERE stopped_at IS NULL")]
+
     def proxy(self, proxy_id: str) -> dict[str, Any] | None:
         return next((p for p in self.proxies() if p["proxy_id"] == proxy_id), None)
 

@@ -7,6 +7,7 @@ ScriptedUpstream (a scripted server speaking vLLM's JSON) as the model server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -573,6 +574,31 @@ def test_a_lookup_cancelled_with_the_pool_at_shutdown_refuses_the_request_instea
     assert flow.response is not None and flow.response.status_code == 503
 
 
+def test_a_token_whose_senders_lookup_does_not_finish_in_time_is_refused_503_not_let_through(tmp_path):
+    # An agent can slow lookups at will (processes holding many descriptors): a token that passed unchecked
+    # then would speak for whoever sent it.
+    async def unfinished_lookup(addon, flow):
+        await addon.running()
+        addon.who.credential_check_wait = 0.05
+        addon.who._conn_pid[flow.client_conn.id] = asyncio.get_running_loop().create_future()  # never done
+        await addon.requestheaders(flow)
+        addon.request(flow)
+
+    agent_id, token = "ag-slow", new_token()
+    flow = tflow.tflow()
+    flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(f"{agent_id}:{token}".encode()).decode()
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        with Store(tmp_path / "s.db") as store:
+            store.register_agent(agent_id, token=token)
+        asyncio.run(unfinished_lookup(addon, flow))
+        asyncio.run(addon.done())
+    assert flow.response is not None and flow.response.status_code == 503 and flow.response.headers["Retry-After"]
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(state="error")
+        assert store.flows(agent_id=agent_id) == []
+    assert row.attribution == "rejected" and "could not be checked" in row.error
+
+
 def test_a_flow_that_ends_after_a_reader_gave_up_on_it_is_done_without_that_error(tmp_path):
     from rollouttap.addon.attribution import Attribution
     with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
@@ -789,6 +815,44 @@ def test_a_base_url_path_token_sent_elsewhere_is_not_stored_in_clear(base_url_pr
     assert token not in json.dumps([flow.url, flow.path, flow.meta, flow.request_headers, flow.error])
     from rollouttap.store.redact import redacted_query_value
     assert flow.path.split("?")[0] == f"/agents/{agent_id}/{redacted_query_value(token)}/v1/models"
+
+
+def _looped_chat(via: str, reverse_url: str, creds: tuple[str, str], victim: str, token: str) -> int:
+    """Through ``via`` (a proxy's regular listener), a chat call to a reverse listener named as 127.1 (an
+    address no proxy takes for its own), its path carrying ``victim``'s token: the listener's client is a proxy."""
+    port = int(reverse_url.rsplit(":", 1)[1])
+    proxy_url = via.replace("http://", f"http://{creds[0]}:{creds[1]}@")
+    resp = requests.post(f"http://127.1:{port}/agents/{victim}/{token}/v1/chat/completions",
+                         json={"model": "p", "messages": [{"role": "user", "content": "hi"}]},
+                         proxies={"http": proxy_url}, timeout=10)
+    return resp.status_code
+
+
+def test_a_stolen_base_url_token_looped_through_the_proxy_itself_is_refused(base_url_proxy):
+    # The loop's inner connection comes from the proxy's own process, under no agent's root: the token of the
+    # agent named in the path must not pass for whoever sent the outer request.
+    sender, sender_token = _new_agent(base_url_proxy)
+    victim, victim_token = _new_agent(base_url_proxy)
+    assert _looped_chat(base_url_proxy.url, base_url_proxy.reverse_url, (sender, sender_token), victim,
+                        victim_token) == 407
+    with Store(base_url_proxy.config.store) as store:
+        [inner] = wait_for(lambda: [f for f in store.flows(state="error") if f.pid == base_url_proxy.proc.pid],
+                           what="the looped request")
+        assert store.flows(agent_id=victim) == []
+    assert inner.attribution == "rejected" and "looped back" in inner.error
+
+
+def test_a_stolen_base_url_token_looped_through_another_proxy_on_the_store_is_refused(base_url_proxy, confdir):
+    sender, sender_token = _new_agent(base_url_proxy)
+    victim, victim_token = _new_agent(base_url_proxy)
+    with start_proxy(base_url_proxy.config.store, confdir) as other:  # as AgentManager(proxies=2) runs them
+        assert _looped_chat(other.url, base_url_proxy.reverse_url, (sender, sender_token), victim,
+                            victim_token) == 407
+        with Store(base_url_proxy.config.store) as store:
+            [inner] = wait_for(lambda: [f for f in store.flows(state="error") if f.pid == other.proc.pid],
+                               what="the looped request")
+            assert store.flows(agent_id=victim) == []
+    assert inner.attribution == "rejected" and "looped back" in inner.error
 
 
 TOKEN = "Ab3_dEf-GhIjKlMnOpQrStUv"  # as new_token() makes them: 24 URL-safe characters
