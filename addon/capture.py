@@ -381,7 +381,7 @@ class RolloutTap:
         """A stream the agent could not be given whole: close its connection before the end of the message (the
         client sees a broken answer, not a short one), and keep what the server sent."""
         error = f"the proxy could not rewrite this stream for the client ({tap.failed}); its connection was closed"
-        log.error("rollouttap: %s %s: %s", flow.request.method, flow.request.pretty_url, error)
+        log.error("rollouttap: %s %s: %s", flow.request.method, flowcols.stored_target(flow.request.pretty_url), error)
         flow.kill()
         assert flow.response is not None
         self._live[flow.id].meta["rewrite_failed"] = tap.failed  # readers: the agent never got this answer whole

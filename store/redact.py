@@ -33,6 +33,8 @@ SECRET_WORDS = frozenset({"auth", "authorization", "credential", "credentials", 
 URL_HEADERS = frozenset({"referer", "location", "content-location", "link", "refresh"})
 # A word ending in one of these is a secret too, written as one word or not: apikey, authtoken, hftoken.
 SECRET_ENDINGS = ("key", "token", "secret", "password", "passwd", "cookie", "signature")
+# Their plurals (X-Api-Keys, cookies), but not "tokens": max_tokens, x-ratelimit-remaining-tokens are counts.
+_PLURAL_ENDINGS = tuple(e + "s" for e in SECRET_ENDINGS if e != "token")
 _WORD = re.compile(r"[a-z]+")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
@@ -41,7 +43,7 @@ _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 def is_secret_name(name: str) -> bool:
     """True for a header or query parameter name one of whose words names a credential."""
     for word in _WORD.findall(_CAMEL.sub(r"\1_\2", name).lower()):
-        if word in SECRET_WORDS or word.endswith(SECRET_ENDINGS):
+        if word in SECRET_WORDS or word.endswith(SECRET_ENDINGS) or word.endswith(_PLURAL_ENDINGS):
             return True
         if word.startswith("auth") and not word.startswith("author"):  # authentication, authz
             return True
@@ -133,8 +135,14 @@ def _map_param(match: re.Match[str], replace: Callable[[str], str | None]) -> st
     return "" if new is None else f"{sep}{name}={new}"
 
 
+# The password of a URL's user information (``https://user:PASSWORD@host/``).
+_URL_PASSWORD = re.compile(r"(://[^/?#@\s:<>\"]*:)([^/?#@\s<>\"]+)(@)")
+
+
 def _redact_urls_in(value: str) -> str:
     # Every ``name=value`` after ?, &, ; or # anywhere in the value: a header may hold several URLs.
+    if "@" in value:
+        value = _URL_PASSWORD.sub(lambda m: f"{m[1]}{redacted_query_value(m[2])}{m[3]}", value)
     return _HEADER_PARAM.sub(lambda m: _map_param(m, redacted_query_value), value) if "=" in value else value
 
 
@@ -153,16 +161,20 @@ def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
     if not sep:
         return head
     query, hash_sep, fragment = query.partition("#")
-    parts = []
-    for part in query.split("&"):
+    # Parameters part at & and also at ; (as many servers still read them: ?x=1;api_key=...).
+    pieces = re.split(r"([&;])", query)
+    kept: list[str] = []
+    for at in range(0, len(pieces), 2):
+        part = pieces[at]
         name, eq, value = part.partition("=")
         if eq and value and is_secret_name(unquote(name)):
             new = replace(value)
             if new is None:
                 continue
             part = f"{name}={new}"
-        parts.append(part)
-    return head + (sep if parts else "") + "&".join(parts) + hash_sep + fragment
+        kept.extend((pieces[at - 1] if at and kept else "", part))
+    query = "".join(kept)
+    return head + (sep if query or kept else "") + query + hash_sep + fragment
 
 
 _ASSIGNED = re.compile(r"-{0,2}([A-Za-z0-9_.-]+)=(.+)", re.S)  # NAME=VALUE, --name=value

@@ -1207,9 +1207,10 @@ def _pack(coding: str, plain: bytes) -> bytes:
     return {"identity": bytes, "gzip": gzip.compress, "br": brotli.compress, "deflate": zlib.compress}[coding](plain)
 
 
-def _stream_once(tmp_path, confdir, body: bytes, coding: str, framing: str, agent: str):
+def _stream_once(tmp_path, confdir, body: bytes, coding: str, framing: str, agent: str, query: str = "",
+                 log: list[str] | None = None):
     """One streamed chat call through the proxy to a server that sends ``body`` as it is told; the client's
-    response (unread) and the flow."""
+    response (unread) and the flow (and the proxy's log, into ``log``)."""
     def reply(conn: socket.socket, data: bytes) -> None:
         _whole_request(conn, data)
         head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -1225,7 +1226,7 @@ def _stream_once(tmp_path, confdir, body: bytes, coding: str, framing: str, agen
     server, thread = _one_shot_server(reply)
     host = f"127.0.0.1:{server.getsockname()[1]}"
     with server, start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,), logprobs=False) as proxy:
-        resp = requests.post(f"http://{host}/v1/chat/completions", headers={"X-Agent-ID": agent}, timeout=20,
+        resp = requests.post(f"http://{host}/v1/chat/completions{query}", headers={"X-Agent-ID": agent}, timeout=20,
                              json={"model": "m", "stream": True, "messages": []}, proxies={"http": proxy.url},
                              stream=True)
         try:
@@ -1234,6 +1235,8 @@ def _stream_once(tmp_path, confdir, body: bytes, coding: str, framing: str, agen
             content = exc
         thread.join(10)
         [flow] = settled_flows(proxy.config.store, agent_id=agent)
+        if log is not None:
+            log.append(proxy.log_path.read_text())
     return resp, content, flow
 
 
@@ -1255,11 +1258,13 @@ def test_a_compressed_stream_that_does_not_decode_reaches_the_agent_broken_and_i
         tmp_path, confdir):
     broken = _pack("gzip", _SSE)
     broken = broken[:10] + bytes(b ^ 0xFF for b in broken[10:30]) + broken[30:]
-    resp, content, flow = _stream_once(tmp_path, confdir, broken, "gzip", "chunked", "bad-gz")
+    log: list[str] = []
+    resp, content, flow = _stream_once(tmp_path, confdir, broken, "gzip", "chunked", "bad-gz", "?key=SEKRIT-Q1", log)
     assert isinstance(content, Exception)  # not a clean, empty 200 the agent would take for an answer
     assert flow.state == "error" and "could not rewrite this stream" in flow.error
     assert "rewrite_failed" in flow.meta  # readers never take it for an answer the client closed after reading
     assert flow.response_body == broken  # what the server sent is kept
+    assert "could not rewrite this stream" in log[0] and "SEKRIT-Q1" not in log[0]  # the log names it redacted
 
 
 @pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "br", "zstd", " GZIP ", "deflate-raw"])

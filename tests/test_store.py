@@ -504,6 +504,8 @@ def test_redact_headers_only_secret_ones():
     ("Location", "https://x/cb;v=1?access_token=K7", "K7"),
     ("Location", "https://x/cb?next=/a?token=K8", "K8"),
     ("Location", "https://x/cb#access_token=K9", "K9"),  # an OAuth implicit-flow redirect
+    ("Referer", "https://bob:PW10@h.example/x?y=1", "PW10"),  # a URL's own password
+    ("Location", "http://u:p%40ss@h/", "p%40ss"),
 ])
 def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hidden):
     [(_, out)] = redact_headers([(name, value)])
@@ -880,6 +882,8 @@ def test_text_with_undecodable_bytes_is_kept_with_escapes(tmp_path):
     ("/api;session=S5SS/v1/chat/completions", "/v1/chat/completions", "S5SS"),  # the path goes on after it
     ("/a;b/c?q=1", "/a;b/c?q=1", None),
     ("/x?pass=hunter2&k=v", "&k=v", "hunter2"),
+    ("/x?x=1;api_key=SEKRIT", "/x?x=1;api_key=", "SEKRIT"),  # parameters parted at ; as many servers read them
+    ("/x?q=a;b&c=d", "/x?q=a;b&c=d", None),
 ])
 def test_redact_query_hides_values_of_secret_parameters(target, kept, hidden):
     out = redact_query(target)
@@ -923,6 +927,7 @@ def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
     ("Content-Type", False), ("x-stainless-retry-count", False), ("Keep-Alive", False), ("authority", False),
     ("api-version", False), ("X-Amz-Date", False), ("anthropic-version", False),
     ("PHPSESSID", True), ("connect.sid", True), ("sid", True), ("side", False), ("x-request-id", False),
+    ("X-Api-Keys", True), ("X-Cookies", True), ("passwords", True), ("x-secrets", True), ("num_tokens", False),
 ])
 def test_secret_names_go_by_words_and_word_endings(name, secret):
     assert is_secret_name(name) == secret
@@ -932,6 +937,7 @@ def test_secret_names_go_by_words_and_word_endings(name, secret):
     ("/x?key=abc&alt=sse", "/x?alt=sse"),
     ("/x?key=abc", "/x"),
     ("/x?alt=sse#f", "/x?alt=sse#f"),
+    ("/x?a=1;key=abc&b=2", "/x?a=1&b=2"),
 ])
 def test_map_secret_query_can_drop_secret_parameters(target, expected):
     assert map_secret_query(target, lambda _value: None) == expected
