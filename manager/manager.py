@@ -295,7 +295,9 @@ class AgentManager:
         out["proxy_restarts"] = self.proxy_restarts
         if self.store is not None and since is not None:  # through this manager's proxies: a store may be shared
             proxy_ids = [proxy_id for link in self.links for proxy_id in link.proxy_ids]
-            out["unattributed_flows"] = self.store.count_flows(unattributed=True, since=since, proxy_ids=proxy_ids)
+            # A flow named only by a tag or header that no agent registered (a process that escaped its agent and
+            # dropped its environment, say) belongs to no result either.
+            out["unattributed_flows"] = self.store.count_flows(unowned=True, since=since, proxy_ids=proxy_ids)
         return out
 
     def _run_guarded(self, index: int, prompt: Prompt, stop: threading.Event, timeout: float) -> AgentResult:

@@ -212,9 +212,11 @@ class Store:
         return listed
 
     def count_flows(self, *, since: float | None = None, until: float | None = None, unattributed: bool = False,
-                    proxy_ids: Sequence[str] | None = None) -> int:
-        """How many flows ``flows()`` would return for these filters, without reading them."""
-        where, params = _flow_filter(since=since, until=until, unattributed=unattributed, proxy_ids=proxy_ids)
+                    proxy_ids: Sequence[str] | None = None, unowned: bool = False) -> int:
+        """How many flows ``flows()`` would return for these filters, without reading them; ``unowned``: the
+        flows of no registered agent (unattributed, or named only by a tag or header no agent registered)."""
+        where, params = _flow_filter(since=since, until=until, unattributed=unattributed, proxy_ids=proxy_ids,
+                                     unowned=unowned)
         return self._query(f"SELECT count(*) FROM flows{where}", params)[0][0]
 
     def flow(self, flow_id: str) -> FlowRecord | None:
@@ -343,7 +345,8 @@ _LISTED_COLUMNS = ", ".join(c for c in FLOW_COLUMNS if c not in ("request_body",
 
 def _flow_filter(*, agent_id: str | None = None, state: str | None = None, host: str | None = None,
                  since: float | None = None, until: float | None = None, unattributed: bool = False,
-                 run_id: str | None = None, proxy_ids: Sequence[str] | None = None) -> tuple[str, list[Any]]:
+                 run_id: str | None = None, proxy_ids: Sequence[str] | None = None,
+                 unowned: bool = False) -> tuple[str, list[Any]]:
     """The WHERE clause (with its leading space, or empty) and parameters of a flows query."""
     filters = [("agent_id = ?", agent_id), ("state = ?", state), ("host = ?", host),
                ("t_request >= ?", since), ("t_request < ?", until),
@@ -353,6 +356,8 @@ def _flow_filter(*, agent_id: str | None = None, state: str | None = None, host:
     if unattributed:
         # With a start time, the time index: the agent index would walk every unattributed flow ever kept.
         where.append("+agent_id IS NULL" if since is not None else "agent_id IS NULL")
+    if unowned:
+        where.append("(+agent_id IS NULL OR agent_id NOT IN (SELECT agent_id FROM agents))")
     if proxy_ids is not None:
         where.append(f"proxy_id IN ({', '.join('?' for _ in proxy_ids)})")
         params.extend(proxy_ids)
