@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SECRET_WORDS = frozenset({"auth", "authorization", "credential", "credentials", "session", "sessionid", "sig",
                           "jwt", "bearer", "pwd", "jsessionid", "passphrase", "otp", "pass", "passcode", "oauth",
-                          "pat", "sid", "sessid", "phpsessid"})
+                          "pat", "sid", "sessid", "phpsessid", "pw"})
 # Headers whose value holds URLs (``Link: <...?page_token=...>``): their secret query values are redacted too.
 URL_HEADERS = frozenset({"referer", "location", "content-location", "link", "refresh"})
 # A word ending in one of these is a secret too, written as one word or not: apikey, authtoken, hftoken.

@@ -928,6 +928,7 @@ def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
     ("api-version", False), ("X-Amz-Date", False), ("anthropic-version", False),
     ("PHPSESSID", True), ("connect.sid", True), ("sid", True), ("side", False), ("x-request-id", False),
     ("X-Api-Keys", True), ("X-Cookies", True), ("passwords", True), ("x-secrets", True), ("num_tokens", False),
+    ("pw", True), ("x-pw", True), ("pwa", False),
 ])
 def test_secret_names_go_by_words_and_word_endings(name, secret):
     assert is_secret_name(name) == secret
