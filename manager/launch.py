@@ -453,22 +453,21 @@ def split_model_url(url: str) -> tuple[str, str, str]:
 
 
 def model_env(model_url: str | None, base_env: Mapping[str, str], *, reverse_url: str | None = None,
-              agent_id: str = "", token: str = "") -> dict[str, str]:
+              agent_id: str = "", token: str = "", routed: bool = False) -> dict[str, str]:
     """OPENAI_BASE_URL/OPENAI_API_BASE for the agent (through the reverse listener in base-URL mode).
 
     A placeholder OPENAI_API_KEY is added when none is set: SDKs refuse to start without one, and a local
-    model server does not check it.
+    model server does not check it. Without a model URL only where the proxy ``routed`` a hard-wired endpoint
+    (api.openai.com, say) to the model: elsewhere a key's presence may choose the agent's provider.
     """
+    placeholder = {} if base_env.get("OPENAI_API_KEY") else {"OPENAI_API_KEY": "sk-rollouttap-local"}
     if model_url is None:
-        return {}
+        return placeholder if routed else {}
     base = model_url.rstrip("/")
     if reverse_url is not None:
         path = split_model_url(model_url)[2]
         base = f"{reverse_url}/agents/{quote(agent_id, safe='')}/{quote(token, safe='')}{path}"
-    env = {"OPENAI_BASE_URL": base, "OPENAI_API_BASE": base}
-    if not base_env.get("OPENAI_API_KEY"):
-        env["OPENAI_API_KEY"] = "sk-rollouttap-local"
-    return env
+    return {"OPENAI_BASE_URL": base, "OPENAI_API_BASE": base, **placeholder}
 
 
 def agent_environment(base: Mapping[str, str], *, proxy: Mapping[str, str], model: Mapping[str, str],

@@ -427,8 +427,9 @@ class AgentManager:
         return result
 
     def _environment(self, agent_id: str, token: str, link: ProxyLink) -> dict[str, str]:
+        routed = isinstance(self._proxy_arg, ProxyConfig) and bool(self._proxy_arg.routes)
         models = model_env(self.model_url, os.environ, reverse_url=link.reverse_url if self.base_url_mode
-                           else None, agent_id=agent_id, token=token)
+                           else None, agent_id=agent_id, token=token, routed=routed)
         return agent_environment(os.environ, proxy=link.env(agent_id, token), model=models,
                                  user=self.env, spec={**self.spec.env, **self.spec.extra_env()})
 

@@ -169,6 +169,23 @@ def test_model_env_base_url(url, reverse, expected):
     assert env["OPENAI_API_KEY"]
 
 
+def test_a_placeholder_key_without_a_model_url_only_where_an_endpoint_is_routed_to_the_model():
+    # openai SDK agents with a hard-wired api.openai.com routed to the model refuse to start without a key; an
+    # agent with no model URL and no route may pick its provider by which keys are set.
+    assert model_env(None, {}, routed=True) == {"OPENAI_API_KEY": "sk-rollouttap-local"}
+    assert model_env(None, {"OPENAI_API_KEY": "sk-user"}, routed=True) == {}
+    assert model_env(None, {}) == {}
+
+
+def test_agents_of_a_manager_routing_a_hard_wired_endpoint_get_a_placeholder_key(tmp_path, confdir, upstream,
+                                                                                 monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = ProxyConfig(store=tmp_path / "r.db", confdir=confdir, routes=(f"api.openai.com={upstream.url}",))
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=config, confdir=confdir) as m:
+        [result] = m.deploy(['echo "key=${OPENAI_API_KEY:-none}"'])
+    assert result.status == "ok" and result.stdout_tail == "key=sk-rollouttap-local\n", result.stderr_tail
+
+
 @pytest.mark.parametrize("url, expected", [
     ("http://127.0.0.1:8000/v1", ("http://127.0.0.1:8000", "127.0.0.1:8000", "/v1")),
     ("https://models.local/v1/", ("https://models.local:443", "models.local:443", "/v1")),
