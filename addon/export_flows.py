@@ -34,8 +34,8 @@ METADATA_KEY = "rollouttap"
 GC_EVERY_BYTES = 16 << 20  # of bodies exported between garbage collections (see _collected)
 
 __all__ = [
-    "METADATA_KEY", "flow_metadata", "har_document", "har_entries", "read_flow_file", "to_http_flow", "write_flow_file",
-    "write_har",
+    "METADATA_KEY", "flow_metadata", "har_document", "har_entries", "mark_error", "read_flow_file", "to_http_flow",
+    "write_flow_file", "write_har",
 ]
 
 
@@ -202,12 +202,22 @@ def har_entries(records: Iterable[FlowRecord]) -> Iterator[dict[str, Any]]:
     for record in _collected(records):
         # Each record's flow has a server object of its own, never "seen" before: a fresh set, not one that
         # would keep every flow's server alive through the export.
-        entry = exporter.flow_entry(to_http_flow(record), set())
+        http_flow = to_http_flow(record)
+        entry = exporter.flow_entry(http_flow, set())
         entry["_rollouttap"] = flow_metadata(record)
+        if http_flow.error is not None and http_flow.response is not None:
+            mark_error(entry["response"], http_flow.error.msg)
         # mitmproxy writes `content: {}` for a flow that got no response; HAR 1.2 requires size and mimeType,
         # and viewers (Chrome, har-validator) reject the entry without them.
         entry["response"]["content"] = {"size": 0, "mimeType": "", **entry["response"]["content"]}
         yield entry
+
+
+def mark_error(response: dict[str, Any], error: str) -> None:
+    """Say in a HAR response that its flow ended in error (a stream cut mid-way): its status alone may read as a
+    success. ``_error`` is where Chrome and mitmproxy put a failed request's error; ``comment`` is HAR 1.2's own."""
+    response["_error"] = error
+    response["comment"] = f"ended in error: {error}"
 
 
 _ENTRIES = "\0entries\0"  # a stand-in no HAR header holds

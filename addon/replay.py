@@ -6,6 +6,8 @@ the recording. Request ``k`` must match recorded request ``k`` by method, path a
 ignoring the fields rollouttap injected); requests the recording made concurrently may arrive in either order.
 The first request that does not match is the divergence: it and every later request are answered
 ``599`` (a status no server sends, so it cannot pass for a recorded answer) with ``x-should-retry: false``.
+An answer that broke off when recorded (a stream cut mid-way) is given as far as it came, then its connection
+is closed before the end of the message, so the agent meets the same failure again.
 
 What the agent sees is what it saw when recorded: a recorded body still holds the token ids the proxy asked
 for, so it is stripped here unless capture injected the same fields again (then capture strips it, as live).
@@ -62,6 +64,7 @@ class Recorded:
     t_end: float | None
     request_cut: bool = False  # the store kept only the request body's first part (an upload)
     request_size: int | None = None  # then its whole size, where known
+    broke_off: bool = False  # the client got the status, headers and this body, then a broken connection
 
     @property
     def label(self) -> str:
@@ -88,14 +91,33 @@ def recorded_requests(flows: Iterable[FlowRecord]) -> list[Recorded]:
         paths = tuple(dict.fromkeys(p for p in (f.path or "/", _path_of(f.meta.get("routed_from"))) if p))
         status, error = f.status_code, f.error
         request_cut = f.meta.get("request_body_cut") or {}
+        broke = broke_off(f)
         if cut := f.meta.get("body_cut"):  # answered as never answered: a short body would pass for the whole
-            status, error = None, (f"its response body was kept only in part ({cut.get('kept')} of {cut.get('size')} "
-                                   "bytes): record with rollouttap_body_keep_mb=0 to replay it")
+            status, error, broke = None, (f"its response body was kept only in part ({cut.get('kept')} of "
+                                          f"{cut.get('size')} bytes): record with rollouttap_body_keep_mb=0 to "
+                                          "replay it"), False
+        elif f.state == "error" and status is not None and not broke and not _whole(f):
+            status = None  # a buffered answer that broke off: the client got the proxy's 502 instead
         out.append(Recorded(len(out), f.flow_id, method, paths, f.request_body or b"", list(f.request_headers),
                             dict(f.meta.get("injected") or {}), status, list(f.response_headers),
                             f.response_body or b"", error, f.t_request, f.t_end,
-                            bool(request_cut), request_cut.get("size")))
+                            bool(request_cut), request_cut.get("size"), broke))
     return out
+
+
+def _whole(f: FlowRecord) -> bool:
+    """Whether a recorded body is all its Content-Length announced (the proxy's own answers, a 407 or a 503,
+    end in error but reached the client whole)."""
+    length = header_value(f.response_headers, "content-length")
+    return length is not None and length.strip().isdigit() and int(length) == len(f.response_body or b"")
+
+
+def broke_off(f: FlowRecord) -> bool:
+    """Whether the client got this answer's status, headers and kept body, then a broken connection: a
+    stream (or a body passed on as it came) cut mid-way. A buffered answer that broke off never reached it."""
+    if f.state != "error" or f.status_code is None or _whole(f):
+        return False
+    return bool(f.streamed or f.response_body)
 
 
 # -- comparing a request with the recording --------------------------------------------------------------------
@@ -297,6 +319,15 @@ def error_response(status: int, message: str, kind: str) -> http.Response:
     return http.Response.make(status, body.encode(), {"content-type": "application/json", "x-should-retry": "false"})
 
 
+def break_off(resp: http.Response) -> None:
+    """Announce one byte more than the body holds and close the connection after it: the client reads the
+    kept bytes, then meets a connection closed mid-message, as when the answer was recorded. (mitmproxy sends
+    an addon's response whole and ends it cleanly; killing the flow would send nothing at all.)"""
+    resp.headers.pop("transfer-encoding", None)  # capture's stream rewrite adds it; chunks would end cleanly
+    resp.headers["content-length"] = str(len(resp.raw_content or b"") + 1)
+    resp.headers["connection"] = "close"
+
+
 def feed_stream(resp: http.Response) -> None:
     """Pass an addon-set body through the response's stream callable, as mitmproxy does for upstream bytes."""
     stream = resp.stream
@@ -326,6 +357,7 @@ class ReplayAddon:
         self.book: ReplayBook | None = None
         self.agent_id = ""
         self.answered_flows: set[str] = set()  # flows this addon answered whose response is not over yet
+        self.breaking_flows: set[str] = set()  # ... of which those whose recorded answer broke off
 
     def load(self, loader: Any) -> None:
         loader.add_option("rollouttap_replay_store", str, "", "Store holding the recorded run to replay.")
@@ -341,11 +373,12 @@ class ReplayAddon:
             raise exceptions.OptionsError("replay needs rollouttap_replay_store and rollouttap_replay_agent")
         try:
             with Store(store, readonly=True) as recorded:
-                entries = recorded_requests(recorded.flows(agent_id=agent))
+                flows, known = recorded.flows(agent_id=agent), recorded.agent(agent) is not None
         except StoreError as exc:
             raise exceptions.OptionsError(f"cannot read the recording: {exc}") from exc
-        if not entries:
-            raise exceptions.OptionsError(f"agent {agent!r} has no recorded requests in {store}")
+        if not flows and not known:
+            raise exceptions.OptionsError(f"no agent {agent!r} in {store}")
+        entries = recorded_requests(flows)  # none for an agent that made no request: any request diverges
         self.book, self.agent_id = ReplayBook(entries), agent
         log.info("replay: %d recorded requests of %s", len(entries), agent)
 
@@ -379,16 +412,24 @@ class ReplayAddon:
         answer = entry.response_body if capture_injected(entry, body) else agent_view(entry)
         flow.response = recorded_response(entry, answer)
         self.answered_flows.add(flow.id)
+        if entry.broke_off and entry.status_code is not None:
+            self.breaking_flows.add(flow.id)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.id in self.answered_flows and flow.response is not None:
             feed_stream(flow.response)
+            if flow.id in self.breaking_flows:  # after feed_stream, which sets the length of what it fed
+                break_off(flow.response)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.answered_flows.discard(flow.id)
+        self._forget(flow.id)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.answered_flows.discard(flow.id)
+        self._forget(flow.id)
+
+    def _forget(self, flow_id: str) -> None:
+        self.answered_flows.discard(flow_id)
+        self.breaking_flows.discard(flow_id)
 
     def done(self) -> None:
         self._report("done")

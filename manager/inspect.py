@@ -10,7 +10,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,22 +24,46 @@ from rollouttap.store import AgentRecord, FlowRecord, Store
 UNKNOWN_EOS = -1  # rows need an eos id only to flag truncation; without one every row reads as truncated
 
 __all__ = [
-    "Step", "UNKNOWN_EOS", "agent_stats", "answer_text", "conversation_steps", "flow_row", "iso_time",
-    "latency_summary", "mask_runs", "message_text", "parse_when", "percentile", "store_stats", "tool_call_text",
-    "usage_totals",
+    "Step", "UNKNOWN_EOS", "agent_stats", "answer_text", "conversation_steps", "flow_row", "host_port", "iso_time",
+    "latency_summary", "mask_runs", "message_text", "parse_when", "percentile", "short_line", "store_stats",
+    "tool_call_text", "untrained", "usage_totals",
 ]
 
 
 def parse_when(text: str) -> float:
-    """Unix seconds from ``1732900000[.5]`` or ISO 8601 (``2026-11-29T16:00:00``, local time unless it says)."""
+    """Unix seconds from ``1732900000[.5]`` or ISO 8601 (``2026-11-29T16:00:00``: UTC unless it says, as every
+    time rollouttap shows is, so a time pasted from its output means what it meant there)."""
     try:
         return float(text)
     except ValueError:
         pass
     try:
-        return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError as exc:
         raise ConfigError(f"{text!r} is neither unix seconds nor an ISO 8601 time") from exc
+    return (when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def host_port(text: str) -> tuple[str, int | None]:
+    """``HOST``, ``HOST:PORT`` or ``[IPv6]:PORT`` as (host, port or None); a bare IPv6 address is a host."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        return text, None
+    if not port:
+        return host, None
+    if not port.isdigit():
+        raise ConfigError(f"--host {text!r} is not HOST[:PORT]")
+    return host, int(port)
+
+
+def short_line(text: object, limit: int) -> str:
+    """The first line of a message, cut to ``limit`` characters (a table cell, a header)."""
+    line = str(text or "").strip().splitlines()[0] if str(text or "").strip() else ""
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
@@ -218,6 +242,19 @@ def agent_stats(flows: Sequence[FlowRecord], *, eos_token_id: int = UNKNOWN_EOS)
             "discontinuities": len(conv.discontinuities), "fidelity": fidelity}
 
 
+_NOT_TRAINED = ("failed", "timeout", "error")  # ended without success: agent_rollout masks the row (safe_row)
+
+
+def untrained(stats: dict[str, Any]) -> dict[str, Any]:
+    """An agent's figures with its row counted as TRL gets it when the agent did not succeed: nothing trained."""
+    fidelity = stats["fidelity"]
+    if not fidelity:
+        return stats
+    report = Fidelity(**{k: v for k, v in fidelity.items() if k != "coverage"})
+    report = replace(report, trainable_tokens=0, dropped_tokens=report.sampled_tokens)
+    return {**stats, "fidelity": report.as_dict()}
+
+
 def store_stats(stores: Store | Sequence[Store], *, run_id: str | None = None,
                 eos_token_id: int = UNKNOWN_EOS) -> dict[str, Any]:
     """The figures of ``rollouttap stats``: per store or per run, of one store or several together (a store per
@@ -272,8 +309,10 @@ def _read_part(store: Store, run_id: str | None, eos_token_id: int) -> _StorePar
     agents = store.agents(run_id)
     # A whole store also counts agents captured by hand (a tag or a header): they have flows, not rows.
     unregistered = store.unregistered_agent_ids() if run_id is None else []
-    per_agent = [agent_stats(store.flows(agent_id=agent_id), eos_token_id=eos_token_id)
-                 for agent_id in [a.agent_id for a in agents] + unregistered]
+    per_agent = [agent_stats(store.flows(agent_id=a.agent_id), eos_token_id=eos_token_id) for a in agents]
+    per_agent = [untrained(stats) if a.status in _NOT_TRAINED else stats for a, stats in zip(agents, per_agent)]
+    # Captured by hand, they have no status to judge: their rows count as built.
+    per_agent += [agent_stats(store.flows(agent_id=agent_id), eos_token_id=eos_token_id) for agent_id in unregistered]
     flows = sum(s["flows"] for s in per_agent)
     flow_errors = sum(s["errors"] for s in per_agent)
     unattributed: int | None = None

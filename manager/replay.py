@@ -24,11 +24,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-from rollouttap.errors import ConfigError, ProxyError
+from rollouttap.errors import ConfigError, NotFoundError, ProxyError, StoreError
 from rollouttap.manager.conversation import call_from_flow, flow_kind
 from rollouttap.manager.inspect import answer_text
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
-from rollouttap.store import FlowRecord, Store, is_redacted, is_secret_name, map_secret_query, new_token
+from rollouttap.store import AgentRecord, FlowRecord, Store, is_redacted, is_secret_name, map_secret_query, new_token
 from rollouttap.store.redact import redact_command
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class ReplayResult:
     timed_out: bool = False
     stdout: str | None = None
     stderr: str | None = None
+    recorded_exit_code: int | None = None  # how the recorded agent's process ended, where the store says
+    recorded_status: str | None = None  # its status there (ok, failed, timeout, error); None: not registered
 
     @property
     def ok(self) -> bool:
@@ -126,12 +128,22 @@ def _wait_ready(proxy: ProxyProcess, report: Path, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def _recorded_flows(store: Path, agent_id: str) -> list[FlowRecord]:
+def _recorded(store: Path, agent_id: str) -> tuple[list[FlowRecord], AgentRecord | None]:
+    """The agent's flows and its record. A registered agent that made no request replays too (every request
+    of the replay then diverges); an agent the store does not know is not found."""
     with Store(store, readonly=True) as recorded:
-        flows = recorded.flows(agent_id=agent_id)
-    if not flows:
-        raise ConfigError(f"agent {agent_id!r} has no flows in {store}")
-    return flows
+        flows, agent = recorded.flows(agent_id=agent_id), recorded.agent(agent_id)
+    if not flows and agent is None:
+        raise NotFoundError(f"no agent {agent_id!r} in {store}")
+    return flows, agent
+
+
+def _register_replay(out: Path, replay_id: str, token: str, run_id: str, meta: dict[str, Any]) -> None:
+    try:
+        with Store(out) as replay_store:
+            replay_store.register_agent(replay_id, token=token, run_id=run_id, meta=meta)
+    except StoreError as exc:  # a directory, another database, a read-only place: the option to change is --out
+        raise ConfigError(f"cannot record the replay into {out} (--out): {exc}") from exc
 
 
 def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, out: str | Path | None = None,
@@ -145,15 +157,16 @@ def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, ou
     out_path = Path(out).resolve() if out is not None else default_replay_store(store)
     if out_path == store:
         raise ConfigError("the replay must record into another store than the one it replays")
-    flows = _recorded_flows(store, agent_id)
+    if out_path.is_dir():
+        raise ConfigError(f"--out {out_path} is a directory: give a store file, e.g. {out_path / 'replay.db'}")
+    flows, recorded_agent = _recorded(store, agent_id)
     hosts = tuple(model_hosts) if model_hosts is not None else model_hosts_of(flows)
     run_id = "replay-" + uuid.uuid4().hex[:12]
     replay_id, token = f"{agent_id}.{run_id}", new_token()
     report = out_path.with_name(f"{out_path.name}.{run_id}.json")
     # The command line redacted as `rollouttap run` records its agents': it may carry keys (`env KEY=...`).
-    with Store(out_path) as replay_store:
-        replay_store.register_agent(replay_id, token=token, run_id=run_id, meta={
-            "replay_of": agent_id, "source_store": str(store), "command": redact_command(shlex.join(command))})
+    _register_replay(out_path, replay_id, token, run_id, {
+        "replay_of": agent_id, "source_store": str(store), "command": redact_command(shlex.join(command))})
     config = ReplayProxyConfig(store=out_path, confdir=confdir, model_hosts=hosts, routes=tuple(routes),
                                replay_store=store, replay_agent=agent_id, replay_report=report)
     try:
@@ -170,9 +183,17 @@ def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, ou
         raise ProxyError("the replay proxy stopped without its final report")
     result = ReplayResult(agent_id, replay_id, run_id, out_path, completed.returncode, final["recorded"],
                           final["requests"], final["answered"], final["divergence"], timed_out,
-                          completed.stdout, completed.stderr)
+                          completed.stdout, completed.stderr, *_recorded_end(recorded_agent))
     _record_outcome(out_path, result)
     return result
+
+
+def _recorded_end(agent: AgentRecord | None) -> tuple[int | None, str | None]:
+    """(exit code, status) of the recorded agent, to set beside the replayed one's."""
+    if agent is None:
+        return None, None
+    code = agent.meta.get("exit_code")
+    return (code if isinstance(code, int) else None), agent.status
 
 
 def _run(command: Sequence[str], env: dict[str, str], cwd: str | Path | None, timeout: float | None,

@@ -180,7 +180,7 @@ class Summary:
     calls: int = 0
     failed_calls: int = 0  # model calls without an answer (HTTP errors, cut off), retried or not
     sampled_tokens: int = 0  # over the agents that have a row (fidelity): what the model sampled
-    trainable_tokens: int = 0  # ... and what their rows train
+    trainable_tokens: int = 0  # ... and what their rows train: an agent that did not succeed trains nothing
     prompt_tokens: int = 0
     completion_tokens: int = 0
     agent_seconds: float = 0.0
@@ -207,7 +207,8 @@ def summarise(results: Iterable[AgentResult]) -> Summary:
         agents=len(items), by_status=by_status, calls=sum(r.calls for r in items),
         failed_calls=sum(_failed_calls(r.conversation) for r in items),
         sampled_tokens=sum(r.fidelity.sampled_tokens for r in items if r.fidelity is not None),
-        trainable_tokens=sum(r.fidelity.trainable_tokens for r in items if r.fidelity is not None),
+        # As agent_rollout gives rows to TRL: a failed or timed-out agent's row is fully masked (safe_row).
+        trainable_tokens=sum(r.fidelity.trainable_tokens for r in items if r.fidelity is not None and r.ok),
         prompt_tokens=sum(int(r.tokens.get("prompt", 0)) for r in items),
         completion_tokens=sum(int(r.tokens.get("completion", 0)) for r in items),
         agent_seconds=sum(r.duration_s for r in items),

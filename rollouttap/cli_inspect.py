@@ -27,6 +27,7 @@ from rollouttap.errors import ConfigError, NotFoundError, StoreError
 StoresOpt = Annotated[list[Path], typer.Option("--store", metavar="<path>", help="The store file to read; "
                                                             "repeat it for several (a store per rank or node).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
+ERROR_CHARS = 80  # of a flow's error in the flows table: its first line, enough to tell failures apart
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line (one per item) instead "
                                                            "of the human view.")]
 
@@ -69,9 +70,11 @@ def flows(
     store: StoresOpt = [Path("runs.db")],  # a list default: nothing mutates it
     agent: Annotated[Optional[str], typer.Option(help="Only this agent's flows.")] = None,
     state: Annotated[Optional[str], typer.Option(help="open, done or error.")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Only requests to this host.")] = None,
-    since: Annotated[Optional[str], typer.Option(help="Requests at or after (ISO 8601 or unix seconds).")] = None,
-    until: Annotated[Optional[str], typer.Option(help="Requests before (ISO 8601 or unix seconds).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Only requests to this HOST[:PORT].")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Requests at or after (ISO 8601, UTC unless it gives an "
+                                                      "offset; or unix seconds).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Requests before (ISO 8601, UTC unless it gives an offset; "
+                                                      "or unix seconds).")] = None,
     unattributed: Annotated[bool, typer.Option(help="Only flows no agent was found for.")] = False,
     run: Annotated[Optional[str], typer.Option(help="Only flows of this run's agents.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many flows.")] = None,
@@ -81,18 +84,24 @@ def flows(
 
     Example: rollouttap flows --store runs.db --agent ag-1 --state error
     """
-    from rollouttap.manager.inspect import flow_row, parse_when
+    from rollouttap.manager.inspect import flow_row, host_port, parse_when
     if state is not None and state not in ("open", "done", "error"):
         raise ConfigError(f"--state {state!r}: expected open, done or error")
+    if unattributed and (agent is not None or run is not None):
+        raise ConfigError("--unattributed lists flows of no agent: not with --agent or --run")
+    start, end = parse_when(since) if since else None, parse_when(until) if until else None
+    if start is not None and end is not None and start >= end:
+        raise ConfigError(f"--since {since} is not before --until {until}: no flow could match")
+    host_name, port = host_port(host) if host is not None else (None, None)
     stores = _distinct(store)
     names = " + ".join(map(str, stores))
     found: list[tuple[Path, Any]] = []
     known_agent = known_run = False
     for path in stores:
         with _open(path) as s:  # flows without their bodies: a listing of a store of any size stays small
-            found += [(path, listed) for listed in s.flow_listing(
-                agent_id=agent, state=state, host=host, unattributed=unattributed, run_id=run, limit=limit,
-                since=parse_when(since) if since else None, until=parse_when(until) if until else None)]
+            listing = s.flow_listing(agent_id=agent, state=state, host=host_name, unattributed=unattributed,
+                                     run_id=run, limit=limit if port is None else None, since=start, until=end)
+            found += [(path, listed) for listed in listing if port is None or listed[0].port == port][:limit]
             if agent is not None and not known_agent:
                 known_agent = s.agent(agent) is not None or bool(s.flows(agent_id=agent, limit=1))
             if run is not None and not known_run:
@@ -109,19 +118,27 @@ def flows(
         for row in rows:
             _print_json(row)
         return
+    _console().print(_flows_table(rows, names, several=len(stores) > 1))
+
+
+def _flows_table(rows: list[dict[str, Any]], names: str, *, several: bool) -> Table:
+    """The human view of ``flows``: times as stored, in UTC (what --since/--until read), and why a flow failed."""
+    from rollouttap.manager.inspect import short_line
     table = Table(title=f"{len(rows)} flows in {names}")
-    columns = ["id", "time", "agent", "attribution", "method", "host", "path", "status", "state", "duration"]
-    for name in (["store"] if len(stores) > 1 else []) + columns:
+    columns = ["id", "time (UTC)", "agent", "attribution", "method", "host", "path", "status", "state", "duration"]
+    for name in (["store"] if several else []) + columns:
         table.add_column(name, no_wrap=name != "path", overflow="fold")
     table.add_column("bytes (req/resp)", no_wrap=True)
+    table.add_column("error", no_wrap=True, overflow="ellipsis")  # one line: `show ID` and --json have it whole
     for r in rows:
         style = {"error": "red", "open": "yellow"}.get(r["state"], "")
-        table.add_row(*([escape(r["store"])] if len(stores) > 1 else []),
+        table.add_row(*([escape(r["store"])] if several else []),
                       str(r["id"]), (r["time"] or "-")[11:23], r["agent"] or "[dim]-[/]", r["attribution"],
                       r["method"] or "-", escape(r["host"] or "-"), escape(r["path"] or "-"),
                       str(r["status"] or "-"), f"[{style}]{r['state']}[/]" if style else r["state"],
-                      secs(r["duration"]), f"{r['request_bytes']}/{r['response_bytes']}")
-    _console().print(table)
+                      secs(r["duration"]), f"{r['request_bytes']}/{r['response_bytes']}",
+                      f"[red]{escape(short_line(r['error'], ERROR_CHARS))}[/]" if r["error"] else "")
+    return table
 
 
 def show(
@@ -138,7 +155,7 @@ def show(
     Example: rollouttap show ag-1 --store runs.db --tokens --tokenizer ./model
     """
     from rollouttap.manager.conversation import build_conversation, calls_in_order
-    from rollouttap.manager.inspect import UNKNOWN_EOS
+    from rollouttap.manager.inspect import UNKNOWN_EOS, short_line
     from rollouttap.manager.rows import build_row
     with _open(_store_of(agent_id, store)) as s:
         agent = s.agent(agent_id)
@@ -149,24 +166,42 @@ def show(
     eos = eos_token_id if eos_token_id is not None else tok_eos
     row = fidelity = None
     if tokens:
-        row, fidelity = build_row(calls, eos_token_id=UNKNOWN_EOS if eos is None else eos)
+        built, report = build_row(calls, eos_token_id=UNKNOWN_EOS if eos is None else eos)
+        row, fidelity = built.as_dict(), report.as_dict()
+        if eos is None:  # as stats says it: without an eos id every row would read as cut
+            row["truncated"] = fidelity["truncated"] = None
     if as_json:
         out = {"agent": asdict(agent) if agent else None, "conversation": conv.to_dict()}
         if row is not None and fidelity is not None:
-            out.update(row=row.as_dict(), fidelity=fidelity.as_dict())
+            out.update(row=row, fidelity=fidelity)
         _print_json(out)
         return
     console = _console()
-    head = f"agent {agent_id}" + (f" · {agent.status} · run {agent.run_id}" if agent else " · not registered")
-    console.print(Text(head + f" · {len(calls)} calls · {len(found)} flows", style="bold"))
+    console.print(Text(_show_head(agent_id, agent, len(calls), len(found)), style="bold"))
+    if agent is not None and agent.status in ("failed", "timeout", "error"):
+        why = short_line(agent.meta.get("error"), 300) or "no error recorded"
+        console.print(Text(f"  ✗ {why}", style="bold red"))
     print_conversation(console, conv)
     if row is not None and fidelity is not None:
         plain = console.color_system is None
         legend = ("⟦sampled, mask 1⟧ · env, mask 0" if plain
                   else "dim: prompt · green: sampled, mask 1 · yellow: env, mask 0")
         console.print(Text(f"── training row ({legend})", "bold"))
-        console.print(row_text(row.prompt_ids, row.completion_ids, row.env_mask, decode, marks=plain))
-        print_mapping(console, "fidelity", fidelity.as_dict())
+        console.print(row_text(row["prompt_ids"], row["completion_ids"], row["env_mask"], decode, marks=plain))
+        if fidelity["truncated"] is None:
+            fidelity["truncated"] = "unknown without --eos-token-id"
+        print_mapping(console, "fidelity", fidelity)
+
+
+def _show_head(agent_id: str, agent: Any, calls: int, flows: int) -> str:
+    """``show``'s first line: the agent, how it ended (its exit code when it did not succeed), its counts."""
+    if agent is None:
+        return f"agent {agent_id} · not registered · {calls} calls · {flows} flows"
+    ended = agent.status
+    code = agent.meta.get("exit_code")
+    if agent.status in ("failed", "timeout", "error") and code is not None:
+        ended += f" (exit {code})"
+    return f"agent {agent_id} · {ended} · run {agent.run_id} · {calls} calls · {flows} flows"
 
 
 # -- export / stats -----------------------------------------------------------------------------------------------
@@ -235,7 +270,7 @@ def stats(
         fidelity = dict(figures["fidelity"])
         if fidelity["truncated"] is None:
             fidelity["truncated"] = "unknown without --eos-token-id"
-        print_mapping(console, "fidelity", fidelity)
+        print_mapping(console, "fidelity (a failed agent's row trains nothing)", fidelity)
 
 
 # -- replay / resend ----------------------------------------------------------------------------------------------
@@ -278,15 +313,25 @@ def _print_replay(result: Any) -> None:
     div = result.divergence
     if div is None:
         console.print(f"[green]replay matched[/]: {result.answered}/{result.recorded} requests answered from the "
-                      f"recording; agent exit {result.exit_code}; {where}")
+                      f"recording; {_exits(result)}; {where}")
         return
     console.print(f"[bold red]replay diverged[/] at request #{div['index']}"
                   + (f" (recorded #{div['recorded_index']}: {div['expected']})" if div["expected"] else "")
                   + f": {escape(div['reason'])}")
     if div["diff"]:
         console.print(Syntax(div["diff"], "diff", theme="ansi_dark"), soft_wrap=True)
-    timed_out = " (timed out)" if result.timed_out else ""
-    console.print(f"{result.answered}/{result.recorded} answered; agent exit {result.exit_code}{timed_out}; {where}")
+    console.print(f"{result.answered}/{result.recorded} answered; {_exits(result)}; {where}")
+
+
+def _exits(result: Any) -> str:
+    """The replayed agent's exit beside the recorded one's: requests that matched do not make the same ending."""
+    replayed = f"agent exit {result.exit_code}" + (" (timed out)" if result.timed_out else "")
+    if result.recorded_status is None:
+        return f"{replayed} (recorded: not registered, exit unknown)"
+    recorded = f"exit {result.recorded_exit_code}" if result.recorded_exit_code is not None else "exit unknown"
+    text = f"{replayed} (recorded: {result.recorded_status}, {recorded})"
+    same = result.recorded_exit_code is None or result.recorded_exit_code == result.exit_code
+    return text if same else f"[yellow]{text}: the endings differ[/]"
 
 
 def resend(
@@ -337,7 +382,8 @@ def _print_resent(results: list[Any], agent_id: str, to: str) -> None:
 def prune(
     store: Annotated[Path, typer.Option(help="The store file to prune.")] = Path("runs.db"),
     older_than: Annotated[Optional[str], typer.Option(help="Age of what goes: 90, 30m, 6h, 2d.")] = None,
-    before: Annotated[Optional[str], typer.Option(help="Or a time: unix seconds or ISO 8601.")] = None,
+    before: Annotated[Optional[str], typer.Option(help="Or a time: unix seconds or ISO 8601 (UTC unless it gives "
+                                                       "an offset).")] = None,
 ) -> None:
     """Delete the agents that ended before a time, whole, and other flows requested before it (never an open
     flow nor a running agent's): a store that a long training run writes to stops growing. Its file keeps its
@@ -351,6 +397,8 @@ def prune(
     if (older_than is None) == (before is None):
         raise ConfigError("give --older-than or --before (one of them)")
     cutoff = time.time() - parse_age(older_than) if older_than is not None else parse_when(before or "")
+    with _open(store):  # refused as every reading command refuses it (an empty file, another database)
+        pass
     with _open(store, readonly=False) as s:
         flows_deleted, agents_deleted = s.prune(cutoff)
     typer.echo(f"deleted {flows_deleted} flows and {agents_deleted} agents from {store}")

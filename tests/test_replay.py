@@ -285,10 +285,10 @@ def test_a_timed_out_replay_ends_though_its_children_hold_the_captured_pipes(rec
 
 
 def test_replay_refuses_its_own_store_and_unknown_agents(recording, tmp_path):
-    from rollouttap.errors import ConfigError
+    from rollouttap.errors import ConfigError, NotFoundError
     with pytest.raises(ConfigError, match="another store"):
         replay_agent(recording.store, "plain", ["true"], out=recording.store)
-    with pytest.raises(ConfigError, match="no flows"):
+    with pytest.raises(NotFoundError, match="no agent 'nobody' in"):  # as resend says it: not an option's fault
         replay_agent(recording.store, "nobody", ["true"], out=tmp_path / "r.db")
 
 
