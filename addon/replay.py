@@ -133,6 +133,8 @@ def without_injected(live: Any, recorded: Any, injected: dict[str, Any]) -> Any:
     """The live JSON body less the fields the proxy injected (those the agent's recorded body lacks)."""
     if not isinstance(live, dict) or not injected:
         return live
+    # A recording made before the proxy asked streams for their usage: today's capture adds it to the live body.
+    injected = {"stream_options": tokenids.USAGE_OPTIONS, **injected}
     own = recorded if isinstance(recorded, dict) else {}
     return {k: v for k, v in live.items() if not (k in injected and k not in own and v == injected[k])}
 
@@ -286,7 +288,8 @@ def agent_view(entry: Recorded) -> bytes:
     injection = tokenids.plan_injection(entry.paths[0], entry.request_body,
                                         header_value(entry.request_headers, "content-type"),
                                         content_encoding=header_value(entry.request_headers, "content-encoding"),
-                                        logprobs="logprobs" in entry.injected)  # as the recording proxy did
+                                        logprobs="logprobs" in entry.injected,  # as the recording proxy did
+                                        usage="stream_options" in entry.injected)
     if injection is None or injection.added != entry.injected:
         log.warning("replay: cannot redo the injection of recorded flow %s; answering it unstripped", entry.flow_id)
         return body

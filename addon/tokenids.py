@@ -19,6 +19,16 @@ asked for (``return_token_ids`` since ~0.11, logprobs too since 2026), and nothi
 chunk is dropped when all it carries is what we injected; one carrying logprobs the agent asked for
 is forwarded with the ids nulled, as newer vLLM sends it (older vLLM skipped it, logprobs and all).
 
+Usage. vLLM before PR #29074 (merged 2025-11-20) skipped those chunks, token ids and logprobs with them: the ids
+a stream carries then have holes, as many as the logprobs, so no length check sees them. A stream's usage does:
+its ``completion_tokens`` counts every sampled token, and the manager sets aside ids that do not add up to it
+(``chat_stream.ids_problem``). So a streamed chat or completions request we inject into, and that sets no
+``stream_options``, also gets ``"stream_options": {"include_usage": true}``; the usage-only chunk vLLM then
+sends last (``"choices":[]``, before ``[DONE]``) is dropped for the agent, which would not have got it. A
+``stream_options`` the agent set is left alone: vLLM defaults its ``include_usage`` to true, adding it beside
+``continuous_usage_stats`` would put usage on every chunk, and ``include_usage: false`` is the agent's (that
+call goes unchecked). The store keeps the server's bytes, usage chunk included.
+
 Decisions (see ``plan_injection``): a value the agent set itself is kept as sent (an explicit
 ``null`` counts as unset); ``logprobs: false`` from the agent means the row has no logprobs;
 ``return_tokens_as_token_ids`` is only added together with our own ``logprobs``;
@@ -82,6 +92,11 @@ class Injection:
         """True when ``choices[i].logprobs`` must be hidden from the agent."""
         return "logprobs" in self.added
 
+    @property
+    def drops_usage(self) -> bool:
+        """True when a stream's usage-only chunk (``choices: []``) must be hidden from the agent: we asked for it."""
+        return "stream_options" in self.added
+
 
 # ---------------------------------------------------------------------------- requests
 
@@ -117,12 +132,13 @@ def is_model_request(
 
 def plan_injection(
     path: str, body: bytes, content_type: str | None, *, content_encoding: str | None = None,
-    logprobs: bool = True,
+    logprobs: bool = True, usage: bool = True,
 ) -> Injection | None:
     """Decide which token-id fields to add to a completion request; None leaves it untouched.
 
     ``logprobs=False`` asks for token ids only: answers stay small (per-token logprob objects make a
-    chat answer ~30× larger) and rows carry no sampling logprobs.
+    chat answer ~30× larger) and rows carry no sampling logprobs. ``usage=False`` does not ask a stream for its
+    usage (redoing an injection recorded before the proxy asked for it).
     """
     endpoint = endpoint_for_path(path)
     if endpoint is None or not _is_json(content_type) or not _is_identity(content_encoding):
@@ -130,7 +146,7 @@ def plan_injection(
     obj = _load_object(body)
     if obj is None:
         return None
-    added = _fields_to_add(obj, endpoint, logprobs)
+    added = _fields_to_add(obj, endpoint, logprobs, usage)
     if not added:
         return None
     agent_logprobs = obj.get("logprobs")
@@ -162,7 +178,8 @@ def _load_object(body: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint, logprobs: bool = True) -> dict[str, Any]:
+def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint, logprobs: bool = True,
+                   usage: bool = True) -> dict[str, Any]:
     if endpoint == "responses":
         if obj.get("background") or obj.get("enable_response_messages") is not None:
             return {}
@@ -179,7 +196,21 @@ def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint, logprobs: bool = Tru
         added["logprobs"] = True if endpoint == "chat" else 0
         if obj.get("return_tokens_as_token_ids") is None:
             added["return_tokens_as_token_ids"] = True
+    if added and usage and _asks_no_usage(obj):
+        added["stream_options"] = dict(USAGE_OPTIONS)
     return added
+
+
+USAGE_OPTIONS = {"include_usage": True}  # a stream's usage tells how many tokens the ids must add up to
+
+
+def _asks_no_usage(obj: dict[str, Any]) -> bool:
+    """A stream whose request sets no ``stream_options``: vLLM then sends no usage (an explicit null counts as
+    unset). One the agent set is left as sent: vLLM's ``StreamOptions`` defaults ``include_usage`` to true, so an
+    object without it already gets usage, and adding it to one with ``continuous_usage_stats`` would put usage
+    on every chunk; ``include_usage`` false (or null) is the agent's choice, and that call goes unchecked. vLLM
+    refuses ``stream_options`` without ``stream: true``."""
+    return obj.get("stream") is True and obj.get("stream_options") is None
 
 
 def _with_fields(body: bytes, obj: dict[str, Any], added: dict[str, Any]) -> bytes:
@@ -188,7 +219,7 @@ def _with_fields(body: bytes, obj: dict[str, Any], added: dict[str, Any]) -> byt
         return _dumps({**obj, **added}).encode("utf-8")
     # Append before the closing brace so every byte the agent sent stays as sent.
     end = len(body.rstrip()) - 1
-    extra = ",".join(f"{json.dumps(key)}:{json.dumps(value)}" for key, value in added.items())
+    extra = ",".join(f"{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}" for key, value in added.items())
     return body[:end] + (("," if obj else "") + extra).encode("ascii") + body[end:]
 
 
@@ -212,14 +243,15 @@ class _StripPlan:
     key_pattern: re.Pattern[str]
     markers: tuple[bytes, ...]  # cheap substring test: no marker, nothing to strip
     chunk_fields: frozenset[str]  # vllm_chunk.FIELDS to null in a streamed chat chunk of vLLM's shape
+    drop_usage: bool = False  # drop a stream's usage-only chunk: it is there because we asked for it
 
     def may_touch(self, raw: bytes) -> bool:
         return any(marker in raw for marker in self.markers)
 
 
-@functools.lru_cache(maxsize=8)
-def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | None:
-    if not ids and not logprobs:
+@functools.lru_cache(maxsize=16)
+def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint, usage: bool = False) -> _StripPlan | None:
+    if not ids and not logprobs and not usage:
         return None
     if endpoint == "responses":
         top = ("input_messages", "output_messages")
@@ -228,7 +260,9 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
     choice_keys = (("token_ids", "prompt_token_ids") if ids else ()) + (
         ("logprobs",) if logprobs else ()
     )
-    markers = ((b'token_ids"',) if ids else ()) + ((b'"logprobs"',) if logprobs else ())
+    markers = ((b'token_ids"',) if ids else ()) + ((b'"logprobs"',) if logprobs else ()) + (
+        (_USAGE_MARKER,) if usage else ()
+    )
     return _StripPlan(
         top_keys=("prompt_token_ids",) if ids else (),
         choice_keys=choice_keys,
@@ -238,11 +272,13 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint) -> _StripPlan | N
         chunk_fields=frozenset(
             (("logprobs",) if logprobs else ()) + (("token_ids", "prompt_token_ids") if ids else ())
         ) if endpoint == "chat" else frozenset(),
+        drop_usage=usage,
     )
 
 
 def _plan_for(injection: Injection) -> _StripPlan | None:
-    return _strip_plan(injection.strips_token_ids, injection.strips_logprobs, injection.endpoint)
+    return _strip_plan(injection.strips_token_ids, injection.strips_logprobs, injection.endpoint,
+                       injection.drops_usage)
 
 
 class _Drop:
@@ -450,6 +486,8 @@ def _rewrite_event(raw: bytes, plan: _StripPlan) -> bytes:
 
 def _strip_event_json(text: str, plan: _StripPlan) -> str | _Drop | None:
     """_strip_json for an event's data, in one match when it is a chat chunk of vLLM's shape (most are)."""
+    if plan.drop_usage and _is_usage_chunk(text):
+        return _DROP
     fields = chat_chunk_fields(text) if plan.chunk_fields else None
     if fields is None:
         return _strip_json(text, plan, allow_drop=True)
@@ -459,6 +497,23 @@ def _strip_event_json(text: str, plan: _StripPlan) -> str | _Drop | None:
     if fields.empty_delta and swallowed_only_for_us(fields.spans.keys() & _SWALLOW_FIELDS, plan.chunk_fields):
         return _DROP
     return splice_nulls(text, spans)
+
+
+# vLLM's last chunk when usage is asked for, after the one that carries the finish reason, before ``[DONE]``
+# (pydantic, exclude_none): ``{"id":…,"object":…,"created":…,"model":…,"choices":[],"usage":{…}}``.
+_USAGE_MARKER = b'"choices":[]'
+_USAGE_TEXT = _USAGE_MARKER.decode()
+
+
+def _is_usage_chunk(text: str) -> bool:
+    """Whether an event's data is a stream's usage-only chunk: no choices, a usage object."""
+    if _USAGE_TEXT not in text:
+        return False
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict)
 
 
 def _data_span(raw: bytes) -> tuple[int, int] | None:

@@ -35,6 +35,9 @@ class ChatResult:
     chunks: int = 0
     done: bool = False  # a stream ended with data: [DONE]
     error: dict[str, Any] | None = None  # an error object the server sent instead of (or inside) the answer
+    # Completion tokens the answer carries over all its choices (ids, else logprob entries): what the usage's
+    # completion_tokens counts. None when no choice carries either.
+    tokens_carried: int | None = None
 
 
 def ids_from_logprob_tokens(tokens: Iterable[str] | None) -> list[int] | None:
@@ -77,6 +80,37 @@ def error_of(body: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _tokens_of(choice: Any) -> int | None:
+    """How many completion tokens one choice (or a stream chunk's choice) carries ids or logprobs for."""
+    if not isinstance(choice, dict):
+        return None
+    if isinstance(choice.get("token_ids"), list):
+        return len(choice["token_ids"])
+    lists = _logprob_lists(choice.get("logprobs"))
+    return len(lists[0]) if lists is not None else None
+
+
+def _tokens_carried(choices: Iterable[Any]) -> int | None:
+    counts = [n for choice in choices if (n := _tokens_of(choice)) is not None]
+    return sum(counts) if counts else None
+
+
+def ids_problem(result: ChatResult, *, chat: bool = True) -> str | None:
+    """Why an answer's token ids are not the whole sequence the server sampled, or None (also when it sent no
+    usage). vLLM before PR #29074 (merged 2025-11-20) sent no stream chunk for text a tool or reasoning parser
+    swallowed, its ids and logprobs with it: the ids left add up to fewer tokens than the usage counts, and
+    joined they make a sequence the model never produced. The prompt is checked for chat only: a /completions
+    call may send several prompts, and its usage counts them all."""
+    usage = result.usage if isinstance(result.usage, dict) else {}
+    generated, carried = usage.get("completion_tokens"), result.tokens_carried
+    if type(generated) is int and carried is not None and generated != carried:
+        return f"the usage counts {generated} completion tokens, the answer carries {carried}"
+    prompt, ids = usage.get("prompt_tokens"), result.prompt_token_ids
+    if chat and type(prompt) is int and ids is not None and prompt != len(ids):
+        return f"the usage counts {prompt} prompt tokens, the answer carries {len(ids)} prompt ids"
+    return None
+
+
 def _int_list(value: Any) -> list[int] | None:
     return [int(v) for v in value] if isinstance(value, list) else None
 
@@ -99,7 +133,7 @@ def parse_chat_body(body: Any) -> ChatResult:
         prompt_token_ids=_int_list(body.get("prompt_token_ids", choice.get("prompt_token_ids"))),
         completion_token_ids=_int_list(choice.get("token_ids")),
         completion_logprobs=lists[0] if lists else None, logprob_tokens=lists[1] if lists else None,
-        error=error)
+        error=error, tokens_carried=_tokens_carried(c for c in choices if isinstance(c, dict)))
 
 
 def _tool_call(tc: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +159,7 @@ class StreamAccumulator:
         self.tokens: list[str] | None = None
         self.chunks = 0
         self.error: dict[str, Any] | None = None
+        self.carried: int | None = None  # completion tokens carried, every choice's
 
     def add(self, chunk: Any) -> None:
         """Merge one parsed chunk."""
@@ -140,6 +175,8 @@ class StreamAccumulator:
         if self.prompt_ids is None and chunk.get("prompt_token_ids") is not None:
             self.prompt_ids = _int_list(chunk["prompt_token_ids"])
         for choice in chunk.get("choices") or []:
+            if (carried := _tokens_of(choice)) is not None:
+                self.carried = (self.carried or 0) + carried
             if choice.get("index", 0) == 0:
                 self._add_choice(choice)
 
@@ -184,7 +221,7 @@ class StreamAccumulator:
             tool_calls=[self.calls[i] for i in sorted(self.calls)], finish_reason=self.finish_reason,
             usage=self.usage, prompt_token_ids=self.prompt_ids, completion_token_ids=self.ids,
             completion_logprobs=self.logprobs, logprob_tokens=self.tokens, streamed=True,
-            chunks=self.chunks, done=done, error=self.error)
+            chunks=self.chunks, done=done, error=self.error, tokens_carried=self.carried)
 
 
 def reassemble_chat_chunks(chunks: Iterable[Any], *, done: bool = False) -> ChatResult:

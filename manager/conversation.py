@@ -14,7 +14,9 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
-from rollouttap.manager.chat_stream import ChatResult, ids_from_logprob_tokens, parse_chat_body, reassemble_chat_stream
+from rollouttap.manager.chat_stream import (
+    ChatResult, ids_from_logprob_tokens, ids_problem, parse_chat_body, reassemble_chat_stream,
+)
 from rollouttap.manager.head_index import HeadIndex
 from rollouttap.manager.responses_api import parse_responses_body, reassemble_responses_stream
 from rollouttap.store.records import FlowRecord
@@ -85,6 +87,9 @@ class _CallBase:
     completion_logprobs: list[float] | None
     retry_count: int
     position: int = 0  # where its flow is among the agent's flows (capture order)
+    # Why the server's token ids were set aside (the call then reads as one without ids), e.g. fewer than its
+    # usage counts: chat_stream.ids_problem.
+    ids_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -258,14 +263,20 @@ def _common_fields(flow: FlowRecord, index: int, request: dict[str, Any],
     error = _failure(flow, state, result)
     r = result or ChatResult()
     ids = r.completion_token_ids if r.completion_token_ids is not None else ids_from_logprob_tokens(r.logprob_tokens)
+    prompt_ids, logprobs = r.prompt_token_ids, r.completion_logprobs
+    # Responses calls check their ids against their usage themselves (responses_api.response_token_ids).
+    problem = ids_problem(r, chat=flow_kind(flow) == "chat") if not responses and ids is not None else None
+    if problem is not None:  # ids with holes would train a sequence the model never produced: read as none
+        log.debug("flow %s: token ids set aside: %s", flow.flow_id, problem)
+        prompt_ids = ids = logprobs = None
     return dict(
         index=index, flow_id=flow.flow_id, url=flow.url, path=flow.path, model=request.get("model"),
         params={k: v for k, v in request.items() if k not in _NOT_PARAMS}, stream=stream,
         finish_reason=r.finish_reason, usage=r.usage, status_code=flow.status_code, state=state,
         error=error, failed=error is not None and state != "open",
         latency=_elapsed(flow.t_request, flow.t_end), ttfb=_elapsed(flow.t_request, flow.t_first_byte),
-        t_request=flow.t_request, response_id=r.id, prompt_token_ids=r.prompt_token_ids,
-        completion_token_ids=ids, completion_logprobs=r.completion_logprobs, retry_count=_retry_count(flow),
+        t_request=flow.t_request, response_id=r.id, prompt_token_ids=prompt_ids,
+        completion_token_ids=ids, completion_logprobs=logprobs, retry_count=_retry_count(flow), ids_problem=problem,
     ), result
 
 

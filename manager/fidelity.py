@@ -16,8 +16,10 @@ class Fidelity:
     dropped_tokens: sampled tokens trained in no row (sampled - trainable).
     clean_joins: calls that extended a chain exactly; realigned_joins / forked_joins: calls that did not and were
     realigned into the one row / started a new row.
-    calls_without_ids: answered calls the server sent no token ids for; inexact_calls: those of them rebuilt with the
-    caller's tokenizer (the rest were skipped). retries_skipped: attempts at a request not used (superseded by a
+    calls_without_ids: answered calls the server sent no token ids for; ids_set_aside: those of them whose ids it did
+    send but which disagree with its usage count (vLLM before PR #29074 skipping stream chunks a parser swallowed: the
+    ids have holes), see the call's ``ids_problem``; inexact_calls: calls without ids rebuilt with the caller's
+    tokenizer (the rest were skipped). retries_skipped: attempts at a request not used (superseded by a
     client retry, or a second sample the agent did not go on with);
     failed_calls: calls without a usable answer. truncated: rows whose last completion did not end in eos.
     missing_logprobs: trainable tokens without a server logprob (their row's logprobs is None).
@@ -33,6 +35,7 @@ class Fidelity:
     realigned_joins: int = 0
     forked_joins: int = 0
     calls_without_ids: int = 0
+    ids_set_aside: int = 0
     inexact_calls: int = 0
     retries_skipped: int = 0
     failed_calls: int = 0

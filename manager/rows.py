@@ -89,6 +89,7 @@ class TokenCall:
     state: str = "done"
     status_code: int | None = 200
     turn: int | None = None  # the request's turn where the caller knows it (ChatCall): a retry keeps its original's
+    ids_problem: str | None = None  # why the server's ids were set aside (ChatCall), the call read as without ids
 
 
 def as_token_call(call: object) -> TokenCall:
@@ -108,6 +109,7 @@ def as_token_call(call: object) -> TokenCall:
         state=getattr(call, "state", default.state),
         status_code=getattr(call, "status_code", default.status_code),
         turn=getattr(call, "turn", default.turn),
+        ids_problem=getattr(call, "ids_problem", default.ids_problem),
     )
 
 
@@ -157,6 +159,7 @@ class _Used:
 class _Selection:
     used: list[_Used]
     without_ids: int
+    ids_set_aside: int
     inexact: int
     retries_skipped: int
     failed: int
@@ -200,6 +203,7 @@ def build_rows(
         realigned_joins=breaks if policy == "realign" else 0,
         forked_joins=breaks if policy == "fork" else 0,
         calls_without_ids=chosen.without_ids,
+        ids_set_aside=chosen.ids_set_aside,
         inexact_calls=chosen.inexact,
         retries_skipped=chosen.retries_skipped,
         failed_calls=chosen.failed,
@@ -246,7 +250,7 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
         return made[index]
 
     used: list[_Used] = []
-    without_ids = inexact = retries = failed = 0
+    without_ids = set_aside = inexact = retries = failed = 0
     for number, run in enumerate(runs):
         if not answered[number]:
             retries += len(run) - 1
@@ -258,11 +262,12 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
             call = calls[index]
             if call.prompt_token_ids is None or call.completion_token_ids is None:
                 without_ids += 1
+                set_aside += call.ids_problem is not None
                 inexact += tokenize is not None
             chosen = usable(index)
             if chosen is not None:
                 used.append(chosen)
-    return _Selection(used, without_ids, inexact, retries, failed)
+    return _Selection(used, without_ids, set_aside, inexact, retries, failed)
 
 
 def _continued(attempts: list[int], later: list[list[int]], usable: Callable[[int], _Used | None]) -> list[int]:

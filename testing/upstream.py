@@ -75,6 +75,7 @@ class UpstreamConfig:
     tokens_per_chunk: int = 4
     model: str = DEFAULT_MODEL
     ignore_token_ids: bool = False
+    skip_swallowed: bool = False  # as vLLM before PR #29074: no chunk for text a parser swallowed, ids and all
     reasoning_field: str = "reasoning_content"
     max_model_len: int = 32768
     record: bool = True
@@ -226,7 +227,8 @@ class _Handlers:
         if cfg.deterministic:
             meta, gen = _stable(meta, gen, payload)
         opts = Options.from_request(payload, ignore_token_ids=cfg.ignore_token_ids,
-                                    reasoning_field=cfg.reasoning_field, chat=chat)
+                                    reasoning_field=cfg.reasoning_field, chat=chat,
+                                    skip_swallowed=cfg.skip_swallowed)
         if not payload.get("stream"):
             body = dumps((chat_body if chat else completion_body)(gen, meta, opts, tok))
             await self._remember(request, body)
@@ -356,13 +358,15 @@ class ScriptedUpstream:
     def __init__(self, script: Script | str | None = None, *, tokenizer: Any = None, chunk_delay: float = 0.0,
                  tokens_per_chunk: int = 4, model: str = DEFAULT_MODEL, ignore_token_ids: bool = False,
                  reasoning_field: str = "reasoning_content", host: str = "127.0.0.1", port: int = 0,
-                 record: bool = True, deterministic: bool = False, memo: bool = False) -> None:
+                 record: bool = True, deterministic: bool = False, memo: bool = False,
+                 skip_swallowed: bool = False) -> None:
         if isinstance(script, str):
             script = named_script(script)
         self.config = UpstreamConfig(script=script or default_script, tokenizer=tokenizer or FakeTokenizer(),
                                      chunk_delay=chunk_delay, tokens_per_chunk=tokens_per_chunk, model=model,
                                      ignore_token_ids=ignore_token_ids, reasoning_field=reasoning_field,
-                                     record=record, deterministic=deterministic, memo=memo)
+                                     record=record, deterministic=deterministic, memo=memo,
+                                     skip_swallowed=skip_swallowed)
         self.host = host
         self.port = port
         self.requests: list[ReceivedRequest] = []
@@ -460,6 +464,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--ignore-token-ids", action="store_true",
                         help="behave like a server without return_token_ids/logprobs")
+    parser.add_argument("--skip-swallowed", action="store_true",
+                        help="behave like vLLM before PR #29074: no stream chunk for text a parser swallowed")
     parser.add_argument("--reasoning-field", default="reasoning_content")
     parser.add_argument("--memo", action="store_true",
                         help="answer a repeated request (same path and body) with its first answer's bytes")
@@ -485,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     config = UpstreamConfig(script=named_script(args.script), chunk_delay=args.chunk_delay,
                             tokens_per_chunk=args.tokens_per_chunk, model=args.model,
-                            ignore_token_ids=args.ignore_token_ids, reasoning_field=args.reasoning_field,
+                            ignore_token_ids=args.ignore_token_ids, skip_swallowed=args.skip_swallowed,
+                            reasoning_field=args.reasoning_field,
                             record=False, memo=args.memo)
     asyncio.run(_serve_until_signalled(config, args.host, args.port))
     return 0

@@ -11,7 +11,9 @@ the first chunk carries ``"prompt_token_ids"`` (a list, or ``null`` when not req
 choice ``"logprobs"`` and ``"token_ids"`` (lists or ``null``), the final one also ``"stop_reason"``;
 the usage chunk drops nulls. Completions stream chunks dump every field. ``ignore_token_ids`` mimics a
 server without the feature (vLLM < 0.10.2): no ``token_ids``/``prompt_token_ids`` keys at all and
-``logprobs`` always ``null``.
+``logprobs`` always ``null``. ``skip_swallowed`` mimics vLLM before PR #29074 (merged 2025-11-20): a
+stream chunk whose text a tool or reasoning parser swallowed is not sent at all, its token ids and logprobs
+with it, so the ids a stream carries fall short of its usage's ``completion_tokens``.
 """
 
 from __future__ import annotations
@@ -68,12 +70,14 @@ class Options:
     include_usage: bool = False
     reasoning_field: str = "reasoning_content"
     omit_token_fields: bool = False  # ignore_token_ids: no token_ids/prompt_token_ids keys at all
+    skip_swallowed: bool = False  # vLLM < PR #29074: a chunk whose text a parser swallowed is never sent
 
     @classmethod
     def from_request(cls, request: dict[str, Any], *, ignore_token_ids: bool = False,
-                     reasoning_field: str = "reasoning_content", chat: bool = True) -> Options:
+                     reasoning_field: str = "reasoning_content", chat: bool = True,
+                     skip_swallowed: bool = False) -> Options:
         """Resolve the options of one request."""
-        stream_options = request.get("stream_options") or {}
+        stream_options = request.get("stream_options")
         logprobs = request.get("logprobs")
         wants_logprobs = bool(logprobs) if chat else logprobs is not None
         top = int(request.get("top_logprobs") or 0) if chat else int(logprobs or 0)
@@ -81,8 +85,10 @@ class Options:
             token_ids=bool(request.get("return_token_ids")) and not ignore_token_ids,
             logprobs=wants_logprobs and not ignore_token_ids, top_logprobs=top,
             tokens_as_ids=bool(request.get("return_tokens_as_token_ids")),
-            include_usage=bool(request.get("stream") and stream_options.get("include_usage")),
-            reasoning_field=reasoning_field, omit_token_fields=ignore_token_ids)
+            # vLLM's StreamOptions defaults include_usage to true: an object without it asks for usage.
+            include_usage=bool(request.get("stream")) and isinstance(stream_options, dict)
+            and bool(stream_options.get("include_usage", True)),
+            reasoning_field=reasoning_field, omit_token_fields=ignore_token_ids, skip_swallowed=skip_swallowed)
 
 
 def token_logprob(position: int, token_id: int) -> float:

@@ -106,7 +106,8 @@ def chat_chunks(gen: Generation, meta: ResponseMeta, opts: Options, tokenizer: A
 
     ``parsers``: whether vLLM would run a tool/reasoning parser (tools offered, or reasoning):
     then chunks whose text a parser swallows are skipped unless token ids or logprobs were asked for, as
-    vLLM does (logprobs since 2026; older vLLM skipped them unless token ids were asked for).
+    vLLM does (logprobs since 2026; older vLLM skipped them unless token ids were asked for), and always with
+    ``opts.skip_swallowed`` (vLLM before PR #29074 dropped them, ids and all).
     """
     head = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model}
     first: dict[str, Any] = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -121,7 +122,7 @@ def chat_chunks(gen: Generation, meta: ResponseMeta, opts: Options, tokenizer: A
         delta = chat_delta(gen, lo, hi, headers_sent, opts)
         if not delta and not parsers:
             delta = {"content": ""}
-        if not delta and not last and not opts.token_ids and not opts.logprobs:
+        if not delta and not last and (opts.skip_swallowed or (not opts.token_ids and not opts.logprobs)):
             continue
         choice: dict[str, Any] = {
             "index": 0, "delta": delta,

@@ -51,7 +51,9 @@ def test_proxy_command_prints_env_records_and_stops_on_ctrl_c(tmp_path, confdir,
     with Store(store) as s:
         flows = s.flows(agent_id="cli-agent")
         assert len(flows) == 3 and all(f.state == "done" for f in flows)
-        assert all(f.meta["injected"] == {"return_token_ids": True} for f in flows)  # --set took effect
+        # --set took effect (no logprobs); a stream is asked for its usage
+        assert all(f.meta["injected"] == {"return_token_ids": True, "stream_options": {"include_usage": True}}
+                   for f in flows)
         assert s.proxies()[0]["stopped_at"] is not None
 
 

@@ -330,6 +330,10 @@ INJ = {"return_token_ids": True, "logprobs": True}
     ({"a": 1, "logprobs": True}, {"a": 1, "logprobs": True}, {"a": 1, "logprobs": True}),  # the agent's own
     ({"a": 1, "logprobs": False}, {"a": 1}, {"a": 1, "logprobs": False}),  # not the injected value
     (["not", "a", "dict"], {"a": 1}, ["not", "a", "dict"]),
+    # recorded before the proxy asked streams for their usage, which today's capture adds to the live body
+    ({"a": 1, "stream": True, "stream_options": {"include_usage": True}}, {"a": 1, "stream": True},
+     {"a": 1, "stream": True}),
+    ({"stream_options": {"include_usage": False}}, {}, {"stream_options": {"include_usage": False}}),
 ])
 def test_without_injected(live, recorded, expected):
     assert without_injected(live, recorded, INJ) == expected
@@ -360,6 +364,16 @@ def test_agent_view_strips_what_the_recording_proxy_injected(injected, answer, e
     entry = replace(_rec(0, {"messages": []}, injected=injected),
                     response_body=json.dumps(answer, separators=(",", ":")).encode())
     assert json.loads(agent_view(entry)) == expected
+
+
+def test_agent_view_strips_a_stream_recorded_before_the_proxy_asked_streams_for_their_usage():
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": None, "finish_reason": None,
+                          "token_ids": [3]}]}
+    sse = f"data: {json.dumps(chunk, separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
+    entry = replace(_rec(0, {"messages": [], "stream": True}, injected={"return_token_ids": True}),
+                    response_headers=[("content-type", "text/event-stream")], response_body=sse)
+    assert agent_view(entry) == sse.replace(b'"token_ids":[3]', b'"token_ids":null')
 
 
 @pytest.mark.parametrize("recorded", [

@@ -138,7 +138,8 @@ def test_logprobs_off_gives_token_exact_rows_without_logprobs(tmp_path, confdir,
                                 proxies={"http": proxy.url}, headers={"X-Agent-ID": "bytes"})
         assert proxied.content == direct.content
         flows = settled_flows(proxy.config.store, agent_id=agent)
-    assert {json.dumps(f.meta["injected"]) for f in flows} == {'{"return_token_ids": true}'}
+    usage = ', "stream_options": {"include_usage": true}' if stream else ""  # a stream is asked for its usage
+    assert {json.dumps(f.meta["injected"]) for f in flows} == {'{"return_token_ids": true%s}' % usage}
     assert all('"top_logprobs"' not in f.response_text() for f in flows)  # the upstream sent none
     calls = build_conversation(flows).calls
     assert len(calls) == 3 and all(c.completion_token_ids and c.completion_logprobs is None for c in calls)

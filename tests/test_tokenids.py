@@ -25,6 +25,7 @@ from rollouttap.addon.tokenids import (
 
 ALL = {"return_token_ids": True, "logprobs": True, "return_tokens_as_token_ids": True}
 IDS_ONLY = {"return_token_ids": True}
+ASK_USAGE = {"stream_options": {"include_usage": True}}
 
 
 def injection(added: dict[str, Any], endpoint: str = "chat", stream: bool = True) -> Injection:
@@ -41,7 +42,17 @@ MSGS = '"messages":[{"role":"user","content":"Wie spät ist es? \\u00e9 ü"}]'
     ("path", "body", "added"),
     [
         (CHAT, '{"model":"m",' + MSGS + "}", ALL),
-        (CHAT, '{"model":"m",' + MSGS + ',"stream":true}', ALL),
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":true}', {**ALL, **ASK_USAGE}),
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":true,"logprobs":true}', {**IDS_ONLY, **ASK_USAGE}),
+        ("/v1/completions", '{"prompt":"Hi","stream":true}',
+         {"return_token_ids": True, "logprobs": 0, "return_tokens_as_token_ids": True, **ASK_USAGE}),  # fmt: skip
+        # stream_options the agent set stays as sent: vLLM defaults include_usage to true, continuous usage stats
+        # would put usage on every chunk, and false (or null) is the agent's choice (that call goes unchecked).
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":true,"stream_options":{}}', ALL),
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":true,"stream_options":{"include_usage":false}}', ALL),
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":true,"stream_options":{"include_usage":true}}', ALL),
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":true,"stream_options":{"continuous_usage_stats":true}}', ALL),
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":false}', ALL),  # vLLM refuses stream_options without a stream
         (CHAT, '{"model":"m",' + MSGS + ',"logprobs":true}', IDS_ONLY),
         (CHAT, '{"model":"m",' + MSGS + ',"logprobs":false}', IDS_ONLY),
         (CHAT, '{"model":"m",' + MSGS + ',"top_logprobs":3}', IDS_ONLY),
@@ -117,6 +128,25 @@ def test_explicit_nulls_are_replaced_in_place() -> None:
         '{"model":"m","logprobs":true,"messages":[{"role":"user","content":"é"}],'
         '"return_token_ids":true,"return_tokens_as_token_ids":true}'
     ).encode()
+
+
+def test_a_null_stream_options_is_replaced_by_the_usage_request() -> None:
+    raw = b'{"messages":[],"stream":true,"stream_options":null}'
+    plan = plan_injection(CHAT, raw, None)
+    assert plan is not None and plan.added == {**ALL, **ASK_USAGE} and plan.drops_usage
+    assert json.loads(plan.new_body)["stream_options"] == {"include_usage": True}
+
+
+def test_usage_off_redoes_an_injection_recorded_without_it() -> None:
+    plan = plan_injection(CHAT, b'{"messages":[],"stream":true}', None, usage=False)
+    assert plan is not None and plan.added == ALL and not plan.drops_usage
+
+
+def test_the_usage_request_is_appended_compact() -> None:
+    plan = plan_injection(CHAT, b'{"messages":[],"stream":true}', None, logprobs=False)
+    assert plan is not None
+    assert plan.new_body == (b'{"messages":[],"stream":true,"return_token_ids":true,'
+                             b'"stream_options":{"include_usage":true}}')
 
 
 @pytest.mark.parametrize(
@@ -402,6 +432,34 @@ def test_agent_requested_token_ids_are_kept() -> None:
         chunk(choice("{}", "null", "[151657]")),  # kept: vLLM sends it for return_token_ids
     ])  # fmt: skip
     assert run(StreamStripper(injection(added)), [up]) == agent
+
+
+USAGE_CHUNK = "{" + HEAD + ',"choices":[],"usage":{"prompt_tokens":15,"total_tokens":25,"completion_tokens":10}}'
+
+
+@pytest.mark.parametrize("added", [{**ALL, **ASK_USAGE}, {**IDS_ONLY, **ASK_USAGE}])
+def test_the_usage_chunk_we_asked_for_is_dropped(added: dict[str, Any]) -> None:
+    # vLLM sends it after the finish chunk when stream_options.include_usage is set: the agent set no
+    # stream_options, so without our injection it would have got none.
+    up = sse([TOOL_STREAM[1][0], USAGE_CHUNK, "[DONE]"])
+    agent = sse([TOOL_STREAM[1][1] if "logprobs" in added else chunk(choice('{"content":"I\'ll"}',
+                 lps(lp(40, "-0.31326"), lp(3278, "-1.1920928955078125e-7")), "null")), "[DONE]"])
+    for size in (1, 5, len(up)):
+        reads = [up[i:i + size] for i in range(0, len(up), size)]
+        assert run(StreamStripper(injection(added)), reads) == agent
+
+
+def test_a_usage_chunk_the_agent_asked_for_is_kept() -> None:
+    up = sse([USAGE_CHUNK, "[DONE]"])
+    assert run(StreamStripper(injection(ALL)), [up]) == up
+
+
+def test_completions_usage_chunk_we_asked_for_is_dropped() -> None:
+    added = {"return_token_ids": True, "logprobs": 0, "return_tokens_as_token_ids": True, **ASK_USAGE}
+    usage = "{" + CMPL_HEAD + ',"choices":[],"usage":{"prompt_tokens":3,"total_tokens":4,"completion_tokens":1}}'
+    last = "{" + CMPL_HEAD + ',"choices":[' + cmpl_choice("Hi", "null", "null", "null", '"stop"') + '],"usage":null}'
+    up = sse([last, usage, "[DONE]"])
+    assert run(StreamStripper(injection(added, endpoint="completions")), [up]) == sse([last, "[DONE]"])
 
 
 def test_nothing_to_strip_passes_reads_through_unbuffered() -> None:

@@ -172,6 +172,7 @@ def metrics_from_counts(counts: Mapping[str, float]) -> dict[str, float]:
         "fidelity/dropped_tokens": float(fid.dropped_tokens),
         "fidelity/realigned_joins": float(fid.realigned_joins),
         "fidelity/calls_without_ids": float(fid.calls_without_ids),
+        "fidelity/ids_set_aside": float(fid.ids_set_aside),  # ids that disagreed with the server's usage
     }
     if counts.get("summaries"):
         metrics["flows/unattributed"] = counts["unattributed_flows"]
