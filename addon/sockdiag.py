@@ -123,7 +123,7 @@ def inode_netlink(src: Address, dst: Address) -> int | None:
     return answer[1]
 
 
-def _proc_net_hex(family: int, packed: bytes, port: int) -> str:
+def _proc_net_hex(packed: bytes, port: int) -> str:
     # /proc/net/tcp prints each 32-bit word of the address in host (little-endian) order.
     words = [packed[i:i + 4][::-1].hex().upper() for i in range(0, len(packed), 4)]
     return "".join(words) + f":{port:04X}"
@@ -133,15 +133,27 @@ def inode_procfs(src: Address, dst: Address) -> int | None:
     """Same as inode_netlink by scanning /proc/net/tcp{,6}: slower, for kernels without sock_diag."""
     fam, src_b = normalize_ip(src[0])
     _, dst_b = normalize_ip(dst[0])
-    local, remote = _proc_net_hex(fam, src_b, src[1]), _proc_net_hex(fam, dst_b, dst[1])
-    table = "/proc/net/tcp" if fam == socket.AF_INET else "/proc/net/tcp6"
+    if fam == socket.AF_INET:
+        found = _scan_proc_net("/proc/net/tcp", src_b, src[1], dst_b, dst[1])
+        if found is not None:
+            return found or None
+        # An IPv6 socket connected to an IPv4 address (::ffff:127.0.0.1) is listed in tcp6, v4-mapped.
+        src_b, dst_b = _V4_MAPPED + src_b, _V4_MAPPED + dst_b
+    return _scan_proc_net("/proc/net/tcp6", src_b, src[1], dst_b, dst[1]) or None
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _scan_proc_net(table: str, src_b: bytes, src_port: int, dst_b: bytes, dst_port: int) -> int | None:
+    """The inode listed for the socket in ``table`` (0 when its process is gone), None when it is not listed."""
+    local, remote = _proc_net_hex(src_b, src_port), _proc_net_hex(dst_b, dst_port)
     with open(table) as fh:
         next(fh)
         for line in fh:
             fields = line.split()
             if fields[1] == local and fields[2] == remote:
-                inode = int(fields[9])
-                return inode or None
+                return int(fields[9])
     return None
 
 

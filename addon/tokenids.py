@@ -156,7 +156,7 @@ def plan_injection(
     return Injection(
         added=added,
         new_body=_with_fields(body, obj, added),
-        stream=obj.get("stream") is True,
+        stream=_streams(obj),
         endpoint=endpoint,
         upstream_logprobs=upstream_logprobs,
     )
@@ -196,9 +196,26 @@ def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint, logprobs: bool = Tru
         added["logprobs"] = True if endpoint == "chat" else 0
         if obj.get("return_tokens_as_token_ids") is None:
             added["return_tokens_as_token_ids"] = True
-    if added and usage and _asks_no_usage(obj):
+    if usage and _asks_no_usage(obj) and (added or _asks_ids(obj)):
         added["stream_options"] = dict(USAGE_OPTIONS)
     return added
+
+
+def _asks_ids(obj: dict[str, Any]) -> bool:
+    """Whether the agent asked for the token ids (or logprobs) itself: its rows are trained on them too."""
+    logprobs = obj.get("logprobs")
+    return bool(obj.get("return_token_ids")) or (logprobs is not None and logprobs is not False)
+
+
+# What pydantic's lax bool reads as true, as vLLM parses the request's ``stream``.
+_TRUE_WORDS = frozenset(("true", "1", "yes", "on", "t", "y"))
+
+
+def _streams(obj: dict[str, Any]) -> bool:
+    stream = obj.get("stream")
+    if isinstance(stream, str):
+        return stream.strip().lower() in _TRUE_WORDS
+    return stream is True or (type(stream) is int and stream == 1)
 
 
 USAGE_OPTIONS = {"include_usage": True}  # a stream's usage tells how many tokens the ids must add up to
@@ -210,7 +227,7 @@ def _asks_no_usage(obj: dict[str, Any]) -> bool:
     object without it already gets usage, and adding it to one with ``continuous_usage_stats`` would put usage
     on every chunk; ``include_usage`` false (or null) is the agent's choice, and that call goes unchecked. vLLM
     refuses ``stream_options`` without ``stream: true``."""
-    return obj.get("stream") is True and obj.get("stream_options") is None
+    return _streams(obj) and obj.get("stream_options") is None
 
 
 def _with_fields(body: bytes, obj: dict[str, Any], added: dict[str, Any]) -> bytes:
@@ -500,8 +517,10 @@ def _strip_event_json(text: str, plan: _StripPlan) -> str | _Drop | None:
 
 
 # vLLM's last chunk when usage is asked for, after the one that carries the finish reason, before ``[DONE]``
-# (pydantic, exclude_none): ``{"id":…,"object":…,"created":…,"model":…,"choices":[],"usage":{…}}``.
-_USAGE_MARKER = b'"choices":[]'
+# (pydantic, exclude_none): ``{"id":…,"object":…,"created":…,"model":…,"choices":[],"usage":{…}}``. Found by
+# its key, then parsed: another server may space its JSON (``"choices": []``). A "usage" inside a string is
+# escaped (``\"usage\"``), so the marker only meets the key.
+_USAGE_MARKER = b'"usage"'
 _USAGE_TEXT = _USAGE_MARKER.decode()
 
 

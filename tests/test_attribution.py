@@ -263,6 +263,20 @@ def test_socket_inode_by_netlink_and_procfs_agree(family, host):
         assert inode_netlink(dst, src) == os.fstat(accepted.fileno()).st_ino != expected
 
 
+def test_an_ipv6_client_connected_to_an_ipv4_listener_is_found_by_netlink_and_procfs():
+    # The proxy sees the peer as 127.0.0.1; the kernel lists the client's socket in tcp6, v4-mapped.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    client.connect(("::ffff:127.0.0.1", server.getsockname()[1]))
+    accepted, peer = server.accept()
+    with server, client, accepted:
+        expected = os.fstat(client.fileno()).st_ino
+        assert inode_netlink(peer[:2], accepted.getsockname()[:2]) == expected
+        assert inode_procfs(peer[:2], accepted.getsockname()[:2]) == expected
+
+
 def test_socket_owner_found_in_another_process():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

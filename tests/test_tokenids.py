@@ -58,6 +58,9 @@ MSGS = '"messages":[{"role":"user","content":"Wie spät ist es? \\u00e9 ü"}]'
         (CHAT, '{"model":"m",' + MSGS + ',"top_logprobs":3}', IDS_ONLY),
         (CHAT, '{"model":"m",' + MSGS + ',"return_token_ids":true}',
          {"logprobs": True, "return_tokens_as_token_ids": True}),  # fmt: skip
+        # an agent that asks for the ids itself: its stream is asked for its usage all the same (rows train them)
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":true,"return_token_ids":true,"logprobs":true}', ASK_USAGE),
+        (CHAT, '{"model":"m",' + MSGS + ',"stream":"true"}', {**ALL, **ASK_USAGE}),  # vLLM reads it as true
         (CHAT, '{"model":"m",' + MSGS + ',"return_tokens_as_token_ids":false}',
          {"return_token_ids": True, "logprobs": True}),  # fmt: skip
         ("/v1/completions", '{"model":"m","prompt":"Hi"}',
@@ -78,7 +81,7 @@ def test_plan_injection_appends_fields_and_keeps_agent_bytes(
     assert json.loads(plan.new_body) == {**json.loads(raw), **added}
     end = len(raw.rstrip()) - 1
     assert plan.new_body.startswith(raw[:end]) and plan.new_body.endswith(raw[end:])
-    assert plan.stream == ('"stream":true' in body)
+    assert plan.stream == ('"stream":true' in body or '"stream":"true"' in body)
     assert plan.endpoint == ("chat" if "/chat/" in path else "completions")
 
 
@@ -128,6 +131,11 @@ def test_explicit_nulls_are_replaced_in_place() -> None:
         '{"model":"m","logprobs":true,"messages":[{"role":"user","content":"é"}],'
         '"return_token_ids":true,"return_tokens_as_token_ids":true}'
     ).encode()
+
+
+def test_nothing_is_added_to_a_request_that_is_no_stream_and_asks_for_the_ids_itself() -> None:
+    body = '{"model":"m",' + MSGS + ',"stream":"false","return_token_ids":true,"logprobs":true}'
+    assert plan_injection(CHAT, body.encode(), "application/json") is None
 
 
 def test_a_null_stream_options_is_replaced_by_the_usage_request() -> None:
@@ -447,6 +455,18 @@ def test_the_usage_chunk_we_asked_for_is_dropped(added: dict[str, Any]) -> None:
     for size in (1, 5, len(up)):
         reads = [up[i:i + size] for i in range(0, len(up), size)]
         assert run(StreamStripper(injection(added)), reads) == agent
+
+
+def test_a_spaced_usage_chunk_we_asked_for_is_dropped_too() -> None:
+    # Not vLLM's compact JSON (another server, Python's json.dumps): an agent reading chunk.choices[0] would crash.
+    spaced = json.dumps(json.loads(USAGE_CHUNK))
+    up = sse([TOOL_STREAM[1][0], spaced, "[DONE]"])
+    assert run(StreamStripper(injection({**ALL, **ASK_USAGE})), [up]) == sse([TOOL_STREAM[1][1], "[DONE]"])
+
+
+def test_only_the_usage_chunk_is_dropped_for_an_agent_that_asked_for_the_ids_itself() -> None:
+    up = sse([TOOL_STREAM[1][0], USAGE_CHUNK, "[DONE]"])
+    assert run(StreamStripper(injection(ASK_USAGE)), [up]) == sse([TOOL_STREAM[1][0], "[DONE]"])
 
 
 def test_a_usage_chunk_the_agent_asked_for_is_kept() -> None:
