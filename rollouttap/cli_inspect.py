@@ -21,13 +21,14 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from rollouttap.cli_render import load_tokenizer, print_conversation, print_mapping, row_text, secs
+from rollouttap.cli_render import (
+    flows_table, load_tokenizer, print_conversation, print_mapping, replay_exits, row_text, secs, show_head,
+)
 from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
 StoresOpt = Annotated[list[Path], typer.Option("--store", metavar="<path>", help="The store file to read; "
                                                             "repeat it for several (a store per rank or node).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
-ERROR_CHARS = 80  # of a flow's error in the flows table: its first line, enough to tell failures apart
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line (one per item) instead "
                                                            "of the human view.")]
 
@@ -118,27 +119,7 @@ def flows(
         for row in rows:
             _print_json(row)
         return
-    _console().print(_flows_table(rows, names, several=len(stores) > 1))
-
-
-def _flows_table(rows: list[dict[str, Any]], names: str, *, several: bool) -> Table:
-    """The human view of ``flows``: times as stored, in UTC (what --since/--until read), and why a flow failed."""
-    from rollouttap.manager.inspect import short_line
-    table = Table(title=f"{len(rows)} flows in {names}")
-    columns = ["id", "time (UTC)", "agent", "attribution", "method", "host", "path", "status", "state", "duration"]
-    for name in (["store"] if several else []) + columns:
-        table.add_column(name, no_wrap=name != "path", overflow="fold")
-    table.add_column("bytes (req/resp)", no_wrap=True)
-    table.add_column("error", no_wrap=True, overflow="ellipsis")  # one line: `show ID` and --json have it whole
-    for r in rows:
-        style = {"error": "red", "open": "yellow"}.get(r["state"], "")
-        table.add_row(*([escape(r["store"])] if several else []),
-                      str(r["id"]), (r["time"] or "-")[11:23], r["agent"] or "[dim]-[/]", r["attribution"],
-                      r["method"] or "-", escape(r["host"] or "-"), escape(r["path"] or "-"),
-                      str(r["status"] or "-"), f"[{style}]{r['state']}[/]" if style else r["state"],
-                      secs(r["duration"]), f"{r['request_bytes']}/{r['response_bytes']}",
-                      f"[red]{escape(short_line(r['error'], ERROR_CHARS))}[/]" if r["error"] else "")
-    return table
+    _console().print(flows_table(rows, names, several=len(stores) > 1))
 
 
 def show(
@@ -177,7 +158,7 @@ def show(
         _print_json(out)
         return
     console = _console()
-    console.print(Text(_show_head(agent_id, agent, len(calls), len(found)), style="bold"))
+    console.print(Text(show_head(agent_id, agent, len(calls), len(found)), style="bold"))
     if agent is not None and agent.status in ("failed", "timeout", "error"):
         why = short_line(agent.meta.get("error"), 300) or "no error recorded"
         console.print(Text(f"  ✗ {why}", style="bold red"))
@@ -191,17 +172,6 @@ def show(
         if fidelity["truncated"] is None:
             fidelity["truncated"] = "unknown without --eos-token-id"
         print_mapping(console, "fidelity", fidelity)
-
-
-def _show_head(agent_id: str, agent: Any, calls: int, flows: int) -> str:
-    """``show``'s first line: the agent, how it ended (its exit code when it did not succeed), its counts."""
-    if agent is None:
-        return f"agent {agent_id} · not registered · {calls} calls · {flows} flows"
-    ended = agent.status
-    code = agent.meta.get("exit_code")
-    if agent.status in ("failed", "timeout", "error") and code is not None:
-        ended += f" (exit {code})"
-    return f"agent {agent_id} · {ended} · run {agent.run_id} · {calls} calls · {flows} flows"
 
 
 # -- export / stats -----------------------------------------------------------------------------------------------
@@ -313,25 +283,14 @@ def _print_replay(result: Any) -> None:
     div = result.divergence
     if div is None:
         console.print(f"[green]replay matched[/]: {result.answered}/{result.recorded} requests answered from the "
-                      f"recording; {_exits(result)}; {where}")
+                      f"recording; {replay_exits(result)}; {where}")
         return
     console.print(f"[bold red]replay diverged[/] at request #{div['index']}"
                   + (f" (recorded #{div['recorded_index']}: {div['expected']})" if div["expected"] else "")
                   + f": {escape(div['reason'])}")
     if div["diff"]:
         console.print(Syntax(div["diff"], "diff", theme="ansi_dark"), soft_wrap=True)
-    console.print(f"{result.answered}/{result.recorded} answered; {_exits(result)}; {where}")
-
-
-def _exits(result: Any) -> str:
-    """The replayed agent's exit beside the recorded one's: requests that matched do not make the same ending."""
-    replayed = f"agent exit {result.exit_code}" + (" (timed out)" if result.timed_out else "")
-    if result.recorded_status is None:
-        return f"{replayed} (recorded: not registered, exit unknown)"
-    recorded = f"exit {result.recorded_exit_code}" if result.recorded_exit_code is not None else "exit unknown"
-    text = f"{replayed} (recorded: {result.recorded_status}, {recorded})"
-    same = result.recorded_exit_code is None or result.recorded_exit_code == result.exit_code
-    return text if same else f"[yellow]{text}: the endings differ[/]"
+    console.print(f"{result.answered}/{result.recorded} answered; {replay_exits(result)}; {where}")
 
 
 def resend(

@@ -1,5 +1,5 @@
-"""How ``rollouttap show`` and ``stats`` draw: a conversation call by call, a training row by mask, a table of
-figures (rich text; the commands themselves are in cli_inspect)."""
+"""How ``rollouttap show``, ``flows``, ``stats`` and ``replay`` draw: a conversation call by call, a training row by
+mask, a table of figures or flows (rich text; the commands themselves are in cli_inspect)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from rollouttap.errors import ConfigError
 from rollouttap.extras import require
 
+ERROR_CHARS = 80  # of a flow's error in the flows table: its first line, enough to tell failures apart
 ROLE_STYLES = {"system": "magenta", "user": "cyan", "assistant": "green", "tool": "yellow"}
 
 
@@ -194,3 +196,45 @@ def print_mapping(console: Console, title: str, data: dict[str, Any]) -> None:
     for key, value in data.items():
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+def flows_table(rows: list[dict[str, Any]], names: str, *, several: bool) -> Table:
+    """The human view of ``flows``: times as stored, in UTC (what --since/--until read), and why a flow failed."""
+    from rollouttap.manager.inspect import short_line  # the manager only when a command draws (a fast --help)
+    table = Table(title=f"{len(rows)} flows in {names}")
+    columns = ["id", "time (UTC)", "agent", "attribution", "method", "host", "path", "status", "state", "duration"]
+    for name in (["store"] if several else []) + columns:
+        table.add_column(name, no_wrap=name != "path", overflow="fold")
+    table.add_column("bytes (req/resp)", no_wrap=True)
+    table.add_column("error", no_wrap=True, overflow="ellipsis")  # one line: `show ID` and --json have it whole
+    for r in rows:
+        style = {"error": "red", "open": "yellow"}.get(r["state"], "")
+        table.add_row(*([escape(r["store"])] if several else []),
+                      str(r["id"]), (r["time"] or "-")[11:23], r["agent"] or "[dim]-[/]", r["attribution"],
+                      r["method"] or "-", escape(r["host"] or "-"), escape(r["path"] or "-"),
+                      str(r["status"] or "-"), f"[{style}]{r['state']}[/]" if style else r["state"],
+                      secs(r["duration"]), f"{r['request_bytes']}/{r['response_bytes']}",
+                      f"[red]{escape(short_line(r['error'], ERROR_CHARS))}[/]" if r["error"] else "")
+    return table
+
+
+def show_head(agent_id: str, agent: Any, calls: int, flows: int) -> str:
+    """``show``'s first line: the agent, how it ended (its exit code when it did not succeed), its counts."""
+    if agent is None:
+        return f"agent {agent_id} · not registered · {calls} calls · {flows} flows"
+    ended = agent.status
+    code = agent.meta.get("exit_code")
+    if agent.status in ("failed", "timeout", "error") and code is not None:
+        ended += f" (exit {code})"
+    return f"agent {agent_id} · {ended} · run {agent.run_id} · {calls} calls · {flows} flows"
+
+
+def replay_exits(result: Any) -> str:
+    """The replayed agent's exit beside the recorded one's: requests that matched do not make the same ending."""
+    replayed = f"agent exit {result.exit_code}" + (" (timed out)" if result.timed_out else "")
+    if result.recorded_status is None:
+        return f"{replayed} (recorded: not registered, exit unknown)"
+    recorded = f"exit {result.recorded_exit_code}" if result.recorded_exit_code is not None else "exit unknown"
+    text = f"{replayed} (recorded: {result.recorded_status}, {recorded})"
+    same = result.recorded_exit_code is None or result.recorded_exit_code == result.exit_code
+    return text if same else f"[yellow]{text}: the endings differ[/]"
