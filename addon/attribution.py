@@ -22,7 +22,7 @@ from urllib.parse import unquote
 import psutil
 
 from rollouttap.addon.procfs import AncestryCache, ProcInfo, SocketOwnerFinder
-from rollouttap.addon.sockdiag import socket_inode
+from rollouttap.addon.sockdiag import SocketId, socket_owner
 from rollouttap.store import LIVE_STATUSES, AgentRecord, Store, token_matches
 from rollouttap.store.redact import redacted_query_value
 
@@ -57,6 +57,9 @@ class PidResult:
     tags: tuple[str, ...] = ()  # registered agents (with a root) the ancestors' tags name, nearest first
     proxy: bool = False  # the owner is a rollouttap proxy: a request it sent looped back through a listener
     unchecked: bool = False  # the lookup did not finish in time: nothing is known of the sender
+    # A socket of this proxy's own user that no process held when looked up: one whose process exited, or one
+    # parked in flight (passed over a unix socket) to dodge the lookup. Either way its token is not checked.
+    unfound: bool = False
 
 
 # -- pure decisions ----------------------------------------------------------------------------
@@ -293,12 +296,12 @@ class PidAttributor:
     """Source socket -> owning pid -> agent, with the lookups that make it fast."""
 
     def __init__(self, directory: AgentDirectory,
-                 inode_of: Callable[[tuple[str, int], tuple[str, int]], int | None] = socket_inode
+                 socket_of: Callable[[tuple[str, int], tuple[str, int]], SocketId | None] = socket_owner
                  ) -> None:
         self.directory = directory
         self.finder = SocketOwnerFinder()
         self.ancestry = AncestryCache()
-        self._inode_of = inode_of
+        self._socket_of = socket_of
         self._boot_time = psutil.boot_time()
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
         self._local_ips = frozenset(
@@ -314,15 +317,17 @@ class PidAttributor:
         if not self.on_this_host(peer[0]):
             return PidResult(None, None, "client is not on this host")
         try:
-            inode = self._inode_of((peer[0], peer[1]), (sock[0], sock[1]))
+            found = self._socket_of((peer[0], peer[1]), (sock[0], sock[1]))
         except (OSError, ValueError) as exc:
             return PidResult(None, None, f"socket lookup failed: {exc}")
-        if inode is None:
+        if found is None:
             return PidResult(None, None, "no such socket in this namespace (container, or exited)")
         roots, known = self.directory.roots()
-        pid = self.finder.find(inode, roots)
+        pid = self.finder.find(found.inode, roots)
         if pid is None:
-            return PidResult(None, None, "socket owner not found (exited, or another namespace)")
+            # Another user's processes cannot be read (and cannot read this user's agents' tokens either).
+            return PidResult(None, None, "socket owner not found (exited, or another namespace)",
+                             unfound=found.uid == os.getuid())
         chain = self.ancestry.chain(pid)
         others, behind = self._tag_roots(chain, roots, known)
         # Under no root the cache knows: read the live agents again (cheap, at most every TAG_REFRESH_S), or a
@@ -339,7 +344,9 @@ class PidAttributor:
                              proxy=True)
         named = {**known, **others} if others else known
         agent_id, detail = decide_from_ancestry(chain, roots, named, self._create_time)
-        tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag and p.agent_tag in named))
+        # Every tag, registered here or not: a store per rank or node registers only its own agents, and a
+        # process of another store's agent must not speak with a token of this one's.
+        tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag))
         return PidResult(pid, agent_id, detail, tuple(registered), tags)
 
     def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],

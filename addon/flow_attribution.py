@@ -159,6 +159,9 @@ class FlowAttribution:
     async def _verified(self, agent_id: str, token: str, method: str, pid_result: PidResult | None
                         ) -> Attribution:
         pid = pid_result.pid if pid_result else None
+        if pid_result is not None and pid_result.unfound:
+            return Attribution(None, "rejected", None, "no process held the connection's socket when it was "
+                                                       "looked up: its sender cannot be checked")
         conflict = credentials_conflict(agent_id, pid_result.roots, pid_result.tags) if pid_result else None
         if conflict is not None:
             return Attribution(None, "rejected", pid, conflict)

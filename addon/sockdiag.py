@@ -100,8 +100,20 @@ _local = _PerThread()
 _seqs = itertools.count(1)
 
 
+class SocketId(NamedTuple):
+    """A socket as the kernel lists it: the user that made it and its inode."""
+    uid: int
+    inode: int
+
+
 def inode_netlink(src: Address, dst: Address) -> int | None:
     """Inode of the socket ``src -> dst`` in this network namespace, via NETLINK_SOCK_DIAG."""
+    found = owner_netlink(src, dst)
+    return found.inode if found is not None else None
+
+
+def owner_netlink(src: Address, dst: Address) -> SocketId | None:
+    """User and inode of the socket ``src -> dst`` in this network namespace, via NETLINK_SOCK_DIAG."""
     seq = next(_seqs) & 0xFFFFFFFF
     request = build_request(src, dst, seq)
     if _local.netlink is None:
@@ -120,7 +132,7 @@ def inode_netlink(src: Address, dst: Address) -> int | None:
         raise
     if answer is None or answer[1] == 0:  # inode 0: the owning process is already gone
         return None
-    return answer[1]
+    return SocketId(*answer)
 
 
 def _proc_net_hex(packed: bytes, port: int) -> str:
@@ -131,38 +143,51 @@ def _proc_net_hex(packed: bytes, port: int) -> str:
 
 def inode_procfs(src: Address, dst: Address) -> int | None:
     """Same as inode_netlink by scanning /proc/net/tcp{,6}: slower, for kernels without sock_diag."""
+    found = owner_procfs(src, dst)
+    return found.inode if found is not None else None
+
+
+def owner_procfs(src: Address, dst: Address) -> SocketId | None:
+    """Same as owner_netlink by scanning /proc/net/tcp{,6}."""
     fam, src_b = normalize_ip(src[0])
     _, dst_b = normalize_ip(dst[0])
+    found = None
     if fam == socket.AF_INET:
         found = _scan_proc_net("/proc/net/tcp", src_b, src[1], dst_b, dst[1])
-        if found is not None:
-            return found or None
         # An IPv6 socket connected to an IPv4 address (::ffff:127.0.0.1) is listed in tcp6, v4-mapped.
         src_b, dst_b = _V4_MAPPED + src_b, _V4_MAPPED + dst_b
-    return _scan_proc_net("/proc/net/tcp6", src_b, src[1], dst_b, dst[1]) or None
+    if found is None:
+        found = _scan_proc_net("/proc/net/tcp6", src_b, src[1], dst_b, dst[1])
+    return found if found is not None and found.inode else None  # inode 0: the owning process is gone
 
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
-def _scan_proc_net(table: str, src_b: bytes, src_port: int, dst_b: bytes, dst_port: int) -> int | None:
-    """The inode listed for the socket in ``table`` (0 when its process is gone), None when it is not listed."""
+def _scan_proc_net(table: str, src_b: bytes, src_port: int, dst_b: bytes, dst_port: int) -> SocketId | None:
+    """The socket as listed in ``table`` (inode 0 when its process is gone), None when it is not listed."""
     local, remote = _proc_net_hex(src_b, src_port), _proc_net_hex(dst_b, dst_port)
     with open(table) as fh:
         next(fh)
         for line in fh:
             fields = line.split()
             if fields[1] == local and fields[2] == remote:
-                return int(fields[9])
+                return SocketId(int(fields[7]), int(fields[9]))
     return None
 
 
 def socket_inode(src: Address, dst: Address) -> int | None:
     """Inode of the client socket ``src -> dst``; None when it is not in this namespace (or gone)."""
+    found = socket_owner(src, dst)
+    return found.inode if found is not None else None
+
+
+def socket_owner(src: Address, dst: Address) -> SocketId | None:
+    """User and inode of the client socket ``src -> dst``; None when it is not in this namespace (or gone)."""
     try:
-        return inode_netlink(src, dst)
+        return owner_netlink(src, dst)
     except OSError:
-        return inode_procfs(src, dst)
+        return owner_procfs(src, dst)
 
 
 # -- every socket in some states (bypass detection) --------------------------------------------------

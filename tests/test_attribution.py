@@ -165,6 +165,22 @@ def test_a_tag_of_an_ended_agent_from_outside_its_tree_is_refused(tmp_path):
     assert result.detail == f"tag 'gone' but its root pid {root.pid} is not an ancestor"
 
 
+def test_a_socket_of_this_user_that_no_process_holds_is_unfound(tmp_path):
+    # Parked in flight (passed over a unix socket, its sender's copy closed): the lookup finds no holder, and a
+    # token sent on it later could not be checked against its sender.
+    import array
+    directory = AgentDirectory(str(tmp_path / "s.db"))
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        accepted, peer = server.accept()
+        parked, keep = socket.socketpair()
+        with accepted, parked, keep:
+            keep.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [client.fileno()]))])
+            client.close()
+            result = PidAttributor(directory).resolve(peer, accepted.getsockname())
+    directory.close()
+    assert result.pid is None and result.unfound
+
+
 def _chain(*specs):
     """Nearest first: (pid, tag) pairs; start ticks = pid * 10 for the table."""
     return [ProcInfo(pid, 0, pid * 10, tag) for pid, tag in specs]

@@ -251,14 +251,28 @@ def test_credentials_sent_from_another_agents_tree_are_refused(proxy, upstream):
 
 
 def test_credentials_from_a_process_under_no_registered_root_are_accepted(proxy, upstream):
-    # An escaped daemon or a hand-run client: its environment tag proves nothing, its token speaks for it.
+    # An escaped daemon or a hand-run client, untagged or tagged as the agent: its token speaks for it.
+    code = f"import requests; print(requests.post({upstream.url + '/echo'!r}, json={{}}, timeout=10).status_code)"
+    for tag in (None, "own"):
+        agent_id, token = _new_agent(proxy)
+        env = agent_env(proxy, agent_id, token, tag=agent_id if tag else None)
+        if tag is None:
+            env.pop("ROLLOUTTAP_AGENT_ID")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "200", out.stderr
+        [flow] = settled_flows(proxy.config.store, agent_id=agent_id)
+        assert flow.attribution == "credentials"
+
+
+def test_credentials_from_a_process_tagged_as_an_agent_this_store_does_not_know_are_refused(proxy, upstream):
+    # A store per rank registers only its agents: a process of another store's agent (its tag) stole this token.
     agent_id, token = _new_agent(proxy)
-    env = agent_env(proxy, agent_id, token, tag="some-other-tag")
+    env = agent_env(proxy, agent_id, token, tag="ag-of-another-store")
     code = f"import requests; print(requests.post({upstream.url + '/echo'!r}, json={{}}, timeout=10).status_code)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "200", out.stderr
-    [flow] = settled_flows(proxy.config.store, agent_id=agent_id)
-    assert flow.attribution == "credentials"
+    assert out.stdout.strip() == "407", out.stderr
+    with Store(proxy.config.store) as store:
+        assert store.flows(agent_id=agent_id) == []
 
 
 def test_unattributed_flow_is_kept(proxy, upstream):
@@ -597,6 +611,31 @@ def test_a_token_whose_senders_lookup_does_not_finish_in_time_is_refused_503_not
         [row] = store.flows(state="error")
         assert store.flows(agent_id=agent_id) == []
     assert row.attribution == "rejected" and "could not be checked" in row.error
+
+
+def test_a_token_sent_on_a_socket_no_process_held_when_looked_up_is_refused(tmp_path):
+    # Parked in flight over a unix socket while the lookup ran, then taken back to send another agent's token.
+    from rollouttap.addon.attribution import PidResult
+
+    async def parked(addon, flow):
+        await addon.running()
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(PidResult(None, None, "socket owner not found", unfound=True))
+        addon.who._conn_pid[flow.client_conn.id] = future
+        await addon.requestheaders(flow)
+        addon.request(flow)
+
+    agent_id, token = "ag-parked", new_token()
+    flow = tflow.tflow()
+    flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(f"{agent_id}:{token}".encode()).decode()
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        with Store(tmp_path / "s.db") as store:
+            store.register_agent(agent_id, token=token)
+        asyncio.run(parked(addon, flow))
+        asyncio.run(addon.done())
+    assert flow.response is not None and flow.response.status_code == 407
+    with Store(tmp_path / "s.db") as store:
+        assert store.flows(agent_id=agent_id) == []
 
 
 def test_a_flow_that_ends_after_a_reader_gave_up_on_it_is_done_without_that_error(tmp_path):
