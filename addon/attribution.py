@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 import psutil
 
-from rollouttap.addon.procfs import AncestryCache, ProcInfo, SocketOwnerFinder
+from rollouttap.addon.procfs import AncestryCache, ProcInfo, SocketOwnerFinder, read_file
 from rollouttap.addon.sockdiag import SocketId, socket_owner
 from rollouttap.store import LIVE_STATUSES, AgentRecord, Store, token_matches
 from rollouttap.store.redact import redacted_query_value
@@ -371,7 +371,11 @@ class PidAttributor:
         if owner.pid == os.getpid():
             return True
         proxies = self.directory.proxies()
-        return owner.pid in proxies and _same_start(proxies[owner.pid], self._create_time(owner))
+        if owner.pid in proxies and _same_start(proxies[owner.pid], self._create_time(owner)):
+            return True
+        # Another store's proxy (a store per rank): every rollouttap proxy is started with its store option.
+        cmdline = read_file(f"/proc/{owner.pid}/cmdline")
+        return cmdline is not None and b"rollouttap_store=" in cmdline
 
     def _create_time(self, info: ProcInfo) -> float:
         # psutil's own formula, so it equals the create_time the manager recorded with psutil.

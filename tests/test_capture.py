@@ -881,16 +881,19 @@ def test_a_stolen_base_url_token_looped_through_the_proxy_itself_is_refused(base
     assert inner.attribution == "rejected" and "looped back" in inner.error
 
 
-def test_a_stolen_base_url_token_looped_through_another_proxy_on_the_store_is_refused(base_url_proxy, confdir):
-    sender, sender_token = _new_agent(base_url_proxy)
+@pytest.mark.parametrize("store", ["same", "another"])
+def test_a_stolen_base_url_token_looped_through_another_proxy_is_refused(base_url_proxy, confdir, tmp_path, store):
+    # On the same store as AgentManager(proxies=2) runs them; on another as a store per rank does (the sender is
+    # an agent of the proxy it goes through).
     victim, victim_token = _new_agent(base_url_proxy)
-    with start_proxy(base_url_proxy.config.store, confdir) as other:  # as AgentManager(proxies=2) runs them
+    with start_proxy(base_url_proxy.config.store if store == "same" else tmp_path / "other.db", confdir) as other:
+        sender, sender_token = _new_agent(other)
         assert _looped_chat(other.url, base_url_proxy.reverse_url, (sender, sender_token), victim,
                             victim_token) == 407
-        with Store(base_url_proxy.config.store) as store:
-            [inner] = wait_for(lambda: [f for f in store.flows(state="error") if f.pid == other.proc.pid],
+        with Store(base_url_proxy.config.store) as victims:
+            [inner] = wait_for(lambda: [f for f in victims.flows(state="error") if f.pid == other.proc.pid],
                                what="the looped request")
-            assert store.flows(agent_id=victim) == []
+            assert victims.flows(agent_id=victim) == []
     assert inner.attribution == "rejected" and "looped back" in inner.error
 
 
