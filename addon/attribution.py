@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 from urllib.parse import unquote
 
 import psutil
@@ -190,12 +190,23 @@ def _same_start(recorded: float | None, actual: float) -> bool:
     return recorded is not None and abs(recorded - actual) < 0.01
 
 
+def local_ips(addresses: Iterable[str]) -> frozenset[str]:
+    """This host's interface addresses as peers' are compared with them: without an IPv6 zone (psutil lists a
+    link-local address as ``fe80::1%eth0``, a peer's comes without it), IPv4-mapped ones as IPv4."""
+    return frozenset(str(_plain_ip(a)) for a in addresses)
+
+
+def _plain_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 @functools.lru_cache(maxsize=1024)
 def is_local_peer(ip: str, local_ips: frozenset[str]) -> bool:
     """Only a peer on this host (and in this namespace) can be looked up in /proc."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = _plain_ip(ip)
     return addr.is_loopback or str(addr) in local_ips
 
 
@@ -304,9 +315,8 @@ class PidAttributor:
         self._socket_of = socket_of
         self._boot_time = psutil.boot_time()
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
-        self._local_ips = frozenset(
-            a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-            if a.family.name in ("AF_INET", "AF_INET6"))
+        self._local_ips = local_ips(a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                                    if a.family.name in ("AF_INET", "AF_INET6"))
 
     def on_this_host(self, peer_ip: str) -> bool:
         """Whether a client at ``peer_ip`` runs on this host (so its process can be looked up)."""

@@ -57,7 +57,8 @@ def addon_script() -> Path:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (mitmproxy refuses two port-0 listeners on one host)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::" listens on every address, v4 and v6
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

@@ -14,8 +14,7 @@ import pytest
 
 from rollouttap.addon.attribution import (
     AgentDirectory, PidAttributor, check_token, credentials_conflict, decide_from_ancestry, decide_header_claim,
-    is_local_peer,
-    parse_basic_credentials, split_agent_path,
+    is_local_peer, local_ips, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
     AncestryCache, ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat, read_file,
@@ -218,6 +217,16 @@ def test_decide_from_ancestry(chain, roots, known, expected):
 ])
 def test_is_local_peer(ip, local):
     assert is_local_peer(ip, frozenset({"192.0.2.7"})) is local
+
+
+@pytest.mark.parametrize("ip, local", [
+    ("fe80::fc:ff:fe00:1", True), ("fe80::fc:ff:fe00:1%eth0", True), ("fe80::2", False), ("192.0.2.7", True),
+])
+def test_a_link_local_interface_address_listed_with_its_zone_is_this_host(ip, local):
+    # psutil lists fe80::…%eth0; a peer on it comes as fe80::… (a sender on this host taken for a remote one
+    # skipped the check of its token).
+    ips = local_ips(["fe80::fc:ff:fe00:1%eth0", "::ffff:192.0.2.7"])
+    assert is_local_peer(ip, ips) is local
 
 
 @pytest.mark.parametrize("stat, expected", [

@@ -938,6 +938,14 @@ def test_proxy_refuses_non_loopback_listen_by_default(tmp_path, confdir):
                     extra={"rollouttap_allow_remote": "false"})
 
 
+def test_a_proxy_on_every_ipv6_and_ipv4_address_starts_with_its_reverse_listener(tmp_path, confdir, upstream):
+    # "::" listens on every address: the reverse listener's port was picked with an IPv4 socket, which cannot
+    # bind "::" (socket.gaierror at start).
+    with start_proxy(tmp_path / "runs.db", confdir, host="::", allow_remote=True,
+                     reverse_target=upstream.url) as proc:
+        assert proc.reverse_url is not None and proc.alive()
+
+
 def test_plain_mitmdump_with_the_addon_listens_on_loopback_only(tmp_path, confdir):
     # mitmdump binds its listeners (on every interface by default) before a -s script's options apply.
     import psutil
