@@ -181,6 +181,7 @@ _ASSIGNED = re.compile(r"-{0,2}([A-Za-z0-9_.-]+)=(.+)", re.S)  # NAME=VALUE, --n
 _HEADER_ARG = re.compile(r"([A-Za-z0-9_-]+):\s*(.+)", re.S)  # curl -H 'Authorization: Bearer ...'
 _NOT_VALUES = ("file", "path", "dir")  # --key-file k.pem names where a secret is, not the secret
 MIN_COMMAND_SECRET = 6
+_USER_OPTIONS = ("user", "proxy-user")  # curl's USER:PASSWORD options
 
 
 def redact_command(command: str) -> str:
@@ -223,6 +224,9 @@ def _may_be_secret(value: str) -> bool:
 def _command_secrets(word: str, found: set[str]) -> None:
     if (assigned := _ASSIGNED.fullmatch(word)) is not None:
         name, value = assigned.groups()
+        if word.startswith("--") and name in _USER_OPTIONS and ":" in value:  # curl --user=USER:PASSWORD
+            found.add(value.partition(":")[2])
+            return
         if is_secret_name(name):
             if not any(c.isspace() for c in value):  # else a shell string, looked into word by word
                 found.add(value)
@@ -244,7 +248,7 @@ def _option_values(words: list[str], found: set[str]) -> None:
         name = option.lstrip("-")
         if option.startswith("-") and "=" not in option and is_secret_name(name) and not name.endswith(_NOT_VALUES):
             found.add(value)
-        elif option in ("-u", "--user", "--proxy-user") and ":" in value:
+        elif option in ("-u", *(f"--{name}" for name in _USER_OPTIONS)) and ":" in value:
             found.add(value.partition(":")[2])
 
 

@@ -525,6 +525,7 @@ def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hid
     (["sh", "-c", "export API_KEY=wJal+bPx#RfiCY:EX@AMPLE; curl -u alice:hunter2pass http://h/"],
      ["wJal+bPx#RfiCY:EX@AMPLE", "hunter2pass"]),  # whole, though + # : @ are in them
     (["curl", "-u", "user:pw-9f3k2", "http://x/"], ["pw-9f3k2"]),
+    (["curl", "--user=user:pw-7h2k9", "--proxy-user=p:pxy-4k2j8", "http://x/"], ["pw-7h2k9", "pxy-4k2j8"]),
     (["python", "a.py", "--pass-through", "{prompt}"], []),  # a placeholder is no secret
 ])
 def test_redact_command_hides_the_credentials_a_command_line_carries(argv, secrets):
