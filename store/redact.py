@@ -114,9 +114,32 @@ def redacted_query_value(value: str) -> str:
 
 
 def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Return the headers with every secret value redacted, and secret query values in URL-valued ones."""
-    return [(k, redact_value(v) if is_secret_name(k) else _redact_urls_in(v) if k.lower() in URL_HEADERS else v)
-            for k, v in headers]
+    """Return the headers with every secret value redacted, secret query values in URL-valued ones, and agent
+    tokens of base-URL paths in any (``Referer: http://127.0.0.1:PORT/agents/ID/TOKEN/v1/...``)."""
+    return [(k, redact_value(v) if is_secret_name(k) else
+             hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else v)) for k, v in headers]
+
+
+# An agent's base-URL path, /agents/<id>/<token>, anywhere in a value (a query value, a header, written with
+# "/" or percent-encoded "%2F"): its token as new_token() makes them, 24 URL-safe characters, not all lowercase
+# hex (that is a MongoDB ObjectId).
+_SLASH = r"(?:/|%2[fF])"
+_AGENT_TOKEN = re.compile(rf"({_SLASH}agents{_SLASH}[A-Za-z0-9._~%-]+?{_SLASH})"
+                          r"((?![0-9a-f]{24}(?![A-Za-z0-9_-]))[A-Za-z0-9_-]{24}|redacted-sha256-[0-9a-f]{12})"
+                          r"(?![A-Za-z0-9_-])")
+
+
+def hide_agent_tokens(text: str, replace: Callable[[str], str] | None = None) -> str:
+    """``text`` with the token of every agent base-URL path in it redacted (a stored fingerprint stays), or
+    given to ``replace`` (fingerprints too: replay blanks both sides to compare them)."""
+    if "agents" not in text:
+        return text
+
+    def hidden(m: re.Match[str]) -> str:
+        if replace is not None:
+            return m[1] + replace(m[2])
+        return m[0] if m[2].startswith("redacted-sha256-") else m[1] + redacted_query_value(m[2])
+    return _AGENT_TOKEN.sub(hidden, text)
 
 
 # A parameter in a header value that holds URLs (after ?, &, ; or an OAuth fragment's #); its value ends where

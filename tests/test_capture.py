@@ -917,9 +917,23 @@ def test_hide_path_token(target, expected):
     assert hide_path_token(target) == expected.replace("/R", "/" + redacted_query_value(TOKEN))
 
 
+@pytest.mark.parametrize("target, expected", [
+    (f"http://h/x?callback=http://127.0.0.1:9/agents/a1/{TOKEN}/v1",
+     "http://h/x?callback=http://127.0.0.1:9/agents/a1/R/v1"),
+    (f"/x?cb=http%3A%2F%2Fh%2Fagents%2Fa1%2F{TOKEN}%2Fv1", "/x?cb=http%3A%2F%2Fh%2Fagents%2Fa1%2FR%2Fv1"),
+    (f"/x?cb=http%3a%2f%2fh%2fagents%2fa1%2f{TOKEN}", "/x?cb=http%3a%2f%2fh%2fagents%2fa1%2fR"),
+    ("/x?cb=/agents/asst_1/5f8d0d55b54764421b7156c9", "/x?cb=/agents/asst_1/5f8d0d55b54764421b7156c9"),
+])
+def test_an_agent_base_url_inside_a_query_value_is_stored_without_its_token(target, expected):
+    # The url column kept it in clear (only a path that starts with /agents/ was looked at).
+    from rollouttap.store.redact import redacted_query_value
+    assert flowcols.stored_target(target) == expected.replace("/R", "/" + redacted_query_value(TOKEN)).replace(
+        "%2FR", "%2F" + redacted_query_value(TOKEN)).replace("%2fR", "%2f" + redacted_query_value(TOKEN))
+
+
 @pytest.mark.parametrize("path", [
     f"/agents/a1/{TOKEN}/v1/chat/completions", "/api;session=S1/v1/chat/completions?key=K2&alt=sse",
-    "/x;jsessionid=J;v=1", "/v1/chat/completions",
+    "/x;jsessionid=J;v=1", "/v1/chat/completions", f"/v1/x?callback=http://h/agents/a1/{TOKEN}/v1",
 ])
 def test_replay_matches_a_live_path_to_its_stored_form(path):
     # The store keeps a path with its secrets redacted; a replayed agent sends them in clear (or other keys).

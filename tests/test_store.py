@@ -505,6 +505,8 @@ def test_redact_headers_only_secret_ones():
     ("Location", "https://x/cb?next=/a?token=K8", "K8"),
     ("Location", "https://x/cb#access_token=K9", "K9"),  # an OAuth implicit-flow redirect
     ("Referer", "https://bob:PW10@h.example/x?y=1", "PW10"),  # a URL's own password
+    ("Referer", "http://127.0.0.1:9/agents/ag-1/Ab3_dEf-GhIjKlMnOpQrStUv/v1/chat", "Ab3_dEf-GhIjKlMnOpQrStUv"),
+    ("X-Forwarded-Url", "http://h/agents/ag-1/Ab3_dEf-GhIjKlMnOpQrStUv", "Ab3_dEf-GhIjKlMnOpQrStUv"),
     ("Location", "http://u:p%40ss@h/", "p%40ss"),
 ])
 def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hidden):
