@@ -322,8 +322,10 @@ class PidAttributor:
         """Whether a client at ``peer_ip`` runs on this host (so its process can be looked up)."""
         return is_local_peer(peer_ip, self._local_ips)
 
-    def resolve(self, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult:
-        """Attribute a client connection by its source process (blocking, ~0.05 ms typical)."""
+    def resolve(self, peer: tuple[str, int], sock: tuple[str, int], *, everywhere: bool = True) -> PidResult | None:
+        """Attribute a client connection by its source process (blocking, ~0.05 ms typical). Without
+        ``everywhere``, None when the socket's holder is not where it usually is (see SocketOwnerFinder.find):
+        the caller reads every process then, apart from the lookups that find theirs at once."""
         if not self.on_this_host(peer[0]):
             return PidResult(None, None, "client is not on this host")
         try:
@@ -333,7 +335,9 @@ class PidAttributor:
         if found is None:
             return PidResult(None, None, "no such socket in this namespace (container, or exited)")
         roots, known = self.directory.roots()
-        pid = self.finder.find(found.inode, roots)
+        pid = self.finder.find(found.inode, roots, everywhere=everywhere)
+        if pid is None and not everywhere:
+            return None
         if pid is None:
             # Another user's processes cannot be read (and cannot read this user's agents' tokens either).
             return PidResult(None, None, "socket owner not found (exited, or another namespace)",

@@ -70,7 +70,8 @@ class RolloutTap:
         self.model_hosts: frozenset[str] = frozenset()
         self.counts = {"flows": 0, "unattributed": 0, "rejected": 0, "errors": 0}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rollouttap-lookup")
-        self.who = FlowAttribution(self._pool)
+        self._scan_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouttap-scan")
+        self.who = FlowAttribution(self._pool, self._scan_pool)
         self._live: dict[str, _Live] = {}
         self._parent_watch: asyncio.Task[None] | None = None
         self._running = False
@@ -168,6 +169,7 @@ class RolloutTap:
         self._store_closed = True  # set on the loop, before the thread starts: hooks then record nothing more
         await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._scan_pool.shutdown(wait=False, cancel_futures=True)
         log.info("rollouttap: %s", self.counts)
         if writer.unwritten:  # whoever started the proxy must learn of it: the exit status, once every hook ran
             log.error("rollouttap: %d store events were never written to %s", writer.unwritten, writer.path)

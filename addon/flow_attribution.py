@@ -6,6 +6,7 @@ holds the state between hooks and keeps every blocking read off the event loop (
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,10 +32,13 @@ CREDENTIAL_CHECK_WAIT_S = 5.0
 class FlowAttribution:
     """Who each flow belongs to. ``open(store)`` before the first request; hooks call the rest."""
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, scan_pool: ThreadPoolExecutor) -> None:
         self.directory: AgentDirectory | None = None
         self.pids: PidAttributor | None = None
         self._pool = pool
+        # Lookups that must read every process's fd table wait here, one at a time, not on ``pool``: a client that
+        # hides its socket (or makes processes with many descriptors) slows those alone, not every agent's lookup.
+        self._scan_pool = scan_pool
         self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
         self._conn_creds: dict[str, Attribution] = {}  # a CONNECT's attribution, for its tunnel's requests
         self.credential_check_wait = CREDENTIAL_CHECK_WAIT_S
@@ -66,8 +70,15 @@ class FlowAttribution:
             return
         if client.id not in self._conn_pid and client.peername and client.sockname:
             peer, sock = tuple(client.peername[:2]), tuple(client.sockname[:2])
-            self._conn_pid[client.id] = asyncio.get_running_loop().run_in_executor(
-                self._pool, self.pids.resolve, peer, sock)
+            self._conn_pid[client.id] = asyncio.ensure_future(self._lookup(self.pids, peer, sock))
+
+    async def _lookup(self, pids: PidAttributor, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._pool, functools.partial(pids.resolve, peer, sock, everywhere=False))
+        if result is None:
+            result = await loop.run_in_executor(self._scan_pool, pids.resolve, peer, sock)
+        assert result is not None
+        return result
 
     async def attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution:
         """Which agent a request belongs to: credentials, then a CONNECT's, a base-URL path token, the

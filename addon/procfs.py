@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -157,6 +158,11 @@ class AncestryCache:
         cache[key] = value
 
 
+# Descriptors a quick lookup reads of one process at most (an agent holds tens): beyond it, only the full lookup,
+# on a thread of its own, reads the table (one process holding 19,000 cost ~0.1 s).
+QUICK_FD_LIMIT = 1024
+
+
 class SocketOwnerFinder:
     """Finds the process holding a socket inode without reading every process's fd table when it can.
 
@@ -183,20 +189,23 @@ class SocketOwnerFinder:
         self._lock = threading.Lock()  # resolve() runs on several pool threads
         self.scanned_last = 0
 
-    def find(self, inode: int, roots: Iterable[int] = ()) -> int | None:
-        """The pid of a process holding ``socket:[inode]``, or None."""
+    def find(self, inode: int, roots: Iterable[int] = (), *, everywhere: bool = True) -> int | None:
+        """The pid of a process holding ``socket:[inode]``, or None; without ``everywhere`` only where it is
+        likely (never the whole fd tables of agents' trees and of every process: the costly part)."""
         target = f"socket:[{inode}]"
         self.scanned_last = 0
         read: set[int] = set()  # fd tables read whole in this lookup
         pid = self._where_seen(target)
         if pid is None:
             pid = self._search(target, self._quick_candidates(), self._holds_socket_fds, set())
+        # A quick lookup leaves processes with very many descriptors to the full one: their tables cost the most.
+        holds = self._holds if everywhere else functools.partial(self._holds, limit=QUICK_FD_LIMIT)
         if pid is None:
-            pid = self._search(target, self._new_pids(), self._holds, read)
+            pid = self._search(target, self._new_pids(), holds, read)
         if pid is None:
             pid = self._search(target, self._quick_candidates(skip=read), self._holds_socket_fds, set())
         if pid is None:
-            pid = self._search(target, self._candidates(roots), self._holds, read)
+            pid = self._search(target, self._candidates(roots, everywhere), holds, read)
         if pid is None:
             return None
         owner = self._process_of(pid)
@@ -229,14 +238,15 @@ class SocketOwnerFinder:
                 return first
             return sorted(set(self._socket_fds) - set(first) - skip, reverse=True)
 
-    def _candidates(self, roots: Iterable[int]) -> Iterator[int]:
+    def _candidates(self, roots: Iterable[int], everywhere: bool = True) -> Iterator[int]:
         with self._lock:
             first = [*reversed(self._closed), *reversed(self._recent)]
             young = sorted(set(self._young), reverse=True)
         yield from first
         yield from young
-        yield from self._descendants(roots)
-        yield from self._all_pids_newest_first()
+        if everywhere:
+            yield from self._descendants(roots)
+            yield from self._all_pids_newest_first()
 
     def _note(self, pid: int, target: str) -> None:
         with self._lock:
@@ -289,6 +299,8 @@ class SocketOwnerFinder:
         """Whether one of the fds that held sockets when ``pid`` was last read holds ``target`` now."""
         with self._lock:
             fds = self._socket_fds.get(pid, ())
+        if len(fds) > QUICK_FD_LIMIT:  # a process holding thousands (this proxy: its clients'): the full lookup's
+            return False
         self.scanned_last += 1
         links: list[tuple[str, str]] = []
         for fd in fds:  # highest first, as read: a process's newest socket usually has its highest fd
@@ -303,8 +315,9 @@ class SocketOwnerFinder:
         self._remember_sockets(pid, sockets, complete=False)
         return bool(sockets) and sockets[-1][1] == target
 
-    def _holds(self, pid: int, target: str) -> bool:
-        """Whether ``pid`` holds ``target``; notes the sockets of its fd table read on the way."""
+    def _holds(self, pid: int, target: str, limit: int | None = None) -> bool:
+        """Whether ``pid`` holds ``target``; notes the sockets of its fd table read on the way. With ``limit``, a
+        table of more descriptors is not read (False)."""
         self.scanned_last += 1
         try:
             # Links read relative to the open fd directory: a quarter cheaper than by full path.
@@ -315,8 +328,15 @@ class SocketOwnerFinder:
         sockets: list[tuple[str, str]] = []
         found = False
         try:
+            # Linux 6.2 on gives a process's open descriptors as its fd directory's size (older ones, 0): no need
+            # to list 19,000 entries to learn there are too many.
+            if limit is not None and os.fstat(dir_fd).st_size > limit:
+                return False
+            fds = os.listdir(dir_fd)
+            if limit is not None and len(fds) > limit:
+                return False
             # Highest fds first: a process's newest socket usually has its highest fd.
-            for fd in sorted(os.listdir(dir_fd), key=int, reverse=True):
+            for fd in sorted(fds, key=int, reverse=True):
                 link = self._link(pid, fd, dir_fd)
                 if link is not None and link.startswith("socket:["):
                     sockets.append((fd, link))

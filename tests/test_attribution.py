@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from rollouttap.addon.attribution import (
-    AgentDirectory, PidAttributor, check_token, credentials_conflict, decide_from_ancestry, decide_header_claim,
-    is_local_peer, local_ips, parse_basic_credentials, split_agent_path,
+    AgentDirectory, PidAttributor, PidResult, check_token, credentials_conflict, decide_from_ancestry,
+    decide_header_claim, is_local_peer, local_ips, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
     AncestryCache, ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat, read_file,
@@ -325,6 +327,88 @@ def test_socket_owner_found_in_another_process():
         child.stdin.close()
         child.wait(5)
         server.close()
+
+
+def test_a_quick_lookup_leaves_the_reading_of_every_fd_table_to_the_full_one():
+    # young=0: no pid counts as new, so only the scan of every process finds this (old) test process.
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        accepted, _ = server.accept()
+        with accepted:
+            inode = os.fstat(client.fileno()).st_ino
+            finder = SocketOwnerFinder(young=0)
+            assert finder.find(inode, everywhere=False) is None
+            assert finder.find(inode) == os.getpid()
+            assert finder.find(inode, everywhere=False) == os.getpid()  # a recent owner now: tried first
+
+
+def test_a_quick_lookup_does_not_read_a_process_holding_very_many_descriptors():
+    # Reading 19,000 links of one process takes ~0.1 s: only the full lookup, on its own thread, does.
+    import resource
+    from rollouttap.addon.procfs import QUICK_FD_LIMIT
+    many = QUICK_FD_LIMIT + 100
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < many + 50:
+        pytest.skip("the descriptor limit is too low to hold that many")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import os, resource, socket, sys\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n"
+            f"s = socket.create_connection({server.getsockname()!r})\n"
+            f"held = [os.dup(s.fileno()) for _ in range({many})]\n"
+            "print(s.getsockname()[1], flush=True); sys.stdin.readline()\n")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(child.stdout.readline())
+            accepted, _ = server.accept()
+            with accepted:
+                inode = inode_netlink(("127.0.0.1", port), server.getsockname())
+                finder = SocketOwnerFinder()  # the child is new to it
+                assert finder.find(inode, everywhere=False) is None
+                assert finder.find(inode) == child.pid
+        finally:
+            child.stdin.close()
+            child.wait(5)
+
+
+class _Lookups:
+    """Stands in for PidAttributor.resolve: quick answers as told, full ones record that they ran."""
+
+    def __init__(self, quick: PidResult | None) -> None:
+        self.quick, self.full = quick, 0
+
+    def resolve(self, peer, sock, *, everywhere: bool = True):
+        if everywhere:
+            self.full += 1
+            return PidResult(4242, "found-by-scan")
+        return self.quick
+
+
+@pytest.mark.parametrize("quick", [None, PidResult(7, "found-at-once")])
+def test_a_lookup_that_must_read_every_process_waits_on_its_own_thread_not_the_others(quick):
+    # A client that hides its socket (or starts processes with many descriptors) makes full scans slow: they
+    # queue on one thread of their own, and a lookup found at once never waits behind them.
+    from concurrent.futures import ThreadPoolExecutor
+    from rollouttap.addon.flow_attribution import FlowAttribution
+    scan_pool, pool = ThreadPoolExecutor(1), ThreadPoolExecutor(2)
+    busy = threading.Event()
+    scan_pool.submit(busy.wait, 30)  # a slow scan holds the scan thread
+    lookups = _Lookups(quick)
+    who = FlowAttribution(pool, scan_pool)
+
+    async def lookup():
+        task = asyncio.ensure_future(who._lookup(lookups, ("127.0.0.1", 1), ("127.0.0.1", 2)))
+        done, _ = await asyncio.wait([task], timeout=2)
+        busy.set()  # the slow scan ends
+        return await task, bool(done)
+
+    try:
+        result, at_once = asyncio.run(lookup())
+    finally:
+        busy.set()
+        pool.shutdown()
+        scan_pool.shutdown()
+    assert at_once == (quick is not None)
+    assert result == (quick or PidResult(4242, "found-by-scan")) and lookups.full == (quick is None)
 
 
 def test_socket_of_exited_process_is_not_found():
