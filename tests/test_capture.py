@@ -588,28 +588,35 @@ def test_a_lookup_cancelled_with_the_pool_at_shutdown_refuses_the_request_instea
     assert flow.response is not None and flow.response.status_code == 503
 
 
-def test_a_token_whose_senders_lookup_does_not_finish_in_time_is_refused_503_not_let_through(tmp_path):
-    # An agent can slow lookups at will (processes holding many descriptors): a token that passed unchecked
-    # then would speak for whoever sent it.
-    async def unfinished_lookup(addon, flow):
+def _credentialed_request(tmp_path, agent_id: str, lookup: Callable[[], asyncio.Future]) -> http.HTTPFlow:
+    """A request with ``agent_id``'s proxy credentials through the addon's hooks, its connection's pid lookup
+    being ``lookup()`` (made on the running loop); the flow as answered."""
+    async def run(addon, flow):
         await addon.running()
         addon.who.credential_check_wait = 0.05
-        addon.who._conn_pid[flow.client_conn.id] = asyncio.get_running_loop().create_future()  # never done
+        addon.who._conn_pid[flow.client_conn.id] = lookup()
         await addon.requestheaders(flow)
         addon.request(flow)
 
-    agent_id, token = "ag-slow", new_token()
+    token = new_token()
     flow = tflow.tflow()
     flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(f"{agent_id}:{token}".encode()).decode()
     with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
         with Store(tmp_path / "s.db") as store:
             store.register_agent(agent_id, token=token)
-        asyncio.run(unfinished_lookup(addon, flow))
+        asyncio.run(run(addon, flow))
         asyncio.run(addon.done())
+    return flow
+
+
+def test_a_token_whose_senders_lookup_does_not_finish_in_time_is_refused_503_not_let_through(tmp_path):
+    # An agent can slow lookups at will (processes holding many descriptors): a token that passed unchecked
+    # then would speak for whoever sent it.
+    flow = _credentialed_request(tmp_path, "ag-slow", lambda: asyncio.get_running_loop().create_future())
     assert flow.response is not None and flow.response.status_code == 503 and flow.response.headers["Retry-After"]
     with Store(tmp_path / "s.db") as store:
         [row] = store.flows(state="error")
-        assert store.flows(agent_id=agent_id) == []
+        assert store.flows(agent_id="ag-slow") == []
     assert row.attribution == "rejected" and "could not be checked" in row.error
 
 
@@ -617,25 +624,15 @@ def test_a_token_sent_on_a_socket_no_process_held_when_looked_up_is_refused(tmp_
     # Parked in flight over a unix socket while the lookup ran, then taken back to send another agent's token.
     from rollouttap.addon.attribution import PidResult
 
-    async def parked(addon, flow):
-        await addon.running()
+    def parked() -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         future.set_result(PidResult(None, None, "socket owner not found", unfound=True))
-        addon.who._conn_pid[flow.client_conn.id] = future
-        await addon.requestheaders(flow)
-        addon.request(flow)
+        return future
 
-    agent_id, token = "ag-parked", new_token()
-    flow = tflow.tflow()
-    flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(f"{agent_id}:{token}".encode()).decode()
-    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
-        with Store(tmp_path / "s.db") as store:
-            store.register_agent(agent_id, token=token)
-        asyncio.run(parked(addon, flow))
-        asyncio.run(addon.done())
+    flow = _credentialed_request(tmp_path, "ag-parked", parked)
     assert flow.response is not None and flow.response.status_code == 407
     with Store(tmp_path / "s.db") as store:
-        assert store.flows(agent_id=agent_id) == []
+        assert store.flows(agent_id="ag-parked") == []
 
 
 def test_a_flow_that_ends_after_a_reader_gave_up_on_it_is_done_without_that_error(tmp_path):
