@@ -351,16 +351,18 @@ class PidAttributor:
             self.directory.refresh(if_older_than=TAG_REFRESH_S)
             roots, known = self.directory.roots()
             registered = registered_in_chain(chain, roots, self._create_time)
-        if chain and not registered and self._is_proxy(chain[0]):
-            # A proxy (this one, or another on the store) forwarded a request to one of these listeners, e.g. a
-            # base URL naming the reverse listener as 127.1: its token must not pass for the process's own.
+        # Every tag, registered here or not: a store per rank or node registers only its own agents, and a
+        # process of another store's agent must not speak with a token of this one's.
+        tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag))
+        proxy = self._proxy_kind(chain[0]) if chain and not registered else None
+        if proxy == "ours" or (proxy == "other" and not tags):
+            # A proxy forwarded a request to one of these listeners (e.g. a base URL naming the reverse listener
+            # as 127.1): its token must not pass for the proxy's own. Another store's proxy run by an agent (a
+            # nested manager) carries that agent's tag, and speaks for it alone.
             return PidResult(pid, None, "sent by a rollouttap proxy: a request looped back through its listener",
                              proxy=True)
         named = {**known, **others} if others else known
         agent_id, detail = decide_from_ancestry(chain, roots, named, self._create_time)
-        # Every tag, registered here or not: a store per rank or node registers only its own agents, and a
-        # process of another store's agent must not speak with a token of this one's.
-        tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag))
         return PidResult(pid, agent_id, detail, tuple(registered), tags)
 
     def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
@@ -381,15 +383,16 @@ class PidAttributor:
         """A client connection of ``pid`` ended (its next one is likely close behind)."""
         self.finder.closed(pid)
 
-    def _is_proxy(self, owner: ProcInfo) -> bool:
+    def _proxy_kind(self, owner: ProcInfo) -> Literal["ours", "other"] | None:
+        """``ours``: this proxy or another on its store; ``other``: another store's (every rollouttap proxy is
+        started with its store option); None: no proxy."""
         if owner.pid == os.getpid():
-            return True
+            return "ours"
         proxies = self.directory.proxies()
         if owner.pid in proxies and _same_start(proxies[owner.pid], self._create_time(owner)):
-            return True
-        # Another store's proxy (a store per rank): every rollouttap proxy is started with its store option.
+            return "ours"
         cmdline = read_file(f"/proc/{owner.pid}/cmdline")
-        return cmdline is not None and b"rollouttap_store=" in cmdline
+        return "other" if cmdline is not None and b"rollouttap_store=" in cmdline else None
 
     def _create_time(self, info: ProcInfo) -> float:
         # psutil's own formula, so it equals the create_time the manager recorded with psutil.

@@ -894,6 +894,21 @@ def test_a_stolen_base_url_token_looped_through_another_proxy_is_refused(base_ur
     assert inner.attribution == "rejected" and "looped back" in inner.error
 
 
+def test_a_proxy_of_another_store_run_by_an_agent_speaks_for_that_agent(base_url_proxy, confdir, tmp_path,
+                                                                         monkeypatch):
+    # A nested manager: an agent (here the victim itself, by its tag) runs its own proxy and points its agents'
+    # model URL at its own base URL: the outer proxy serves them as that agent.
+    agent, token = _new_agent(base_url_proxy)
+    monkeypatch.setenv("ROLLOUTTAP_AGENT_ID", agent)  # the inner proxy runs under the agent's tag
+    with start_proxy(tmp_path / "inner.db", confdir) as inner:
+        monkeypatch.delenv("ROLLOUTTAP_AGENT_ID")
+        sender, sender_token = _new_agent(inner)
+        assert _looped_chat(inner.url, base_url_proxy.reverse_url, (sender, sender_token), agent, token) == 200
+        inner_pid = inner.proc.pid
+    [flow] = _chat_flows(base_url_proxy.config.store, agent)
+    assert flow.attribution == "path" and flow.pid == inner_pid
+
+
 TOKEN = "Ab3_dEf-GhIjKlMnOpQrStUv"  # as new_token() makes them: 24 URL-safe characters
 
 
