@@ -26,7 +26,7 @@ PROXY_AUTH = "Proxy-Authorization"
 # Longest a credentialed request waits for its connection's pid lookup (usually done in well under 30 ms). Past
 # it the request is refused, 503, never let through unchecked: an agent can slow lookups at will (processes
 # holding many descriptors), and a token that passed unchecked would let it speak as another agent.
-CREDENTIAL_CHECK_WAIT_S = 5.0
+CREDENTIAL_CHECK_WAIT_S = 10.0
 
 
 class FlowAttribution:
@@ -76,7 +76,10 @@ class FlowAttribution:
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self._pool, functools.partial(pids.resolve, peer, sock, everywhere=False))
         if result is None:
-            result = await loop.run_in_executor(self._scan_pool, pids.resolve, peer, sock)
+            try:
+                result = await loop.run_in_executor(self._scan_pool, pids.resolve, peer, sock)
+            except RuntimeError as exc:  # the pools were shut down meanwhile: the proxy is stopping
+                raise asyncio.CancelledError("the proxy is shutting down") from exc
         assert result is not None
         return result
 
@@ -171,8 +174,10 @@ class FlowAttribution:
                         ) -> Attribution:
         pid = pid_result.pid if pid_result else None
         if pid_result is not None and pid_result.unfound:
-            return Attribution(None, "rejected", None, "no process held the connection's socket when it was "
-                                                       "looked up: its sender cannot be checked")
+            return Attribution(None, "rejected", None, "no process the proxy can read held the connection's socket "
+                                                       "when it was looked up (one passed in flight, or a process "
+                                                       "whose descriptors cannot be read): its sender cannot be "
+                                                       "checked")
         conflict = credentials_conflict(agent_id, pid_result.roots, pid_result.tags) if pid_result else None
         if conflict is not None:
             return Attribution(None, "rejected", pid, conflict)

@@ -411,6 +411,24 @@ def test_a_lookup_that_must_read_every_process_waits_on_its_own_thread_not_the_o
     assert result == (quick or PidResult(4242, "found-by-scan")) and lookups.full == (quick is None)
 
 
+def test_a_full_lookup_asked_for_after_the_pools_shut_down_is_cancelled_not_an_error():
+    # The proxy stops while a quick lookup runs: its full lookup can no longer be scheduled.
+    from concurrent.futures import ThreadPoolExecutor
+    from rollouttap.addon.flow_attribution import FlowAttribution
+    pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    scan_pool.shutdown()
+    who = FlowAttribution(pool, scan_pool)
+
+    async def lookup():
+        return await who._lookup(_Lookups(None), ("127.0.0.1", 1), ("127.0.0.1", 2))
+
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(lookup())
+    finally:
+        pool.shutdown()
+
+
 def test_socket_of_exited_process_is_not_found():
     assert inode_netlink(("127.0.0.1", 1), ("127.0.0.1", 2)) is None
 
