@@ -313,11 +313,15 @@ class _Handlers:
 
 
 async def _paced(events: Iterable[bytes], delay: float) -> AsyncIterator[tuple[int, bytes]]:
-    """SSE events (``[DONE]`` last), ``delay`` seconds apart; ``[DONE]`` always after a pause."""
+    """SSE events (``[DONE]`` last), ``delay`` seconds apart; ``[DONE]`` always after a pause. A usage-only chunk
+    follows the last one at once, as vLLM sends it (no token is generated in between)."""
     for index, data in enumerate(events):
-        if delay and (index or data == SSE_DONE):
+        if delay and (index or data == SSE_DONE) and _USAGE_ONLY not in data:
             await asyncio.sleep(delay)
         yield index, data
+
+
+_USAGE_ONLY = b'"choices":[],"usage":'  # how vllm_responses writes a stream's usage chunk
 
 
 def _valid_prompt(prompt: Any) -> bool:
