@@ -113,10 +113,8 @@ class FlowAttribution:
         pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_token_owner,
                                             timeout=self.credential_check_wait if check_token_owner else None)
         pid = pid_result.pid if pid_result else None
-        if pid_result is not None and pid_result.proxy:  # whatever it carries: a token, or a loop to itself
-            return Attribution(None, "rejected", pid, pid_result.detail)
-        if pid_result is not None and pid_result.unchecked:
-            return Attribution(None, "rejected", None, pid_result.detail, retry=True)
+        if (refused := _refused_whatever_it_carries(pid_result)) is not None:
+            return refused
         if creds is not None:
             return await self._verified(creds[0], creds[1], "credentials", pid_result)
         if tunnel is not None:
@@ -186,3 +184,12 @@ class FlowAttribution:
             return Attribution(None, "rejected", pid, f"agent {agent_id!r}: {problem}")
         return Attribution(agent_id, method, pid, None)  # type: ignore[arg-type]
 
+
+def _refused_whatever_it_carries(result: PidResult | None) -> Attribution | None:
+    """A request sent by a rollouttap proxy (a loop through a listener), or whose lookup did not finish in time
+    (503, to be retried), is refused before anything it carries is looked at."""
+    if result is not None and result.proxy:
+        return Attribution(None, "rejected", result.pid, result.detail)
+    if result is not None and result.unchecked:
+        return Attribution(None, "rejected", None, result.detail, retry=True)
+    return None
