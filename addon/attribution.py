@@ -12,7 +12,6 @@ import functools
 import ipaddress
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ import psutil
 from rollouttap.addon.procfs import AncestryCache, ProcInfo, SocketOwnerFinder, read_file
 from rollouttap.addon.sockdiag import SocketId, socket_owner
 from rollouttap.store import LIVE_STATUSES, AgentRecord, Store, token_matches
-from rollouttap.store.redact import redacted_query_value
 
 log = logging.getLogger(__name__)
 
@@ -89,26 +87,6 @@ def split_agent_path(path: str) -> tuple[str, str, str] | None:
         return None
     rest = "/" + parts[2] if len(parts) == 3 else "/"
     return unquote(parts[0]), unquote(parts[1]), rest
-
-
-# /agents/<id>/<token> with a token as new_token() makes them (24 URL-safe characters, not all lowercase hex:
-# that is a MongoDB ObjectId), or as stored (its fingerprint): another API's /agents/123/messages is left alone.
-_PATH_TOKEN = re.compile(
-    r"(/agents/[^/?#]+/)((?![0-9a-f]{24}(?:[/?#]|$))[A-Za-z0-9_-]{24}|redacted-sha256-[0-9a-f]{12})(?=[/?#]|$)")
-
-
-def hide_path_token(target: str, replace: Callable[[str], str] = redacted_query_value) -> str:
-    """A path or absolute URL whose path starts ``/agents/<id>/<token>/`` with the token replaced (redacted),
-    so a base-URL path the proxy does not take for its own (forwarded as addressed) keeps no token in
-    clear."""
-    scheme_end = target.find("://")
-    start = 0 if scheme_end == -1 else target.find("/", scheme_end + 3)
-    if start == -1 or not target.startswith(PATH_PREFIX, start):
-        return target
-    match = _PATH_TOKEN.match(target, start)
-    if match is None or (replace is redacted_query_value and match[2].startswith("redacted-sha256-")):
-        return target
-    return target[:match.start(2)] + replace(match[2]) + target[match.end(2):]
 
 
 def check_token(agent: AgentRecord | None, token: str) -> str | None:

@@ -10,7 +10,7 @@ from mitmproxy import http
 from mitmproxy.proxy import mode_specs
 from mitmproxy.net.http import url
 
-from rollouttap.addon.attribution import Attribution, hide_path_token
+from rollouttap.addon.attribution import Attribution
 from rollouttap.store import redact_headers, redact_query
 from rollouttap.store.redact import hide_agent_tokens
 
@@ -78,7 +78,7 @@ def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, An
 
 def stored_target(target: str) -> str:
     """A URL or path as stored: secret query and path parameter values and a base-URL path token redacted."""
-    return hide_agent_tokens(redact_query(hide_path_token(target)))  # also a base URL inside a query value
+    return hide_agent_tokens(redact_query(target))  # in the path, or a base URL inside a query value
 
 
 def request_key(req: http.Request) -> tuple[Any, ...]:

@@ -12,8 +12,8 @@ Usage. vLLM before PR #29074 (merged 2025-11-20) sent no stream chunk for text a
 swallowed, token ids and logprobs with it: the ids a stream carries then have holes, as many as the logprobs, so
 no length check sees them. A stream's usage does: its ``completion_tokens`` counts every sampled token, and the
 manager sets aside ids that do not add up to it (``chat_stream.ids_problem``). So a streamed chat or completions
-request that carries ids (ours, or the agent's own) and sets no ``stream_options`` also gets ``"stream_options": {"include_usage": true}``; the usage-only chunk vLLM then
-sends last (``"choices":[]``, before ``[DONE]``) is dropped for the agent, which would not have got it. A
+request that carries ids (ours, or the agent's own) and sets no ``stream_options`` also gets
+``"stream_options": {"include_usage": true}``; the usage-only chunk vLLM then sends last (``"choices":[]``, before ``[DONE]``) is dropped for the agent, which would not have got it. A
 ``stream_options`` the agent set is left alone: vLLM defaults its ``include_usage`` to true, adding it beside
 ``continuous_usage_stats`` would put usage on every chunk, and ``include_usage: false`` is the agent's (that
 call goes unchecked). The store keeps the server's bytes, usage chunk included.

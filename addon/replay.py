@@ -35,7 +35,6 @@ from mitmproxy import ctx, exceptions, http
 
 from rollouttap.addon import tokenids
 from rollouttap.errors import StoreError
-from rollouttap.addon.attribution import hide_path_token
 from rollouttap.addon.flowcols import stored_target
 from rollouttap.store import FlowRecord, Store, decode_body, header_value, map_secret_query
 from rollouttap.store.redact import hide_agent_tokens
@@ -176,8 +175,7 @@ def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | 
 def _keyless(path: str) -> str:
     """A path with secret query and path parameter values and a base-URL path token blanked: stored ones are
     fingerprints, and a replay may use any key."""
-    return hide_agent_tokens(map_secret_query(hide_path_token(path, lambda _value: ""), lambda _value: ""),
-                             lambda _value: "")
+    return hide_agent_tokens(map_secret_query(path, lambda _value: ""), lambda _value: "")
 
 
 def request_diff(entry: Recorded | None, method: str, path: str, body: bytes,

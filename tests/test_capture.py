@@ -920,13 +920,13 @@ TOKEN = "Ab3_dEf-GhIjKlMnOpQrStUv"  # as new_token() makes them: 24 URL-safe cha
     ("/agents/123/messages", "/agents/123/messages"),  # another API's path: no token there
     ("/agents/asst_1/5f8d0d55b54764421b7156c9", "/agents/asst_1/5f8d0d55b54764421b7156c9"),  # an ObjectId
     (f"/agents/a1/{TOKEN}x/v1", f"/agents/a1/{TOKEN}x/v1"),
-    (f"/v1/agents/a1/{TOKEN}", f"/v1/agents/a1/{TOKEN}"),  # not the proxy's prefix
+    (f"/v1/agents/a1/{TOKEN}", "/v1/agents/a1/R"),  # a base URL's path anywhere, behind a prefix too
+    ("/agents/a1/redacted-sha256-0123456789ab/v1", "/agents/a1/redacted-sha256-0123456789ab/v1"),  # as stored
     ("/agents/a1", "/agents/a1"), ("/agents//x", "/agents//x"), ("http://h", "http://h"), ("", ""),
 ])
-def test_hide_path_token(target, expected):
-    from rollouttap.addon.attribution import hide_path_token
-    from rollouttap.store.redact import redacted_query_value
-    assert hide_path_token(target) == expected.replace("/R", "/" + redacted_query_value(TOKEN))
+def test_hide_agent_tokens(target, expected):
+    from rollouttap.store.redact import hide_agent_tokens, redacted_query_value
+    assert hide_agent_tokens(target) == expected.replace("/R", "/" + redacted_query_value(TOKEN))
 
 
 @pytest.mark.parametrize("target, expected", [
