@@ -9,14 +9,15 @@ Decisions (see ``plan_injection``): a value the agent set itself is kept as sent
 when ``return_token_ids`` is set.
 
 Usage. vLLM before PR #29074 (merged 2025-11-20) sent no stream chunk for text a tool or reasoning parser
-swallowed, token ids and logprobs with it: the ids a stream carries then have holes, as many as the logprobs, so
-no length check sees them. A stream's usage does: its ``completion_tokens`` counts every sampled token, and the
+swallowed, token ids and logprobs with it: the ids a stream carries then have holes, as many as the logprobs, so no
+length check sees them. A stream's usage does: its ``completion_tokens`` counts every sampled token, and the
 manager sets aside ids that do not add up to it (``chat_stream.ids_problem``). So a streamed chat or completions
-request that carries ids (ours, or the agent's own) and sets no ``stream_options`` also gets
-``"stream_options": {"include_usage": true}``; the usage-only chunk vLLM then sends last (``"choices":[]``, before ``[DONE]``) is dropped for the agent, which would not have got it. A
-``stream_options`` the agent set is left alone: vLLM defaults its ``include_usage`` to true, adding it beside
-``continuous_usage_stats`` would put usage on every chunk, and ``include_usage: false`` is the agent's (that
-call goes unchecked). The store keeps the server's bytes, usage chunk included.
+request that carries ids (ours, or the agent's own) and sets no ``stream_options`` also gets ``"stream_options":
+{"include_usage": true}``; the usage-only chunk vLLM then sends last (``"choices":[]``, before ``[DONE]``) is
+dropped for the agent, which would not have got it. A ``stream_options`` the agent set is left alone: vLLM defaults
+its ``include_usage`` to true, adding it beside ``continuous_usage_stats`` would put usage on every chunk, and
+``include_usage: false`` is the agent's (that call goes unchecked). The store keeps the server's bytes, usage chunk
+included.
 
 The Responses API gets vLLM's ``enable_response_messages`` instead (see ``tokenids``).
 """
