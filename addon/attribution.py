@@ -52,7 +52,7 @@ class PidResult:
     agent_id: str | None
     detail: str | None = None
     roots: tuple[str, ...] = ()  # agents whose registered root process is among the ancestors
-    tags: tuple[str, ...] = ()  # registered agents (with a root) the ancestors' tags name, nearest first
+    tags: tuple[str, ...] = ()  # every agent the ancestors' tags name, registered here or not, nearest first
     proxy: bool = False  # the owner is a rollouttap proxy: a request it sent looped back through a listener
     unchecked: bool = False  # the lookup did not finish in time: nothing is known of the sender
     # A socket of this proxy's own user that no process held when looked up: one whose process exited, or one

@@ -133,7 +133,7 @@ def parse_chat_body(body: Any) -> ChatResult:
         prompt_token_ids=_int_list(body.get("prompt_token_ids", choice.get("prompt_token_ids"))),
         completion_token_ids=_int_list(choice.get("token_ids")),
         completion_logprobs=lists[0] if lists else None, logprob_tokens=lists[1] if lists else None,
-        error=error, tokens_carried=_tokens_carried(c for c in choices if isinstance(c, dict)))
+        error=error, tokens_carried=_tokens_carried(choices))
 
 
 def _tool_call(tc: dict[str, Any]) -> dict[str, Any]:

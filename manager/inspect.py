@@ -17,7 +17,7 @@ from typing import Any
 from rollouttap.errors import ConfigError
 from rollouttap.manager.conversation import build_conversation, calls_in_order, normalize_message
 from rollouttap.manager.fidelity import Fidelity, batch_fidelity
-from rollouttap.manager.results import token_counts
+from rollouttap.manager.results import FAILED_STATUSES, token_counts
 from rollouttap.manager.rows import build_row
 from rollouttap.store import AgentRecord, FlowRecord, Store
 
@@ -62,7 +62,8 @@ def host_port(text: str) -> tuple[str, int | None]:
 
 def short_line(text: object, limit: int) -> str:
     """The first line of a message, cut to ``limit`` characters (a table cell, a header)."""
-    line = str(text or "").strip().splitlines()[0] if str(text or "").strip() else ""
+    lines = str(text or "").strip().splitlines()
+    line = lines[0] if lines else ""
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
@@ -242,9 +243,6 @@ def agent_stats(flows: Sequence[FlowRecord], *, eos_token_id: int = UNKNOWN_EOS)
             "discontinuities": len(conv.discontinuities), "fidelity": fidelity}
 
 
-_NOT_TRAINED = ("failed", "timeout", "error")  # ended without success: agent_rollout masks the row (safe_row)
-
-
 def untrained(stats: dict[str, Any]) -> dict[str, Any]:
     """An agent's figures with its row counted as TRL gets it when the agent did not succeed: nothing trained."""
     fidelity = stats["fidelity"]
@@ -310,7 +308,7 @@ def _read_part(store: Store, run_id: str | None, eos_token_id: int) -> _StorePar
     # A whole store also counts agents captured by hand (a tag or a header): they have flows, not rows.
     unregistered = store.unregistered_agent_ids() if run_id is None else []
     per_agent = [agent_stats(store.flows(agent_id=a.agent_id), eos_token_id=eos_token_id) for a in agents]
-    per_agent = [untrained(stats) if a.status in _NOT_TRAINED else stats for a, stats in zip(agents, per_agent)]
+    per_agent = [untrained(stats) if a.status in FAILED_STATUSES else stats for a, stats in zip(agents, per_agent)]
     # Captured by hand, they have no status to judge: their rows count as built.
     per_agent += [agent_stats(store.flows(agent_id=agent_id), eos_token_id=eos_token_id) for agent_id in unregistered]
     flows = sum(s["flows"] for s in per_agent)

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 Status = Literal["ok", "failed", "timeout", "error"]
 STATUSES: tuple[Status, ...] = ("ok", "failed", "timeout", "error")
+# Ended without success: agent_rollout gives TRL such an agent's row fully masked (safe_row).
+FAILED_STATUSES: tuple[Status, ...] = tuple(s for s in STATUSES if s != "ok")
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ def show(
     """
     from rollouttap.manager.conversation import build_conversation, calls_in_order
     from rollouttap.manager.inspect import UNKNOWN_EOS, short_line
+    from rollouttap.manager.results import FAILED_STATUSES
     from rollouttap.manager.rows import build_row
     with _open(_store_of(agent_id, store)) as s:
         agent = s.agent(agent_id)
@@ -159,7 +160,7 @@ def show(
         return
     console = _console()
     console.print(Text(show_head(agent_id, agent, len(calls), len(found)), style="bold"))
-    if agent is not None and agent.status in ("failed", "timeout", "error"):
+    if agent is not None and agent.status in FAILED_STATUSES:
         why = short_line(agent.meta.get("error"), 300) or "no error recorded"
         console.print(Text(f"  ✗ {why}", style="bold red"))
     print_conversation(console, conv)

@@ -222,9 +222,10 @@ def show_head(agent_id: str, agent: Any, calls: int, flows: int) -> str:
     """``show``'s first line: the agent, how it ended (its exit code when it did not succeed), its counts."""
     if agent is None:
         return f"agent {agent_id} · not registered · {calls} calls · {flows} flows"
+    from rollouttap.manager.results import FAILED_STATUSES  # loaded by show already
     ended = agent.status
     code = agent.meta.get("exit_code")
-    if agent.status in ("failed", "timeout", "error") and code is not None:
+    if agent.status in FAILED_STATUSES and code is not None:
         ended += f" (exit {code})"
     return f"agent {agent_id} · {ended} · run {agent.run_id} · {calls} calls · {flows} flows"
 
