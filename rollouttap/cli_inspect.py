@@ -22,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from rollouttap.cli_render import (
-    flows_table, load_tokenizer, print_conversation, print_mapping, replay_exits, row_text, secs, show_head,
+    flows_table, load_tokenizer, print_conversation, print_fidelity, print_mapping, replay_exits, row_text, secs,
+    show_head,
 )
 from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
@@ -170,9 +171,7 @@ def show(
                   else "dim: prompt · green: sampled, mask 1 · yellow: env, mask 0")
         console.print(Text(f"── training row ({legend})", "bold"))
         console.print(row_text(row["prompt_ids"], row["completion_ids"], row["env_mask"], decode, marks=plain))
-        if fidelity["truncated"] is None:
-            fidelity["truncated"] = "unknown without --eos-token-id"
-        print_mapping(console, "fidelity", fidelity)
+        print_fidelity(console, "fidelity", fidelity)
 
 
 # -- export / stats -----------------------------------------------------------------------------------------------
@@ -238,10 +237,7 @@ def stats(
         flat[f"{name} p50 / p90 / p99"] = " / ".join(secs(figures[name][p]) for p in ("p50", "p90", "p99"))
     print_mapping(console, f"stats of {f'run {run}' if run else names}", flat)
     if figures["fidelity"]:
-        fidelity = dict(figures["fidelity"])
-        if fidelity["truncated"] is None:
-            fidelity["truncated"] = "unknown without --eos-token-id"
-        print_mapping(console, "fidelity (a failed agent's row trains nothing)", fidelity)
+        print_fidelity(console, "fidelity (a failed agent's row trains nothing)", figures["fidelity"])
 
 
 # -- replay / resend ----------------------------------------------------------------------------------------------

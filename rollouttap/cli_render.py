@@ -198,6 +198,14 @@ def print_mapping(console: Console, title: str, data: dict[str, Any]) -> None:
     console.print(table)
 
 
+def print_fidelity(console: Console, title: str, fidelity: dict[str, Any]) -> None:
+    """A fidelity report; truncation unknown (no eos id) is said so, not left blank."""
+    shown = dict(fidelity)
+    if shown["truncated"] is None:
+        shown["truncated"] = "unknown without --eos-token-id"
+    print_mapping(console, title, shown)
+
+
 def flows_table(rows: list[dict[str, Any]], names: str, *, several: bool) -> Table:
     """The human view of ``flows``: times as stored, in UTC (what --since/--until read), and why a flow failed."""
     from rollouttap.manager.inspect import short_line  # the manager only when a command draws (a fast --help)
