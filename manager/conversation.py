@@ -14,6 +14,7 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
+from rollouttap.addon.injection import endpoint_for_path  # pure: no mitmproxy
 from rollouttap.manager.chat_stream import (
     ChatResult, ids_from_logprob_tokens, ids_problem, parse_chat_body, reassemble_chat_stream,
 )
@@ -193,18 +194,15 @@ class Conversation:
         }
 
 
+_KINDS = {"chat": "chat", "completions": "completion", "responses": "responses"}  # endpoint -> flow kind
+
+
 def flow_kind(flow: FlowRecord) -> str:
-    """``chat``, ``completion``, ``responses`` or ``other``, from the method and path."""
-    path = (flow.path or "").split("?", 1)[0].rstrip("/")
+    """``chat``, ``completion``, ``responses`` or ``other``, from the method and path (as the proxy tells the
+    endpoints it asks for token ids)."""
     if (flow.method or "").upper() != "POST":
         return "other"
-    if path.endswith("/chat/completions"):
-        return "chat"
-    if path.endswith("/completions"):
-        return "completion"
-    if path.endswith("/responses"):
-        return "responses"
-    return "other"
+    return _KINDS.get(endpoint_for_path(flow.path or "") or "", "other")
 
 
 def _retry_count(flow: FlowRecord) -> int:
