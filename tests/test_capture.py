@@ -864,6 +864,15 @@ def _looped_chat(via: str, reverse_url: str, creds: tuple[str, str], victim: str
     return resp.status_code
 
 
+def _refused_loop(store_path: Path, looper_pid: int, victim: str):
+    """The looped request the reverse listener's proxy refused (sent by ``looper_pid``), none kept as ``victim``'s."""
+    with Store(store_path) as store:
+        [inner] = wait_for(lambda: [f for f in store.flows(state="error") if f.pid == looper_pid],
+                           what="the looped request")
+        assert store.flows(agent_id=victim) == []
+    return inner
+
+
 def test_a_stolen_base_url_token_looped_through_the_proxy_itself_is_refused(base_url_proxy):
     # The loop's inner connection comes from the proxy's own process, under no agent's root: the token of the
     # agent named in the path must not pass for whoever sent the outer request.
@@ -871,10 +880,7 @@ def test_a_stolen_base_url_token_looped_through_the_proxy_itself_is_refused(base
     victim, victim_token = _new_agent(base_url_proxy)
     assert _looped_chat(base_url_proxy.url, base_url_proxy.reverse_url, (sender, sender_token), victim,
                         victim_token) == 407
-    with Store(base_url_proxy.config.store) as store:
-        [inner] = wait_for(lambda: [f for f in store.flows(state="error") if f.pid == base_url_proxy.proc.pid],
-                           what="the looped request")
-        assert store.flows(agent_id=victim) == []
+    inner = _refused_loop(base_url_proxy.config.store, base_url_proxy.proc.pid, victim)
     assert inner.attribution == "rejected" and "looped back" in inner.error
 
 
@@ -887,10 +893,7 @@ def test_a_stolen_base_url_token_looped_through_another_proxy_is_refused(base_ur
         sender, sender_token = _new_agent(other)
         assert _looped_chat(other.url, base_url_proxy.reverse_url, (sender, sender_token), victim,
                             victim_token) == 407
-        with Store(base_url_proxy.config.store) as victims:
-            [inner] = wait_for(lambda: [f for f in victims.flows(state="error") if f.pid == other.proc.pid],
-                               what="the looped request")
-            assert victims.flows(agent_id=victim) == []
+        inner = _refused_loop(base_url_proxy.config.store, other.proc.pid, victim)
     assert inner.attribution == "rejected" and "looped back" in inner.error
 
 
