@@ -332,11 +332,9 @@ class PidAttributor:
         # Every tag, registered here or not: a store per rank or node registers only its own agents, and a
         # process of another store's agent must not speak with a token of this one's.
         tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag))
-        proxy = self._proxy_kind(chain[0]) if chain and not registered else None
-        if proxy == "ours" or (proxy == "other" and not tags):
+        if chain and not registered and self._looped(chain[0], tags):
             # A proxy forwarded a request to one of these listeners (e.g. a base URL naming the reverse listener
-            # as 127.1): its token must not pass for the proxy's own. Another store's proxy run by an agent (a
-            # nested manager) carries that agent's tag, and speaks for it alone.
+            # as 127.1): its token must not pass for the proxy's own.
             return PidResult(pid, None, "sent by a rollouttap proxy: a request looped back through its listener",
                              proxy=True)
         named = {**known, **others} if others else known
@@ -361,16 +359,19 @@ class PidAttributor:
         """A client connection of ``pid`` ended (its next one is likely close behind)."""
         self.finder.closed(pid)
 
-    def _proxy_kind(self, owner: ProcInfo) -> Literal["ours", "other"] | None:
-        """``ours``: this proxy or another on its store; ``other``: another store's (every rollouttap proxy is
-        started with its store option); None: no proxy."""
+    def _looped(self, owner: ProcInfo, tags: tuple[str, ...]) -> bool:
+        """Whether ``owner`` is this proxy, another on its store, or another store's proxy that no agent's tag
+        speaks for (every rollouttap proxy is started with its store option; one a nested manager runs carries
+        its agent's tag, and speaks for that agent alone)."""
         if owner.pid == os.getpid():
-            return "ours"
+            return True
         proxies = self.directory.proxies()
         if owner.pid in proxies and _same_start(proxies[owner.pid], self._create_time(owner)):
-            return "ours"
+            return True
+        if tags:  # its /proc/PID/cmdline (a read per connection of a process under no root) would not change it
+            return False
         cmdline = read_file(f"/proc/{owner.pid}/cmdline")
-        return "other" if cmdline is not None and b"rollouttap_store=" in cmdline else None
+        return cmdline is not None and b"rollouttap_store=" in cmdline
 
     def _create_time(self, info: ProcInfo) -> float:
         # psutil's own formula, so it equals the create_time the manager recorded with psutil.
