@@ -952,7 +952,7 @@ def test_an_agent_base_url_inside_a_query_value_is_stored_without_its_token(targ
 ])
 def test_replay_matches_a_live_path_to_its_stored_form(path):
     # The store keeps a path with its secrets redacted; a replayed agent sends them in clear (or other keys).
-    from rollouttap.addon.replay import _keyless
+    from rollouttap.addon.replay_book import _keyless
     stored = flowcols.stored_target(path)
     assert _keyless(stored) == _keyless(path) and _keyless(stored) == _keyless(stored.replace("S1", "S9"))
     assert ("/v1/chat/completions" in stored) == ("/v1/chat/completions" in path)  # the path goes on after them

@@ -19,9 +19,9 @@ import pytest
 import requests
 
 from conftest import settled_flows, start_proxy, wait_for
-from rollouttap.addon.replay import (
-    DIVERGED_STATUS, Recorded, agent_view, ReplayBook, capture_injected, feed_stream, mismatch, recorded_requests,
-    recorded_response, request_diff, without_injected,
+from rollouttap.addon.replay import DIVERGED_STATUS, agent_view, feed_stream, recorded_response
+from rollouttap.addon.replay_book import (
+    Recorded, ReplayBook, capture_injected, mismatch, recorded_requests, request_diff, without_injected,
 )
 from rollouttap.manager.proxy import ProxyProcess, free_port
 from rollouttap.manager.replay import model_hosts_of, replay_agent, target_url
