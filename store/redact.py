@@ -5,7 +5,7 @@ What counts as a secret goes by the words of a name, so that keys under any vend
 (``x-goog-api-key``, ``X-Auth-Token``, ``HFToken``) or query parameter (``?key=``, ``?access_token=``,
 ``apiKey``) are covered, not a fixed list, while ``max_tokens`` or ``author`` are not. A harmless field
 named like a credential (an idempotency key, a page token) is fingerprinted too: the fingerprint still
-tells values apart.
+tells values apart. OAuth codes (``?code=``, ``?device_code=``) go by the whole name, in URLs only.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ SECRET_ENDINGS = ("key", "token", "secret", "password", "passwd", "cookie", "sig
 _PLURAL_ENDINGS = tuple(e + "s" for e in SECRET_ENDINGS if e != "token")
 _WORD = re.compile(r"[a-z]+")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+# OAuth authorization and device codes and PKCE verifiers (RFC 6749, 8628, 7636) travel as URL parameters
+# named exactly so; "code" as a word of a longer name is a plain field (zipcode, country_code, status_code),
+# hence whole names, not words.
+OAUTH_CODE_NAMES = frozenset({"code", "device_code", "user_code", "auth_code", "authorization_code", "code_verifier"})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -48,6 +52,16 @@ def is_secret_name(name: str) -> bool:
         if word.startswith("auth") and not word.startswith("author"):  # authentication, authz
             return True
     return False
+
+
+@functools.lru_cache(maxsize=1024)
+def is_secret_param(name: str) -> bool:
+    """True for a URL query or path parameter name that holds a secret: a secret name, or an OAuth code's.
+
+    Only URL parameters take the OAuth names: a header or command option named ``code`` is no such convention
+    (``--code 'print(1)'`` is a program)."""
+    normal = _CAMEL.sub(r"\1_\2", name).lower().replace("-", "_")
+    return normal in OAUTH_CODE_NAMES or is_secret_name(name)
 
 
 def fingerprint(value: str) -> str:
@@ -152,7 +166,7 @@ _PATH_PARAM = re.compile(r"(;)([^=;/?#]+)=([^;/?#]*)")
 def _map_param(match: re.Match[str], replace: Callable[[str], str | None]) -> str:
     """A matched ``name=value`` (after its separator) with a secret name's value replaced, or dropped (None)."""
     sep, name, value = match.groups()
-    if not value or not is_secret_name(unquote(name)):
+    if not value or not is_secret_param(unquote(name)):
         return match[0]
     new = replace(value)
     return "" if new is None else f"{sep}{name}={new}"
@@ -190,7 +204,7 @@ def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
     for at in range(0, len(pieces), 2):
         part = pieces[at]
         name, eq, value = part.partition("=")
-        if eq and value and is_secret_name(unquote(name)):
+        if eq and value and is_secret_param(unquote(name)):
             new = replace(value)
             if new is None:
                 continue

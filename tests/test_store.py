@@ -496,7 +496,9 @@ def test_redact_headers_only_secret_ones():
 
 @pytest.mark.parametrize("name, value, hidden", [
     ("Referer", "http://h/cb?state=1&access_token=AT1", "AT1"),
-    ("Location", "https://h/next?code=1&client_secret=CS2#f", "CS2"),
+    ("Location", "https://h/next?state=1&client_secret=CS2#f", "CS2"),
+    ("Location", "https://app.example/cb?code=AC1x2&state=st9", "AC1x2"),  # an OAuth redirect: state stays
+    ("Location", "https://app.example/cb#code=AC3y4", "AC3y4"),
     ("Content-Location", "/x?api_key=AK3", "AK3"),
     ("Link", '<https://a/x?page_token=PT4&per=2>; rel="next", <https://a/x?page=1>; rel="prev"', "PT4"),
     ("Refresh", "5; url=/x?key=K5", "K5"),
@@ -529,6 +531,8 @@ def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hid
     (["curl", "-u", "user:pw-9f3k2", "http://x/"], ["pw-9f3k2"]),
     (["curl", "--user=user:pw-7h2k9", "--proxy-user=p:pxy-4k2j8", "http://x/"], ["pw-7h2k9", "pxy-4k2j8"]),
     (["python", "a.py", "--pass-through", "{prompt}"], []),  # a placeholder is no secret
+    (["python", "a.py", "--callback", "https://app/cb?code=AC77AC&state=st9"], ["AC77AC"]),
+    (["python", "a.py", "--code", "print(1234567)"], []),  # a program, not an OAuth code
 ])
 def test_redact_command_hides_the_credentials_a_command_line_carries(argv, secrets):
     from rollouttap.store.redact import redact_command
@@ -887,6 +891,12 @@ def test_text_with_undecodable_bytes_is_kept_with_escapes(tmp_path):
     ("/x?pass=hunter2&k=v", "&k=v", "hunter2"),
     ("/x?x=1;api_key=SEKRIT", "/x?x=1;api_key=", "SEKRIT"),  # parameters parted at ; as many servers read them
     ("/x?q=a;b&c=d", "/x?q=a;b&c=d", None),
+    ("/cb?code=AC5z6&state=st9", "/cb?code=redacted-sha256-", "AC5z6"),  # OAuth codes, by the whole name
+    ("/token?grant_type=authorization_code&device_code=DC7w8", "?grant_type=authorization_code&", "DC7w8"),
+    ("/x?deviceCode=DC9v0", "/x?deviceCode=", "DC9v0"),
+    ("/x?authorization_code=AZ1u2", "/x?authorization_code=", "AZ1u2"),
+    ("/x?zipcode=90210&country_code=US&status_code=404&error_code=E1&code_challenge=CH",
+     "/x?zipcode=90210&country_code=US&status_code=404&error_code=E1&code_challenge=CH", None),
 ])
 def test_redact_query_hides_values_of_secret_parameters(target, kept, hidden):
     out = redact_query(target)
@@ -935,6 +945,19 @@ def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
 ])
 def test_secret_names_go_by_words_and_word_endings(name, secret):
     assert is_secret_name(name) == secret
+
+
+@pytest.mark.parametrize("name, secret", [
+    ("code", True), ("Code", True), ("device_code", True), ("deviceCode", True), ("device-code", True),
+    ("auth_code", True), ("authorization_code", True), ("access_token", True), ("code_verifier", True),
+    ("user_code", True),
+    ("zipcode", False), ("country_code", False), ("status_code", False), ("error_code", False),
+    ("code_challenge", False), ("codec", False), ("state", False),
+])
+def test_url_parameters_take_oauth_code_names_whole(name, secret):
+    from rollouttap.store.redact import is_secret_param
+    assert is_secret_param(name) == secret
+    assert not is_secret_name("code")  # a header or command option named so is no OAuth code
 
 
 @pytest.mark.parametrize("target, expected", [
