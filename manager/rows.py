@@ -43,6 +43,7 @@ from typing import Any, Literal, Protocol
 
 from rollouttap.errors import RolloutTapError
 from rollouttap.manager.fidelity import Fidelity
+from rollouttap.manager.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 
@@ -240,15 +241,9 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
     calls = [as_token_call(call) for call in originals]
     runs = _retry_runs(calls)
     answered = [_kept_attempts(calls, run) for run in runs]
-    made: dict[int, _Used | None] = {}
-
-    def usable(index: int) -> _Used | None:  # built once, and only for attempts that are looked at
-        if index not in made:
-            call = calls[index]
-            has_ids = call.prompt_token_ids is not None and call.completion_token_ids is not None
-            made[index] = _used(index, call, originals[index], tokenize) if has_ids or tokenize else None
-        return made[index]
-
+    # Every answered attempt is looked at (each run's by its own _continued), so each is built once, up front.
+    made = {index: _usable(index, calls[index], originals[index], tokenize) for kept in answered for index in kept}
+    later = PrefixIndex([call for call in made.values() if call is not None])
     used: list[_Used] = []
     without_ids = set_aside = inexact = retries = failed = 0
     for number, run in enumerate(runs):
@@ -256,7 +251,7 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
             retries += len(run) - 1
             failed += 1
             continue
-        kept = _continued(answered[number], answered[number + 1:], usable)
+        kept = _continued(answered[number], made, later)
         retries += len(run) - len(kept)
         for index in kept:
             call = calls[index]
@@ -264,35 +259,43 @@ def _select(originals: list[Any], tokenize: Tokenize | None) -> _Selection:
                 without_ids += 1
                 set_aside += call.ids_problem is not None
                 inexact += tokenize is not None
-            chosen = usable(index)
+            chosen = made[index]
             if chosen is not None:
                 used.append(chosen)
     return _Selection(used, without_ids, set_aside, inexact, retries, failed)
 
 
-def _continued(attempts: list[int], later: list[list[int]], usable: Callable[[int], _Used | None]) -> list[int]:
+def _continued(attempts: list[int], made: dict[int, _Used | None], later: PrefixIndex[_Used]) -> list[int]:
     """Of a run's answered attempts, those later calls of the same thread continue. A client retry leaves one
     answered attempt; an agent that resends a request to sample again (n=1 servers) keeps either answer, and what
     it sends next says which; two sub-agents that sent the same request at once each go on with their own, and
     both are kept (one of identical answers). When the first later call that starts with the attempts' prompt
     continues none of those with tokens, it went on with one without (the last of them); a template that
     re-rendered the kept answer looks the same and gets that guess too. With no such call, the last attempt."""
-    known = [(index, call) for index in attempts if (call := usable(index)) is not None]
+    known = [(index, call) for index in attempts if (call := made[index]) is not None]
     if len(attempts) == 1 or not known:
         return attempts[-1:]
     opening = known[0][1].prompt
-    # another thread's call (a sub-agent's) says nothing about these
-    followers = [f for run in later for f in filter(None, map(usable, run)) if f.prompt[:len(opening)] == opening]
-    if not followers:
+    # Only a later call that starts with the opening counts: another thread's (a sub-agent's) says nothing here.
+    first = later.first(opening, after=attempts[-1])
+    if first is None:
         return attempts[-1:]
-    if not any(_extends(followers[0].prompt, call) for _, call in known):
-        unknown = [index for index in attempts if usable(index) is None]
+    if not any(_extends(first.prompt, call) for _, call in known):
+        unknown = [index for index in attempts if made[index] is None]
         return (unknown or attempts)[-1:]
     continued: dict[tuple[int, ...], int] = {}  # by sequence: a second identical answer is not a second sample
     for index, call in known:
-        if any(_extends(f.prompt, call) for f in followers):
+        if _followed(call, opening, attempts[-1], later):
             continued.setdefault(tuple(call.prompt) + tuple(call.completion), index)
     return list(continued.values())
+
+
+def _followed(call: _Used, opening: list[int], after: int, later: PrefixIndex[_Used]) -> bool:
+    """Whether a call after ``after`` that starts with ``opening`` extends ``call``: its prompt starts with both,
+    so with the longer of the two, which starts with the shorter."""
+    sequence = call.prompt + call.completion
+    longer, shorter = (sequence, opening) if len(sequence) >= len(opening) else (opening, sequence)
+    return longer[:len(shorter)] == shorter and later.first(longer, after=after) is not None
 
 
 def _retry_runs(calls: list[TokenCall]) -> list[list[int]]:
@@ -316,6 +319,11 @@ def _kept_attempts(calls: list[TokenCall], run: list[int]) -> list[int]:
 
 def _answered(call: TokenCall) -> bool:
     return call.state == "done" and (call.status_code is None or 200 <= call.status_code < 300)
+
+
+def _usable(index: int, call: TokenCall, original: Any, tokenize: Tokenize | None) -> _Used | None:
+    has_ids = call.prompt_token_ids is not None and call.completion_token_ids is not None
+    return _used(index, call, original, tokenize) if has_ids or tokenize else None
 
 
 def _used(index: int, call: TokenCall, original: Any, tokenize: Tokenize | None) -> _Used:

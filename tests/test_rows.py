@@ -446,6 +446,86 @@ def test_random_conversations_keep_every_invariant(seed):
             assert build_rows(calls, eos_token_id=EOS, policy="strict").rows == result.rows
 
 
+# --- resampling agents against a straightforward selection ------------------------------------------------------
+
+
+def resampling_agent(rng: random.Random, turns: int, vocab: list) -> list[TokenCall]:
+    """Interleaved threads (some twins of others) that sample each request one to three times, with attempts
+    failed, retried, identical, re-rendered or without ids; few distinct tokens, so that threads share prefixes."""
+    threads, calls = [[1, 5]], []
+    for turn in range(turns):
+        if rng.random() < 0.2:  # a sub-agent: a fresh thread, or a twin sending what another thread sends
+            threads.append(list(rng.choice(threads)) if rng.random() < 0.5 else [1, rng.choice(vocab)])
+        at = rng.randrange(len(threads))
+        prompt = threads[at] + [rng.choice(vocab) for _ in range(rng.randint(0, 2))]
+        sequences = []
+        for k in range(rng.randint(1, 3)):
+            # now and then an attempt's prompt was rendered otherwise (its last token, or a token more)
+            sent = rng.choice([prompt] * 4 + [prompt[:-1] + [rng.choice(vocab)], prompt + [rng.choice(vocab)]])
+            answer = [rng.choice(vocab) for _ in range(rng.randint(0, 2))] + [EOS]
+            fields = rng.choice([{}] * 6 + [FAILED, {"is_retry": True}, {"ids": None}])
+            if fields.pop("ids", 0) is None:
+                calls.append(TokenCall(None, None, None, "stop", turn=turn))
+            else:
+                calls.append(call(sent, answer, salt=turn + k / 10, **{"turn": turn, **fields}))
+            sequences.append(sent + answer)
+        threads[at] = rng.choice(sequences)
+    return calls
+
+
+def straightforward_selection(calls: list[TokenCall]) -> list[TokenCall]:
+    """The calls build_rows keeps, found as the module docstring says, looking at every later call for each run."""
+    runs: list[list[int]] = []
+    for index, c in enumerate(calls):
+        if runs and (calls[runs[-1][-1]].turn == c.turn if c.turn is not None else c.is_retry):
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    answered = [[i for at, i in enumerate(run) if calls[i].state == "done" and 200 <= calls[i].status_code < 300
+                 and not (at + 1 < len(run) and calls[run[at + 1]].is_retry)] for run in runs]
+    kept = [i for number, attempts in enumerate(answered) if attempts
+            for i in straightforward_continued(calls, attempts, [j for run in answered[number + 1:] for j in run])]
+    return [TokenCall(c.prompt_token_ids, c.completion_token_ids, c.completion_logprobs, c.finish_reason)
+            for c in (calls[i] for i in kept)]
+
+
+def straightforward_continued(calls: list[TokenCall], attempts: list[int], later: list[int]) -> list[int]:
+    def seq(i):
+        return calls[i].prompt_token_ids + calls[i].completion_token_ids
+
+    known = [i for i in attempts if calls[i].prompt_token_ids is not None]
+    if len(attempts) == 1 or not known:
+        return attempts[-1:]
+    opening = calls[known[0]].prompt_token_ids
+    followers = [calls[j].prompt_token_ids for j in later
+                 if calls[j].prompt_token_ids is not None and calls[j].prompt_token_ids[:len(opening)] == opening]
+    if not followers:
+        return attempts[-1:]
+    if not any(followers[0][:len(seq(i))] == seq(i) for i in known):
+        return ([i for i in attempts if calls[i].prompt_token_ids is None] or attempts)[-1:]
+    continued = {}
+    for i in known:
+        if any(f[:len(seq(i))] == seq(i) for f in followers):
+            continued.setdefault(tuple(seq(i)), i)
+    return list(continued.values())
+
+
+@pytest.mark.parametrize(("seed", "turns", "vocab"), [
+    *((seed, 60, [3, 4, 5]) for seed in range(30)),
+    (100, 1500, [3, 4, 5, 6]),  # thousands of calls: many runs of samples under one opening
+    (101, 300, [3, 4, "x"]),  # token ids that do not sort against each other
+])
+def test_resampling_agents_keep_the_calls_a_straightforward_selection_keeps(seed, turns, vocab):
+    calls = resampling_agent(random.Random(seed), turns, vocab)
+    chosen = straightforward_selection(calls)
+    for policy in ("realign", "fork"):
+        result, expected = build_rows(calls, eos_token_id=EOS, policy=policy), build_rows(chosen, eos_token_id=EOS,
+                                                                                          policy=policy)
+        assert result.rows == expected.rows
+        assert result.fidelity.calls_used == expected.fidelity.calls_used
+        assert result.fidelity.retries_skipped == len(calls) - len(chosen) - result.fidelity.failed_calls
+
+
 def test_a_call_extending_two_identical_chains_joins_the_later_one():
     first = call([1, 5], [10, EOS], salt=0)
     prefilled = call([1, 5, 10], [EOS], salt=1)  # a continuation request: its sequence equals the first call's
