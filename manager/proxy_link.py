@@ -92,8 +92,8 @@ class ProxyLink:
         if row is None:
             raise ProxyError(f"no running rollouttap proxy at {url} records into {store.path}; start one with "
                              f"`rollouttap proxy --store {store.path}` or let the manager start its own")
-        reverse = next((f"http://{parts.hostname}:{x['port']}" for x in row["listen"] if x["mode"] == "reverse"),
-                       None)
+        host = parts.netloc.rpartition("@")[2].rsplit(":", 1)[0]  # as written: an IPv6 address keeps its brackets
+        reverse = next((f"http://{host}:{x['port']}" for x in row["listen"] if x["mode"] == "reverse"), None)
         if base_url_mode and reverse is None:
             raise ConfigError(f"base_url_mode needs a reverse listener; the proxy at {url} has none "
                               "(start it with --reverse MODEL_URL)")
@@ -101,7 +101,7 @@ class ProxyLink:
             socket.create_connection((parts.hostname, parts.port), timeout=5).close()
         except OSError as exc:
             raise ProxyError(f"the proxy at {url} does not answer: {exc}") from exc
-        return cls(f"http://{parts.hostname}:{parts.port}", row["ca_cert"], reverse if base_url_mode else None, None,
+        return cls(f"http://{host}:{parts.port}", row["ca_cert"], reverse if base_url_mode else None, None,
                    row["proxy_id"])
 
     def env(self, agent_id: str, token: str) -> dict[str, str]:
@@ -143,9 +143,10 @@ class ProxyLink:
 
 
 def loopback_as_localhost(url: str) -> str:
-    """``http://127.0.0.1:9`` -> ``http://localhost:9``; other hosts unchanged."""
+    """``http://127.0.0.1:9`` -> ``http://localhost:9``; other hosts unchanged. Not ``[::1]``: where localhost
+    names 127.0.0.1 alone (many hosts), a listener on ::1 is not there."""
     parts = urlsplit(url)
-    if parts.hostname in ("127.0.0.1", "::1", "localhost") and parts.port:
+    if parts.hostname in ("127.0.0.1", "localhost") and parts.port:
         return f"{parts.scheme}://localhost:{parts.port}{parts.path}"
     return url
 

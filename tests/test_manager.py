@@ -945,6 +945,22 @@ def test_attach_to_a_running_proxy(tmp_path, confdir, upstream):
         proc.stop()
 
 
+def test_attach_to_a_proxy_by_an_ipv6_url_gives_agents_urls_they_can_parse(tmp_path, confdir, upstream):
+    proc = start_proxy(tmp_path / "r.db", confdir, host="::1", reverse_target=upstream.url)
+    try:
+        for base_url_mode in (False, True):
+            with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=f"http://[::1]:{proc.port}",
+                              model_url=upstream.base_url, base_url_mode=base_url_mode) as m:
+                [result] = m.deploy([agent("chat 1 @id")])
+                assert m.proxy_url == f"http://[::1]:{proc.port}"
+                reverse = m.link.reverse_url
+            assert result.status == "ok" and result.calls == 1, result.stderr_tail
+            assert [f.attribution for f in _flows(m, result.agent_id)] == ["path" if base_url_mode else "credentials"]
+            assert (reverse or "").startswith("http://[::1]:") == base_url_mode
+    finally:
+        proc.stop()
+
+
 def test_attach_refuses_a_proxy_on_another_address_with_the_same_port(tmp_path, confdir):
     # Proxy A records into the manager's store; proxy B, same port on another address, records elsewhere.
     ours = start_proxy(tmp_path / "ours.db", confdir)
