@@ -41,7 +41,7 @@ def declare(loader: Any) -> None:
                       "Allow listening on non-loopback addresses (agents on other hosts).")
     loader.add_option("rollouttap_remote_anonymous", bool, False,
                       "Serve clients on other hosts that present no proxy credentials (recorded as "
-                      "unattributed); off, they get 407: nothing names their agent, and the proxy would "
+                      "unattributed, whatever X-Agent-ID they send); off, they get 407: nothing names their agent, and the proxy would "
                       "relay them to this host's loopback services.")
     loader.add_option("rollouttap_store_backlog_mb", int, MAX_BACKLOG_BYTES >> 20,
                       "Flow data (MiB) kept in memory while the store cannot take it (a full disk, a lock "

@@ -103,7 +103,8 @@ class FlowAttribution:
             creds = tunnel = None
         has_token = creds is not None or in_path is not None  # a token will speak for the agent
         needs_pid = not has_token and tunnel is None  # nothing but its process (or a header) names the agent
-        if needs_pid and not ctx.options.rollouttap_remote_anonymous and not self._on_this_host(flow.client_conn):
+        remote = needs_pid and not self._on_this_host(flow.client_conn)
+        if remote and not ctx.options.rollouttap_remote_anonymous:
             return Attribution(None, "rejected", None, "a client on another host must present proxy credentials")
         if needs_pid:
             self.start_pid_lookup(flow.client_conn)  # fallback mode: nothing else names the agent
@@ -130,6 +131,8 @@ class FlowAttribution:
             return await self._verified(agent_id, token, "path", pid_result)
         if pid_result is not None and pid_result.agent_id is not None:
             return Attribution(pid_result.agent_id, "pid", pid, pid_result.detail)
+        if claimed and remote:  # served anonymously: a header from another host would add to any agent's calls
+            return Attribution(None, "none", pid, f"{AGENT_HEADER} header of a client on another host not taken")
         if claimed:
             agent_id, detail = decide_header_claim(claimed, await self._agent(claimed))
             return Attribution(agent_id, "header" if agent_id else "none", pid, detail)

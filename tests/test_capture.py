@@ -655,15 +655,21 @@ def test_a_client_on_another_host_must_present_credentials(tmp_path):
     # With rollouttap_allow_remote the proxy is reachable from other hosts: nothing but credentials can name
     # a remote client's agent, and serving it anonymously would relay it to this host's loopback services.
     with _tap_in_test_context(tmp_path / "s.db") as (addon, tctx):
-        def attribute(peer: str):
+        def attribute(peer: str, claim: str | None = None):
             flow = tflow.tflow()
             flow.client_conn.peername = (peer, 40000)
+            if claim is not None:
+                flow.request.headers["X-Agent-ID"] = claim
             return asyncio.run(addon.who.attribute(flow))
         remote = attribute("203.0.113.9")
         assert remote.method == "rejected" and "another host" in remote.detail
         assert attribute("127.0.0.1").method != "rejected"  # a local client: its process can name its agent
         tctx.configure(addon, rollouttap_remote_anonymous=True)
         assert attribute("203.0.113.9").method == "none"
+        # Served anonymously, it stays unattributed: its header would add to any tokenless agent's calls.
+        claimed = attribute("203.0.113.9", claim="agent-1")
+        assert (claimed.agent_id, claimed.method) == (None, "none") and "another host" in claimed.detail
+        assert attribute("127.0.0.1", claim="agent-1").agent_id == "agent-1"  # this host's hand-run agents may
         asyncio.run(addon.done())
 
 
