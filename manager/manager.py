@@ -205,7 +205,7 @@ class AgentManager:
     def _watch_proxy(self) -> None:
         while not self._closing.wait(0.25):
             for link in list(self.links):
-                link.revive_if_dead(self._closing)
+                link.revive_if_dead(self._closing, self.store)
 
     def _watch_agents(self) -> None:
         """Record every agent's processes (so the tree kill finds them) and direct model connections."""
@@ -334,7 +334,7 @@ class AgentManager:
             link = self._link(index)
             # A proxy that died since the watchdog last looked is restarted (or waited for) before an agent
             # is pointed at its port: an agent that does not retry would fail on a dead port.
-            link.revive_if_dead(self._closing)
+            link.revive_if_dead(self._closing, self.store)
             if stop.is_set():  # cancelled meanwhile (that wait can be long): not started only to be killed
                 store.agent_ended(agent_id, "error", {"error": "cancelled before it started"})
                 return AgentResult(agent_id, index, prompt, "error", error="cancelled before it started")

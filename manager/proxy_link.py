@@ -116,17 +116,21 @@ class ProxyLink:
             env.update({"NO_PROXY": hostport, "no_proxy": hostport})
         return env
 
-    def revive_if_dead(self, closing: threading.Event) -> None:
-        """Restart a proxy this manager started if it died; committed flows stay in the store."""
+    def revive_if_dead(self, closing: threading.Event, store: Store | None = None) -> None:
+        """Restart a proxy this manager started if it died, or stopped (``store`` tells: a SIGTERM someone else
+        sent; it no longer listens while it closes its store); committed flows stay in the store."""
         process = self.process
         if process is None or closing.is_set():
             return
         with self._lock:  # always: while a restart runs, the new process is alive before it listens
             # After a failed restart (its port taken, say), agent starts do not queue up behind a retry each.
-            if process.alive() or closing.is_set() or time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
+            if closing.is_set() or time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
                 return
-            log.warning("proxy %s died (log %s); restarting it on %s", process.proxy_id, process.log_path,
-                        self.url)
+            stopped = store is not None and process.proxy_id is not None and store.proxy_stopped(process.proxy_id)
+            if process.alive() and not stopped:
+                return
+            log.warning("proxy %s %s (log %s); restarting it on %s", process.proxy_id,
+                        "stopped" if process.alive() else "died", process.log_path, self.url)
             try:
                 process.restart(timeout=self.restart_timeout)
                 self.restarts += 1

@@ -261,6 +261,11 @@ class Store:
         """(pid, create_time) of the proxies that have not recorded their stop (some may have died)."""
         return [(r[0], r[1]) for r in self._query("SELECT pid, create_time FROM proxies WHERE stopped_at IS NULL")]
 
+    def proxy_stopped(self, proxy_id: str) -> bool:
+        """Whether the proxy recorded its stop (it may still be closing its store, no longer listening)."""
+        rows = self._query("SELECT 1 FROM proxies WHERE proxy_id = ? AND stopped_at IS NOT NULL", (proxy_id,))
+        return bool(rows)
+
     def proxy(self, proxy_id: str) -> dict[str, Any] | None:
         return next((p for p in self.proxies() if p["proxy_id"] == proxy_id), None)
 

@@ -869,6 +869,26 @@ def test_agents_started_after_the_proxy_died_wait_for_its_restart(tmp_path, conf
     assert [r.proxy_restarts for r in results] == [1] * 4
 
 
+def test_a_proxy_that_recorded_its_stop_is_restarted_before_it_exits(tmp_path, confdir):
+    # A proxy someone else sent SIGTERM stops listening, records its stop, then closes its store (seconds, on
+    # a slow disk) before it exits: an agent started meanwhile would meet a closed port.
+    process = ProxyProcess(ProxyConfig(store=tmp_path / "r.db", confdir=confdir)).start(timeout=60)
+    link = ProxyLink(process.url, process.ca_cert, None, process)
+    old_id, old_pid = process.proxy_id, process.proc.pid
+    try:
+        with Store(tmp_path / "r.db") as store:
+            link.revive_if_dead(threading.Event(), store)
+            assert link.restarts == 0  # running, not stopped: left alone
+            with sqlite3.connect(tmp_path / "r.db") as db:  # what its shutdown writes once it stopped listening
+                db.execute("UPDATE proxies SET stopped_at = ? WHERE proxy_id = ?", (time.time(), old_id))
+            link.revive_if_dead(threading.Event(), store)
+            assert link.restarts == 1 and process.proxy_id != old_id and process.proc.pid != old_pid
+            assert process.alive() and link.proxy_ids == [old_id, process.proxy_id]
+            socket.create_connection(("127.0.0.1", process.port), timeout=5).close()  # the same port, listening
+    finally:
+        link.close()
+
+
 def test_a_failed_restart_is_not_retried_by_every_agent_start(tmp_path, confdir):
     process = ProxyProcess(ProxyConfig(store=tmp_path / "r.db", confdir=confdir)).start(timeout=60)
     link = ProxyLink(process.url, process.ca_cert, None, process)
