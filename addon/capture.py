@@ -217,6 +217,7 @@ class RolloutTap:
     # -- flows -------------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request
+        flowcols.bracket_ipv6_host(req)  # reverse mode to an IPv6 target: as the upstream and the store should see it
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
         if (who := await self._admit(flow, to_own_reverse=own is not None)) is None:
             return
@@ -499,6 +500,7 @@ def may_have_body(req: http.Request) -> bool:
 
 def readdress(req: http.Request, route: Route) -> str:
     """Send a request where ``route`` says; the URL it was addressed to (query secrets redacted)."""
-    was = flowcols.stored_target(req.pretty_url)
+    was = flowcols.stored_target(flowcols.pretty_where(req)[0])
     req.scheme, req.host, req.port, req.path = route.target(req.path)
+    flowcols.bracket_ipv6_host(req)  # mitmproxy's host setter writes an IPv6 Host header without brackets
     return was

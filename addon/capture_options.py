@@ -113,5 +113,5 @@ def loopback_only(opts: Any) -> None:
 def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:
     """Model hosts as ``host`` and ``host:port`` strings; every route target is one."""
     found = {h.strip().lower() for h in hosts if h.strip()}
-    found |= {f"{r.host}:{r.port}" for r in routes}
+    found |= {f"[{r.host}]:{r.port}" if ":" in r.host else f"{r.host}:{r.port}" for r in routes}  # as matched
     return frozenset(found)

@@ -35,15 +35,36 @@ def _authority(host_header: str) -> tuple[str, int | None]:
 
 def pretty_where(req: http.Request, regular: bool = False) -> tuple[str, str]:
     """``(req.pretty_url, req.pretty_host)`` as mitmproxy computes them, parsing the Host header once; in
-    ``regular`` proxy mode where the request goes (its target's host and port), whatever its Host header says."""
+    ``regular`` proxy mode where the request goes (its target's host and port), whatever its Host header says.
+    An IPv6 host is in brackets in the URL (mitmproxy's URLs leave them out)."""
     host_header = req.host_header
     if not host_header or (regular and req.method != "CONNECT"):
-        return (req.authority if req.first_line_format == "authority" else req.url), req.host
+        if req.first_line_format == "authority":
+            return req.authority, req.host
+        return _url(req.scheme, req.host, req.port, req.path), req.host
     host, port = _authority(host_header)
     if req.first_line_format == "authority":
         return req.authority, host
-    port = port or url.default_port(req.scheme) or 443
-    return url.unparse(req.scheme, host, port, req.path if req.path != "*" else ""), host
+    return _url(req.scheme, host, port or url.default_port(req.scheme) or 443, req.path), host
+
+
+def _url(scheme: str, host: str, port: int, path: str) -> str:
+    return url.unparse(scheme, f"[{host}]" if ":" in host else host, port, path if path != "*" else "")
+
+
+def bracket_ipv6_host(req: http.Request) -> None:
+    """Write an IPv6 target in brackets in the Host header (HTTP/2: authority) where mitmproxy left them out.
+
+    Its ``Request.host`` setter (routes) and its reverse mode write ``Host: ::1:8000``, which servers refuse
+    or misread, and which would be stored as the flow's host."""
+    host = req.host
+    if ":" not in host:
+        return
+    bare = url.hostport(req.scheme, host, req.port)
+    if req.headers.get("Host") == bare:
+        req.headers["Host"] = url.hostport(req.scheme, f"[{host}]", req.port)
+    if req.authority == bare:
+        req.authority = url.hostport(req.scheme, f"[{host}]", req.port)
 
 
 def _regular(flow: http.HTTPFlow) -> bool:
@@ -65,7 +86,7 @@ def opened(flow: http.HTTPFlow, proxy_id: str, who: Attribution) -> dict[str, An
         "client_addr": _addr(flow.client_conn.peername),
         "attribution": who.method,
         "method": req.method,
-        "url": stored_target(pretty_url) if req.method != "CONNECT" else f"{req.host}:{req.port}",
+        "url": stored_target(pretty_url) if req.method != "CONNECT" else _addr((req.host, req.port)),
         "scheme": req.scheme,
         "host": pretty_host,
         "port": req.port,

@@ -38,6 +38,12 @@ def is_any_address(host: str) -> bool:
     return host.strip().strip("[]") in ("", "0.0.0.0", "::")
 
 
+def mitmproxy_listen_host(host: str) -> str:
+    """The ``listen_host`` that makes mitmproxy listen where ``host`` says: ``::`` becomes "" (mitmproxy then
+    listens on 0.0.0.0 and ::, IPv4 and IPv6), as mitmproxy hands ``::`` to asyncio, which binds it IPv6-only."""
+    return "" if host.strip().strip("[]") == "::" else host
+
+
 def is_host_port(text: str) -> bool:
     """``HOST``, ``HOST:PORT``, ``[V6]:PORT`` or a bare IPv6 address: no scheme, path, user or space."""
     text = text.strip()

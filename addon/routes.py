@@ -3,6 +3,7 @@ requests addressed to this proxy's own reverse listeners on to those listeners' 
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import urlsplit
@@ -27,22 +28,53 @@ class Route:
 
 
 def parse_route(spec: str) -> Route:
-    """``api.openai.com=http://127.0.0.1:8000`` (or ``host:443=...``) -> Route."""
+    """``api.openai.com=http://127.0.0.1:8000`` (or ``host:443=...``, ``[fd77::9]:80=...``) -> Route."""
     source, sep, base = spec.partition("=")
     if not sep or not source.strip() or not base.strip():
         raise RouteError(f"route {spec!r} is not HOST[:PORT]=BASE_URL")
-    source, base = source.strip().lower(), base.strip()
-    match_port: int | None = None
-    if source.count(":") == 1:
-        source, port_text = source.split(":")
-        if not port_text.isdigit():
-            raise RouteError(f"route {spec!r}: port {port_text!r} is not a number")
-        match_port = int(port_text)
+    match_host, match_port = _route_source(source.strip().lower(), spec)
+    base = base.strip()
     url = urlsplit(base)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise RouteError(f"route {spec!r}: {base!r} is not an http(s) URL")
     port = url.port or (443 if url.scheme == "https" else 80)
-    return Route(source, match_port, url.scheme, url.hostname, port, url.path.rstrip("/"))
+    return Route(match_host, match_port, url.scheme, url.hostname, port, url.path.rstrip("/"))
+
+
+def _route_source(source: str, spec: str) -> tuple[str, int | None]:
+    """A route's ``HOST``, ``HOST:PORT``, ``[V6]``, ``[V6]:PORT`` or bare IPv6 address as (host, port or None)."""
+    if source.startswith("["):  # written as in a URL
+        host, close, rest = source[1:].partition("]")
+        address = _ipv6(host)
+        if not close or address is None or (rest and not rest.startswith(":")):
+            raise RouteError(f"route {spec!r}: {source!r} is not [IPV6] or [IPV6]:PORT")
+        return address, (_port(rest[1:], spec) if rest else None)
+    if source.count(":") == 1:
+        host, port_text = source.split(":")
+        return host, _port(port_text, spec)
+    if ":" not in source:
+        return source, None
+    if (address := _ipv6(source)) is None:
+        raise RouteError(f"route {spec!r}: {source!r} is neither HOST[:PORT] nor an IPv6 address")
+    head, _, tail = source.rpartition(":")
+    if tail.isdigit() and _ipv6(head) is not None:  # fd77::9:80 is an address, and fd77::9 with port 80
+        raise RouteError(f"route {spec!r}: {source!r} is ambiguous: write [{source}] for that address, or "
+                         f"[{head}]:{tail} for port {tail} of {head}")
+    return address, None
+
+
+def _port(text: str, spec: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise RouteError(f"route {spec!r}: port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+def _ipv6(text: str) -> str | None:
+    """An IPv6 address in its one written form (``FD77:0::9`` -> ``fd77::9``), or None for anything else."""
+    try:
+        return ipaddress.IPv6Address(text).compressed
+    except ValueError:
+        return None
 
 
 def parse_routes(specs: Iterable[str]) -> tuple[Route, ...]:
@@ -52,6 +84,8 @@ def parse_routes(specs: Iterable[str]) -> tuple[Route, ...]:
 def find_route(routes: tuple[Route, ...], host: str, port: int) -> Route | None:
     """The first route for this host (and port, when the route names one)."""
     host = host.lower()
+    if ":" in host:  # an IPv6 address, matched in any of its written forms
+        host = _ipv6(host) or host
     for route in routes:
         if route.match_host == host and route.match_port in (None, port):
             return route

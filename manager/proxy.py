@@ -19,7 +19,9 @@ from typing import IO, Any
 from urllib.parse import quote
 
 from rollouttap.addon.attribution import PID_LOOKUPS
-from rollouttap.addon.loopback import is_any_address, is_host_port, is_ip_address, is_loopback
+from rollouttap.addon.loopback import (
+    is_any_address, is_host_port, is_ip_address, is_loopback, mitmproxy_listen_host,
+)
 from rollouttap.addon.routes import RouteError, parse_route
 from rollouttap.errors import ConfigError, ProxyError
 from rollouttap.manager.proxy_ca import DEFAULT_CONFDIR, DEFAULT_KEY_SIZE, ensure_ca
@@ -160,8 +162,10 @@ class ProxyConfig:
         if self.parent_pid:
             scalars["rollouttap_parent_pid"] = str(self.parent_pid)
         scalars.update(self.extra)
+        # "::" means IPv4 too, as on most servers; kept as it is where the addon is to refuse it (not remote).
+        listen_host = mitmproxy_listen_host(self.host) if scalars["rollouttap_allow_remote"] == "true" else self.host
         args = [sys.executable, *LAUNCHERS[self.launcher],
-                "-q", "-s", str(addon_script()), "--listen-host", self.host]
+                "-q", "-s", str(addon_script()), "--listen-host", listen_host]
         modes = [f"regular@{self.port}"]
         if self.reverse_target:
             modes.append(f"reverse:{self.reverse_target}@{self.reverse_port}")

@@ -133,7 +133,8 @@ def _serve(config: ProxyConfig, on_every_address: bool) -> None:
             signal.signal(signum, stop_now)  # before the exports go out: whoever reads them may signal at once
         typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
         if on_every_address:
-            typer.echo(f"# it listens on every address: agents on other hosts put this host's address in place of "
+            every = "every address, IPv4 and IPv6" if ":" in config.host else "every IPv4 address"
+            typer.echo(f"# it listens on {every}: agents on other hosts put this host's address in place of "
                        f"{config.host} below, and present their agent's credentials", err=True)
         if proc.reverse_url:
             typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1 for agents a "

@@ -436,6 +436,11 @@ def test_socket_of_exited_process_is_not_found():
 @pytest.mark.parametrize("spec, host, port, target", [
     ("api.openai.com=http://127.0.0.1:8000", "api.openai.com", 443, ("http", "127.0.0.1", 8000, "/v1/x")),
     ("api.openai.com:443=https://m.local/pre/", "api.openai.com", 443, ("https", "m.local", 443, "/pre/v1/x")),
+    # An IPv6 source as in a URL, with or without a port; mitmproxy gives its host without brackets.
+    ("[2001:db8::9]:80=http://127.0.0.1:8000", "2001:db8::9", 80, ("http", "127.0.0.1", 8000, "/v1/x")),
+    ("[2001:DB8::9]=http://127.0.0.1:8000", "2001:db8:0::9", 8080, ("http", "127.0.0.1", 8000, "/v1/x")),
+    ("2001:db8::8=http://[::1]:8000/v1", "2001:DB8::8", 443, ("http", "::1", 8000, "/v1/v1/x")),
+    ("::1=http://127.0.0.1:8000", "::1", 80, ("http", "127.0.0.1", 8000, "/v1/x")),
 ])
 def test_routes(spec, host, port, target):
     route = parse_route(spec)
@@ -443,10 +448,24 @@ def test_routes(spec, host, port, target):
     assert find_route((route,), "other.host", port) is None
 
 
-@pytest.mark.parametrize("spec", ["nohost", "=http://x", "h=ftp://x", "h:abc=http://x", "h="])
+def test_an_ipv6_route_with_a_port_matches_only_that_port():
+    route = parse_route("[2001:db8::9]:8443=http://127.0.0.1:1")
+    assert find_route((route,), "2001:db8::9", 443) is None and find_route((route,), "2001:db8::9", 8443) is route
+
+
+@pytest.mark.parametrize("spec", ["nohost", "=http://x", "h=ftp://x", "h:abc=http://x", "h=", "h:0=http://x",
+                                  "h:65536=http://x", "a:b:c=http://x", "[2001:db8::9=http://x",
+                                  "[2001:db8::9]80=http://x", "[2001:db8::9]:=http://x", "[h]:80=http://x",
+                                  "[2001:db8::9]:x=http://x", "2001:db8::9:80=http://x"])
 def test_bad_routes_are_refused(spec):
     with pytest.raises(RouteError):
         parse_routes([spec])
+
+
+def test_a_bare_ipv6_route_ending_in_what_could_be_a_port_is_refused_with_both_readings():
+    with pytest.raises(RouteError, match=r"ambiguous: write \[::1:8000\] for that address, "
+                                         r"or \[::1\]:8000 for port 8000"):
+        parse_route("::1:8000=http://127.0.0.1:1")
 
 
 def test_route_with_port_only_matches_that_port():

@@ -703,6 +703,32 @@ def test_https_through_route_with_ca_bundle(tmp_path, confdir, upstream):
         assert flow.attribution == "pid"
 
 
+def test_an_ipv6_model_server_is_named_in_brackets_through_the_reverse_listener_and_a_route(tmp_path, confdir):
+    # mitmproxy's reverse mode and its host setter (routes) wrote "Host: ::1:PORT", stored as the flow's host; a
+    # route from a bracketed IPv6 source never matched. The route's source is never connected to: it is routed.
+    from rollouttap.manager.inspect import host_port
+    from rollouttap.testing.upstream import ScriptedUpstream
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with ScriptedUpstream(host="::1") as model:
+        target = f"http://[::1]:{model.port}"
+        with start_proxy(tmp_path / "runs.db", confdir, reverse_target=target,
+                         routes=(f"[2001:db8::9]:80={target}",)) as proxy, requests.Session() as session:
+            session.trust_env = False
+            answers = [session.post(proxy.reverse_url + "/v1/chat/completions", json=body,
+                                    headers={"X-Agent-ID": "v6-reverse"}, timeout=20),
+                       session.post("http://[2001:db8::9]/v1/chat/completions", json=body,
+                                    headers={"X-Agent-ID": "v6-route"}, proxies={"http": proxy.url}, timeout=20)]
+            assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+            assert [r.header("host") for r in model.requests] == [f"[::1]:{model.port}"] * 2
+            flows = {a: settled_flows(proxy.config.store, agent_id=a)[0] for a in ("v6-reverse", "v6-route")}
+        assert all((f.host, f.port, f.url) == ("::1", model.port, f"{target}/v1/chat/completions")
+                   for f in flows.values()), [(f.host, f.url) for f in flows.values()]
+        assert flows["v6-route"].meta["routed_from"] == "http://[2001:db8::9]/v1/chat/completions"
+        assert all("return_token_ids" in f.meta.get("injected", {}) for f in flows.values())  # model hosts both
+        with Store(tmp_path / "runs.db") as store:  # as `rollouttap flows --host [::1]:PORT` looks them up
+            assert len(store.flows(host=host_port(f"[::1]:{model.port}")[0])) == 2
+
+
 def test_a_client_speaking_another_http_version_is_exported_with_it(tmp_path, confdir, upstream):
     from rollouttap.addon.export_flows import read_flow_file
     from rollouttap.manager.export import export_flows
@@ -793,7 +819,9 @@ def test_git_over_https_trusts_the_proxy_with_the_agents_environment(tmp_path, c
                              capture_output=True, text=True, timeout=60)
         assert "certificate" not in out.stderr, out.stderr
         with Store(proxy.config.store) as store:
-            flows = wait_for(lambda: [f for f in store.flows(agent_id=agent_id) if f.method == "GET"], what="git's GET")
+            flows = wait_for(lambda: [f for f in store.flows(agent_id=agent_id)
+                                      if f.method == "GET" and f.state != "open"],  # opened before its answer
+                             what="git's GET, answered")
         assert flows[0].path.startswith("/acme/tools.git/info/refs") and flows[0].status_code == 404
 
 
@@ -975,10 +1003,32 @@ def test_proxy_refuses_non_loopback_listen_by_default(tmp_path, confdir):
 
 def test_a_proxy_on_every_ipv6_and_ipv4_address_starts_with_its_reverse_listener(tmp_path, confdir, upstream):
     # "::" listens on every address: the reverse listener's port was picked with an IPv4 socket, which cannot
-    # bind "::" (socket.gaierror at start).
+    # bind "::" (socket.gaierror at start). Both stacks are served: asyncio binds "::" IPv6-only, so IPv4
+    # clients, 127.0.0.1 included, were refused.
     with start_proxy(tmp_path / "runs.db", confdir, host="::", allow_remote=True,
-                     reverse_target=upstream.url) as proc:
+                     reverse_target=upstream.url) as proc, requests.Session() as session:
         assert proc.reverse_url is not None and proc.alive()
+        session.trust_env = False
+        port, reverse_port = proc.port, int(proc.reverse_url.rsplit(":", 1)[1])
+        for host in ("127.0.0.1", "[::1]", "[::]"):  # the last as the manager gives it to agents: proc.url's
+            assert session.get(upstream.url + "/v1/models", proxies={"http": f"http://{host}:{port}"},
+                               headers={"X-Agent-ID": "dual"}, timeout=10).status_code == 200, host
+            assert session.get(f"http://{host}:{reverse_port}/v1/models", headers={"X-Agent-ID": "dual"},
+                               timeout=10).status_code == 200, host
+        assert proc.url == f"http://[::]:{port}"
+
+
+@pytest.mark.parametrize("host, remote, listen_host", [
+    ("::", "true", ""),  # mitmproxy's every address, IPv4 and IPv6
+    ("::", "false", "::"),  # the addon refuses it, as it does 0.0.0.0
+    ("0.0.0.0", "true", "0.0.0.0"), ("::1", "true", "::1"), ("127.0.0.1", "false", "127.0.0.1"),
+])
+def test_mitmproxy_is_told_to_listen_on_both_stacks_for_every_ipv6_address(tmp_path, host, remote, listen_host):
+    from rollouttap.manager.proxy import ProxyConfig
+    config = ProxyConfig(store=tmp_path / "s.db", host=host, allow_remote=True,
+                         extra={"rollouttap_allow_remote": remote})
+    argv = config.argv("p")
+    assert argv[argv.index("--listen-host") + 1] == listen_host
 
 
 def test_plain_mitmdump_with_the_addon_listens_on_loopback_only(tmp_path, confdir):
@@ -1201,7 +1251,6 @@ def _request(**kw) -> http.Request:
     lambda: _request(url="http://127.0.0.1:8000/x", headers={"Host": "api.openai.com"}),
     lambda: _request(url="https://10.0.0.1/x", headers={"Host": "api.openai.com:8443"}),
     lambda: _request(url="https://10.0.0.1/x", headers={"Host": "API.OpenAI.com:443"}),
-    lambda: _request(url="http://[::1]:9000/x?q=1", headers={"Host": "[::1]:9000"}),
     lambda: _request(url="http://127.0.0.1/x", headers={"Host": "xn--bcher-kva.example"}),
     lambda: _request(url="http://127.0.0.1/x", headers={"Host": "bad host:99999"}),
     lambda: _request(method="OPTIONS", url="http://example.com:8080/", headers={"Host": "example.com:8080"},
@@ -1215,6 +1264,49 @@ def test_pretty_where_matches_mitmproxy(make):
     req = make()
     assert flowcols.pretty_where(req) == (req.pretty_url, req.pretty_host)
     assert flowcols.pretty_where(req) == (req.pretty_url, req.pretty_host)  # cached parse, same answer
+
+
+@pytest.mark.parametrize("regular", [False, True])
+def test_an_ipv6_target_is_stored_in_brackets_in_its_url(regular):
+    # mitmproxy's URLs leave them out: "http://::1:9000/x" names no port.
+    req = _request(url="http://[::1]:9000/x?q=1")
+    req.headers["Host"] = "[::1]:9000"  # after the URL: mitmproxy's setter writes it without brackets
+    assert flowcols.pretty_where(req, regular) == ("http://[::1]:9000/x?q=1", "::1")
+    connect = _request(method="CONNECT", url="http://[::1]:443/", authority="[::1]:443", path="")
+    from rollouttap.addon.attribution import Attribution
+    assert flowcols.opened(tflow.tflow(req=connect), "p", Attribution(None, "none"))["url"] == "[::1]:443"
+
+
+@pytest.mark.parametrize("target, http_version, host", [
+    ("http://[::1]:8000/v1", "HTTP/1.1", "[::1]:8000"), ("http://[::1]/v1", "HTTP/1.1", "[::1]"),
+    ("https://[2001:db8::1]:8443/v1", "HTTP/2.0", "[2001:db8::1]:8443"),
+    ("http://127.0.0.1:8000/v1", "HTTP/1.1", "127.0.0.1:8000"),
+])
+def test_a_request_routed_to_an_ipv6_address_names_it_in_brackets(target, http_version, host):
+    # mitmproxy's host setter writes "Host: ::1:8000", which servers refuse or read as another host.
+    from rollouttap.addon.capture import readdress
+    from rollouttap.addon.routes import parse_route
+    req = _request(url="https://api.openai.com/chat/completions", headers={"Host": "api.openai.com"},
+                   http_version=http_version)
+    if http_version == "HTTP/2.0":
+        req.authority = "api.openai.com"
+    assert readdress(req, parse_route(f"api.openai.com={target}")) == "https://api.openai.com/chat/completions"
+    assert req.host_header == host and req.headers["Host"] == host
+    assert flowcols.pretty_where(req)[1] == req.host
+
+
+@pytest.mark.parametrize("header, fixed", [
+    ("::1:8000", "[::1]:8000"),  # as mitmproxy's reverse mode writes it for reverse:http://[::1]:8000
+    ("[::1]:8000", "[::1]:8000"), ("localhost:7001", "localhost:7001"),  # keep_host_header: the client's own
+])
+def test_an_ipv6_host_header_written_without_brackets_gets_them(header, fixed):
+    req = _request(url="http://[::1]:8000/v1/models")
+    req.headers["Host"] = header
+    flowcols.bracket_ipv6_host(req)
+    assert req.headers["Host"] == fixed
+    ipv4 = _request(url="http://127.0.0.1:8000/v1/models", headers={"Host": "127.0.0.1:8000"})
+    flowcols.bracket_ipv6_host(ipv4)
+    assert ipv4.headers["Host"] == "127.0.0.1:8000"
 
 
 @pytest.mark.parametrize("change", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -165,16 +166,26 @@ def test_proxy_command_rejects_a_set_without_a_value(tmp_path):
     assert out.returncode == 1 and "--set 'nope' is not KEY=VALUE" in out.stderr
 
 
-def test_proxy_command_on_every_address_says_what_remote_agents_use(tmp_path, confdir):
+@pytest.mark.parametrize("listen, url, every, host", [
+    ("0.0.0.0:0", "http://0.0.0.0:", "every IPv4 address", "0.0.0.0"),
+    ("[::]:0", "http://[::]:", "every address, IPv4 and IPv6", "::"),  # not IPv6 only, as asyncio binds "::"
+])
+def test_proxy_command_on_every_address_says_what_remote_agents_use(tmp_path, confdir, listen, url, every, host):
     proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--confdir", str(confdir),
-                             "--listen", "0.0.0.0:0", "--allow-remote"],
+                             "--listen", listen, "--allow-remote"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert _read_exports(proc)["HTTP_PROXY"].startswith("http://0.0.0.0:")
+        exported = _read_exports(proc)["HTTP_PROXY"]
+        assert exported.startswith(url)
+        port = int(exported.rsplit(":", 1)[1])
+        for family, loopback in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            if family == socket.AF_INET or ":" in host:  # what it says it listens on takes a connection
+                with socket.create_connection((loopback, port), timeout=10):
+                    pass
     finally:
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=30)[1]
-    assert "agents on other hosts put this host's address in place of 0.0.0.0" in err
+    assert f"it listens on {every}: agents on other hosts put this host's address in place of {host}" in err
 
 
 @pytest.mark.parametrize("key, instead", [
