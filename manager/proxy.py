@@ -101,10 +101,14 @@ def launch_env(launcher: str, environ: Mapping[str, str]) -> dict[str, str]:
 
 @dataclass
 class ProxyConfig:
-    """How to start the proxy; every field maps to a mitmdump option."""
+    """How to start the proxy; every field but ``public_host`` maps to a mitmdump option."""
     store: Path
     host: str = "127.0.0.1"
     port: int = 0
+    # The address agents are given for it (their HTTP_PROXY, the reverse listener's base URLs): this host's
+    # address as agents on other hosts or in containers reach it. Default: ``host``, or 127.0.0.1 where that
+    # is every address (agents on this host).
+    public_host: str | None = None
     routes: tuple[str, ...] = ()
     model_hosts: tuple[str, ...] = ()
     token_ids: bool = True
@@ -132,6 +136,9 @@ class ProxyConfig:
                 "is neither localhost nor a loopback address (a host name may resolve to any address)"
             raise ConfigError(f"listen host {self.host!r} {what}, so agents on other hosts could use "
                               "the proxy: allow it with allow_remote=True (--allow-remote)")
+        if self.public_host is not None and not _reachable_host(self.public_host):
+            raise ConfigError(f"public_host {self.public_host!r} is not an address agents can reach this host at "
+                              "(a host name or an IP address, no port)")
         for spec in self.routes:
             try:
                 parse_route(spec)
@@ -204,12 +211,19 @@ class ProxyProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{_url_host(self.config.host)}:{self.port}"
+        return f"http://{self._reach()}:{self.port}"
 
     @property
     def reverse_url(self) -> str | None:
         ports = [int(x["port"]) for x in self.listen if x["mode"] == "reverse"]
-        return f"http://{_url_host(self.config.host)}:{ports[0]}" if ports else None
+        return f"http://{self._reach()}:{ports[0]}" if ports else None
+
+    def _reach(self) -> str:
+        """The host of the URLs agents are given (``ProxyConfig.public_host``)."""
+        config = self.config
+        if config.public_host:
+            return _url_host(config.public_host.strip("[]"))
+        return "127.0.0.1" if is_any_address(config.host) else _url_host(config.host)
 
     def env(self, agent_id: str | None = None, token: str | None = None) -> dict[str, str]:
         """The variables an agent needs to go through this proxy."""
@@ -345,6 +359,14 @@ def _is_empty(path: Path) -> bool:
 
 def _new_log() -> IO[bytes]:
     return tempfile.NamedTemporaryFile(prefix="rollouttap-proxy-", suffix=".log", delete=False)
+
+
+def _reachable_host(text: str) -> bool:
+    """A host name or an IP address (IPv6 with or without brackets) other than every address; no port."""
+    bare = text.strip("[]")
+    if is_ip_address(bare):
+        return not is_any_address(bare)
+    return ":" not in bare and is_host_port(bare)
 
 
 def _url_host(host: str) -> str:

@@ -71,6 +71,9 @@ def proxy(
              "restarted proxy keeps its agents' base URLs.")] = 0,
     confdir: Annotated[Optional[Path], typer.Option(help="mitmproxy config dir (its CA).")] = None,
     allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback listen address.")] = False,
+    public_host: Annotated[Optional[str], typer.Option(
+        help="The address agents are told to reach the proxy at (this host's, as agents on other hosts or in "
+             "containers reach it); default: --listen's host, 127.0.0.1 for every address.")] = None,
     launcher: Annotated[str, typer.Option(
         help="fastdump: mitmdump with rollouttap's faster hook dispatch, under python -O; "
              "mitmdump: mitmproxy's own entry point.")] = "fastdump",
@@ -100,7 +103,7 @@ def proxy(
     config = ProxyConfig(store=store.resolve(), host=host.strip("[]"), port=int(port),
                          routes=tuple(route or ()), model_hosts=tuple(model_host or ()),
                          token_ids=token_ids, logprobs=logprobs, reverse_target=reverse, reverse_port=reverse_port,
-                         confdir=confdir,
+                         confdir=confdir, public_host=public_host,
                          allow_remote=allow_remote, launcher=launcher, extra=extra)
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -134,8 +137,10 @@ def _serve(config: ProxyConfig, on_every_address: bool) -> None:
         typer.echo(f"# rollouttap proxy at {proc.url}, recording into {config.store}", err=True)
         if on_every_address:
             every = "every address, IPv4 and IPv6" if ":" in config.host else "every IPv4 address"
-            typer.echo(f"# it listens on {every}: agents on other hosts put this host's address in place of "
-                       f"{config.host} below, and present their agent's credentials", err=True)
+            where = (f"use {config.public_host} as below" if config.public_host else "put this host's address in "
+                     "place of 127.0.0.1 below (or start it with --public-host ADDRESS)")
+            typer.echo(f"# it listens on {every}: agents on other hosts {where}, and present their agent's "
+                       "credentials", err=True)
         if proc.reverse_url:
             typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1 for agents a "
                        f"manager registers: AgentManager(proxy={proc.url!r}, base_url_mode=True, store=...)",

@@ -1010,12 +1010,12 @@ def test_a_proxy_on_every_ipv6_and_ipv4_address_starts_with_its_reverse_listener
         assert proc.reverse_url is not None and proc.alive()
         session.trust_env = False
         port, reverse_port = proc.port, int(proc.reverse_url.rsplit(":", 1)[1])
-        for host in ("127.0.0.1", "[::1]", "[::]"):  # the last as the manager gives it to agents: proc.url's
+        for host in ("127.0.0.1", "[::1]", "[::]"):
             assert session.get(upstream.url + "/v1/models", proxies={"http": f"http://{host}:{port}"},
                                headers={"X-Agent-ID": "dual"}, timeout=10).status_code == 200, host
             assert session.get(f"http://{host}:{reverse_port}/v1/models", headers={"X-Agent-ID": "dual"},
                                timeout=10).status_code == 200, host
-        assert proc.url == f"http://[::]:{port}"
+        assert proc.url == f"http://127.0.0.1:{port}"  # agents are given an address to connect to, not "::"
 
 
 @pytest.mark.parametrize("host, remote, listen_host", [

@@ -166,26 +166,40 @@ def test_proxy_command_rejects_a_set_without_a_value(tmp_path):
     assert out.returncode == 1 and "--set 'nope' is not KEY=VALUE" in out.stderr
 
 
-@pytest.mark.parametrize("listen, url, every, host", [
-    ("0.0.0.0:0", "http://0.0.0.0:", "every IPv4 address", "0.0.0.0"),
-    ("[::]:0", "http://[::]:", "every address, IPv4 and IPv6", "::"),  # not IPv6 only, as asyncio binds "::"
+@pytest.mark.parametrize("listen, public, url, every, where", [
+    ("0.0.0.0:0", None, "127.0.0.1", "every IPv4 address", "put this host's address in place of 127.0.0.1 below"),
+    ("[::]:0", None, "127.0.0.1", "every address, IPv4 and IPv6",  # not IPv6 only, as asyncio binds "::"
+     "put this host's address in place of 127.0.0.1 below"),
+    ("0.0.0.0:0", "10.9.8.7", "10.9.8.7", "every IPv4 address", "use 10.9.8.7 as below"),
 ])
-def test_proxy_command_on_every_address_says_what_remote_agents_use(tmp_path, confdir, listen, url, every, host):
+def test_proxy_command_on_every_address_says_what_remote_agents_use(tmp_path, confdir, listen, public, url, every,
+                                                                     where):
     proc = subprocess.Popen([*ROLLOUTTAP, "proxy", "--store", str(tmp_path / "r.db"), "--confdir", str(confdir),
-                             "--listen", listen, "--allow-remote"],
+                             "--listen", listen, "--allow-remote", *(["--public-host", public] if public else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         exported = _read_exports(proc)["HTTP_PROXY"]
-        assert exported.startswith(url)
+        assert exported.startswith(f"http://{url}:")  # agents are given an address they can connect to
         port = int(exported.rsplit(":", 1)[1])
         for family, loopback in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-            if family == socket.AF_INET or ":" in host:  # what it says it listens on takes a connection
+            if family == socket.AF_INET or listen.startswith("["):  # what it says it listens on takes a connection
                 with socket.create_connection((loopback, port), timeout=10):
                     pass
     finally:
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=30)[1]
-    assert f"it listens on {every}: agents on other hosts put this host's address in place of {host}" in err
+    assert f"it listens on {every}: agents on other hosts {where}" in err
+
+
+def test_a_public_host_is_an_address_without_a_port(tmp_path):
+    for bad in ("0.0.0.0", "::", "node:8080", "http://node", ""):
+        with pytest.raises(ConfigError, match="public_host"):
+            ProxyConfig(store=tmp_path / "r.db", public_host=bad)
+    for good, url_host in (("10.0.0.5", "10.0.0.5"), ("node2.cluster", "node2.cluster"), ("[fd77::1]", "[fd77::1]"),
+                           ("fd77::1", "[fd77::1]")):
+        proc = ProxyProcess(ProxyConfig(store=tmp_path / "r.db", public_host=good))
+        proc.listen = [{"mode": "regular", "port": 8080}, {"mode": "reverse", "port": 8081}]  # as if it listened
+        assert (proc.url, proc.reverse_url) == (f"http://{url_host}:8080", f"http://{url_host}:8081")
 
 
 @pytest.mark.parametrize("key, instead", [

@@ -1008,6 +1008,21 @@ def test_attach_to_a_proxy_by_an_ipv6_url_gives_agents_urls_they_can_parse(tmp_p
         proc.stop()
 
 
+def test_agents_reach_a_proxy_on_every_address_at_its_public_host(tmp_path, confdir, upstream):
+    # As agents on another host would: by this host's address, not the "0.0.0.0" it listens on.
+    address = next((a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                    if a.family == socket.AF_INET and not a.address.startswith("127.")), None)
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address")
+    config = ProxyConfig(store=tmp_path / "r.db", confdir=confdir, host="0.0.0.0", allow_remote=True,
+                         public_host=address)
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=config, model_url=upstream.base_url) as m:
+        assert m.proxy_url.startswith(f"http://{address}:")
+        [result] = m.deploy([agent("chat 1 @id")])
+    assert result.status == "ok" and result.calls == 1, result.stderr_tail
+    assert [f.client_addr.rsplit(":", 1)[0] for f in _flows(m, result.agent_id)] == [address]
+
+
 def test_attach_refuses_a_proxy_on_another_address_with_the_same_port(tmp_path, confdir):
     # Proxy A records into the manager's store; proxy B, same port on another address, records elsewhere.
     ours = start_proxy(tmp_path / "ours.db", confdir)
