@@ -47,7 +47,7 @@ class ProxyLink:
         if isinstance(arg, str):
             if count > 1:
                 raise ConfigError("proxies > 1 starts its own proxies: it cannot attach to one by URL")
-            return [cls._attach(arg, store, base_url_mode)]
+            return [cls.attach(arg, store, base_url_mode)]
         config = own_proxy_config(arg, store_path=store_path, model_url=model_url,
                                   base_url_mode=base_url_mode, confdir=confdir)
         if count > 1 and (config.port or config.reverse_port):
@@ -81,7 +81,8 @@ class ProxyLink:
         return links
 
     @classmethod
-    def _attach(cls, url: str, store: Store, base_url_mode: bool) -> ProxyLink:
+    def attach(cls, url: str, store: Store, base_url_mode: bool = False) -> ProxyLink:
+        """The running proxy at ``url``, which must record into ``store`` and answer."""
         parts = urlsplit(url)
         if not parts.hostname or not parts.port:
             raise ConfigError(f"proxy URL {url!r} is not http://HOST:PORT")

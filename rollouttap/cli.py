@@ -170,7 +170,7 @@ def _serve(config: ProxyConfig, on_every_address: bool) -> None:
 def _register_optional_commands() -> None:
     """Commands whose modules may pull heavier imports register themselves lazily."""
     import importlib
-    for name in ("rollouttap.cli_run", "rollouttap.cli_inspect", "rollouttap.cli_demo"):
+    for name in ("rollouttap.cli_run", "rollouttap.cli_agent", "rollouttap.cli_inspect", "rollouttap.cli_demo"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 
-from conftest import run_client, wait_for
+from conftest import run_client, settled_flows, start_proxy, wait_for
 from rollouttap.errors import ConfigError
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, launch_env
 from rollouttap.store import Store
@@ -322,3 +323,34 @@ def test_a_manager_fills_the_reverse_target_of_a_config_that_pins_only_the_rever
     config = own_proxy_config(ProxyConfig(store=store, reverse_port=45678), store_path=store,
                               model_url="http://127.0.0.1:8000/v1", base_url_mode=True, confdir=None)
     assert (config.reverse_target, config.reverse_port) == ("http://127.0.0.1:8000", 45678)
+
+
+def test_an_agent_run_by_hand_gets_credentials_that_end_with_it(tmp_path, confdir, upstream):
+    # An agent on another host is attributed by proxy credentials only: `agent start` registers one and prints
+    # its environment, `agent end` voids it.
+    store = tmp_path / "runs.db"
+    with start_proxy(store, confdir) as proc:
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*ROLLOUTTAP, "agent", *args, "--store", str(store)], capture_output=True,
+                                  text=True, timeout=60)
+
+        def call(proxy_url: str) -> int:
+            return requests.post(upstream.base_url + "/chat/completions", json={"model": "m", "messages": []},
+                                 proxies={"http": proxy_url}, timeout=20).status_code
+
+        started = cli("start", "--proxy", proc.url, "--id", "by-hand")
+        assert started.returncode == 0, started.stderr
+        env = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
+        assert env["ROLLOUTTAP_AGENT_ID"] == "by-hand" and "by-hand:" in env["HTTP_PROXY"]
+        assert call(env["HTTP_PROXY"]) == 200
+        [flow] = settled_flows(store, agent_id="by-hand")
+        assert flow.attribution == "credentials"
+        again = cli("start", "--proxy", proc.url, "--id", "by-hand")
+        assert again.returncode == 1 and "already in" in again.stderr
+        assert cli("end", "by-hand").returncode == 0
+        assert call(env["HTTP_PROXY"]) == 407
+        assert "already ended" in cli("end", "by-hand").stderr
+        elsewhere = cli("start", "--proxy", "http://127.0.0.1:9")
+        assert elsewhere.returncode == 1 and "no running rollouttap proxy at http://127.0.0.1:9" in elsewhere.stderr
+    with Store(store) as opened:
+        assert opened.agent("by-hand").status == "ok"
