@@ -141,6 +141,10 @@ def _serve(config: ProxyConfig, on_every_address: bool) -> None:
                      "place of 127.0.0.1 below (or start it with --public-host ADDRESS)")
             typer.echo(f"# it listens on {every}: agents on other hosts {where}, and present their agent's "
                        "credentials", err=True)
+        if config.allow_remote:
+            url = proc.url if config.public_host or not on_every_address else f"http://ADDRESS:{proc.port}"
+            typer.echo(f"# agents on other hosts: `rollouttap agent start --store {shlex.quote(str(config.store))} "
+                       f"--proxy {url}` prints an agent's credentials, with the proxy as they reach it", err=True)
         if proc.reverse_url:
             typer.echo(f"# base-URL mode: OPENAI_BASE_URL={proc.reverse_url}/agents/<id>/<token>/v1 for agents a "
                        f"manager registers: AgentManager(proxy={proc.url!r}, base_url_mode=True, store=...)",

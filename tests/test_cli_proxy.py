@@ -190,6 +190,7 @@ def test_proxy_command_on_every_address_says_what_remote_agents_use(tmp_path, co
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=30)[1]
     assert f"it listens on {every}: agents on other hosts {where}" in err
+    assert f"--proxy {'http://' + public if public else 'http://ADDRESS'}:{port}` prints an agent's credentials" in err
 
 
 def test_a_public_host_is_an_address_without_a_port(tmp_path):
