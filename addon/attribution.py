@@ -174,6 +174,12 @@ def local_ips(addresses: Iterable[str]) -> frozenset[str]:
     return frozenset(str(_plain_ip(a)) for a in addresses)
 
 
+def host_addresses() -> frozenset[str]:
+    """This host's interface addresses (``local_ips``)."""
+    return local_ips(a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                     if a.family.name in ("AF_INET", "AF_INET6"))
+
+
 def _plain_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -293,8 +299,7 @@ class PidAttributor:
         self._socket_of = socket_of
         self._boot_time = psutil.boot_time()
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
-        self._local_ips = local_ips(a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-                                    if a.family.name in ("AF_INET", "AF_INET6"))
+        self._local_ips = host_addresses()
 
     def on_this_host(self, peer_ip: str) -> bool:
         """Whether a client at ``peer_ip`` runs on this host (so its process can be looked up)."""

@@ -21,8 +21,9 @@ from mitmproxy.connection import Client
 
 from rollouttap.addon import capture_options, flowcols, tokenids
 from rollouttap.addon.answer_rewrite import sse_finished, stream_rewrite, strip_json_answer
-from rollouttap.addon.attribution import Attribution
+from rollouttap.addon.attribution import Attribution, host_addresses
 from rollouttap.addon.flow_attribution import FlowAttribution
+from rollouttap.addon.loopback import is_any_address
 from rollouttap.addon.master_hooks import (
     exit_after_done, listen_for_nudges, listeners, rebind_on_loopback, reverse_listeners, shutdown_when_gone,
     stop_listening,
@@ -137,7 +138,9 @@ class RolloutTap:
                 shutdown_when_gone(ctx.options.rollouttap_parent_pid, on_gone=self._orphaned))
 
     def _listeners_changed(self) -> None:
-        self.own_routes = own_reverse_routes(reverse_listeners())
+        listeners = reverse_listeners()
+        on_every_address = any(is_any_address(listener[0]) for listener in listeners)
+        self.own_routes = own_reverse_routes(listeners, host_addresses() if on_every_address else ())
 
     def _announce(self) -> None:
         """This proxy's row in the store (readers find its pid and listeners there); enables the watermark."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import urlsplit
 
+from rollouttap.addon.loopback import is_any_address
+
 
 class RouteError(ValueError):
     """A route option value that cannot be parsed."""
@@ -96,9 +98,11 @@ def find_route(routes: tuple[Route, ...], host: str, port: int) -> Route | None:
 SELF_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-def own_reverse_routes(listeners: tuple[tuple[str, int, str, str, int], ...]) -> tuple[Route, ...]:
+def own_reverse_routes(listeners: tuple[tuple[str, int, str, str, int], ...],
+                       here: Iterable[str] = ()) -> tuple[Route, ...]:
     """Routes for requests addressed to one of this proxy's reverse listeners, each given as (listen host,
     listen port, target scheme, target host, target port): they go where that listener sends its requests.
+    ``here``: this host's addresses, by which agents (another host's too) name a listener on every address.
 
     A client that matches NO_PROXY by host alone (aiohttp) or ignores its ports (curl) sends a base URL on
     the reverse listener to the regular listener instead, and mitmproxy will not connect to itself."""
@@ -106,6 +110,7 @@ def own_reverse_routes(listeners: tuple[tuple[str, int, str, str, int], ...]) ->
     for listen_host, listen_port, scheme, host, port in listeners:
         if scheme not in ("http", "https"):
             continue
-        for name in dict.fromkeys((*SELF_NAMES, listen_host.lower())):
+        names = (*SELF_NAMES, listen_host.lower(), *(here if is_any_address(listen_host) else ()))
+        for name in dict.fromkeys(names):
             routes.append(Route(name, listen_port, scheme, host, port, ""))
     return tuple(routes)

@@ -484,11 +484,15 @@ def test_route_with_port_only_matches_that_port():
     ("127.0.0.1", 8000, None),  # the model server itself
     ("example.com", 7001, None),
     ("localhost", 7003, None),  # a reverse listener for TCP, not HTTP
+    ("10.0.0.5", 7004, ("http", "127.0.0.1", 8000, "/v1/x")),  # on every address: named by this host's address
+    ("10.0.0.5", 7001, None),  # a listener on loopback only is not reached by that address
+    ("10.0.0.6", 7004, None),  # another host's
 ])
 def test_requests_to_our_own_reverse_listeners_go_to_their_targets(host, port, target):
     routes = own_reverse_routes((("127.0.0.1", 7001, "http", "127.0.0.1", 8000),
                                  ("127.0.0.2", 7002, "https", "m.local", 443),
-                                 ("127.0.0.1", 7003, "tcp", "127.0.0.1", 9000)))
+                                 ("127.0.0.1", 7003, "tcp", "127.0.0.1", 9000),
+                                 ("0.0.0.0", 7004, "http", "127.0.0.1", 8000)), here=("10.0.0.5", "127.0.0.1"))
     route = find_route(routes, host, port)
     assert (route.target("/v1/x") if route else None) == target
 
