@@ -344,8 +344,7 @@ class AgentManager:
                 error = start_failure(exc)
                 store.agent_ended(agent_id, "error", {"error": error})
                 return AgentResult(agent_id, index, prompt, "error", error=error)
-            given = link.proxy_ids[-1:]  # the proxy it was pointed at, alive now: its rows could die with it
-            return self._finish(ctx, agent, index, self._supervise(agent, timeout, stop), timeout, stop, given)
+            return self._finish(ctx, agent, index, self._supervise(agent, timeout, stop), timeout, stop)
         finally:
             if not self.keep_workdirs:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -380,7 +379,7 @@ class AgentManager:
         return _Supervised(outcome, killed, survivors, bypass, killed_at, output_cut)
 
     def _finish(self, ctx: LaunchContext, agent: launch.AgentProcess, index: int, run: _Supervised,
-                timeout: float, stop: threading.Event, proxy_ids: list[str]) -> AgentResult:
+                timeout: float, stop: threading.Event) -> AgentResult:
         """Collect the finished agent's flows, conversation, row and check into its result."""
         ended_at = time.time()  # the agent's tree is gone: all it sent reached the proxy before now
         store, link = self.store, self._link(index)
@@ -391,7 +390,7 @@ class AgentManager:
         status, error = decide_status(run.outcome, agent.popen.returncode, entry, is_entry_point=is_entry,
                                       timeout=timeout)
         try:
-            settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at, proxy_ids=proxy_ids)
+            settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
         except StoreError as exc:  # its open flows could not be ended in the store: its result still stands
             settled = Settled((), f"its flows could not be settled in the store: {exc}")
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)

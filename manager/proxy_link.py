@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rollouttap.addon.loopback import is_any_address, resolve_host
-from rollouttap.errors import ConfigError, ProxyError
+from rollouttap.errors import ConfigError, ProxyError, StoreError
 from rollouttap.manager.launch import split_model_url
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess, proxy_env
 from rollouttap.store import Store
@@ -127,8 +127,7 @@ class ProxyLink:
             # After a failed restart (its port taken, say), agent starts do not queue up behind a retry each.
             if closing.is_set() or time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
                 return
-            stopped = store is not None and process.proxy_id is not None and store.proxy_stopped(process.proxy_id)
-            if process.alive() and not stopped:
+            if process.alive() and not self._stopped(process, store):
                 return
             log.warning("proxy %s %s (log %s); restarting it on %s", process.proxy_id,
                         "stopped" if process.alive() else "died", process.log_path, self.url)
@@ -140,6 +139,18 @@ class ProxyLink:
                 self._failed_at = time.monotonic()
                 log.exception("restarting the proxy failed; agents cannot reach the model meanwhile (next try "
                               "in %.0f s)", RESTART_BACKOFF_S)
+
+    @staticmethod
+    def _stopped(process: ProxyProcess, store: Store | None) -> bool:
+        """Whether the proxy recorded its stop; not when the store cannot tell now (locked, say): then its
+        process's end is waited for, as before there was a store to ask."""
+        if store is None or process.proxy_id is None:
+            return False
+        try:
+            return store.proxy_stopped(process.proxy_id)
+        except StoreError as exc:
+            log.debug("cannot tell whether proxy %s stopped: %s", process.proxy_id, exc)
+            return False
 
     def close(self) -> None:
         if self.process is not None:

@@ -300,14 +300,13 @@ class Store:
                            "AND coalesce(committed_through, -1) < ?", (since,))
         return [r["pid"] for r in rows if _alive(r["pid"], r["create_time"])]
 
-    def killed_proxies(self, proxy_ids: Sequence[str], before: float) -> list[dict[str, Any]]:
-        """Those of ``proxy_ids`` that died without recording their stop (SIGKILL, the OOM killer) and had not
-        committed all they queued before ``before`` (their last watermark is older): those rows are lost."""
-        if not proxy_ids:
-            return []
-        marks = ", ".join("?" for _ in proxy_ids)
-        rows = self._query(f"SELECT pid, create_time, proxy_id FROM proxies WHERE proxy_id IN ({marks}) AND "
-                           "stopped_at IS NULL AND coalesce(committed_through, started_at) < ?", (*proxy_ids, before))
+    def killed_proxies(self, agent_id: str, before: float) -> list[dict[str, Any]]:
+        """The proxies that served ``agent_id`` (hold a flow of it) and died without recording their stop
+        (SIGKILL, the OOM killer) before committing all they queued before ``before`` (their last watermark
+        is older): rows of the agent's may be lost with them."""
+        rows = self._query("SELECT pid, create_time, proxy_id FROM proxies WHERE stopped_at IS NULL AND "
+                           "coalesce(committed_through, started_at) < ? AND EXISTS (SELECT 1 FROM flows WHERE "
+                           "flows.agent_id = ? AND flows.proxy_id = proxies.proxy_id)", (before, agent_id))
         return [dict(r) for r in rows if not _alive(r["pid"], r["create_time"])]
 
     def close_flows_of_dead_proxies(self) -> int:

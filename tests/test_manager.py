@@ -29,7 +29,7 @@ from conftest import start_proxy, wait_for
 from manager_support import HERE as SUPPORT
 from rollouttap.errors import AgentSpecError, ConfigError, ProxyError
 from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent, ProxyConfig
-from rollouttap.manager.proxy import ProxyProcess
+from rollouttap.manager.proxy import ProxyProcess, free_port
 from rollouttap.manager.agents import LaunchContext, render_argv, template_fields
 from rollouttap.addon import sockdiag
 from rollouttap.manager import launch
@@ -821,7 +821,7 @@ def test_proxy_killed_mid_batch_is_restarted_and_capture_goes_on(tmp_path, confd
         results = m.deploy([agent("retry @id 30")] * 8)
         killer.join()
         assert m.proxy_restarts == 1 and m.link.process.proxy_id != first_proxy
-    # The agents running when it was killed (parallel=2) are not reported ok: it may have lost rows of theirs.
+    # An agent it served when killed (parallel=2) is not reported ok: it may have lost rows of theirs.
     overlapped = [r for r in results if r.status != "ok"]
     assert len(overlapped) <= 2 and all(r.status == "error" and "killed while it ran" in (r.error or "")
                                         for r in overlapped), [(r.status, r.error, r.stderr_tail) for r in results]
@@ -856,6 +856,47 @@ def test_an_agent_whose_proxy_was_killed_while_it_ran_is_not_reported_ok(tmp_pat
         [after] = m.deploy([agent("chat 1 @id")])  # on the restarted proxy: nothing of the kill left
     assert result.exit_code == 0 and result.status == "error" and f"pid {pid}) was killed" in result.error
     assert after.status == "ok" and after.error is None
+
+
+def test_an_agent_idle_while_its_proxy_was_killed_and_restarted_is_ok(tmp_path, confdir, upstream):
+    # Nothing of it was in the killed proxy: its one call went through the restarted one.
+    go = tmp_path / "go"
+    prompt = f"while [ ! -e {go} ]; do sleep 0.05; done; " + agent("chat 1 @id")
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", timeout=60, model_url=upstream.base_url,
+                      confdir=confdir) as m:
+        link = m.link
+
+        def kill_then_go():
+            with Store(tmp_path / "r.db") as store:
+                wait_for(lambda: any(a.status == "running" for a in store.agents(m.run_id)), 30, "the agent")
+            os.kill(link.process.proc.pid, signal.SIGKILL)
+            wait_for(lambda: link.restarts == 1, 30, "the restart")
+            go.touch()
+
+        killer = threading.Thread(target=kill_then_go)
+        killer.start()
+        [result] = m.deploy([prompt])
+        killer.join()
+    assert (result.status, result.error, result.calls, result.proxy_restarts) == ("ok", None, 1, 1)
+
+
+def test_a_proxy_killed_and_started_again_by_hand_leaves_the_next_agents_of_an_attached_manager_ok(
+        tmp_path, confdir, upstream):
+    store_path, port = tmp_path / "r.db", free_port("127.0.0.1")
+    old = start_proxy(store_path, confdir, port=port)
+    new = None
+    try:
+        with AgentManager(SHELL_AGENT, store=store_path, proxy=old.url, model_url=upstream.base_url) as m:
+            [first] = m.deploy([agent("chat 1 @id")])
+            os.kill(old.proc.pid, signal.SIGKILL)
+            old.proc.wait()
+            new = start_proxy(store_path, confdir, port=port)
+            [second] = m.deploy([agent("chat 1 @id")])
+        assert first.status == "ok" and (second.status, second.error, second.calls) == ("ok", None, 1)
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()
 
 
 def test_agents_started_after_the_proxy_died_wait_for_its_restart(tmp_path, confdir, upstream):
@@ -1008,19 +1049,25 @@ def test_attach_to_a_proxy_by_an_ipv6_url_gives_agents_urls_they_can_parse(tmp_p
         proc.stop()
 
 
-def test_agents_reach_a_proxy_on_every_address_at_its_public_host(tmp_path, confdir, upstream):
-    # As agents on another host would: by this host's address, not the "0.0.0.0" it listens on.
+@pytest.mark.parametrize("base_url_mode", [False, True])
+def test_agents_reach_a_proxy_on_every_address_at_its_public_host(tmp_path, confdir, upstream, base_url_mode):
+    # As agents on another host would: by this host's address, not the "0.0.0.0" it listens on. In base-URL
+    # mode, requests and aiohttp send the base URL through HTTP_PROXY all the same: the proxy knows it for its
+    # own reverse listener's by that address too (else it looped to itself and was refused).
     address = next((a.address for addrs in psutil.net_if_addrs().values() for a in addrs
                     if a.family == socket.AF_INET and not a.address.startswith("127.")), None)
     if address is None:
         pytest.skip("this host has no non-loopback IPv4 address")
     config = ProxyConfig(store=tmp_path / "r.db", confdir=confdir, host="0.0.0.0", allow_remote=True,
                          public_host=address)
-    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=config, model_url=upstream.base_url) as m:
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", proxy=config, model_url=upstream.base_url,
+                      base_url_mode=base_url_mode) as m:
         assert m.proxy_url.startswith(f"http://{address}:")
-        [result] = m.deploy([agent("chat 1 @id")])
-    assert result.status == "ok" and result.calls == 1, result.stderr_tail
-    assert [f.client_addr.rsplit(":", 1)[0] for f in _flows(m, result.agent_id)] == [address]
+        results = m.deploy([agent("chat 1 @id"), agent("requests @id"), agent("aiohttp @id trust-env")])
+    for result in results:
+        assert result.status == "ok" and result.calls == 1, (result.error, result.stderr_tail)
+        [flow] = _flows(m, result.agent_id)
+        assert flow.attribution == ("path" if base_url_mode else "credentials")
 
 
 def test_attach_refuses_a_proxy_on_another_address_with_the_same_port(tmp_path, confdir):
