@@ -41,8 +41,8 @@ def declare(loader: Any) -> None:
                       "Allow listening on non-loopback addresses (agents on other hosts).")
     loader.add_option("rollouttap_remote_anonymous", bool, False,
                       "Serve clients on other hosts that present no proxy credentials (recorded as "
-                      "unattributed, whatever X-Agent-ID they send); off, they get 407: nothing names their agent, and the proxy would "
-                      "relay them to this host's loopback services.")
+                      "unattributed, whatever X-Agent-ID they send); off, they get 407: nothing names their "
+                      "agent, and the proxy would relay them to this host's loopback services.")
     loader.add_option("rollouttap_store_backlog_mb", int, MAX_BACKLOG_BYTES >> 20,
                       "Flow data (MiB) kept in memory while the store cannot take it (a full disk, a lock "
                       "held by another process); beyond it, new requests are answered 503 until it can.")

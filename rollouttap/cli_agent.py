@@ -13,8 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from rollouttap.errors import ConfigError
+from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
+BY_HAND = "run by hand (rollouttap agent start)"  # its meta's "agent": what `end` may end
 agent_app = typer.Typer(no_args_is_help=True, help="Credentials for an agent run by hand (e.g. on another host).")
 
 
@@ -36,14 +37,15 @@ def start(
     agent_id = agent_id or new_agent_id()
     if not agent_id.isprintable() or not agent_id.strip() or agent_id != agent_id.strip():
         raise ConfigError(f"--id {agent_id!r} is not a printable name")
-    with Store(store.resolve()) as opened:
+    with Store(_existing(store)) as opened:
         link = ProxyLink.attach(proxy, opened)  # a proxy at that URL records into this store, and answers
         if opened.agent(agent_id) is not None:
             raise ConfigError(f"agent {agent_id!r} is already in {store}: give another --id")
         token = new_token()
-        opened.register_agent(agent_id, token=token, meta={"agent": "run by hand (rollouttap agent start)"})
+        opened.register_agent(agent_id, token=token, meta={"agent": BY_HAND})
     typer.echo(f"# agent {agent_id}: its calls through {link.url} are its own until "
-               f"`rollouttap agent end {agent_id} --store {shlex.quote(str(store))}`", err=True)
+               f"`rollouttap agent end {agent_id} --store {shlex.quote(str(store))}`; for HTTPS on another host, "
+               "copy the CA file SSL_CERT_FILE names there", err=True)
     for key, value in link.env(agent_id, token).items():
         typer.echo(f"export {key}={shlex.quote(value)}")
 
@@ -58,15 +60,25 @@ def end(
     from rollouttap.store import Store
     if status not in ("ok", "failed", "error"):
         raise ConfigError(f"--status {status!r} is not ok, failed or error")
-    with Store(store.resolve()) as opened:
+    with Store(_existing(store)) as opened:
         agent = opened.agent(agent_id)
         if agent is None:
-            raise ConfigError(f"no agent {agent_id!r} in {store}")
+            raise NotFoundError(f"no agent {agent_id!r} in {store}")
+        if agent.meta.get("agent") != BY_HAND:  # a manager's agent ends with its process, never by this
+            raise ConfigError(f"agent {agent_id!r} was not started by `rollouttap agent start`")
         if agent.status not in ("registered", "running"):
             raise ConfigError(f"agent {agent_id!r} has already ended ({agent.status})")
         opened.agent_exited(agent_id)
         opened.agent_ended(agent_id, status)
     typer.echo(f"# agent {agent_id} ended ({status}); its credentials no longer work", err=True)
+
+
+def _existing(store: Path) -> Path:
+    """The store's path; a mistyped one is refused, not created empty."""
+    path = store.resolve()
+    if not path.is_file():
+        raise StoreError(f"no store at {store}: give the --store the proxy records into")
+    return path
 
 
 def register(app: typer.Typer) -> None:

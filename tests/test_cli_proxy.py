@@ -353,5 +353,11 @@ def test_an_agent_run_by_hand_gets_credentials_that_end_with_it(tmp_path, confdi
         assert "already ended" in cli("end", "by-hand").stderr
         elsewhere = cli("start", "--proxy", "http://127.0.0.1:9")
         assert elsewhere.returncode == 1 and "no running rollouttap proxy at http://127.0.0.1:9" in elsewhere.stderr
+        with Store(store) as opened:  # a manager's agent ends with its processes, never by `agent end`
+            opened.register_agent("managed", token="t0k3n")
+        assert "was not started by `rollouttap agent start`" in cli("end", "managed").stderr
     with Store(store) as opened:
-        assert opened.agent("by-hand").status == "ok"
+        assert opened.agent("by-hand").status == "ok" and opened.agent("managed").status == "registered"
+    mistyped = subprocess.run([*ROLLOUTTAP, "agent", "start", "--proxy", "http://127.0.0.1:9", "--store",
+                               str(tmp_path / "typo.db")], capture_output=True, text=True, timeout=60)
+    assert mistyped.returncode == 1 and "no store at" in mistyped.stderr and not (tmp_path / "typo.db").exists()
