@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, Mapping
 from urllib.parse import unquote
 
 import psutil
@@ -136,14 +136,16 @@ def credentials_conflict(agent_id: str, roots: tuple[str, ...], tags: tuple[str,
 
 
 def decide_from_ancestry(chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
-                         known_roots: dict[str, int],
+                         known_roots: Mapping[str, int | None],
                          create_time: Callable[[ProcInfo], float]) -> tuple[str | None, str | None]:
     """(agent_id, detail) from a socket owner's ancestry, nearest first.
 
     ``roots`` maps a registered root pid to (create_time, agent_id); ``known_roots`` maps an agent to
-    its registered root pid. The outermost match wins, so an agent cannot re-tag its own children as
-    another agent; a tag naming an agent whose registered root is not an ancestor is refused. A root
-    pid only matches a process with the recorded start time, so a reused pid never does.
+    its registered root pid (None: registered with a token and no process, so its credentials alone speak
+    for it). The outermost match wins, so an agent cannot re-tag its own children as another agent; a tag
+    naming an agent whose registered root is not an ancestor is refused, as is one naming an agent of
+    credentials alone (any process may carry any tag). A root pid only matches a process with the recorded
+    start time, so a reused pid never does.
     """
     registered = registered_in_chain(chain, roots, create_time)
     if registered:
@@ -152,8 +154,10 @@ def decide_from_ancestry(chain: list[ProcInfo], roots: dict[int, tuple[float | N
     if not tags:
         return None, "no agent tag in the process ancestry"
     agent_id = tags[-1]
-    root_pid = known_roots.get(agent_id)
-    if root_pid is not None:
+    if agent_id in known_roots:
+        root_pid = known_roots[agent_id]
+        if root_pid is None:
+            return None, f"tag {agent_id!r} names an agent that its proxy credentials alone attribute"
         return None, f"tag {agent_id!r} but its root pid {root_pid} is not an ancestor"
     return agent_id, "environment tag"
 
@@ -347,17 +351,20 @@ class PidAttributor:
         return PidResult(pid, agent_id, detail, tuple(registered), tags)
 
     def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
-                   known: dict[str, int]) -> tuple[dict[str, int], bool]:
+                   known: dict[str, int]) -> tuple[dict[str, int | None], bool]:
         """The registered roots of agents that tags in ``chain`` name outside the live ones cached (ended
-        agents, whose tags still must not attribute), and whether one of them is live after all (it started
-        since the cache was read). Hand-run tags that name no registered agent cost one indexed read each."""
-        others: dict[str, int] = {}
+        agents, whose tags still must not attribute; None for an agent with a token and no root, which
+        attributes by its credentials alone), and whether one of them is live after all (it started since the
+        cache was read). Hand-run tags that name no registered agent cost one indexed read each."""
+        others: dict[str, int | None] = {}
         behind = False
         for tag in {p.agent_tag for p in chain if p.agent_tag and p.agent_tag not in known}:
             agent = self.directory.other(tag)
             if agent is not None and agent.root_pid is not None:
                 others[tag] = agent.root_pid
                 behind = behind or (agent.status in LIVE_STATUSES and agent.root_pid not in roots)
+            elif agent is not None and agent.token_hash is not None:
+                others[tag] = None  # registered with a token and no process (`rollouttap agent start`)
         return others, behind
 
     def connection_closed(self, pid: int) -> None:

@@ -206,6 +206,9 @@ def _ctime(info):
     (_chain((30, "B"), (20, "A"), (1, None)), {}, {}, "A"),
     # nothing at all
     (_chain((30, None), (1, None)), {}, {}, None),
+    # a tag naming an agent of credentials alone (`rollouttap agent start`: a token, no process): any process
+    # may carry any tag
+    (_chain((30, "H"), (1, None)), {}, {"H": None}, None),
 ])
 def test_decide_from_ancestry(chain, roots, known, expected):
     agent_id, detail = decide_from_ancestry(chain, roots, known, _ctime)

@@ -812,9 +812,11 @@ def test_an_ended_agents_open_tunnel_is_refused_too(tmp_path, confdir, upstream)
 
 def test_git_over_https_trusts_the_proxy_with_the_agents_environment(tmp_path, confdir, upstream):
     # An SWE agent's `git fetch` through the proxy: git's libcurl reads GIT_SSL_CAINFO, not CURL_CA_BUNDLE.
+    # git sends proxy credentials only when challenged (http.proxyAuthMethod anyauth): the tag of a hand-run
+    # agent names it.
     with start_proxy(tmp_path / "runs.db", confdir, routes=(f"github.com={upstream.url}",)) as proxy:
-        agent_id, token = _new_agent(proxy)
-        env = {**agent_env(proxy, agent_id, token), "GIT_TERMINAL_PROMPT": "0", "HOME": str(tmp_path)}
+        agent_id = "git-" + uuid.uuid4().hex[:8]
+        env = {**agent_env(proxy, tag=agent_id), "GIT_TERMINAL_PROMPT": "0", "HOME": str(tmp_path)}
         out = subprocess.run(["git", "ls-remote", "https://github.com/acme/tools.git"], env=env,
                              capture_output=True, text=True, timeout=60)
         assert "certificate" not in out.stderr, out.stderr

@@ -346,6 +346,14 @@ def test_an_agent_run_by_hand_gets_credentials_that_end_with_it(tmp_path, confdi
         assert call(env["HTTP_PROXY"]) == 200
         [flow] = settled_flows(store, agent_id="by-hand")
         assert flow.attribution == "credentials"
+        # Its id as a tag, without its token, speaks for nobody: any process may carry any tag.
+        posed = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x", proc.url,
+                                upstream.base_url + "/models"], capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "ROLLOUTTAP_AGENT_ID": "by-hand"})
+        assert posed.stdout == "200"
+        with Store(store) as opened:
+            wait_for(lambda: len(opened.flows(state="done")) == 2, 10, "the tagged call's row")
+            assert [f.agent_id for f in opened.flows()] == ["by-hand", None]
         again = cli("start", "--proxy", proc.url, "--id", "by-hand")
         assert again.returncode == 1 and "already in" in again.stderr
         assert cli("end", "by-hand").returncode == 0
