@@ -338,13 +338,14 @@ class AgentManager:
             if stop.is_set():  # cancelled meanwhile (that wait can be long): not started only to be killed
                 store.agent_ended(agent_id, "error", {"error": "cancelled before it started"})
                 return AgentResult(agent_id, index, prompt, "error", error="cancelled before it started")
+            given = link.serving(store)  # the proxy it is pointed at, running now: its rows could die with it
             try:
                 ctx, agent = self._start(agent_id, token, prompt, run_dir, link)
             except (OSError, AgentSpecError, ValueError) as exc:
                 error = start_failure(exc)
                 store.agent_ended(agent_id, "error", {"error": error})
                 return AgentResult(agent_id, index, prompt, "error", error=error)
-            return self._finish(ctx, agent, index, self._supervise(agent, timeout, stop), timeout, stop)
+            return self._finish(ctx, agent, index, self._supervise(agent, timeout, stop), timeout, stop, given)
         finally:
             if not self.keep_workdirs:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -379,7 +380,7 @@ class AgentManager:
         return _Supervised(outcome, killed, survivors, bypass, killed_at, output_cut)
 
     def _finish(self, ctx: LaunchContext, agent: launch.AgentProcess, index: int, run: _Supervised,
-                timeout: float, stop: threading.Event) -> AgentResult:
+                timeout: float, stop: threading.Event, given: list[str]) -> AgentResult:
         """Collect the finished agent's flows, conversation, row and check into its result."""
         ended_at = time.time()  # the agent's tree is gone: all it sent reached the proxy before now
         store, link = self.store, self._link(index)
@@ -390,7 +391,7 @@ class AgentManager:
         status, error = decide_status(run.outcome, agent.popen.returncode, entry, is_entry_point=is_entry,
                                       timeout=timeout)
         try:
-            settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at)
+            settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at, given=given)
         except StoreError as exc:  # its open flows could not be ended in the store: its result still stands
             settled = Settled((), f"its flows could not be settled in the store: {exc}")
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)

@@ -86,10 +86,7 @@ class ProxyLink:
         parts = urlsplit(url)
         if not parts.hostname or not parts.port:
             raise ConfigError(f"proxy URL {url!r} is not http://HOST:PORT")
-        addresses = resolve_host(parts.hostname, parts.port)
-        row = next((p for p in store.proxies(alive_only=True)
-                    if any(x["mode"] == "regular" and _listens_at(x, addresses, parts.port) for x in p["listen"])),
-                   None)
+        row = _live_at(url, store)
         if row is None:
             raise ProxyError(f"no running rollouttap proxy at {url} records into {store.path}; start one with "
                              f"`rollouttap proxy --store {store.path}` or let the manager start its own")
@@ -104,6 +101,18 @@ class ProxyLink:
             raise ProxyError(f"the proxy at {url} does not answer: {exc}") from exc
         return cls(f"http://{host}:{parts.port}", row["ca_cert"], reverse if base_url_mode else None, None,
                    row["proxy_id"])
+
+    def serving(self, store: Store) -> list[str]:
+        """The proxy an agent started now reaches: this manager's own, or the one running at the attached URL
+        (started again by hand since, maybe)."""
+        if self.process is not None:
+            return self.proxy_ids[-1:]
+        try:
+            row = _live_at(self.url, store)
+        except (StoreError, OSError) as exc:  # the store cannot tell now: the one attached to
+            log.debug("cannot tell which proxy runs at %s: %s", self.url, exc)
+            row = None
+        return [row["proxy_id"]] if row is not None else self.proxy_ids[-1:]
 
     def env(self, agent_id: str, token: str) -> dict[str, str]:
         """HTTP(S)_PROXY with the agent's credentials, CA bundle, agent tag, NO_PROXY cleared."""
@@ -189,6 +198,15 @@ def own_proxy_config(config: ProxyConfig | None, *, store_path: Path, model_url:
         if base_url_mode and not config.reverse_target:
             config = replace(config, reverse_target=root)
     return config
+
+
+def _live_at(url: str, store: Store) -> dict[str, Any] | None:
+    """The store's running proxy whose regular listener is at ``url`` (http://HOST:PORT)."""
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port
+    addresses = resolve_host(parts.hostname, parts.port)
+    return next((p for p in store.proxies(alive_only=True)
+                 if any(x["mode"] == "regular" and _listens_at(x, addresses, parts.port) for x in p["listen"])), None)
 
 
 def _listens_at(listener: dict[str, Any], addresses: set[str], port: int) -> bool:

@@ -8,7 +8,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -247,14 +247,14 @@ class Settled:
 
 
 def settle_flows(store: Store, agent_id: str, grace: float, ended_at: float | None = None,
-                 poll: float = 0.01) -> Settled:
+                 poll: float = 0.01, *, given: Sequence[str] = ()) -> Settled:
     """Wait (at most ``grace`` seconds) until none of the agent's flows is open; end the rest.
 
     First the proxies must have committed everything they queued before the agent ended (``ended_at``),
     so no flow of the agent is still in a write queue. The proxy closes a flow when its response ends or
     its client goes away, so once the agent's processes are gone its flows close within moments; one still
-    open after the grace period never will. A proxy that served the agent and was killed before it had
-    committed what it queued before ``ended_at`` lost that: flows may be missing.
+    open after the grace period never will. A proxy the agent was ``given`` or that served it, killed before
+    it had committed what it queued before ``ended_at``, lost that: flows may be missing.
     """
     deadline = time.monotonic() + grace
     uncommitted = None
@@ -262,9 +262,9 @@ def settle_flows(store: Store, agent_id: str, grace: float, ended_at: float | No
         uncommitted = (f"the proxy had not committed this agent's flows {grace:g}s after it ended (is another "
                        "process holding the store locked, or its disk full?): its calls and row may be incomplete")
         log.warning("agent %s: %s", agent_id, uncommitted)
-    elif ended_at is not None and (killed := store.killed_proxies(agent_id, ended_at)):
-        uncommitted = (f"the proxy serving it (pid {killed[0]['pid']}) was killed while it ran, before committing "
-                       "all it had queued: its calls and row may be incomplete")
+    elif ended_at is not None and (killed := store.killed_proxies(agent_id, given, ended_at)):
+        uncommitted = (f"its proxy (pid {killed[0]['pid']}) was killed while it ran, before committing all it had "
+                       "queued: its calls and row may be incomplete")
         log.warning("agent %s: %s", agent_id, uncommitted)
     while store.open_flow_count(agent_id) and time.monotonic() < deadline:
         time.sleep(poll)

@@ -300,13 +300,16 @@ class Store:
                            "AND coalesce(committed_through, -1) < ?", (since,))
         return [r["pid"] for r in rows if _alive(r["pid"], r["create_time"])]
 
-    def killed_proxies(self, agent_id: str, before: float) -> list[dict[str, Any]]:
-        """The proxies that served ``agent_id`` (hold a flow of it) and died without recording their stop
-        (SIGKILL, the OOM killer) before committing all they queued before ``before`` (their last watermark
-        is older): rows of the agent's may be lost with them."""
-        rows = self._query("SELECT pid, create_time, proxy_id FROM proxies WHERE stopped_at IS NULL AND "
-                           "coalesce(committed_through, started_at) < ? AND EXISTS (SELECT 1 FROM flows WHERE "
-                           "flows.agent_id = ? AND flows.proxy_id = proxies.proxy_id)", (before, agent_id))
+    def killed_proxies(self, agent_id: str, given: Sequence[str], before: float) -> list[dict[str, Any]]:
+        """The proxies that may have lost rows of ``agent_id``: those it was ``given`` (running when it started)
+        or that hold a flow of it, which died without recording their stop (SIGKILL, the OOM killer) before
+        committing all they queued before ``before`` (their last watermark is older). Whether any of what they
+        lost was the agent's, the store cannot tell."""
+        marks = ", ".join("?" for _ in given) or "NULL"
+        rows = self._query(f"SELECT pid, create_time, proxy_id FROM proxies WHERE stopped_at IS NULL AND "
+                           f"coalesce(committed_through, started_at) < ? AND (proxy_id IN ({marks}) OR EXISTS "
+                           "(SELECT 1 FROM flows WHERE flows.agent_id = ? AND flows.proxy_id = proxies.proxy_id))",
+                           (before, *given, agent_id))
         return [dict(r) for r in rows if not _alive(r["pid"], r["create_time"])]
 
     def close_flows_of_dead_proxies(self) -> int:
