@@ -143,17 +143,26 @@ _AGENT_TOKEN = re.compile(rf"({_SLASH}agents{_SLASH}[A-Za-z0-9._~%-]+?{_SLASH})"
                           r"(?![A-Za-z0-9_-])")
 
 
-def hide_agent_tokens(text: str, replace: Callable[[str], str] | None = None) -> str:
-    """``text`` with the token of every agent base-URL path in it redacted (a stored fingerprint stays), or
-    given to ``replace`` (fingerprints too: replay blanks both sides to compare them)."""
-    if "agents" not in text:
-        return text
+# The password of a URL's user information anywhere in a value, written as is or percent-encoded: an agent's
+# proxy URL (``http://ID:TOKEN@host:port``, what its HTTP_PROXY holds) echoed into a query value or a header.
+_ANY_URL_PASSWORD = re.compile(r"(://[^/?#@\s:<>\"]*:)([^/?#@\s<>\"]+)(@)"
+                               r"|(%3[aA]%2[fF]%2[fF][^/?#@\s<>\"&=%]*%3[aA])([^/?#@\s<>\"&=%]+)(%40)")
 
-    def hidden(m: re.Match[str]) -> str:
+
+def hide_agent_tokens(text: str, replace: Callable[[str], str] | None = None) -> str:
+    """``text`` with the token of every agent base-URL path in it, and every URL's password (an agent's proxy
+    URL), redacted (a stored fingerprint stays), or given to ``replace`` (fingerprints too: replay blanks both
+    sides to compare them)."""
+    def hidden(m: re.Match[str], head: str, secret: str, tail: str = "") -> str:
         if replace is not None:
-            return m[1] + replace(m[2])
-        return m[0] if m[2].startswith("redacted-sha256-") else m[1] + redacted_query_value(m[2])
-    return _AGENT_TOKEN.sub(hidden, text)
+            return head + replace(secret) + tail
+        return m[0] if secret.startswith("redacted-sha256-") else head + redacted_query_value(secret) + tail
+    if "agents" in text:
+        text = _AGENT_TOKEN.sub(lambda m: hidden(m, m[1], m[2]), text)
+    if "@" in text or "%40" in text:
+        text = _ANY_URL_PASSWORD.sub(lambda m: hidden(m, m[1], m[2], m[3]) if m[1] else hidden(m, m[4], m[5], m[6]),
+                                     text)
+    return text
 
 
 # A parameter in a header value that holds URLs (after ?, &, ; or an OAuth fragment's #); its value ends where

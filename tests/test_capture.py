@@ -968,6 +968,18 @@ def test_hide_agent_tokens(target, expected):
     assert hide_agent_tokens(target) == expected.replace("/R", "/" + redacted_query_value(TOKEN))
 
 
+@pytest.mark.parametrize("text, kept", [
+    (f"/x?proxy=http://ag-1:{TOKEN}@127.0.0.1:8080/", "/x?proxy=http://ag-1:R@127.0.0.1:8080/"),  # its HTTP_PROXY
+    (f"/x?p=http%3A%2F%2Fag-1%3A{TOKEN}%40127.0.0.1%3A8080&y=1", "/x?p=http%3A%2F%2Fag-1%3AR%40127.0.0.1%3A8080&y=1"),
+    (f"via http://ag-1:{TOKEN}@10.0.0.5:8080", "via http://ag-1:R@10.0.0.5:8080"),  # a header's value
+    ("http://user@h/x", "http://user@h/x"), ("mailto:a@b.c", "mailto:a@b.c"), ("http://h:80/x@y", "http://h:80/x@y"),
+])
+def test_hide_agent_tokens_hides_proxy_url_passwords(text, kept):
+    from rollouttap.store.redact import hide_agent_tokens, redacted_query_value
+    assert hide_agent_tokens(text) == kept.replace(":R", ":" + redacted_query_value(TOKEN)).replace(
+        "%3AR", "%3A" + redacted_query_value(TOKEN))
+
+
 @pytest.mark.parametrize("target, expected", [
     (f"http://h/x?callback=http://127.0.0.1:9/agents/a1/{TOKEN}/v1",
      "http://h/x?callback=http://127.0.0.1:9/agents/a1/R/v1"),
