@@ -136,16 +136,17 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 # An agent's base-URL path, /agents/<id>/<token>, anywhere in a value (a query value, a header, written with
 # "/" or percent-encoded "%2F"): its token as new_token() makes them, 24 URL-safe characters, not all lowercase
-# hex (that is a MongoDB ObjectId).
+# hex (that is a MongoDB ObjectId). The id is bounded and never crosses a "%2F": a long header (on the event
+# loop) costs linear time.
 _SLASH = r"(?:/|%2[fF])"
-_AGENT_TOKEN = re.compile(rf"({_SLASH}agents{_SLASH}[A-Za-z0-9._~%-]+?{_SLASH})"
+_AGENT_TOKEN = re.compile(rf"({_SLASH}agents{_SLASH}(?:(?!%2[fF])[A-Za-z0-9._~%-]){{1,128}}?{_SLASH})"
                           r"((?![0-9a-f]{24}(?![A-Za-z0-9_-]))[A-Za-z0-9_-]{24}|redacted-sha256-[0-9a-f]{12})"
                           r"(?![A-Za-z0-9_-])")
 
 
 # The password of a URL's user information anywhere in a value, written as is or percent-encoded: an agent's
 # proxy URL (``http://ID:TOKEN@host:port``, what its HTTP_PROXY holds) echoed into a query value or a header.
-_ANY_URL_PASSWORD = re.compile(r"(://[^/?#@\s:<>\"]*:)([^/?#@\s<>\"]+)(@)"
+_ANY_URL_PASSWORD = re.compile(r"(://[^/?#@\s:<>\"&=,;]*:)([^/?#@\s<>\"&=,;]+)(@)"
                                r"|(%3[aA]%2[fF]%2[fF][^/?#@\s<>\"&=%]*%3[aA])([^/?#@\s<>\"&=%]+)(%40)")
 
 
