@@ -353,8 +353,7 @@ class PidAttributor:
     def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
                    known: dict[str, int]) -> tuple[dict[str, int | None], bool]:
         """The registered roots of agents that tags in ``chain`` name outside the live ones cached (ended
-        agents, whose tags still must not attribute; None for an agent with a token and no root, which
-        attributes by its credentials alone), and whether one of them is live after all (it started since the
+        agents, whose tags still must not attribute; None for an agent its credentials alone attribute), and whether one of them is live after all (it started since the
         cache was read). Hand-run tags that name no registered agent cost one indexed read each."""
         others: dict[str, int | None] = {}
         behind = False
@@ -363,8 +362,8 @@ class PidAttributor:
             if agent is not None and agent.root_pid is not None:
                 others[tag] = agent.root_pid
                 behind = behind or (agent.status in LIVE_STATUSES and agent.root_pid not in roots)
-            elif agent is not None and agent.token_hash is not None:
-                others[tag] = None  # registered with a token and no process (`rollouttap agent start`)
+            elif agent is not None and agent.credentials_only:
+                others[tag] = None  # run by hand with credentials (`rollouttap agent start`): no tag speaks for it
         return others, behind
 
     def connection_closed(self, pid: int) -> None:

@@ -15,7 +15,7 @@ import typer
 
 from rollouttap.errors import ConfigError, NotFoundError, StoreError
 
-BY_HAND = "run by hand (rollouttap agent start)"  # its meta's "agent": what `end` may end
+BY_HAND = "run by hand (rollouttap agent start)"  # its meta's "agent" (the manager writes its command there)
 agent_app = typer.Typer(no_args_is_help=True, help="Credentials for an agent run by hand (e.g. on another host).")
 
 
@@ -34,6 +34,7 @@ def start(
     from rollouttap.manager.manager import new_agent_id
     from rollouttap.manager.proxy_link import ProxyLink
     from rollouttap.store import Store, new_token
+    from rollouttap.store.records import CREDENTIALS_ONLY
     agent_id = agent_id or new_agent_id()
     if not agent_id.isprintable() or not agent_id.strip() or agent_id != agent_id.strip():
         raise ConfigError(f"--id {agent_id!r} is not a printable name")
@@ -42,7 +43,7 @@ def start(
         if opened.agent(agent_id) is not None:
             raise ConfigError(f"agent {agent_id!r} is already in {store}: give another --id")
         token = new_token()
-        opened.register_agent(agent_id, token=token, meta={"agent": BY_HAND})
+        opened.register_agent(agent_id, token=token, meta={"agent": BY_HAND, CREDENTIALS_ONLY: True})
     typer.echo(f"# agent {agent_id}: its calls through {link.url} are its own until "
                f"`rollouttap agent end {agent_id} --store {shlex.quote(str(store))}`; for HTTPS on another host, "
                "copy the CA file SSL_CERT_FILE names there", err=True)
@@ -64,7 +65,7 @@ def end(
         agent = opened.agent(agent_id)
         if agent is None:
             raise NotFoundError(f"no agent {agent_id!r} in {store}")
-        if agent.meta.get("agent") != BY_HAND:  # a manager's agent ends with its process, never by this
+        if not agent.credentials_only:  # a manager's agent ends with its process, never by this
             raise ConfigError(f"agent {agent_id!r} was not started by `rollouttap agent start`")
         if agent.status not in ("registered", "running"):
             raise ConfigError(f"agent {agent_id!r} has already ended ({agent.status})")

@@ -13,6 +13,12 @@ from typing import Any
 from rollouttap.errors import StoreError
 
 
+# An agent's meta key: registered with a token for a process run by hand (``rollouttap agent start``), whose
+# credentials alone attribute it; a tag naming it is refused (any process may carry any tag). A manager's
+# agent, also registered with a token before its process starts, is attributed by its tag meanwhile.
+CREDENTIALS_ONLY = "credentials_only"
+
+
 @dataclass(frozen=True)
 class AgentRecord:
     agent_id: str
@@ -31,6 +37,10 @@ class AgentRecord:
         data = dict(row)
         data["meta"] = _column(data, "agent", "agent_id", "meta", "{}")
         return cls(**data)
+
+    @property
+    def credentials_only(self) -> bool:
+        return bool(self.meta.get(CREDENTIALS_ONLY)) and self.token_hash is not None
 
 
 @dataclass(frozen=True)

@@ -362,8 +362,16 @@ def test_an_agent_run_by_hand_gets_credentials_that_end_with_it(tmp_path, confdi
         elsewhere = cli("start", "--proxy", "http://127.0.0.1:9")
         assert elsewhere.returncode == 1 and "no running rollouttap proxy at http://127.0.0.1:9" in elsewhere.stderr
         with Store(store) as opened:  # a manager's agent ends with its processes, never by `agent end`
-            opened.register_agent("managed", token="t0k3n")
+            opened.register_agent("managed", token="t0k3n", run_id="r1")
         assert "was not started by `rollouttap agent start`" in cli("end", "managed").stderr
+        # Its tag names it while its root is not recorded yet (a busy store, say): it is starting.
+        tagged = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-x", proc.url, upstream.base_url + "/models"],
+                                capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "ROLLOUTTAP_AGENT_ID": "managed"})
+        assert tagged.returncode == 0
+        with Store(store) as opened:
+            wait_for(lambda: len(opened.flows(state="done")) == 3, 10, "the starting agent's row")
+            assert [f.agent_id for f in opened.flows()][-1] == "managed"
     with Store(store) as opened:
         assert opened.agent("by-hand").status == "ok" and opened.agent("managed").status == "registered"
     mistyped = subprocess.run([*ROLLOUTTAP, "agent", "start", "--proxy", "http://127.0.0.1:9", "--store",
