@@ -338,9 +338,8 @@ class AgentManager:
             if stop.is_set():  # cancelled meanwhile (that wait can be long): not started only to be killed
                 store.agent_ended(agent_id, "error", {"error": "cancelled before it started"})
                 return AgentResult(agent_id, index, prompt, "error", error="cancelled before it started")
-            given = link.serving(store)  # the proxy it is pointed at, running now: its rows could die with it
             try:
-                ctx, agent = self._start(agent_id, token, prompt, run_dir, link)
+                ctx, agent, given = self._start(agent_id, token, prompt, run_dir, link)
             except (OSError, AgentSpecError, ValueError) as exc:
                 error = start_failure(exc)
                 store.agent_ended(agent_id, "error", {"error": error})
@@ -351,14 +350,17 @@ class AgentManager:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
     def _start(self, agent_id: str, token: str, prompt: Prompt, run_dir: Path,
-               link: ProxyLink) -> tuple[LaunchContext, launch.AgentProcess]:
+               link: ProxyLink) -> tuple[LaunchContext, launch.AgentProcess, list[str]]:
+        """The started agent, and the proxy it is pointed at (running as it starts: its rows could die with it)."""
         ctx, argv, stdin = _prepare(self.spec, agent_id, prompt, run_dir, self.workdir_template)
         env = self._environment(agent_id, token, link)
+        assert self.store is not None
+        given = link.serving(self.store)  # after the workdir is made (seconds, maybe): a restart meanwhile counts
         agent = launch.spawn(agent_id, argv, env=env, cwd=ctx.workdir, stdin=stdin,
                              stdout=run_dir / "stdout.log", stderr=run_dir / "stderr.log")
         self._reaper.watch(agent_id, agent.pid, agent.members.get(agent.pid),  # before any store write
                            run_dir=None if self.keep_workdirs else run_dir)
-        return ctx, agent
+        return ctx, agent, given
 
     def _supervise(self, agent: launch.AgentProcess, timeout: float, stop: threading.Event) -> _Supervised:
         """Wait for the agent (watched by the monitor meanwhile), then kill whatever is left of its tree."""

@@ -203,7 +203,8 @@ def own_proxy_config(config: ProxyConfig | None, *, store_path: Path, model_url:
 def _live_at(url: str, store: Store) -> dict[str, Any] | None:
     """The store's running proxy whose regular listener is at ``url`` (http://HOST:PORT)."""
     parts = urlsplit(url)
-    assert parts.hostname and parts.port
+    if not parts.hostname or not parts.port:
+        return None
     addresses = resolve_host(parts.hostname, parts.port)
     return next((p for p in store.proxies(alive_only=True)
                  if any(x["mode"] == "regular" and _listens_at(x, addresses, parts.port) for x in p["listen"])), None)

@@ -885,6 +885,26 @@ def test_an_agent_running_when_its_proxy_was_killed_is_reported_whatever_the_sto
     assert f"its proxy (pid {pid}) was killed while it ran" in result.error
 
 
+def test_a_proxy_killed_while_an_agent_is_prepared_leaves_it_ok(tmp_path, confdir, upstream, monkeypatch):
+    # Its workdir is made (a template copied: seconds, maybe) before it is pointed at the proxy: the proxy
+    # killed and restarted meanwhile never saw it.
+    import rollouttap.manager.manager as manager_module
+    prepare = manager_module._prepare
+    with AgentManager(SHELL_AGENT, store=tmp_path / "r.db", timeout=60, model_url=upstream.base_url,
+                      confdir=confdir) as m:
+        link = m.link
+
+        def kill_while_preparing(*args, **kwargs):
+            os.kill(link.process.proc.pid, signal.SIGKILL)
+            link.process.proc.wait()
+            link.revive_if_dead(threading.Event(), m.store)
+            return prepare(*args, **kwargs)
+
+        monkeypatch.setattr(manager_module, "_prepare", kill_while_preparing)
+        [result] = m.deploy([agent("chat 1 @id")])
+    assert (result.status, result.error, result.calls, result.proxy_restarts) == ("ok", None, 1, 1)
+
+
 def test_a_proxy_killed_and_started_again_by_hand_leaves_the_next_agents_of_an_attached_manager_ok(
         tmp_path, confdir, upstream):
     store_path, port = tmp_path / "r.db", free_port("127.0.0.1")
