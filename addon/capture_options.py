@@ -9,7 +9,7 @@ from typing import Any
 from mitmproxy import exceptions
 
 from rollouttap.addon.attribution import PID_LOOKUPS
-from rollouttap.addon.loopback import is_host_port, is_loopback
+from rollouttap.addon.loopback import is_host_port, is_loopback, url_host
 from rollouttap.addon.routes import Route, RouteError, parse_routes
 from rollouttap.store.writer import MAX_BACKLOG_BYTES
 
@@ -113,5 +113,5 @@ def loopback_only(opts: Any) -> None:
 def model_host_set(hosts: Sequence[str], routes: tuple[Route, ...]) -> frozenset[str]:
     """Model hosts as ``host`` and ``host:port`` strings; every route target is one."""
     found = {h.strip().lower() for h in hosts if h.strip()}
-    found |= {f"[{r.host}]:{r.port}" if ":" in r.host else f"{r.host}:{r.port}" for r in routes}  # as matched
+    found |= {f"{url_host(r.host)}:{r.port}" for r in routes}  # as is_model_request matches them
     return frozenset(found)

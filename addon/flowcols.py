@@ -11,6 +11,7 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.net.http import url
 
 from rollouttap.addon.attribution import Attribution
+from rollouttap.addon.loopback import url_host
 from rollouttap.store import redact_headers, redact_query
 from rollouttap.store.redact import hide_agent_tokens
 
@@ -22,8 +23,7 @@ def _headers(headers: http.Headers) -> list[tuple[str, str]]:
 def _addr(address: tuple[Any, ...] | None) -> str | None:
     if not address:
         return None
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return f"{url_host(str(address[0]))}:{address[1]}"
 
 
 @functools.lru_cache(maxsize=256)
@@ -49,7 +49,7 @@ def pretty_where(req: http.Request, regular: bool = False) -> tuple[str, str]:
 
 
 def _url(scheme: str, host: str, port: int, path: str) -> str:
-    return url.unparse(scheme, f"[{host}]" if ":" in host else host, port, path if path != "*" else "")
+    return url.unparse(scheme, url_host(host), port, path if path != "*" else "")
 
 
 def bracket_ipv6_host(req: http.Request) -> None:
@@ -62,9 +62,9 @@ def bracket_ipv6_host(req: http.Request) -> None:
         return
     bare = url.hostport(req.scheme, host, req.port)
     if req.headers.get("Host") == bare:
-        req.headers["Host"] = url.hostport(req.scheme, f"[{host}]", req.port)
+        req.headers["Host"] = url.hostport(req.scheme, url_host(host), req.port)
     if req.authority == bare:
-        req.authority = url.hostport(req.scheme, f"[{host}]", req.port)
+        req.authority = url.hostport(req.scheme, url_host(host), req.port)
 
 
 def _regular(flow: http.HTTPFlow) -> bool:

@@ -38,6 +38,11 @@ def is_any_address(host: str) -> bool:
     return host.strip().strip("[]") in ("", "0.0.0.0", "::")
 
 
+def url_host(host: str) -> str:
+    """``host`` as a URL or a ``host:port`` writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def mitmproxy_listen_host(host: str) -> str:
     """The ``listen_host`` that makes mitmproxy listen where ``host`` says: ``::`` becomes "" (mitmproxy then
     listens on 0.0.0.0 and ::, IPv4 and IPv6), as mitmproxy hands ``::`` to asyncio, which binds it IPv6-only."""

@@ -16,7 +16,7 @@ import psutil
 from mitmproxy import ctx
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from rollouttap.addon.loopback import is_loopback
+from rollouttap.addon.loopback import is_loopback, url_host
 from rollouttap.store.nudge import NUDGE_SIGNAL
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ async def rebind_on_loopback() -> None:
     proxyserver = ctx.master.addons.get("proxyserver")
 
     def wide() -> list[str]:
-        return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return [f"{url_host(host)}:{port}"
                 for server in proxyserver.servers for host, port, *_ in server.listen_addrs if not is_loopback(host)]
     if not (found := wide()):
         return

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from rollouttap.addon.loopback import url_host  # pure, no mitmproxy
 from rollouttap.addon.procfs import AGENT_ENV, parse_agent_tag, read_file  # pure /proc reading, no mitmproxy
 from rollouttap.errors import ConfigError
 from rollouttap.manager.output import CappedOutput
@@ -448,7 +449,7 @@ def split_model_url(url: str) -> tuple[str, str, str]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"model URL {url!r} is not an http(s) URL")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    host = url_host(parts.hostname)
     return f"{parts.scheme}://{host}:{port}", f"{host}:{port}", parts.path.rstrip("/")
 
 

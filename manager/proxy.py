@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from rollouttap.addon.attribution import PID_LOOKUPS
 from rollouttap.addon.loopback import (
-    is_any_address, is_host_port, is_ip_address, is_loopback, mitmproxy_listen_host,
+    is_any_address, is_host_port, is_ip_address, is_loopback, mitmproxy_listen_host, url_host,
 )
 from rollouttap.addon.routes import RouteError, parse_route
 from rollouttap.errors import ConfigError, ProxyError
@@ -222,8 +222,8 @@ class ProxyProcess:
         """The host of the URLs agents are given (``ProxyConfig.public_host``)."""
         config = self.config
         if config.public_host:
-            return _url_host(config.public_host.strip("[]"))
-        return "127.0.0.1" if is_any_address(config.host) else _url_host(config.host)
+            return url_host(config.public_host.strip("[]"))
+        return "127.0.0.1" if is_any_address(config.host) else url_host(config.host)
 
     def env(self, agent_id: str | None = None, token: str | None = None) -> dict[str, str]:
         """The variables an agent needs to go through this proxy."""
@@ -367,7 +367,3 @@ def _reachable_host(text: str) -> bool:
     if is_ip_address(bare):
         return not is_any_address(bare)
     return ":" not in bare and is_host_port(bare)
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
