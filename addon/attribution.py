@@ -353,8 +353,9 @@ class PidAttributor:
     def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
                    known: dict[str, int]) -> tuple[dict[str, int | None], bool]:
         """The registered roots of agents that tags in ``chain`` name outside the live ones cached (ended
-        agents, whose tags still must not attribute; None for an agent its credentials alone attribute), and whether one of them is live after all (it started since the
-        cache was read). Hand-run tags that name no registered agent cost one indexed read each."""
+        agents, whose tags still must not attribute; None for an agent its credentials alone attribute), and
+        whether one of them is live after all (it started since the cache was read). Hand-run tags that name no
+        registered agent cost one indexed read each."""
         others: dict[str, int | None] = {}
         behind = False
         for tag in {p.agent_tag for p in chain if p.agent_tag and p.agent_tag not in known}:

@@ -128,8 +128,9 @@ def redacted_query_value(value: str) -> str:
 
 
 def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Return the headers with every secret value redacted, secret query values in URL-valued ones, and agent
-    tokens of base-URL paths in any (``Referer: http://127.0.0.1:PORT/agents/ID/TOKEN/v1/...``)."""
+    """Return the headers with every secret value redacted, secret query values and URL passwords in URL-valued
+    ones, and agent tokens in any (``hide_agent_tokens``: ``Referer: http://127.0.0.1:PORT/agents/ID/TOKEN/v1/``,
+    ``X-Upstream: http://ID:TOKEN@host``)."""
     return [(k, redact_value(v) if is_secret_name(k) else
              hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else v)) for k, v in headers]
 
@@ -182,7 +183,9 @@ def _map_param(match: re.Match[str], replace: Callable[[str], str | None]) -> st
     return "" if new is None else f"{sep}{name}={new}"
 
 
-# The password of a URL's user information (``https://user:PASSWORD@host/``).
+# The password of a URL's user information (``https://user:PASSWORD@host/``) in a URL-valued header, which holds
+# URLs only: it may hold any character a URL allows (elsewhere, _ANY_URL_PASSWORD stops at "&", "=", "," and ";",
+# where a value's next parameter may begin).
 _URL_PASSWORD = re.compile(r"(://[^/?#@\s:<>\"]*:)([^/?#@\s<>\"]+)(@)")
 
 
