@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import struct
@@ -307,29 +308,32 @@ def test_an_ipv6_client_connected_to_an_ipv4_listener_is_found_by_netlink_and_pr
         assert inode_procfs(peer[:2], accepted.getsockname()[:2]) == expected
 
 
-def test_socket_owner_found_in_another_process():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
+@contextlib.contextmanager
+def _child_connected(server: socket.socket, setup: str = "", holding: str = ""):
+    """A child process connected to ``server`` (``setup`` runs before it connects, ``holding`` after), alive until
+    the block ends: (its pid, the inode of its socket)."""
     child = subprocess.Popen([sys.executable, "-c", (
-        "import socket,sys\n"
-        f"s=socket.create_connection(('127.0.0.1', {server.getsockname()[1]}))\n"
+        f"import os, resource, socket, sys\n{setup}"
+        f"s = socket.create_connection({server.getsockname()!r})\n{holding}"
         "print(s.getsockname()[1], flush=True); sys.stdin.readline()\n")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
         accepted, _ = server.accept()
-        inode = inode_netlink(("127.0.0.1", port), server.getsockname())
-        finder = SocketOwnerFinder()
-        assert finder.find(inode) == child.pid
-        assert finder.find(inode) == child.pid and finder.scanned_last == 1  # remembered owner first
-        chain = ancestry(child.pid)
-        assert [p.pid for p in chain[:2]] == [child.pid, os.getpid()]
-        accepted.close()
+        with accepted:
+            yield child.pid, inode_netlink(("127.0.0.1", port), server.getsockname())
     finally:
         child.stdin.close()
         child.wait(5)
-        server.close()
+
+
+def test_socket_owner_found_in_another_process():
+    with socket.create_server(("127.0.0.1", 0)) as server, _child_connected(server) as (pid, inode):
+        finder = SocketOwnerFinder()
+        assert finder.find(inode) == pid
+        assert finder.find(inode) == pid and finder.scanned_last == 1  # remembered owner first
+        chain = ancestry(pid)
+        assert [p.pid for p in chain[:2]] == [pid, os.getpid()]
 
 
 def test_a_quick_lookup_leaves_the_reading_of_every_fd_table_to_the_full_one():
@@ -351,26 +355,13 @@ def test_a_quick_lookup_does_not_read_a_process_holding_very_many_descriptors():
     many = QUICK_FD_LIMIT + 100
     if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < many + 50:
         pytest.skip("the descriptor limit is too low to hold that many")
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        child = subprocess.Popen([sys.executable, "-c", (
-            "import os, resource, socket, sys\n"
-            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n"
-            f"s = socket.create_connection({server.getsockname()!r})\n"
-            f"held = [os.dup(s.fileno()) for _ in range({many})]\n"
-            "print(s.getsockname()[1], flush=True); sys.stdin.readline()\n")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            port = int(child.stdout.readline())
-            accepted, _ = server.accept()
-            with accepted:
-                inode = inode_netlink(("127.0.0.1", port), server.getsockname())
-                finder = SocketOwnerFinder()  # the child is new to it
-                assert finder.find(inode, everywhere=False) is None
-                assert finder.find(inode) == child.pid
-        finally:
-            child.stdin.close()
-            child.wait(5)
+    setup = ("hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n")
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            _child_connected(server, setup, f"held = [os.dup(s.fileno()) for _ in range({many})]\n") as (pid, inode):
+        finder = SocketOwnerFinder()  # the child is new to it
+        assert finder.find(inode, everywhere=False) is None
+        assert finder.find(inode) == pid
 
 
 class _Lookups:
