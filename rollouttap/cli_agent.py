@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rollouttap.errors import ConfigError, NotFoundError, StoreError
+from rollouttap.errors import ConfigError, NotFoundError
 
 BY_HAND = "run by hand (rollouttap agent start)"  # its meta's "agent" (the manager writes its command there)
 agent_app = typer.Typer(no_args_is_help=True, help="Credentials for an agent run by hand (e.g. on another host).")
@@ -38,7 +38,7 @@ def start(
     agent_id = agent_id or new_agent_id()
     if not agent_id.isprintable() or not agent_id.strip() or agent_id != agent_id.strip():
         raise ConfigError(f"--id {agent_id!r} is not a printable name")
-    with Store(_existing(store)) as opened:
+    with Store(store.resolve(), create=False) as opened:
         link = ProxyLink.attach(proxy, opened)  # a proxy at that URL records into this store, and answers
         if opened.agent(agent_id) is not None:
             raise ConfigError(f"agent {agent_id!r} is already in {store}: give another --id")
@@ -61,7 +61,7 @@ def end(
     from rollouttap.store import Store
     if status not in ("ok", "failed", "error"):
         raise ConfigError(f"--status {status!r} is not ok, failed or error")
-    with Store(_existing(store)) as opened:
+    with Store(store.resolve(), create=False) as opened:
         agent = opened.agent(agent_id)
         if agent is None:
             raise NotFoundError(f"no agent {agent_id!r} in {store}")
@@ -72,14 +72,6 @@ def end(
         opened.agent_exited(agent_id)
         opened.agent_ended(agent_id, status)
     typer.echo(f"# agent {agent_id} ended ({status}); its credentials no longer work", err=True)
-
-
-def _existing(store: Path) -> Path:
-    """The store's path; a mistyped one is refused, not created empty."""
-    path = store.resolve()
-    if not path.is_file():
-        raise StoreError(f"no store at {store}: give the --store the proxy records into")
-    return path
 
 
 def register(app: typer.Typer) -> None:

@@ -25,7 +25,7 @@ from rollouttap.cli_render import (
     flows_table, load_tokenizer, print_conversation, print_fidelity, print_mapping, replay_exits, row_text, secs,
     show_head,
 )
-from rollouttap.errors import ConfigError, NotFoundError, StoreError
+from rollouttap.errors import ConfigError, NotFoundError
 
 StoresOpt = Annotated[list[Path], typer.Option("--store", metavar="<path>", help="The store file to read; "
                                                             "repeat it for several (a store per rank or node).")]
@@ -47,9 +47,7 @@ def _print_json(obj: Any) -> None:
 
 def _open(store: Path, *, readonly: bool = True) -> Any:
     from rollouttap.store import Store
-    if not store.exists():
-        raise StoreError(f"no store at {store}")
-    return Store(store, readonly=readonly)
+    return Store(store, readonly=readonly, create=False)
 
 
 def _distinct(stores: list[Path]) -> list[Path]:

@@ -19,13 +19,14 @@ INDEX_LOCK_WAIT_MS = 200
 WAL_SIZE_LIMIT = 64 << 20
 
 
-def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open (and create or migrate) the store at ``path``; raise StoreVersionError on a foreign version.
+def connect(path: str | Path, *, readonly: bool = False, create: bool = True) -> sqlite3.Connection:
+    """Open (and create, unless not ``create``, or migrate) the store at ``path``; raise StoreVersionError on a
+    foreign version.
 
     A read-only open of a store an older rollouttap wrote upgrades it first (with one writable open: the
     migrations only add), so that the inspecting commands read every store this version can."""
     try:
-        return _connect(Path(path), readonly=readonly)
+        return _connect(Path(path), readonly=readonly, create=create)
     except _OlderStore as old:
         try:
             _connect(old.path, readonly=False).close()
@@ -46,15 +47,15 @@ class _OlderStore(Exception):
         self.path, self.version = path, version
 
 
-def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+def _connect(path: Path, *, readonly: bool, create: bool = True) -> sqlite3.Connection:
     if path.is_dir():
         raise StoreError(f"store {path} is a directory: give a file path in it, e.g. {path / 'runs.db'}")
+    if (readonly or not create) and not path.exists():  # a mistyped path is not made into an empty store
+        raise StoreError(f"no store at {path}")
     if not readonly:  # a reader of a copied store may be anywhere; writers must share one host's locks
         check_local(path)
     try:
         if readonly:
-            if not path.exists():
-                raise StoreError(f"no store at {path}")
             conn = _open_readonly(path)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)

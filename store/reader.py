@@ -33,11 +33,11 @@ log = logging.getLogger(__name__)
 class Store:
     """A store file opened for agents and queries. Thread-safe: one connection behind a lock."""
 
-    def __init__(self, path: str | Path, *, readonly: bool = False,
+    def __init__(self, path: str | Path, *, readonly: bool = False, create: bool = True,
                  locked_write_wait_s: float = LOCKED_WRITE_WAIT_S) -> None:
         self.path = Path(path)
         self.locked_write_wait_s = locked_write_wait_s
-        self._conn = connect(self.path, readonly=readonly)
+        self._conn = connect(self.path, readonly=readonly, create=create)
         self._file = file_id(self.path)
         self._lock = threading.RLock()  # re-entered by the reads of a snapshot()
         self._in_snapshot = False  # only the thread holding the lock reads or sets it

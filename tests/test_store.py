@@ -177,6 +177,15 @@ def test_an_agent_write_waits_out_a_lock_held_past_the_busy_timeout(tmp_path):
         writer.wait(30)
 
 
+def test_a_writable_open_that_must_not_create_refuses_a_missing_file(tmp_path):
+    with pytest.raises(StoreError, match="no store at"):
+        Store(tmp_path / "typo.db", create=False)
+    assert not (tmp_path / "typo.db").exists()
+    Store(tmp_path / "runs.db").close()
+    with Store(tmp_path / "runs.db", create=False) as store:  # an existing one opens as usual, writable
+        store.register_agent("a1")
+
+
 def test_readonly_open_of_missing_file_fails(tmp_path):
     with pytest.raises(StoreError):
         Store(tmp_path / "missing.db", readonly=True)
