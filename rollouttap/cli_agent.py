@@ -58,7 +58,7 @@ def end(
     status: Annotated[str, typer.Option(help="How it ended: ok, failed or error.")] = "ok",
 ) -> None:
     """End an agent run by hand: its credentials stop working, and it counts as ended in stats and show."""
-    from rollouttap.store import Store
+    from rollouttap.store import LIVE_STATUSES, Store
     if status not in ("ok", "failed", "error"):
         raise ConfigError(f"--status {status!r} is not ok, failed or error")
     with Store(store.resolve(), create=False) as opened:
@@ -67,7 +67,7 @@ def end(
             raise NotFoundError(f"no agent {agent_id!r} in {store}")
         if not agent.credentials_only:  # a manager's agent ends with its process, never by this
             raise ConfigError(f"agent {agent_id!r} was not started by `rollouttap agent start`")
-        if agent.status not in ("registered", "running"):
+        if agent.status not in LIVE_STATUSES:
             raise ConfigError(f"agent {agent_id!r} has already ended ({agent.status})")
         opened.agent_exited(agent_id)
         opened.agent_ended(agent_id, status)
