@@ -194,7 +194,7 @@ under thousands of keep-alive curl requests, bare vs capture vs capture + token 
 concurrency burst (section 1b). What they mean, and what would change them:
 
 - **mitmproxy's floor, and how rollouttap lowers it (`addon/fastdump.py`).** Stock mitmdump spends the
-  CPU of section 1c per request (~1.4 ms keep-alive, ~4.5 ms when every request opens a new connection,
+  CPU of section 1c per request (1.25–1.45 ms keep-alive, 3–5 ms when every request opens a new connection,
   on this machine). About half of that was not HTTP work: (1) `AddonManager.trigger_event` walks all ~35
   built-in addons for every hook (a context manager and a generator each, then the same again for the
   `update` hook after each flow hook); (2) under a plain `python`, mitmproxy type-checks every message
@@ -220,10 +220,10 @@ concurrency burst (section 1b). What they mean, and what would change them:
   requests), and an answer set in the `request` hook cannot stream, so SSE would still take mitmproxy's
   path. Not worth replacing mitmproxy's upstream side (errors, TLS, upstream modes) for that.
 - **Concurrency on 2 cores.** Section 1b's CPU columns: a direct burst of 32 async openai-SDK clients
-  already keeps both cores busy (the SDK itself spends ~1.3 ms CPU per call, the upstream ~0.2 ms). A
+  already keeps both cores busy (the SDK itself spends 1.1–1.4 ms CPU per call, the upstream ~0.2 ms). A
   proxy adds its own CPU per call on the same cores, so calls/s through any proxy is bounded by cores /
   (direct CPU + proxy CPU per call): "≥ 0.8× direct" would need a proxy spending at most a quarter of
-  direct's CPU per call (~0.4 ms). On a node with spare cores the ceiling is one proxy's event loop (the
+  direct's CPU per call (0.3–0.4 ms). On a node with spare cores the ceiling is one proxy's event loop (the
   last column of 1c); `AgentManager(proxies=N)` gives each of N proxies a share of the agents
   (section 4).
 - **The openai SDK's streamed rows.** The synchronous `OpenAI` client stops reading a stream at
@@ -277,6 +277,18 @@ concurrency burst (section 1b). What they mean, and what would change them:
   end from the field that follows them halves that, but would null bytes that are not JSON, so it was
   not done. `rollouttap_logprobs=false` asks for token
   ids only, for training without importance-sampling correction (the "no logprobs" rows).
+- **Long conversations (section 1d).** With token ids, vLLM's answer carries the prompt's ids, so a call
+  with a context of 100,000 tokens brings back a list of 100,000 numbers, which the proxy checks (a
+  pattern at C speed, ~25 ns per id: 2.5 ms for 100,000 ids of 6 digits) before nulling it for the agent,
+  and the store keeps (section 1d's stored KB per call). py-spy on a proxy carrying ~100,000-token calls
+  (`py-spy record --threads`): about a third of its busy samples check the ids, a fifth is the store
+  writer, a twentieth parses the request; the rest is mitmproxy's. Checking only that the list holds
+  digits and commas (`bytes.translate`) and then searching for a malformed item was measured at 1.6
+  against 2.5 ms per 100,000 ids: a second code path to keep exactly equal to the pattern for a sixth of
+  that row's CPU, not taken. The manager decodes every call's answer once, prompt ids included: about
+  half of the 0.25 s it spends on a 50-call agent's conversation and row (section 1d's last table; its
+  answers hold ~9 MB of ids). A conversation's calls resend it whole, so a store grows with the square of
+  an agent's turns: `rollouttap prune` (README, "The store").
 - **Attribution (`addon/procfs.py`, `addon/sockdiag.py`).** Off the event loop (a pool thread started at
   `client_connected`, before the request arrives), holding the GIL for its Python parts. One netlink
   socket per thread; new processes are found by probing pids just below `ns_last_pid`; sockets seen while

@@ -27,6 +27,7 @@ import concurrency  # noqa: E402
 import deploy  # noqa: E402
 import findings  # noqa: E402
 import latency  # noqa: E402
+import long_context  # noqa: E402
 import proxy_cpu  # noqa: E402
 import scale  # noqa: E402
 import store_speed  # noqa: E402
@@ -39,6 +40,7 @@ BENCHMARKS = {
     "latency": latency,
     "concurrency": concurrency,
     "cpu": proxy_cpu,
+    "long_context": long_context,
     "streaming": streaming,
     "stream_cpu": stream_cpu,
     "attribution": attribution_cost,
