@@ -61,6 +61,10 @@ class AgentManager:
     aiohttp do, is served as the reverse listener would serve it). proxies: how many proxies to start, each
     its own process and event loop, agents spread over them in turn: one proxy's event loop tops out at a
     few hundred requests/s, a node with many cores and many agents can use one per core or two.
+    keep_for: seconds; each deploy() first deletes from the store what ended more than that long ago
+    (``Store.prune``: whole agents, with all their flows), so a long training run does not fill its disk
+    (every call of an agent resends its conversation). Skipped while another deploy() of this manager runs,
+    whose agents' flows may still be being read. None (the default) keeps everything.
     """
 
     def __init__(self, agent: AgentSpec | Callable[..., Any], *, store: str | Path = "runs.db",
@@ -69,10 +73,10 @@ class AgentManager:
                  base_url_mode: bool = False, workdir_template: str | Path | None = None,
                  grace: float = 10.0, eos_token_id: int | None = None, run_id: str | None = None,
                  keep_workdirs: bool = False, confdir: str | Path | None = None,
-                 poll_interval: float = 0.2, proxies: int = 1) -> None:
+                 poll_interval: float = 0.2, proxies: int = 1, keep_for: float | None = None) -> None:
         self.spec = agent if isinstance(agent, AgentSpec) else _as_spec(agent)
         _check_settings(parallel=parallel, timeout=timeout, grace=grace, poll_interval=poll_interval,
-                        proxies=proxies, eos_token_id=eos_token_id)
+                        proxies=proxies, eos_token_id=eos_token_id, keep_for=keep_for)
         if base_url_mode and model_url is None:
             raise ConfigError("base_url_mode needs model_url (the reverse listener's target)")
         if model_url is not None:
@@ -87,6 +91,7 @@ class AgentManager:
         self.eos_token_id, self.keep_workdirs = eos_token_id, keep_workdirs
         self.run_id = run_id or uuid.uuid4().hex
         self.poll_interval = poll_interval
+        self.keep_for = None if keep_for is None else float(keep_for)
         self._proxy_arg, self._confdir = proxy, Path(confdir) if confdir is not None else None
         self.store: Store | None = None
         self.proxies = proxies
@@ -239,6 +244,7 @@ class AgentManager:
         for index, item in enumerate(items):  # before any agent starts: not one failure per agent, later
             self.spec.check_fits(item, index)
         self._link()
+        self._prune_ended()
         results: list[AgentResult | None] = [None] * len(items)
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(items))),
@@ -281,6 +287,24 @@ class AgentManager:
                             raise
                     future.add_done_callback(lambda _f: self._forget_deploy(stop))
         return [r for r in results if r is not None]
+
+    def _prune_ended(self) -> None:
+        """keep_for: delete what ended more than keep_for seconds ago, unless another deploy() runs. An agent
+        that ends after the cutoff is read is never older than it, so one of a deploy starting meanwhile is kept."""
+        if self.keep_for is None or self.store is None:
+            return
+        cutoff = time.time() - self.keep_for
+        with self._lock:
+            if self._deploys:
+                log.debug("store not pruned: another deploy() of this manager is running")
+                return
+        try:
+            flows, agents = self.store.prune(cutoff)
+        except StoreError as exc:  # the next deploy() tries again; agents run all the same
+            log.warning("rollouttap: pruning the store before this deploy failed: %s", exc)
+            return
+        if flows or agents:
+            log.info("pruned %d flows and %d agents that ended more than %gs ago", flows, agents, self.keep_for)
 
     def _forget_deploy(self, stop: threading.Event) -> None:
         """Drop a finished deploy (each of its agents calls this as it ends; the last one drops it)."""
@@ -514,13 +538,15 @@ def _owed_result(future: Future[AgentResult], items: Sequence[Prompt], index: in
 _SETTINGS: dict[str, tuple[bool, float, bool]] = {
     "parallel": (True, 1, True), "proxies": (True, 1, True), "eos_token_id": (True, 0, True),
     "timeout": (False, 0, False), "grace": (False, 0, True), "poll_interval": (False, 0, False),
+    "keep_for": (False, 0, True),
 }
+_OPTIONAL = frozenset(("eos_token_id", "keep_for"))  # None: not set
 
 
 def _check_settings(**values: Any) -> None:
     """ConfigError naming the first setting of the wrong type or out of range (None: not set)."""
     for name, value in values.items():
-        if value is None and name == "eos_token_id":
+        if value is None and name in _OPTIONAL:
             continue
         whole, least, inclusive = _SETTINGS[name]
         kinds = (int,) if whole else (int, float)

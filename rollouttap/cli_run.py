@@ -90,6 +90,9 @@ def run(
     eos_token_id: Annotated[Optional[int], typer.Option(
         min=0, help="The policy tokenizer's eos id: each result then carries its training row (token ids, mask, "
              "logprobs) and fidelity.")] = None,
+    keep_for: Annotated[Optional[str], typer.Option(
+        help="First delete from the store what ended longer ago than this (90, 30m, 6h, 2d), as "
+             "`rollouttap prune --older-than` does.")] = None,
 ) -> None:
     """Run one fresh agent per prompt behind the capture proxy; write one result per prompt.
 
@@ -99,6 +102,7 @@ def run(
     Agents that fail or time out are reported, not fatal: the exit code is 0 unless the run itself fails.
     """
     from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent
+    from rollouttap.manager.inspect import parse_age
     if (agent is None) == (entry is None):
         raise ConfigError("give exactly one of --agent and --entry")
     items = read_prompts_file(prompts)
@@ -110,7 +114,7 @@ def run(
     manager = AgentManager(spec, store=store, parallel=parallel, timeout=timeout, proxy=proxy, model_url=model_url,
                            env=parse_env(env or []), base_url_mode=base_url_mode, workdir_template=workdir_template,
                            grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies,
-                           eos_token_id=eos_token_id)
+                           eos_token_id=eos_token_id, keep_for=None if keep_for is None else parse_age(keep_for))
     sink: IO[str] = open_private(out, "w", encoding="utf-8") if out is not None else _stdout()
     # SIGTERM (a job scheduler, `timeout`, torchrun) ends the run as Ctrl-C does: running agents are killed
     # and recorded, the proxy commits. Its default would leave the agents running unsupervised.

@@ -169,6 +169,24 @@ def test_numbers_out_of_range_are_usage_errors(tmp_path, capsys, argv, option):
     assert f"Invalid value for '{option}'" in capsys.readouterr().err
 
 
+def test_run_keep_for_deletes_what_earlier_runs_left_before_it_starts(tmp_path, confdir, upstream, capsys):
+    prompts, store = tmp_path / "p.jsonl", tmp_path / "r.db"
+    prompts.write_text('"chat 1 @id"\n')
+    common = ["run", "--agent", f"{shlex.quote(sys.executable)} {shlex.quote(SUPPORT)} {{prompt}}",
+              "--prompts", str(prompts), "--store", str(store), "--model-url", upstream.base_url,
+              "--confdir", str(confdir)]
+    ids, kept = [], []
+    for keep in ([], ["--keep-for", "1d"], ["--keep-for", "0"]):  # the last deletes both earlier runs' agents
+        out = tmp_path / f"out{len(ids)}.jsonl"
+        assert main([*common, *keep, "--out", str(out)]) == 0
+        ids.append(json.loads(out.read_text())["agent_id"])
+        with Store(store) as s:
+            kept.append([a.agent_id for a in s.agents()])
+    assert kept == [ids[:1], ids[:2], ids[2:]]
+    assert main([*common, "--keep-for", "6 hours"]) == 1
+    assert "'6 hours' is not an age such as 90, 30m, 6h or 2d" in capsys.readouterr().err
+
+
 def test_run_bad_template_is_a_one_line_error(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('"x"\n')
