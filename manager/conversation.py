@@ -335,6 +335,7 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     responses: list[ResponsesCall] = []
     sent: list[ChatCall | ResponsesCall] = []  # chat and Responses calls in capture order
     other = 0
+    previous: list[int] | None = None  # the prompt ids of the call before
     for position, flow in enumerate(flows):
         kind = flow_kind(flow)
         call: ModelCall | None = None
@@ -356,6 +357,8 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
             if kind != "other":
                 log.debug("flow %s on %s has no %s request body; counted as other", flow.flow_id, flow.path, kind)
             other += 1
+        else:
+            previous = share_prompt_prefix(call.prompt_token_ids, previous)
     # One numbering of turns for chat and Responses calls: rows group the attempts at one request by turn.
     retries, turns = find_retries(sent)
     of = {c.position: (retries[i], turns[i]) for i, c in enumerate(sent)}
@@ -365,6 +368,18 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
              for i, c in enumerate(chats)]
     responses = [replace(c, is_retry=of[c.position][0], turn=of[c.position][1]) for c in responses]
     return Conversation(calls, completions, discontinuities, other, responses)
+
+
+def share_prompt_prefix(ids: list[int] | None, previous: list[int] | None) -> list[int] | None:
+    """Make ``ids`` hold the very int objects of ``previous`` where it starts with it (an agent's next prompt
+    resends the last one), so that a conversation's ids are kept once, not once per call that resends them: a
+    token id past 256 is an object of its own (~28 bytes) in every list JSON decoding makes. Each call keeps its own
+    list and values; ``previous`` for the call after."""
+    if ids is None:
+        return previous
+    if previous and len(previous) <= len(ids) and ids[:len(previous)] == previous:
+        ids[:len(previous)] = previous
+    return ids
 
 
 def calls_in_order(conversation: Conversation, flows: Sequence[FlowRecord]) -> list[ModelCall]:

@@ -422,3 +422,22 @@ def test_a_stream_closed_after_its_finish_reason_is_an_answered_call(cut, meta, 
     assert call.error == (None if answered else "Client disconnected.")
     if answered:
         assert call.completion_token_ids == facts["gen"].ids and call.finish_reason == "stop"
+
+
+def _ids_flow(prompt_ids: list[int]) -> FlowRecord:
+    """A non-streamed chat call whose answer carries ``prompt_ids`` as vLLM does (top-level prompt_token_ids)."""
+    answer = {"id": "c", "object": "chat.completion", "model": "m", "prompt_token_ids": prompt_ids,
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop",
+                           "token_ids": [7000, 2]}]}
+    return make_flow({"model": "m", "messages": [USER]}, json.dumps(answer).encode())
+
+
+def test_a_conversations_prompt_ids_are_held_once_not_once_per_call():
+    # Ids past 256: JSON decoding makes an int object per occurrence (smaller ones are Python's shared ints).
+    base = list(range(100_000, 100_300))
+    prompts = [base, base + [7000, 2, 100_500], [5000, *base], [5000, *base, 7000, 2]]
+    calls = build_conversation([_ids_flow(p) for p in prompts]).calls
+    assert [c.prompt_token_ids for c in calls] == prompts  # the values are the answers' own
+    held = [c.prompt_token_ids for c in calls]
+    assert all(a is b for a, b in zip(held[0], held[1]))  # the second resends the first: the first's objects
+    assert all(a is b for a, b in zip(held[2], held[3]))  # and so on after a prompt that starts anew
