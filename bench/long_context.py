@@ -5,13 +5,19 @@ Per request: one keep-alive ``requests.Session`` client posts a prompt of about 
 proxy's CPU per request (its own counters), the client's p50 and the bytes one call adds to the store. Per
 agent: one agent process makes a run of calls whose conversation grows to about the largest N, through
 ``AgentManager`` with token ids on, then what the manager spends turning its flows into its conversation and
-training row (``results.collect_flows``, what ``deploy()`` does for each agent once it ended).
+training row (``results.collect_flows``, what ``deploy()`` does for each agent once it ended). The scripted
+upstream's tokenizer gives ids below 266, which Python shares (up to 256): the memory a conversation holds is
+measured apart, on answers in vLLM's shape whose ids are drawn from a 151,000-token vocabulary.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import random
 import sqlite3
 import time
+import tracemalloc
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
@@ -109,6 +115,48 @@ def per_agent(ctx: Context, upstream: Upstream, turns: int, tool_chars: int) -> 
             "deploy_s": wall, "build_s": builds, "stored_mb": stored / 1e6}
 
 
+def _answer_flow(n: int, prompt_ids: list[int]) -> Any:
+    """A done, non-streamed chat flow whose answer carries ``prompt_ids`` as vLLM's does."""
+    from rollouttap.store.records import FlowRecord
+    answer = {"id": f"chatcmpl-{n}", "object": "chat.completion", "model": "policy", "prompt_token_ids": prompt_ids,
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop",
+                           "token_ids": [prompt_ids[-1], EOS_ID]}],
+              "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 2}}
+    request = {"model": "policy", "messages": [{"role": "user", "content": f"call {n}"}]}
+    return FlowRecord(
+        id=n, flow_id=f"flow-{n}", proxy_id="p", agent_id="a", pid=1, client_conn_id="c", client_addr="127.0.0.1:1",
+        attribution="token", method="POST", url="http://model/v1/chat/completions", scheme="http", host="model",
+        port=80, path="/v1/chat/completions", request_headers=[("content-type", "application/json")],
+        request_body=json.dumps(request).encode(), status_code=200,
+        response_headers=[("content-type", "application/json")], response_body=json.dumps(answer).encode(),
+        streamed=False, state="done", error=None, t_request=float(n), t_response_headers=None, t_first_byte=None,
+        t_end=n + 0.5)
+
+
+def conversation_memory(calls: int, tokens: int, repeats: int) -> dict[str, Any]:
+    """``build_conversation`` over ``calls`` answers whose prompts grow to ``tokens`` ids of a 151,000-token
+    vocabulary: CPU seconds (each run) and the memory the conversation holds."""
+    from rollouttap.manager.conversation import build_conversation
+    vocab = random.Random(0)
+    ids = [vocab.randrange(300, 151_000) for _ in range(tokens)]
+    flows = [_answer_flow(k, ids[:tokens * (k + 1) // calls]) for k in range(calls)]
+    seconds = []
+    for _ in range(repeats):
+        began = time.process_time()
+        build_conversation(flows)
+        seconds.append(time.process_time() - began)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        conversation = build_conversation(flows)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(conversation.calls) == calls
+    return {"build_s": seconds, "held_mb": held / 1e6}
+
+
 def run(ctx: Context) -> Section:
     plan = ctx.plan
     variants = (TOKENS_TUNED,) if plan.smoke else VARIANTS
@@ -130,6 +178,7 @@ def run(ctx: Context) -> Section:
         progress("long context: one long agent")
         turns, tool_chars = (3, 500) if plan.smoke else (50, sizes[-1] // 50)
         agent = per_agent(ctx, upstream, turns, tool_chars)
+    memory = conversation_memory(turns, sizes[-1], plan.repeats)
     rows = []
     for tokens in sizes:
         for v in variants:
@@ -154,5 +203,11 @@ def run(ctx: Context) -> Section:
             + table(["calls", "final context, tokens", "deploy() wall s", "stored MB",
                      "building its conversation and row, CPU s"],
                     [(agent["calls"], f"{agent['prompt_tokens']:,}", fmt(agent["deploy_s"]),
-                      fmt(agent["stored_mb"], 1), build.fmt(3))]))
-    return Section("long_context", TITLE, body, {"runs": dict(runs), "agent": agent})
+                      fmt(agent["stored_mb"], 1), build.fmt(3))])
+            + f"\n\nWhat a conversation holds in memory: {turns} answers in vLLM's shape (non-streamed) whose prompt "
+            f"ids grow to {sizes[-1]:,}, drawn from a 151,000-token vocabulary (Python shares only the ints up to "
+            f"256: every other id decoded is an object of its own), read by `build_conversation` (each call keeps "
+            f"its prompt ids; a call that resends the one before holds that one's int objects).\n\n"
+            + table(["calls", "final prompt ids", "building it, CPU s", "held MB"],
+                    [(turns, f"{sizes[-1]:,}", spread(memory["build_s"]).fmt(3), fmt(memory["held_mb"], 1))]))
+    return Section("long_context", TITLE, body, {"runs": dict(runs), "agent": agent, "memory": memory})
