@@ -286,6 +286,8 @@ class AgentManager:
                             self._late.done()
                             raise
                     future.add_done_callback(lambda _f: self._forget_deploy(stop))
+                if not futures:  # no agent (none asked for, or broken off before one was): none will drop it
+                    self._forget_deploy(stop)
         return [r for r in results if r is not None]
 
     def _prune_ended(self) -> None:
@@ -554,6 +556,8 @@ def _check_settings(**values: Any) -> None:
             raise ConfigError(f"{name} must be {'an integer' if whole else 'a number'}, not {value!r}")
         if not (value > least or (inclusive and value == least)):  # NaN fails both
             raise ConfigError(f"{name} must be {'>=' if inclusive else '>'} {least:g}, got {value!r}")
+        if not whole and isinstance(value, int) and abs(value) > 2 ** 1023:  # seconds are kept as a float
+            raise ConfigError(f"{name} is too large: {value!r}")
 
 
 @dataclass(frozen=True)

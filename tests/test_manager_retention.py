@@ -55,7 +55,16 @@ def test_nothing_is_pruned_while_another_deploy_of_the_manager_runs(tmp_path, co
     assert kept == {last.agent_id: 1}
 
 
-@pytest.mark.parametrize("keep_for", [-1, "6h", float("nan"), True])
+def test_an_empty_deploy_does_not_stop_later_ones_pruning(tmp_path, confdir, upstream):
+    with AgentManager(AGENT, store=tmp_path / "r.db", model_url=upstream.base_url, confdir=confdir,
+                      keep_for=0) as m:
+        assert m.deploy([]) == []  # a batch filtered down to nothing: no agent to end it
+        [first] = m.deploy(["chat 1 @id"])
+        [second] = m.deploy(["chat 1 @id"])
+        assert _kept(m) == {second.agent_id: 1} and first.status == "ok"
+
+
+@pytest.mark.parametrize("keep_for", [-1, "6h", float("nan"), True, 10 ** 400])
 def test_keep_for_must_be_a_number_of_seconds_not_below_zero(tmp_path, keep_for):
     with pytest.raises(ConfigError, match="keep_for"):
         AgentManager(AGENT, store=tmp_path / "r.db", keep_for=keep_for)
