@@ -194,7 +194,7 @@ under thousands of keep-alive curl requests, bare vs capture vs capture + token 
 concurrency burst (section 1b). What they mean, and what would change them:
 
 - **mitmproxy's floor, and how rollouttap lowers it (`addon/fastdump.py`).** Stock mitmdump spends the
-  CPU of section 1c per request (1.25–1.45 ms keep-alive, 3–5 ms when every request opens a new connection,
+  CPU of section 1c per request (1.15–1.45 ms keep-alive, 3–5 ms when every request opens a new connection,
   on this machine). About half of that was not HTTP work: (1) `AddonManager.trigger_event` walks all ~35
   built-in addons for every hook (a context manager and a generator each, then the same again for the
   `update` hook after each flow hook); (2) under a plain `python`, mitmproxy type-checks every message
@@ -286,7 +286,7 @@ concurrency burst (section 1b). What they mean, and what would change them:
   digits and commas (`bytes.translate`) and then searching for a malformed item was measured at 1.6
   against 2.5 ms per 100,000 ids: a second code path to keep exactly equal to the pattern for a sixth of
   that row's CPU, not taken. The manager decodes every call's answer once, prompt ids included: about
-  half of the 0.25 s it spends on a 50-call agent's conversation and row (section 1d's second table; its
+  half of the ~0.25 s it spends on a 50-call agent's conversation and row (section 1d's second table; its
   answers hold ~9 MB of ids). Decoded, an id past 256 is an int object of its own in every call's list: a
   call whose prompt resends the one before now holds that one's objects (`conversation.share_prompt_prefix`),
   so 50 calls growing to 100,000 ids of a real vocabulary hold 24.5 MB instead of 93.1 (section 1d's last
