@@ -12,6 +12,7 @@ from typing import Any
 from context import Context, progress
 from report import Section, table
 from rollouttap.store import Store, StoreWriter, connect, transaction
+from rollouttap.store.reader import PRUNE_BATCH
 from rollouttap.store.schema import FLOW_COLUMNS
 from stats import percentile, spread
 
@@ -114,6 +115,15 @@ def time_queries(path: Path, flows: int, reps: int) -> dict[str, float]:
     return out
 
 
+def time_prune(path: Path) -> dict[str, float]:
+    """Seconds ``Store.prune`` takes to delete every ended agent of the store, with its flows (what a first
+    ``keep_for`` prune meets after a long run without one); what it deleted."""
+    with Store(path) as store:
+        began = time.perf_counter()
+        flows, agents = store.prune(time.time())
+        return {"seconds": time.perf_counter() - began, "flows": flows, "agents": agents}
+
+
 def run(ctx: Context) -> Section:
     plan = ctx.plan
     writes, reads = [], []
@@ -128,10 +138,14 @@ def run(ctx: Context) -> Section:
     write_rows = [("flows committed per second", spread([w["flows_per_s"] for w in writes]).fmt(0)),
                   ("enqueue cost per flow on the event loop, µs", spread([w["enqueue_us"] for w in writes]).fmt(1))]
     read_rows = [(name, spread([r[name] for r in reads]).fmt(3)) for name in reads[0]]
+    progress("store: pruning it")
+    pruned = time_prune(big)  # last: it empties the store the queries read
     body = (f"Writer: {plan.store_write_flows:,} flows, each written as the addon does (insert at request headers, "
             "update with the request body, update with the ~3 KB response at the end), then `flush()`; "
             f"{plan.repeats} runs.\n\n" + table(["writer", "value"], write_rows)
             + f"\n\nReader: a store of {plan.store_read_flows:,} flows ({size_mb:.0f} MB, {FLOWS_PER_AGENT} flows per "
             f"agent, {AGENTS_PER_RUN} agents per run), p50 ms per call.\n\n"
-            + table(["query", "p50 ms"], read_rows))
-    return Section("store", TITLE, body, {"writes": writes, "reads": reads, "store_mb": size_mb})
+            + table(["query", "p50 ms"], read_rows)
+            + f"\n\nThen `Store.prune` of everything that ended (once): {pruned['flows']:,} flows of "
+            f"{pruned['agents']:,} agents deleted in {pruned['seconds']:.1f} s, {PRUNE_BATCH} flows per transaction.")
+    return Section("store", TITLE, body, {"writes": writes, "reads": reads, "store_mb": size_mb, "prune": pruned})
