@@ -27,6 +27,9 @@ from rollouttap.manager.agents import (
     AgentSpec, EntryPointAgent, LaunchContext, Prompt, check_prompt, prompt_text,
 )
 from rollouttap.manager.bypass import BypassConnection, BypassDetector, merge, model_targets
+from rollouttap.manager.deploy_reports import (
+    Pending, Progress, new_agent_id, report, report_late, unreported,
+)
 from rollouttap.manager.launch import agent_environment, model_env, split_model_url
 from rollouttap.manager.proxy import ProxyConfig
 from rollouttap.manager.proxy_link import ProxyLink
@@ -40,12 +43,7 @@ from rollouttap.store.redact import redact_command
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[AgentResult], None]
-
-
-def new_agent_id() -> str:
-    """An agent id unique across processes and machines (several trainer ranks may share a proxy)."""
-    return "ag-" + uuid.uuid4().hex
+__all__ = ["AgentManager", "Progress", "new_agent_id"]
 
 
 class AgentManager:
@@ -102,7 +100,7 @@ class AgentManager:
         self._lock = threading.Lock()
         self._deploys: dict[threading.Event, list[Future[AgentResult]]] = {}  # running deploys: stop -> agents
         self._callers: dict[threading.Event, threading.Thread] = {}  # running deploys: stop -> calling thread
-        self._late = _Pending()  # results of broken-off deploys still to be reported (see cancel())
+        self._late = Pending()  # results of broken-off deploys still to be reported (see cancel())
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._detector = BypassDetector(model_targets(model_url) if model_url else frozenset())
@@ -259,7 +257,7 @@ class AgentManager:
             for future in as_completed(futures):
                 result = future.result()
                 results[result.index] = result
-                _report(progress, result)
+                report(progress, result)
         except BaseException:
             interrupted = True
             stop.set()  # running agents are killed, queued ones never start
@@ -270,9 +268,9 @@ class AgentManager:
             try:
                 pool.shutdown(wait=True, cancel_futures=True)
                 if interrupted:  # its killed agents are recorded by now: every prompt still gets a result
-                    for result in _unreported(futures, items, results):
+                    for result in unreported(futures, items, results):
                         results[result.index] = result
-                        _report(progress, result)
+                        report(progress, result)
             finally:  # a second Ctrl-C breaks that wait: the deploy stays known until its agents end
                 stop.set()
                 owed = interrupted and any(r is None for r in results)
@@ -281,7 +279,7 @@ class AgentManager:
                         self._late.add()
                         try:
                             future.add_done_callback(
-                                functools.partial(_report_late, progress, items, index, self._late))
+                                functools.partial(report_late, progress, items, index, self._late))
                         except BaseException:  # a third Ctrl-C right here: nothing will report this one
                             self._late.done()
                             raise
@@ -514,28 +512,6 @@ def _ended_meta(result: AgentResult, survivors: list[int]) -> dict[str, Any]:
             "survivors": survivors, "output_cut": dict(result.output_cut)}
 
 
-def _unreported(futures: Sequence[Future[AgentResult]], items: Sequence[Prompt],
-                results: Sequence[AgentResult | None]) -> list[AgentResult]:
-    """Results of a cancelled batch not reported yet: its agents' own, or for a prompt whose agent never
-    started, one saying so (it has no agent row)."""
-    out = []
-    for index, future in enumerate(futures):
-        result = _owed_result(future, items, index) if results[index] is None else None
-        if result is not None:
-            out.append(result)
-    return out
-
-
-def _owed_result(future: Future[AgentResult], items: Sequence[Prompt], index: int) -> AgentResult | None:
-    """The result a finished agent's future gives its prompt: its own, or for one cancelled before its agent
-    started, one saying so (it has no agent row); None while it runs (or if it raised)."""
-    if future.cancelled():
-        return AgentResult(new_agent_id(), index, items[index], "error", error="cancelled before it started")
-    if future.done() and future.exception() is None:
-        return future.result()
-    return None
-
-
 # name -> (whole numbers only, the least value allowed, whether that value itself is allowed)
 _SETTINGS: dict[str, tuple[bool, float, bool]] = {
     "parallel": (True, 1, True), "proxies": (True, 1, True), "eos_token_id": (True, 0, True),
@@ -569,58 +545,6 @@ class _Supervised:
     bypass: tuple[dict[str, Any], ...]
     killed_at: float  # when the manager began killing what was left of its tree
     output_cut: dict[str, int]  # stdout/stderr whose middle was not kept: bytes cut
-
-
-class _Pending:
-    """A count of things under way that someone may wait to see finish."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._changed = threading.Condition()
-        self._here = threading.local()  # how many of them the current thread is inside
-
-    def add(self) -> None:
-        with self._changed:
-            self._count += 1
-
-    def enter(self) -> None:
-        """The current thread starts one of them (its ``done()`` follows on this thread)."""
-        self._here.inside = getattr(self._here, "inside", 0) + 1
-
-    def done(self) -> None:
-        if getattr(self._here, "inside", 0):
-            self._here.inside -= 1
-        with self._changed:
-            self._count -= 1
-            self._changed.notify_all()
-
-    def wait_none(self, timeout: float) -> bool:
-        """True once none is under way (but those the calling thread is inside: a progress callback that
-        calls cancel()); False if some still are after ``timeout`` seconds."""
-        mine = getattr(self._here, "inside", 0)
-        with self._changed:
-            return self._changed.wait_for(lambda: self._count <= mine, timeout)
-
-
-def _report_late(progress: Progress | None, items: Sequence[Prompt], index: int, pending: _Pending,
-                 future: Future[AgentResult]) -> None:
-    """Report the result of an agent whose deploy() was broken off before it could."""
-    pending.enter()
-    try:
-        result = _owed_result(future, items, index)
-        if result is not None:
-            _report(progress, result)
-    finally:
-        pending.done()
-
-
-def _report(progress: Progress | None, result: AgentResult) -> None:
-    if progress is None:
-        return
-    try:
-        progress(result)
-    except Exception:  # a broken progress display must not stop the batch
-        log.exception("progress callback failed")
 
 
 def _as_spec(agent: object) -> AgentSpec:

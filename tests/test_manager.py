@@ -400,8 +400,8 @@ def test_proxy_link_env_exempts_only_the_reverse_listener():
 def test_late_reports_are_waited_for_except_by_the_report_itself():
     # cancel() waits for a broken-off deploy's late reports; a progress callback that calls cancel() must not
     # wait for itself (it would until the timeout, and close() would then abandon the agents).
-    from rollouttap.manager.manager import _Pending
-    pending, seen = _Pending(), {}
+    from rollouttap.manager.deploy_reports import Pending
+    pending, seen = Pending(), {}
     pending.add()
     pending.add()
 
