@@ -89,6 +89,7 @@ def report_late(progress: Progress | None, items: Sequence[Prompt], index: int, 
 
 
 def report(progress: Progress | None, result: AgentResult) -> None:
+    """Give ``result`` to the progress callback; a callback that raises is logged, never passed on."""
     if progress is None:
         return
     try:
