@@ -71,11 +71,11 @@ _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _AGE_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_age(text: str) -> float:
-    """Seconds from an age such as ``90``, ``30m``, ``6h`` or ``2d``."""
+def parse_age(text: str, option: str | None = None) -> float:
+    """Seconds from an age such as ``90``, ``30m``, ``6h`` or ``2d``; ``option`` names the flag in the error."""
     match = _AGE.fullmatch(text.strip().lower())
     if match is None:
-        raise ConfigError(f"{text!r} is not an age such as 90, 30m, 6h or 2d")
+        raise ConfigError(f"{option + ': ' if option else ''}{text!r} is not an age such as 90, 30m, 6h or 2d")
     return float(match[1]) * _AGE_UNITS[match[2]]
 
 

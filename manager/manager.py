@@ -40,6 +40,7 @@ from rollouttap.manager.results import (
 )
 from rollouttap.store import Store, new_token
 from rollouttap.store.redact import redact_command
+from rollouttap.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class AgentManager:
         self.run_id = run_id or uuid.uuid4().hex
         self.poll_interval = poll_interval
         self.keep_for = None if keep_for is None else float(keep_for)
+        self._prune_skips_said = Throttle(600.0)
         self._proxy_arg, self._confdir = proxy, Path(confdir) if confdir is not None else None
         self.store: Store | None = None
         self.proxies = proxies
@@ -296,7 +298,9 @@ class AgentManager:
         cutoff = time.time() - self.keep_for
         with self._lock:
             if self._deploys:
-                log.debug("store not pruned: another deploy() of this manager is running")
+                if self._prune_skips_said.due():  # deploys that always overlap would never prune: say so
+                    log.warning("rollouttap: keep_for: the store is not pruned while another deploy() of this manager "
+                                "runs (deploys that always overlap never prune: Store.prune between them)")
                 return
         try:
             flows, agents = self.store.prune(cutoff)

@@ -350,7 +350,7 @@ def prune(
     from rollouttap.manager.inspect import parse_age, parse_when
     if (older_than is None) == (before is None):
         raise ConfigError("give --older-than or --before (one of them)")
-    cutoff = time.time() - parse_age(older_than) if older_than is not None else parse_when(before or "")
+    cutoff = time.time() - parse_age(older_than, "--older-than") if older_than is not None else parse_when(before or "")
     with _open(store):  # refused as every reading command refuses it (an empty file, another database)
         pass
     with _open(store, readonly=False) as s:

@@ -111,10 +111,11 @@ def run(
     spec = (CommandAgent(agent, stdin=stdin, check=check) if agent is not None
             else EntryPointAgent(entry, check=check))  # type: ignore[arg-type]
     started_at, started = time.time(), time.monotonic()
+    keep = None if keep_for is None else parse_age(keep_for, "--keep-for")
     manager = AgentManager(spec, store=store, parallel=parallel, timeout=timeout, proxy=proxy, model_url=model_url,
                            env=parse_env(env or []), base_url_mode=base_url_mode, workdir_template=workdir_template,
                            grace=grace, confdir=confdir, keep_workdirs=keep_workdirs, proxies=proxies,
-                           eos_token_id=eos_token_id, keep_for=None if keep_for is None else parse_age(keep_for))
+                           eos_token_id=eos_token_id, keep_for=keep)
     sink: IO[str] = open_private(out, "w", encoding="utf-8") if out is not None else _stdout()
     # SIGTERM (a job scheduler, `timeout`, torchrun) ends the run as Ctrl-C does: running agents are killed
     # and recorded, the proxy commits. Its default would leave the agents running unsupervised.

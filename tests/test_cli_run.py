@@ -184,7 +184,7 @@ def test_run_keep_for_deletes_what_earlier_runs_left_before_it_starts(tmp_path, 
             kept.append([a.agent_id for a in s.agents()])
     assert kept == [ids[:1], ids[:2], ids[2:]]
     assert main([*common, "--keep-for", "6 hours"]) == 1
-    assert "'6 hours' is not an age such as 90, 30m, 6h or 2d" in capsys.readouterr().err
+    assert "--keep-for: '6 hours' is not an age such as 90, 30m, 6h or 2d" in capsys.readouterr().err
 
 
 def test_run_bad_template_is_a_one_line_error(tmp_path, capsys):

@@ -37,7 +37,7 @@ def test_a_deploy_deletes_the_agents_that_ended_more_than_keep_for_ago(tmp_path,
         assert kept[first.agent_id] == 2
 
 
-def test_nothing_is_pruned_while_another_deploy_of_the_manager_runs(tmp_path, confdir, upstream):
+def test_nothing_is_pruned_while_another_deploy_of_the_manager_runs(tmp_path, confdir, upstream, caplog):
     go = tmp_path / "go"
     with AgentManager(AGENT, store=tmp_path / "r.db", model_url=upstream.base_url, confdir=confdir,
                       keep_for=0) as m, ThreadPoolExecutor(1) as pool:
@@ -47,6 +47,8 @@ def test_nothing_is_pruned_while_another_deploy_of_the_manager_runs(tmp_path, co
         [ended] = m.deploy(["chat 1 @id"])
         [during] = m.deploy(["chat 1 @id"])  # the other deploy's agents may still be being read: nothing goes
         assert _kept(m)[ended.agent_id] == 1
+        said = [r.message for r in caplog.records if "not pruned while another deploy()" in r.message]
+        assert len(said) == 1  # said, once: deploys that always overlap would never prune
         go.touch()
         [waited] = waiting.result(timeout=60)
         [last] = m.deploy(["chat 1 @id"])  # alone again: everything that ended before it goes
