@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 from rollouttap.addon.injection import endpoint_for_path  # pure: no mitmproxy
+from rollouttap.manager.calls import (
+    ChatCall, CompletionCall, Discontinuity, ModelCall, ResponseMessage, ResponsesCall, history_of_call,
+)
 from rollouttap.manager.chat_stream import (
     ChatResult, ids_from_logprob_tokens, ids_problem, parse_chat_body, reassemble_chat_stream,
 )
-from rollouttap.manager.head_index import HeadIndex
+from rollouttap.manager.continuity import assign_threads, classify_break, find_retries, normalize_message
 from rollouttap.manager.responses_api import parse_responses_body, reassemble_responses_stream
 from rollouttap.store.records import FlowRecord
 
@@ -32,107 +35,6 @@ __all__ = [
     "assign_threads", "build_conversation", "call_from_flow", "chat_call_from_flow", "classify_break",
     "completion_call_from_flow", "find_retries", "flow_kind", "normalize_message", "responses_call_from_flow",
 ]
-
-
-@dataclass(frozen=True)
-class Discontinuity:
-    """Where call ``call_index`` stops extending its thread's history: ``truncated`` (messages dropped),
-    ``rewritten`` (a message changed) or ``new_thread`` (an unrelated sub-agent or parallel call).
-    ``message_index``: the first message that differs."""
-    call_index: int
-    kind: str
-    detail: str
-    message_index: int | None = None
-    thread: int | None = None
-
-
-@dataclass(frozen=True)
-class ResponseMessage:
-    """The assistant message a call returned."""
-    role: str
-    content: str | None
-    reasoning: str | None = None
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_message(self, *, include_reasoning: bool = False) -> dict[str, Any]:
-        """The message as a client appends it to its history (OpenAI format)."""
-        message: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.tool_calls:
-            message["tool_calls"] = self.tool_calls
-        if include_reasoning and self.reasoning is not None:
-            message["reasoning_content"] = self.reasoning
-        return message
-
-
-@dataclass(frozen=True)
-class _CallBase:
-    index: int
-    flow_id: str
-    url: str | None
-    path: str | None
-    model: str | None
-    params: dict[str, Any]
-    stream: bool
-    finish_reason: str | None
-    usage: dict[str, Any] | None
-    status_code: int | None
-    state: str
-    error: str | None
-    failed: bool
-    latency: float | None
-    ttfb: float | None
-    t_request: float | None
-    response_id: str | None
-    prompt_token_ids: list[int] | None
-    completion_token_ids: list[int] | None
-    completion_logprobs: list[float] | None
-    retry_count: int
-    position: int = 0  # where its flow is among the agent's flows (capture order)
-    # Why the server's token ids were set aside (the call then reads as one without ids), e.g. fewer than its
-    # usage counts: chat_stream.ids_problem.
-    ids_problem: str | None = None
-
-
-@dataclass(frozen=True)
-class ChatCall(_CallBase):
-    """One chat-completions call. ``turn`` counts distinct requests (a retry shares its original's),
-    ``thread`` numbers the independent message histories seen in this agent's calls."""
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
-    response: ResponseMessage | None = None
-    is_retry: bool = False
-    turn: int = 0
-    thread: int = 0
-
-
-@dataclass(frozen=True)
-class CompletionCall(_CallBase):
-    """One legacy /completions call (prompt text or token ids)."""
-    prompt: str | list[int] | None = None
-    text: str | None = None
-
-
-@dataclass(frozen=True)
-class ResponsesCall(_CallBase):
-    """One Responses API call (``input`` items or text, optional ``instructions``); its answer is read as a
-    chat reply. Token ids come from vLLM's ``input_messages``/``output_messages`` (``responses_api``)."""
-    input: str | list[Any] | None = None
-    instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    response: ResponseMessage | None = None
-    previous_response_id: str | None = None  # the rest of its input is the server's stored conversation
-    is_retry: bool = False
-    turn: int = 0
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        """The request as the agent sent it, in messages: instructions (as a system message), then the input
-        items (a text input as one user message)."""
-        items = self.input if isinstance(self.input, list) else [{"role": "user", "content": self.input or ""}]
-        return ([{"role": "system", "content": self.instructions}] if self.instructions else []) + list(items)
-
-
-ModelCall = ChatCall | CompletionCall | ResponsesCall
 
 
 @dataclass(frozen=True)
@@ -158,7 +60,7 @@ class Conversation:
     @staticmethod
     def history_of_call(call: ChatCall | ResponsesCall) -> list[dict[str, Any]]:
         """A call's request messages plus its reply (when it got one)."""
-        return list(call.messages) + ([call.response.to_message()] if call.response else [])
+        return history_of_call(call)
 
     @property
     def turns(self) -> list[ChatCall | ResponsesCall]:
@@ -395,159 +297,3 @@ def calls_in_order(conversation: Conversation, flows: Sequence[FlowRecord]) -> l
         keyed.append(((first.setdefault(call.turn, at), at), call))
     keyed += [((order[c.flow_id], order[c.flow_id]), c) for c in conversation.completion_calls]
     return [call for _, call in sorted(keyed, key=lambda item: item[0])]
-
-
-# -- continuity ------------------------------------------------------------------------------------
-
-Message = tuple[str, str, tuple[tuple[str, str], ...]]
-
-
-def _content_key(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) and p.get("type", "text") == "text"
-                       else json.dumps(p, sort_keys=True) for p in content)
-    return json.dumps(content, sort_keys=True)
-
-
-def _canonical_arguments(arguments: Any) -> str:
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return arguments.strip()
-    return json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def normalize_message(message: dict[str, Any]) -> Message:
-    """What continuity compares: role, content (None == "", text parts joined) and tool calls (name and
-    canonical JSON arguments). Ids, names, reasoning and other extra fields are ignored."""
-    calls = tuple(((tc.get("function") or {}).get("name") or "",
-                   _canonical_arguments((tc.get("function") or {}).get("arguments")))
-                  for tc in message.get("tool_calls") or [] if isinstance(tc, dict))
-    return (str(message.get("role")), _content_key(message.get("content")), calls)
-
-
-def _request_key(call: ChatCall | ResponsesCall) -> str:
-    request = [call.messages, call.tools, call.params, call.stream]
-    if isinstance(call, ResponsesCall):
-        request = ["responses", call.previous_response_id, *request]
-    return json.dumps(request, sort_keys=True, default=str)
-
-
-def find_retries(calls: Sequence[ChatCall | ResponsesCall]) -> tuple[list[bool], list[int]]:
-    """Per call: whether it is a client retry, and its turn. A retry repeats a failed call's request or carries
-    x-stainless-retry-count > 0; it shares its original's turn, as does a repeat of the answered call just before
-    it (an agent sampling the same request again, which may keep either answer: not a retry)."""
-    retries: list[bool] = []
-    turns: list[int] = []
-    last_seen: dict[str, int] = {}
-    new_turn = 0  # turns only ever repeat an earlier one or take the next number: no max() over all of them
-    for i, call in enumerate(calls):
-        key = _request_key(call)
-        prev = last_seen.get(key)
-        retried = call.retry_count > 0 or (prev is not None and calls[prev].failed)
-        # A retry count with no failed attempt of this request to hand (they never reached the proxy) makes
-        # a turn of its own, not a repeat of an answered request further back.
-        repeat = prev is not None and (prev == i - 1 or calls[prev].failed)
-        retries.append(retried)
-        if repeat and prev is not None:
-            turns.append(turns[prev])
-        else:
-            turns.append(new_turn)
-            new_turn += 1
-        last_seen[key] = i
-    return retries, turns
-
-
-def _common_prefix(a: Sequence[Message], b: Sequence[Message]) -> int:
-    k = 0
-    while k < len(a) and k < len(b) and a[k] == b[k]:
-        k += 1
-    return k
-
-
-def _expected(call: ChatCall) -> list[Message]:
-    return [normalize_message(m) for m in Conversation.history_of_call(call)]
-
-
-def _resumes_at(expected: Sequence[Message], current: Sequence[Message], k: int) -> int | None:
-    """Where in ``expected`` the message after the shared prefix reappears (history cut in the middle)."""
-    if k >= len(current):
-        return None
-    return next((j for j in range(k + 1, len(expected)) if expected[j] == current[k]), None)
-
-
-def classify_break(expected: Sequence[Message], current: Sequence[Message], k: int,
-                   has_reply: bool) -> tuple[str, str]:
-    """(kind, detail) of a call whose messages share only ``k`` leading messages with ``expected``."""
-    if k == len(current):
-        return "truncated", f"resends only {k} of the previous context's {len(expected)} messages"
-    later = _resumes_at(expected, current, k)
-    if later is not None:
-        return "truncated", f"messages {k}..{later - 1} of the previous context were dropped"
-    if has_reply and k == len(expected) - 1:
-        return "rewritten", f"the assistant reply at message {k} differs from what the model returned"
-    return "rewritten", f"message {k} ({current[k][0]}) differs from the previous context"
-
-
-def _leading_system(messages: Sequence[Message]) -> int:
-    n = 0
-    while n < len(messages) and messages[n][0] in ("system", "developer"):
-        n += 1
-    return n
-
-
-Head = tuple[int, int]  # (thread, index of the call whose history a next turn may continue)
-
-
-def _pick_thread(current: list[Message], heads: list[tuple[Head, list[Message]]]) -> tuple[Head | None, int]:
-    """The head ``current`` continues and the shared prefix length; None for a new thread.
-    An exact extension wins (the longest); else the longest shared prefix that goes beyond the system
-    prompt or resumes further down the thread's history (a cut in the middle)."""
-    exact = [(len(exp), head) for head, exp in heads if _common_prefix(exp, current) == len(exp)]
-    if exact:
-        length, head = max(exact)
-        return head, length
-    partial = []
-    for head, exp in heads:
-        k = _common_prefix(exp, current)
-        if k > _leading_system(current) or (k and _resumes_at(exp, current, k) is not None):
-            partial.append((k, head))
-    if partial:
-        k, head = max(partial)
-        return head, k
-    return None, 0
-
-
-def assign_threads(calls: Sequence[ChatCall], turns: Sequence[int]) -> tuple[list[int], list[Discontinuity]]:
-    """Per call its thread, and every break in continuity, checking each turn's last attempt against the
-    answered attempts of each thread's latest turn (an agent that sampled a request twice keeps either answer)."""
-    attempts: dict[int, list[int]] = {}
-    for i, turn in enumerate(turns):
-        attempts.setdefault(turn, []).append(i)
-    thread_of_turn: dict[int, int] = {}
-    heads: HeadIndex[Message] = HeadIndex()  # per thread, the calls of its latest turn a next turn may continue
-    breaks: list[Discontinuity] = []
-    for turn in sorted(attempts):
-        i = attempts[turn][-1]
-        at = attempts[turn][0]  # a break shows at the turn's first call
-        current = [normalize_message(m) for m in calls[i].messages]
-        head, k = _pick_thread(current, heads.candidates(current, _leading_system(current)))
-        if head is None:
-            thread = len(heads.threads)
-            if heads.threads:
-                breaks.append(Discontinuity(at, "new_thread", "shares no conversation with earlier calls",
-                                            0, thread))
-        else:
-            thread, c = head
-            expected = heads.expected[head]
-            if k < len(expected):
-                kind, detail = classify_break(expected, current, k, calls[c].response is not None)
-                breaks.append(Discontinuity(at, kind, detail, k, thread))
-        kept = [c for c in attempts[turn][:-1] if calls[c].response is not None]
-        mine = current + [normalize_message(calls[i].response.to_message())] if calls[i].response else current
-        heads.set_heads(thread, [((thread, c), _expected(calls[c])) for c in kept] + [((thread, i), mine)])
-        thread_of_turn[turn] = thread
-    return [thread_of_turn[t] for t in turns], breaks

@@ -1,6 +1,6 @@
 """Which earlier calls a new turn of an agent may continue, found without comparing it with every one.
 
-``conversation.assign_threads`` keeps each thread's heads (the calls of its latest turn) here with their expected
+``continuity.assign_threads`` keeps each thread's heads (the calls of its latest turn) here with their expected
 histories; ``candidates`` gives the few that ``_pick_thread`` can choose for a turn, so an agent of thousands of
 calls is threaded in near-linear time.
 """
