@@ -27,7 +27,7 @@ from context import Context, progress, run_job
 from procs import BARE_FAST_TUNED, CAPTURE_TUNED, PY, TOKENS_TUNED, CaptureProxy, ProxyStack, Upstream, capture_config
 from procs import cpu_seconds
 from report import Section, table
-from stats import fmt, spread
+from stats import fmt, percentile, spread
 
 TITLE = "1d. Long conversations: cost per request and per agent as the context grows"
 VARIANTS = (BARE_FAST_TUNED, CAPTURE_TUNED, TOKENS_TUNED)
@@ -82,9 +82,8 @@ def per_request(ctx: Context, upstream: Upstream, proxy: Any, message: str, n: i
     lat = answer["cells"][0].get("lat_ms") or []
     if not lat:
         raise RuntimeError(f"no request went through: {answer['cells'][0]}")
-    ordered = sorted(lat)
     stored = stored_bytes(proxy.store) / 1024 if isinstance(proxy, CaptureProxy) else float("nan")
-    return {"p50": ordered[len(ordered) // 2], "cpu_ms": used / len(lat) * 1000, "stored_kb": stored}
+    return {"p50": percentile(lat, 50), "cpu_ms": used / len(lat) * 1000, "stored_kb": stored}
 
 
 def per_agent(ctx: Context, upstream: Upstream, turns: int, tool_chars: int) -> dict[str, Any]:
