@@ -1,4 +1,4 @@
-"""Socket tuning for the proxy's TCP connections: acknowledge every read at once.
+"""Socket tuning for the proxy's TCP connections: acknowledge every read at once, write once per event.
 
 Why: urllib3 (so ``requests``) turns Nagle's algorithm on for connections to a proxy and writes a POST's
 headers and body apart. After one request/response exchange on a keep-alive connection the kernel
@@ -7,6 +7,9 @@ reply; the client's Nagle holds the body until that ACK comes, and we wait for t
 POST. ``TCP_QUICKACK`` sends a pending ACK at once, but the kernel clears it again, so it is re-armed
 after every read: one setsockopt per received chunk, about a microsecond. asyncio already sets
 ``TCP_NODELAY`` on every socket it wraps; we check it and set it where it is missing.
+
+And what mitmproxy sends for one read goes out in one write per connection (``addon/send_merging.py``): a
+streamed answer whose events arrive together reaches the client in one ``send``, not one per event.
 
 Load with ``mitmdump -s addon/tcp_tuning.py`` or add ``TcpTuning()`` to another script's ``addons``.
 """
@@ -22,6 +25,8 @@ from typing import Any
 from mitmproxy import ctx
 from mitmproxy.connection import Client, Connection
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+from rollouttap.addon.send_merging import merge_handler_sends
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ class TuningStats:
     skipped: int = 0  # connections without a plain TCP socket (e.g. WireGuard/local modes)
     failed: int = 0  # sockets whose tuning raised; their traffic is untouched
     quickacks: int = 0  # TCP_QUICKACK re-armed after a read
+    merging: int = 0  # client connections whose sends are merged
+    sends_merged: int = 0  # writes spared: SendData commands joined to the one before
 
     def summary(self) -> str:
         """One line for the log."""
@@ -99,16 +106,22 @@ def tune_transport(transport: Any, stats: TuningStats,
     return QuickAckReads(sock, transport.get_protocol(), stats, on_error)
 
 
+def connection_handler(client_id: str) -> Any | None:
+    """mitmproxy's handler of the client connection ``client_id``, or None."""
+    return ctx.master.addons.get("proxyserver").connections.get(client_id)
+
+
 def connection_transport(client_id: str, conn: Connection) -> Any | None:
     """The asyncio transport mitmproxy keeps for ``conn`` (of the client ``client_id``), or None."""
-    handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+    handler = connection_handler(client_id)
     io = handler.transports.get(conn) if handler is not None else None
     writer = getattr(io, "writer", None)
     return getattr(writer, "transport", None)
 
 
 class TcpTuning:
-    """mitmproxy addon: TCP_QUICKACK after every read (and TCP_NODELAY) on client and server sockets."""
+    """mitmproxy addon: TCP_QUICKACK after every read (and TCP_NODELAY) on client and server sockets, and
+    one write per connection for what one event makes."""
 
     def __init__(self) -> None:
         self.stats = TuningStats()
@@ -118,8 +131,13 @@ class TcpTuning:
         loader.add_option("rollouttap_tcp_quickack", bool, True,
                           "Acknowledge every read at once (TCP_QUICKACK), so clients that use Nagle's "
                           "algorithm (requests) do not wait ~40 ms per keep-alive POST.")
+        loader.add_option("rollouttap_merge_sends", bool, True,
+                          "Write what mitmproxy sends a connection in answer to one read as one write, not "
+                          "one per chunk: a streamed answer's events that arrive together cost one send.")
 
     def client_connected(self, client: Client) -> None:
+        if ctx.options.rollouttap_merge_sends and client.transport_protocol == "tcp":
+            self._merge(client)
         if self._enabled():
             self._tune("client", client.id, client)
 
@@ -147,6 +165,16 @@ class TcpTuning:
             self.stats.client_tuned += 1
         else:
             self.stats.server_tuned += 1
+
+    def _merge(self, client: Client) -> None:
+        try:
+            handler = connection_handler(client.id)
+            if handler is None or not merge_handler_sends(handler, self.stats):
+                raise LookupError("no connection handler with a layer")
+        except Exception as exc:  # an optimisation: never let it break the connection
+            self._warn_once("merging a connection's sends failed", exc)
+            return
+        self.stats.merging += 1
 
     def _warn_once(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:

@@ -1,0 +1,78 @@
+"""One send per connection for what one event makes: mitmproxy writes every ``SendData`` command apart.
+
+Why: mitmproxy's HTTP/1 layer turns each chunk of a chunked body into its own ``SendData``, and its
+connection handler writes each at once, so a read that brought 50 SSE events from the model server
+costs 50 ``send`` calls to the client (and 50 wake-ups of it), where a buffered body costs one. A
+streamed answer's events pile up in one read whenever the proxy reads slower than the server writes:
+a server under load, a busy proxy, a network that coalesces segments. The handler consumes a layer's
+commands in one go, with no ``await`` between them, so joining consecutive ``SendData`` to the same TCP
+connection changes only how many writes carry the same bytes, in the same order.
+"""
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+from mitmproxy.proxy import commands
+
+log = logging.getLogger(__name__)
+
+SendData = commands.SendData
+
+
+class SendCount(Protocol):
+    """Where merging counts the writes it spared (``SendData`` joined to the one before)."""
+    sends_merged: int
+
+
+def merge_sends(cmds: Iterable[commands.Command], count: SendCount) -> Iterator[commands.Command]:
+    """``cmds`` with each run of consecutive ``SendData`` to one TCP connection joined into one.
+
+    Any other command (a hook, a close, a send elsewhere) first gets the held bytes out, so every
+    command keeps its place. UDP connections are left alone: there each ``SendData`` is a datagram.
+    """
+    conn: Any = None
+    parts: list[bytes] = []
+    try:
+        for command in cmds:
+            if type(command) is SendData and command.connection.transport_protocol == "tcp":
+                if command.connection is conn:
+                    parts.append(command.data)
+                    continue
+                if parts:
+                    yield _joined(conn, parts, count)
+                conn, parts = command.connection, [command.data]
+                continue
+            if parts:
+                yield _joined(conn, parts, count)
+                conn, parts = None, []
+            yield command
+    except Exception:
+        # The layer failed mid-event: what it had already sent goes out, as it would have without merging,
+        # before mitmproxy's handler logs the error.
+        if parts:
+            yield _joined(conn, parts, count)
+        raise
+    if parts:
+        yield _joined(conn, parts, count)
+
+
+def _joined(conn: Any, parts: list[bytes], count: SendCount) -> SendData:
+    if len(parts) == 1:
+        return SendData(conn, parts[0])
+    count.sends_merged += len(parts) - 1
+    return SendData(conn, b"".join(parts))
+
+
+def merge_handler_sends(handler: Any, count: SendCount) -> bool:
+    """Route the commands of a mitmproxy connection handler's layer stack through ``merge_sends``.
+
+    The handler writes whatever its root layer's ``handle_event`` yields; the root layer stays for the
+    connection's life. False (nothing changed) when the handler has no such layer.
+    """
+    layer = getattr(handler, "layer", None)
+    handle: Callable[[Any], Iterable[commands.Command]] | None = getattr(layer, "handle_event", None)
+    if handle is None or not callable(handle):
+        return False
+    layer.handle_event = lambda event: merge_sends(handle(event), count)
+    return True

@@ -1,0 +1,165 @@
+"""Sends merged per event: the pure merge over mitmproxy's own command objects, then a real mitmdump that
+streams a burst of SSE events to a real client.
+
+No timing here (what it saves is in bench/RESULTS.md): the tests check that the bytes, their order and
+every other command are what mitmproxy would have written, in fewer writes.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import threading
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import requests
+from mitmproxy.proxy import commands
+
+from conftest import LISTENING_RE, output_lines, wait_line
+from rollouttap.addon import tcp_tuning
+from rollouttap.addon.send_merging import merge_handler_sends, merge_sends
+from test_tcp_tuning import MITMDUMP, SUMMARY_RE, _summary
+
+with warnings.catch_warnings():
+    # mitmproxy 12.2's flowfilter (imported by its test helpers) calls names pyparsing 3.3 deprecates.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from mitmproxy.test import tflow
+
+SendData = commands.SendData
+
+
+@dataclass
+class Count:
+    sends_merged: int = 0
+
+
+CLIENT = tflow.tclient_conn()
+SERVER = tflow.tserver_conn()
+UDP = tflow.tclient_conn()
+UDP.transport_protocol = "udp"
+CLOSE = commands.CloseConnection(CLIENT)
+LOG = commands.Log("x")
+
+
+def _send(conn, data: bytes) -> SendData:
+    return SendData(conn, data)
+
+
+def _plain(cmds) -> list[tuple]:
+    """Commands as comparable tuples: (kind, connection, data)."""
+    return [("send", c.connection, c.data) if isinstance(c, SendData) else (type(c).__name__, c) for c in cmds]
+
+
+@pytest.mark.parametrize("given, expected, folded", [
+    pytest.param([], [], 0, id="nothing"),
+    pytest.param([_send(CLIENT, b"a")], [("send", CLIENT, b"a")], 0, id="one send"),
+    pytest.param([_send(CLIENT, b"a"), _send(CLIENT, b"b"), _send(CLIENT, b"c")],
+                 [("send", CLIENT, b"abc")], 2, id="a run to one connection"),
+    pytest.param([_send(CLIENT, b"a"), _send(SERVER, b"x"), _send(CLIENT, b"b")],
+                 [("send", CLIENT, b"a"), ("send", SERVER, b"x"), ("send", CLIENT, b"b")], 0,
+                 id="alternating connections keep their order"),
+    pytest.param([_send(CLIENT, b"a"), _send(CLIENT, b"b"), CLOSE, _send(CLIENT, b"c")],
+                 [("send", CLIENT, b"ab"), ("CloseConnection", CLOSE), ("send", CLIENT, b"c")], 1,
+                 id="a close gets the held bytes out first"),
+    pytest.param([LOG, _send(SERVER, b"x"), _send(SERVER, b"y"), LOG],
+                 [("Log", LOG), ("send", SERVER, b"xy"), ("Log", LOG)], 1, id="other commands keep their place"),
+    pytest.param([_send(UDP, b"d1"), _send(UDP, b"d2")], [("send", UDP, b"d1"), ("send", UDP, b"d2")], 0,
+                 id="datagrams stay apart"),
+])
+def test_merge_sends(given, expected, folded):
+    count = Count()
+    assert _plain(merge_sends(iter(given), count)) == expected
+    assert count.sends_merged == folded
+
+
+def test_a_layer_that_fails_mid_event_still_sends_what_it_had_sent():
+    def failing():
+        yield _send(CLIENT, b"a")
+        yield _send(CLIENT, b"b")
+        raise RuntimeError("layer bug")
+    merged = merge_sends(failing(), Count())
+    assert _plain([next(merged)]) == [("send", CLIENT, b"ab")]
+    with pytest.raises(RuntimeError, match="layer bug"):
+        next(merged)
+
+
+def test_merge_handler_sends_wraps_the_root_layer_only_when_there_is_one():
+    class Layer:
+        def handle_event(self, event):
+            yield _send(CLIENT, event)
+            yield _send(CLIENT, event)
+
+    class Handler:
+        layer = Layer()
+    count, handler = Count(), Handler()
+    assert merge_handler_sends(handler, count) is True
+    assert _plain(handler.layer.handle_event(b"z")) == [("send", CLIENT, b"zz")]
+    assert count.sends_merged == 1
+    assert merge_handler_sends(object(), count) is False
+
+
+# -- a real mitmdump ---------------------------------------------------------------------------------
+EVENTS = [b'data: {"n": %d, "text": "%s"}\n\n' % (i, b"x" * (i % 7)) for i in range(40)] + [b"data: [DONE]\n\n"]
+
+
+class BurstServer:
+    """An HTTP/1.1 server that writes a whole chunked SSE answer, one chunk per event, in one ``sendall``:
+    the proxy reads it in one read, and mitmproxy's layer makes one SendData per chunk."""
+
+    def __init__(self, answers: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.answers = answers
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            for _ in range(self.answers):
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                conn.sendall(head)
+                conn.sendall(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS) + b"0\r\n\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_streamed_burst_reaches_the_client_whole_in_fewer_writes(tmp_path, merge):
+    answers = 5
+    server = BurstServer(answers)
+    proc = subprocess.Popen(
+        [*MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0", "-s", tcp_tuning.__file__,
+         "--set", f"confdir={tmp_path}", "--set", "termlog_verbosity=info", "--set", "flow_detail=0",
+         "--set", "stream_large_bodies=1", "--set", f"rollouttap_merge_sends={'true' if merge else 'false'}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = output_lines(proc)
+        port = int(wait_line(lines, LISTENING_RE, 60).group(1))
+        with requests.Session() as session:
+            session.trust_env = False
+            for _ in range(answers):
+                reply = session.get(f"http://127.0.0.1:{server.port}/v1/stream", stream=True, timeout=30,
+                                    proxies={"http": f"http://127.0.0.1:{port}"})
+                assert reply.status_code == 200
+                assert reply.raw.read() == b"".join(EVENTS)  # every byte, in order, chunk framing undone
+        proc.send_signal(signal.SIGINT)
+        stats = _summary(wait_line(lines, SUMMARY_RE, 30).group(1))
+    finally:
+        proc.kill()
+        proc.wait()
+        server.close()
+    if merge:
+        assert stats["merging"] == 1
+        # Each answer's body came in one read (or a few): nearly all of its 41 chunks and the final empty
+        # chunk went out joined.
+        assert stats["sends_merged"] >= answers * (len(EVENTS) - 5), stats
+    else:
+        assert stats["merging"] == 0 and stats["sends_merged"] == 0
