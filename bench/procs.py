@@ -23,6 +23,7 @@ from rollouttap.manager.proxy import LAUNCHERS, ProxyConfig, ProxyProcess, free_
 
 PY = sys.executable
 QUICKACK_OPTION = "rollouttap_tcp_quickack"
+MERGE_OPTION = "rollouttap_merge_sends"
 ANSWER_CACHE = Path(__file__).with_name("answer_cache.py")
 
 
@@ -44,6 +45,7 @@ class Variant:
     answer_cache: bool = False  # bare only: answer from memory after the first request (bench/answer_cache.py)
     logprobs: bool = True  # with token_ids: also ask for sampling logprobs
     launcher: str = "fastdump"  # a key of manager.proxy.LAUNCHERS: how mitmdump starts
+    merge_sends: bool = True  # with tuning: one write per connection for what one read makes (send_merging.py)
 
 
 DIRECT = Variant("direct", None)
@@ -52,17 +54,23 @@ BARE_STREAM = Variant("bare mitmdump, streaming on", "bare", stream_bodies=True,
 BARE_TUNED = Variant("bare + tuning", "bare", tuning=True, launcher="mitmdump")
 BARE_FAST_TUNED = Variant("bare fastdump + tuning", "bare", tuning=True)
 BARE_FAST_STREAM = Variant("bare fastdump + tuning, streaming on", "bare", tuning=True, stream_bodies=True)
+BARE_FAST_STREAM_UNMERGED = Variant("bare fastdump + tuning, streaming on, sends not merged", "bare", tuning=True,
+                                    stream_bodies=True, merge_sends=False)
 FLOOR = Variant("bare fastdump + tuning, answering from memory", "bare", tuning=True, answer_cache=True)
 CAPTURE_STOCK_TUNED = Variant("capture + tuning, stock mitmdump", "capture", tuning=True, launcher="mitmdump")
 CAPTURE_TUNED = Variant("capture + tuning", "capture", tuning=True)
+CAPTURE_UNMERGED = Variant("capture + tuning, sends not merged", "capture", tuning=True, merge_sends=False)
 TOKENS_TUNED = Variant("capture + token ids + tuning", "capture", tuning=True, token_ids=True)
+TOKENS_UNMERGED = Variant("capture + token ids + tuning, sends not merged", "capture", tuning=True, token_ids=True,
+                          merge_sends=False)
 IDS_ONLY_TUNED = Variant("capture + token ids, no logprobs + tuning", "capture", tuning=True, token_ids=True,
                          logprobs=False)
-LATENCY_VARIANTS = (DIRECT, BARE, BARE_TUNED, BARE_FAST_TUNED, CAPTURE_STOCK_TUNED, CAPTURE_TUNED, TOKENS_TUNED)
+LATENCY_VARIANTS = (DIRECT, BARE, BARE_TUNED, BARE_FAST_TUNED, CAPTURE_STOCK_TUNED, CAPTURE_UNMERGED, CAPTURE_TUNED,
+                    TOKENS_TUNED)
 # Each proxy variant against the bare proxy started the same way: what the addon itself costs.
 BASES = {BARE_FAST_TUNED.name: BARE_TUNED, CAPTURE_STOCK_TUNED.name: BARE_TUNED,
-         CAPTURE_TUNED.name: BARE_FAST_TUNED, TOKENS_TUNED.name: BARE_FAST_TUNED,
-         IDS_ONLY_TUNED.name: BARE_FAST_TUNED}
+         CAPTURE_TUNED.name: BARE_FAST_TUNED, CAPTURE_UNMERGED.name: BARE_FAST_TUNED,
+         TOKENS_TUNED.name: BARE_FAST_TUNED, IDS_ONLY_TUNED.name: BARE_FAST_TUNED}
 
 
 def base_of(variant: Variant, measured: tuple[Variant, ...]) -> Variant | None:
@@ -158,6 +166,8 @@ class BareProxy:
                 "--set", f"confdir={confdir}"]
         if variant.tuning:
             args += ["-s", str(tuning_script())]
+            if not variant.merge_sends:
+                args += ["--set", f"{MERGE_OPTION}=false"]
         if variant.stream_bodies:
             args += ["--set", "stream_large_bodies=1"]
         if variant.answer_cache:
@@ -191,6 +201,8 @@ def capture_config(variant: Variant, store: Path, confdir: Path, model_hosts: tu
                          logprobs=variant.logprobs, launcher=variant.launcher)
     if not variant.tuning:
         config.extra[QUICKACK_OPTION] = "false"
+    if not (variant.tuning and variant.merge_sends):
+        config.extra[MERGE_OPTION] = "false"
     return config
 
 
