@@ -1,4 +1,4 @@
-"""One send per connection for what one event makes: mitmproxy writes every ``SendData`` command apart.
+"""Fewer sends for what one event makes: mitmproxy writes every ``SendData`` command apart.
 
 Why: mitmproxy's HTTP/1 layer turns each chunk of a chunked body into its own ``SendData``, and its
 connection handler writes each at once, so a read that brought 50 SSE events from the model server
@@ -6,7 +6,8 @@ costs 50 ``send`` calls to the client (and 50 wake-ups of it), where a buffered 
 streamed answer's events pile up in one read whenever the proxy reads slower than the server writes:
 a server under load, a busy proxy, a network that coalesces segments. The handler consumes a layer's
 commands in one go, with no ``await`` between them, so joining consecutive ``SendData`` to the same TCP
-connection changes only how many writes carry the same bytes, in the same order.
+connection changes only how many writes carry the same bytes, in the same order (and when: see
+``merge_sends``).
 """
 
 import logging
@@ -26,26 +27,35 @@ class SendCount(Protocol):
 
 
 def merge_sends(cmds: Iterable[commands.Command], count: SendCount) -> Iterator[commands.Command]:
-    """``cmds`` with each run of consecutive ``SendData`` to one TCP connection joined into one.
+    """``cmds`` with each run of consecutive ``SendData`` to one TCP connection joined into a few writes.
 
-    Any other command (a hook, a close, a send elsewhere) first gets the held bytes out, so every
-    command keeps its place. UDP connections are left alone: there each ``SendData`` is a datagram.
+    A run goes out in groups that grow fourfold: its first send at once, then 4, 16, 64, ... joined. The
+    client starts on the first events while the proxy works through the rest (joined whole, a burst kept a
+    client that is slower per event than the proxy, such as the openai SDK's stream parser, idle until it
+    was all through mitmproxy's layers: +0.3 ms per 54-event answer), and a burst of n sends costs about
+    log4(n) writes. Any other command (a hook, a
+    close, a send elsewhere) first gets the held bytes out, so every command keeps its place. UDP
+    connections are left alone: there each ``SendData`` is a datagram.
     """
     conn: Any = None
     parts: list[bytes] = []
+    group = 1  # sends the current group of the run takes: 1, 4, 16, ...
     try:
         for command in cmds:
             if type(command) is SendData and command.connection.transport_protocol == "tcp":
-                if command.connection is conn:
-                    parts.append(command.data)
-                    continue
-                if parts:
+                if command.connection is not conn:
+                    if parts:
+                        yield _joined(conn, parts, count)
+                    conn, parts, group = command.connection, [], 1
+                parts.append(command.data)
+                if len(parts) >= group:
                     yield _joined(conn, parts, count)
-                conn, parts = command.connection, [command.data]
+                    parts, group = [], group * 4
                 continue
             if parts:
                 yield _joined(conn, parts, count)
-                conn, parts = None, []
+                parts = []
+            conn = None
             yield command
     except Exception:
         # The layer failed mid-event: what it had already sent goes out, as it would have without merging,
