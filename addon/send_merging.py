@@ -2,7 +2,8 @@
 
 Why: mitmproxy's HTTP/1 layer turns each chunk of a chunked body into its own ``SendData``, and its
 connection handler writes each at once, so a read that brought 50 SSE events from the model server
-costs 50 ``send`` calls to the client (and 50 wake-ups of it), where a buffered body costs one. A
+costs 50 ``send`` calls to the client (and 50 wake-ups of it), where a buffered body costs one (after
+its head's). A
 streamed answer's events pile up in one read whenever the proxy reads slower than the server writes:
 a server under load, a busy proxy, a network that coalesces segments. The handler consumes a layer's
 commands in one go, with no ``await`` between them, so joining consecutive ``SendData`` to the same TCP
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from mitmproxy.proxy import commands
+from mitmproxy.proxy.layer import NextLayer
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +79,20 @@ def _joined(conn: Any, parts: list[bytes], count: SendCount) -> SendData:
 def merge_handler_sends(handler: Any, count: SendCount) -> bool:
     """Route the commands of a mitmproxy connection handler's layer stack through ``merge_sends``.
 
-    The handler writes whatever its root layer's ``handle_event`` yields; the root layer stays for the
-    connection's life. False (nothing changed) when the handler has no such layer.
+    The handler writes whatever its root layer's ``handle_event`` yields; the root layer (the proxy mode's, set
+    before the client_connected hook) stays for the connection's life. False (nothing changed) when the handler
+    has no such layer, or its root is still a NextLayer, which replaces its own ``handle_event`` once it has
+    chosen its child (the wrapper would be dropped unseen).
     """
     layer = getattr(handler, "layer", None)
     handle: Callable[[Any], Iterable[commands.Command]] | None = getattr(layer, "handle_event", None)
-    if handle is None or not callable(handle):
+    if handle is None or not callable(handle) or isinstance(layer, NextLayer):
         return False
-    layer.handle_event = lambda event: merge_sends(handle(event), count)
+    if getattr(handle, "merges_sends", False):  # wrapped already (the tuning addon loaded twice)
+        return True
+
+    def merged(event: Any) -> Iterator[commands.Command]:
+        return merge_sends(handle(event), count)
+    merged.merges_sends = True  # type: ignore[attr-defined]
+    layer.handle_event = merged
     return True

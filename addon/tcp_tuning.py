@@ -1,4 +1,4 @@
-"""Socket tuning for the proxy's TCP connections: acknowledge every read at once, write once per event.
+"""Socket tuning for the proxy's TCP connections: acknowledge every read at once, write in few sends.
 
 Why: urllib3 (so ``requests``) turns Nagle's algorithm on for connections to a proxy and writes a POST's
 headers and body apart. After one request/response exchange on a keep-alive connection the kernel
@@ -8,8 +8,9 @@ POST. ``TCP_QUICKACK`` sends a pending ACK at once, but the kernel clears it aga
 after every read: one setsockopt per received chunk, about a microsecond. asyncio already sets
 ``TCP_NODELAY`` on every socket it wraps; we check it and set it where it is missing.
 
-And what mitmproxy sends for one read goes out in one write per connection (``addon/send_merging.py``): a
-streamed answer whose events arrive together reaches the client in one ``send``, not one per event.
+And what mitmproxy sends a connection for one read goes out in a few writes, the first at once
+(``addon/send_merging.py``): a streamed answer whose events arrive together reaches the client in a handful
+of ``send`` calls, not one per event.
 
 Load with ``mitmdump -s addon/tcp_tuning.py`` or add ``TcpTuning()`` to another script's ``addons``.
 """
@@ -121,7 +122,7 @@ def connection_transport(client_id: str, conn: Connection) -> Any | None:
 
 class TcpTuning:
     """mitmproxy addon: TCP_QUICKACK after every read (and TCP_NODELAY) on client and server sockets, and
-    one write per connection for what one event makes."""
+    few writes per connection for what one event makes."""
 
     def __init__(self) -> None:
         self.stats = TuningStats()
@@ -132,8 +133,9 @@ class TcpTuning:
                           "Acknowledge every read at once (TCP_QUICKACK), so clients that use Nagle's "
                           "algorithm (requests) do not wait ~40 ms per keep-alive POST.")
         loader.add_option("rollouttap_merge_sends", bool, True,
-                          "Write what mitmproxy sends a connection in answer to one read as one write, not "
-                          "one per chunk: a streamed answer's events that arrive together cost one send.")
+                          "Write what mitmproxy sends a connection in answer to one read in a few writes (the "
+                          "first at once), not one per chunk: a streamed answer's events that arrive together "
+                          "cost a handful of sends.")
 
     def client_connected(self, client: Client) -> None:
         if ctx.options.rollouttap_merge_sends and client.transport_protocol == "tcp":

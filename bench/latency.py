@@ -133,7 +133,7 @@ def run(ctx: Context) -> Section:
         "with `rollouttap_token_ids=false`; `stock mitmdump` = the addon under mitmproxy's own mitmdump "
         "(`mitmdump -s addon/entry.py`); `token ids` = capture + token-id injection and stripping; "
         "`tuning` = addon/tcp_tuning.py (TCP_QUICKACK re-armed after every read; what mitmproxy sends a "
-        "connection for one read goes out in one write); `sends not merged` = tuning with "
+        "connection for one read goes out in a few writes, the first at once); `sends not merged` = tuning with "
         "`rollouttap_merge_sends=false` (mitmproxy writes each chunk of a streamed answer apart, as by itself). "
         "curl rows are timed by curl itself (`%{time_total}`), the rest in the client process.",
         "",

@@ -45,7 +45,7 @@ class Variant:
     answer_cache: bool = False  # bare only: answer from memory after the first request (bench/answer_cache.py)
     logprobs: bool = True  # with token_ids: also ask for sampling logprobs
     launcher: str = "fastdump"  # a key of manager.proxy.LAUNCHERS: how mitmdump starts
-    merge_sends: bool = True  # with tuning: one write per connection for what one read makes (send_merging.py)
+    merge_sends: bool = True  # with tuning: few writes per connection for what one read makes (send_merging.py)
 
 
 DIRECT = Variant("direct", None)

@@ -80,7 +80,8 @@ def run(ctx: Context) -> Section:
             f"{PACED_S * 1000:g} ms, each its own read and wake-up, as while a model generates; the upstream "
             "column's growth from back to back to paced is what a wake-up costs a process on this machine. "
             "`sends not merged`: with `rollouttap_merge_sends=false`, mitmproxy writes each chunk to the client "
-            "apart, as it does by itself (with it on, what one read brought goes out in one write). "
+            "apart, as it does by itself (with it on, what one read brought goes out in a few writes, the first at "
+            "once). "
             "The last column is the ceiling one proxy core puts on streamed chunks per second.\n\n"
             + table(["pace", "variant", "proxy CPU µs / chunk", "upstream CPU µs / chunk",
                      "≈ max chunks/s per proxy core"], rows))
