@@ -130,7 +130,7 @@ def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
     return result
 
 
-def write_flow_file(records: Iterable[FlowRecord], out: BinaryIO | str | Path) -> int:
+def write_flow_file(records: Iterable[FlowRecord], out: IO[bytes] | str | Path) -> int:
     """Write flows in mitmproxy's flow-file format (``mitmproxy.io.FlowReader`` reads it); returns the count."""
     if isinstance(out, (str, Path)):
         with _replacing(out, "wb") as fo:

@@ -19,7 +19,7 @@ import logging
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addonmanager import AddonManager, cut_traceback, traverse
@@ -146,9 +146,10 @@ class IndexedDumpMaster(DumpMaster):
         super().__init__(*args, **kwargs)
         # Master builds its AddonManager itself; the subclass only adds a cache, so swap the class.
         self.addons.__class__ = IndexedAddonManager
-        self.addons._forget()
+        addons = cast(IndexedAddonManager, self.addons)
+        addons._forget()
         # Both after the manager's own receiver, which runs the addons' configure first.
-        self.options.changed.connect(self.addons._forget)
+        self.options.changed.connect(addons._forget)
         self.options.changed.connect(self._follow_handler_levels)
 
     async def running(self) -> None:

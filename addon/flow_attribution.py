@@ -9,6 +9,7 @@ import asyncio
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 from mitmproxy import ctx, http
 from mitmproxy.connection import Client
@@ -69,7 +70,8 @@ class FlowAttribution:
         if self.pids is None or not ctx.options.rollouttap_pid_attribution:
             return
         if client.id not in self._conn_pid and client.peername and client.sockname:
-            peer, sock = tuple(client.peername[:2]), tuple(client.sockname[:2])
+            peer = cast(tuple[str, int], tuple(client.peername[:2]))  # IPv6 addresses have 4 fields
+            sock = cast(tuple[str, int], tuple(client.sockname[:2]))
             self._conn_pid[client.id] = asyncio.ensure_future(self._lookup(self.pids, peer, sock))
 
     async def _lookup(self, pids: PidAttributor, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult:

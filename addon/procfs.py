@@ -152,7 +152,7 @@ class AncestryCache:
         self._remember(self._tags, key, (now, tag))
         return ProcInfo(pid, ppid, start, tag)
 
-    def _remember(self, cache: dict, key: tuple[int, int], value: object) -> None:
+    def _remember(self, cache: dict, key: object, value: object) -> None:
         if len(cache) >= self._size:
             cache.clear()  # crude, but bounded; it refills within a few lookups
         cache[key] = value

@@ -85,8 +85,10 @@ def merge_handler_sends(handler: Any, count: SendCount) -> bool:
     chosen its child (the wrapper would be dropped unseen).
     """
     layer = getattr(handler, "layer", None)
+    if layer is None or isinstance(layer, NextLayer):
+        return False
     handle: Callable[[Any], Iterable[commands.Command]] | None = getattr(layer, "handle_event", None)
-    if handle is None or not callable(handle) or isinstance(layer, NextLayer):
+    if handle is None or not callable(handle):
         return False
     if getattr(handle, "merges_sends", False):  # wrapped already (the tuning addon loaded twice)
         return True

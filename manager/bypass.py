@@ -122,7 +122,7 @@ def sockets_to(targets: frozenset[Address], sockets: Iterable[TcpSocket]) -> dic
 def socket_inodes(pid: int, proc: str = "/proc") -> set[int]:
     """Inodes of the sockets a process holds open."""
     fd_dir = f"{proc}/{pid}/fd"
-    found = set()
+    found: set[int] = set()
     try:
         names = os.listdir(fd_dir)
     except OSError:

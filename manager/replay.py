@@ -206,6 +206,8 @@ def _run(command: Sequence[str], env: dict[str, str], cwd: str | Path | None, ti
     with Store(store) as replay_store:
         replay_store.agent_started(replay_id, proc.pid)
     timed_out = False
+    stdout: str | None
+    stderr: str | None
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

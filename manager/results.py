@@ -103,8 +103,7 @@ def decide_status(outcome: str, exit_code: int | None, entry: Mapping[str, Any] 
 def start_failure(exc: Exception) -> str:
     """Why an agent's process could not start: a bare command name that is not on PATH, or anything else
     (a relative path, say, looked up in the agent's own fresh working directory)."""
-    missing = exc.filename if isinstance(exc, FileNotFoundError) else None
-    if isinstance(missing, str) and "/" not in missing:
+    if isinstance(exc, FileNotFoundError) and isinstance(missing := exc.filename, str) and "/" not in missing:
         if shutil.which(missing) is not None:  # found: what is missing is its script's interpreter (#! line)
             return f"cannot start agent: the interpreter on the first line (#!) of {missing!r} was not found"
         return f"cannot start agent: command {missing!r} not found on PATH ({exc.strerror})"
@@ -204,7 +203,7 @@ class Summary:
 def summarise(results: Iterable[AgentResult]) -> Summary:
     """Sum a batch of results."""
     items = list(results)
-    by_status = {s: sum(r.status == s for r in items) for s in STATUSES}
+    by_status: dict[str, int] = {s: sum(r.status == s for r in items) for s in STATUSES}
     return Summary(
         agents=len(items), by_status=by_status, calls=sum(r.calls for r in items),
         failed_calls=sum(_failed_calls(r.conversation) for r in items),

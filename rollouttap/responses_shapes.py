@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 Body = dict[str, Any]
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -312,7 +312,7 @@ class StreamItems:
         self.index += 1
         if kind == "tool":
             item = call_item(self.item_id, self.call_id, self.name, text, "completed")
-            return [_done_call_event(text, self.item_id, at["output_index"], self.name),
+            return [_done_call_event(text, self.item_id, cast(int, at["output_index"]), self.name),
                     event("response.output_item.done", item=item, output_index=at["output_index"])]
         if kind == "reasoning":
             part = {"text": text, "type": "reasoning_text"}

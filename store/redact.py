@@ -289,7 +289,10 @@ def _command_secrets(word: str, found: set[str]) -> None:
         password = urlsplit(word).password if "@" in word else None
         if password:
             found.add(password)
-        map_secret_query(word, lambda value: found.add(unquote(value)) or value)
+        def note(value: str) -> str:
+            found.add(unquote(value))
+            return value
+        map_secret_query(word, note)
 
 
 def _option_values(words: list[str], found: set[str]) -> None:
