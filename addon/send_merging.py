@@ -3,22 +3,18 @@
 Why: mitmproxy's HTTP/1 layer turns each chunk of a chunked body into its own ``SendData``, and its
 connection handler writes each at once, so a read that brought 50 SSE events from the model server
 costs 50 ``send`` calls to the client (and 50 wake-ups of it), where a buffered body costs one (after
-its head's). A
-streamed answer's events pile up in one read whenever the proxy reads slower than the server writes:
-a server under load, a busy proxy, a network that coalesces segments. The handler consumes a layer's
-commands in one go, with no ``await`` between them, so joining consecutive ``SendData`` to the same TCP
-connection changes only how many writes carry the same bytes, in the same order (and when: see
-``merge_sends``).
+its head's). A streamed answer's events pile up in one read whenever the proxy reads slower than the
+server writes: a server under load, a busy proxy, a network that coalesces segments. The handler
+consumes a layer's commands in one go, with no ``await`` between them, so joining consecutive
+``SendData`` to the same TCP connection changes only how many writes carry the same bytes, in the same
+order (and when: see ``merge_sends``).
 """
 
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.layer import NextLayer
-
-log = logging.getLogger(__name__)
 
 SendData = commands.SendData
 
@@ -35,9 +31,8 @@ def merge_sends(cmds: Iterable[commands.Command], count: SendCount) -> Iterator[
     client starts on the first events while the proxy works through the rest (joined whole, a burst kept a
     client that is slower per event than the proxy, such as the openai SDK's stream parser, idle until it
     was all through mitmproxy's layers: +0.3 ms per 54-event answer), and a burst of n sends costs about
-    log4(n) writes. Any other command (a hook, a
-    close, a send elsewhere) first gets the held bytes out, so every command keeps its place. UDP
-    connections are left alone: there each ``SendData`` is a datagram.
+    log4(n) writes. Any other command (a hook, a close, a send elsewhere) first gets the held bytes out, so
+    every command keeps its place. UDP connections are left alone: there each ``SendData`` is a datagram.
     """
     conn: Any = None
     parts: list[bytes] = []
