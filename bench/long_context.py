@@ -161,7 +161,7 @@ def run(ctx: Context) -> Section:
     variants = (TOKENS_TUNED,) if plan.smoke else VARIANTS
     sizes = (1_000,) if plan.smoke else (1_000, 10_000, 100_000)
     # Enough requests per cell for the proxy's CPU counters (10 ms ticks) to resolve a request's cost to ~5 %.
-    n = {tokens: 3 if plan.smoke else 200 for tokens in sizes}
+    n = 3 if plan.smoke else 200
     runs: dict[str, list[dict[str, float]]] = defaultdict(list)
     with ExitStack() as stack:
         upstream = stack.enter_context(Upstream())
@@ -173,7 +173,7 @@ def run(ctx: Context) -> Section:
             for tokens in sizes:
                 for v in variants:
                     runs[f"{tokens}|{v.name}"].append(
-                        per_request(ctx, upstream, proxies.proxies[v.name], messages[tokens], n[tokens]))
+                        per_request(ctx, upstream, proxies.proxies[v.name], messages[tokens], n))
         progress("long context: one long agent")
         turns, tool_chars = (3, 500) if plan.smoke else (50, sizes[-1] // 50)
         agent = per_agent(ctx, upstream, turns, tool_chars)
@@ -186,12 +186,11 @@ def run(ctx: Context) -> Section:
             rows.append((f"{tokens:,}", v.name, figure["p50"].fmt(2), figure["cpu_ms"].fmt(2),
                          figure["stored_kb"].fmt(0) if v.proxy == "capture" else ""))
     build = spread(agent["build_s"])
-    counts = " or ".join(str(c) for c in dict.fromkeys(n.values()))
     body = (f"Per request: a prompt of about N tokens (N characters of code in one user message: the scripted "
             f"upstream's tokenizer makes a token of every byte, so its token ids come back as a list of N numbers of "
             f"2–3 digits; for the same N a real tokenizer's request is ~4× larger, at ~4 characters per token, and "
-            f"its id list ~1.7× longer, in ids of up to 6 digits), {counts} keep-alive `requests` posts per cell "
-            f"(by size) after 2 untimed, "
+            f"its id list ~1.7× longer, in ids of up to 6 digits), {n} keep-alive `requests` posts per cell "
+            f"after 2 untimed, "
             f"{plan.repeats} runs; proxy CPU from its own counters. `stored KB per call`: the request and response "
             f"bodies one call adds to the store (with token ids the answer carries the prompt's ids).\n\n"
             + table(["prompt tokens", "variant", "p50 ms", "proxy CPU ms / request", "stored KB per call"], rows)
