@@ -10,7 +10,8 @@ after every read: one setsockopt per received chunk, about a microsecond. asynci
 
 And what mitmproxy sends a connection for one read goes out in a few writes, the first at once
 (``addon/send_merging.py``): a streamed answer whose events arrive together reaches the client in a handful
-of ``send`` calls, not one per event.
+of ``send`` calls, not one per event. Before that, the chunks of a chunked body that one read brought pass
+mitmproxy's layers as one (``addon/chunk_coalescing.py``): one pass of its HTTP machinery, not one per event.
 
 Load with ``mitmdump -s addon/tcp_tuning.py`` or add ``TcpTuning()`` to another script's ``addons``.
 """
@@ -27,6 +28,7 @@ from mitmproxy import ctx
 from mitmproxy.connection import Client, Connection
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from rollouttap.addon import chunk_coalescing
 from rollouttap.addon.send_merging import merge_handler_sends
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class TuningStats:
     quickacks: int = 0  # TCP_QUICKACK re-armed after a read
     merging: int = 0  # client connections whose sends are merged
     sends_merged: int = 0  # writes spared: SendData commands joined to the one before
+    chunks_joined: int = 0  # chunks of a chunked body read with the one before (chunk_coalescing.py)
 
     def summary(self) -> str:
         """One line for the log."""
@@ -121,12 +124,13 @@ def connection_transport(client_id: str, conn: Connection) -> Any | None:
 
 
 class TcpTuning:
-    """mitmproxy addon: TCP_QUICKACK after every read (and TCP_NODELAY) on client and server sockets, and
-    few writes per connection for what one event makes."""
+    """mitmproxy addon: TCP_QUICKACK after every read (and TCP_NODELAY) on client and server sockets, few
+    writes per connection for what one event makes, and one pass per read of a chunked body."""
 
     def __init__(self) -> None:
         self.stats = TuningStats()
         self._warned: set[str] = set()
+        self._running = False
 
     def load(self, loader: Any) -> None:
         loader.add_option("rollouttap_tcp_quickack", bool, True,
@@ -136,6 +140,18 @@ class TcpTuning:
                           "Write what mitmproxy sends a connection in answer to one read in a few writes (the "
                           "first at once), not one per chunk: a streamed answer's events that arrive together "
                           "cost a handful of sends.")
+        loader.add_option("rollouttap_coalesce_chunks", bool, True,
+                          "Pass the chunks of a chunked body (a streamed answer's events) that one read brought "
+                          "through mitmproxy's layers as one chunk, not one by one.")
+
+    def running(self) -> None:
+        # Here, not at load: the wrap is process-wide (mitmproxy's module), so only a running proxy takes it.
+        self._running = True
+        self._coalesce()
+
+    def configure(self, updated: set[str]) -> None:
+        if self._running and "rollouttap_coalesce_chunks" in updated:
+            self._coalesce()
 
     def client_connected(self, client: Client) -> None:
         if ctx.options.rollouttap_merge_sends and client.transport_protocol == "tcp":
@@ -148,6 +164,8 @@ class TcpTuning:
             self._tune("server", data.client.id, data.server)
 
     def done(self) -> None:
+        self._running = False
+        chunk_coalescing.uninstall()
         log.info("rollouttap tcp tuning: %s", self.stats.summary())
 
     def _enabled(self) -> bool:
@@ -167,6 +185,12 @@ class TcpTuning:
             self.stats.client_tuned += 1
         else:
             self.stats.server_tuned += 1
+
+    def _coalesce(self) -> None:
+        if not ctx.options.rollouttap_coalesce_chunks:
+            chunk_coalescing.uninstall()
+        elif not chunk_coalescing.install(self.stats):
+            self._warn_once("coalescing chunked bodies failed", LookupError("this mitmproxy has no reader to wrap"))
 
     def _merge(self, client: Client) -> None:
         try:

@@ -132,9 +132,11 @@ def run(ctx: Context) -> Section:
         "that have them, no per-message type checks); `capture` = rollouttap's proxy (fastdump + the addon) "
         "with `rollouttap_token_ids=false`; `stock mitmdump` = the addon under mitmproxy's own mitmdump "
         "(`mitmdump -s addon/entry.py`); `token ids` = capture + token-id injection and stripping; "
-        "`tuning` = addon/tcp_tuning.py (TCP_QUICKACK re-armed after every read; what mitmproxy sends a "
-        "connection for one read goes out in a few writes, the first at once); `sends not merged` = tuning with "
-        "`rollouttap_merge_sends=false` (mitmproxy writes each chunk of a streamed answer apart, as by itself). "
+        "`tuning` = addon/tcp_tuning.py (TCP_QUICKACK re-armed after every read; the chunks of a streamed answer "
+        "that one read brought pass mitmproxy's layers as one; what mitmproxy sends a connection for one read goes "
+        "out in a few writes, the first at once); `chunks not coalesced` = tuning with "
+        "`rollouttap_coalesce_chunks=false` (each chunk of a streamed answer passes mitmproxy's layers apart, as by "
+        "itself). "
         "curl rows are timed by curl itself (`%{time_total}`), the rest in the client process.",
         "",
         "### Headline: openai SDK, keep-alive, non-streamed", "", headline(runs, variants), "",

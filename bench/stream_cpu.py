@@ -17,7 +17,8 @@ import requests
 from clients import MESSAGE, chat_body
 from context import Context, progress
 from procs import (
-    BARE_FAST_STREAM, BARE_FAST_STREAM_UNMERGED, CAPTURE_TUNED, CAPTURE_UNMERGED, TOKENS_TUNED, TOKENS_UNMERGED,
+    BARE_FAST_STREAM, BARE_FAST_STREAM_PLAIN, CAPTURE_PLAIN_STREAM, CAPTURE_TUNED, CAPTURE_UNCOALESCED, TOKENS_TUNED,
+    TOKENS_UNCOALESCED,
     ProxyStack, Upstream,
 )
 from proxy_cpu import curl_cpu
@@ -25,8 +26,8 @@ from report import Section, table
 from stats import fmt, ratio, spread
 
 TITLE = "2b. Streaming: proxy CPU per chunk"
-VARIANTS = (BARE_FAST_STREAM, BARE_FAST_STREAM_UNMERGED, CAPTURE_TUNED, CAPTURE_UNMERGED, TOKENS_TUNED,
-            TOKENS_UNMERGED)
+VARIANTS = (BARE_FAST_STREAM, BARE_FAST_STREAM_PLAIN, CAPTURE_TUNED, CAPTURE_UNCOALESCED, CAPTURE_PLAIN_STREAM,
+            TOKENS_TUNED, TOKENS_UNCOALESCED)
 PACED_S = 0.002
 PACES = (("back to back", 0.0), (f"paced {PACED_S * 1000:g} ms", PACED_S))
 
@@ -79,9 +80,11 @@ def run(ctx: Context) -> Section:
             "at once and the proxy reads several per wake-up. Paced: one chunk every "
             f"{PACED_S * 1000:g} ms, each its own read and wake-up, as while a model generates; the upstream "
             "column's growth from back to back to paced is what a wake-up costs a process on this machine. "
-            "`sends not merged`: with `rollouttap_merge_sends=false`, mitmproxy writes each chunk to the client "
-            "apart, as it does by itself (with it on, what one read brought goes out in a few writes, the first at "
-            "once). "
+            "`chunks not coalesced`: with `rollouttap_coalesce_chunks=false`, each chunk of the answer passes "
+            "mitmproxy's layers apart, as by itself (with it on, the chunks one read brought pass as one); `sends not "
+            "merged`: with `rollouttap_merge_sends=false` too, mitmproxy also writes each chunk to the client apart "
+            "(with it on, what one read made goes out in a few writes, the first at once): together, mitmproxy's "
+            "own way. "
             "The last column is the ceiling one proxy core puts on streamed chunks per second.\n\n"
             + table(["pace", "variant", "proxy CPU µs / chunk", "upstream CPU µs / chunk",
                      "≈ max chunks/s per proxy core"], rows))

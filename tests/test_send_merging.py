@@ -166,7 +166,8 @@ def test_a_streamed_burst_reaches_the_client_whole_in_fewer_writes(tmp_path, mer
     proc = subprocess.Popen(
         [*MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0", "-s", tcp_tuning.__file__,
          "--set", f"confdir={tmp_path}", "--set", "termlog_verbosity=info", "--set", "flow_detail=0",
-         "--set", "stream_large_bodies=1", "--set", f"rollouttap_merge_sends={'true' if merge else 'false'}"],
+         "--set", "stream_large_bodies=1", "--set", f"rollouttap_merge_sends={'true' if merge else 'false'}",
+         "--set", "rollouttap_coalesce_chunks=false"],  # one SendData per chunk, as mitmproxy makes them
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = output_lines(proc)

@@ -1,0 +1,107 @@
+"""One pass through mitmproxy's layers per read of a chunked body, not one per chunk.
+
+Why: mitmproxy reads a chunked body with h11's ``ChunkedReader``, which yields each chunk as its own
+``Data``; every one then travels mitmproxy's layers apart (a ``ResponseData`` event, the stream callable,
+the client side's chunk framing, a ``SendData``). A model server streams one SSE event per chunk, and when
+a read brings many of them (a server under load, a busy proxy) that is tens of microseconds of Python per
+event. ``CoalescingChunkedReader`` hands mitmproxy every chunk one read completed as one ``Data``: the
+same bytes in the same order, re-framed as one chunk for the client. A body that arrives one chunk per
+read (a model generating at its own pace) is unchanged.
+
+The reader is mitmproxy's choice inside ``mitmproxy.proxy.layers.http._http1.make_body_reader``, a
+module-level function its HTTP/1 layers call for every message body: ``install`` wraps it, ``uninstall``
+puts it back.
+"""
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import h11
+
+try:  # private modules: a mitmproxy or h11 that moved them just goes without coalescing
+    from h11._readers import ChunkedReader
+    from mitmproxy.proxy.layers.http import _http1
+except ImportError:  # pragma: no cover - depends on the installed versions
+    ChunkedReader = None  # type: ignore[assignment, misc]
+    _http1 = None  # type: ignore[assignment]
+
+
+class ChunkCount(Protocol):
+    """Where coalescing counts the chunks it joined to the one before."""
+    chunks_joined: int
+
+
+class CoalescingChunkedReader:
+    """h11's ``ChunkedReader``, returning every chunk a read completed as one ``Data``.
+
+    Called again after a ``Data`` it returns what stopped the run: the message's end, or the protocol error
+    that came after good chunks (raised only once those are through, as without coalescing).
+    """
+
+    __slots__ = ("_reader", "_next", "_count")
+
+    def __init__(self, reader: Any, count: ChunkCount) -> None:
+        self._reader = reader
+        self._next: Any = None  # an EndOfMessage or a ProtocolError that ended the last run
+        self._count = count
+
+    def __call__(self, buf: Any) -> Any:
+        if self._next is not None:
+            return self._take_next()
+        event = self._reader(buf)
+        if type(event) is not h11.Data:
+            return event
+        parts = [event.data]
+        try:
+            while True:
+                more = self._reader(buf)
+                if type(more) is not h11.Data:
+                    break
+                parts.append(more.data)
+        except h11.ProtocolError as exc:
+            more = exc
+        self._next = more
+        if len(parts) == 1:
+            return event
+        self._count.chunks_joined += len(parts) - 1
+        return h11.Data(data=b"".join(parts))
+
+    def read_eof(self) -> Any:
+        if self._next is not None:
+            return self._take_next()
+        return self._reader.read_eof()
+
+    def _take_next(self) -> Any:
+        event, self._next = self._next, None
+        if isinstance(event, BaseException):
+            raise event
+        return event
+
+
+def install(count: ChunkCount) -> bool:
+    """Make mitmproxy's HTTP/1 layers read chunked bodies through ``CoalescingChunkedReader``.
+
+    False when this mitmproxy has no such reader choice to wrap (nothing changed). Installing twice keeps one
+    wrapper (the latest ``count``).
+    """
+    if _http1 is None or ChunkedReader is None or not callable(getattr(_http1, "make_body_reader", None)):
+        return False
+    original: Callable[[int | None], Any] = getattr(_http1.make_body_reader, "wrapped", _http1.make_body_reader)
+
+    def make_body_reader(expected_size: int | None) -> Any:
+        reader = original(expected_size)
+        return CoalescingChunkedReader(reader, count) if type(reader) is ChunkedReader else reader
+    make_body_reader.wrapped = original  # type: ignore[attr-defined]
+    _http1.make_body_reader = make_body_reader
+    return True
+
+
+def uninstall() -> None:
+    """Put mitmproxy's own reader choice back (bodies already being read keep their reader)."""
+    if _http1 is not None:
+        _http1.make_body_reader = getattr(_http1.make_body_reader, "wrapped", _http1.make_body_reader)
+
+
+def installed() -> bool:
+    """Whether chunked bodies are read through ``CoalescingChunkedReader`` now."""
+    return _http1 is not None and hasattr(_http1.make_body_reader, "wrapped")

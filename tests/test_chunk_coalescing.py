@@ -1,0 +1,181 @@
+"""Chunked bodies read one pass per read: the reader over h11's own buffer and reader, its install into
+mitmproxy's HTTP/1 layers, then a real mitmdump streaming a burst of SSE events to a real HTTP client (h11).
+
+No timing here (what it saves is in bench/RESULTS.md): the tests check that the bytes, their order and the
+message's end are what mitmproxy would have passed on, in fewer chunks.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import warnings
+from dataclasses import dataclass
+
+import h11
+import pytest
+from h11._readers import ChunkedReader, ContentLengthReader
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy.proxy.layers.http import _http1
+
+from conftest import LISTENING_RE, output_lines, wait_line
+from rollouttap.addon import chunk_coalescing, tcp_tuning
+from rollouttap.addon.chunk_coalescing import CoalescingChunkedReader
+from test_send_merging import EVENTS, BurstServer
+from test_tcp_tuning import MITMDUMP, SUMMARY_RE, _summary
+
+with warnings.catch_warnings():
+    # mitmproxy 12.2's flowfilter (imported by its test helpers) calls names pyparsing 3.3 deprecates.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from mitmproxy.test import taddons
+
+
+@dataclass
+class Count:
+    chunks_joined: int = 0
+
+
+@pytest.fixture(autouse=True)
+def _mitmproxy_reader_restored():
+    yield
+    chunk_coalescing.uninstall()
+    assert _http1.make_body_reader.__module__ == _http1.__name__
+
+
+def _chunked(*chunks: bytes, end: bytes = b"0\r\n\r\n") -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + end
+
+
+def _read(reader, pieces: list[bytes]) -> list:
+    """Feed ``pieces`` one read at a time, calling the reader until it has nothing more, as mitmproxy's
+    ``read_body`` does; the events it returned, a raised ProtocolError last."""
+    buf, events = ReceiveBuffer(), []
+    for piece in pieces:
+        buf += piece
+        try:
+            while (event := reader(buf)) is not None:
+                events.append(event)
+                if type(event) is h11.EndOfMessage:
+                    return events
+        except h11.ProtocolError as exc:
+            return [*events, exc]
+    return events
+
+
+def _shape(events: list) -> list:
+    return [bytes(e.data) if type(e) is h11.Data else type(e).__name__ for e in events]
+
+
+BODY = _chunked(b"data: a\n\n", b"data: bb\n\n", b"data: [DONE]\n\n")
+MID = BODY.index(b"bb") + 1  # inside the second chunk
+
+
+@pytest.mark.parametrize("pieces, expected, joined", [
+    ([BODY], [b"data: a\n\ndata: bb\n\ndata: [DONE]\n\n", "EndOfMessage"], 2),
+    # One chunk per read: nothing to join, the events of h11's reader as they were.
+    ([_chunked(b"data: a\n\n", end=b""), _chunked(b"data: bb\n\n", end=b""), b"0\r\n\r\n"],
+     [b"data: a\n\n", b"data: bb\n\n", "EndOfMessage"], 0),
+    # A read that ends inside a chunk: what it completed plus the part it has, the rest next time.
+    ([BODY[:MID], BODY[MID:]], [b"data: a\n\ndata: b", b"b\n\ndata: [DONE]\n\n", "EndOfMessage"], 2),
+    # Good chunks, then a malformed one: the good ones pass first, then the error (as without joining).
+    ([_chunked(b"one", b"two", end=b"zz\r\n")], [b"onetwo", "LocalProtocolError"], 1),
+    ([_chunked(b"one", end=b"0\r\nX-Trailer: 1\r\n\r\n")], [b"one", "EndOfMessage"], 0),
+    ([b"3\r\non"], [b"on"], 0),
+])
+def test_a_read_passes_as_one_chunk(pieces, expected, joined):
+    count = Count()
+    assert _shape(_read(CoalescingChunkedReader(ChunkedReader(), count), pieces)) == expected
+    assert count.chunks_joined == joined
+
+
+@pytest.mark.parametrize("cut", range(1, len(BODY)))
+def test_any_split_of_a_body_gives_h11s_bytes_and_end(cut):
+    pieces = [BODY[:cut], BODY[cut:]]
+    plain, joined = _read(ChunkedReader(), pieces), _read(CoalescingChunkedReader(ChunkedReader(), Count()), pieces)
+    assert b"".join(bytes(e.data) for e in joined[:-1]) == b"".join(bytes(e.data) for e in plain[:-1])
+    assert type(joined[-1]) is type(plain[-1]) is h11.EndOfMessage
+    assert len(joined) <= 3  # at most one Data per read
+
+
+def test_end_of_file_inside_a_body_is_the_error_it_was():
+    reader = CoalescingChunkedReader(ChunkedReader(), Count())
+    assert _shape(_read(reader, [b"3\r\nabc\r\n"])) == [b"abc"]
+    with pytest.raises(h11.RemoteProtocolError, match="incomplete chunked read"):
+        reader.read_eof()
+
+
+def test_install_wraps_only_the_chunked_reader_once_and_uninstall_restores_it():
+    original = _http1.make_body_reader
+    assert chunk_coalescing.install(Count()) and chunk_coalescing.install(Count())
+    assert chunk_coalescing.installed()
+    assert _http1.make_body_reader.wrapped is original  # type: ignore[attr-defined]
+    assert type(_http1.make_body_reader(None)) is CoalescingChunkedReader
+    assert type(_http1.make_body_reader(10)) is ContentLengthReader
+    chunk_coalescing.uninstall()
+    assert _http1.make_body_reader is original and not chunk_coalescing.installed()
+
+
+def test_the_tuning_addon_coalesces_only_while_the_proxy_runs_and_the_option_is_on():
+    addon = tcp_tuning.TcpTuning()
+    with taddons.context(addon) as tctx:
+        assert not chunk_coalescing.installed()  # loaded and configured, not running: the process is left alone
+        addon.running()
+        assert chunk_coalescing.installed()
+        tctx.configure(addon, rollouttap_coalesce_chunks=False)
+        assert not chunk_coalescing.installed()
+        tctx.configure(addon, rollouttap_coalesce_chunks=True)
+        assert chunk_coalescing.installed()
+        addon.done()
+        assert not chunk_coalescing.installed()
+
+
+# -- a real mitmdump ---------------------------------------------------------------------------------
+def _stream_once(port: int, server_port: int, conn: h11.Connection, sock: socket.socket) -> tuple[bytes, int]:
+    """One GET through the proxy; the body and the number of chunks the proxy framed it in."""
+    conn.start_next_cycle() if conn.our_state is h11.DONE else None
+    sock.sendall(conn.send(h11.Request(method="GET", target=f"http://127.0.0.1:{server_port}/v1/stream",
+                                       headers=[("Host", f"127.0.0.1:{server_port}")])))
+    sock.sendall(conn.send(h11.EndOfMessage()))
+    body, chunks = bytearray(), 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif type(event) is h11.Response:
+            assert event.status_code == 200
+        elif type(event) is h11.Data:
+            body += event.data
+            chunks += event.chunk_start
+        elif type(event) is h11.EndOfMessage:
+            return bytes(body), chunks
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_a_streamed_burst_reaches_the_client_whole_in_fewer_chunks(tmp_path, coalesce):
+    answers = 5
+    server = BurstServer(answers)
+    proc = subprocess.Popen(
+        [*MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0", "-s", tcp_tuning.__file__,
+         "--set", f"confdir={tmp_path}", "--set", "termlog_verbosity=info", "--set", "flow_detail=0",
+         "--set", "stream_large_bodies=1", "--set", f"rollouttap_coalesce_chunks={'true' if coalesce else 'false'}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = output_lines(proc)
+        port = int(wait_line(lines, LISTENING_RE, 60).group(1))
+        conn = h11.Connection(our_role=h11.CLIENT)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            replies = [_stream_once(port, server.port, conn, sock) for _ in range(answers)]
+        proc.send_signal(signal.SIGINT)
+        stats = _summary(wait_line(lines, SUMMARY_RE, 30).group(1))
+    finally:
+        proc.kill()
+        proc.wait()
+        server.close()
+    assert [body for body, _ in replies] == [b"".join(EVENTS)] * answers  # every byte, in order
+    chunks = [n for _, n in replies]
+    if coalesce:
+        # Each answer's 41 chunks came in one read, or a few: as many chunks reached the client.
+        assert max(chunks) <= 5 and stats["chunks_joined"] >= answers * (len(EVENTS) - 5), (chunks, stats)
+    else:
+        assert min(chunks) >= len(EVENTS) and stats["chunks_joined"] == 0, (chunks, stats)
