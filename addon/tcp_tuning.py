@@ -1,4 +1,4 @@
-"""Socket tuning for the proxy's TCP connections: acknowledge every read at once, write in few sends.
+"""Socket tuning for the proxy's TCP connections: acknowledge every read at once, one pass per read of a body.
 
 Why: urllib3 (so ``requests``) turns Nagle's algorithm on for connections to a proxy and writes a POST's
 headers and body apart. After one request/response exchange on a keep-alive connection the kernel
@@ -8,10 +8,9 @@ POST. ``TCP_QUICKACK`` sends a pending ACK at once, but the kernel clears it aga
 after every read: one setsockopt per received chunk, about a microsecond. asyncio already sets
 ``TCP_NODELAY`` on every socket it wraps; we check it and set it where it is missing.
 
-And what mitmproxy sends a connection for one read goes out in a few writes, the first at once
-(``addon/send_merging.py``): a streamed answer whose events arrive together reaches the client in a handful
-of ``send`` calls, not one per event. Before that, the chunks of a chunked body that one read brought pass
-mitmproxy's layers as one (``addon/chunk_coalescing.py``): one pass of its HTTP machinery, not one per event.
+And the chunks of a chunked body that one read brought pass mitmproxy's layers as one
+(``addon/chunk_coalescing.py``): a streamed answer whose events arrive together costs one pass of its HTTP
+machinery and one ``send`` to the client, not one of each per event.
 
 Load with ``mitmdump -s addon/tcp_tuning.py`` or add ``TcpTuning()`` to another script's ``addons``.
 """
@@ -29,7 +28,6 @@ from mitmproxy.connection import Client, Connection
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from rollouttap.addon import chunk_coalescing
-from rollouttap.addon.send_merging import merge_handler_sends
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +45,6 @@ class TuningStats:
     skipped: int = 0  # connections without a plain TCP socket (e.g. WireGuard/local modes)
     failed: int = 0  # sockets whose tuning raised; their traffic is untouched
     quickacks: int = 0  # TCP_QUICKACK re-armed after a read
-    merging: int = 0  # client connections whose sends are merged
-    sends_merged: int = 0  # writes spared: SendData commands joined to the one before
     chunks_joined: int = 0  # chunks of a chunked body read with the one before (chunk_coalescing.py)
 
     def summary(self) -> str:
@@ -110,22 +106,17 @@ def tune_transport(transport: Any, stats: TuningStats,
     return QuickAckReads(sock, transport.get_protocol(), stats, on_error)
 
 
-def connection_handler(client_id: str) -> Any | None:
-    """mitmproxy's handler of the client connection ``client_id``, or None."""
-    return ctx.master.addons.get("proxyserver").connections.get(client_id)
-
-
 def connection_transport(client_id: str, conn: Connection) -> Any | None:
     """The asyncio transport mitmproxy keeps for ``conn`` (of the client ``client_id``), or None."""
-    handler = connection_handler(client_id)
+    handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
     io = handler.transports.get(conn) if handler is not None else None
     writer = getattr(io, "writer", None)
     return getattr(writer, "transport", None)
 
 
 class TcpTuning:
-    """mitmproxy addon: TCP_QUICKACK after every read (and TCP_NODELAY) on client and server sockets, few
-    writes per connection for what one event makes, and one pass per read of a chunked body."""
+    """mitmproxy addon: TCP_QUICKACK after every read (and TCP_NODELAY) on client and server sockets, and one
+    pass per read of a chunked body."""
 
     def __init__(self) -> None:
         self.stats = TuningStats()
@@ -136,10 +127,6 @@ class TcpTuning:
         loader.add_option("rollouttap_tcp_quickack", bool, True,
                           "Acknowledge every read at once (TCP_QUICKACK), so clients that use Nagle's "
                           "algorithm (requests) do not wait ~40 ms per keep-alive POST.")
-        loader.add_option("rollouttap_merge_sends", bool, True,
-                          "Write what mitmproxy sends a connection in answer to one read in a few writes (the "
-                          "first at once), not one per chunk: a streamed answer's events that arrive together "
-                          "cost a handful of sends.")
         loader.add_option("rollouttap_coalesce_chunks", bool, True,
                           "Pass the chunks of a chunked body (a streamed answer's events) that one read brought "
                           "through mitmproxy's layers as one chunk, not one by one.")
@@ -154,8 +141,6 @@ class TcpTuning:
             self._coalesce()
 
     def client_connected(self, client: Client) -> None:
-        if ctx.options.rollouttap_merge_sends and client.transport_protocol == "tcp":
-            self._merge(client)
         if self._enabled():
             self._tune("client", client.id, client)
 
@@ -191,16 +176,6 @@ class TcpTuning:
             chunk_coalescing.uninstall()
         elif not chunk_coalescing.install(self.stats):
             self._warn_once("coalescing chunked bodies failed", LookupError("this mitmproxy has no reader to wrap"))
-
-    def _merge(self, client: Client) -> None:
-        try:
-            handler = connection_handler(client.id)
-            if handler is None or not merge_handler_sends(handler, self.stats):
-                raise LookupError("no connection handler with a layer")
-        except Exception as exc:  # an optimisation: never let it break the connection
-            self._warn_once("merging a connection's sends failed", exc)
-            return
-        self.stats.merging += 1
 
     def _warn_once(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:

@@ -236,23 +236,21 @@ concurrency burst (section 1b). What they mean, and what would change them:
   has exchanged data is in "pingpong" mode), so every keep-alive POST waited ~40 ms. `addon/tcp_tuning.py`
   re-arms TCP_QUICKACK after every read on client and server sockets (the kernel clears it), which sends
   the pending ACK at once. Section 1 shows `requests` keep-alive POSTs with and without it.
-- **Streamed bursts: one pass and few writes per read (`addon/chunk_coalescing.py`, `addon/send_merging.py`).**
-  mitmproxy reads a chunked body with h11's `ChunkedReader`, which yields each chunk apart, and passes each
-  through its layers on its own (a `ResponseData` event, the stream callable, the client side's chunk framing,
-  a `SendData` that its connection handler writes at once). When a read brings many SSE events (the scripted
-  upstream writes an answer's 54 events back to back; a loaded model server or a busy proxy does the same),
-  that was 54 passes and 54 `send`s to the client (strace: 58 `sendto` per answer, 3 `recvfrom`). First, the
-  tuning addon joined consecutive `SendData` to one TCP connection within an event, in groups that grow
-  fourfold (the first at once: joined whole, in the full run of 2026-12-01 12:12, the openai SDK's parser
-  idled until the whole burst was through mitmproxy's layers, 0.25–0.35 ms slower). Then the passes
-  themselves: the tuning addon wraps the reader mitmproxy picks for a chunked body
-  (`_http1.make_body_reader`) so that every chunk one read completed comes out as one `Data`, the same bytes
-  in the same order, re-framed for the client as one chunk; a protocol error after good chunks still comes
-  after them. The `chunks not coalesced` rows of sections 1 and 2b are the A/B in every run
-  (`rollouttap_coalesce_chunks=false`); with coalescing on, merging rarely finds two sends to join (an
-  ad-hoc A/B of `requests` keep-alive streamed calls, 3 × 200, showed no difference), so 2b's row with both
-  off is mitmproxy's own way. A paced stream (a chunk per read, as while a model generates) is unchanged, as
-  it should be: coalescing pays off when the proxy falls behind the server, which is when its CPU matters.
+- **Streamed bursts: one pass per read (`addon/chunk_coalescing.py`).** mitmproxy reads a chunked body
+  with h11's `ChunkedReader`, which yields each chunk apart, and passes each through its layers on its own
+  (a `ResponseData` event, the stream callable, the client side's chunk framing, a `SendData` that its
+  connection handler writes at once). When a read brings many SSE events (the scripted upstream writes an
+  answer's 54 events back to back; a loaded model server or a busy proxy does the same), that was 54 passes
+  and 54 `send`s to the client (strace: 58 `sendto` per answer, 3 `recvfrom`). The tuning addon wraps the
+  reader mitmproxy picks for a chunked body (`_http1.make_body_reader`) so that every chunk one read
+  completed comes out as one `Data`: the same bytes in the same order, re-framed for the client as one
+  chunk, in one write; a protocol error after good chunks still comes after them. The `chunks not
+  coalesced` rows of sections 1 and 2b (`rollouttap_coalesce_chunks=false`) are the A/B in every run. A
+  paced stream (a chunk per read, as while a model generates) is unchanged, as it should be: coalescing pays
+  off when the proxy falls behind the server, which is when its CPU matters. Superseded: joining the
+  `SendData` of one event into few writes (`addon/send_merging.py`, 2026-12-01, in git history) spared
+  the sends but not the passes; with coalescing it found nothing left to join (0 in the real-mitmdump
+  burst test, and no change in 3 × 200 `requests` keep-alive streamed calls A/B), so it was removed.
 - **Listen backlog (fixed).** mitmproxy listens with asyncio's default backlog of 100: with 256 agents
   connecting at once, the rest of the SYNs were dropped and those clients retried after 1–3 s.
   `addon/listen_backlog.py` re-listens mitmproxy's sockets with 4096 (capped by `net.core.somaxconn`).

@@ -133,10 +133,9 @@ def run(ctx: Context) -> Section:
         "with `rollouttap_token_ids=false`; `stock mitmdump` = the addon under mitmproxy's own mitmdump "
         "(`mitmdump -s addon/entry.py`); `token ids` = capture + token-id injection and stripping; "
         "`tuning` = addon/tcp_tuning.py (TCP_QUICKACK re-armed after every read; the chunks of a streamed answer "
-        "that one read brought pass mitmproxy's layers as one; what mitmproxy sends a connection for one read goes "
-        "out in a few writes, the first at once); `chunks not coalesced` = tuning with "
-        "`rollouttap_coalesce_chunks=false` (each chunk of a streamed answer passes mitmproxy's layers apart, as by "
-        "itself). "
+        "that one read brought pass mitmproxy's layers as one, in one write to the client); `chunks not coalesced` "
+        "= tuning with `rollouttap_coalesce_chunks=false` (each chunk of a streamed answer passes mitmproxy's layers "
+        "and goes to the client apart, as by itself). "
         "curl rows are timed by curl itself (`%{time_total}`), the rest in the client process.",
         "",
         "### Headline: openai SDK, keep-alive, non-streamed", "", headline(runs, variants), "",

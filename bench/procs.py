@@ -23,7 +23,6 @@ from rollouttap.manager.proxy import LAUNCHERS, ProxyConfig, ProxyProcess, free_
 
 PY = sys.executable
 QUICKACK_OPTION = "rollouttap_tcp_quickack"
-MERGE_OPTION = "rollouttap_merge_sends"
 COALESCE_OPTION = "rollouttap_coalesce_chunks"
 ANSWER_CACHE = Path(__file__).with_name("answer_cache.py")
 
@@ -46,7 +45,6 @@ class Variant:
     answer_cache: bool = False  # bare only: answer from memory after the first request (bench/answer_cache.py)
     logprobs: bool = True  # with token_ids: also ask for sampling logprobs
     launcher: str = "fastdump"  # a key of manager.proxy.LAUNCHERS: how mitmdump starts
-    merge_sends: bool = True  # with tuning: few writes per connection for what one read makes (send_merging.py)
     coalesce_chunks: bool = True  # with tuning: the chunks one read brought pass as one (chunk_coalescing.py)
 
 
@@ -56,15 +54,12 @@ BARE_STREAM = Variant("bare mitmdump, streaming on", "bare", stream_bodies=True,
 BARE_TUNED = Variant("bare + tuning", "bare", tuning=True, launcher="mitmdump")
 BARE_FAST_TUNED = Variant("bare fastdump + tuning", "bare", tuning=True)
 BARE_FAST_STREAM = Variant("bare fastdump + tuning, streaming on", "bare", tuning=True, stream_bodies=True)
-# mitmproxy's own way with a streamed body: every chunk through its layers and to the client apart.
-BARE_FAST_STREAM_PLAIN = Variant("bare fastdump + tuning, streaming on, chunks not coalesced, sends not merged", "bare",
-                                 tuning=True, stream_bodies=True, coalesce_chunks=False, merge_sends=False)
+BARE_FAST_STREAM_UNCOALESCED = Variant("bare fastdump + tuning, streaming on, chunks not coalesced", "bare",
+                                       tuning=True, stream_bodies=True, coalesce_chunks=False)
 FLOOR = Variant("bare fastdump + tuning, answering from memory", "bare", tuning=True, answer_cache=True)
 CAPTURE_STOCK_TUNED = Variant("capture + tuning, stock mitmdump", "capture", tuning=True, launcher="mitmdump")
 CAPTURE_TUNED = Variant("capture + tuning", "capture", tuning=True)
 CAPTURE_UNCOALESCED = Variant("capture + tuning, chunks not coalesced", "capture", tuning=True, coalesce_chunks=False)
-CAPTURE_PLAIN_STREAM = Variant("capture + tuning, chunks not coalesced, sends not merged", "capture", tuning=True,
-                               coalesce_chunks=False, merge_sends=False)
 TOKENS_TUNED = Variant("capture + token ids + tuning", "capture", tuning=True, token_ids=True)
 TOKENS_UNCOALESCED = Variant("capture + token ids + tuning, chunks not coalesced", "capture", tuning=True,
                              token_ids=True, coalesce_chunks=False)
@@ -171,8 +166,6 @@ class BareProxy:
                 "--set", f"confdir={confdir}"]
         if variant.tuning:
             args += ["-s", str(tuning_script())]
-            if not variant.merge_sends:
-                args += ["--set", f"{MERGE_OPTION}=false"]
             if not variant.coalesce_chunks:
                 args += ["--set", f"{COALESCE_OPTION}=false"]
         if variant.stream_bodies:
@@ -208,8 +201,6 @@ def capture_config(variant: Variant, store: Path, confdir: Path, model_hosts: tu
                          logprobs=variant.logprobs, launcher=variant.launcher)
     if not variant.tuning:
         config.extra[QUICKACK_OPTION] = "false"
-    if not (variant.tuning and variant.merge_sends):
-        config.extra[MERGE_OPTION] = "false"
     if not (variant.tuning and variant.coalesce_chunks):
         config.extra[COALESCE_OPTION] = "false"
     return config

@@ -17,7 +17,7 @@ import requests
 from clients import MESSAGE, chat_body
 from context import Context, progress
 from procs import (
-    BARE_FAST_STREAM, BARE_FAST_STREAM_PLAIN, CAPTURE_PLAIN_STREAM, CAPTURE_TUNED, CAPTURE_UNCOALESCED, TOKENS_TUNED,
+    BARE_FAST_STREAM, BARE_FAST_STREAM_UNCOALESCED, CAPTURE_TUNED, CAPTURE_UNCOALESCED, TOKENS_TUNED,
     TOKENS_UNCOALESCED,
     ProxyStack, Upstream,
 )
@@ -26,8 +26,8 @@ from report import Section, table
 from stats import fmt, ratio, spread
 
 TITLE = "2b. Streaming: proxy CPU per chunk"
-VARIANTS = (BARE_FAST_STREAM, BARE_FAST_STREAM_PLAIN, CAPTURE_TUNED, CAPTURE_UNCOALESCED, CAPTURE_PLAIN_STREAM,
-            TOKENS_TUNED, TOKENS_UNCOALESCED)
+VARIANTS = (BARE_FAST_STREAM, BARE_FAST_STREAM_UNCOALESCED, CAPTURE_TUNED, CAPTURE_UNCOALESCED, TOKENS_TUNED,
+            TOKENS_UNCOALESCED)
 PACED_S = 0.002
 PACES = (("back to back", 0.0), (f"paced {PACED_S * 1000:g} ms", PACED_S))
 
@@ -81,10 +81,8 @@ def run(ctx: Context) -> Section:
             f"{PACED_S * 1000:g} ms, each its own read and wake-up, as while a model generates; the upstream "
             "column's growth from back to back to paced is what a wake-up costs a process on this machine. "
             "`chunks not coalesced`: with `rollouttap_coalesce_chunks=false`, each chunk of the answer passes "
-            "mitmproxy's layers apart, as by itself (with it on, the chunks one read brought pass as one); `sends not "
-            "merged`: with `rollouttap_merge_sends=false` too, mitmproxy also writes each chunk to the client apart "
-            "(with it on, what one read made goes out in a few writes, the first at once): together, mitmproxy's "
-            "own way. "
+            "mitmproxy's layers and goes to the client apart, as by itself (with it on, the chunks one read brought "
+            "pass as one, in one write). "
             "The last column is the ceiling one proxy core puts on streamed chunks per second.\n\n"
             + table(["pace", "variant", "proxy CPU µs / chunk", "upstream CPU µs / chunk",
                      "≈ max chunks/s per proxy core"], rows))

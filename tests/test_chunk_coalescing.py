@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -22,7 +23,6 @@ from mitmproxy.proxy.layers.http import _http1
 from conftest import LISTENING_RE, output_lines, wait_line
 from rollouttap.addon import chunk_coalescing, tcp_tuning
 from rollouttap.addon.chunk_coalescing import CoalescingChunkedReader
-from test_send_merging import EVENTS, BurstServer
 from test_tcp_tuning import MITMDUMP, SUMMARY_RE, _summary
 
 with warnings.catch_warnings():
@@ -131,9 +131,39 @@ def test_the_tuning_addon_coalesces_only_while_the_proxy_runs_and_the_option_is_
 
 
 # -- a real mitmdump ---------------------------------------------------------------------------------
-def _stream_once(port: int, server_port: int, conn: h11.Connection, sock: socket.socket) -> tuple[bytes, int]:
+EVENTS = [b'data: {"n": %d, "text": "%s"}\n\n' % (i, b"x" * (i % 7)) for i in range(40)] + [b"data: [DONE]\n\n"]
+
+
+class BurstServer:
+    """An HTTP/1.1 server that writes a whole chunked SSE answer, one chunk per event, in one ``sendall``:
+    the proxy reads it in one read (or a few)."""
+
+    def __init__(self, answers: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.answers = answers
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            for _ in range(self.answers):
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                conn.sendall(head)
+                conn.sendall(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS) + b"0\r\n\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _stream_once(server_port: int, conn: h11.Connection, sock: socket.socket) -> tuple[bytes, int]:
     """One GET through the proxy; the body and the number of chunks the proxy framed it in."""
-    conn.start_next_cycle() if conn.our_state is h11.DONE else None
+    if conn.our_state is h11.DONE:
+        conn.start_next_cycle()
     sock.sendall(conn.send(h11.Request(method="GET", target=f"http://127.0.0.1:{server_port}/v1/stream",
                                        headers=[("Host", f"127.0.0.1:{server_port}")])))
     sock.sendall(conn.send(h11.EndOfMessage()))
@@ -165,7 +195,7 @@ def test_a_streamed_burst_reaches_the_client_whole_in_fewer_chunks(tmp_path, coa
         port = int(wait_line(lines, LISTENING_RE, 60).group(1))
         conn = h11.Connection(our_role=h11.CLIENT)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            replies = [_stream_once(port, server.port, conn, sock) for _ in range(answers)]
+            replies = [_stream_once(server.port, conn, sock) for _ in range(answers)]
         proc.send_signal(signal.SIGINT)
         stats = _summary(wait_line(lines, SUMMARY_RE, 30).group(1))
     finally:
