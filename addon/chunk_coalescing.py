@@ -82,7 +82,8 @@ def install(count: ChunkCount) -> bool:
     """Make mitmproxy's HTTP/1 layers read chunked bodies through ``CoalescingChunkedReader``.
 
     False when this mitmproxy has no such reader choice to wrap (nothing changed). Installing twice keeps one
-    wrapper (the latest ``count``).
+    wrapper (the latest ``count``): the wrap is the process's, so two tuning addons in one proxy share it, and
+    the first to stop ends it.
     """
     if _http1 is None or ChunkedReader is None or not callable(getattr(_http1, "make_body_reader", None)):
         return False

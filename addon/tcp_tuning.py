@@ -180,7 +180,7 @@ class TcpTuning:
     def _warn_once(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:
             self._warned.add(what)
-            log.warning("rollouttap tcp tuning: %s (%r); connections stay untuned but work", what, exc)
+            log.warning("rollouttap tcp tuning: %s (%r); traffic flows as it would without it", what, exc)
 
 
 addons = [TcpTuning()]

@@ -64,7 +64,10 @@ def _read(reader, pieces: list[bytes]) -> list:
 
 
 def _shape(events: list) -> list:
-    return [bytes(e.data) if type(e) is h11.Data else type(e).__name__ for e in events]
+    """Data as its bytes, an end as its trailers (if any), an error as its type's name."""
+    return [bytes(e.data) if type(e) is h11.Data else
+            ("EndOfMessage", *e.headers) if type(e) is h11.EndOfMessage and e.headers else type(e).__name__
+            for e in events]
 
 
 BODY = _chunked(b"data: a\n\n", b"data: bb\n\n", b"data: [DONE]\n\n")
@@ -80,8 +83,10 @@ MID = BODY.index(b"bb") + 1  # inside the second chunk
     ([BODY[:MID], BODY[MID:]], [b"data: a\n\ndata: b", b"b\n\ndata: [DONE]\n\n", "EndOfMessage"], 2),
     # Good chunks, then a malformed one: the good ones pass first, then the error (as without joining).
     ([_chunked(b"one", b"two", end=b"zz\r\n")], [b"onetwo", "LocalProtocolError"], 1),
-    ([_chunked(b"one", end=b"0\r\nX-Trailer: 1\r\n\r\n")], [b"one", "EndOfMessage"], 0),
+    ([_chunked(b"one", b"two", end=b"0\r\nX-Trailer: 1\r\n\r\n")],
+     [b"onetwo", ("EndOfMessage", (b"x-trailer", b"1"))], 1),
     ([b"3\r\non"], [b"on"], 0),
+    ([b"zz\r\n"], ["LocalProtocolError"], 0),  # an error at once: raised at once
 ])
 def test_a_read_passes_as_one_chunk(pieces, expected, joined):
     count = Count()
@@ -103,6 +108,13 @@ def test_end_of_file_inside_a_body_is_the_error_it_was():
     assert _shape(_read(reader, [b"3\r\nabc\r\n"])) == [b"abc"]
     with pytest.raises(h11.RemoteProtocolError, match="incomplete chunked read"):
         reader.read_eof()
+
+
+def test_end_of_file_right_after_a_joined_run_still_gets_the_end_it_held():
+    buf, reader = ReceiveBuffer(), CoalescingChunkedReader(ChunkedReader(), Count())
+    buf += _chunked(b"a", b"b")
+    assert bytes(reader(buf).data) == b"ab"
+    assert type(reader.read_eof()) is h11.EndOfMessage
 
 
 def test_install_wraps_only_the_chunked_reader_once_and_uninstall_restores_it():
