@@ -1106,6 +1106,7 @@ def test_proxy_config_refuses_bad_values_before_starting(tmp_path, field, value,
     ("rollouttap_parent_pid=abc", "rollouttap_parent_pid: not an integer: abc"),
     ("rollouttap_pid_lookup=sometimes", "rollouttap_pid_lookup must be one of eager, fallback, not 'sometimes'"),
     ("rollouttap_model_hosts=http://127.0.0.1:9/v1", "'http://127.0.0.1:9/v1' is not HOST[:PORT]"),
+    ("rollouttap_token_id=false", "unknown option rollouttap_token_id: no loaded addon declares it"),  # a typo
 ])
 def test_plain_mitmdump_exits_on_a_bad_rollouttap_setting(tmp_path, confdir, setting, message):
     # mitmproxy drops a script whose --set value does not parse and runs on, recording nothing.
