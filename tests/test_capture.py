@@ -475,7 +475,9 @@ def test_once_its_store_closes_a_stopping_proxy_refuses_connections_so_every_503
         proc.stop()
     with Store(store) as reader:
         rows = [f for f in reader.flows(agent_id="late") if f.status_code == 503]
-    assert set(statuses) <= {503} and len(rows) == len(statuses)  # every refusal the clients saw is in the store
+    # A request that came before the proxy had handled its SIGTERM (delivered asynchronously) is served as usual.
+    assert set(statuses) <= {200, 503}
+    assert len(rows) == statuses.count(503)  # every refusal the clients saw is in the store
 
 
 def _status_or_none(url: str, proxy_url: str) -> int | None:
