@@ -18,8 +18,7 @@ from clients import MESSAGE, chat_body
 from context import Context, progress
 from procs import (
     BARE_FAST_STREAM, BARE_FAST_STREAM_UNCOALESCED, CAPTURE_TUNED, CAPTURE_UNCOALESCED, TOKENS_TUNED,
-    TOKENS_UNCOALESCED,
-    ProxyStack, Upstream,
+    TOKENS_UNCOALESCED, ProxyStack, Upstream,
 )
 from proxy_cpu import curl_cpu
 from report import Section, table

@@ -148,8 +148,7 @@ def test_a_socket_that_cannot_be_tuned_keeps_its_data_and_warns_once():
 
 def test_tuning_failures_are_counted_and_logged_once(caplog):
     addon = TcpTuning()
-    with taddons.context(addon) as tctx, caplog.at_level(logging.WARNING):
-        tctx.configure(addon, rollouttap_tcp_quickack=True)
+    with taddons.context(addon), caplog.at_level(logging.WARNING):
         # The test master has no proxyserver: looking the connection up fails like a changed mitmproxy would.
         addon.client_connected(tflow.tclient_conn())
         addon.client_connected(tflow.tclient_conn())
@@ -158,7 +157,7 @@ def test_tuning_failures_are_counted_and_logged_once(caplog):
     assert len(said) == 1 and "tuning a client socket failed" in said[0]
 
 
-def test_options_off_tune_nothing():
+def test_option_off_tunes_nothing():
     addon = TcpTuning()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, rollouttap_tcp_quickack=False)
