@@ -4,6 +4,8 @@ Reads a JSON job on stdin, prints one JSON line of results. Jobs:
   {"kind": "cells", "client": "requests", "url": UPSTREAM, "cells": [{"proxy": URL|null, "keepalive": bool,
    "stream": bool, "n": int, "warmup": int, "budget_s": float}, ...]}
   {"kind": "concurrent", "url": UPSTREAM, "proxy": URL|null, "clients": 32, "seconds": 5, "max_calls": N}
+  A job's or cell's optional "model" names the model the openai clients ask for (default "policy"): a proxy
+  that routes by model name (LiteLLM) reaches either upstream that way.
     prints READY, waits for a line GO on stdin, then runs; answers calls, errors, t_start, t_end and
     cpu_s (the worker's own CPU seconds over the burst).
 Proxies are given the way agents get them: HTTP_PROXY / http_proxy in the environment.
@@ -12,6 +14,7 @@ Proxies are given the way agents get them: HTTP_PROXY / http_proxy in the enviro
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -62,7 +65,8 @@ def requests_client(url: str, keepalive: bool, stream: bool, message: str) -> tu
     return call, (session.close if session else lambda: None)
 
 
-def openai_client(url: str, keepalive: bool, stream: bool, message: str) -> tuple[Call, Callable[[], None]]:
+def openai_client(url: str, keepalive: bool, stream: bool, message: str,
+                  model: str = "policy") -> tuple[Call, Callable[[], None]]:
     import httpx
     import openai
     http = None if keepalive else httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
@@ -72,10 +76,10 @@ def openai_client(url: str, keepalive: bool, stream: bool, message: str) -> tupl
     def call() -> float | None:
         t0 = time.perf_counter()
         if not stream:
-            client.chat.completions.create(model="policy", messages=messages)
+            client.chat.completions.create(model=model, messages=messages)
             return None
         first = None
-        for _ in client.chat.completions.create(model="policy", messages=messages, stream=True):
+        for _ in client.chat.completions.create(model=model, messages=messages, stream=True):
             first = first if first is not None else time.perf_counter() - t0
         return first
     return call, client.close
@@ -138,7 +142,12 @@ def time_python_cell(client: str, url: str, cell: dict[str, Any]) -> dict[str, A
     """Latencies (ms) of ``n`` calls after ``warmup`` untimed ones, stopping at the time budget."""
     set_proxy(cell.get("proxy"))
     message = cell.get("message") or MESSAGE
-    call, close = FACTORIES[client](url, cell["keepalive"], cell["stream"], message)
+    factory = FACTORIES[client]
+    if "model" in cell:
+        factory = functools.partial(openai_client, model=cell["model"]) if client == "openai" else None
+    if factory is None:
+        raise NotImplementedError(f"{client} asks for model 'policy' only")
+    call, close = factory(url, cell["keepalive"], cell["stream"], message)
     lat, ttfb = [], []
     try:
         for _ in range(cell.get("warmup", 0)):
@@ -223,9 +232,9 @@ async def _concurrent(job: dict[str, Any]) -> dict[str, Any]:
     set_proxy(job.get("proxy"))
     clients = [openai.AsyncOpenAI(base_url=job["url"] + "/v1", api_key="sk-bench", max_retries=0)
                for _ in range(job["clients"])]
-    messages = chat_body(False)["messages"]
+    messages, model = chat_body(False)["messages"], job.get("model", "policy")
     for client in clients:  # connect before the clock starts
-        await client.chat.completions.create(model="policy", messages=messages)
+        await client.chat.completions.create(model=model, messages=messages)
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     calls, errors, budget = 0, 0, job.get("max_calls", 10**9)
@@ -237,7 +246,7 @@ async def _concurrent(job: dict[str, Any]) -> dict[str, Any]:
         nonlocal calls, errors
         while time.monotonic() < deadline and calls + errors < budget:
             try:
-                await client.chat.completions.create(model="policy", messages=messages)
+                await client.chat.completions.create(model=model, messages=messages)
                 calls += 1
             except Exception:
                 errors += 1

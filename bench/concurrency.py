@@ -26,13 +26,16 @@ PARTIES = ("clients", "upstream", "proxy")
 CORES = psutil.cpu_count() or 1
 
 
-def burst(ctx: Context, proxy: str | None, proxy_pid: int | None = None) -> dict[str, Any]:
+def burst(ctx: Context, proxy: str | None, proxy_pid: int | None = None, *, url: str | None = None,
+          model: str | None = None) -> dict[str, Any]:
     """Run the clients, spread over worker processes, from one common start; calls/s over the union window,
-    and the CPU seconds clients, upstream and proxy spent from GO to the end."""
+    and the CPU seconds clients, upstream and proxy spent from GO to the end. ``url`` (default: the fast
+    upstream) and ``model``: what the clients call, for a proxy that clients use as their base URL."""
     plan, (fast, _) = ctx.plan, ctx.shared.upstreams()
     per_proc = max(1, plan.concurrency_clients // plan.concurrency_procs)
-    job = {"kind": "concurrent", "url": fast.url, "proxy": proxy, "clients": per_proc,
-           "seconds": plan.concurrency_seconds, "max_calls": int(plan.concurrency_seconds * 5000)}
+    job = {"kind": "concurrent", "url": url or fast.url, "proxy": proxy, "clients": per_proc,
+           "seconds": plan.concurrency_seconds, "max_calls": int(plan.concurrency_seconds * 5000),
+           **({"model": model} if model else {})}
     procs = [subprocess.Popen([PY, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(plan.concurrency_procs)]
     try:

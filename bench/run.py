@@ -28,6 +28,7 @@ import deploy  # noqa: E402
 import findings  # noqa: E402
 import latency  # noqa: E402
 import long_context  # noqa: E402
+import peer_proxies  # noqa: E402
 import proxy_cpu  # noqa: E402
 import scale  # noqa: E402
 import store_speed  # noqa: E402
@@ -41,6 +42,7 @@ BENCHMARKS = {
     "concurrency": concurrency,
     "cpu": proxy_cpu,
     "long_context": long_context,
+    "peers": peer_proxies,
     "streaming": streaming,
     "stream_cpu": stream_cpu,
     "attribution": attribution_cost,

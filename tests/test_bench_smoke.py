@@ -22,7 +22,7 @@ def _benchmarks() -> dict[str, str]:
 @pytest.mark.slow
 def test_smoke_run_writes_every_section(tmp_path):
     expected = _benchmarks()
-    assert {"latency", "concurrency", "cpu", "streaming", "attribution", "scale", "deploy", "store",
+    assert {"latency", "concurrency", "cpu", "peers", "streaming", "attribution", "scale", "deploy", "store",
             "findings"} <= set(expected)
     out = tmp_path / "RESULTS.md"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -1,0 +1,253 @@
+"""Peers: LiteLLM's proxy and Agent Lightning's LLMProxy beside rollouttap, on the same upstreams with the same clients.
+
+The peers run unmodified from their own virtualenv (bench/peers/install.sh makes bench/.peers-venv; their
+dependencies never enter rollouttap's). They are reverse proxies: a client takes one as its base URL, where
+rollouttap's agents keep the model server's URL and get the proxy from HTTP_PROXY. Measured in full runs where
+the virtualenv exists; otherwise (a smoke run, CI) the section measures rollouttap's rows alone and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from clients import STREAM_MESSAGE
+from concurrency import burst
+from context import BENCH, Context, progress, run_job
+from procs import BARE, CAPTURE_TUNED, DIRECT, TOKENS_TUNED
+from report import Section, table
+from rollouttap.manager.proxy import free_port
+from stats import fmt, percentile, ratio, spread
+
+TITLE = "1e. Peers: LiteLLM and Agent Lightning on the same upstream"
+PEERS_VENV = BENCH / ".peers-venv"
+MASTER_KEY = "sk-bench"  # LiteLLM 1.108 will not start without one; the bench's openai clients send it
+FAST_MODEL, PACED_MODEL = "policy", "policy-paced"  # the peers route by model name to the fast or paced upstream
+OURS = (DIRECT, BARE, CAPTURE_TUNED, TOKENS_TUNED)
+LITELLM, AGENT_LIGHTNING = "LiteLLM proxy", "Agent Lightning LLMProxy"
+SHOWN = {CAPTURE_TUNED.name: "rollouttap, capture + tuning", TOKENS_TUNED.name: "rollouttap, capture + token ids + tuning"}
+RECORDS = {
+    DIRECT.name: "",
+    BARE.name: "nothing",
+    CAPTURE_TUNED.name: "every request and response, whole, in SQLite; the agent by its process",
+    TOKENS_TUNED.name: "the same, plus exact token ids and logprobs (stripped from what the agent sees)",
+    LITELLM: "nothing (no database configured): a router",
+    AGENT_LIGHTNING: "OpenTelemetry spans with token ids into its store; the rollout by URL path",
+}
+
+
+@dataclass
+class Peer:
+    """One peer proxy process; clients call ``base`` (its URL and any path prefix it routes by)."""
+    name: str
+    args: list[str]
+    log: Path
+    port: int
+    ready_line: str | None = None  # a line it prints on stdout when ready, with its path prefix after it
+    proc: subprocess.Popen[bytes] | None = None
+    prefix: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 120.0) -> None:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env}, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self._tail()}")
+            if self._ready():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s: {self._tail()}")
+
+    def _ready(self) -> bool:
+        if self.ready_line is not None:
+            for line in self.log.read_text(errors="replace").splitlines():
+                if line.startswith(self.ready_line + " "):
+                    self.prefix = line.split(" ", 1)[1].strip()
+                    return True
+            return False
+        try:
+            return requests.get(f"http://127.0.0.1:{self.port}/health/liveliness", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _tail(self) -> str:
+        return self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        """SIGINT to its process group, then SIGKILL: it may have started helpers of its own."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                return
+
+    def spans(self) -> int | None:
+        """Spans Agent Lightning said it recorded (printed as it stopped); None for another peer."""
+        for line in self._tail().splitlines():
+            if line.startswith("SPANS "):
+                return int(line.split()[1])
+        return None
+
+
+def peers_installed() -> bool:
+    return (PEERS_VENV / "bin" / "python").exists() and (PEERS_VENV / "bin" / "litellm").exists()
+
+
+def litellm_config(path: Path, fast: str, paced: str) -> Path:
+    """LiteLLM's proxy config: one model name per upstream, through its vLLM provider."""
+    lines = ["model_list:"]
+    for name, url in ((FAST_MODEL, fast), (PACED_MODEL, paced)):
+        lines += [f"  - model_name: {name}", "    litellm_params:", "      model: hosted_vllm/policy",
+                  f"      api_base: {url}/v1", f"      api_key: {MASTER_KEY}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextmanager
+def peers(ctx: Context) -> Iterator[list[Peer]]:
+    """Both peers, started (one after the other: each takes seconds to import), stopped on the way out."""
+    fast, paced = ctx.shared.upstreams()
+    work = ctx.workdir / "peers"
+    work.mkdir(parents=True, exist_ok=True)
+    # No network here: LiteLLM would fetch its model price list from GitHub at every start (and retry).
+    env = {"LITELLM_MASTER_KEY": MASTER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    config = litellm_config(work / "litellm.yaml", fast.url, paced.url)
+    port = free_port()
+    made = [Peer(LITELLM, [str(PEERS_VENV / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1",
+                           "--port", str(port)], work / "litellm.log", port, env=env)]
+    port = free_port()
+    made.append(Peer(AGENT_LIGHTNING, [str(PEERS_VENV / "bin" / "python"), str(BENCH / "peers" / "agl_proxy.py"),
+                                       str(port), f"{FAST_MODEL}={fast.url}", f"{PACED_MODEL}={paced.url}"],
+                     work / "agent-lightning.log", port, ready_line="READY", env=env))
+    with ExitStack() as stack:
+        for peer in made:
+            progress(f"peers: starting {peer.name}")
+            stack.callback(peer.stop)
+            peer.start()
+        yield made
+
+
+def measure_once(ctx: Context, runs: dict[str, list[dict[str, Any]]], started: list[Peer]) -> None:
+    """One round of every row: keep-alive latency, streamed first byte, then the 32-client burst."""
+    plan, proxies = ctx.plan, ctx.shared.proxies()
+    fast, paced = ctx.shared.upstreams()
+    # (name, base URL, proxy URL, model, pid of the proxy process)
+    targets: list[tuple[str, str, str | None, str | None, int | None]] = [
+        (v.name, "", proxies.url(v), None, proxies.proxies[v.name].pid if v.proxy else None)
+        for v in ctx.shared.pick(OURS)]
+    targets += [(p.name, p.base, None, FAST_MODEL, p.pid) for p in started]
+    for name, base, proxy, model, pid in targets:
+        progress(f"peers: {name}")
+        row: dict[str, Any] = {}
+        cells = [{"proxy": proxy, "keepalive": True, "stream": False, "n": plan.requests, "warmup": plan.warmup,
+                  "budget_s": plan.cell_budget_s},
+                 {"proxy": proxy, "keepalive": True, "stream": True, "message": STREAM_MESSAGE,
+                  "n": plan.stream_requests, "warmup": 1, "budget_s": plan.cell_budget_s}]
+        for cell, url, routed in ((cells[0], base or fast.url, model), (cells[1], base or paced.url,
+                                                                          PACED_MODEL if model else None)):
+            if routed:
+                cell["model"] = routed
+            answer = run_job({"kind": "cells", "client": "openai", "url": url, "cells": [cell]},
+                             plan.cell_budget_s + 90)["cells"][0]
+            if "error" in answer:
+                row.setdefault("errors", []).append(answer["error"])
+                continue
+            if cell["stream"]:
+                row["ttfb"], row["stream_total"] = percentile(answer["ttfb_ms"], 50), percentile(answer["lat_ms"], 50)
+            else:
+                row["p50"], row["p99"] = percentile(answer["lat_ms"], 50), percentile(answer["lat_ms"], 99)
+        got = burst(ctx, proxy, pid, url=base or None, model=model)
+        row["per_s"], row["burst_errors"] = got["per_s"], got["errors"]
+        row["proxy_cpu_ms"] = got["cpu_ms_per_call"]["proxy"] if pid else None
+        runs[name].append(row)
+
+
+def run(ctx: Context) -> Section:
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    measured_peers = not ctx.plan.smoke and peers_installed()
+    spans: dict[str, int | None] = {}
+    with ExitStack() as stack:
+        started = stack.enter_context(peers(ctx)) if measured_peers else []
+        for rep in range(ctx.plan.repeats):
+            progress(f"peers: repeat {rep + 1}/{ctx.plan.repeats}")
+            measure_once(ctx, runs, started)
+        stack.close()  # stop the peers: Agent Lightning says what it recorded as it stops
+        spans = {p.name: p.spans() for p in started}
+    return Section("peers", TITLE, render(ctx, runs, measured_peers, spans), {"runs": dict(runs), "spans": spans},
+                   "error" if any(r.get("errors") or r.get("burst_errors") for rs in runs.values() for r in rs)
+                   else "ok")
+
+
+def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: bool,
+           spans: dict[str, int | None]) -> str:
+    plan = ctx.plan
+    direct = {k: spread([r.get(k, float("nan")) for r in runs[DIRECT.name]]).median for k in ("p50", "ttfb", "per_s")}
+    rows = []
+    for name, reps in runs.items():
+        def figure(key: str) -> Any:
+            return spread([r[key] for r in reps if r.get(key) is not None])
+        p50, ttfb, per_s, cpu = figure("p50"), figure("ttfb"), figure("per_s"), figure("proxy_cpu_ms")
+        over = "" if name == DIRECT.name else fmt(p50.median - direct["p50"])
+        rows.append((SHOWN.get(name, name), p50.fmt(), figure("p99").fmt(), over, ttfb.fmt(), figure("stream_total").fmt(),
+                     per_s.fmt(0), fmt(ratio(per_s.median, direct["per_s"])),
+                     "" if name == DIRECT.name else cpu.fmt(), RECORDS.get(name, "")))
+    text = (f"The openai SDK against each: {plan.requests} keep-alive non-streamed calls (p50, p99); "
+            f"{plan.stream_requests} streamed answers of a few chunks {plan.chunk_delay * 1000:g} ms apart "
+            "(first parsed chunk and total, p50); and section 1b's burst of "
+            f"{plan.concurrency_clients} `AsyncOpenAI` clients for {plan.concurrency_seconds:g} s (calls/s, and the "
+            f"proxy process's CPU per call); {plan.repeats} runs, rows interleaved. Same upstreams as sections 1 "
+            "and 2. rollouttap and bare mitmdump are HTTP proxies (`HTTP_PROXY`); the peers are base URLs. "
+            f"LiteLLM {_peer_version('litellm')}: `litellm --config` with the two upstreams as `hosted_vllm` "
+            "models and a master key (this version refuses to start without one), one worker, as its docs start "
+            f"it. Agent Lightning {_peer_version('agentlightning')}: its `LLMProxy` with its default middlewares "
+            "and callbacks, its in-memory store, serving from a thread of its own process "
+            "(`bench/peers/agl_proxy.py`); clients call under the rollout and attempt it made. It turns a "
+            "streamed request into a non-streamed one upstream and replays the answer as events, so its first "
+            "chunk comes with the whole answer; and as the scripted upstream paces streamed answers only, its "
+            "streamed total here is a non-streamed answer's time, not comparable (a real model takes as long "
+            "either way).\n\n")
+    text += table(["proxy", "p50 ms", "p99 ms", "p50 over direct", "streamed first chunk ms", "streamed total ms",
+                   f"{plan.concurrency_clients} clients calls/s", "× direct", "proxy CPU ms/call", "records"], rows)
+    if not measured_peers:
+        why = "a smoke run" if plan.smoke else "bench/.peers-venv is missing: run `bench/peers/install.sh` first"
+        text += f"\n\nThe peers were not measured in this run ({why}); only rollouttap's rows were."
+    elif spans.get(AGENT_LIGHTNING) is not None:
+        text += (f"\n\nAgent Lightning recorded {spans[AGENT_LIGHTNING]} spans for the rollout the clients called "
+                 "under (all runs together).")
+    errors = [f"- {name}: {e}" for name, reps in runs.items() for r in reps for e in r.get("errors", [])]
+    errors += [f"- {name}: {r['burst_errors']} failed calls in the burst" for name, reps in runs.items()
+               for r in reps if r.get("burst_errors")]
+    return text + ("\n\nErrors:\n\n" + "\n".join(errors) if errors else "")
+
+
+def _peer_version(package: str) -> str:
+    dist = next(PEERS_VENV.glob(f"lib/python3*/site-packages/{package}-*.dist-info"), None)
+    return dist.name[len(package) + 1:-len(".dist-info")] if dist else "(not installed)"
