@@ -330,11 +330,13 @@ class PidAttributor:
             return PidResult(None, None, "socket owner not found (exited, or another namespace)",
                              unfound=found.uid == os.getuid())
         chain = self.ancestry.chain(pid)
-        others, behind = self._tag_roots(chain, roots, known)
+        others, fresh = self._tag_roots(chain, roots, known)
+        if fresh:  # a tag names a live agent registered since the cache was read: its row, just read, counts now
+            roots = {**roots, **fresh}
         # Under no root the cache knows: read the live agents again (cheap, at most every TAG_REFRESH_S), or a
         # root registered since the last read (an agent that dropped its tag) goes unseen for a second.
         registered = registered_in_chain(chain, roots, self._create_time)
-        if behind or not registered:
+        if not registered:
             self.directory.refresh(if_older_than=TAG_REFRESH_S)
             roots, known = self.directory.roots()
             registered = registered_in_chain(chain, roots, self._create_time)
@@ -350,22 +352,25 @@ class PidAttributor:
         agent_id, detail = decide_from_ancestry(chain, roots, named, self._create_time)
         return PidResult(pid, agent_id, detail, tuple(registered), tags)
 
-    def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]],
-                   known: dict[str, int]) -> tuple[dict[str, int | None], bool]:
+    def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]], known: dict[str, int]
+                   ) -> tuple[dict[str, int | None], dict[int, tuple[float | None, str]]]:
         """The registered roots of agents that tags in ``chain`` name outside the live ones cached (ended
         agents, whose tags still must not attribute; None for an agent its credentials alone attribute), and
-        whether one of them is live after all (it started since the cache was read). Hand-run tags that name no
-        registered agent cost one indexed read each."""
+        the roots among them of agents that are live after all, as ``roots`` holds them: registered and started
+        since the cache was read (a deploy() agent's first connection can come within TAG_REFRESH_S of the
+        last read). Hand-run tags that name no registered agent cost one indexed read each."""
         others: dict[str, int | None] = {}
-        behind = False
+        fresh: dict[int, tuple[float | None, str]] = {}
         for tag in {p.agent_tag for p in chain if p.agent_tag and p.agent_tag not in known}:
             agent = self.directory.other(tag)
             if agent is not None and agent.root_pid is not None:
                 others[tag] = agent.root_pid
-                behind = behind or (agent.status in LIVE_STATUSES and agent.root_pid not in roots)
+                # As AgentDirectory.refresh: an agent whose processes have ended claims no process any more.
+                if agent.status in LIVE_STATUSES and agent.ended_at is None and agent.root_pid not in roots:
+                    fresh[agent.root_pid] = (agent.root_create_time, agent.agent_id)
             elif agent is not None and agent.credentials_only:
                 others[tag] = None  # run by hand with credentials (`rollouttap agent start`): no tag speaks for it
-        return others, behind
+        return others, fresh
 
     def connection_closed(self, pid: int) -> None:
         """A client connection of ``pid`` ended (its next one is likely close behind)."""

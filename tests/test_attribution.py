@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from rollouttap.addon import attribution
 from rollouttap.addon.attribution import (
     AgentDirectory, PidAttributor, PidResult, check_token, credentials_conflict, decide_from_ancestry,
     decide_header_claim, is_local_peer, local_ips, parse_basic_credentials, split_agent_path,
@@ -165,6 +166,34 @@ def test_a_tag_of_an_ended_agent_from_outside_its_tree_is_refused(tmp_path):
             directory.close()
     assert result.pid == client.pid and result.agent_id is None
     assert result.detail == f"tag 'gone' but its root pid {root.pid} is not an ancestor"
+
+
+def test_an_agent_registered_since_the_directory_was_read_is_attributed_by_its_root_at_once(tmp_path, monkeypatch):
+    # deploy() registers an agent, starts it, and its first connection can come before the proxy reads the live
+    # agents again (at most every TAG_REFRESH_S; its cache is a second old). The tag's row, read for the lookup,
+    # names the root: it must count then, not refuse the agent's own process as "not under its root".
+    monkeypatch.setattr(attribution, "TAG_REFRESH_S", 3600.0)  # no re-read of its own during the test
+    path = tmp_path / "s.db"
+    directory = AgentDirectory(str(path), max_age=3600.0)
+    env = {**os.environ, "ROLLOUTTAP_AGENT_ID": "fresh"}
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = subprocess.Popen([sys.executable, "-c", (
+            "import socket, sys\n"
+            f"s = socket.create_connection({server.getsockname()!r})\n"
+            "sys.stdin.read()\n")], env=env, stdin=subprocess.PIPE, start_new_session=True)
+        try:
+            accepted, peer = server.accept()
+            directory.refresh()  # read before the agent is registered
+            with Store(path) as store:
+                store.register_agent("fresh", token=new_token())
+                store.agent_started("fresh", client.pid)
+            with accepted:
+                result = PidAttributor(directory).resolve(peer, accepted.getsockname())
+        finally:
+            client.communicate(b"", timeout=30)
+            directory.close()
+    assert (result.pid, result.agent_id, result.detail, result.roots) == (client.pid, "fresh", "registered root",
+                                                                         ("fresh",))
 
 
 def test_a_socket_of_this_user_that_no_process_holds_is_unfound(tmp_path):
