@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
@@ -25,18 +26,32 @@ from report import Section, table
 from rollouttap.addon.attribution import AgentDirectory, PidAttributor
 from rollouttap.addon.procfs import SocketOwnerFinder, ancestry
 from rollouttap.addon.sockdiag import socket_inode
+from rollouttap.store import Store
 from stats import percentile, spread
 
 TITLE = "3. Attribution cost per new connection"
 GOAL_MS = 0.1
 AGENT_ID = "bench-agent"
 NEW_PROCESSES = "new processes, running attributor"
-WHO = ("new agent", "old agent", NEW_PROCESSES)
+NEW_REGISTERED = "new processes of a registered agent, running attributor"
+WHO = ("new agent", "old agent", NEW_PROCESSES, NEW_REGISTERED)
 _AGENT_CODE = """
 import socket, sys
 conns = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(int(sys.argv[2]))]
 print("OK", flush=True)
 sys.stdin.read()
+"""
+# A registered agent's root, as deploy() launches one: it starts a child (that opens one connection) per line
+# it reads, reports the child's pid, and ends the child at the next line.
+_ROOT_CODE = """
+import subprocess, sys
+for line in sys.stdin:
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], "1"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    print(child.pid, child.stdout.readline().strip(), flush=True)
+    sys.stdin.readline()
+    child.kill()
+    child.wait()
 """
 
 
@@ -122,17 +137,55 @@ def measure_agent(attributor: PidAttributor, accepted: list[socket.socket], expe
 
 
 def measure_new_processes(attributor: PidAttributor, listener: socket.socket, n: int) -> dict[str, Any]:
-    """The proxy's usual case: an attributor that has served lookups before meets the first connection of
-    ``n`` processes started one after another (each a new pid under the same parents)."""
+    """An attributor that has served lookups before meets the first connection of ``n`` processes started one
+    after another (each a new pid under the same parents), tagged by hand (no registered agent)."""
     ms: list[float] = []
-    wrong = 0
+    wrong_by: dict[str, int] = {}
     for _ in range(n):
         with agent(listener, 1) as (proc, [conn]):
             t, found = once(attributor.resolve, conn.getpeername()[:2], conn.getsockname()[:2])
             ms.append(t)
-            wrong += found.pid != proc.pid or found.agent_id != AGENT_ID
-    return {"ms": {"resolve cold": ms}, "wrong": wrong, "wrong_by": {"resolve": wrong} if wrong else {},
-            "psutil_missed": 0}
+            _count(wrong_by, f"resolve: {found.detail}", found.pid != proc.pid or found.agent_id != AGENT_ID)
+    return _new_result(ms, wrong_by)
+
+
+def measure_registered(attributor: PidAttributor, listener: socket.socket, n: int, store: Path,
+                       agent_id: str) -> dict[str, Any]:
+    """The same for ``n`` children of a registered agent's root, as deploy() runs agents: the root is registered
+    with its pid and start time, its children carry its tag."""
+    ms: list[float] = []
+    wrong_by: dict[str, int] = {}
+    env = {**os.environ, "ROLLOUTTAP_AGENT_ID": agent_id}
+    root = subprocess.Popen([PY, "-c", _ROOT_CODE, _AGENT_CODE, str(listener.getsockname()[1])], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    registry = Store(str(store))
+    try:
+        registry.register_agent(agent_id)
+        registry.agent_started(agent_id, root.pid)
+        assert root.stdin is not None and root.stdout is not None
+        listener.settimeout(10)
+        for _ in range(n):
+            root.stdin.write("go\n")
+            root.stdin.flush()
+            pid, ok = root.stdout.readline().split()
+            conn = listener.accept()[0]
+            with conn:
+                t, found = once(attributor.resolve, conn.getpeername()[:2], conn.getsockname()[:2])
+            ms.append(t)
+            if found.pid != int(pid) or found.agent_id != agent_id or ok != "OK":
+                _count(wrong_by, f"resolve: {found.detail}", True)
+            root.stdin.write("done\n")
+            root.stdin.flush()
+    finally:
+        root.kill()
+        root.wait()
+        registry.agent_ended(agent_id, "ok")
+        registry.close()
+    return _new_result(ms, wrong_by)
+
+
+def _new_result(ms: list[float], wrong_by: dict[str, int]) -> dict[str, Any]:
+    return {"ms": {"resolve cold": ms}, "wrong": sum(wrong_by.values()), "wrong_by": wrong_by, "psutil_missed": 0}
 
 
 def _count(counts: dict[str, int], name: str, missed: bool) -> None:
@@ -140,7 +193,7 @@ def _count(counts: dict[str, int], name: str, missed: bool) -> None:
         counts[name] = counts.get(name, 0) + 1
 
 
-def one_size(ctx: Context, extra: int, directory: AgentDirectory) -> dict[str, Any]:
+def one_size(ctx: Context, extra: int, directory: AgentDirectory, store: Path, rep: int) -> dict[str, Any]:
     """Old agent (started before the extra processes: lowest pid) and new agent (started after)."""
     conns = ctx.plan.attribution_conns
     naive_reps = max(1, min(conns, 10))
@@ -153,6 +206,8 @@ def one_size(ctx: Context, extra: int, directory: AgentDirectory) -> dict[str, A
                           "new agent": measure_agent(attributor, new_accepted, new.pid, naive_reps),
                           "old agent": measure_agent(attributor, old_accepted, old.pid, naive_reps)}
             result[NEW_PROCESSES] = measure_new_processes(attributor, listener, max(2, conns // 2))
+            result[NEW_REGISTERED] = measure_registered(attributor, listener, max(2, conns // 2), store,
+                                                        f"bench-registered-{extra}-{rep}")
             return result
 
 
@@ -165,7 +220,7 @@ def run(ctx: Context) -> Section:
             runs[extra] = []
             for rep in range(ctx.plan.repeats):
                 progress(f"attribution: {extra} extra processes, run {rep + 1}/{ctx.plan.repeats}")
-                runs[extra].append(one_size(ctx, extra, directory))
+                runs[extra].append(one_size(ctx, extra, directory, store, rep))
     finally:
         directory.close()
     return Section("attribution", TITLE, render(ctx, runs), {"runs": _jsonable(runs)},
@@ -193,10 +248,14 @@ def render(ctx: Context, runs: dict[int, list[dict[str, Any]]]) -> str:
             "i.e. the first connection of a process never seen; `resolve warm`: the same process again "
             "(finder remembers recent owners); `psutil`: `psutil.net_connections()` scanned for the client "
             "address. New agent = started after the extra processes (highest pid); old agent = before "
-            "(the owner search meets every newer process first). `new processes, running attributor`: the "
-            "proxy's usual case, one attributor that has served lookups before and the first connection of "
-            f"each of {max(2, ctx.plan.attribution_conns // 2)} processes started one after another (its "
-            "`resolve cold` column). `wrong` counts rollouttap lookups that missed the agent (must be 0).\n\n"
+            "(the owner search meets every newer process first). `new processes, running attributor`: one "
+            "attributor that has served lookups before and the first connection of each of "
+            f"{max(2, ctx.plan.attribution_conns // 2)} processes started one after another (its `resolve cold` "
+            "column), tagged by hand: no agent registered, so each lookup also reads the store for what the tag "
+            "names (an ended agent's tag must not attribute) and re-reads the live agents (at most every 50 ms). "
+            "`new processes of a registered agent`: the same for children of a root registered as deploy() "
+            "registers an agent's (pid and start time; the children carry its tag). `wrong` counts rollouttap "
+            "lookups that missed the agent (must be 0).\n\n"
             + table(["extra procs", "procs on host", "agent", "inode", "find", "ancestry", "resolve cold",
                      "resolve warm", "psutil", f"cold ≤ {GOAL_MS} ms", "wrong", "psutil missed"], rows)
             + ("\n\nMissed lookups:\n\n" + "\n".join(misses) if misses else ""))

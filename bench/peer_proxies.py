@@ -35,7 +35,8 @@ MASTER_KEY = "sk-bench"  # LiteLLM 1.108 will not start without one; the bench's
 FAST_MODEL, PACED_MODEL = "policy", "policy-paced"  # the peers route by model name to the fast or paced upstream
 OURS = (DIRECT, BARE, CAPTURE_TUNED, TOKENS_TUNED)
 LITELLM, AGENT_LIGHTNING = "LiteLLM proxy", "Agent Lightning LLMProxy"
-SHOWN = {CAPTURE_TUNED.name: "rollouttap, capture + tuning", TOKENS_TUNED.name: "rollouttap, capture + token ids + tuning"}
+SHOWN = {CAPTURE_TUNED.name: "rollouttap, capture + tuning",
+         TOKENS_TUNED.name: "rollouttap, capture + token ids + tuning"}
 RECORDS = {
     DIRECT.name: "",
     BARE.name: "nothing",
@@ -209,7 +210,8 @@ def run(ctx: Context) -> Section:
 def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: bool,
            spans: dict[str, int | None]) -> str:
     plan = ctx.plan
-    direct = {k: spread([r.get(k, float("nan")) for r in runs[DIRECT.name]]).median for k in ("p50", "ttfb", "per_s")}
+    direct = {k: spread([r.get(k, float("nan")) for r in runs[DIRECT.name]]).median
+              for k in ("p50", "ttfb", "per_s")}
     rows = []
     for name, reps in runs.items():
         def figure(key: str) -> Any:

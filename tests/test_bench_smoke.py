@@ -42,7 +42,9 @@ def test_smoke_run_writes_every_section(tmp_path):
             assert one["lost"] == 0 and one["unattributed"] == 0 and one["agents_failed"] == 0
     for runs in results["sections"]["attribution"]["data"]["runs"].values():
         for one in runs:
-            assert one["new agent"]["wrong"] == 0 and one["old agent"]["wrong"] == 0
+            assert all(one[who]["wrong"] == 0 for who in ("new agent", "old agent",
+                                                           "new processes, running attributor",
+                                                           "new processes of a registered agent, running attributor"))
 
 
 def test_floor_proxy_answers_from_memory_after_the_first_request(tmp_path, monkeypatch):
