@@ -41,7 +41,7 @@ RECORDS = {
     DIRECT.name: "",
     BARE.name: "nothing",
     CAPTURE_TUNED.name: "every request and response, whole, in SQLite; the agent by its process",
-    TOKENS_TUNED.name: "the same, plus exact token ids and logprobs (stripped from what the agent sees)",
+    TOKENS_TUNED.name: "every request and response in SQLite, with exact token ids and logprobs (hidden from the agent)",
     LITELLM: "nothing (no database configured): a router",
     AGENT_LIGHTNING: "OpenTelemetry spans with token ids into its store; the rollout by URL path",
 }
@@ -210,17 +210,17 @@ def run(ctx: Context) -> Section:
 def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: bool,
            spans: dict[str, int | None]) -> str:
     plan = ctx.plan
-    direct = {k: spread([r.get(k, float("nan")) for r in runs[DIRECT.name]]).median
-              for k in ("p50", "ttfb", "per_s")}
+    direct_p50 = spread([r.get("p50", float("nan")) for r in runs[DIRECT.name]]).median
+    direct_rate = spread([r.get("per_s", float("nan")) for r in runs[DIRECT.name]]).median
     rows = []
     for name, reps in runs.items():
-        def figure(key: str) -> Any:
-            return spread([r[key] for r in reps if r.get(key) is not None])
-        p50, ttfb, per_s, cpu = figure("p50"), figure("ttfb"), figure("per_s"), figure("proxy_cpu_ms")
-        over = "" if name == DIRECT.name else fmt(p50.median - direct["p50"])
-        rows.append((SHOWN.get(name, name), p50.fmt(), figure("p99").fmt(), over, ttfb.fmt(), figure("stream_total").fmt(),
-                     per_s.fmt(0), fmt(ratio(per_s.median, direct["per_s"])),
-                     "" if name == DIRECT.name else cpu.fmt(), RECORDS.get(name, "")))
+        fig = {key: spread([r[key] for r in reps if r.get(key) is not None])
+               for key in ("p50", "p99", "ttfb", "stream_total", "per_s", "proxy_cpu_ms")}
+        is_direct = name == DIRECT.name
+        rows.append((SHOWN.get(name, name), fig["p50"].fmt(), fig["p99"].fmt(),
+                     "" if is_direct else fmt(fig["p50"].median - direct_p50), fig["ttfb"].fmt(),
+                     fig["stream_total"].fmt(), fig["per_s"].fmt(0), fmt(ratio(fig["per_s"].median, direct_rate)),
+                     "" if is_direct else fig["proxy_cpu_ms"].fmt(), RECORDS.get(name, "")))
     text = (f"The openai SDK against each: {plan.requests} keep-alive non-streamed calls (p50, p99); "
             f"{plan.stream_requests} streamed answers of a few chunks {plan.chunk_delay * 1000:g} ms apart "
             "(first parsed chunk and total, p50); and section 1b's burst of "
