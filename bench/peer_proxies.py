@@ -41,7 +41,8 @@ RECORDS = {
     DIRECT.name: "",
     BARE.name: "nothing",
     CAPTURE_TUNED.name: "every request and response, whole, in SQLite; the agent by its process",
-    TOKENS_TUNED.name: "every request and response in SQLite, with exact token ids and logprobs (hidden from the agent)",
+    TOKENS_TUNED.name: "every request and response in SQLite, with exact token ids and logprobs (hidden from "
+                       "the agent)",
     LITELLM: "nothing (no database configured): a router",
     AGENT_LIGHTNING: "OpenTelemetry spans with token ids into its store; the rollout by URL path",
 }
