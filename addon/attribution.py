@@ -233,11 +233,14 @@ class AgentDirectory:
         until the next refresh, or until the cache holds MAX_CACHED rows: where no pid lookup refreshes it)."""
         agent = self.read(agent_id)
         if agent is not None:
-            with self._cache_lock:
-                if len(self._agents) >= MAX_CACHED:
-                    self._drop_ended()
-                self._agents[agent_id], self._read_at[agent_id] = agent, time.monotonic()
+            self._cache(agent)
         return agent
+
+    def _cache(self, agent: AgentRecord) -> None:
+        with self._cache_lock:
+            if len(self._agents) >= MAX_CACHED:
+                self._drop_ended()
+            self._agents[agent.agent_id], self._read_at[agent.agent_id] = agent, time.monotonic()
 
     def _drop_ended(self) -> None:
         live = {k: a for k, a in self._agents.items() if a.status in LIVE_STATUSES}
@@ -279,6 +282,20 @@ class AgentDirectory:
             with self._cache_lock:
                 self._agents, self._read_at = agents, dict.fromkeys(agents, now)
             self._roots, self._loaded_at = (by_pid, by_agent), now
+
+    def learn(self, agent: AgentRecord) -> None:
+        """Add a live agent read since the last refresh (its row just read from the store) to the cached roots,
+        so its next lookups need not read it again before the next refresh replaces them all."""
+        if agent.root_pid is None or agent.ended_at is not None or agent.status not in LIVE_STATUSES:
+            return
+        with self._lock:
+            by_pid, by_agent = self._roots
+            if by_agent.get(agent.agent_id) == agent.root_pid:
+                return
+            # Copies, swapped in whole: lookups on other threads hold the old pair and read it unlocked.
+            self._roots = ({**by_pid, agent.root_pid: (agent.root_create_time, agent.agent_id)},
+                           {**by_agent, agent.agent_id: agent.root_pid})
+        self._cache(agent)
 
     def roots(self) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
         """The live agents' registered roots as (pid -> (create_time, agent), agent -> pid), refreshed if
@@ -368,6 +385,7 @@ class PidAttributor:
                 # As AgentDirectory.refresh: an agent whose processes have ended claims no process any more.
                 if agent.status in LIVE_STATUSES and agent.ended_at is None and agent.root_pid not in roots:
                     fresh[agent.root_pid] = (agent.root_create_time, agent.agent_id)
+                    self.directory.learn(agent)
             elif agent is not None and agent.credentials_only:
                 others[tag] = None  # run by hand with credentials (`rollouttap agent start`): no tag speaks for it
         return others, fresh

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from rollouttap.addon import attribution
@@ -189,11 +190,16 @@ def test_an_agent_registered_since_the_directory_was_read_is_attributed_by_its_r
                 store.agent_started("fresh", client.pid)
             with accepted:
                 result = PidAttributor(directory).resolve(peer, accepted.getsockname())
+            learnt = directory.roots()
+            created = psutil.Process(client.pid).create_time()
         finally:
             client.communicate(b"", timeout=30)
             directory.close()
     assert (result.pid, result.agent_id, result.detail, result.roots) == (client.pid, "fresh", "registered root",
                                                                          ("fresh",))
+    # Learnt from the row read for the lookup: the next ones need not read it again before the next refresh.
+    assert learnt == ({client.pid: (pytest.approx(created), "fresh")},
+                      {"fresh": client.pid})
 
 
 def test_a_socket_of_this_user_that_no_process_holds_is_unfound(tmp_path):
