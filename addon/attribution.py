@@ -236,11 +236,12 @@ class AgentDirectory:
             self._cache(agent)
         return agent
 
-    def _cache(self, agent: AgentRecord) -> None:
+    def _cache(self, agent: AgentRecord, read_at: float | None = None) -> None:
         with self._cache_lock:
             if len(self._agents) >= MAX_CACHED:
                 self._drop_ended()
-            self._agents[agent.agent_id], self._read_at[agent.agent_id] = agent, time.monotonic()
+            self._agents[agent.agent_id] = agent
+            self._read_at[agent.agent_id] = time.monotonic() if read_at is None else read_at
 
     def _drop_ended(self) -> None:
         live = {k: a for k, a in self._agents.items() if a.status in LIVE_STATUSES}
@@ -283,19 +284,20 @@ class AgentDirectory:
                 self._agents, self._read_at = agents, dict.fromkeys(agents, now)
             self._roots, self._loaded_at = (by_pid, by_agent), now
 
-    def learn(self, agent: AgentRecord) -> None:
-        """Add a live agent read since the last refresh (its row just read from the store) to the cached roots,
-        so its next lookups need not read it again before the next refresh replaces them all."""
+    def learn(self, agent: AgentRecord, read_at: float) -> None:
+        """Add a live agent whose row was read at ``read_at`` (time.monotonic(), taken before the read) to the
+        cached roots, so its next lookups need not read it again before the next refresh replaces them all.
+        Nothing is added once a refresh has read the store since: it knows better (the agent may have ended)."""
         if agent.root_pid is None or agent.ended_at is not None or agent.status not in LIVE_STATUSES:
             return
         with self._lock:
             by_pid, by_agent = self._roots
-            if by_agent.get(agent.agent_id) == agent.root_pid:
+            if self._loaded_at >= read_at or agent.root_pid in by_pid or agent.agent_id in by_agent:
                 return
             # Copies, swapped in whole: lookups on other threads hold the old pair and read it unlocked.
             self._roots = ({**by_pid, agent.root_pid: (agent.root_create_time, agent.agent_id)},
                            {**by_agent, agent.agent_id: agent.root_pid})
-        self._cache(agent)
+            self._cache(agent, read_at)  # under _lock, as in refresh: no refresh can come between
 
     def roots(self) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
         """The live agents' registered roots as (pid -> (create_time, agent), agent -> pid), refreshed if
@@ -379,13 +381,14 @@ class PidAttributor:
         others: dict[str, int | None] = {}
         fresh: dict[int, tuple[float | None, str]] = {}
         for tag in {p.agent_tag for p in chain if p.agent_tag and p.agent_tag not in known}:
+            read_at = time.monotonic()
             agent = self.directory.other(tag)
             if agent is not None and agent.root_pid is not None:
                 others[tag] = agent.root_pid
                 # As AgentDirectory.refresh: an agent whose processes have ended claims no process any more.
                 if agent.status in LIVE_STATUSES and agent.ended_at is None and agent.root_pid not in roots:
                     fresh[agent.root_pid] = (agent.root_create_time, agent.agent_id)
-                    self.directory.learn(agent)
+                    self.directory.learn(agent, read_at)
             elif agent is not None and agent.credentials_only:
                 others[tag] = None  # run by hand with credentials (`rollouttap agent start`): no tag speaks for it
         return others, fresh

@@ -169,37 +169,72 @@ def test_a_tag_of_an_ended_agent_from_outside_its_tree_is_refused(tmp_path):
     assert result.detail == f"tag 'gone' but its root pid {root.pid} is not an ancestor"
 
 
-def test_an_agent_registered_since_the_directory_was_read_is_attributed_by_its_root_at_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("case", ["own root", "root elsewhere", "processes ended"])
+def test_an_agent_registered_since_the_directory_was_read_counts_its_root_at_once(tmp_path, monkeypatch, case):
     # deploy() registers an agent, starts it, and its first connection can come before the proxy reads the live
     # agents again (at most every TAG_REFRESH_S; its cache is a second old). The tag's row, read for the lookup,
-    # names the root: it must count then, not refuse the agent's own process as "not under its root".
+    # names the root: it must count then, not refuse the agent's own process as "not under its root"; a process
+    # elsewhere that carries the tag, or the tag of an agent whose processes have ended, must still be refused.
     monkeypatch.setattr(attribution, "TAG_REFRESH_S", 3600.0)  # no re-read of its own during the test
     path = tmp_path / "s.db"
     directory = AgentDirectory(str(path), max_age=3600.0)
     env = {**os.environ, "ROLLOUTTAP_AGENT_ID": "fresh"}
+    elsewhere = subprocess.Popen(["sleep", "60"])  # a root that is not the client's ancestor
     with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(30)
         client = subprocess.Popen([sys.executable, "-c", (
             "import socket, sys\n"
             f"s = socket.create_connection({server.getsockname()!r})\n"
             "sys.stdin.read()\n")], env=env, stdin=subprocess.PIPE, start_new_session=True)
+        root = elsewhere if case == "root elsewhere" else client
         try:
             accepted, peer = server.accept()
             directory.refresh()  # read before the agent is registered
             with Store(path) as store:
                 store.register_agent("fresh", token=new_token())
-                store.agent_started("fresh", client.pid)
+                store.agent_started("fresh", root.pid)
+                if case == "processes ended":
+                    store.agent_exited("fresh")
             with accepted:
                 result = PidAttributor(directory).resolve(peer, accepted.getsockname())
             learnt = directory.roots()
-            created = psutil.Process(client.pid).create_time()
+            created = psutil.Process(root.pid).create_time()
         finally:
             client.communicate(b"", timeout=30)
+            elsewhere.kill()
+            elsewhere.wait()
             directory.close()
-    assert (result.pid, result.agent_id, result.detail, result.roots) == (client.pid, "fresh", "registered root",
-                                                                         ("fresh",))
-    # Learnt from the row read for the lookup: the next ones need not read it again before the next refresh.
-    assert learnt == ({client.pid: (pytest.approx(created), "fresh")},
-                      {"fresh": client.pid})
+    assert result.pid == client.pid
+    if case == "own root":
+        assert (result.agent_id, result.detail, result.roots) == ("fresh", "registered root", ("fresh",))
+    else:
+        assert (result.agent_id, result.detail, result.roots) == (
+            None, f"tag 'fresh' but its root pid {root.pid} is not an ancestor", ())
+    # A live agent's root, learnt from the row read for the lookup: the next lookups need not read it again.
+    # An agent whose processes have ended claims none (as a refresh would leave it out).
+    assert learnt == (({}, {}) if case == "processes ended" else
+                      ({root.pid: (pytest.approx(created), "fresh")}, {"fresh": root.pid}))
+
+
+def test_the_directory_learns_no_row_read_before_its_last_refresh(tmp_path):
+    # A lookup read the agent's row, then a refresh saw it end: the refresh knows better, the row is not learnt.
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        store.register_agent("a", token=new_token())
+        store.agent_started("a", os.getpid())
+    directory = AgentDirectory(str(path))
+    try:
+        read_at = time.monotonic()
+        row = directory.read("a")
+        with Store(path) as store:
+            store.agent_exited("a")
+        directory.refresh()
+        directory.learn(row, read_at)
+        assert directory.roots() == ({}, {}) and directory.cached("a").ended_at is not None  # the refresh's row
+        directory.learn(row, time.monotonic())  # as if read after the refresh: learnt
+        assert directory.roots()[1] == {"a": os.getpid()} and directory.cached("a") == row
+    finally:
+        directory.close()
 
 
 def test_a_socket_of_this_user_that_no_process_holds_is_unfound(tmp_path):
