@@ -167,12 +167,16 @@ def measure_registered(attributor: PidAttributor, listener: socket.socket, n: in
         for _ in range(n):
             root.stdin.write("go\n")
             root.stdin.flush()
-            pid, ok = root.stdout.readline().split()
+            answer = root.stdout.readline().split()  # "" when the root died; "PID" alone if its child failed
+            if len(answer) != 2 or answer[1] != "OK":
+                _count(wrong_by, f"the registered agent's child did not connect: {answer!r}", True)
+                break
+            pid = answer[0]
             conn = listener.accept()[0]
             with conn:
                 t, found = once(attributor.resolve, conn.getpeername()[:2], conn.getsockname()[:2])
             ms.append(t)
-            if found.pid != int(pid) or found.agent_id != agent_id or ok != "OK":
+            if found.pid != int(pid) or found.agent_id != agent_id:
                 _count(wrong_by, f"resolve: {found.detail}", True)
             root.stdin.write("done\n")
             root.stdin.flush()

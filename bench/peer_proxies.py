@@ -98,29 +98,39 @@ class Peer:
         return self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
 
     def stop(self) -> None:
-        """SIGINT to its process group, then SIGKILL: it may have started helpers of its own."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGINT to its process group (it says what it recorded as it stops), then SIGKILL to whatever of the
+        group is left: it may have started helpers of its own."""
+        if self.proc is None:
             return
-        for sig, wait in ((signal.SIGINT, 15.0), (signal.SIGKILL, 5.0)):
+        if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                return
+                os.killpg(self.proc.pid, signal.SIGINT)
+                self.proc.wait(15.0)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def spans(self) -> int | None:
         """Spans Agent Lightning said it recorded (printed as it stopped); None for another peer."""
-        for line in self._tail().splitlines():
+        for line in self.log.read_text(errors="replace").splitlines():
             if line.startswith("SPANS "):
                 return int(line.split()[1])
         return None
 
 
 def peers_installed() -> bool:
-    return (PEERS_VENV / "bin" / "python").exists() and (PEERS_VENV / "bin" / "litellm").exists()
+    """Whether bench/peers/install.sh made the peers' virtualenv and both peers import there."""
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists() or not (PEERS_VENV / "bin" / "litellm").exists():
+        return False
+    check = subprocess.run([str(python), "-c", "import litellm.proxy.proxy_server, agentlightning.llm_proxy"],
+                           env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}, capture_output=True,
+                           timeout=120)
+    return check.returncode == 0
 
 
 def litellm_config(path: Path, fast: str, paced: str) -> Path:
@@ -186,9 +196,13 @@ def measure_once(ctx: Context, runs: dict[str, list[dict[str, Any]]], started: l
                 row["ttfb"], row["stream_total"] = percentile(answer["ttfb_ms"], 50), percentile(answer["lat_ms"], 50)
             else:
                 row["p50"], row["p99"] = percentile(answer["lat_ms"], 50), percentile(answer["lat_ms"], 99)
-        got = burst(ctx, proxy, pid, url=base or None, model=model)
-        row["per_s"], row["burst_errors"] = got["per_s"], got["errors"]
-        row["proxy_cpu_ms"] = got["cpu_ms_per_call"]["proxy"] if pid else None
+        try:
+            got = burst(ctx, proxy, pid, url=base or None, model=model)
+        except (RuntimeError, ValueError, subprocess.SubprocessError) as exc:  # one peer's failure: the rest stand
+            row.setdefault("errors", []).append(f"burst: {exc}"[:300])
+        else:
+            row["per_s"], row["burst_errors"] = got["per_s"], got["errors"]
+            row["proxy_cpu_ms"] = got["cpu_ms_per_call"]["proxy"] if pid else None
         runs[name].append(row)
 
 
@@ -227,16 +241,18 @@ def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: 
             "(first parsed chunk and total, p50); and section 1b's burst of "
             f"{plan.concurrency_clients} `AsyncOpenAI` clients for {plan.concurrency_seconds:g} s (calls/s, and the "
             f"proxy process's CPU per call); {plan.repeats} runs, rows interleaved. Same upstreams as sections 1 "
-            "and 2. rollouttap and bare mitmdump are HTTP proxies (`HTTP_PROXY`); the peers are base URLs. "
-            f"LiteLLM {_peer_version('litellm')}: `litellm --config` with the two upstreams as `hosted_vllm` "
-            "models and a master key (this version refuses to start without one), one worker, as its docs start "
-            f"it. Agent Lightning {_peer_version('agentlightning')}: its `LLMProxy` with its default middlewares "
-            "and callbacks, its in-memory store, serving from a thread of its own process "
-            "(`bench/peers/agl_proxy.py`); clients call under the rollout and attempt it made. It turns a "
-            "streamed request into a non-streamed one upstream and replays the answer as events, so its first "
-            "chunk comes with the whole answer; and as the scripted upstream paces streamed answers only, its "
-            "streamed total here is a non-streamed answer's time, not comparable (a real model takes as long "
-            "either way).\n\n")
+            "and 2. rollouttap and bare mitmdump are HTTP proxies (`HTTP_PROXY`); the peers are base URLs.")
+    if measured_peers:
+        text += (f" LiteLLM {_peer_version('litellm')}: `litellm --config` with the two upstreams as `hosted_vllm` "
+                 "models and a master key (this version refuses to start without one), one worker, as its docs "
+                 f"start it. Agent Lightning {_peer_version('agentlightning')}: its `LLMProxy` with its default "
+                 "middlewares and callbacks, its in-memory store, serving from a thread of its own process "
+                 "(`bench/peers/agl_proxy.py`); clients call under the rollout and attempt it made. It turns a "
+                 "streamed request into a non-streamed one upstream and replays the answer as events, so its first "
+                 "chunk comes with the whole answer; and as the scripted upstream paces streamed answers only, its "
+                 "streamed total here is a non-streamed answer's time, not comparable (a real model takes as long "
+                 "either way).")
+    text += "\n\n"
     text += table(["proxy", "p50 ms", "p99 ms", "p50 over direct", "streamed first chunk ms", "streamed total ms",
                    f"{plan.concurrency_clients} clients calls/s", "× direct", "proxy CPU ms/call", "records"], rows)
     if not measured_peers:
