@@ -144,8 +144,9 @@ def litellm_config(path: Path, fast: str, paced: str) -> Path:
 
 
 @contextmanager
-def peers(ctx: Context) -> Iterator[list[Peer]]:
-    """Both peers, started (one after the other: each takes seconds to import), stopped on the way out."""
+def peers(ctx: Context, failed: dict[str, str]) -> Iterator[list[Peer]]:
+    """The peers that started (one after the other: each takes seconds to import), stopped on the way out; one
+    that does not start is left out, with why in ``failed``."""
     fast, paced = ctx.shared.upstreams()
     work = ctx.workdir / "peers"
     work.mkdir(parents=True, exist_ok=True)
@@ -159,12 +160,18 @@ def peers(ctx: Context) -> Iterator[list[Peer]]:
     made.append(Peer(AGENT_LIGHTNING, [str(PEERS_VENV / "bin" / "python"), str(BENCH / "peers" / "agl_proxy.py"),
                                        str(port), f"{FAST_MODEL}={fast.url}", f"{PACED_MODEL}={paced.url}"],
                      work / "agent-lightning.log", port, ready_line="READY", env=env))
+    started: list[Peer] = []
     with ExitStack() as stack:
         for peer in made:
             progress(f"peers: starting {peer.name}")
             stack.callback(peer.stop)
-            peer.start()
-        yield made
+            try:
+                peer.start()
+            except RuntimeError as exc:
+                failed[peer.name] = str(exc)[-600:]
+                continue
+            started.append(peer)
+        yield started
 
 
 def measure_once(ctx: Context, runs: dict[str, list[dict[str, Any]]], started: list[Peer]) -> None:
@@ -210,16 +217,21 @@ def run(ctx: Context) -> Section:
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     measured_peers = not ctx.plan.smoke and peers_installed()
     spans: dict[str, int | None] = {}
+    failed: dict[str, str] = {}
     with ExitStack() as stack:
-        started = stack.enter_context(peers(ctx)) if measured_peers else []
+        started = stack.enter_context(peers(ctx, failed)) if measured_peers else []
         for rep in range(ctx.plan.repeats):
             progress(f"peers: repeat {rep + 1}/{ctx.plan.repeats}")
             measure_once(ctx, runs, started)
         stack.close()  # stop the peers: Agent Lightning says what it recorded as it stops
         spans = {p.name: p.spans() for p in started}
-    return Section("peers", TITLE, render(ctx, runs, measured_peers, spans), {"runs": dict(runs), "spans": spans},
-                   "error" if any(r.get("errors") or r.get("burst_errors") for rs in runs.values() for r in rs)
-                   else "ok")
+    body = render(ctx, runs, measured_peers, spans)
+    if failed:
+        body += "\n\nPeers that did not start:\n\n" + "\n".join(
+            f"- {name}: `{why.strip().splitlines()[-1] if why.strip() else why}`" for name, why in failed.items())
+    errors = failed or any(r.get("errors") or r.get("burst_errors") for rs in runs.values() for r in rs)
+    return Section("peers", TITLE, body, {"runs": dict(runs), "spans": spans, "failed": failed},
+                   "error" if errors else "ok")
 
 
 def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: bool,
