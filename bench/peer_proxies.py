@@ -186,20 +186,20 @@ def measure_once(ctx: Context, runs: dict[str, list[dict[str, Any]]], started: l
     for name, base, proxy, model, pid in targets:
         progress(f"peers: {name}")
         row: dict[str, Any] = {}
-        cells = [{"proxy": proxy, "keepalive": True, "stream": False, "n": plan.requests, "warmup": plan.warmup,
-                  "budget_s": plan.cell_budget_s},
-                 {"proxy": proxy, "keepalive": True, "stream": True, "message": STREAM_MESSAGE,
-                  "n": plan.stream_requests, "warmup": 1, "budget_s": plan.cell_budget_s}]
-        for cell, url, routed in ((cells[0], base or fast.url, model), (cells[1], base or paced.url,
-                                                                          PACED_MODEL if model else None)):
-            if routed:
-                cell["model"] = routed
-            answer = run_job({"kind": "cells", "client": "openai", "url": url, "cells": [cell]},
-                             plan.cell_budget_s + 90)["cells"][0]
+        for stream, url, routed in ((False, base or fast.url, model), (True, base or paced.url,
+                                                                       model and PACED_MODEL)):
+            cell = {"proxy": proxy, "keepalive": True, "stream": stream, "budget_s": plan.cell_budget_s,
+                    **({"message": STREAM_MESSAGE, "n": plan.stream_requests, "warmup": 1} if stream
+                       else {"n": plan.requests, "warmup": plan.warmup}),
+                    **({"model": routed} if routed else {})}
+            try:
+                answer = run_job({"kind": "cells", "client": "openai", "url": url, "cells": [cell]},
+                                 plan.cell_budget_s + 90)["cells"][0]
+            except (RuntimeError, ValueError, subprocess.SubprocessError) as exc:  # the worker itself failed
+                answer = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             if "error" in answer:
                 row.setdefault("errors", []).append(answer["error"])
-                continue
-            if cell["stream"]:
+            elif stream:
                 row["ttfb"], row["stream_total"] = percentile(answer["ttfb_ms"], 50), percentile(answer["lat_ms"], 50)
             else:
                 row["p50"], row["p99"] = percentile(answer["lat_ms"], 50), percentile(answer["lat_ms"], 99)
