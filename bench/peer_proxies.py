@@ -1,4 +1,4 @@
-"""Peers: LiteLLM's proxy and Agent Lightning's LLMProxy beside rollouttap, on the same upstreams with the same clients.
+"""Peers: LiteLLM's proxy and Agent Lightning's gateway beside rollouttap, on the same upstreams with the same clients.
 
 The peers run unmodified from their own virtualenv (bench/peers/install.sh makes bench/.peers-venv; their
 dependencies never enter rollouttap's). They are reverse proxies: a client takes one as its base URL, where
@@ -34,7 +34,7 @@ PEERS_VENV = BENCH / ".peers-venv"
 MASTER_KEY = "sk-bench"  # LiteLLM 1.108 will not start without one; the bench's openai clients send it
 FAST_MODEL, PACED_MODEL = "policy", "policy-paced"  # the peers route by model name to the fast or paced upstream
 OURS = (DIRECT, BARE, CAPTURE_TUNED, TOKENS_TUNED)
-LITELLM, AGENT_LIGHTNING = "LiteLLM proxy", "Agent Lightning LLMProxy"
+LITELLM, AGENT_LIGHTNING = "LiteLLM proxy", "Agent Lightning gateway"
 SHOWN = {CAPTURE_TUNED.name: "rollouttap, capture + tuning",
          TOKENS_TUNED.name: "rollouttap, capture + token ids + tuning"}
 RECORDS = {
@@ -44,7 +44,8 @@ RECORDS = {
     TOKENS_TUNED.name: "every request and response in SQLite, with exact token ids and logprobs (hidden from "
                        "the agent)",
     LITELLM: "nothing (no database configured): a router",
-    AGENT_LIGHTNING: "OpenTelemetry spans with token ids into its store; the rollout by URL path",
+    AGENT_LIGHTNING: "each call as an event of its rollout, in memory, with token ids and logprobs (passed on to "
+                     "the agent too); the rollout by URL path",
 }
 
 
@@ -56,6 +57,7 @@ class Peer:
     log: Path
     port: int
     ready_line: str | None = None  # a line it prints on stdout when ready, with its path prefix after it
+    streams: bool = True  # False: it refuses streamed requests (the streamed cells record the refusal)
     proc: subprocess.Popen[bytes] | None = None
     prefix: str = ""
     env: dict[str, str] = field(default_factory=dict)
@@ -114,8 +116,8 @@ class Peer:
             pass
         self.proc.wait()
 
-    def spans(self) -> int | None:
-        """Spans Agent Lightning said it recorded (printed as it stopped); None for another peer."""
+    def recorded(self) -> int | None:
+        """The calls Agent Lightning said it recorded (printed as it stopped); None for another peer."""
         for line in self.log.read_text(errors="replace").splitlines():
             if line.startswith("SPANS "):
                 return int(line.split()[1])
@@ -127,7 +129,7 @@ def peers_installed() -> bool:
     python = PEERS_VENV / "bin" / "python"
     if not python.exists() or not (PEERS_VENV / "bin" / "litellm").exists():
         return False
-    check = subprocess.run([str(python), "-c", "import litellm.proxy.proxy_server, agentlightning.llm_proxy"],
+    check = subprocess.run([str(python), "-c", "import litellm.proxy.proxy_server, agentlightning.server.app"],
                            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}, capture_output=True,
                            timeout=120)
     return check.returncode == 0
@@ -158,8 +160,8 @@ def peers(ctx: Context, failed: dict[str, str]) -> Iterator[list[Peer]]:
                            "--port", str(port)], work / "litellm.log", port, env=env)]
     port = free_port()
     made.append(Peer(AGENT_LIGHTNING, [str(PEERS_VENV / "bin" / "python"), str(BENCH / "peers" / "agl_proxy.py"),
-                                       str(port), f"{FAST_MODEL}={fast.url}", f"{PACED_MODEL}={paced.url}"],
-                     work / "agent-lightning.log", port, ready_line="READY", env=env))
+                                       str(port), fast.url],
+                     work / "agent-lightning.log", port, ready_line="READY", streams=False, env=env))
     started: list[Peer] = []
     with ExitStack() as stack:
         for peer in made:
@@ -183,6 +185,7 @@ def measure_once(ctx: Context, runs: dict[str, list[dict[str, Any]]], started: l
         (v.name, "", proxies.url(v), None, proxies.proxies[v.name].pid if v.proxy else None)
         for v in ctx.shared.pick(OURS)]
     targets += [(p.name, p.base, None, FAST_MODEL, p.pid) for p in started]
+    refusing = {p.name for p in started if not p.streams}
     for name, base, proxy, model, pid in targets:
         progress(f"peers: {name}")
         row: dict[str, Any] = {}
@@ -197,7 +200,9 @@ def measure_once(ctx: Context, runs: dict[str, list[dict[str, Any]]], started: l
                                  plan.cell_budget_s + 90)["cells"][0]
             except (RuntimeError, ValueError, subprocess.SubprocessError) as exc:  # the worker itself failed
                 answer = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            if "error" in answer:
+            if "error" in answer and stream and name in refusing:
+                row["stream_refused"] = answer["error"]  # as documented: not a failure of the run
+            elif "error" in answer:
                 row.setdefault("errors", []).append(answer["error"])
             elif stream:
                 row["ttfb"], row["stream_total"] = percentile(answer["ttfb_ms"], 50), percentile(answer["lat_ms"], 50)
@@ -216,7 +221,7 @@ def measure_once(ctx: Context, runs: dict[str, list[dict[str, Any]]], started: l
 def run(ctx: Context) -> Section:
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     measured_peers = not ctx.plan.smoke and peers_installed()
-    spans: dict[str, int | None] = {}
+    recorded: dict[str, int | None] = {}
     failed: dict[str, str] = {}
     with ExitStack() as stack:
         started = stack.enter_context(peers(ctx, failed)) if measured_peers else []
@@ -224,18 +229,18 @@ def run(ctx: Context) -> Section:
             progress(f"peers: repeat {rep + 1}/{ctx.plan.repeats}")
             measure_once(ctx, runs, started)
         stack.close()  # stop the peers: Agent Lightning says what it recorded as it stops
-        spans = {p.name: p.spans() for p in started}
-    body = render(ctx, runs, measured_peers, spans)
+        recorded = {p.name: p.recorded() for p in started}
+    body = render(ctx, runs, measured_peers, recorded)
     if failed:
         body += "\n\nPeers that did not start:\n\n" + "\n".join(
             f"- {name}: `{why.strip().splitlines()[-1] if why.strip() else why}`" for name, why in failed.items())
     errors = failed or any(r.get("errors") or r.get("burst_errors") for rs in runs.values() for r in rs)
-    return Section("peers", TITLE, body, {"runs": dict(runs), "spans": spans, "failed": failed},
+    return Section("peers", TITLE, body, {"runs": dict(runs), "recorded": recorded, "failed": failed},
                    "error" if errors else "ok")
 
 
 def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: bool,
-           spans: dict[str, int | None]) -> str:
+           recorded: dict[str, int | None]) -> str:
     plan = ctx.plan
     direct_p50 = spread([r.get("p50", float("nan")) for r in runs[DIRECT.name]]).median
     direct_rate = spread([r.get("per_s", float("nan")) for r in runs[DIRECT.name]]).median
@@ -244,9 +249,11 @@ def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: 
         fig = {key: spread([r[key] for r in reps if r.get(key) is not None])
                for key in ("p50", "p99", "ttfb", "stream_total", "per_s", "proxy_cpu_ms")}
         is_direct = name == DIRECT.name
+        refused = any(r.get("stream_refused") for r in reps)
         rows.append((SHOWN.get(name, name), fig["p50"].fmt(), fig["p99"].fmt(),
-                     "" if is_direct else fmt(fig["p50"].median - direct_p50), fig["ttfb"].fmt(),
-                     fig["stream_total"].fmt(), fig["per_s"].fmt(0), fmt(ratio(fig["per_s"].median, direct_rate)),
+                     "" if is_direct else fmt(fig["p50"].median - direct_p50),
+                     "refused" if refused else fig["ttfb"].fmt(), "refused" if refused else fig["stream_total"].fmt(),
+                     fig["per_s"].fmt(0), fmt(ratio(fig["per_s"].median, direct_rate)),
                      "" if is_direct else fig["proxy_cpu_ms"].fmt(), RECORDS.get(name, "")))
     text = (f"The openai SDK against each: {plan.requests} keep-alive non-streamed calls (p50, p99); "
             f"{plan.stream_requests} streamed answers of a few chunks {plan.chunk_delay * 1000:g} ms apart "
@@ -257,21 +264,20 @@ def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: 
     if measured_peers:
         text += (f" LiteLLM {_peer_version('litellm')}: `litellm --config` with the two upstreams as `hosted_vllm` "
                  "models and a master key (this version refuses to start without one), one worker, as its docs "
-                 f"start it. Agent Lightning {_peer_version('agentlightning')}: its `LLMProxy` with its default "
-                 "middlewares and callbacks, its in-memory store, serving from a thread of its own process "
-                 "(`bench/peers/agl_proxy.py`); clients call under the rollout and attempt it made. It turns a "
-                 "streamed request into a non-streamed one upstream and replays the answer as events, so its first "
-                 "chunk comes with the whole answer; and as the scripted upstream paces streamed answers only, its "
-                 "streamed total here is a non-streamed answer's time, not comparable (a real model takes as long "
-                 "either way).")
+                 f"start it. Agent Lightning {_peer_version('agentlightning')}: its gateway (the app `agl-server` "
+                 "serves) with its default proxy settings (train mode: it asks the model server for token ids and "
+                 "logprobs, records each call as an event of the rollout and passes the answer on whole), an API "
+                 "key, its in-memory store; the model server registered and a rollout created through its own API "
+                 "(`bench/peers/agl_proxy.py`), clients calling under that rollout. It refuses streamed requests "
+                 "(400 \"Streaming responses are not supported\").")
     text += "\n\n"
     text += table(["proxy", "p50 ms", "p99 ms", "p50 over direct", "streamed first chunk ms", "streamed total ms",
                    f"{plan.concurrency_clients} clients calls/s", "× direct", "proxy CPU ms/call", "records"], rows)
     if not measured_peers:
         why = "a smoke run" if plan.smoke else "bench/.peers-venv is missing: run `bench/peers/install.sh` first"
         text += f"\n\nThe peers were not measured in this run ({why}); only rollouttap's rows were."
-    elif spans.get(AGENT_LIGHTNING) is not None:
-        text += (f"\n\nAgent Lightning recorded {spans[AGENT_LIGHTNING]} spans for the rollout the clients called "
+    elif recorded.get(AGENT_LIGHTNING) is not None:
+        text += (f"\n\nAgent Lightning recorded {recorded[AGENT_LIGHTNING]} calls for the rollout the clients called "
                  "under (all runs together).")
     errors = [f"- {name}: {e}" for name, reps in runs.items() for r in reps for e in r.get("errors", [])]
     errors += [f"- {name}: {r['burst_errors']} failed calls in the burst" for name, reps in runs.items()

@@ -1,11 +1,12 @@
-"""Agent Lightning's LLM proxy (agentlightning 0.3 ``LLMProxy``) as its users start it, for bench/peer_proxies.py.
+"""Agent Lightning's gateway (agentlightning 1.0 ``agl-server``: its LLM proxy and store) as its users run it, for
+bench/peer_proxies.py.
 
-Run with bench/.peers-venv's python: ``agl_proxy.py PORT NAME=UPSTREAM_URL ...`` (one model name per upstream).
-Its default middlewares (rollout/attempt routing, stream conversion) and callbacks (token ids, OpenTelemetry
-spans into its store) stay on: that is what it records a rollout with. The store is its in-memory one, behind
-its thread-safe wrapper (the proxy serves from a thread of this process). Prints ``READY <path prefix>`` (the
-rollout and attempt the clients call under) once it answers; on SIGTERM or SIGINT, ``SPANS <n>`` (what it
-recorded for that attempt), then stops.
+Run with bench/.peers-venv's python: ``agl_proxy.py PORT UPSTREAM_URL``. It serves Agent Lightning's own app
+(``create_app``) with its default proxy settings (train mode: it asks the model server for token ids and
+logprobs and records each call as an event of the rollout; it refuses streamed requests), under an API key,
+then registers the upstream as the model server and creates one rollout through its own API, as a trainer does.
+Prints ``READY <path prefix>`` (the rollout the clients call under) once it answers; on SIGTERM or SIGINT,
+``SPANS <n>`` (the events it recorded for that rollout), then stops.
 """
 
 from __future__ import annotations
@@ -14,32 +15,41 @@ import asyncio
 import signal
 import sys
 
-from agentlightning.llm_proxy import LLMProxy
-from agentlightning.store.memory import InMemoryLightningStore
-from agentlightning.store.threading import LightningStoreThreaded
-from agentlightning.utils.server_launcher import PythonServerLauncherArgs
+import httpx
+import uvicorn
+from agentlightning.server.app import create_app
+from agentlightning.server.store import _events  # its in-memory store: what it recorded per rollout and attempt
+
+MODEL = "policy"
+KEY = "sk-bench"  # the bench's openai clients send it
 
 
-async def main(port: int, models: dict[str, str]) -> None:
-    store = LightningStoreThreaded(InMemoryLightningStore())
-    attempted = await store.start_rollout(input={"prompt": "bench"})
-    model_list = [{"model_name": name, "litellm_params": {"model": "hosted_vllm/policy", "api_base": url + "/v1",
-                                                          "api_key": "sk-bench"}} for name, url in models.items()]
-    # Its default health check (/health) needs the master key that LiteLLM 1.108 insists on; /health/liveliness
-    # does not. Everything else is LLMProxy's default.
-    launcher = PythonServerLauncherArgs(port=port, host="127.0.0.1", launch_mode="thread",
-                                        healthcheck_url="/health/liveliness", startup_timeout=60.0)
-    proxy = LLMProxy(store=store, model_list=model_list, launcher_args=launcher)  # type: ignore[arg-type]
-    await proxy.start()
-    print(f"READY /rollout/{attempted.rollout_id}/attempt/{attempted.attempt.attempt_id}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    spans = await store.query_spans(attempted.rollout_id)
-    print(f"SPANS {len(spans)}", flush=True)
-    await proxy.stop()
+async def main(port: int, upstream: str) -> None:
+    config = {"host": "127.0.0.1", "port": port, "key": KEY,
+              "default_proxy": {"model_name": MODEL, "include_log_probs": True, "include_routed_experts": False,
+                                "train": {"temperature": 1}, "val": {"temperature": 0.7}}}
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, workers=1,
+                                           timeout_keep_alive=120, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()  # raises why it did not start
+        await asyncio.sleep(0.05)
+    api = f"http://127.0.0.1:{port}/api"
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, trust_env=False) as client:
+        (await client.post(f"{api}/models", json=[{"model": MODEL, "endpoint": upstream + "/v1"}])).raise_for_status()
+        made = await client.post(f"{api}/rollouts", json=[{"input": {"prompt": "bench"}}])
+        made.raise_for_status()
+        rollout_id = made.json()[0]["rollout_id"]
+        print(f"READY /proxy/rollout/{rollout_id}/attempt/bench/mode/train/openai", flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+    print(f"SPANS {sum(len(events) for events in _events.get(rollout_id, {}).values())}", flush=True)
+    server.should_exit = True
+    await serving
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), dict(arg.split("=", 1) for arg in sys.argv[2:])))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
