@@ -200,8 +200,8 @@ def measure_once(ctx: Context, runs: dict[str, list[dict[str, Any]]], started: l
                                  plan.cell_budget_s + 90)["cells"][0]
             except (RuntimeError, ValueError, subprocess.SubprocessError) as exc:  # the worker itself failed
                 answer = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            if "error" in answer and stream and name in refusing:
-                row["stream_refused"] = answer["error"]  # as documented: not a failure of the run
+            if "error" in answer and stream and name in refusing and "Error code: 400" in answer["error"]:
+                row["stream_refused"] = answer["error"]  # its documented 400: not a failure of the run
             elif "error" in answer:
                 row.setdefault("errors", []).append(answer["error"])
             elif stream:
@@ -266,10 +266,11 @@ def render(ctx: Context, runs: dict[str, list[dict[str, Any]]], measured_peers: 
                  "models and a master key (this version refuses to start without one), one worker, as its docs "
                  f"start it. Agent Lightning {_peer_version('agentlightning')}: its gateway (the app `agl-server` "
                  "serves) with its default proxy settings (train mode: it asks the model server for token ids and "
-                 "logprobs, records each call as an event of the rollout and passes the answer on whole), an API "
-                 "key, its in-memory store; the model server registered and a rollout created through its own API "
-                 "(`bench/peers/agl_proxy.py`), clients calling under that rollout. It refuses streamed requests "
-                 "(400 \"Streaming responses are not supported\").")
+                 "logprobs, records each call as an event of the rollout and passes the answer on, re-encoded), an "
+                 "API key, its in-memory store; the model server registered and a rollout created through its own "
+                 "API (`bench/peers/agl_proxy.py`), clients calling under that rollout; uvicorn's access log off "
+                 "(`agl-server` leaves it on: in its favour). It refuses streamed requests (400 \"Streaming "
+                 "responses are not supported\").")
     text += "\n\n"
     text += table(["proxy", "p50 ms", "p99 ms", "p50 over direct", "streamed first chunk ms", "streamed total ms",
                    f"{plan.concurrency_clients} clients calls/s", "× direct", "proxy CPU ms/call", "records"], rows)
