@@ -107,6 +107,12 @@ def ended(agent: AgentRecord) -> str | None:
     return None if agent.ended_at is None else "the agent's processes have ended"
 
 
+def claimed_root(agent: AgentRecord) -> int | None:
+    """The agent's registered root pid while it counts for attribution: None once the agent or its processes
+    have ended (its result being built, it claims no process any more), or when it has no root."""
+    return agent.root_pid if ended(agent) is None else None
+
+
 def decide_header_claim(claimed: str, agent: AgentRecord | None) -> tuple[str | None, str]:
     """(agent_id, detail) for an ``X-Agent-ID`` claim, the one method that proves nothing.
 
@@ -274,10 +280,9 @@ class AgentDirectory:
             by_pid: dict[int, tuple[float | None, str]] = {}
             by_agent: dict[str, int] = {}
             for agent in agents.values():
-                # An agent whose processes have ended (its result being built) claims no process any more.
-                if agent.root_pid is not None and agent.ended_at is None:
-                    by_agent[agent.agent_id] = agent.root_pid
-                    by_pid[agent.root_pid] = (agent.root_create_time, agent.agent_id)
+                if (root := claimed_root(agent)) is not None:
+                    by_agent[agent.agent_id] = root
+                    by_pid[root] = (agent.root_create_time, agent.agent_id)
             self._proxies = dict(self._store.running_proxies())
             now = time.monotonic()
             with self._cache_lock:
@@ -288,15 +293,15 @@ class AgentDirectory:
         """Add a live agent whose row was read at ``read_at`` (time.monotonic(), taken before the read) to the
         cached roots, so its next lookups need not read it again before the next refresh replaces them all.
         Nothing is added once a refresh has read the store since: it knows better (the agent may have ended)."""
-        if agent.root_pid is None or agent.ended_at is not None or agent.status not in LIVE_STATUSES:
+        if (root := claimed_root(agent)) is None:
             return
         with self._lock:
             by_pid, by_agent = self._roots
-            if self._loaded_at >= read_at or agent.root_pid in by_pid or agent.agent_id in by_agent:
+            if self._loaded_at >= read_at or root in by_pid or agent.agent_id in by_agent:
                 return
             # Copies, swapped in whole: lookups on other threads hold the old pair and read it unlocked.
-            self._roots = ({**by_pid, agent.root_pid: (agent.root_create_time, agent.agent_id)},
-                           {**by_agent, agent.agent_id: agent.root_pid})
+            self._roots = ({**by_pid, root: (agent.root_create_time, agent.agent_id)},
+                           {**by_agent, agent.agent_id: root})
             self._cache(agent, read_at)  # under _lock, as in refresh: no refresh can come between
 
     def roots(self) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
@@ -385,8 +390,7 @@ class PidAttributor:
             agent = self.directory.other(tag)
             if agent is not None and agent.root_pid is not None:
                 others[tag] = agent.root_pid
-                # As AgentDirectory.refresh: an agent whose processes have ended claims no process any more.
-                if agent.status in LIVE_STATUSES and agent.ended_at is None and agent.root_pid not in roots:
+                if claimed_root(agent) is not None and agent.root_pid not in roots:
                     fresh[agent.root_pid] = (agent.root_create_time, agent.agent_id)
                     self.directory.learn(agent, read_at)
             elif agent is not None and agent.credentials_only:
