@@ -1,7 +1,8 @@
 """Which agent a flow belongs to: credentials, then the source process, then a header, else none.
 
 The pure functions here decide; procfs/sockdiag gather the facts; the addon calls them once per
-client connection, off the event loop.
+client connection: on the event loop when what earlier lookups cached answers it (``resolve_cached``), else
+on a pool thread.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from urllib.parse import unquote
 
 import psutil
 
-from rollouttap.addon.procfs import AncestryCache, ProcInfo, SocketOwnerFinder, read_file
-from rollouttap.addon.sockdiag import SocketId, socket_owner
+from rollouttap.addon.procfs import AncestryCache, NotCached, ProcInfo, SocketOwnerFinder, read_file
+from rollouttap.addon.sockdiag import owner_netlink, socket_owner
 from rollouttap.store import LIVE_STATUSES, AgentRecord, Store, token_matches
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,13 @@ class AgentDirectory:
         with self._lock:
             return self._store.agent(agent_id)
 
-    def refresh(self, if_older_than: float = 0.0) -> None:
+    def refresh(self, if_older_than: float = 0.0, *, cached: bool = False) -> None:
+        """Read the live agents and running proxies again if the last read is ``if_older_than`` seconds old.
+        ``cached``: read nothing (NotCached when a read is due), nor wait for a thread that reads."""
+        if cached:
+            if time.monotonic() - self._loaded_at >= if_older_than:
+                raise NotCached("the live agents")
+            return
         with self._lock:
             if time.monotonic() - self._loaded_at < if_older_than:
                 return
@@ -304,10 +311,10 @@ class AgentDirectory:
                            {**by_agent, agent.agent_id: root})
             self._cache(agent, read_at)  # under _lock, as in refresh: no refresh can come between
 
-    def roots(self) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
+    def roots(self, *, cached: bool = False) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
         """The live agents' registered roots as (pid -> (create_time, agent), agent -> pid), refreshed if
-        stale."""
-        self.refresh(if_older_than=self.max_age)
+        stale (``cached``: NotCached then)."""
+        self.refresh(if_older_than=self.max_age, cached=cached)
         return self._roots
 
     def proxies(self) -> dict[int, float | None]:
@@ -318,13 +325,12 @@ class AgentDirectory:
 class PidAttributor:
     """Source socket -> owning pid -> agent, with the lookups that make it fast."""
 
-    def __init__(self, directory: AgentDirectory,
-                 socket_of: Callable[[tuple[str, int], tuple[str, int]], SocketId | None] = socket_owner
-                 ) -> None:
+    def __init__(self, directory: AgentDirectory) -> None:
         self.directory = directory
         self.finder = SocketOwnerFinder()
         self.ancestry = AncestryCache()
-        self._socket_of = socket_of
+        # (pid, start ticks) -> (read at, whether its command line names a store): a process under no root
+        self._proxy_cmdline: dict[tuple[int, int], tuple[float, bool]] = {}
         self._boot_time = psutil.boot_time()
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
         self._local_ips = host_addresses()
@@ -337,37 +343,60 @@ class PidAttributor:
         """Attribute a client connection by its source process (blocking, ~0.05 ms typical). Without
         ``everywhere``, None when the socket's holder is not where it usually is (see SocketOwnerFinder.find):
         the caller reads every process then, apart from the lookups that find theirs at once."""
+        return self._resolve(peer, sock, everywhere=everywhere, cached=False)
+
+    def resolve_cached(self, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult | None:
+        """What ``resolve`` answers, from what earlier lookups left: the live agents and ancestors' tags read
+        lately, the owner among the processes that reconnect. It reads a netlink answer, a few fd links and stat
+        files and nothing that can block (a store row, a process's environ), so the event loop may call it: a
+        thread hand-off costs more than this. None when it would need more (the caller hands it to a thread)."""
+        try:
+            return self._resolve(peer, sock, everywhere=False, cached=True)
+        except NotCached:
+            return None
+        except Exception as exc:  # noqa: BLE001 - the lookup on a thread then answers, or says what failed
+            log.warning("rollouttap: a cached pid lookup failed (%r); looking it up on a thread", exc)
+            return None
+
+    def _resolve(self, peer: tuple[str, int], sock: tuple[str, int], *, everywhere: bool, cached: bool
+                 ) -> PidResult | None:
         if not self.on_this_host(peer[0]):
             return PidResult(None, None, "client is not on this host")
         try:
-            found = self._socket_of((peer[0], peer[1]), (sock[0], sock[1]))
+            # /proc/net/tcp, socket_owner's fallback when netlink fails, lists every socket: not for the event loop
+            found = (owner_netlink if cached else socket_owner)((peer[0], peer[1]), (sock[0], sock[1]))
         except (OSError, ValueError) as exc:
+            if cached:
+                raise NotCached("the socket's inode") from exc
             return PidResult(None, None, f"socket lookup failed: {exc}")
         if found is None:
             return PidResult(None, None, "no such socket in this namespace (container, or exited)")
-        roots, known = self.directory.roots()
-        pid = self.finder.find(found.inode, roots, everywhere=everywhere)
+        roots, known = self.directory.roots(cached=cached)
+        pid = self.finder.find_known(found.inode) if cached else self.finder.find(found.inode, roots,
+                                                                                  everywhere=everywhere)
+        if pid is None and cached:
+            raise NotCached("the socket's owner")
         if pid is None and not everywhere:
             return None
         if pid is None:
             # Another user's processes cannot be read (and cannot read this user's agents' tokens either).
             return PidResult(None, None, "socket owner not found (exited, or another namespace)",
                              unfound=found.uid == os.getuid())
-        chain = self.ancestry.chain(pid)
-        others, fresh = self._tag_roots(chain, roots, known)
+        chain = self.ancestry.chain(pid, cached=cached)
+        others, fresh = self._tag_roots(chain, roots, known, cached)
         if fresh:  # a tag names a live agent registered since the cache was read: its row, just read, counts now
             roots = {**roots, **fresh}
         # Under no root the cache knows: read the live agents again (cheap, at most every TAG_REFRESH_S), or a
         # root registered since the last read (an agent that dropped its tag) goes unseen for a second.
         registered = registered_in_chain(chain, roots, self._create_time)
         if not registered:
-            self.directory.refresh(if_older_than=TAG_REFRESH_S)
-            roots, known = self.directory.roots()
+            self.directory.refresh(if_older_than=TAG_REFRESH_S, cached=cached)
+            roots, known = self.directory.roots(cached=cached)
             registered = registered_in_chain(chain, roots, self._create_time)
         # Every tag, registered here or not: a store per rank or node registers only its own agents, and a
         # process of another store's agent must not speak with a token of this one's.
         tags = tuple(dict.fromkeys(p.agent_tag for p in chain if p.agent_tag))
-        if chain and not registered and self._looped(chain[0], tags):
+        if chain and not registered and self._looped(chain[0], tags, cached):
             # A proxy forwarded a request to one of these listeners (e.g. a base URL naming the reverse listener
             # as 127.1): its token must not pass for the proxy's own.
             return PidResult(pid, None, "sent by a rollouttap proxy: a request looped back through its listener",
@@ -376,16 +405,19 @@ class PidAttributor:
         agent_id, detail = decide_from_ancestry(chain, roots, named, self._create_time)
         return PidResult(pid, agent_id, detail, tuple(registered), tags)
 
-    def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]], known: dict[str, int]
-                   ) -> tuple[dict[str, int | None], dict[int, tuple[float | None, str]]]:
+    def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]], known: dict[str, int],
+                   cached: bool = False) -> tuple[dict[str, int | None], dict[int, tuple[float | None, str]]]:
         """The registered roots of agents that tags in ``chain`` name outside the live ones cached (ended
         agents, whose tags still must not attribute; None for an agent its credentials alone attribute), and
         the roots among them of agents that are live after all, as ``roots`` holds them: registered and started
         since the cache was read (a deploy() agent's first connection can come within TAG_REFRESH_S of the
-        last read). Hand-run tags that name no registered agent cost one indexed read each."""
+        last read). Hand-run tags that name no registered agent cost one indexed read each (NotCached when
+        ``cached``)."""
         others: dict[str, int | None] = {}
         fresh: dict[int, tuple[float | None, str]] = {}
         for tag in {p.agent_tag for p in chain if p.agent_tag and p.agent_tag not in known}:
+            if cached:
+                raise NotCached(f"the row of agent {tag!r}")
             read_at = time.monotonic()
             agent = self.directory.other(tag)
             if agent is not None and agent.root_pid is not None:
@@ -401,7 +433,7 @@ class PidAttributor:
         """A client connection of ``pid`` ended (its next one is likely close behind)."""
         self.finder.closed(pid)
 
-    def _looped(self, owner: ProcInfo, tags: tuple[str, ...]) -> bool:
+    def _looped(self, owner: ProcInfo, tags: tuple[str, ...], cached: bool = False) -> bool:
         """Whether ``owner`` is this proxy, another on its store, or another store's proxy that no agent's tag
         speaks for (every rollouttap proxy is started with its store option; one a nested manager runs carries
         its agent's tag, and speaks for that agent alone)."""
@@ -412,8 +444,19 @@ class PidAttributor:
             return True
         if tags:  # its /proc/PID/cmdline (a read per connection of a process under no root) would not change it
             return False
+        key = (owner.pid, owner.start_ticks)
+        now = time.monotonic()
+        if cached:  # what a lookup read lately: only an exec changes it, and the tags cached go as stale
+            seen = self._proxy_cmdline.get(key)  # one lookup: another thread may clear the cache meanwhile
+            if seen is None or now - seen[0] >= self.ancestry.max_age:
+                raise NotCached(f"the command line of pid {owner.pid}")
+            return seen[1]
         cmdline = read_file(f"/proc/{owner.pid}/cmdline")
-        return cmdline is not None and b"rollouttap_store=" in cmdline
+        looped = cmdline is not None and b"rollouttap_store=" in cmdline
+        if len(self._proxy_cmdline) >= MAX_CACHED:
+            self._proxy_cmdline.clear()
+        self._proxy_cmdline[key] = (now, looped)
+        return looped
 
     def _create_time(self, info: ProcInfo) -> float:
         # psutil's own formula, so it equals the create_time the manager recorded with psutil.

@@ -15,6 +15,11 @@ _AGENT_ENV_PREFIX = (AGENT_ENV + "=").encode()
 _CHUNK = 65536
 
 
+class NotCached(Exception):
+    """A lookup made for the event loop would have to read what can block: a process's environ or cmdline (the
+    kernel takes that process's memory lock, which it may hold for long), a store row or many fd tables."""
+
+
 @dataclass(frozen=True)
 class ProcInfo:
     pid: int
@@ -106,16 +111,17 @@ class AncestryCache:
         self._above: dict[int, tuple[float, list[ProcInfo]]] = {}  # pid -> (read at, its chain)
         self._size = size
 
-    def chain(self, pid: int, limit: int = 64) -> list[ProcInfo]:
-        """What ``ancestry(pid)`` answers (or answered less than ``max_age`` ago)."""
+    def chain(self, pid: int, limit: int = 64, *, cached: bool = False) -> list[ProcInfo]:
+        """What ``ancestry(pid)`` answers (or answered less than ``max_age`` ago). ``cached``: stat files alone
+        are read, NotCached when a process's tag is not in the cache."""
         now = time.monotonic()
-        owner = self._read(pid, now)
+        owner = self._read(pid, now, cached)
         if owner is None:
             return []
         key = (pid, owner.start_ticks)
-        cached = self._chains.get(key)
-        if cached is not None and now - cached[0] < self.max_age and cached[1][0] == owner:
-            return list(cached[1])
+        kept = self._chains.get(key)
+        if kept is not None and now - kept[0] < self.max_age and kept[1][0] == owner:
+            return list(kept[1])
         chain, read_at = [owner], now
         read = 0  # how many of the chain's processes this call read itself (0: all of them)
         parent = owner.ppid
@@ -126,7 +132,7 @@ class AncestryCache:
                 chain.extend(above[1][:limit - len(chain)])
                 read_at = above[0]
                 break
-            info = self._read(parent, now)
+            info = self._read(parent, now, cached)
             if info is None:
                 break
             chain.append(info)
@@ -136,15 +142,17 @@ class AncestryCache:
             self._remember(self._above, chain[i].pid, (read_at, chain[i:]))
         return list(chain)
 
-    def _read(self, pid: int, now: float) -> ProcInfo | None:
+    def _read(self, pid: int, now: float, cached: bool = False) -> ProcInfo | None:
         stat = read_file(f"{self.proc}/{pid}/stat")
         if not stat:
             return None
         ppid, start = parse_stat(stat)
         key = (pid, start)
-        cached = self._tags.get(key)  # one lookup: another thread may clear the cache meanwhile
-        if cached is not None and now - cached[0] < self.max_age:
-            return ProcInfo(pid, ppid, start, cached[1])
+        known = self._tags.get(key)  # one lookup: another thread may clear the cache meanwhile
+        if known is not None and now - known[0] < self.max_age:
+            return ProcInfo(pid, ppid, start, known[1])
+        if cached:
+            raise NotCached(f"the tag of pid {pid}")
         environ = read_file(f"{self.proc}/{pid}/environ")
         if environ is None:
             return None
@@ -161,6 +169,8 @@ class AncestryCache:
 # Descriptors a quick lookup reads of one process at most (an agent holds tens): beyond it, only the full lookup,
 # on a thread of its own, reads the table (one process holding 19,000 cost ~0.1 s).
 QUICK_FD_LIMIT = 1024
+# Fd links a lookup on the event loop reads at most (``find_known``): a few microseconds each.
+KNOWN_LINKS_BUDGET = 32
 
 
 class SocketOwnerFinder:
@@ -211,6 +221,30 @@ class SocketOwnerFinder:
         owner = self._process_of(pid)
         self._note(owner, target)
         return owner
+
+    def find_known(self, inode: int, budget: int = KNOWN_LINKS_BUDGET) -> int | None:
+        """``find`` among what earlier lookups left alone (a socket seen while searching, the socket fds of
+        processes whose connection closed or that owned a recent one), reading at most ``budget`` fd links and
+        no other file: a process that reconnects, for a caller that must not wait. None when not found so."""
+        target = f"socket:[{inode}]"
+        self.scanned_last = 0
+        pid = self._where_seen(target)
+        if pid is None:
+            for candidate in self._quick_candidates():
+                with self._lock:
+                    links = len(self._socket_fds.get(candidate, ()))
+                if links > budget:
+                    break
+                budget -= links
+                if self._holds_socket_fds(candidate, target):
+                    pid = candidate
+                    break
+        with self._lock:
+            known = pid in self._recent  # else maybe a thread's id, which only its status file maps to the process
+        if pid is None or not known:
+            return None
+        self._note(pid, target)
+        return pid
 
     def closed(self, pid: int) -> None:
         """A connection of ``pid`` ended: its next one is likely the next to look up."""
