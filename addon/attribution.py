@@ -364,7 +364,8 @@ class PidAttributor:
             return PidResult(None, None, "client is not on this host")
         try:
             # /proc/net/tcp, socket_owner's fallback when netlink fails, lists every socket: not for the event loop
-            found = (owner_netlink if cached else socket_owner)((peer[0], peer[1]), (sock[0], sock[1]))
+            src, dst = (peer[0], peer[1]), (sock[0], sock[1])
+            found = owner_netlink(src, dst, wait=False) if cached else socket_owner(src, dst)
         except (OSError, ValueError) as exc:
             if cached:
                 raise NotCached("the socket's inode") from exc

@@ -227,18 +227,17 @@ class SocketOwnerFinder:
         processes whose connection closed or that owned a recent one), reading at most ``budget`` fd links and
         no other file: a process that reconnects, for a caller that must not wait. None when not found so."""
         target = f"socket:[{inode}]"
-        self.scanned_last = 0
-        pid = self._where_seen(target)
+        pid = self._where_seen(target, found_before=True)
         if pid is None:
             for candidate in self._quick_candidates():
                 with self._lock:
                     links = len(self._socket_fds.get(candidate, ()))
                 if links > budget:
                     break
-                budget -= links
-                if self._holds_socket_fds(candidate, target):
+                if self._holds_socket_fds(candidate, target, limit=budget):
                     pid = candidate
                     break
+                budget -= links
         with self._lock:
             known = pid in self._recent  # else maybe a thread's id, which only its status file maps to the process
         if pid is None or not known:
@@ -297,9 +296,14 @@ class SocketOwnerFinder:
             self._closed.pop(pid, None)
             self._socket_fds.pop(pid, None)
 
-    def _where_seen(self, target: str) -> int | None:
+    def _where_seen(self, target: str, found_before: bool = False) -> int | None:
+        """The process the socket was seen in, if it still holds it; ``found_before``: only a process a lookup
+        found (the rest stay for ``find``, which maps a thread to its process)."""
         with self._lock:
-            where = self._seen.pop(target, None)
+            where = self._seen.get(target)
+            if where is None or (found_before and where[0] not in self._recent):
+                return None
+            del self._seen[target]
         if where is not None and self._link(where[0], where[1]) == target:
             self.scanned_last += 1
             return where[0]
@@ -329,11 +333,12 @@ class SocketOwnerFinder:
             else:
                 self._socket_fds.pop(pid, None)
 
-    def _holds_socket_fds(self, pid: int, target: str) -> bool:
-        """Whether one of the fds that held sockets when ``pid`` was last read holds ``target`` now."""
+    def _holds_socket_fds(self, pid: int, target: str, limit: int = QUICK_FD_LIMIT) -> bool:
+        """Whether one of the fds that held sockets when ``pid`` was last read holds ``target`` now (not read
+        when they are over ``limit``)."""
         with self._lock:
             fds = self._socket_fds.get(pid, ())
-        if len(fds) > QUICK_FD_LIMIT:  # a process holding thousands (this proxy: its clients'): the full lookup's
+        if len(fds) > limit:  # a process holding thousands (this proxy: its clients'): the full lookup's
             return False
         self.scanned_last += 1
         links: list[tuple[str, str]] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import itertools
+import select
 import socket
 import struct
 import threading
@@ -112,8 +113,9 @@ def inode_netlink(src: Address, dst: Address) -> int | None:
     return found.inode if found is not None else None
 
 
-def owner_netlink(src: Address, dst: Address) -> SocketId | None:
-    """User and inode of the socket ``src -> dst`` in this network namespace, via NETLINK_SOCK_DIAG."""
+def owner_netlink(src: Address, dst: Address, *, wait: bool = True) -> SocketId | None:
+    """User and inode of the socket ``src -> dst`` in this network namespace, via NETLINK_SOCK_DIAG. Without
+    ``wait``, BlockingIOError unless the answer is there (the kernel queues it before ``send`` returns)."""
     seq = next(_seqs) & 0xFFFFFFFF
     request = build_request(src, dst, seq)
     if _local.netlink is None:
@@ -122,6 +124,8 @@ def owner_netlink(src: Address, dst: Address) -> SocketId | None:
     try:
         nl.send(request)
         while True:
+            if not wait and not select.select([nl], [], [], 0)[0]:
+                raise BlockingIOError("no sock_diag answer queued")
             try:
                 answer = parse_response(nl.recv(8192), seq)
                 break

@@ -36,7 +36,6 @@ import functools
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 

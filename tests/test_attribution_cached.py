@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from rollouttap.addon import attribution
 from rollouttap.addon.attribution import AgentDirectory, PidAttributor
 from rollouttap.addon.procfs import KNOWN_LINKS_BUDGET, AncestryCache, NotCached, SocketOwnerFinder
 from rollouttap.store import Store, new_token
@@ -30,7 +31,7 @@ class Reconnecting:
     """A child process that opens a new connection to ``server`` whenever asked (closing the one before), as an
     agent that makes a connection per call does."""
 
-    def __init__(self, server: socket.socket, env: dict[str, str] | None = None) -> None:
+    def __init__(self, server: socket.socket, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.server = server
         self.proc = subprocess.Popen([sys.executable, "-c", (
             "import socket, sys\n"
@@ -38,7 +39,7 @@ class Reconnecting:
             "for line in sys.stdin:\n"
             "    if s is not None: s.close()\n"
             f"    s = socket.create_connection({server.getsockname()!r})\n"
-            "    print(s.getsockname()[1], flush=True)\n")],
+            "    print(s.getsockname()[1], flush=True)\n"), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def connect(self) -> tuple[socket.socket, tuple[str, int], tuple[str, int]]:
@@ -55,10 +56,10 @@ class Reconnecting:
 
 
 @contextmanager
-def reconnecting(env: dict[str, str] | None = None):
+def reconnecting(env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(30)
-        client = Reconnecting(server, env)
+        client = Reconnecting(server, env, args)
         try:
             yield client
         finally:
@@ -69,21 +70,32 @@ def _as_tuple(result):
     return (result.pid, result.agent_id, result.detail, result.roots, result.tags, result.proxy, result.unfound)
 
 
-@pytest.mark.parametrize("case", ["under no root", "registered agent", "tag of an agent the store lacks"])
-def test_a_process_that_reconnects_is_answered_from_the_cache_as_a_lookup_would(tmp_path, case):
+def _stable(pids: PidAttributor, monkeypatch) -> PidAttributor:
+    """No cache expires during the test (a slow machine would otherwise send a lookup to a thread)."""
+    monkeypatch.setattr(attribution, "TAG_REFRESH_S", 3600.0)
+    pids.ancestry.max_age = 3600.0
+    return pids
+
+
+CASES = ["under no root", "registered agent", "tag of an agent the store lacks", "another rollouttap proxy"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_process_that_reconnects_is_answered_from_the_cache_as_a_lookup_would(tmp_path, monkeypatch, case):
     path = tmp_path / "s.db"
     env = dict(os.environ)
-    if case != "under no root":
+    if case in ("registered agent", "tag of an agent the store lacks"):
         env["ROLLOUTTAP_AGENT_ID"] = "a1" if case == "registered agent" else "nobody"
+    args = ("--set", "rollouttap_store=/elsewhere.db") if case == "another rollouttap proxy" else ()
     directory = AgentDirectory(str(path), max_age=3600.0)
     try:
-        with reconnecting(env) as client:
+        with reconnecting(env, args) as client:
             if case == "registered agent":
                 with Store(path) as store:
                     store.register_agent("a1", token=new_token())
                     store.agent_started("a1", client.proc.pid)
             directory.refresh()
-            pids = PidAttributor(directory)
+            pids = _stable(PidAttributor(directory), monkeypatch)
             first, peer, sock = client.connect()
             with first:
                 assert pids.resolve_cached(peer, sock) is None  # nothing known of the process yet
@@ -104,17 +116,40 @@ def test_a_process_that_reconnects_is_answered_from_the_cache_as_a_lookup_would(
         assert answers == [None] * 5 and looked_up.agent_id == "nobody"
         return
     assert looked_up.agent_id == ("a1" if case == "registered agent" else None)
+    assert looked_up.proxy == (case == "another rollouttap proxy")  # a loop through its listener: refused
     assert [_as_tuple(a) for a in answers] == [_as_tuple(looked_up)] * 5 == [_as_tuple(again)] * 5
 
 
-def test_a_lookup_on_the_event_loop_never_waits_for_the_store_nor_reads_a_stale_directory(tmp_path):
+def test_what_a_process_under_no_root_said_lately_is_not_taken_once_stale(tmp_path, monkeypatch):
+    # Whether a process is another proxy (its command line) is cached as long as its tag: a lookup on the event
+    # loop past that leaves it to a thread, which reads it again.
+    directory = AgentDirectory(str(tmp_path / "s.db"), max_age=3600.0)
+    try:
+        with reconnecting() as client:
+            directory.refresh()
+            pids = _stable(PidAttributor(directory), monkeypatch)
+            accepted, peer, sock = client.connect()
+            with accepted:
+                looked_up = pids.resolve(peer, sock)
+            pids.connection_closed(looked_up.pid)
+            accepted, peer, sock = client.connect()
+            with accepted:
+                fresh = pids.resolve_cached(peer, sock)
+                pids._proxy_cmdline = {k: (at - 7200.0, v) for k, (at, v) in pids._proxy_cmdline.items()}
+                stale = pids.resolve_cached(peer, sock)
+    finally:
+        directory.close()
+    assert fresh is not None and fresh.pid == client.proc.pid and stale is None
+
+
+def test_a_lookup_on_the_event_loop_never_waits_for_the_store_nor_reads_a_stale_directory(tmp_path, monkeypatch):
     # A pool thread may hold the directory's lock for as long as SQLite waits on a busy store: the event loop's
     # lookup must not take it. And once the live agents are due to be read again, it leaves that to a thread.
     directory = AgentDirectory(str(tmp_path / "s.db"), max_age=3600.0)
     try:
         with reconnecting() as client:
             directory.refresh()
-            pids = PidAttributor(directory)
+            pids = _stable(PidAttributor(directory), monkeypatch)
             accepted, peer, sock = client.connect()
             with accepted:
                 looked_up = pids.resolve(peer, sock)
@@ -176,3 +211,31 @@ def test_the_finder_finds_a_reconnecting_owner_within_its_budget_and_nothing_els
     fake_proc.process(5, sockets=[5005])
     assert finder.find_known(5005) is None
     assert finder.find(5005) == 5
+
+
+def test_the_finder_leaves_a_socket_seen_in_a_process_no_lookup_found_to_the_full_lookup(fake_proc):
+    for pid in range(2, 8):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.last_pid(7)
+    finder = SocketOwnerFinder(str(fake_proc.root))
+    assert finder.find(1002) == 2  # reads 7 ... 2: 1007 ... 1003 seen on the way, in processes not found yet
+    assert finder.find_known(1004) is None  # 4 may be a thread's id: only find maps it
+    assert finder.find(1004) == 4 and finder.scanned_last == 1  # the hint is still there
+    finder.closed(4)
+    fake_proc.process(4, sockets=[2004])
+    assert finder.find_known(2004) == 4
+
+
+@pytest.mark.parametrize("budget, found", [(4, None), (5, 4)])
+def test_the_finders_budget_spans_every_process_it_tries(fake_proc, budget, found):
+    for pid in (2, 3, 4):
+        fake_proc.process(pid, sockets=[1000 + pid, 1100 + pid])  # two sockets each
+    fake_proc.last_pid(4)
+    finder = SocketOwnerFinder(str(fake_proc.root))
+    for pid in (4, 2, 3):
+        assert finder.find(1100 + pid) == pid
+    # Known socket fds: 3 and 4 both of theirs, 2 only the one found. 4 replaced a socket and is tried last (3 and
+    # 2 are more recent owners): 2 + 1 links before its 2.
+    assert {pid: len(fds) for pid, fds in finder._socket_fds.items()} == {2: 1, 3: 2, 4: 2}
+    fake_proc.process(4, sockets=[1004, 3004])
+    assert finder.find_known(3004, budget=budget) == found

@@ -75,8 +75,7 @@ def test_grandchild_of_tagged_agent_is_attributed(proxy, upstream):
     assert out.returncode == 0, out.stderr
     [flow] = _chat_flows(proxy.config.store, agent_id)
     assert flow.attribution == "pid"
-    with Store(proxy.config.store) as store:
-        assert flow.pid not in (os.getpid(), None)
+    assert flow.pid not in (os.getpid(), None)
 
 
 def test_credentials_attribute_and_never_reach_upstream(proxy, upstream):

@@ -19,7 +19,7 @@ import pytest
 
 from rollouttap.store import Store
 
-from conftest import running_agents, wait_for
+from conftest import running_agents
 from manager_support import HERE as SUPPORT
 from rollouttap.cli import main
 from rollouttap.cli_run import parse_env, read_prompts, read_prompts_file

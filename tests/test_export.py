@@ -42,20 +42,20 @@ def test_flow_file_reads_back_equal_to_the_store(recording, tmp_path):
         stored = s.flows()
     flows = _read(out)
     assert result.flows == len(stored) == len(flows) and result.format == "mitm"
-    for record, flow in zip(stored, flows, strict=True):
+    for rec, flow in zip(stored, flows, strict=True):
         meta = flow.metadata["rollouttap"]
-        assert flow.id == record.flow_id and meta["agent_id"] == record.agent_id and meta["id"] == record.id
-        assert meta["attribution"] == record.attribution and meta["pid"] == record.pid
-        assert flow.request.method == record.method and flow.request.pretty_url == record.url
-        assert flow.request.raw_content == (record.request_body or b"")
-        assert flow.request.timestamp_start == record.t_request
-        assert list(flow.request.headers.items(multi=True)) == record.request_headers
-        if record.status_code is None:
+        assert flow.id == rec.flow_id and meta["agent_id"] == rec.agent_id and meta["id"] == rec.id
+        assert meta["attribution"] == rec.attribution and meta["pid"] == rec.pid
+        assert flow.request.method == rec.method and flow.request.pretty_url == rec.url
+        assert flow.request.raw_content == (rec.request_body or b"")
+        assert flow.request.timestamp_start == rec.t_request
+        assert list(flow.request.headers.items(multi=True)) == rec.request_headers
+        if rec.status_code is None:
             assert flow.response is None
         else:
-            assert flow.response.status_code == record.status_code
-            assert flow.response.raw_content == (record.response_body or b"")
-        assert (flow.error is not None) == (record.state == "error")
+            assert flow.response.status_code == rec.status_code
+            assert flow.response.raw_content == (rec.response_body or b"")
+        assert (flow.error is not None) == (rec.state == "error")
 
 
 def test_streamed_response_is_exported_with_its_sse_body(recording, tmp_path):
@@ -103,11 +103,11 @@ def test_har_is_valid_and_mitmproxy_reads_it_back(recording, tmp_path):
     assert result.format == "har" and har["log"]["version"] == "1.2" and len(entries) == 3
     with Store(recording.store) as s:
         stored = s.flows(agent_id="streamer")
-    for entry, record in zip(entries, stored, strict=True):
+    for entry, rec in zip(entries, stored, strict=True):
         assert entry["_rollouttap"]["agent_id"] == "streamer"
-        assert entry["request"]["url"] == record.url and entry["request"]["postData"]["text"] == record.request_text()
+        assert entry["request"]["url"] == rec.url and entry["request"]["postData"]["text"] == rec.request_text()
         assert entry["response"]["status"] == 200
-        assert entry["response"]["content"]["text"] == record.response_text()
+        assert entry["response"]["content"]["text"] == rec.response_text()
     back = _read(out)  # mitmproxy's FlowReader also reads HAR
     assert [f.request.pretty_url for f in back] == [r.url for r in stored]
 
@@ -122,8 +122,8 @@ def test_har_written_entry_by_entry_holds_mitmproxys_entries_for_the_flows(recor
     written = json.loads((tmp_path / "all.har").read_text())
     assert written == whole  # the framing: one valid document
     mitmproxys = SaveHar().make_har([to_http_flow(r) for r in records])["log"]["entries"]
-    for entry, theirs, record in zip(written["log"]["entries"], mitmproxys, records, strict=True):
-        assert entry.pop("_rollouttap")["id"] == record.id
+    for entry, theirs, rec in zip(written["log"]["entries"], mitmproxys, records, strict=True):
+        assert entry.pop("_rollouttap")["id"] == rec.id
         # What HAR 1.2 requires and mitmproxy leaves out for a flow without a response: size and mimeType.
         assert entry["response"].pop("content") == {"size": 0, "mimeType": "", **theirs["response"].pop("content")}
         assert entry == theirs

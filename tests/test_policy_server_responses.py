@@ -19,7 +19,7 @@ import requests  # noqa: E402
 from conftest import agent_env, settled_flows, start_proxy  # noqa: E402
 from rollouttap.manager.conversation import build_conversation  # noqa: E402
 from rollouttap.responses_input import chat_messages, chat_tools  # noqa: E402
-from rollouttap.testing.replies import Reply, ToolCall, fixed  # noqa: E402
+from rollouttap.testing.replies import Reply, fixed  # noqa: E402
 from rollouttap.testing.upstream import ScriptedUpstream  # noqa: E402
 from rollouttap.trainer_hooks.policy_api import normalise_messages  # noqa: E402
 from rollouttap.trainer_hooks.policy_server import PolicyServer  # noqa: E402

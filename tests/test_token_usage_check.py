@@ -13,10 +13,10 @@ import uuid
 import pytest
 import requests
 
-from conftest import TESTS, settled_flows, start_proxy
+from conftest import settled_flows, start_proxy
 from rollouttap.manager.chat_stream import ChatResult, ids_problem, parse_chat_body, reassemble_chat_stream
 from rollouttap.manager.conversation import build_conversation, chat_call_from_flow
-from rollouttap.manager.rows import TokenCall, build_row, build_rows
+from rollouttap.manager.rows import build_row, build_rows
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
 from rollouttap.testing.replies import Reply, ToolCall
 from rollouttap.testing.upstream import ScriptedUpstream

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from rollouttap.testing.fake_tokenizer import FakeTokenizer, render_chat
-from rollouttap.testing.replies import Reply, ToolCall, fixed, with_reasoning, default_script
+from rollouttap.testing.replies import Reply, fixed, with_reasoning, default_script
 from rollouttap.responses_input import chat_messages, chat_tools, input_error
 from rollouttap.testing.upstream import ScriptedUpstream
 
