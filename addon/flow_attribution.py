@@ -42,6 +42,7 @@ class FlowAttribution:
         self._scan_pool = scan_pool
         self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
         self._conn_creds: dict[str, Attribution] = {}  # a CONNECT's attribution, for its tunnel's requests
+        self._on_threads = 0  # lookups queued or running on the pools
         self.credential_check_wait = CREDENTIAL_CHECK_WAIT_S
 
     def open(self, store_path: str) -> None:
@@ -73,9 +74,11 @@ class FlowAttribution:
         if client.id not in self._conn_pid and client.peername and client.sockname:
             peer = cast(tuple[str, int], tuple(client.peername[:2]))  # IPv6 addresses have 4 fields
             sock = cast(tuple[str, int], tuple(client.sockname[:2]))
-            # A few µs of reads that cannot block, against a thread hand-off that costs the proxy ~0.25 ms of CPU
-            # and its client ~0.2 ms per new connection (bench section 1, new connections).
-            known = self.pids.resolve_cached(peer, sock)
+            # A few µs of reads that cannot block, against a thread hand-off that costs the proxy ~0.2 ms of CPU and
+            # its client ~0.2 ms per new connection (bench section 7). Not while lookups run on the pools: each read
+            # gives up the GIL, which the loop then waits to get back from them (under 64 agents connecting at
+            # once, ~1 ms per try, and their calls/s fell by a seventh).
+            known = self.pids.resolve_cached(peer, sock) if not self._on_threads else None
             if known is not None:
                 future: asyncio.Future[PidResult] = asyncio.get_running_loop().create_future()
                 future.set_result(known)
@@ -85,12 +88,17 @@ class FlowAttribution:
 
     async def _lookup(self, pids: PidAttributor, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult:
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._pool, functools.partial(pids.resolve, peer, sock, everywhere=False))
-        if result is None:
-            try:
-                result = await loop.run_in_executor(self._scan_pool, pids.resolve, peer, sock)
-            except RuntimeError as exc:  # the pools were shut down meanwhile: the proxy is stopping
-                raise asyncio.CancelledError("the proxy is shutting down") from exc
+        self._on_threads += 1
+        try:
+            result = await loop.run_in_executor(self._pool, functools.partial(pids.resolve, peer, sock,
+                                                                              everywhere=False))
+            if result is None:
+                try:
+                    result = await loop.run_in_executor(self._scan_pool, pids.resolve, peer, sock)
+                except RuntimeError as exc:  # the pools were shut down meanwhile: the proxy is stopping
+                    raise asyncio.CancelledError("the proxy is shutting down") from exc
+        finally:
+            self._on_threads -= 1
         assert result is not None
         return result
 

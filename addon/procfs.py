@@ -169,8 +169,9 @@ class AncestryCache:
 # Descriptors a quick lookup reads of one process at most (an agent holds tens): beyond it, only the full lookup,
 # on a thread of its own, reads the table (one process holding 19,000 cost ~0.1 s).
 QUICK_FD_LIMIT = 1024
-# Fd links a lookup on the event loop reads at most (``find_known``): a few microseconds each.
-KNOWN_LINKS_BUDGET = 32
+# Fd links a lookup on the event loop reads at most (``find_known``): a few microseconds each, and wasted for a
+# process's first connection (a thread finds that one).
+KNOWN_LINKS_BUDGET = 8
 
 
 class SocketOwnerFinder:

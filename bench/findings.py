@@ -314,14 +314,19 @@ concurrency burst (section 1b). What they mean, and what would change them:
   remembered; ancestors' tags are cached by pid + start time. A process that connected before is answered
   on the event loop instead, from what earlier lookups cached (`PidAttributor.resolve_cached`, section 3's
   "reconnecting" row: the netlink answer, taken only if the kernel queued it already; the owner among the
-  socket fds of processes that reconnect, 32 fd links at most; its stat file; tags, registered roots and
+  socket fds of processes that reconnect, 8 fd links at most; its stat file; tags, registered roots and
   whether it is another proxy as read within the last second). It reads no store row, no environ or
   cmdline (the kernel takes the process's memory lock for those, which another task may hold long) and
   takes no lock a pool thread holds while it reads the store; whatever needs more goes to the thread. The
   hand-off was dearer than the lookup: A/B on urllib new connections through capture + tuning (an
   environment switch in a scratch copy, not kept; 20 rounds × 50 requests, interleaved with bare fastdump
-  and with capture without pid attribution): p50 2.49 → 2.33 ms, p25 2.32 → 1.98, proxy CPU 2.34 → 2.15 ms
-  per request (bare fastdump 1.87 ms / 1.63 ms CPU; no pid attribution 2.16 / 1.85). What is left: a process
+  and with capture without pid attribution): p50 2.41 → 2.17 ms, p25 2.26 → 1.90, proxy CPU 2.25 → 1.91 ms
+  per request (bare fastdump 1.76 ms / 1.52 ms CPU; no pid attribution 2.07 / 1.84). It is not tried while
+  lookups run on the threads: every read on the loop gives up the GIL, which the loop then waits to get
+  back from them. Tried at all times, it cost section 4's 64 agents (hand-tagged, so the cache never
+  answers) ~1 ms of loop time per connection and a seventh of their calls/s (`--only scale`, each run 3 ×
+  64 agents: 298 and 296 calls/s against 346 with every lookup on a thread; with the rule, 363 and 358
+  against 363 and 338). What is left: a process
   older than the others, seen for the first time and not under a registered agent, costs a scan of every
   fd table (section 3, "old agent"); a managed agent's processes are new ones, found among the newest
   pids. The first connection of a new process is where the 0.1 ms goal is missed, and not by our reads' number (about a

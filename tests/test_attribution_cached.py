@@ -4,6 +4,7 @@ reading what can block. Real processes, sockets and store; the finder and ancest
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 
 from rollouttap.addon import attribution
-from rollouttap.addon.attribution import AgentDirectory, PidAttributor
+from rollouttap.addon.attribution import AgentDirectory, PidAttributor, PidResult
 from rollouttap.addon.procfs import KNOWN_LINKS_BUDGET, AncestryCache, NotCached, SocketOwnerFinder
 from rollouttap.store import Store, new_token
 
@@ -239,3 +240,61 @@ def test_the_finders_budget_spans_every_process_it_tries(fake_proc, budget, foun
     assert {pid: len(fds) for pid, fds in finder._socket_fds.items()} == {2: 1, 3: 2, 4: 2}
     fake_proc.process(4, sockets=[1004, 3004])
     assert finder.find_known(3004, budget=budget) == found
+
+
+class _Lookups:
+    """Stands in for PidAttributor: a cached answer as told (None: a thread's work), full lookups that wait."""
+
+    def __init__(self) -> None:
+        self.cached: PidResult | None = PidResult(7, "a1", "registered root")
+        self.asked_cached = 0
+        self.release = threading.Event()
+
+    def resolve_cached(self, peer, sock):
+        self.asked_cached += 1
+        return self.cached
+
+    def resolve(self, peer, sock, *, everywhere: bool = True):
+        self.release.wait(30)
+        return PidResult(7, "a1", "registered root")
+
+
+def test_while_lookups_run_on_threads_new_ones_are_not_tried_on_the_event_loop():
+    # Each read on the loop gives up the GIL, which busy lookup threads then hold: under many agents connecting at
+    # once, trying the cache first cost ~1 ms per connection and a seventh of the calls/s (bench section 4).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mitmproxy.test import tflow
+
+    from rollouttap.addon.capture import RolloutTap
+    from rollouttap.addon.flow_attribution import FlowAttribution
+    from test_capture import _taddons
+
+    taddons, proxyserver = _taddons()
+    pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    lookups = _Lookups()
+    who = FlowAttribution(pool, scan_pool)
+    who.pids = lookups  # type: ignore[assignment]
+
+    async def connections():
+        first, second, third = (tflow.tclient_conn() for _ in range(3))
+        who.start_pid_lookup(first)  # answered from the cache, at once
+        lookups.cached = None
+        who.start_pid_lookup(second)  # the cache cannot: a thread looks it up (and waits, here)
+        await asyncio.sleep(0)
+        lookups.cached = PidResult(7, "a1", "registered root")
+        who.start_pid_lookup(third)  # a thread is busy: this one goes to the threads too
+        at_once = [who._conn_pid[c.id].done() for c in (first, second, third)]
+        lookups.release.set()
+        answers = [await who._conn_pid[c.id] for c in (first, second, third)]
+        return at_once, answers
+
+    try:
+        with taddons.context(proxyserver(), RolloutTap()):
+            at_once, answers = asyncio.run(connections())
+    finally:
+        lookups.release.set()
+        pool.shutdown()
+        scan_pool.shutdown()
+    assert at_once == [True, False, False] and lookups.asked_cached == 2
+    assert answers == [PidResult(7, "a1", "registered root")] * 3 and who._on_threads == 0
