@@ -84,21 +84,21 @@ class FlowAttribution:
                 future.set_result(known)
             else:
                 future = asyncio.ensure_future(self._lookup(self.pids, peer, sock))
+                self._on_threads += 1  # from now, not from when the task first runs: the next connection may
+                future.add_done_callback(self._lookup_ended)  # come in the same turn of the loop
             self._conn_pid[client.id] = future
+
+    def _lookup_ended(self, _: asyncio.Future[PidResult]) -> None:
+        self._on_threads -= 1
 
     async def _lookup(self, pids: PidAttributor, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult:
         loop = asyncio.get_running_loop()
-        self._on_threads += 1
-        try:
-            result = await loop.run_in_executor(self._pool, functools.partial(pids.resolve, peer, sock,
-                                                                              everywhere=False))
-            if result is None:
-                try:
-                    result = await loop.run_in_executor(self._scan_pool, pids.resolve, peer, sock)
-                except RuntimeError as exc:  # the pools were shut down meanwhile: the proxy is stopping
-                    raise asyncio.CancelledError("the proxy is shutting down") from exc
-        finally:
-            self._on_threads -= 1
+        result = await loop.run_in_executor(self._pool, functools.partial(pids.resolve, peer, sock, everywhere=False))
+        if result is None:
+            try:
+                result = await loop.run_in_executor(self._scan_pool, pids.resolve, peer, sock)
+            except RuntimeError as exc:  # the pools were shut down meanwhile: the proxy is stopping
+                raise asyncio.CancelledError("the proxy is shutting down") from exc
         assert result is not None
         return result
 

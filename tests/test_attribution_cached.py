@@ -281,9 +281,8 @@ def test_while_lookups_run_on_threads_new_ones_are_not_tried_on_the_event_loop()
         who.start_pid_lookup(first)  # answered from the cache, at once
         lookups.cached = None
         who.start_pid_lookup(second)  # the cache cannot: a thread looks it up (and waits, here)
-        await asyncio.sleep(0)
         lookups.cached = PidResult(7, "a1", "registered root")
-        who.start_pid_lookup(third)  # a thread is busy: this one goes to the threads too
+        who.start_pid_lookup(third)  # in the same turn of the loop, before that lookup's task ran: to the threads
         at_once = [who._conn_pid[c.id].done() for c in (first, second, third)]
         lookups.release.set()
         answers = [await who._conn_pid[c.id] for c in (first, second, third)]
