@@ -148,6 +148,24 @@ def measure_agent(attributor: PidAttributor, accepted: list[socket.socket], expe
     return {"ms": rows, "wrong": sum(wrong.values()), "wrong_by": wrong, "psutil_missed": psutil_missed}
 
 
+@contextmanager
+def registered(args: list[str], store: Path, agent_id: str) -> Iterator[subprocess.Popen[str]]:
+    """``python -c *args`` with the agent's tag, registered as its root (pid and start time) as deploy() registers
+    one; killed, and its agent ended, on the way out."""
+    env = {**os.environ, "ROLLOUTTAP_AGENT_ID": agent_id}
+    proc = subprocess.Popen([PY, "-c", *args], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    registry = Store(str(store))
+    try:
+        registry.register_agent(agent_id)
+        registry.agent_started(agent_id, proc.pid)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        registry.agent_ended(agent_id, "ok")
+        registry.close()
+
+
 def measure_new_processes(attributor: PidAttributor, listener: socket.socket, n: int) -> dict[str, Any]:
     """An attributor that has served lookups before meets the first connection of ``n`` processes started one
     after another (each a new pid under the same parents), tagged by hand (no registered agent)."""
@@ -167,13 +185,7 @@ def measure_registered(attributor: PidAttributor, listener: socket.socket, n: in
     with its pid and start time, its children carry its tag."""
     ms: list[float] = []
     wrong_by: dict[str, int] = {}
-    env = {**os.environ, "ROLLOUTTAP_AGENT_ID": agent_id}
-    root = subprocess.Popen([PY, "-c", _ROOT_CODE, _AGENT_CODE, str(listener.getsockname()[1])], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    registry = Store(str(store))
-    try:
-        registry.register_agent(agent_id)
-        registry.agent_started(agent_id, root.pid)
+    with registered([_ROOT_CODE, _AGENT_CODE, str(listener.getsockname()[1])], store, agent_id) as root:
         assert root.stdin is not None and root.stdout is not None
         listener.settimeout(10)
         for _ in range(n):
@@ -192,11 +204,6 @@ def measure_registered(attributor: PidAttributor, listener: socket.socket, n: in
                 _count(wrong_by, f"resolve: {found.detail}", True)
             root.stdin.write("done\n")
             root.stdin.flush()
-    finally:
-        root.kill()
-        root.wait()
-        registry.agent_ended(agent_id, "ok")
-        registry.close()
     return _new_result(ms, wrong_by)
 
 
@@ -209,13 +216,7 @@ def measure_reconnecting(attributor: PidAttributor, listener: socket.socket, n: 
     ms: dict[str, list[float]] = {"resolve cached": []}
     wrong_by: dict[str, int] = {}
     to_thread = 0
-    env = {**os.environ, "ROLLOUTTAP_AGENT_ID": agent_id}
-    proc = subprocess.Popen([PY, "-c", _RECONNECT_CODE, str(listener.getsockname()[1])], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    registry = Store(str(store))
-    try:
-        registry.register_agent(agent_id)
-        registry.agent_started(agent_id, proc.pid)
+    with registered([_RECONNECT_CODE, str(listener.getsockname()[1])], store, agent_id) as proc:
         assert proc.stdin is not None and proc.stdout is not None
         listener.settimeout(10)
         for i in range(n + 1):  # the first connection is the process's first: looked up the full way
@@ -236,11 +237,6 @@ def measure_reconnecting(attributor: PidAttributor, listener: socket.socket, n: 
             _count(wrong_by, f"resolve: {found.detail}", found.pid != proc.pid or found.agent_id != agent_id)
             _count(wrong_by, "resolve_cached answered otherwise than resolve", again != found)
             attributor.connection_closed(proc.pid)  # as the proxy does when a client connection ends
-    finally:
-        proc.kill()
-        proc.wait()
-        registry.agent_ended(agent_id, "ok")
-        registry.close()
     return {"ms": ms, "wrong": sum(wrong_by.values()), "wrong_by": wrong_by, "psutil_missed": 0,
             "to_thread": to_thread, "connections": n}
 

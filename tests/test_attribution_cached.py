@@ -78,6 +78,17 @@ def _stable(pids: PidAttributor, monkeypatch) -> PidAttributor:
     return pids
 
 
+def _known(directory: AgentDirectory, client: Reconnecting, monkeypatch) -> PidAttributor:
+    """An attributor that has looked up one connection of ``client`` the full way, which has closed since."""
+    directory.refresh()
+    pids = _stable(PidAttributor(directory), monkeypatch)
+    accepted, peer, sock = client.connect()
+    with accepted:
+        looked_up = pids.resolve(peer, sock)
+    pids.connection_closed(looked_up.pid)
+    return pids
+
+
 CASES = ["under no root", "registered agent", "tag of an agent the store lacks", "another rollouttap proxy"]
 
 
@@ -127,12 +138,7 @@ def test_what_a_process_under_no_root_said_lately_is_not_taken_once_stale(tmp_pa
     directory = AgentDirectory(str(tmp_path / "s.db"), max_age=3600.0)
     try:
         with reconnecting() as client:
-            directory.refresh()
-            pids = _stable(PidAttributor(directory), monkeypatch)
-            accepted, peer, sock = client.connect()
-            with accepted:
-                looked_up = pids.resolve(peer, sock)
-            pids.connection_closed(looked_up.pid)
+            pids = _known(directory, client, monkeypatch)
             accepted, peer, sock = client.connect()
             with accepted:
                 fresh = pids.resolve_cached(peer, sock)
@@ -149,12 +155,7 @@ def test_a_lookup_on_the_event_loop_never_waits_for_the_store_nor_reads_a_stale_
     directory = AgentDirectory(str(tmp_path / "s.db"), max_age=3600.0)
     try:
         with reconnecting() as client:
-            directory.refresh()
-            pids = _stable(PidAttributor(directory), monkeypatch)
-            accepted, peer, sock = client.connect()
-            with accepted:
-                looked_up = pids.resolve(peer, sock)
-            pids.connection_closed(looked_up.pid)
+            pids = _known(directory, client, monkeypatch)
             held, release = threading.Event(), threading.Event()
 
             def hold_the_lock():
