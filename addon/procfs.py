@@ -220,6 +220,8 @@ class SocketOwnerFinder:
         if pid is None:
             return None
         owner = self._process_of(pid)
+        if owner != pid:
+            self._adopt(pid, owner)
         self._note(owner, target)
         return owner
 
@@ -290,6 +292,14 @@ class SocketOwnerFinder:
                 self._recent.popitem(last=False)
             self._closed.pop(pid, None)
             self._seen.pop(target, None)  # found: nobody looks it up again
+
+    def _adopt(self, tid: int, pid: int) -> None:
+        """The sockets read through a thread's id (a thread started lately is probed as a new pid) are its
+        process's: kept there, where ``find_known`` looks when the process reconnects."""
+        with self._lock:
+            fds = self._socket_fds.pop(tid, ())
+            if fds:
+                self._socket_fds[pid] = tuple(dict.fromkeys(fds + self._socket_fds.get(pid, ())))
 
     def _forget(self, pid: int) -> None:
         with self._lock:

@@ -298,3 +298,17 @@ def test_while_lookups_run_on_threads_new_ones_are_not_tried_on_the_event_loop()
         scan_pool.shutdown()
     assert at_once == [True, False, False] and lookups.asked_cached == 2
     assert answers == [PidResult(7, "a1", "registered root")] * 3 and who._on_threads == 0
+
+
+def test_sockets_found_through_a_thread_are_known_as_its_processs(fake_proc):
+    # A thread started lately has one of the newest ids, so the search for new processes reads the (shared) fd
+    # table through it; a process that reconnects is then looked for under its own id.
+    fake_proc.process(7, sockets=[1007])
+    fake_proc.process(8, sockets=[1007], tgid=7)  # a thread of 7: the same descriptors
+    fake_proc.last_pid(8)
+    finder = SocketOwnerFinder(str(fake_proc.root))
+    assert finder.find(1007) == 7
+    finder.closed(7)
+    for pid in (7, 8):  # it reconnects on the freed fd
+        fake_proc.process(pid, sockets=[2007], tgid=7)
+    assert finder.find_known(2007) == 7
