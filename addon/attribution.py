@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 import psutil
 
-from rollouttap.addon.procfs import AncestryCache, NotCached, ProcInfo, SocketOwnerFinder, read_file
+from rollouttap.addon.procfs import AncestryCache, NotCached, ProcInfo, SocketOwnerFinder
 from rollouttap.addon.sockdiag import owner_netlink, socket_owner
 from rollouttap.store import LIVE_STATUSES, AgentRecord, Store, token_matches
 
@@ -329,8 +329,6 @@ class PidAttributor:
         self.directory = directory
         self.finder = SocketOwnerFinder()
         self.ancestry = AncestryCache()
-        # (pid, start ticks) -> (read at, whether its command line names a store): a process under no root
-        self._proxy_cmdline: dict[tuple[int, int], tuple[float, bool]] = {}
         self._boot_time = psutil.boot_time()
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
         self._local_ips = host_addresses()
@@ -445,19 +443,7 @@ class PidAttributor:
             return True
         if tags:  # its /proc/PID/cmdline (a read per connection of a process under no root) would not change it
             return False
-        key = (owner.pid, owner.start_ticks)
-        now = time.monotonic()
-        if cached:  # what a lookup read lately: only an exec changes it, and the tags cached go as stale
-            seen = self._proxy_cmdline.get(key)  # one lookup: another thread may clear the cache meanwhile
-            if seen is None or now - seen[0] >= self.ancestry.max_age:
-                raise NotCached(f"the command line of pid {owner.pid}")
-            return seen[1]
-        cmdline = read_file(f"/proc/{owner.pid}/cmdline")
-        looped = cmdline is not None and b"rollouttap_store=" in cmdline
-        if len(self._proxy_cmdline) >= MAX_CACHED:
-            self._proxy_cmdline.clear()
-        self._proxy_cmdline[key] = (now, looped)
-        return looped
+        return self.ancestry.cmdline_has(owner, b"rollouttap_store=", cached=cached)
 
     def _create_time(self, info: ProcInfo) -> float:
         # psutil's own formula, so it equals the create_time the manager recorded with psutil.

@@ -109,6 +109,7 @@ class AncestryCache:
         self._tags: dict[tuple[int, int], tuple[float, str | None]] = {}
         self._chains: dict[tuple[int, int], tuple[float, list[ProcInfo]]] = {}
         self._above: dict[int, tuple[float, list[ProcInfo]]] = {}  # pid -> (read at, its chain)
+        self._cmdlines: dict[tuple[int, int, bytes], tuple[float, bool]] = {}  # (pid, start, needle) -> (at, held)
         self._size = size
 
     def chain(self, pid: int, limit: int = 64, *, cached: bool = False) -> list[ProcInfo]:
@@ -159,6 +160,21 @@ class AncestryCache:
         tag = parse_agent_tag(environ)
         self._remember(self._tags, key, (now, tag))
         return ProcInfo(pid, ppid, start, tag)
+
+    def cmdline_has(self, info: ProcInfo, needle: bytes, *, cached: bool = False) -> bool:
+        """Whether the process's command line holds ``needle``, read now; ``cached``: as read less than ``max_age``
+        ago (only an exec changes it, and its tag goes as stale), NotCached when it was not."""
+        key = (info.pid, info.start_ticks, needle)
+        now = time.monotonic()
+        if cached:
+            seen = self._cmdlines.get(key)  # one lookup: another thread may clear the cache meanwhile
+            if seen is None or now - seen[0] >= self.max_age:
+                raise NotCached(f"the command line of pid {info.pid}")
+            return seen[1]
+        cmdline = read_file(f"{self.proc}/{info.pid}/cmdline")
+        held = cmdline is not None and needle in cmdline
+        self._remember(self._cmdlines, key, (now, held))
+        return held
 
     def _remember(self, cache: dict, key: object, value: object) -> None:
         if len(cache) >= self._size:
@@ -315,7 +331,7 @@ class SocketOwnerFinder:
             if where is None or (found_before and where[0] not in self._recent):
                 return None
             del self._seen[target]
-        if where is not None and self._link(where[0], where[1]) == target:
+        if self._link(where[0], where[1]) == target:
             self.scanned_last += 1
             return where[0]
         return None

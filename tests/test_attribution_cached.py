@@ -142,7 +142,7 @@ def test_what_a_process_under_no_root_said_lately_is_not_taken_once_stale(tmp_pa
             accepted, peer, sock = client.connect()
             with accepted:
                 fresh = pids.resolve_cached(peer, sock)
-                pids._proxy_cmdline = {k: (at - 7200.0, v) for k, (at, v) in pids._proxy_cmdline.items()}
+                pids.ancestry._cmdlines = {k: (at - 7200.0, v) for k, (at, v) in pids.ancestry._cmdlines.items()}
                 stale = pids.resolve_cached(peer, sock)
     finally:
         directory.close()
@@ -243,7 +243,7 @@ def test_the_finders_budget_spans_every_process_it_tries(fake_proc, budget, foun
     assert finder.find_known(3004, budget=budget) == found
 
 
-class _Lookups:
+class _CachedOrWaiting:
     """Stands in for PidAttributor: a cached answer as told (None: a thread's work), full lookups that wait."""
 
     def __init__(self) -> None:
@@ -273,7 +273,7 @@ def test_while_lookups_run_on_threads_new_ones_are_not_tried_on_the_event_loop()
 
     taddons, proxyserver = _taddons()
     pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-    lookups = _Lookups()
+    lookups = _CachedOrWaiting()
     who = FlowAttribution(pool, scan_pool)
     who.pids = lookups  # type: ignore[assignment]
 
