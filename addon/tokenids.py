@@ -43,7 +43,7 @@ from rollouttap.addon.injection import (
     USAGE_OPTIONS, Endpoint, Injection, dumps_json as _dumps, endpoint_for_path, is_model_request, plan_injection,
 )
 from rollouttap.addon.jsonspans import key_pattern, splice_nulls, value_spans, with_markers
-from rollouttap.addon.vllm_chunk import FIELDS, chat_chunk_fields
+from rollouttap.addon.vllm_chunk import FIELD_GROUPS, FIELDS, delta_is_empty, fields_present, match_chat_event
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class _StripPlan:
     markers: tuple[bytes, ...]  # cheap substring test: no marker, nothing to strip
     chunk_fields: frozenset[str]  # vllm_chunk.FIELDS to null in a streamed chat chunk of vLLM's shape
     drop_usage: bool = False  # drop a stream's usage-only chunk: it is there because we asked for it
+    chunk_groups: tuple[int, ...] = ()  # chunk_fields as vllm_chunk's match groups, in the order they occur
 
     def may_touch(self, raw: bytes) -> bool:
         return any(marker in raw for marker in self.markers)
@@ -90,16 +91,18 @@ def _strip_plan(ids: bool, logprobs: bool, endpoint: Endpoint, usage: bool = Fal
     markers = ((b'token_ids"',) if ids else ()) + ((b'"logprobs"',) if logprobs else ()) + (
         (_USAGE_MARKER,) if usage else ()
     )
+    chunk_fields = frozenset(
+        (("logprobs",) if logprobs else ()) + (("token_ids", "prompt_token_ids") if ids else ())
+    ) if endpoint == "chat" else frozenset()
     return _StripPlan(
         top_keys=("prompt_token_ids",) if ids else (),
         choice_keys=choice_keys,
         nested=None,
         key_pattern=key_pattern(choice_keys),
         markers=markers,
-        chunk_fields=frozenset(
-            (("logprobs",) if logprobs else ()) + (("token_ids", "prompt_token_ids") if ids else ())
-        ) if endpoint == "chat" else frozenset(),
+        chunk_fields=chunk_fields,
         drop_usage=usage,
+        chunk_groups=tuple(FIELD_GROUPS[name] for name in FIELDS if name in chunk_fields),
     )
 
 
@@ -283,12 +286,37 @@ class StreamStripper:
             start, buf = 0, chunk
         out: list[bytes] = []
         pos = 0
-        for match in _EVENT_END.finditer(buf, start):
-            out.append(_rewrite_event(buf[pos : match.end()], plan))
-            pos = match.end()
+        while True:
+            if plan.chunk_groups and (chat := match_chat_event(buf, pos)) is not None:
+                _strip_chat_event(buf, pos, chat, plan, out)
+                pos = chat.end()
+                continue
+            end = _EVENT_END.search(buf, max(pos, start))
+            if end is None:
+                break
+            out.append(_rewrite_event(buf[pos : end.end()], plan))
+            pos = end.end()
         rest = buf[pos:]
         self._held, self._tail = ([rest], rest[-2:]) if rest else ([], b"")
         return b"".join(out)
+
+
+def _strip_chat_event(buf: bytes, pos: int, chat: re.Match[bytes], plan: _StripPlan, out: list[bytes]) -> None:
+    """Append the event ``chat`` matched (vllm_chunk) to ``out`` as the agent must see it: its planned fields
+    nulled, or nothing when the chunk exists only because of them. Slices of ``buf``, no copy of the event."""
+    spans = chat.regs
+    first = len(out)
+    done = pos
+    for group in plan.chunk_groups:
+        begin, end = spans[group]
+        if begin != -1:
+            out += (buf[done:begin], b"null")
+            done = end
+    if len(out) > first and delta_is_empty(chat) and swallowed_only_for_us(
+            fields_present(chat) & _SWALLOW_FIELDS, plan.chunk_fields):
+        del out[first:]
+        return
+    out.append(buf[done : chat.end()])
 
 
 def _rewrite_event(raw: bytes, plan: _StripPlan) -> bytes:
@@ -312,18 +340,11 @@ def _rewrite_event(raw: bytes, plan: _StripPlan) -> bytes:
 
 
 def _strip_event_json(text: str, plan: _StripPlan) -> str | _Drop | None:
-    """_strip_json for an event's data, in one match when it is a chat chunk of vLLM's shape (most are)."""
+    """_strip_json for an event's data that is not a chat chunk of vLLM's shape (StreamStripper.feed takes those
+    in one match); its usage-only chunk is dropped."""
     if plan.drop_usage and _is_usage_chunk(text):
         return _DROP
-    fields = chat_chunk_fields(text) if plan.chunk_fields else None
-    if fields is None:
-        return _strip_json(text, plan, allow_drop=True)
-    spans = [fields.spans[name] for name in FIELDS if name in plan.chunk_fields and name in fields.spans]
-    if not spans:
-        return None
-    if fields.empty_delta and swallowed_only_for_us(fields.spans.keys() & _SWALLOW_FIELDS, plan.chunk_fields):
-        return _DROP
-    return splice_nulls(text, spans)
+    return _strip_json(text, plan, allow_drop=True)
 
 
 # vLLM's last chunk when usage is asked for, after the one that carries the finish reason, before ``[DONE]``

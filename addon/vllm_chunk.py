@@ -1,23 +1,23 @@
-"""vLLM's streamed chat chunk matched whole: where its token-id fields lie, without parsing it.
+"""vLLM's streamed chat chunk matched whole, SSE framing included: where its token-id fields lie, unparsed.
 
 tokenids' general path finds the planned keys anywhere, parses the event with their values replaced by
 markers and checks that the markers sit where vLLM puts those fields: sound for any JSON, but a dozen
-Python calls and a parse per event, and an answer streams one event per token or few. The chunk vLLM
-streams (one choice; a delta of text, reasoning or tool-call fragments; its fields in vLLM's order) is
-matched here by one pattern over a subset of the JSON grammar, so a match alone fixes where each field
-is: its groups are the spans to edit. Any other event does not match and takes the general path. Both
-give the same bytes, except for duplicate keys, which JSON leaves undefined and vLLM does not write (the
-general path's parse keeps the last one; a delta judged empty there may not be here).
+Python calls and a parse per event, and an answer streams one event per token or few. The event vLLM
+streams (``data: `` and one chunk: one choice; a delta of text, reasoning or tool-call fragments; its fields
+in vLLM's order; then a blank line) is matched here on the bytes as read, by one pattern over a subset of
+the JSON grammar, so a match alone fixes where each field is: its groups are the spans to edit, and its end
+is the event's. Any other event does not match and takes the general path. Both give the same bytes, except
+for duplicate keys, which JSON leaves undefined and vLLM does not write (the general path's parse keeps the
+last one; a delta judged empty there may not be here).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from rollouttap.addon.jsonspans import CHAT_LOGPROBS, INTS, NUMBER, STRING
 
-__all__ = ["ChunkFields", "FIELDS", "chat_chunk_fields"]
+__all__ = ["FIELDS", "FIELD_GROUPS", "delta_is_empty", "fields_present", "match_chat_event"]
 
 # A delta's values, nested as deep as vLLM nests them (tool_calls: [{index, id, type, function: {name,
 # arguments}}]) and no deeper; each level is JSON, so a match is one.
@@ -28,7 +28,7 @@ _VALUE = rf"(?:{_SCALAR}|\[(?:{_ITEM}(?:,{_ITEM})*+)?\])"
 _DELTA = rf"\{{(?:{STRING}:{_VALUE}(?:,{STRING}:{_VALUE})*+)?\}}"
 _INT = r"(?:0|[1-9][0-9]*+)"
 
-_CHAT_CHUNK = re.compile(
+_CHAT_CHUNK = (
     rf'\{{"id":{STRING},"object":"chat\.completion\.chunk","created":{_INT},"model":{STRING},'
     rf'"choices":\[\{{"index":{_INT},"delta":(?P<delta>{_DELTA}),'
     rf'"logprobs":(?:null|(?P<logprobs>{CHAT_LOGPROBS})),"finish_reason":(?P<finish>null|{STRING})'
@@ -39,25 +39,29 @@ _CHAT_CHUNK = re.compile(
     rf'(?:,"usage":(?:null|{_ITEM}))?(?:,"system_fingerprint":(?:null|{STRING}))?'
     rf'(?:,"prompt_token_ids":(?:null|(?P<prompt_token_ids>{INTS})))?(?:,"prompt_text":(?:null|{STRING}))?\}}'
 )
+# Bytes, not text: the patterns are ASCII and their strings take any byte but '"', '\' and controls, so
+# UTF-8 text passes as it is, and an event is matched where it was read, with no copy and no decoding. The
+# chunk holds no newline (no whitespace, none raw in a string), so the first blank line after it, which
+# ends the event, is where the match ends.
+_CHAT_EVENT = re.compile(rb"data: ?" + _CHAT_CHUNK.encode() + rb"\r?\n\r?\n")
 # A delta with nothing in it (vLLM sends such a chunk, when a parser swallowed its text, only to carry the
 # token ids or logprobs asked for), as tokenids' general path judges it: every value null or [].
-_EMPTY_DELTA = re.compile(rf"\{{(?:{STRING}:(?:null|\[\])(?:,{STRING}:(?:null|\[\]))*+)?\}}")
+_EMPTY_DELTA = re.compile(rf"\{{(?:{STRING}:(?:null|\[\])(?:,{STRING}:(?:null|\[\]))*+)?\}}".encode())
 
 FIELDS = ("logprobs", "token_ids", "prompt_token_ids")  # in the order they occur in a chunk
+FIELD_GROUPS = {name: _CHAT_EVENT.groupindex[name] for name in FIELDS}  # for ``match.regs``: one call per event
+_FINISH_GROUP, _DELTA_GROUP = _CHAT_EVENT.groupindex["finish"], _CHAT_EVENT.groupindex["delta"]
+
+match_chat_event = _CHAT_EVENT.match
+"""``match_chat_event(buf, pos)``: the event at ``buf[pos:]`` if it is one data line holding a chat chunk of
+vLLM's shape, and its blank line; None for any other event, or one not yet whole (use the general path)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkFields:
-    """Where a chunk's non-null token fields lie, and whether its delta is empty (a parser swallowed it)."""
-    spans: dict[str, tuple[int, int]]  # field name (of FIELDS) -> span of its value in the text
-    empty_delta: bool  # no text and not the last chunk: vLLM sent it for the token ids or logprobs it carries
+def fields_present(match: re.Match[bytes]) -> frozenset[str]:
+    """The non-null token fields (of FIELDS) of a matched event."""
+    return frozenset(name for name, group in FIELD_GROUPS.items() if match.start(group) != -1)
 
 
-def chat_chunk_fields(text: str) -> ChunkFields | None:
-    """The token fields of a chat chunk in vLLM's shape; None for any other text (use the general path)."""
-    match = _CHAT_CHUNK.fullmatch(text)
-    if match is None:
-        return None
-    spans = {name: match.span(name) for name in FIELDS if match.start(name) != -1}
-    empty = match["finish"] == "null" and _EMPTY_DELTA.fullmatch(match["delta"]) is not None
-    return ChunkFields(spans, empty)
+def delta_is_empty(match: re.Match[bytes]) -> bool:
+    """No text and not the last chunk: vLLM sent it for the token ids or logprobs it carries."""
+    return match.group(_FINISH_GROUP) == b"null" and _EMPTY_DELTA.fullmatch(match.group(_DELTA_GROUP)) is not None

@@ -1,20 +1,21 @@
-"""Tests for rollouttap.addon.vllm_chunk: the whole-chunk match that strips streamed token fields in one step.
+"""Tests for rollouttap.addon.vllm_chunk: the whole-event match that strips streamed token fields in one step.
 
 The chunks come from the scripted upstream's builders (vLLM's exact chunk shapes: text, reasoning, tool-call
-fragments, parser-swallowed chunks, the final chunk with stop_reason, the usage chunk). For each, the one-match
-path must give what tokenids' general path gives (it compares private helpers on purpose: the two paths are
-the subject), and must take the chunks vLLM streams, or the speed-up is gone unnoticed.
+fragments, parser-swallowed chunks, the final chunk with stop_reason, the usage chunk). For each, the stream
+stripper (which takes the one match) must give what tokenids' general path gives (it compares private helpers on
+purpose: the two paths are the subject), and must take the chunks vLLM streams, or the speed-up is gone unnoticed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
 from rollouttap.addon import tokenids
-from rollouttap.addon.vllm_chunk import chat_chunk_fields
+from rollouttap.addon.vllm_chunk import FIELD_GROUPS, delta_is_empty, fields_present, match_chat_event
 from rollouttap.testing.fake_tokenizer import FakeTokenizer
 from rollouttap.testing.replies import Reply, ToolCall
 from rollouttap.testing.vllm_format import Options, dumps, generate_chat
@@ -50,9 +51,34 @@ def upstream_chunks(reply: Reply, asked: dict[str, Any], added: dict[str, Any], 
     return [dumps(chunk).decode() for chunk in chunks]
 
 
+def injection(added: dict[str, Any]) -> tokenids.Injection:
+    return tokenids.Injection(added=added, new_body=b"{}", stream=True, endpoint="chat")
+
+
 def plan(added: dict[str, Any]) -> Any:
-    injection = tokenids.Injection(added=added, new_body=b"{}", stream=True, endpoint="chat")
-    return tokenids._plan_for(injection)
+    return tokenids._plan_for(injection(added))
+
+
+def event(text: str, sep: str = "\n\n", data: str = "data: ") -> bytes:
+    return f"{data}{text}{sep}".encode()
+
+
+def one_match(text: str) -> re.Match[bytes] | None:
+    return match_chat_event(event(text), 0)
+
+
+def stripped(text: str, added: dict[str, Any], sep: str = "\n\n", data: str = "data: ") -> bytes:
+    """What the stream stripper forwards for the event (the one match where it applies)."""
+    stripper = tokenids.StreamStripper(injection(added))
+    return stripper.feed(event(text, sep, data)) + stripper.feed(b"")
+
+
+def general(text: str, added: dict[str, Any], sep: str = "\n\n", data: str = "data: ") -> bytes:
+    """The same event through tokenids' general path: parse with markers, check, splice."""
+    out = tokenids._strip_event_json(text, plan(added))
+    if isinstance(out, tokenids._Drop):
+        return b""
+    return event(text if out is None else out, sep, data)
 
 
 @pytest.mark.parametrize("reasoning_field", ["reasoning_content", "reasoning"])  # older, newer vLLM
@@ -61,27 +87,23 @@ def plan(added: dict[str, Any]) -> Any:
 @pytest.mark.parametrize("reply", REPLIES)
 def test_one_match_strips_as_the_general_path_does(reply: str, asked: str, k: int, reasoning_field: str) -> None:
     agent_asked, added = ASKED[asked]
-    strip_plan = plan(added)
     for text in upstream_chunks(REPLIES[reply], agent_asked, added, k, reasoning_field):
-        general = tokenids._strip_json(text, strip_plan, allow_drop=True)
-        assert tokenids._strip_event_json(text, strip_plan) == general, text
+        assert stripped(text, added) == general(text, added), text
         if json.loads(text)["choices"]:  # the usage chunk has none; every other chunk takes the one match
-            assert chat_chunk_fields(text) is not None, text
+            assert one_match(text) is not None, text
 
 
 def test_the_chunks_cover_what_the_one_match_must_handle() -> None:
     # A guard on the table above: it holds swallowed chunks (dropped), tool-call fragments, reasoning,
     # a final chunk with stop_reason, and the first chunk's prompt ids.
     texts = [t for reply in REPLIES.values() for t in upstream_chunks(reply, {}, ALL, 1)]
-    fields = [f for f in map(chat_chunk_fields, texts) if f is not None]
-    assert any(f.empty_delta for f in fields)
-    assert isinstance(tokenids._strip_event_json(next(t for t, f in zip(texts, map(chat_chunk_fields, texts))
-                                                      if f is not None and f.empty_delta), plan(ALL)),
-                      tokenids._Drop)
+    matched = [(t, m) for t, m in zip(texts, map(one_match, texts)) if m is not None]
+    swallowed = [t for t, m in matched if delta_is_empty(m)]
+    assert swallowed and stripped(swallowed[0], ALL) == b""
     assert any('"tool_calls"' in t and '"arguments"' in t for t in texts)
     assert any('"reasoning_content"' in t for t in texts)
     assert any('"stop_reason"' in t for t in texts)
-    assert sum("prompt_token_ids" in f.spans for f in fields) == len(REPLIES)
+    assert sum("prompt_token_ids" in fields_present(m) for _, m in matched) == len(REPLIES)
 
 
 HEAD = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":['
@@ -104,10 +126,9 @@ TAILS = {  # what newer vLLM puts after the choices, on some chunks
 def test_newer_fields_after_the_choices_take_the_one_match(tail: str, delta: str) -> None:
     text = HEAD + CHOICE.replace('"logprobs":null', '"logprobs":' + LOGPROBS) % delta + "]" + TAILS[tail] + "}"
     json.loads(text)
-    assert chat_chunk_fields(text) is not None
+    assert one_match(text) is not None
     for added in (ALL, {"return_token_ids": True}):
-        general = tokenids._strip_json(text, plan(added), allow_drop=True)
-        assert general is not None and tokenids._strip_event_json(text, plan(added)) == general
+        assert stripped(text, added) == general(text, added) != event(text)
 
 
 @pytest.mark.parametrize("text", [
@@ -122,15 +143,50 @@ def test_newer_fields_after_the_choices_take_the_one_match(tail: str, delta: str
     HEAD.replace('"created":1', '"created":01') + CHOICE % "{}" + "]}",
 ])  # fmt: skip
 def test_other_shapes_are_left_to_the_general_path(text: str) -> None:
-    assert chat_chunk_fields(text) is None
+    assert one_match(text) is None
+    assert stripped(text, ALL) == general(text, ALL)
+
+
+@pytest.mark.parametrize(("data", "sep"), [("data: ", "\n\n"), ("data:", "\n\n"), ("data: ", "\r\n\r\n"),
+                                           ("data: ", "\n\r\n")])
+def test_the_framings_sse_allows_take_the_one_match(data: str, sep: str) -> None:
+    text = HEAD + CHOICE % '{"content":"a"}' + "]}"
+    assert match_chat_event(event(text, sep, data), 0) is not None
+    assert stripped(text, ALL, sep, data) == general(text, ALL, sep, data) == event(
+        text.replace('"token_ids":[5]', '"token_ids":null'), sep, data)
+
+
+@pytest.mark.parametrize("framing", ["id: 7\ndata: %s\n\n", "data: %s\nid: 7\n\n", "data: %s\n\n"])
+def test_an_event_is_matched_whole_or_not_at_all(framing: str) -> None:
+    text = HEAD + CHOICE % '{"content":"a"}' + "]}"
+    raw = (framing % text).encode()
+    whole = framing == "data: %s\n\n"
+    assert (match_chat_event(raw, 0) is not None) == whole
+    for cut in (len(raw) - 1, len(raw) - 2):  # not yet whole: no match, and nothing forwarded before the end
+        assert match_chat_event(raw[:cut], 0) is None
+        assert tokenids.StreamStripper(injection(ALL)).feed(raw[:cut]) == b""
+    stripper = tokenids.StreamStripper(injection(ALL))
+    assert stripper.feed(raw) + stripper.feed(b"") == raw.replace(b'"token_ids":[5]', b'"token_ids":null')
+
+
+def test_a_stream_of_vllm_chunks_never_takes_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [t for reply in REPLIES.values() for t in upstream_chunks(reply, {}, ALL, 1)]
+    taken: list[bytes] = []
+    general_path = tokenids._rewrite_event
+    monkeypatch.setattr(tokenids, "_rewrite_event", lambda raw, plan: taken.append(raw) or general_path(raw, plan))
+    stripper = tokenids.StreamStripper(injection(ALL))
+    out = stripper.feed(b"".join(map(event, texts + ["[DONE]"]))) + stripper.feed(b"")
+    assert taken == [event("[DONE]")]
+    assert out.count(b"data: ") == len(texts) + 1 - sum(delta_is_empty(m) for m in map(one_match, texts) if m)
+    assert b"token_ids\":[" not in out and b'"logprobs":{' not in out
 
 
 def test_a_field_name_inside_the_delta_is_not_taken_for_the_choices() -> None:
     text = HEAD + CHOICE % '{"tool_calls":[{"index":0,"token_ids":7,"function":{"logprobs":"x"}}]}' + "]}"
-    fields = chat_chunk_fields(text)
-    assert fields is not None and text[slice(*fields.spans["token_ids"])] == "[5]"
-    out = tokenids._strip_event_json(text, plan(ALL))
-    assert isinstance(out, str)
+    match = one_match(text)
+    assert match is not None and match.group(FIELD_GROUPS["token_ids"]) == b"[5]"
+    out = json.loads(stripped(text, ALL).removeprefix(b"data: "))
     # the general path re-serialises this one (the name occurs twice); both mean the same document
-    assert json.loads(out) == json.loads(tokenids._strip_json(text, plan(ALL), allow_drop=True))
-    assert json.loads(out)["choices"][0]["delta"]["tool_calls"][0]["token_ids"] == 7
+    assert out == json.loads(general(text, ALL).removeprefix(b"data: "))
+    assert out["choices"][0]["delta"]["tool_calls"][0]["token_ids"] == 7
+    assert out["choices"][0]["token_ids"] is None
