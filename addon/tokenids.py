@@ -303,12 +303,11 @@ class StreamStripper:
 
 def _strip_chat_event(buf: bytes, pos: int, chat: re.Match[bytes], plan: _StripPlan, out: list[bytes]) -> None:
     """Append the event ``chat`` matched (vllm_chunk) to ``out`` as the agent must see it: its planned fields
-    nulled, or nothing when the chunk exists only because of them. Slices of ``buf``, no copy of the event."""
-    spans = chat.regs
+    nulled, or nothing when the chunk exists only because of them. Slices of ``buf``: nothing decoded or parsed."""
     first = len(out)
     done = pos
     for group in plan.chunk_groups:
-        begin, end = spans[group]
+        begin, end = chat.span(group)
         if begin != -1:
             out += (buf[done:begin], b"null")
             done = end

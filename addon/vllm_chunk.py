@@ -8,7 +8,9 @@ in vLLM's order; then a blank line) is matched here on the bytes as read, by one
 the JSON grammar, so a match alone fixes where each field is: its groups are the spans to edit, and its end
 is the event's. Any other event does not match and takes the general path. Both give the same bytes, except
 for duplicate keys, which JSON leaves undefined and vLLM does not write (the general path's parse keeps the
-last one; a delta judged empty there may not be here).
+last one; a delta judged empty there may not be here), and for text that is not UTF-8, which vLLM does not
+send either: the general path cannot decode it and leaves the event alone, this match nulls its fields all
+the same (bytes of 0x80 and up pass as string content), so the ids never reach the agent.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _CHAT_CHUNK = (
     rf'(?:,"prompt_token_ids":(?:null|(?P<prompt_token_ids>{INTS})))?(?:,"prompt_text":(?:null|{STRING}))?\}}'
 )
 # Bytes, not text: the patterns are ASCII and their strings take any byte but '"', '\' and controls, so
-# UTF-8 text passes as it is, and an event is matched where it was read, with no copy and no decoding. The
+# UTF-8 text passes as it is, and an event is matched in place in the read, neither copied out nor decoded. The
 # chunk holds no newline (no whitespace, none raw in a string), so the first blank line after it, which
 # ends the event, is where the match ends.
 _CHAT_EVENT = re.compile(rb"data: ?" + _CHAT_CHUNK.encode() + rb"\r?\n\r?\n")
@@ -49,7 +51,7 @@ _CHAT_EVENT = re.compile(rb"data: ?" + _CHAT_CHUNK.encode() + rb"\r?\n\r?\n")
 _EMPTY_DELTA = re.compile(rf"\{{(?:{STRING}:(?:null|\[\])(?:,{STRING}:(?:null|\[\]))*+)?\}}".encode())
 
 FIELDS = ("logprobs", "token_ids", "prompt_token_ids")  # in the order they occur in a chunk
-FIELD_GROUPS = {name: _CHAT_EVENT.groupindex[name] for name in FIELDS}  # for ``match.regs``: one call per event
+FIELD_GROUPS = {name: _CHAT_EVENT.groupindex[name] for name in FIELDS}  # group numbers: no name lookup per event
 _FINISH_GROUP, _DELTA_GROUP = _CHAT_EVENT.groupindex["finish"], _CHAT_EVENT.groupindex["delta"]
 
 match_chat_event = _CHAT_EVENT.match

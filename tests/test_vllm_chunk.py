@@ -151,7 +151,9 @@ def test_other_shapes_are_left_to_the_general_path(text: str) -> None:
                                            ("data: ", "\n\r\n")])
 def test_the_framings_sse_allows_take_the_one_match(data: str, sep: str) -> None:
     text = HEAD + CHOICE % '{"content":"a"}' + "]}"
-    assert match_chat_event(event(text, sep, data), 0) is not None
+    raw = event(text, sep, data)
+    match = match_chat_event(raw + event(text, sep, data), 0)  # another event behind it: the match ends at its own
+    assert match is not None and match.end() == len(raw)
     assert stripped(text, ALL, sep, data) == general(text, ALL, sep, data) == event(
         text.replace('"token_ids":[5]', '"token_ids":null'), sep, data)
 
@@ -169,16 +171,29 @@ def test_an_event_is_matched_whole_or_not_at_all(framing: str) -> None:
     assert stripper.feed(raw) + stripper.feed(b"") == raw.replace(b'"token_ids":[5]', b'"token_ids":null')
 
 
-def test_a_stream_of_vllm_chunks_never_takes_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cuts", [(), (40,), (1, 2, 3), (7, 700, 701, 1500)])  # events held across reads too
+def test_a_stream_of_vllm_chunks_never_takes_the_general_path(monkeypatch: pytest.MonkeyPatch,
+                                                              cuts: tuple[int, ...]) -> None:
     texts = [t for reply in REPLIES.values() for t in upstream_chunks(reply, {}, ALL, 1)]
     taken: list[bytes] = []
     general_path = tokenids._rewrite_event
     monkeypatch.setattr(tokenids, "_rewrite_event", lambda raw, plan: taken.append(raw) or general_path(raw, plan))
+    stream = b"".join(map(event, texts + ["[DONE]"]))
     stripper = tokenids.StreamStripper(injection(ALL))
-    out = stripper.feed(b"".join(map(event, texts + ["[DONE]"]))) + stripper.feed(b"")
+    bounds = (0, *cuts, len(stream))
+    out = b"".join(stripper.feed(stream[a:b]) for a, b in zip(bounds, bounds[1:])) + stripper.feed(b"")
     assert taken == [event("[DONE]")]
     assert out.count(b"data: ") == len(texts) + 1 - sum(delta_is_empty(m) for m in map(one_match, texts) if m)
     assert b"token_ids\":[" not in out and b'"logprobs":{' not in out
+
+
+def test_text_that_is_not_utf8_does_not_keep_the_ids() -> None:
+    # vLLM sends UTF-8; were a byte amiss, the general path could not read the event and would pass it on whole
+    raw = event(HEAD + CHOICE % '{"content":"a"}' + "]}").replace(b'"a"', b'"a\xff"')
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode()
+    stripper = tokenids.StreamStripper(injection(ALL))
+    assert stripper.feed(raw) + stripper.feed(b"") == raw.replace(b'"token_ids":[5]', b'"token_ids":null')
 
 
 def test_a_field_name_inside_the_delta_is_not_taken_for_the_choices() -> None:
