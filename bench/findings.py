@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import requests
 
+from clients import chat_body
 from context import Context, progress
 from procs import Upstream
 from report import Section, table
@@ -29,7 +30,6 @@ from rollouttap.store import StoreWriter
 from stats import fmt
 
 TITLE = "7. Findings: where the time goes"
-MESSAGE = "Summarise this for me: " + "the quick brown fox jumps over the lazy dog " * 4
 
 
 def per_call_ms(fn: Callable[[], Any], n: int) -> float:
@@ -54,14 +54,13 @@ def quickack_cost_us(n: int) -> float:
 
 def token_id_costs(upstream_url: str, n: int) -> dict[str, float]:
     """Response size with and without injected token ids/logprobs, and the cost of stripping them."""
-    body = json.dumps({"model": "policy", "messages": [{"role": "user", "content": MESSAGE}]}).encode()
+    body = json.dumps(chat_body(False)).encode()
     injection = tokenids.plan_injection("/v1/chat/completions", body, "application/json")
     assert injection is not None
     url = upstream_url + "/v1/chat/completions"
     headers = {"Content-Type": "application/json"}
-    streamed = tokenids.plan_injection("/v1/chat/completions", json.dumps(
-        {"model": "policy", "messages": [{"role": "user", "content": MESSAGE}], "stream": True}).encode(),
-        "application/json")
+    streamed = tokenids.plan_injection("/v1/chat/completions", json.dumps(chat_body(True)).encode(),
+                                       "application/json")
     assert streamed is not None
     with requests.Session() as session:
         session.trust_env = False
@@ -84,7 +83,7 @@ def token_id_costs(upstream_url: str, n: int) -> dict[str, float]:
 def upstream_answer_cpu(n: int) -> dict[str, float]:
     """The scripted upstream's CPU per answer (ms), plain and with injected token ids + logprobs, building each
     answer and answering from memory (``--memo``, what the other sections use)."""
-    plain = json.dumps({"model": "policy", "messages": [{"role": "user", "content": MESSAGE}]}).encode()
+    plain = json.dumps(chat_body(False)).encode()
     injection = tokenids.plan_injection("/v1/chat/completions", plain, "application/json")
     assert injection is not None
     out: dict[str, float] = {}
