@@ -8,11 +8,17 @@ event. ``CoalescingChunkedReader`` hands mitmproxy every chunk one read complete
 same bytes in the same order, re-framed as one chunk for the client. A body that arrives one chunk per
 read (a model generating at its own pace) is unchanged.
 
+Whole chunks at the front of the buffer are cut out by one pattern over h11's buffer (``_whole_chunks``),
+not by h11's reader one call each (2.5 µs a chunk: a line search, a header regex, a ``Data``, two extracts);
+anything else (a chunk not whole yet, an extension, the last chunk and its trailers, a malformed chunk) is
+left to h11's reader, which the scan leaves at a chunk boundary, as it would have been.
+
 The reader is mitmproxy's choice inside ``mitmproxy.proxy.layers.http._http1.make_body_reader``, a
 module-level function its HTTP/1 layers call for every message body: ``install`` wraps it, ``uninstall``
 puts it back.
 """
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,6 +30,12 @@ try:  # private modules: a mitmproxy or h11 that moved them just goes without co
 except ImportError:  # pragma: no cover - depends on the installed versions
     ChunkedReader = None  # type: ignore[assignment, misc]
     _http1 = None  # type: ignore[assignment]
+
+# A chunk header as h11 reads it (1 to 20 hex digits), without an extension or whitespace: those go to h11.
+_CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})\r\n")
+# What the scan reads of h11's reader and buffer (private): without them, every chunk goes through h11.
+_SCANNABLE = ChunkedReader is not None and {"_bytes_in_chunk", "_bytes_to_discard", "_reading_trailer"} <= set(
+    vars(ChunkedReader()))
 
 
 class ChunkCount(Protocol):
@@ -48,12 +60,16 @@ class CoalescingChunkedReader:
     def __call__(self, buf: Any) -> Any:
         if self._next is not None:
             return self._take_next()
-        event = self._reader(buf)
-        if type(event) is not h11.Data:
-            return event
-        parts = [event.data]
+        parts = self._scan(buf)
+        event = None
+        if not parts:
+            event = self._reader(buf)
+            if type(event) is not h11.Data:
+                return event
+            parts = [event.data]
         try:
             while True:
+                parts += self._scan(buf)
                 more = self._reader(buf)
                 if type(more) is not h11.Data:
                     break
@@ -61,10 +77,21 @@ class CoalescingChunkedReader:
         except h11.ProtocolError as exc:
             more = exc
         self._next = more
-        if len(parts) == 1:
+        if len(parts) == 1 and event is not None:
             return event
         self._count.chunks_joined += len(parts) - 1
         return h11.Data(data=b"".join(parts))
+
+    def _scan(self, buf: Any) -> list[Any]:
+        """The whole chunks at the front of ``buf``, taken out of it, when h11's reader is between chunks."""
+        reader = self._reader
+        if not _SCANNABLE or reader._bytes_in_chunk or reader._bytes_to_discard or reader._reading_trailer:
+            return []
+        spans, end = _whole_chunks(buf._data)
+        if not spans:
+            return []
+        taken = buf.maybe_extract_at_most(end)
+        return [taken[start:stop] for start, stop in spans]
 
     def read_eof(self) -> Any:
         if self._next is not None:
@@ -76,6 +103,23 @@ class CoalescingChunkedReader:
         if isinstance(event, BaseException):
             raise event
         return event
+
+
+def _whole_chunks(data: bytearray) -> tuple[list[tuple[int, int]], int]:
+    """Where the data of each whole chunk at the front of ``data`` lies, and where the last of them ends (its
+    CRLF included). Stops at the last chunk (size 0), at a chunk not whole yet and at anything that is not a
+    plain chunk: h11's reader takes it from there."""
+    spans: list[tuple[int, int]] = []
+    pos, header = 0, _CHUNK_HEADER.match
+    while (found := header(data, pos)) is not None:
+        size = int(found[1], 16)
+        start = found.end()
+        stop = start + size
+        if not size or not data.startswith(b"\r\n", stop):
+            break
+        spans.append((start, stop))
+        pos = stop + 2
+    return spans, pos
 
 
 def install(count: ChunkCount) -> bool:

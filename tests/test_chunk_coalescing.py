@@ -103,6 +103,63 @@ def test_any_split_of_a_body_gives_h11s_bytes_and_end(cut):
     assert len(joined) <= 3  # at most one Data per read
 
 
+# Bodies the scan must read as h11 does: plain chunks around what it leaves to h11 (an extension, whitespace
+# before the CRLF, upper-case hex, a chunk without its CRLF, trailers, a bad header after good chunks).
+ODD_BODIES = [
+    BODY,
+    _chunked(b"a" * 300, b"b", b"c" * 17),
+    b"3;name=v\r\nabc\r\n" + _chunked(b"def", b"gh"),
+    _chunked(b"one") + b"3 \t\r\ntwo\r\n" + _chunked(b"three"),
+    b"A\r\n0123456789\r\n" + _chunked(b"x"),
+    _chunked(b"one", end=b"") + b"3\r\ntwoXX" + _chunked(b"three"),
+    _chunked(b"one", b"two", end=b"0\r\nX-Trailer: 1\r\n\r\n"),
+    _chunked(b"one", end=b"") + b"000000000000000000003\r\nabc\r\n" + _chunked(b"z"),
+    _chunked(b"one", b"two", end=b"zz\r\n"),
+]
+
+
+def _final(events: list) -> object:
+    last = events[-1] if events else None
+    return _shape([last])[0] if last is not None and type(last) is not h11.Data else None
+
+
+@pytest.mark.parametrize("body", ODD_BODIES)
+def test_the_scan_reads_every_body_as_h11_does_wherever_the_reads_cut_it(body):
+    for cut in range(len(body) + 1):
+        for cut2 in sorted({cut, min(cut + 5, len(body)), len(body)}):
+            pieces = [body[:cut], body[cut:cut2], body[cut2:]]
+            plain = _read(ChunkedReader(), pieces)
+            joined = _read(CoalescingChunkedReader(ChunkedReader(), Count()), pieces)
+            data = [bytes(e.data) for e in joined if type(e) is h11.Data]
+            assert b"".join(data) == b"".join(bytes(e.data) for e in plain if type(e) is h11.Data), (cut, cut2)
+            assert _final(joined) == _final(plain), (cut, cut2)
+            assert len(data) <= 3 and all(data)  # at most one Data per read, none empty
+
+
+class CountingReader(ChunkedReader):
+    calls = 0
+
+    def __call__(self, buf):
+        self.calls += 1
+        return super().__call__(buf)
+
+
+def test_whole_chunks_are_taken_by_the_scan_not_by_h11s_reader_one_call_each():
+    reader = CountingReader()
+    events = _read(CoalescingChunkedReader(reader, count := Count()), [_chunked(*EVENTS)])
+    assert _shape(events) == [b"".join(EVENTS), "EndOfMessage"]
+    assert count.chunks_joined == len(EVENTS) - 1
+    assert reader.calls <= 2  # the last chunk and its (empty) trailers
+
+
+def test_without_h11s_internals_every_chunk_goes_through_its_reader(monkeypatch):
+    monkeypatch.setattr(chunk_coalescing, "_SCANNABLE", False)
+    reader = CountingReader()
+    events = _read(CoalescingChunkedReader(reader, Count()), [_chunked(*EVENTS)])
+    assert _shape(events) == [b"".join(EVENTS), "EndOfMessage"]
+    assert reader.calls > len(EVENTS)
+
+
 def test_end_of_file_inside_a_body_is_the_error_it_was():
     reader = CoalescingChunkedReader(ChunkedReader(), Count())
     assert _shape(_read(reader, [b"3\r\nabc\r\n"])) == [b"abc"]
