@@ -14,6 +14,7 @@ Run it as ``python -O -m rollouttap.addon.fastdump`` with mitmdump's own argumen
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import sys
@@ -108,7 +109,7 @@ class IndexedAddonManager(AddonManager):
         # mitmproxy follows every flow hook with an ``update`` hook; most runs have no addon for it.
         await self.trigger_event(event)
         if self._plan("update"):
-            message = event.args()[0]
+            message = hook_args(event)[0]
             if isinstance(message, flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([message]))
 
@@ -120,7 +121,7 @@ class IndexedAddonManager(AddonManager):
                     await self.invoke_addon(top, event)
                     continue
                 if args is None:
-                    args = event.args()
+                    args = hook_args(event)
                 for func in funcs:
                     res = func(*args)
                     if res is not None and inspect.isawaitable(res):
@@ -131,6 +132,21 @@ class IndexedAddonManager(AddonManager):
                 raise
             except Exception as exc:
                 _report(exc)
+
+
+_ARG_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def hook_args(event: hooks.Hook) -> list[Any]:
+    """``event.args()``, with the hook class's field names looked up once: ``Hook.args`` asks
+    ``dataclasses.fields`` for them on every call, a few µs on every hook of every flow."""
+    cls = type(event)
+    if cls.args is not hooks.Hook.args:  # a hook with arguments of its own making
+        return event.args()
+    names = _ARG_NAMES.get(cls)
+    if names is None:
+        names = _ARG_NAMES[cls] = tuple(field.name for field in dataclasses.fields(cast(Any, cls)))
+    return [getattr(event, name) for name in names]
 
 
 def _report(exc: Exception) -> None:

@@ -8,6 +8,7 @@ and changes a script under it, which mitmproxy reloads through the paths that mu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ with warnings.catch_warnings():
     from mitmproxy.test import tflow
     from mitmproxy.tools.dump import DumpMaster
 
-    from rollouttap.addon.fastdump import IndexedAddonManager, IndexedDumpMaster, hook_plan
+    from rollouttap.addon.fastdump import IndexedAddonManager, IndexedDumpMaster, hook_args, hook_plan
 
 
 class Hooked:
@@ -287,3 +288,26 @@ def test_an_addon_whose_hook_lookup_raises_is_reported_and_the_rest_run(caplog):
         return calls
     assert asyncio.run(run()) == ["after.request"]
     assert "Addon error: lookup broke" in caplog.text
+
+
+def test_hook_args_are_what_each_of_mitmproxys_hooks_gives():
+    assert len(hooks.all_hooks) > 30  # mitmdump's hooks are imported
+    for cls in hooks.all_hooks.values():
+        values = [object() for _ in dataclasses.fields(cls)]
+        event = cls(*values)
+        assert hook_args(event) == event.args(), cls.__name__
+        assert hook_args(event) == event.args()  # again, from the names looked up the first time
+        if cls.args is hooks.Hook.args:
+            assert hook_args(event) == values, cls.__name__
+
+
+def test_a_hook_with_args_of_its_own_making_keeps_them():
+    @dataclasses.dataclass
+    class Custom(hooks.Hook):
+        name = "rollouttap_test_custom"
+        a: int
+
+        def args(self):
+            return ["made", self.a]
+
+    assert hook_args(Custom(1)) == ["made", 1]
