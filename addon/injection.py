@@ -190,13 +190,16 @@ def _asks_no_usage(obj: dict[str, Any]) -> bool:
     return _streams(obj) and obj.get("stream_options") is None
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with separators builds one a call
+
+
 def _with_fields(body: bytes, obj: dict[str, Any], added: dict[str, Any]) -> bytes:
     if any(key in obj for key in added):
         # An explicit null is replaced where it stands; appending would duplicate the key.
         return dumps_json({**obj, **added}).encode("utf-8")
     # Append before the closing brace so every byte the agent sent stays as sent.
     end = len(body.rstrip()) - 1
-    extra = ",".join(f"{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}" for key, value in added.items())
+    extra = _COMPACT.encode(added)[1:-1]  # the members, without the braces
     return body[:end] + (("," if obj else "") + extra).encode("ascii") + body[end:]
 
 
