@@ -9,9 +9,11 @@ same bytes in the same order, re-framed as one chunk for the client. A body that
 read (a model generating at its own pace) is unchanged.
 
 Whole chunks at the front of the buffer are cut out by one pattern over h11's buffer (``_whole_chunks``),
-not by h11's reader one call each (2.5 µs a chunk: a line search, a header regex, a ``Data``, two extracts);
-anything else (a chunk not whole yet, an extension, the last chunk and its trailers, a malformed chunk) is
-left to h11's reader, which the scan leaves at a chunk boundary, as it would have been.
+not by h11's reader one call each (2.5 µs a chunk: a line search, a header regex, a ``Data``, two extracts),
+starting where h11's reader stands: between chunks, inside one (a read that ended mid-chunk: its rest is taken
+if it is all there with its CRLF) or before a chunk's CRLF. Anything else (a chunk not whole yet, an
+extension, the last chunk and its trailers, a malformed chunk) is left to h11's reader, which the scan leaves
+between chunks, as it would have been.
 
 The reader is mitmproxy's choice inside ``mitmproxy.proxy.layers.http._http1.make_body_reader``, a
 module-level function its HTTP/1 layers call for every message body: ``install`` wraps it, ``uninstall``
@@ -83,14 +85,29 @@ class CoalescingChunkedReader:
         return h11.Data(data=b"".join(parts))
 
     def _scan(self, buf: Any) -> list[Any]:
-        """The whole chunks at the front of ``buf``, taken out of it, when h11's reader is between chunks."""
+        """The whole chunks at the front of ``buf`` (the rest of the one h11's reader is inside, then whole
+        ones), taken out of it, with the reader moved past them as its own calls would have moved it."""
         reader = self._reader
-        if not _SCANNABLE or reader._bytes_in_chunk or reader._bytes_to_discard or reader._reading_trailer:
+        if not _SCANNABLE or reader._reading_trailer:
             return []
-        spans, end = _whole_chunks(buf._data)
-        if not spans:
+        data = buf._data
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        if reader._bytes_in_chunk:  # a read ended inside this chunk: its rest, if here whole with its CRLF
+            pos = reader._bytes_in_chunk
+            if not data.startswith(b"\r\n", pos):
+                return []
+            spans.append((0, pos))
+            pos += 2
+        elif reader._bytes_to_discard:  # h11 returned a chunk's data and has yet to take its CRLF
+            if not data.startswith(reader._bytes_to_discard):
+                return []
+            pos = len(reader._bytes_to_discard)
+        end = _whole_chunks(data, pos, spans)
+        if not end:
             return []
-        taken = buf.maybe_extract_at_most(end)
+        reader._bytes_in_chunk, reader._bytes_to_discard = 0, b""
+        taken = memoryview(buf.maybe_extract_at_most(end))
         return [taken[start:stop] for start, stop in spans]
 
     def read_eof(self) -> Any:
@@ -105,12 +122,11 @@ class CoalescingChunkedReader:
         return event
 
 
-def _whole_chunks(data: bytearray) -> tuple[list[tuple[int, int]], int]:
-    """Where the data of each whole chunk at the front of ``data`` lies, and where the last of them ends (its
-    CRLF included). Stops at the last chunk (size 0), at a chunk not whole yet and at anything that is not a
-    plain chunk: h11's reader takes it from there."""
-    spans: list[tuple[int, int]] = []
-    pos, header = 0, _CHUNK_HEADER.match
+def _whole_chunks(data: bytearray, pos: int, spans: list[tuple[int, int]]) -> int:
+    """Add to ``spans`` where the data of each whole chunk from ``pos`` on lies; where the last of them ends
+    (its CRLF included). Stops at the last chunk (size 0), at a chunk not whole yet and at anything that is
+    not a plain chunk: h11's reader takes it from there."""
+    header = _CHUNK_HEADER.match
     while (found := header(data, pos)) is not None:
         size = int(found[1], 16)
         start = found.end()
@@ -119,7 +135,7 @@ def _whole_chunks(data: bytearray) -> tuple[list[tuple[int, int]], int]:
             break
         spans.append((start, stop))
         pos = stop + 2
-    return spans, pos
+    return pos
 
 
 def install(count: ChunkCount) -> bool:

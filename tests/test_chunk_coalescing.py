@@ -7,6 +7,7 @@ message's end are what mitmproxy would have passed on, in fewer chunks.
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -104,36 +105,94 @@ def test_any_split_of_a_body_gives_h11s_bytes_and_end(cut):
 
 
 # Bodies the scan must read as h11 does: plain chunks around what it leaves to h11 (an extension, whitespace
-# before the CRLF, upper-case hex, a chunk without its CRLF, trailers, a bad header after good chunks).
+# before the CRLF, upper-case hex, a chunk without its CRLF, trailers, a bad header after good chunks), data
+# that looks like chunks, and what follows the body on the connection (the next message).
 ODD_BODIES = [
     BODY,
     _chunked(b"a" * 300, b"b", b"c" * 17),
+    _chunked(b"1\r\nx\r\n", b"y", b"0\r\n\r\n"),
     b"3;name=v\r\nabc\r\n" + _chunked(b"def", b"gh"),
     _chunked(b"one") + b"3 \t\r\ntwo\r\n" + _chunked(b"three"),
     b"A\r\n0123456789\r\n" + _chunked(b"x"),
+    b"3\nabc\r\n" + _chunked(b"x"),
     _chunked(b"one", end=b"") + b"3\r\ntwoXX" + _chunked(b"three"),
+    _chunked(b"one", end=b"") + b"3\r\ntwo\n" + _chunked(b"three"),
     _chunked(b"one", b"two", end=b"0\r\nX-Trailer: 1\r\n\r\n"),
+    _chunked(b"one", b"two", end=b"0\r\nbad\r\n\r\n"),
+    _chunked(b"one", end=b"000\r\n\r\n"),
+    _chunked(b"one", end=b"0;e=1\r\n\r\n"),
+    _chunked(b"one", end=b"0 \r\n\r\n"),
+    _chunked(b"one", end=b"") + b"00000000000000000003\r\nabc\r\n" + _chunked(b"z"),
     _chunked(b"one", end=b"") + b"000000000000000000003\r\nabc\r\n" + _chunked(b"z"),
     _chunked(b"one", b"two", end=b"zz\r\n"),
+    _chunked(b"one", b"two") + b"HTTP/1.1 200 OK\r\n\r\n",
+    _chunked(b"one", b"two") + b"5\r\nabcde\r\n",
 ]
 
 
-def _final(events: list) -> object:
-    last = events[-1] if events else None
-    return _shape([last])[0] if last is not None and type(last) is not h11.Data else None
+def _outcome(reader, pieces: list[bytes], eof: bool = False) -> tuple:
+    """What mitmproxy's ``read_body`` loop makes of ``pieces`` read one at a time: the body, how it ended (its
+    trailers, or the error), what is left in the buffer for the next message, and how many Data it got."""
+    buf, data, count = ReceiveBuffer(), bytearray(), 0
+    for piece in pieces:
+        buf += piece
+        try:
+            while (event := reader(buf)) is not None:
+                if type(event) is not h11.Data:
+                    return bytes(data), ("end", tuple(event.headers)), bytes(buf), count
+                assert event.data  # no empty Data
+                data += event.data
+                count += 1
+        except h11.ProtocolError as exc:
+            return bytes(data), (type(exc).__name__, str(exc)), b"", count
+    if eof:
+        try:
+            return bytes(data), ("eof", type(reader.read_eof()).__name__), b"", count
+        except h11.ProtocolError as exc:
+            return bytes(data), ("eof", type(exc).__name__, str(exc)), b"", count
+    return bytes(data), None, bytes(buf), count
+
+
+def _same_as_h11(pieces: list[bytes], eof: bool = False) -> None:
+    plain = _outcome(ChunkedReader(), pieces, eof)
+    joined = _outcome(CoalescingChunkedReader(ChunkedReader(), Count()), pieces, eof)
+    assert joined[:3] == plain[:3], pieces
+    assert joined[3] <= len(pieces), pieces  # at most one Data per read
 
 
 @pytest.mark.parametrize("body", ODD_BODIES)
 def test_the_scan_reads_every_body_as_h11_does_wherever_the_reads_cut_it(body):
     for cut in range(len(body) + 1):
         for cut2 in sorted({cut, min(cut + 5, len(body)), len(body)}):
-            pieces = [body[:cut], body[cut:cut2], body[cut2:]]
-            plain = _read(ChunkedReader(), pieces)
-            joined = _read(CoalescingChunkedReader(ChunkedReader(), Count()), pieces)
-            data = [bytes(e.data) for e in joined if type(e) is h11.Data]
-            assert b"".join(data) == b"".join(bytes(e.data) for e in plain if type(e) is h11.Data), (cut, cut2)
-            assert _final(joined) == _final(plain), (cut, cut2)
-            assert len(data) <= 3 and all(data)  # at most one Data per read, none empty
+            _same_as_h11([body[:cut], body[cut:cut2], body[cut2:]], eof=cut2 < len(body))
+
+
+def _random_body(rand: random.Random) -> bytes:
+    """Chunks with sizes in every spelling h11 takes or refuses, data full of CRs, LFs and zeros, footers right
+    and wrong, every kind of last chunk, and bytes after it."""
+    out = b""
+    for _ in range(rand.randint(0, 5)):
+        size = rand.choice([1, 2, 3, 5, 16, 17])
+        header = rand.choice([b"%x" % size] * 6 + [(b"%X" % size).rjust(20, b"0"), (b"%x" % size).rjust(21, b"0"),
+                                                   b"%x;x=1" % size, b"%x " % size, b" %x" % size, b"g"])
+        data = bytes(rand.choice(b"ab\r\n0") for _ in range(size))[:size - (rand.random() < 0.05)]
+        footer = rand.choice([b"\r\n"] * 12 + [b"\n", b"\r", b"XX", b"\r\r\n"])
+        out += header + rand.choice([b"\r\n"] * 19 + [b"\n"]) + data + footer
+    end = rand.choice([b"0\r\n\r\n", b"0\r\n\r\n", b"000\r\n\r\n", b"0;e\r\n\r\n", b"0 \r\n\r\n",
+                       b"0\r\nX-T: 1\r\n\r\n", b"0\r\nbad\r\n\r\n", b""])
+    return out + end + rand.choice([b"", b"HTTP/1.1 200 OK\r\n\r\n", b"5\r\nabcde\r\n"])
+
+
+def test_the_scan_reads_random_bodies_as_h11_does():
+    rand = random.Random(1)  # seeded: the same 300 bodies every run
+    for _ in range(300):
+        body = _random_body(rand)
+        cuts = sorted(rand.sample(range(len(body) + 1), min(len(body) + 1, 2)))
+        splits = [[body], [body[:cuts[0]], body[cuts[0]:cuts[-1]], body[cuts[-1]:]]]
+        splits += [[body[:cut], body[cut:]] for cut in range(0, len(body) + 1, max(1, len(body) // 8))]
+        for pieces in splits:
+            _same_as_h11(pieces)
+            _same_as_h11(pieces, eof=True)
 
 
 class CountingReader(ChunkedReader):
@@ -150,6 +209,25 @@ def test_whole_chunks_are_taken_by_the_scan_not_by_h11s_reader_one_call_each():
     assert _shape(events) == [b"".join(EVENTS), "EndOfMessage"]
     assert count.chunks_joined == len(EVENTS) - 1
     assert reader.calls <= 2  # the last chunk and its (empty) trailers
+
+
+@pytest.mark.parametrize("size", [997, 1000, 64])
+def test_reads_that_end_inside_a_chunk_are_scanned_too(size):
+    """TCP cuts a stream anywhere: the scan takes the rest of the chunk a read ended in (or the CRLF h11 has yet
+    to take) and goes on, instead of leaving every chunk after it to h11."""
+    body = _chunked(*EVENTS * 5)
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    reader, buf, calls = CountingReader(), ReceiveBuffer(), []
+    coalescing = CoalescingChunkedReader(reader, Count())
+    out = bytearray()
+    for piece in pieces:
+        buf += piece
+        before = reader.calls
+        while (event := coalescing(buf)) is not None and type(event) is not h11.EndOfMessage:
+            out += event.data
+        calls.append(reader.calls - before)
+    assert bytes(out) == b"".join(EVENTS * 5)
+    assert max(calls) <= 3, calls  # the part of a chunk the read has, a look at the next header, the end
 
 
 def test_without_h11s_internals_every_chunk_goes_through_its_reader(monkeypatch):
