@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import warnings
 import pytest
 import requests
 from mitmproxy import exceptions, hooks
-from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook, HttpResponseHook
 
 from conftest import LISTENING_RE, output_lines, wait_line
 
@@ -30,7 +31,9 @@ with warnings.catch_warnings():
     from mitmproxy.test import tflow
     from mitmproxy.tools.dump import DumpMaster
 
-    from rollouttap.addon.fastdump import IndexedAddonManager, IndexedDumpMaster, hook_args, hook_plan
+    from mitmproxy.addonmanager import traverse
+    from mitmproxy.addons import modifyheaders
+    from rollouttap.addon.fastdump import IDLE_WHEN, IndexedAddonManager, IndexedDumpMaster, hook_args, hook_plan
 
 
 class Hooked:
@@ -311,3 +314,77 @@ def test_a_hook_with_args_of_its_own_making_keeps_them():
             return ["made", self.a]
 
     assert hook_args(Custom(1)) == ["made", 1]
+
+
+# -- mitmproxy's own hooks while their feature is off -------------------------------------------------
+def _features_on(tmp_path) -> dict:
+    """An option value that turns on the feature of every hook in IDLE_WHEN."""
+    return {
+        "proxyauth": "any", "upstream_auth": "user:pass", "modify_headers": ["/~q/X-Rt-Test/on"],
+        "block_list": ["/~u blocked.example/444"], "anticache": True, "anticomp": True,
+        "map_remote": ["|~u nowhere.example|nowhere|elsewhere"], "map_local": [f"|nowhere.example|{tmp_path}"],
+        "modify_body": ["/~q/nothing-here/else"], "stickyauth": "~q", "stickycookie": "~q",
+        "save_stream_file": str(tmp_path / "flows.mitm"), "hardump": str(tmp_path / "flows.har"), "flow_detail": 1,
+    }
+
+
+def _planned(master, cls: type, hook: str) -> bool:
+    return any(type(addon) is cls for top, funcs in master.addons._plan(hook) for addon in traverse([top])
+               if funcs is None or getattr(addon, hook, None) in funcs)
+
+
+# mitmproxy 12.2's filter parser calls names pyparsing 3.3 deprecates; an addon's configure that raised would only
+# be logged (mitmproxy catches it), leaving its feature off.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_idle_builtin_hooks_leave_the_plan_until_an_option_turns_their_feature_on(tmp_path):
+    async def run():
+        master = IndexedDumpMaster(None, with_termlog=False, with_dumper=True)
+        master.options.update(flow_detail=0)
+        try:
+            assert IDLE_WHEN, "the table is empty: this mitmproxy's addons were not found"
+            assert not [key for key in IDLE_WHEN if _planned(master, *key)]
+            # Hooks that act on what a request holds stay, whatever the options.
+            for kept in ("DisableH2C", "Onboarding", "TlsConfig", "ServerPlayback"):
+                assert any(type(top).__name__ == kept for top, _ in master.addons._plan("request")), kept
+            master.options.update(**_features_on(tmp_path))
+            assert master.addons.get("modifyheaders").replacements  # configure took the option
+            assert [key for key in IDLE_WHEN if not _planned(master, *key)] == []
+            master.options.update(proxyauth=None)  # it would answer 407 first
+            flow = tflow.tflow()
+            await master.addons.trigger_event(HttpRequestHeadersHook(flow))
+            assert flow.request.headers["X-Rt-Test"] == "on"  # the rule acts through the rebuilt plan
+            master.options.update(modify_headers=[])
+            assert not _planned(master, modifyheaders.ModifyHeaders, "requestheaders")
+        finally:
+            await master.done()
+    asyncio.run(run())
+
+
+def test_a_hook_left_out_as_idle_would_have_changed_nothing():
+    """Each hook IDLE_WHEN leaves out, called anyway under the options it was left out for, changes no flow."""
+    async def run():
+        master = IndexedDumpMaster(None, with_termlog=False, with_dumper=True)
+        master.options.update(flow_detail=0)
+        try:
+            addons = {type(addon): addon for addon in traverse(master.addons.chain)}
+            for (cls, hook), idle in IDLE_WHEN.items():
+                assert idle(addons[cls], master.options), cls.__name__
+                flows = [tflow.tflow(resp=True)] + ([] if hook.startswith("response") else [tflow.tflow()])
+                for flow in flows:
+                    flow.request.headers["Cookie"] = "a=b"
+                    before = flow.get_state()
+                    result = getattr(addons[cls], hook)(flow)
+                    if inspect.isawaitable(result):
+                        await result
+                    assert flow.get_state() == before, (cls.__name__, hook)
+        finally:
+            await master.done()
+    asyncio.run(run())
+
+
+def test_a_subclass_of_a_builtin_addon_keeps_its_hooks():
+    class MyHeaders(modifyheaders.ModifyHeaders):
+        pass
+    mine = MyHeaders()
+    mine.replacements = []
+    assert hook_plan([mine], "requestheaders", object()) == [(mine, [mine.requestheaders])]
