@@ -229,8 +229,9 @@ concurrency burst (section 1b). What they mean, and what would change them:
   bare fastdump + tuning 0.72 → 0.70 (16 rounds). Also, the hooks' arguments are read by field names looked
   up once per hook class (mitmproxy's `Hook.args` asks `dataclasses.fields` on every call).
   `ProxyConfig(launcher="mitmdump")` keeps the stock entry point. The "≤ 2 ms over direct for every
-  client" goal still sits at or below this floor for new connections. Section 1c's "answering from memory" row is the floor under all of it: mitmproxy's client
-  side alone (accept, parse, hooks, answer), with no server connection opened or used.
+  client" goal still sits at or below this floor for new connections. Section 1c's "answering from
+  memory" row is the floor under all of it: mitmproxy's client side alone (accept, parse, hooks, answer),
+  with no server connection opened or used.
   Tried and dropped: pooling upstream connections across client connections. mitmproxy ties each server
   connection to one client connection, so an agent that opens a connection per call (urllib, curl) makes
   the proxy open one upstream too. A prototype addon that sent model requests itself over pooled
