@@ -38,10 +38,10 @@ logger = logging.getLogger("mitmproxy.addonmanager")
 Plan = list[tuple[Any, list[Callable[..., Any]] | None]]
 
 
-def _idle_when() -> dict[tuple[type, str], Callable[[Any, Any], bool]]:
+def _idle_when() -> dict[tuple[type, str], tuple[Callable[..., Any], Callable[[Any, Any], bool]]]:
     """mitmproxy's own hooks that do nothing while their addon has nothing to do, as mitmproxy 12.2 writes them
-    (``pyproject.toml`` pins it), and when that is: given the addon and the options, True when a call would
-    return without a change or a side effect. What they test is set from options (in the addon's configure),
+    (``pyproject.toml`` pins it): the hook's function, and when it is idle (given the addon and the options,
+    True when a call would return without a change or a side effect). What they test is set from options (in the addon's configure),
     and plans are rebuilt after every option change. Not here: hooks that act on what a request holds
     whatever the options (h2c upgrades, the CA's CRL path, mitm.it, an Alt-Svc in reverse mode) and server
     replay (its flows load by command too)."""
@@ -50,12 +50,12 @@ def _idle_when() -> dict[tuple[type, str], Callable[[Any, Any], bool]]:
             anticache, anticomp, blocklist, dumper, maplocal, mapremote, modifybody, modifyheaders, proxyauth, save,
             savehar, stickyauth, stickycookie, upstream_auth,
         )
-    except ImportError:  # pragma: no cover - another mitmproxy: every hook runs
+    except (ImportError, AttributeError):  # pragma: no cover - another mitmproxy: every hook runs
         return {}
     no_rules = lambda addon, options: not addon.replacements  # noqa: E731
     no_filter = lambda addon, options: not addon.flt  # noqa: E731
     no_stream = lambda addon, options: addon.stream is None  # noqa: E731
-    return {
+    idle: dict[tuple[type, str], Callable[[Any, Any], bool]] = {
         (proxyauth.ProxyAuth, "requestheaders"): lambda addon, options: not addon.validator,
         (modifyheaders.ModifyHeaders, "requestheaders"): no_rules,
         (modifyheaders.ModifyHeaders, "responseheaders"): no_rules,
@@ -75,6 +75,8 @@ def _idle_when() -> dict[tuple[type, str], Callable[[Any, Any], bool]]:
         (savehar.SaveHar, "response"): lambda addon, options: not options.hardump,
         (dumper.Dumper, "response"): lambda addon, options: options.flow_detail == 0,
     }
+    # With the function read: a hook replaced since (on the class or the instance) is not the one judged idle.
+    return {(cls, name): (getattr(cls, name), when) for (cls, name), when in idle.items() if hasattr(cls, name)}
 
 
 IDLE_WHEN = _idle_when()
@@ -102,16 +104,18 @@ def _callables(top: Any, name: str, options: Any) -> list[Callable[..., Any]] | 
             continue  # mitmproxy skips a module imported under a hook's name too
         if not callable(func):
             return None
-        if options is not None and _idle(addon, name, options):
+        if options is not None and _idle(addon, name, func, options):
             continue
         funcs.append(func)
     return funcs
 
 
-def _idle(addon: Any, name: str, options: Any) -> bool:
-    idle = IDLE_WHEN.get((type(addon), name))  # the class itself: a subclass may do more
+def _idle(addon: Any, name: str, func: Any, options: Any) -> bool:
+    entry = IDLE_WHEN.get((type(addon), name))  # the class itself: a subclass may do more
+    if entry is None or getattr(func, "__func__", None) is not entry[0]:
+        return False
     try:
-        return idle is not None and idle(addon, options)
+        return entry[1](addon, options)
     except Exception:  # state it does not have (yet): let the hook run
         return False
 
@@ -122,15 +126,17 @@ class IndexedAddonManager(AddonManager):
     trigger_event is the per-flow path; the rarer sync ``trigger`` (configure) keeps mitmproxy's walk.
     Plans are rebuilt when the chain changes through register/add/remove/clear or an option changes (the
     ways mitmproxy and its script loader change it). An addon that grows its ``addons`` list or rebinds a
-    hook attribute by itself, outside those, is not seen until the next such change.
+    hook attribute by itself, outside those, is not seen until the next such change; nor is code that turns
+    a built-in feature on by writing the addon's state instead of its option (``IDLE_WHEN``).
     """
 
     _plans: dict[str, Plan]
 
     def _plan(self, name: str) -> Plan:
-        plan = self._plans.get(name)
+        plans = self._plans  # an option changed while the plan is built (another thread) drops it, not the new dict
+        plan = plans.get(name)
         if plan is None:
-            plan = self._plans[name] = hook_plan(self.chain, name, self.master.options)
+            plan = plans[name] = hook_plan(self.chain, name, self.master.options)
         return plan
 
     def _forget(self, updated: object = None) -> None:

@@ -16,7 +16,9 @@ import os
 import subprocess
 import sys
 import time
+import types
 import warnings
+from pathlib import Path
 
 import pytest
 import requests
@@ -32,7 +34,7 @@ with warnings.catch_warnings():
     from mitmproxy.tools.dump import DumpMaster
 
     from mitmproxy.addonmanager import traverse
-    from mitmproxy.addons import modifyheaders
+    from mitmproxy.addons import dumper, modifyheaders, save
     from rollouttap.addon.fastdump import IDLE_WHEN, IndexedAddonManager, IndexedDumpMaster, hook_args, hook_plan
 
 
@@ -317,69 +319,125 @@ def test_a_hook_with_args_of_its_own_making_keeps_them():
 
 
 # -- mitmproxy's own hooks while their feature is off -------------------------------------------------
-def _features_on(tmp_path) -> dict:
-    """An option value that turns on the feature of every hook in IDLE_WHEN."""
+def _features(tmp_path) -> dict[str, tuple[object, set[tuple[str, str]]]]:
+    """For each option that turns a built-in feature on: a value that does, and the hooks it brings back."""
     return {
-        "proxyauth": "any", "upstream_auth": "user:pass", "modify_headers": ["/~q/X-Rt-Test/on"],
-        "block_list": ["/~u blocked.example/444"], "anticache": True, "anticomp": True,
-        "map_remote": ["|~u nowhere.example|nowhere|elsewhere"], "map_local": [f"|nowhere.example|{tmp_path}"],
-        "modify_body": ["/~q/nothing-here/else"], "stickyauth": "~q", "stickycookie": "~q",
-        "save_stream_file": str(tmp_path / "flows.mitm"), "hardump": str(tmp_path / "flows.har"), "flow_detail": 1,
+        "proxyauth": ("any", {("ProxyAuth", "requestheaders")}),
+        "upstream_auth": ("user:pass", {("UpstreamAuth", "requestheaders")}),
+        "modify_headers": (["/~q/X-Rt-Test/on"], {("ModifyHeaders", "requestheaders"),
+                                                  ("ModifyHeaders", "responseheaders")}),
+        "block_list": (["/~u blocked.example/444"], {("BlockList", "request")}),
+        "anticache": (True, {("AntiCache", "request")}),
+        "anticomp": (True, {("AntiComp", "request")}),
+        "map_remote": (["|~u nowhere.example|nowhere|elsewhere"], {("MapRemote", "request")}),
+        "map_local": ([f"|nowhere.example|{tmp_path}"], {("MapLocal", "request")}),
+        "modify_body": (["/~q/nothing-here/else"], {("ModifyBody", "request"), ("ModifyBody", "response")}),
+        "stickyauth": ("~q", {("StickyAuth", "request")}),
+        "stickycookie": ("~q", {("StickyCookie", "request"), ("StickyCookie", "response")}),
+        "save_stream_file": (str(tmp_path / "flows.mitm"), {("Save", "request"), ("Save", "response")}),
+        "hardump": (str(tmp_path / "flows.har"), {("SaveHar", "response")}),
+        "flow_detail": (1, {("Dumper", "response")}),
     }
 
 
-def _planned(master, cls: type, hook: str) -> bool:
-    return any(type(addon) is cls for top, funcs in master.addons._plan(hook) for addon in traverse([top])
-               if funcs is None or getattr(addon, hook, None) in funcs)
+def _planned(master) -> set[tuple[str, str]]:
+    """The IDLE_WHEN hooks in the master's plans now, as (class name, hook)."""
+    return {(cls.__name__, hook) for cls, hook in IDLE_WHEN
+            if any(type(addon) is cls for top, funcs in master.addons._plan(hook) for addon in traverse([top])
+                   if funcs is None or getattr(addon, hook, None) in funcs)}
+
+
+def _quiet_master() -> IndexedDumpMaster:
+    master = IndexedDumpMaster(None, with_termlog=False, with_dumper=True)
+    master.options.update(flow_detail=0)  # -q, as rollouttap starts it
+    return master
+
+
+def test_every_idle_hook_is_one_an_option_brings_back(tmp_path):
+    assert IDLE_WHEN, "the table is empty: this mitmproxy's addons were not found"
+    assert set().union(*(hooks for _, hooks in _features(tmp_path).values())) == {
+        (cls.__name__, hook) for cls, hook in IDLE_WHEN}
 
 
 # mitmproxy 12.2's filter parser calls names pyparsing 3.3 deprecates; an addon's configure that raised would only
 # be logged (mitmproxy catches it), leaving its feature off.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_idle_builtin_hooks_leave_the_plan_until_an_option_turns_their_feature_on(tmp_path):
+@pytest.mark.parametrize("option", list(_features(Path("/tmp"))))
+def test_an_option_brings_back_exactly_the_hooks_of_its_feature(tmp_path, option):
+    value, hooks = _features(tmp_path)[option]
+
     async def run():
-        master = IndexedDumpMaster(None, with_termlog=False, with_dumper=True)
-        master.options.update(flow_detail=0)
+        master = _quiet_master()
         try:
-            assert IDLE_WHEN, "the table is empty: this mitmproxy's addons were not found"
-            assert not [key for key in IDLE_WHEN if _planned(master, *key)]
+            assert _planned(master) == set()
             # Hooks that act on what a request holds stay, whatever the options.
             for kept in ("DisableH2C", "Onboarding", "TlsConfig", "ServerPlayback"):
                 assert any(type(top).__name__ == kept for top, _ in master.addons._plan("request")), kept
-            master.options.update(**_features_on(tmp_path))
-            assert master.addons.get("modifyheaders").replacements  # configure took the option
-            assert [key for key in IDLE_WHEN if not _planned(master, *key)] == []
-            master.options.update(proxyauth=None)  # it would answer 407 first
-            flow = tflow.tflow()
-            await master.addons.trigger_event(HttpRequestHeadersHook(flow))
-            assert flow.request.headers["X-Rt-Test"] == "on"  # the rule acts through the rebuilt plan
-            master.options.update(modify_headers=[])
-            assert not _planned(master, modifyheaders.ModifyHeaders, "requestheaders")
+            master.options.update(**{option: value})
+            assert _planned(master) == hooks
+            master.options.reset()  # back to mitmproxy's defaults: flow_detail 1 keeps the Dumper
+            master.options.update(flow_detail=0)
+            assert _planned(master) == set()
         finally:
             await master.done()
     asyncio.run(run())
 
 
-def test_a_hook_left_out_as_idle_would_have_changed_nothing():
-    """Each hook IDLE_WHEN leaves out, called anyway under the options it was left out for, changes no flow."""
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_rule_turned_on_acts_through_the_rebuilt_plan():
     async def run():
-        master = IndexedDumpMaster(None, with_termlog=False, with_dumper=True)
-        master.options.update(flow_detail=0)
+        master = _quiet_master()
+        try:
+            flow = tflow.tflow()
+            await master.addons.trigger_event(HttpRequestHeadersHook(flow))
+            assert "X-Rt-Test" not in flow.request.headers
+            master.options.update(modify_headers=["/~q/X-Rt-Test/on"])
+            flow = tflow.tflow()
+            await master.addons.trigger_event(HttpRequestHeadersHook(flow))
+            assert flow.request.headers["X-Rt-Test"] == "on"
+        finally:
+            await master.done()
+    asyncio.run(run())
+
+
+def test_a_hook_left_out_as_idle_would_have_done_nothing(caplog, capsys):
+    """Each hook IDLE_WHEN leaves out, called anyway under the options it was left out for on flows its feature
+    would act on, changes no flow and no state of its addon, and logs and prints nothing."""
+    async def run():
+        master = _quiet_master()
         try:
             addons = {type(addon): addon for addon in traverse(master.addons.chain)}
-            for (cls, hook), idle in IDLE_WHEN.items():
-                assert idle(addons[cls], master.options), cls.__name__
+            for (cls, hook), (_, idle) in IDLE_WHEN.items():
+                addon = addons[cls]
+                assert idle(addon, master.options), cls.__name__
                 flows = [tflow.tflow(resp=True)] + ([] if hook.startswith("response") else [tflow.tflow()])
                 for flow in flows:
-                    flow.request.headers["Cookie"] = "a=b"
-                    before = flow.get_state()
-                    result = getattr(addons[cls], hook)(flow)
+                    flow.request.headers.update({"Cookie": "a=b", "Authorization": "Basic dTpw"})
+                    if flow.response:
+                        flow.response.headers["Set-Cookie"] = "c=d; Path=/"
+                    before, state = flow.get_state(), {k: repr(v) for k, v in vars(addon).items()}
+                    caplog.clear()
+                    result = getattr(addon, hook)(flow)
                     if inspect.isawaitable(result):
                         await result
                     assert flow.get_state() == before, (cls.__name__, hook)
+                    assert {k: repr(v) for k, v in vars(addon).items()} == state, (cls.__name__, hook)
+                    assert not caplog.records, (cls.__name__, hook)
         finally:
             await master.done()
     asyncio.run(run())
+    assert capsys.readouterr().out == ""
+
+
+def test_a_builtin_hook_replaced_on_its_instance_or_class_is_kept(monkeypatch):
+    options = types.SimpleNamespace(flow_detail=0)
+    saver = save.Save()
+    assert saver.stream is None and hook_plan([saver], "response", options) == []
+    saver.response = lambda flow: None
+    assert hook_plan([saver], "response", options) == [(saver, [saver.response])]
+    monkeypatch.setattr(dumper.Dumper, "response", lambda self, flow: None)
+    printer = dumper.Dumper()
+    assert hook_plan([printer], "response", options) == [(printer, [printer.response])]
 
 
 def test_a_subclass_of_a_builtin_addon_keeps_its_hooks():
