@@ -41,9 +41,9 @@ Plan = list[tuple[Any, list[Callable[..., Any]] | None]]
 def _idle_when() -> dict[tuple[type, str], tuple[Callable[..., Any], Callable[[Any, Any], bool]]]:
     """mitmproxy's own hooks that do nothing while their addon has nothing to do, as mitmproxy 12.2 writes them
     (``pyproject.toml`` pins it): the hook's function, and when it is idle (given the addon and the options,
-    True when a call would return without a change or a side effect). What they test is set from options (in the addon's configure),
-    and plans are rebuilt after every option change. Not here: hooks that act on what a request holds
-    whatever the options (h2c upgrades, the CA's CRL path, mitm.it, an Alt-Svc in reverse mode) and server
+    True when a call would return without a change or a side effect). What they test is set from options (in
+    the addon's configure), and plans are rebuilt after every option change. Not here: hooks that act on what a
+    request holds whatever the options (h2c upgrades, the CA's CRL path, mitm.it, an Alt-Svc in reverse mode) and server
     replay (its flows load by command too)."""
     try:
         from mitmproxy.addons import (
