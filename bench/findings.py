@@ -16,14 +16,18 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import h11
 import psutil
 import requests
+from h11._readers import ChunkedReader
+from h11._receivebuffer import ReceiveBuffer
 
 from clients import chat_body
 from context import Context, progress
 from procs import Upstream
 from report import Section, table
 from rollouttap.addon import tokenids
+from rollouttap.addon.chunk_coalescing import CoalescingChunkedReader
 from rollouttap.addon.procfs import ancestry, read_file
 from rollouttap.addon.sockdiag import inode_netlink
 from rollouttap.store import StoreWriter
@@ -78,6 +82,34 @@ def token_id_costs(upstream_url: str, n: int) -> dict[str, float]:
             "json_loads_ms": per_call_ms(lambda: json.loads(full), n),
             "plan_ms": per_call_ms(lambda: tokenids.plan_injection("/v1/chat/completions", body,
                                                                    "application/json"), n)}
+
+
+CHUNKS = 208  # one token per SSE event, as vLLM streams: the answer of section 2b
+
+
+class _Joined:
+    chunks_joined = 0
+
+
+def chunk_read_costs(n: int) -> dict[str, float]:
+    """µs per chunk to read a chunked SSE body of CHUNKS one-token events (vLLM's chat chunk shape), in one read
+    and in reads of 1,000 bytes, with h11's reader alone and through the coalescing reader's scan."""
+    event = (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"policy",'
+             b'"choices":[{"index":0,"delta":{"content":"ab"},"logprobs":null,"finish_reason":null}]}\n\n')
+    body = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for _ in range(CHUNKS)) + b"0\r\n\r\n"
+    out: dict[str, float] = {}
+    for reads, step in (("one", len(body)), ("1k", 1000)):
+        pieces = [body[i:i + step] for i in range(0, len(body), step)]
+        coalescing = lambda: CoalescingChunkedReader(ChunkedReader(), _Joined())  # noqa: E731
+        for name, make in (("h11", ChunkedReader), ("scan", coalescing)):
+            def read(make: Callable[[], Any] = make, pieces: list[bytes] = pieces) -> None:
+                reader, buf = make(), ReceiveBuffer()
+                for piece in pieces:
+                    buf += piece
+                    while (got := reader(buf)) is not None and type(got) is not h11.EndOfMessage:
+                        pass
+            out[f"{name}_{reads}_us"] = per_call_ms(read, n) * 1000 / CHUNKS
+    return out
 
 
 def upstream_answer_cpu(n: int) -> dict[str, float]:
@@ -169,7 +201,9 @@ def run(ctx: Context) -> Section:
     att = attribution_parts(n)
     att.update(new_process_proc_reads(5 if ctx.plan.smoke else 40))
     quick = quickack_cost_us(n * 10)
-    data = {"token_ids": tok, "upstream_cpu": upstream_cpu, "writer": wr, "attribution": att, "quickack_us": quick}
+    chunks = chunk_read_costs(max(n // 10, 5))
+    data = {"token_ids": tok, "upstream_cpu": upstream_cpu, "writer": wr, "attribution": att, "quickack_us": quick,
+            "chunk_read": chunks}
     return Section("findings", TITLE, render(data), data)
 
 
@@ -177,6 +211,10 @@ def render(d: dict[str, Any]) -> str:
     tok, wr, att, up = d["token_ids"], d["writer"], d["attribution"], d["upstream_cpu"]
     rows = [
         ("TCP_QUICKACK re-armed after a read (`addon/tcp_tuning.py`)", f"{fmt(d['quickack_us'], 2)} µs per read"),
+        (f"reading a chunked body of {CHUNKS} one-token SSE events, µs per chunk: h11's reader → the coalescing "
+         "reader's scan (`addon/chunk_coalescing.py`)",
+         f"in one read {fmt(d['chunk_read']['h11_one_us'], 2)} → {fmt(d['chunk_read']['scan_one_us'], 2)}; "
+         f"in reads of 1,000 bytes {fmt(d['chunk_read']['h11_1k_us'], 2)} → {fmt(d['chunk_read']['scan_1k_us'], 2)}"),
         ("chat response, plain → with injected token ids + logprobs",
          f"{tok['plain_bytes']:,} → {tok['injected_bytes']:,} bytes"),
         ("`tokenids.strip_response_json` on that response", f"{fmt(tok['strip_ms'], 3)} ms"),
