@@ -50,7 +50,7 @@ def _idle_when() -> dict[tuple[type, str], tuple[Callable[..., Any], Callable[[A
             anticache, anticomp, blocklist, dumper, maplocal, mapremote, modifybody, modifyheaders, proxyauth, save,
             savehar, stickyauth, stickycookie, upstream_auth,
         )
-    except (ImportError, AttributeError):  # pragma: no cover - another mitmproxy: every hook runs
+    except ImportError:  # pragma: no cover - another mitmproxy: every hook runs
         return {}
     no_rules = lambda addon, options: not addon.replacements  # noqa: E731
     no_filter = lambda addon, options: not addon.flt  # noqa: E731
