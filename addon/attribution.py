@@ -332,6 +332,7 @@ class PidAttributor:
         self._boot_time = psutil.boot_time()
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
         self._local_ips = host_addresses()
+        self._own_pid = os.getpid()  # a syscall each time (glibc no longer caches it), on every lookup
 
     def on_this_host(self, peer_ip: str) -> bool:
         """Whether a client at ``peer_ip`` runs on this host (so its process can be looked up)."""
@@ -436,7 +437,7 @@ class PidAttributor:
         """Whether ``owner`` is this proxy, another on its store, or another store's proxy that no agent's tag
         speaks for (every rollouttap proxy is started with its store option; one a nested manager runs carries
         its agent's tag, and speaks for that agent alone)."""
-        if owner.pid == os.getpid():
+        if owner.pid == self._own_pid:
             return True
         proxies = self.directory.proxies()
         if owner.pid in proxies and _same_start(proxies[owner.pid], self._create_time(owner)):

@@ -6,6 +6,7 @@ import functools
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -91,6 +92,62 @@ def ancestry(pid: int, proc: str = "/proc", limit: int = 64) -> list[ProcInfo]:
     return chain
 
 
+# Stat files that lookups on the event loop keep open (see StatFiles): a descriptor per process that reconnects.
+KEPT_STAT_FILES = 64
+
+
+class StatFiles:
+    """``/proc/<pid>/stat`` of the processes read lately, kept open and read again with one ``pread`` instead of an
+    open, a read and a close (in a proxy under new connections, the cached lookup's chain took 27 µs at the median
+    and 137 at p90 reading by path, 20 and 39 so). An open stat file stays bound to the process it was opened
+    for: once that process is reaped it answers ESRCH, and the pid, reused or not, is opened afresh. For procfs
+    alone: a deleted regular file (a test's fake tree) stays readable through an open descriptor."""
+
+    def __init__(self, proc: str = "/proc", size: int = KEPT_STAT_FILES) -> None:
+        self.proc = proc
+        self.size = size
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._lock = threading.Lock()  # no descriptor is closed while another thread reads it
+        weakref.finalize(self, _close_all, self._fds)
+
+    def read(self, pid: int) -> bytes | None:
+        """The process's stat line, or None if it is gone."""
+        with self._lock:
+            fd = self._fds.get(pid)
+            if fd is not None:
+                try:
+                    if data := os.pread(fd, _CHUNK, 0):
+                        self._fds.move_to_end(pid)
+                        return data
+                except OSError:
+                    pass
+                del self._fds[pid]
+                os.close(fd)
+            try:
+                fd = os.open(f"{self.proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                data = os.pread(fd, _CHUNK, 0)
+            except OSError:
+                os.close(fd)
+                return None
+            self._fds[pid] = fd
+            if len(self._fds) > self.size:
+                os.close(self._fds.popitem(last=False)[1])
+            return data or None
+
+    def close(self) -> None:
+        with self._lock:
+            _close_all(self._fds)
+
+
+def _close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
 class AncestryCache:
     """``ancestry`` for attribution, cached for ``max_age`` seconds: each process's agent tag (by pid
     and start time), a socket owner's whole chain as long as the owner keeps its start time and parent,
@@ -111,6 +168,8 @@ class AncestryCache:
         self._above: dict[int, tuple[float, list[ProcInfo]]] = {}  # pid -> (read at, its chain)
         self._cmdlines: dict[tuple[int, int, bytes], tuple[float, bool]] = {}  # (pid, start, needle) -> (at, held)
         self._size = size
+        # Lookups on the event loop read the same few processes' stat files over and over (processes that reconnect).
+        self._stat_files = StatFiles(proc) if proc == "/proc" else None
 
     def chain(self, pid: int, limit: int = 64, *, cached: bool = False) -> list[ProcInfo]:
         """What ``ancestry(pid)`` answers (or answered less than ``max_age`` ago). ``cached``: stat files alone
@@ -144,7 +203,10 @@ class AncestryCache:
         return list(chain)
 
     def _read(self, pid: int, now: float, cached: bool = False) -> ProcInfo | None:
-        stat = read_file(f"{self.proc}/{pid}/stat")
+        if cached and self._stat_files is not None:
+            stat = self._stat_files.read(pid)
+        else:
+            stat = read_file(f"{self.proc}/{pid}/stat")
         if not stat:
             return None
         ppid, start = parse_stat(stat)

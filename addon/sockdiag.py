@@ -31,6 +31,7 @@ _DIAG_MSG_INODE_OFFSET = 4 + 48 + 12  # family/state/timer/retrans, sockid, expi
 _UID_INODE = struct.Struct("=II")
 _DIAG_MSG = struct.Struct("=BBBB2H16s16s4x8x4xIIII")  # inet_diag_msg, ports in network order
 _RECV_BYTES = 1 << 16
+NETLINK_WAIT_S = 1.0  # longest a lookup waits for an answer that is not queued when its request returns
 
 Address = tuple[str, int]
 
@@ -82,11 +83,11 @@ def parse_response(data: bytes, seq: int | None = None) -> tuple[int, int] | Non
 
 
 class _NetlinkSocket:
-    """A sock_diag socket that closes itself when its thread ends (no ResourceWarning)."""
+    """A sock_diag socket that closes itself when its thread ends (no ResourceWarning). Non-blocking: on a socket
+    with a timeout Python polls before every send and receive, and the answer is there once ``send`` returns."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
-        self.sock.settimeout(1.0)
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, NETLINK_SOCK_DIAG)
 
     def __del__(self) -> None:
         self.sock.close()
@@ -115,22 +116,24 @@ def inode_netlink(src: Address, dst: Address) -> int | None:
 
 def owner_netlink(src: Address, dst: Address, *, wait: bool = True) -> SocketId | None:
     """User and inode of the socket ``src -> dst`` in this network namespace, via NETLINK_SOCK_DIAG. Without
-    ``wait``, BlockingIOError unless the answer is there (the kernel queues it before ``send`` returns)."""
+    ``wait``, BlockingIOError unless the answer is there (the kernel queues it before ``send`` returns); with it,
+    BlockingIOError when none came within NETLINK_WAIT_S."""
     seq = next(_seqs) & 0xFFFFFFFF
     request = build_request(src, dst, seq)
     if _local.netlink is None:
         _local.netlink = _NetlinkSocket()
     nl = _local.netlink.sock
     try:
-        nl.send(request)
+        nl.send(request)  # the kernel answers within the call: two syscalls in all where the answer is queued
         while True:
-            if not wait and not select.select([nl], [], [], 0)[0]:
-                raise BlockingIOError("no sock_diag answer queued")
             try:
                 answer = parse_response(nl.recv(8192), seq)
                 break
             except LookupError:
                 continue  # a reply that arrived after its request gave up: not ours
+            except BlockingIOError:
+                if not wait or not select.select([nl], [], [], NETLINK_WAIT_S)[0]:
+                    raise
     except OSError:
         _local.netlink = None  # timed out or broken: never reuse a socket that may still get a late reply
         raise

@@ -22,10 +22,14 @@ from rollouttap.addon.attribution import (
     decide_header_claim, is_local_peer, local_ips, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
-    AncestryCache, ProcInfo, SocketOwnerFinder, ancestry, parse_agent_tag, parse_stat, read_file,
+    AncestryCache, NotCached, ProcInfo, SocketOwnerFinder, StatFiles, ancestry, parse_agent_tag, parse_stat,
+    read_file,
 )
 from rollouttap.addon.routes import RouteError, find_route, own_reverse_routes, parse_route, parse_routes
-from rollouttap.addon.sockdiag import build_request, inode_netlink, inode_procfs, normalize_ip, parse_response
+from rollouttap.addon import sockdiag
+from rollouttap.addon.sockdiag import (
+    build_request, inode_netlink, inode_procfs, normalize_ip, owner_netlink, parse_response,
+)
 from rollouttap.store import AgentRecord, Store, hash_token, new_token
 
 
@@ -661,6 +665,59 @@ def test_finder_maps_a_thread_to_its_process_and_forgets_the_gone(fake_proc):
     assert finder.find(1007) is None
 
 
+def _fds_open() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_stat_files_read_a_live_process_again_and_let_go_of_a_reaped_one():
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    before = _fds_open()
+    files = StatFiles(size=2)
+    try:
+        first = files.read(procs[0].pid)
+        assert first is not None and parse_stat(first) == parse_stat(read_file(f"/proc/{procs[0].pid}/stat"))
+        assert len(_fds_open() - before) == 1  # kept open
+        assert files.read(procs[0].pid) == first  # read again through it (sleep's stat does not change)
+        assert len(_fds_open() - before) == 1
+        for proc in procs[1:]:
+            assert parse_stat(files.read(proc.pid))[0] == os.getpid()
+        assert len(_fds_open() - before) == 2  # at most size kept: the oldest is closed
+        procs[2].kill()
+        procs[2].wait()  # reaped: its kept file answers ESRCH, and its pid names no process
+        assert files.read(procs[2].pid) is None
+        assert len(_fds_open() - before) == 1
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        files.close()
+    assert _fds_open() == before
+    del files  # a cache dropped without close() closes its files too
+    again = StatFiles()
+    assert again.read(os.getpid()) is not None and len(_fds_open() - before) == 1
+    del again
+    assert _fds_open() == before
+
+
+def test_cached_ancestry_reads_kept_stat_files_and_sees_a_process_end():
+    proc = subprocess.Popen(["sleep", "60"], env={**os.environ, "ROLLOUTTAP_AGENT_ID": "kept"})
+    cache = AncestryCache()
+    try:
+        full = cache.chain(proc.pid)
+        assert full[0].agent_tag == "kept" and full[1].pid == os.getpid()
+        assert proc.pid not in cache._stat_files._fds  # a lookup on a thread reads it the plain way
+        assert cache.chain(proc.pid, cached=True) == full  # the owner's stat read again, and kept open
+        assert cache.chain(proc.pid, cached=True) == full
+        assert proc.pid in cache._stat_files._fds
+        with pytest.raises(NotCached):  # its environ is not read on the event loop
+            AncestryCache().chain(proc.pid, cached=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cache.chain(proc.pid, cached=True) == []
+    assert proc.pid not in cache._stat_files._fds
+
+
 def test_ancestry_cache_matches_ancestry_and_follows_pid_reuse(fake_proc):
     fake_proc.process(10, tag="A")
     fake_proc.process(20, ppid=10)
@@ -733,6 +790,20 @@ def test_netlink_answers_match_their_requests_on_a_reused_socket():
         finally:
             for client in clients:
                 client.close()
+
+
+def test_netlink_answer_without_waiting_and_past_a_late_reply():
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        src, dst = client.getsockname()[:2], client.getpeername()[:2]
+        inode = os.fstat(client.fileno()).st_ino
+        for _ in range(3):  # the kernel answers within send(): the lookup for the event loop never waits
+            assert owner_netlink(src, dst, wait=False).inode == inode
+        # A request that gave up before its answer came: the next lookup reads past that answer to its own.
+        sockdiag._local.netlink.sock.send(build_request(src, dst, seq=7))
+        assert owner_netlink(src, dst, wait=False).inode == inode
+        assert owner_netlink(src, dst).inode == inode
+        with pytest.raises(BlockingIOError):
+            sockdiag._local.netlink.sock.recv(8192)  # nothing left behind
 
 
 def test_netlink_answer_to_another_request_is_refused():
