@@ -33,6 +33,11 @@ _CMPL_LOGPROBS = (
     rf'"tokens":\[(?:{STRING}(?:,{STRING})*+)?\],"top_logprobs":\[(?:{_TOP_MAP}(?:,{_TOP_MAP})*+)?\]\}}'
 )
 FAST_VALUE = re.compile(f"{INTS}|{CHAT_LOGPROBS}|{_CMPL_LOGPROBS}")
+# A list of token ids (what INTS matches) is checked faster by string methods than by the pattern, which steps
+# through every id: 1.0 against 2.3 ms over the 100,000 ids of a long prompt (``_id_list_end``).
+_ID_LIST_CHARS = str.maketrans("", "", "0123456789,")  # deleted: nothing may be left
+_LEADING_ZERO = re.compile(",0[0-9]")
+_LIST_OPENERS = frozenset("0123456789]")  # what follows the "[" of a list INTS may match
 _DECODER = json.JSONDecoder()
 # Spans are replaced by distinct numbers with this prefix to check where they sit in the document.
 _MARK_BASE = 7391820465_000000
@@ -56,11 +61,29 @@ def value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int]
         if text.startswith("null", start):
             pos = start + 4
             continue
-        fast = FAST_VALUE.match(text, start)
-        end = fast.end() if fast is not None else _DECODER.raw_decode(text, start)[1]
+        end = _id_list_end(text, start)
+        if end == -1:
+            fast = FAST_VALUE.match(text, start)
+            end = fast.end() if fast is not None else _DECODER.raw_decode(text, start)[1]
         spans.append((start, end))
         pos = end  # skip over the value: a key-like sequence inside it is not a key
     return spans
+
+
+def _id_list_end(text: str, start: int) -> int:
+    """Where INTS's match at ``start`` ends, or -1 where it does not match: a compact list of integers without
+    leading zeros ends at its first "]". A value whose "[" is followed by anything but a digit or "]" is not
+    read further."""
+    if not text.startswith("[", start) or text[start + 1:start + 2] not in _LIST_OPENERS:
+        return -1
+    close = text.find("]", start)
+    if close == -1:
+        return -1
+    ids = text[start + 1:close]
+    if ids and (ids.translate(_ID_LIST_CHARS) or ids[-1] == "," or ",," in ids or
+                (ids[0] == "0" and ids[1:2].isdigit()) or _LEADING_ZERO.search(ids)):
+        return -1
+    return close + 1
 
 
 def splice_nulls(text: str, spans: list[tuple[int, int]]) -> str:
@@ -77,15 +100,17 @@ def splice_nulls(text: str, spans: list[tuple[int, int]]) -> str:
 def with_markers(text: str, spans: list[tuple[int, int]]) -> tuple[Any, frozenset[int]] | None:
     """The document parsed with span k as the number -(_MARK_BASE + k), and those numbers.
 
-    None if the text already holds such numbers. Raises ValueError when it is not JSON."""
+    None if the text outside the spans already holds such numbers. Raises ValueError when it is not JSON."""
     if not spans:
         return json.loads(text), frozenset()
-    if _MARK_PREFIX in text:
-        return None
     parts: list[str] = []
     pos = 0
     for k, (start, end) in enumerate(spans):
         parts += (text[pos:start], f"-{_MARK_BASE + k}")
         pos = end
     parts.append(text[pos:])
+    # Only the text kept around the spans can hold a number like a marker (the spans are most of a long answer,
+    # and a search through 350 KB of ids costs 0.2 ms).
+    if any(_MARK_PREFIX in part for part in parts[::2]):
+        return None
     return json.loads("".join(parts)), frozenset(-(_MARK_BASE + k) for k in range(len(spans)))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 
 from rollouttap.addon.jsonspans import (
     FAST_VALUE,
+    INTS,
+    _id_list_end,
     key_pattern,
     splice_nulls,
     value_spans,
@@ -87,8 +91,10 @@ def test_with_markers_parses_each_span_as_a_distinct_number() -> None:
     ("text", "spans", "expected"),
     [
         ('{"a":1}', [], ({"a": 1}, frozenset())),
-        ('{"a":7391820465}', [(5, 15)], None),  # the text already holds marker-like numbers
-        ('{"a":"7391820465"}', [(5, 17)], None),
+        ('{"a":7391820465,"b":[1]}', [(20, 23)], None),  # the text kept holds marker-like numbers
+        ('{"a":"7391820465","b":[1]}', [(22, 25)], None),
+        ('{"b":[1],"a":[7391820465]}', [(5, 8)], None),
+        ('{"a":7391820465}', [(5, 15)], ({"a": -7391820465000000}, frozenset({-7391820465000000}))),  # replaced
     ],
 )
 def test_with_markers_edge_cases(text: str, spans: list[tuple[int, int]], expected: object) -> None:
@@ -117,3 +123,24 @@ def test_fast_value_matches_only_the_compact_vllm_shapes(value: str, matches: bo
     assert (match is not None and match.end() == len(value)) is matches
     if matches:
         assert json.JSONDecoder().raw_decode(value)[1] == match.end()  # type: ignore[union-attr]
+
+
+def test_id_lists_end_where_the_ints_pattern_ends() -> None:
+    """The string-method check of a token-id list answers what INTS answers, on lists of every shape."""
+    rng = random.Random(11)
+    pattern = re.compile(INTS)
+    pieces = ["0", "1", "7", "20", "305", ",", ",", ",0", "00", "]", " ", "[", "x", '"', "-", "{", "1.5"]
+    weights = [6, 6, 6, 6, 6, 12, 12, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1]
+    matched = 0
+    for _ in range(20_000):
+        text = "k:[" + "".join(rng.choices(pieces, weights, k=rng.randrange(0, 12))) + rng.choice(["]", "],1]", ""])
+        want = pattern.match(text, 2)
+        assert _id_list_end(text, 2) == (want.end() if want else -1), text
+        matched += want is not None
+    assert matched > 2_000  # valid lists were among them
+
+
+def test_a_long_id_list_is_one_value() -> None:
+    ids = ",".join(str(i * 7919 % 151_000) for i in range(100_000))
+    text = '{"prompt_token_ids":[' + ids + '],"token_ids":[0,1]}'
+    assert [text[a:b] for a, b in value_spans(text, IDS)] == ["[" + ids + "]", "[0,1]"]
