@@ -248,6 +248,10 @@ def swallowed_only_for_us(carried: frozenset[str] | set[str], stripped: frozense
 # ---------------------------------------------------------------------------- SSE streams
 
 _EVENT_END = re.compile(rb"\n\r?\n")
+# Longer events are vLLM's first chunk of a long prompt, which carries the prompt's ids: the general path checks an id
+# list by string methods (jsonspans), faster than vllm_chunk's pattern, which steps through every id (a first chunk
+# of 100,000 six-digit ids: 1.9 against 3.1 ms).
+LONG_EVENT = 1 << 16
 
 
 class StreamStripper:
@@ -287,11 +291,16 @@ class StreamStripper:
         out: list[bytes] = []
         pos = 0
         while True:
-            if plan.chunk_groups and (chat := match_chat_event(buf, pos)) is not None:
+            # Where a long event may begin, find its end first: one over LONG_EVENT takes the general path.
+            long = len(buf) - pos > LONG_EVENT
+            end = _EVENT_END.search(buf, max(pos, start)) if long else None
+            if plan.chunk_groups and (not long or (end is not None and end.start() - pos <= LONG_EVENT)) and \
+                    (chat := match_chat_event(buf, pos)) is not None:
                 _strip_chat_event(buf, pos, chat, plan, out)
                 pos = chat.end()
                 continue
-            end = _EVENT_END.search(buf, max(pos, start))
+            if not long:
+                end = _EVENT_END.search(buf, max(pos, start))
             if end is None:
                 break
             out.append(_rewrite_event(buf[pos : end.end()], plan))

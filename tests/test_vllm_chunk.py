@@ -205,3 +205,34 @@ def test_a_field_name_inside_the_delta_is_not_taken_for_the_choices() -> None:
     assert out == json.loads(general(text, ALL).removeprefix(b"data: "))
     assert out["choices"][0]["delta"]["tool_calls"][0]["token_ids"] == 7
     assert out["choices"][0]["token_ids"] is None
+
+
+def _long_first_chunk(ids: int) -> str:
+    first = json.loads(upstream_chunks(REPLIES["text"], {}, ALL, 1)[0])
+    first["prompt_token_ids"] = [(i * 7919) % 151_000 for i in range(ids)]  # a long prompt's ids, of up to 6 digits
+    return dumps(first).decode()
+
+
+@pytest.mark.parametrize("cuts", [(), (65_536,), (1, 70_000, 130_000)])  # as read: in 64 KiB reads, or others
+def test_a_long_first_chunk_takes_the_general_path_with_the_same_bytes(monkeypatch: pytest.MonkeyPatch,
+                                                                       cuts: tuple[int, ...]) -> None:
+    texts = [_long_first_chunk(30_000), *upstream_chunks(REPLIES["text"], {}, ALL, 1)[1:]]
+    stream = b"".join(map(event, texts + ["[DONE]"]))
+    assert len(event(texts[0])) > tokenids.LONG_EVENT >= max(len(event(t)) for t in texts[1:])
+    bounds = (0, *cuts, len(stream))
+
+    def strip_all() -> tuple[bytes, list[bytes]]:
+        taken: list[bytes] = []
+        general_path = tokenids._rewrite_event
+        monkeypatch.setattr(tokenids, "_rewrite_event", lambda raw, plan: taken.append(raw) or general_path(raw, plan))
+        stripper = tokenids.StreamStripper(injection(ALL))
+        out = b"".join(stripper.feed(stream[a:b]) for a, b in zip(bounds, bounds[1:])) + stripper.feed(b"")
+        monkeypatch.setattr(tokenids, "_rewrite_event", general_path)
+        return out, taken
+
+    out, taken = strip_all()
+    assert taken == [event(texts[0]), event("[DONE]")]  # the long chunk went the general way, the rest matched
+    assert out.startswith(general(texts[0], ALL)) and b'"prompt_token_ids":null' in out
+    monkeypatch.setattr(tokenids, "LONG_EVENT", len(stream))  # every event tried by the one match
+    one, taken = strip_all()
+    assert one == out and taken == [event("[DONE]")]
