@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["CHAT_LOGPROBS", "FAST_VALUE", "INTS", "NUMBER", "STRING", "key_pattern", "splice_nulls", "value_spans",
-           "with_markers"]
+__all__ = ["CHAT_LOGPROBS", "FAST_VALUE", "INTS", "NUMBER", "STRING", "id_list_end", "key_pattern", "splice_nulls",
+           "value_spans", "with_markers"]
 
 # Values vLLM puts under the planned keys, matched at C speed instead of parsed: token-id lists
 # and compact per-token logprobs (chat and completions shapes). Every pattern is a subset of JSON,
@@ -34,7 +34,7 @@ _CMPL_LOGPROBS = (
 )
 FAST_VALUE = re.compile(f"{INTS}|{CHAT_LOGPROBS}|{_CMPL_LOGPROBS}")
 # A list of token ids (what INTS matches) is checked faster by string methods than by the pattern, which steps
-# through every id: 1.0 against 2.3 ms over the 100,000 ids of a long prompt (``_id_list_end``).
+# through every id: 1.0 against 2.3 ms over the 100,000 ids of a long prompt (``id_list_end``).
 _ID_LIST_CHARS = str.maketrans("", "", "0123456789,")  # deleted: nothing may be left
 _LEADING_ZERO = re.compile(",0[0-9]")
 _LIST_OPENERS = frozenset("0123456789]")  # what follows the "[" of a list INTS may match
@@ -61,7 +61,7 @@ def value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int]
         if text.startswith("null", start):
             pos = start + 4
             continue
-        end = _id_list_end(text, start)
+        end = id_list_end(text, start)
         if end == -1:
             fast = FAST_VALUE.match(text, start)
             end = fast.end() if fast is not None else _DECODER.raw_decode(text, start)[1]
@@ -70,7 +70,7 @@ def value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int]
     return spans
 
 
-def _id_list_end(text: str, start: int) -> int:
+def id_list_end(text: str, start: int) -> int:
     """Where INTS's match at ``start`` ends, or -1 where it does not match: a compact list of integers without
     leading zeros ends at its first "]". A value whose "[" is followed by anything but a digit or "]" is not
     read further."""

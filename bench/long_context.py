@@ -115,7 +115,7 @@ def per_agent(ctx: Context, upstream: Upstream, turns: int, tool_chars: int) -> 
 
 
 def _answer_flow(n: int, prompt_ids: list[int]) -> Any:
-    """A done, non-streamed chat flow whose answer carries ``prompt_ids`` as vLLM's does."""
+    """A done, non-streamed chat flow whose answer carries ``prompt_ids`` as vLLM's does (compact JSON)."""
     from rollouttap.store.records import FlowRecord
     answer = {"id": f"chatcmpl-{n}", "object": "chat.completion", "model": "policy", "prompt_token_ids": prompt_ids,
               "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop",
@@ -127,7 +127,7 @@ def _answer_flow(n: int, prompt_ids: list[int]) -> Any:
         attribution="token", method="POST", url="http://model/v1/chat/completions", scheme="http", host="model",
         port=80, path="/v1/chat/completions", request_headers=[("content-type", "application/json")],
         request_body=json.dumps(request).encode(), status_code=200,
-        response_headers=[("content-type", "application/json")], response_body=json.dumps(answer).encode(),
+        response_headers=[("content-type", "application/json")], response_body=json.dumps(answer, separators=(",", ":")).encode(),
         streamed=False, state="done", error=None, t_request=float(n), t_response_headers=None, t_first_byte=None,
         t_end=n + 0.5)
 

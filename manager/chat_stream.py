@@ -6,12 +6,15 @@ Only choice 0 is read (agents ask for one choice; ``n > 1`` answers keep their o
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from rollouttap.manager.prompt_ids import PromptIdsReader
 from rollouttap.store.sse import json_events, parse_sse
 
+log = logging.getLogger(__name__)
 _TOKEN_ID_RE = re.compile(r"token_id:(-?\d+)")
 
 
@@ -115,8 +118,9 @@ def _int_list(value: Any) -> list[int] | None:
     return [int(v) for v in value] if isinstance(value, list) else None
 
 
-def parse_chat_body(body: Any) -> ChatResult:
-    """A non-streamed chat.completion or text_completion body."""
+def parse_chat_body(body: Any, *, prompt_ids: list[int] | None = None) -> ChatResult:
+    """A non-streamed chat.completion or text_completion body; ``prompt_ids``: its top-level prompt ids, decoded
+    already (``prompt_ids.PromptIdsReader``)."""
     if not isinstance(body, dict):
         return ChatResult(error={"message": "response body is not a JSON object"})
     error = error_of(body)
@@ -130,7 +134,8 @@ def parse_chat_body(body: Any) -> ChatResult:
         role=message.get("role") if message else None, content=content, reasoning=_reasoning_of(message),
         tool_calls=[_tool_call(tc) for tc in message.get("tool_calls") or []],
         finish_reason=choice.get("finish_reason"), usage=body.get("usage"),
-        prompt_token_ids=_int_list(body.get("prompt_token_ids", choice.get("prompt_token_ids"))),
+        prompt_token_ids=prompt_ids if prompt_ids is not None else _int_list(
+            body.get("prompt_token_ids", choice.get("prompt_token_ids"))),
         completion_token_ids=_int_list(choice.get("token_ids")),
         completion_logprobs=lists[0] if lists else None, logprob_tokens=lists[1] if lists else None,
         error=error, tokens_carried=_tokens_carried(choices))
@@ -161,8 +166,8 @@ class StreamAccumulator:
         self.error: dict[str, Any] | None = None
         self.carried: int | None = None  # completion tokens carried, every choice's
 
-    def add(self, chunk: Any) -> None:
-        """Merge one parsed chunk."""
+    def add(self, chunk: Any, prompt_ids: list[int] | None = None) -> None:
+        """Merge one parsed chunk; ``prompt_ids``: its top-level prompt ids, decoded already."""
         if not isinstance(chunk, dict):
             return
         self.chunks += 1
@@ -173,7 +178,7 @@ class StreamAccumulator:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         if self.prompt_ids is None and chunk.get("prompt_token_ids") is not None:
-            self.prompt_ids = _int_list(chunk["prompt_token_ids"])
+            self.prompt_ids = prompt_ids if prompt_ids is not None else _int_list(chunk["prompt_token_ids"])
         for choice in chunk.get("choices") or []:
             if (carried := _tokens_of(choice)) is not None:
                 self.carried = (self.carried or 0) + carried
@@ -232,9 +237,21 @@ def reassemble_chat_chunks(chunks: Iterable[Any], *, done: bool = False) -> Chat
     return acc.result(done=done)
 
 
-def reassemble_chat_stream(sse: str | bytes) -> ChatResult:
+def reassemble_chat_stream(sse: str | bytes, reader: PromptIdsReader | None = None) -> ChatResult:
     """Reassemble a captured SSE body (chat or completions): content, reasoning, tool calls merged by
     index (id and name from their first fragment, arguments concatenated), finish_reason, usage,
-    token ids and logprobs."""
+    token ids and logprobs. ``reader`` decodes the chunks (the prompt ids past those of its last answer)."""
     events = parse_sse(sse)
-    return reassemble_chat_chunks(json_events(events), done=any(e.is_done for e in events))
+    if reader is None:
+        return reassemble_chat_chunks(json_events(events), done=any(e.is_done for e in events))
+    acc = StreamAccumulator()
+    for event in events:
+        if event.data is None or event.is_done:
+            continue
+        try:
+            chunk, prompt_ids = reader.loads(event.data)
+        except ValueError:  # skipped, as json_events skips it
+            log.debug("skipping non-JSON SSE data: %.80r", event.data)
+            continue
+        acc.add(chunk, prompt_ids)
+    return acc.result(done=any(e.is_done for e in events))

@@ -22,6 +22,7 @@ from rollouttap.manager.chat_stream import (
     ChatResult, ids_from_logprob_tokens, ids_problem, parse_chat_body, reassemble_chat_stream,
 )
 from rollouttap.manager.continuity import assign_threads, classify_break, find_retries, normalize_message
+from rollouttap.manager.prompt_ids import PromptIdsReader
 from rollouttap.manager.responses_api import parse_responses_body, reassemble_responses_stream
 from rollouttap.store.records import FlowRecord
 
@@ -114,15 +115,19 @@ def _retry_count(flow: FlowRecord) -> int:
         return 0
 
 
-def _result_of(flow: FlowRecord, stream: bool, responses: bool = False) -> ChatResult | None:
+def _result_of(flow: FlowRecord, stream: bool, responses: bool = False,
+               reader: PromptIdsReader | None = None) -> ChatResult | None:
     text = flow.response_text()
     if not text.strip():
         return None
     content_type = (flow.response_header("content-type") or "").lower()
     if "text/event-stream" in content_type or (stream and text.lstrip().startswith(("data:", ":", "event:"))):
-        return (reassemble_responses_stream if responses else reassemble_chat_stream)(text)
+        return reassemble_responses_stream(text) if responses else reassemble_chat_stream(text, reader)
     try:
-        return (parse_responses_body if responses else parse_chat_body)(json.loads(text))
+        if responses:
+            return parse_responses_body(json.loads(text))
+        body, prompt_ids = reader.loads(text) if reader is not None else (json.loads(text), None)
+        return parse_chat_body(body, prompt_ids=prompt_ids)
     except ValueError:
         return ChatResult(error={"message": f"response body is not JSON: {text[:80]!r}"})
 
@@ -155,10 +160,10 @@ def _elapsed(start: float | None, end: float | None) -> float | None:
     return end - start if start is not None and end is not None else None
 
 
-def _common_fields(flow: FlowRecord, index: int, request: dict[str, Any],
-                   responses: bool = False) -> tuple[dict[str, Any], ChatResult | None]:
+def _common_fields(flow: FlowRecord, index: int, request: dict[str, Any], responses: bool = False,
+                   reader: PromptIdsReader | None = None) -> tuple[dict[str, Any], ChatResult | None]:
     stream = bool(request.get("stream"))
-    result = _result_of(flow, stream, responses)
+    result = _result_of(flow, stream, responses, reader)
     state = _state(flow, result)
     error = _failure(flow, state, result)
     r = result or ChatResult()
@@ -180,12 +185,13 @@ def _common_fields(flow: FlowRecord, index: int, request: dict[str, Any],
     ), result
 
 
-def chat_call_from_flow(flow: FlowRecord, index: int = 0) -> ChatCall | None:
-    """The chat call a flow holds, or None when its request is not a chat request."""
+def chat_call_from_flow(flow: FlowRecord, index: int = 0, reader: PromptIdsReader | None = None) -> ChatCall | None:
+    """The chat call a flow holds, or None when its request is not a chat request. ``reader``: the one that read the
+    agent's answers before this one (their prompt ids are not decoded again)."""
     request = flow.request_json()
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         return None
-    common, result = _common_fields(flow, index, request)
+    common, result = _common_fields(flow, index, request, reader=reader)
     return ChatCall(**common, messages=request["messages"], tools=request.get("tools"), response=_reply(result))
 
 
@@ -238,11 +244,12 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
     sent: list[ChatCall | ResponsesCall] = []  # chat and Responses calls in capture order
     other = 0
     previous: list[int] | None = None  # the prompt ids of the call before
+    reader = PromptIdsReader()
     for position, flow in enumerate(flows):
         kind = flow_kind(flow)
         call: ModelCall | None = None
         if kind == "chat":
-            call = chat_call_from_flow(flow, len(chats))
+            call = chat_call_from_flow(flow, len(chats), reader)
             if call is not None:
                 chats.append(replace(call, position=position))
                 sent.append(chats[-1])
@@ -259,6 +266,8 @@ def build_conversation(flows: Sequence[FlowRecord]) -> Conversation:
             if kind != "other":
                 log.debug("flow %s on %s has no %s request body; counted as other", flow.flow_id, flow.path, kind)
             other += 1
+        elif reader.shares is not None and reader.shares[0] is call.prompt_token_ids and reader.shares[1] is previous:
+            previous = call.prompt_token_ids  # read as the ids of the call before plus its own: shared already
         else:
             previous = share_prompt_prefix(call.prompt_token_ids, previous)
     # One numbering of turns for chat and Responses calls: rows group the attempts at one request by turn.

@@ -11,7 +11,7 @@ import pytest
 from rollouttap.addon.jsonspans import (
     FAST_VALUE,
     INTS,
-    _id_list_end,
+    id_list_end,
     key_pattern,
     splice_nulls,
     value_spans,
@@ -135,7 +135,7 @@ def test_id_lists_end_where_the_ints_pattern_ends() -> None:
     for _ in range(20_000):
         text = "k:[" + "".join(rng.choices(pieces, weights, k=rng.randrange(0, 12))) + rng.choice(["]", "],1]", ""])
         want = pattern.match(text, 2)
-        assert _id_list_end(text, 2) == (want.end() if want else -1), text
+        assert id_list_end(text, 2) == (want.end() if want else -1), text
         matched += want is not None
     assert matched > 2_000  # valid lists were among them
 
