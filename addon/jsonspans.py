@@ -71,9 +71,9 @@ def value_spans(text: str, key_pattern: re.Pattern[str]) -> list[tuple[int, int]
 
 
 def id_list_end(text: str, start: int) -> int:
-    """Where INTS's match at ``start`` ends, or -1 where it does not match: a compact list of integers without
-    leading zeros ends at its first "]". A value whose "[" is followed by anything but a digit or "]" is not
-    read further."""
+    """Where INTS's match at ``start`` (0 or more) ends, or -1 where it does not match: a compact list of integers
+    without leading zeros ends at its first "]". A value whose "[" is followed by anything but a digit or "]" is
+    not read further."""
     if not text.startswith("[", start) or text[start + 1:start + 2] not in _LIST_OPENERS:
         return -1
     close = text.find("]", start)

@@ -132,7 +132,7 @@ def owner_netlink(src: Address, dst: Address, *, wait: bool = True) -> SocketId 
             except LookupError:
                 continue  # a reply that arrived after its request gave up: not ours
             except BlockingIOError:
-                if not wait or not select.select([nl], [], [], NETLINK_WAIT_S)[0]:
+                if not wait or not _readable(nl, NETLINK_WAIT_S):
                     raise
     except OSError:
         _local.netlink = None  # timed out or broken: never reuse a socket that may still get a late reply
@@ -140,6 +140,13 @@ def owner_netlink(src: Address, dst: Address, *, wait: bool = True) -> SocketId 
     if answer is None or answer[1] == 0:  # inode 0: the owning process is already gone
         return None
     return SocketId(*answer)
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    # poll, not select: a proxy's descriptors run past select's 1,024.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _proc_net_hex(packed: bytes, port: int) -> str:

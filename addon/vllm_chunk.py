@@ -6,7 +6,7 @@ Python calls and a parse per event, and an answer streams one event per token or
 streams (``data: `` and one chunk: one choice; a delta of text, reasoning or tool-call fragments; its fields
 in vLLM's order; then a blank line) is matched here on the bytes as read, by one pattern over a subset of
 the JSON grammar, so a match alone fixes where each field is: its groups are the spans to edit, and its end
-is the event's. Any other event does not match and takes the general path, as does a first chunk over
+is the event's. Any other event does not match and takes the general path, as does an ASCII first chunk over
 ``tokenids.LONG_EVENT`` bytes (a long prompt's ids, which the general path checks faster). Both give the
 same bytes, except for duplicate keys, which JSON leaves undefined and vLLM does not write (the general path's
 parse keeps the last one; a delta judged empty there may not be here), and for text that is not UTF-8, which

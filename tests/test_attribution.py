@@ -806,6 +806,29 @@ def test_netlink_answer_without_waiting_and_past_a_late_reply():
             sockdiag._local.netlink.sock.recv(8192)  # nothing left behind
 
 
+def test_a_wait_for_a_netlink_answer_works_on_any_descriptor():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 2000
+    if hard != resource.RLIM_INFINITY and hard <= high:
+        pytest.skip(f"descriptors are limited to {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, high + 1), hard))
+    a, b = socket.socketpair()
+    try:
+        os.dup2(a.fileno(), high)  # past select()'s 1,024, where a proxy's descriptors run
+        high_sock = socket.socket(fileno=high)
+        try:
+            assert not sockdiag._readable(high_sock, 0.05)
+            b.send(b"x")
+            assert sockdiag._readable(high_sock, 1.0)
+        finally:
+            high_sock.close()
+    finally:
+        a.close()
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_netlink_answer_to_another_request_is_refused():
     answer = struct.pack("=IHHII", 16, 2, 0, 41, 0)
     with pytest.raises(LookupError):

@@ -236,3 +236,11 @@ def test_a_long_first_chunk_takes_the_general_path_with_the_same_bytes(monkeypat
     monkeypatch.setattr(tokenids, "LONG_EVENT", len(stream))  # every event tried by the one match
     one, taken = strip_all()
     assert one == out and taken == [event("[DONE]")]
+
+
+def test_a_long_first_chunk_that_is_not_utf8_does_not_keep_the_ids() -> None:
+    raw = event(_long_first_chunk(30_000)).replace(b'"content":""', b'"content":"\xff"')
+    assert len(raw) > tokenids.LONG_EVENT
+    stripper = tokenids.StreamStripper(injection(ALL))
+    out = stripper.feed(raw) + stripper.feed(b"")
+    assert b'"prompt_token_ids":null' in out and len(out) < 1_000  # the one match nulls it, as for a short one
