@@ -379,21 +379,31 @@ concurrency burst (section 1b). What they mean, and what would change them:
   done. `rollouttap_logprobs=false` asks for token ids only, for training without importance-sampling
   correction (the "no logprobs" rows).
 - **Long conversations (section 1d).** With token ids, vLLM's answer carries the prompt's ids, so a call
-  with a context of 100,000 tokens brings back a list of 100,000 numbers, which the proxy checks (a
-  pattern at C speed, ~25 ns per id: 2.5 ms for 100,000 ids of 6 digits) before nulling it for the agent,
-  and the store keeps (section 1d's stored KB per call). py-spy on a proxy carrying ~100,000-token calls
-  (`py-spy record --threads`): about a third of its busy samples check the ids, a fifth is the store
-  writer, a twentieth parses the request; the rest is mitmproxy's. Checking only that the list holds
-  digits and commas (`bytes.translate`) and then searching for a malformed item was measured at 1.6
-  against 2.5 ms per 100,000 ids: a second code path to keep exactly equal to the pattern for a sixth of
-  that row's CPU, not taken. The manager decodes every call's answer once, prompt ids included: about
-  half of the ~0.25 s it spends on a 50-call agent's conversation and row (section 1d's second table; its
-  answers hold ~9 MB of ids). Decoded, an id past 256 is an int object of its own in every call's list: a
-  call whose prompt resends the one before now holds that one's objects (`conversation.share_prompt_prefix`),
-  so 50 calls growing to 100,000 ids of a real vocabulary hold 24.5 MB instead of 93.1 (section 1d's last
-  table; building them took 0.236 against 0.223 s of CPU, A/B). A conversation's calls resend it whole, so a
-  store grows with the square of an agent's turns: `AgentManager(keep_for=...)`, `rollouttap prune`
-  (README, "The store").
+  with a context of 100,000 tokens brings back a list of 100,000 numbers, which the proxy checks before
+  nulling it for the agent, and the store keeps (section 1d's stored KB per call). The check was the INTS
+  pattern, which steps through every id (2.3 ms for 100,000 ids of 2–3 digits); it is now
+  `jsonspans.id_list_end`: the list's characters by one `str.translate`, then two searches for an empty or
+  zero-led item, 1.0 ms, with the pattern's answers (a property test over 20,000 random lists compares
+  them), and the search for marker-like numbers looks at the text kept around the nulled lists only (over
+  a whole 369 KB answer it took 0.23 ms). `strip_response_json` on that answer: 2.66 → 1.25 ms. A/B (8
+  interleaved rounds of 60 `requests.Session` posts of a 100,000-character prompt, a scratch script): proxy
+  CPU 6.67 → 5.25 ms per call, p50 6.83 → 5.44 ms. Checking the characters alone (0.2 ms) would hide a
+  malformed list rather than forward the body untouched: not taken. A stream's first chunk carries the same
+  list: an ASCII event over 64 KiB (`tokenids.LONG_EVENT`) now takes the general path, which checks it so,
+  instead of vllm_chunk's pattern (100,000 six-digit ids: 3.1 → 1.9 ms; A/B as above, streamed: proxy CPU
+  8.83 → 7.42 ms per call, p50 8.55 → 7.35 ms). Per thread, with 100,000-character prompts over keep-alive
+  (/proc per-thread CPU, a scratch script): the event loop 3.6 ms and the store writer 1.35 ms per call
+  with token ids, against 1.27 and 0.48 with capture alone; stripping is 1.3–1.4 ms of the loop's, parsing
+  the request to add the fields ~0.27 ms. The manager decodes every call's answer: with each prompt's ids
+  decoded whole, that was most of the ~0.3 s a 50-call agent's conversation and row cost. Its answers are
+  now read by `manager/prompt_ids.py`: where a prompt's id list begins with the text of the one read before
+  (an agent's next prompt resends it), only the ids past it are decoded (`build_conversation` of 50 answers
+  growing to 100,000 ids: 0.29–0.31 → 0.046–0.051 s, the same calls). Decoded, an id past 256 is an int
+  object of its own in every call's list: a call whose prompt resends the one before holds that one's
+  objects (`conversation.share_prompt_prefix`, and the reader, which builds it so), so 50 calls growing to
+  100,000 ids of a real vocabulary hold ~24 MB instead of 93.1 (section 1d's last table). A conversation's
+  calls resend it whole, so a store grows with the square of an agent's turns: `AgentManager(keep_for=...)`,
+  `rollouttap prune` (README, "The store").
 - **Attribution (`addon/procfs.py`, `addon/sockdiag.py`).** A pool thread started at `client_connected`,
   before the request arrives, holding the GIL for its Python parts; one netlink socket per thread; new
   processes are found by probing pids just below `ns_last_pid`; sockets seen while searching are
@@ -419,10 +429,17 @@ concurrency burst (section 1b). What they mean, and what would change them:
   older than the others, seen for the first time and not under a registered agent, costs a scan of every
   fd table (section 3, "old agent"); a managed agent's processes are new ones, found among the newest
   pids. The first connection of a new process is where the 0.1 ms goal is missed, and not by our reads' number (about a
-  dozen syscalls, nothing to skip: the socket's inode, the newest pids, the owner's fd links, its stat and
-  environ): the first read of a new process's /proc entries makes the kernel build them, several times
-  the cost of the same reads again (the table above), and section 3's "new processes" row also meets a
-  machine that idled while the process started (its first syscalls after a wake-up are slower still). A
+  dozen syscalls: the socket's inode, the newest pids, the owner's fd links, its stat and environ): the
+  first read of a new process's /proc entries makes the kernel build them, several times the cost of the
+  same reads again (the table above), and section 3's "new processes" row also meets a machine that idled
+  while the process started (its first syscalls after a wake-up are slower still). Two kinds of syscall were
+  more than needed: the netlink query made 5 (Python polls before every send and receive of a socket with a
+  timeout), now 2 on a non-blocking socket; and the event loop's lookup of a process that reconnects read its
+  stat file by open, read and close, now by one `pread` of a file kept open (`procfs.StatFiles`: bound to the
+  process, ESRCH once it is reaped). In a proxy instrumented per call under urllib's new connections (a
+  scratch script): the netlink query 37 → 25 µs p50, the cached chain 27 → 20 µs p50 and 137 → 39 µs p90,
+  `resolve_cached` 178–185 → 147–150 µs mean (its p50, ~120 µs, within noise): in a busy proxy each of these
+  reads costs several times what section 3's hot loop shows (~40 µs for the whole lookup there). A
   known process's next connection is found among remembered sockets (section 3, "resolve warm").
   Tried and dropped: sending a request upstream before its pid lookup ends (filling the agent in before
   the response goes back). On this 2-core machine urllib's new-connection p50 over direct got worse,
