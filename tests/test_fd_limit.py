@@ -1,0 +1,114 @@
+"""The open-file limit addon, in a real mitmdump started under a low soft limit: it serves more agent connections
+at once than that limit would let it hold."""
+
+from __future__ import annotations
+
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from rollouttap.addon import fd_limit
+from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
+
+MITMDUMP = [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
+LOW = 128  # the soft limit the proxy is started with
+CONNECTIONS = 150  # agent connections held open at once: with their upstream ones, well past LOW
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc/PID/limits is Linux's")
+
+
+def _hard() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+
+def _low_soft_limit() -> None:  # runs in the child before exec
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOW, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def soft_limit_of(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+@contextmanager
+def low_limit_mitmdump(tmp_path, addon: bool) -> Iterator[tuple[int, int]]:
+    args = [*MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0", "--set", f"confdir={tmp_path}",
+            "--set", "flow_detail=0", *(["-s", fd_limit.__file__] if addon else [])]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=_low_soft_limit)
+    try:
+        assert proc.stdout is not None
+        deadline, seen = time.monotonic() + 60, []
+        while time.monotonic() < deadline and (line := proc.stdout.readline()):
+            seen.append(line)
+            if match := re.search(r"proxy listening at 127\.0\.0\.1:(\d+)", line):
+                yield proc.pid, int(match.group(1))
+                return
+        raise AssertionError("mitmdump did not start:\n" + "".join(seen)[-2000:])
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def reached_upstream(port: int, upstream: socket.socket, n: int, wait: float = 10.0) -> int:
+    """Hold ``n`` agent connections to the proxy open, each with a request to ``upstream`` (which never answers, so
+    the proxy keeps both sides open): how many of those requests reach it within ``wait`` seconds."""
+    upstream_port = upstream.getsockname()[1]
+    request = f"GET http://127.0.0.1:{upstream_port}/ HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n\r\n".encode()
+    agents = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    arrived: list[socket.socket] = []
+    try:
+        for agent in agents:
+            agent.sendall(request)
+        deadline = time.monotonic() + wait
+        while len(arrived) < n and (left := deadline - time.monotonic()) > 0:
+            upstream.settimeout(left)
+            try:
+                arrived.append(upstream.accept()[0])
+            except TimeoutError:
+                break
+        return len(arrived)
+    finally:
+        for s in agents + arrived:
+            s.close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0), backlog=1024) as server:
+        yield server
+
+
+def test_the_addon_raises_the_soft_limit_and_serves_past_it(tmp_path, upstream):
+    if _hard() < 4 * CONNECTIONS:
+        pytest.skip("the hard open-file limit is too low to tell")
+    with low_limit_mitmdump(tmp_path, addon=True) as (pid, port):
+        assert soft_limit_of(pid) == _hard()
+        assert reached_upstream(port, upstream, CONNECTIONS) == CONNECTIONS
+
+
+def test_without_it_the_low_limit_stands_and_requests_wait(tmp_path, upstream):
+    # The control: the same connections overrun the soft limit the proxy was started with.
+    with low_limit_mitmdump(tmp_path, addon=False) as (pid, port):
+        assert soft_limit_of(pid) == LOW
+        assert reached_upstream(port, upstream, CONNECTIONS, wait=3.0) < CONNECTIONS
+
+
+def test_the_rollouttap_proxy_loads_it(tmp_path):
+    proxy = ProxyProcess(ProxyConfig(store=tmp_path / "s.db", confdir=tmp_path / "conf"))
+    proxy.start(timeout=60)
+    try:
+        assert proxy.proc is not None and soft_limit_of(proxy.proc.pid) == _hard()
+    finally:
+        proxy.stop()
