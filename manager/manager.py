@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rollouttap.addon.fd_limit import raise_fd_limit  # pure: no mitmproxy
 from rollouttap.errors import AgentSpecError, ConfigError, StoreError
 from rollouttap.manager import launch
 from rollouttap.manager.agents import (
@@ -120,6 +121,11 @@ class AgentManager:
         """Open the store, start (or attach to) the proxy and the background watchers."""
         if self.store is not None:
             return self
+        # Each running agent holds ~5 descriptors here (its output pipes and files, a pidfd): under the soft limit
+        # of 1,024 many systems start processes with, a few hundred agents at once fail to start (EMFILE).
+        before, now = raise_fd_limit()
+        if now != before:
+            log.info("rollouttap: open-file limit raised from %d to %d for the agents' pipes", before, now)
         self.store = Store(self.store_path)
         try:
             self._reaper = Reaper.start(self.store_path)

@@ -1,5 +1,6 @@
-"""The open-file limit addon, in a real mitmdump started under a low soft limit: it serves more agent connections
-at once than that limit would let it hold."""
+"""Raising the soft open-file limit to the hard one: the addon, in a real mitmdump started under a low soft limit,
+serves more agent connections at once than that limit would let it hold, and AgentManager starts more agents at
+once than their pipes and files would fit in it."""
 
 from __future__ import annotations
 
@@ -112,3 +113,35 @@ def test_the_rollouttap_proxy_loads_it(tmp_path):
         assert proxy.proc is not None and soft_limit_of(proxy.proc.pid) == _hard()
     finally:
         proxy.stop()
+
+
+_DEPLOY = """
+import resource, sys, tempfile
+from collections import Counter
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+import rollouttap.manager.manager as manager
+from rollouttap.manager.agents import CommandAgent
+if sys.argv[1] == "off":
+    manager.raise_fd_limit = lambda: (64, 64)
+work = Path(tempfile.mkdtemp())
+agent = CommandAgent(["sh", "-c", "sleep 0.5; echo {prompt}"])
+with manager.AgentManager(agent, store=work / "s.db", parallel=40, confdir=work / "conf") as m:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    statuses = Counter(r.status for r in m.deploy([f"p{i}" for i in range(40)], timeout=60))
+print(soft, statuses["ok"], flush=True)
+"""
+
+
+@pytest.mark.parametrize("raised", [True, False])
+def test_agent_manager_runs_more_agents_at_once_than_a_low_soft_limit_allows(raised):
+    if _hard() < 1024:
+        pytest.skip("the hard open-file limit is too low to tell")
+    out = subprocess.run([sys.executable, "-c", _DEPLOY, "on" if raised else "off"], capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    soft, ok = map(int, out.stdout.split()[-2:])
+    if raised:
+        assert (soft, ok) == (_hard(), 40), out.stderr[-2000:]
+    else:  # the control: 40 agents' pipes and files overrun a soft limit of 64
+        assert soft == 64 and ok < 40
