@@ -11,14 +11,20 @@ Load with ``mitmdump -s addon/fd_limit.py`` or add ``FdLimit()`` to another scri
 
 # No `from __future__ import annotations`: mitmdump -s loads this file outside sys.modules.
 import logging
-import resource
 from typing import Any
+
+try:
+    import resource
+except ImportError:  # not a Unix: no such limit to raise
+    resource = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 
 def raise_fd_limit() -> tuple[int, int]:
-    """Set this process's soft RLIMIT_NOFILE to its hard one; (soft before, soft now)."""
+    """Set this process's soft RLIMIT_NOFILE to its hard one; (soft before, soft now), (0, 0) where there is none."""
+    if resource is None:
+        return 0, 0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft == hard:
         return soft, soft  # Linux's hard limit is finite (nr_open); elsewhere, leave an unbounded one alone
