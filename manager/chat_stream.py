@@ -6,7 +6,6 @@ Only choice 0 is read (agents ask for one choice; ``n > 1`` answers keep their o
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -14,7 +13,6 @@ from typing import Any, Iterable
 from rollouttap.manager.prompt_ids import PromptIdsReader
 from rollouttap.store.sse import json_events, parse_sse
 
-log = logging.getLogger(__name__)
 _TOKEN_ID_RE = re.compile(r"token_id:(-?\d+)")
 
 
@@ -242,16 +240,10 @@ def reassemble_chat_stream(sse: str | bytes, reader: PromptIdsReader | None = No
     index (id and name from their first fragment, arguments concatenated), finish_reason, usage,
     token ids and logprobs. ``reader`` decodes the chunks (the prompt ids past those of its last answer)."""
     events = parse_sse(sse)
+    done = any(e.is_done for e in events)
     if reader is None:
-        return reassemble_chat_chunks(json_events(events), done=any(e.is_done for e in events))
+        return reassemble_chat_chunks(json_events(events), done=done)
     acc = StreamAccumulator()
-    for event in events:
-        if event.data is None or event.is_done:
-            continue
-        try:
-            chunk, prompt_ids = reader.loads(event.data)
-        except ValueError:  # skipped, as json_events skips it
-            log.debug("skipping non-JSON SSE data: %.80r", event.data)
-            continue
+    for chunk, prompt_ids in json_events(events, loads=reader.loads):
         acc.add(chunk, prompt_ids)
-    return acc.result(done=any(e.is_done for e in events))
+    return acc.result(done=done)

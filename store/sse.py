@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +152,19 @@ def parse_sse(data: str | bytes) -> list[SSEEvent]:
     return parser.feed(raw) + parser.finish()
 
 
-def json_events(source: str | bytes | Iterable[SSEEvent], *, strict: bool = False) -> Iterator[Any]:
-    """The JSON payloads of an SSE body's data events, skipping ``[DONE]`` and data-less blocks.
+def json_events(source: str | bytes | Iterable[SSEEvent], *, strict: bool = False,
+                loads: Callable[[str], Any] = json.loads) -> Iterator[Any]:
+    """The JSON payloads of an SSE body's data events, skipping ``[DONE]`` and data-less blocks, each as ``loads``
+    reads it.
 
-    Payloads that are not JSON are skipped (logged) unless ``strict``, then ValueError.
+    Payloads that are not JSON (ValueError from ``loads``) are skipped (logged) unless ``strict``, then ValueError.
     """
     events = parse_sse(source) if isinstance(source, (str, bytes)) else source
     for event in events:
         if event.data is None or event.is_done:
             continue
         try:
-            yield json.loads(event.data)
+            yield loads(event.data)
         except ValueError:
             if strict:
                 raise
