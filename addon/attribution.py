@@ -338,11 +338,14 @@ class PidAttributor:
         """Whether a client at ``peer_ip`` runs on this host (so its process can be looked up)."""
         return is_local_peer(peer_ip, self._local_ips)
 
-    def resolve(self, peer: tuple[str, int], sock: tuple[str, int], *, everywhere: bool = True) -> PidResult | None:
+    def resolve(self, peer: tuple[str, int], sock: tuple[str, int], *, everywhere: bool = True,
+                claim: Callable[[], str | None] | None = None) -> PidResult | None:
         """Attribute a client connection by its source process (blocking, ~0.05 ms typical). Without
         ``everywhere``, None when the socket's holder is not where it usually is (see SocketOwnerFinder.find):
-        the caller reads every process then, apart from the lookups that find theirs at once."""
-        return self._resolve(peer, sock, everywhere=everywhere, cached=False)
+        the caller reads every process then, apart from the lookups that find theirs at once. ``claim`` says
+        which agent the connection's request claims to be, once it has come: that agent's processes are read
+        first (a lookup queued behind a batch's others), the answer is the same."""
+        return self._resolve(peer, sock, everywhere=everywhere, cached=False, claim=claim)
 
     def resolve_cached(self, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult | None:
         """What ``resolve`` answers, from what earlier lookups left: the live agents and ancestors' tags read
@@ -357,8 +360,8 @@ class PidAttributor:
             log.warning("rollouttap: a cached pid lookup failed (%r); looking it up on a thread", exc)
             return None
 
-    def _resolve(self, peer: tuple[str, int], sock: tuple[str, int], *, everywhere: bool, cached: bool
-                 ) -> PidResult | None:
+    def _resolve(self, peer: tuple[str, int], sock: tuple[str, int], *, everywhere: bool, cached: bool,
+                 claim: Callable[[], str | None] | None = None) -> PidResult | None:
         if not self.on_this_host(peer[0]):
             return PidResult(None, None, "client is not on this host")
         try:
@@ -372,8 +375,12 @@ class PidAttributor:
         if found is None:
             return PidResult(None, None, "no such socket in this namespace (container, or exited)")
         roots, known = self.directory.roots(cached=cached)
-        pid = self.finder.find_known(found.inode) if cached else self.finder.find(found.inode, roots,
-                                                                                  everywhere=everywhere)
+        claimed = claim() if claim is not None else None
+        if claimed is not None and claimed not in known:  # registered since the live agents were read, maybe
+            self.directory.refresh(if_older_than=TAG_REFRESH_S)
+            roots, known = self.directory.roots()
+        pid = self.finder.find_known(found.inode) if cached else self.finder.find(
+            found.inode, roots, everywhere=everywhere, first=known.get(claimed) if claimed is not None else None)
         if pid is None and cached:
             raise NotCached("the socket's owner")
         if pid is None and not everywhere:

@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 AGENT_ENV = "ROLLOUTTAP_AGENT_ID"
@@ -245,8 +245,19 @@ class AncestryCache:
 
 
 # Descriptors a quick lookup reads of one process at most (an agent holds tens): beyond it, only the full lookup,
-# on a thread of its own, reads the table (one process holding 19,000 cost ~0.1 s).
-QUICK_FD_LIMIT = 1024
+# on a thread of its own, reads the table (one process holding 19,000 cost ~0.1 s). Over a few hundred it is the
+# launcher's (AgentManager: ~3 per running agent), read in every lookup of a batch's first connections otherwise.
+QUICK_FD_LIMIT = 256
+# A table of at least this many descriptors is read once per lookup, however many of its process's threads the
+# lookup probes (a thread's /proc entry serves its process's fd table): one read of the group's task list marks
+# them all. Below it, reading the table again costs about what listing the threads would.
+GROUP_CHECK_MIN = 16
+# Registered roots never yet found holding a connection, oldest first, that a lookup reads before the newest pids
+# (the rest of them right after those): agents started together connect about in the order they started, and other
+# pids (their launcher's threads, this proxy's) come between them. A root read first in ROOT_MISSES lookups that
+# were not its own (one whose children connect, say) is left to the rest of the search from then on.
+ROOT_PROBES = 8
+ROOT_MISSES = 4
 # Fd links a lookup on the event loop reads at most (``find_known``): a few microseconds each, and wasted for a
 # process's first connection (a thread finds that one).
 KNOWN_LINKS_BUDGET = 8
@@ -260,7 +271,8 @@ class SocketOwnerFinder:
     while looking for another one (many agents connecting at once); the socket fds of processes whose
     connection just closed (``closed``) or that owned a recent one (a client that reconnects reuses the
     freed fd); processes started since the last lookup (pids are handed out in order: probed down from
-    ``ns_last_pid``); the socket fds of every process read before; then whole fd tables: recent owners,
+    ``ns_last_pid``), after the registered roots none of whose connections was found yet (a batch of agents
+    started together); the socket fds of every process read before; then whole fd tables: recent owners,
     processes found lately, descendants of the given roots (registered agents), and every process,
     newest first.
     """
@@ -275,12 +287,17 @@ class SocketOwnerFinder:
         self._socket_fds: dict[int, tuple[str, ...]] = {}  # pid -> its fds that held sockets when read
         self._seen: OrderedDict[str, tuple[int, str]] = OrderedDict()  # socket link -> (pid, fd)
         self._seen_max = seen
+        self._root_tries: dict[tuple[int, object], int] = {}  # root -> lookups it missed first; -1: it held one
+        self._roots_read: object = None  # the roots _due_roots was made from
+        self._due_roots: list[tuple[int, object]] = []  # those still read first, oldest first
         self._lock = threading.Lock()  # resolve() runs on several pool threads
         self.scanned_last = 0
 
-    def find(self, inode: int, roots: Iterable[int] = (), *, everywhere: bool = True) -> int | None:
+    def find(self, inode: int, roots: Iterable[int] = (), *, everywhere: bool = True,
+             first: int | None = None) -> int | None:
         """The pid of a process holding ``socket:[inode]``, or None; without ``everywhere`` only where it is
-        likely (never the whole fd tables of agents' trees and of every process: the costly part)."""
+        likely (never the whole fd tables of agents' trees and of every process: the costly part). ``first``: a
+        process whose tree is read before the rest (the root of the agent the connection claims to be)."""
         target = f"socket:[{inode}]"
         self.scanned_last = 0
         read: set[int] = set()  # fd tables read whole in this lookup
@@ -288,9 +305,17 @@ class SocketOwnerFinder:
         if pid is None:
             pid = self._search(target, self._quick_candidates(), self._holds_socket_fds, set())
         # A quick lookup leaves processes with very many descriptors to the full one: their tables cost the most.
-        holds = self._holds if everywhere else functools.partial(self._holds, limit=QUICK_FD_LIMIT)
+        holds = functools.partial(self._holds, limit=None if everywhere else QUICK_FD_LIMIT, read=read)
+        if pid is None and first is not None and first > 0:
+            pid = self._search(target, self._tree(first), holds, read)
+            if pid is not None:
+                self._root_served(first, roots)
+        if pid is None:
+            pid = self._search_roots(target, roots, holds, read, first=True)
         if pid is None:
             pid = self._search(target, self._new_pids(), holds, read)
+        if pid is None:
+            pid = self._search_roots(target, roots, holds, read, first=False)
         if pid is None:
             pid = self._search(target, self._quick_candidates(skip=read), self._holds_socket_fds, set())
         if pid is None:
@@ -343,6 +368,49 @@ class SocketOwnerFinder:
                 if holds(pid, target):
                     return pid
         return None
+
+    def _search_roots(self, target: str, roots: Iterable[int], holds: Callable[[int, str], bool],
+                      tried: set[int], first: bool) -> int | None:
+        """The registered roots (a Mapping's keys, each named with its value) that have not yet held a looked-up
+        socket nor missed ROOT_MISSES times, oldest (lowest pid) first: the first ROOT_PROBES of them (``first``,
+        each miss counted), else the rest (a miss there does not count: a batch's later roots wait their turn)."""
+        with self._lock:
+            if roots is not self._roots_read:  # the directory's mapping changes only when it reads the store
+                keys = [(pid, roots[pid]) if isinstance(roots, Mapping) else (pid, None) for pid in roots]
+                keys.sort(key=lambda key: key[0])
+                live = set(keys)  # forget roots no longer registered
+                self._root_tries = tries = {key: n for key, n in self._root_tries.items() if key in live}
+                self._due_roots = [key for key in keys if key[0] > 0 and 0 <= tries.get(key, 0) < ROOT_MISSES]
+                self._roots_read = roots
+            due = self._due_roots[:ROOT_PROBES] if first else list(self._due_roots)  # (those read first: tried)
+        for key in due:
+            if key[0] in tried:
+                continue
+            tried.add(key[0])
+            found = holds(key[0], target)
+            if found or first:
+                with self._lock:
+                    count = self._root_tries[key] = -1 if found else self._root_tries.get(key, 0) + 1
+                    if (count < 0 or count >= ROOT_MISSES) and key in self._due_roots:
+                        self._due_roots.remove(key)
+            if found:
+                return key[0]
+        return None
+
+    def _tree(self, root: int) -> Iterator[int]:
+        """The root, then its descendants newest first (read only if the root does not hold it)."""
+        yield root
+        yield from self._descendants([root])
+
+    def _root_served(self, pid: int, roots: Iterable[int]) -> None:
+        """A lookup found its socket in the tree of root ``pid``: it is not read first any more."""
+        if not isinstance(roots, Mapping) or pid not in roots:
+            return
+        key = (pid, roots[pid])
+        with self._lock:
+            self._root_tries[key] = -1
+            if key in self._due_roots:
+                self._due_roots.remove(key)
 
     def _quick_candidates(self, skip: set[int] | None = None) -> list[int]:
         """Closed and recent owners; with ``skip``, every other process whose socket fds are known."""
@@ -443,9 +511,10 @@ class SocketOwnerFinder:
         self._remember_sockets(pid, sockets, complete=False)
         return bool(sockets) and sockets[-1][1] == target
 
-    def _holds(self, pid: int, target: str, limit: int | None = None) -> bool:
+    def _holds(self, pid: int, target: str, limit: int | None = None, read: set[int] | None = None) -> bool:
         """Whether ``pid`` holds ``target``; notes the sockets of its fd table read on the way. With ``limit``, a
-        table of more descriptors is not read (False)."""
+        table of more descriptors is not read (False). With ``read`` (the pids whose table this lookup has read), a
+        large table adds its process's threads there: the lookup does not read it again through one of them."""
         self.scanned_last += 1
         try:
             # Links read relative to the open fd directory: a quarter cheaper than by full path.
@@ -463,6 +532,8 @@ class SocketOwnerFinder:
             fds = os.listdir(dir_fd)
             if limit is not None and len(fds) > limit:
                 return False
+            if read is not None and len(fds) >= GROUP_CHECK_MIN:
+                read.update(self._threads_of(pid))
             # Highest fds first: a process's newest socket usually has its highest fd.
             for fd in sorted(fds, key=int, reverse=True):
                 link = self._link(pid, fd, dir_fd)
@@ -477,6 +548,13 @@ class SocketOwnerFinder:
             os.close(dir_fd)
         self._remember_sockets(pid, sockets, complete=not found)
         return found
+
+    def _threads_of(self, pid: int) -> list[int]:
+        """Every thread of ``pid``'s process (a thread's id lists its whole group), the process's own id among them."""
+        try:
+            return [int(tid) for tid in os.listdir(f"{self.proc}/{pid}/task")]
+        except OSError:
+            return []
 
     def _process_of(self, pid: int) -> int:
         """The thread-group id: a probed pid may be a thread, which /proc serves but does not list."""

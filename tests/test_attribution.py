@@ -173,6 +173,43 @@ def test_a_tag_of_an_ended_agent_from_outside_its_tree_is_refused(tmp_path):
     assert result.detail == f"tag 'gone' but its root pid {root.pid} is not an ancestor"
 
 
+def test_a_lookup_reads_the_store_again_for_a_claimed_agent_registered_since_it_was_read(tmp_path, monkeypatch):
+    # A batch's agents register while lookups run: the agent a request claims is often newer than the live agents
+    # read; its root, read again then, is where the lookup looks first.
+    monkeypatch.setattr(attribution, "TAG_REFRESH_S", 0.0)
+    path = tmp_path / "s.db"
+    directory = AgentDirectory(str(path), max_age=3600.0)
+    firsts: list[int | None] = []
+
+    class Spy(SocketOwnerFinder):
+        def find(self, inode, roots=(), *, everywhere=True, first=None):
+            firsts.append(first)
+            return super().find(inode, roots, everywhere=everywhere, first=first)
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(30)
+        client = subprocess.Popen([sys.executable, "-c", (
+            "import socket, sys\n"
+            f"s = socket.create_connection({server.getsockname()!r})\n"
+            "sys.stdin.read()\n")], stdin=subprocess.PIPE, start_new_session=True)
+        try:
+            accepted, peer = server.accept()
+            directory.refresh()  # read before the agent is registered
+            with Store(path) as store:
+                store.register_agent("claimed", token=new_token())
+                store.agent_started("claimed", client.pid)
+            with accepted:
+                attributor = PidAttributor(directory)
+                attributor.finder = Spy()
+                result = attributor.resolve(peer, accepted.getsockname(), claim=lambda: "claimed")
+                unclaimed = attributor.resolve(peer, accepted.getsockname(), claim=lambda: "nobody")
+        finally:
+            client.communicate(b"", timeout=30)
+            directory.close()
+    assert firsts == [client.pid, None]
+    assert result.pid == unclaimed.pid == client.pid and result.agent_id == "claimed"
+
+
 @pytest.mark.parametrize("case", ["own root", "root elsewhere", "processes ended"])
 def test_an_agent_registered_since_the_directory_was_read_counts_its_root_at_once(tmp_path, monkeypatch, case):
     # deploy() registers an agent, starts it, and its first connection can come before the proxy reads the live
@@ -438,13 +475,159 @@ def test_a_quick_lookup_does_not_read_a_process_holding_very_many_descriptors():
         assert finder.find(inode) == pid
 
 
+class _TablesRead(SocketOwnerFinder):
+    """A finder that records whose whole fd table each lookup reads (``tables``: the pids, in order)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tables: list[int] = []
+
+    def _holds(self, pid, target, limit=None, read=None):
+        self.tables.append(pid)
+        return super()._holds(pid, target, limit, read)
+
+
+def test_a_lookup_reads_the_table_of_a_process_with_many_threads_once():
+    # An older process holds the socket; a newer one holds many descriptors and threads. Each thread's id is a
+    # newer pid than the owner's, and /proc serves the process's fd table under each: one read must do.
+    code = ("import os, sys, threading\n"
+            "pipes = [os.pipe() for _ in range(20)]\n"
+            "done = threading.Event()\n"
+            "threads = [threading.Thread(target=done.wait) for _ in range(8)]\n"
+            "[t.start() for t in threads]\n"
+            "print(' '.join(str(t.native_id) for t in threads), flush=True); sys.stdin.readline(); done.set()\n")
+    with socket.create_server(("127.0.0.1", 0)) as server, _child_connected(server) as (owner, inode):
+        threaded = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True)
+        try:
+            tids = {threaded.pid, *map(int, threaded.stdout.readline().split())}
+            finder = _TablesRead()
+            assert finder.find(inode, everywhere=False) == owner
+            assert len(tids) == 9 and owner not in tids
+            assert sum(pid in tids for pid in finder.tables) == 1, finder.tables
+        finally:
+            threaded.stdin.close()
+            threaded.wait(5)
+
+
+def test_a_lookup_reads_a_small_table_again_rather_than_list_its_threads(fake_proc):
+    # Below GROUP_CHECK_MIN descriptors a thread's table costs about what its task list would: no list is read.
+    from rollouttap.addon.procfs import GROUP_CHECK_MIN
+    fake_proc.process(12, sockets=[1012])
+    fake_proc.process(30, sockets=range(2000, 2000 + GROUP_CHECK_MIN), children=())
+    for tid in range(31, 34):  # threads of 30: their /proc entries serve its table and task list
+        (fake_proc.root / "30" / "task" / str(tid)).mkdir()
+        os.symlink("30", fake_proc.root / str(tid))
+    fake_proc.last_pid(33)
+    finder = _TablesRead(str(fake_proc.root), young=8)
+    assert finder.find(1012) == 12
+    assert finder.tables == [33, 12]  # 33's table named 30..33: none of them read again
+    fake_proc.process(40, sockets=range(3000, 3000 + GROUP_CHECK_MIN - 2))  # one descriptor less with /dev/null
+    for tid in range(41, 43):
+        (fake_proc.root / "40" / "task" / str(tid)).mkdir()
+        os.symlink("40", fake_proc.root / str(tid))
+    fake_proc.last_pid(42)
+    finder.tables.clear()
+    assert finder.find(1012) == 12
+    assert finder.tables == []  # found among a recent owner's socket fds: no whole table read
+    fake_proc.process(13, sockets=[1013])
+    finder.tables.clear()
+    assert finder.find(1013) == 13
+    assert finder.tables[:3] == [42, 41, 40]  # small: each thread's id read as it came
+
+
+def test_a_lookup_tries_registered_roots_oldest_first_until_each_held_a_connection(fake_proc):
+    from rollouttap.addon.procfs import ROOT_MISSES
+    for pid in range(10, 20):  # ten agents started together...
+        fake_proc.process(pid, sockets=[1000 + pid])
+    for pid in range(40, 60):  # ...then other processes and threads (their launcher's, the proxy's)
+        fake_proc.process(pid, sockets=[2000 + pid])
+    fake_proc.last_pid(59)
+    roots = {pid: (pid * 10.0, f"agent-{pid}") for pid in range(10, 20)}
+    finder = _TablesRead(str(fake_proc.root))  # (a fake fd directory's size is no descriptor count: full lookups)
+    assert finder.find(1010, roots) == 10
+    assert finder.tables == [10]  # the oldest root first, not the newest pids
+    for pid in range(12, 12 + ROOT_MISSES):  # 11 never connects itself (its children would)
+        finder.tables.clear()
+        assert finder.find(1000 + pid, roots) == pid
+        assert finder.tables == [11, pid]  # 10 held one already
+    finder.tables.clear()
+    assert finder.find(1000 + 12 + ROOT_MISSES, roots) == 12 + ROOT_MISSES
+    assert finder.tables == [12 + ROOT_MISSES]  # 11 missed ROOT_MISSES times: left to the rest of the search
+    finder.tables.clear()
+    roots = dict(roots)  # read again from the store: what each root did still counts
+    assert finder.find(2059, roots) == 59  # not a root's: the due roots, then the newest pid
+    assert finder.tables == [pid for pid in range(13 + ROOT_MISSES, 20)] + [59]
+
+
+def test_a_lookup_reads_the_tree_of_the_agent_its_request_claims_first(fake_proc):
+    for pid in range(10, 20):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.process(10, children=[30])  # the oldest root's child connects
+    fake_proc.process(30, ppid=10, sockets=[2030])
+    fake_proc.last_pid(30)
+    roots = {pid: (None, f"agent-{pid}") for pid in range(10, 20)}
+    finder = _TablesRead(str(fake_proc.root))
+    assert finder.find(2030, roots, first=10) == 30
+    assert finder.tables == [10, 30]  # the claimed root, then its descendants: no other root, no newest pid
+    finder.tables.clear()
+    assert finder.find(1011, roots) == 11
+    assert finder.tables == [11]  # 10's tree held one: 10 is no longer read first
+    finder.tables.clear()
+    assert finder.find(1012, roots, first=19) == 12  # a claim its tree does not bear out: the search goes on
+    assert finder.tables[:2] == [19, 12]
+
+
+def test_a_lookup_reads_root_probes_registered_roots_before_the_newest_pids_and_the_rest_after(fake_proc):
+    from rollouttap.addon.procfs import ROOT_PROBES
+    batch = range(10, 10 + 2 * ROOT_PROBES)
+    for pid in batch:
+        fake_proc.process(pid, sockets=[1000 + pid])
+    for pid in range(50, 53):
+        fake_proc.process(pid, sockets=[2000 + pid])
+    fake_proc.last_pid(52)
+    roots = {pid: (None, f"agent-{pid}") for pid in batch}
+    finder = _TablesRead(str(fake_proc.root), young=2)
+    assert finder.find(2052, roots) == 52
+    assert finder.tables == [*batch[:ROOT_PROBES], 52]
+    fake_proc.process(53, sockets=[2053])
+    fake_proc.process(54, sockets=[2054])
+    fake_proc.last_pid(54)
+    later = batch[ROOT_PROBES + 2]
+    finder.tables.clear()
+    assert finder.find(1000 + later, roots) == later
+    assert finder.tables == [*batch[:ROOT_PROBES], 54, 53, *batch[ROOT_PROBES:ROOT_PROBES + 3]]
+
+
+def test_only_a_registered_roots_first_reads_count_as_its_misses(fake_proc):
+    from rollouttap.addon.procfs import ROOT_MISSES, ROOT_PROBES
+    batch = range(10, 10 + 2 * ROOT_PROBES)
+    for pid in batch:
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.last_pid(batch[-1])
+    roots = {pid: (None, f"agent-{pid}") for pid in batch}
+    finder = _TablesRead(str(fake_proc.root), young=0)  # no new pids probed: the roots lead to each owner
+    behind = batch[ROOT_PROBES]
+    for n in range(ROOT_MISSES):  # the last roots connect first: every read of the first ROOT_PROBES is a miss
+        os.symlink(f"socket:[{4000 + batch[-1 - n]}]", fake_proc.root / str(batch[-1 - n]) / "fd" / "9")
+        finder.tables.clear()
+        assert finder.find(4000 + batch[-1 - n], roots) == batch[-1 - n]
+        assert finder.tables == [*batch[:ROOT_PROBES], *range(behind, batch[-1 - n] + 1)]
+    os.symlink(f"socket:[{4000 + behind}]", fake_proc.root / str(behind) / "fd" / "9")  # it connects, at a new fd
+    finder.tables.clear()
+    assert finder.find(4000 + behind, roots) == behind
+    # The first ROOT_PROBES missed ROOT_MISSES times: left to the rest of the search. ``behind`` was read as often,
+    # after the newest pids: no misses of its own, so it is read first now.
+    assert finder.tables == [behind]
+
+
 class _Lookups:
     """Stands in for PidAttributor.resolve: quick answers as told, full ones record that they ran."""
 
     def __init__(self, quick: PidResult | None) -> None:
         self.quick, self.full = quick, 0
 
-    def resolve(self, peer, sock, *, everywhere: bool = True):
+    def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
         if everywhere:
             self.full += 1
             return PidResult(4242, "found-by-scan")
@@ -650,7 +833,8 @@ def test_finder_searches_descendants_of_roots_before_everything(fake_proc):
     fake_proc.last_pid(59)
     finder = SocketOwnerFinder(str(fake_proc.root), young=2)
     assert finder.find(4031, roots=[20]) == 31
-    assert finder.scanned_last == 2 + 1  # the two newest pids, then the deepest descendant first
+    # The root itself (none of its connections found yet), the two newest pids, then the deepest descendant first.
+    assert finder.scanned_last == 1 + 2 + 1
     assert finder.find(1058) == 58 and finder.scanned_last == 1  # its socket was seen on the way
 
 
@@ -852,7 +1036,8 @@ def test_socket_owner_found_among_descendants_of_a_root_process():
         owner = finder.find(inode, roots=[root.pid])
         assert owner is not None and owner != root.pid
         assert ancestry(owner)[1].pid == root.pid
-        assert finder.scanned_last == 1  # the root's newest descendant, before any other process
+        # The root itself (none of its connections found yet), then its newest descendant, before any other process.
+        assert finder.scanned_last == 2
         accepted.close()
     finally:
         root.stdin.close()
