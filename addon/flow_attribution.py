@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
@@ -42,6 +43,9 @@ class FlowAttribution:
         self._scan_pool = scan_pool
         self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
         self._conn_creds: dict[str, Attribution] = {}  # a CONNECT's attribution, for its tunnel's requests
+        # The agent a connection's request claims to be (its token), for its lookup if still queued when it came:
+        # that agent's processes are read first. Only an order: the owner found is checked as any other.
+        self._claims: dict[str, str] = {}
         self._on_threads = 0  # lookups queued or running on the pools
         self.credential_check_wait = CREDENTIAL_CHECK_WAIT_S
 
@@ -65,6 +69,7 @@ class FlowAttribution:
             if pid is not None and self.pids is not None:
                 self.pids.connection_closed(pid)
         self._conn_creds.pop(client.id, None)
+        self._claims.pop(client.id, None)
 
     def start_pid_lookup(self, client: Client) -> None:
         """Look up the process behind a client connection (once per connection): at once when what earlier
@@ -83,7 +88,8 @@ class FlowAttribution:
                 future: asyncio.Future[PidResult] = asyncio.get_running_loop().create_future()
                 future.set_result(known)
             else:
-                future = asyncio.ensure_future(self._lookup(self.pids, peer, sock))
+                future = asyncio.ensure_future(self._lookup(self.pids, peer, sock,
+                                                            functools.partial(self._claims.get, client.id)))
                 self._on_threads += 1  # from now, not from when the task first runs: the next connection may
                 future.add_done_callback(self._lookup_ended)  # come in the same turn of the loop
             self._conn_pid[client.id] = future
@@ -91,12 +97,15 @@ class FlowAttribution:
     def _lookup_ended(self, _: asyncio.Future[PidResult]) -> None:
         self._on_threads -= 1
 
-    async def _lookup(self, pids: PidAttributor, peer: tuple[str, int], sock: tuple[str, int]) -> PidResult:
+    async def _lookup(self, pids: PidAttributor, peer: tuple[str, int], sock: tuple[str, int],
+                      claim: Callable[[], str | None] | None = None) -> PidResult:
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._pool, functools.partial(pids.resolve, peer, sock, everywhere=False))
+        result = await loop.run_in_executor(
+            self._pool, functools.partial(pids.resolve, peer, sock, everywhere=False, claim=claim))
         if result is None:
             try:
-                result = await loop.run_in_executor(self._scan_pool, pids.resolve, peer, sock)
+                result = await loop.run_in_executor(self._scan_pool,
+                                                    functools.partial(pids.resolve, peer, sock, claim=claim))
             except RuntimeError as exc:  # the pools were shut down meanwhile: the proxy is stopping
                 raise asyncio.CancelledError("the proxy is shutting down") from exc
         assert result is not None
@@ -130,6 +139,8 @@ class FlowAttribution:
         # Eager: a token is checked against the process that sends it, with the lookup begun at connect
         # (usually done by now; bounded, so a stuck /proc read cannot hold the request: it is then refused, 503).
         check_token_owner = has_token and ctx.options.rollouttap_pid_lookup == "eager"
+        if check_token_owner:
+            self._claims[flow.client_conn.id] = creds[0] if creds is not None else in_path[0]  # type: ignore[index]
         pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_token_owner,
                                             timeout=self.credential_check_wait if check_token_owner else None)
         pid = pid_result.pid if pid_result else None
@@ -176,6 +187,9 @@ class FlowAttribution:
             return PidResult(None, None, f"its sender could not be checked within {timeout:g}s", unchecked=True)
         except Exception as exc:  # a failed lookup must not lose the flow
             log.warning("rollouttap: pid attribution failed: %r", exc)
+            if timeout is not None:  # a token's sender check: never passed unchecked (refused, 503, to be retried)
+                return PidResult(None, None, f"its sender could not be checked: lookup failed: {exc!r}",
+                                 unchecked=True)
             return PidResult(None, None, f"lookup failed: {exc!r}")
 
     async def _agent(self, agent_id: str) -> AgentRecord | None:

@@ -255,7 +255,7 @@ class _CachedOrWaiting:
         self.asked_cached += 1
         return self.cached
 
-    def resolve(self, peer, sock, *, everywhere: bool = True):
+    def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
         self.release.wait(30)
         return PidResult(7, "a1", "registered root")
 
@@ -298,6 +298,126 @@ def test_while_lookups_run_on_threads_new_ones_are_not_tried_on_the_event_loop()
         scan_pool.shutdown()
     assert at_once == [True, False, False] and lookups.asked_cached == 2
     assert answers == [PidResult(7, "a1", "registered root")] * 3 and who._on_threads == 0
+
+
+class _ClaimSeen:
+    """Stands in for PidAttributor: lookups wait for ``release``, then note which agent the connection claimed."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.claims: list[str | None] = []
+
+    def on_this_host(self, peer_ip):
+        return True
+
+    def resolve_cached(self, peer, sock):
+        return None
+
+    def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
+        self.release.wait(30)
+        self.claims.append(claim() if claim is not None else None)
+        return PidResult(7, None, "under no registered root")
+
+    def connection_closed(self, pid):
+        pass
+
+
+class _NoAgents:
+    def cached(self, agent_id):
+        return None
+
+    def age(self, agent_id):
+        return 0.0
+
+    max_age = 1.0
+
+    def lookup(self, agent_id):
+        return None
+
+
+def test_a_lookup_still_queued_when_its_request_comes_reads_the_claimed_agent_first():
+    # A batch of agents connecting at once queues their lookups; the request that comes meanwhile names its agent
+    # (its proxy credentials), whose processes the lookup then reads first. The answer is still the lookup's.
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mitmproxy.test import tflow
+
+    from rollouttap.addon.capture import RolloutTap
+    from rollouttap.addon.flow_attribution import FlowAttribution
+    from test_capture import _taddons
+
+    taddons, proxyserver = _taddons()
+    pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    lookups = _ClaimSeen()
+    who = FlowAttribution(pool, scan_pool)
+    who.pids, who.directory = lookups, _NoAgents()  # type: ignore[assignment]
+
+    async def one_request():
+        flow = tflow.tflow()
+        flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(b"agent-7:secret").decode()
+        who.start_pid_lookup(flow.client_conn)  # at connect: queued behind the batch's others (held, here)
+        attributed = asyncio.ensure_future(who.attribute(flow))
+        await asyncio.sleep(0.05)  # the request has come and waits for its sender's check
+        lookups.release.set()
+        answer = await attributed
+        who.connection_closed(flow.client_conn)
+        return answer, who._claims
+
+    try:
+        with taddons.context(proxyserver(), RolloutTap()):
+            who_said, claims_left = asyncio.run(one_request())
+    finally:
+        lookups.release.set()
+        pool.shutdown()
+        scan_pool.shutdown()
+    assert lookups.claims == ["agent-7"]
+    assert who_said.agent_id is None and who_said.pid == 7  # no such agent: refused as before, by its check
+    assert claims_left == {}  # forgotten with its connection
+
+
+class _Failing(_ClaimSeen):
+    def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
+        raise RuntimeError("a lookup that broke")
+
+
+@pytest.mark.parametrize("credentials", [True, False])
+def test_a_token_whose_senders_lookup_failed_is_refused_for_now_not_passed(credentials):
+    # A lookup that raised checked nothing: a token then would speak for its agent unchecked (503, retried, as a
+    # lookup that took too long). Without a token the flow is recorded, attributed to nobody, as before.
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mitmproxy.test import tflow
+
+    from rollouttap.addon.capture import RolloutTap
+    from rollouttap.addon.flow_attribution import FlowAttribution
+    from test_capture import _taddons
+
+    taddons, proxyserver = _taddons()
+    pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    who = FlowAttribution(pool, scan_pool)
+    who.pids, who.directory = _Failing(), _NoAgents()  # type: ignore[assignment]
+
+    async def one_request():
+        flow = tflow.tflow()
+        if credentials:
+            flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(b"agent-7:secret").decode()
+        who.start_pid_lookup(flow.client_conn)
+        return await who.attribute(flow)
+
+    try:
+        with taddons.context(proxyserver(), RolloutTap()):
+            who_said = asyncio.run(one_request())
+    finally:
+        pool.shutdown()
+        scan_pool.shutdown()
+    assert who_said.agent_id is None
+    if credentials:
+        assert (who_said.method, who_said.retry) == ("rejected", True)
+        assert who_said.detail.startswith("its sender could not be checked: lookup failed")
+    else:
+        assert who_said.method == "none" and who_said.detail.startswith("lookup failed")
 
 
 def test_sockets_found_through_a_thread_are_known_as_its_processs(fake_proc):
