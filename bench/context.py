@@ -40,6 +40,7 @@ class Plan:
     deploy_agents: int
     deploy_calls: int
     deploy_busy: int  # idle processes on the host for deploy's busy-host rows (0: none)
+    deploy_batch: int  # agents at once in deploy's large-batch rows (0: none)
     store_write_flows: int
     store_read_flows: int
     clients: tuple[str, ...] = ("requests", "openai", "aiohttp", "urllib", "curl")
@@ -53,13 +54,13 @@ class Plan:
 SMOKE = Plan("smoke", repeats=1, requests=3, warmup=1, cell_budget_s=5, stream_requests=2, chunk_delay=0.01,
              concurrency_clients=4, concurrency_procs=1, concurrency_seconds=0.3,
              attribution_procs=(10,), attribution_conns=5, scale_agents=(4,), scale_calls=3,
-             scale_budget_s=60, deploy_agents=2, deploy_calls=2, deploy_busy=20, store_write_flows=500,
+             scale_budget_s=60, deploy_agents=2, deploy_calls=2, deploy_busy=20, deploy_batch=0, store_write_flows=500,
              store_read_flows=2000)
 FULL = Plan("full", repeats=3, requests=100, warmup=10, cell_budget_s=20, stream_requests=20, chunk_delay=0.02,
             concurrency_clients=32, concurrency_procs=2, concurrency_seconds=5.0,
             attribution_procs=(10, 100, 1000), attribution_conns=50, scale_agents=(64, 256),
             scale_calls=20, scale_budget_s=300, deploy_agents=16, deploy_calls=5,
-            deploy_busy=1000, store_write_flows=20000, store_read_flows=100000)
+            deploy_busy=1000, deploy_batch=128, store_write_flows=20000, store_read_flows=100000)
 
 
 def progress(message: str) -> None:

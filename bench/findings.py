@@ -441,6 +441,26 @@ concurrency burst (section 1b). What they mean, and what would change them:
   `resolve_cached` 178–185 → 147–150 µs mean (its p50, ~120 µs, within noise): in a busy proxy each of these
   reads costs several times what section 3's hot loop shows (~40 µs for the whole lookup there). A
   known process's next connection is found among remembered sockets (section 3, "resolve warm").
+  Under deploy() the pid lookups met a cost none of section 3's rows has: a batch of agents started together.
+  The newest pids are then mostly the manager's threads (a pool thread and two output readers per agent), and
+  /proc serves a thread's id as its process's, so the search for new processes read the manager's whole fd table
+  (~3 descriptors per running agent) once per thread: in a proxy instrumented per lookup (a scratch
+  `sitecustomize`), 32 agents of 16 at once cost 194 ms of lookup CPU and 29,932 fd links, and with 128 agents at
+  once on this 2-core VM 1 to 6 per batch had a call refused (503: its sender's check took over the 10 s). Now a
+  lookup reads a table of 16 or more descriptors once, with its process's task list, whose threads it then skips
+  (`procfs.GROUP_CHECK_MIN`); it reads the registered roots that have not yet held a connection before the newest
+  pids, oldest first (agents started together connect about in that order; `ROOT_PROBES`, `ROOT_MISSES`); a
+  connection whose request has come while its lookup was still queued has the tree of the agent its token names
+  read first (the answer is checked as any other); and quick lookups leave tables over 256 descriptors (the
+  manager's, above ~80 agents) to the full one. The same 32 agents: 24 ms and 913 links. `--only deploy`, A/B in
+  3 interleaved rounds (a slow spell of this host: the 16 agents directly 1.31-1.57 s): deploy() 1.07-1.13x
+  direct against 1.14-1.17x, proxy CPU 0.14-0.18 against 0.20-0.24 s per batch; section 5's row of 128 agents at
+  once (added with this): 0 of 768 agents failed in two runs, 1.13x and 1.15x, proxy CPU 1.65 and 1.71 s, against
+  1 of 384, 1.17x and 2.92 s before. At 256 agents at once (a scratch run) lookups still wait seconds: the proxy
+  gets its share of 2 cores among 256 starting interpreters, and a few calls a batch can pass the 10 s.
+  Tried and dropped: uvloop under mitmproxy (0.23, with an eager task factory it accepts): 6 % less CPU for bare
+  fastdump and 2 % for capture per keep-alive request (httpx, 8 interleaved rounds), and it calls a protocol's
+  `data_received` as bound at connection, past the tuning addon's QUICKACK wrap: not worth a dependency.
   Tried and dropped: sending a request upstream before its pid lookup ends (filling the agent in before
   the response goes back). On this 2-core machine urllib's new-connection p50 over direct got worse,
   ~1.9 → ~2.5 ms: the lookup thread and the event loop then compete for the GIL, while a request that
