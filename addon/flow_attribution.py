@@ -94,6 +94,15 @@ class FlowAttribution:
                 future.add_done_callback(self._lookup_ended)  # come in the same turn of the loop
             self._conn_pid[client.id] = future
 
+    def _claim(self, client: Client, agent_id: str) -> None:
+        """Note the agent a request on ``client``'s connection claims to be, for the connection's lookup while
+        that has not finished (one is begun if none is there: the last one failed)."""
+        self.start_pid_lookup(client)
+        future = self._conn_pid.get(client.id)
+        if future is not None and not future.done():
+            self._claims[client.id] = agent_id
+            future.add_done_callback(lambda _: self._claims.pop(client.id, None))
+
     def _lookup_ended(self, _: asyncio.Future[PidResult]) -> None:
         self._on_threads -= 1
 
@@ -140,7 +149,7 @@ class FlowAttribution:
         # (usually done by now; bounded, so a stuck /proc read cannot hold the request: it is then refused, 503).
         check_token_owner = has_token and ctx.options.rollouttap_pid_lookup == "eager"
         if check_token_owner:
-            self._claims[flow.client_conn.id] = creds[0] if creds is not None else in_path[0]  # type: ignore[index]
+            self._claim(flow.client_conn, creds[0] if creds is not None else in_path[0])  # type: ignore[index]
         pid_result = await self._pid_result(flow.client_conn.id, wait=needs_pid or check_token_owner,
                                             timeout=self.credential_check_wait if check_token_owner else None)
         pid = pid_result.pid if pid_result else None
@@ -188,6 +197,8 @@ class FlowAttribution:
         except Exception as exc:  # a failed lookup must not lose the flow
             log.warning("rollouttap: pid attribution failed: %r", exc)
             if timeout is not None:  # a token's sender check: never passed unchecked (refused, 503, to be retried)
+                if self._conn_pid.get(conn_id) is future:  # the next request on this connection looks up anew
+                    del self._conn_pid[conn_id]
                 return PidResult(None, None, f"its sender could not be checked: lookup failed: {exc!r}",
                                  unchecked=True)
             return PidResult(None, None, f"lookup failed: {exc!r}")

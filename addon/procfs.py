@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 AGENT_ENV = "ROLLOUTTAP_AGENT_ID"
@@ -248,6 +248,8 @@ class AncestryCache:
 # on a thread of its own, reads the table (one process holding 19,000 cost ~0.1 s). Over a few hundred it is the
 # launcher's (AgentManager: ~3 per running agent), read in every lookup of a batch's first connections otherwise.
 QUICK_FD_LIMIT = 256
+# Known socket fds of one process a lookup reads at most (a process that reconnects: one link per socket it held).
+SOCKET_FDS_LIMIT = 1024
 # A table of at least this many descriptors is read once per lookup, however many of its process's threads the
 # lookup probes (a thread's /proc entry serves its process's fd table): one read of the group's task list marks
 # them all. Below it, reading the table again costs about what listing the threads would.
@@ -300,6 +302,8 @@ class SocketOwnerFinder:
         process whose tree is read before the rest (the root of the agent the connection claims to be)."""
         target = f"socket:[{inode}]"
         self.scanned_last = 0
+        if not isinstance(roots, Collection):  # read more than once below
+            roots = tuple(roots)
         read: set[int] = set()  # fd tables read whole in this lookup
         pid = self._where_seen(target)
         if pid is None:
@@ -390,9 +394,11 @@ class SocketOwnerFinder:
             found = holds(key[0], target)
             if found or first:
                 with self._lock:
-                    count = self._root_tries[key] = -1 if found else self._root_tries.get(key, 0) + 1
-                    if (count < 0 or count >= ROOT_MISSES) and key in self._due_roots:
-                        self._due_roots.remove(key)
+                    before = self._root_tries.get(key, 0)
+                    if before >= 0:  # (another lookup may have found one of its sockets meanwhile: that stands)
+                        count = self._root_tries[key] = -1 if found else before + 1
+                        if (count < 0 or count >= ROOT_MISSES) and key in self._due_roots:
+                            self._due_roots.remove(key)
             if found:
                 return key[0]
         return None
@@ -490,7 +496,7 @@ class SocketOwnerFinder:
             else:
                 self._socket_fds.pop(pid, None)
 
-    def _holds_socket_fds(self, pid: int, target: str, limit: int = QUICK_FD_LIMIT) -> bool:
+    def _holds_socket_fds(self, pid: int, target: str, limit: int = SOCKET_FDS_LIMIT) -> bool:
         """Whether one of the fds that held sockets when ``pid`` was last read holds ``target`` now (not read
         when they are over ``limit``)."""
         with self._lock:

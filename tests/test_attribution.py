@@ -501,7 +501,7 @@ def test_a_lookup_reads_the_table_of_a_process_with_many_threads_once():
                                     text=True)
         try:
             tids = {threaded.pid, *map(int, threaded.stdout.readline().split())}
-            finder = _TablesRead()
+            finder = _TablesRead(young=4096)  # the owner among the new pids however many others a busy host starts
             assert finder.find(inode, everywhere=False) == owner
             assert len(tids) == 9 and owner not in tids
             assert sum(pid in tids for pid in finder.tables) == 1, finder.tables
@@ -576,6 +576,55 @@ def test_a_lookup_reads_the_tree_of_the_agent_its_request_claims_first(fake_proc
     finder.tables.clear()
     assert finder.find(1012, roots, first=19) == 12  # a claim its tree does not bear out: the search goes on
     assert finder.tables[:2] == [19, 12]
+
+
+def test_a_root_found_by_another_lookup_meanwhile_is_not_counted_back_as_a_miss(fake_proc):
+    # Lookups run on several threads: one reads root 10 and misses while another finds one of 10's sockets.
+    for pid in (10, 11):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.last_pid(11)
+    roots = {10: (None, "agent-10"), 11: (None, "agent-11")}
+
+    class Meanwhile(_TablesRead):
+        def _holds(self, pid, target, limit=None, read=None):
+            if pid == 10:
+                self._root_served(10, roots)  # the other thread's lookup ends first
+            return super()._holds(pid, target, limit, read)
+
+    finder = Meanwhile(str(fake_proc.root))
+    assert finder.find(1011, roots) == 11
+    assert finder.tables == [10, 11]
+    assert finder._root_tries[(10, roots[10])] == -1  # held one: never read first again
+    finder.tables.clear()
+    fake_proc.process(12, sockets=[1012])
+    fake_proc.last_pid(12)
+    assert finder.find(1012, roots) == 12 and finder.tables == [12]
+
+
+def test_a_process_holding_hundreds_of_sockets_is_found_again_by_a_quick_lookup(fake_proc):
+    # Over QUICK_FD_LIMIT descriptors a quick lookup does not read its whole table, but the socket fds it held when
+    # last read are few reads each: a pool of 300 connections that reconnects is found without the full lookup.
+    from rollouttap.addon.procfs import QUICK_FD_LIMIT
+    fake_proc.process(5, sockets=range(3000, 3000 + QUICK_FD_LIMIT + 44))
+    fake_proc.last_pid(5)
+    finder = SocketOwnerFinder(str(fake_proc.root))
+    assert finder.find(3000) == 5  # the full lookup (a fake fd directory's size is no descriptor count)
+    finder.closed(5)
+    os.unlink(fake_proc.root / "5" / "fd" / "3")
+    os.symlink("socket:[9999]", fake_proc.root / "5" / "fd" / "3")  # it reconnects on the freed fd
+    assert finder.find(9999, everywhere=False) == 5
+
+
+def test_registered_roots_given_as_an_iterator_still_lead_to_their_descendants(fake_proc):
+    for pid in range(2, 60):
+        fake_proc.process(pid, sockets=[1000 + pid])
+    fake_proc.process(20, children=[25])
+    fake_proc.process(25, ppid=20, children=[31])
+    fake_proc.process(31, ppid=25, sockets=[4031])
+    fake_proc.last_pid(59)
+    finder = SocketOwnerFinder(str(fake_proc.root), young=2)
+    assert finder.find(4031, roots=iter([20])) == 31
+    assert finder.scanned_last == 1 + 2 + 1  # as for a list: not every process
 
 
 def test_a_lookup_reads_root_probes_registered_roots_before_the_newest_pids_and_the_rest_after(fake_proc):

@@ -420,6 +420,50 @@ def test_a_token_whose_senders_lookup_failed_is_refused_for_now_not_passed(crede
         assert who_said.method == "none" and who_said.detail.startswith("lookup failed")
 
 
+class _FailsOnce(_ClaimSeen):
+    def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
+        self.claims.append(claim() if claim is not None else None)
+        if len(self.claims) == 1:
+            raise RuntimeError("a lookup that broke")
+        return PidResult(7, None, "under no registered root")
+
+
+def test_after_a_failed_lookup_the_next_request_on_the_connection_is_looked_up_anew():
+    # An HTTP/2 connection (or a client that retries on the same one) must not keep getting 503 for one failure.
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mitmproxy.test import tflow
+
+    from rollouttap.addon.capture import RolloutTap
+    from rollouttap.addon.flow_attribution import FlowAttribution
+    from test_capture import _taddons
+
+    taddons, proxyserver = _taddons()
+    pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    lookups = _FailsOnce()
+    who = FlowAttribution(pool, scan_pool)
+    who.pids, who.directory = lookups, _NoAgents()  # type: ignore[assignment]
+
+    async def two_requests():
+        first = tflow.tflow()
+        second = tflow.tflow(client_conn=first.client_conn)
+        for flow in (first, second):
+            flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(b"agent-7:secret").decode()
+        who.start_pid_lookup(first.client_conn)
+        return await who.attribute(first), await who.attribute(second)
+
+    try:
+        with taddons.context(proxyserver(), RolloutTap()):
+            answers = asyncio.run(two_requests())
+    finally:
+        pool.shutdown()
+        scan_pool.shutdown()
+    assert answers[0].retry and answers[0].detail.startswith("its sender could not be checked: lookup failed")
+    assert not answers[1].retry and answers[1].pid == 7  # checked this time (no such agent: refused for that)
+    assert len(lookups.claims) == 2 and lookups.claims[1] == "agent-7"
+
+
 def test_sockets_found_through_a_thread_are_known_as_its_processs(fake_proc):
     # A thread started lately has one of the newest ids, so the search for new processes reads the (shared) fd
     # table through it; a process that reconnects is then looked for under its own id.
