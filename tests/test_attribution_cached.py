@@ -322,102 +322,9 @@ class _ClaimSeen:
         pass
 
 
-class _NoAgents:
-    def cached(self, agent_id):
-        return None
-
-    def age(self, agent_id):
-        return 0.0
-
-    max_age = 1.0
-
-    def lookup(self, agent_id):
-        return None
-
-
-def test_a_lookup_still_queued_when_its_request_comes_reads_the_claimed_agent_first():
-    # A batch of agents connecting at once queues their lookups; the request that comes meanwhile names its agent
-    # (its proxy credentials), whose processes the lookup then reads first. The answer is still the lookup's.
-    import base64
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mitmproxy.test import tflow
-
-    from rollouttap.addon.capture import RolloutTap
-    from rollouttap.addon.flow_attribution import FlowAttribution
-    from test_capture import _taddons
-
-    taddons, proxyserver = _taddons()
-    pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-    lookups = _ClaimSeen()
-    who = FlowAttribution(pool, scan_pool)
-    who.pids, who.directory = lookups, _NoAgents()  # type: ignore[assignment]
-
-    async def one_request():
-        flow = tflow.tflow()
-        flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(b"agent-7:secret").decode()
-        who.start_pid_lookup(flow.client_conn)  # at connect: queued behind the batch's others (held, here)
-        attributed = asyncio.ensure_future(who.attribute(flow))
-        await asyncio.sleep(0.05)  # the request has come and waits for its sender's check
-        lookups.release.set()
-        answer = await attributed
-        who.connection_closed(flow.client_conn)
-        return answer, who._claims
-
-    try:
-        with taddons.context(proxyserver(), RolloutTap()):
-            who_said, claims_left = asyncio.run(one_request())
-    finally:
-        lookups.release.set()
-        pool.shutdown()
-        scan_pool.shutdown()
-    assert lookups.claims == ["agent-7"]
-    assert who_said.agent_id is None and who_said.pid == 7  # no such agent: refused as before, by its check
-    assert claims_left == {}  # forgotten with its connection
-
-
 class _Failing(_ClaimSeen):
     def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
         raise RuntimeError("a lookup that broke")
-
-
-@pytest.mark.parametrize("credentials", [True, False])
-def test_a_token_whose_senders_lookup_failed_is_refused_for_now_not_passed(credentials):
-    # A lookup that raised checked nothing: a token then would speak for its agent unchecked (503, retried, as a
-    # lookup that took too long). Without a token the flow is recorded, attributed to nobody, as before.
-    import base64
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mitmproxy.test import tflow
-
-    from rollouttap.addon.capture import RolloutTap
-    from rollouttap.addon.flow_attribution import FlowAttribution
-    from test_capture import _taddons
-
-    taddons, proxyserver = _taddons()
-    pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-    who = FlowAttribution(pool, scan_pool)
-    who.pids, who.directory = _Failing(), _NoAgents()  # type: ignore[assignment]
-
-    async def one_request():
-        flow = tflow.tflow()
-        if credentials:
-            flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(b"agent-7:secret").decode()
-        who.start_pid_lookup(flow.client_conn)
-        return await who.attribute(flow)
-
-    try:
-        with taddons.context(proxyserver(), RolloutTap()):
-            who_said = asyncio.run(one_request())
-    finally:
-        pool.shutdown()
-        scan_pool.shutdown()
-    assert who_said.agent_id is None
-    if credentials:
-        assert (who_said.method, who_said.retry) == ("rejected", True)
-        assert who_said.detail.startswith("its sender could not be checked: lookup failed")
-    else:
-        assert who_said.method == "none" and who_said.detail.startswith("lookup failed")
 
 
 class _FailsOnce(_ClaimSeen):
@@ -428,12 +335,23 @@ class _FailsOnce(_ClaimSeen):
         return PidResult(7, None, "under no registered root")
 
 
-def test_after_a_failed_lookup_the_next_request_on_the_connection_is_looked_up_anew():
-    # An HTTP/2 connection (or a client that retries on the same one) must not keep getting 503 for one failure.
-    import base64
-    from concurrent.futures import ThreadPoolExecutor
+class _NoAgents:
+    max_age = 1.0
 
-    from mitmproxy.test import tflow
+    def cached(self, agent_id):
+        return None
+
+    def age(self, agent_id):
+        return 0.0
+
+    def lookup(self, agent_id):
+        return None
+
+
+def _attributed(lookups: _ClaimSeen, scenario):
+    """What ``scenario(who)`` (a coroutine function) returns, run against a FlowAttribution whose lookups are
+    ``lookups`` and whose store knows no agent, under mitmproxy's test context (default options: eager checks)."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from rollouttap.addon.capture import RolloutTap
     from rollouttap.addon.flow_attribution import FlowAttribution
@@ -441,24 +359,77 @@ def test_after_a_failed_lookup_the_next_request_on_the_connection_is_looked_up_a
 
     taddons, proxyserver = _taddons()
     pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-    lookups = _FailsOnce()
     who = FlowAttribution(pool, scan_pool)
     who.pids, who.directory = lookups, _NoAgents()  # type: ignore[assignment]
+    try:
+        with taddons.context(proxyserver(), RolloutTap()):
+            return asyncio.run(scenario(who))
+    finally:
+        lookups.release.set()
+        pool.shutdown()
+        scan_pool.shutdown()
 
-    async def two_requests():
-        first = tflow.tflow()
-        second = tflow.tflow(client_conn=first.client_conn)
-        for flow in (first, second):
-            flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(b"agent-7:secret").decode()
+
+def _with_token(flow):
+    import base64
+    flow.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(b"agent-7:secret").decode()
+    return flow
+
+
+def test_a_lookup_still_queued_when_its_request_comes_reads_the_claimed_agent_first():
+    # A batch of agents connecting at once queues their lookups; the request that comes meanwhile names its agent
+    # (its proxy credentials), whose processes the lookup then reads first. The answer is still the lookup's.
+    from mitmproxy.test import tflow
+    lookups = _ClaimSeen()
+
+    async def one_request(who):
+        flow = _with_token(tflow.tflow())
+        who.start_pid_lookup(flow.client_conn)  # at connect: queued behind the batch's others (held, here)
+        attributed = asyncio.ensure_future(who.attribute(flow))
+        await asyncio.sleep(0.05)  # the request has come and waits for its sender's check
+        lookups.release.set()
+        answer = await attributed
+        who.connection_closed(flow.client_conn)
+        return answer, who._claims
+
+    who_said, claims_left = _attributed(lookups, one_request)
+    assert lookups.claims == ["agent-7"]
+    assert who_said.agent_id is None and who_said.pid == 7  # no such agent: refused as before, by its check
+    assert claims_left == {}  # forgotten with its connection
+
+
+@pytest.mark.parametrize("credentials", [True, False])
+def test_a_token_whose_senders_lookup_failed_is_refused_for_now_not_passed(credentials):
+    # A lookup that raised checked nothing: a token then would speak for its agent unchecked (503, retried, as a
+    # lookup that took too long). Without a token the flow is recorded, attributed to nobody, as before.
+    from mitmproxy.test import tflow
+
+    async def one_request(who):
+        flow = _with_token(tflow.tflow()) if credentials else tflow.tflow()
+        who.start_pid_lookup(flow.client_conn)
+        return await who.attribute(flow)
+
+    who_said = _attributed(_Failing(), one_request)
+    assert who_said.agent_id is None
+    if credentials:
+        assert (who_said.method, who_said.retry) == ("rejected", True)
+        assert who_said.detail.startswith("its sender could not be checked: lookup failed")
+    else:
+        assert who_said.method == "none" and who_said.detail.startswith("lookup failed")
+
+
+def test_after_a_failed_lookup_the_next_request_on_the_connection_is_looked_up_anew():
+    # An HTTP/2 connection (or a client that retries on the same one) must not keep getting 503 for one failure.
+    from mitmproxy.test import tflow
+    lookups = _FailsOnce()
+
+    async def two_requests(who):
+        first = _with_token(tflow.tflow())
+        second = _with_token(tflow.tflow(client_conn=first.client_conn))
         who.start_pid_lookup(first.client_conn)
         return await who.attribute(first), await who.attribute(second)
 
-    try:
-        with taddons.context(proxyserver(), RolloutTap()):
-            answers = asyncio.run(two_requests())
-    finally:
-        pool.shutdown()
-        scan_pool.shutdown()
+    answers = _attributed(lookups, two_requests)
     assert answers[0].retry and answers[0].detail.startswith("its sender could not be checked: lookup failed")
     assert not answers[1].retry and answers[1].pid == 7  # checked this time (no such agent: refused for that)
     assert len(lookups.claims) == 2 and lookups.claims[1] == "agent-7"
