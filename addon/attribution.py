@@ -381,6 +381,14 @@ class PidAttributor:
             roots, known = self.directory.roots()
         pid = self.finder.find_known(found.inode) if cached else self.finder.find(
             found.inode, roots, everywhere=everywhere, first=known.get(claimed) if claimed is not None else None)
+        if pid is None and not cached and not everywhere:
+            # Not where it usually is: maybe under an agent registered since the live agents were read (a batch
+            # starting). Its root, read again, costs less than reading every process on the scan thread.
+            read_before = roots
+            self.directory.refresh(if_older_than=TAG_REFRESH_S)
+            roots, known = self.directory.roots()
+            if roots is not read_before:
+                pid = self.finder.find_among_roots(found.inode, roots)
         if pid is None and cached:
             raise NotCached("the socket's owner")
         if pid is None and not everywhere:

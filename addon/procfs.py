@@ -279,7 +279,7 @@ class SocketOwnerFinder:
     newest first.
     """
 
-    def __init__(self, proc: str = "/proc", remember: int = 64, young: int = 64, seen: int = 65536) -> None:
+    def __init__(self, proc: str = "/proc", remember: int = 64, young: int = 512, seen: int = 65536) -> None:
         self.proc = proc
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._remember = remember
@@ -324,6 +324,19 @@ class SocketOwnerFinder:
             pid = self._search(target, self._quick_candidates(skip=read), self._holds_socket_fds, set())
         if pid is None:
             pid = self._search(target, self._candidates(roots, everywhere), holds, read)
+        return self._owner(pid, target)
+
+    def find_among_roots(self, inode: int, roots: Mapping[int, object]) -> int | None:
+        """``find`` among the registered roots alone that have not yet held a looked-up socket (those of agents
+        registered since the caller last read them, say): whole tables of up to QUICK_FD_LIMIT descriptors."""
+        target = f"socket:[{inode}]"
+        self.scanned_last = 0
+        read: set[int] = set()
+        holds = functools.partial(self._holds, limit=QUICK_FD_LIMIT, read=read)
+        return self._owner(self._search_roots(target, roots, holds, read, first=False), target)
+
+    def _owner(self, pid: int | None, target: str) -> int | None:
+        """The process of the pid found holding ``target`` (a thread's id maps to it), noted as a recent owner."""
         if pid is None:
             return None
         owner = self._process_of(pid)
@@ -586,17 +599,19 @@ class SocketOwnerFinder:
             self._high = last
         bottom = max(low, last - (self._young.maxlen or 0))
         pid = last
+        probed: list[int] = []
         try:
             while pid > bottom:
                 if os.path.exists(f"{self.proc}/{pid}"):
-                    with self._lock:
-                        self._young.append(pid)
+                    probed.append(pid)
                     yield pid
                 pid -= 1
         finally:
-            if pid > bottom + 1:
-                with self._lock:
-                    self._young.extend(range(bottom + 1, pid))
+            # The list keeps the highest pids: a batch's newest must not be the first to go when the next one comes.
+            with self._lock:
+                young = {*self._young, *probed, *range(bottom + 1, pid)}
+                self._young.clear()
+                self._young.extend(sorted(young)[-(self._young.maxlen or 0):] if self._young.maxlen else ())
 
     def _descendants(self, roots: Iterable[int]) -> list[int]:
         """Every live descendant of the roots (and the roots), newest first."""

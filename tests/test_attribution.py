@@ -210,6 +210,71 @@ def test_a_lookup_reads_the_store_again_for_a_claimed_agent_registered_since_it_
     assert result.pid == unclaimed.pid == client.pid and result.agent_id == "claimed"
 
 
+def test_a_quick_lookup_that_fails_reads_agents_registered_since_and_their_roots(tmp_path, monkeypatch):
+    # A batch of agents starting: the manager records an agent's root pid as it gets to it, so a connection can come
+    # before the proxy's live agents hold it. Read again, the root is where the lookup looks, not every process.
+    monkeypatch.setattr(attribution, "TAG_REFRESH_S", 0.0)
+    path = tmp_path / "s.db"
+    directory = AgentDirectory(str(path), max_age=3600.0)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(30)
+        client = subprocess.Popen([sys.executable, "-c", (
+            "import socket, sys\n"
+            f"s = socket.create_connection({server.getsockname()!r})\n"
+            "sys.stdin.read()\n")], stdin=subprocess.PIPE, start_new_session=True)
+        try:
+            accepted, peer = server.accept()
+            directory.refresh()  # read before the agent's root is recorded
+            with Store(path) as store:
+                store.register_agent("late", token=new_token())
+                store.agent_started("late", client.pid)
+            with accepted:
+                attributor = PidAttributor(directory)
+                attributor.finder = SocketOwnerFinder(young=0)  # no new pids probed: only the roots lead to it
+                result = attributor.resolve(peer, accepted.getsockname(), everywhere=False)
+        finally:
+            client.communicate(b"", timeout=30)
+            directory.close()
+    assert result is not None and (result.pid, result.agent_id) == (client.pid, "late")
+
+
+def test_a_process_probed_as_new_before_it_connects_is_still_found_quickly_hundreds_of_pids_later():
+    # Under a batch, hundreds of pids (agents, their launcher's threads) are handed out between an agent's start
+    # and its first connection: the young list must still hold it, or the lookup waits for the full one.
+    code = ("import socket, sys\n"
+            "sys.stdin.readline()\n"
+            "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+            "print(s.getsockname()[1], flush=True); sys.stdin.readline()\n")
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as mine:
+        server.settimeout(30)
+        agent = subprocess.Popen([sys.executable, "-c", code, str(server.getsockname()[1])],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            finder = SocketOwnerFinder()
+            finder.find(os.fstat(mine.fileno()).st_ino, everywhere=False)  # an earlier lookup: probes the agent
+            threads = subprocess.Popen([sys.executable, "-c", (  # more live pids than the young list held before
+                "import sys, threading\n"
+                "done = threading.Event()\n"
+                "[threading.Thread(target=done.wait).start() for _ in range(150)]\n"
+                "print('ready', flush=True); sys.stdin.readline(); done.set()\n")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert threads.stdout.readline().strip() == "ready"
+            finder.find(os.fstat(mine.fileno()).st_ino, everywhere=False)  # a lookup meanwhile: probes them
+            agent.stdin.write("connect\n")
+            agent.stdin.flush()
+            port = int(agent.stdout.readline())
+            accepted, _ = server.accept()
+            with accepted:
+                assert finder.find(inode_netlink(("127.0.0.1", port), server.getsockname()),
+                                   everywhere=False) == agent.pid
+            threads.stdin.close()
+            threads.wait(5)
+        finally:
+            agent.stdin.close()
+            agent.wait(5)
+
+
 @pytest.mark.parametrize("case", ["own root", "root elsewhere", "processes ended"])
 def test_an_agent_registered_since_the_directory_was_read_counts_its_root_at_once(tmp_path, monkeypatch, case):
     # deploy() registers an agent, starts it, and its first connection can come before the proxy reads the live
