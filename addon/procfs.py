@@ -260,6 +260,9 @@ GROUP_CHECK_MIN = 16
 # were not its own (one whose children connect, say) is left to the rest of the search from then on.
 ROOT_PROBES = 8
 ROOT_MISSES = 4
+# Pids handed out since the last lookup that it probes at most, newest first (one stat each; there are more only
+# when lookups are far apart, and a process then started connects later than its first lookup would have come).
+NEW_PIDS_PROBED = 64
 # Fd links a lookup on the event loop reads at most (``find_known``): a few microseconds each, and wasted for a
 # process's first connection (a thread finds that one).
 KNOWN_LINKS_BUDGET = 8
@@ -588,8 +591,9 @@ class SocketOwnerFinder:
         return pid
 
     def _new_pids(self) -> Iterator[int]:
-        """Pids handed out since the last lookup (as many as the young list holds), newest first; each
-        joins the young list, probed or not (a lookup that stops early leaves the rest for later)."""
+        """Pids handed out since the last lookup (NEW_PIDS_PROBED at most), newest first; each joins the young list,
+        probed or not (a lookup that stops early leaves the rest for later). The list holds more (``young``): under
+        a batch, an agent may connect hundreds of pids after it started."""
         last_text = read_file(f"{self.proc}/sys/kernel/ns_last_pid")
         if not last_text:
             return
@@ -597,7 +601,7 @@ class SocketOwnerFinder:
         with self._lock:
             low = self._high if self._high <= last else 0  # 0: first lookup, or the pid counter wrapped
             self._high = last
-        bottom = max(low, last - (self._young.maxlen or 0))
+        bottom = max(low, last - min(NEW_PIDS_PROBED, self._young.maxlen or 0))
         pid = last
         probed: list[int] = []
         try:
@@ -607,11 +611,10 @@ class SocketOwnerFinder:
                     yield pid
                 pid -= 1
         finally:
-            # The list keeps the highest pids: a batch's newest must not be the first to go when the next one comes.
+            # In ascending order, above every pid it holds (unless the counter wrapped): the list drops its lowest,
+            # not a batch's newest, when the next batch comes.
             with self._lock:
-                young = {*self._young, *probed, *range(bottom + 1, pid)}
-                self._young.clear()
-                self._young.extend(sorted(young)[-(self._young.maxlen or 0):] if self._young.maxlen else ())
+                self._young.extend([*range(bottom + 1, pid), *reversed(probed)])
 
     def _descendants(self, roots: Iterable[int]) -> list[int]:
         """Every live descendant of the roots (and the roots), newest first."""
