@@ -456,8 +456,13 @@ concurrency burst (section 1b). What they mean, and what would change them:
   3 interleaved rounds (a slow spell of this host: the 16 agents directly 1.31-1.57 s): deploy() 1.07-1.13x
   direct against 1.14-1.17x, proxy CPU 0.14-0.18 against 0.20-0.24 s per batch; section 5's row of 128 agents at
   once (added with this): 0 of 768 agents failed in two runs, 1.13x and 1.15x, proxy CPU 1.65 and 1.71 s, against
-  1 of 384, 1.17x and 2.92 s before. At 256 agents at once (a scratch run) lookups still wait seconds: the proxy
-  gets its share of 2 cores among 256 starting interpreters, and a few calls a batch can pass the 10 s.
+  1 of 384, 1.17x and 2.92 s before. Two more causes, in the same instrumented proxy at 128 agents at once: the
+  manager records an agent's root pid as it gets to it, so many first connections came before the proxy's live
+  agents held it; and the young list (64) lost an agent to the hundreds of pids handed out before it connected.
+  A quick lookup that fails now reads the live agents again and tries the roots registered since, and the young
+  list keeps 512 pids (still probing at most 64 new ones a lookup): full lookups on the scan thread 34-40 -> 14 of
+  ~260, the slowest lookup 7.5-9.8 -> 7.7 s. At 256 agents at once (a scratch run) lookups still wait seconds:
+  the proxy gets its share of 2 cores among 256 starting interpreters, and a few calls a batch can pass the 10 s.
   Tried and dropped: uvloop under mitmproxy (0.23, with an eager task factory it accepts): 6 % less CPU for bare
   fastdump and 2 % for capture per keep-alive request (httpx, 8 interleaved rounds), and it calls a protocol's
   `data_received` as bound at connection, past the tuning addon's QUICKACK wrap: not worth a dependency.
