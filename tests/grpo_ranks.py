@@ -3,7 +3,7 @@ multi-GPU job: every rank builds its own PolicyServer and AgentManager, as READM
 and TRL calls each rank's ``rollout_func`` with that rank's prompts.
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/grpo_ranks.py WORKDIR
-Each rank prints one line ``RANK_RESULT {json}``: its agents, what TRL got, and (rank 0) the logged metrics.
+Each rank writes ``WORKDIR/rank-N.json``: its agents, what TRL got, and (rank 0) the logged metrics.
 The agents of rank 1 make two calls and then fail; those of rank 0 make one call and succeed.
 """
 
@@ -66,13 +66,14 @@ def main(workdir: Path) -> None:
         trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0, 1.0]], args=args,
                               train_dataset=dataset, processing_class=tokenizer, rollout_func=rollout)
         trainer.train()
-    print("RANK_RESULT " + json.dumps({
+    # A file per rank: two ranks printing to one pipe can interleave (print writes the line and its newline apart).
+    (workdir / f"rank-{rank}.json").write_text(json.dumps({
         "rank": rank, "steps": trainer.state.global_step,
         "agents": [{"id": r.agent_id, "status": r.status, "calls": r.calls,
                     "completion_ids": r.row.completion_ids if r.row is not None else None} for r in results],
         "trl_completion_ids": [ids for out in outputs for ids in out["completion_ids"]],
         "logged": [h for h in trainer.state.log_history if "agents/success_rate" in h],
-    }), flush=True)
+    }))
 
 
 if __name__ == "__main__":

@@ -162,8 +162,7 @@ def test_grpo_on_two_ranks_logs_the_metrics_of_every_ranks_agents(tmp_path):
                            script, str(tmp_path)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = {r["rank"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-                                    if line.startswith("RANK_RESULT "))}
+    ranks = {r["rank"]: r for r in (json.loads((tmp_path / f"rank-{n}.json").read_text()) for n in (0, 1))}
     assert sorted(ranks) == [0, 1] and all(r["steps"] == 1 for r in ranks.values())
     assert [a["status"] for a in ranks[0]["agents"]] == ["ok", "ok"]
     assert [a["status"] for a in ranks[1]["agents"]] == ["failed", "failed"]
