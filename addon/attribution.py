@@ -377,16 +377,14 @@ class PidAttributor:
         roots, known = self.directory.roots(cached=cached)
         claimed = claim() if claim is not None else None
         if claimed is not None and claimed not in known:  # registered since the live agents were read, maybe
-            self.directory.refresh(if_older_than=TAG_REFRESH_S)
-            roots, known = self.directory.roots()
+            roots, known = self._roots_read_again()
         pid = self.finder.find_known(found.inode) if cached else self.finder.find(
             found.inode, roots, everywhere=everywhere, first=known.get(claimed) if claimed is not None else None)
         if pid is None and not cached and not everywhere:
             # Not where it usually is: maybe under an agent registered since the live agents were read (a batch
             # starting). Its root, read again, costs less than reading every process on the scan thread.
             read_before = roots
-            self.directory.refresh(if_older_than=TAG_REFRESH_S)
-            roots, known = self.directory.roots()
+            roots, known = self._roots_read_again()
             if roots is not read_before:
                 pid = self.finder.find_among_roots(found.inode, roots)
         if pid is None and cached:
@@ -405,8 +403,7 @@ class PidAttributor:
         # root registered since the last read (an agent that dropped its tag) goes unseen for a second.
         registered = registered_in_chain(chain, roots, self._create_time)
         if not registered:
-            self.directory.refresh(if_older_than=TAG_REFRESH_S, cached=cached)
-            roots, known = self.directory.roots(cached=cached)
+            roots, known = self._roots_read_again(cached=cached)
             registered = registered_in_chain(chain, roots, self._create_time)
         # Every tag, registered here or not: a store per rank or node registers only its own agents, and a
         # process of another store's agent must not speak with a token of this one's.
@@ -419,6 +416,12 @@ class PidAttributor:
         named = {**known, **others} if others else known
         agent_id, detail = decide_from_ancestry(chain, roots, named, self._create_time)
         return PidResult(pid, agent_id, detail, tuple(registered), tags)
+
+    def _roots_read_again(self, *, cached: bool = False) -> tuple[dict[int, tuple[float | None, str]], dict[str, int]]:
+        """The live agents' roots (as ``AgentDirectory.roots``), read again unless read within TAG_REFRESH_S
+        (``cached``: NotCached then)."""
+        self.directory.refresh(if_older_than=TAG_REFRESH_S, cached=cached)
+        return self.directory.roots(cached=cached)
 
     def _tag_roots(self, chain: list[ProcInfo], roots: dict[int, tuple[float | None, str]], known: dict[str, int],
                    cached: bool = False) -> tuple[dict[str, int | None], dict[int, tuple[float | None, str]]]:

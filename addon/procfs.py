@@ -409,15 +409,21 @@ class SocketOwnerFinder:
             tried.add(key[0])
             found = holds(key[0], target)
             if found or first:
-                with self._lock:
-                    before = self._root_tries.get(key, 0)
-                    if before >= 0:  # (another lookup may have found one of its sockets meanwhile: that stands)
-                        count = self._root_tries[key] = -1 if found else before + 1
-                        if (count < 0 or count >= ROOT_MISSES) and key in self._due_roots:
-                            self._due_roots.remove(key)
+                self._mark_root(key, found)
             if found:
                 return key[0]
         return None
+
+    def _mark_root(self, key: tuple[int, object], found: bool) -> None:
+        """Count a root's miss, or that it held a looked-up socket (for good: a miss counted after it, by a lookup
+        that read it meanwhile, does not undo that); one found or missed ROOT_MISSES times is no longer due."""
+        with self._lock:
+            before = self._root_tries.get(key, 0)
+            if before < 0:
+                return
+            count = self._root_tries[key] = -1 if found else before + 1
+            if (count < 0 or count >= ROOT_MISSES) and key in self._due_roots:
+                self._due_roots.remove(key)
 
     def _tree(self, root: int) -> Iterator[int]:
         """The root, then its descendants newest first (read only if the root does not hold it)."""
@@ -426,13 +432,8 @@ class SocketOwnerFinder:
 
     def _root_served(self, pid: int, roots: Iterable[int]) -> None:
         """A lookup found its socket in the tree of root ``pid``: it is not read first any more."""
-        if not isinstance(roots, Mapping) or pid not in roots:
-            return
-        key = (pid, roots[pid])
-        with self._lock:
-            self._root_tries[key] = -1
-            if key in self._due_roots:
-                self._due_roots.remove(key)
+        if isinstance(roots, Mapping) and pid in roots:
+            self._mark_root((pid, roots[pid]), found=True)
 
     def _quick_candidates(self, skip: set[int] | None = None) -> list[int]:
         """Closed and recent owners; with ``skip``, every other process whose socket fds are known."""
