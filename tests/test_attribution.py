@@ -173,47 +173,10 @@ def test_a_tag_of_an_ended_agent_from_outside_its_tree_is_refused(tmp_path):
     assert result.detail == f"tag 'gone' but its root pid {root.pid} is not an ancestor"
 
 
-def test_a_lookup_reads_the_store_again_for_a_claimed_agent_registered_since_it_was_read(tmp_path, monkeypatch):
-    # A batch's agents register while lookups run: the agent a request claims is often newer than the live agents
-    # read; its root, read again then, is where the lookup looks first.
-    monkeypatch.setattr(attribution, "TAG_REFRESH_S", 0.0)
-    path = tmp_path / "s.db"
-    directory = AgentDirectory(str(path), max_age=3600.0)
-    firsts: list[int | None] = []
-
-    class Spy(SocketOwnerFinder):
-        def find(self, inode, roots=(), *, everywhere=True, first=None):
-            firsts.append(first)
-            return super().find(inode, roots, everywhere=everywhere, first=first)
-
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        server.settimeout(30)
-        client = subprocess.Popen([sys.executable, "-c", (
-            "import socket, sys\n"
-            f"s = socket.create_connection({server.getsockname()!r})\n"
-            "sys.stdin.read()\n")], stdin=subprocess.PIPE, start_new_session=True)
-        try:
-            accepted, peer = server.accept()
-            directory.refresh()  # read before the agent is registered
-            with Store(path) as store:
-                store.register_agent("claimed", token=new_token())
-                store.agent_started("claimed", client.pid)
-            with accepted:
-                attributor = PidAttributor(directory)
-                attributor.finder = Spy()
-                result = attributor.resolve(peer, accepted.getsockname(), claim=lambda: "claimed")
-                unclaimed = attributor.resolve(peer, accepted.getsockname(), claim=lambda: "nobody")
-        finally:
-            client.communicate(b"", timeout=30)
-            directory.close()
-    assert firsts == [client.pid, None]
-    assert result.pid == unclaimed.pid == client.pid and result.agent_id == "claimed"
-
-
-def test_a_quick_lookup_that_fails_reads_agents_registered_since_and_their_roots(tmp_path, monkeypatch):
-    # A batch of agents starting: the manager records an agent's root pid as it gets to it, so a connection can come
-    # before the proxy's live agents hold it. Read again, the root is where the lookup looks, not every process.
-    monkeypatch.setattr(attribution, "TAG_REFRESH_S", 0.0)
+@contextlib.contextmanager
+def _registered_after_read(tmp_path, agent_id: str):
+    """A client process connected to a server of ours, and registered as ``agent_id``'s root only after a directory
+    read the live agents: (the directory, the client, our end of its connection, its address)."""
     path = tmp_path / "s.db"
     directory = AgentDirectory(str(path), max_age=3600.0)
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -226,15 +189,43 @@ def test_a_quick_lookup_that_fails_reads_agents_registered_since_and_their_roots
             accepted, peer = server.accept()
             directory.refresh()  # read before the agent's root is recorded
             with Store(path) as store:
-                store.register_agent("late", token=new_token())
-                store.agent_started("late", client.pid)
+                store.register_agent(agent_id, token=new_token())
+                store.agent_started(agent_id, client.pid)
             with accepted:
-                attributor = PidAttributor(directory)
-                attributor.finder = SocketOwnerFinder(young=0)  # no new pids probed: only the roots lead to it
-                result = attributor.resolve(peer, accepted.getsockname(), everywhere=False)
+                yield directory, client, accepted, peer
         finally:
             client.communicate(b"", timeout=30)
             directory.close()
+
+
+def test_a_lookup_reads_the_store_again_for_a_claimed_agent_registered_since_it_was_read(tmp_path, monkeypatch):
+    # A batch's agents register while lookups run: the agent a request claims is often newer than the live agents
+    # read; its root, read again then, is where the lookup looks first.
+    monkeypatch.setattr(attribution, "TAG_REFRESH_S", 0.0)
+    firsts: list[int | None] = []
+
+    class Spy(SocketOwnerFinder):
+        def find(self, inode, roots=(), *, everywhere=True, first=None):
+            firsts.append(first)
+            return super().find(inode, roots, everywhere=everywhere, first=first)
+
+    with _registered_after_read(tmp_path, "claimed") as (directory, client, accepted, peer):
+        attributor = PidAttributor(directory)
+        attributor.finder = Spy()
+        result = attributor.resolve(peer, accepted.getsockname(), claim=lambda: "claimed")
+        unclaimed = attributor.resolve(peer, accepted.getsockname(), claim=lambda: "nobody")
+    assert firsts == [client.pid, None]
+    assert result.pid == unclaimed.pid == client.pid and result.agent_id == "claimed"
+
+
+def test_a_quick_lookup_that_fails_reads_agents_registered_since_and_their_roots(tmp_path, monkeypatch):
+    # A batch of agents starting: the manager records an agent's root pid as it gets to it, so a connection can come
+    # before the proxy's live agents hold it. Read again, the root is where the lookup looks, not every process.
+    monkeypatch.setattr(attribution, "TAG_REFRESH_S", 0.0)
+    with _registered_after_read(tmp_path, "late") as (directory, client, accepted, peer):
+        attributor = PidAttributor(directory)
+        attributor.finder = SocketOwnerFinder(young=0)  # no new pids probed: only the roots lead to it
+        result = attributor.resolve(peer, accepted.getsockname(), everywhere=False)
     assert result is not None and (result.pid, result.agent_id) == (client.pid, "late")
 
 
