@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
+from typing import TypeVar, cast
 
 from mitmproxy import ctx, http
 from mitmproxy.connection import Client
@@ -23,12 +24,33 @@ from rollouttap.addon.attribution import (
 from rollouttap.store import AgentRecord
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROXY_AUTH = "Proxy-Authorization"
 # Longest a credentialed request waits for its connection's pid lookup (usually done in well under 30 ms). Past
 # it the request is refused, 503, never let through unchecked: an agent can slow lookups at will (processes
 # holding many descriptors), and a token that passed unchecked would let it speak as another agent.
+# The wait counts while the lookup runs on a pool thread, not while it is queued behind other connections' (hundreds of
+# agents connecting at once on a few cores queue theirs for seconds), up to this in all.
 CREDENTIAL_CHECK_WAIT_S = 10.0
+CREDENTIAL_CHECK_CAP_S = 60.0
+
+
+class LookupClock:
+    """Since when a connection's lookup has been running on a pool thread: None while it waits for one."""
+
+    __slots__ = ("running_since",)
+
+    def __init__(self, running_since: float | None = None) -> None:
+        self.running_since = running_since
+
+    def run(self, step: Callable[[], T]) -> T:
+        """``step()`` on the calling (pool) thread, timed as running."""
+        self.running_since = time.monotonic()
+        try:
+            return step()
+        finally:
+            self.running_since = None
 
 
 class FlowAttribution:
@@ -42,12 +64,14 @@ class FlowAttribution:
         # hides its socket (or makes processes with many descriptors) slows those alone, not every agent's lookup.
         self._scan_pool = scan_pool
         self._conn_pid: dict[str, asyncio.Future[PidResult]] = {}
+        self._clocks: dict[str, LookupClock] = {}  # of the lookups begun on the pools, per connection
         self._conn_creds: dict[str, Attribution] = {}  # a CONNECT's attribution, for its tunnel's requests
         # The agent a connection's request claims to be (its token), for its lookup if still queued when it came:
         # that agent's processes are read first. Only an order: the owner found is checked as any other.
         self._claims: dict[str, str] = {}
         self._on_threads = 0  # lookups queued or running on the pools
         self.credential_check_wait = CREDENTIAL_CHECK_WAIT_S
+        self.credential_check_cap = CREDENTIAL_CHECK_CAP_S
 
     def open(self, store_path: str) -> None:
         """Read agents from this store (StoreError if it cannot be opened)."""
@@ -70,6 +94,7 @@ class FlowAttribution:
                 self.pids.connection_closed(pid)
         self._conn_creds.pop(client.id, None)
         self._claims.pop(client.id, None)
+        self._clocks.pop(client.id, None)
 
     def start_pid_lookup(self, client: Client) -> None:
         """Look up the process behind a client connection (once per connection): at once when what earlier
@@ -88,7 +113,8 @@ class FlowAttribution:
                 future: asyncio.Future[PidResult] = asyncio.get_running_loop().create_future()
                 future.set_result(known)
             else:
-                future = asyncio.ensure_future(self._lookup(self.pids, peer, sock,
+                clock = self._clocks[client.id] = LookupClock()
+                future = asyncio.ensure_future(self._lookup(self.pids, peer, sock, clock,
                                                             functools.partial(self._claims.get, client.id)))
                 self._on_threads += 1  # from now, not from when the task first runs: the next connection may
                 future.add_done_callback(self._lookup_ended)  # come in the same turn of the loop
@@ -106,14 +132,14 @@ class FlowAttribution:
     def _lookup_ended(self, _: asyncio.Future[PidResult]) -> None:
         self._on_threads -= 1
 
-    async def _lookup(self, pids: PidAttributor, peer: tuple[str, int], sock: tuple[str, int],
+    async def _lookup(self, pids: PidAttributor, peer: tuple[str, int], sock: tuple[str, int], clock: LookupClock,
                       claim: Callable[[], str | None] | None = None) -> PidResult:
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
-            self._pool, functools.partial(pids.resolve, peer, sock, everywhere=False, claim=claim))
+            self._pool, clock.run, functools.partial(pids.resolve, peer, sock, everywhere=False, claim=claim))
         if result is None:
             try:
-                result = await loop.run_in_executor(self._scan_pool,
+                result = await loop.run_in_executor(self._scan_pool, clock.run,
                                                     functools.partial(pids.resolve, peer, sock, claim=claim))
             except RuntimeError as exc:  # the pools were shut down meanwhile: the proxy is stopping
                 raise asyncio.CancelledError("the proxy is shutting down") from exc
@@ -190,18 +216,40 @@ class FlowAttribution:
         try:
             if timeout is None or future.done():
                 return await future
-            return await asyncio.wait_for(asyncio.shield(future), timeout)  # shared: never cancel it
-        except TimeoutError:
-            log.warning("rollouttap: pid lookup took over %.1fs; request refused (503)", timeout)
-            return PidResult(None, None, f"its sender could not be checked within {timeout:g}s", unchecked=True)
+            return await self._checked_in_time(future, self._clocks.get(conn_id), timeout)
+        except TimeoutError as exc:
+            log.warning("rollouttap: pid lookup %s; request refused (503)", exc.args[0])
+            return PidResult(None, None, f"its sender could not be checked: its lookup {exc.args[0]}", unchecked=True)
         except Exception as exc:  # a failed lookup must not lose the flow
             log.warning("rollouttap: pid attribution failed: %r", exc)
             if timeout is not None:  # a token's sender check: never passed unchecked (refused, 503, to be retried)
                 if self._conn_pid.get(conn_id) is future:  # the next request on this connection looks up anew
                     del self._conn_pid[conn_id]
+                    self._clocks.pop(conn_id, None)
                 return PidResult(None, None, f"its sender could not be checked: lookup failed: {exc!r}",
                                  unchecked=True)
             return PidResult(None, None, f"lookup failed: {exc!r}")
+
+    async def _checked_in_time(self, future: asyncio.Future[PidResult], clock: LookupClock | None,
+                               timeout: float) -> PidResult:
+        """The lookup's answer once it has run ``timeout`` on a pool thread at most (time queued for one is not
+        counted), ``credential_check_cap`` in all; TimeoutError (saying which) past either."""
+        now = time.monotonic()
+        give_up = now + self.credential_check_cap
+        if clock is None:  # begun elsewhere (no pool steps to time): counted from now
+            clock = LookupClock(now)
+        while True:
+            since = clock.running_since
+            until = min(give_up, (now if since is None else since) + timeout)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), max(0.0, until - now))  # shared: never cancel
+            except TimeoutError:
+                now, since = time.monotonic(), clock.running_since
+                if now >= give_up:
+                    raise TimeoutError(f"did not finish within {self.credential_check_cap:g}s, queued or running"
+                                       ) from None
+                if since is not None and now >= since + timeout:
+                    raise TimeoutError(f"ran over {timeout:g}s") from None
 
     async def _agent(self, agent_id: str) -> AgentRecord | None:
         directory = self.directory

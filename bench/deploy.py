@@ -137,7 +137,7 @@ def run(ctx: Context) -> Section:
                         run_deploy(managers[DEPLOYED.name], plan.deploy_agents, plan.deploy_calls, timeout))
         if plan.deploy_batch:
             # A batch far over the cores: the proxy's lookups (each agent's first connection is checked against
-            # its token) compete with the agents' start-up for CPU, past the 10 s a check may take.
+            # its token) compete with the agents' start-up for CPU, and queue behind each other.
             managers[batch] = start_manager(ctx, DEPLOYED, script, base_url, parallel=plan.deploy_batch)
             for rep in range(plan.repeats):
                 progress(f"deploy: {plan.deploy_batch} agents at once, run {rep + 1}/{plan.repeats}")
@@ -169,7 +169,8 @@ def run(ctx: Context) -> Section:
             + (f" The large-batch rows run {plan.deploy_batch} such agents at once (its own manager, "
                f"parallel={plan.deploy_batch}; against the same batch run directly): far more than the cores, so "
                "the proxy's checks of each agent's first connection compete with the agents' start-up for CPU, "
-               "and a check that takes over 10 s refuses its request (503): those agents fail. Their phases are "
+               "and a check whose lookup runs over 10 s (or waits 60 s in all) refuses its request (503): those "
+               "agents fail. Their phases are "
                "left out: the manager, as starved, writes an agent's start time late."
                if plan.deploy_batch else "") + "\n\n"
             + table(["how", "wall s", "× direct", f"≤ {GOAL}× direct", "agents failed"], rows)

@@ -732,7 +732,7 @@ def test_a_lookup_that_must_read_every_process_waits_on_its_own_thread_not_the_o
     # A client that hides its socket (or starts processes with many descriptors) makes full scans slow: they
     # queue on one thread of their own, and a lookup found at once never waits behind them.
     from concurrent.futures import ThreadPoolExecutor
-    from rollouttap.addon.flow_attribution import FlowAttribution
+    from rollouttap.addon.flow_attribution import FlowAttribution, LookupClock
     scan_pool, pool = ThreadPoolExecutor(1), ThreadPoolExecutor(2)
     busy = threading.Event()
     scan_pool.submit(busy.wait, 30)  # a slow scan holds the scan thread
@@ -740,7 +740,7 @@ def test_a_lookup_that_must_read_every_process_waits_on_its_own_thread_not_the_o
     who = FlowAttribution(pool, scan_pool)
 
     async def lookup():
-        task = asyncio.ensure_future(who._lookup(lookups, ("127.0.0.1", 1), ("127.0.0.1", 2)))
+        task = asyncio.ensure_future(who._lookup(lookups, ("127.0.0.1", 1), ("127.0.0.1", 2), LookupClock()))
         done, _ = await asyncio.wait([task], timeout=2)
         busy.set()  # the slow scan ends
         return await task, bool(done)
@@ -758,13 +758,13 @@ def test_a_lookup_that_must_read_every_process_waits_on_its_own_thread_not_the_o
 def test_a_full_lookup_asked_for_after_the_pools_shut_down_is_cancelled_not_an_error():
     # The proxy stops while a quick lookup runs: its full lookup can no longer be scheduled.
     from concurrent.futures import ThreadPoolExecutor
-    from rollouttap.addon.flow_attribution import FlowAttribution
+    from rollouttap.addon.flow_attribution import FlowAttribution, LookupClock
     pool, scan_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     scan_pool.shutdown()
     who = FlowAttribution(pool, scan_pool)
 
     async def lookup():
-        return await who._lookup(_Lookups(None), ("127.0.0.1", 1), ("127.0.0.1", 2))
+        return await who._lookup(_Lookups(None), ("127.0.0.1", 1), ("127.0.0.1", 2), LookupClock())
 
     try:
         with pytest.raises(asyncio.CancelledError):

@@ -435,6 +435,48 @@ def test_after_a_failed_lookup_the_next_request_on_the_connection_is_looked_up_a
     assert len(lookups.claims) == 2 and lookups.claims[1] == "agent-7"
 
 
+class _Quick(_ClaimSeen):
+    def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
+        return PidResult(7, None, "under no registered root")
+
+
+def _request_queued_behind(lookups: _ClaimSeen, busy_s: float, wait_s: float, cap_s: float):
+    """The attribution of a credentialed request whose connection's lookup waits ``busy_s`` for the (one-thread)
+    pool, taken by another connection's lookup, under a wait of ``wait_s`` and a cap of ``cap_s``."""
+    from mitmproxy.test import tflow
+
+    async def one_request(who):
+        who.credential_check_wait, who.credential_check_cap = wait_s, cap_s
+        who._pool.submit(time.sleep, busy_s)  # another connection's lookup, running (slowed by a busy host)
+        flow = _with_token(tflow.tflow())
+        who.start_pid_lookup(flow.client_conn)
+        answer = await who.attribute(flow)
+        who.connection_closed(flow.client_conn)
+        return answer, who._clocks
+
+    return _attributed(lookups, one_request)
+
+
+def test_a_lookup_queued_behind_others_longer_than_the_wait_still_checks_its_request():
+    # Hundreds of agents connecting at once on a few cores queue their lookups for seconds: the time a lookup
+    # waits for a thread is not its own, and counting it refused their calls (503) though each lookup was quick.
+    who_said, clocks_left = _request_queued_behind(_Quick(), busy_s=0.5, wait_s=0.1, cap_s=30)
+    assert not who_said.retry and who_said.pid == 7  # checked (no such agent: refused for that, as before)
+    assert clocks_left == {}  # forgotten with its connection
+
+
+def test_a_lookup_queued_past_the_cap_refuses_its_request_for_now():
+    who_said, _ = _request_queued_behind(_Quick(), busy_s=1.0, wait_s=0.1, cap_s=0.3)
+    assert who_said.retry and who_said.detail == "its sender could not be checked: its lookup did not finish " \
+                                                 "within 0.3s, queued or running"
+
+
+def test_a_lookup_that_runs_over_the_wait_refuses_its_request_for_now():
+    # Running, not queued: an agent can slow its own lookups at will (processes holding many descriptors).
+    who_said, _ = _request_queued_behind(_ClaimSeen(), busy_s=0.0, wait_s=0.1, cap_s=30)
+    assert who_said.retry and who_said.detail == "its sender could not be checked: its lookup ran over 0.1s"
+
+
 def test_sockets_found_through_a_thread_are_known_as_its_processs(fake_proc):
     # A thread started lately has one of the newest ids, so the search for new processes reads the (shared) fd
     # table through it; a process that reconnects is then looked for under its own id.
