@@ -27,30 +27,40 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PROXY_AUTH = "Proxy-Authorization"
-# Longest a credentialed request waits for its connection's pid lookup (usually done in well under 30 ms). Past
-# it the request is refused, 503, never let through unchecked: an agent can slow lookups at will (processes
-# holding many descriptors), and a token that passed unchecked would let it speak as another agent.
-# The wait counts while the lookup runs on a pool thread, not while it is queued behind other connections' (hundreds of
-# agents connecting at once on a few cores queue theirs for seconds), up to this in all.
+# How long a credentialed request's connection lookup may run on the pool threads (usually well under 30 ms) before
+# the request is refused, 503, never let through unchecked: an agent can slow lookups at will (processes holding many
+# descriptors), and a token that passed unchecked would let it speak as another agent. Time the lookup sits queued
+# behind other connections' is not counted (hundreds of agents connecting at once on a few cores queue theirs for
+# seconds), but a request waits CREDENTIAL_CHECK_CAP_S at most in all, queued or running.
 CREDENTIAL_CHECK_WAIT_S = 10.0
 CREDENTIAL_CHECK_CAP_S = 60.0
 
 
 class LookupClock:
-    """Since when a connection's lookup has been running on a pool thread: None while it waits for one."""
+    """How long a connection's lookup has run on pool threads, over its steps (time queued for one not counted)."""
 
-    __slots__ = ("running_since",)
+    __slots__ = ("ran", "running_since")
 
     def __init__(self, running_since: float | None = None) -> None:
-        self.running_since = running_since
+        self.ran = 0.0  # in the steps that have ended
+        self.running_since = running_since  # time.monotonic() the running step began; None while none runs
 
     def run(self, step: Callable[[], T]) -> T:
         """``step()`` on the calling (pool) thread, timed as running."""
-        self.running_since = time.monotonic()
+        began = self.running_since = time.monotonic()
         try:
             return step()
         finally:
-            self.running_since = None
+            self.running_since = None  # cleared first: a reader between the two lines counts too little for a
+            self.ran += time.monotonic() - began  # moment (and waits on), never too much
+
+    def used(self, now: float) -> float:
+        since = self.running_since
+        return self.ran + (now - since if since is not None else 0.0)
+
+
+class _CheckTimedOut(Exception):
+    """A token's sender check gave up waiting for its lookup (the lookup's own TimeoutError is not this)."""
 
 
 class FlowAttribution:
@@ -217,9 +227,9 @@ class FlowAttribution:
             if timeout is None or future.done():
                 return await future
             return await self._checked_in_time(future, self._clocks.get(conn_id), timeout)
-        except TimeoutError as exc:
-            log.warning("rollouttap: pid lookup %s; request refused (503)", exc.args[0])
-            return PidResult(None, None, f"its sender could not be checked: its lookup {exc.args[0]}", unchecked=True)
+        except _CheckTimedOut as exc:
+            log.warning("rollouttap: pid lookup %s; request refused (503)", exc)
+            return PidResult(None, None, f"its sender could not be checked: its lookup {exc}", unchecked=True)
         except Exception as exc:  # a failed lookup must not lose the flow
             log.warning("rollouttap: pid attribution failed: %r", exc)
             if timeout is not None:  # a token's sender check: never passed unchecked (refused, 503, to be retried)
@@ -232,24 +242,23 @@ class FlowAttribution:
 
     async def _checked_in_time(self, future: asyncio.Future[PidResult], clock: LookupClock | None,
                                timeout: float) -> PidResult:
-        """The lookup's answer once it has run ``timeout`` on a pool thread at most (time queued for one is not
-        counted), ``credential_check_cap`` in all; TimeoutError (saying which) past either."""
+        """The lookup's answer, once it has run ``timeout`` on the pool threads at most (its steps together; time
+        queued for a thread not counted) and ``credential_check_cap`` has not passed; else _CheckTimedOut."""
         now = time.monotonic()
         give_up = now + self.credential_check_cap
-        if clock is None:  # begun elsewhere (no pool steps to time): counted from now
+        if clock is None:  # begun elsewhere (no pool steps to time): running from now
             clock = LookupClock(now)
-        while True:
-            since = clock.running_since
-            until = min(give_up, (now if since is None else since) + timeout)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), max(0.0, until - now))  # shared: never cancel
+        while not future.done():
+            left = timeout - clock.used(now)
+            if left <= 0:
+                raise _CheckTimedOut(f"ran over {timeout:g}s")
+            if now >= give_up:
+                raise _CheckTimedOut(f"did not finish within {self.credential_check_cap:g}s, queued or running")
+            try:  # wakes when the lookup would have run out of time if it ran all along: then looks again
+                return await asyncio.wait_for(asyncio.shield(future), min(left, give_up - now))  # shared: not cancelled
             except TimeoutError:
-                now, since = time.monotonic(), clock.running_since
-                if now >= give_up:
-                    raise TimeoutError(f"did not finish within {self.credential_check_cap:g}s, queued or running"
-                                       ) from None
-                if since is not None and now >= since + timeout:
-                    raise TimeoutError(f"ran over {timeout:g}s") from None
+                now = time.monotonic()  # (the lookup's own TimeoutError, if it raised one, ends the loop: done)
+        return future.result()
 
     async def _agent(self, agent_id: str) -> AgentRecord | None:
         directory = self.directory

@@ -460,7 +460,7 @@ def _request_queued_behind(lookups: _ClaimSeen, busy_s: float, wait_s: float, ca
 def test_a_lookup_queued_behind_others_longer_than_the_wait_still_checks_its_request():
     # Hundreds of agents connecting at once on a few cores queue their lookups for seconds: the time a lookup
     # waits for a thread is not its own, and counting it refused their calls (503) though each lookup was quick.
-    who_said, clocks_left = _request_queued_behind(_Quick(), busy_s=0.5, wait_s=0.1, cap_s=30)
+    who_said, clocks_left = _request_queued_behind(_Quick(), busy_s=1.0, wait_s=0.3, cap_s=30)
     assert not who_said.retry and who_said.pid == 7  # checked (no such agent: refused for that, as before)
     assert clocks_left == {}  # forgotten with its connection
 
@@ -475,6 +475,37 @@ def test_a_lookup_that_runs_over_the_wait_refuses_its_request_for_now():
     # Running, not queued: an agent can slow its own lookups at will (processes holding many descriptors).
     who_said, _ = _request_queued_behind(_ClaimSeen(), busy_s=0.0, wait_s=0.1, cap_s=30)
     assert who_said.retry and who_said.detail == "its sender could not be checked: its lookup ran over 0.1s"
+
+
+class _TwoSlowSteps(_ClaimSeen):
+    """A quick step that finds nothing, then a full scan, each taking ``step_s``."""
+
+    def __init__(self, step_s: float) -> None:
+        super().__init__()
+        self.step_s = step_s
+
+    def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
+        time.sleep(self.step_s)
+        return PidResult(7, None, "under no registered root") if everywhere else None
+
+
+def test_a_lookups_steps_share_one_wait_its_request_is_refused_when_together_they_run_over():
+    # Per step, an agent that slows its own lookups would get the wait twice over (quick lookup, then full scan).
+    who_said, _ = _request_queued_behind(_TwoSlowSteps(0.3), busy_s=0.0, wait_s=0.45, cap_s=30)
+    assert who_said.retry and who_said.detail == "its sender could not be checked: its lookup ran over 0.45s"
+
+
+class _TimesOut(_ClaimSeen):
+    def resolve(self, peer, sock, *, everywhere: bool = True, claim=None):
+        raise TimeoutError("a read that timed out")
+
+
+def test_a_lookup_that_raised_timeout_error_itself_failed_it_did_not_run_out_of_time():
+    # Told apart from the check's own deadline: as any failed lookup, dropped, so the connection's next request
+    # looks up anew (and the wait does not go round until the cap).
+    who_said, _ = _request_queued_behind(_TimesOut(), busy_s=0.0, wait_s=0.1, cap_s=0.5)
+    assert who_said.retry and who_said.detail.startswith("its sender could not be checked: lookup failed: "
+                                                         "TimeoutError")
 
 
 def test_sockets_found_through_a_thread_are_known_as_its_processs(fake_proc):
