@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -57,6 +60,31 @@ def _curl_version() -> str:
         return "not found"
 
 
+def speed_probe(reps: int = 5) -> str:
+    """How fast this host is now, to compare runs (a shared VM's speed varies between runs and within one): a
+    pure-Python loop, and a bare start of this interpreter (an agent's, a proxy's or a client's start is one)."""
+    loop, start = [], []
+    for _ in range(reps):
+        began = time.perf_counter()
+        sum(range(3_000_000))
+        loop.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
+        start.append(time.perf_counter() - began)
+    return (f"Python loop {statistics.median(loop) * 1e3:.1f} ms, interpreter start "
+            f"{statistics.median(start) * 1e3:.1f} ms (medians of {reps})")
+
+
+def with_end_probe(facts: dict[str, str]) -> dict[str, str]:
+    """``facts`` with the speed probe taken at the end of the run beside the one taken at its start."""
+    out: dict[str, str] = {}
+    for key, value in facts.items():
+        out[key] = value
+        if key == "host speed at start":
+            out["host speed at end"] = speed_probe()
+    return out
+
+
 def machine_facts() -> dict[str, str]:
     """What the figures depend on: CPU, cores, kernel, Python and package versions, load."""
     load = os.getloadavg()
@@ -66,6 +94,7 @@ def machine_facts() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "load average at start": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        "host speed at start": speed_probe(),
         "curl": _curl_version(),
     }
     facts.update({name: _version(name) for name in PACKAGES})

@@ -35,7 +35,7 @@ import store_speed  # noqa: E402
 import stream_cpu  # noqa: E402
 import streaming  # noqa: E402
 from context import FULL, SMOKE, Context, Shared, progress  # noqa: E402
-from report import Section, document, header, machine_facts  # noqa: E402
+from report import Section, document, header, machine_facts, with_end_probe  # noqa: E402
 
 BENCHMARKS = {
     "latency": latency,
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             sections = [run_one(name, ctx) for name in names]
         finally:
             shared.close()
+    facts = with_end_probe(facts)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(document(header(command, plan.name, facts, args.note), sections))
     out.with_suffix(".json").write_text(json.dumps(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:] + (out.read_text()[-4000:] if out.exists() else "")
     text = out.read_text()
     assert "bench/run.py --smoke" in text and "| mitmproxy |" in text
+    probes = re.findall(r"\| host speed at (start|end) \| Python loop ([\d.]+) ms, interpreter start ([\d.]+) ms", text)
+    assert [p[0] for p in probes] == ["start", "end"] and all(float(n) > 0 for p in probes for n in p[1:])
     for title in expected.values():
         assert f"## {title}\n" in text, title  # a failed or skipped one would carry "(error)"
     results = json.loads(out.with_suffix(".json").read_text())
