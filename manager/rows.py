@@ -91,6 +91,9 @@ class TokenCall:
     status_code: int | None = 200
     turn: int | None = None  # the request's turn where the caller knows it (ChatCall): a retry keeps its original's
     ids_problem: str | None = None  # why the server's ids were set aside (ChatCall), the call read as without ids
+    # An answer that came back 200 but broke off (ChatCall: an error event in its stream, no finish_reason): its
+    # tokens are not the answer the agent got, and never trained.
+    failed: bool = False
 
 
 def as_token_call(call: object) -> TokenCall:
@@ -111,6 +114,7 @@ def as_token_call(call: object) -> TokenCall:
         status_code=getattr(call, "status_code", default.status_code),
         turn=getattr(call, "turn", default.turn),
         ids_problem=getattr(call, "ids_problem", default.ids_problem),
+        failed=bool(getattr(call, "failed", default.failed)),
     )
 
 
@@ -318,7 +322,7 @@ def _kept_attempts(calls: list[TokenCall], run: list[int]) -> list[int]:
 
 
 def _answered(call: TokenCall) -> bool:
-    return call.state == "done" and (call.status_code is None or 200 <= call.status_code < 300)
+    return call.state == "done" and (call.status_code is None or 200 <= call.status_code < 300) and not call.failed
 
 
 def _usable(index: int, call: TokenCall, original: Any, tokenize: Tokenize | None) -> _Used | None:

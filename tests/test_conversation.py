@@ -374,6 +374,34 @@ def test_a_retry_follows_its_original_and_replaces_only_it(between):
     assert fidelity.sampled_tokens == sum(len(c.completion_token_ids) for c in calls[1:])
 
 
+def test_an_answer_whose_stream_broke_off_with_an_error_event_is_not_trained():
+    # 200 and [DONE], but vLLM sent an error event mid-stream (a tool parser that failed): the agent never got that
+    # answer whole and asked again another way. Its partial tokens must not be trained as a sampled answer.
+    from rollouttap.manager.conversation import calls_in_order
+    from rollouttap.manager.rows import build_rows
+    request = {"model": "m", "messages": [SYSTEM, USER], "tools": [CALC], "stream": True, "return_token_ids": True,
+               "logprobs": True, "stream_options": {"include_usage": True}}
+    body, facts = vllm_answer(request)
+    answered = make_flow(request, body)
+    history = [SYSTEM, USER, assistant(facts), {"role": "tool", "tool_call_id": "x", "content": "14"}]
+    broken_request = {**request, "messages": history}
+    full, _ = vllm_answer(broken_request, Reply(content="The answer is fourteen, as computed."), k=2)
+    events = full[:-len(SSE_DONE)].split(b"\n\n")
+    error = b'data: {"error":{"message":"tool parser failed","type":"InternalServerError","code":500}}'
+    broken = make_flow(broken_request, b"\n\n".join(events[:len(events) // 2] + [error]) + b"\n\n" + SSE_DONE)
+    again_request = {**request, "messages": history + [{"role": "user", "content": "Please answer."}]}
+    again = make_flow(again_request, vllm_answer(again_request, Reply(content="14."))[0])
+    flows = [answered, broken, again]
+    calls = calls_in_order(build_conversation(flows), flows)
+    assert calls[1].failed and calls[1].completion_token_ids  # its partial ids came back
+    for policy in ("realign", "fork"):
+        result = build_rows(calls, eos_token_id=TOK.eos_token_id, policy=policy)
+        assert (result.fidelity.failed_calls, result.fidelity.calls_used, len(result.rows)) == (1, 2, 1), policy
+        (row,) = result.rows
+        trained = [t for t, m in zip(row.completion_ids, row.env_mask) if m]
+        assert trained == calls[0].completion_token_ids + calls[2].completion_token_ids, policy
+
+
 def test_a_retry_whose_first_attempts_never_arrived_replaces_nothing():
     # The client retried a request whose earlier attempts never reached the proxy: a call of its own.
     from rollouttap.manager.conversation import calls_in_order

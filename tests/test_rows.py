@@ -213,6 +213,10 @@ SELECTION_TABLE = {
     "retry that fails": ([(*A, {}), (*A, {"is_retry": True, **FAILED})], None, (0, 1, 1)),
     "two retries": ([(*A, FAILED), (*A, {"is_retry": True, **FAILED}), (*A, {"is_retry": True})], [10, EOS], (1, 2, 0)),
     "failed then next": ([(*A, FAILED), (*B, {})], [11, EOS], (1, 0, 1)),
+    # 200, but its stream broke off (an error event before [DONE]): the agent asked again another way
+    "broken-off answer then next": ([(*A, {"failed": True}), (*B, {})], [11, EOS], (1, 0, 1)),
+    "broken-off answer last": ([(*B, {}), (*A, {"failed": True})], [11, EOS], (1, 0, 1)),
+    "broken-off answer retried": ([(*A, {"failed": True}), (*A, {"is_retry": True})], [10, EOS], (1, 1, 0)),
     "leading retry": ([(*A, {"is_retry": True})], [10, EOS], (1, 0, 0)),
     "retry of the same turn": ([(*A, {**FAILED, "turn": 0}), (*A, {"is_retry": True, "turn": 0})], [10, EOS], (1, 1, 0)),
     # a retry whose first attempts never reached the proxy has a turn of its own: it replaces nothing
