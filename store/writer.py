@@ -17,6 +17,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ class StoreWriter:
         self.detached: str | None = None  # set once the store file was deleted or replaced under the writer
         self._drops_said = Throttle(5.0)
         self._failures_said = Throttle(60.0)  # a failing store retries every 2 s: not a line each time
+        # Notes of bodies this writer cut to fit SQLite (flow id -> meta entries; writer thread only): a later meta
+        # of the flow, written whole by the addon, must keep them.
+        self._cut_notes: dict[str, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -206,6 +210,7 @@ class StoreWriter:
     def _commit_rows(self, writes: list[Event], mark: float | None) -> None:
         statements = fold(writes)
         delay = 0.05
+        dropped = 0
         while True:
             self._check_file()  # before every try: a lock may have been waited out while the file was replaced
             if self.detached is not None:  # a replaced file would take the old -wal's frames: write nothing
@@ -224,7 +229,7 @@ class StoreWriter:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except _BAD_EVENT:
-                self._commit_one_by_one(writes)  # the events as queued: only the bad one is lost
+                dropped = self._commit_one_by_one(writes)  # the events as queued: only the bad one is lost
                 if mark is not None:  # every event before it is committed or dropped for good
                     self._mark_alone(mark)
                 break
@@ -232,7 +237,7 @@ class StoreWriter:
         self._idle_wait = self.linger
         self.failing = None
         self._done_bytes += sum(_event_size(event) for event in writes)
-        self.stats.committed += len(writes)
+        self.stats.committed += len(writes) - dropped  # a dropped event stays unwritten: the exit status says so
         self.stats.statements += len(statements)
         self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(writes))
@@ -241,7 +246,7 @@ class StoreWriter:
         """One transaction: every folded statement, then the watermark."""
         with transaction(self._conn):
             for event in statements:
-                _apply(self._conn, event)
+                _apply(self._conn, self._with_cut_notes(event) if self._cut_notes else event)
             if mark is not None:
                 self._write_mark(mark)
 
@@ -291,8 +296,11 @@ class StoreWriter:
             self._conn.execute("UPDATE proxies SET committed_through = max(coalesce(committed_through, 0), ?) "
                                "WHERE proxy_id = ?", (mark, self.proxy_id))
 
-    def _commit_one_by_one(self, writes: list[Event]) -> None:
+    def _commit_one_by_one(self, writes: list[Event]) -> int:
+        """Each event in a transaction of its own; how many could not be written at all (dropped)."""
+        dropped = 0
         for event in writes:
+            event = self._with_cut_notes(event) if self._cut_notes else event  # noted by an event before it, maybe
             try:
                 try:
                     with transaction(self._conn):
@@ -302,9 +310,41 @@ class StoreWriter:
                     # keep the row, with those bytes written as escapes.
                     with transaction(self._conn):
                         _apply(self._conn, escape_surrogates(event))
+                except sqlite3.DataError:
+                    # A body over SQLite's length limit (1e9 bytes: a download kept whole): the flow's end (its
+                    # state, status, times) must still land, with the first part of the body and a note of the cut.
+                    limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+                    with transaction(self._conn):
+                        cut = bodies_cut_to_fit(event, limit, self._meta_of)
+                        if cut is None:
+                            raise
+                        _apply(self._conn, cut)
+                    flow_id = cut[1] if cut[0] == "update_flow" else cut[-1].get("flow_id")
+                    meta = cut[-1]["meta"]
+                    self._cut_notes[flow_id] = {**self._cut_notes.get(flow_id, {}), **{
+                        note: meta[note] for note in _BODY_CUT_NOTES.values() if "store_limit" in meta.get(note, {})}}
+                    log.error("rollouttap: a body of %s over SQLite's limit of %d bytes: its first %d bytes kept",
+                              _describe(event), limit, limit // BODY_SHARE_OF_LIMIT)
             except _BAD_EVENT as exc:
+                dropped += 1
                 self.stats.failed += 1
                 log.error("store write dropped after error %r: %s", exc, _describe(event))
+        return dropped
+
+    def _with_cut_notes(self, event: Event) -> Event:
+        """``event`` with the notes of its flow's bodies cut before added to the meta it writes."""
+        cols = event[-1]
+        flow_id = event[1] if event[0] == "update_flow" else cols.get("flow_id") if event[0] == "insert_flow" else None
+        notes = self._cut_notes.get(flow_id) if isinstance(flow_id, str) else None
+        if not notes or "meta" not in cols:
+            return event
+        meta = cols["meta"]
+        meta = dict(json.loads(meta) if isinstance(meta, str) else meta or {})
+        return (*event[:-1], {**cols, "meta": {**meta, **notes}})
+
+    def _meta_of(self, flow_id: str) -> Any:
+        row = self._conn.execute("SELECT meta FROM flows WHERE flow_id = ?", (flow_id,)).fetchone()
+        return row[0] if row is not None else None
 
 
 def _event_size(event: Event) -> int:
@@ -342,6 +382,36 @@ def batch_mark(nudges: list[float], queue_empty: bool, now: float) -> float | No
     queue was found empty) when nothing is queued behind it, else everything queued before its latest
     nudge; None when neither holds."""
     return now if queue_empty else max(nudges, default=None)
+
+
+# What each body keeps of SQLite's length limit when one is over it: a request's and a response's together, and the
+# rest of the row, fit.
+BODY_SHARE_OF_LIMIT = 4
+_BODY_CUT_NOTES = {"request_body": "request_body_cut", "response_body": "body_cut"}
+
+
+def bodies_cut_to_fit(event: Event, limit: int, meta_of: Callable[[str], Any]) -> Event | None:
+    """A flow event with each body over ``limit // BODY_SHARE_OF_LIMIT`` bytes cut to that, its meta (the event's,
+    else ``meta_of(flow_id)``: the row's) noting each cut as the addon notes its own (``size``, ``kept``); None when
+    no body is that long."""
+    if event[0] not in ("insert_flow", "update_flow"):
+        return None
+    cols = dict(event[-1])
+    share = limit // BODY_SHARE_OF_LIMIT
+    sizes = {}
+    for column, note in _BODY_CUT_NOTES.items():
+        value = cols.get(column)
+        if isinstance(value, (bytes, bytearray, str)) and len(value) > share:
+            cols[column], sizes[note] = value[:share], len(value)
+    if not sizes:
+        return None
+    given = cols["meta"] if "meta" in cols else meta_of(event[1]) if event[0] == "update_flow" else None
+    meta = dict(json.loads(given) if isinstance(given, str) else given or {})
+    for note, size in sizes.items():
+        was: dict[str, Any] = meta[note] if isinstance(meta.get(note), dict) else {}
+        meta[note] = {**was, "size": max(was.get("size") or 0, size), "kept": share, "store_limit": limit}
+    cols["meta"] = meta
+    return (*event[:-1], cols)
 
 
 def escape_surrogates(event: Event) -> Event:

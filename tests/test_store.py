@@ -653,6 +653,56 @@ def test_a_bad_event_does_not_lose_the_nudges_mark(tmp_path):
     writer.close()
 
 
+def _writer_with_length_limit(path, limit: int) -> StoreWriter:
+    """A writer whose connection refuses values over ``limit`` bytes (SQLite's own limit is 1e9: a download kept
+    whole reaches it), as SQLITE_TOOBIG."""
+    writer = StoreWriter(path, heartbeat=60)
+    writer._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
+    return writer
+
+
+@pytest.mark.parametrize("answer_size, meta_in_event, apart", [(60_000, True, False), (60_000, False, False),
+                                                                (100, True, False), (100, True, True)])
+def test_a_body_over_sqlites_length_limit_keeps_its_first_part_and_the_flow_still_ends(tmp_path, answer_size,
+                                                                                      meta_in_event, apart):
+    path = tmp_path / "s.db"
+    writer = _writer_with_length_limit(path, 40_000)
+    writer.insert_flow(_flow("big", meta={"model_host": True}, request_body=b"q" * 50_000))
+    if apart:  # the end comes in a later transaction than the cut
+        assert writer.flush()
+    end = {"state": "done", "status_code": 200, "t_end": time.time(), "response_body": b"r" * answer_size}
+    # The addon's end writes the flow's whole meta (its own notes, e.g. of a body it kept only part of).
+    writer.update_flow("big", {**end, "meta": {"body_cut": {"size": 90_000, "kept": answer_size}}} if meta_in_event
+                       else end)
+    writer.insert_flow(_flow("small"))
+    assert writer.flush()
+    with Store(path) as store:
+        big = store.flow("big")
+        assert (big.state, big.status_code, big.t_end) == ("done", 200, end["t_end"])
+        assert big.request_body == b"q" * 10_000 and big.response_body == b"r" * min(answer_size, 10_000)
+        assert big.meta["request_body_cut"] == {"size": 50_000, "kept": 10_000, "store_limit": 40_000}
+        cut_answer = {"size": 90_000 if meta_in_event else 60_000, "kept": 10_000, "store_limit": 40_000}
+        assert big.meta["body_cut"] == (cut_answer if answer_size > 10_000 else {"size": 90_000, "kept": 100})
+        assert big.meta.get("model_host") is (None if meta_in_event else True)  # the row's meta, or the event's
+        assert store.flow("small") is not None
+    assert writer.unwritten == 0 and writer.stats.failed == 0
+    writer.close()
+
+
+def test_an_event_that_cannot_be_written_at_all_is_counted_unwritten(tmp_path):
+    # The proxy's exit status comes from ``unwritten``: a dropped event must not pass for written.
+    path = tmp_path / "s.db"
+    writer = _writer_with_length_limit(path, 40_000)
+    writer.insert_flow(_flow("f1"))
+    writer.update_flow("f1", {"error": "e" * 50_000})  # not a body: nothing to cut
+    writer.insert_flow(_flow("f2"))
+    assert writer.flush()
+    with Store(path) as store:
+        assert store.flow("f1").error is None and store.flow("f2") is not None
+    assert (writer.unwritten, writer.stats.failed) == (1, 1)
+    writer.close()
+
+
 NUDGED_WRITER = """
 import signal, sys, time
 from rollouttap.store import StoreWriter
