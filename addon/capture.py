@@ -411,7 +411,7 @@ class RolloutTap:
             self._end(flow_id, "error", cols)
             return
         cols.update(response_body=self._tapped(live), t_first_byte=live.tap.first_byte_at)
-        if sse_finished(live.tap.raw):
+        if sse_finished(live.tap.plain_tail):  # decoded, where the server compressed it
             live.meta["closed_after_done"] = reason
             del cols["error"]
             self._end(flow_id, "done", cols)

@@ -16,7 +16,7 @@ class StreamTap:
     flow, so the client meets a broken stream instead of a clean, short one.
     """
 
-    __slots__ = ("raw", "first_byte_at", "rewrite", "ended", "failed", "keep", "size")
+    __slots__ = ("raw", "first_byte_at", "rewrite", "ended", "failed", "keep", "size", "_last")
 
     def __init__(self, rewrite: Callable[[bytes], bytes] | None = None, keep: int | None = None) -> None:
         self.raw = bytearray()  # the first ``keep`` bytes (all of them without a limit)
@@ -26,6 +26,7 @@ class StreamTap:
         self.rewrite = rewrite
         self.ended = False
         self.failed: str | None = None
+        self._last = b""  # with ``keep``, the last bytes seen (``raw`` holds the first)
 
     def __call__(self, data: bytes) -> list[bytes]:
         if data:
@@ -34,8 +35,11 @@ class StreamTap:
             self.size += len(data)
             if self.keep is None:
                 self.raw += data
-            elif len(self.raw) < self.keep:
-                self.raw += data[:self.keep - len(self.raw)]
+            else:
+                if len(self.raw) < self.keep:
+                    self.raw += data[:self.keep - len(self.raw)]
+                tail = DecodedFeed.TAIL
+                self._last = data[-tail:] if len(data) >= tail else (self._last + data)[-tail:]
         else:
             self.ended = True
         if self.failed is not None:
@@ -49,22 +53,50 @@ class StreamTap:
         # Never hand mitmproxy an empty chunk: with chunked encoding it would end the response early.
         return [out] if out else []
 
+    @property
+    def plain_tail(self) -> bytes | bytearray:
+        """The last bytes of the stream as its server meant it: decoded where it came compressed."""
+        if isinstance(self.rewrite, DecodedFeed):
+            return self.rewrite.tail
+        return self._last if self.keep is not None else self.raw[-DecodedFeed.TAIL:]
 
-def decoded(encoding: str, then: Callable[[bytes], bytes]) -> Callable[[bytes], bytes] | None:
-    """A stream callable feeding ``then`` the decoded bytes of a ``content-encoding`` stream (gzip, deflate,
-    br, zstd); ``b""`` ends it, as for ``then``. None for any other coding, or a list of them."""
+
+class DecodedFeed:
+    """A stream callable feeding ``then`` the decoded bytes of a compressed stream; ``b""`` ends it, as for
+    ``then``. ``tail`` holds the last decoded bytes: whether the stream sent its last event is read there (the
+    tap's raw copy is compressed)."""
+
+    __slots__ = ("_decompress", "_flush", "_then", "tail")
+    TAIL = 64
+
+    def __init__(self, decompress: Callable[[bytes], bytes], flush: Callable[[], bytes],
+                 then: Callable[[bytes], bytes]) -> None:
+        self._decompress, self._flush, self._then = decompress, flush, then
+        self.tail = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        if data:
+            plain = self._decompress(data)
+            if not plain:
+                return b""  # b"" would tell ``then`` the stream ended
+            self._note(plain)
+            return self._then(plain)
+        rest = self._flush()
+        if rest:
+            self._note(rest)
+        return (self._then(rest) if rest else b"") + self._then(b"")
+
+    def _note(self, plain: bytes) -> None:
+        self.tail = plain[-self.TAIL:] if len(plain) >= self.TAIL else (self.tail + plain)[-self.TAIL:]
+
+
+def decoded(encoding: str, then: Callable[[bytes], bytes]) -> DecodedFeed | None:
+    """A DecodedFeed for a ``content-encoding`` stream (gzip, deflate, br, zstd); None for any other coding, or a
+    list of them."""
     decoder = _decoder(encoding.strip().lower())
     if decoder is None:
         return None
-    decompress, flush = decoder
-
-    def feed(data: bytes) -> bytes:
-        if data:
-            plain = decompress(data)
-            return then(plain) if plain else b""  # b"" would tell ``then`` the stream ended
-        rest = flush()
-        return (then(rest) if rest else b"") + then(b"")
-    return feed
+    return DecodedFeed(*decoder, then)
 
 
 def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]] | None:

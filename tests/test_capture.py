@@ -1461,6 +1461,44 @@ def test_injected_fields_are_hidden_from_a_compressed_or_sized_stream_too(tmp_pa
     assert '"token_ids":[7,8]' in flow.response_text()  # the store keeps the server's bytes, ids and all
 
 
+@pytest.mark.parametrize("coding", ["identity", "gzip"])
+def test_a_compressed_stream_the_client_closed_after_its_done_is_complete(tmp_path, confdir, coding):
+    # Whether [DONE] came is read in the stream as the server meant it: decoded where it came compressed.
+    import zlib
+    gate = threading.Event()
+
+    def reply(conn: socket.socket, data: bytes) -> None:
+        _whole_request(conn, data)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        body = _SSE
+        if coding == "gzip":
+            zobj = zlib.compressobj(wbits=31)
+            body, head = zobj.compress(_SSE) + zobj.flush(zlib.Z_SYNC_FLUSH), head + b"Content-Encoding: gzip\r\n"
+        conn.sendall(head + b"\r\n" + b"%x\r\n%s\r\n" % (len(body), body))
+        gate.wait(20)  # the end of the message held back: the client closes first
+
+    server, thread = _one_shot_server(reply)
+    host = f"127.0.0.1:{server.getsockname()[1]}"
+    with server, start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,), logprobs=False) as proxy:
+        with requests.post(f"http://{host}/v1/chat/completions", headers={"X-Agent-ID": "gzd"}, timeout=20,
+                           json={"model": "m", "stream": True, "messages": []}, proxies={"http": proxy.url},
+                           stream=True) as resp:
+            assert next(line for line in resp.iter_lines() if line.startswith(b"data: [DONE]"))
+        [flow] = settled_flows(proxy.config.store, agent_id="gzd")
+        gate.set()
+        thread.join(10)
+    assert flow.state == "done" and "closed_after_done" in flow.meta, (flow.state, flow.error)
+
+
+def test_the_tap_of_a_body_kept_in_part_still_sees_how_the_stream_ended():
+    from rollouttap.addon.answer_rewrite import sse_finished
+    from rollouttap.addon.streamtap import StreamTap
+    tap = StreamTap(keep=100)
+    for piece in (b"data: " + b"x" * 200 + b"\n\n", b"data: [DO", b"NE]\n\n"):
+        tap(piece)
+    assert len(tap.raw) == 100 and not sse_finished(tap.raw) and sse_finished(tap.plain_tail)
+
+
 def test_a_compressed_stream_that_does_not_decode_reaches_the_agent_broken_and_is_recorded_as_an_error(
         tmp_path, confdir):
     broken = _pack("gzip", _SSE)
