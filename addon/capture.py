@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import Client
+from mitmproxy.tls import TlsData
 
 from rollouttap.addon import capture_options, flowcols, tokenids
 from rollouttap.addon.answer_rewrite import sse_finished, stream_rewrite, strip_json_answer
@@ -74,6 +75,7 @@ class RolloutTap:
         self._scan_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouttap-scan")
         self.who = FlowAttribution(self._pool, self._scan_pool)
         self._live: dict[str, _Live] = {}
+        self._tunnel_rows: dict[str, str] = {}  # client connection id -> the row of the CONNECT that opened it
         self._parent_watch: asyncio.Task[None] | None = None
         self._running = False
         self.drain_s = DRAIN_S
@@ -203,6 +205,7 @@ class RolloutTap:
 
     def client_disconnected(self, client: Client) -> None:
         self.who.connection_closed(client)
+        self._tunnel_rows.pop(client.id, None)
         for flow_id, live in list(self._live.items()):
             if live.conn_id == client.id:
                 self._abort(flow_id, live, "client disconnected before the response completed")
@@ -215,7 +218,31 @@ class RolloutTap:
             self._reject(flow, who)
             return
         self.who.tunnel_opened(flow.client_conn.id, who)
-        self._end(flow.id, "done", {"status_code": 200})
+        # Ended by http_connected, or http_connect_error: with connection_strategy=eager (stock mitmdump's),
+        # mitmproxy connects to the server first, and answers 502 if it cannot.
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self._live:
+            self._tunnel_rows[flow.client_conn.id] = flow.id
+            self._end(flow.id, "done", {"status_code": flow.response.status_code if flow.response else 200})
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        if flow.id not in self._live:  # refused by us (407, 503): ended then
+            return
+        resp = flow.response
+        error = flow.error.msg if flow.error else (
+            f"the tunnel was not opened: {resp.status_code} {resp.reason}" if resp else "the tunnel was not opened")
+        self._end(flow.id, "error", {"status_code": resp.status_code if resp else None,
+                                     "response_body": resp.raw_content if resp else None, "error": error})
+
+    def tls_failed_client(self, data: TlsData) -> None:
+        """The agent's TLS handshake inside a tunnel failed (it does not trust the proxy's CA, say): nothing of
+        the tunnel reaches the store after its CONNECT, whose row says so."""
+        flow_id = self._tunnel_rows.pop(data.context.client.id, None)
+        if flow_id is not None and not self._store_closed:
+            self.counts["errors"] += 1
+            self._update(flow_id, {"state": "error",
+                                   "error": f"the TLS handshake with the client failed: {data.conn.error}"})
 
     # -- flows -------------------------------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:

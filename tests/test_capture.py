@@ -1556,6 +1556,40 @@ def test_a_header_names_the_agent_of_a_request_inside_an_https_tunnel(tmp_path, 
     assert "x-agent-id" not in json.loads(out.stdout).get("headers", {})  # taken off before the upstream
 
 
+def _connect_rows(store: Path) -> list:
+    with Store(store) as reader:
+        return [f for f in reader.flows() if f.method == "CONNECT"]
+
+
+def test_a_tunnel_the_proxy_could_not_open_is_an_error_not_done(tmp_path, confdir):
+    # connection_strategy=eager (stock mitmdump's): the server is connected at CONNECT time, and a 502 answered
+    # if it cannot be. The row said done, 200.
+    dead = socket.create_server(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    with start_proxy(tmp_path / "runs.db", confdir, extra={"connection_strategy": "eager"}) as proxy:
+        out = subprocess.run(["curl", "-sS", "-x", proxy.url, f"https://127.0.0.1:{port}/"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and "502" in out.stderr
+        wait_for(lambda: [f.state for f in _connect_rows(proxy.config.store)] == ["error"], what="the CONNECT ended")
+        [row] = _connect_rows(proxy.config.store)
+    assert row.status_code == 502 and row.error
+
+
+def test_a_tunnel_whose_tls_handshake_the_agent_broke_off_says_so(tmp_path, confdir, upstream):
+    # An agent that does not trust the proxy's CA: nothing of the tunnel reaches the store after its CONNECT.
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and "CA_BUNDLE" not in k
+           and "SSL_CERT" not in k}
+    with start_proxy(tmp_path / "runs.db", confdir, routes=(f"api.openai.com={upstream.url}",)) as proxy:
+        out = subprocess.run(["curl", "-sS", "-x", proxy.url, "https://api.openai.com/echo"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 60, out.stderr  # the certificate was not trusted
+        wait_for(lambda: [f.state for f in _connect_rows(proxy.config.store)] == ["error"], what="the row updated")
+        [row] = _connect_rows(proxy.config.store)
+    assert row.status_code == 200 and row.error.startswith("the TLS handshake with the client failed")
+
+
 def test_requests_are_refused_while_the_store_holds_too_much_unwritten_and_taken_again_after(
         tmp_path, confdir, upstream):
     store = tmp_path / "s.db"
