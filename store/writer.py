@@ -41,7 +41,9 @@ Event = tuple[Any, ...]
 _CONTROL = frozenset(("barrier", "mark"))  # events that want a commit now, not after a linger
 # What one bad event can raise (a constraint, a value JSON cannot encode): it is dropped, alone, and the
 # thread goes on; a dead writer thread would silently lose everything after it.
-_BAD_EVENT = (sqlite3.Error, TypeError, ValueError)
+# OverflowError: a value of 2 GiB or more, which Python's sqlite3 will not bind.
+_BAD_EVENT = (sqlite3.Error, TypeError, ValueError, OverflowError)
+_TOO_BIG = (sqlite3.DataError, OverflowError)
 
 
 @dataclass
@@ -300,8 +302,8 @@ class StoreWriter:
         """Each event in a transaction of its own; how many could not be written at all (dropped)."""
         dropped = 0
         for event in writes:
-            event = self._with_cut_notes(event) if self._cut_notes else event  # noted by an event before it, maybe
             try:
+                event = self._with_cut_notes(event) if self._cut_notes else event  # noted by an event before it
                 try:
                     with transaction(self._conn):
                         _apply(self._conn, event)
@@ -310,26 +312,36 @@ class StoreWriter:
                     # keep the row, with those bytes written as escapes.
                     with transaction(self._conn):
                         _apply(self._conn, escape_surrogates(event))
-                except sqlite3.DataError:
-                    # A body over SQLite's length limit (1e9 bytes: a download kept whole): the flow's end (its
-                    # state, status, times) must still land, with the first part of the body and a note of the cut.
-                    limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
-                    with transaction(self._conn):
-                        cut = bodies_cut_to_fit(event, limit, self._meta_of)
-                        if cut is None:
-                            raise
-                        _apply(self._conn, cut)
-                    flow_id = cut[1] if cut[0] == "update_flow" else cut[-1].get("flow_id")
-                    meta = cut[-1]["meta"]
-                    self._cut_notes[flow_id] = {**self._cut_notes.get(flow_id, {}), **{
-                        note: meta[note] for note in _BODY_CUT_NOTES.values() if "store_limit" in meta.get(note, {})}}
-                    log.error("rollouttap: a body of %s over SQLite's limit of %d bytes: its first %d bytes kept",
-                              _describe(event), limit, limit // BODY_SHARE_OF_LIMIT)
+                except _TOO_BIG:
+                    self._commit_cut(event)
             except _BAD_EVENT as exc:
                 dropped += 1
                 self.stats.failed += 1
                 log.error("store write dropped after error %r: %s", exc, _describe(event))
         return dropped
+
+    def _commit_cut(self, event: Event) -> None:
+        """A flow event with a body over SQLite's length limit (1e9 bytes: a download kept whole; one of 2 GiB
+        Python's sqlite3 cannot even bind): its flow's end (state, status, times) must still land, with the first
+        part of each body (nothing of them, if the row's stored bodies leave no room) and a note of the cut."""
+        limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+        for share in (limit // BODY_SHARE_OF_LIMIT, 0):
+            cut = bodies_cut_to_fit(event, limit, self._meta_of, share)
+            if cut is None:  # no body that long: the row's stored ones leave no room for this one, maybe
+                continue
+            try:
+                with transaction(self._conn):
+                    _apply(self._conn, cut)
+            except _TOO_BIG:
+                continue
+            flow_id = cut[1] if cut[0] == "update_flow" else cut[-1].get("flow_id")
+            meta = cut[-1]["meta"]
+            self._cut_notes[flow_id] = {**self._cut_notes.get(flow_id, {}), **{
+                note: meta[note] for note in _BODY_CUT_NOTES.values() if "store_limit" in meta.get(note, {})}}
+            log.error("rollouttap: a body of %s over SQLite's limit of %d bytes: its first %d bytes kept",
+                      _describe(event), limit, share)
+            return
+        raise sqlite3.DataError(f"a value of {_describe(event)} is over SQLite's length limit of {limit} bytes")
 
     def _with_cut_notes(self, event: Event) -> Event:
         """``event`` with the notes of its flow's bodies cut before added to the meta it writes."""
@@ -390,14 +402,13 @@ BODY_SHARE_OF_LIMIT = 4
 _BODY_CUT_NOTES = {"request_body": "request_body_cut", "response_body": "body_cut"}
 
 
-def bodies_cut_to_fit(event: Event, limit: int, meta_of: Callable[[str], Any]) -> Event | None:
-    """A flow event with each body over ``limit // BODY_SHARE_OF_LIMIT`` bytes cut to that, its meta (the event's,
-    else ``meta_of(flow_id)``: the row's) noting each cut as the addon notes its own (``size``, ``kept``); None when
-    no body is that long."""
+def bodies_cut_to_fit(event: Event, limit: int, meta_of: Callable[[str], Any], share: int) -> Event | None:
+    """A flow event with each body over ``share`` bytes cut to that, its meta (the event's, else
+    ``meta_of(flow_id)``: the row's) noting each cut as the addon notes its own (``size``, ``kept``) with the
+    ``limit``; None when no body is that long."""
     if event[0] not in ("insert_flow", "update_flow"):
         return None
     cols = dict(event[-1])
-    share = limit // BODY_SHARE_OF_LIMIT
     sizes = {}
     for column, note in _BODY_CUT_NOTES.items():
         value = cols.get(column)

@@ -689,6 +689,40 @@ def test_a_body_over_sqlites_length_limit_keeps_its_first_part_and_the_flow_stil
     writer.close()
 
 
+@pytest.mark.parametrize("answer_size", [9_000, 15_000])
+def test_an_answer_with_no_room_left_by_the_stored_upload_still_ends_its_flow(tmp_path, answer_size):
+    # The length limit holds for the whole row too: an upload kept whole under it leaves the answer less room.
+    path = tmp_path / "s.db"
+    writer = _writer_with_length_limit(path, 40_000)
+    writer.insert_flow(_flow("up", request_body=b"q" * 32_000))
+    assert writer.flush()
+    writer.update_flow("up", {"state": "done", "status_code": 200, "response_body": b"r" * answer_size, "meta": {}})
+    assert writer.flush()
+    with Store(path) as store:
+        flow = store.flow("up")
+        assert (flow.state, len(flow.request_body), flow.response_body) == ("done", 32_000, b"")
+        assert flow.meta["body_cut"] == {"size": answer_size, "kept": 0, "store_limit": 40_000}
+    assert writer.unwritten == 0
+    writer.close()
+
+
+def test_a_body_of_2_gib_which_sqlite3_cannot_bind_is_cut_too_and_the_writer_goes_on(tmp_path):
+    path = tmp_path / "s.db"
+    writer = _writer_with_length_limit(path, 40_000)
+    writer.insert_flow(_flow("before"))
+    writer.insert_flow(_flow("big"))
+    writer.update_flow("big", {"state": "done", "status_code": 200, "response_body": bytes(2**31 + 10)})  # calloc'd
+    writer.insert_flow(_flow("after"))
+    assert writer.flush(timeout=30)
+    with Store(path) as store:
+        assert {f.flow_id for f in store.flows()} == {"before", "big", "after"}
+        big = store.flow("big")
+        assert (big.state, len(big.response_body)) == ("done", 10_000)
+        assert big.meta["body_cut"]["size"] == 2**31 + 10
+    assert writer.unwritten == 0
+    writer.close()
+
+
 def test_an_event_that_cannot_be_written_at_all_is_counted_unwritten(tmp_path):
     # The proxy's exit status comes from ``unwritten``: a dropped event must not pass for written.
     path = tmp_path / "s.db"
