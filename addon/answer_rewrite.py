@@ -21,10 +21,10 @@ def stream_rewrite(resp: http.Response, injection: tokenids.Injection | None,
                    meta: dict[str, Any]) -> Callable[[bytes], bytes] | None:
     """What turns the server's stream into the agent's: token ids stripped, after decoding it if the server
     compressed it although asked not to (the agent then gets it plain, as its client would have read it)."""
-    if injection is None:
-        return None
-    strip = tokenids.StreamStripper(injection).feed
     encoding = resp.headers.get("content-encoding", "").strip().lower()
+    if injection is None:  # passed on as it came; watched, if compressed, for how it ends (see StreamTap)
+        return decoded(encoding, None) if encoding not in ("", "identity") else None
+    strip = tokenids.StreamStripper(injection).feed
     if encoding in ("", "identity"):
         rewrite = strip
     else:

@@ -217,6 +217,9 @@ class RolloutTap:
         if who.method == "rejected":
             self._reject(flow, who)
             return
+        if flow.client_conn.timestamp_end is not None:  # gone while it was looked up: no hook ends it now
+            self._end(flow.id, "error", {"error": "client disconnected before the tunnel opened"})
+            return
         self.who.tunnel_opened(flow.client_conn.id, who)
         # Ended by http_connected, or http_connect_error: with connection_strategy=eager (stock mitmdump's),
         # mitmproxy connects to the server first, and answers 502 if it cannot.

@@ -64,17 +64,22 @@ class StreamTap:
 class DecodedFeed:
     """A stream callable feeding ``then`` the decoded bytes of a compressed stream; ``b""`` ends it, as for
     ``then``. ``tail`` holds the last decoded bytes: whether the stream sent its last event is read there (the
-    tap's raw copy is compressed)."""
+    tap's raw copy is compressed). Without ``then`` it only watches: the stream passes as it came, and bytes that
+    do not decode stop the watching, never the stream."""
 
-    __slots__ = ("_decompress", "_flush", "_then", "tail")
+    __slots__ = ("_decompress", "_flush", "_then", "tail", "_lost")
     TAIL = 64
 
     def __init__(self, decompress: Callable[[bytes], bytes], flush: Callable[[], bytes],
-                 then: Callable[[bytes], bytes]) -> None:
+                 then: Callable[[bytes], bytes] | None) -> None:
         self._decompress, self._flush, self._then = decompress, flush, then
         self.tail = b""
+        self._lost = False
 
     def __call__(self, data: bytes) -> bytes:
+        if self._then is None:
+            self._watch(data)
+            return data
         if data:
             plain = self._decompress(data)
             if not plain:
@@ -86,11 +91,22 @@ class DecodedFeed:
             self._note(rest)
         return (self._then(rest) if rest else b"") + self._then(b"")
 
+    def _watch(self, data: bytes) -> None:
+        if self._lost:
+            return
+        try:
+            plain = self._decompress(data) if data else self._flush()
+        except Exception:  # zlib's, brotli's, zstd's errors: the client's decoder meets them, not ours to say
+            self._lost, self.tail = True, b""
+            return
+        if plain:
+            self._note(plain)
+
     def _note(self, plain: bytes) -> None:
         self.tail = plain[-self.TAIL:] if len(plain) >= self.TAIL else (self.tail + plain)[-self.TAIL:]
 
 
-def decoded(encoding: str, then: Callable[[bytes], bytes]) -> DecodedFeed | None:
+def decoded(encoding: str, then: Callable[[bytes], bytes] | None) -> DecodedFeed | None:
     """A DecodedFeed for a ``content-encoding`` stream (gzip, deflate, br, zstd); None for any other coding, or a
     list of them."""
     decoder = _decoder(encoding.strip().lower())

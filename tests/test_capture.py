@@ -509,6 +509,31 @@ def _tap_in_test_context(store: Path):
         yield addon, tctx
 
 
+@pytest.mark.parametrize("left", [True, False])
+def test_a_connect_whose_client_left_while_it_was_looked_up_ends_at_once(tmp_path, left):
+    # mitmproxy then calls neither http_connected nor http_connect_error: the row stayed open until the proxy stopped.
+    async def connect(addon):
+        await addon.running()
+        flow = tflow.tflow(req=_request(method="CONNECT", url="http://example.com:443/",
+                                        headers={"Host": "example.com:443", "X-Agent-ID": "cc"},
+                                        authority="example.com:443", path=""))
+        flow.client_conn.timestamp_end = time.time() if left else None
+        await addon.http_connect(flow)
+        return addon._live.get(flow.id)
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, tctx):
+        tctx.configure(addon, rollouttap_pid_lookup="fallback")
+        live = asyncio.run(connect(addon))
+        assert (live is None) == left  # else open until mitmproxy says how the tunnel went
+        addon.drain_s = 0.05
+        asyncio.run(addon.done())
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows()
+    assert row.method == "CONNECT" and row.state == "error"
+    assert row.error == ("client disconnected before the tunnel opened" if left else
+                         "proxy shut down before the flow ended")
+
+
 def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_path):
     from rollouttap.addon.attribution import Attribution
     from rollouttap.addon.streamtap import StreamTap
@@ -1461,8 +1486,8 @@ def test_injected_fields_are_hidden_from_a_compressed_or_sized_stream_too(tmp_pa
     assert '"token_ids":[7,8]' in flow.response_text()  # the store keeps the server's bytes, ids and all
 
 
-@pytest.mark.parametrize("coding", ["identity", "gzip"])
-def test_a_compressed_stream_the_client_closed_after_its_done_is_complete(tmp_path, confdir, coding):
+@pytest.mark.parametrize("coding, token_ids", [("identity", True), ("gzip", True), ("gzip", False)])
+def test_a_compressed_stream_the_client_closed_after_its_done_is_complete(tmp_path, confdir, coding, token_ids):
     # Whether [DONE] came is read in the stream as the server meant it: decoded where it came compressed.
     import zlib
     gate = threading.Event()
@@ -1479,7 +1504,8 @@ def test_a_compressed_stream_the_client_closed_after_its_done_is_complete(tmp_pa
 
     server, thread = _one_shot_server(reply)
     host = f"127.0.0.1:{server.getsockname()[1]}"
-    with server, start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,), logprobs=False) as proxy:
+    with server, start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,), logprobs=False,
+                             token_ids=token_ids) as proxy:
         with requests.post(f"http://{host}/v1/chat/completions", headers={"X-Agent-ID": "gzd"}, timeout=20,
                            json={"model": "m", "stream": True, "messages": []}, proxies={"http": proxy.url},
                            stream=True) as resp:
@@ -1497,6 +1523,23 @@ def test_the_tap_of_a_body_kept_in_part_still_sees_how_the_stream_ended():
     for piece in (b"data: " + b"x" * 200 + b"\n\n", b"data: [DO", b"NE]\n\n"):
         tap(piece)
     assert len(tap.raw) == 100 and not sse_finished(tap.raw) and sse_finished(tap.plain_tail)
+
+
+
+@pytest.mark.parametrize("keep", [None, 100])
+def test_a_compressed_stream_passed_on_as_it_came_is_watched_for_how_it_ended(keep):
+    import zlib
+
+    from rollouttap.addon.answer_rewrite import sse_finished
+    from rollouttap.addon.streamtap import StreamTap, decoded
+    zobj = zlib.compressobj(wbits=31)
+    body = zobj.compress(b"data: " + b"x" * 200 + b"\n\ndata: [DONE]\n\n") + zobj.flush()
+    tap = StreamTap(decoded("gzip", None), keep)
+    assert [out for piece in (body[:9], body[9:]) for out in tap(piece)] == [body[:9], body[9:]]  # as it came
+    assert sse_finished(tap.plain_tail) and not sse_finished(tap.raw)
+    broken = StreamTap(decoded("gzip", None), keep)
+    assert broken(b"not gzip at all") == [b"not gzip at all"] and broken.failed is None  # the client's to judge
+    assert broken.plain_tail == b""
 
 
 def test_a_compressed_stream_that_does_not_decode_reaches_the_agent_broken_and_is_recorded_as_an_error(
