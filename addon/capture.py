@@ -219,6 +219,7 @@ class RolloutTap:
             return
         if flow.client_conn.timestamp_end is not None:  # gone while it was looked up: no hook ends it now
             self._end(flow.id, "error", {"error": "client disconnected before the tunnel opened"})
+            flow.kill()  # nor is the server connected for it (connection_strategy=eager)
             return
         self.who.tunnel_opened(flow.client_conn.id, who)
         # Ended by http_connected, or http_connect_error: with connection_strategy=eager (stock mitmdump's),

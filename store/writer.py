@@ -310,8 +310,11 @@ class StoreWriter:
                 except UnicodeEncodeError:
                     # Text mitmproxy decoded with surrogateescape (a path or header that is not UTF-8):
                     # keep the row, with those bytes written as escapes.
-                    with transaction(self._conn):
-                        _apply(self._conn, escape_surrogates(event))
+                    try:
+                        with transaction(self._conn):
+                            _apply(self._conn, escape_surrogates(event))
+                    except _TOO_BIG:
+                        self._commit_cut(event)
                 except _TOO_BIG:
                     self._commit_cut(event)
             except _BAD_EVENT as exc:
@@ -325,14 +328,16 @@ class StoreWriter:
         Python's sqlite3 cannot even bind): its flow's end (state, status, times) must still land, with the first
         part of each body (nothing of them, if the row's stored bodies leave no room) and a note of the cut."""
         limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+        last: Exception | None = None
         for share in (limit // BODY_SHARE_OF_LIMIT, 0):
             cut = bodies_cut_to_fit(event, limit, self._meta_of, share)
             if cut is None:  # no body that long: the row's stored ones leave no room for this one, maybe
                 continue
             try:
                 with transaction(self._conn):
-                    _apply(self._conn, cut)
-            except _TOO_BIG:
+                    _apply(self._conn, escape_surrogates(cut))  # a text column that is not UTF-8 may come too
+            except _TOO_BIG as exc:
+                last = exc
                 continue
             flow_id = cut[1] if cut[0] == "update_flow" else cut[-1].get("flow_id")
             meta = cut[-1]["meta"]
@@ -341,7 +346,8 @@ class StoreWriter:
             log.error("rollouttap: a body of %s over SQLite's limit of %d bytes: its first %d bytes kept",
                       _describe(event), limit, share)
             return
-        raise sqlite3.DataError(f"a value of {_describe(event)} is over SQLite's length limit of {limit} bytes")
+        raise sqlite3.DataError(f"a value of {_describe(event)} does not fit SQLite's length limit of {limit} bytes, "
+                                "its bodies cut or not") from last
 
     def _with_cut_notes(self, event: Event) -> Event:
         """``event`` with the notes of its flow's bodies cut before added to the meta it writes."""

@@ -723,6 +723,23 @@ def test_a_body_of_2_gib_which_sqlite3_cannot_bind_is_cut_too_and_the_writer_goe
     writer.close()
 
 
+@pytest.mark.parametrize("order", ["text first", "body first"])
+def test_a_body_over_the_limit_beside_text_that_is_not_utf8_still_ends_its_flow(tmp_path, order):
+    # Each failure alone had its way out; together, the event was dropped.
+    path = tmp_path / "s.db"
+    writer = _writer_with_length_limit(path, 40_000)
+    writer.insert_flow(_flow("both"))
+    assert writer.flush()
+    text, body = {"path": "/v1/\udcff"}, {"response_body": b"r" * 60_000}
+    writer.update_flow("both", {"state": "done", **(text | body if order == "text first" else body | text)})
+    assert writer.flush()
+    with Store(path) as store:
+        flow = store.flow("both")
+        assert (flow.state, flow.path, len(flow.response_body)) == ("done", "/v1/\\udcff", 10_000)
+    assert writer.unwritten == 0
+    writer.close()
+
+
 def test_an_event_that_cannot_be_written_at_all_is_counted_unwritten(tmp_path):
     # The proxy's exit status comes from ``unwritten``: a dropped event must not pass for written.
     path = tmp_path / "s.db"
