@@ -550,3 +550,45 @@ def test_sampling_defaults():
                                 default_max_tokens=10, vocab_size=50)
     assert (chat_p.max_tokens, chat_p.temperature, chat_p.num_logprobs) == (5, 1.0, None)
     assert (comp_p.max_tokens, comp_p.num_logprobs) == (16, 0)
+
+
+def test_agent_rollout_returns_only_once_a_generation_still_running_has_ended(tiny, tmp_path):
+    # An agent killed at its timeout mid-call: deploy() returns while the server goes on generating (it sees its
+    # client gone only between tokens) with the trainer's own model in eval mode. TRL trains right after.
+    from types import SimpleNamespace
+
+    from rollouttap.trainer_hooks.rollout import agent_rollout
+    model, tok = tiny
+    forward = model.forward
+
+    class Slow(torch.nn.Module):  # the live model, 50 ms a token (a larger model on CPU)
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, *args, **kwargs):
+            threading.Event().wait(0.05)
+            return forward(*args, **kwargs)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(model, name)
+
+    served = Slow()
+    served.train()
+    with PolicyServer(served, tok, max_new_tokens=20) as srv:
+        call = threading.Thread(target=post, args=(srv, "/v1/chat/completions", {
+            "model": "policy", "messages": USER, "max_tokens": 20, "ignore_eos": True}))
+
+        def deploy(prompts):  # the agents are done; one call of theirs still generates
+            call.start()
+            while not srv.lock.locked():
+                threading.Event().wait(0.005)
+            return []
+
+        manager = SimpleNamespace(model_url=srv.base_url, eos_token_id=2, deploy=deploy)
+        agent_rollout(manager, eos_token_id=2, check_policy=False, temperature_check="off")([], SimpleNamespace())
+        assert served.training and not srv.lock.locked()
+        call.join(30)

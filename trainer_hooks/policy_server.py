@@ -34,6 +34,25 @@ class _QuietServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+# The PolicyServers running in this process, by base URL: agent_rollout waits for theirs to stop generating.
+_RUNNING: dict[str, PolicyServer] = {}
+_RUNNING_LOCK = threading.Lock()
+
+
+def wait_for_generation(base_url: str | None) -> bool:
+    """Wait until the PolicyServer of this process serving ``base_url`` (…/v1) runs no generation; whether there is
+    one. A call of an agent killed at its timeout goes on generating for a few tokens after deploy() returned (the
+    server sees its client gone only between tokens), with the trainer's own model in eval mode meanwhile."""
+    if not base_url:
+        return False
+    with _RUNNING_LOCK:
+        server = _RUNNING.get(base_url.rstrip("/"))
+    if server is None:
+        return False
+    with server.lock:  # released once a generation ended and the model's train/eval flags are restored
+        return True
+
+
 class PolicyServer:
     """Serves the very model object it is given, so in-place weight updates are live at once.
 
@@ -87,14 +106,18 @@ class PolicyServer:
         self._thread = threading.Thread(
             target=httpd.serve_forever, name="rollouttap-policy-server", daemon=True)
         self._thread.start()
+        with _RUNNING_LOCK:
+            _RUNNING[self.base_url] = self
         logger.info("policy server listening on %s", self.url)
         return self
 
     def stop(self) -> None:
         """Stop serving and close the listening socket (idempotent)."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
+        if self._httpd is None:
             return
+        with _RUNNING_LOCK:
+            _RUNNING.pop(self.base_url, None)
+        httpd, self._httpd = self._httpd, None
         httpd.shutdown()
         httpd.server_close()
         if self._thread is not None:

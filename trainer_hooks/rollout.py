@@ -20,6 +20,7 @@ from rollouttap.errors import ConfigError
 from rollouttap.manager.fidelity import Fidelity, batch_fidelity
 from rollouttap.manager.rows import TrainingRow, empty_row
 from rollouttap.trainer_hooks.policy_check import check_generation
+from rollouttap.trainer_hooks.policy_server import wait_for_generation
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,9 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
         agent_prompts = [prompt_to_agent(p) for p in prompts] if prompt_to_agent else list(prompts)
         started = time.time()
         results = manager.deploy(agent_prompts)
+        # An agent killed mid-call leaves its generation running a few tokens more, the model in eval mode: TRL
+        # must not train on it meanwhile.
+        wait_for_generation(getattr(manager, "model_url", None))
         if temperature_check != "off":
             _check_temperatures(results, trainer, reported, raise_error=temperature_check == "error")
         # Only an agent without a row needs its prompt rendered (the prompt of its all-mask-0 row).
