@@ -112,9 +112,14 @@ class AgentSpec:
     check_timeout: float = 120.0
 
     def __post_init__(self) -> None:
+        if (problem := env_problem(self.env)) is not None:
+            raise AgentSpecError(f"env: {problem}")
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         if self.check is not None and not (callable(self.check) or isinstance(self.check, str)):
             raise AgentSpecError("check is a callable taking the workdir, or a shell command")
+        timeout = self.check_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 1e9:
+            raise AgentSpecError(f"check_timeout must be a number of seconds above 0 (at most 1e9), not {timeout!r}")
 
     def argv(self, ctx: LaunchContext) -> list[str]:
         raise NotImplementedError
@@ -267,6 +272,19 @@ class EntryPointAgent(AgentSpec):
         return str(self.target)
 
 
+def env_problem(env: object) -> str | None:
+    """What makes ``env`` unfit for a process's environment (names and values must be strings: an int fails
+    every agent at its start, not once), or None."""
+    if not isinstance(env, Mapping):
+        return f"a mapping of names to strings, not {type(env).__name__}"
+    for name, value in env.items():
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            return f"{name!r} is not a variable name"
+        if not isinstance(value, str) or "\0" in value:
+            return f"{name}={value!r}: values must be strings (without NUL)"
+    return None
+
+
 def resolve_entry_point(target: str) -> Callable[..., Any]:
     """The callable named ``module:attr[.attr]``; AgentSpecError when it cannot be imported or called."""
     module_name, sep, attr = target.partition(":")
@@ -274,8 +292,8 @@ def resolve_entry_point(target: str) -> Callable[..., Any]:
         raise AgentSpecError(f"entry point {target!r} is not module:function")
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise AgentSpecError(f"cannot import {module_name!r} for entry point {target!r}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # a module that exits at import must not end the caller's program
+        raise AgentSpecError(f"cannot import {module_name!r} for entry point {target!r}: {exc!r}") from exc
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

@@ -25,7 +25,7 @@ from rollouttap.addon.fd_limit import raise_fd_limit  # pure: no mitmproxy
 from rollouttap.errors import AgentSpecError, ConfigError, StoreError
 from rollouttap.manager import launch
 from rollouttap.manager.agents import (
-    AgentSpec, EntryPointAgent, LaunchContext, Prompt, check_prompt, prompt_text,
+    AgentSpec, EntryPointAgent, LaunchContext, Prompt, check_prompt, env_problem, prompt_text,
 )
 from rollouttap.manager.bypass import BypassConnection, BypassDetector, merge, model_targets
 from rollouttap.manager.deploy_reports import (
@@ -81,6 +81,8 @@ class AgentManager:
             raise ConfigError("base_url_mode needs model_url (the reverse listener's target)")
         if model_url is not None:
             split_model_url(model_url)  # validates
+        if env is not None and (problem := env_problem(env)) is not None:
+            raise ConfigError(f"env: {problem}")
         self.workdir_template = Path(workdir_template) if workdir_template is not None else None
         if self.workdir_template is not None and not self.workdir_template.is_dir():
             raise ConfigError(f"workdir_template {self.workdir_template} is not a directory")
@@ -105,6 +107,7 @@ class AgentManager:
         self._callers: dict[threading.Event, threading.Thread] = {}  # running deploys: stop -> calling thread
         self._late = Pending()  # results of broken-off deploys still to be reported (see cancel())
         self._closing = threading.Event()
+        self._closed = False  # set under _lock by close(): a deploy() not yet registered then starts no agent
         self._threads: list[threading.Thread] = []
         self._detector = BypassDetector(model_targets(model_url) if model_url else frozenset())
         self._tables = launch.SharedProcessTable()  # the monitor and every agent's clean-up share scans
@@ -152,8 +155,10 @@ class AgentManager:
 
         Running deploys (other threads') are cancelled first: their agents are killed and recorded, and
         their calls return those results, before the proxy and the store go."""
-        finished = False
+        finished = links_closed = False
         _OPEN.discard(self)
+        with self._lock:
+            self._closed = True
         try:
             finished = self.cancel()
             self._closing.set()
@@ -163,10 +168,18 @@ class AgentManager:
             # In parallel: each may take its writer's whole close time (a store taking no rows).
             with ThreadPoolExecutor(max_workers=max(1, len(self.links))) as pool:
                 closing = [pool.submit(link.close) for link in self.links]
+            links_closed = True
             for done in closing:
                 done.result()  # the first failure is raised, as a loop over them would
-        finally:  # whatever failed above, the reaper and the store are settled
-            self.links, self.link = [], None
+        finally:  # whatever failed above, the proxies, the reaper and the store are settled
+            links, self.links, self.link = self.links, [], None
+            if not links_closed:  # broken off before (Ctrl-C in cancel()): no proxy may outlive its manager
+                self._closing.set()
+                for link in links:
+                    try:
+                        link.close()
+                    except Exception:
+                        log.exception("rollouttap: a proxy could not be stopped")
             if finished:
                 self._reaper.stop()
             else:  # agents that would not end in time (or close() failed): the reaper kills and records them
@@ -181,6 +194,7 @@ class AgentManager:
         Waits on the agents' futures, which run on pool threads: so a close() from a progress callback,
         inside a deploy, waits for that deploy's agents too; so does a caller whose deploy() a second Ctrl-C
         broke off, and its progress callback gets the results still owed meanwhile."""
+        _check_settings(cancel_timeout=timeout)
         return self._cancel(timeout, lambda _caller: True)
 
     def _cancel(self, timeout: float, which: Callable[[threading.Thread], bool]) -> bool:
@@ -243,6 +257,8 @@ class AgentManager:
         if isinstance(prompts, (str, bytes, Mapping)):
             raise AgentSpecError(f"deploy() takes a list of prompts, not one {type(prompts).__name__}: "
                                  "wrap a single prompt as [prompt]")
+        if not isinstance(prompts, Iterable):
+            raise AgentSpecError(f"deploy() takes a list of prompts, not {prompts!r}")
         if timeout is not None:
             _check_settings(timeout=timeout)
         limit = self.timeout if timeout is None else float(timeout)
@@ -257,6 +273,9 @@ class AgentManager:
                                   thread_name_prefix="rollouttap-agent")
         futures: list[Future[AgentResult]] = []
         with self._lock:  # registered before any agent starts: a close() from now on cancels them all
+            if self._closed:  # closed while this call got ready (pruning a large store, say)
+                pool.shutdown()
+                raise RuntimeError("AgentManager was closed while deploy() got ready: no agent was started")
             self._deploys[stop] = futures
             self._callers[stop] = threading.current_thread()
             futures += [pool.submit(self._run_guarded, i, p, stop, limit) for i, p in enumerate(items)]
@@ -526,8 +545,9 @@ def _ended_meta(result: AgentResult, survivors: list[int]) -> dict[str, Any]:
 _SETTINGS: dict[str, tuple[bool, float, bool]] = {
     "parallel": (True, 1, True), "proxies": (True, 1, True), "eos_token_id": (True, 0, True),
     "timeout": (False, 0, False), "grace": (False, 0, True), "poll_interval": (False, 0, False),
-    "keep_for": (False, 0, True),
+    "keep_for": (False, 0, True), "cancel_timeout": (False, 0, True),
 }
+MAX_SECONDS = 1e9  # ~31 years: past it (or at infinity) Python's own waits overflow
 _OPTIONAL = frozenset(("eos_token_id", "keep_for"))  # None: not set
 
 
@@ -542,8 +562,8 @@ def _check_settings(**values: Any) -> None:
             raise ConfigError(f"{name} must be {'an integer' if whole else 'a number'}, not {value!r}")
         if not (value > least or (inclusive and value == least)):  # NaN fails both
             raise ConfigError(f"{name} must be {'>=' if inclusive else '>'} {least:g}, got {value!r}")
-        if not whole and isinstance(value, int) and abs(value) > 2 ** 1023:  # seconds are kept as a float
-            raise ConfigError(f"{name} is too large: {value!r}")
+        if not whole and value > MAX_SECONDS:  # seconds: infinity, or a float an int will not fit
+            raise ConfigError(f"{name} is too large: {value!r} (at most {MAX_SECONDS:g} s)")
 
 
 @dataclass(frozen=True)

@@ -470,10 +470,36 @@ def test_runner_outcomes():
     ({"proxies": 0}, "proxies must be >= 1"),
     ({"eos_token_id": -3}, "eos_token_id must be >= 0"),
     ({"eos_token_id": True}, "eos_token_id must be an integer"),
+    # Python's own waits overflow past ~1e9 s: close() then failed and left the proxy running
+    ({"grace": float("inf")}, "grace is too large: inf"),
+    ({"poll_interval": 1e10}, "poll_interval is too large"),
+    ({"keep_for": float("inf")}, "keep_for is too large"),
+    # an int value failed every agent at its start, each with a traceback
+    ({"env": {"CUDA_VISIBLE_DEVICES": 0}}, "env: CUDA_VISIBLE_DEVICES=0: values must be strings"),
+    ({"env": {"A=B": "1"}}, "env: 'A=B' is not a variable name"),
 ])
 def test_manager_names_the_bad_setting(tmp_path, setting, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         AgentManager(SHELL_AGENT, store=tmp_path / "r.db", **setting)
+
+
+def test_specs_refuse_bad_environments_and_check_timeouts():
+    with pytest.raises(AgentSpecError, match="env: Y=2: values must be strings"):
+        CommandAgent(["true"], env={"Y": 2})  # type: ignore[dict-item]
+    with pytest.raises(AgentSpecError, match="check_timeout must be a number of seconds above 0"):
+        CommandAgent(["true"], check="true", check_timeout=-1)
+
+
+def test_an_entry_point_whose_module_exits_at_import_is_refused_not_the_end_of_the_caller(tmp_path, monkeypatch):
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit('need CONFIG')\ndef run(p): return p\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(AgentSpecError, match="need CONFIG"):
+        EntryPointAgent("exits_at_import:run")
+
+
+def test_cancel_refuses_a_wait_that_would_overflow(tmp_path):
+    with pytest.raises(ConfigError, match="cancel_timeout is too large"):
+        AgentManager(SHELL_AGENT, store=tmp_path / "r.db").cancel(timeout=float("inf"))
 
 
 def test_manager_refuses_bad_settings(tmp_path):
@@ -522,6 +548,9 @@ def test_a_prompt_argument_is_measured_as_rendered():
     (["a\0b"], None, AgentSpecError, "NUL"),
     (["hi"], "5", ConfigError, "timeout must be a number"),
     (["hi"], float("nan"), ConfigError, "timeout must be > 0"),
+    (["hi"], float("inf"), ConfigError, "timeout is too large"),
+    (None, None, AgentSpecError, "list of prompts, not None"),
+    (42, None, AgentSpecError, "list of prompts, not 42"),
 ])
 def test_deploy_refuses_bad_arguments_before_starting_anything(tmp_path, prompts, timeout, error, message):
     manager = AgentManager(SHELL_AGENT, store=tmp_path / "r.db")
@@ -989,6 +1018,46 @@ def test_close_cancels_the_running_deploys_and_records_their_agents(tmp_path, co
         assert not psutil.pid_exists(a.root_pid) or psutil.Process(a.root_pid).status() == psutil.STATUS_ZOMBIE
     with Store(m.store_path) as store:
         assert {a.status for a in store.agents(m.run_id)} == {"error"}
+
+
+def test_a_deploy_that_a_close_overtook_while_it_got_ready_starts_no_agent(tmp_path, confdir, upstream):
+    # deploy() prunes a large store before it registers; a close() then saw no deploy to cancel, and its agents
+    # ran against a closed store (every result an AssertionError).
+    m = AgentManager(SHELL_AGENT, store=tmp_path / "r.db", timeout=60, model_url=upstream.base_url,
+                     confdir=confdir).start()
+    pruning, go_on = threading.Event(), threading.Event()
+    m._prune_ended = lambda: (pruning.set(), go_on.wait(30))  # type: ignore[method-assign]
+    raised: list[BaseException] = []
+
+    def deploy():
+        try:
+            m.deploy([agent("hang")])
+        except BaseException as exc:
+            raised.append(exc)
+    worker = threading.Thread(target=deploy)
+    worker.start()
+    assert pruning.wait(30)
+    closer = threading.Thread(target=m.close)
+    closer.start()
+    wait_for(lambda: m._closed, 30, "close() begun")
+    go_on.set()
+    worker.join(30)
+    closer.join(30)
+    assert len(raised) == 1 and isinstance(raised[0], RuntimeError) and "closed" in str(raised[0])
+    with Store(m.store_path) as store:
+        assert store.agents(m.run_id) == []
+
+
+def test_a_close_broken_off_still_stops_the_proxy(tmp_path, confdir, upstream):
+    m = AgentManager(SHELL_AGENT, store=tmp_path / "r.db", model_url=upstream.base_url, confdir=confdir).start()
+    pid = m.link.process.proc.pid
+
+    def interrupted(timeout: float = 60.0) -> bool:
+        raise KeyboardInterrupt  # Ctrl-C while close() waited for the running agents
+    m.cancel = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        m.close()
+    assert m.links == [] and (not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
 
 
 def test_close_from_a_progress_callback_waits_for_the_batchs_other_agents(tmp_path, confdir, upstream):
