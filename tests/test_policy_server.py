@@ -592,3 +592,22 @@ def test_agent_rollout_returns_only_once_a_generation_still_running_has_ended(ti
         agent_rollout(manager, eos_token_id=2, check_policy=False, temperature_check="off")([], SimpleNamespace())
         assert served.training and not srv.lock.locked()
         call.join(30)
+
+
+def test_sampling_fields_the_server_does_not_honour_are_logged_once_each(caplog):
+    # vLLM would honour them: an agent relying on min_tokens or response_format samples otherwise here.
+    import logging
+
+    from rollouttap.trainer_hooks import openai_params
+    openai_params._said.clear()
+
+    def read(body):
+        sampling_from_body(body, chat=True, prompt_len=5, max_model_len=100, default_max_tokens=10, vocab_size=50)
+    with caplog.at_level(logging.WARNING, logger="rollouttap.trainer_hooks.openai_params"):
+        read({"presence_penalty": 0, "response_format": {"type": "text"}, "min_p": 0.0})  # as good as unset
+        assert not caplog.records
+        read({"min_tokens": 6, "repetition_penalty": 1.5})
+        read({"min_tokens": 3, "response_format": {"type": "json_object"}})
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "min_tokens, repetition_penalty" in said[0] and "response_format" in said[1]
+    assert "min_tokens" not in said[1]

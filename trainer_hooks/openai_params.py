@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 from rollouttap.errors import RolloutTapError
@@ -9,6 +11,25 @@ from rollouttap.errors import RolloutTapError
 from .generation import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions
+
+log = logging.getLogger(__name__)
+
+# vLLM sampling fields this server does not honour, with the values at which they change nothing: an agent that
+# sets one samples otherwise than under vLLM, and is told so in the log (once a field).
+UNHONOURED: dict[str, tuple[Any, ...]] = {
+    "min_tokens": (0,), "min_p": (0, 0.0), "repetition_penalty": (1, 1.0), "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0), "length_penalty": (1, 1.0), "use_beam_search": (False,), "best_of": (1,),
+    "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (), "guided_choice": (),
+    "guided_grammar": (), "structured_outputs": (), "bad_words": ([],), "prompt_logprobs": (),
+    "truncate_prompt_tokens": (),
+}
+_said: set[str] = set()
+_said_lock = threading.Lock()
+
+
+def unhonoured(body: dict[str, Any]) -> list[str]:
+    """The fields of ``body`` this server does not honour, set to a value that would change vLLM's sampling."""
+    return [name for name, idle in UNHONOURED.items() if body.get(name) is not None and body[name] not in idle]
 
 
 class BadRequest(RolloutTapError):
@@ -41,6 +62,13 @@ def sampling_from_body(
         raise BadRequest("temperature must be non-negative")
     if not 0 < top_p <= 1:
         raise BadRequest("top_p must be in (0, 1]")
+    if ignored := unhonoured(body):
+        with _said_lock:
+            new = [name for name in ignored if name not in _said]
+            _said.update(new)
+        if new:
+            log.warning("policy server: ignores %s (vLLM would honour %s): the agent samples otherwise than under "
+                        "vLLM", ", ".join(new), "them" if len(new) > 1 else "it")
     return SamplingParams(
         max_tokens=max_tokens_for(
             body, chat=chat, prompt_len=prompt_len, max_model_len=max_model_len,
