@@ -143,6 +143,8 @@ class AgentManager:
             raise
         self._reaper.wait_ready()
         self._closing.clear()
+        with self._lock:
+            self._closed = False  # started again after a close()
         _OPEN.add(self)
         for name, target in (("watchdog", self._watch_proxy), ("monitor", self._watch_agents)):
             thread = threading.Thread(target=target, name=f"rollouttap-{name}", daemon=True)

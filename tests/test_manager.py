@@ -1046,6 +1046,8 @@ def test_a_deploy_that_a_close_overtook_while_it_got_ready_starts_no_agent(tmp_p
     assert len(raised) == 1 and isinstance(raised[0], RuntimeError) and "closed" in str(raised[0])
     with Store(m.store_path) as store:
         assert store.agents(m.run_id) == []
+    with m.start():  # a manager closed can be started again, and deploys
+        assert [r.status for r in m.deploy([agent("nothing")])] == ["ok"]
 
 
 def test_a_close_broken_off_still_stops_the_proxy(tmp_path, confdir, upstream):

@@ -327,7 +327,7 @@ def test_a_non_streamed_request_stops_generating_when_its_client_leaves(tiny):
 
     def gone() -> bool:
         polls.append(1)
-        return len(polls) >= 2  # the client leaves between the first and second check
+        return len(polls) >= 3  # checked once the lock is taken, then every few tokens: it leaves after the second
     with pytest.raises(ClientGone, match=f"after {2 * GONE_CHECK_EVERY} tokens"):
         api.chat({"messages": USER, "max_tokens": 500, "temperature": 1.0, "seed": 1, "ignore_eos": True}, gone)
     assert not lock.locked()  # the next request is served at once
@@ -552,9 +552,11 @@ def test_sampling_defaults():
     assert (comp_p.max_tokens, comp_p.num_logprobs) == (16, 0)
 
 
-def test_agent_rollout_returns_only_once_a_generation_still_running_has_ended(tiny, tmp_path):
-    # An agent killed at its timeout mid-call: deploy() returns while the server goes on generating (it sees its
-    # client gone only between tokens) with the trainer's own model in eval mode. TRL trains right after.
+@pytest.mark.parametrize("spelling", ["as served", "localhost"])
+def test_agent_rollout_returns_only_once_no_generation_runs_or_waits(tiny, spelling):
+    # Agents killed at their timeout mid-call: deploy() returns while the server goes on generating (it sees a
+    # client gone only between tokens), another call queued for its turn, the trainer's own model in eval mode
+    # while it generates. TRL trains right after.
     from types import SimpleNamespace
 
     from rollouttap.trainer_hooks.rollout import agent_rollout
@@ -578,20 +580,33 @@ def test_agent_rollout_returns_only_once_a_generation_still_running_has_ended(ti
 
     served = Slow()
     served.train()
+    body = {"model": "policy", "messages": USER, "max_tokens": 10, "ignore_eos": True}
     with PolicyServer(served, tok, max_new_tokens=20) as srv:
-        call = threading.Thread(target=post, args=(srv, "/v1/chat/completions", {
-            "model": "policy", "messages": USER, "max_tokens": 20, "ignore_eos": True}))
+        calls = [threading.Thread(target=post, args=(srv, "/v1/chat/completions", body)) for _ in range(2)]
 
-        def deploy(prompts):  # the agents are done; one call of theirs still generates
-            call.start()
-            while not srv.lock.locked():
+        def deploy(prompts):  # the agents are done; one call of theirs generates, another waits for its turn
+            for call in calls:
+                call.start()
+            while not (srv.lock.locked() and srv.api._in_flight == 2):
                 threading.Event().wait(0.005)
             return []
 
-        manager = SimpleNamespace(model_url=srv.base_url, eos_token_id=2, deploy=deploy)
+        url = srv.base_url if spelling == "as served" else srv.base_url.replace("127.0.0.1", "localhost")
+        manager = SimpleNamespace(model_url=url, eos_token_id=2, deploy=deploy)
         agent_rollout(manager, eos_token_id=2, check_policy=False, temperature_check="off")([], SimpleNamespace())
-        assert served.training and not srv.lock.locked()
-        call.join(30)
+        assert served.training and srv.api._in_flight == 0 and not srv.lock.locked()
+        for call in calls:
+            call.join(30)
+
+
+def test_a_request_whose_client_left_while_it_waited_for_its_turn_generates_nothing(tiny):
+    from rollouttap.trainer_hooks.generation import SamplingParams as Params
+    model, tok = tiny
+    with PolicyServer(model, tok, max_new_tokens=4) as srv:
+        stream = srv.api.locked_stream(tok.encode("hi"), Params(max_tokens=4), gone=lambda: True)
+        with pytest.raises(ClientGone, match="before its request's turn"):
+            next(stream)
+        assert not srv.lock.locked()
 
 
 def test_sampling_fields_the_server_does_not_honour_are_logged_once_each(caplog):

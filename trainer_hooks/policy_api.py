@@ -57,6 +57,9 @@ class PolicyAPI:
         self.config = config
         # Generation is serialised: one request at a time owns the model (and its train/eval mode).
         self.lock = lock
+        # Requests being served (queued for the lock, generating, streaming): wait_idle() waits them out.
+        self._in_flight = 0
+        self._idle = threading.Condition()
         model_config = getattr(model, "config", None)
         self.max_model_len = config.max_model_len or getattr(
             model_config, "max_position_embeddings", None) or 2048
@@ -285,19 +288,45 @@ class PolicyAPI:
             default_max_tokens=self.config.max_new_tokens, vocab_size=self.vocab_size,
         )
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Counts a request as served for its whole span (wait_idle)."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is served (none queued for the lock either); False past ``timeout``."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._in_flight, timeout)
+
     def run_to_end(self, prompt_ids: list[int], params: SamplingParams, gone: Gone | None = None) -> list[Delta]:
         """Every delta of one generation; ClientGone when ``gone`` says the client left."""
         deltas: list[Delta] = []
-        with contextlib.closing(self.locked_stream(prompt_ids, params)) as stream:
+        with contextlib.closing(self.locked_stream(prompt_ids, params, gone)) as stream:
             for delta in stream:
                 deltas.append(delta)
                 if gone is not None and len(deltas) % GONE_CHECK_EVERY == 0 and gone():
                     raise ClientGone(f"client left after {len(deltas)} tokens")
         return deltas
 
-    def locked_stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
-        """Deltas generated under the lock, held until the last token or until closed."""
-        with self.lock, contextlib.closing(generate(
+    def locked_stream(self, prompt_ids: list[int], params: SamplingParams,
+                      gone: Gone | None = None) -> Iterator[Delta]:
+        """Deltas generated under the lock, held until the last token or until closed; ClientGone if ``gone``
+        says, once the lock is taken, that the client left while its request waited for it."""
+        with self.lock:
+            if gone is not None and gone():
+                raise ClientGone("client left before its request's turn to generate")
+            yield from self._generated(prompt_ids, params)
+
+    def _generated(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
+        with contextlib.closing(generate(
             self.model, self.tokenizer, prompt_ids, params,
             eos_ids=self.eos_ids, mode=self.config.logprobs_mode,
         )) as deltas:

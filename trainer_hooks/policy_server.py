@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from rollouttap.responses_shapes import sse_event
 
@@ -18,6 +19,7 @@ from .generation import LogprobsMode
 from .openai_params import BadRequest
 from .openai_shapes import error_body
 from .policy_api import ApiConfig, ClientGone, PolicyAPI
+from .policy_check import same_server
 from .policy_responses import NamedEvents, ResponsesRoute
 
 logger = logging.getLogger(__name__)
@@ -34,23 +36,25 @@ class _QuietServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-# The PolicyServers running in this process, by base URL: agent_rollout waits for theirs to stop generating.
-_RUNNING: dict[str, PolicyServer] = {}
+# The PolicyServers running in this process, by port: agent_rollout waits for theirs to serve no request.
+_RUNNING: dict[int, PolicyServer] = {}
 _RUNNING_LOCK = threading.Lock()
+IDLE_WAIT_S = 300.0  # a generation runs max_tokens at most; past this a client that never leaves holds one
 
 
-def wait_for_generation(base_url: str | None) -> bool:
-    """Wait until the PolicyServer of this process serving ``base_url`` (…/v1) runs no generation; whether there is
-    one. A call of an agent killed at its timeout goes on generating for a few tokens after deploy() returned (the
-    server sees its client gone only between tokens), with the trainer's own model in eval mode meanwhile."""
-    if not base_url:
-        return False
+def wait_for_generation(base_url: str | None, timeout: float = IDLE_WAIT_S) -> bool:
+    """Wait until the PolicyServer of this process that ``base_url`` names (by any of its addresses) serves no
+    request, queued for its generation lock or generating; whether there is one. Calls of agents killed at their
+    timeout go on a while after deploy() returned (the server sees a client gone only between tokens, and a
+    queued call only once it has the lock), with the trainer's own model in eval mode meanwhile."""
+    port = urlsplit(base_url).port if base_url else None
     with _RUNNING_LOCK:
-        server = _RUNNING.get(base_url.rstrip("/"))
-    if server is None:
+        server = _RUNNING.get(port) if port is not None else None
+    if server is None or base_url is None or same_server(server.url, base_url) is False:
         return False
-    with server.lock:  # released once a generation ended and the model's train/eval flags are restored
-        return True
+    if not server.api.wait_idle(timeout):
+        logger.warning("policy server %s still serves a request after %.0fs: training goes on", server.url, timeout)
+    return True
 
 
 class PolicyServer:
@@ -107,17 +111,18 @@ class PolicyServer:
             target=httpd.serve_forever, name="rollouttap-policy-server", daemon=True)
         self._thread.start()
         with _RUNNING_LOCK:
-            _RUNNING[self.base_url] = self
+            _RUNNING[httpd.server_address[1]] = self
         logger.info("policy server listening on %s", self.url)
         return self
 
     def stop(self) -> None:
         """Stop serving and close the listening socket (idempotent)."""
-        if self._httpd is None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
             return
         with _RUNNING_LOCK:
-            _RUNNING.pop(self.base_url, None)
-        httpd, self._httpd = self._httpd, None
+            if _RUNNING.get(httpd.server_address[1]) is self:
+                del _RUNNING[httpd.server_address[1]]
         httpd.shutdown()
         httpd.server_close()
         if self._thread is not None:
@@ -154,6 +159,10 @@ def _handler_for(api: PolicyAPI) -> type[BaseHTTPRequestHandler]:
             if route is None:
                 self.send_json(error_body(f"no route {self.path}", 404), 404)
                 return
+            with api.serving():  # queued, generating, streaming: agent_rollout waits it out (wait_for_generation)
+                self._serve(route)
+
+        def _serve(self, route: Callable[[dict[str, Any], Callable[[], bool]], Any]) -> None:
             try:
                 result = route(self.read_json(), self.client_gone)
             except ClientGone as exc:
