@@ -6,10 +6,12 @@ Each flow carries the store's view of it in ``flow.metadata["rollouttap"]`` (age
 
 from __future__ import annotations
 
+import base64
 import gc
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
 import warnings
@@ -210,7 +212,53 @@ def har_entries(records: Iterable[FlowRecord]) -> Iterator[dict[str, Any]]:
         # mitmproxy writes `content: {}` for a flow that got no response; HAR 1.2 requires size and mimeType,
         # and viewers (Chrome, har-validator) reject the entry without them.
         entry["response"]["content"] = {"size": 0, "mimeType": "", **entry["response"]["content"]}
+        keep_bytes(entry, http_flow)
         yield entry
+
+
+def keep_bytes(entry: dict[str, Any], http_flow: http.HTTPFlow) -> None:
+    """A HAR entry whose bodies and headers come back as the bytes recorded: mitmproxy's exporter gives a body
+    its declared charset cannot decode as Latin-1 text (a reader writes that back as other bytes), and a header
+    that is not UTF-8 as lone surrogates (strict JSON parsers refuse them)."""
+    response = http_flow.response
+    content = entry["response"]["content"]
+    if response is not None and content.get("encoding") != "base64" and response.raw_content:
+        body = _undecodable(response)
+        if body is not None:
+            content.update(text=base64.b64encode(body).decode(), encoding="base64")
+    post = entry["request"].get("postData")
+    if post is not None and http_flow.request.raw_content and (body := _undecodable(http_flow.request)) is not None:
+        # HAR 1.2 gives postData no encoding: the one Chrome and mitmproxy's reader leave alone, and a comment.
+        post.update(text=base64.b64encode(body).decode(), _encoding="base64",
+                    comment="text: the body's bytes in base64 (not text in its charset)")
+    for part in (entry["request"], entry["response"]):
+        for header in part.get("headers", ()):
+            for key in ("name", "value"):
+                if isinstance(header.get(key), str) and _SURROGATE.search(header[key]):
+                    header[key] = header[key].encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _undecodable(message: http.Message) -> bytes | None:
+    """The message's body (content-decoded) when the charset it declares, else UTF-8 (HAR's, and SSE's), cannot
+    decode it; else None. (mitmproxy guesses Latin-1 for a text type that declares none: it decodes anything.)"""
+    try:
+        body = message.get_content(strict=False)
+    except ValueError:
+        body = message.raw_content
+    if not body:
+        return None
+    declared = _CHARSET.search(message.headers.get("content-type", ""))
+    try:
+        body.decode(declared.group(1).strip('"') if declared else "utf-8")
+        return None
+    except (UnicodeDecodeError, LookupError):
+        return body
+
+
+_CHARSET = re.compile(r"charset=([^;\s]+)", re.IGNORECASE)
 
 
 def mark_error(response: dict[str, Any], error: str) -> None:

@@ -269,3 +269,28 @@ def test_an_upload_kept_only_in_part_is_exported_with_its_own_length_and_marked(
     unended = replace(cut, meta={**record.meta, "request_body_cut": {"size": None, "kept": 7, "ended": False}})
     assert "first 7 of an unknown number of bytes of this request body (it never ended" in \
         to_http_flow(unended).error.msg
+
+
+def test_a_har_keeps_the_bytes_of_bodies_and_headers_that_are_not_text(recording):
+    # mitmproxy's exporter wrote them as Latin-1 text (read back as other bytes) and lone surrogates (strict
+    # JSON parsers refuse them).
+    import base64
+    from dataclasses import replace
+
+    from rollouttap.addon.export_flows import har_document
+    with Store(recording.store) as s:
+        record = next(r for r in s.flows(agent_id="plain") if r.method == "POST" and r.response_body)
+    upload, answer = b"\x00\x01binary\xff" * 10, b"data: \xff\xfe not utf-8\n\n"
+    odd = replace(record, request_body=upload, response_body=answer,
+                  request_headers=[*record.request_headers, ("X-Odd", "\udce9t\udce9")],
+                  response_headers=[(k, v) for k, v in record.response_headers if k.lower() != "content-type"]
+                  + [("Content-Type", "text/event-stream")])
+    [entry] = har_document([odd])["log"]["entries"]
+    content, post = entry["response"]["content"], entry["request"]["postData"]
+    assert content["encoding"] == "base64" and base64.b64decode(content["text"]) == answer
+    assert post["_encoding"] == "base64" and base64.b64decode(post["text"]) == upload
+    [value] = [h["value"] for h in entry["request"]["headers"] if h["name"] == "X-Odd"]
+    assert value.encode("latin-1") == b"\xe9t\xe9"
+    json.dumps(entry, ensure_ascii=False).encode("utf-8")  # no lone surrogate left: strict UTF-8 takes it
+    [plain] = har_document([record])["log"]["entries"]  # text stays text
+    assert "encoding" not in plain["response"]["content"] and "_encoding" not in plain["request"]["postData"]
