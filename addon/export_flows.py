@@ -222,12 +222,10 @@ def keep_bytes(entry: dict[str, Any], http_flow: http.HTTPFlow) -> None:
     that is not UTF-8 as lone surrogates (strict JSON parsers refuse them)."""
     response = http_flow.response
     content = entry["response"]["content"]
-    if response is not None and content.get("encoding") != "base64" and response.raw_content:
-        body = _undecodable(response)
-        if body is not None:
-            content.update(text=base64.b64encode(body).decode(), encoding="base64")
+    if response is not None and content.get("encoding") != "base64" and (body := _undecodable(response)) is not None:
+        content.update(text=base64.b64encode(body).decode(), encoding="base64")
     post = entry["request"].get("postData")
-    if post is not None and http_flow.request.raw_content and (body := _undecodable(http_flow.request)) is not None:
+    if post is not None and (body := _undecodable(http_flow.request)) is not None:
         # HAR 1.2 gives postData no encoding: the one Chrome and mitmproxy's reader leave alone, and a comment.
         post.update(text=base64.b64encode(body).decode(), _encoding="base64",
                     comment="text: the body's bytes in base64 (not text in its charset)")
@@ -244,10 +242,7 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 def _undecodable(message: http.Message) -> bytes | None:
     """The message's body (content-decoded) when the charset it declares, else UTF-8 (HAR's, and SSE's), cannot
     decode it; else None. (mitmproxy guesses Latin-1 for a text type that declares none: it decodes anything.)"""
-    try:
-        body = message.get_content(strict=False)
-    except ValueError:
-        body = message.raw_content
+    body = message.get_content(strict=False)  # not strict: a coding that does not undo leaves the bytes as sent
     if not body:
         return None
     declared = _CHARSET.search(message.headers.get("content-type", ""))

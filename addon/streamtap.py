@@ -38,8 +38,7 @@ class StreamTap:
             else:
                 if len(self.raw) < self.keep:
                     self.raw += data[:self.keep - len(self.raw)]
-                tail = DecodedFeed.TAIL
-                self._last = data[-tail:] if len(data) >= tail else (self._last + data)[-tail:]
+                self._last = last_bytes(self._last, data)
         else:
             self.ended = True
         if self.failed is not None:
@@ -84,11 +83,10 @@ class DecodedFeed:
             plain = self._decompress(data)
             if not plain:
                 return b""  # b"" would tell ``then`` the stream ended
-            self._note(plain)
+            self.tail = last_bytes(self.tail, plain)
             return self._then(plain)
         rest = self._flush()
-        if rest:
-            self._note(rest)
+        self.tail = last_bytes(self.tail, rest)
         return (self._then(rest) if rest else b"") + self._then(b"")
 
     def _watch(self, data: bytes) -> None:
@@ -99,11 +97,13 @@ class DecodedFeed:
         except Exception:  # zlib's, brotli's, zstd's errors: the client's decoder meets them, not ours to say
             self._lost, self.tail = True, b""
             return
-        if plain:
-            self._note(plain)
+        self.tail = last_bytes(self.tail, plain)
 
-    def _note(self, plain: bytes) -> None:
-        self.tail = plain[-self.TAIL:] if len(plain) >= self.TAIL else (self.tail + plain)[-self.TAIL:]
+
+def last_bytes(tail: bytes, more: bytes) -> bytes:
+    """The last DecodedFeed.TAIL bytes of ``tail`` followed by ``more`` (without copying a long ``more`` whole)."""
+    size = DecodedFeed.TAIL
+    return more[-size:] if len(more) >= size else (tail + more)[-size:]
 
 
 def decoded(encoding: str, then: Callable[[bytes], bytes] | None) -> DecodedFeed | None:

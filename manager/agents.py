@@ -104,6 +104,9 @@ def render_argv(template: Sequence[str], values: Mapping[str, str]) -> list[str]
     return [part.format_map(values) for part in template]
 
 
+MAX_SECONDS = 1e9  # a setting in seconds: ~31 years; past it (or at infinity) Python's own waits overflow
+
+
 @dataclass(frozen=True, kw_only=True)
 class AgentSpec:
     """What every spec has: extra environment, and an optional check of the workdir after the agent ends."""
@@ -118,8 +121,9 @@ class AgentSpec:
         if self.check is not None and not (callable(self.check) or isinstance(self.check, str)):
             raise AgentSpecError("check is a callable taking the workdir, or a shell command")
         timeout = self.check_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 1e9:
-            raise AgentSpecError(f"check_timeout must be a number of seconds above 0 (at most 1e9), not {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_SECONDS:
+            raise AgentSpecError(f"check_timeout must be a number of seconds above 0 (at most {MAX_SECONDS:g}), "
+                                 f"not {timeout!r}")
 
     def argv(self, ctx: LaunchContext) -> list[str]:
         raise NotImplementedError

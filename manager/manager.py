@@ -25,7 +25,7 @@ from rollouttap.addon.fd_limit import raise_fd_limit  # pure: no mitmproxy
 from rollouttap.errors import AgentSpecError, ConfigError, StoreError
 from rollouttap.manager import launch
 from rollouttap.manager.agents import (
-    AgentSpec, EntryPointAgent, LaunchContext, Prompt, check_prompt, env_problem, prompt_text,
+    MAX_SECONDS, AgentSpec, EntryPointAgent, LaunchContext, Prompt, check_prompt, env_problem, prompt_text,
 )
 from rollouttap.manager.bypass import BypassConnection, BypassDetector, merge, model_targets
 from rollouttap.manager.deploy_reports import (
@@ -549,7 +549,6 @@ _SETTINGS: dict[str, tuple[bool, float, bool]] = {
     "timeout": (False, 0, False), "grace": (False, 0, True), "poll_interval": (False, 0, False),
     "keep_for": (False, 0, True), "cancel_timeout": (False, 0, True),
 }
-MAX_SECONDS = 1e9  # ~31 years: past it (or at infinity) Python's own waits overflow
 _OPTIONAL = frozenset(("eos_token_id", "keep_for"))  # None: not set
 
 

@@ -82,7 +82,7 @@ class StoreWriter:
         self._failures_said = Throttle(60.0)  # a failing store retries every 2 s: not a line each time
         # Notes of bodies this writer cut to fit SQLite (flow id -> meta entries; writer thread only): a later meta
         # of the flow, written whole by the addon, must keep them.
-        self._cut_notes: dict[str, dict[str, Any]] = {}
+        self._cut_notes: dict[str | None, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -305,23 +305,24 @@ class StoreWriter:
             try:
                 event = self._with_cut_notes(event) if self._cut_notes else event  # noted by an event before it
                 try:
-                    with transaction(self._conn):
-                        _apply(self._conn, event)
-                except UnicodeEncodeError:
-                    # Text mitmproxy decoded with surrogateescape (a path or header that is not UTF-8):
-                    # keep the row, with those bytes written as escapes.
-                    try:
-                        with transaction(self._conn):
-                            _apply(self._conn, escape_surrogates(event))
-                    except _TOO_BIG:
-                        self._commit_cut(event)
-                except _TOO_BIG:
+                    self._commit_alone(event)
+                except _TOO_BIG:  # as it came, or with its text escaped
                     self._commit_cut(event)
             except _BAD_EVENT as exc:
                 dropped += 1
                 self.stats.failed += 1
                 log.error("store write dropped after error %r: %s", exc, _describe(event))
         return dropped
+
+    def _commit_alone(self, event: Event) -> None:
+        try:
+            with transaction(self._conn):
+                _apply(self._conn, event)
+        except UnicodeEncodeError:
+            # Text mitmproxy decoded with surrogateescape (a path or header that is not UTF-8): keep the row, with
+            # those bytes written as escapes.
+            with transaction(self._conn):
+                _apply(self._conn, escape_surrogates(event))
 
     def _commit_cut(self, event: Event) -> None:
         """A flow event with a body over SQLite's length limit (1e9 bytes: a download kept whole; one of 2 GiB
@@ -339,7 +340,7 @@ class StoreWriter:
             except _TOO_BIG as exc:
                 last = exc
                 continue
-            flow_id = cut[1] if cut[0] == "update_flow" else cut[-1].get("flow_id")
+            flow_id = _flow_id(cut)
             meta = cut[-1]["meta"]
             self._cut_notes[flow_id] = {**self._cut_notes.get(flow_id, {}), **{
                 note: meta[note] for note in _BODY_CUT_NOTES.values() if "store_limit" in meta.get(note, {})}}
@@ -352,13 +353,10 @@ class StoreWriter:
     def _with_cut_notes(self, event: Event) -> Event:
         """``event`` with the notes of its flow's bodies cut before added to the meta it writes."""
         cols = event[-1]
-        flow_id = event[1] if event[0] == "update_flow" else cols.get("flow_id") if event[0] == "insert_flow" else None
-        notes = self._cut_notes.get(flow_id) if isinstance(flow_id, str) else None
+        notes = self._cut_notes.get(_flow_id(event))
         if not notes or "meta" not in cols:
             return event
-        meta = cols["meta"]
-        meta = dict(json.loads(meta) if isinstance(meta, str) else meta or {})
-        return (*event[:-1], {**cols, "meta": {**meta, **notes}})
+        return (*event[:-1], {**cols, "meta": {**_meta_dict(cols["meta"]), **notes}})
 
     def _meta_of(self, flow_id: str) -> Any:
         row = self._conn.execute("SELECT meta FROM flows WHERE flow_id = ?", (flow_id,)).fetchone()
@@ -422,13 +420,24 @@ def bodies_cut_to_fit(event: Event, limit: int, meta_of: Callable[[str], Any], s
             cols[column], sizes[note] = value[:share], len(value)
     if not sizes:
         return None
-    given = cols["meta"] if "meta" in cols else meta_of(event[1]) if event[0] == "update_flow" else None
-    meta = dict(json.loads(given) if isinstance(given, str) else given or {})
+    meta = _meta_dict(cols["meta"] if "meta" in cols else meta_of(event[1]) if event[0] == "update_flow" else None)
     for note, size in sizes.items():
         was: dict[str, Any] = meta[note] if isinstance(meta.get(note), dict) else {}
         meta[note] = {**was, "size": max(was.get("size") or 0, size), "kept": share, "store_limit": limit}
     cols["meta"] = meta
     return (*event[:-1], cols)
+
+
+def _flow_id(event: Event) -> str | None:
+    """The flow an insert or update event writes (None for other events)."""
+    if event[0] == "update_flow":
+        return event[1]
+    return event[-1].get("flow_id") if event[0] == "insert_flow" else None
+
+
+def _meta_dict(meta: Any) -> dict[str, Any]:
+    """A meta column's value as given in an event (a dict) or as stored (its JSON text), as a new dict."""
+    return dict(json.loads(meta) if isinstance(meta, str) else meta or {})
 
 
 def escape_surrogates(event: Event) -> Event:
