@@ -661,6 +661,16 @@ def _writer_with_length_limit(path, limit: int) -> StoreWriter:
     return writer
 
 
+def _flow_written(writer: StoreWriter, path, flow_id: str):
+    """The row of ``flow_id`` once everything queued is committed, nothing left unwritten; the writer closed."""
+    assert writer.flush()
+    with Store(path) as store:
+        flow = store.flow(flow_id)
+    assert writer.unwritten == 0
+    writer.close()
+    return flow
+
+
 @pytest.mark.parametrize("answer_size, meta_in_event, apart", [(60_000, True, False), (60_000, False, False),
                                                                 (100, True, False), (100, True, True)])
 def test_a_body_over_sqlites_length_limit_keeps_its_first_part_and_the_flow_still_ends(tmp_path, answer_size,
@@ -697,13 +707,9 @@ def test_an_answer_with_no_room_left_by_the_stored_upload_still_ends_its_flow(tm
     writer.insert_flow(_flow("up", request_body=b"q" * 32_000))
     assert writer.flush()
     writer.update_flow("up", {"state": "done", "status_code": 200, "response_body": b"r" * answer_size, "meta": {}})
-    assert writer.flush()
-    with Store(path) as store:
-        flow = store.flow("up")
-        assert (flow.state, len(flow.request_body), flow.response_body) == ("done", 32_000, b"")
-        assert flow.meta["body_cut"] == {"size": answer_size, "kept": 0, "store_limit": 40_000}
-    assert writer.unwritten == 0
-    writer.close()
+    flow = _flow_written(writer, path, "up")
+    assert (flow.state, len(flow.request_body), flow.response_body) == ("done", 32_000, b"")
+    assert flow.meta["body_cut"] == {"size": answer_size, "kept": 0, "store_limit": 40_000}
 
 
 def test_a_body_of_2_gib_which_sqlite3_cannot_bind_is_cut_too_and_the_writer_goes_on(tmp_path):
@@ -732,12 +738,8 @@ def test_a_body_over_the_limit_beside_text_that_is_not_utf8_still_ends_its_flow(
     assert writer.flush()
     text, body = {"path": "/v1/\udcff"}, {"response_body": b"r" * 60_000}
     writer.update_flow("both", {"state": "done", **(text | body if order == "text first" else body | text)})
-    assert writer.flush()
-    with Store(path) as store:
-        flow = store.flow("both")
-        assert (flow.state, flow.path, len(flow.response_body)) == ("done", "/v1/\\udcff", 10_000)
-    assert writer.unwritten == 0
-    writer.close()
+    flow = _flow_written(writer, path, "both")
+    assert (flow.state, flow.path, len(flow.response_body)) == ("done", "/v1/\\udcff", 10_000)
 
 
 def test_an_event_that_cannot_be_written_at_all_is_counted_unwritten(tmp_path):
