@@ -45,11 +45,20 @@ OAUTH_CODE_NAMES = frozenset({"code", "device_code", "user_code", "auth_code", "
 
 @functools.lru_cache(maxsize=1024)
 def is_secret_name(name: str) -> bool:
-    """True for a header or query parameter name one of whose words names a credential."""
-    for word in _WORD.findall(_CAMEL.sub(r"\1_\2", name).lower()):
+    """True for a header or query parameter name one of whose words names a credential.
+
+    Words are read twice: split at case changes (``HFToken``, ``apiKey``) and as written, lower-cased: header
+    names are case-insensitive, and servers read ``AuthoriZation`` or ``X-Api-KeY`` as the usual ones."""
+    return _has_secret_word(_CAMEL.sub(r"\1_\2", name).lower()) or _has_secret_word(name.lower())
+
+
+def _has_secret_word(text: str) -> bool:
+    for word in _WORD.findall(text):
         if word in SECRET_WORDS or word.endswith(SECRET_ENDINGS) or word.endswith(_PLURAL_ENDINGS):
             return True
         if word.startswith("auth") and not word.startswith("author"):  # authentication, authz
+            return True
+        if word.startswith(("authoriz", "authoris")):  # authorisation, authorized (not author, authority)
             return True
     return False
 
@@ -132,7 +141,8 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     ones, and agent tokens in any (``hide_agent_tokens``: ``Referer: http://127.0.0.1:PORT/agents/ID/TOKEN/v1/``,
     ``X-Upstream: http://ID:TOKEN@host``)."""
     return [(k, redact_value(v) if is_secret_name(k) else
-             hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else v)) for k, v in headers]
+             hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else _redact_params_in(v)))
+            for k, v in headers]
 
 
 # An agent's base-URL path, /agents/<id>/<token>, anywhere in a value (a query value, a header, written with
@@ -167,9 +177,9 @@ def hide_agent_tokens(text: str, replace: Callable[[str], str] | None = None) ->
     return text
 
 
-# A parameter in a header value that holds URLs (after ?, &, ; or an OAuth fragment's #); its value ends where
-# the next parameter or URL part starts.
-_HEADER_PARAM = re.compile(r"([?&;#])([^=&;?#\s<>\"/]+)=([^&;#?\s<>\"]*)")
+# A parameter in a header value (after ?, &, ; or an OAuth fragment's #, and the blanks a header puts after
+# "; "); its value ends where the next parameter or URL part starts.
+_HEADER_PARAM = re.compile(r"([?&;#][ \t]*)([^=&;?#\s<>\"/]+)=([^&;#?\s<>\"]*)")
 # A path parameter (``/x;jsessionid=...``): its value ends at the next path segment too.
 _PATH_PARAM = re.compile(r"(;)([^=;/?#]+)=([^;/?#]*)")
 
@@ -190,9 +200,14 @@ _URL_PASSWORD = re.compile(r"(://[^/?#@\s:<>\"]*:)([^/?#@\s<>\"]+)(@)")
 
 
 def _redact_urls_in(value: str) -> str:
-    # Every ``name=value`` after ?, &, ; or # anywhere in the value: a header may hold several URLs.
     if "@" in value:
         value = _URL_PASSWORD.sub(lambda m: f"{m[1]}{redacted_query_value(m[2])}{m[3]}", value)
+    return _redact_params_in(value)
+
+
+def _redact_params_in(value: str) -> str:
+    """Every secret ``name=value`` after ?, &, ; or # anywhere in a header's value redacted: a header of any
+    name may hold URLs (``X-Original-URL: /v1?api_key=...``), or parameters (``x; token=...``)."""
     return _HEADER_PARAM.sub(lambda m: _map_param(m, redacted_query_value), value) if "=" in value else value
 
 

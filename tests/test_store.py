@@ -519,10 +519,22 @@ def test_redact_headers_only_secret_ones():
     ("Referer", "http://127.0.0.1:9/agents/ag-1/Ab3_dEf-GhIjKlMnOpQrStUv/v1/chat", "Ab3_dEf-GhIjKlMnOpQrStUv"),
     ("X-Forwarded-Url", "http://h/agents/ag-1/Ab3_dEf-GhIjKlMnOpQrStUv", "Ab3_dEf-GhIjKlMnOpQrStUv"),
     ("Location", "http://u:p%40ss@h/", "p%40ss"),
+    # Any header may carry a URL (a gateway's original URL) or parameters.
+    ("X-Original-URL", "/v1/chat?api_key=OU11", "OU11"),
+    ("X-Forwarded-Uri", "/v1/chat?alt=sse&key=FU12", "FU12"),
+    ("X-Custom", "mode=a; token=CT13", "CT13"),
 ])
 def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hidden):
     [(_, out)] = redact_headers([(name, value)])
     assert out == value.replace(hidden, redacted_query_value(hidden))  # the rest of the value as it was
+
+
+@pytest.mark.parametrize("name, value", [
+    ("Content-Type", "multipart/form-data; boundary=----x123"), ("Accept", "text/html;q=0.9,*/*;q=0.8"),
+    ("Content-Disposition", 'attachment; filename="a.txt"'), ("X-Forwarded-Uri", "/v1/chat?alt=sse&n=2"),
+])
+def test_header_parameters_that_name_no_secret_stay(name, value):
+    assert redact_headers([(name, value)]) == [(name, value)]
 
 
 @pytest.mark.parametrize("argv, secrets", [
@@ -1054,6 +1066,9 @@ def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
     ("PHPSESSID", True), ("connect.sid", True), ("sid", True), ("side", False), ("x-request-id", False),
     ("X-Api-Keys", True), ("X-Cookies", True), ("passwords", True), ("x-secrets", True), ("num_tokens", False),
     ("pw", True), ("x-pw", True), ("pwa", False),
+    # Header names are case-insensitive: an odd casing is the same header to the server.
+    ("AuthoriZation", True), ("X-Api-KeY", True), ("COOKIE", True), ("Authorisation", True), ("KeY", True),
+    ("MaxTokens", False), ("authored_at", False),
 ])
 def test_secret_names_go_by_words_and_word_endings(name, secret):
     assert is_secret_name(name) == secret
