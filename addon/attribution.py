@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 import psutil
 
-from rollouttap.addon.procfs import AncestryCache, NotCached, ProcInfo, SocketOwnerFinder
+from rollouttap.addon.procfs import ANCESTRY_DEPTH, AncestryCache, NotCached, ProcInfo, SocketOwnerFinder, cut_short
 from rollouttap.addon.sockdiag import owner_netlink, socket_owner
 from rollouttap.store import LIVE_STATUSES, AgentRecord, Store, token_matches
 
@@ -59,6 +59,10 @@ class PidResult:
     # A socket of this proxy's own user that no process held when looked up: one whose process exited, or one
     # parked in flight (passed over a unix socket) to dodge the lookup. Either way its token is not checked.
     unfound: bool = False
+    # Its ancestors go further up than the proxy reads (ANCESTRY_DEPTH): the agent whose tree it is in is not
+    # known, so no tag speaks for it and no token passes (a process nested deep under one agent's root would
+    # otherwise speak with another's token).
+    untraced: bool = False
 
 
 # -- pure decisions ----------------------------------------------------------------------------
@@ -396,6 +400,9 @@ class PidAttributor:
             return PidResult(None, None, "socket owner not found (exited, or another namespace)",
                              unfound=found.uid == os.getuid())
         chain = self.ancestry.chain(pid, cached=cached)
+        if cut_short(chain):
+            return PidResult(pid, None, f"its process has more than {ANCESTRY_DEPTH} ancestors: the agent it runs "
+                                        "under is not known", untraced=True)
         others, fresh = self._tag_roots(chain, roots, known, cached)
         if fresh:  # a tag names a live agent registered since the cache was read: its row, just read, counts now
             roots = {**roots, **fresh}

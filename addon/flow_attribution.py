@@ -280,6 +280,8 @@ class FlowAttribution:
                                                        "when it was looked up (one passed in flight, or a process "
                                                        "whose descriptors cannot be read): its sender cannot be "
                                                        "checked")
+        if pid_result is not None and pid_result.untraced:
+            return Attribution(None, "rejected", pid, f"credentials of agent {agent_id!r}: {pid_result.detail}")
         conflict = credentials_conflict(agent_id, pid_result.roots, pid_result.tags) if pid_result else None
         if conflict is not None:
             return Attribution(None, "rejected", pid, conflict)

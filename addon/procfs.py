@@ -80,7 +80,17 @@ def parse_agent_tag(environ: bytes) -> str | None:
     return value or None
 
 
-def ancestry(pid: int, proc: str = "/proc", limit: int = 64) -> list[ProcInfo]:
+# How far up a process's ancestors are read. A chain this long whose last process has a parent was cut there: its
+# sender is not known (``cut_short``).
+ANCESTRY_DEPTH = 64
+
+
+def cut_short(chain: list[ProcInfo], limit: int = ANCESTRY_DEPTH) -> bool:
+    """Whether ``chain`` stopped at the depth limit with ancestors above it unread."""
+    return len(chain) >= limit and chain[-1].ppid > 0
+
+
+def ancestry(pid: int, proc: str = "/proc", limit: int = ANCESTRY_DEPTH) -> list[ProcInfo]:
     """The process and its ancestors, nearest first, up to (not including) pid 0."""
     chain: list[ProcInfo] = []
     while pid > 0 and len(chain) < limit:
@@ -155,9 +165,11 @@ class AncestryCache:
     processes, and new ones start under the same manager and shells every time: a new process costs its
     own stat and environ, the rest of its chain comes from its parent's entry.
 
-    Within ``max_age`` an exec with another environment, a re-parented ancestor or a reused parent pid
-    goes unnoticed, as a new registration does in ``AgentDirectory`` (the same one second). A cached
-    chain is as old as its oldest part: reusing one never makes it fresher.
+    Within ``max_age`` an exec with another environment, or an ancestor further up re-parented, goes
+    unnoticed, as a new registration does in ``AgentDirectory`` (the same one second). A reused parent pid
+    does not: the parent's stat is read again before its cached chain is taken (same start time and parent:
+    the same process, under the same ancestors, as a process is re-parented the moment its parent exits). A
+    cached chain is as old as its oldest part: reusing one never makes it fresher.
     """
 
     def __init__(self, proc: str = "/proc", size: int = 4096, max_age: float = 1.0) -> None:
@@ -171,7 +183,7 @@ class AncestryCache:
         # Lookups on the event loop read the same few processes' stat files over and over (processes that reconnect).
         self._stat_files = StatFiles(proc) if proc == "/proc" else None
 
-    def chain(self, pid: int, limit: int = 64, *, cached: bool = False) -> list[ProcInfo]:
+    def chain(self, pid: int, limit: int = ANCESTRY_DEPTH, *, cached: bool = False) -> list[ProcInfo]:
         """What ``ancestry(pid)`` answers (or answered less than ``max_age`` ago). ``cached``: stat files alone
         are read, NotCached when a process's tag is not in the cache."""
         now = time.monotonic()
@@ -187,7 +199,7 @@ class AncestryCache:
         parent = owner.ppid
         while parent > 0 and len(chain) < limit:
             above = self._above.get(parent)  # one lookup: another thread may clear the cache meanwhile
-            if above is not None and now - above[0] < self.max_age:
+            if above is not None and now - above[0] < self.max_age and self._unchanged(above[1][0]):
                 read = len(chain)
                 chain.extend(above[1][:limit - len(chain)])
                 read_at = above[0]
@@ -201,6 +213,12 @@ class AncestryCache:
         for i in range(read or len(chain)):  # the entries above those keep their own age
             self._remember(self._above, chain[i].pid, (read_at, chain[i:]))
         return list(chain)
+
+    def _unchanged(self, info: ProcInfo) -> bool:
+        """Whether ``info.pid`` still names the process ``info`` was read from, under the same parent."""
+        stat = self._stat_files.read(info.pid) if self._stat_files is not None else \
+            read_file(f"{self.proc}/{info.pid}/stat")
+        return bool(stat) and parse_stat(stat) == (info.ppid, info.start_ticks)
 
     def _read(self, pid: int, now: float, cached: bool = False) -> ProcInfo | None:
         if cached and self._stat_files is not None:

@@ -22,7 +22,7 @@ from rollouttap.addon.attribution import (
     decide_header_claim, is_local_peer, local_ips, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
-    AncestryCache, NotCached, ProcInfo, SocketOwnerFinder, StatFiles, ancestry, parse_agent_tag, parse_stat,
+    ANCESTRY_DEPTH, AncestryCache, NotCached, ProcInfo, SocketOwnerFinder, StatFiles, ancestry, parse_agent_tag, parse_stat,
     read_file,
 )
 from rollouttap.addon.routes import RouteError, find_route, own_reverse_routes, parse_route, parse_routes
@@ -348,6 +348,41 @@ def test_a_socket_of_this_user_that_no_process_holds_is_unfound(tmp_path):
             result = PidAttributor(directory).resolve(peer, accepted.getsockname())
     directory.close()
     assert result.pid is None and result.unfound
+
+
+_NESTED = """
+import os, socket, sys
+for _ in range(int(sys.argv[2])):  # each level a child of the one before, waited for
+    if os.fork():
+        os.wait()
+        os._exit(0)
+with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as sock:
+    sock.recv(1)
+"""
+
+
+@pytest.mark.parametrize("depth", [3, ANCESTRY_DEPTH + 5])
+def test_a_process_nested_deeper_than_the_ancestry_is_read_is_untraced(tmp_path, depth):
+    # Nested past the depth read, a process under one agent's root would be under none: its token (another
+    # agent's) would pass, its tag speak for it. Its sender is unknown instead.
+    directory = AgentDirectory(str(tmp_path / "s.db"))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = subprocess.Popen([sys.executable, "-c", _NESTED, str(server.getsockname()[1]), str(depth)],
+                                  env={**os.environ, "ROLLOUTTAP_AGENT_ID": "deep"})
+        try:
+            server.settimeout(60)
+            accepted, peer = server.accept()
+            with accepted:
+                result = PidAttributor(directory).resolve(peer, accepted.getsockname())
+        finally:
+            client.kill()
+            client.wait()
+            directory.close()
+    assert result.pid is not None and result.pid != client.pid
+    if depth < ANCESTRY_DEPTH:
+        assert (result.agent_id, result.untraced) == ("deep", False)
+    else:
+        assert (result.agent_id, result.untraced) == (None, True) and "ancestors" in result.detail
 
 
 def _chain(*specs):
@@ -1009,6 +1044,24 @@ def test_ancestry_cache_matches_ancestry_and_follows_pid_reuse(fake_proc):
     fake_proc.stat(30, 10, 999)  # its parent exited: re-parented
     assert [p.pid for p in cache.chain(30)] == [30, 10]
     assert cache.chain(99) == ancestry(99, proc) == []
+
+
+def test_ancestry_cache_sees_a_parent_pid_reused_by_another_agent(fake_proc):
+    fake_proc.process(10, tag="B")  # another agent's root
+    fake_proc.process(20, ppid=10)  # its worker, whose chain the cache keeps
+    fake_proc.process(30, ppid=20)
+    fake_proc.process(11, tag="A")
+    proc = str(fake_proc.root)
+    cache = AncestryCache(proc, max_age=3600)
+    assert [p.agent_tag for p in cache.chain(30)] == [None, None, "B"]
+    fake_proc.gone(30)
+    fake_proc.process(20, ppid=11, start=999)  # the worker exited, and its pid went to a process of agent A
+    fake_proc.process(31, ppid=20)
+    assert cache.chain(31) == ancestry(31, proc) == [
+        ProcInfo(31, 20, 310, None), ProcInfo(20, 11, 999, None), ProcInfo(11, 1, 110, "A")]
+    fake_proc.process(32, ppid=20)  # the new process's chain is taken from the cache again
+    fake_proc.gone(11)
+    assert [p.pid for p in cache.chain(32)] == [32, 20, 11]
 
 
 def test_ancestry_cache_rereads_ancestors_after_max_age(fake_proc):

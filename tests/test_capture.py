@@ -661,6 +661,22 @@ def test_a_token_sent_on_a_socket_no_process_held_when_looked_up_is_refused(tmp_
         assert store.flows(agent_id="ag-parked") == []
 
 
+def test_a_token_sent_by_a_process_nested_past_the_ancestry_read_is_refused(tmp_path):
+    from rollouttap.addon.attribution import PidResult
+
+    def deep() -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(PidResult(4321, None, "its process has more than 64 ancestors", untraced=True))
+        return future
+
+    flow = _credentialed_request(tmp_path, "ag-deep", deep)
+    assert flow.response is not None and flow.response.status_code == 407
+    with Store(tmp_path / "s.db") as store:
+        assert store.flows(agent_id="ag-deep") == []
+        [row] = store.flows(state="error")
+    assert row.attribution == "rejected" and "more than 64 ancestors" in row.error
+
+
 def test_a_flow_that_ends_after_a_reader_gave_up_on_it_is_done_without_that_error(tmp_path):
     from rollouttap.addon.attribution import Attribution
     with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
