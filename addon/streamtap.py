@@ -117,8 +117,7 @@ def decoded(encoding: str, then: Callable[[bytes], bytes] | None) -> DecodedFeed
 
 def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]] | None:
     if encoding in ("gzip", "x-gzip"):
-        zobj = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header
-        return zobj.decompress, zobj.flush
+        return _Gzip().decoder()
     if encoding == "deflate":
         return _Deflate().decoder()
     if encoding == "br":
@@ -127,9 +126,39 @@ def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], byte
         return bobj.process, lambda: b""
     if encoding == "zstd":
         import zstandard  # mitmproxy's own dependency
-        zst = zstandard.ZstdDecompressor().decompressobj()
+        # A stream compressed a frame per event (or per flush) is several frames: read across them, as clients do.
+        zst = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
         return zst.decompress, zst.flush
     return None
+
+
+class _Gzip:
+    """gzip as clients read it (urllib3, browsers): one member after another (a server may compress each event or
+    flush as a member of its own), bytes after a whole member that are not one ignored."""
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header
+        self._trailing = False  # garbage after a whole member: the rest is ignored
+
+    def decoder(self) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+        return self.decompress, self._flush
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._trailing:
+            return b""
+        out = self._z.decompress(data)
+        while self._z.eof and self._z.unused_data:
+            rest = self._z.unused_data
+            self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)
+            try:
+                out += self._z.decompress(rest)
+            except zlib.error:
+                self._trailing = True
+                break
+        return out
+
+    def _flush(self) -> bytes:
+        return b"" if self._trailing else self._z.flush()
 
 
 class _Deflate:

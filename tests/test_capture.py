@@ -1592,6 +1592,32 @@ def test_decoded_feeds_the_plain_stream_in_pieces_and_ends_it(coding):
         assert out == plain and seen.index(b"") == len(seen) - 1  # the end reaches ``then`` once, last
 
 
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+def test_decoded_reads_a_stream_compressed_event_by_event(coding):
+    # A member (gzip) or a frame (zstd) per event, as a server that compresses each write sends it: every one is
+    # read, as the agent's client would read them, however the reads cut them.
+    import gzip
+
+    import zstandard
+
+    from rollouttap.addon.streamtap import decoded
+    events = [b"data: %d\n\n" % i for i in range(20)] + [b"data: [DONE]\n\n"]
+    pack = gzip.compress if coding == "gzip" else zstandard.ZstdCompressor().compress
+    packed = b"".join(pack(event) for event in events)
+    for step in (1, 7, len(packed)):
+        feed = decoded(coding, lambda data: data)
+        out = b"".join(feed(packed[i:i + step]) for i in range(0, len(packed), step)) + feed(b"")
+        assert out == b"".join(events)
+
+
+def test_decoded_gzip_ignores_what_follows_a_whole_member_that_is_not_one():
+    import gzip
+
+    from rollouttap.addon.streamtap import decoded
+    feed = decoded("gzip", lambda data: data)
+    assert feed(gzip.compress(b"data: 1\n\n") + b"\0\0garbage") + feed(b"more") + feed(b"") == b"data: 1\n\n"
+
+
 @pytest.mark.parametrize("coding", ["compress", "gzip, br", "identity"])
 def test_decoded_refuses_codings_it_cannot_undo(coding):
     from rollouttap.addon.streamtap import decoded
