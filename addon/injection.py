@@ -154,6 +154,8 @@ def _fields_to_add(obj: dict[str, Any], endpoint: Endpoint, logprobs: bool = Tru
     if logprobs and obj.get("logprobs") is None and not agent_wants_top:
         # Completions: logprobs=0 returns the sampled token's logprob only.
         added["logprobs"] = True if endpoint == "chat" else 0
+        if endpoint == "chat" and "top_logprobs" in obj:  # an explicit null: vLLM reads logprobs as top_logprobs
+            added["top_logprobs"] = 0  # (None: no logprobs at all), so the sampled token's alone is set
         if obj.get("return_tokens_as_token_ids") is None:
             added["return_tokens_as_token_ids"] = True
     if usage and _asks_no_usage(obj) and (added or _asks_ids(obj)):

@@ -133,6 +133,16 @@ def test_explicit_nulls_are_replaced_in_place() -> None:
     ).encode()
 
 
+def test_an_explicit_null_top_logprobs_is_set_to_zero_with_the_logprobs_asked_for() -> None:
+    # vLLM samples with logprobs=top_logprobs when logprobs is true: a null there would ask for none at all.
+    raw = b'{"model":"m","messages":[],"top_logprobs":null}'
+    plan = plan_injection(CHAT, raw, None)
+    assert plan is not None and plan.added == {**ALL, "top_logprobs": 0} and plan.strips_logprobs
+    assert json.loads(plan.new_body)["top_logprobs"] == 0
+    assert plan_injection(CHAT, b'{"messages":[]}', None).added == ALL  # unset: vLLM's default is 0 already
+    assert plan_injection(CHAT, raw, None, logprobs=False).added == IDS_ONLY
+
+
 def test_nothing_is_added_to_a_request_that_is_no_stream_and_asks_for_the_ids_itself() -> None:
     body = '{"model":"m",' + MSGS + ',"stream":"false","return_token_ids":true,"logprobs":true}'
     assert plan_injection(CHAT, body.encode(), "application/json") is None
