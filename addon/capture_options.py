@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mitmproxy import exceptions
+from mitmproxy.proxy import mode_specs
 
 from rollouttap.addon.attribution import PID_LOOKUPS
 from rollouttap.addon.loopback import is_host_port, is_loopback, url_host
@@ -104,8 +105,11 @@ def loopback_only(opts: Any) -> None:
             f"refusing to listen on {opts.listen_host}: agents' traffic (and API keys) would be "
             "reachable from other hosts. Set rollouttap_allow_remote=true to allow it.")
     for spec in opts.mode:
-        host = spec.rpartition("@")[2].rpartition(":")[0] if "@" in spec else ""
-        if host and not is_loopback(host):
+        try:
+            host = mode_specs.ProxyMode.parse(spec).custom_listen_host  # None: the listen_host above
+        except ValueError:
+            continue  # mitmproxy refuses the spec itself, with its own message
+        if host is not None and (host == "" or not is_loopback(host)):  # "" (``regular@:8080``): every address
             raise exceptions.OptionsError(
                 f"refusing mode {spec!r} on a non-loopback address; set rollouttap_allow_remote=true")
 

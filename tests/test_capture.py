@@ -1124,6 +1124,26 @@ def test_plain_mitmdump_with_the_addon_listens_on_loopback_only(tmp_path, confdi
     assert "binding on 127.0.0.1 instead" in out
 
 
+@pytest.mark.parametrize("mode, refused", [
+    ("regular@:18555", True),  # an empty host: mitmproxy listens on every address
+    ("regular@0.0.0.0:18555", True), ("regular@[::]:18555", True), ("reverse:http://h:80@10.1.2.3:9", True),
+    ("regular@127.0.0.1:18555", False), ("regular@18555", False),  # a port alone: on listen_host, loopback
+    ("regular", False), ("reverse:http://example.com:80@127.0.0.1:9", False),
+])
+def test_a_mode_that_would_listen_beyond_loopback_is_refused(mode, refused):
+    from types import SimpleNamespace
+
+    from mitmproxy import exceptions
+
+    from rollouttap.addon.capture_options import loopback_only
+    opts = SimpleNamespace(rollouttap_allow_remote=False, listen_host="127.0.0.1", mode=[mode])
+    if refused:
+        with pytest.raises(exceptions.OptionsError, match="non-loopback"):
+            loopback_only(opts)
+    else:
+        loopback_only(opts)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("model_hosts", ("http://127.0.0.1:8000",), "HOST\\[:PORT\\]"),
     ("model_hosts", ("not a host:abc",), "HOST\\[:PORT\\]"),
