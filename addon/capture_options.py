@@ -32,7 +32,8 @@ def declare(loader: Any) -> None:
                       "With token ids, also ask for each sampled token's logprob (TRL's "
                       "importance-sampling correction uses them); off keeps answers ~30x smaller.")
     loader.add_option("rollouttap_pid_attribution", bool, True,
-                      "Attribute connections by the process that owns the client socket.")
+                      "Attribute connections by the process that owns the client socket (off: credentials "
+                      "and headers alone name agents, and no token is checked against its sender).")
     loader.add_option("rollouttap_pid_lookup", str, "eager",
                       "When to look up a connection's process: 'eager' (as it connects, for every "
                       "connection: flows also record the pid of credentialed clients) or 'fallback' "
