@@ -180,6 +180,8 @@ def _streams(obj: dict[str, Any]) -> bool:
     return stream is True or (type(stream) is int and stream == 1)
 
 
+# Where capture leaves the fields it added to a request, in ``flow.metadata``, for the addons after it (replay).
+INJECTED_KEY = "rollouttap_injected"
 USAGE_OPTIONS = {"include_usage": True}  # a stream's usage tells how many tokens the ids must add up to
 
 

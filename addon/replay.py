@@ -30,6 +30,7 @@ from mitmproxy import ctx, exceptions, http
 
 from rollouttap.addon import tokenids
 from rollouttap.addon.flowcols import stored_target
+from rollouttap.addon.injection import INJECTED_KEY
 from rollouttap.addon.replay_book import Recorded, ReplayBook, capture_injected, recorded_requests
 from rollouttap.errors import StoreError
 from rollouttap.store import Store, header_value
@@ -165,7 +166,8 @@ class ReplayAddon:
         body = req.get_content(strict=False) or b""
         diverged = self.book.divergence is not None
         # Reports never hold a key in clear.
-        entry = self.book.take(req.method, stored_target(req.path), body, req.raw_content)
+        entry = self.book.take(req.method, stored_target(req.path), body, req.raw_content,
+                               flow.metadata.get(INJECTED_KEY))
         if entry is None:
             div = self.book.divergence
             assert div is not None

@@ -127,9 +127,11 @@ def canonical(body: bytes, parsed: Any = None) -> list[str]:
     return body.decode("utf-8", "replace").splitlines()
 
 
-def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | None = None) -> str | None:
+def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | None = None,
+             injected: dict[str, Any] | None = None) -> str | None:
     """Why a request does not match a recorded one, or None when it does (``raw``: the body as sent, before
-    content decoding, for a recorded body kept only in part)."""
+    content decoding, for a recorded body kept only in part; ``injected``: what the replay's own proxy added to
+    it, which a recording made with other settings did not)."""
     if method.upper() != entry.method or _keyless(path) not in map(_keyless, entry.paths):
         return f"expected {entry.label}, got {method.upper()} {path}"
     if entry.request_cut:  # an upload kept in part: its first part and its size (where known) must match
@@ -139,7 +141,7 @@ def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | 
     recorded = _loads(entry.body())
     live = _loads(body)
     if recorded is not None and live is not None:
-        same = without_injected(live, recorded, entry.injected) == recorded
+        same = without_injected(live, recorded, {**(injected or {}), **entry.injected}) == recorded
     else:
         same = body == entry.body()
     return None if same else "request body differs"
@@ -155,8 +157,8 @@ def request_diff(entry: Recorded | None, method: str, path: str, body: bytes,
                  injected: dict[str, Any] | None = None) -> str:
     """A unified diff of the recorded request against the replayed one (request line, then body).
 
-    ``injected``: what the proxy adds to requests, left out of the replayed body where no recorded request
-    tells what the agent itself sent (the recording ran out)."""
+    ``injected``: what the proxies add to requests, left out of the replayed body where the recorded request
+    (or, when the recording ran out, none) holds no such field."""
     live = _loads(body)
     old: list[str] = []
     old_name = "recorded (nothing left)"
@@ -165,7 +167,7 @@ def request_diff(entry: Recorded | None, method: str, path: str, body: bytes,
     else:
         recorded = _loads(entry.body())
         if recorded is not None:
-            live = without_injected(live, recorded, entry.injected)
+            live = without_injected(live, recorded, {**(injected or {}), **entry.injected})
         old = [entry.label] + canonical(entry.body(), recorded)
         old_name = f"recorded #{entry.index}"
     new = [f"{method.upper()} {path}"] + canonical(body, live)
@@ -208,8 +210,10 @@ class ReplayBook:
         """The fields the recording proxy injected (the latest request's that had any)."""
         return next((e.injected for e in reversed(self.entries) if e.injected), {})
 
-    def take(self, method: str, path: str, body: bytes, raw: bytes | None = None) -> Recorded | None:
-        """The recorded request answering this one; None once the replay has diverged."""
+    def take(self, method: str, path: str, body: bytes, raw: bytes | None = None,
+             injected: dict[str, Any] | None = None) -> Recorded | None:
+        """The recorded request answering this one; None once the replay has diverged (``injected``: what the
+        replay's proxy added to it)."""
         index = self.requests
         self.requests += 1
         if self.divergence is not None:
@@ -217,15 +221,16 @@ class ReplayBook:
             return None
         candidates = self._candidates()
         for entry in candidates:
-            if mismatch(entry, method, path, body, raw) is None:
+            if mismatch(entry, method, path, body, raw, injected) is None:
                 self.used[entry.index] = True
                 return entry
         expected = candidates[0] if candidates else None
-        reason = (mismatch(expected, method, path, body, raw) if expected is not None
+        reason = (mismatch(expected, method, path, body, raw, injected) if expected is not None
                   else f"the recording holds only {len(self.entries)} requests")
+        added = {**self._injected(), **(injected or {})}
         self.divergence = Divergence(index, expected.index if expected else None, method.upper(), path,
                                      expected.label if expected else None, reason or "",
-                                     request_diff(expected, method, path, body, self._injected()))
+                                     request_diff(expected, method, path, body, added))
         return None
 
     @property

@@ -111,6 +111,13 @@ def model_hosts_of(flows: Sequence[FlowRecord]) -> tuple[str, ...]:
     return tuple(sorted(hosts))
 
 
+def logprobs_of(flows: Sequence[FlowRecord]) -> bool:
+    """Whether the recording proxy asked for logprobs (``rollouttap_logprobs``), so the replay proxy asks the same:
+    off where it injected token ids and never logprobs. (An agent that asked for its own is asked for nothing.)"""
+    injected = [f.meta["injected"] for f in flows if f.meta.get("injected")]
+    return not injected or any("logprobs" in fields for fields in injected)
+
+
 def _read_report(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -168,6 +175,7 @@ def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, ou
     _register_replay(out_path, replay_id, token, run_id, {
         "replay_of": agent_id, "source_store": str(store), "command": redact_command(shlex.join(command))})
     config = ReplayProxyConfig(store=out_path, confdir=confdir, model_hosts=hosts, routes=tuple(routes),
+                               logprobs=logprobs_of(flows),
                                replay_store=store, replay_agent=agent_id, replay_report=report)
     try:
         with ProxyProcess(config) as proxy:

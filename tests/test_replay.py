@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import requests
@@ -126,7 +126,7 @@ def run_agent(proxy, store: Path, agent_id: str, command: list[str], run_id: str
 
 
 def record(tmp: Path, confdir: Path, agents: dict[str, bool],
-           extra: Callable[[ProxyProcess, Recording], None] | None = None) -> Recording:
+           extra: Callable[[ProxyProcess, Recording], None] | None = None, **proxy_options: Any) -> Recording:
     """Record each agent (name -> streamed?) through a real proxy and ScriptedUpstream, then stop both;
     ``extra`` runs while both are up."""
     from rollouttap.testing.upstream import ScriptedUpstream
@@ -135,7 +135,7 @@ def record(tmp: Path, confdir: Path, agents: dict[str, bool],
     with ScriptedUpstream(script="reasoning") as upstream:
         host = upstream.url.split("://", 1)[1]
         rec = Recording(tmp / "runs.db", upstream.base_url, host, run_id="run-" + uuid.uuid4().hex[:6])
-        with start_proxy(rec.store, confdir, model_hosts=(host,)) as proxy:
+        with start_proxy(rec.store, confdir, model_hosts=(host,), **proxy_options) as proxy:
             for name, stream in agents.items():
                 rec.commands[name] = agent_command(script, upstream.base_url, stream=stream)
                 rec.outputs[name] = run_agent(proxy, rec.store, name, rec.commands[name], rec.run_id)
@@ -188,6 +188,27 @@ def test_replay_reproduces_outputs_offline_and_is_itself_captured(recording, con
     with Store(out) as s:
         entry = s.agent(result.replay_agent_id)
     assert entry.status == "ok" and entry.meta["replay_of"] == agent
+
+
+def test_a_recording_made_without_logprobs_replays(tmp_path, confdir):
+    # Its proxy asked for token ids alone: the replay's asks the same, and what it adds is never the agent's.
+    rec = record(tmp_path, confdir, {"plain": False, "streamer": True}, logprobs=False)
+    for agent in ("plain", "streamer"):
+        result = replay_agent(rec.store, agent, rec.commands[agent], out=tmp_path / f"{agent}.db", confdir=confdir,
+                              capture_output=True, timeout=60)
+        assert result.ok and result.answered == 3, (result.stderr, result.divergence)
+        assert result.stdout == rec.outputs[agent]
+        replayed = settled_flows(tmp_path / f"{agent}.db", agent_id=result.replay_agent_id)
+        assert all("logprobs" not in f.meta["injected"] for f in replayed)
+
+
+def test_fields_the_replay_proxy_added_are_not_the_agents():
+    book = ReplayBook([_rec(0, {"model": "m"}, injected={"return_token_ids": True})])
+    live = {"model": "m", "return_token_ids": True, "logprobs": True}
+    assert book.take("POST", "/v1/chat/completions", json.dumps(live).encode(),
+                     injected={"return_token_ids": True, "logprobs": True}) is not None
+    other = ReplayBook([_rec(0, {"model": "m"}, injected={"return_token_ids": True})])
+    assert other.take("POST", "/v1/chat/completions", json.dumps(live).encode()) is None  # the agent's own: a change
 
 
 @pytest.mark.parametrize("agent", ["plain", "streamer"])
