@@ -29,6 +29,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from rollouttap.addon import tokenids
+from rollouttap.addon.answer_rewrite import stream_rewrite, strip_json_answer
 from rollouttap.addon.flowcols import stored_target
 from rollouttap.addon.injection import INJECTED_KEY
 from rollouttap.addon.replay_book import Recorded, ReplayBook, capture_injected, recorded_requests
@@ -45,10 +46,20 @@ _HOP_HEADERS = frozenset({"transfer-encoding", "content-length", "connection", "
 # -- answers ---------------------------------------------------------------------------------------------------
 
 def agent_view(entry: Recorded) -> bytes:
-    """The recorded answer as the agent received it: the fields asked for by the proxy stripped again."""
-    body = entry.response_body
-    if not entry.injected or header_value(entry.response_headers, "content-encoding"):
-        return body
+    """The recorded answer's body as the agent received it (see ``as_the_agent_saw``)."""
+    resp = http.Response.make(200, b"", _headers(entry.response_headers))
+    resp.raw_content = entry.response_body
+    as_the_agent_saw(entry, resp)
+    return resp.raw_content or b""
+
+
+def as_the_agent_saw(entry: Recorded, resp: http.Response) -> None:
+    """Make ``resp`` (the recorded answer) what the agent received: the fields the recording proxy asked for
+    stripped again, by the functions capture strips with live. An answer the server compressed all the same is
+    decoded for it: a JSON answer is encoded again (as capture re-encoded it), a stream goes on plain, without
+    its content-encoding (as capture passed it on)."""
+    if not entry.injected:
+        return
     injection = tokenids.plan_injection(entry.paths[0], entry.request_body,
                                         header_value(entry.request_headers, "content-type"),
                                         content_encoding=header_value(entry.request_headers, "content-encoding"),
@@ -56,11 +67,22 @@ def agent_view(entry: Recorded) -> bytes:
                                         usage="stream_options" in entry.injected)
     if injection is None or injection.added != entry.injected:
         log.warning("replay: cannot redo the injection of recorded flow %s; answering it unstripped", entry.flow_id)
-        return body
-    if (header_value(entry.response_headers, "content-type") or "").startswith("text/event-stream"):
-        stripper = tokenids.StreamStripper(injection)
-        return stripper.feed(body) + stripper.feed(b"")
-    return tokenids.strip_response_json(body, injection)
+        return
+    if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+        strip_json_answer(resp, injection)
+        return
+    rewrite = stream_rewrite(resp, injection, {})
+    if rewrite is None:  # a coding it cannot undo (logged): as live, the stream goes on as it came
+        return
+    try:
+        body = rewrite(resp.raw_content or b"") + rewrite(b"")
+    except Exception as exc:  # zlib's, brotli's, zstd's errors: live, the agent met a broken stream
+        log.warning("replay: the recorded stream of flow %s does not decode (%s); answering it as recorded",
+                    entry.flow_id, exc)
+        return
+    resp.headers.pop("transfer-encoding", None)  # stream_rewrite's, for a live stream; this body is whole
+    resp.raw_content = body
+    resp.headers["content-length"] = str(len(body))
 
 
 def _headers(pairs: Iterable[tuple[str, str]]) -> http.Headers:
@@ -177,8 +199,9 @@ class ReplayAddon:
                 log.warning("replay: request #%d diverged: %s\n%s", div.index, div.reason, div.diff)
                 self._report("diverged")
             return
-        answer = entry.response_body if capture_injected(entry, body) else agent_view(entry)
-        flow.response = recorded_response(entry, answer)
+        flow.response = recorded_response(entry, entry.response_body)
+        if entry.status_code is not None and not capture_injected(entry, body):  # else capture strips it, as live
+            as_the_agent_saw(entry, flow.response)
         self.answered_flows.add(flow.id)
         if entry.broke_off and entry.status_code is not None:
             self.breaking_flows.add(flow.id)

@@ -397,6 +397,33 @@ def test_agent_view_strips_a_stream_recorded_before_the_proxy_asked_streams_for_
     assert agent_view(entry) == sse.replace(b'"token_ids":[3]', b'"token_ids":null')
 
 
+def test_a_compressed_recorded_answer_is_stripped_as_capture_stripped_it_live():
+    import gzip
+
+    from rollouttap.addon.replay import as_the_agent_saw
+    answer = {"id": "c", "prompt_token_ids": [1, 2], "choices": [{"index": 0, "token_ids": [3], "logprobs": None}]}
+    entry = replace(_rec(0, {"messages": []}, injected={"return_token_ids": True}),
+                    response_headers=[("content-type", "application/json"), ("content-encoding", "gzip")],
+                    response_body=gzip.compress(json.dumps(answer).encode()))
+    resp = recorded_response(entry, entry.response_body)
+    as_the_agent_saw(entry, resp)  # re-encoded, as capture's strip re-encoded it live
+    assert resp.headers["content-encoding"] == "gzip" and int(resp.headers["content-length"]) == len(resp.raw_content)
+    assert json.loads(gzip.decompress(resp.raw_content)) == {
+        "id": "c", "prompt_token_ids": None, "choices": [{"index": 0, "token_ids": None, "logprobs": None}]}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": None, "finish_reason": None,
+                          "token_ids": [3]}]}
+    sse = f"data: {json.dumps(chunk, separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
+    stream = replace(_rec(0, {"messages": [], "stream": True}, injected={"return_token_ids": True}),
+                     response_headers=[("content-type", "text/event-stream"), ("content-encoding", "gzip")],
+                     response_body=gzip.compress(sse))
+    resp = recorded_response(stream, stream.response_body)
+    as_the_agent_saw(stream, resp)  # decoded, as capture passed it on live: plain, no content-encoding
+    assert "content-encoding" not in resp.headers and "transfer-encoding" not in resp.headers
+    assert resp.raw_content == sse.replace(b'"token_ids":[3]', b'"token_ids":null')
+    assert int(resp.headers["content-length"]) == len(resp.raw_content)
+
+
 @pytest.mark.parametrize("recorded", [
     "/v1beta/models/m:generateContent?key=redacted-sha256-0123456789ab&alt=sse",
     "/v1beta/models/m:generateContent?key=<redacted sha256:0123456789ab>&alt=sse",  # stores from before
