@@ -125,7 +125,7 @@ def to_http_flow(record: FlowRecord) -> http.HTTPFlow:
         whole = "an unknown number of" if cut.get("size") is None else cut["size"]
         said = f"rollouttap kept only the first {cut.get('kept')} of {whole} bytes of this {what} body " + \
             ("(it never ended: answered or broken off first)" if cut.get("ended") is False else
-             "(rollouttap_body_keep_mb)")
+             "(over SQLite's limit on a value)" if cut.get("store_limit") else "(rollouttap_body_keep_mb)")
         result.error = flow.Error(f"{result.error.msg}; {said}" if result.error else said, record.t_end or start)
     result.live = False
     result.metadata[METADATA_KEY] = flow_metadata(record)

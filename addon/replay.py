@@ -34,7 +34,7 @@ from rollouttap.addon.flowcols import stored_target
 from rollouttap.addon.injection import INJECTED_KEY
 from rollouttap.addon.replay_book import Recorded, ReplayBook, capture_injected, recorded_requests
 from rollouttap.errors import StoreError
-from rollouttap.store import Store, header_value
+from rollouttap.store import Store, header_value, is_redacted
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ def recorded_response(entry: Recorded, body: bytes) -> http.Response:
     if entry.status_code is None:
         return error_response(NO_RESPONSE_STATUS, f"the recorded request #{entry.index} got no response: "
                                                   f"{entry.error or 'unknown error'}", "rollouttap_replay_no_response")
-    resp = http.Response.make(entry.status_code, b"",
-                              _headers((k, v) for k, v in entry.response_headers if k.lower() not in _HOP_HEADERS))
+    # A redacted header (Set-Cookie: <redacted ...>) holds a fingerprint, not the value: no client should keep it.
+    resp = http.Response.make(entry.status_code, b"", _headers(
+        (k, v) for k, v in entry.response_headers if k.lower() not in _HOP_HEADERS and not is_redacted(v)))
     resp.raw_content = body
     resp.headers["content-length"] = str(len(body))
     return resp

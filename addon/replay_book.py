@@ -38,6 +38,8 @@ class Recorded:
     request_cut: bool = False  # the store kept only the request body's first part (an upload)
     request_size: int | None = None  # then its whole size, where known
     broke_off: bool = False  # the client got the status, headers and this body, then a broken connection
+    # Why the answer the agent got cannot be given again (answered 502 instead), or None
+    unreplayable: str | None = None
 
     @property
     def label(self) -> str:
@@ -65,16 +67,23 @@ def recorded_requests(flows: Iterable[FlowRecord]) -> list[Recorded]:
         status, error = f.status_code, f.error
         request_cut = f.meta.get("request_body_cut") or {}
         broke = broke_off(f)
+        unreplayable = None
         if cut := f.meta.get("body_cut"):  # answered as never answered: a short body would pass for the whole
-            status, error, broke = None, (f"its response body was kept only in part ({cut.get('kept')} of "
-                                          f"{cut.get('size')} bytes): record with rollouttap_body_keep_mb=0 to "
-                                          "replay it"), False
+            unreplayable = f"its response body was kept only in part ({cut.get('kept')} of {cut.get('size')} bytes)"
+            unreplayable += (": it was over SQLite's limit on a value" if cut.get("store_limit") else
+                             ": record with rollouttap_body_keep_mb=0 to replay it")
+        elif f.state == "open":  # what it got after the store was read is unknown: a short answer would pass
+            unreplayable = "it was still in flight when the recording was read (a running agent, or a killed proxy)"
+        elif f.state == "error" and status is None and (f.error or "").startswith("client disconnected"):
+            unreplayable = "the agent hung up before it was answered (a timeout, say): no answer to give it"
         elif f.state == "error" and status is not None and not broke and not _whole(f):
             status = None  # a buffered answer that broke off: the client got the proxy's 502 instead
+        if unreplayable is not None:
+            status, error, broke = None, unreplayable, False
         out.append(Recorded(len(out), f.flow_id, method, paths, f.request_body or b"", list(f.request_headers),
                             dict(f.meta.get("injected") or {}), status, list(f.response_headers),
                             f.response_body or b"", error, f.t_request, f.t_end,
-                            bool(request_cut), request_cut.get("size"), broke))
+                            bool(request_cut), request_cut.get("size"), broke, unreplayable))
     return out
 
 
@@ -237,6 +246,11 @@ class ReplayBook:
     def answered(self) -> int:
         return sum(self.used)
 
+    @property
+    def unreplayable(self) -> list[int]:
+        """The recorded requests the agent made whose answer could not be given again (answered 502)."""
+        return [e.index for e in self.entries if self.used[e.index] and e.unreplayable is not None]
+
     def final_divergence(self) -> Divergence | None:
         """The divergence, or (when every request matched) the first recorded request the agent never made."""
         if self.divergence is not None:
@@ -252,5 +266,5 @@ class ReplayBook:
         """The JSON the manager reads back."""
         final = self.final_divergence() if state == "done" else self.divergence
         return {"agent_id": agent_id, "state": state, "recorded": len(self.entries), "requests": self.requests,
-                "answered": self.answered, "after_divergence": self.after_divergence,
+                "answered": self.answered, "unreplayable": self.unreplayable, "after_divergence": self.after_divergence,
                 "divergence": asdict(final) if final is not None else None}

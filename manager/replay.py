@@ -85,11 +85,14 @@ class ReplayResult:
     stderr: str | None = None
     recorded_exit_code: int | None = None  # how the recorded agent's process ended, where the store says
     recorded_status: str | None = None  # its status there (ok, failed, timeout, error); None: not registered
+    # Recorded requests the agent made again whose answer could not be given back (answered 502: a body kept in
+    # part, a flow still in flight when read, one the agent hung up on)
+    unreplayable: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """The agent made exactly the recorded requests and exited 0."""
-        return self.divergence is None and self.exit_code == 0
+        """The agent made exactly the recorded requests, got every recorded answer back, and exited 0."""
+        return self.divergence is None and self.exit_code == 0 and not self.unreplayable
 
     @property
     def exit_status(self) -> int:
@@ -191,7 +194,8 @@ def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, ou
         raise ProxyError("the replay proxy stopped without its final report")
     result = ReplayResult(agent_id, replay_id, run_id, out_path, completed.returncode, final["recorded"],
                           final["requests"], final["answered"], final["divergence"], timed_out,
-                          completed.stdout, completed.stderr, *_recorded_end(recorded_agent))
+                          completed.stdout, completed.stderr, *_recorded_end(recorded_agent),
+                          tuple(final.get("unreplayable", ())))
     _record_outcome(out_path, result)
     return result
 

@@ -277,8 +277,12 @@ def _print_replay(result: Any) -> None:
     where = f"recorded into {result.store} as {result.replay_agent_id}"
     div = result.divergence
     if div is None:
-        console.print(f"[green]replay matched[/]: {result.answered}/{result.recorded} requests answered from the "
-                      f"recording; {replay_exits(result)}; {where}")
+        lost = result.unreplayable
+        console.print((f"[green]replay matched[/]: {result.answered}/{result.recorded} requests answered from the "
+                       "recording" if not lost else
+                       f"[yellow]replay matched, but {len(lost)} answer(s) could not be given back[/] (requests "
+                       f"#{', #'.join(map(str, lost))}, answered 502; the replay store's flows say why): "
+                       f"{result.answered}/{result.recorded} requests made") + f"; {replay_exits(result)}; {where}")
         return
     console.print(f"[bold red]replay diverged[/] at request #{div['index']}"
                   + (f" (recorded #{div['recorded_index']}: {div['expected']})" if div["expected"] else "")

@@ -25,7 +25,7 @@ from rollouttap.addon.replay_book import (
 )
 from rollouttap.manager.proxy import ProxyProcess, free_port
 from rollouttap.manager.replay import model_hosts_of, replay_agent, target_url
-from rollouttap.store import Store, new_token
+from rollouttap.store import Store, decode_body, new_token
 
 # A three-turn tool-using agent: call 0 asks (the model calls the calculator), call 1 sends the tool result,
 # call 2 asks for a goodbye. CHANGE_AT=k alters the new user text of call k; CALLS=n stops after n calls.
@@ -563,6 +563,42 @@ def test_a_recorded_body_kept_only_in_part_is_answered_as_unreplayable_not_short
     [entry] = recorded_requests([cut])
     resp = recorded_response(entry, entry.response_body)
     assert resp.status_code == 502 and b"kept only in part (100 of 314572800 bytes)" in resp.content
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"state": "open", "t_end": None}, "still in flight when the recording was read"),
+    ({"state": "error", "status_code": None, "error": "client disconnected before the response completed"},
+     "hung up before it was answered"),
+    ({"meta_body_cut": {"size": 2 << 30, "kept": 100, "store_limit": 1_000_000_000}}, "over SQLite's limit"),
+])
+def test_an_answer_the_agent_got_that_the_recording_cannot_give_back_is_counted(recording, change, says):
+    with Store(recording.store) as s:
+        flows = s.flows(agent_id="plain")
+    cut = change.pop("meta_body_cut", None)
+    first = replace(flows[0], **change, meta={**flows[0].meta, **({"body_cut": cut} if cut else {})})
+    entries = recorded_requests([first, *flows[1:]])
+    assert entries[0].status_code is None and says in entries[0].unreplayable and entries[1].unreplayable is None
+    resp = recorded_response(entries[0], entries[0].response_body)
+    assert resp.status_code == 502 and says.encode() in resp.content  # never a short or empty "whole" answer
+    book = ReplayBook(entries)
+    for flow in flows:
+        assert book.take(flow.method, flow.path, decode_body(flow.request_body, None)) is not None
+    report = book.report("plain", "done")
+    assert report["divergence"] is None and report["unreplayable"] == [0]
+
+
+def test_a_recorded_answer_is_given_back_without_its_redacted_headers():
+    entry = replace(_rec(0, {"messages": []}), response_headers=[
+        ("content-type", "application/json"), ("Set-Cookie", "<redacted sha256:0123456789ab>"), ("x-kept", "1")])
+    resp = recorded_response(entry, b"{}")
+    assert "set-cookie" not in resp.headers and resp.headers["x-kept"] == "1"
+
+
+def test_a_replay_that_could_not_give_every_answer_back_is_not_ok():
+    from rollouttap.manager.replay import ReplayResult
+    result = ReplayResult("a", "a.r", "r", Path("x.db"), 0, 3, 3, 3, None, unreplayable=(1,))
+    assert not result.ok and result.exit_status == 0
+    assert replace(result, unreplayable=()).ok
 
 
 def test_a_request_body_kept_only_in_part_matches_a_replayed_body_of_its_size_and_first_part(recording):
