@@ -43,9 +43,12 @@ _OWN_EXTRA = {
     "rollouttap_proxy_id": "ProxyProcess names each proxy it starts and waits for that name",
     "rollouttap_log_file": "ProxyProcess sets it (the file it sends mitmdump's output to)",
 }
+# -P: nothing from the working directory on sys.path (-m and -c would put it first): a file there named like a
+# module mitmproxy imports (an agent's project folder's ``concurrent.py``, ``http.py``) would stop the proxy, or
+# run inside it.
 LAUNCHERS = {
-    "fastdump": ["-O", "-m", "rollouttap.addon.fastdump"],
-    "mitmdump": ["-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"],
+    "fastdump": ["-P", "-O", "-m", "rollouttap.addon.fastdump"],
+    "mitmdump": ["-P", "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"],
 }
 
 

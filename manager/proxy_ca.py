@@ -85,7 +85,7 @@ def _make_and_publish(directory: Path, key_name: str, key_size: int, deadline: f
 def _make_ca(staging: Path, key_size: int, timeout: float) -> None:
     # A process of its own (addon/make_ca.py): mitmproxy writes the key under a process-wide umask.
     try:
-        proc = subprocess.run([sys.executable, "-m", "rollouttap.addon.make_ca", str(staging), str(key_size)],
+        proc = subprocess.run([sys.executable, "-P", "-m", "rollouttap.addon.make_ca", str(staging), str(key_size)],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=min(timeout, MAKE_TIMEOUT_S))
     except subprocess.TimeoutExpired as exc:

@@ -45,7 +45,7 @@ class Reaper:
     def start(cls, store: Path) -> Reaper:
         """Start the reaper; ``wait_ready`` then confirms it runs."""
         try:
-            proc = subprocess.Popen([sys.executable, "-c", _MAIN, str(store), str(os.getpid())],
+            proc = subprocess.Popen([sys.executable, "-P", "-c", _MAIN, str(store), str(os.getpid())],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
         except (OSError, TypeError) as exc:  # TypeError: no sys.executable (an embedded interpreter)
             log.warning("no reaper: agents may outlive a manager that is killed (%s)", exc)

@@ -1101,6 +1101,25 @@ def test_mitmproxy_is_told_to_listen_on_both_stacks_for_every_ipv6_address(tmp_p
     assert argv[argv.index("--listen-host") + 1] == listen_host
 
 
+@pytest.mark.parametrize("launcher", ["fastdump", "mitmdump"])
+def test_a_proxy_started_in_a_folder_with_a_module_named_like_a_stdlib_one_runs(tmp_path, confdir, monkeypatch,
+                                                                               launcher):
+    # An agent's project folder, say: under `python -m`/`-c` its files would come before the standard library's.
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("concurrent.py", "http.py", "json.py"):
+        (work / name).write_text("raise SystemExit('shadowed: ' + __file__)\n")
+    monkeypatch.chdir(work)
+    with start_proxy(tmp_path / "s.db", confdir, launcher=launcher) as proxy:  # its CA made by a process too
+        assert proxy.alive()
+    from rollouttap.manager.reaper import Reaper
+    reaper = Reaper.start(tmp_path / "s.db")  # AgentManager's guard process
+    try:
+        assert reaper.wait_ready()
+    finally:
+        reaper.stop()
+
+
 def test_plain_mitmdump_with_the_addon_listens_on_loopback_only(tmp_path, confdir):
     # mitmdump binds its listeners (on every interface by default) before a -s script's options apply.
     import psutil
