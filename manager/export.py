@@ -91,7 +91,7 @@ def check_export(store_paths: Sequence[str | Path], out: str | Path, *, agent_id
     resolved = target.resolve()
     for store in map(Path, store_paths):
         own = store.resolve()
-        if resolved in {own, *(own.with_name(own.name + side) for side in SIDE_FILES)} or _same_file(target, store):
+        if resolved in {own, *(own.with_name(own.name + side) for side in SIDE_FILES)} or same_file(target, store):
             raise ConfigError(f"{out} is the store {store} (or a file SQLite keeps beside it): writing the export "
                               f"there would destroy the store; give another output file")
     if target.is_dir():
@@ -101,7 +101,7 @@ def check_export(store_paths: Sequence[str | Path], out: str | Path, *, agent_id
                           f"output file, or delete that one first")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     """Whether two existing paths name one file (a hard link escapes ``resolve``)."""
     try:
         return a.samefile(b)

@@ -26,6 +26,7 @@ import requests
 
 from rollouttap.errors import ConfigError, NotFoundError, ProxyError, StoreError
 from rollouttap.manager.conversation import call_from_flow, flow_kind
+from rollouttap.manager.export import SIDE_FILES, same_file
 from rollouttap.manager.inspect import answer_text
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
 from rollouttap.store import AgentRecord, FlowRecord, Store, is_redacted, is_secret_name, map_secret_query, new_token
@@ -165,8 +166,11 @@ def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, ou
         raise ConfigError("replay needs the agent command after --")
     store = Path(store).resolve()
     out_path = Path(out).resolve() if out is not None else default_replay_store(store)
-    if out_path == store:
+    if out_path == store or same_file(out_path, store):
         raise ConfigError("the replay must record into another store than the one it replays")
+    if out_path.name.endswith(SIDE_FILES):  # SQLite's own file beside a store: it deletes or rewrites it at will
+        raise ConfigError(f"--out {out_path} is named like a file SQLite keeps beside a store; give a store file, "
+                          f"e.g. {out_path.with_name('replay.db')}")
     if out_path.is_dir():
         raise ConfigError(f"--out {out_path} is a directory: give a store file, e.g. {out_path / 'replay.db'}")
     flows, recorded_agent = _recorded(store, agent_id)

@@ -309,6 +309,13 @@ def test_replay_refuses_its_own_store_and_unknown_agents(recording, tmp_path):
     from rollouttap.errors import ConfigError, NotFoundError
     with pytest.raises(ConfigError, match="another store"):
         replay_agent(recording.store, "plain", ["true"], out=recording.store)
+    link = tmp_path / "same.db"
+    os.link(recording.store, link)
+    with pytest.raises(ConfigError, match="another store"):  # a hard link to it
+        replay_agent(recording.store, "plain", ["true"], out=link)
+    for side in ("-wal", "-shm", "-journal"):  # SQLite deletes these when it checkpoints: the replay would be lost
+        with pytest.raises(ConfigError, match="SQLite keeps beside a store"):
+            replay_agent(recording.store, "plain", ["true"], out=tmp_path / f"other.db{side}")
     with pytest.raises(NotFoundError, match="no agent 'nobody' in"):  # as resend says it: not an option's fault
         replay_agent(recording.store, "nobody", ["true"], out=tmp_path / "r.db")
 
