@@ -80,6 +80,8 @@ class FlowRecord:
             data[name] = _headers(data, name)
         data["meta"] = _column(data, "flow", "id", "meta", "{}")
         data["streamed"] = bool(data["streamed"])
+        for name in ("request_body", "response_body"):
+            data[name] = _body(data, name)
         return cls(**data)
 
     def request_header(self, name: str) -> str | None:
@@ -115,6 +117,18 @@ def _column(data: dict[str, Any], kind: str, key: str, name: str, empty: str) ->
     except ValueError as exc:
         raise StoreError(f"{kind} row {data.get(key)!r} of the store is damaged: its {name} column is not "
                          f"JSON ({exc})") from exc
+
+
+def _body(data: dict[str, Any], name: str) -> bytes | None:
+    """A body column: bytes as the writer stores them, or text written by hand (``sqlite3``, SCHEMA.md) as its
+    UTF-8 bytes; anything else is a damaged row."""
+    value = data[name]
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    raise StoreError(f"flow row {data.get('id')!r} of the store is damaged: its {name} column holds a "
+                     f"{type(value).__name__}, not bytes")
 
 
 def _headers(data: dict[str, Any], name: str) -> list[tuple[str, str]]:

@@ -329,6 +329,29 @@ def test_a_damaged_row_is_a_one_line_error_naming_it_and_leaves_no_export(record
     assert list(out.parent.iterdir()) == []  # no export that reads as whole, no temporary file
 
 
+def test_a_body_written_as_text_by_hand_reads_as_its_bytes_and_a_number_as_a_damaged_row(recording, tmp_path):
+    from contextlib import closing
+    edited = tmp_path / "edited.db"
+    with closing(sqlite3.connect(recording.store)) as src, closing(sqlite3.connect(edited)) as dst:
+        src.backup(dst)
+        row = dst.execute("SELECT max(id) FROM flows").fetchone()[0]
+        dst.execute("UPDATE flows SET response_body = 'plain text body', response_headers = '[]' WHERE id = ?",
+                    (row,))
+        dst.commit()
+    with Store(edited, readonly=True) as store:
+        [flow] = [f for f in store.flows() if f.response_body == b"plain text body"]
+    assert flow.response_text() == "plain text body"
+    for args in (("flows",), ("export", "-o", str(tmp_path / "all.har"))):
+        proc = _rollouttap(*args, "--store", edited)
+        assert proc.returncode == 0, proc.stderr
+    with closing(sqlite3.connect(edited)) as db:
+        db.execute("UPDATE flows SET response_body = 42 WHERE id = ?", (row,))
+        db.commit()
+    proc = _rollouttap("export", "-o", str(tmp_path / "again.har"), "--store", edited)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"rollouttap: flow row {row} of the store is damaged: its response_body column")
+
+
 @pytest.mark.parametrize("args", [("flows", "--json"), ("flows",), ("--help",)])
 def test_output_into_a_closed_pipe_exits_141_quietly(recording, args):
     # `rollouttap flows --json | head -1`: the reader is gone before the writer's next line.
