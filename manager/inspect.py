@@ -34,9 +34,13 @@ def parse_when(text: str) -> float:
     """Unix seconds from ``1732900000[.5]`` or ISO 8601 (``2026-11-29T16:00:00``: UTC unless it says, as every
     time rollouttap shows is, so a time pasted from its output means what it meant there)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):  # nan or inf: every comparison false, a filter that drops all in silence
+            raise ConfigError(f"{text!r} is not a time")
+        return seconds
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError as exc:
@@ -47,7 +51,9 @@ def parse_when(text: str) -> float:
 def host_port(text: str) -> tuple[str, int | None]:
     """``HOST``, ``HOST:PORT`` or ``[IPv6]:PORT`` as (host, port or None); a bare IPv6 address is a host."""
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ConfigError(f"--host {text!r} is not HOST[:PORT] ([IPv6]:PORT for an IPv6 address)")
         port = rest.removeprefix(":")
     elif text.count(":") == 1:
         host, _, port = text.partition(":")

@@ -430,6 +430,23 @@ def test_parse_when_refuses_nonsense():
     from rollouttap.errors import ConfigError
     with pytest.raises(ConfigError, match="ISO 8601"):
         parse_when("yesterday")
+    for text in ("nan", "inf", "-inf", "1e400"):  # a filter on them would match nothing, in silence
+        with pytest.raises(ConfigError, match="is not a time"):
+            parse_when(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("h", ("h", None)), ("h:80", ("h", 80)), ("[::1]:80", ("::1", 80)), ("[::1]", ("::1", None)),
+    ("::1", ("::1", None)), ("[::1", None), ("[::1]x", None), ("h:x", None),
+])
+def test_host_port(text, expected):
+    from rollouttap.errors import ConfigError
+    from rollouttap.manager.inspect import host_port
+    if expected is None:
+        with pytest.raises(ConfigError, match="is not HOST"):
+            host_port(text)
+    else:
+        assert host_port(text) == expected
 
 
 @pytest.mark.parametrize("values, q, expected", [
