@@ -150,10 +150,22 @@ def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | 
     recorded = _loads(entry.body())
     live = _loads(body)
     if recorded is not None and live is not None:
-        same = without_injected(live, recorded, {**(injected or {}), **entry.injected}) == recorded
+        same = same_json(without_injected(live, recorded, {**(injected or {}), **entry.injected}), recorded)
     else:
         same = body == entry.body()
     return None if same else "request body differs"
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two parsed JSON values are the same value: Python's ``==`` takes ``true`` for ``1`` and ``1`` for
+    ``1.0``, which a server may well not (a changed type is a changed request)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_json(value, b[key]) for key, value in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same_json, a, b))
+    return a == b or (a != a and b != b)  # NaN (json reads it) is not equal to itself
 
 
 def _keyless(path: str) -> str:

@@ -442,6 +442,19 @@ def test_a_secret_query_value_matches_whatever_key_the_replay_uses(recorded):
         is not None
 
 
+@pytest.mark.parametrize("live", [
+    {"stream": 1, "temperature": 1, "max_tokens": 0}, {"stream": True, "temperature": 1.0, "max_tokens": 0},
+    {"stream": True, "temperature": 1, "max_tokens": False}, {"stream": True, "temperature": 1, "max_tokens": [0]},
+])
+def test_mismatch_tells_json_types_apart(live):
+    entry = _rec(0, {"stream": True, "temperature": 1, "max_tokens": 0})
+    assert mismatch(entry, "POST", "/v1/chat/completions", json.dumps(live).encode()) == "request body differs"
+    same = {"stream": True, "temperature": 1, "max_tokens": 0}
+    assert mismatch(entry, "POST", "/v1/chat/completions", json.dumps(same).encode()) is None
+    nan = _rec(0, b'{"x": NaN}')
+    assert mismatch(nan, "POST", "/v1/chat/completions", b'{"x": NaN}') is None
+
+
 def test_mismatch_compares_non_json_bodies_as_bytes():
     entry = _rec(0, b"plain text", path="/upload")
     assert mismatch(entry, "POST", "/upload", b"plain text") is None
