@@ -304,6 +304,9 @@ def _resend_one(index: int, flow: FlowRecord, url: str, headers: Mapping[str, st
                 session: requests.Session) -> Resent:
     old = Resent(index, flow.flow_id, flow.method or "POST", flow.path or "/", url, flow.status_code, None,
                  _answer_of(flow), "", (flow.t_end - flow.t_request) if flow.t_end and flow.t_request else None, None)
+    if cut := flow.meta.get("request_body_cut"):  # sending its first part would ask another question
+        return replace(old, error=f"not sent: its request body was kept only in part ({cut.get('kept')} of "
+                                  f"{cut.get('size')} bytes)")
     start = time.monotonic()
     try:
         resp = session.request(old.method, url, data=flow.request_body or b"", timeout=timeout,

@@ -240,6 +240,21 @@ def test_resend_shows_old_and_new_answers(recording, cli):
     assert "recorded answer" in table and "new answer" in table and "echo: say bye" in table
 
 
+def test_resend_does_not_send_a_request_body_kept_only_in_part(recording):
+    from dataclasses import replace
+
+    from rollouttap.manager.replay import resend_requests
+    from rollouttap.testing.upstream import ScriptedUpstream
+    with Store(recording.store) as s:
+        first, *rest = s.flows(agent_id="plain")
+    cut = replace(first, meta={**first.meta, "request_body_cut": {"size": 5000, "kept": 100}})
+    with ScriptedUpstream(script="echo") as other:
+        rows = resend_requests([cut, *rest], other.base_url)
+        sent = len(other.requests)
+    assert rows[0].new_status is None and "kept only in part (100 of 5000 bytes)" in rows[0].error
+    assert [r.new_status for r in rows[1:]] == [200, 200] and sent == 2
+
+
 def test_resend_to_a_dead_server_reports_errors_and_fails(recording, cli):
     from rollouttap.errors import ConfigError
     from rollouttap.manager.proxy import free_port
