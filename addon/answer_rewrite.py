@@ -13,6 +13,7 @@ from mitmproxy import http
 from rollouttap.addon import tokenids
 from rollouttap.addon.streamtap import decoded
 from rollouttap.responses_shapes import FINAL_EVENTS
+from rollouttap.store.records import gunzip
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def strip_json_answer(resp: http.Response, injection: tokenids.Injection) -> Non
     """Hide injected fields from a non-streamed answer, decoding (and re-encoding) it if the server
     compressed it all the same."""
     try:
-        plain = resp.get_content()
+        coding = resp.headers.get("content-encoding", "").strip().lower()
+        plain = gunzip(resp.raw_content or b"") if coding in ("gzip", "x-gzip") else resp.get_content()
     except ValueError as exc:  # an unknown or broken content-encoding: leave the answer as it came
         log.warning("rollouttap: cannot decode a %s answer to hide token ids: %s",
                     resp.headers.get("content-encoding"), exc)

@@ -159,9 +159,28 @@ def decode_body(body: bytes | None, encoding: str | None) -> bytes:
     return body
 
 
+def gunzip(body: bytes) -> bytes:
+    """A gzip body as clients read it: every member (a server may compress each write as one), as much of a
+    truncated one as decodes, bytes after a whole member that are not one ignored; ValueError when the body does
+    not start as gzip."""
+    out = []
+    while body:
+        member = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header, as mitmproxy reads it
+        try:
+            out.append(member.decompress(body))
+        except zlib.error as exc:
+            if not out:
+                raise ValueError(f"not gzip: {exc}") from exc
+            break  # trailing garbage
+        if not member.eof:
+            break
+        body = member.unused_data
+    return b"".join(out)
+
+
 def _decode_one(body: bytes, enc: str) -> bytes:
     if enc in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body)
+        return gunzip(body)
     if enc == "deflate":
         try:
             return zlib.decompress(body)
@@ -172,7 +191,7 @@ def _decode_one(body: bytes, enc: str) -> bytes:
         return brotli.decompress(body)
     if enc == "zstd":
         import zstandard  # installed with mitmproxy
-        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        return zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(body)
     if enc == "identity":
         return body
     return gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body

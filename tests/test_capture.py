@@ -31,7 +31,7 @@ from mitmproxy.test import tflow
 from conftest import CLIENTS, agent_env, run_client, settled_flows, start_proxy, wait_for
 from rollouttap.addon import flowcols
 from rollouttap.manager.proxy_link import ProxyLink
-from rollouttap.store import Store, new_token
+from rollouttap.store import Store, decode_body, new_token
 
 
 def _new_agent(proxy, **meta) -> tuple[str, str]:
@@ -1475,6 +1475,25 @@ def test_injected_fields_are_hidden_from_a_compressed_answer_too(tmp_path, confd
     assert got["choices"][0]["message"]["content"] == "hi"
     assert json.loads(flow.response_text())["choices"][0]["token_ids"] == [7, 8]  # the store keeps them
 
+
+
+def test_a_json_answer_gzipped_in_several_members_is_stripped_whole():
+    # mitmproxy's decoder reads the first member: the JSON looked cut, and the agent got the token ids.
+    import gzip
+
+    from mitmproxy import http
+
+    from rollouttap.addon import tokenids
+    from rollouttap.addon.answer_rewrite import strip_json_answer
+    answer = json.dumps({"id": "c1", "prompt_token_ids": [1, 2], "choices": [
+        {"index": 0, "message": {"content": "hi"}, "token_ids": [7, 8]}]}).encode()
+    resp = http.Response.make(200, b"", {"content-type": "application/json", "content-encoding": "gzip"})
+    resp.raw_content = gzip.compress(answer[:20]) + gzip.compress(answer[20:])
+    strip_json_answer(resp, tokenids.plan_injection("/v1/chat/completions", b'{"messages":[]}', None,
+                                                    logprobs=False))
+    got = json.loads(gzip.decompress(resp.raw_content))
+    assert got["prompt_token_ids"] is None and got["choices"][0]["token_ids"] is None
+    assert decode_body(gzip.compress(b"ab") + gzip.compress(b"cd"), "gzip") == b"abcd"  # readers see it whole
 
 
 _CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
