@@ -141,7 +141,8 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     ones, and agent tokens in any (``hide_agent_tokens``: ``Referer: http://127.0.0.1:PORT/agents/ID/TOKEN/v1/``,
     ``X-Upstream: http://ID:TOKEN@host``)."""
     return [(k, redact_value(v) if is_secret_name(k) else
-             hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else _redact_params_in(v)))
+             hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else
+                               _redact_params_in(v) if "=" in v else v))  # the test first: most headers have none
             for k, v in headers]
 
 
