@@ -218,7 +218,7 @@ class AncestryCache:
         """Whether ``info.pid`` still names the process ``info`` was read from, under the same parent."""
         stat = self._stat_files.read(info.pid) if self._stat_files is not None else \
             read_file(f"{self.proc}/{info.pid}/stat")
-        return bool(stat) and parse_stat(stat) == (info.ppid, info.start_ticks)
+        return stat is not None and bool(stat) and parse_stat(stat) == (info.ppid, info.start_ticks)
 
     def _read(self, pid: int, now: float, cached: bool = False) -> ProcInfo | None:
         if cached and self._stat_files is not None:
