@@ -448,7 +448,8 @@ class AgentManager:
         status, error = decide_status(run.outcome, agent.popen.returncode, entry, is_entry_point=is_entry,
                                       timeout=timeout)
         try:
-            settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at, given=given)
+            settled = settle_flows(store, agent.agent_id, self.grace, ended_at=ended_at,
+                                   given=link.served_since(given, store))
         except StoreError as exc:  # its open flows could not be ended in the store: its result still stands
             settled = Settled((), f"its flows could not be settled in the store: {exc}")
         flows = collect_flows(store, agent.agent_id, eos_token_id=self.eos_token_id)

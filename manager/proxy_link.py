@@ -114,6 +114,14 @@ class ProxyLink:
             row = None
         return [row["proxy_id"]] if row is not None else self.proxy_ids[-1:]
 
+    def served_since(self, given: list[str], store: Store) -> list[str]:
+        """The proxies an agent ``given`` these (when it started) may have gone through since: those, the ones this
+        link started again after them (a restart while it ran), and the one serving now."""
+        ids = list(given)
+        if given and given[-1] in self.proxy_ids:
+            ids += self.proxy_ids[self.proxy_ids.index(given[-1]) + 1:]
+        return list(dict.fromkeys([*ids, *self.serving(store)]))
+
     def env(self, agent_id: str, token: str) -> dict[str, str]:
         """HTTP(S)_PROXY with the agent's credentials, CA bundle, agent tag, NO_PROXY cleared."""
         env = proxy_env(self.url, self.ca_cert, agent_id=agent_id, token=token)

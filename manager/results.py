@@ -249,17 +249,21 @@ def settle_flows(store: Store, agent_id: str, grace: float, ended_at: float | No
                  poll: float = 0.01, *, given: Sequence[str] = ()) -> Settled:
     """Wait (at most ``grace`` seconds) until none of the agent's flows is open; end the rest.
 
-    First the proxies must have committed everything they queued before the agent ended (``ended_at``),
-    so no flow of the agent is still in a write queue. The proxy closes a flow when its response ends or
+    First the proxies that served it (those it was ``given``, and any that recorded a flow of it) must have
+    committed everything they queued before the agent ended (``ended_at``), so no flow of the agent is still in a
+    write queue; a proxy that served other agents alone is not waited for. The proxy closes a flow when its response ends or
     its client goes away, so once the agent's processes are gone its flows close within moments; one still
     open after the grace period never will. A proxy the agent was ``given`` or that served it, killed before
     it had committed what it queued before ``ended_at``, lost that: flows may be missing.
     """
     deadline = time.monotonic() + grace
     uncommitted = None
-    if ended_at is not None and not store.wait_committed(ended_at, timeout=grace, poll=poll):
-        uncommitted = (f"the proxy had not committed this agent's flows {grace:g}s after it ended (is another "
-                       "process holding the store locked, or its disk full?): its calls and row may be incomplete")
+    behind = store.wait_committed(ended_at, timeout=grace, poll=poll, agent_id=agent_id, proxy_ids=given) \
+        if ended_at is not None else []
+    if behind:
+        uncommitted = (f"its proxy (pid {behind[0]['pid']}, {behind[0]['proxy_id']}) had not committed this agent's "
+                       f"flows {grace:g}s after it ended (is another process holding the store locked, its disk full, "
+                       "or the proxy stopped?): its calls and row may be incomplete")
         log.warning("agent %s: %s", agent_id, uncommitted)
     elif ended_at is not None and (killed := store.killed_proxies(agent_id, given, ended_at)):
         uncommitted = (f"its proxy (pid {killed[0]['pid']}) was killed while it ran, before committing all it had "

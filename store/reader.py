@@ -269,36 +269,45 @@ class Store:
     def proxy(self, proxy_id: str) -> dict[str, Any] | None:
         return next((p for p in self.proxies() if p["proxy_id"] == proxy_id), None)
 
-    def wait_committed(self, since: float, timeout: float, poll: float = 0.02) -> bool:
-        """Wait until every live proxy of this store has committed what it queued before ``since``.
+    def wait_committed(self, since: float, timeout: float, poll: float = 0.02, *,
+                       agent_id: str | None = None, proxy_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Wait until the live proxies of this store have committed what they queued before ``since``: every one,
+        or with ``agent_id`` those that served the agent (``proxy_ids``, and any that recorded a flow of it).
 
         After an agent ends, its last flow updates may still sit in a proxy's write queue; reading the
         store before they land would miss them. A proxy that is behind is nudged once (``nudge.py``) to
         write its watermark as soon as that is committed; polls start at 1 ms and double up to ``poll``.
-        False when a proxy did not catch up within ``timeout``.
+        Returns the proxies (pid, proxy_id) that did not catch up within ``timeout``: none when all did.
         """
         deadline = time.monotonic() + timeout
         wait, nudged = min(0.001, poll), False
         while True:
-            behind = self._behind(since)
+            behind = self._behind(since, agent_id, proxy_ids)
             if not behind:
-                return True
+                return []
             if not nudged:
-                for pid in behind:
-                    nudge(pid)
+                for row in behind:
+                    nudge(row["pid"])
                 nudged = True
             if time.monotonic() > deadline:
-                return False
+                return behind
             time.sleep(wait)
             wait = min(wait * 2, poll)
 
-    def _behind(self, since: float) -> list[int]:
-        """Pids of the live proxies that have not marked ``since`` committed yet."""
+    def _behind(self, since: float, agent_id: str | None = None, proxy_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """The live proxies (pid, proxy_id) that have not marked ``since`` committed yet (of ``agent_id``: see
+        ``wait_committed``)."""
         # One small query per poll; only a proxy that is behind is checked for life (a stopped or dead
         # proxy commits nothing more, so it cannot hold readers back).
-        rows = self._query("SELECT pid, create_time FROM proxies WHERE stopped_at IS NULL "
-                           "AND coalesce(committed_through, -1) < ?", (since,))
-        return [r["pid"] for r in rows if _alive(r["pid"], r["create_time"])]
+        sql = ("SELECT pid, create_time, proxy_id FROM proxies WHERE stopped_at IS NULL "
+               "AND coalesce(committed_through, -1) < ?")
+        args: tuple[Any, ...] = (since,)
+        if agent_id is not None:  # a proxy that served other agents alone cannot hold this one's flows
+            marks = ", ".join("?" for _ in proxy_ids) or "NULL"
+            sql += (f" AND (proxy_id IN ({marks}) OR EXISTS (SELECT 1 FROM flows WHERE flows.agent_id = ? "
+                    "AND flows.proxy_id = proxies.proxy_id))")
+            args += (*proxy_ids, agent_id)
+        return [dict(r) for r in self._query(sql, args) if _alive(r["pid"], r["create_time"])]
 
     def killed_proxies(self, agent_id: str, given: Sequence[str], before: float) -> list[dict[str, Any]]:
         """The proxies that may have lost rows of ``agent_id``: those it was ``given`` (running when it started)

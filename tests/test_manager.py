@@ -1381,6 +1381,22 @@ def test_an_agent_whose_flows_the_proxy_could_not_commit_in_time_is_an_error_not
     assert again.status == "ok" and again.calls == 1
 
 
+def test_a_stalled_proxy_that_served_none_of_the_agents_does_not_hold_them_up(tmp_path, confdir, upstream):
+    # Another proxy on the store (another manager's, one run by hand) that stopped writing: no flow of these
+    # agents can wait in its queue, so they are neither held for the grace period nor failed.
+    store = tmp_path / "r.db"
+    with start_proxy(store, confdir) as other:
+        os.kill(other.proc.pid, signal.SIGSTOP)
+        try:
+            with AgentManager(SHELL_AGENT, store=store, timeout=60, grace=3, model_url=upstream.base_url,
+                              confdir=confdir, poll_interval=0.1) as m:
+                results = m.deploy([agent("chat 1 @id"), agent("chat 1 @id")])
+        finally:
+            os.kill(other.proc.pid, signal.SIGCONT)
+    # (Waiting on it, each would end in error after the grace period: its calls "not committed".)
+    assert [r.status for r in results] == ["ok", "ok"] and all(r.calls == 1 for r in results), results
+
+
 def test_an_agent_whose_end_cannot_be_recorded_keeps_its_own_result(tmp_path, confdir, upstream):
     from concurrent.futures import ThreadPoolExecutor
     store, go = tmp_path / "r.db", tmp_path / "go"
