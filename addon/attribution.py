@@ -401,8 +401,8 @@ class PidAttributor:
                              unfound=found.uid == os.getuid())
         chain = self.ancestry.chain(pid, cached=cached)
         if cut_short(chain):
-            return PidResult(pid, None, f"its process has more than {ANCESTRY_DEPTH} ancestors: the agent it runs "
-                                        "under is not known", untraced=True)
+            return PidResult(pid, None, f"its process is nested {ANCESTRY_DEPTH} or more levels deep: the agent it "
+                                        "runs under is not known", untraced=True)
         others, fresh = self._tag_roots(chain, roots, known, cached)
         if fresh:  # a tag names a live agent registered since the cache was read: its row, just read, counts now
             roots = {**roots, **fresh}

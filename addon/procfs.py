@@ -210,6 +210,8 @@ class AncestryCache:
             chain.append(info)
             parent = info.ppid
         self._remember(self._chains, key, (read_at, chain))
+        if cut_short(chain, limit):  # its tails lack what lies above the cut: taken for whole, they would hide it
+            return list(chain)
         for i in range(read or len(chain)):  # the entries above those keep their own age
             self._remember(self._above, chain[i].pid, (read_at, chain[i:]))
         return list(chain)

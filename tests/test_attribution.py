@@ -22,8 +22,8 @@ from rollouttap.addon.attribution import (
     decide_header_claim, is_local_peer, local_ips, parse_basic_credentials, split_agent_path,
 )
 from rollouttap.addon.procfs import (
-    ANCESTRY_DEPTH, AncestryCache, NotCached, ProcInfo, SocketOwnerFinder, StatFiles, ancestry, parse_agent_tag, parse_stat,
-    read_file,
+    ANCESTRY_DEPTH, AncestryCache, NotCached, ProcInfo, SocketOwnerFinder, StatFiles, ancestry, cut_short,
+    parse_agent_tag, parse_stat, read_file,
 )
 from rollouttap.addon.routes import RouteError, find_route, own_reverse_routes, parse_route, parse_routes
 from rollouttap.addon import sockdiag
@@ -382,7 +382,7 @@ def test_a_process_nested_deeper_than_the_ancestry_is_read_is_untraced(tmp_path,
     if depth < ANCESTRY_DEPTH:
         assert (result.agent_id, result.untraced) == ("deep", False)
     else:
-        assert (result.agent_id, result.untraced) == (None, True) and "ancestors" in result.detail
+        assert (result.agent_id, result.untraced) == (None, True) and "levels deep" in result.detail
 
 
 def _chain(*specs):
@@ -1062,6 +1062,22 @@ def test_ancestry_cache_sees_a_parent_pid_reused_by_another_agent(fake_proc):
     fake_proc.process(32, ppid=20)  # the new process's chain is taken from the cache again
     fake_proc.gone(11)
     assert [p.pid for p in cache.chain(32)] == [32, 20, 11]
+
+
+def test_ancestry_cache_keeps_no_tail_of_a_chain_cut_at_the_depth_read(fake_proc):
+    # A chain cut at the limit: its tails end below a process never read. Taken for whole chains, they would
+    # hide the root above the cut from a process started beside them (here: under level 60).
+    depth = ANCESTRY_DEPTH + 8
+    fake_proc.process(100, tag="A")  # a registered root, say
+    for level in range(1, depth):
+        fake_proc.process(100 + level, ppid=100 + level - 1)
+    proc = str(fake_proc.root)
+    cache = AncestryCache(proc, max_age=3600)
+    deepest = cache.chain(100 + depth - 1)
+    assert len(deepest) == ANCESTRY_DEPTH and cut_short(deepest)
+    fake_proc.process(999, ppid=160)
+    beside = cache.chain(999)
+    assert beside == ancestry(999, proc) and beside[-1].pid == 100 and not cut_short(beside)
 
 
 def test_ancestry_cache_rereads_ancestors_after_max_age(fake_proc):

@@ -666,7 +666,7 @@ def test_a_token_sent_by_a_process_nested_past_the_ancestry_read_is_refused(tmp_
 
     def deep() -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        future.set_result(PidResult(4321, None, "its process has more than 64 ancestors", untraced=True))
+        future.set_result(PidResult(4321, None, "its process is nested 64 or more levels deep", untraced=True))
         return future
 
     flow = _credentialed_request(tmp_path, "ag-deep", deep)
@@ -674,7 +674,7 @@ def test_a_token_sent_by_a_process_nested_past_the_ancestry_read_is_refused(tmp_
     with Store(tmp_path / "s.db") as store:
         assert store.flows(agent_id="ag-deep") == []
         [row] = store.flows(state="error")
-    assert row.attribution == "rejected" and "more than 64 ancestors" in row.error
+    assert row.attribution == "rejected" and "64 or more levels deep" in row.error
 
 
 def test_a_flow_that_ends_after_a_reader_gave_up_on_it_is_done_without_that_error(tmp_path):
