@@ -21,7 +21,7 @@ from mitmproxy.connection import Client
 from mitmproxy.tls import TlsData
 
 from rollouttap.addon import capture_options, flowcols, tokenids
-from rollouttap.addon.injection import INJECTED_KEY
+from rollouttap.addon.injection import AGENT_BODY_KEY
 from rollouttap.addon.answer_rewrite import sse_finished, stream_rewrite, strip_json_answer
 from rollouttap.addon.attribution import Attribution, host_addresses
 from rollouttap.addon.flow_attribution import FlowAttribution
@@ -348,7 +348,7 @@ class RolloutTap:
             if injection is not None:
                 live.injection = injection
                 live.meta["injected"] = injection.added
-                flow.metadata[INJECTED_KEY] = injection.added  # a later addon (replay) tells the agent's fields apart
+                flow.metadata[AGENT_BODY_KEY] = flow.request.raw_content  # identity-coded: as the agent sent it
                 flow.request.content = injection.new_body
                 # Stripping works on plain bytes: ask the model server not to compress its answer (no
                 # header at all would allow any coding, RFC 9110 12.5.3).

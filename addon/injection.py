@@ -180,8 +180,9 @@ def _streams(obj: dict[str, Any]) -> bool:
     return stream is True or (type(stream) is int and stream == 1)
 
 
-# Where capture leaves the fields it added to a request, in ``flow.metadata``, for the addons after it (replay).
-INJECTED_KEY = "rollouttap_injected"
+# Where capture leaves the body the agent sent, in ``flow.metadata``, when it adds fields to it: the addons after it
+# (replay) compare what the agent sent, not what went on.
+AGENT_BODY_KEY = "rollouttap_agent_body"
 USAGE_OPTIONS = {"include_usage": True}  # a stream's usage tells how many tokens the ids must add up to
 
 

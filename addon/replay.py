@@ -3,7 +3,7 @@
 Loaded after the capture addon (``mitmdump -s entry.py -s replay.py``), so the replayed run is recorded like any
 run: capture sees each request first (attribution, routes, token-id injection), then this addon answers it from
 the recording. Request ``k`` must match recorded request ``k`` by method, path and body (JSON compared as data,
-ignoring the fields rollouttap injected; addon/replay_book.py); requests the recording made concurrently may
+value and type; the body the agent sent, before capture added token-id fields; addon/replay_book.py); requests the recording made concurrently may
 arrive in either order. The first request that does not match is the divergence: it and every later request
 are answered ``599`` (a status no server sends, so it cannot pass for a recorded answer) with ``x-should-retry: false``.
 An answer that broke off when recorded (a stream cut mid-way) is given as far as it came, then its connection
@@ -31,7 +31,7 @@ from mitmproxy import ctx, exceptions, http
 from rollouttap.addon import tokenids
 from rollouttap.addon.answer_rewrite import stream_rewrite, strip_json_answer
 from rollouttap.addon.flowcols import stored_target
-from rollouttap.addon.injection import INJECTED_KEY
+from rollouttap.addon.injection import AGENT_BODY_KEY
 from rollouttap.addon.replay_book import Recorded, ReplayBook, capture_injected, recorded_requests
 from rollouttap.errors import StoreError
 from rollouttap.store import Store, header_value, is_redacted
@@ -186,11 +186,13 @@ class ReplayAddon:
             flow.response = error_response(NO_RESPONSE_STATUS, "no recording loaded", "rollouttap_replay_error")
             return
         req = flow.request
-        body = req.get_content(strict=False) or b""
+        sent_on = req.get_content(strict=False) or b""
+        # What the agent itself sent (before capture added the fields the replay proxy asks for): as recorded.
+        own = flow.metadata.get(AGENT_BODY_KEY)
+        body = own if own is not None else sent_on
         diverged = self.book.divergence is not None
         # Reports never hold a key in clear.
-        entry = self.book.take(req.method, stored_target(req.path), body, req.raw_content,
-                               flow.metadata.get(INJECTED_KEY))
+        entry = self.book.take(req.method, stored_target(req.path), body, own if own is not None else req.raw_content)
         if entry is None:
             div = self.book.divergence
             assert div is not None
@@ -201,7 +203,7 @@ class ReplayAddon:
                 self._report("diverged")
             return
         flow.response = recorded_response(entry, entry.response_body)
-        if entry.status_code is not None and not capture_injected(entry, body):  # else capture strips it, as live
+        if entry.status_code is not None and not capture_injected(entry, sent_on):  # else capture strips it, as live
             as_the_agent_saw(entry, flow.response)
         self.answered_flows.add(flow.id)
         if entry.broke_off and entry.status_code is not None:

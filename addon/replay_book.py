@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from rollouttap.addon import tokenids
 from rollouttap.store import FlowRecord, decode_body, header_value, map_secret_query
 from rollouttap.store.redact import hide_agent_tokens
 
@@ -111,16 +110,6 @@ def _loads(body: bytes) -> Any:
         return None
 
 
-def without_injected(live: Any, recorded: Any, injected: dict[str, Any]) -> Any:
-    """The live JSON body less the fields the proxy injected (those the agent's recorded body lacks)."""
-    if not isinstance(live, dict) or not injected:
-        return live
-    # A recording made before the proxy asked streams for their usage: today's capture adds it to the live body.
-    injected = {"stream_options": tokenids.USAGE_OPTIONS, **injected}
-    own = recorded if isinstance(recorded, dict) else {}
-    return {k: v for k, v in live.items() if not (k in injected and k not in own and v == injected[k])}
-
-
 def capture_injected(entry: Recorded, live_body: bytes) -> bool:
     """Whether capture injected the recorded fields into this request again (then it strips the answer too)."""
     if not entry.injected:
@@ -136,11 +125,10 @@ def canonical(body: bytes, parsed: Any = None) -> list[str]:
     return body.decode("utf-8", "replace").splitlines()
 
 
-def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | None = None,
-             injected: dict[str, Any] | None = None) -> str | None:
-    """Why a request does not match a recorded one, or None when it does (``raw``: the body as sent, before
-    content decoding, for a recorded body kept only in part; ``injected``: what the replay's own proxy added to
-    it, which a recording made with other settings did not)."""
+def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | None = None) -> str | None:
+    """Why a request does not match a recorded one, or None when it does. ``body`` is what the agent sent (before
+    the proxy added token-id fields to it), as the recording keeps it; ``raw`` the same before content decoding,
+    for a recorded body kept only in part."""
     if method.upper() != entry.method or _keyless(path) not in map(_keyless, entry.paths):
         return f"expected {entry.label}, got {method.upper()} {path}"
     if entry.request_cut:  # an upload kept in part: its first part and its size (where known) must match
@@ -150,7 +138,7 @@ def mismatch(entry: Recorded, method: str, path: str, body: bytes, raw: bytes | 
     recorded = _loads(entry.body())
     live = _loads(body)
     if recorded is not None and live is not None:
-        same = same_json(without_injected(live, recorded, {**(injected or {}), **entry.injected}), recorded)
+        same = same_json(live, recorded)
     else:
         same = body == entry.body()
     return None if same else "request body differs"
@@ -174,24 +162,14 @@ def _keyless(path: str) -> str:
     return hide_agent_tokens(map_secret_query(path, lambda _value: ""), lambda _value: "")
 
 
-def request_diff(entry: Recorded | None, method: str, path: str, body: bytes,
-                 injected: dict[str, Any] | None = None) -> str:
-    """A unified diff of the recorded request against the replayed one (request line, then body).
-
-    ``injected``: what the proxies add to requests, left out of the replayed body where the recorded request
-    (or, when the recording ran out, none) holds no such field."""
-    live = _loads(body)
+def request_diff(entry: Recorded | None, method: str, path: str, body: bytes) -> str:
+    """A unified diff of the recorded request against the replayed one (request line, then body)."""
     old: list[str] = []
     old_name = "recorded (nothing left)"
-    if entry is None:
-        live = without_injected(live, None, injected or {})
-    else:
-        recorded = _loads(entry.body())
-        if recorded is not None:
-            live = without_injected(live, recorded, {**(injected or {}), **entry.injected})
-        old = [entry.label] + canonical(entry.body(), recorded)
+    if entry is not None:
+        old = [entry.label] + canonical(entry.body(), _loads(entry.body()))
         old_name = f"recorded #{entry.index}"
-    new = [f"{method.upper()} {path}"] + canonical(body, live)
+    new = [f"{method.upper()} {path}"] + canonical(body, _loads(body))
     return "\n".join(difflib.unified_diff(old, new, old_name, "replayed", lineterm=""))
 
 
@@ -227,14 +205,9 @@ class ReplayBook:
             return [first]
         return [first] + [e for e in unused[1:] if e.t_request is not None and e.t_request < first.t_end]
 
-    def _injected(self) -> dict[str, Any]:
-        """The fields the recording proxy injected (the latest request's that had any)."""
-        return next((e.injected for e in reversed(self.entries) if e.injected), {})
-
-    def take(self, method: str, path: str, body: bytes, raw: bytes | None = None,
-             injected: dict[str, Any] | None = None) -> Recorded | None:
-        """The recorded request answering this one; None once the replay has diverged (``injected``: what the
-        replay's proxy added to it)."""
+    def take(self, method: str, path: str, body: bytes, raw: bytes | None = None) -> Recorded | None:
+        """The recorded request answering this one (``body``: what the agent sent, see ``mismatch``); None once
+        the replay has diverged."""
         index = self.requests
         self.requests += 1
         if self.divergence is not None:
@@ -242,16 +215,15 @@ class ReplayBook:
             return None
         candidates = self._candidates()
         for entry in candidates:
-            if mismatch(entry, method, path, body, raw, injected) is None:
+            if mismatch(entry, method, path, body, raw) is None:
                 self.used[entry.index] = True
                 return entry
         expected = candidates[0] if candidates else None
-        reason = (mismatch(expected, method, path, body, raw, injected) if expected is not None
+        reason = (mismatch(expected, method, path, body, raw) if expected is not None
                   else f"the recording holds only {len(self.entries)} requests")
-        added = {**self._injected(), **(injected or {})}
         self.divergence = Divergence(index, expected.index if expected else None, method.upper(), path,
                                      expected.label if expected else None, reason or "",
-                                     request_diff(expected, method, path, body, added))
+                                     request_diff(expected, method, path, body))
         return None
 
     @property
