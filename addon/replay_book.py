@@ -73,7 +73,7 @@ def recorded_requests(flows: Iterable[FlowRecord]) -> list[Recorded]:
                              ": record with rollouttap_body_keep_mb=0 to replay it")
         elif f.state == "open":  # what it got after the store was read is unknown: a short answer would pass
             unreplayable = "it was still in flight when the recording was read (a running agent, or a killed proxy)"
-        elif f.state == "error" and status is None and (f.error or "").startswith("client disconnected"):
+        elif f.state == "error" and status is None and hung_up(f.error):
             unreplayable = "the agent hung up before it was answered (a timeout, say): no answer to give it"
         elif f.state == "error" and status is not None and not broke and not _whole(f):
             status = None  # a buffered answer that broke off: the client got the proxy's 502 instead
@@ -84,6 +84,15 @@ def recorded_requests(flows: Iterable[FlowRecord]) -> list[Recorded]:
                             f.response_body or b"", error, f.t_request, f.t_end,
                             bool(request_cut), request_cut.get("size"), broke, unreplayable))
     return out
+
+
+# How a flow ends when its client goes before the answer: mitmproxy's words (HTTP/1, HTTP/2), and capture's.
+_HANG_UPS = ("client disconnected", "stream reset by client")
+
+
+def hung_up(error: str | None) -> bool:
+    """Whether a flow's error says its client went away before it was answered."""
+    return (error or "").lower().startswith(_HANG_UPS)
 
 
 def _whole(f: FlowRecord) -> bool:

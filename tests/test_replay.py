@@ -574,6 +574,8 @@ def test_a_recorded_body_kept_only_in_part_is_answered_as_unreplayable_not_short
     ({"state": "open", "t_end": None}, "still in flight when the recording was read"),
     ({"state": "error", "status_code": None, "error": "client disconnected before the response completed"},
      "hung up before it was answered"),
+    ({"state": "error", "status_code": None, "error": "Client disconnected."}, "hung up before it was answered"),
+    ({"state": "error", "status_code": None, "error": "stream reset by client (CANCEL)"}, "hung up"),
     ({"meta_body_cut": {"size": 2 << 30, "kept": 100, "store_limit": 1_000_000_000}}, "over SQLite's limit"),
 ])
 def test_an_answer_the_agent_got_that_the_recording_cannot_give_back_is_counted(recording, change, says):
@@ -597,6 +599,24 @@ def test_a_recorded_answer_is_given_back_without_its_redacted_headers():
         ("content-type", "application/json"), ("Set-Cookie", "<redacted sha256:0123456789ab>"), ("x-kept", "1")])
     resp = recorded_response(entry, b"{}")
     assert "set-cookie" not in resp.headers and resp.headers["x-kept"] == "1"
+
+
+def test_a_call_the_agent_hung_up_on_is_recorded_as_one_the_replay_cannot_give_back(tmp_path, confdir):
+    # Recorded through a real proxy: the error is mitmproxy's own words, whatever they are.
+    import socket
+    import threading
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        held = []
+        threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()  # never answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/v1/chat/completions"
+        with start_proxy(tmp_path / "s.db", confdir) as proxy:
+            with pytest.raises(requests.Timeout):
+                requests.post(url, json={"model": "m", "messages": []}, headers={"X-Agent-ID": "gone"},
+                              proxies={"http": proxy.url}, timeout=1)
+            [flow] = settled_flows(tmp_path / "s.db", agent_id="gone")
+    [entry] = recorded_requests([flow])
+    assert flow.state == "error" and flow.status_code is None
+    assert entry.unreplayable is not None and "hung up" in entry.unreplayable, flow.error
 
 
 def test_a_replay_that_could_not_give_every_answer_back_is_not_ok():
