@@ -178,17 +178,23 @@ def hide_agent_tokens(text: str, replace: Callable[[str], str] | None = None) ->
     return text
 
 
-# A parameter in a header value (after ?, &, ; or an OAuth fragment's #, and the blanks a header puts after
-# "; "); its value ends where the next parameter or URL part starts.
-_HEADER_PARAM = re.compile(r"([?&;#][ \t]*)([^=&;?#\s<>\"/]+)=([^&;#?\s<>\"]*)")
+# A parameter in a header value after ?, &, ; or an OAuth fragment's # (and the blanks a header puts after "; "); its
+# value a quoted string (RFC 9110 5.6.4), or up to where the next parameter or URL part starts.
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_HEADER_PARAM = re.compile(rf'([?&;#][ \t]*)([^=&;?#\s<>"/]+)=({_QUOTED}|[^&;#?\s<>"]*)')
+# One at the start of a header's value, or after a "," (a list's item): its value ends at a "," too.
+_LIST_PARAM = re.compile(rf'(^|,[ \t]*)([^=&;,?#\s<>"/]+)=({_QUOTED}|[^;,\s"]*)')
 # A path parameter (``/x;jsessionid=...``): its value ends at the next path segment too.
 _PATH_PARAM = re.compile(r"(;)([^=;/?#]+)=([^;/?#]*)")
 
 
-def _map_param(match: re.Match[str], replace: Callable[[str], str | None]) -> str:
-    """A matched ``name=value`` (after its separator) with a secret name's value replaced, or dropped (None)."""
+def _map_param(match: re.Match[str], replace: Callable[[str], str | None], *, urls_only: bool = True) -> str:
+    """A matched ``name=value`` (after its separator) with a secret name's value replaced, or dropped (None).
+    OAuth code names count in URLs only: ``urls_only`` says every parameter of the value is a URL's, else only
+    those after ?, & or #."""
     sep, name, value = match.groups()
-    if not value or not is_secret_param(unquote(name)):
+    secret = is_secret_param if urls_only or sep[:1] in ("?", "&", "#") else is_secret_name
+    if not value or not secret(unquote(name)):
         return match[0]
     new = replace(value)
     return "" if new is None else f"{sep}{name}={new}"
@@ -203,13 +209,16 @@ _URL_PASSWORD = re.compile(r"(://[^/?#@\s:<>\"]*:)([^/?#@\s<>\"]+)(@)")
 def _redact_urls_in(value: str) -> str:
     if "@" in value:
         value = _URL_PASSWORD.sub(lambda m: f"{m[1]}{redacted_query_value(m[2])}{m[3]}", value)
-    return _redact_params_in(value)
+    return _redact_params_in(value, urls_only=True)
 
 
-def _redact_params_in(value: str) -> str:
-    """Every secret ``name=value`` after ?, &, ; or # anywhere in a header's value redacted: a header of any
-    name may hold URLs (``X-Original-URL: /v1?api_key=...``), or parameters (``x; token=...``)."""
-    return _HEADER_PARAM.sub(lambda m: _map_param(m, redacted_query_value), value) if "=" in value else value
+def _redact_params_in(value: str, *, urls_only: bool = False) -> str:
+    """Every secret ``name=value`` parameter of a header's value redacted: a header of any name may hold URLs
+    (``X-Original-URL: /v1?api_key=...``), or parameters (``x; token=...``, ``token=...``, ``a=1, token="..."``)."""
+    value = _HEADER_PARAM.sub(lambda m: _map_param(m, redacted_query_value, urls_only=urls_only), value)
+    if urls_only:
+        return value
+    return _LIST_PARAM.sub(lambda m: _map_param(m, redacted_query_value, urls_only=False), value)
 
 
 def redact_query(target: str) -> str:

@@ -523,6 +523,10 @@ def test_redact_headers_only_secret_ones():
     ("X-Original-URL", "/v1/chat?api_key=OU11", "OU11"),
     ("X-Forwarded-Uri", "/v1/chat?alt=sse&key=FU12", "FU12"),
     ("X-Custom", "mode=a; token=CT13", "CT13"),
+    ("X-Custom", 'mode=a; token="CT 14"', '"CT 14"'),  # a quoted string, blanks and all
+    ("Forwarded", 'for=192.0.2.1;secret="S15"', '"S15"'),
+    ("X-Custom", "token=CT16", "CT16"), ("X-Custom", "mode=a, token=CT17", "CT17"),  # first, or a list's item
+    ("Location", "https://app/cb?scope=a,b&access_token=K18,x", "K18,x"),  # a URL's value may hold commas
 ])
 def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hidden):
     [(_, out)] = redact_headers([(name, value)])
@@ -532,6 +536,7 @@ def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hid
 @pytest.mark.parametrize("name, value", [
     ("Content-Type", "multipart/form-data; boundary=----x123"), ("Accept", "text/html;q=0.9,*/*;q=0.8"),
     ("Content-Disposition", 'attachment; filename="a.txt"'), ("X-Forwarded-Uri", "/v1/chat?alt=sse&n=2"),
+    ("X-Error", "quota; code=429"), ("X-Status", "code=429, retry=2"),  # "code" is an OAuth code in URLs only
 ])
 def test_header_parameters_that_name_no_secret_stay(name, value):
     assert redact_headers([(name, value)]) == [(name, value)]
