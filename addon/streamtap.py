@@ -134,31 +134,41 @@ def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], byte
 
 class _Gzip:
     """gzip as clients read it (urllib3, browsers): one member after another (a server may compress each event or
-    flush as a member of its own), bytes after a whole member that are not one ignored."""
+    flush as a member of its own); once a member has ended, bytes that do not start another are ignored."""
 
     def __init__(self) -> None:
         self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header
-        self._trailing = False  # garbage after a whole member: the rest is ignored
+        self._ended_one = False  # a whole member was read: an error after it is trailing garbage
+        self._trailing = False  # such garbage came: the rest is ignored
 
     def decoder(self) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
         return self.decompress, self._flush
 
     def decompress(self, data: bytes) -> bytes:
-        if self._trailing:
-            return b""
-        out = self._z.decompress(data)
-        while self._z.eof and self._z.unused_data:
-            rest = self._z.unused_data
-            self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        out: list[bytes] = []
+        while data and not self._trailing:
             try:
-                out += self._z.decompress(rest)
+                out.append(self._z.decompress(data))
             except zlib.error:
+                if not self._ended_one:
+                    raise
                 self._trailing = True
                 break
-        return out
+            if not self._z.eof:
+                break
+            data, self._ended_one = self._z.unused_data, True
+            self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        return b"".join(out)
 
     def _flush(self) -> bytes:
-        return b"" if self._trailing else self._z.flush()
+        if self._trailing:
+            return b""
+        try:
+            return self._z.flush()
+        except zlib.error:
+            if not self._ended_one:
+                raise
+            return b""
 
 
 class _Deflate:

@@ -1672,8 +1672,13 @@ def test_decoded_gzip_ignores_what_follows_a_whole_member_that_is_not_one():
     import gzip
 
     from rollouttap.addon.streamtap import decoded
-    feed = decoded("gzip", lambda data: data)
-    assert feed(gzip.compress(b"data: 1\n\n") + b"\0\0garbage") + feed(b"more") + feed(b"") == b"data: 1\n\n"
+    member, more = gzip.compress(b"data: 1\n\n"), gzip.compress(b"data: 2\n\n")
+    for reads in ([member + b"\0\0garbage", b"more"], [member + b"\x1f", b"\0\0junk"],  # however the reads cut it
+                  [member + more[:5], b"\0" * 20]):
+        feed = decoded("gzip", lambda data: data)
+        assert b"".join(map(feed, reads)) + feed(b"") == b"data: 1\n\n", reads
+    with pytest.raises(Exception):  # not gzip from the start: the stream is broken, as its client would find
+        decoded("gzip", lambda data: data)(b"not gzip at all")
 
 
 @pytest.mark.parametrize("coding", ["compress", "gzip, br", "identity"])
