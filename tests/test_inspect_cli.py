@@ -350,12 +350,14 @@ def test_a_body_written_as_text_by_hand_reads_as_its_bytes_and_a_number_as_a_dam
     with closing(sqlite3.connect(recording.store)) as src, closing(sqlite3.connect(edited)) as dst:
         src.backup(dst)
         row = dst.execute("SELECT max(id) FROM flows").fetchone()[0]
-        dst.execute("UPDATE flows SET response_body = 'plain text body', response_headers = '[]' WHERE id = ?",
+        dst.execute("UPDATE flows SET response_body = 'plain text body é—', response_headers = '[]' WHERE id = ?",
                     (row,))
         dst.commit()
     with Store(edited, readonly=True) as store:
-        [flow] = [f for f in store.flows() if f.response_body == b"plain text body"]
-    assert flow.response_text() == "plain text body"
+        [flow] = [f for f in store.flows() if f.response_body == "plain text body é—".encode()]
+        sizes = {listed.flow_id: size for listed, _, size in store.flow_listing()}
+    assert flow.response_text() == "plain text body é—"
+    assert sizes[flow.flow_id] == len("plain text body é—".encode())  # bytes, not characters
     for args in (("flows",), ("export", "-o", str(tmp_path / "all.har"))):
         proc = _rollouttap(*args, "--store", edited)
         assert proc.returncode == 0, proc.stderr
