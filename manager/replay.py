@@ -254,7 +254,8 @@ def _record_outcome(store: Path, result: ReplayResult) -> None:
     with Store(store) as replay_store:
         replay_store.agent_ended(result.replay_agent_id, status, {
             "exit_code": result.exit_code, "diverged": result.divergence is not None,
-            "divergence_index": (result.divergence or {}).get("index")})
+            "divergence_index": (result.divergence or {}).get("index"),
+            "unreplayable": list(result.unreplayable)})  # requests whose recorded answer could not be given back
 
 
 # -- resend -----------------------------------------------------------------------------------------------------

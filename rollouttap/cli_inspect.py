@@ -323,8 +323,11 @@ def resend(
             _print_json({k: v for k, v in asdict(r).items() if k != "new_body"})
     else:
         _print_resent(results, agent_id, to)
-    if results and all(r.error is not None for r in results):
-        raise ConfigError(f"no request got an answer from --to {to}: {results[0].error}")
+    sent = [r for r in results if not (r.error or "").startswith("not sent")]
+    if results and not sent:
+        raise ConfigError(f"no request was sent: {results[0].error}")
+    if sent and all(r.error is not None for r in sent):
+        raise ConfigError(f"no request got an answer from --to {to}: {sent[0].error}")
 
 
 def _print_resent(results: list[Any], agent_id: str, to: str) -> None:

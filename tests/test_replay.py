@@ -187,7 +187,7 @@ def test_replay_reproduces_outputs_offline_and_is_itself_captured(recording, con
     assert [f.response_body for f in replayed] == [f.response_body for f in original]
     with Store(out) as s:
         entry = s.agent(result.replay_agent_id)
-    assert entry.status == "ok" and entry.meta["replay_of"] == agent
+    assert entry.status == "ok" and entry.meta["replay_of"] == agent and entry.meta["unreplayable"] == []
 
 
 def test_a_recording_made_without_logprobs_replays(tmp_path, confdir):
