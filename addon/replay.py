@@ -68,7 +68,7 @@ def as_the_agent_saw(entry: Recorded, resp: http.Response) -> None:
     if injection is None or injection.added != entry.injected:
         log.warning("replay: cannot redo the injection of recorded flow %s; answering it unstripped", entry.flow_id)
         return
-    if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+    if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
         strip_json_answer(resp, injection)
         return
     rewrite = stream_rewrite(resp, injection, {})
