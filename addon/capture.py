@@ -85,6 +85,8 @@ class RolloutTap:
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
+        self._arrivals: dict[int, float] = {}  # those requests' arrival times (see StoreWriter.unqueued_since)
+        self._arrival_seq = 0
         self._refusals_said = Throttle(5.0)  # one log line per burst of 503s
         self.parent_gone = False  # the process that started the proxy ended first
 
@@ -308,8 +310,14 @@ class RolloutTap:
         return None
 
     async def _attribute(self, flow: http.HTTPFlow, to_own_reverse: bool = False, counted: bool = True) -> Attribution:
-        """``who.attribute``, counted (unless it arrived after the stop signal) for the shutdown drain to wait on."""
+        """``who.attribute``, counted (unless it arrived after the stop signal) for the shutdown drain to wait on.
+        While it runs the store's watermark stays below the request's arrival: a reader waiting for "everything
+        before my agent ended" must not read before the row of a request its agent sent just before it ended."""
         self._attributing += counted
+        key = self._arrival_seq = self._arrival_seq + 1
+        self._arrivals[key] = time.time()
+        if self.writer is not None and self.writer.unqueued_since is None:
+            self.writer.unqueued_since = self._arrivals[key]
         try:
             return await self.who.attribute(flow, to_own_reverse=to_own_reverse)
         except asyncio.CancelledError:
@@ -320,6 +328,13 @@ class RolloutTap:
             return Attribution(None, "none", None, "lookup cancelled: the proxy is shutting down")
         finally:
             self._attributing -= counted
+            # Once the hook has queued the row (it does so before it next yields): then the mark may pass it.
+            asyncio.get_running_loop().call_soon(self._arrived, key)
+
+    def _arrived(self, key: int) -> None:
+        self._arrivals.pop(key, None)
+        if self.writer is not None:
+            self.writer.unqueued_since = next(iter(self._arrivals.values()), None)  # the oldest: first in
 
     def request(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)

@@ -38,6 +38,9 @@ MAX_BACKLOG_BYTES = 512 << 20  # queued flow data the writer holds while the sto
 _EVENT_OVERHEAD = 256  # what an event costs beyond its text and bytes values (a rough guess: only a bound)
 
 Event = tuple[Any, ...]
+# A watermark is held back for a request not yet queued this long at most (a lookup queued behind hundreds of others
+# would otherwise hold every reader): past it the request may land after the mark, as before it arrived.
+HOLD_MARK_S = 1.0
 _CONTROL = frozenset(("barrier", "mark"))  # events that want a commit now, not after a linger
 # What one bad event can raise (a constraint, a value JSON cannot encode): it is dropped, alone, and the
 # thread goes on; a dead writer thread would silently lose everything after it.
@@ -83,6 +86,9 @@ class StoreWriter:
         # Notes of bodies this writer cut to fit SQLite (flow id -> meta entries; writer thread only): a later meta
         # of the flow, written whole by the addon, must keep them.
         self._cut_notes: dict[str | None, dict[str, Any]] = {}
+        # When the oldest request that reached the proxy but is not queued yet (its sender being looked up) arrived,
+        # or None: a watermark never passes it (set by the addon; a float read whole by this thread).
+        self.unqueued_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -294,6 +300,9 @@ class StoreWriter:
             log.debug("store watermark not written: %s", exc)
 
     def _write_mark(self, mark: float) -> None:
+        held = self.unqueued_since
+        if held is not None and mark - held < HOLD_MARK_S:  # its row comes after: this mark must not cover it
+            mark = held
         if self.proxy_id is not None:
             self._conn.execute("UPDATE proxies SET committed_through = max(coalesce(committed_through, 0), ?) "
                                "WHERE proxy_id = ?", (mark, self.proxy_id))

@@ -677,6 +677,42 @@ def test_a_token_sent_by_a_process_nested_past_the_ancestry_read_is_refused(tmp_
     assert row.attribution == "rejected" and "64 or more levels deep" in row.error
 
 
+def test_the_watermark_stays_below_a_request_whose_sender_is_still_looked_up(tmp_path):
+    # A request its agent sent just before it exited: its row comes once its lookup ends, and a reader waiting
+    # for "everything before the agent ended" must not be told that was all.
+    from rollouttap.addon.attribution import PidResult
+
+    def committed() -> float:
+        assert addon.writer.flush()
+        with Store(tmp_path / "s.db") as store:
+            [proxy] = store.proxies()
+        return proxy["committed_through"] or 0.0
+
+    async def run(flow):
+        await addon.running()
+        lookup = asyncio.get_running_loop().create_future()
+        addon.who._conn_pid[flow.client_conn.id] = lookup
+        hook = asyncio.create_task(addon.requestheaders(flow))
+        await asyncio.sleep(0.05)  # the hook waits for the lookup
+        arrived = addon.writer.unqueued_since
+        assert arrived is not None and arrived <= time.time()
+        addon.writer.nudge()
+        assert committed() <= arrived  # the mark stopped at the request's arrival
+        lookup.set_result(PidResult(None, None, "its process exited"))
+        await hook
+        await asyncio.sleep(0)  # the row is queued; the hold goes after it
+        assert addon.writer.unqueued_since is None
+        addon.writer.nudge()
+        assert committed() > arrived
+        with Store(tmp_path / "s.db") as store:
+            assert store.flow(flow.id) is not None
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        asyncio.run(run(tflow.tflow()))
+        addon.drain_s = 0.0  # the flow is never answered here
+        asyncio.run(addon.done())
+
+
 def test_a_flow_that_ends_after_a_reader_gave_up_on_it_is_done_without_that_error(tmp_path):
     from rollouttap.addon.attribution import Attribution
     with _tap_in_test_context(tmp_path / "s.db") as (addon, _):

@@ -604,6 +604,27 @@ def test_writer_watermark_tells_readers_what_is_committed(tmp_path):
     assert store.wait_committed(time.time() + 60, timeout=0.1)
 
 
+def test_the_watermark_waits_for_a_request_not_queued_yet_but_not_for_ever(tmp_path):
+    from rollouttap.store.writer import HOLD_MARK_S
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, heartbeat=60)
+    writer.upsert_proxy({"proxy_id": "p1", "pid": os.getpid(), "create_time": None, "started_at": 1.0})
+    writer.proxy_id = "p1"
+    assert writer.flush()
+    with Store(path) as store:
+        def mark() -> float:
+            writer.nudge()
+            assert writer.flush()
+            return store.proxies()[0]["committed_through"]
+        writer.unqueued_since = arrived = time.time()  # a request whose row is not queued yet
+        assert mark() == arrived
+        writer.unqueued_since = time.time() - HOLD_MARK_S - 1  # one held past the bound: the mark goes on
+        assert mark() > time.time() - 1
+        writer.unqueued_since = None
+        assert store.wait_committed(time.time(), timeout=10) == []
+    writer.close()
+
+
 def test_watermark_follows_a_write_without_waiting_for_the_heartbeat(tmp_path):
     # The manager waits for "committed through the moment the agent ended", a moment after the agent's
     # last row: the writer marks that soon after its last rows, not one heartbeat (here 60 s) later.
