@@ -103,6 +103,8 @@ class AgentManager:
         self._running: dict[str, launch.AgentProcess] = {}
         self._bypass: dict[str, list[BypassConnection]] = {}
         self._lock = threading.Lock()
+        self._on_link: dict[int, int] = {}  # agents running per proxy (index in ``links``), under _lock
+        self._turn = 0  # which proxy a tie goes to: every proxy in turn, across deploys
         self._deploys: dict[threading.Event, list[Future[AgentResult]]] = {}  # running deploys: stop -> agents
         self._callers: dict[threading.Event, threading.Thread] = {}  # running deploys: stop -> calling thread
         self._late = Pending()  # results of broken-off deploys still to be reported (see cancel())
@@ -222,12 +224,28 @@ class AgentManager:
     def proxy_restarts(self) -> int:
         return sum(link.restarts for link in self.links)
 
-    def _link(self, index: int = 0) -> ProxyLink:
-        """The proxy of the agent with prompt ``index`` (agents take the proxies in turn)."""
+    def _link(self) -> ProxyLink:
+        """The first proxy (RuntimeError before start())."""
         links = self.links
         if not links or self.store is None:
             raise RuntimeError("AgentManager is not started: use it as a context manager or call start()")
-        return links[index % len(links)]
+        return links[0]
+
+    def _take_link(self) -> ProxyLink:
+        """The proxy for an agent starting now: the one with the fewest agents running (each in turn on a tie),
+        across every deploy() of this manager, however many prompts each has."""
+        self._link()  # started?
+        with self._lock:
+            links, self._turn = self.links, self._turn + 1
+            order = [(self._turn + i) % len(links) for i in range(len(links))]
+            chosen = min(order, key=lambda i: self._on_link.get(i, 0))
+            self._on_link[chosen] = self._on_link.get(chosen, 0) + 1
+            return links[chosen]
+
+    def _release_link(self, link: ProxyLink) -> None:
+        with self._lock:
+            index = self.links.index(link)
+            self._on_link[index] -= 1
 
     def _watch_proxy(self) -> None:
         while not self._closing.wait(0.25):
@@ -382,11 +400,15 @@ class AgentManager:
         assert store is not None
         if (gone := store.detached()) is not None:  # its proxies answer 503 and nothing is recorded: fail fast
             raise StoreError(gone)
-        run_dir = launch.new_run_dir()
+        link = self._take_link()
+        try:
+            run_dir = launch.new_run_dir()
+        except BaseException:
+            self._release_link(link)
+            raise
         try:
             store.register_agent(agent_id, token=token, run_id=self.run_id,
                                  meta={"index": index, "agent": redact_command(self.spec.describe())})
-            link = self._link(index)
             # A proxy that died since the watchdog last looked is restarted (or waited for) before an agent
             # is pointed at its port: an agent that does not retry would fail on a dead port.
             link.revive_if_dead(self._closing, self.store)
@@ -399,8 +421,9 @@ class AgentManager:
                 error = start_failure(exc)
                 store.agent_ended(agent_id, "error", {"error": error})
                 return AgentResult(agent_id, index, prompt, "error", error=error)
-            return self._finish(ctx, agent, index, self._supervise(agent, timeout, stop), timeout, stop, given)
+            return self._finish(ctx, agent, index, link, self._supervise(agent, timeout, stop), timeout, stop, given)
         finally:
+            self._release_link(link)
             if not self.keep_workdirs:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -436,11 +459,11 @@ class AgentManager:
             log.error("agent %s: processes %s survived SIGKILL", agent.agent_id, survivors)
         return _Supervised(outcome, killed, survivors, bypass, killed_at, output_cut)
 
-    def _finish(self, ctx: LaunchContext, agent: launch.AgentProcess, index: int, run: _Supervised,
+    def _finish(self, ctx: LaunchContext, agent: launch.AgentProcess, index: int, link: ProxyLink, run: _Supervised,
                 timeout: float, stop: threading.Event, given: list[str]) -> AgentResult:
         """Collect the finished agent's flows, conversation, row and check into its result."""
         ended_at = time.time()  # the agent's tree is gone: all it sent reached the proxy before now
-        store, link = self.store, self._link(index)
+        store = self.store
         assert store is not None
         duration = time.monotonic() - agent.started
         is_entry = isinstance(self.spec, EntryPointAgent)

@@ -785,8 +785,13 @@ def test_several_proxies_share_the_agents_and_the_store(tmp_path, upstream):
                                            for f in flows)
             assert len({f.proxy_id for f in flows}) == 1  # an agent keeps its proxy
             by_proxy.setdefault(flows[0].proxy_id, set()).add(result.agent_id)
-        assert sorted(len(a) for a in by_proxy.values()) == [3, 3, 3]
+        # The 9th starts when one of the first 8 (3, 3, 2 on the proxies) ends: on a proxy with the fewest running.
+        assert sorted(len(a) for a in by_proxy.values()) in ([3, 3, 3], [2, 3, 4])
         assert m.summary(results)["proxy_restarts"] == 0
+        # Across deploys too: deploys of one prompt each go to every proxy in turn, not all to the first.
+        singles = [m.deploy([agent("chat 1 @id")])[0] for _ in range(6)]
+        used = [_flows(m, r.agent_id)[0].proxy_id for r in singles]
+        assert sorted(used.count(p) for p in set(used)) == [2, 2, 2]
 
 
 def test_several_proxies_need_free_ports(tmp_path, upstream):
