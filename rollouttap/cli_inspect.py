@@ -51,17 +51,32 @@ def _open(store: Path, *, readonly: bool = True) -> Any:
 
 
 def _distinct(stores: list[Path]) -> list[Path]:
-    """The stores given, each once however it was named (counted twice, its figures would double)."""
-    return list({path.resolve(): path for path in stores}.values())
+    """The stores given, each once however it was named, a hard link included (counted twice, its figures would
+    double)."""
+    seen: dict[Any, Path] = {}
+    for path in stores:
+        try:
+            stat = path.stat()
+            key: Any = (stat.st_dev, stat.st_ino)
+        except OSError:  # missing: opening it says so
+            key = path.resolve()
+        seen.setdefault(key, path)
+    return list(seen.values())
 
 
 def _store_of(agent_id: str, stores: list[Path]) -> Path:
-    """The one of ``stores`` that holds the agent (a store per rank: any of them may)."""
-    for path in stores:
+    """The one of ``stores`` that holds the agent (a store per rank: any of them may); an id that more than one
+    holds (a hand-run tag used on two nodes) is refused, rather than shown in part."""
+    holding = []
+    for path in _distinct(stores):
         with _open(path) as s:
             if s.agent(agent_id) is not None or s.flows(agent_id=agent_id, limit=1):
-                return path
-    raise NotFoundError(f"no agent {agent_id!r} in {' or '.join(map(str, stores))}")
+                holding.append(path)
+    if not holding:
+        raise NotFoundError(f"no agent {agent_id!r} in {' or '.join(map(str, stores))}")
+    if len(holding) > 1:
+        raise ConfigError(f"agent {agent_id!r} is in {' and '.join(map(str, holding))}: name the one --store to read")
+    return holding[0]
 
 
 # -- flows ---------------------------------------------------------------------------------------------------------

@@ -218,7 +218,15 @@ def test_stats_of_several_stores_add_up(recording, cli, tmp_path, monkeypatch):
     again = json.loads(cli("stats", "--store", "rank-0.db", "--store", "./rank-0.db", "--json", "--eos-token-id",
                            "2").output)
     assert again == one  # one store named twice counts once
+    os.link("rank-0.db", "hard-0.db")
+    linked = json.loads(cli("stats", "--store", "rank-0.db", "--store", "hard-0.db", "--json", "--eos-token-id",
+                            "2").output)
+    assert linked == one  # a hard link to it too
     cli("stats", "--store", "rank-0.db", "--store", "missing.db", code=1)
+    # An agent id both stores hold: shown in part from either, so it is refused, naming both.
+    result = cli("show", "plain", "--store", "rank-0.db", "--store", "rank-1.db", code=1)
+    assert "is in rank-0.db and rank-1.db" in str(result.exception)
+    assert "plain" in cli("show", "plain", "--store", "rank-0.db", "--store", "hard-0.db").output  # one store
 
 
 # -- resend / replay -----------------------------------------------------------------------------------------------
