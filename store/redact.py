@@ -20,7 +20,7 @@ import secrets
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from rollouttap.paths import cache_root
 
@@ -227,9 +227,10 @@ def redact_query(target: str) -> str:
     return map_secret_query(target, redacted_query_value)
 
 
-def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
+def map_secret_query(target: str, replace: Callable[[str], str | None], _depth: int = 0) -> str:
     """A URL or path with each secret-named query (or path) parameter's value replaced by ``replace(value)``;
-    a parameter for which it returns None is dropped."""
+    a parameter for which it returns None is dropped. A value that is itself a URL with a query
+    (``?url=https://x/?api_key=...``, or percent-encoded) is looked into too."""
     head, sep, query = target.partition("?")
     if ";" in head:
         head = _PATH_PARAM.sub(lambda m: _map_param(m, replace), head)
@@ -247,9 +248,22 @@ def map_secret_query(target: str, replace: Callable[[str], str | None]) -> str:
             if new is None:
                 continue
             part = f"{name}={new}"
+        elif eq and _depth < 2 and ("?" in value or "%3f" in value.lower()):
+            part = f"{name}={_map_nested_query(value, replace, _depth + 1)}"
         kept.extend((pieces[at - 1] if at and kept else "", part))
     query = "".join(kept)
     return head + (sep if query or kept else "") + query + hash_sep + fragment
+
+
+def _map_nested_query(value: str, replace: Callable[[str], str | None], depth: int) -> str:
+    """A query value holding a URL with its secret parameters mapped: as written, or percent-encoded again where it
+    came so (the value is left as it was when nothing in it changes)."""
+    encoded = "?" not in value
+    inner = unquote(value) if encoded else value
+    mapped = map_secret_query(inner, replace, depth)
+    if mapped == inner:
+        return value
+    return quote(mapped, safe="") if encoded else mapped
 
 
 _ASSIGNED = re.compile(r"-{0,2}([A-Za-z0-9_.-]+)=(.+)", re.S)  # NAME=VALUE, --name=value
