@@ -238,8 +238,8 @@ def test_proxy_config_sets_each_scalar_option_once_extra_winning(tmp_path):
     assert names.count("rollouttap_model_hosts") == 2  # list options: one --set per item
 
 
-@pytest.mark.parametrize("launcher, expected", [("fastdump", ["-O", "-m", "rollouttap.addon.fastdump"]),
-                                                 ("mitmdump", ["-c"])])
+@pytest.mark.parametrize("launcher, expected", [("fastdump", ["-P", "-O", "-m", "rollouttap.addon.fastdump"]),
+                                                 ("mitmdump", ["-P", "-c"])])
 def test_proxy_config_launcher_picks_how_mitmdump_starts(tmp_path, launcher, expected):
     argv = ProxyConfig(store=tmp_path / "s.db", launcher=launcher).argv("p1")
     assert argv[1:1 + len(expected)] == expected
