@@ -33,7 +33,7 @@ from rollouttap.addon.master_hooks import (
 from rollouttap.addon.routes import Route, find_route, own_reverse_routes
 from rollouttap.addon.streamtap import StreamTap
 from rollouttap.store import StoreWriter
-from rollouttap.store.writer import EXIT_UNWRITTEN
+from rollouttap.store.writer import EXIT_UNWRITTEN, HOLD_MARK_S
 from rollouttap.errors import StoreError
 from rollouttap.throttle import Throttle
 
@@ -318,6 +318,9 @@ class RolloutTap:
         self._arrivals[key] = time.time()
         if self.writer is not None and self.writer.unqueued_since is None:
             self.writer.unqueued_since = self._arrivals[key]
+        # Held a second at most, each on its own: a lookup queued behind hundreds must not hold every reader, nor
+        # let go of the requests that came after it.
+        release = asyncio.get_running_loop().call_later(HOLD_MARK_S, self._arrived, key)
         try:
             return await self.who.attribute(flow, to_own_reverse=to_own_reverse)
         except asyncio.CancelledError:
@@ -329,6 +332,7 @@ class RolloutTap:
         finally:
             self._attributing -= counted
             # Once the hook has queued the row (it does so before it next yields): then the mark may pass it.
+            release.cancel()
             asyncio.get_running_loop().call_soon(self._arrived, key)
 
     def _arrived(self, key: int) -> None:
@@ -363,7 +367,8 @@ class RolloutTap:
             if injection is not None:
                 live.injection = injection
                 live.meta["injected"] = injection.added
-                flow.metadata[AGENT_BODY_KEY] = flow.request.raw_content  # identity-coded: as the agent sent it
+                if _replaying():  # the replay matches what the agent sent (identity-coded: raw is it)
+                    flow.metadata[AGENT_BODY_KEY] = flow.request.raw_content
                 flow.request.content = injection.new_body
                 # Stripping works on plain bytes: ask the model server not to compress its answer (no
                 # header at all would allow any coding, RFC 9110 12.5.3).
@@ -534,6 +539,11 @@ class RolloutTap:
         if live.meta:
             cols["meta"] = dict(live.meta)
         self._update(flow_id, cols)
+
+
+def _replaying() -> bool:
+    """Whether the replay addon runs after this one (it reads the body the agent sent: kept for it alone)."""
+    return "rollouttap_replay_store" in ctx.options and bool(ctx.options.rollouttap_replay_store)
 
 
 def _kept(tap: StreamTap, meta: dict[str, Any], key: str) -> bytes:

@@ -188,7 +188,7 @@ class ReplayAddon:
         req = flow.request
         sent_on = req.get_content(strict=False) or b""
         # What the agent itself sent (before capture added the fields the replay proxy asks for): as recorded.
-        own = flow.metadata.get(AGENT_BODY_KEY)
+        own = flow.metadata.pop(AGENT_BODY_KEY, None)
         body = own if own is not None else sent_on
         diverged = self.book.divergence is not None
         # Reports never hold a key in clear.

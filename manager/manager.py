@@ -103,7 +103,7 @@ class AgentManager:
         self._running: dict[str, launch.AgentProcess] = {}
         self._bypass: dict[str, list[BypassConnection]] = {}
         self._lock = threading.Lock()
-        self._on_link: dict[int, int] = {}  # agents running per proxy (index in ``links``), under _lock
+        self._on_link: dict[int, int] = {}  # agents running per proxy (id of its link), under _lock
         self._turn = 0  # which proxy a tie goes to: every proxy in turn, across deploys
         self._deploys: dict[threading.Event, list[Future[AgentResult]]] = {}  # running deploys: stop -> agents
         self._callers: dict[threading.Event, threading.Thread] = {}  # running deploys: stop -> calling thread
@@ -132,6 +132,8 @@ class AgentManager:
         if now != before:
             log.info("rollouttap: open-file limit raised from %d to %d for the agents' pipes", before, now)
         self.store = Store(self.store_path)
+        with self._lock:
+            self._on_link.clear()
         try:
             self._reaper = Reaper.start(self.store_path)
             self.links = ProxyLink.open(self._proxy_arg, self.proxies, store=self.store,
@@ -234,18 +236,20 @@ class AgentManager:
     def _take_link(self) -> ProxyLink:
         """The proxy for an agent starting now: the one with the fewest agents running (each in turn on a tie),
         across every deploy() of this manager, however many prompts each has."""
-        self._link()  # started?
         with self._lock:
-            links, self._turn = self.links, self._turn + 1
-            order = [(self._turn + i) % len(links) for i in range(len(links))]
-            chosen = min(order, key=lambda i: self._on_link.get(i, 0))
-            self._on_link[chosen] = self._on_link.get(chosen, 0) + 1
-            return links[chosen]
+            links, self._turn = list(self.links), self._turn + 1
+            if not links:
+                raise RuntimeError("AgentManager is not started (or closed): use it as a context manager or call "
+                                   "start()")
+            order = [links[(self._turn + i) % len(links)] for i in range(len(links))]
+            chosen = min(order, key=lambda link: self._on_link.get(id(link), 0))
+            self._on_link[id(chosen)] = self._on_link.get(id(chosen), 0) + 1
+            return chosen
 
     def _release_link(self, link: ProxyLink) -> None:
         with self._lock:
-            index = self.links.index(link)
-            self._on_link[index] -= 1
+            if id(link) in self._on_link:  # a manager closed and started again counts its new proxies afresh
+                self._on_link[id(link)] -= 1
 
     def _watch_proxy(self) -> None:
         while not self._closing.wait(0.25):

@@ -258,8 +258,9 @@ def settle_flows(store: Store, agent_id: str, grace: float, ended_at: float | No
     """
     deadline = time.monotonic() + grace
     uncommitted = None
-    behind = store.wait_committed(ended_at, timeout=grace, poll=poll, agent_id=agent_id, proxy_ids=given) \
-        if ended_at is not None else []
+    # Without ``given`` (who served it is unknown), every proxy of the store is waited for.
+    behind = store.wait_committed(ended_at, timeout=grace, poll=poll, agent_id=agent_id if given else None,
+                                  proxy_ids=given) if ended_at is not None else []
     if behind:
         uncommitted = (f"its proxy (pid {behind[0]['pid']}, {behind[0]['proxy_id']}) had not committed this agent's "
                        f"flows {grace:g}s after it ended (is another process holding the store locked, its disk full, "

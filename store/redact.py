@@ -191,9 +191,10 @@ _PATH_PARAM = re.compile(r"(;)([^=;/?#]+)=([^;/?#]*)")
 def _map_param(match: re.Match[str], replace: Callable[[str], str | None], *, urls_only: bool = True) -> str:
     """A matched ``name=value`` (after its separator) with a secret name's value replaced, or dropped (None).
     OAuth code names count in URLs only: ``urls_only`` says every parameter of the value is a URL's, else only
-    those after ?, & or #."""
+    those after ?, & or #, or after a ; once a ? came (``/cb?x=1;code=...``)."""
     sep, name, value = match.groups()
-    secret = is_secret_param if urls_only or sep[:1] in ("?", "&", "#") else is_secret_name
+    in_url = urls_only or sep[:1] in ("?", "&", "#") or (sep[:1] == ";" and "?" in match.string[:match.start()])
+    secret = is_secret_param if in_url else is_secret_name
     if not value or not secret(unquote(name)):
         return match[0]
     new = replace(value)

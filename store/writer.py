@@ -39,7 +39,7 @@ _EVENT_OVERHEAD = 256  # what an event costs beyond its text and bytes values (a
 
 Event = tuple[Any, ...]
 # A watermark is held back for a request not yet queued this long at most (a lookup queued behind hundreds of others
-# would otherwise hold every reader): past it the request may land after the mark, as before it arrived.
+# would otherwise hold every reader): past it the request may land after the mark. The addon lets go of each one then.
 HOLD_MARK_S = 1.0
 _CONTROL = frozenset(("barrier", "mark"))  # events that want a commit now, not after a linger
 # What one bad event can raise (a constraint, a value JSON cannot encode): it is dropped, alone, and the
@@ -87,7 +87,8 @@ class StoreWriter:
         # of the flow, written whole by the addon, must keep them.
         self._cut_notes: dict[str | None, dict[str, Any]] = {}
         # When the oldest request that reached the proxy but is not queued yet (its sender being looked up) arrived,
-        # or None: a watermark never passes it (set by the addon; a float read whole by this thread).
+        # or None: a watermark never passes it (set by the addon, each request for HOLD_MARK_S at most; a float
+        # read whole by this thread).
         self.unqueued_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="rollouttap-store-writer", daemon=True)
         self._closed = False
@@ -301,7 +302,7 @@ class StoreWriter:
 
     def _write_mark(self, mark: float) -> None:
         held = self.unqueued_since
-        if held is not None and mark - held < HOLD_MARK_S:  # its row comes after: this mark must not cover it
+        if held is not None and held < mark:  # its row comes after: this mark must not cover it
             mark = held
         if self.proxy_id is not None:
             self._conn.execute("UPDATE proxies SET committed_through = max(coalesce(committed_through, 0), ?) "

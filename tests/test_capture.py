@@ -713,6 +713,36 @@ def test_the_watermark_stays_below_a_request_whose_sender_is_still_looked_up(tmp
         asyncio.run(addon.done())
 
 
+def test_each_request_holds_the_watermark_for_its_own_second_at_most(tmp_path, monkeypatch):
+    # One lookup stuck (queued behind hundreds, say) lets go of the watermark after the bound; a request that came
+    # after it still holds it for its own.
+    from rollouttap.addon import capture
+    monkeypatch.setattr(capture, "HOLD_MARK_S", 0.3)
+
+    async def run():
+        await addon.running()
+        flows = [tflow.tflow(), tflow.tflow()]
+        for flow in flows:
+            addon.who._conn_pid[flow.client_conn.id] = asyncio.get_running_loop().create_future()
+        hooks = [asyncio.create_task(addon.requestheaders(flows[0]))]
+        await asyncio.sleep(0.25)
+        hooks.append(asyncio.create_task(addon.requestheaders(flows[1])))
+        await asyncio.sleep(0.01)
+        first, second = addon._arrivals.values()
+        assert addon.writer.unqueued_since == first
+        await asyncio.sleep(0.1)  # the first one's bound passed, not the second one's
+        assert addon.writer.unqueued_since == second
+        await asyncio.sleep(0.3)
+        assert addon.writer.unqueued_since is None
+        for hook in hooks:
+            hook.cancel()
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        asyncio.run(run())
+        addon.drain_s = 0.0
+        asyncio.run(addon.done())
+
+
 def test_a_flow_that_ends_after_a_reader_gave_up_on_it_is_done_without_that_error(tmp_path):
     from rollouttap.addon.attribution import Attribution
     with _tap_in_test_context(tmp_path / "s.db") as (addon, _):

@@ -227,6 +227,8 @@ def test_stats_of_several_stores_add_up(recording, cli, tmp_path, monkeypatch):
     result = cli("show", "plain", "--store", "rank-0.db", "--store", "rank-1.db", code=1)
     assert "is in rank-0.db and rank-1.db" in str(result.exception)
     assert "plain" in cli("show", "plain", "--store", "rank-0.db", "--store", "hard-0.db").output  # one store
+    assert "plain" in cli("show", "plain", "--store", "rank-0.db", "--store", "missing.db").output  # never written
+    cli("show", "plain", "--store", "missing.db", code=1)
 
 
 # -- resend / replay -----------------------------------------------------------------------------------------------
