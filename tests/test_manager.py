@@ -383,7 +383,27 @@ def test_wait_committed_waits_only_for_live_proxies(tmp_path, proxies, committed
                          "committed_through) VALUES (?, ?, ?, 1, ?, ?)",
                          (f"p{n}", os.getpid(), mine if who == LIVE else mine - 100, stopped, mark))
     with Store(path) as store:
-        assert store.wait_committed(100.0, timeout=0.05, poll=0.01) is committed
+        assert (store.wait_committed(100.0, timeout=0.05, poll=0.01) == []) is committed
+
+
+def test_wait_committed_for_an_agent_waits_only_for_its_proxies(tmp_path):
+    path = tmp_path / "s.db"
+    Store(path).close()
+    mine = psutil.Process().create_time()
+    with sqlite3.connect(path) as conn:
+        for proxy_id in ("given", "served", "other"):  # all three live and behind
+            conn.execute("INSERT INTO proxies (proxy_id, pid, create_time, started_at, committed_through) "
+                         "VALUES (?, ?, ?, 1, 50)", (proxy_id, os.getpid(), mine))
+    with Store(path) as store:
+        store.register_agent("a1")
+    writer = StoreWriter(path)  # a flow of the agent that the "served" proxy recorded
+    writer.insert_flow({"flow_id": "f1", "proxy_id": "served", "agent_id": "a1", "attribution": "header",
+                        "t_request": 1.0})
+    writer.close()
+    with Store(path) as store:
+        behind = store.wait_committed(100.0, timeout=0.05, poll=0.01, agent_id="a1", proxy_ids=["given"])
+        assert sorted(p["proxy_id"] for p in behind) == ["given", "served"]  # not "other"
+        assert len(store.wait_committed(100.0, timeout=0.05, poll=0.01)) == 3  # no agent named: every one
 
 
 def test_proxy_link_env_exempts_only_the_reverse_listener():
