@@ -123,6 +123,7 @@ class RolloutTap:
             self.who.open(path)
         except StoreError as exc:
             raise exceptions.OptionsError(str(exc)) from exc
+        self.writer.unqueued_since = next(iter(self._arrivals.values()), None)  # their rows go to this one
         if self._running:  # changed at run time: the new store learns of this proxy as a started one does
             self._announce()
 

@@ -25,7 +25,7 @@ from rollouttap.cli_render import (
     flows_table, load_tokenizer, print_conversation, print_fidelity, print_mapping, replay_exits, row_text, secs,
     show_head,
 )
-from rollouttap.errors import ConfigError, NotFoundError, StoreError
+from rollouttap.errors import ConfigError, NotFoundError
 
 StoresOpt = Annotated[list[Path], typer.Option("--store", metavar="<path>", help="The store file to read; "
                                                             "repeat it for several (a store per rank or node).")]
@@ -67,16 +67,16 @@ def _distinct(stores: list[Path]) -> list[Path]:
 def _store_of(agent_id: str, stores: list[Path]) -> Path:
     """The one of ``stores`` that holds the agent (a store per rank: any of them may); an id that more than one
     holds (a hand-run tag used on two nodes) is refused, rather than shown in part."""
-    holding, unread = [], []
+    holding, missing = [], []
     for path in _distinct(stores):
-        try:
-            with _open(path) as s:
-                if s.agent(agent_id) is not None or s.flows(agent_id=agent_id, limit=1):
-                    holding.append(path)
-        except StoreError as exc:  # missing or not a store: another may hold the agent (a rank that never wrote)
-            unread.append(exc)
-    if not holding and unread:
-        raise unread[0]
+        if not path.exists():  # a rank that never wrote: another may hold the agent (one that fails to read: an error)
+            missing.append(path)
+            continue
+        with _open(path) as s:
+            if s.agent(agent_id) is not None or s.flows(agent_id=agent_id, limit=1):
+                holding.append(path)
+    if not holding and missing:
+        _open(missing[0])  # says there is no store there
     if not holding:
         raise NotFoundError(f"no agent {agent_id!r} in {' or '.join(map(str, stores))}")
     if len(holding) > 1:

@@ -188,12 +188,13 @@ _LIST_PARAM = re.compile(rf'(^|,[ \t]*)([^=&;,?#\s<>"/]+)=({_QUOTED}|[^;,\s"]*)'
 _PATH_PARAM = re.compile(r"(;)([^=;/?#]+)=([^;/?#]*)")
 
 
-def _map_param(match: re.Match[str], replace: Callable[[str], str | None], *, urls_only: bool = True) -> str:
+def _map_param(match: re.Match[str], replace: Callable[[str], str | None], *, urls_only: bool = True,
+               query_at: int = -1) -> str:
     """A matched ``name=value`` (after its separator) with a secret name's value replaced, or dropped (None).
     OAuth code names count in URLs only: ``urls_only`` says every parameter of the value is a URL's, else only
-    those after ?, & or #, or after a ; once a ? came (``/cb?x=1;code=...``)."""
+    those after ?, & or #, or after a ; past ``query_at``, where a query or fragment began (``/cb?x=1;code=...``)."""
     sep, name, value = match.groups()
-    in_url = urls_only or sep[:1] in ("?", "&", "#") or (sep[:1] == ";" and "?" in match.string[:match.start()])
+    in_url = urls_only or sep[:1] in ("?", "&", "#") or (sep[:1] == ";" and 0 <= query_at < match.start())
     secret = is_secret_param if in_url else is_secret_name
     if not value or not secret(unquote(name)):
         return match[0]
@@ -216,7 +217,9 @@ def _redact_urls_in(value: str) -> str:
 def _redact_params_in(value: str, *, urls_only: bool = False) -> str:
     """Every secret ``name=value`` parameter of a header's value redacted: a header of any name may hold URLs
     (``X-Original-URL: /v1?api_key=...``), or parameters (``x; token=...``, ``token=...``, ``a=1, token="..."``)."""
-    value = _HEADER_PARAM.sub(lambda m: _map_param(m, redacted_query_value, urls_only=urls_only), value)
+    query_at = min((at for at in (value.find("?"), value.find("#")) if at >= 0), default=-1)  # once, not per match
+    value = _HEADER_PARAM.sub(lambda m: _map_param(m, redacted_query_value, urls_only=urls_only, query_at=query_at),
+                              value)
     if urls_only:
         return value
     return _LIST_PARAM.sub(lambda m: _map_param(m, redacted_query_value, urls_only=False), value)

@@ -111,7 +111,7 @@ class StoreWriter:
         """A reader waits for the watermark: mark everything queued before now as soon as it is committed.
 
         Reentrant (one SimpleQueue.put), so it may run from a signal handler."""
-        self._queue.put(("mark", time.time()))
+        self._queue.put(("mark", self._held(time.time())))
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Wait until everything queued so far is committed; False on timeout."""
@@ -207,7 +207,7 @@ class StoreWriter:
         barriers = [e[1] for e in batch if e[0] == "barrier"]
         nudges = [e[1] for e in batch if e[0] == "mark"]
         writes = [e for e in batch if e[0] not in _CONTROL]
-        now = time.time()  # read before the queue is found empty: see batch_mark
+        now = self._held(time.time())  # read before the queue is found empty: see batch_mark
         mark = batch_mark(nudges, self._queue.empty(), now)
         if writes:
             self._commit_rows(writes, mark)
@@ -287,7 +287,7 @@ class StoreWriter:
             self._idle_wait = self.heartbeat
             return
         self._idle_wait = min(self._idle_wait * 2, self.heartbeat)
-        mark = time.time()
+        mark = self._held(time.time())
         if self._queue.empty():
             self._mark_alone(mark)
 
@@ -300,10 +300,14 @@ class StoreWriter:
         except sqlite3.Error as exc:  # the watermark only speeds readers up; the next beat retries it
             log.debug("store watermark not written: %s", exc)
 
-    def _write_mark(self, mark: float) -> None:
+    def _held(self, moment: float) -> float:
+        """``moment``, or the arrival of a request read before it whose row is not queued yet: a mark taken now
+        covers no more than that (read as the mark is taken: a row queued after it waits for the next batch)."""
         held = self.unqueued_since
-        if held is not None and held < mark:  # its row comes after: this mark must not cover it
-            mark = held
+        return held if held is not None and held < moment else moment
+
+    def _write_mark(self, mark: float) -> None:
+        mark = self._held(mark)  # again: a request held now, though not then, lowers it (never raises it)
         if self.proxy_id is not None:
             self._conn.execute("UPDATE proxies SET committed_through = max(coalesce(committed_through, 0), ?) "
                                "WHERE proxy_id = ?", (mark, self.proxy_id))

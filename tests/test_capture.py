@@ -717,7 +717,7 @@ def test_each_request_holds_the_watermark_for_its_own_second_at_most(tmp_path, m
     # One lookup stuck (queued behind hundreds, say) lets go of the watermark after the bound; a request that came
     # after it still holds it for its own.
     from rollouttap.addon import capture
-    monkeypatch.setattr(capture, "HOLD_MARK_S", 0.3)
+    monkeypatch.setattr(capture, "HOLD_MARK_S", 1.0)
 
     async def run():
         await addon.running()
@@ -725,15 +725,18 @@ def test_each_request_holds_the_watermark_for_its_own_second_at_most(tmp_path, m
         for flow in flows:
             addon.who._conn_pid[flow.client_conn.id] = asyncio.get_running_loop().create_future()
         hooks = [asyncio.create_task(addon.requestheaders(flows[0]))]
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.01)
+        first = addon.writer.unqueued_since
+        await asyncio.sleep(0.5)
         hooks.append(asyncio.create_task(addon.requestheaders(flows[1])))
         await asyncio.sleep(0.01)
-        first, second = addon._arrivals.values()
-        assert addon.writer.unqueued_since == first
-        await asyncio.sleep(0.1)  # the first one's bound passed, not the second one's
-        assert addon.writer.unqueued_since == second
-        await asyncio.sleep(0.3)
-        assert addon.writer.unqueued_since is None
+        second = addon._arrivals[max(addon._arrivals)]
+        assert addon.writer.unqueued_since == first < second
+        while addon.writer.unqueued_since == first:  # until the first one's bound passes ...
+            await asyncio.sleep(0.01)
+        assert addon.writer.unqueued_since == second  # ... which is not the second one's (half a second later)
+        while addon.writer.unqueued_since is not None:
+            await asyncio.sleep(0.01)
         for hook in hooks:
             hook.cancel()
 

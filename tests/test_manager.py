@@ -404,6 +404,11 @@ def test_wait_committed_for_an_agent_waits_only_for_its_proxies(tmp_path):
         behind = store.wait_committed(100.0, timeout=0.05, poll=0.01, agent_id="a1", proxy_ids=["given"])
         assert sorted(p["proxy_id"] for p in behind) == ["given", "served"]  # not "other"
         assert len(store.wait_committed(100.0, timeout=0.05, poll=0.01)) == 3  # no agent named: every one
+        # settle_flows told which proxies served the agent waits for those; told none, for every one
+        from rollouttap.manager.results import settle_flows
+        assert "(pid" in settle_flows(store, "a1", 0.05, ended_at=100.0, poll=0.01).uncommitted
+        settled = settle_flows(store, "a2", 0.05, ended_at=100.0, poll=0.01, given=["nobody"])
+        assert settled.uncommitted is None
 
 
 def test_proxy_link_env_exempts_only_the_reverse_listener():

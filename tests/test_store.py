@@ -528,6 +528,7 @@ def test_redact_headers_only_secret_ones():
     ("X-Custom", "token=CT16", "CT16"), ("X-Custom", "mode=a, token=CT17", "CT17"),  # first, or a list's item
     ("Location", "https://app/cb?scope=a,b&access_token=K18,x", "K18,x"),  # a URL's value may hold commas
     ("X-Original-URL", "/cb?x=1;code=OC19", "OC19"),  # an OAuth code in a URL, parameters parted at ;
+    ("X-Original-URL", "/cb#x=1;code=OC20", "OC20"),  # ... or in its fragment
 ])
 def test_secret_query_values_in_url_valued_headers_are_redacted(name, value, hidden):
     [(_, out)] = redact_headers([(name, value)])
@@ -625,6 +626,35 @@ def test_the_watermark_waits_for_a_request_not_queued_yet_and_never_goes_past_it
         assert before - 1 < mark() <= time.time()
         writer.unqueued_since = None
         assert store.wait_committed(time.time(), timeout=10) == []
+    writer.close()
+
+
+def test_a_request_held_when_a_batch_took_its_mark_keeps_it_below_its_arrival(tmp_path):
+    # The request is queued, and its hold let go, while the batch is written (the store locked by another process):
+    # the batch's mark was taken while it was held, and covers nothing past its arrival, though none is held now.
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, heartbeat=60, linger=0.2)
+    writer.upsert_proxy({"proxy_id": "p1", "pid": os.getpid(), "create_time": None, "started_at": 1.0})
+    writer.proxy_id = "p1"
+    assert writer.flush()
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    writer.unqueued_since = arrived = time.time()  # held: its sender is being looked up
+    writer.insert_flow(_flow("other"))
+    time.sleep(0.5)  # the batch of "other" took its mark and waits for the lock
+    writer.insert_flow(_flow("held"))
+    writer.unqueued_since = None
+    locker.execute("ROLLBACK")
+    locker.close()
+    deadline, seen = time.monotonic() + 10, []
+    with Store(path) as store:
+        while time.monotonic() < deadline:
+            mark = store.proxies()[0]["committed_through"] or 0.0
+            committed = store.flow("held") is not None
+            seen.append((mark, committed))
+            if committed:
+                break
+    assert seen[-1][1] and all(committed or mark <= arrived for mark, committed in seen), seen
     writer.close()
 
 
