@@ -21,10 +21,10 @@ from mitmproxy.connection import Client
 from mitmproxy.tls import TlsData
 
 from rollouttap.addon import capture_options, flowcols, tokenids
-from rollouttap.addon.injection import AGENT_BODY_KEY
 from rollouttap.addon.answer_rewrite import sse_finished, stream_rewrite, strip_json_answer
 from rollouttap.addon.attribution import Attribution, host_addresses
 from rollouttap.addon.flow_attribution import FlowAttribution
+from rollouttap.addon.injection import AGENT_BODY_KEY
 from rollouttap.addon.loopback import is_any_address
 from rollouttap.addon.master_hooks import (
     exit_after_done, listen_for_nudges, listeners, rebind_on_loopback, reverse_listeners, shutdown_when_gone,
