@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -69,6 +70,13 @@ def run_client(client: str, base_url: str, env: dict[str, str], *args: str) -> l
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
+
+
+def ctrl_c_as_from_a_terminal() -> None:
+    """``preexec_fn`` for a program a test sends SIGINT as a user's Ctrl-C: SIGINT at its default, whatever the test
+    run inherited (a job a script starts in the background has it ignored, and Python then raises no
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"):

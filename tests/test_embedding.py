@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import running_agents, wait_for
+from conftest import ctrl_c_as_from_a_terminal, running_agents, wait_for
 from rollouttap.errors import AgentSpecError
 from rollouttap.manager import AgentManager, EntryPointAgent
 from rollouttap.store import Store
@@ -57,7 +57,8 @@ def _program(tmp_path: Path, body: str) -> subprocess.Popen[str]:
     script = tmp_path / "program.py"
     script.write_text(textwrap.dedent(body))
     return subprocess.Popen([sys.executable, "-W", "error", "-W", "ignore::ResourceWarning", str(script)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=ctrl_c_as_from_a_terminal)
 
 
 # -- the import path of an entry point's interpreter ------------------------------------------------------

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from conftest import start_proxy, wait_for
+from conftest import ctrl_c_as_from_a_terminal, start_proxy, wait_for
 from manager_support import HERE as SUPPORT
 from rollouttap.errors import AgentSpecError, ConfigError, ProxyError
 from rollouttap.manager import AgentManager, CommandAgent, EntryPointAgent, ProxyConfig
@@ -1370,7 +1370,7 @@ def test_a_deploy_broken_off_by_a_second_ctrl_c_is_recorded_before_close_returns
     # Ctrl-C once: deploy() kills its agents and waits for their ends to be recorded. Ctrl-C again breaks
     # that wait; the deploy stays known, so close() waits for those ends before it closes the store.
     proc = subprocess.run([sys.executable, "-c", TWO_CTRL_C, str(tmp_path / "r.db"), str(confdir)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, preexec_fn=ctrl_c_as_from_a_terminal)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     *_, took, reported, statuses = proc.stdout.splitlines()
     assert statuses == "['error', 'error']", proc.stdout + proc.stderr
