@@ -6,6 +6,8 @@ import time
 import zlib
 from typing import Callable
 
+from rollouttap.store.records import GzipMembers
+
 
 class StreamTap:
     """``flow.response.stream = StreamTap(...)``: sees every TCP read, keeps the raw bytes.
@@ -117,7 +119,7 @@ def decoded(encoding: str, then: Callable[[bytes], bytes] | None) -> DecodedFeed
 
 def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]] | None:
     if encoding in ("gzip", "x-gzip"):
-        return _Gzip().decoder()
+        return GzipMembers().decoder()
     if encoding == "deflate":
         return _Deflate().decoder()
     if encoding == "br":
@@ -130,45 +132,6 @@ def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], byte
         zst = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
         return zst.decompress, zst.flush
     return None
-
-
-class _Gzip:
-    """gzip as clients read it (urllib3, browsers): one member after another (a server may compress each event or
-    flush as a member of its own); once a member has ended, bytes that do not start another are ignored."""
-
-    def __init__(self) -> None:
-        self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header
-        self._ended_one = False  # a whole member was read: an error after it is trailing garbage
-        self._trailing = False  # such garbage came: the rest is ignored
-
-    def decoder(self) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
-        return self.decompress, self._flush
-
-    def decompress(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        while data and not self._trailing:
-            try:
-                out.append(self._z.decompress(data))
-            except zlib.error:
-                if not self._ended_one:
-                    raise
-                self._trailing = True
-                break
-            if not self._z.eof:
-                break
-            data, self._ended_one = self._z.unused_data, True
-            self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)
-        return b"".join(out)
-
-    def _flush(self) -> bytes:
-        if self._trailing:
-            return b""
-        try:
-            return self._z.flush()
-        except zlib.error:
-            if not self._ended_one:
-                raise
-            return b""
 
 
 class _Deflate:

@@ -6,7 +6,7 @@ import gzip
 import json
 import sqlite3
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,23 +159,54 @@ def decode_body(body: bytes | None, encoding: str | None) -> bytes:
     return body
 
 
-def gunzip(body: bytes) -> bytes:
-    """A gzip body as clients read it: every member (a server may compress each write as one), as much of a
-    truncated one as decodes, bytes after a whole member that are not one ignored; ValueError when the body does
-    not start as gzip."""
-    out = []
-    while body:
-        member = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header, as mitmproxy reads it
+class GzipMembers:
+    """gzip as clients read it (urllib3, browsers): one member after another (a server may compress each write as
+    one), fed in pieces; once a member has ended, bytes that do not start another are ignored. zlib.error when
+    the stream does not start as gzip (or zlib)."""
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header, as mitmproxy reads it
+        self._ended_one = False  # a whole member was read: an error after it is trailing garbage
+        self._trailing = False  # such garbage came: the rest is ignored
+
+    def decoder(self) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+        return self.decompress, self.flush
+
+    def decompress(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        while data and not self._trailing:
+            try:
+                out.append(self._z.decompress(data))
+            except zlib.error:
+                if not self._ended_one:
+                    raise
+                self._trailing = True
+                break
+            if not self._z.eof:
+                break
+            data, self._ended_one = self._z.unused_data, True
+            self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        if self._trailing:
+            return b""
         try:
-            out.append(member.decompress(body))
-        except zlib.error as exc:
-            if not out:
-                raise ValueError(f"not gzip: {exc}") from exc
-            break  # trailing garbage
-        if not member.eof:
-            break
-        body = member.unused_data
-    return b"".join(out)
+            return self._z.flush()
+        except zlib.error:
+            if not self._ended_one:
+                raise
+            return b""
+
+
+def gunzip(body: bytes) -> bytes:
+    """A whole gzip body as clients read it (``GzipMembers``), as much of a truncated one as decodes; ValueError
+    when it does not start as gzip."""
+    members = GzipMembers()
+    try:
+        return members.decompress(body) + members.flush()
+    except zlib.error as exc:
+        raise ValueError(f"not gzip: {exc}") from exc
 
 
 def _decode_one(body: bytes, enc: str) -> bytes:
