@@ -32,6 +32,7 @@ StoresOpt = Annotated[list[Path], typer.Option("--store", metavar="<path>", help
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of the human view.")]
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line (one per item) instead "
                                                            "of the human view.")]
+TABLE_ROWS = 1000  # the most flows `flows` draws as a table unless --limit says otherwise
 
 
 def _console(*, stderr: bool = False) -> Console:
@@ -97,7 +98,8 @@ def flows(
                                                       "or unix seconds).")] = None,
     unattributed: Annotated[bool, typer.Option(help="Only flows no agent was found for.")] = False,
     run: Annotated[Optional[str], typer.Option(help="Only flows of this run's agents.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many flows.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many flows (the table: 1,000 unless "
+                                                            "told; --json: all).")] = None,
     as_json: JsonLinesOpt = False,
 ) -> None:
     """List captured flows, oldest first (of several stores: each flow with its store).
@@ -115,13 +117,20 @@ def flows(
     host_name, port = host_port(host) if host is not None else (None, None)
     stores = _distinct(store)
     names = " + ".join(map(str, stores))
+    filters = dict(agent_id=agent, state=state, host=host_name, port=port, unattributed=unattributed, run_id=run,
+                   since=start, until=end)
+    # The table draws ~1 ms a row (a 100k-flow store took minutes): past TABLE_ROWS it says how many more match.
+    capped = limit is None and not as_json
+    wanted = TABLE_ROWS + 1 if capped else limit
     found: list[tuple[Path, Any]] = []
+    matching = 0  # how many flows match in all, where the table is capped
     known_agent = known_run = False
     for path in stores:
         with _open(path) as s:  # flows without their bodies: a listing of a store of any size stays small
-            listing = s.flow_listing(agent_id=agent, state=state, host=host_name, unattributed=unattributed,
-                                     run_id=run, limit=limit if port is None else None, since=start, until=end)
-            found += [(path, listed) for listed in listing if port is None or listed[0].port == port][:limit]
+            listing = s.flow_listing(limit=wanted, **filters)
+            found += [(path, listed) for listed in listing]
+            if capped:
+                matching += len(listing) if len(listing) < TABLE_ROWS + 1 else s.count_flows(**filters)
             if agent is not None and not known_agent:
                 known_agent = s.agent(agent) is not None or bool(s.flows(agent_id=agent, limit=1))
             if run is not None and not known_run:
@@ -132,13 +141,17 @@ def flows(
         raise NotFoundError(f"no run {run!r} in {names}")
     if len(stores) > 1:  # each store's flows come oldest first; together, by the time of their request
         found.sort(key=lambda pf: pf[1][0].t_request or 0.0)
-        found = found[:limit]
+    found = found[:TABLE_ROWS if capped else limit]
     rows = [{**flow_row(*listed), **({"store": str(path)} if len(stores) > 1 else {})} for path, listed in found]
     if as_json:
         for row in rows:
             _print_json(row)
         return
-    _console().print(flows_table(rows, names, several=len(stores) > 1))
+    console = _console()
+    console.print(flows_table(rows, names, several=len(stores) > 1, matching=matching if capped else len(rows)))
+    if len(rows) < matching:
+        console.print(f"{matching - len(rows):,} more flows match: narrow them (--agent, --state, --host, --since, "
+                      f"--until), or list them all with --json or --limit {matching}.")
 
 
 def show(

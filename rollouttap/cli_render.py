@@ -206,10 +206,12 @@ def print_fidelity(console: Console, title: str, fidelity: dict[str, Any]) -> No
     print_mapping(console, title, shown)
 
 
-def flows_table(rows: list[dict[str, Any]], names: str, *, several: bool) -> Table:
-    """The human view of ``flows``: times as stored, in UTC (what --since/--until read), and why a flow failed."""
+def flows_table(rows: list[dict[str, Any]], names: str, *, several: bool, matching: int) -> Table:
+    """The human view of ``flows`` (``matching``: how many flows matched, of which ``rows`` are the first): times
+    as stored, in UTC (what --since/--until read), and why a flow failed."""
     from rollouttap.manager.inspect import short_line  # the manager only when a command draws (a fast --help)
-    table = Table(title=f"{len(rows)} flows in {names}")
+    shown = f"{len(rows):,}" if len(rows) == matching else f"the first {len(rows):,} of {matching:,}"
+    table = Table(title=f"{shown} flows in {names}")
     columns = ["id", "time (UTC)", "agent", "attribution", "method", "host", "path", "status", "state", "duration"]
     for name in (["store"] if several else []) + columns:
         table.add_column(name, no_wrap=name != "path", overflow="fold")

@@ -92,6 +92,27 @@ def test_flows_table(recording, cli):
     assert "3 flows in" in out and out.count("/v1/chat/completions") == 3 and "credentials" in out
 
 
+def test_flows_table_draws_the_first_rows_and_says_how_many_more_match(recording, cli, tmp_path, monkeypatch):
+    import sqlite3
+
+    import rollouttap.cli_inspect
+    monkeypatch.setattr(rollouttap.cli_inspect, "TABLE_ROWS", 2)  # a store of 100k flows drew for minutes
+    every = _lines(cli("flows", "--store", recording.store, "--json").output)  # --json is never cut
+    assert len(every) > 4
+    out = cli("flows", "--store", recording.store).output
+    assert f"the first 2 of {len(every)} flows in" in out and out.count("/v1/") == 2
+    assert f"{len(every) - 2} more flows match" in out and f"--limit {len(every)}" in out
+    out = cli("flows", "--store", recording.store, "--limit", "4").output  # what it is told, whole
+    assert "4 flows in" in out and "the first" not in out and "more flows match" not in out
+    streamer = cli("flows", "--store", recording.store, "--agent", "streamer").output  # the filter counts
+    assert "the first 2 of 3 flows in" in streamer and "1 more flows match" in streamer
+    copy = tmp_path / "rank-1.db"
+    with sqlite3.connect(recording.store) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    both = cli("flows", "--store", recording.store, "--store", copy, "--agent", "streamer").output
+    assert "the first 2 of 6 flows in" in both and "4 more flows match" in both
+
+
 @pytest.mark.parametrize("option", ["--agent", "--run"])
 def test_flows_of_an_unknown_agent_or_run_is_an_error(recording, cli, option):
     from rollouttap.errors import NotFoundError
