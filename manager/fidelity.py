@@ -22,7 +22,8 @@ class Fidelity:
     tokenizer (the rest were skipped). retries_skipped: attempts at a request not used (superseded by a
     client retry, or a second sample the agent did not go on with);
     failed_calls: calls without a usable answer. truncated: rows whose last completion did not end in eos.
-    missing_logprobs: trainable tokens without a server logprob (their row's logprobs is None).
+    missing_logprobs: trainable tokens without a server logprob (their row's logprobs is None);
+    logprobs_set_aside: used calls whose logprobs the server sent, but not one per completion id (ignored).
     rows: rows built; empty_rows: safe empty rows substituted because no call was usable; agents: agents counted.
     """
 
@@ -41,6 +42,7 @@ class Fidelity:
     failed_calls: int = 0
     truncated: int = 0
     missing_logprobs: int = 0
+    logprobs_set_aside: int = 0
     rows: int = 0
     empty_rows: int = 0
     agents: int = 1

@@ -154,6 +154,7 @@ class _Used:
     completion: list[int]
     logprobs: list[float] | None
     finish_reason: str | None
+    logprobs_set_aside: bool = False  # the server sent logprobs, not one per completion id
 
     @property
     def length(self) -> int:
@@ -214,6 +215,7 @@ def build_rows(
         failed_calls=chosen.failed,
         truncated=sum(row.truncated for row in rows),
         missing_logprobs=sum(missing for _, missing in built),
+        logprobs_set_aside=sum(u.logprobs_set_aside for u in used),
         rows=len(rows),
     )
     if breaks or chosen.inexact:
@@ -332,22 +334,22 @@ def _usable(index: int, call: TokenCall, original: Any, tokenize: Tokenize | Non
 
 def _used(index: int, call: TokenCall, original: Any, tokenize: Tokenize | None) -> _Used:
     prompt, completion = call.prompt_token_ids, call.completion_token_ids
-    logprobs = _sampled_logprobs(index, call)
+    logprobs = _sampled_logprobs(call)
     if prompt is None or completion is None:
         assert tokenize is not None  # _select skips id-less calls without a fallback
         made_prompt, made_completion = tokenize(original)
         prompt = list(made_prompt) if prompt is None else prompt
         completion = list(made_completion) if completion is None else completion
-    return _Used(index, prompt, completion, logprobs, call.finish_reason)
+    set_aside = logprobs is None and call.completion_logprobs is not None and call.completion_token_ids is not None
+    return _Used(index, prompt, completion, logprobs, call.finish_reason, set_aside)
 
 
-def _sampled_logprobs(index: int, call: TokenCall) -> list[float] | None:
-    # Logprobs belong to the server's completion ids only; a tokenizer's ids need not line up with them.
+def _sampled_logprobs(call: TokenCall) -> list[float] | None:
+    """The call's logprobs, one per completion id, or None. Logprobs belong to the server's completion ids
+    only; a tokenizer's ids need not line up with them. Ones that do not count as the ids are set aside (the
+    fidelity report counts them: a warning per call flooded the log of a damaged store)."""
     sampled, ids = call.completion_logprobs, call.completion_token_ids
-    if sampled is None or ids is None:
-        return None
-    if len(sampled) != len(ids):
-        logger.warning("call %d: %d logprobs for %d completion tokens; ignoring them", index, len(sampled), len(ids))
+    if sampled is None or ids is None or len(sampled) != len(ids):
         return None
     return [float(value) for value in sampled]
 

@@ -309,6 +309,18 @@ def test_missing_or_misaligned_logprobs_make_the_row_logprobs_none(sampled):
     assert result.rows[0].logprobs is None
     assert result.rows[0].env_mask == [1, 1]
     assert result.fidelity.missing_logprobs == 2
+    assert result.fidelity.logprobs_set_aside == (sampled is not None)  # counted, not a warning per call
+
+
+def test_logprobs_set_aside_are_counted_per_used_call_not_logged(caplog):
+    # A failed attempt (no answer) is not used: the two answered calls count.
+    calls = [call([1, 5], [10, EOS], logprobs=[-0.5], status_code=500, state="error"),
+             call([1, 5], [10, EOS], logprobs=[-0.5], is_retry=True),
+             call([1, 5, 10, EOS, 7], [11, EOS], logprobs=[-0.1])]
+    with caplog.at_level("WARNING"):
+        result = build_rows(calls, eos_token_id=EOS)
+    assert result.fidelity.logprobs_set_aside == 2 and result.rows[0].logprobs is None
+    assert not caplog.records  # a damaged store's thousand calls log nothing each
 
 
 TRUNCATION_TABLE = [
