@@ -175,7 +175,14 @@ def hide_agent_tokens(text: str, replace: Callable[[str], str] | None = None) ->
     if "@" in text or "%40" in text:
         text = _ANY_URL_PASSWORD.sub(lambda m: hidden(m, m[1], m[2], m[3]) if m[1] else hidden(m, m[4], m[5], m[6]),
                                      text)
+        text = _URL_USER_TOKEN.sub(lambda m: hidden(m, m[1], m[2], m[3]), text)
     return text
+
+
+# A token as a URL's whole user information (``https://ghp_…@github.com/…``: git hosts take one so): a name of
+# TOKEN_USER_CHARS or more without a password. Names people and tools use (``git``, ``x-access-token``) are shorter.
+TOKEN_USER_CHARS = 20
+_URL_USER_TOKEN = re.compile(rf"(://|%3[aA]%2[fF]%2[fF])([A-Za-z0-9._~-]{{{TOKEN_USER_CHARS},}})(@|%40)")
 
 
 # A parameter in a header value after ?, &, ; or an OAuth fragment's # (and the blanks a header puts after "; "); its
@@ -329,9 +336,11 @@ def _command_secrets(word: str, found: set[str]) -> None:
         scheme, sep, rest = header[2].partition(" ")
         found.add(rest if sep and scheme.isalpha() and rest else header[2])
     if "://" in word:
-        password = urlsplit(word).password if "@" in word else None
-        if password:
-            found.add(password)
+        parts = urlsplit(word) if "@" in word else None
+        if parts is not None and parts.password:
+            found.add(parts.password)
+        elif parts is not None and parts.username and _URL_USER_TOKEN.search(word):
+            found.add(parts.username)
         def note(value: str) -> str:
             found.add(unquote(value))
             return value

@@ -1095,6 +1095,29 @@ def test_hide_agent_tokens_hides_proxy_url_passwords(text, kept):
         "%3AR", "%3A" + redacted_query_value(TOKEN))
 
 
+GH = "ghp_A1b2C3d4E5f6G7h8I9j0K1l2m3N4o5P6q7"  # a GitHub token's shape
+
+
+@pytest.mark.parametrize("text, kept", [
+    (f"/x?repo=https://{GH}@github.com/o/r.git", "/x?repo=https://R@github.com/o/r.git"),  # a token as the user
+    (f"/x?repo=https%3A%2F%2F{GH}%40github.com%2Fo", "/x?repo=https%3A%2F%2FR%40github.com%2Fo"),
+    (f"clone https://{GH}@github.com/o/r and go", "clone https://R@github.com/o/r and go"),  # a header's value
+    ("https://x-access-token@github.com/o", "https://x-access-token@github.com/o"),  # a name, not a token
+    ("ssh://git@github.com/o/r", "ssh://git@github.com/o/r"), ("mailto:someone.with.a.long.name@x.org",) * 2,
+])
+def test_hide_agent_tokens_hides_a_token_given_as_a_urls_user(text, kept):
+    from rollouttap.store.redact import hide_agent_tokens, redacted_query_value
+    assert hide_agent_tokens(text) == kept.replace("R@", redacted_query_value(GH) + "@").replace(
+        "FR%40", "F" + redacted_query_value(GH) + "%40")
+    assert hide_agent_tokens(hide_agent_tokens(text)) == hide_agent_tokens(text)  # a stored value stays
+
+
+def test_a_token_as_a_urls_user_is_hidden_in_any_header():
+    from rollouttap.store.redact import redact_headers
+    headers = [("Referer", f"https://{GH}@github.com/o"), ("X-Repo", f"https://{GH}@github.com/o")]
+    assert not [v for _, v in redact_headers(headers) if GH in v]
+
+
 def test_hide_agent_tokens_leaves_a_long_value_of_near_misses_as_it_is():
     # The id part once ran across "%2F" lazily: 100 KB of these took seconds on the proxy's event loop (the
     # time is bench's business; here the bounded id must still find a token behind them).

@@ -561,6 +561,8 @@ def test_header_parameters_that_name_no_secret_stay(name, value):
     (["python", "a.py", "--pass-through", "{prompt}"], []),  # a placeholder is no secret
     (["python", "a.py", "--callback", "https://app/cb?code=AC77AC&state=st9"], ["AC77AC"]),
     (["python", "a.py", "--code", "print(1234567)"], []),  # a program, not an OAuth code
+    (["git", "clone", "https://ghp_A1b2C3d4E5f6G7h8I9j0K1l2@github.com/o/r"], ["ghp_A1b2C3d4E5f6G7h8I9j0K1l2"]),
+    (["git", "clone", "https://x-access-token@github.com/o/r"], []),  # a short name is a name
 ])
 def test_redact_command_hides_the_credentials_a_command_line_carries(argv, secrets):
     from rollouttap.store.redact import redact_command
