@@ -142,8 +142,24 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     ``X-Upstream: http://ID:TOKEN@host``)."""
     return [(k, redact_value(v) if is_secret_name(k) else
              hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else
+                               _redact_subprotocols(v) if k.lower() == "sec-websocket-protocol" else
                                _redact_params_in(v) if "=" in v else v))  # the test first: most headers have none
             for k, v in headers]
+
+
+def _redact_subprotocols(value: str) -> str:
+    """A WebSocket's subprotocol list with the credentials browsers must send in it redacted: a protocol whose
+    dotted name begins with a credential's (``openai-insecure-api-key.KEY``, Kubernetes'
+    ``base64url.bearer.authorization.k8s.io.TOKEN``) keeps that name; what follows is the secret."""
+    items = []
+    for item in value.split(","):
+        parts = item.strip().split(".")
+        for at in range(1, len(parts)):
+            if is_secret_name(".".join(parts[:at])):
+                item = item[:item.index(parts[0])] + ".".join(parts[:at]) + "." + redact_value(".".join(parts[at:]))
+                break
+        items.append(item)
+    return ",".join(items)
 
 
 # An agent's base-URL path, /agents/<id>/<token>, anywhere in a value (a query value, a header, written with

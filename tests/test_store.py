@@ -503,6 +503,20 @@ def test_redact_headers_only_secret_ones():
     assert out["Authorization"] != dict(redact_headers([("Authorization", "Bearer k9")]))["Authorization"]
 
 
+@pytest.mark.parametrize("value, kept, hidden", [
+    # OpenAI's Realtime API from a browser; Kubernetes' exec over WebSocket: a key in the subprotocol list
+    ("realtime, openai-insecure-api-key.sk-proj-a1b2c3, openai-beta.realtime-v1",
+     "realtime, openai-insecure-api-key.<redacted sha256:", "sk-proj-a1b2c3"),
+    ("base64url.bearer.authorization.k8s.io.ZXlKaGJH, base64.channel.k8s.io", "base64url.bearer.", "ZXlKaGJH"),
+    ("chat, superchat", "chat, superchat", None),
+    ("openai-insecure-api-key", "openai-insecure-api-key", None),  # a name alone carries nothing
+])
+def test_redact_headers_hides_credentials_in_websocket_subprotocols(value, kept, hidden):
+    (_, out), = redact_headers([("Sec-WebSocket-Protocol", value)])
+    assert out.startswith(kept) and (hidden is None or hidden not in out) and (out == value) == (hidden is None)
+    assert out.endswith(", base64.channel.k8s.io") or "k8s" not in value  # the list's other items stay
+
+
 @pytest.mark.parametrize("name, value, hidden", [
     ("Referer", "http://h/cb?state=1&access_token=AT1", "AT1"),
     ("Location", "https://h/next?state=1&client_secret=CS2#f", "CS2"),
