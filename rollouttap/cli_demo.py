@@ -41,6 +41,8 @@ def demo(
         raise ConfigError(f"--generation must be 'agents' or 'trl', not {generation!r}")
     # Before minutes of model building; the agents run the openai SDK.
     require("rollouttap demo", *DEMO_MODULES, *(AGENT_MODULES if generation == "agents" else ()))
+    if vllm_url is not None:  # TRL's own error would name its extra, after a traceback
+        require("rollouttap demo --vllm-url", "vllm")
     store = store or Path(tempfile.mkdtemp(prefix="rollouttap-demo-")) / "runs.db"
     config = DemoConfig(store=store.resolve(), steps=steps, prompts=prompts, parallel=parallel,
                         generation=generation, vllm_url=vllm_url)  # type: ignore[arg-type]

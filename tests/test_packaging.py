@@ -61,6 +61,17 @@ def test_demo_without_the_train_extra_is_one_line_and_leaves_no_folder(tmp_path)
     assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_demo_with_a_vllm_url_but_no_vllm_is_one_line_naming_the_extra(tmp_path):
+    code = ("import sys; sys.modules['vllm'] = None; from rollouttap.cli import main; "
+            "sys.exit(main(['demo', '--steps', '1', '--vllm-url', 'http://127.0.0.1:1']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("rollouttap: rollouttap demo --vllm-url needs vllm, not installed here: "
+                                 "pip install 'rollouttap[vllm]'"), out.stderr
+    assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []
+
+
 def _result(status: str, calls: int, error: str | None = None, stderr: str = "") -> SimpleNamespace:
     return SimpleNamespace(status=status, calls=calls, error=error, stderr_tail=stderr)
 
