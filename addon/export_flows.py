@@ -207,7 +207,7 @@ def har_entries(records: Iterable[FlowRecord]) -> Iterator[dict[str, Any]]:
         http_flow = to_http_flow(record)
         entry = exporter.flow_entry(http_flow, set())
         entry["_rollouttap"] = flow_metadata(record)
-        if http_flow.error is not None and http_flow.response is not None:
+        if http_flow.error is not None:  # with no response, mitmproxy's exporter writes _error alone
             mark_error(entry["response"], http_flow.error.msg)
         # mitmproxy writes `content: {}` for a flow that got no response; HAR 1.2 requires size and mimeType,
         # and viewers (Chrome, har-validator) reject the entry without them.

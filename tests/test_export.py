@@ -126,6 +126,8 @@ def test_har_written_entry_by_entry_holds_mitmproxys_entries_for_the_flows(recor
         assert entry.pop("_rollouttap")["id"] == rec.id
         # What HAR 1.2 requires and mitmproxy leaves out for a flow without a response: size and mimeType.
         assert entry["response"].pop("content") == {"size": 0, "mimeType": "", **theirs["response"].pop("content")}
+        if "_error" in entry["response"] and "comment" not in theirs["response"]:  # HAR 1.2's field for the error
+            assert entry["response"].pop("comment") == f"ended in error: {entry['response']['_error']}"
         assert entry == theirs
     assert write_har([], tmp_path / "none.har") == 0
     assert json.loads((tmp_path / "none.har").read_text())["log"]["entries"] == []
@@ -149,6 +151,7 @@ def test_har_entry_without_a_response_is_valid(recording, tmp_path):
     [entry] = json.loads(out.read_text())["log"]["entries"]
     response = entry["response"]
     assert response["status"] == 0 and response["_error"] and entry["_rollouttap"]["state"] == "error"
+    assert response["comment"] == f"ended in error: {response['_error']}"  # HAR 1.2's own field, as with one
     assert response["content"]["size"] == 0 and response["content"]["mimeType"] == ""  # HAR 1.2 requires both
 
 
