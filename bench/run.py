@@ -2,7 +2,7 @@
 
 Examples:
   .venv/bin/python bench/run.py --full                      # everything, minutes; writes bench/RESULTS.md
-  .venv/bin/python bench/run.py --smoke --out /tmp/r.md     # seconds; what the test suite runs
+  .venv/bin/python bench/run.py --smoke --out /tmp/r.md     # tiny sizes, about a minute; what the test suite runs
   .venv/bin/python bench/run.py --full --only latency,streaming   # a partial report, in the temp dir
 """
 
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (used by the tests)")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, about a minute (used by the tests)")
     size.add_argument("--full", action="store_true", help="the real sizes (default)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--out", type=Path, default=None,
