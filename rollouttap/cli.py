@@ -26,8 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # One line per failure, naming the next step; the traceback only with --debug.
 HINTS: dict[type[Exception], str] = {
     StoreVersionError: "use a store file written by this version, or a new --store path",
-    StoreError: "check the --store path (a writable SQLite file)",
-    ProxyError: "the proxy's log (named in the message) says why",
+    StoreError: "check the --store path: a rollouttap SQLite file (writable, where a command records)",
+    ProxyError: "the proxy's log (named in the message) says why",  # only where the message names one
     AgentSpecError: "check the --agent command template or module:function",
     NotFoundError: "`rollouttap flows --store PATH` lists the store's flows with their agents",
     ConfigError: "check the option named in the message",
@@ -44,8 +44,17 @@ OWN_OPTIONS = {
 }
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from rollouttap import __version__
+        typer.echo(f"rollouttap {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print rollouttap's version and exit.")] = False,
           ) -> None:
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
@@ -200,6 +209,13 @@ def _pipe_closed() -> int:
     return 141
 
 
+def hint_for(exc: RolloutTapError) -> str:
+    """The next step to print under an error's line, or "" where its message says it already."""
+    if isinstance(exc, ProxyError) and "(log " not in str(exc):
+        return ""
+    return next((hint for cls, hint in HINTS.items() if isinstance(exc, cls)), "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rollouttap`` console script."""
     _register_optional_commands()
@@ -208,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except RolloutTapError as exc:
         if _state["debug"]:
             raise
-        hint = next((h for cls, h in HINTS.items() if isinstance(exc, cls)), "")
+        hint = hint_for(exc)
         typer.echo(f"rollouttap: {exc}" + (f"\n  next: {hint}" if hint else ""), err=True)
         return 1
     except BrokenPipeError:  # stdout closed early (`rollouttap flows --json | head`): quietly, as a SIGPIPE would

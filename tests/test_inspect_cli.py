@@ -319,6 +319,21 @@ def test_entry_point_maps_errors_to_one_line(tmp_path):
     assert proc.returncode == 1 and "rollouttap: no store at" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_python_dash_m_rollouttap_is_the_command_and_tells_its_version():
+    import rollouttap
+    proc = subprocess.run([sys.executable, "-m", "rollouttap", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout == f"rollouttap {rollouttap.__version__}\n", proc.stderr
+
+
+def test_an_error_line_gets_a_next_step_only_where_its_message_lacks_one():
+    from rollouttap.cli import hint_for
+    from rollouttap.errors import ProxyError, StoreError
+    assert "log" in hint_for(ProxyError("mitmdump exited with 1 (log /tmp/p.log):\n..."))
+    assert hint_for(ProxyError("no running rollouttap proxy at http://h:1 records into x.db; start one")) == ""
+    assert "--store" in hint_for(StoreError("no store at x.db"))
+
+
 def test_debug_after_the_command_shows_the_traceback(tmp_path):
     proc = _rollouttap("flows", "--store", tmp_path / "missing.db", "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "no store at" in proc.stderr
