@@ -237,7 +237,8 @@ def show_head(agent_id: str, agent: Any, calls: int, flows: int) -> str:
     code = agent.meta.get("exit_code")
     if agent.status in FAILED_STATUSES and code is not None:
         ended += f" (exit {code})"
-    return f"agent {agent_id} · {ended} · run {agent.run_id} · {calls} calls · {flows} flows"
+    run = f" · run {agent.run_id}" if agent.run_id else ""  # an agent started by hand (`agent start`) has none
+    return f"agent {agent_id} · {ended}{run} · {calls} calls · {flows} flows"
 
 
 def replay_exits(result: Any) -> str:

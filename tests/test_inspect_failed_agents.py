@@ -246,6 +246,16 @@ def test_show_header_says_how_a_failed_agent_ended(failures, cli):
     assert "(exit 0)" not in cli("show", "fine", "--store", failures.store).output  # a success says nothing more
 
 
+def test_show_header_of_an_agent_started_by_hand_names_no_run():
+    from types import SimpleNamespace
+
+    from rollouttap.cli_render import show_head
+    by_hand = SimpleNamespace(status="running", meta={}, run_id=None)  # as `rollouttap agent start` registers it
+    assert show_head("a1", by_hand, 2, 3) == "agent a1 · running · 2 calls · 3 flows"
+    assert show_head("a1", SimpleNamespace(status="ok", meta={}, run_id="r1"), 2, 3) == \
+        "agent a1 · ok · run r1 · 2 calls · 3 flows"
+
+
 def test_flows_table_has_an_error_column(failures, cli):
     with Store(failures.store) as s:
         [cut] = [f for f in s.flows(agent_id="cut") if f.state == "error"]
