@@ -76,7 +76,7 @@ def run(
         help="Attach to a running `rollouttap proxy` at this URL instead of starting one.")] = None,
     proxies: Annotated[int, typer.Option(
         min=1, help="Proxies to start, agents spread over them (one event loop each; for many agents).")] = 1,
-    out: Annotated[Optional[Path], typer.Option(help="Write results here (JSON lines); default stdout.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write results here (JSON lines, each with its run_id); default stdout.")] = None,
     base_url_mode: Annotated[bool, typer.Option(
         help="Give agents a per-agent base URL through a reverse listener (clients ignoring HTTP_PROXY).")]
         = False,
@@ -169,7 +169,7 @@ def _deploy_with_progress(manager: Any, items: list[Any], sink: IO[str], results
             # Results go out as they finish (an interrupted deploy reports its killed and never started
             # agents too), so an interrupted run keeps what it has.
             results.append(result)
-            sink.write(json.dumps(result.to_dict()) + "\n")
+            sink.write(json.dumps({**result.to_dict(), "run_id": manager.run_id}) + "\n")  # what --run takes
             sink.flush()
             counts[result.status] += 1
             progress.update(task, advance=1, description=" ".join(f"{k} {v}" for k, v in counts.items() if v))

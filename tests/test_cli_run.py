@@ -79,6 +79,8 @@ def test_run_writes_results_and_prints_a_summary(tmp_path, confdir, upstream, ca
     row = results[0]["row"]  # the upstream's token ids, made into a training row
     assert row["completion_ids"][-1] == FakeTokenizer.eos_token_id and 1 in row["env_mask"]
     with Store(store) as db:  # agents take the proxies in turn: 0 and 2 used different ones
+        [run_id] = {r["run_id"] for r in results}  # what `flows --run` and `stats --run` take
+        assert {a.agent_id for a in db.agents(run_id)} == {r["agent_id"] for r in results}
         assert len({f.proxy_id for r in (results[0], results[2]) for f in db.flows(agent_id=r["agent_id"])}) == 2
     err = capsys.readouterr().err
     for label in ("ok", "failed", "timeout", "model calls", "tokens", "unattributed flows", "bypassing agents"):
