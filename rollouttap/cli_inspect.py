@@ -159,8 +159,10 @@ def show(
     store: StoresOpt = [Path("runs.db")],  # a list default: nothing mutates it
     tokens: Annotated[bool, typer.Option(help="Also show the training row (env mask) and its fidelity.")] = False,
     tokenizer: Annotated[Optional[str], typer.Option(
-        help="tokenizer.json (or its directory) to decode ids; 'fake' for the scripted test server's.")] = None,
-    eos_token_id: Annotated[Optional[int], typer.Option(min=0, help="eos id (default: the tokenizer's).")] = None,
+        help="tokenizer.json (or its directory) to decode ids; 'fake' for the scripted test server's "
+             "(implies --tokens).")] = None,
+    eos_token_id: Annotated[Optional[int], typer.Option(
+        min=0, help="eos id (default: the tokenizer's; implies --tokens).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show an agent's conversation: roles, tool calls, reasoning, timings, errors; --tokens adds its row.
@@ -176,6 +178,7 @@ def show(
         found = s.flows(agent_id=agent_id)
     conv = build_conversation(found)
     calls = calls_in_order(conv, found)
+    tokens = tokens or tokenizer is not None or eos_token_id is not None  # given only to be used by the row
     decode, tok_eos = load_tokenizer(tokenizer) if tokens else (None, None)
     eos = eos_token_id if eos_token_id is not None else tok_eos
     row = fidelity = None

@@ -147,6 +147,9 @@ def test_show_json_and_tokens(recording, cli):
     assert set(row["env_mask"]) == {0, 1} and len(row["env_mask"]) == len(row["completion_ids"])
     assert fidelity["calls_used"] == 3 and fidelity["trainable_tokens"] == sum(row["env_mask"])
     assert row["completion_ids"][-1] == 2 and row["truncated"] is False  # the fake tokenizer's eos
+    for given in (["--tokenizer", "fake"], ["--eos-token-id", "2"]):  # given for the row: it is shown
+        assert json.loads(cli("show", "plain", "--store", recording.store, "--json", *given).output)["row"] == row
+    assert "row" not in json.loads(cli("show", "plain", "--store", recording.store, "--json").output)
 
 
 def test_show_tokens_decodes_and_marks_the_sampled_tokens(recording, cli):
