@@ -354,6 +354,9 @@ def resend(
     if not found:
         raise NotFoundError(f"no flows of agent {agent_id!r} in {path}")
     results = resend_requests(found, to, headers=extra, timeout=timeout)
+    if not results:  # an empty table said nothing
+        raise NotFoundError(f"agent {agent_id!r} made no model request to resend: its {len(found)} flows in {path} "
+                            f"are not model calls with a body")
     if as_json:
         for r in results:
             _print_json({k: v for k, v in asdict(r).items() if k != "new_body"})

@@ -289,6 +289,18 @@ def test_resend_does_not_send_a_request_body_kept_only_in_part(recording):
     assert [r.new_status for r in rows[1:]] == [200, 200] and sent == 2
 
 
+def test_resend_of_an_agent_without_model_requests_says_so(recording, cli, tmp_path):
+    import sqlite3
+
+    from rollouttap.errors import NotFoundError
+    copy = tmp_path / "copy.db"
+    with sqlite3.connect(recording.store) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+        dst.execute("UPDATE flows SET method = 'GET', path = '/health' WHERE agent_id = 'plain'")  # no model call
+    result = cli("resend", "plain", "--store", copy, "--to", "http://127.0.0.1:9", code=1)
+    assert isinstance(result.exception, NotFoundError) and "made no model request to resend" in str(result.exception)
+
+
 def test_resend_to_a_dead_server_reports_errors_and_fails(recording, cli):
     from rollouttap.errors import ConfigError
     from rollouttap.manager.proxy import free_port
