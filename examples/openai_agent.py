@@ -1,6 +1,6 @@
 """A small multi-turn, tool-using agent written with the openai SDK, streaming on.
 
-    python examples/openai_agent.py "What is 17 * 23?"      # or the task on stdin
+    python examples/openai_agent.py "What is 17 * 23?"      # or the task on stdin; or a JSON list of messages
 
 It offers one tool, ``calculator``, runs the model's tool calls locally, and loops until the model answers
 without calling a tool (or MAX_TURNS is reached); then it prints the final answer. Nothing in it knows about
@@ -100,9 +100,23 @@ def stream_turn(client: Any, model: str, messages: list[dict[str, Any]]) -> dict
     return message
 
 
+def opening(task: str) -> list[dict[str, Any]]:
+    """The conversation a task opens: a chat-message prompt (a JSON list of messages, as rollouttap passes a
+    conversational data set's prompt) as given, after the system prompt unless it has its own; else the text
+    as the user's message."""
+    if task.startswith("["):
+        try:
+            given = json.loads(task)
+        except ValueError:
+            given = None
+        if isinstance(given, list) and given and all(isinstance(m, dict) and "role" in m for m in given):
+            return given if given[0]["role"] == "system" else [{"role": "system", "content": SYSTEM}, *given]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task}]
+
+
 def run(task: str, client: Any, model: str = "policy", max_turns: int = 8) -> str:
     """The agent loop: call the model, run its tool calls, repeat until it answers."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task}]
+    messages = opening(task)
     for _ in range(max_turns):
         reply = stream_turn(client, model, messages)
         messages.append(reply)

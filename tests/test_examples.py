@@ -60,6 +60,28 @@ def test_openai_agent_multi_turn_streamed_with_a_tool(tmp_path, confdir, upstrea
     assert result.row is not None and result.fidelity.clean_joins == 1 and result.fidelity.dropped_tokens == 0
 
 
+def test_openai_agent_takes_a_chat_message_prompt_as_its_conversation(tmp_path, confdir, upstream):
+    asked = [{"role": "user", "content": "What is 17 * 23?"}]  # a conversational data set's prompt
+    spec = CommandAgent([sys.executable, str(EXAMPLES / "openai_agent.py"), "{prompt}"])
+    with AgentManager(spec, store=tmp_path / "runs.db", model_url=upstream.base_url, confdir=confdir) as manager:
+        [result] = manager.deploy([asked])
+    assert result.status == "ok", result.stderr_tail
+    assert result.conversation.calls[0].messages == [{"role": "system", "content": openai_agent.SYSTEM}, *asked]
+    assert result.stdout_tail.strip() == "The answer is 391."
+
+
+@pytest.mark.parametrize("task, expected", [
+    ('[{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]', None),  # its own system prompt
+    ("[1, 2] + [3]", [{"role": "user", "content": "[1, 2] + [3]"}]),  # a task that reads as JSON, not messages
+    ("[unbalanced", [{"role": "user", "content": "[unbalanced"}]),
+])
+def test_openai_agent_opening(task, expected):
+    import json
+    got = openai_agent.opening(task)
+    assert got == (json.loads(task) if expected is None else [{"role": "system", "content": openai_agent.SYSTEM},
+                                                               *expected])
+
+
 def test_aider_check_tells_the_task_apart_from_a_fix(tmp_path):
     workdir = tmp_path / "work"
     shutil.copytree(aider.TASK, workdir)
