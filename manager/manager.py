@@ -131,6 +131,7 @@ class AgentManager:
         before, now = raise_fd_limit()
         if now != before:
             log.info("rollouttap: open-file limit raised from %d to %d for the agents' pipes", before, now)
+        new_store = not self.store_path.exists()
         self.store = Store(self.store_path)
         with self._lock:
             self._on_link.clear()
@@ -142,8 +143,14 @@ class AgentManager:
             self.link = self.links[0]
         except BaseException:
             self._reaper.stop()
+            # A store this start made and nothing was recorded into: a failed start leaves no empty file behind.
+            drop = new_store and not self.store.count_flows() and not self.store.agents()
             self.store.close()
             self.store = None
+            if drop:
+                for path in (self.store_path, *(self.store_path.with_name(self.store_path.name + side)
+                                                for side in ("-wal", "-shm", "-journal"))):
+                    path.unlink(missing_ok=True)
             raise
         self._reaper.wait_ready()
         self._closing.clear()

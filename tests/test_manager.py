@@ -1145,6 +1145,19 @@ def test_base_url_mode_captures_clients_that_ignore_proxies(tmp_path, confdir, u
     assert reverse.startswith("http://localhost:") and reverse.rsplit(":", 1)[1] != forward.rsplit(":", 1)[1]
 
 
+def test_a_failed_start_leaves_no_store_it_made_and_keeps_one_it_found(tmp_path):
+    made = tmp_path / "new.db"
+    with pytest.raises(ConfigError, match="the proxy config records into"):
+        AgentManager(SHELL_AGENT, store=made, proxy=ProxyConfig(store=tmp_path / "other.db")).start()
+    with pytest.raises(ProxyError, match="no running rollouttap proxy"):
+        AgentManager(SHELL_AGENT, store=made, proxy="http://127.0.0.1:9").start()
+    assert list(tmp_path.iterdir()) == []  # not even its -wal and -shm
+    Store(made).close()
+    with pytest.raises(ProxyError, match="no running rollouttap proxy"):
+        AgentManager(SHELL_AGENT, store=made, proxy="http://127.0.0.1:9").start()
+    assert made.exists()  # a store that was there stays, empty or not
+
+
 def test_attach_to_a_running_proxy(tmp_path, confdir, upstream):
     store_path = tmp_path / "r.db"
     with pytest.raises(ProxyError, match="no running rollouttap proxy"):
