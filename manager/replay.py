@@ -115,6 +115,35 @@ def model_hosts_of(flows: Sequence[FlowRecord]) -> tuple[str, ...]:
     return tuple(sorted(hosts))
 
 
+_ENDPOINTS = ("/chat/completions", "/completions", "/responses")
+
+
+def recorded_base_url(flows: Sequence[FlowRecord]) -> str | None:
+    """The OpenAI base URL the recorded agent's first model call went to (``http://h:8000/v1``), as
+    ``AgentManager`` gave it through OPENAI_BASE_URL; None where it called none, or through a base-URL path
+    (its token is stored redacted)."""
+    for flow in flows:
+        if flow_kind(flow) == "other" or not flow.url or flow.attribution == "path":
+            continue
+        parts = urlsplit(flow.url)
+        path = parts.path.rstrip("/")
+        suffix = next((end for end in _ENDPOINTS if path.endswith(end)), None)
+        if suffix is not None:
+            return f"{parts.scheme}://{parts.netloc}{path[:-len(suffix)]}"
+    return None
+
+
+def replay_model_env(flows: Sequence[FlowRecord], base: Mapping[str, str]) -> dict[str, str]:
+    """What the replayed agent's environment lacks of what ``AgentManager`` gives a recorded agent: its
+    OPENAI_BASE_URL (and OPENAI_API_BASE) at the server the recording called, and a placeholder OPENAI_API_KEY
+    (the replay proxy answers; no server checks it). Nothing the caller's environment sets is changed."""
+    url = recorded_base_url(flows)
+    if url is None or base.get("OPENAI_BASE_URL") or base.get("OPENAI_API_BASE"):
+        return {}
+    return {"OPENAI_BASE_URL": url, "OPENAI_API_BASE": url,
+            **({} if base.get("OPENAI_API_KEY") else {"OPENAI_API_KEY": "sk-rollouttap-replay"})}
+
+
 def logprobs_of(flows: Sequence[FlowRecord]) -> bool:
     """Whether the recording proxy asked for logprobs (``rollouttap_logprobs``), so the replay proxy asks the same:
     off where it injected token ids and never logprobs. (An agent that asked for its own is asked for nothing.)"""
@@ -189,6 +218,11 @@ def replay_agent(store: str | Path, agent_id: str, command: Sequence[str], *, ou
             _wait_ready(proxy, report, timeout=30.0)
             base = dict(os.environ if env is None else env)
             base.pop("ROLLOUTTAP_AGENT_ID", None)
+            if given := replay_model_env(flows, base):
+                urls = ", ".join(f"{k}={v}" for k, v in given.items() if k != "OPENAI_API_KEY")
+                log.info("replay: the agent gets %s from the recording%s", urls,
+                         " and a placeholder OPENAI_API_KEY" if "OPENAI_API_KEY" in given else "")
+                base.update(given)
             completed, timed_out = _run(command, {**base, **proxy.env(replay_id, token)}, cwd, timeout,
                                         capture_output, out_path, replay_id)
         final = _read_report(report) or {}  # the addon writes its final report as the proxy stops

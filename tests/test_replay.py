@@ -336,6 +336,26 @@ def test_replay_records_its_command_line_redacted_as_run_does(recording, confdir
     assert secret.encode() not in written
 
 
+def test_an_agent_that_reads_its_base_url_from_the_environment_gets_the_recorded_one(recording, confdir, tmp_path):
+    # As AgentManager gives it to its agents (OPENAI_BASE_URL): the replay gives the recorded server's.
+    command = ["sh", "-c", 'exec "$0" "$1" "$OPENAI_BASE_URL"', *recording.commands["plain"][:2]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ROLLOUTTAP_"))}
+    result = replay_agent(recording.store, "plain", command, out=tmp_path / "r.db", confdir=confdir, env=env,
+                          capture_output=True, timeout=60)
+    assert result.ok and result.stdout == recording.outputs["plain"], (result.stderr, result.divergence)
+
+
+def test_replay_model_env_fills_only_what_the_environment_lacks(recording):
+    from rollouttap.manager.replay import replay_model_env
+    with Store(recording.store) as s:
+        flows = s.flows(agent_id="plain")
+    given = replay_model_env(flows, {})
+    assert given["OPENAI_BASE_URL"] == given["OPENAI_API_BASE"] == recording.base_url and given["OPENAI_API_KEY"]
+    assert "OPENAI_API_KEY" not in replay_model_env(flows, {"OPENAI_API_KEY": "sk-mine"})
+    assert replay_model_env(flows, {"OPENAI_BASE_URL": "http://elsewhere/v1"}) == {}  # the caller's stays
+    assert replay_model_env([f for f in flows if f.path == "/health"], {}) == {}  # no model call: nothing
+
+
 def test_model_hosts_come_from_the_recording(recording):
     with Store(recording.store) as s:
         assert model_hosts_of(s.flows(agent_id="plain")) == (recording.upstream_host,)
