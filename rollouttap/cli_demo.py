@@ -48,10 +48,12 @@ def demo(
                         generation=generation, vllm_url=vllm_url)  # type: ignore[arg-type]
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's own step logs: stdout holds only the result
         summary = run_demo(config)
+    rank = _rank()
     if json_out:
-        typer.echo(json.dumps(summary.__dict__, default=str))
+        typer.echo(json.dumps({**summary.__dict__, **({"rank": rank[0]} if rank else {})}, default=str))
         return
-    table = Table(title=f"rollouttap demo ({generation} generation)", show_header=False)
+    of_rank = f", rank {rank[0]} of {rank[1]}" if rank else ""  # under torchrun each rank prints its own agents'
+    table = Table(title=f"rollouttap demo ({generation} generation{of_rank})", show_header=False)
     table.add_row("optimizer steps", str(summary.steps))
     table.add_row("reward per step", ", ".join(f"{r:.2f}" for r in summary.rewards))
     table.add_row("weights changed", "yes" if summary.weights_changed else "no")
@@ -65,6 +67,17 @@ def demo(
         table.add_row("flows unattributed", str(flows.get("unattributed", 0)))
         table.add_row("store", str(store))
     Console().print(table)
+
+
+def _rank() -> tuple[int, int] | None:
+    """(rank, world size) of this process in a torchrun launch of several ranks (its RANK and WORLD_SIZE), else
+    None."""
+    import os
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    return (rank, world) if world > 1 else None
 
 
 def register(app: typer.Typer) -> None:

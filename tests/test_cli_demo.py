@@ -26,3 +26,16 @@ def test_demo_trains_on_agent_rollouts_and_loses_no_flow(tmp_path):
     assert flows["total"] == summary["calls"] and flows["open"] == 0 and flows["unattributed"] == 0
     assert store.exists()
     assert not list(tmp_path.glob("rollouttap-demo-trainer-*"))  # the trainer's output folder goes with the demo
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, (1, 2)),  # torchrun --nproc_per_node 2: each rank's summary says which
+    ({"RANK": "0", "WORLD_SIZE": "1"}, None), ({}, None), ({"RANK": "x", "WORLD_SIZE": "2"}, None),
+])
+def test_demo_summary_names_its_rank_under_torchrun(monkeypatch, env, expected):
+    from rollouttap.cli_demo import _rank
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _rank() == expected
