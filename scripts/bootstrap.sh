@@ -34,6 +34,15 @@ py=$(find_python) || {
 echo "bootstrap: using $py ($("$py" -V 2>&1))" >&2
 [ -x "$venv/bin/python" ] && ok_python "$venv/bin/python" || "$py" -m venv --clear "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
+# PyPI's torch for Linux is the CUDA build (~6 GB with its nvidia packages); without a GPU (and without vLLM,
+# which needs that build) the CPU build from PyTorch's own index is a tenth of it. Where that index cannot be
+# reached (a machine that sees only PyPI), PyPI's build is installed below as before.
+if [[ ",$extras," == *",train,"* && ",$extras," != *",vllm,"* ]] && ! command -v nvidia-smi >/dev/null 2>&1 \
+   && [ ! -e /proc/driver/nvidia ] && ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
+    "$venv/bin/python" -m pip install -q --timeout 20 --retries 1 torch \
+        --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+        || echo "bootstrap: PyTorch's CPU index is out of reach; torch comes from PyPI (its CUDA build)" >&2
+fi
 "$venv/bin/python" -m pip install -q -e ".[$extras]"
 rm -f "$venv"/.installed-*
 touch "$stamp"
