@@ -138,8 +138,9 @@ def redacted_query_value(value: str) -> str:
 
 def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Return the headers with every secret value redacted, secret query values and URL passwords in URL-valued
-    ones, and agent tokens in any (``hide_agent_tokens``: ``Referer: http://127.0.0.1:PORT/agents/ID/TOKEN/v1/``,
-    ``X-Upstream: http://ID:TOKEN@host``)."""
+    ones, credentials in a WebSocket subprotocol list, and in any header agent tokens, URL passwords and tokens
+    given as a URL's user (``hide_agent_tokens``: ``Referer: http://127.0.0.1:PORT/agents/ID/TOKEN/v1/``,
+    ``X-Upstream: http://ID:TOKEN@host``, ``X-Repo: https://ghp_…@github.com/o``)."""
     return [(k, redact_value(v) if is_secret_name(k) else
              hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else
                                _redact_subprotocols(v) if k.lower() == "sec-websocket-protocol" else
@@ -148,17 +149,24 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _redact_subprotocols(value: str) -> str:
-    """A WebSocket's subprotocol list with the credentials browsers must send in it redacted: a protocol whose
-    dotted name begins with a credential's (``openai-insecure-api-key.KEY``, Kubernetes'
-    ``base64url.bearer.authorization.k8s.io.TOKEN``) keeps that name; what follows is the secret."""
-    items = []
-    for item in value.split(","):
-        parts = item.strip().split(".")
-        for at in range(1, len(parts)):
-            if is_secret_name(".".join(parts[:at])):
-                item = item[:item.index(parts[0])] + ".".join(parts[:at]) + "." + redact_value(".".join(parts[at:]))
+    """A WebSocket's subprotocol list with the credentials browsers must send in it redacted: what follows the
+    first dotted part that names a credential (``openai-insecure-api-key.KEY``; Kubernetes'
+    ``base64url.bearer.authorization.k8s.io.TOKEN`` keeps ``base64url.bearer.``), and an item after one that is
+    a credential's name alone (Deepgram's ``token, KEY``; ``access_token, JWT``). Parts are read one by one:
+    a header of any length costs linear time on the event loop."""
+    items = value.split(",")
+    for at, item in enumerate(items):
+        word = item.strip()
+        if not word or is_redacted(word):  # a stored value passed again stays as it is
+            continue
+        if at and is_secret_name(items[at - 1].strip()) and "." not in items[at - 1]:
+            items[at] = item.replace(word, redact_value(word))
+            continue
+        parts = word.split(".")
+        for cut, part in enumerate(parts[:-1], 1):
+            if is_secret_name(part):
+                items[at] = item.replace(word, ".".join(parts[:cut]) + "." + redact_value(".".join(parts[cut:])))
                 break
-        items.append(item)
     return ",".join(items)
 
 
@@ -179,9 +187,9 @@ _ANY_URL_PASSWORD = re.compile(r"(://[^/?#@\s:<>\"&=,;]*:)([^/?#@\s<>\"&=,;]+)(@
 
 
 def hide_agent_tokens(text: str, replace: Callable[[str], str] | None = None) -> str:
-    """``text`` with the token of every agent base-URL path in it, and every URL's password (an agent's proxy
-    URL), redacted (a stored fingerprint stays), or given to ``replace`` (fingerprints too: replay blanks both
-    sides to compare them)."""
+    """``text`` with the token of every agent base-URL path in it, every URL's password (an agent's proxy
+    URL) and every token given as a URL's user (a git host's), redacted (a stored fingerprint stays), or given
+    to ``replace`` (fingerprints too: replay blanks both sides to compare them)."""
     def hidden(m: re.Match[str], head: str, secret: str, tail: str = "") -> str:
         if replace is not None:
             return head + replace(secret) + tail
@@ -191,14 +199,17 @@ def hide_agent_tokens(text: str, replace: Callable[[str], str] | None = None) ->
     if "@" in text or "%40" in text:
         text = _ANY_URL_PASSWORD.sub(lambda m: hidden(m, m[1], m[2], m[3]) if m[1] else hidden(m, m[4], m[5], m[6]),
                                      text)
-        text = _URL_USER_TOKEN.sub(lambda m: hidden(m, m[1], m[2], m[3]), text)
+        text = _URL_USER_TOKEN.sub(lambda m: hidden(m, m[1], m[2], (m[3] or "") + m[4]), text)
     return text
 
 
-# A token as a URL's whole user information (``https://ghp_…@github.com/…``: git hosts take one so): a name of
-# TOKEN_USER_CHARS or more without a password. Names people and tools use (``git``, ``x-access-token``) are shorter.
+# A token as a URL's user (``https://ghp_…@github.com/…``, ``https://TOKEN:x-oauth-basic@github.com/…``: git
+# hosts take one so): a name of TOKEN_USER_CHARS or more, with a password or not (a password is redacted
+# apart). Names people and tools use (``git``, ``x-access-token``) are shorter. The password part stops where
+# a URL part or a value's next parameter begins: one scan per "://", linear on any header.
 TOKEN_USER_CHARS = 20
-_URL_USER_TOKEN = re.compile(rf"(://|%3[aA]%2[fF]%2[fF])([A-Za-z0-9._~-]{{{TOKEN_USER_CHARS},}})(@|%40)")
+_URL_USER_TOKEN = re.compile(rf"(://|%3[aA]%2[fF]%2[fF])([A-Za-z0-9._~-]{{{TOKEN_USER_CHARS},}})"
+                             r"((?::|%3[aA])[^/?#@\s<>\"&=,;]*?)?(@|%40)")
 
 
 # A parameter in a header value after ?, &, ; or an OAuth fragment's # (and the blanks a header puts after "; "); its
@@ -352,11 +363,13 @@ def _command_secrets(word: str, found: set[str]) -> None:
         scheme, sep, rest = header[2].partition(" ")
         found.add(rest if sep and scheme.isalpha() and rest else header[2])
     if "://" in word:
-        parts = urlsplit(word) if "@" in word else None
-        if parts is not None and parts.password:
-            found.add(parts.password)
-        elif parts is not None and parts.username and _URL_USER_TOKEN.search(word):
-            found.add(parts.username)
+        try:
+            password = urlsplit(word).password if "@" in word else None
+        except ValueError:  # not a URL urllib can split (``http://[abc@x/``): its other checks still run
+            password = None
+        if password:
+            found.add(password)
+        found.update(m[2] for m in _URL_USER_TOKEN.finditer(word))  # in a query value too, or percent-encoded
         def note(value: str) -> str:
             found.add(unquote(value))
             return value

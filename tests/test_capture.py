@@ -1104,12 +1104,22 @@ GH = "ghp_A1b2C3d4E5f6G7h8I9j0K1l2m3N4o5P6q7"  # a GitHub token's shape
     (f"clone https://{GH}@github.com/o/r and go", "clone https://R@github.com/o/r and go"),  # a header's value
     ("https://x-access-token@github.com/o", "https://x-access-token@github.com/o"),  # a name, not a token
     ("ssh://git@github.com/o/r", "ssh://git@github.com/o/r"), ("mailto:someone.with.a.long.name@x.org",) * 2,
+    (f"https://{GH}:@github.com/o", "https://R:@github.com/o"),  # an empty password: the user is the token
 ])
 def test_hide_agent_tokens_hides_a_token_given_as_a_urls_user(text, kept):
     from rollouttap.store.redact import hide_agent_tokens, redacted_query_value
-    assert hide_agent_tokens(text) == kept.replace("R@", redacted_query_value(GH) + "@").replace(
-        "FR%40", "F" + redacted_query_value(GH) + "%40")
+    assert hide_agent_tokens(text) == kept.replace("://R", "://" + redacted_query_value(GH)).replace(
+        "%2FR%40", "%2F" + redacted_query_value(GH) + "%40")
     assert hide_agent_tokens(hide_agent_tokens(text)) == hide_agent_tokens(text)  # a stored value stays
+
+
+@pytest.mark.parametrize("text", [f"https://{GH}:x-oauth-basic@github.com/o/r",  # GitHub's documented form
+                                  f"/x?r=https%3A%2F%2F{GH}%3Ax-oauth-basic%40github.com"])
+def test_a_token_as_a_urls_user_with_a_password_is_hidden_with_it(text):
+    from rollouttap.store.redact import hide_agent_tokens
+    out = hide_agent_tokens(text)
+    assert GH not in out and "x-oauth-basic" not in out and "github.com" in out
+    assert hide_agent_tokens(out) == out
 
 
 def test_a_token_as_a_urls_user_is_hidden_in_any_header():

@@ -510,11 +510,21 @@ def test_redact_headers_only_secret_ones():
     ("base64url.bearer.authorization.k8s.io.ZXlKaGJH, base64.channel.k8s.io", "base64url.bearer.", "ZXlKaGJH"),
     ("chat, superchat", "chat, superchat", None),
     ("openai-insecure-api-key", "openai-insecure-api-key", None),  # a name alone carries nothing
+    ("token, dg-Key-9f8e7d", "token, <redacted sha256:", "dg-Key-9f8e7d"),  # Deepgram's: the key as the next item
+    ("access_token, eyJhbGciOi.eyJzdWIi.c2ln", "access_token, <redacted sha256:", "eyJhbGciOi"),
 ])
 def test_redact_headers_hides_credentials_in_websocket_subprotocols(value, kept, hidden):
     (_, out), = redact_headers([("Sec-WebSocket-Protocol", value)])
     assert out.startswith(kept) and (hidden is None or hidden not in out) and (out == value) == (hidden is None)
     assert out.endswith(", base64.channel.k8s.io") or "k8s" not in value  # the list's other items stay
+    assert redact_headers([("Sec-WebSocket-Protocol", out)]) == [("Sec-WebSocket-Protocol", out)]  # stored, it stays
+
+
+def test_redacting_a_long_subprotocol_list_takes_linear_time():
+    # Every dotted prefix of an item was joined and checked: 40 KB took two minutes on the proxy's event loop.
+    value = "a." * 50_000 + "openai-insecure-api-key.sk-tail9"
+    (_, out), = redact_headers([("Sec-WebSocket-Protocol", value)])
+    assert "sk-tail9" not in out and out.startswith("a.a.a.")
 
 
 @pytest.mark.parametrize("name, value, hidden", [
@@ -577,6 +587,11 @@ def test_header_parameters_that_name_no_secret_stay(name, value):
     (["python", "a.py", "--code", "print(1234567)"], []),  # a program, not an OAuth code
     (["git", "clone", "https://ghp_A1b2C3d4E5f6G7h8I9j0K1l2@github.com/o/r"], ["ghp_A1b2C3d4E5f6G7h8I9j0K1l2"]),
     (["git", "clone", "https://x-access-token@github.com/o/r"], []),  # a short name is a name
+    (["tool", "https://h/?repo=https://ghp_B1b2C3d4E5f6G7h8I9j0K1l2@github.com/o"], ["ghp_B1b2C3d4E5f6G7h8I9j0K1l2"]),
+    (["tool", "https://h/?r=https%3A%2F%2Fghp_C1b2C3d4E5f6G7h8I9j0K1l2%40github.com"], ["ghp_C1b2C3d4E5f6G7h8I9j0K1l2"]),
+    (["tool", "https://alice12@host/?next=https://ghp_D1b2C3d4E5f6G7h8I9j0K1l2@github.com/o"],
+     ["ghp_D1b2C3d4E5f6G7h8I9j0K1l2"]),  # the token, not the outer URL's short user
+    (["curl", "http://[abc@x/", "-H", "Authorization: Bearer sk-v6zzz"], ["sk-v6zzz"]),  # urllib cannot split it
 ])
 def test_redact_command_hides_the_credentials_a_command_line_carries(argv, secrets):
     from rollouttap.store.redact import redact_command
