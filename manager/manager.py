@@ -143,8 +143,7 @@ class AgentManager:
             self.link = self.links[0]
         except BaseException:
             self._reaper.stop()
-            # A store this start made and nothing was recorded into: a failed start leaves no empty file behind.
-            drop = new_store and not self.store.count_flows() and not self.store.agents()
+            drop = new_store and self._untouched()
             self.store.close()
             self.store = None
             if drop:
@@ -162,6 +161,16 @@ class AgentManager:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _untouched(self) -> bool:
+        """Whether the store this start made holds nothing and no other process records into it (a second run
+        or proxy may have opened the same new path meanwhile): a failed start then leaves no empty file behind.
+        Its own proxies are stopped by now; a store that cannot be read is kept."""
+        assert self.store is not None
+        try:
+            return not (self.store.count_flows() or self.store.agents() or self.store.proxies(alive_only=True))
+        except Exception:  # never in place of the error that failed the start
+            return False
 
     def close(self) -> None:
         """Stop what this manager started (its proxy commits every flow first); close the store.

@@ -1158,6 +1158,26 @@ def test_a_failed_start_leaves_no_store_it_made_and_keeps_one_it_found(tmp_path)
     assert made.exists()  # a store that was there stays, empty or not
 
 
+def test_a_failed_start_keeps_a_new_store_another_process_opened_meanwhile(tmp_path, confdir, monkeypatch):
+    # Another run's proxy starts on the same new path while this start is still starting its own (seconds).
+    import requests
+
+    from rollouttap.manager.proxy_link import ProxyLink
+    path, other = tmp_path / "shared.db", []
+
+    def open_meanwhile(*_args, **_kwargs):
+        other.append(start_proxy(path, confdir))
+        raise ProxyError("this start's proxy failed")
+    monkeypatch.setattr(ProxyLink, "open", open_meanwhile)
+    with pytest.raises(ProxyError, match="this start's proxy failed"):
+        AgentManager(SHELL_AGENT, store=path).start()
+    with other[0]:
+        assert path.exists()  # the other proxy's store: it records on
+        requests.get("http://127.0.0.1:9/x", proxies={"http": other[0].url}, headers={"X-Agent-ID": "b1"}, timeout=10)
+    with Store(path) as s:
+        assert [f.agent_id for f in s.flows()] == ["b1"]
+
+
 def test_attach_to_a_running_proxy(tmp_path, confdir, upstream):
     store_path = tmp_path / "r.db"
     with pytest.raises(ProxyError, match="no running rollouttap proxy"):
