@@ -120,11 +120,13 @@ _ENDPOINTS = ("/chat/completions", "/completions", "/responses")
 
 def recorded_base_url(flows: Sequence[FlowRecord]) -> str | None:
     """The OpenAI base URL the recorded agent's first model call went to (``http://h:8000/v1``), as
-    ``AgentManager`` gave it through OPENAI_BASE_URL; None where it called none, or through a base-URL path
-    (its token is stored redacted)."""
+    ``AgentManager`` gave it through OPENAI_BASE_URL; None where it called none, or called a hard-wired endpoint
+    that a route sent on (it was given no base URL: its calls went where it addressed them)."""
     for flow in flows:
-        if flow_kind(flow) == "other" or not flow.url or flow.attribution == "path":
+        if flow_kind(flow) == "other" or not flow.url:
             continue
+        if flow.meta.get("routed_from"):
+            return None
         parts = urlsplit(flow.url)
         path = parts.path.rstrip("/")
         suffix = next((end for end in _ENDPOINTS if path.endswith(end)), None)

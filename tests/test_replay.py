@@ -354,6 +354,13 @@ def test_replay_model_env_fills_only_what_the_environment_lacks(recording):
     assert "OPENAI_API_KEY" not in replay_model_env(flows, {"OPENAI_API_KEY": "sk-mine"})
     assert replay_model_env(flows, {"OPENAI_BASE_URL": "http://elsewhere/v1"}) == {}  # the caller's stays
     assert replay_model_env([f for f in flows if f.path == "/health"], {}) == {}  # no model call: nothing
+    from dataclasses import replace as with_fields
+    # Base-URL mode: the flow holds the server's URL, as the reverse listener sent the call on.
+    assert replay_model_env([with_fields(f, attribution="path") for f in flows], {}) == given
+    # A hard-wired endpoint a route sent on: the agent had no base URL, and gets none.
+    routed = [with_fields(f, meta={**f.meta, "routed_from": "https://api.openai.com/v1/chat/completions"})
+              for f in flows]
+    assert replay_model_env(routed, {}) == {}
 
 
 def test_model_hosts_come_from_the_recording(recording):
