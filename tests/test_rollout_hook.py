@@ -45,9 +45,11 @@ def test_coverage_metric_is_zero_when_calls_built_no_rows(results, coverage):
 
 
 def test_calls_whose_ids_were_set_aside_are_logged():
-    results = [_result(2, Fidelity(sampled_tokens=4, trainable_tokens=4, calls_without_ids=1, ids_set_aside=1))]
+    results = [_result(2, Fidelity(sampled_tokens=4, trainable_tokens=4, calls_without_ids=1, ids_set_aside=1,
+                                   logprobs_set_aside=2))]
     metrics = rollout_metrics(results)
     assert metrics["fidelity/ids_set_aside"] == 1.0 and metrics["fidelity/calls_without_ids"] == 1.0
+    assert metrics["fidelity/logprobs_set_aside"] == 2.0  # the warning per call it replaced went to the log
 
 
 def test_agents_that_called_but_built_no_row_are_counted():

@@ -174,6 +174,7 @@ def metrics_from_counts(counts: Mapping[str, float]) -> dict[str, float]:
         "fidelity/realigned_joins": float(fid.realigned_joins),
         "fidelity/calls_without_ids": float(fid.calls_without_ids),
         "fidelity/ids_set_aside": float(fid.ids_set_aside),  # ids that disagreed with the server's usage
+        "fidelity/logprobs_set_aside": float(fid.logprobs_set_aside),  # not one logprob per completion id
     }
     if counts.get("summaries"):
         metrics["flows/unattributed"] = counts["unattributed_flows"]
