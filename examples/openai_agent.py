@@ -102,15 +102,16 @@ def stream_turn(client: Any, model: str, messages: list[dict[str, Any]]) -> dict
 
 def opening(task: str) -> list[dict[str, Any]]:
     """The conversation a task opens: a chat-message prompt (a JSON list of messages, as rollouttap passes a
-    conversational data set's prompt) as given, after the system prompt unless it has its own; else the text
-    as the user's message."""
+    conversational data set's prompt) as given, after the system prompt unless it has a system or developer
+    message of its own; else the text as the user's message."""
     if task.startswith("["):
         try:
             given = json.loads(task)
         except ValueError:
             given = None
         if isinstance(given, list) and given and all(isinstance(m, dict) and "role" in m for m in given):
-            return given if given[0]["role"] == "system" else [{"role": "system", "content": SYSTEM}, *given]
+            own = any(m["role"] in ("system", "developer") for m in given)  # its own instructions stand
+            return given if own else [{"role": "system", "content": SYSTEM}, *given]
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task}]
 
 

@@ -4,4 +4,5 @@ import sys
 
 from rollouttap.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # imported (pydoc, a module walker), it runs nothing
+    sys.exit(main())

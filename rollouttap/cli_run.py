@@ -76,7 +76,8 @@ def run(
         help="Attach to a running `rollouttap proxy` at this URL instead of starting one.")] = None,
     proxies: Annotated[int, typer.Option(
         min=1, help="Proxies to start, agents spread over them (one event loop each; for many agents).")] = 1,
-    out: Annotated[Optional[Path], typer.Option(help="Write results here (JSON lines, each with its run_id); default stdout.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Write results here (JSON lines, each with its run_id); default stdout.")] = None,
     base_url_mode: Annotated[bool, typer.Option(
         help="Give agents a per-agent base URL through a reverse listener (clients ignoring HTTP_PROXY).")]
         = False,

@@ -211,11 +211,14 @@ class Store:
             listed.append((FlowRecord.from_row({**data, "request_body": None, "response_body": None}), *sizes))
         return listed
 
-    def count_flows(self, **filters: Any) -> int:
-        """How many flows ``flows()`` would return for these filters (``_flow_filter``'s), without reading them;
-        ``unowned=True``: the flows of no registered agent (unattributed, or named only by a tag or header no
-        agent registered)."""
-        where, params = _flow_filter(**filters)
+    def count_flows(self, *, agent_id: str | None = None, state: str | None = None, host: str | None = None,
+                    port: int | None = None, since: float | None = None, until: float | None = None,
+                    unattributed: bool = False, run_id: str | None = None,
+                    proxy_ids: Sequence[str] | None = None, unowned: bool = False) -> int:
+        """How many flows ``flows()`` would return for these filters, without reading them; ``unowned``: the
+        flows of no registered agent (unattributed, or named only by a tag or header no agent registered)."""
+        where, params = _flow_filter(agent_id=agent_id, state=state, host=host, port=port, since=since, until=until,
+                                     unattributed=unattributed, run_id=run_id, proxy_ids=proxy_ids, unowned=unowned)
         return self._query(f"SELECT count(*) FROM flows{where}", params)[0][0]
 
     def flow(self, flow_id: str) -> FlowRecord | None:
@@ -374,12 +377,12 @@ _LISTED_COLUMNS = ", ".join(c for c in FLOW_COLUMNS if c not in ("request_body",
 
 
 def _flow_filter(*, agent_id: str | None = None, state: str | None = None, host: str | None = None,
-                 port: int | None = None, since: float | None = None, until: float | None = None, unattributed: bool = False,
-                 run_id: str | None = None, proxy_ids: Sequence[str] | None = None,
+                 port: int | None = None, since: float | None = None, until: float | None = None,
+                 unattributed: bool = False, run_id: str | None = None, proxy_ids: Sequence[str] | None = None,
                  unowned: bool = False) -> tuple[str, list[Any]]:
     """The WHERE clause (with its leading space, or empty) and parameters of a flows query."""
-    filters = [("agent_id = ?", agent_id), ("state = ?", state), ("host = ?", host), ("port = ?", port),
-               ("t_request >= ?", since), ("t_request < ?", until),
+    filters = [("agent_id = ?", agent_id), ("state = ?", state), ("host = ?", host),
+               ("port = ?", port), ("t_request >= ?", since), ("t_request < ?", until),
                ("agent_id IN (SELECT agent_id FROM agents WHERE run_id = ?)", run_id)]
     where = [clause for clause, value in filters if value is not None]
     params: list[Any] = [value for _, value in filters if value is not None]

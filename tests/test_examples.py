@@ -72,6 +72,7 @@ def test_openai_agent_takes_a_chat_message_prompt_as_its_conversation(tmp_path, 
 
 @pytest.mark.parametrize("task, expected", [
     ('[{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]', None),  # its own system prompt
+    ('[{"role": "developer", "content": "D"}, {"role": "user", "content": "u"}]', None),
     ("[1, 2] + [3]", [{"role": "user", "content": "[1, 2] + [3]"}]),  # a task that reads as JSON, not messages
     ("[unbalanced", [{"role": "user", "content": "[unbalanced"}]),
 ])
