@@ -142,8 +142,7 @@ def redact_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     given as a URL's user (``hide_agent_tokens``: ``Referer: http://127.0.0.1:PORT/agents/ID/TOKEN/v1/``,
     ``X-Upstream: http://ID:TOKEN@host``, ``X-Repo: https://ghp_…@github.com/o``)."""
     return [(k, redact_value(v) if is_secret_name(k) else
-             hide_agent_tokens(_redact_urls_in(v) if k.lower() in URL_HEADERS else
-                               _redact_subprotocols(v) if k.lower() == "sec-websocket-protocol" else
+             hide_agent_tokens(special(v) if (special := _BY_NAME.get(k.lower())) is not None else
                                _redact_params_in(v) if "=" in v else v))  # the test first: most headers have none
             for k, v in headers]
 
@@ -246,6 +245,11 @@ def _redact_urls_in(value: str) -> str:
     if "@" in value:
         value = _URL_PASSWORD.sub(lambda m: f"{m[1]}{redacted_query_value(m[2])}{m[3]}", value)
     return _redact_params_in(value, urls_only=True)
+
+
+# Headers whose values are read their own way, by lower-case name (one lookup per header).
+_BY_NAME: dict[str, Callable[[str], str]] = {**dict.fromkeys(URL_HEADERS, _redact_urls_in),
+                                             "sec-websocket-protocol": _redact_subprotocols}
 
 
 def _redact_params_in(value: str, *, urls_only: bool = False) -> str:
