@@ -31,6 +31,7 @@ from rollouttap.manager.bypass import BypassConnection, BypassDetector, merge, m
 from rollouttap.manager.deploy_reports import (
     Pending, Progress, new_agent_id, report, report_late, unreported,
 )
+from rollouttap.manager.export import SIDE_FILES
 from rollouttap.manager.launch import agent_environment, model_env, split_model_url
 from rollouttap.manager.proxy import ProxyConfig
 from rollouttap.manager.proxy_link import ProxyLink
@@ -148,7 +149,7 @@ class AgentManager:
             self.store = None
             if drop:
                 for path in (self.store_path, *(self.store_path.with_name(self.store_path.name + side)
-                                                for side in ("-wal", "-shm", "-journal"))):
+                                                for side in SIDE_FILES)):
                     path.unlink(missing_ok=True)
             raise
         self._reaper.wait_ready()
