@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 Endpoint = Literal["chat", "completions", "responses"]
 
-__all__ = ["Endpoint", "Injection", "USAGE_OPTIONS", "dumps_json", "endpoint_for_path", "is_model_request",
-           "plan_injection"]
+__all__ = ["ENDPOINT_SUFFIXES", "Endpoint", "Injection", "USAGE_OPTIONS", "dumps_json", "endpoint_for_path",
+           "is_model_request", "plan_injection"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +61,21 @@ class Injection:
         return "stream_options" in self.added
 
 
+# The path each completion endpoint ends in, after the base URL.
+ENDPOINT_SUFFIXES: dict[Endpoint, str] = {
+    "chat": "/chat/completions", "completions": "/completions", "responses": "/responses"}
+_CHAT, _COMPLETIONS, _RESPONSES = (ENDPOINT_SUFFIXES[e] for e in ("chat", "completions", "responses"))
+
+
 def endpoint_for_path(path: str) -> Endpoint | None:
     """Which completion endpoint a request path (any prefix, query allowed) addresses."""
     bare = path.split("?", 1)[0].rstrip("/")
-    if bare.endswith("/chat/completions"):
+    # Chat first: its path ends in /completions too. Unrolled: on every request, a loop over the table costs more.
+    if bare.endswith(_CHAT):
         return "chat"
-    if bare.endswith("/completions"):
+    if bare.endswith(_COMPLETIONS):
         return "completions"
-    if bare.endswith("/responses"):
+    if bare.endswith(_RESPONSES):
         return "responses"
     return None
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from rollouttap.addon.injection import ENDPOINT_SUFFIXES, endpoint_for_path  # pure: no mitmproxy
 from rollouttap.errors import ConfigError, NotFoundError, ProxyError, StoreError
 from rollouttap.manager.conversation import call_from_flow, flow_kind
 from rollouttap.manager.export import SIDE_FILES, same_file
@@ -115,9 +116,6 @@ def model_hosts_of(flows: Sequence[FlowRecord]) -> tuple[str, ...]:
     return tuple(sorted(hosts))
 
 
-_ENDPOINTS = ("/chat/completions", "/completions", "/responses")
-
-
 def recorded_base_url(flows: Sequence[FlowRecord]) -> str | None:
     """The OpenAI base URL the recorded agent's first model call went to (``http://h:8000/v1``), as
     ``AgentManager`` gave it through OPENAI_BASE_URL; None where it called none, or called a hard-wired endpoint
@@ -128,10 +126,9 @@ def recorded_base_url(flows: Sequence[FlowRecord]) -> str | None:
         if flow.meta.get("routed_from"):
             return None
         parts = urlsplit(flow.url)
-        path = parts.path.rstrip("/")
-        suffix = next((end for end in _ENDPOINTS if path.endswith(end)), None)
-        if suffix is not None:
-            return f"{parts.scheme}://{parts.netloc}{path[:-len(suffix)]}"
+        path, endpoint = parts.path.rstrip("/"), endpoint_for_path(parts.path)
+        if endpoint is not None:
+            return f"{parts.scheme}://{parts.netloc}{path[:-len(ENDPOINT_SUFFIXES[endpoint])]}"
     return None
 
 
