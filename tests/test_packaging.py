@@ -49,26 +49,20 @@ def test_require_names_the_extra_to_install():
     assert missing_message("it", ["aiohttp", "torch"]).endswith("pip install 'rollouttap[test,train]'")
 
 
-def test_demo_without_the_train_extra_is_one_line_and_leaves_no_folder(tmp_path):
+@pytest.mark.parametrize("missing, args, expected", [
     # As on a core install: trl cannot be imported (a module set to None in sys.modules is not importable).
-    code = ("import sys; sys.modules['trl'] = None; from rollouttap.cli import main; "
-            "sys.exit(main(['demo', '--steps', '1']))")
+    ("trl", [], "rollouttap demo needs trl, not installed here: pip install 'rollouttap[train]'"),
+    # TRL's own error would come after a traceback, naming TRL's extra.
+    ("vllm", ["--vllm-url", "http://127.0.0.1:1"],
+     "rollouttap demo --vllm-url needs vllm, not installed here: pip install 'rollouttap[vllm]'"),
+], ids=["train", "vllm"])
+def test_demo_lacking_an_extra_is_one_line_naming_it_and_leaves_no_folder(tmp_path, missing, args, expected):
+    code = (f"import sys; sys.modules[{missing!r}] = None; from rollouttap.cli import main; "
+            f"sys.exit(main(['demo', '--steps', '1', *{args!r}]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "TMPDIR": str(tmp_path)})
     assert out.returncode == 1, out.stderr
-    assert out.stderr.startswith("rollouttap: rollouttap demo needs trl, not installed here: "
-                                 "pip install 'rollouttap[train]'"), out.stderr
-    assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []
-
-
-def test_demo_with_a_vllm_url_but_no_vllm_is_one_line_naming_the_extra(tmp_path):
-    code = ("import sys; sys.modules['vllm'] = None; from rollouttap.cli import main; "
-            "sys.exit(main(['demo', '--steps', '1', '--vllm-url', 'http://127.0.0.1:1']))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TMPDIR": str(tmp_path)})
-    assert out.returncode == 1, out.stderr
-    assert out.stderr.startswith("rollouttap: rollouttap demo --vllm-url needs vllm, not installed here: "
-                                 "pip install 'rollouttap[vllm]'"), out.stderr
+    assert out.stderr.startswith(f"rollouttap: {expected}"), out.stderr
     assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []
 
 
