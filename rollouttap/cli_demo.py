@@ -52,8 +52,7 @@ def demo(
     if json_out:
         typer.echo(json.dumps({**summary.__dict__, **({"rank": rank[0]} if rank else {})}, default=str))
         return
-    of_rank = f", rank {rank[0]} of {rank[1]}" if rank else ""  # under torchrun each rank prints its own agents'
-    table = Table(title=f"rollouttap demo ({generation} generation{of_rank})", show_header=False)
+    table = Table(title=summary_title(generation, rank), show_header=False)
     table.add_row("optimizer steps", str(summary.steps))
     table.add_row("reward per step", ", ".join(f"{r:.2f}" for r in summary.rewards))
     table.add_row("weights changed", "yes" if summary.weights_changed else "no")
@@ -67,6 +66,12 @@ def demo(
         table.add_row("flows unattributed", str(flows.get("unattributed", 0)))
         table.add_row("store", str(store))
     Console().print(table)
+
+
+def summary_title(generation: str, rank: tuple[int, int] | None) -> str:
+    """The summary table's title; under torchrun each rank prints its own agents', so it names its rank."""
+    of_rank = f", rank {rank[0]} of {rank[1]}" if rank else ""
+    return f"rollouttap demo ({generation} generation{of_rank})"
 
 
 def _rank() -> tuple[int, int] | None:

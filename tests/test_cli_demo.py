@@ -33,9 +33,12 @@ def test_demo_trains_on_agent_rollouts_and_loses_no_flow(tmp_path):
     ({"RANK": "0", "WORLD_SIZE": "1"}, None), ({}, None), ({"RANK": "x", "WORLD_SIZE": "2"}, None),
 ])
 def test_demo_summary_names_its_rank_under_torchrun(monkeypatch, env, expected):
-    from rollouttap.cli_demo import _rank
+    from rollouttap.cli_demo import _rank, summary_title
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert _rank() == expected
+    title = summary_title("agents", _rank())
+    assert title == ("rollouttap demo (agents generation, rank 1 of 2)" if expected else
+                     "rollouttap demo (agents generation)")
