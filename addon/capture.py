@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # At shutdown, flows in flight get this long to end before they are recorded as cut off; meanwhile mitmproxy
 # still serves every connection, and new requests are answered 503.
 DRAIN_S = 5.0
+# Its listeners closed, requests that came on open connections while the proxy stopped are still being looked up:
+# their rows are queued before the store closes, if their lookups end within this long.
+LATE_ADMITS_S = 2.0
 WRITER_CLOSE_S = 20.0  # then what the writer has not committed is reported lost (ProxyProcess.stop waits longer)
 # Past the backlog limit by this much, refusals are no longer recorded either (a 503's row is ~1 KB): an outage
 # of hours must not grow memory through them.
@@ -84,10 +87,12 @@ class RolloutTap:
         self.exit_status = 0
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
+        self._late_admits = 0  # requests that came after the stop signal, still being looked up
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
         self._arrivals: dict[int, float] = {}  # those requests' arrival times (see StoreWriter.unqueued_since)
         self._arrival_seq = 0
         self._refusals_said = Throttle(5.0)  # one log line per burst of 503s
+        self._unanswered_said = Throttle(5.0)
         self.parent_gone = False  # the process that started the proxy ended first
 
     # -- options -----------------------------------------------------------------------------------
@@ -172,8 +177,13 @@ class RolloutTap:
         while (self._live or self._attributing) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         listen_for_nudges(None)
-        # The store closes next: from then on a request could be refused (503) but no longer recorded.
+        # The store closes next: from then on a request cannot be recorded, so no new connection may come.
         await stop_listening()
+        # No connection comes now; requests on those still open are bounded by their number (each is answered with
+        # Connection: close): the ones being looked up get their 503's rows before the store closes.
+        deadline = time.monotonic() + LATE_ADMITS_S
+        while self._late_admits and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         self._retire("proxy shut down before the flow ended")
         self._store_closed = True  # set on the loop, before the thread starts: hooks then record nothing more
         await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while
@@ -290,8 +300,12 @@ class RolloutTap:
         if self._store_closed:
             self._refuse(flow, "the proxy is shutting down")
             return None
-        late = self._stopping  # arrived after the stop signal: refused, and not waited for
-        who = await self._attribute(flow, to_own_reverse=to_own_reverse, counted=not late)
+        late = self._stopping  # arrived after the stop signal: refused, and not waited for by the drain
+        self._late_admits += late
+        try:
+            who = await self._attribute(flow, to_own_reverse=to_own_reverse, counted=not late)
+        finally:
+            self._late_admits -= late  # its row is queued before this hook next yields
         if (why := self._refusal(late)) is not None:
             self._refuse(flow, why, who)
             return None
@@ -492,6 +506,13 @@ class RolloutTap:
 
     def _refuse(self, flow: http.HTTPFlow, why: str, who: Attribution | None = None) -> None:
         """Answer 503 without sending the request on, recorded (as ``who``'s) while the store still takes rows."""
+        if self._store_closed:
+            # Nothing can record it now, so nothing answers it: the client sees its connection close, as from a
+            # proxy that is gone, never a 503 the store lacks.
+            if self._unanswered_said.due():  # an error, kept by mitmdump -q: a request reached the proxy unrecorded
+                log.error("rollouttap: a request came after the store closed: closed its connection unanswered")
+            flow.kill()
+            return
         if self._refusals_said.due():
             # An error, so that mitmdump -q (as the manager starts it) keeps it in its log, unless shutting down.
             log.log(logging.WARNING if self._stopping else logging.ERROR, "rollouttap: %s: answering 503", why)

@@ -479,6 +479,40 @@ def test_once_its_store_closes_a_stopping_proxy_refuses_connections_so_every_503
     assert len(rows) == statuses.count(503)  # every refusal the clients saw is in the store
 
 
+def test_a_request_on_an_open_connection_after_the_store_closed_is_not_answered_503_unrecorded(
+        tmp_path, confdir, upstream):
+    # Its listeners closed, the proxy still holds the connections clients kept open: a request on one of them can no
+    # longer be recorded, so it gets no answer (its connection closes) rather than a 503 the store lacks.
+    store = tmp_path / "s.db"
+    with start_proxy(store, confdir) as proc, requests.Session() as kept:
+        kept.proxies = {"http": proc.url}
+        assert kept.get(upstream.url + "/echo", headers={"X-Agent-ID": "kept"}, timeout=5).status_code == 200
+        lock = sqlite3.connect(store, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the writer's last commits wait: the proxy stays in its final phase
+        proc.proc.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                requests.get(upstream.url + "/echo", proxies={"http": proc.url}, timeout=5)
+            except requests.ConnectionError:
+                return True
+            return False
+        wait_for(refused, what="new connections refused while the store closes")
+        try:
+            status = kept.get(upstream.url + "/echo", headers={"X-Agent-ID": "kept"}, timeout=5).status_code
+        except requests.ConnectionError:
+            status = None
+        lock.execute("ROLLBACK")
+        lock.close()
+        proc.stop()
+        log = proc.log_tail()
+    with Store(store) as reader:
+        rows = reader.flows(agent_id="kept")
+    assert status is None, f"answered {status} while its store was closed"
+    assert [r.status_code for r in rows] == [200]
+    assert "closed its connection unanswered" in log
+
+
 def _status_or_none(url: str, proxy_url: str) -> int | None:
     try:  # a GET: sent on before the proxy sees the signal, the gate server answers it at once (501)
         status = requests.get(url, headers={"X-Agent-ID": "late"}, proxies={"http": proxy_url}, timeout=5).status_code
@@ -612,6 +646,37 @@ def test_a_lookup_cancelled_with_the_pool_at_shutdown_refuses_the_request_instea
         flow = asyncio.run(late_request(addon))
         asyncio.run(addon.done())
     assert flow.response is not None and flow.response.status_code == 503
+
+
+def test_a_late_request_still_looked_up_when_the_listeners_close_is_recorded_before_the_store_closes(tmp_path):
+    # It came on a connection opened before the stop signal; its 503 must be in the store, so the store waits for it.
+    async def stop_while_one_is_looked_up(addon):
+        await addon.running()
+        looked_up = asyncio.Event()
+        real = addon.who.attribute
+
+        async def slow_lookup(flow, to_own_reverse=False):
+            await asyncio.sleep(0.3)  # past the drain, which does not wait for late requests
+            looked_up.set()
+            return await real(flow, to_own_reverse=to_own_reverse)
+
+        addon.who.attribute = slow_lookup
+        addon._stopping = True  # the stop signal came (done() sets this first, then drains)
+        flow = tflow.tflow(req=_request(headers={"X-Agent-ID": "late"}))
+        request = asyncio.create_task(addon.requestheaders(flow))
+        await asyncio.sleep(0)  # it is being looked up
+        await addon.done()
+        assert looked_up.is_set()
+        await request
+        return flow
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, tctx):
+        tctx.configure(addon, rollouttap_pid_lookup="fallback")
+        flow = asyncio.run(stop_while_one_is_looked_up(addon))
+    assert flow.response is not None and flow.response.status_code == 503
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(agent_id="late")
+    assert row.status_code == 503 and "shutting down" in row.error
 
 
 def _credentialed_request(tmp_path, agent_id: str, lookup: Callable[[], asyncio.Future]) -> http.HTTPFlow:
