@@ -13,7 +13,7 @@ from mitmproxy import http
 from rollouttap.addon import tokenids
 from rollouttap.addon.streamtap import decoded
 from rollouttap.responses_shapes import FINAL_EVENTS
-from rollouttap.store.records import gunzip
+from rollouttap.store.codings import gunzip
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-import zlib
 from typing import Callable
 
-from rollouttap.store.records import GzipMembers
+from rollouttap.store.codings import stream_decoder
+
+# A watched stream's read decodes to this much at most (a real one: ten times its compressed size or so).
+WATCH_READ_LIMIT = 16 << 20
 
 
 class StreamTap:
@@ -110,56 +112,10 @@ def last_bytes(tail: bytes, more: bytes) -> bytes:
 
 def decoded(encoding: str, then: Callable[[bytes], bytes] | None) -> DecodedFeed | None:
     """A DecodedFeed for a ``content-encoding`` stream (gzip, deflate, br, zstd); None for any other coding, or a
-    list of them."""
-    decoder = _decoder(encoding.strip().lower())
+    list of them. Watching alone (no ``then``), each read decodes to WATCH_READ_LIMIT at most: past it the watch
+    stops (any host's stream is watched: a small one must not take the proxy's memory)."""
+    decoder = stream_decoder(encoding.strip().lower(), WATCH_READ_LIMIT if then is None else None)
     if decoder is None:
         return None
-    return DecodedFeed(*decoder, then)
-
-
-def _decoder(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]] | None:
-    if encoding in ("gzip", "x-gzip"):
-        return GzipMembers().decoder()
-    if encoding == "deflate":
-        return _Deflate().decoder()
-    if encoding == "br":
-        import brotli  # mitmproxy's own dependency
-        bobj = brotli.Decompressor()
-        return bobj.process, lambda: b""
-    if encoding == "zstd":
-        import zstandard  # mitmproxy's own dependency
-        # A stream compressed a frame per event (or per flush) is several frames: read across them, as clients do.
-        zst = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
-        return zst.decompress, zst.flush
-    return None
-
-
-class _Deflate:
-    """"deflate" as servers send it: zlib-wrapped (RFC 9110) or raw, told apart by the first bytes, as
-    mitmproxy's own decoder (and every browser) does for a whole body."""
-
-    def __init__(self) -> None:
-        self._z = zlib.decompressobj(zlib.MAX_WBITS)
-        self._first: bytes | None = b""  # until the two bytes of a zlib header are in, nothing tells the two apart
-
-    def decoder(self) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
-        return self.decompress, self.flush
-
-    def decompress(self, data: bytes) -> bytes:
-        if self._first is None:
-            return self._z.decompress(data)
-        self._first += data
-        if len(self._first) < 2:
-            return b""
-        data, self._first = self._first, None
-        try:
-            return self._z.decompress(data)
-        except zlib.error:  # no zlib header: raw deflate
-            self._z = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self._z.decompress(data)
-
-    def flush(self) -> bytes:
-        if self._first:  # a whole stream of one byte: not zlib (its header alone is two)
-            self._z = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self._z.decompress(self._first) + self._z.flush()
-        return self._z.flush()
+    decompress, flush = decoder
+    return DecodedFeed(decompress, flush, then)

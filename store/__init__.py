@@ -5,7 +5,8 @@ See SCHEMA.md beside this file for the tables, which users may query directly.
 
 from rollouttap.store.db import connect, transaction
 from rollouttap.store.reader import AGENT_STATUSES, LIVE_STATUSES, Store
-from rollouttap.store.records import AgentRecord, FlowRecord, decode_body, header_value
+from rollouttap.store.codings import decode_body
+from rollouttap.store.records import AgentRecord, FlowRecord, header_value
 from rollouttap.store.redact import (
     hash_token, is_redacted, is_secret_name, map_secret_query, new_token, redact_headers, redact_query,
     token_matches,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import sqlite3
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from rollouttap.errors import StoreError
+from rollouttap.store.codings import decode_body
 
 
 # An agent's meta key: registered with a token for a process run by hand (``rollouttap agent start``), whose
@@ -145,87 +144,6 @@ def header_value(headers: list[tuple[str, str]], name: str) -> str | None:
         if key.lower() == name:
             return value
     return None
-
-
-def decode_body(body: bytes | None, encoding: str | None) -> bytes:
-    """Undo Content-Encoding; bodies are stored exactly as they crossed the wire."""
-    if not body:
-        return b""
-    for enc in reversed([e.strip().lower() for e in (encoding or "").split(",") if e.strip()]):
-        try:
-            body = _decode_one(body, enc)
-        except Exception:  # a truncated stream still yields what decodes
-            return body
-    return body
-
-
-class GzipMembers:
-    """gzip as clients read it (urllib3, browsers): one member after another (a server may compress each write as
-    one), fed in pieces; once a member has ended, bytes that do not start another are ignored. zlib.error when
-    the stream does not start as gzip (or zlib)."""
-
-    def __init__(self) -> None:
-        self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32+: a gzip or a zlib header, as mitmproxy reads it
-        self._ended_one = False  # a whole member was read: an error after it is trailing garbage
-        self._trailing = False  # such garbage came: the rest is ignored
-
-    def decoder(self) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
-        return self.decompress, self.flush
-
-    def decompress(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        while data and not self._trailing:
-            try:
-                out.append(self._z.decompress(data))
-            except zlib.error:
-                if not self._ended_one:
-                    raise
-                self._trailing = True
-                break
-            if not self._z.eof:
-                break
-            data, self._ended_one = self._z.unused_data, True
-            self._z = zlib.decompressobj(32 + zlib.MAX_WBITS)
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        if self._trailing:
-            return b""
-        try:
-            return self._z.flush()
-        except zlib.error:
-            if not self._ended_one:
-                raise
-            return b""
-
-
-def gunzip(body: bytes) -> bytes:
-    """A whole gzip body as clients read it (``GzipMembers``), as much of a truncated one as decodes; ValueError
-    when it does not start as gzip."""
-    members = GzipMembers()
-    try:
-        return members.decompress(body) + members.flush()
-    except zlib.error as exc:
-        raise ValueError(f"not gzip: {exc}") from exc
-
-
-def _decode_one(body: bytes, enc: str) -> bytes:
-    if enc in ("gzip", "x-gzip"):
-        return gunzip(body)
-    if enc == "deflate":
-        try:
-            return zlib.decompress(body)
-        except zlib.error:
-            return zlib.decompress(body, -zlib.MAX_WBITS)
-    if enc == "br":
-        import brotli  # installed with mitmproxy
-        return brotli.decompress(body)
-    if enc == "zstd":
-        import zstandard  # installed with mitmproxy
-        return zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(body)
-    if enc == "identity":
-        return body
-    return gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
 
 
 def _loads_or_none(text: str) -> Any:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -1781,6 +1782,35 @@ def test_a_compressed_stream_passed_on_as_it_came_is_watched_for_how_it_ended(ke
     broken = StreamTap(decoded("gzip", None), keep)
     assert broken(b"not gzip at all") == [b"not gzip at all"] and broken.failed is None  # the client's to judge
     assert broken.plain_tail == b""
+
+
+def _peak_rss_mb(pid: int) -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) >> 10
+
+
+def test_a_compression_bomb_streamed_through_the_proxy_does_not_take_its_memory(tmp_path, confdir):
+    # Any host's compressed stream is watched for how it ends: 1 GiB of zstd-packed zeros (32 KB on the wire) must
+    # not be decoded whole in the proxy, which every agent's calls go through.
+    import zstandard
+    packer = zstandard.ZstdCompressor(level=1).compressobj()
+    zeros = bytes(1 << 20)
+    bomb = b"".join(packer.compress(zeros) for _ in range(1024)) + packer.flush()
+
+    def reply(conn: socket.socket, data: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: zstd\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(bomb) + bomb)
+    server, thread = _one_shot_server(reply)
+    host = f"127.0.0.1:{server.getsockname()[1]}"
+    with server, start_proxy(tmp_path / "s.db", confdir) as proxy:
+        before = _peak_rss_mb(proxy.proc.pid)
+        with requests.get(f"http://{host}/events", headers={"X-Agent-ID": "bomb"}, proxies={"http": proxy.url},
+                          stream=True, timeout=20) as resp:
+            assert resp.raw.read(decode_content=False) == bomb  # passed on as it came: the client's to decode
+        thread.join(10)
+        [flow] = settled_flows(proxy.config.store, agent_id="bomb")
+        peak = _peak_rss_mb(proxy.proc.pid)
+    assert flow.state == "done" and flow.response_body == bomb
+    assert peak - before < 256, f"the proxy grew from {before} MB to {peak} MB"
 
 
 def test_a_compressed_stream_that_does_not_decode_reaches_the_agent_broken_and_is_recorded_as_an_error(
