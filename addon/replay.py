@@ -34,7 +34,7 @@ from rollouttap.addon.flowcols import stored_target
 from rollouttap.addon.injection import AGENT_BODY_KEY
 from rollouttap.addon.replay_book import Recorded, ReplayBook, capture_injected, recorded_requests
 from rollouttap.errors import StoreError
-from rollouttap.store import Store, header_value, is_redacted
+from rollouttap.store import Store, decode_body, header_value, is_redacted
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ class ReplayAddon:
             flow.response = error_response(NO_RESPONSE_STATUS, "no recording loaded", "rollouttap_replay_error")
             return
         req = flow.request
-        sent_on = req.get_content(strict=False) or b""
+        # Decoded as the recorded side is (ReplayBook: every coding of a list, within the same bound).
+        sent_on = decode_body(req.raw_content, req.headers.get("content-encoding"))
         # What the agent itself sent (before capture added the fields the replay proxy asks for): as recorded.
         own = flow.metadata.pop(AGENT_BODY_KEY, None)
         body = own if own is not None else sent_on

@@ -703,3 +703,40 @@ def test_a_replayed_upload_is_answered_from_the_recording_never_sent_on(tmp_path
         sink.shutdown()
     assert recorded == "201 uploaded\n" and len(seen) == 1  # the recording's upload only
     assert result.ok and result.stdout == recorded, (result.stderr, result.divergence)
+
+
+def test_a_request_body_in_two_codings_replays_against_its_recording(tmp_path, confdir):
+    # Both sides are decoded alike (every coding of the list): mitmproxy's own decoding undoes one coding only, and
+    # the body the agent sent again never matched the recorded one.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    script = tmp_path / "coded.py"
+    script.write_text("import brotli, gzip, json, sys, urllib.request\n"
+                      "body = brotli.compress(gzip.compress(json.dumps({'q': 'x' * 100}).encode(), mtime=0))\n"
+                      "req = urllib.request.Request(sys.argv[1], data=body, headers={\n"
+                      "    'Content-Type': 'application/json', 'Content-Encoding': 'gzip, br'})\n"
+                      "with urllib.request.urlopen(req, timeout=30) as resp:\n"
+                      "    print(resp.status, resp.read().decode())\n")
+    with ThreadingHTTPServer(("127.0.0.1", 0), Sink) as sink:
+        threading.Thread(target=sink.serve_forever, daemon=True).start()
+        command = [sys.executable, str(script), f"http://127.0.0.1:{sink.server_port}/search"]
+        store = tmp_path / "runs.db"
+        with start_proxy(store, confdir) as proxy:
+            recorded = run_agent(proxy, store, "coded", command, "run-coded")
+        result = replay_agent(store, "coded", command, out=tmp_path / "r.db", confdir=confdir, capture_output=True,
+                              timeout=60)
+        sink.shutdown()
+    assert recorded == "200 ok\n"
+    assert result.ok and result.stdout == recorded, (result.stderr, result.divergence)
