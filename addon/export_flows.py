@@ -29,6 +29,7 @@ with warnings.catch_warnings():
     from mitmproxy.addons.savehar import SaveHar
 
 from rollouttap.store import FlowRecord
+from rollouttap.store.codings import DECODED_BODY_LIMIT, decodes_past
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def har_entries(records: Iterable[FlowRecord]) -> Iterator[dict[str, Any]]:
         # Each record's flow has a server object of its own, never "seen" before: a fresh set, not one that
         # would keep every flow's server alive through the export.
         http_flow = to_http_flow(record)
+        bombs = _take_bombs_coding(http_flow)
         entry = exporter.flow_entry(http_flow, set())
         entry["_rollouttap"] = flow_metadata(record)
         if http_flow.error is not None:  # with no response, mitmproxy's exporter writes _error alone
@@ -213,7 +215,33 @@ def har_entries(records: Iterable[FlowRecord]) -> Iterator[dict[str, Any]]:
         # and viewers (Chrome, har-validator) reject the entry without them.
         entry["response"]["content"] = {"size": 0, "mimeType": "", **entry["response"]["content"]}
         keep_bytes(entry, http_flow)
+        for part, name, coding in bombs:
+            _note_left_coded(entry, part, name, coding)
         yield entry
+
+
+def _take_bombs_coding(http_flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
+    """Take the Content-Encoding off each body that decodes past the store's limit (mitmproxy's exporter decodes
+    without one: a few KB of zstd would take the exporter's memory); (part, header name, coding) of each."""
+    taken = []
+    for part, message in (("request", http_flow.request), ("response", http_flow.response)):
+        if message is None:
+            continue
+        coded = [(name, coding) for name, coding in message.headers.items() if name.lower() == "content-encoding"]
+        for name, coding in coded:
+            if decodes_past(message.raw_content, coding):
+                del message.headers[name]
+                taken.append((part, name, coding))
+    return taken
+
+
+def _note_left_coded(entry: dict[str, Any], part: str, name: str, coding: str) -> None:
+    """Give back the header ``_take_bombs_coding`` took, and say why the body is as stored."""
+    entry[part].setdefault("headers", []).append({"name": name, "value": coding})
+    body = entry[part].get("content" if part == "response" else "postData")
+    if body is not None:
+        said = f"the body as stored, still {coding}-coded: it decodes past {DECODED_BODY_LIMIT >> 20} MiB"
+        body["comment"] = f"{body['comment']}; {said}" if body.get("comment") else said
 
 
 def keep_bytes(entry: dict[str, Any], http_flow: http.HTTPFlow) -> None:

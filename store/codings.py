@@ -45,6 +45,21 @@ def decode_body(body: bytes | None, encoding: str | None, limit: int = DECODED_B
     return body
 
 
+def decodes_past(body: bytes | None, encoding: str | None, limit: int = DECODED_BODY_LIMIT) -> bool:
+    """Whether undoing the body's codings would pass ``limit`` (a reader that cannot bound its own decoding, such
+    as mitmproxy's, must then be given the body as stored)."""
+    if not body:
+        return False
+    for enc in reversed([e.strip().lower() for e in (encoding or "").split(",") if e.strip()]):
+        try:
+            body = _decode_one(body, enc, limit)
+        except DecodedTooLarge:
+            return True
+        except Exception:  # not that coding: a decoder stops at once
+            return False
+    return False
+
+
 def gunzip(body: bytes, limit: int = DECODED_BODY_LIMIT) -> bytes:
     """A whole gzip body as clients read it (``GzipMembers``), as much of a truncated one as decodes; ValueError
     when it does not start as gzip (DecodedTooLarge past ``limit``)."""

@@ -100,3 +100,15 @@ def test_a_stream_decoded_for_its_client_is_not_bounded():
     plain = bytes(WATCH_READ_LIMIT + 1)
     feed = decoded("zstd", lambda data: data)
     assert feed(PACK["zstd"](plain)) + feed(b"") == plain
+
+
+@pytest.mark.parametrize("body, encoding, past", [
+    (PACK["zstd"](bytes(2000)), "zstd", True),
+    (PACK["zstd"](bytes(1000)), "zstd", False),
+    (gzip.compress(brotli.compress(bytes(2000))), "br, gzip", True),  # the inner coding passes it
+    (bytes(2000), None, False),
+    (b"not gzip", "gzip", False),  # does not decode at all: nothing to bound
+])
+def test_decodes_past(body, encoding, past):
+    from rollouttap.store.codings import decodes_past
+    assert decodes_past(body, encoding, limit=1000) is past

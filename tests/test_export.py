@@ -297,3 +297,31 @@ def test_a_har_keeps_the_bytes_of_bodies_and_headers_that_are_not_text(recording
     json.dumps(entry, ensure_ascii=False).encode("utf-8")  # no lone surrogate left: strict UTF-8 takes it
     [plain] = har_document([record])["log"]["entries"]  # text stays text
     assert "encoding" not in plain["response"]["content"] and "_encoding" not in plain["request"]["postData"]
+
+
+def test_a_har_gives_a_body_that_decodes_past_the_limit_as_stored_without_decoding_it_whole(recording):
+    # mitmproxy's exporter decodes a body without a bound: 32 KB of zstd (1 GiB of zeros) would take 1 GiB.
+    import base64
+    import tracemalloc
+    from dataclasses import replace
+
+    import zstandard
+
+    from rollouttap.addon.export_flows import har_document
+    from rollouttap.store.codings import DECODED_BODY_LIMIT
+    with Store(recording.store) as s:
+        record = next(r for r in s.flows(agent_id="plain") if r.method == "POST" and r.response_body)
+    packer = zstandard.ZstdCompressor(level=1).compressobj()
+    bomb = b"".join(packer.compress(bytes(1 << 20)) for _ in range(1024)) + packer.flush()
+    coded = replace(record, response_body=bomb, response_headers=[
+        *[(k, v) for k, v in record.response_headers if k.lower() != "content-length"], ("Content-Encoding", "zstd")])
+    tracemalloc.start()
+    try:
+        [entry] = har_document([coded])["log"]["entries"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < DECODED_BODY_LIMIT + (128 << 20), f"{peak >> 20} MiB held"
+    content = entry["response"]["content"]
+    assert base64.b64decode(content["text"]) == bomb and "decodes past 512 MiB" in content["comment"]
+    assert {"name": "Content-Encoding", "value": "zstd"} in entry["response"]["headers"]
