@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DRAIN_S = 5.0
 # Its listeners closed, requests that came on open connections while the proxy stopped are still being looked up:
 # their rows are queued before the store closes, if their lookups end within this long.
-LATE_ADMITS_S = 2.0
+LATE_ADMITS_S = 1.0
 WRITER_CLOSE_S = 20.0  # then what the writer has not committed is reported lost (ProxyProcess.stop waits longer)
 # Past the backlog limit by this much, refusals are no longer recorded either (a 503's row is ~1 KB): an outage
 # of hours must not grow memory through them.
@@ -87,6 +87,8 @@ class RolloutTap:
         self.exit_status = 0
         self._stopping = False  # shutting down: new requests are refused, flows in flight may still end
         self._store_closed = False  # shut down: the writer takes no more rows
+        self._drained = False  # the drain is over: every request from now on is refused
+        self._retired: set[str] = set()  # flows still live when the drain ended, ended in the store as cut off
         self._late_admits = 0  # requests that came after the stop signal, still being looked up
         self._attributing = 0  # requests between their first hook and their row: the drain waits for them too
         self._arrivals: dict[int, float] = {}  # those requests' arrival times (see StoreWriter.unqueued_since)
@@ -176,11 +178,12 @@ class RolloutTap:
         deadline = time.monotonic() + self.drain_s
         while (self._live or self._attributing) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        self._drained = True  # a lookup that ends later is refused (and recorded), never sent on unrecorded
         listen_for_nudges(None)
         # The store closes next: from then on a request cannot be recorded, so no new connection may come.
         await stop_listening()
-        # No connection comes now; requests on those still open are bounded by their number (each is answered with
-        # Connection: close): the ones being looked up get their 503's rows before the store closes.
+        # No connection comes now; requests on those still open (HTTP/1: each 503 closes its connection) that are
+        # being looked up get their 503's rows before the store closes, within this deadline.
         deadline = time.monotonic() + LATE_ADMITS_S
         while self._late_admits and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -202,7 +205,15 @@ class RolloutTap:
         writer = self.writer
         assert writer is not None
         for flow_id, live in list(self._live.items()):
+            finished = live.tap is not None and sse_finished(live.tap.plain_tail)  # its row will say done
             self._abort(flow_id, live, reason)  # a stream keeps what had arrived from upstream
+            if finished:
+                continue
+            # Its row says it was cut off: so it is, for its client too (nothing more is forwarded, see _kill_retired).
+            self._retired.add(flow_id)
+            for tap in (live.tap, live.request_tap):
+                if tap is not None and tap.failed is None:
+                    tap.failed = reason
         if writer.proxy_id is not None:  # a row exists only once the proxy has run
             writer.upsert_proxy({"proxy_id": writer.proxy_id, "pid": os.getpid(),
                                  "started_at": time.time(), "stopped_at": time.time()})
@@ -314,7 +325,7 @@ class RolloutTap:
     def _refusal(self, late: bool) -> str | None:
         """Why a new request is answered 503 now, if it is (``late``: it arrived while the proxy shut down)."""
         writer = self.writer
-        if late or writer is None or self._store_closed:  # closed while it was looked up: it cannot be recorded
+        if late or self._drained or writer is None or self._store_closed:  # it could no longer be recorded whole
             return "the proxy is shutting down"
         if writer.detached:  # what it records now is lost: say so to every agent, not only in the log
             return writer.detached
@@ -357,7 +368,10 @@ class RolloutTap:
 
     def request(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
-        if live is None or flow.response is not None:
+        if live is None:
+            self._kill_retired(flow)
+            return
+        if flow.response is not None:
             return
         if live.refused is not None:
             self._update(flow.id, flowcols.request_sent(flow, live.opened_key))
@@ -393,7 +407,10 @@ class RolloutTap:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
-        if live is None or flow.response is None:
+        if live is None:
+            self._kill_retired(flow)
+            return
+        if flow.response is None:
             return
         ctype = flow.response.headers.get("content-type", "")
         streamed = ctype[:17].lower() == "text/event-stream"
@@ -415,7 +432,10 @@ class RolloutTap:
 
     def response(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
-        if live is None or flow.response is None:
+        if live is None:
+            self._kill_retired(flow)
+            return
+        if flow.response is None:
             return
         resp = flow.response
         if live.tap is not None and live.tap.failed is not None:
@@ -462,6 +482,12 @@ class RolloutTap:
         self._end(flow.id, "error", {"response_body": bytes(tap.raw), "t_first_byte": tap.first_byte_at,
                                      "t_end": time.time(), "status_code": flow.response.status_code,
                                      "error": error})
+
+    def _kill_retired(self, flow: http.HTTPFlow) -> None:
+        """A flow retired at shutdown goes no further (mitmproxy checks for a kill after each of these hooks): its
+        client must not get an answer its row says it never got."""
+        if flow.id in self._retired and flow.killable:
+            flow.kill()
 
     def error(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)

@@ -587,6 +587,88 @@ def test_flows_still_live_when_the_proxy_stops_keep_their_streamed_bytes(tmp_pat
     assert row.response_text() == 'data: {"n": 1}\n\n' and row.t_first_byte is not None
 
 
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_flow_cut_off_at_shutdown_is_cut_off_for_its_client_too(tmp_path, finished):
+    # Its row says it ended in error: what comes after (the rest of its stream, its end) must not reach its client
+    # as an answer it got, while the writer closes and mitmproxy still serves.
+    from rollouttap.addon.attribution import Attribution
+    from rollouttap.addon.streamtap import StreamTap
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        addon.drain_s = 0.05
+        asyncio.run(addon.running())
+        flow = tflow.tflow(resp=True)
+        addon._record_new(flow, Attribution("cut", "header"))
+        tap = StreamTap()
+        addon._live[flow.id].tap = tap
+        tap(b'data: {"n": 1}\n\n' + (b"data: [DONE]\n\n" if finished else b""))
+        asyncio.run(addon.done())
+        more = tap(b'data: {"n": 2}\n\n')
+        addon.response(flow)
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(agent_id="cut")
+    if finished:  # the client already has its whole answer: nothing to take back
+        assert row.state == "done" and more == [b'data: {"n": 2}\n\n'] and flow.error is None
+    else:
+        assert row.state == "error" and more == [] and flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+
+
+def test_a_request_refused_407_whose_body_came_after_shutdown_is_not_sent_on(tmp_path):
+    # Refused when its headers came, it waits for its body to be answered 407; retired meanwhile, it was then sent
+    # upstream unchecked (its hooks found no live flow).
+    from rollouttap.addon.attribution import Attribution
+
+    async def rejected(flow, to_own_reverse=False):
+        return Attribution("a1", "rejected", None, "bad token")
+
+    async def body_after_shutdown(addon):
+        await addon.running()
+        addon.who.attribute = rejected
+        flow = tflow.tflow(req=_request(method="POST", url="http://example.com/up", headers={"Content-Length": "10"}))
+        await addon.requestheaders(flow)
+        await addon.done()  # the drain ends with the flow still waiting for its body
+        addon.request(flow)
+        return flow
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        addon.drain_s = 0.05
+        flow = asyncio.run(body_after_shutdown(addon))
+    assert flow.response is None and flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows()
+    assert row.state == "error" and "shut down" in row.error
+
+
+def test_a_request_whose_lookup_ends_after_the_drain_is_refused_and_recorded_not_sent_on(tmp_path):
+    # Counted by the drain, but its lookup outlasted it: admitted then, it was recorded as cut off by the shutdown
+    # and sent upstream all the same, its client getting an answer the store lacked.
+    from rollouttap.addon.attribution import Attribution
+
+    async def slow_lookup(flow, to_own_reverse=False):
+        await asyncio.sleep(0.3)
+        return Attribution("slow", "header")
+
+    async def stop_during_lookup(addon):
+        await addon.running()
+        addon.who.attribute = slow_lookup
+        flow = tflow.tflow(req=_request(headers={"X-Agent-ID": "slow"}))
+        request = asyncio.create_task(addon.requestheaders(flow))
+        await asyncio.sleep(0.01)  # it arrived before the stop signal
+        addon._late_admits += 1  # and another one after it, still being looked up: the store stays open for it
+        closing = asyncio.create_task(addon.done())
+        await request
+        addon._late_admits -= 1
+        await closing
+        return flow
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        addon.drain_s = 0.1
+        flow = asyncio.run(stop_during_lookup(addon))
+    assert flow.response is not None and flow.response.status_code == 503
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(agent_id="slow")
+    assert row.status_code == 503 and "shutting down" in row.error
+
+
 def test_a_request_still_being_attributed_when_the_proxy_stops_is_recorded(tmp_path):
     from rollouttap.addon.attribution import Attribution
 
