@@ -53,6 +53,9 @@ def agent_view(entry: Recorded) -> bytes:
     return resp.raw_content or b""
 
 
+REPLAY_READ = 64 << 10  # a recorded stream is fed to capture's rewrite in pieces of this size, as reads came live
+
+
 def as_the_agent_saw(entry: Recorded, resp: http.Response) -> None:
     """Make ``resp`` (the recorded answer) what the agent received: the fields the recording proxy asked for
     stripped again, by the functions capture strips with live. An answer the server compressed all the same is
@@ -74,8 +77,10 @@ def as_the_agent_saw(entry: Recorded, resp: http.Response) -> None:
     rewrite = stream_rewrite(resp, injection, {})
     if rewrite is None:  # a coding it cannot undo (logged): as live, the stream goes on as it came
         return
-    try:
-        body = rewrite(resp.raw_content or b"") + rewrite(b"")
+    raw = memoryview(resp.raw_content or b"")
+    try:  # read by read, as live (a decoder bounds each read's output, not the stream's)
+        body = b"".join(rewrite(bytes(raw[at:at + REPLAY_READ])) for at in range(0, len(raw), REPLAY_READ)) + \
+            rewrite(b"")
     except Exception as exc:  # zlib's, brotli's, zstd's errors: live, the agent met a broken stream
         log.warning("replay: the recorded stream of flow %s does not decode (%s); answering it as recorded",
                     entry.flow_id, exc)

@@ -9,6 +9,9 @@ from rollouttap.store.codings import stream_decoder
 
 # A watched stream's read decodes to this much at most (a real one: ten times its compressed size or so).
 WATCH_READ_LIMIT = 16 << 20
+# A model's stream decoded for its agent (token ids stripped): a configured server's, trusted further; past it the
+# stream is cut (StreamTap.failed), as one that does not decode.
+STRIP_READ_LIMIT = 64 << 20
 
 
 class StreamTap:
@@ -112,9 +115,9 @@ def last_bytes(tail: bytes, more: bytes) -> bytes:
 
 def decoded(encoding: str, then: Callable[[bytes], bytes] | None) -> DecodedFeed | None:
     """A DecodedFeed for a ``content-encoding`` stream (gzip, deflate, br, zstd); None for any other coding, or a
-    list of them. Watching alone (no ``then``), each read decodes to WATCH_READ_LIMIT at most: past it the watch
-    stops (any host's stream is watched: a small one must not take the proxy's memory)."""
-    decoder = stream_decoder(encoding.strip().lower(), WATCH_READ_LIMIT if then is None else None)
+    list of them. Each read decodes to a bound (a small stream must not take the proxy's memory): watching alone
+    (no ``then``: any host's stream) WATCH_READ_LIMIT, past which the watch stops; else STRIP_READ_LIMIT."""
+    decoder = stream_decoder(encoding.strip().lower(), WATCH_READ_LIMIT if then is None else STRIP_READ_LIMIT)
     if decoder is None:
         return None
     decompress, flush = decoder

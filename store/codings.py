@@ -16,8 +16,8 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 # A stored body read back: far above any real one (a request of many images is tens of MB, an answer with top-20
-# logprobs of 32k tokens about 40 MB).
-DECODED_BODY_LIMIT = 512 << 20
+# logprobs of 32k tokens about 40 MB). Reaching it holds about twice as much for a moment (the pieces, then joined).
+DECODED_BODY_LIMIT = 256 << 20
 # A zstd stream is fed this much at a time where a limit holds (its decoder takes none): one of its blocks of at
 # most 4 bytes may decode to 128 KiB, so a slice overshoots a limit by 8 MiB at most before it is checked.
 _ZSTD_SLICE = 256
@@ -30,8 +30,8 @@ class DecodedTooLarge(ValueError):
 
 
 def decode_body(body: bytes | None, encoding: str | None, limit: int = DECODED_BODY_LIMIT) -> bytes:
-    """Undo Content-Encoding; bodies are stored exactly as they crossed the wire. One that does not decode (or
-    decodes past ``limit``) is returned as far as its codings undid whole."""
+    """Undo Content-Encoding; bodies are stored exactly as they crossed the wire. A truncated body gives what of
+    it decodes; one that does not decode, or decodes past ``limit``, is returned as far as its codings undid."""
     if not body:
         return b""
     for enc in reversed([e.strip().lower() for e in (encoding or "").split(",") if e.strip()]):
@@ -194,10 +194,8 @@ def _brotli(limit: int | None) -> Decoder:
         return bobj.process, lambda: b""
 
     def process(data: bytes) -> bytes:
-        try:
-            out = bobj.process(data, output_buffer_limit=limit + 1)
-        except TypeError:  # Brotli before 1.2 takes no limit: its output is checked once it is made
-            out = bobj.process(data)
+        # It stops once its output reaches the limit (one block past it at most), the rest of the input unread.
+        out = bobj.process(data, output_buffer_limit=limit + 1)
         _check(len(out), limit)
         return out
     return process, lambda: b""

@@ -94,12 +94,15 @@ def test_a_watched_stream_stops_being_watched_past_the_limit_and_passes_as_it_ca
     assert fine(small) == [small] and sse_finished(fine.plain_tail)
 
 
-def test_a_stream_decoded_for_its_client_is_not_bounded():
-    # A model's stream, decoded because its token ids are stripped: every byte goes on to the agent.
-    from rollouttap.addon.streamtap import WATCH_READ_LIMIT, decoded
+def test_a_stream_decoded_for_its_client_takes_more_than_a_watch_and_is_cut_past_its_own_limit():
+    # A model's stream, decoded because its token ids are stripped: every byte goes on to the agent, so a read
+    # past the limit breaks the stream (the client meets a broken one), as bytes that do not decode do.
+    from rollouttap.addon.streamtap import STRIP_READ_LIMIT, WATCH_READ_LIMIT, StreamTap, decoded
     plain = bytes(WATCH_READ_LIMIT + 1)
     feed = decoded("zstd", lambda data: data)
     assert feed(PACK["zstd"](plain)) + feed(b"") == plain
+    tap = StreamTap(decoded("zstd", lambda data: data))
+    assert tap(PACK["zstd"](bytes(STRIP_READ_LIMIT + 1))) == [] and "DecodedTooLarge" in tap.failed
 
 
 @pytest.mark.parametrize("body, encoding, past", [

@@ -740,3 +740,23 @@ def test_a_request_body_in_two_codings_replays_against_its_recording(tmp_path, c
         sink.shutdown()
     assert recorded == "200 ok\n"
     assert result.ok and result.stdout == recorded, (result.stderr, result.divergence)
+
+
+def test_a_recorded_stream_that_decodes_past_one_reads_bound_is_stripped_read_by_read():
+    # Live, each read of a compressed stream decodes within a bound; the recorded body is fed the same way, not
+    # whole (a long answer with logprobs, compressed, decodes past one read's bound).
+    import gzip
+
+    from rollouttap.addon.replay import as_the_agent_saw
+    from rollouttap.addon.streamtap import STRIP_READ_LIMIT
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "x" * (STRIP_READ_LIMIT + 1)}, "logprobs": None,
+                          "finish_reason": None, "token_ids": [3]}]}
+    sse = f"data: {json.dumps(chunk, separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
+    stream = replace(_rec(0, {"messages": [], "stream": True}, injected={"return_token_ids": True}),
+                     response_headers=[("content-type", "text/event-stream"), ("content-encoding", "gzip")],
+                     response_body=gzip.compress(sse, compresslevel=1))
+    resp = recorded_response(stream, stream.response_body)
+    as_the_agent_saw(stream, resp)
+    assert "content-encoding" not in resp.headers
+    assert resp.raw_content == sse.replace(b'"token_ids":[3]', b'"token_ids":null')
