@@ -27,8 +27,8 @@ from rollouttap.addon.flow_attribution import FlowAttribution
 from rollouttap.addon.injection import AGENT_BODY_KEY
 from rollouttap.addon.loopback import is_any_address
 from rollouttap.addon.master_hooks import (
-    exit_after_done, listen_for_nudges, listeners, rebind_on_loopback, reverse_listeners, shutdown_when_gone,
-    stop_listening,
+    close_unanswered, exit_after_done, listen_for_nudges, listeners, rebind_on_loopback, reverse_listeners,
+    shutdown_when_gone, stop_listening,
 )
 from rollouttap.addon.routes import Route, find_route, own_reverse_routes
 from rollouttap.addon.streamtap import StreamTap
@@ -282,28 +282,35 @@ class RolloutTap:
             return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
-        if who.method == "rejected":  # answered once its body is in, so that the body is kept
+        streamed = who.method != "rejected" and self._streamed(req)  # a refused one is answered once its body is in
+        if not streamed and (too_large := held_too_large(req.headers.get("content-length", ""),
+                                                         ctx.options.rollouttap_held_body_max_mb)):
+            # mitmproxy reads a body whole before any answer goes out: only a closed connection spares the memory.
+            self._end(flow.id, "error", {"error": too_large, "t_end": time.time()})
+            close_unanswered(flow)
+            return
+        if who.method == "rejected":
             self._live[flow.id].refused = who
-        else:
-            self._stream_request(flow, self._live[flow.id])
+        elif streamed:
+            live = self._live[flow.id]
+            length = req.headers.get("content-length", "")
+            live.request_tap = StreamTap(keep=ctx.options.rollouttap_body_keep_mb << 20)
+            live.request_length = int(length) if length.isdigit() else None
+            req.stream = live.request_tap
 
-    def _stream_request(self, flow: http.HTTPFlow, live: _Live) -> None:
-        """An upload larger than rollouttap_body_keep_mb (or of unknown size) to a host that is not a model host
-        goes upstream as it arrives, the store keeping its first part. Any other body is held whole until it is
-        in: a body streamed to a server that cannot be reached is never read, so never kept."""
-        req = flow.request
+    def _streamed(self, req: http.Request) -> bool:
+        """Whether the request's body goes upstream as it arrives, the store keeping its first part: an upload
+        larger than rollouttap_body_keep_mb (or of unknown size) to a host that is not a model host. Any other
+        body is held whole until it is in: a body streamed to a server that cannot be reached is never read, so
+        never kept."""
         keep = ctx.options.rollouttap_body_keep_mb << 20
         length = req.headers.get("content-length", "")
         if not keep or not may_have_body(req) or (length.isdigit() and int(length) <= keep):
-            return
+            return False
         # A model API path (any host: conversations read those calls) is kept whole; a route readdresses the
         # request in the request hook, too late for a body already on its way.
-        if tokenids.endpoint_for_path(req.path) is not None or \
-                (self.routes and find_route(self.routes, req.pretty_host, req.port) is not None):
-            return
-        live.request_tap = StreamTap(keep=keep)
-        live.request_length = int(length) if length.isdigit() else None
-        req.stream = live.request_tap
+        return tokenids.endpoint_for_path(req.path) is None and \
+            not (self.routes and find_route(self.routes, req.pretty_host, req.port) is not None)
 
     async def _admit(self, flow: http.HTTPFlow, to_own_reverse: bool = False) -> Attribution | None:
         """Who sent the flow, or None when it was answered 503 instead (recorded as that agent's call, so that its
@@ -537,7 +544,7 @@ class RolloutTap:
             # proxy that is gone, never a 503 the store lacks.
             if self._unanswered_said.due():  # an error, kept by mitmdump -q: a request reached the proxy unrecorded
                 log.error("rollouttap: a request came after the store closed: closed its connection unanswered")
-            flow.kill()
+            close_unanswered(flow)
             return
         if self._refusals_said.due():
             # An error, so that mitmdump -q (as the manager starts it) keeps it in its log, unless shutting down.
@@ -587,6 +594,14 @@ class RolloutTap:
         if live.meta:
             cols["meta"] = dict(live.meta)
         self._update(flow_id, cols)
+
+
+def held_too_large(content_length: str, limit_mb: int) -> str | None:
+    """Why a body of ``content_length`` bytes (the header's value) is too large to hold, if it is."""
+    if not limit_mb or not content_length.isdigit() or int(content_length) <= limit_mb << 20:
+        return None
+    return (f"a request body of {int(content_length)} bytes, over rollouttap_held_body_max_mb ({limit_mb} MiB) of one "
+            "the proxy holds whole before sending it on: not read, its connection closed")
 
 
 def _replaying() -> bool:

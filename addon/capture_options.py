@@ -53,6 +53,12 @@ def declare(loader: Any) -> None:
                       "upload), keep at most this many MiB in the store; the other side still gets every byte, live. "
                       "0 keeps every byte (and holds an upload whole before sending it on). Requests to and answers "
                       "from a model host's chat, completions and responses paths are kept whole.")
+    loader.add_option("rollouttap_held_body_max_mb", int, 256,
+                      "A request body the proxy holds whole before sending it on (to a model host's chat, "
+                      "completions and responses paths, routed, refused 407, or any with rollouttap_body_keep_mb 0) "
+                      "whose Content-Length is over this many MiB is not read: its connection is closed and the flow "
+                      "recorded with why, so that one agent cannot take the memory every agent's calls go through. "
+                      "0: no limit.")
     loader.add_option("rollouttap_parent_pid", int, 0,
                       "Shut down cleanly when this process ends (the manager that started us).")
     loader.add_option("rollouttap_log_file", str, "",
@@ -69,6 +75,9 @@ def check(opts: Any, updated: set[str]) -> None:
     if "rollouttap_body_keep_mb" in updated and opts.rollouttap_body_keep_mb < 0:
         raise exceptions.OptionsError("rollouttap_body_keep_mb must be 0 (keep every byte) or more (MiB), not "
                                       f"{opts.rollouttap_body_keep_mb}")
+    if "rollouttap_held_body_max_mb" in updated and opts.rollouttap_held_body_max_mb < 0:
+        raise exceptions.OptionsError("rollouttap_held_body_max_mb must be 0 (no limit) or more (MiB), not "
+                                      f"{opts.rollouttap_held_body_max_mb}")
     if "stream_large_bodies" in updated and opts.stream_large_bodies:
         # mitmproxy streams a body past that size whatever a hook says, before the addon can see it.
         raise exceptions.OptionsError(

@@ -114,6 +114,20 @@ async def shutdown_when_gone(pid: int, interval: float = 1.0, on_gone: Callable[
     ctx.master.shutdown()
 
 
+def close_unanswered(flow: Any) -> None:
+    """Kill a flow at its request headers, its HTTP/1 client connection closed at once. mitmproxy 12.2 leaves a
+    connection killed there open and unread while the body is still on its way (the client then waits until
+    the proxy exits); answering instead would mean reading the whole body first, into memory."""
+    flow.kill()
+    if not flow.request.http_version.startswith("HTTP/1"):
+        return  # HTTP/2: the kill resets that stream alone, and the connection carries others
+    handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+    io = handler.transports.get(flow.client_conn) if handler is not None else None
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    if transport is not None:
+        transport.abort()
+
+
 async def stop_listening() -> None:
     """Close every listener (connections already open stay open): a client that connects from now on is refused
     by the kernel instead of answered by a proxy that can no longer record it."""

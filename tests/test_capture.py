@@ -480,8 +480,9 @@ def test_once_its_store_closes_a_stopping_proxy_refuses_connections_so_every_503
     assert len(rows) == statuses.count(503)  # every refusal the clients saw is in the store
 
 
+@pytest.mark.parametrize("body", [None, b"u" * 1_000_000])
 def test_a_request_on_an_open_connection_after_the_store_closed_is_not_answered_503_unrecorded(
-        tmp_path, confdir, upstream):
+        tmp_path, confdir, upstream, body):
     # Its listeners closed, the proxy still holds the connections clients kept open: a request on one of them can no
     # longer be recorded, so it gets no answer (its connection closes) rather than a 503 the store lacks.
     store = tmp_path / "s.db"
@@ -499,8 +500,9 @@ def test_a_request_on_an_open_connection_after_the_store_closed_is_not_answered_
                 return True
             return False
         wait_for(refused, what="new connections refused while the store closes")
-        try:
-            status = kept.get(upstream.url + "/echo", headers={"X-Agent-ID": "kept"}, timeout=5).status_code
+        try:  # a body on its way too: its connection closes at once, not once the proxy has exited
+            status = kept.request("GET" if body is None else "POST", upstream.url + "/echo", data=body,
+                                  headers={"X-Agent-ID": "kept"}, timeout=5).status_code
         except requests.ConnectionError:
             status = None
         lock.execute("ROLLBACK")

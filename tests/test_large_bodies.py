@@ -209,3 +209,50 @@ def test_an_upload_answered_before_it_ended_keeps_its_first_part_marked_unended(
     assert flow.request_body == first[:MIB]  # a first part, and said to be one: never a short body passing for whole
     size = None if chunked else len(first) + len(rest)
     assert flow.meta["request_body_cut"] == {"size": size, "kept": MIB, "ended": False}
+
+
+def test_a_body_the_proxy_would_hold_whole_past_its_limit_is_not_read_and_recorded_with_why(tmp_path, confdir,
+                                                                                          upstream):
+    # mitmproxy reads a held body whole, whatever a hook answers: one agent's 20 GB prompt would take the memory
+    # every agent's calls go through. An upload it streams on is not held: no limit.
+    host = upstream.url.split("://", 1)[1]
+    with start_proxy(tmp_path / "s.db", confdir, model_hosts=(host,),
+                     extra={"rollouttap_held_body_max_mb": "1", "rollouttap_body_keep_mb": "1"}) as proxy:
+        over = {"model": "m", "messages": [{"role": "user", "content": "x" * (2 * MIB)}]}
+        with pytest.raises(requests.ConnectionError):
+            requests.post(upstream.url + "/v1/chat/completions", json=over, headers={"X-Agent-ID": "big"},
+                          proxies={"http": proxy.url}, timeout=30)
+        small = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert requests.post(upstream.url + "/v1/chat/completions", json=small, headers={"X-Agent-ID": "big"},
+                             proxies={"http": proxy.url}, timeout=30).status_code == 200
+        upload = requests.post(upstream.url + "/echo", data=b"y" * (2 * MIB), headers={"X-Agent-ID": "big"},
+                               proxies={"http": proxy.url}, timeout=30)
+        flows = settled_flows(proxy.config.store, agent_id="big")
+    assert upload.status_code == 200 and len(upload.json()["body"]) == 2 * MIB
+    [refused] = [f for f in flows if f.state == "error"]
+    assert refused.path == "/v1/chat/completions" and "over rollouttap_held_body_max_mb (1 MiB)" in refused.error
+    assert sorted(f.status_code for f in flows if f.state == "done") == [200, 200]
+
+
+@pytest.mark.parametrize("length, limit_mb, too_large", [
+    ("1048577", 1, True), ("1048576", 1, False), ("", 1, False), ("12x", 1, False), ("99999999999", 0, False),
+])
+def test_held_too_large(length, limit_mb, too_large):
+    from rollouttap.addon.capture import held_too_large
+    said = held_too_large(length, limit_mb)
+    assert (said is not None) == too_large
+    assert said is None or f"a request body of {length} bytes" in said
+
+
+@pytest.mark.parametrize("name", ["rollouttap_held_body_max_mb", "rollouttap_body_keep_mb"])
+def test_a_negative_size_is_refused(name):
+    from types import SimpleNamespace
+
+    from mitmproxy import exceptions
+
+    from rollouttap.addon.capture_options import check
+    opts = SimpleNamespace(rollouttap_pid_lookup="eager", rollouttap_body_keep_mb=1, rollouttap_held_body_max_mb=1,
+                           stream_large_bodies=None, rollouttap_store_backlog_mb=1)
+    setattr(opts, name, -1)
+    with pytest.raises(exceptions.OptionsError, match=f"{name} must be 0"):
+        check(opts, {name})
