@@ -670,8 +670,10 @@ def test_a_request_body_kept_only_in_part_matches_a_replayed_body_of_its_size_an
     assert mismatch(entry, entry.method, path, b"X" + whole[1:], b"X" + whole[1:]) is not None
 
 
-def test_a_replayed_upload_is_answered_from_the_recording_never_sent_on(tmp_path, confdir):
-    """Capture streams an upload's body upstream as it arrives; under replay it must be held and answered."""
+def _recorded_then_replayed(tmp_path, confdir, agent: str, script: str, answer: tuple[int, bytes],
+                            **proxy_kwargs: Any) -> tuple[str, Any, list[bytes]]:
+    """Run ``script`` (a URL of a local server as its argv[1]) as ``agent`` through a proxy, then replay it: what
+    it printed, the replay's result, and the bodies the server got (it answers every POST with ``answer``)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     seen: list[bytes] = []
@@ -679,28 +681,34 @@ def test_a_replayed_upload_is_answered_from_the_recording_never_sent_on(tmp_path
     class Sink(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             seen.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(201)
-            self.send_header("Content-Length", "8")
+            self.send_response(answer[0])
+            self.send_header("Content-Length", str(len(answer[1])))
             self.end_headers()
-            self.wfile.write(b"uploaded")
+            self.wfile.write(answer[1])
 
         def log_message(self, *args: object) -> None:
             pass
 
-    script = tmp_path / "upload.py"
-    script.write_text("import sys, urllib.request\n"
-                      "req = urllib.request.Request(sys.argv[1], data=b'z' * 3_000_000)\n"
-                      "with urllib.request.urlopen(req, timeout=30) as resp:\n"
-                      "    print(resp.status, resp.read().decode())\n")
+    (tmp_path / "agent.py").write_text(script)
     with ThreadingHTTPServer(("127.0.0.1", 0), Sink) as sink:
         threading.Thread(target=sink.serve_forever, daemon=True).start()
-        command = [sys.executable, str(script), f"http://127.0.0.1:{sink.server_port}/files"]
+        command = [sys.executable, str(tmp_path / "agent.py"), f"http://127.0.0.1:{sink.server_port}/files"]
         store = tmp_path / "runs.db"
-        with start_proxy(store, confdir, extra={"rollouttap_body_keep_mb": "1"}) as proxy:
-            recorded = run_agent(proxy, store, "up", command, "run-up")
-        result = replay_agent(store, "up", command, out=tmp_path / "r.db", confdir=confdir, capture_output=True,
+        with start_proxy(store, confdir, **proxy_kwargs) as proxy:
+            recorded = run_agent(proxy, store, agent, command, f"run-{agent}")
+        result = replay_agent(store, agent, command, out=tmp_path / "r.db", confdir=confdir, capture_output=True,
                               timeout=60)
         sink.shutdown()
+    return recorded, result, seen
+
+
+def test_a_replayed_upload_is_answered_from_the_recording_never_sent_on(tmp_path, confdir):
+    """Capture streams an upload's body upstream as it arrives; under replay it must be held and answered."""
+    recorded, result, seen = _recorded_then_replayed(
+        tmp_path, confdir, "up", "import sys, urllib.request\n"
+        "req = urllib.request.Request(sys.argv[1], data=b'z' * 3_000_000)\n"
+        "with urllib.request.urlopen(req, timeout=30) as resp:\n"
+        "    print(resp.status, resp.read().decode())\n", (201, b"uploaded"), extra={"rollouttap_body_keep_mb": "1"})
     assert recorded == "201 uploaded\n" and len(seen) == 1  # the recording's upload only
     assert result.ok and result.stdout == recorded, (result.stderr, result.divergence)
 
@@ -708,36 +716,13 @@ def test_a_replayed_upload_is_answered_from_the_recording_never_sent_on(tmp_path
 def test_a_request_body_in_two_codings_replays_against_its_recording(tmp_path, confdir):
     # Both sides are decoded alike (every coding of the list): mitmproxy's own decoding undoes one coding only, and
     # the body the agent sent again never matched the recorded one.
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Sink(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    script = tmp_path / "coded.py"
-    script.write_text("import brotli, gzip, json, sys, urllib.request\n"
-                      "body = brotli.compress(gzip.compress(json.dumps({'q': 'x' * 100}).encode(), mtime=0))\n"
-                      "req = urllib.request.Request(sys.argv[1], data=body, headers={\n"
-                      "    'Content-Type': 'application/json', 'Content-Encoding': 'gzip, br'})\n"
-                      "with urllib.request.urlopen(req, timeout=30) as resp:\n"
-                      "    print(resp.status, resp.read().decode())\n")
-    with ThreadingHTTPServer(("127.0.0.1", 0), Sink) as sink:
-        threading.Thread(target=sink.serve_forever, daemon=True).start()
-        command = [sys.executable, str(script), f"http://127.0.0.1:{sink.server_port}/search"]
-        store = tmp_path / "runs.db"
-        with start_proxy(store, confdir) as proxy:
-            recorded = run_agent(proxy, store, "coded", command, "run-coded")
-        result = replay_agent(store, "coded", command, out=tmp_path / "r.db", confdir=confdir, capture_output=True,
-                              timeout=60)
-        sink.shutdown()
+    recorded, result, _ = _recorded_then_replayed(
+        tmp_path, confdir, "coded", "import brotli, gzip, json, sys, urllib.request\n"
+        "body = brotli.compress(gzip.compress(json.dumps({'q': 'x' * 100}).encode(), mtime=0))\n"
+        "req = urllib.request.Request(sys.argv[1], data=body, headers={\n"
+        "    'Content-Type': 'application/json', 'Content-Encoding': 'gzip, br'})\n"
+        "with urllib.request.urlopen(req, timeout=30) as resp:\n"
+        "    print(resp.status, resp.read().decode())\n", (200, b"ok"))
     assert recorded == "200 ok\n"
     assert result.ok and result.stdout == recorded, (result.stderr, result.divergence)
 
