@@ -187,7 +187,7 @@ class RolloutTap:
         deadline = time.monotonic() + LATE_ADMITS_S
         while self._late_admits and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        self._retire("proxy shut down before the flow ended")
+        self._retire("proxy shut down before the flow ended", cut=True)
         self._store_closed = True  # set on the loop, before the thread starts: hooks then record nothing more
         await asyncio.to_thread(writer.close, WRITER_CLOSE_S)  # off the loop: it may take a while
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -200,14 +200,14 @@ class RolloutTap:
     def _orphaned(self) -> None:
         self.parent_gone = True
 
-    def _retire(self, reason: str) -> None:
+    def _retire(self, reason: str, *, cut: bool = False) -> None:
         """End the flows in flight and mark this proxy stopped in the store (the caller closes the writer)."""
         writer = self.writer
         assert writer is not None
         for flow_id, live in list(self._live.items()):
             finished = live.tap is not None and sse_finished(live.tap.plain_tail)  # its row will say done
             self._abort(flow_id, live, reason)  # a stream keeps what had arrived from upstream
-            if finished:
+            if finished or not cut:  # a store switched at run time: the flow goes on, recorded in part
                 continue
             # Its row says it was cut off: so it is, for its client too (nothing more is forwarded, see _kill_retired).
             self._retired.add(flow_id)
@@ -278,25 +278,32 @@ class RolloutTap:
         req = flow.request
         flowcols.bracket_ipv6_host(req)  # reverse mode to an IPv6 target: as the upstream and the store should see it
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
+        streamed, too_large = self._streamed(req), None
+        # mitmproxy reads a held body whole before any answer can go out, and reads on while the sender is looked
+        # up: a body too large to hold has its connection closed first (the row, with why, comes after).
+        if not streamed and (too_large := self._held_too_large(req)):
+            close_unanswered(flow)
         if (who := await self._admit(flow, to_own_reverse=own is not None)) is None:
             return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
-        streamed = who.method != "rejected" and self._streamed(req)  # a refused one is answered once its body is in
-        if not streamed and (too_large := held_too_large(req.headers.get("content-length", ""),
-                                                         ctx.options.rollouttap_held_body_max_mb)):
-            # mitmproxy reads a body whole before any answer goes out: only a closed connection spares the memory.
+        if streamed and who.method == "rejected" and (too_large := self._held_too_large(req)):
+            close_unanswered(flow)  # answered 407 once its body is in: held after all
+        if too_large:
             self._end(flow.id, "error", {"error": too_large, "t_end": time.time()})
-            close_unanswered(flow)
             return
         if who.method == "rejected":
             self._live[flow.id].refused = who
-        elif streamed:
+        elif streamed:  # a refused one is answered once its body is in
             live = self._live[flow.id]
             length = req.headers.get("content-length", "")
             live.request_tap = StreamTap(keep=ctx.options.rollouttap_body_keep_mb << 20)
             live.request_length = int(length) if length.isdigit() else None
             req.stream = live.request_tap
+
+    @staticmethod
+    def _held_too_large(req: http.Request) -> str | None:
+        return held_too_large(req.headers.get("content-length", ""), ctx.options.rollouttap_held_body_max_mb)
 
     def _streamed(self, req: http.Request) -> bool:
         """Whether the request's body goes upstream as it arrives, the store keeping its first part: an upload
@@ -493,13 +500,17 @@ class RolloutTap:
     def _kill_retired(self, flow: http.HTTPFlow) -> None:
         """A flow retired at shutdown goes no further (mitmproxy checks for a kill after each of these hooks): its
         client must not get an answer its row says it never got."""
-        if flow.id in self._retired and flow.killable:
-            flow.kill()
+        if flow.id in self._retired:
+            self._retired.discard(flow.id)
+            if flow.killable:
+                flow.kill()
 
     def error(self, flow: http.HTTPFlow) -> None:
         live = self._live.get(flow.id)
         if live is not None:
             self._abort(flow.id, live, flow.error.msg if flow.error else "unknown error")
+        else:
+            self._retired.discard(flow.id)
 
     def _abort(self, flow_id: str, live: _Live, reason: str) -> None:
         """End a flow that broke off, keeping what arrived; a stream that already sent its final

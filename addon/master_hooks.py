@@ -118,14 +118,15 @@ def close_unanswered(flow: Any) -> None:
     """Kill a flow at its request headers, its HTTP/1 client connection closed at once. mitmproxy 12.2 leaves a
     connection killed there open and unread while the body is still on its way (the client then waits until
     the proxy exits); answering instead would mean reading the whole body first, into memory."""
-    flow.kill()
+    if flow.killable:  # not once already killed (a request refused after it was closed)
+        flow.kill()
     if not flow.request.http_version.startswith("HTTP/1"):
         return  # HTTP/2: the kill resets that stream alone, and the connection carries others
     handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
     io = handler.transports.get(flow.client_conn) if handler is not None else None
     transport = getattr(getattr(io, "writer", None), "transport", None)
-    if transport is not None:
-        transport.abort()
+    if transport is not None:  # None in local or WireGuard mode (a stream of mitmproxy_rs): the kill alone
+        transport.close()  # what it still has to write (an answer before this request) goes first
 
 
 async def stop_listening() -> None:

@@ -640,6 +640,34 @@ def test_a_request_refused_407_whose_body_came_after_shutdown_is_not_sent_on(tmp
     assert row.state == "error" and "shut down" in row.error
 
 
+def test_a_body_too_large_to_hold_has_its_connection_closed_before_its_sender_is_looked_up(tmp_path):
+    # mitmproxy reads the body on, into memory, while the hook waits for the lookup: a slow one let in as much of
+    # it as it took time.
+    from rollouttap.addon.attribution import Attribution
+    killed_before_lookup: list[bool] = []
+
+    async def lookup(flow, to_own_reverse=False):
+        killed_before_lookup.append(flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE)
+        return Attribution("big", "header")
+
+    async def send(addon):
+        await addon.running()
+        addon.who.attribute = lookup
+        flow = tflow.tflow(req=_request(method="POST", url="http://example.com/v1/chat/completions"))
+        flow.request.headers["Content-Length"] = str(2 << 20)  # announced; its body is still on its way
+        await addon.requestheaders(flow)
+        return flow
+
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, tctx):
+        tctx.configure(addon, rollouttap_held_body_max_mb=1)
+        flow = asyncio.run(send(addon))
+        asyncio.run(addon.done())
+    assert killed_before_lookup == [True] and flow.response is None
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(agent_id="big")
+    assert row.state == "error" and "over rollouttap_held_body_max_mb (1 MiB)" in row.error
+
+
 def test_a_request_whose_lookup_ends_after_the_drain_is_refused_and_recorded_not_sent_on(tmp_path):
     # Counted by the drain, but its lookup outlasted it: admitted then, it was recorded as cut off by the shutdown
     # and sent upstream all the same, its client getting an answer the store lacked.
@@ -1540,7 +1568,16 @@ def test_a_store_changed_at_run_time_gets_the_proxy_row_and_the_old_one_stops(tm
             tctx.master.addons.invoke_addon_sync(addon, hooks.ConfigureHook({"rollouttap_store"}))
         set_store(first)
         asyncio.run(addon.running())
+        from rollouttap.addon.attribution import Attribution
+        from rollouttap.addon.streamtap import StreamTap
+        flow = tflow.tflow(resp=True)
+        addon._record_new(flow, Attribution("on", "header"))
+        addon._live[flow.id].tap = tap = StreamTap()
         set_store(second)
+        # Its row in the old store ends as cut off, but the proxy goes on: so does the flow, for its client.
+        assert tap(b"data: more\n\n") == [b"data: more\n\n"]
+        addon.response(flow)
+        assert flow.error is None
         with Store(first) as old_store:  # the old writer was closed: all it had is committed
             [old] = old_store.proxies()
         assert old["stopped_at"] is not None  # readers of the old store stop waiting for this proxy
