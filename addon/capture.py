@@ -292,9 +292,9 @@ class RolloutTap:
         if too_large:
             self._end(flow.id, "error", {"error": too_large, "t_end": time.time()})
             return
-        if who.method == "rejected":
+        if who.method == "rejected":  # answered once its body is in, so that the body is kept
             self._live[flow.id].refused = who
-        elif streamed:  # a refused one is answered once its body is in
+        elif streamed:
             live = self._live[flow.id]
             length = req.headers.get("content-length", "")
             live.request_tap = StreamTap(keep=ctx.options.rollouttap_body_keep_mb << 20)
