@@ -283,7 +283,13 @@ class RolloutTap:
         # up: a body too large to hold has its connection closed first (the row, with why, comes after).
         if not streamed and (too_large := self._held_too_large(req)):
             close_unanswered(flow)
-        if (who := await self._admit(flow, to_own_reverse=own is not None)) is None:
+            if self._store_closed:
+                return
+            # Looked up for its row only (never a 503: its client got no answer), if the store still takes one then.
+            who = await self._attribute(flow, to_own_reverse=own is not None, counted=not self._stopping)
+            if self._store_closed or self.writer is None:
+                return
+        elif (who := await self._admit(flow, to_own_reverse=own is not None)) is None:
             return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)

@@ -640,7 +640,8 @@ def test_a_request_refused_407_whose_body_came_after_shutdown_is_not_sent_on(tmp
     assert row.state == "error" and "shut down" in row.error
 
 
-def test_a_body_too_large_to_hold_has_its_connection_closed_before_its_sender_is_looked_up(tmp_path):
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_body_too_large_to_hold_has_its_connection_closed_before_its_sender_is_looked_up(tmp_path, stopping):
     # mitmproxy reads the body on, into memory, while the hook waits for the lookup: a slow one let in as much of
     # it as it took time.
     from rollouttap.addon.attribution import Attribution
@@ -660,6 +661,7 @@ def test_a_body_too_large_to_hold_has_its_connection_closed_before_its_sender_is
 
     with _tap_in_test_context(tmp_path / "s.db") as (addon, tctx):
         tctx.configure(addon, rollouttap_held_body_max_mb=1)
+        addon._stopping = stopping  # while the proxy stops too: its row says why it was closed, not "503"
         flow = asyncio.run(send(addon))
         asyncio.run(addon.done())
     assert killed_before_lookup == [True] and flow.response is None
