@@ -27,8 +27,8 @@ from rollouttap.addon.flow_attribution import FlowAttribution
 from rollouttap.addon.injection import AGENT_BODY_KEY
 from rollouttap.addon.loopback import is_any_address
 from rollouttap.addon.master_hooks import (
-    close_unanswered, exit_after_done, listen_for_nudges, listeners, rebind_on_loopback, reverse_listeners,
-    shutdown_when_gone, stop_listening,
+    close_unanswered, exit_after_done, listen_for_nudges, listeners, pause_reading, rebind_on_loopback,
+    reverse_listeners, shutdown_when_gone, stop_listening,
 )
 from rollouttap.addon.routes import Route, find_route, own_reverse_routes
 from rollouttap.addon.streamtap import StreamTap
@@ -211,9 +211,9 @@ class RolloutTap:
                 continue
             # Its row says it was cut off: so it is, for its client too (nothing more is forwarded, see _kill_retired).
             self._retired.add(flow_id)
-            for tap in (live.tap, live.request_tap):
-                if tap is not None and tap.failed is None:
-                    tap.failed = reason
+            # Not an upload's tap: mitmproxy would still end the request upstream, short (its answer is killed).
+            if live.tap is not None and live.tap.failed is None:
+                live.tap.failed = reason
         if writer.proxy_id is not None:  # a row exists only once the proxy has run
             writer.upsert_proxy({"proxy_id": writer.proxy_id, "pid": os.getpid(),
                                  "started_at": time.time(), "stopped_at": time.time()})
@@ -251,6 +251,10 @@ class RolloutTap:
         # mitmproxy connects to the server first, and answers 502 if it cannot.
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self._retired:  # mitmproxy checks no kill here: its 200 must not reach the client
+            self._retired.discard(flow.id)
+            close_unanswered(flow)
+            return
         if flow.id in self._live:
             self._tunnel_rows[flow.client_conn.id] = flow.id
             self._end(flow.id, "done", {"status_code": flow.response.status_code if flow.response else 200})
@@ -278,25 +282,20 @@ class RolloutTap:
         req = flow.request
         flowcols.bracket_ipv6_host(req)  # reverse mode to an IPv6 target: as the upstream and the store should see it
         own = find_route(self.own_routes, req.host, req.port) if self.own_routes else None
-        streamed, too_large = self._streamed(req), None
         # mitmproxy reads a held body whole before any answer can go out, and reads on while the sender is looked
-        # up: a body too large to hold has its connection closed first (the row, with why, comes after).
-        if not streamed and (too_large := self._held_too_large(req)):
-            close_unanswered(flow)
-            if self._store_closed:
-                return
-            # Looked up for its row only (never a 503: its client got no answer), if the store still takes one then.
-            who = await self._attribute(flow, to_own_reverse=own is not None, counted=not self._stopping)
-            if self._store_closed or self.writer is None:
-                return
-        elif (who := await self._admit(flow, to_own_reverse=own is not None)) is None:
+        # up: one too large to hold is not read further meanwhile (a request to our reverse listener is readdressed
+        # first, below, and judged then).
+        if own is None and not self._streamed(req) and (too_large := self._held_too_large(req)):
+            await self._close_too_large(flow, too_large)
+            return
+        if (who := await self._admit(flow, to_own_reverse=own is not None)) is None:
             return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
-        if streamed and who.method == "rejected" and (too_large := self._held_too_large(req)):
-            close_unanswered(flow)  # answered 407 once its body is in: held after all
-        if too_large:
+        streamed = who.method != "rejected" and self._streamed(req)
+        if not streamed and (too_large := self._held_too_large(req)):  # refused 407, or readdressed: held after all
             self._end(flow.id, "error", {"error": too_large, "t_end": time.time()})
+            close_unanswered(flow)
             return
         if who.method == "rejected":  # answered once its body is in, so that the body is kept
             self._live[flow.id].refused = who
@@ -306,6 +305,22 @@ class RolloutTap:
             live.request_tap = StreamTap(keep=ctx.options.rollouttap_body_keep_mb << 20)
             live.request_length = int(length) if length.isdigit() else None
             req.stream = live.request_tap
+
+    async def _close_too_large(self, flow: http.HTTPFlow, too_large: str) -> None:
+        """Record a request whose body is too large to hold, as its sender's, and close its connection unanswered
+        (never a 503 as well); reading stops while the sender is looked up (its socket is what names it)."""
+        pause_reading(flow)
+        try:
+            who, _ = await self._looked_up(flow, to_own_reverse=False)
+            writer = self.writer
+            if self._store_closed or writer is None or not writer.can_hold(REFUSAL_ROWS_SLACK):
+                if self._refusals_said.due():
+                    log.error("rollouttap: %s; the store takes no rows now, so it was not recorded", too_large)
+                return
+            self._record_new(flow, who)
+            self._end(flow.id, "error", {"error": too_large, "t_end": time.time()})
+        finally:
+            close_unanswered(flow)
 
     @staticmethod
     def _held_too_large(req: http.Request) -> str | None:
@@ -331,16 +346,21 @@ class RolloutTap:
         if self._store_closed:
             self._refuse(flow, "the proxy is shutting down")
             return None
-        late = self._stopping  # arrived after the stop signal: refused, and not waited for by the drain
-        self._late_admits += late
-        try:
-            who = await self._attribute(flow, to_own_reverse=to_own_reverse, counted=not late)
-        finally:
-            self._late_admits -= late  # its row is queued before this hook next yields
+        who, late = await self._looked_up(flow, to_own_reverse)
         if (why := self._refusal(late)) is not None:
             self._refuse(flow, why, who)
             return None
         return who
+
+    async def _looked_up(self, flow: http.HTTPFlow, to_own_reverse: bool) -> tuple[Attribution, bool]:
+        """Who sent the flow, and whether it came after the stop signal (then refused, and not waited for by the
+        drain, but by the store's closing: see done())."""
+        late = self._stopping
+        self._late_admits += late
+        try:
+            return await self._attribute(flow, to_own_reverse=to_own_reverse, counted=not late), late
+        finally:
+            self._late_admits -= late  # its row is queued before this hook next yields
 
     def _refusal(self, late: bool) -> str | None:
         """Why a new request is answered 503 now, if it is (``late``: it arrived while the proxy shut down)."""

@@ -114,18 +114,29 @@ async def shutdown_when_gone(pid: int, interval: float = 1.0, on_gone: Callable[
     ctx.master.shutdown()
 
 
+def _client_transport(flow: Any) -> Any | None:
+    """The asyncio transport of an HTTP/1 flow's client connection; None for HTTP/2 and later (the connection
+    carries other streams) and in local or WireGuard mode (a stream of mitmproxy_rs)."""
+    if not flow.request.http_version.startswith("HTTP/1"):
+        return None
+    handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+    io = handler.transports.get(flow.client_conn) if handler is not None else None
+    return getattr(getattr(io, "writer", None), "transport", None)
+
+
+def pause_reading(flow: Any) -> None:
+    """Read no more from an HTTP/1 flow's client for now (mitmproxy reads a request body on while a hook waits)."""
+    if (transport := _client_transport(flow)) is not None and not transport.is_closing():
+        transport.pause_reading()
+
+
 def close_unanswered(flow: Any) -> None:
     """Kill a flow at its request headers, its HTTP/1 client connection closed at once. mitmproxy 12.2 leaves a
     connection killed there open and unread while the body is still on its way (the client then waits until
     the proxy exits); answering instead would mean reading the whole body first, into memory."""
     if flow.killable:  # not once already killed (a request refused after it was closed)
-        flow.kill()
-    if not flow.request.http_version.startswith("HTTP/1"):
-        return  # HTTP/2: the kill resets that stream alone, and the connection carries others
-    handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
-    io = handler.transports.get(flow.client_conn) if handler is not None else None
-    transport = getattr(getattr(io, "writer", None), "transport", None)
-    if transport is not None:  # None in local or WireGuard mode (a stream of mitmproxy_rs): the kill alone
+        flow.kill()  # HTTP/2: this resets that stream alone
+    if (transport := _client_transport(flow)) is not None:
         transport.close()  # what it still has to write (an answer before this request) goes first
 
 

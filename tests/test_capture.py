@@ -614,6 +614,23 @@ def test_a_flow_cut_off_at_shutdown_is_cut_off_for_its_client_too(tmp_path, fini
         assert row.state == "error" and more == [] and flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
 
 
+def test_a_tunnel_cut_off_at_shutdown_is_not_opened_for_its_client(tmp_path):
+    # mitmproxy checks no kill after http_connected: the 200 would reach the client of a row that says cut off.
+    from rollouttap.addon.attribution import Attribution
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        addon.drain_s = 0.05
+        asyncio.run(addon.running())
+        flow = tflow.tflow(req=_request(method="CONNECT", url="http://example.com:443/",
+                                        headers={"Host": "example.com:443"}, authority="example.com:443", path=""))
+        addon._record_new(flow, Attribution("tunnel", "header"))
+        asyncio.run(addon.done())  # the server still being connected
+        addon.http_connected(flow)
+    assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+    with Store(tmp_path / "s.db") as store:
+        [row] = store.flows(agent_id="tunnel")
+    assert row.state == "error" and "shut down" in row.error
+
+
 def test_a_request_refused_407_whose_body_came_after_shutdown_is_not_sent_on(tmp_path):
     # Refused when its headers came, it waits for its body to be answered 407; retired meanwhile, it was then sent
     # upstream unchecked (its hooks found no live flow).
@@ -641,14 +658,12 @@ def test_a_request_refused_407_whose_body_came_after_shutdown_is_not_sent_on(tmp
 
 
 @pytest.mark.parametrize("stopping", [False, True])
-def test_a_body_too_large_to_hold_has_its_connection_closed_before_its_sender_is_looked_up(tmp_path, stopping):
-    # mitmproxy reads the body on, into memory, while the hook waits for the lookup: a slow one let in as much of
-    # it as it took time.
+def test_a_body_too_large_to_hold_is_recorded_as_its_senders_and_closed_never_answered(tmp_path, stopping):
+    # Its sender is looked up for its row (its reading paused meanwhile: mitmproxy would read the body on, into
+    # memory), then its connection closes. While the proxy stops too: its row says why, never "503".
     from rollouttap.addon.attribution import Attribution
-    killed_before_lookup: list[bool] = []
 
     async def lookup(flow, to_own_reverse=False):
-        killed_before_lookup.append(flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE)
         return Attribution("big", "header")
 
     async def send(addon):
@@ -661,10 +676,10 @@ def test_a_body_too_large_to_hold_has_its_connection_closed_before_its_sender_is
 
     with _tap_in_test_context(tmp_path / "s.db") as (addon, tctx):
         tctx.configure(addon, rollouttap_held_body_max_mb=1)
-        addon._stopping = stopping  # while the proxy stops too: its row says why it was closed, not "503"
+        addon._stopping = stopping
         flow = asyncio.run(send(addon))
         asyncio.run(addon.done())
-    assert killed_before_lookup == [True] and flow.response is None
+    assert flow.response is None and flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
     with Store(tmp_path / "s.db") as store:
         [row] = store.flows(agent_id="big")
     assert row.state == "error" and "over rollouttap_held_body_max_mb (1 MiB)" in row.error
