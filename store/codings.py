@@ -32,32 +32,30 @@ class DecodedTooLarge(ValueError):
 def decode_body(body: bytes | None, encoding: str | None, limit: int = DECODED_BODY_LIMIT) -> bytes:
     """Undo Content-Encoding; bodies are stored exactly as they crossed the wire. A truncated body gives what of
     it decodes; one that does not decode, or decodes past ``limit``, is returned as far as its codings undid."""
-    if not body:
-        return b""
-    for enc in reversed([e.strip().lower() for e in (encoding or "").split(",") if e.strip()]):
-        try:
-            body = _decode_one(body, enc, limit)
-        except DecodedTooLarge as exc:
-            log.warning("rollouttap: a %d-byte %s body %s: left as stored", len(body), enc, exc)
-            return body
-        except Exception:  # zlib's, brotli's, zstd's errors (no common base): not that coding after all
-            return body
-    return body
+    undone, too_large = _undo_codings(body, encoding, limit)
+    if too_large is not None:
+        log.warning("rollouttap: a %d-byte body %s: left as stored", len(undone), too_large)
+    return undone
 
 
 def decodes_past(body: bytes | None, encoding: str | None, limit: int = DECODED_BODY_LIMIT) -> bool:
     """Whether undoing the body's codings would pass ``limit`` (a reader that cannot bound its own decoding, such
     as mitmproxy's, must then be given the body as stored)."""
+    return _undo_codings(body, encoding, limit)[1] is not None
+
+
+def _undo_codings(body: bytes | None, encoding: str | None, limit: int) -> tuple[bytes, DecodedTooLarge | None]:
+    """The body as far as its codings (last applied, first undone) undo, and what stopped it past ``limit``."""
     if not body:
-        return False
+        return b"", None
     for enc in reversed([e.strip().lower() for e in (encoding or "").split(",") if e.strip()]):
         try:
             body = _decode_one(body, enc, limit)
-        except DecodedTooLarge:
-            return True
-        except Exception:  # not that coding: a decoder stops at once
-            return False
-    return False
+        except DecodedTooLarge as exc:
+            return body, DecodedTooLarge(f"{enc}-coded, {exc}")
+        except Exception:  # zlib's, brotli's, zstd's errors (no common base): not that coding after all
+            return body, None
+    return body, None
 
 
 def gunzip(body: bytes, limit: int = DECODED_BODY_LIMIT) -> bytes:
