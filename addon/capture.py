@@ -285,15 +285,19 @@ class RolloutTap:
         # mitmproxy reads a held body whole before any answer can go out, and reads on while the sender is looked
         # up: one too large to hold is not read further meanwhile (a request to our reverse listener is readdressed
         # first, below, and judged then).
-        if own is None and not self._streamed(req) and (too_large := self._held_too_large(req)):
+        streamed = own is None and self._streamed(req)
+        if own is None and not streamed and (too_large := self._held_too_large(req)):
             await self._close_too_large(flow, too_large)
             return
         if (who := await self._admit(flow, to_own_reverse=own is not None)) is None:
             return
         # Served as our reverse listener serves it (mitmproxy will not connect to its own listener).
         self._record_new(flow, who, routed_from=readdress(req, own) if own is not None else None)
-        streamed = who.method != "rejected" and self._streamed(req)
-        if not streamed and (too_large := self._held_too_large(req)):  # refused 407, or readdressed: held after all
+        if own is not None:
+            streamed = self._streamed(req)
+        # Not judged above: readdressed, or a streamed one refused 407 (answered once its body is in: held after all).
+        unjudged = own is not None or streamed
+        if unjudged and (who.method == "rejected" or not streamed) and (too_large := self._held_too_large(req)):
             self._end(flow.id, "error", {"error": too_large, "t_end": time.time()})
             close_unanswered(flow)
             return

@@ -131,9 +131,9 @@ def pause_reading(flow: Any) -> None:
 
 
 def close_unanswered(flow: Any) -> None:
-    """Kill a flow at its request headers, its HTTP/1 client connection closed at once. mitmproxy 12.2 leaves a
-    connection killed there open and unread while the body is still on its way (the client then waits until
-    the proxy exits); answering instead would mean reading the whole body first, into memory."""
+    """Kill a flow, its HTTP/1 client connection closed at once. mitmproxy 12.2 leaves a connection killed at its
+    request headers open and unread while the body is still on its way (the client then waits until the proxy
+    exits), and acts on no kill after http_connected; answering instead would mean reading the whole body first."""
     if flow.killable:  # not once already killed (a request refused after it was closed)
         flow.kill()  # HTTP/2: this resets that stream alone
     if (transport := _client_transport(flow)) is not None:
