@@ -207,6 +207,16 @@ def new_run_dir(prefix: str = "rollouttap-agent-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+def remove_run_dir(run_dir: Path | str) -> bool:
+    """Remove an agent's run folder; a warning, not an error, for what stays (out of file descriptors, say)."""
+    failed: list[str] = []
+    shutil.rmtree(run_dir, onexc=lambda _fn, path, exc: failed.append(f"{path}: {exc}"))
+    if failed and Path(run_dir).exists():
+        log.warning("could not remove the run folder %s (%d failures; first: %s)", run_dir, len(failed), failed[0])
+        return False
+    return True
+
+
 def spawn(agent_id: str, argv: list[str], *, env: Mapping[str, str], cwd: Path, stdin: Path | None,
           stdout: Path, stderr: Path) -> AgentProcess:
     """Start the agent in a new session; stdin from a file or /dev/null. Its stdout and stderr go through

@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -446,7 +445,7 @@ class AgentManager:
         finally:
             self._release_link(link)
             if not self.keep_workdirs:
-                shutil.rmtree(run_dir, ignore_errors=True)
+                launch.remove_run_dir(run_dir)
 
     def _start(self, agent_id: str, token: str, prompt: Prompt, run_dir: Path,
                link: ProxyLink) -> tuple[LaunchContext, launch.AgentProcess, list[str]]:

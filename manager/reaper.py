@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import select
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rollouttap.manager.launch import kill_exactly, leftover_tree, process_table
+from rollouttap.manager.launch import kill_exactly, leftover_tree, process_table, remove_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         record_ends(store_path, list(running), why)
     finally:
         for run_dir in dirs.values():  # what the manager's own clean-up would have removed
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_run_dir(run_dir)
     return 0
 
 

@@ -4,6 +4,7 @@ once than their pipes and files would fit in it."""
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import socket
@@ -134,14 +135,47 @@ print(soft, statuses["ok"], flush=True)
 
 
 @pytest.mark.parametrize("raised", [True, False])
-def test_agent_manager_runs_more_agents_at_once_than_a_low_soft_limit_allows(raised):
+def test_agent_manager_runs_more_agents_at_once_than_a_low_soft_limit_allows(raised, tmp_path):
     if _hard() < 1024:
         pytest.skip("the hard open-file limit is too low to tell")
+    # TMPDIR: the control's starved agents leave run folders that no rmtree could open.
     out = subprocess.run([sys.executable, "-c", _DEPLOY, "on" if raised else "off"], capture_output=True, text=True,
-                         timeout=180)
+                         timeout=180, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     soft, ok = map(int, out.stdout.split()[-2:])
     if raised:
         assert (soft, ok) == (_hard(), 40), out.stderr[-2000:]
     else:  # the control: 40 agents' pipes and files overrun a soft limit of 64
         assert soft == 64 and ok < 40
+
+
+_REMOVE = """
+import os, resource, sys
+from pathlib import Path
+from rollouttap.manager.launch import remove_run_dir
+run_dir = Path(sys.argv[1])
+for depth in range(6):  # rmtree holds one descriptor per level it descends
+    run_dir.joinpath(*["d"] * depth).mkdir(parents=True, exist_ok=True)
+if sys.argv[2] == "starved":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (32, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    os.close(held.pop())  # one left: rmtree opens the top, then fails a level down
+print(remove_run_dir(run_dir), run_dir.exists(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("starved", [True, False])
+def test_a_run_folder_that_cannot_be_removed_is_reported_not_silently_left(tmp_path, starved):
+    out = subprocess.run([sys.executable, "-c", _REMOVE, str(tmp_path / "run"), "starved" if starved else "ok"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if starved:
+        assert out.stdout.split() == ["False", "True"]
+        assert "could not remove the run folder" in out.stderr
+    else:  # the control: the same folder goes, quietly
+        assert out.stdout.split() == ["True", "False"] and out.stderr == ""
