@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -19,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,19 @@ def make_workdir(parent: Path, template: Path | None) -> Path:
     return workdir
 
 
-def new_run_dir(prefix: str = "rollouttap-agent-") -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
+def new_run_dir(claim: Callable[[Path], object] = lambda _path: None, prefix: str = "rollouttap-agent-") -> Path:
+    """A new private folder in the temp dir, as ``mkdtemp`` makes one. ``claim`` hears its path before it
+    exists: a process killed in between leaves no folder that its reaper was not told of."""
+    parent = Path(tempfile.gettempdir())
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        claim(path)
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:  # another's: claimed again under a new name, so its owner's stays its own
+            continue
+    raise FileExistsError(f"no new {prefix}* folder could be made in {parent}")
 
 
 def remove_run_dir(run_dir: Path | str) -> bool:

@@ -421,8 +421,9 @@ class AgentManager:
         if (gone := store.detached()) is not None:  # its proxies answer 503 and nothing is recorded: fail fast
             raise StoreError(gone)
         link = self._take_link()
-        try:
-            run_dir = launch.new_run_dir()
+        try:  # the reaper's from the start: a manager killed while a workdir is copied leaves no copy behind
+            run_dir = launch.new_run_dir() if self.keep_workdirs else \
+                launch.new_run_dir(functools.partial(self._reaper.claim, agent_id))
         except BaseException:
             self._release_link(link)
             raise
@@ -456,8 +457,7 @@ class AgentManager:
         given = link.serving(self.store)  # after the workdir is made (seconds, maybe): a restart meanwhile counts
         agent = launch.spawn(agent_id, argv, env=env, cwd=ctx.workdir, stdin=stdin,
                              stdout=run_dir / "stdout.log", stderr=run_dir / "stderr.log")
-        self._reaper.watch(agent_id, agent.pid, agent.members.get(agent.pid),  # before any store write
-                           run_dir=None if self.keep_workdirs else run_dir)
+        self._reaper.watch(agent_id, agent.pid, agent.members.get(agent.pid))  # before any store write
         return ctx, agent, given
 
     def _supervise(self, agent: launch.AgentProcess, timeout: float, stop: threading.Event) -> _Supervised:

@@ -5,7 +5,8 @@ a session of its own, would run on unsupervised. So ``AgentManager`` starts this
 own too) and tells it over a pipe which agents run (root pid and start time) and which have ended. The
 manager gone (the pipe closing without a goodbye, or the reaper's parent changing: a child the manager
 forked may hold the pipe open) means every agent still running is killed (its tree: descendants, group,
-session, tag), recorded in the store as ended in error, and its run folder removed as the manager would have.
+session, tag), recorded in the store as ended in error, and every run folder the manager had not yet removed (an
+agent's, from the moment it is made: copying a workdir template can take a while) removed as it would have.
 """
 
 from __future__ import annotations
@@ -66,13 +67,17 @@ class Reaper:
         self._close(wait=5.0)
         return False
 
-    def watch(self, agent_id: str, pid: int, start: int | None, run_dir: Path | None = None) -> None:
-        """The agent runs: kill it if the manager dies, then remove its ``run_dir`` (prompt, logs, workdir)."""
+    def claim(self, agent_id: str, run_dir: Path) -> None:
+        """The agent's run folder (prompt, logs, workdir) exists: remove it if the manager dies."""
+        self._send({"dir": [agent_id, str(run_dir)]})
+
+    def watch(self, agent_id: str, pid: int, start: int | None) -> None:
+        """The agent runs: kill it if the manager dies."""
         if start is not None:
-            self._send({"watch": [agent_id, pid, start], **({"dir": str(run_dir)} if run_dir else {})})
+            self._send({"watch": [agent_id, pid, start]})
 
     def release(self, agent_id: str) -> None:
-        """The agent has ended and is recorded."""
+        """The agent has ended and is recorded (its run folder removed, unless kept)."""
         self._send({"release": agent_id})
 
     def stop(self) -> None:
@@ -121,7 +126,7 @@ class Reaper:
 
 def read_watch_list(messages: Iterator[bytes]) -> tuple[dict[str, tuple[int, int]], str | None, dict[str, str]]:
     """(agents running when the messages ended, why they are to be reaped: None after the manager's
-    goodbye, ABANDONED when it gave up on them, else ERROR; the run folders of those agents to remove)."""
+    goodbye, ABANDONED when it gave up on them, else ERROR; the run folders of unreleased agents, to remove)."""
     running: dict[str, tuple[int, int]] = {}
     dirs: dict[str, str] = {}
     why = ERROR
@@ -134,11 +139,12 @@ def read_watch_list(messages: Iterator[bytes]) -> tuple[dict[str, tuple[int, int
             return running, None, dirs
         if "abandoned" in message:
             why = ABANDONED
-        if "watch" in message:
+        if "dir" in message:
+            agent_id, run_dir = message["dir"]
+            dirs[agent_id] = run_dir
+        elif "watch" in message:
             agent_id, pid, start = message["watch"]
             running[agent_id] = (int(pid), int(start))
-            if message.get("dir"):
-                dirs[agent_id] = message["dir"]
         elif "release" in message:
             running.pop(message["release"], None)
             dirs.pop(message["release"], None)
@@ -195,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         return os.getppid() == int(manager_pid)  # re-parented once it died
 
     running, why, dirs = read_watch_list(lines_while(sys.stdin.fileno(), manager_alive))
-    if why is None or not running:
+    if why is None:
         return 0
     try:
-        reap(running)
-        record_ends(store_path, list(running), why)
+        if running:
+            reap(running)
+            record_ends(store_path, list(running), why)
     finally:
         for run_dir in dirs.values():  # what the manager's own clean-up would have removed
             remove_run_dir(run_dir)

@@ -36,9 +36,10 @@ def _lines(*messages) -> list[bytes]:
 
 
 def test_the_watch_list_is_what_runs_when_the_messages_end():
-    running, why, dirs = read_watch_list(iter(_lines({"watch": ["a", 10, 5], "dir": "/tmp/a"},
-                                                     {"watch": ["b", 11, 6], "dir": "/tmp/b"}, {"release": "a"})))
-    assert dirs == {"b": "/tmp/b"}
+    running, why, dirs = read_watch_list(iter(_lines({"dir": ["a", "/tmp/a"]}, {"watch": ["a", 10, 5]},
+                                                     {"dir": ["b", "/tmp/b"]}, {"watch": ["b", 11, 6]},
+                                                     {"dir": ["c", "/tmp/c"]}, {"release": "a"})))
+    assert dirs == {"b": "/tmp/b", "c": "/tmp/c"}  # c: its folder made, its process not yet started
     assert running == {"b": (11, 6)} and why == ERROR
     assert read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"bye": True})))[1] is None
     assert read_watch_list(iter(_lines({"watch": ["a", 10, 5]}, {"abandoned": True})))[1] == ABANDONED
@@ -157,3 +158,40 @@ def test_an_orphaned_proxy_keeps_a_log_with_an_error_in_it(tmp_path, confdir, up
     proxies = [p for p in psutil.process_iter(["cmdline"]) if f"rollouttap_log_file={log}" in (p.info["cmdline"] or [])]
     psutil.wait_procs(proxies, timeout=30)
     assert "was deleted or replaced" in log.read_text()
+
+
+COPYING = textwrap.dedent("""
+    import sys, threading
+    from rollouttap.manager import AgentManager, CommandAgent
+    store, model_url, confdir, template = sys.argv[1:5]
+    m = AgentManager(CommandAgent(["sleep", "120"]), store=store, timeout=120, parallel=6, model_url=model_url,
+                     confdir=confdir, workdir_template=template).start()
+    threading.Thread(target=m.deploy, args=([f"p{i}" for i in range(6)],)).start()
+    threading.Event().wait()  # killed from outside, never closed
+""")
+
+
+def test_a_manager_killed_while_it_copies_workdirs_leaves_no_run_folder(tmp_path, confdir, upstream):
+    # An agent's run folder is the reaper's from the moment it is made, not only once its agent runs: a
+    # workdir template (a repository, for a coding agent) can take seconds to copy, six at a time.
+    template = tmp_path / "template"
+    for i in range(40):
+        (template / f"pkg{i}").mkdir(parents=True)
+        for j in range(100):
+            (template / f"pkg{i}" / f"m{j}.py").write_text(f"X = {i * j}\n")
+    runs = tmp_path / "tmp"
+    runs.mkdir()
+    manager = subprocess.Popen([sys.executable, "-c", COPYING, tmp_path / "r.db", upstream.base_url, confdir, template],
+                               env={**os.environ, "TMPDIR": str(runs)})
+    try:
+        def copying():  # a run folder whose workdir is being copied: no prompt written into it yet
+            return [d for d in runs.glob("rollouttap-agent-*") if (d / "work").exists()
+                    and not (d / "prompt.txt").exists()]
+        mid_copy = wait_for(copying, timeout=60, what="a workdir being copied")
+        manager.send_signal(signal.SIGKILL)
+        manager.wait(30)
+        assert mid_copy
+        wait_for(lambda: not any(runs.glob("rollouttap-agent-*")), timeout=30, what="every run folder removed")
+    finally:
+        manager.kill()
+        manager.wait()
