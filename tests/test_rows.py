@@ -303,7 +303,8 @@ def test_a_tokenize_fallback_makes_an_inexact_call_without_logprobs():
     assert (fid.calls_without_ids, fid.inexact_calls, fid.missing_logprobs, fid.clean_joins) == (1, 1, 2, 1)
 
 
-@pytest.mark.parametrize("sampled", [None, [-0.5]], ids=["absent", "wrong length"])
+@pytest.mark.parametrize("sampled", [None, [-0.5], [-0.5, None], [-0.5, "x"], [True, -0.5]],
+                         ids=["absent", "wrong length", "a null", "a string", "a boolean"])
 def test_missing_or_misaligned_logprobs_make_the_row_logprobs_none(sampled):
     result = build_rows([call([1, 5], [10, EOS], logprobs=sampled)], eos_token_id=EOS)
     assert result.rows[0].logprobs is None
