@@ -178,3 +178,17 @@ def test_grpo_on_two_ranks_logs_the_metrics_of_every_ranks_agents(tmp_path):
     assert logged["agents/success_rate"] == 0.5  # rank 0's own agents alone: 1.0
     assert logged["agents/calls_mean"] == 1.5  # rank 0's own: 1.0
     assert logged["flows/unattributed"] == 0
+
+
+def test_with_a_vllm_server_no_ranks_agents_start_before_the_main_process_pushed_its_weights(tmp_path, upstream):
+    # TRL pushes weights to a vLLM server from rank 0 alone; rank 1 comes back from that sync at once. Rank 1's
+    # agents must still wait for rank 0 (here 3 s late), or they sample from the weights of the step before.
+    script = os.path.join(os.path.dirname(__file__), "vllm_sync_ranks.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, str(tmp_path), upstream.base_url], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{n}.json").read_text()) for n in (0, 1)]
+    assert all(len(r["agent_starts"]) == 2 for r in ranks)
+    assert ranks[1]["called"] < ranks[0]["called"] - 2  # the race is real: rank 1 came first
+    assert min(ranks[1]["agent_starts"]) >= ranks[0]["called"]

@@ -203,6 +203,20 @@ def summed_over_ranks(trainer: Any, counts: dict[str, float]) -> dict[str, float
     return dict(zip(keys, total.tolist()))
 
 
+def await_weight_push(trainer: Any) -> bool:
+    """Whether this rank waited for the others before its agents start. With a vLLM server and several
+    processes, only the main one pushes the new weights and resets the server's prefix cache before TRL calls
+    ``rollout_func``; the other ranks come back from that sync at once, and their agents would sample from the
+    old weights, or a mix, with the previous step's cache. TRL's own generation waits in its gather; this is
+    that wait. A colocated vLLM loads each rank's own weights before it returns: nothing to wait for."""
+    args, accelerator = getattr(trainer, "args", None), getattr(trainer, "accelerator", None)
+    if (accelerator is None or getattr(accelerator, "num_processes", 1) <= 1 or not getattr(args, "use_vllm", False)
+            or getattr(args, "vllm_mode", "server") != "server"):
+        return False
+    accelerator.wait_for_everyone()
+    return True
+
+
 def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_failed: bool = False,
                   prompt_to_agent: Callable[[Any], Any] | None = None,
                   on_results: Callable[[list[Any]], None] | None = None,
@@ -213,8 +227,10 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
     failed agents get all-mask-0 rows unless ``train_on_failed``. In a multi-process run every rank gives the
     trainer its own (TRL calls ``rollout_func`` on every rank): the batch figures it logs are summed over the
     ranks, a collective operation each rank's call takes part in (a rank that fails before it leaves the others
-    waiting, as TRL's own gathers do). At its first batch it checks that the agents sample from the weights
-    TRL trains (trainer_hooks/policy_check.py); ``check_policy=False`` skips that. At every batch it compares
+    waiting, as TRL's own gathers do); with a vLLM server, every rank's agents also wait until the main process
+    has pushed the new weights (``await_weight_push``, another collective). At its first batch it checks that
+    the agents sample from the weights TRL trains (trainer_hooks/policy_check.py); ``check_policy=False`` skips
+    that. At every batch it compares
     the temperature the agents' model calls sampled at with ``GRPOConfig.temperature`` and logs each distinct
     mismatch once (``temperature_check="error"`` raises ConfigError instead, ``"off"`` skips it).
     """
@@ -235,6 +251,7 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
         eos = eos_token_id if eos_token_id is not None else _eos_of(trainer)
         _share_eos(manager, eos)
         agent_prompts = [prompt_to_agent(p) for p in prompts] if prompt_to_agent else list(prompts)
+        await_weight_push(trainer)  # a collective, as summed_over_ranks below
         started = time.time()
         results = manager.deploy(agent_prompts)
         # An agent killed mid-call leaves its generation running a few tokens more, the model in eval mode: TRL
