@@ -41,19 +41,44 @@ def soft_limit_of(pid: int) -> int:
     return int(line.split()[3])
 
 
+# mitmdump exits if an error is logged before its startup ends, which runs on past "listening": the control's
+# first refused accept (EMFILE) in that window stopped it (seen once in CI). The storm waits for this line.
+STARTED = "test: mitmdump is past its startup check"
+_STARTED_ADDON = f"""
+import asyncio, logging
+from mitmproxy import ctx
+
+class Started:
+    async def running(self):
+        self.task = asyncio.create_task(self.announce())
+
+    async def announce(self):
+        check = ctx.master.addons.get("errorcheck")
+        while check.logger in logging.getLogger().handlers:  # it uninstalls its handler once startup is over
+            await asyncio.sleep(0.01)
+        print({STARTED!r}, flush=True)
+
+addons = [Started()]
+"""
+
+
 @contextmanager
 def low_limit_mitmdump(tmp_path, addon: bool) -> Iterator[tuple[int, int]]:
+    started = tmp_path / "started.py"
+    started.write_text(_STARTED_ADDON)
     args = [*MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0", "--set", f"confdir={tmp_path}",
-            "--set", "flow_detail=0", *(["-s", fd_limit.__file__] if addon else [])]
+            "--set", "flow_detail=0", "-s", str(started), *(["-s", fd_limit.__file__] if addon else [])]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, preexec_fn=_low_soft_limit)
     try:
         assert proc.stdout is not None
-        deadline, seen = time.monotonic() + 60, []
+        deadline, seen, port = time.monotonic() + 60, [], None
         while time.monotonic() < deadline and (line := proc.stdout.readline()):
             seen.append(line)
             if match := re.search(r"proxy listening at 127\.0\.0\.1:(\d+)", line):
-                yield proc.pid, int(match.group(1))
+                port = int(match.group(1))
+            elif line.strip() == STARTED and port is not None:
+                yield proc.pid, port
                 return
         raise AssertionError("mitmdump did not start:\n" + "".join(seen)[-2000:])
     finally:
