@@ -37,6 +37,10 @@ SECRET_ENDINGS = ("key", "token", "secret", "password", "passwd", "cookie", "sig
 _PLURAL_ENDINGS = tuple(e + "s" for e in SECRET_ENDINGS if e != "token")
 _WORD = re.compile(r"[a-z]+")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+# Keys under a name with no credential word, by their whole name (lower case, "-" as "_"): OpenWeatherMap's and
+# Wolfram|Alpha's ``?appid=`` (the weather tool of function-calling examples), Baidu's ``?ak=``, Honeycomb's
+# and JFrog's headers.
+KEY_NAMES = frozenset({"appid", "app_id", "ak", "x_honeycomb_team", "x_jfrog_art_api"})
 # OAuth authorization and device codes and PKCE verifiers (RFC 6749, 8628, 7636) travel as URL parameters
 # named exactly so; "code" as a word of a longer name is a plain field (zipcode, country_code, status_code),
 # hence whole names, not words.
@@ -49,7 +53,8 @@ def is_secret_name(name: str) -> bool:
 
     Words are read twice: split at case changes (``HFToken``, ``apiKey``) and as written, lower-cased: header
     names are case-insensitive, and servers read ``AuthoriZation`` or ``X-Api-KeY`` as the usual ones."""
-    return _has_secret_word(_CAMEL.sub(r"\1_\2", name).lower()) or _has_secret_word(name.lower())
+    return (_has_secret_word(_CAMEL.sub(r"\1_\2", name).lower()) or _has_secret_word(name.lower())
+            or name.lower().replace("-", "_") in KEY_NAMES)
 
 
 def _has_secret_word(text: str) -> bool:

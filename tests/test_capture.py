@@ -85,8 +85,9 @@ def test_credentials_attribute_and_never_reach_upstream(proxy, upstream):
     env.pop("ROLLOUTTAP_AGENT_ID")  # credentials alone
     out = subprocess.run([sys.executable, "-c", (
         "import requests,sys,json\n"
-        f"r=requests.post({upstream.url + '/echo?key=AIza-q-secret'!r}, json={{'x': 1}}, "
-        "headers={'Authorization': 'Bearer sk-live-secret', 'x-goog-api-key': 'AIza-h-secret'})\n"
+        f"r=requests.post({upstream.url + '/echo?key=AIza-q-secret&q=London&appid=owm-q-secret'!r}, "
+        "json={'x': 1}, headers={'Authorization': 'Bearer sk-live-secret', 'x-goog-api-key': 'AIza-h-secret', "
+        "'X-Honeycomb-Team': 'hc-h-secret'})\n"
         "print(r.text)\n")], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     echoed = json.loads(out.stdout)
@@ -101,7 +102,8 @@ def test_credentials_attribute_and_never_reach_upstream(proxy, upstream):
     with Store(proxy.config.store) as store:  # nothing in the file holds the key in clear
         raw = store._query("SELECT request_headers, request_body, url, path FROM flows WHERE agent_id = ?",
                            (agent_id,))
-    for secret in ("sk-live-secret", "AIza-h-secret", "AIza-q-secret"):  # any vendor's header or ?key=
+    # any vendor's header or ?key=, and keys under names with no credential word (OpenWeatherMap's, Honeycomb's)
+    for secret in ("sk-live-secret", "AIza-h-secret", "AIza-q-secret", "owm-q-secret", "hc-h-secret"):
         assert all(secret not in str(tuple(r)) for r in raw)
 
 

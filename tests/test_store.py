@@ -1163,6 +1163,9 @@ def test_fingerprints_are_keyed_by_the_machine(tmp_path, monkeypatch):
     # Header names are case-insensitive: an odd casing is the same header to the server.
     ("AuthoriZation", True), ("X-Api-KeY", True), ("COOKIE", True), ("Authorisation", True), ("KeY", True),
     ("MaxTokens", False), ("authored_at", False),
+    # Keys whose names hold no credential word, named whole.
+    ("appid", True), ("APPID", True), ("app_id", True), ("app-id", True), ("ak", True), ("X-Honeycomb-Team", True),
+    ("X-JFrog-Art-Api", True), ("appids", False), ("x-app-id-hint", False), ("akey", True), ("break", False),
 ])
 def test_secret_names_go_by_words_and_word_endings(name, secret):
     assert is_secret_name(name) == secret
