@@ -19,6 +19,7 @@ import psutil
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import Client
 from mitmproxy.tls import TlsData
+from mitmproxy.websocket import WebSocketData
 
 from rollouttap.addon import capture_options, flowcols, tokenids
 from rollouttap.addon.answer_rewrite import sse_finished, stream_rewrite, strip_json_answer
@@ -32,7 +33,9 @@ from rollouttap.addon.master_hooks import (
 )
 from rollouttap.addon.routes import Route, find_route, own_reverse_routes
 from rollouttap.addon.streamtap import StreamTap
+from rollouttap.addon.websocket_log import frames_jsonl
 from rollouttap.store import StoreWriter
+from rollouttap.store.codings import DECODED_BODY_LIMIT
 from rollouttap.store.writer import EXIT_UNWRITTEN, HOLD_MARK_S
 from rollouttap.errors import StoreError
 from rollouttap.throttle import Throttle
@@ -65,6 +68,7 @@ class _Live:
     opened_key: tuple[Any, ...] | None = None  # flowcols.request_key when the row was opened
     refused: Attribution | None = None  # answered 407 once its body is in (kept like any other)
     model: bool = False  # a request to a model host's API: its answer is kept whole, whatever its size
+    websocket: WebSocketData | None = None  # an upgraded connection's frames, relayed until websocket_end
 
 
 class RolloutTap:
@@ -176,7 +180,9 @@ class RolloutTap:
         # mitmproxy serves on while done hooks run: answers already on their way are recorded whole.
         self._stopping = True
         deadline = time.monotonic() + self.drain_s
-        while (self._live or self._attributing) and time.monotonic() < deadline:
+        # Not for an open WebSocket, which may last hours: its frames so far are kept as the store closes.
+        while (self._attributing or any(live.websocket is None for live in self._live.values())) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self._drained = True  # a lookup that ends later is refused (and recorded), never sent on unrecorded
         listen_for_nudges(None)
@@ -482,6 +488,10 @@ class RolloutTap:
         if flow.response is None:
             return
         resp = flow.response
+        if flow.websocket is not None:  # its frames follow: the row stays open until websocket_end keeps them
+            live.websocket = flow.websocket
+            self._update(flow.id, {**live.pending, "t_first_byte": resp.timestamp_start})
+            return
         if live.tap is not None and live.tap.failed is not None:
             self._cut_stream(flow, live.tap)
             return
@@ -496,6 +506,25 @@ class RolloutTap:
         self._end(flow.id, "done", {"response_body": body, "t_first_byte": first,
                                     "t_end": resp.timestamp_end or time.time(),
                                     "status_code": resp.status_code})
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        """An upgraded connection closed (by either side, or broken: close code 1006): its row ends with the
+        messages it relayed, as JSON lines (addon/websocket_log.py)."""
+        live = self._live.get(flow.id)
+        if live is None or live.websocket is None:
+            return
+        self._end(flow.id, "done", {**self._frames(live), "t_end": live.websocket.timestamp_end or time.time()})
+
+    @staticmethod
+    def _frames(live: _Live) -> dict[str, Any]:
+        """The row's columns for the frames an upgraded connection relayed so far (its meta says how many)."""
+        ws = live.websocket
+        assert ws is not None
+        keep = ctx.options.rollouttap_body_keep_mb << 20 if ctx.options.rollouttap_body_keep_mb and not live.model \
+            else DECODED_BODY_LIMIT
+        body, kept = frames_jsonl(ws.messages, keep)
+        live.meta["websocket"] = {**kept, "closed_by_client": ws.closed_by_client, "close_code": ws.close_code}
+        return {"response_body": body}
 
     @staticmethod
     def _tapped(live: _Live) -> bytes:
@@ -549,6 +578,9 @@ class RolloutTap:
         cols: dict[str, Any] = {"error": reason}
         if live.request_tap is not None:  # an upload broken off: keep what came of it
             cols["request_body"] = self._tapped_request(live, ended=False)
+        if live.websocket is not None:  # the proxy stops with the connection open: what it relayed is kept
+            self._end(flow_id, "error", {**cols, **self._frames(live)})
+            return
         if live.tap is None:
             self._end(flow_id, "error", cols)
             return

@@ -2148,3 +2148,107 @@ def test_the_stored_url_of_a_regular_proxy_request(tls, url, host):
     from rollouttap.addon.attribution import Attribution
     cols = flowcols.opened(flow, "p", Attribution(None, "none"))
     assert (cols["url"], cols["host"], cols["port"]) == (url, host, 8000)
+
+
+_WS_AGENT = """
+import asyncio, sys
+import aiohttp
+
+async def main(url):
+    async with aiohttp.ClientSession(trust_env=True) as session:  # HTTP_PROXY, as the manager sets it
+        async with session.ws_connect(url) as ws:
+            await ws.send_str("hello")
+            print((await ws.receive()).data, flush=True)
+            await ws.send_bytes(b"\\x00\\xffbin")
+            print((await ws.receive()).data.hex(), flush=True)
+            sys.stdin.readline()  # held open until the test has looked at the row
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@contextmanager
+def _websocket_echo_server():
+    from aiohttp import WSMsgType, web
+
+    async def echo(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(b"echo:" + msg.data)
+        return ws
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/ws"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_a_websockets_messages_are_kept_in_its_row_which_stays_open_while_it_is(proxy):
+    agent_id, token = _new_agent(proxy)
+    with _websocket_echo_server() as url:
+        agent = subprocess.Popen([sys.executable, "-c", _WS_AGENT, url], env=agent_env(proxy, agent_id, token),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert agent.stdout.readline().strip() == "echo:hello"
+            assert agent.stdout.readline().strip() == b"echo:\x00\xffbin".hex()
+            with Store(proxy.config.store) as store:  # the upgrade is seen while the connection lasts
+                [live] = wait_for(lambda: store.flows(agent_id=agent_id) or None, what="the upgrade's row")
+            assert (live.state, live.status_code) == ("open", 101)
+            agent.communicate("\n", timeout=30)
+        finally:
+            agent.kill()
+    [flow] = settled_flows(proxy.config.store, agent_id=agent_id)
+    assert (flow.state, flow.status_code, flow.attribution) == ("done", 101, "credentials")
+    lines = [json.loads(line) for line in flow.response_body.decode().splitlines()]
+    assert [(m["from"], m.get("text") or base64.b64decode(m["base64"])) for m in lines] == [
+        ("client", "hello"), ("server", "echo:hello"), ("client", b"\x00\xffbin"), ("server", b"echo:\x00\xffbin")]
+    assert flow.meta["websocket"] == {"messages": 4, "kept": 4, "closed_by_client": True, "close_code": 1000}
+    assert flow.t_end >= lines[-1]["t"]
+
+
+def test_websocket_frames_past_the_limit_are_counted_not_kept():
+    from types import SimpleNamespace
+
+    from rollouttap.addon.websocket_log import frames_jsonl
+    messages = [SimpleNamespace(from_client=i % 2 == 0, is_text=i != 2, content=c, timestamp=float(i), dropped=i == 1)
+                for i, c in enumerate([b"a" * 10, "é".encode(), b"\xff", b"b" * 100])]
+    body, meta = frames_jsonl(messages, 10_000)
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert [line.get("text") or line.get("base64") for line in lines] == ["a" * 10, "é", "/w==", "b" * 100]
+    assert lines[1]["dropped"] is True and "dropped" not in lines[0] and meta == {"messages": 4, "kept": 4}
+    small, meta = frames_jsonl(messages, len(body) - 50)  # the last one does not fit; the ones before do
+    assert small == body[:body.rindex(b"{")] and meta == {"messages": 4, "kept": 3}
+
+
+def test_a_websocket_open_when_the_proxy_stops_keeps_the_frames_it_relayed(tmp_path, confdir):
+    with _websocket_echo_server() as url, start_proxy(tmp_path / "runs.db", confdir) as proxy:
+        agent_id, token = _new_agent(proxy)
+        agent = subprocess.Popen([sys.executable, "-c", _WS_AGENT, url], env=agent_env(proxy, agent_id, token),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert agent.stdout.readline().strip() == "echo:hello"
+            assert agent.stdout.readline().strip() == b"echo:\x00\xffbin".hex()
+            assert proxy.stop()  # the agent still holds its WebSocket open
+        finally:
+            agent.kill()
+            agent.wait()
+    with Store(tmp_path / "runs.db") as store:
+        [flow] = store.flows(agent_id=agent_id)
+    assert (flow.state, flow.status_code, flow.error) == ("error", 101, "proxy shut down before the flow ended")
+    assert len(flow.response_body.splitlines()) == 4 and flow.meta["websocket"]["messages"] == 4
