@@ -33,7 +33,7 @@ from rollouttap.addon.master_hooks import (
 )
 from rollouttap.addon.routes import Route, find_route, own_reverse_routes
 from rollouttap.addon.streamtap import StreamTap
-from rollouttap.addon.websocket_log import frames_jsonl
+from rollouttap.addon.websocket_log import ABNORMAL_CLOSURE, frames_jsonl
 from rollouttap.store import StoreWriter
 from rollouttap.store.codings import DECODED_BODY_LIMIT
 from rollouttap.store.writer import EXIT_UNWRITTEN, HOLD_MARK_S
@@ -507,17 +507,27 @@ class RolloutTap:
                                     "t_end": resp.timestamp_end or time.time(),
                                     "status_code": resp.status_code})
 
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
-        """An upgraded connection closed (by either side, or broken: close code 1006): its row ends with the
-        messages it relayed, as JSON lines (addon/websocket_log.py)."""
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self._retired and flow.websocket is not None:  # ended at shutdown: nothing more goes on
+            flow.websocket.messages[-1].drop()
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        """An upgraded connection closed (by either side, or broken: close code 1006, an error): its row ends with
+        the messages it relayed, as JSON lines (addon/websocket_log.py), written out off the loop."""
+        self._retired.discard(flow.id)
         live = self._live.get(flow.id)
         if live is None or live.websocket is None:
             return
-        self._end(flow.id, "done", {**self._frames(live), "t_end": live.websocket.timestamp_end or time.time()})
+        ws = live.websocket
+        cols = await asyncio.to_thread(self._frames, live)  # the messages no longer change: the connection ended
+        if ws.close_code == ABNORMAL_CLOSURE:
+            cols["error"] = "WebSocket broken off: no close frame (code 1006)"
+        self._end(flow.id, "error" if "error" in cols else "done", {**cols, "t_end": ws.timestamp_end or time.time()})
 
     @staticmethod
     def _frames(live: _Live) -> dict[str, Any]:
-        """The row's columns for the frames an upgraded connection relayed so far (its meta says how many)."""
+        """The row's columns for the frames an upgraded connection relayed so far (its meta says how many): the
+        first rollouttap_body_keep_mb of them (0, or to a model host: the first DECODED_BODY_LIMIT)."""
         ws = live.websocket
         assert ws is not None
         keep = ctx.options.rollouttap_body_keep_mb << 20 if ctx.options.rollouttap_body_keep_mb and not live.model \

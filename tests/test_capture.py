@@ -2222,18 +2222,55 @@ def test_a_websockets_messages_are_kept_in_its_row_which_stays_open_while_it_is(
     assert flow.t_end >= lines[-1]["t"]
 
 
-def test_websocket_frames_past_the_limit_are_counted_not_kept():
+def test_websocket_frames_kept_are_a_prefix_of_whole_messages_within_the_limit():
     from types import SimpleNamespace
 
     from rollouttap.addon.websocket_log import frames_jsonl
     messages = [SimpleNamespace(from_client=i % 2 == 0, is_text=i != 2, content=c, timestamp=float(i), dropped=i == 1)
-                for i, c in enumerate([b"a" * 10, "é".encode(), b"\xff", b"b" * 100])]
+                for i, c in enumerate([b"a" * 10, "\u00e9".encode(), b"\xff", b"b" * 100, b"c"])]
     body, meta = frames_jsonl(messages, 10_000)
     lines = [json.loads(line) for line in body.splitlines()]
-    assert [line.get("text") or line.get("base64") for line in lines] == ["a" * 10, "é", "/w==", "b" * 100]
-    assert lines[1]["dropped"] is True and "dropped" not in lines[0] and meta == {"messages": 4, "kept": 4}
-    small, meta = frames_jsonl(messages, len(body) - 50)  # the last one does not fit; the ones before do
-    assert small == body[:body.rindex(b"{")] and meta == {"messages": 4, "kept": 3}
+    assert [line.get("text") or line.get("base64") for line in lines] == ["a" * 10, "\u00e9", "/w==", "b" * 100, "c"]
+    assert lines[1]["dropped"] is True and "dropped" not in lines[0] and meta == {"messages": 5, "kept": 5}
+    cut = body.index(b"b" * 100)
+    small, meta = frames_jsonl(messages, cut + 50)  # the fourth does not fit; the small fifth would: no gap
+    assert small == body[:body.rindex(b"\n", 0, cut) + 1] and meta == {"messages": 5, "kept": 3}
+    assert frames_jsonl([SimpleNamespace(from_client=True, is_text=True, content=b"x" * 100, timestamp=0.0,
+                                         dropped=False)], 50) == (b"", {"messages": 1, "kept": 0})
+
+
+def _upgraded(addon, agent: str):
+    """A WebSocket flow of ``agent`` recorded by the addon, past its 101 (mitmproxy's test flow: no sockets)."""
+    from rollouttap.addon.attribution import Attribution
+    from mitmproxy.websocket import WebSocketMessage
+    flow = tflow.twebsocketflow()
+    flow.websocket.messages.clear()  # the test flow comes with three
+    addon._record_new(flow, Attribution(agent, "header"))
+    addon.responseheaders(flow)
+    addon.response(flow)
+    flow.websocket.messages.append(WebSocketMessage(1, True, b"hi", time.time()))
+    addon.websocket_message(flow)
+    return flow, WebSocketMessage
+
+
+def test_a_websocket_ended_at_shutdown_relays_nothing_more_and_a_broken_one_is_an_error(tmp_path):
+    with _tap_in_test_context(tmp_path / "s.db") as (addon, _):
+        addon.drain_s = 0.05
+        asyncio.run(addon.running())
+        broken, _ = _upgraded(addon, "broken")
+        broken.websocket.close_code = 1006  # no close frame: the agent was killed
+        asyncio.run(addon.websocket_end(broken))
+        open_one, WebSocketMessage = _upgraded(addon, "open")
+        assert not open_one.websocket.messages[-1].dropped
+        asyncio.run(addon.done())
+        open_one.websocket.messages.append(WebSocketMessage(1, False, b"late", time.time()))
+        addon.websocket_message(open_one)  # the connection outlives the store by a moment
+        assert open_one.websocket.messages[-1].dropped
+    with Store(tmp_path / "s.db") as store:
+        [broken_row], [open_row] = store.flows(agent_id="broken"), store.flows(agent_id="open")
+    assert (broken_row.state, broken_row.status_code) == ("error", 101) and "1006" in broken_row.error
+    assert open_row.state == "error" and "shut down" in open_row.error
+    assert json.loads(open_row.response_body)["text"] == "hi" and open_row.meta["websocket"]["messages"] == 1
 
 
 def test_a_websocket_open_when_the_proxy_stops_keeps_the_frames_it_relayed(tmp_path, confdir):
