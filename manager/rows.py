@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
@@ -351,9 +352,10 @@ def _sampled_logprobs(call: TokenCall) -> list[float] | None:
     sampled, ids = call.completion_logprobs, call.completion_token_ids
     if sampled is None or ids is None or len(sampled) != len(ids):
         return None
-    # A null (pydantic writes a NaN or an infinity so), or any non-number, sets the call's logprobs aside: one
-    # bad value must not cost the row its every token.
-    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in sampled):
+    # A null (pydantic writes a NaN or an infinity so), a NaN or an infinity (Python's json reads and writes them),
+    # or any non-number, sets the call's logprobs aside: one bad value must not cost the row its every token.
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+               for value in sampled):
         return None
     return [float(value) for value in sampled]
 

@@ -303,8 +303,9 @@ def test_a_tokenize_fallback_makes_an_inexact_call_without_logprobs():
     assert (fid.calls_without_ids, fid.inexact_calls, fid.missing_logprobs, fid.clean_joins) == (1, 1, 2, 1)
 
 
-@pytest.mark.parametrize("sampled", [None, [-0.5], [-0.5, None], [-0.5, "x"], [True, -0.5]],
-                         ids=["absent", "wrong length", "a null", "a string", "a boolean"])
+@pytest.mark.parametrize("sampled", [None, [-0.5], [-0.5, None], [-0.5, "x"], [True, -0.5], [-0.5, float("nan")],
+                                     [float("-inf"), -0.5]],
+                         ids=["absent", "wrong length", "a null", "a string", "a boolean", "a NaN", "an infinity"])
 def test_missing_or_misaligned_logprobs_make_the_row_logprobs_none(sampled):
     result = build_rows([call([1, 5], [10, EOS], logprobs=sampled)], eos_token_id=EOS)
     assert result.rows[0].logprobs is None
