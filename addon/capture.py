@@ -464,10 +464,7 @@ class RolloutTap:
             return
         ctype = flow.response.headers.get("content-type", "")
         streamed = ctype[:17].lower() == "text/event-stream"
-        # Only a model's answers are training data: another host's body (a package, a clone) goes to the client
-        # live, whatever its size, and the store keeps its first rollouttap_body_keep_mb.
-        keep = None if live.model or not ctx.options.rollouttap_body_keep_mb else \
-            ctx.options.rollouttap_body_keep_mb << 20
+        keep = self._answer_keep(live)
         if streamed:
             cols = flowcols.response_started(flow, streamed)  # as the server sent them: the body kept is its bytes
             live.tap = StreamTap(stream_rewrite(flow.response, live.injection, live.meta), keep)
@@ -525,14 +522,20 @@ class RolloutTap:
         self._end(flow.id, "error" if "error" in cols else "done", {**cols, "t_end": ws.timestamp_end or time.time()})
 
     @staticmethod
+    def _answer_keep(live: _Live) -> int | None:
+        """How many bytes of the flow's answer the store keeps; None: all of it. Only a model's answers are
+        training data: another host's body (a package, a clone) goes to the client live, whatever its size, and
+        the store keeps its first rollouttap_body_keep_mb."""
+        return None if live.model or not ctx.options.rollouttap_body_keep_mb else \
+            ctx.options.rollouttap_body_keep_mb << 20
+
+    @staticmethod
     def _frames(live: _Live) -> dict[str, Any]:
         """The row's columns for the frames an upgraded connection relayed so far (its meta says how many): the
         first rollouttap_body_keep_mb of them (0, or to a model host: the first DECODED_BODY_LIMIT)."""
         ws = live.websocket
         assert ws is not None
-        keep = ctx.options.rollouttap_body_keep_mb << 20 if ctx.options.rollouttap_body_keep_mb and not live.model \
-            else DECODED_BODY_LIMIT
-        body, kept = frames_jsonl(ws.messages, keep)
+        body, kept = frames_jsonl(ws.messages, RolloutTap._answer_keep(live) or DECODED_BODY_LIMIT)
         live.meta["websocket"] = {**kept, "closed_by_client": ws.closed_by_client, "close_code": ws.close_code}
         return {"response_body": body}
 
