@@ -68,7 +68,7 @@ class Reaper:
         return False
 
     def claim(self, agent_id: str, run_dir: Path) -> None:
-        """The agent's run folder (prompt, logs, workdir) exists: remove it if the manager dies."""
+        """The agent's run folder (prompt, logs, workdir) is about to be made: remove it if the manager dies."""
         self._send({"dir": [agent_id, str(run_dir)]})
 
     def watch(self, agent_id: str, pid: int, start: int | None) -> None:

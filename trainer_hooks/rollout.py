@@ -192,8 +192,8 @@ def summed_over_ranks(trainer: Any, counts: dict[str, float]) -> dict[str, float
     only the main process writes, describes the whole batch and not its own share of the agents. Every
     rank calls ``rollout_func`` at the same point of each step, so the collective cannot wait on one that
     does not; a single process gets its own counts back."""
-    accelerator = getattr(trainer, "accelerator", None)
-    if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
+    accelerator = _ranks(trainer)
+    if accelerator is None:
         return counts
     import torch  # trainer_hooks' own dependency, not the manager's
 
@@ -209,12 +209,17 @@ def await_weight_push(trainer: Any) -> bool:
     ``rollout_func``; the other ranks come back from that sync at once, and their agents would sample from the
     old weights, or a mix, with the previous step's cache. TRL's own generation waits in its gather; this is
     that wait. A colocated vLLM loads each rank's own weights before it returns: nothing to wait for."""
-    args, accelerator = getattr(trainer, "args", None), getattr(trainer, "accelerator", None)
-    if (accelerator is None or getattr(accelerator, "num_processes", 1) <= 1 or not getattr(args, "use_vllm", False)
-            or getattr(args, "vllm_mode", "server") != "server"):
+    args, accelerator = getattr(trainer, "args", None), _ranks(trainer)
+    if accelerator is None or not getattr(args, "use_vllm", False) or getattr(args, "vllm_mode", "server") != "server":
         return False
     accelerator.wait_for_everyone()
     return True
+
+
+def _ranks(trainer: Any) -> Any | None:
+    """The trainer's accelerator where it runs several processes (the collectives above take part in); else None."""
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1 else None
 
 
 def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_failed: bool = False,
@@ -230,9 +235,9 @@ def agent_rollout(manager: Any, *, eos_token_id: int | None = None, train_on_fai
     waiting, as TRL's own gathers do); with a vLLM server, every rank's agents also wait until the main process
     has pushed the new weights (``await_weight_push``, another collective). At its first batch it checks that
     the agents sample from the weights TRL trains (trainer_hooks/policy_check.py); ``check_policy=False`` skips
-    that. At every batch it compares
-    the temperature the agents' model calls sampled at with ``GRPOConfig.temperature`` and logs each distinct
-    mismatch once (``temperature_check="error"`` raises ConfigError instead, ``"off"`` skips it).
+    that. At every batch it compares the temperature the agents' model calls sampled at with
+    ``GRPOConfig.temperature`` and logs each distinct mismatch once (``temperature_check="error"`` raises
+    ConfigError instead, ``"off"`` skips it).
     """
     if temperature_check not in ("warn", "error", "off"):
         raise ValueError(f"temperature_check must be 'warn', 'error' or 'off', not {temperature_check!r}")
