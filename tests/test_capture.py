@@ -2167,6 +2167,12 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
+def _echoed_both(agent: subprocess.Popen) -> None:
+    """The WebSocket agent got both echoes (a text and a binary message) through the proxy."""
+    assert agent.stdout.readline().strip() == "echo:hello"
+    assert agent.stdout.readline().strip() == b"echo:\x00\xffbin".hex()
+
+
 @contextmanager
 def _websocket_echo_server():
     from aiohttp import WSMsgType, web
@@ -2205,8 +2211,7 @@ def test_a_websockets_messages_are_kept_in_its_row_which_stays_open_while_it_is(
         agent = subprocess.Popen([sys.executable, "-c", _WS_AGENT, url], env=agent_env(proxy, agent_id, token),
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            assert agent.stdout.readline().strip() == "echo:hello"
-            assert agent.stdout.readline().strip() == b"echo:\x00\xffbin".hex()
+            _echoed_both(agent)
             with Store(proxy.config.store) as store:  # the upgrade is seen while the connection lasts
                 [live] = wait_for(lambda: store.flows(agent_id=agent_id) or None, what="the upgrade's row")
             assert (live.state, live.status_code) == ("open", 101)
@@ -2279,8 +2284,7 @@ def test_a_websocket_open_when_the_proxy_stops_keeps_the_frames_it_relayed(tmp_p
         agent = subprocess.Popen([sys.executable, "-c", _WS_AGENT, url], env=agent_env(proxy, agent_id, token),
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            assert agent.stdout.readline().strip() == "echo:hello"
-            assert agent.stdout.readline().strip() == b"echo:\x00\xffbin".hex()
+            _echoed_both(agent)
             assert proxy.stop()  # the agent still holds its WebSocket open
         finally:
             agent.kill()
