@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from conftest import LISTENING_RE, output_lines, wait_line
 from rollouttap.addon import fd_limit
 from rollouttap.manager.proxy import ProxyConfig, ProxyProcess
 
@@ -44,6 +45,7 @@ def soft_limit_of(pid: int) -> int:
 # mitmdump exits if an error is logged before its startup ends, which runs on past "listening": the control's
 # first refused accept (EMFILE) in that window stopped it (seen once in CI). The storm waits for this line.
 STARTED = "test: mitmdump is past its startup check"
+STARTED_RE = re.compile(re.escape(STARTED))
 _STARTED_ADDON = f"""
 import asyncio, logging
 from mitmproxy import ctx
@@ -71,21 +73,13 @@ def low_limit_mitmdump(tmp_path, addon: bool) -> Iterator[tuple[int, int]]:
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, preexec_fn=_low_soft_limit)
     try:
-        assert proc.stdout is not None
-        deadline, seen, port = time.monotonic() + 60, [], None
-        while time.monotonic() < deadline and (line := proc.stdout.readline()):
-            seen.append(line)
-            if match := re.search(r"proxy listening at 127\.0\.0\.1:(\d+)", line):
-                port = int(match.group(1))
-            elif line.strip() == STARTED and port is not None:
-                yield proc.pid, port
-                return
-        raise AssertionError("mitmdump did not start:\n" + "".join(seen)[-2000:])
+        lines = output_lines(proc)  # read on by a thread: the storm's log lines never fill the pipe
+        port = int(wait_line(lines, LISTENING_RE, 60).group(1))
+        wait_line(lines, STARTED_RE, 60)
+        yield proc.pid, port
     finally:
         proc.kill()
         proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
 
 
 def reached_upstream(port: int, upstream: socket.socket, n: int, wait: float = 10.0) -> int:
